@@ -1,0 +1,55 @@
+# kvtier — the two commands: `make run` and `make test`.
+#
+# PYTHON: the interpreter to install into and run with. By default a virtual
+# environment in .venv is created on first use. A user with their own CUDA build
+# of torch points PYTHON at that interpreter instead: `make test PYTHON=/opt/py/bin/python`.
+VENV      ?= .venv
+PYTHON    ?= $(VENV)/bin/python
+TORCH_PIN ?= torch==2.13.0
+PYTEST_ARGS ?=
+
+.PHONY: setup run test test-fast bench-quick clean redis-check help
+
+help:
+	@echo "make run    - install (first time) and start 'kvtier serve' on the embedded default"
+	@echo "make test   - install dev dependencies and run the whole test suite (needs redis-server)"
+	@echo "make bench-quick - run every benchmark with --quick"
+
+$(VENV)/bin/python:
+	python3 -m venv $(VENV)
+
+# Install torch first, and only when the interpreter has none: a bare `torch`
+# requirement would otherwise pull several GB of CUDA packages on a CPU box.
+$(VENV)/.installed: pyproject.toml | $(if $(filter $(VENV)/bin/python,$(PYTHON)),$(VENV)/bin/python)
+	@$(PYTHON) -c "import torch" 2>/dev/null || $(PYTHON) -m pip install -q "$(TORCH_PIN)"
+	$(PYTHON) -m pip install -q -e ".[dev]"
+	@mkdir -p $(VENV) && touch $@
+
+setup: $(VENV)/.installed redis-check
+
+# A redis-server binary is needed by the tests (they start their own servers on free ports).
+redis-check:
+	@command -v redis-server >/dev/null 2>&1 || { \
+	  if [ "$$(id -u)" = "0" ] && command -v apt-get >/dev/null 2>&1; then \
+	    echo "redis-server not found: installing it with apt-get"; \
+	    (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server redis-tools >/dev/null) \
+	      || { echo "error: apt-get could not install redis-server" >&2; exit 1; }; \
+	  else \
+	    echo "error: redis-server is not installed and this is not a root shell with apt-get." >&2; \
+	    echo "       Install Redis >= 6 (e.g. 'sudo apt-get install redis-server') and retry." >&2; exit 1; \
+	  fi; }
+
+run: setup
+	$(PYTHON) -m service.cli serve
+
+test: setup
+	$(PYTHON) -m pytest $(PYTEST_ARGS)
+
+test-fast: setup
+	$(PYTHON) -m pytest -m "not slow" $(PYTEST_ARGS)
+
+bench-quick: setup
+	$(PYTHON) bench/store.py --quick
+
+clean:
+	rm -rf $(VENV) build *.egg-info .pytest_cache .hypothesis

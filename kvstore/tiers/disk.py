@@ -1,0 +1,210 @@
+"""DiskTier: one frame per file under a directory, written atomically, verified on read.
+
+Layout: ``<root>/<spec fp8>/<first 2 hex of key>/<key hex>.kvf``. A write goes to a temporary
+file in the same directory and is renamed over the final name (``os.replace`` is atomic on
+POSIX), so a reader sees a whole frame or none. Reopening the directory finds the blocks again
+(file names are keys; sizes come from the directory listing; contents are verified on read).
+Leftover temporary files from a crash are deleted on open.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import tempfile
+from pathlib import Path
+from typing import Iterator, Sequence
+
+import torch
+
+from ..codecs import Codec, get_codec
+from ..frames import FrameError, decode_frame, encode_frame
+from ..spec import KVSpec
+from .base import TierBase, TierCapabilities
+
+log = logging.getLogger(__name__)
+_SUFFIX = ".kvf"
+_TMP_PREFIX = ".tmp-"
+
+
+class DiskTier(TierBase):
+    capabilities = TierCapabilities(device="disk", persistent=True, shared=False, framed=True)
+
+    def __init__(self, root: str | os.PathLike, capacity_bytes: int, *, codec: str | Codec = "identity", name: str = "disk", fsync: bool = False) -> None:
+        if capacity_bytes is None:
+            raise ValueError("DiskTier needs a capacity_bytes")
+        super().__init__(name, get_codec(codec) if isinstance(codec, str) else codec, capacity_bytes)
+        self.root = Path(root)
+        self.root.mkdir(parents=True, exist_ok=True)
+        self.fsync = bool(fsync)
+        # key -> (spec fp8, file size). Rebuilt from the directory listing on open.
+        self._files: dict[bytes, tuple[str, int]] = {}
+        self._scan()
+
+    # -- layout ----------------------------------------------------------------------------
+    def _path(self, key: bytes, fp8: str) -> Path:
+        h = key.hex()
+        return self.root / fp8 / h[:2] / (h + _SUFFIX)
+
+    def _scan(self) -> None:
+        for fp_dir in self.root.iterdir() if self.root.exists() else ():
+            if not fp_dir.is_dir():
+                continue
+            for shard in fp_dir.iterdir():
+                if not shard.is_dir():
+                    continue
+                for f in shard.iterdir():
+                    name = f.name
+                    if name.startswith(_TMP_PREFIX):
+                        f.unlink(missing_ok=True)  # a write that never finished
+                        continue
+                    if not name.endswith(_SUFFIX) or len(name) != 64 + len(_SUFFIX):
+                        continue
+                    try:
+                        key = bytes.fromhex(name[:64])
+                        size = f.stat().st_size
+                    except (ValueError, OSError):
+                        continue
+                    self._files[key] = (fp_dir.name, size)
+                    self._stats.bytes += size
+                    self._stats.blocks += 1
+
+    def iter_keys(self, spec: KVSpec | None = None) -> Iterator[bytes]:
+        """Keys held (of one spec when given), e.g. to rebuild an index after a restart."""
+        fp8 = spec.fp8 if spec is not None else None
+        for key, (kfp, _) in list(self._files.items()):
+            if fp8 is None or kfp == fp8:
+                yield key
+
+    # -- protocol --------------------------------------------------------------------------
+    def contains(self, keys: Sequence[bytes], *, spec: KVSpec) -> list[bool]:
+        files, fp8 = self._files, spec.fp8
+        out = []
+        for k in keys:
+            entry = files.get(bytes(k))
+            out.append(entry is not None and entry[0] == fp8)
+        return out
+
+    def put(self, keys: Sequence[bytes], blocks: Sequence[torch.Tensor], *, spec: KVSpec) -> list[int]:
+        self._check_put(keys, blocks, spec)
+        sizes = []
+        for key, block in zip(keys, blocks):
+            key = bytes(key)
+            with self._lock:
+                entry = self._files.get(key)
+            if entry is not None:
+                sizes.append(entry[1])
+                continue
+            payload, meta = self.codec.encode(block, spec)
+            frame = encode_frame(key, spec, self.codec.name, meta, spec.block_shape, spec.dtype, payload)
+            with self._lock:
+                if not self._fits(len(frame)):
+                    self._stats.refused += 1
+                    sizes.append(0)
+                    continue
+                # reserve the bytes before the write so concurrent puts cannot overshoot capacity
+                self._stats.bytes += len(frame)
+            try:
+                self._write_atomic(self._path(key, spec.fp8), frame)
+            except OSError as e:
+                with self._lock:
+                    self._stats.bytes -= len(frame)
+                    self._stats.errors += 1
+                log.warning("disk tier %s: write failed: %s", self.name, e)
+                sizes.append(0)
+                continue
+            with self._lock:
+                self._files[key] = (spec.fp8, len(frame))
+                self._stats.blocks += 1
+                self._stats.puts += 1
+            sizes.append(len(frame))
+        return sizes
+
+    def _write_atomic(self, path: Path, data: bytes) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=_TMP_PREFIX, dir=path.parent)
+        try:
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
+                if self.fsync:
+                    f.flush()
+                    os.fsync(f.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            try:
+                os.unlink(tmp)
+            except OSError:
+                pass
+            raise
+
+    def get(self, keys: Sequence[bytes], *, spec: KVSpec, out: Sequence[torch.Tensor] | None = None) -> list[torch.Tensor | None]:
+        self._check_out(keys, out, spec)
+        result: list[torch.Tensor | None] = []
+        for i, key in enumerate(keys):
+            key = bytes(key)
+            entry = self._files.get(key)
+            if entry is None or entry[0] != spec.fp8:
+                with self._lock:
+                    self._stats.misses += 1
+                result.append(None)
+                continue
+            path = self._path(key, spec.fp8)
+            try:
+                with open(path, "rb") as f:
+                    buf = f.read()
+            except FileNotFoundError:
+                self._forget(key)
+                with self._lock:
+                    self._stats.misses += 1
+                result.append(None)
+                continue
+            except OSError as e:
+                log.warning("disk tier %s: read failed: %s", self.name, e)
+                with self._lock:
+                    self._stats.errors += 1
+                    self._stats.misses += 1
+                result.append(None)
+                continue
+            try:
+                frame = decode_frame(buf, expect_key=key, expect_spec=spec)
+                codec = self.codec if frame.codec == self.codec.name else get_codec(frame.codec)
+                block = codec.decode(frame.data, frame.codec_meta, spec, out=out[i] if out is not None else None)
+            except (FrameError, ValueError) as e:
+                log.warning("disk tier %s: corrupt frame %s removed: %s", self.name, key.hex()[:16], e)
+                self.remove([key], spec=spec)
+                with self._lock:
+                    self._stats.corrupt += 1
+                    self._stats.misses += 1
+                result.append(None)
+                continue
+            with self._lock:
+                self._stats.hits += 1
+            result.append(block)
+        return result
+
+    def _forget(self, key: bytes) -> int:
+        with self._lock:
+            entry = self._files.pop(key, None)
+            if entry is None:
+                return 0
+            self._stats.bytes -= entry[1]
+            self._stats.blocks -= 1
+            self._stats.removed += 1
+            return 1
+
+    def remove(self, keys: Sequence[bytes], *, spec: KVSpec) -> int:
+        n = 0
+        for key in keys:
+            key = bytes(key)
+            entry = self._files.get(key)
+            if entry is None:
+                continue
+            try:
+                self._path(key, entry[0]).unlink(missing_ok=True)
+            except OSError as e:
+                log.warning("disk tier %s: delete failed: %s", self.name, e)
+                with self._lock:
+                    self._stats.errors += 1
+                continue
+            n += self._forget(key)
+        return n

@@ -1,0 +1,238 @@
+"""In-process tiers: HostTier (CPU memory, pinned when CUDA is present) and DeviceTier
+(a preallocated slot pool on ``cuda``, or on ``cpu`` where there is no GPU).
+
+Both live in process memory, so blocks are not framed or checksummed here (nothing crosses a
+process boundary); the bytes are the codec's payload.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+
+from ..codecs import Codec, get_codec
+from ..codecs.base import tensor_bytes
+from ..spec import KVSpec
+from .base import TierBase, TierCapabilities
+
+
+def _as_codec(codec: str | Codec) -> Codec:
+    return get_codec(codec) if isinstance(codec, str) else codec
+
+
+class HostTier(TierBase):
+    """Blocks in CPU memory, one buffer per block.
+
+    With the identity codec a block is kept as a tensor (pinned when CUDA is available, so that
+    host→device copies are asynchronous); with another codec the encoded payload is kept.
+    """
+
+    capabilities = TierCapabilities(device="cpu", persistent=False, shared=False, framed=False)
+
+    def __init__(self, capacity_bytes: int, *, codec: str | Codec = "identity", name: str = "host", pin_memory: bool | None = None) -> None:
+        if capacity_bytes is None:
+            raise ValueError("HostTier needs a capacity_bytes (memory must stay bounded)")
+        super().__init__(name, _as_codec(codec), capacity_bytes)
+        self._pin = torch.cuda.is_available() if pin_memory is None else bool(pin_memory)
+        # key -> (payload tensor (uint8) , meta, nbytes)
+        self._entries: dict[bytes, tuple[torch.Tensor, dict, int]] = {}
+
+    def contains(self, keys: Sequence[bytes], *, spec: KVSpec) -> list[bool]:
+        entries = self._entries
+        return [bytes(k) in entries for k in keys]
+
+    def put(self, keys: Sequence[bytes], blocks: Sequence[torch.Tensor], *, spec: KVSpec) -> list[int]:
+        self._check_put(keys, blocks, spec)
+        sizes = []
+        with self._lock:
+            for key, block in zip(keys, blocks):
+                key = bytes(key)
+                if key in self._entries:
+                    sizes.append(self._entries[key][2])
+                    continue
+                payload, meta = self.codec.encode(block, spec)
+                nbytes = memoryview(payload).nbytes
+                if not self._fits(nbytes):
+                    self._stats.refused += 1
+                    sizes.append(0)
+                    continue
+                buf = torch.empty(nbytes, dtype=torch.uint8, pin_memory=self._pin)
+                if self.codec.name == "identity":
+                    buf.copy_(block.detach().reshape(-1).view(torch.uint8))
+                else:
+                    buf.numpy()[:] = memoryview(payload).cast("B")
+                self._entries[key] = (buf, meta, nbytes)
+                self._stats.bytes += nbytes
+                self._stats.blocks += 1
+                self._stats.puts += 1
+                sizes.append(nbytes)
+        return sizes
+
+    def get(self, keys: Sequence[bytes], *, spec: KVSpec, out: Sequence[torch.Tensor] | None = None) -> list[torch.Tensor | None]:
+        self._check_out(keys, out, spec)
+        result: list[torch.Tensor | None] = []
+        with self._lock:
+            for i, key in enumerate(keys):
+                entry = self._entries.get(bytes(key))
+                if entry is None:
+                    self._stats.misses += 1
+                    result.append(None)
+                    continue
+                buf, meta, _ = entry
+                dst = out[i] if out is not None else None
+                try:
+                    if self.codec.name == "identity":
+                        if buf.numel() != spec.block_nbytes:
+                            raise ValueError("stored block does not match the spec")
+                        src = buf.view(spec.torch_dtype).view(spec.block_shape)
+                        block = dst.copy_(src) if dst is not None else src.clone()
+                    else:
+                        block = self.codec.decode(memoryview(buf.numpy()), meta, spec, out=dst)
+                except ValueError:
+                    # asked with another spec than the block was stored with: a miss, never wrong KV
+                    self._stats.corrupt += 1
+                    self._stats.misses += 1
+                    result.append(None)
+                    continue
+                self._stats.hits += 1
+                result.append(block)
+        return result
+
+    def remove(self, keys: Sequence[bytes], *, spec: KVSpec) -> int:
+        n = 0
+        with self._lock:
+            for key in keys:
+                entry = self._entries.pop(bytes(key), None)
+                if entry is not None:
+                    self._stats.bytes -= entry[2]
+                    self._stats.blocks -= 1
+                    self._stats.removed += 1
+                    n += 1
+        return n
+
+    def keys(self) -> list[bytes]:
+        return list(self._entries)
+
+
+class DeviceTier(TierBase):
+    """A preallocated pool of fixed-size slots on one device (``cuda`` when present, else ``cpu``).
+
+    The pool is ``[num_slots, slot_bytes]`` uint8, allocated once: ``num_slots =
+    capacity_bytes // slot_bytes``. ``slot_bytes`` defaults to the first block's size; a block
+    larger than a slot is refused (ValueError). Only the identity codec: KV on the device is what
+    attention reads.
+    """
+
+    capabilities = TierCapabilities(device="cuda", persistent=False, shared=False, framed=False)
+
+    def __init__(
+        self,
+        capacity_bytes: int,
+        *,
+        slot_bytes: int | None = None,
+        device: str | torch.device | None = None,
+        name: str = "device",
+        codec: str | Codec = "identity",
+    ) -> None:
+        codec = _as_codec(codec)
+        if codec.name != "identity":
+            raise ValueError(f"DeviceTier stores blocks as attention reads them: codec must be 'identity', got {codec.name!r}")
+        if capacity_bytes is None:
+            raise ValueError("DeviceTier needs a capacity_bytes")
+        super().__init__(name, codec, capacity_bytes)
+        self.device = torch.device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        self.capabilities = TierCapabilities(device=self.device.type, persistent=False, shared=False, framed=False)
+        if slot_bytes is not None and (not isinstance(slot_bytes, int) or slot_bytes <= 0):
+            raise ValueError(f"slot_bytes must be a positive int, got {slot_bytes!r}")
+        self._slot_bytes = slot_bytes
+        self._pool: torch.Tensor | None = None
+        self._free: list[int] = []
+        self._slot_of: dict[bytes, tuple[int, int]] = {}  # key -> (slot, nbytes)
+        if slot_bytes is not None:
+            self._allocate(slot_bytes)
+
+    def _allocate(self, slot_bytes: int) -> None:
+        num_slots = self._capacity // slot_bytes
+        self._slot_bytes = slot_bytes
+        self._pool = torch.empty((num_slots, slot_bytes), dtype=torch.uint8, device=self.device)  # [N, slot_bytes]
+        self._free = list(range(num_slots - 1, -1, -1))  # pop() hands out slot 0 first
+
+    @property
+    def num_slots(self) -> int:
+        return 0 if self._pool is None else self._pool.shape[0]
+
+    @property
+    def num_free_slots(self) -> int:
+        return len(self._free) if self._pool is not None else 0
+
+    def contains(self, keys: Sequence[bytes], *, spec: KVSpec) -> list[bool]:
+        slots = self._slot_of
+        return [bytes(k) in slots for k in keys]
+
+    def put(self, keys: Sequence[bytes], blocks: Sequence[torch.Tensor], *, spec: KVSpec) -> list[int]:
+        self._check_put(keys, blocks, spec)
+        sizes = []
+        with self._lock:
+            for key, block in zip(keys, blocks):
+                key = bytes(key)
+                if key in self._slot_of:
+                    sizes.append(self._slot_of[key][1])
+                    continue
+                nbytes = spec.block_nbytes
+                if self._pool is None:
+                    self._allocate(nbytes)
+                if nbytes > self._slot_bytes:
+                    raise ValueError(f"block of {nbytes} bytes does not fit a {self._slot_bytes}-byte slot of tier {self.name!r}")
+                if not self._free:
+                    self._stats.refused += 1
+                    sizes.append(0)
+                    continue
+                slot = self._free.pop()
+                self._pool[slot, :nbytes].copy_(block.detach().reshape(-1).view(torch.uint8), non_blocking=True)
+                self._slot_of[key] = (slot, nbytes)
+                self._stats.bytes += self._slot_bytes  # a slot is what the block occupies
+                self._stats.blocks += 1
+                self._stats.puts += 1
+                sizes.append(self._slot_bytes)
+        return sizes
+
+    def get(self, keys: Sequence[bytes], *, spec: KVSpec, out: Sequence[torch.Tensor] | None = None) -> list[torch.Tensor | None]:
+        self._check_out(keys, out, spec)
+        result: list[torch.Tensor | None] = []
+        with self._lock:
+            for i, key in enumerate(keys):
+                entry = self._slot_of.get(bytes(key))
+                if entry is None or entry[1] != spec.block_nbytes:
+                    self._stats.misses += 1
+                    result.append(None)
+                    continue
+                slot, nbytes = entry
+                src = self._pool[slot, :nbytes].view(spec.torch_dtype).view(spec.block_shape)
+                result.append(out[i].copy_(src) if out is not None else src.clone())
+                self._stats.hits += 1
+        return result
+
+    def view(self, key: bytes, spec: KVSpec) -> torch.Tensor | None:
+        """The block in place in the pool (no copy), for kernels that read KV where it lies."""
+        entry = self._slot_of.get(bytes(key))
+        if entry is None or entry[1] != spec.block_nbytes:
+            return None
+        slot, nbytes = entry
+        return self._pool[slot, :nbytes].view(spec.torch_dtype).view(spec.block_shape)
+
+    def remove(self, keys: Sequence[bytes], *, spec: KVSpec) -> int:
+        n = 0
+        with self._lock:
+            for key in keys:
+                entry = self._slot_of.pop(bytes(key), None)
+                if entry is not None:
+                    self._free.append(entry[0])
+                    self._stats.bytes -= self._slot_bytes
+                    self._stats.blocks -= 1
+                    self._stats.removed += 1
+                    n += 1
+        return n
+
+    def keys(self) -> list[bytes]:
+        return list(self._slot_of)

@@ -1,0 +1,92 @@
+import os
+
+import pytest
+import torch
+
+from kvstore import DeviceTier, DiskTier, HostTier, KVSpec, chain_hashes
+from kvstore.frames import decode_frame
+
+SPEC = KVSpec("disk", num_layers=2, num_kv_heads=2, head_dim=16, dtype="float16", block_tokens=16)
+
+
+def blocks(n, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(SPEC.block_shape, generator=g).half() for _ in range(n)]
+
+
+KEYS = chain_hashes(SPEC, list(range(16 * 4)))
+
+
+def test_disk_tier_survives_a_restart(tmp_path):
+    t = DiskTier(tmp_path, 1 << 20)
+    bs = blocks(4)
+    sizes = t.put(KEYS, bs, spec=SPEC)
+    t.close()
+    # a crash mid-write leaves a temporary file: it is ignored and cleaned on open
+    shard = next(p for p in (tmp_path / SPEC.fp8).iterdir())
+    (shard / ".tmp-crashed").write_bytes(b"partial")
+    t2 = DiskTier(tmp_path, 1 << 20)
+    assert sorted(t2.iter_keys(SPEC)) == sorted(KEYS)
+    assert t2.used_bytes == sum(sizes) and t2.stats().blocks == 4
+    assert all(torch.equal(a, b) for a, b in zip(t2.get(KEYS, spec=SPEC), bs))
+    assert not (shard / ".tmp-crashed").exists()
+
+
+def test_disk_files_are_frames_named_by_key(tmp_path):
+    t = DiskTier(tmp_path, 1 << 20)
+    t.put(KEYS[:1], blocks(1), spec=SPEC)
+    path = tmp_path / SPEC.fp8 / KEYS[0].hex()[:2] / (KEYS[0].hex() + ".kvf")
+    frame = decode_frame(path.read_bytes(), expect_key=KEYS[0], expect_spec=SPEC)
+    assert frame.codec == "identity" and frame.shape == SPEC.block_shape
+
+
+@pytest.mark.parametrize("damage", ["flip", "truncate", "swap"])
+def test_corrupt_disk_frame_is_a_counted_miss_and_deleted(tmp_path, damage):
+    t = DiskTier(tmp_path, 1 << 20)
+    t.put(KEYS[:2], blocks(2), spec=SPEC)
+    p0 = tmp_path / SPEC.fp8 / KEYS[0].hex()[:2] / (KEYS[0].hex() + ".kvf")
+    p1 = tmp_path / SPEC.fp8 / KEYS[1].hex()[:2] / (KEYS[1].hex() + ".kvf")
+    data = bytearray(p0.read_bytes())
+    if damage == "flip":
+        data[-10] ^= 0xFF
+        p0.write_bytes(bytes(data))
+    elif damage == "truncate":
+        p0.write_bytes(bytes(data[:-100]))
+    else:  # another block's (valid) frame under this key's name
+        p0.write_bytes(p1.read_bytes())
+    got = t.get(KEYS[:2], spec=SPEC)
+    assert got[0] is None and got[1] is not None
+    assert t.stats().corrupt == 1 and not p0.exists()
+    assert t.contains(KEYS[:2], spec=SPEC) == [False, True]
+
+
+def test_disk_file_deleted_behind_our_back_is_a_miss(tmp_path):
+    t = DiskTier(tmp_path, 1 << 20)
+    t.put(KEYS[:1], blocks(1), spec=SPEC)
+    os.unlink(tmp_path / SPEC.fp8 / KEYS[0].hex()[:2] / (KEYS[0].hex() + ".kvf"))
+    assert t.get(KEYS[:1], spec=SPEC) == [None]
+    assert t.used_bytes == 0
+
+
+def test_host_tier_with_a_lossless_codec_and_bounded_capacity():
+    t = HostTier(2 * SPEC.block_nbytes)
+    assert t.put(KEYS[:3], blocks(3), spec=SPEC)[2] == 0
+    with pytest.raises(ValueError):
+        HostTier(None)
+
+
+def test_device_tier_is_a_preallocated_slot_pool():
+    t = DeviceTier(3 * SPEC.block_nbytes, slot_bytes=SPEC.block_nbytes)
+    assert t.num_slots == 3 and t.num_free_slots == 3
+    bs = blocks(4)
+    assert t.put(KEYS, bs, spec=SPEC) == [SPEC.block_nbytes] * 3 + [0]
+    assert t.num_free_slots == 0
+    view = t.view(KEYS[1], SPEC)
+    assert torch.equal(view, bs[1]) and view.data_ptr() != bs[1].data_ptr()
+    t.remove(KEYS[1:2], spec=SPEC)
+    assert t.num_free_slots == 1 and t.put(KEYS[3:], bs[3:], spec=SPEC) == [SPEC.block_nbytes]
+    with pytest.raises(ValueError):
+        DeviceTier(1 << 20, slot_bytes=0)
+    big = KVSpec("disk", num_layers=4, num_kv_heads=2, head_dim=16, dtype="float16", block_tokens=16)
+    with pytest.raises(ValueError, match="slot"):
+        t.put(chain_hashes(big, list(range(16))), [torch.zeros(big.block_shape, dtype=torch.float16)], spec=big)
