@@ -314,7 +314,8 @@ class TieredStore:
         cap = tier.capacity_bytes
         if cap is None or tier.used_bytes + need <= cap * st.cfg.high_watermark:
             return
-        target = max(0, min(int(cap * st.cfg.low_watermark), cap - need))
+        # after the write the tier sits at its low watermark (hysteresis: the next writes need no eviction)
+        target = max(0, int(cap * st.cfg.low_watermark) - need)
         idx = self._index
         n = 16
         while tier.used_bytes > target:
@@ -523,33 +524,40 @@ class TieredStore:
             return result
 
     def lookup(self, spec: KVSpec, keys: Sequence[bytes]) -> LookupResult:
-        """Longest cached prefix of a chain, overall and per tier, in one call."""
+        """Longest cached prefix of a chain, overall and per tier, in one call.
+
+        Tiers private to this process answer from the index. A shared tier (Redis) is asked
+        (one pipelined round trip): other instances add and remove blocks there, so what this
+        process remembers of it may be stale in both directions.
+        """
         keys = check_keys(keys)
         with self._lock:
             self._expire_leases()
+            n = len(keys)
             masks = self._index.residency_of(keys)
-            miss = (masks == 0).nonzero()[0]
-            num = int(miss[0]) if miss.size else len(keys)
             names = self.tier_names
-            tier_prefix = {}
+            shared = [t for t, st in enumerate(self._tiers) if st.tier.capabilities.shared]
+            local_bits = sum(1 << t for t in range(len(names)) if t not in shared)
+            tier_prefix: dict[str, int] = {}
             for t, name in enumerate(names):
-                held = (masks & (1 << t)) != 0
-                m = (~held).nonzero()[0]
-                tier_prefix[name] = int(m[0]) if m.size else len(keys)
+                if t in shared:
+                    tier_prefix[name] = self._tiers[t].tier.contains_prefix(keys, spec=spec) if n else 0
+                else:
+                    m = ((masks & (1 << t)) == 0).nonzero()[0]
+                    tier_prefix[name] = int(m[0]) if m.size else n
+            local = masks & local_bits
+            holder = [-1] * n  # the fastest tier that would serve each block
+            for i, mask in enumerate(local.tolist()):
+                if mask:
+                    holder[i] = (mask & -mask).bit_length() - 1
+            for t in shared:
+                for i in range(tier_prefix[names[t]]):
+                    if holder[i] < 0 or holder[i] > t:
+                        holder[i] = t
+            num = holder.index(-1) if -1 in holder else n
             hits = {name: 0 for name in names}
-            for mask in masks[:num].tolist():
-                hits[names[(mask & -mask).bit_length() - 1]] += 1
-            # blocks another instance wrote to a shared tier extend the prefix
-            for t, st in enumerate(self._tiers):
-                if num >= len(keys):
-                    break
-                if st.tier.capabilities.shared:
-                    extra = st.tier.contains_prefix(keys[num:], spec=spec)
-                    if extra:
-                        hits[names[t]] += extra
-                        if tier_prefix[names[t]] == num:
-                            tier_prefix[names[t]] += extra
-                        num += extra
+            for t in holder[:num]:
+                hits[names[t]] += 1
             return LookupResult(num, tier_prefix, hits)
 
     def lookup_tokens(self, spec: KVSpec, token_ids, namespace: Namespace | None = None) -> tuple[list[BlockHash], LookupResult]:

@@ -1,0 +1,115 @@
+"""Shared helpers for the benchmark scripts: timing, a private redis-server, saving results."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Callable
+
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS = ROOT / "bench" / "results"
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+
+def machine() -> str:
+    try:
+        import torch
+
+        if torch.cuda.is_available():
+            return f"{torch.cuda.get_device_name(0)}, {os.cpu_count()} CPU cores"
+    except Exception:
+        pass
+    return f"{platform.machine()} CPU, {os.cpu_count()} cores, no GPU"
+
+
+def best_of(fn: Callable[[], object], repeat: int, warmup: int = 1) -> float:
+    """Minimum wall time of ``fn`` over ``repeat`` runs (seconds): the least disturbed run."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return min(times)
+
+
+def median_of(fn: Callable[[], object], repeat: int, warmup: int = 1) -> float:
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    times.sort()
+    return times[len(times) // 2]
+
+
+class LocalRedis:
+    """A private redis-server on a free loopback port (no persistence), for one benchmark run."""
+
+    def __init__(self) -> None:
+        exe = shutil.which("redis-server")
+        if exe is None:
+            raise SystemExit("redis-server not found: install Redis (make setup does it as root)")
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            self.port = s.getsockname()[1]
+        self.dir = tempfile.mkdtemp(prefix="kvtier-bench-redis-")
+        self.proc = subprocess.Popen(
+            [exe, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
+             "--dir", self.dir, "--protected-mode", "no", "--proto-max-bulk-len", "1gb"],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        )
+        self.url = f"redis://127.0.0.1:{self.port}/0"
+        import redis
+
+        deadline = time.time() + 10
+        while True:
+            try:
+                redis.Redis(port=self.port).ping()
+                break
+            except Exception:
+                if time.time() > deadline:
+                    raise
+                time.sleep(0.05)
+
+    def close(self) -> None:
+        self.proc.terminate()
+        self.proc.wait(10)
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+def save_results(name: str, figures: dict, markdown: str, out: str | None) -> None:
+    """Write figures to bench/results/<name>.json and .md, and to --out when given."""
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    figures = {"benchmark": name, "machine": machine(), "date": time.strftime("%Y-%m-%d"), **figures}
+    text = json.dumps(figures, indent=2, default=float)
+    (RESULTS / f"{name}.json").write_text(text + "\n")
+    (RESULTS / f"{name}.md").write_text(markdown.rstrip() + "\n")
+    if out:
+        Path(out).write_text(text + "\n")
+    print(f"\nresults: {RESULTS / (name + '.json')}, {RESULTS / (name + '.md')}" + (f", {out}" if out else ""))
+
+
+def md_table(headers: list[str], rows: list[list]) -> str:
+    lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
+    for r in rows:
+        lines.append("| " + " | ".join(str(c) for c in r) + " |")
+    return "\n".join(lines)

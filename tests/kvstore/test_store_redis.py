@@ -1,0 +1,71 @@
+"""TieredStore over a real Redis: shared blocks between instances, and Redis going away and back."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+import torch
+
+from kvstore import HostTier, KVSpec, TierConfig, TieredStore, chain_hashes
+from kvstore.tiers.redis import RedisTier
+
+pytestmark = pytest.mark.redis
+
+SPEC = KVSpec("store-redis", num_layers=2, num_kv_heads=2, head_dim=16, dtype="float16", block_tokens=16)
+B = SPEC.block_nbytes
+
+
+def blocks(n, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(SPEC.block_shape, generator=g).half() for _ in range(n)]
+
+
+def chain(n, seed=0):
+    return chain_hashes(SPEC, [(seed * 1000 + i) % 50000 for i in range(16 * n)])
+
+
+def make_store(url, host_blocks=2, **redis_kw):
+    return TieredStore([
+        TierConfig(HostTier(host_blocks * B), high_watermark=1.0, low_watermark=1.0),
+        TierConfig(RedisTier(url, **redis_kw), write_through=True),
+    ])
+
+
+def test_instances_share_blocks_through_redis(redis_url):
+    a, b = make_store(redis_url), make_store(redis_url)
+    ks, bs = chain(3), blocks(3)
+    assert a.put(SPEC, ks, bs) == [True] * 3
+    # instance b never saw these blocks, but its shared tier has them
+    r = b.lookup(SPEC, ks)
+    assert r.num_blocks == 3 and r.tier_hits["redis"] == 3
+    got = b.get(SPEC, ks)
+    assert all(torch.equal(g, x) for g, x in zip(got, bs))
+    assert b.lookup(SPEC, ks).tier_hits["host"] >= 1  # promoted into b's host tier
+    assert b.remove(SPEC, ks) == 3 and a.lookup(SPEC, ks[2:]).num_blocks == 0
+
+
+def test_store_serves_through_a_redis_outage_and_recovers(fresh_redis_server):
+    store = make_store(fresh_redis_server.url, host_blocks=2, retry_interval_s=0.3, socket_timeout_s=0.5, connect_timeout_s=0.5)
+    ks, bs = chain(4), blocks(4)
+    store.put(SPEC, ks, bs)  # host keeps the 2 newest-used, Redis has all 4 (write-through)
+
+    fresh_redis_server.stop()
+    t0 = time.monotonic()
+    got = store.get(SPEC, ks)  # no exception: what the host has is served, the rest misses
+    served = [g is not None for g in got]
+    assert any(served) and not all(served)
+    for g, x in zip(got, bs):
+        assert g is None or torch.equal(g, x)
+    new = chain(2, seed=7)
+    assert store.put(SPEC, new, blocks(2, seed=7)) == [True, True]  # the host still takes writes
+    assert store.lookup(SPEC, new).num_blocks == 2
+    assert time.monotonic() - t0 < 5, "calls must not hang while Redis is down"
+    redis_stats = store.stats()["tiers"][1]
+    assert redis_stats["errors"] >= 1
+
+    fresh_redis_server.start()
+    time.sleep(0.4)  # past retry_interval_s: the tier tries again by itself
+    later = chain(3, seed=9)
+    assert store.put(SPEC, later, blocks(3, seed=9)) == [True] * 3
+    assert RedisTier(fresh_redis_server.url).contains(later, spec=SPEC) == [True] * 3
