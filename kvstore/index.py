@@ -13,9 +13,10 @@ Invariants (checked by tests):
 - a slot is live iff ``_keys[slot] is not None``; live slots are exactly ``_slot_of.values()``;
 - ``child_count[p, t]`` = number of live slots whose parent is ``p`` and that are resident in t;
   ``child_any[p]`` likewise for "resident in any tier";
-- a block that is resident nowhere stays in the index only while a descendant is resident
-  (``child_any > 0``): the parent links of resident blocks never dangle, and such "ghost"
-  entries are removed as soon as their last resident child goes.
+- ``child_live[p]`` = number of live slots whose parent is ``p``; an entry is removed only when it
+  is resident nowhere, unpinned and has no live child, so parent links never dangle;
+- a block that is resident nowhere stays in the index only while something below it is
+  (a "ghost" ancestor), and goes as soon as its last child entry goes.
 """
 
 from __future__ import annotations
@@ -43,6 +44,7 @@ class PrefixIndex:
         self._resident = np.zeros(cap, dtype=np.uint8)
         self._child_count = np.zeros((cap, num_tiers), dtype=np.int32)
         self._child_any = np.zeros(cap, dtype=np.int32)
+        self._child_live = np.zeros(cap, dtype=np.int32)
         self._pins = np.zeros(cap, dtype=np.int32)
         self._tenant = np.zeros(cap, dtype=np.int16)
         self._spec = np.zeros(cap, dtype=np.int16)
@@ -73,6 +75,7 @@ class PrefixIndex:
         self._resident = grow(self._resident)
         self._child_count = grow(self._child_count)
         self._child_any = grow(self._child_any)
+        self._child_live = grow(self._child_live)
         self._pins = grow(self._pins)
         self._tenant = grow(self._tenant)
         self._spec = grow(self._spec)
@@ -107,6 +110,11 @@ class PrefixIndex:
         self._resident[slot] = 0
         self._child_count[slot] = 0
         self._child_any[slot] = 0
+        self._child_live[slot] = 0
+        if parent_slot != NO_PARENT:
+            if self._keys[parent_slot] is None:
+                raise RuntimeError(f"parent slot {parent_slot} is not live")
+            self._child_live[parent_slot] += 1
         self._pins[slot] = 0
         self._tenant[slot] = tenant_id
         self._spec[slot] = spec_id
@@ -136,14 +144,21 @@ class PrefixIndex:
             self._collect(slot)
 
     def _collect(self, slot: int) -> None:
-        """Drop ``slot`` and its ghost ancestors once nothing below them is resident."""
-        while slot != NO_PARENT and self._resident[slot] == 0 and self._child_any[slot] == 0 and self._pins[slot] == 0:
+        """Drop ``slot`` and its ancestors while they are resident nowhere, unpinned and childless."""
+        while (
+            slot != NO_PARENT
+            and self._keys[slot] is not None
+            and self._resident[slot] == 0
+            and self._child_live[slot] == 0
+            and self._pins[slot] == 0
+        ):
             parent = int(self._parent[slot])
-            key = self._keys[slot]
-            del self._slot_of[key]
+            del self._slot_of[self._keys[slot]]
             self._keys[slot] = None
             self._free.append(slot)
             self._parent[slot] = NO_PARENT
+            if parent != NO_PARENT:
+                self._child_live[parent] -= 1
             slot = parent
 
     def release_if_unused(self, slot: int) -> None:
@@ -225,20 +240,26 @@ class PrefixIndex:
             raise RuntimeError("live slots and key map disagree")
         counts = np.zeros((n, self.num_tiers), dtype=np.int64)
         anyc = np.zeros(n, dtype=np.int64)
+        livec = np.zeros(n, dtype=np.int64)
         for s in np.flatnonzero(live):
             p = self._parent[s]
             if p == NO_PARENT:
                 continue
             if not live[p]:
                 raise RuntimeError(f"slot {s} has a dangling parent {p}")
+            livec[p] += 1
             r = int(self._resident[s])
             for t in range(self.num_tiers):
                 if r & (1 << t):
                     counts[p, t] += 1
             if r:
                 anyc[p] += 1
-        if not np.array_equal(counts[live], self._child_count[:n][live]) or not np.array_equal(anyc[live], self._child_any[:n][live]):
+        if (
+            not np.array_equal(counts[live], self._child_count[:n][live])
+            or not np.array_equal(anyc[live], self._child_any[:n][live])
+            or not np.array_equal(livec[live], self._child_live[:n][live])
+        ):
             raise RuntimeError("child counts disagree with parent links")
-        ghosts = live & (self._resident[:n] == 0) & (self._child_any[:n] == 0) & (self._pins[:n] == 0)
+        ghosts = live & (self._resident[:n] == 0) & (self._child_live[:n] == 0) & (self._pins[:n] == 0)
         if ghosts.any():
             raise RuntimeError(f"{int(ghosts.sum())} entries are resident nowhere and hold nothing below them")
