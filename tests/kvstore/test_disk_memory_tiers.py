@@ -90,3 +90,28 @@ def test_device_tier_is_a_preallocated_slot_pool():
     big = KVSpec("disk", num_layers=4, num_kv_heads=2, head_dim=16, dtype="float16", block_tokens=16)
     with pytest.raises(ValueError, match="slot"):
         t.put(chain_hashes(big, list(range(16))), [torch.zeros(big.block_shape, dtype=torch.float16)], spec=big)
+
+
+from hypothesis import given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.lists(st.tuples(st.booleans(), st.lists(st.integers(0, 5), min_size=1, max_size=3)), max_size=20))
+def test_device_slots_are_conserved(ops):
+    """Free slots + used slots == all slots, and no two blocks ever share a slot."""
+    keys = chain_hashes(SPEC, list(range(16 * 6)))
+    bs = blocks(6)
+    t = DeviceTier(4 * SPEC.block_nbytes, slot_bytes=SPEC.block_nbytes)
+    for is_put, ids in ops:
+        ks = [keys[i] for i in dict.fromkeys(ids)]
+        if is_put:
+            t.put(ks, [bs[keys.index(k)] for k in ks], spec=SPEC)
+        else:
+            t.remove(ks, spec=SPEC)
+        used = [slot for slot, _ in t._slot_of.values()]
+        assert len(set(used)) == len(used)
+        assert sorted(used + t._free) == list(range(t.num_slots))
+        assert t.used_bytes == len(used) * SPEC.block_nbytes
+        for k in t.keys():
+            assert torch.equal(t.view(k, SPEC), bs[keys.index(k)])
