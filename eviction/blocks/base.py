@@ -1,0 +1,147 @@
+"""The ``BlockPolicy`` protocol, the argument checks every built-in policy shares, and the registry.
+
+A block policy decides which block leaves ONE tier. The store owns one instance per tier and
+tells it what happens (``on_insert`` / ``on_access`` / ``on_remove``); it asks ``candidates(n)``
+for the best victims, filters out the pinned ones and the ones whose children are still resident
+(leaf-first), and calls ``on_remove`` for the blocks it really evicts.
+
+Contract (checked for every registered policy by ``tests/contracts/test_block_policy_contract.py``):
+
+- ``candidates(n)`` is side-effect free: it may be called any number of times with any ``n`` and
+  the policy behaves afterwards exactly as if it had never been called;
+- ``candidates(k) == candidates(m)[:k]`` for ``k <= m``, the keys are distinct and tracked, and
+  ``candidates(n)`` for ``n >= len(policy)`` lists every tracked key;
+- evicting in order is consistent: after ``on_remove(candidates(m)[0])``,
+  ``candidates(m - 1) == old candidates(m)[1:]``;
+- inserting a tracked key counts as an access (a key names one block: the ``nbytes``, ``depth``
+  and ``tenant`` of its first insert stay); accessing or removing an unknown key is ignored;
+- memory is bounded by a constant times the number of tracked keys.
+
+Policies are not thread-safe: the store serialises calls to one instance.
+"""
+
+from __future__ import annotations
+
+import inspect
+import math
+import operator
+from typing import Protocol, TypeVar, runtime_checkable
+
+
+@runtime_checkable
+class BlockPolicy(Protocol):
+    name: str
+
+    def on_insert(self, key: bytes, nbytes: int, *, depth: int = 0, tenant: str = "") -> None:
+        """``key`` is newly resident in this tier (``depth``: index of the block in its chain)."""
+
+    def on_access(self, key: bytes) -> None:
+        """A hit on ``key``; an unknown key is ignored."""
+
+    def on_remove(self, key: bytes) -> None:
+        """``key`` left the tier (evicted or deleted); an unknown key is ignored."""
+
+    def candidates(self, n: int) -> list[bytes]:
+        """Up to ``n`` tracked keys in eviction order, best victim first; side-effect free."""
+
+    def __len__(self) -> int: ...
+
+    def __contains__(self, key: object) -> bool: ...
+
+
+class PolicyBase:
+    """What the built-in policies share: argument checks and the ``candidates`` front door.
+
+    Subclasses implement ``_candidates(n)`` for ``1 <= n`` on a non-empty policy.
+    """
+
+    __slots__ = ()
+    name: str = ""
+
+    def candidates(self, n: int) -> list[bytes]:
+        try:
+            n = operator.index(n)
+        except TypeError:
+            raise ValueError(f"n must be an int, got {type(n).__name__}") from None
+        if n < 0:
+            raise ValueError(f"n must be >= 0, got {n}")
+        if n == 0 or len(self) == 0:
+            return []
+        return self._candidates(n)
+
+    def _candidates(self, n: int) -> list[bytes]:
+        raise NotImplementedError
+
+    def __len__(self) -> int:  # pragma: no cover - every policy overrides it
+        raise NotImplementedError
+
+    def __repr__(self) -> str:
+        return f"<{type(self).__name__} {self.name!r}: {len(self)} keys>"
+
+
+def check_insert(key: object, nbytes: object, depth: object, tenant: object) -> None:
+    """ValueError unless the arguments of ``on_insert`` have the documented types and ranges."""
+    if not isinstance(key, bytes):
+        raise ValueError(f"key must be bytes (a BlockHash), got {type(key).__name__}")
+    if isinstance(nbytes, bool) or not isinstance(nbytes, int) or nbytes < 0:
+        raise ValueError(f"nbytes must be an int >= 0, got {nbytes!r}")
+    if isinstance(depth, bool) or not isinstance(depth, int) or depth < 0:
+        raise ValueError(f"depth must be an int >= 0, got {depth!r}")
+    if not isinstance(tenant, str):
+        raise ValueError(f"tenant must be a str, got {type(tenant).__name__}")
+
+
+def check_real(name: str, value: object, *, low: float, high: float = math.inf,
+               low_open: bool = False, high_open: bool = False) -> float:
+    """``value`` as a float, or ValueError unless it is a finite real number in the given range."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise ValueError(f"{name} must be a finite number, got {value!r}")
+    too_low = value <= low if low_open else value < low
+    too_high = value >= high if high_open else value > high
+    if too_low or too_high:
+        lo, hi = "(" if low_open else "[", ")" if high_open else "]"
+        raise ValueError(f"{name} must lie in {lo}{low}, {high}{hi}, got {value!r}")
+    return float(value)
+
+
+def check_int(name: str, value: object, *, low: int, high: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+        raise ValueError(f"{name} must be an int in [{low}, {high}], got {value!r}")
+    return value
+
+
+# -- registry --------------------------------------------------------------------------------
+_POLICIES: dict[str, type] = {}
+P = TypeVar("P", bound=type)
+
+
+def register_policy(cls: P) -> P:
+    """Class decorator: make ``cls`` selectable as ``get_policy(cls.name, **options)``."""
+    name = getattr(cls, "name", None)
+    if not isinstance(name, str) or not name or name != name.lower():
+        raise ValueError(f"a block policy needs a lower-case string `name`, got {name!r}")
+    if name in _POLICIES and _POLICIES[name] is not cls:
+        raise ValueError(f"block policy {name!r} is already registered by {_POLICIES[name].__qualname__}")
+    _POLICIES[name] = cls
+    return cls
+
+
+def available_policies() -> list[str]:
+    """Names accepted by ``get_policy``, sorted."""
+    return sorted(_POLICIES)
+
+
+def get_policy(name: str, **options) -> BlockPolicy:
+    """A new, empty policy instance. ValueError for an unknown name, option, or option value."""
+    if not isinstance(name, str):
+        raise ValueError(f"policy name must be a str, got {type(name).__name__}")
+    cls = _POLICIES.get(name.strip().lower())
+    if cls is None:
+        raise ValueError(f"unknown block policy {name!r}; known: {', '.join(available_policies())}")
+    params = inspect.signature(cls).parameters.values()
+    accepted = [p for p in params if p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    unknown = sorted(set(options) - {p.name for p in accepted})
+    if unknown and not any(p.kind is p.VAR_KEYWORD for p in params):
+        expected = ", ".join(p.name for p in accepted) or "no options"
+        raise ValueError(f"unknown option(s) {', '.join(unknown)} for block policy {cls.name!r}; expected: {expected}")
+    return cls(**options)
