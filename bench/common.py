@@ -55,6 +55,26 @@ def median_of(fn: Callable[[], object], repeat: int, warmup: int = 1) -> float:
     return times[len(times) // 2]
 
 
+def paired_medians(fa: Callable[[], object], fb: Callable[[], object], repeat: int, warmup: int = 1) -> tuple[float, float]:
+    """Median wall times of ``fa`` and ``fb`` measured alternately (a, b, a, b, ...), so that both
+    see the same machine load: on a shared box the ratio of the two is what to read."""
+    for _ in range(warmup):
+        fa()
+        fb()
+    ta, tb = [], []
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        fa()
+        t1 = time.perf_counter()
+        fb()
+        t2 = time.perf_counter()
+        ta.append(t1 - t0)
+        tb.append(t2 - t1)
+    ta.sort()
+    tb.sort()
+    return ta[len(ta) // 2], tb[len(tb) // 2]
+
+
 class LocalRedis:
     """A private redis-server on a free loopback port (no persistence), for one benchmark run."""
 

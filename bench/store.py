@@ -19,7 +19,7 @@ import time
 import tracemalloc
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import LocalRedis, best_of, md_table, median_of, save_results  # noqa: E402
+from common import LocalRedis, best_of, md_table, paired_medians, save_results  # noqa: E402
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
@@ -49,9 +49,10 @@ def bench_host(quick: bool) -> list[dict]:
         tier = HostTier(n * spec.block_nbytes)
         tier.put(keys, blocks, spec=spec)
         out = [torch.empty_like(b) for b in blocks]
-        repeat = 5 if quick else 20
-        t_tier = best_of(lambda: tier.get(keys, spec=spec, out=out), repeat)
-        t_copy = best_of(lambda: [o.copy_(b) for o, b in zip(out, blocks)], repeat)
+        repeat = 30 if quick else 200
+        # alternating runs (same cache and load state for both), medians
+        t_tier, t_copy = paired_medians(lambda: tier.get(keys, spec=spec, out=out),
+                                        lambda: [o.copy_(b) for o, b in zip(out, blocks)], repeat, warmup=3)
         gbps = n * spec.block_nbytes / t_tier / 1e9
         rows.append({"size": label, "tier_get_s": t_tier, "copy_s": t_copy, "ratio": t_copy / t_tier, "tier_GBps": gbps})
         print(f"host get {label:>7}: tier {t_tier * 1e3:7.2f} ms  copy_ {t_copy * 1e3:7.2f} ms  ratio {t_copy / t_tier:.2f}x  ({gbps:.1f} GB/s)")
@@ -73,7 +74,7 @@ def bench_redis(url: str, quick: bool) -> list[dict]:
         out = [torch.empty_like(b) for b in blocks]
         tier = RedisTier(url)
         raw_keys = [f"raw:{i}" for i in range(n)]
-        repeat = 3 if quick else 10
+        repeat = 5 if quick else 25
 
         def tier_put():
             tier.remove(keys, spec=spec)
@@ -91,11 +92,10 @@ def bench_redis(url: str, quick: bool) -> list[dict]:
             for o, v in zip(out, vals):  # the same end state as the tier: KV in the caller's tensor
                 o.view(torch.uint8).view(-1).numpy()[:] = np.frombuffer(v, dtype=np.uint8)
 
-        # alternate so both see the same server state; medians, since loopback I/O is noisy
-        t_tier_put = median_of(tier_put, repeat)
-        t_raw_put = median_of(raw_put, repeat)
-        t_tier_get = median_of(lambda: tier.get(keys, spec=spec, out=out), repeat)
-        t_raw_get = median_of(raw_get, repeat)
+        # alternate tier and raw runs so both see the same machine load; medians, since loopback
+        # I/O is noisy
+        t_tier_put, t_raw_put = paired_medians(tier_put, raw_put, repeat)
+        t_tier_get, t_raw_get = paired_medians(lambda: tier.get(keys, spec=spec, out=out), raw_get, repeat)
         got = tier.get(keys, spec=spec)
         assert all(torch.equal(a, b) for a, b in zip(got, blocks)), "redis tier returned wrong KV"
         rows.append({

@@ -45,6 +45,7 @@ class HostTier(TierBase):
     def put(self, keys: Sequence[bytes], blocks: Sequence[torch.Tensor], *, spec: KVSpec) -> list[int]:
         self._check_put(keys, blocks, spec)
         sizes = []
+        identity = self.codec.name == "identity"
         with self._lock:
             for key, block in zip(keys, blocks):
                 key = bytes(key)
@@ -58,8 +59,10 @@ class HostTier(TierBase):
                     sizes.append(0)
                     continue
                 buf = torch.empty(nbytes, dtype=torch.uint8, pin_memory=self._pin)
-                if self.codec.name == "identity":
+                if identity:
                     buf.copy_(block.detach().reshape(-1).view(torch.uint8))
+                    # kept as a typed view in the block's layout: get is then one copy_
+                    buf = buf.view(spec.torch_dtype).view(spec.block_shape)
                 else:
                     buf.numpy()[:] = memoryview(payload).cast("B")
                 self._entries[key] = (buf, meta, nbytes)
@@ -72,6 +75,8 @@ class HostTier(TierBase):
     def get(self, keys: Sequence[bytes], *, spec: KVSpec, out: Sequence[torch.Tensor] | None = None) -> list[torch.Tensor | None]:
         self._check_out(keys, out, spec)
         result: list[torch.Tensor | None] = []
+        identity = self.codec.name == "identity"
+        shape, dtype = spec.block_shape, spec.torch_dtype
         with self._lock:
             for i, key in enumerate(keys):
                 entry = self._entries.get(bytes(key))
@@ -82,11 +87,11 @@ class HostTier(TierBase):
                 buf, meta, _ = entry
                 dst = out[i] if out is not None else None
                 try:
-                    if self.codec.name == "identity":
-                        if buf.numel() != spec.block_nbytes:
+                    if identity:
+                        # buf is the stored block itself (a typed view, see put)
+                        if buf.shape != shape or buf.dtype != dtype:
                             raise ValueError("stored block does not match the spec")
-                        src = buf.view(spec.torch_dtype).view(spec.block_shape)
-                        block = dst.copy_(src) if dst is not None else src.clone()
+                        block = dst.copy_(buf) if dst is not None else buf.clone()
                     else:
                         block = self.codec.decode(memoryview(buf.numpy()), meta, spec, out=dst)
                 except ValueError:
