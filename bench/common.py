@@ -31,8 +31,8 @@ def machine() -> str:
     return f"{platform.machine()} CPU, {os.cpu_count()} cores, no GPU"
 
 
-def best_of(fn: Callable[[], object], repeat: int, warmup: int = 1) -> float:
-    """Minimum wall time of ``fn`` over ``repeat`` runs (seconds): the least disturbed run."""
+def _times(fn: Callable[[], object], repeat: int, warmup: int) -> list[float]:
+    """Sorted wall times of ``repeat`` runs of ``fn`` after ``warmup`` untimed ones (seconds)."""
     for _ in range(warmup):
         fn()
     times = []
@@ -40,18 +40,17 @@ def best_of(fn: Callable[[], object], repeat: int, warmup: int = 1) -> float:
         t0 = time.perf_counter()
         fn()
         times.append(time.perf_counter() - t0)
-    return min(times)
+    return sorted(times)
+
+
+def best_of(fn: Callable[[], object], repeat: int, warmup: int = 1) -> float:
+    """Minimum wall time of ``fn`` over ``repeat`` runs (seconds): the least disturbed run."""
+    return _times(fn, repeat, warmup)[0]
 
 
 def median_of(fn: Callable[[], object], repeat: int, warmup: int = 1) -> float:
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeat):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    times.sort()
+    """Median wall time of ``fn`` over ``repeat`` runs (seconds)."""
+    times = _times(fn, repeat, warmup)
     return times[len(times) // 2]
 
 
