@@ -43,11 +43,12 @@ def test_kernel_matches_reference(name, case, backend):
 
 
 def _to(x, device, dtype):
-    """Move a builder's arguments (tensors, KVLevels, patterns) to ``device``; floats to ``dtype``."""
+    """Move a builder's arguments (tensors, KVLevels, patterns) to ``device``; float16 to ``dtype``
+    (float32 tensors are the lse inputs and stay float32)."""
     import dataclasses
 
     if isinstance(x, torch.Tensor):
-        return x.to(device, dtype) if x.is_floating_point() and x.dtype != torch.float32 or x.dim() > 2 and x.is_floating_point() else x.to(device)
+        return x.to(device, dtype) if x.dtype == torch.float16 else x.to(device)
     if dataclasses.is_dataclass(x) and not isinstance(x, type):
         return type(x)(**{f.name: _to(getattr(x, f.name), device, dtype) for f in dataclasses.fields(x)})
     if isinstance(x, (list, tuple)):
@@ -56,7 +57,7 @@ def _to(x, device, dtype):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("case", GRID, ids=lambda c: c.id)
+@pytest.mark.parametrize("case", [c for c in GRID if c.dtype == torch.float16], ids=lambda c: c.id)
 @pytest.mark.parametrize("name", sorted(BUILDERS))
 def test_kernel_matches_reference_on_gpu_in_bf16(name, case):
     """bf16 only here: Triton's interpreter computes bf16 wrongly on the CPU."""
