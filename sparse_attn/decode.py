@@ -81,6 +81,11 @@ def sparse_decode_paged_reference(q, kv_blocks, block_table, indices=None, lengt
 # ----------------------------------------------------------------------------- torch paths
 
 
+def _rows(x: torch.Tensor, D: int) -> torch.Tensor:
+    """``x [B, H, T, D]`` as ``[B*H*T, D]`` rows (a copy only if x is not contiguous)."""
+    return x.reshape(-1, D)
+
+
 def _decode_torch(q, num_kv_heads, num_keys, gather_rows, scale, split_tokens):
     B, H_q, D = q.shape
     G = H_q // num_kv_heads
@@ -106,11 +111,14 @@ def sparse_decode_torch(q, k, v, indices=None, lengths=None, scale=None, split_t
         num_keys = T if lengths is None else min(T, int(lengths.max()) if B else 0)
         return _decode_torch(q, H_kv, num_keys, gather, scale, split_tokens)
 
-    def gather(lo, hi):
+    base = (torch.arange(B, device=q.device).view(-1, 1, 1) * H_kv + torch.arange(H_kv, device=q.device).view(1, -1, 1)) * T
+
+    def gather(lo, hi):  # whole rows of D: index_select on [B*H_kv*T, D] rows, much faster than torch.gather
         idx = indices[:, :, lo:hi]
         valid = idx >= 0
-        idx = idx.clamp_min(0).long()[..., None].expand(-1, -1, -1, D)
-        return torch.gather(k, 2, idx).float(), torch.gather(v, 2, idx).float(), valid
+        rows = (idx.clamp_min(0) + base).flatten()
+        shape = (*idx.shape, D)
+        return _rows(k, D).index_select(0, rows).view(shape).float(), _rows(v, D).index_select(0, rows).view(shape).float(), valid
 
     return _decode_torch(q, H_kv, indices.shape[-1], gather, scale, split_tokens)
 
@@ -123,11 +131,20 @@ def sparse_decode_paged_torch(q, kv_blocks, block_table, indices=None, lengths=N
     heads = torch.arange(H_kv, device=q.device).view(1, -1, 1)
     table = block_table.long()
 
+    L = kv_blocks.shape[1]
+    flat = kv_blocks.view(-1, D) if kv_blocks.is_contiguous() else None
+
     def read(tok, valid):
         tok = torch.where(valid, tok, 0)
         phys = torch.gather(table, 1, (tok // P).reshape(B, -1)).view(tok.shape).clamp_min(0)
         off = tok % P
-        return k_pool[phys, heads, off].float(), v_pool[phys, heads, off].float()  # [B, H_kv, C, D]
+        if flat is None:
+            return k_pool[phys, heads, off].float(), v_pool[phys, heads, off].float()  # [B, H_kv, C, D]
+        # row of (block, layer, K/V, head, offset) in the pool seen as [N*L*2*H_kv*P, D]
+        row_k = (((phys * L + layer) * 2) * H_kv + heads) * P + off
+        shape = (*tok.shape, D)
+        return (flat.index_select(0, row_k.flatten()).view(shape).float(),
+                flat.index_select(0, (row_k + H_kv * P).flatten()).view(shape).float())
 
     if indices is None:
         lens = torch.full((B,), table.shape[1] * P, device=q.device) if lengths is None else lengths.to(q.device)

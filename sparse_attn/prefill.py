@@ -21,7 +21,7 @@ else:  # pragma: no cover
     block_sparse_prefill_plan_triton = None
 
 # Query rows per step of the torch path (a multiple of the 64-row block).
-QUERY_CHUNK = 256
+QUERY_CHUNK = 128
 
 
 # ----------------------------------------------------------------------------- reference
