@@ -110,12 +110,21 @@ class PrefillPlan:
 
 
 def _sorted_members(mask: torch.Tensor, pad: int) -> torch.Tensor:
-    """``mask [..., n]`` bool -> ``[..., max count]`` int32 of the set positions ascending, ``pad`` after."""
-    n = mask.shape[-1]
-    count = int(mask.sum(-1).max()) if mask.numel() else 0
-    keyed = torch.where(mask, torch.arange(n, device=mask.device), n)
-    vals = keyed.sort(-1).values[..., :count]
-    return torch.where(vals == n, pad, vals).to(torch.int32)
+    """``mask [..., n]`` bool -> ``[..., max count]`` int32 of the set positions ascending, ``pad`` after.
+
+    Works from ``nonzero()`` (memory proportional to the set entries, not to ``mask.numel()``).
+    """
+    lead = mask.shape[:-1]
+    flat = mask.reshape(-1, mask.shape[-1])
+    counts = flat.sum(-1)
+    width = int(counts.max()) if flat.numel() else 0
+    out = torch.full((flat.shape[0], width), pad, dtype=torch.int32, device=mask.device)
+    row, col = flat.nonzero(as_tuple=True)  # row-major: ascending within a row
+    if row.numel():
+        starts = torch.cumsum(counts, 0) - counts
+        pos = torch.arange(row.numel(), device=mask.device) - starts[row]
+        out[row, pos] = col.to(torch.int32)
+    return out.view(*lead, width)
 
 
 def build_plan(pattern: Pattern, num_q_heads: int, num_tokens: int, device: torch.device) -> PrefillPlan:
@@ -140,10 +149,10 @@ def build_plan(pattern: Pattern, num_q_heads: int, num_tokens: int, device: torc
     last_row = (torch.arange(nqb, device=device) * BLOCK + BLOCK - 1).clamp_max(T - 1)
     vertical_count = torch.searchsorted(vertical.contiguous(), last_row.to(torch.int32).expand(H, -1).contiguous(), right=True).to(torch.int32)
     # A slash at offset d crosses key blocks qb - floor(d/64) and qb - ceil(d/64) of query block qb.
-    offsets = torch.arange(T, device=device)
-    reach = torch.zeros(H, nqb + 1, dtype=torch.bool, device=device)
-    for delta in (offsets // BLOCK, (offsets + BLOCK - 1) // BLOCK):
-        reach.scatter_(1, torch.where(diag, delta, nqb).expand(H, -1), True)
+    reach = torch.zeros(H, nqb + 1, dtype=torch.bool, device=device)  # a distance of nqb reaches no block
+    head, offset = diag.nonzero(as_tuple=True)
+    reach[head, offset // BLOCK] = True
+    reach[head, (offset + BLOCK - 1) // BLOCK] = True
     deltas = _sorted_members(reach[:, :nqb], -1)
     return PrefillPlan(T, False, col_mask=col, diag_mask=diag, vertical=vertical,
                        vertical_count=vertical_count, deltas=deltas)

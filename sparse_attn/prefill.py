@@ -54,9 +54,11 @@ def _masked_state(q, k, v, mask, scale):
     return p @ v, lse
 
 
-def _rows_keys(plan: PrefillPlan, h: int, r0: int, r1: int, device) -> tuple[torch.Tensor, torch.Tensor]:
-    """Keys query rows ``[r0, r1)`` of head ``h`` may attend under the plan, and the ``[R, C]`` mask."""
-    rows = torch.arange(r0, r1, device=device)
+def _rows_keys(plan: PrefillPlan, h: int, r0: int, r1: int, device):
+    """Keys query rows ``[r0, r1)`` of head ``h`` may attend under the plan, and ``mask(lo, hi)``:
+    the ``[R, hi - lo]`` bool mask of those keys ``cols[lo:hi]`` (built per key chunk, so memory
+    stays bounded even for a dense pattern)."""
+    rows = torch.arange(r0, r1, device=device).view(-1, 1)
     qb0, qb1 = r0 // BLOCK, (r1 - 1) // BLOCK
     tile = torch.arange(BLOCK, device=device)
     if plan.is_block_mask:
@@ -64,19 +66,35 @@ def _rows_keys(plan: PrefillPlan, h: int, r0: int, r1: int, device) -> tuple[tor
         kbs = torch.unique(ids[ids >= 0].long())
         cols = (kbs.view(-1, 1) * BLOCK + tile).flatten()
         cols = cols[cols < r1]
-        mask = (rows.view(-1, 1) >= cols.view(1, -1)) & plan.block_mask[h][(rows // BLOCK).view(-1, 1), (cols // BLOCK).view(1, -1)]
-        return cols, mask
+        row_blocks = plan.block_mask[h][(rows // BLOCK).flatten()]  # [R, nKB]
+
+        def block_mask(lo, hi):
+            c = cols[lo:hi].view(1, -1)
+            return (rows >= c) & row_blocks[:, c[0] // BLOCK]
+
+        return cols, block_mask
     deltas = plan.deltas[h]
     deltas = deltas[deltas >= 0].long()
     kbs = (torch.arange(qb0, qb1 + 1, device=device).view(-1, 1) - deltas.view(1, -1)).flatten()
     kbs = torch.unique(kbs[kbs >= 0])
-    cols = (kbs.view(-1, 1) * BLOCK + tile).flatten()
-    cols = cols[cols < r1]
-    off = (rows.view(-1, 1) - cols.view(1, -1))
-    band = (off >= 0) & plan.diag_mask[h][off.clamp_min(0)] & ~plan.col_mask[h][cols].view(1, -1)
+    band = (kbs.view(-1, 1) * BLOCK + tile).flatten()
+    band = band[band < r1]
     vcols = plan.vertical[h, : int(plan.vertical_count[h, qb1])].long()
-    vert = rows.view(-1, 1) >= vcols.view(1, -1)
-    return torch.cat([cols, vcols]), torch.cat([band, vert], 1)
+    cols = torch.cat([band, vcols])
+    n_band = band.numel()
+    diag, col = plan.diag_mask[h], plan.col_mask[h]
+
+    def vs_mask(lo, hi):
+        parts = []
+        if lo < n_band:  # slash blocks: the offset is a slash and the key is no vertical column
+            c = band[lo: min(hi, n_band)].view(1, -1)
+            off = rows - c
+            parts.append((off >= 0) & diag[off.clamp_min(0)] & ~col[c])
+        if hi > n_band:  # gathered vertical columns
+            parts.append(rows >= vcols[max(lo, n_band) - n_band: hi - n_band].view(1, -1))
+        return parts[0] if len(parts) == 1 else torch.cat(parts, 1)
+
+    return cols, vs_mask
 
 
 def block_sparse_prefill_plan_torch(q, k, v, plan: PrefillPlan, scale: float, query_chunk: int = QUERY_CHUNK):
@@ -95,8 +113,9 @@ def block_sparse_prefill_plan_torch(q, k, v, plan: PrefillPlan, scale: float, qu
             acc = torch.zeros(r1 - r0, D, device=q.device)
             acc_lse = torch.full((r1 - r0,), float("-inf"), device=q.device)
             for c0 in range(0, cols.numel(), key_chunk):
-                c = cols[c0: c0 + key_chunk]
-                state = _masked_state(qr, kh[c].float(), vh[c].float(), mask[:, c0: c0 + key_chunk], scale)
+                c1 = min(c0 + key_chunk, cols.numel())
+                c = cols[c0:c1]
+                state = _masked_state(qr, kh[c].float(), vh[c].float(), mask(c0, c1), scale)
                 acc, acc_lse = merge_pair(acc, acc_lse, *state)
             o[h, r0:r1] = acc.to(q.dtype)
             lse[h, r0:r1] = acc_lse

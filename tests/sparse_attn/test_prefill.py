@@ -153,3 +153,23 @@ def test_triton_prefill_on_gpu_matches_reference(dtype):
         ref = block_sparse_prefill_reference(q, k, v, pattern)
         tol = 1.6e-2 if dtype == torch.bfloat16 else 2e-3
         torch.testing.assert_close(got.float(), ref, atol=tol, rtol=tol)
+
+
+def test_torch_prefill_memory_is_bounded_by_a_chunk_even_for_a_dense_pattern(monkeypatch):
+    import sparse_attn.prefill as prefill
+
+    monkeypatch.setattr(prefill, "CHUNK_ELEMENTS", 1 << 12)
+    seen = []
+    real = prefill._masked_state
+
+    def spy(q, k, v, mask, scale):
+        seen.append(mask.numel())
+        return real(q, k, v, mask, scale)
+
+    monkeypatch.setattr(prefill, "_masked_state", spy)
+    g = torch.Generator().manual_seed(4)
+    q, k, v = torch.randn(2, 600, 32, generator=g), torch.randn(1, 600, 32, generator=g), torch.randn(1, 600, 32, generator=g)
+    for pattern in (AShape(600, 600), BlockMask(torch.ones(2, 10, 10, dtype=torch.bool))):
+        o = block_sparse_prefill(q, k, v, pattern, backend="torch")
+        torch.testing.assert_close(o, sdpa_causal(q, k, v), atol=2e-5, rtol=2e-5)
+    assert max(seen) <= prefill.QUERY_CHUNK * max(64, (1 << 12) // prefill.QUERY_CHUNK)
