@@ -298,21 +298,29 @@ class Quest(SelectorBase):
         return quest_scores(_group(q, H_kv), kmin, kmax).amax(2)  # [B, H_kv, N_pages]
 
     def pick(self, q, k, budget, state, reserved):
-        B, H_q, H_kv, T, D = check_qk(q, k)
-        P = self.page_tokens
+        T = k.shape[2]
         scores = self.page_scores(q, k, state)  # [B, H_kv, Np]
-        Np = scores.shape[-1]
-        free_tok = ~reserved
-        pad = Np * P - T
-        free_per_page = torch.nn.functional.pad(free_tok, (0, pad)).view(Np, P).sum(-1)  # [Np]
-        scores = scores.masked_fill(free_per_page == 0, float("-inf"))
-        order = torch.sort(scores, dim=-1, descending=True, stable=True).indices  # [B, H_kv, Np]
-        counts = free_per_page[order]  # [B, H_kv, Np]
-        fits = (counts.cumsum(-1) <= self._num_free(budget, reserved)) & torch.isfinite(scores.gather(-1, order))
-        page_mask = torch.zeros_like(scores, dtype=torch.bool).scatter_(-1, order, fits)
-        self.last_scanned = 2 * Np / T
-        tok = page_mask.repeat_interleave(P, -1)[..., :T]
-        return tok & free_tok
+        self.last_scanned = 2 * scores.shape[-1] / T
+        return choose_pages(scores, reserved, self.page_tokens, self._num_free(budget, reserved))
+
+
+def choose_pages(scores: torch.Tensor, reserved: torch.Tensor, page_tokens: int, num_free: int) -> torch.Tensor:
+    """Whole pages in descending ``scores [..., Np]`` while their free tokens fit ``num_free``.
+
+    ``reserved [T]`` marks tokens already kept (sinks, window): they cost nothing and are not
+    returned. Returns ``[..., T]`` bool, the free tokens of the chosen pages.
+    """
+    T = reserved.shape[-1]
+    Np = scores.shape[-1]
+    if Np * page_tokens < T or (Np - 1) * page_tokens >= T:
+        raise ValueError(f"{T} tokens need {-(-T // page_tokens)} pages of {page_tokens}, got scores for {Np}")
+    free_tok = ~reserved
+    free_per_page = torch.nn.functional.pad(free_tok, (0, Np * page_tokens - T)).view(Np, page_tokens).sum(-1)  # [Np]
+    scores = scores.masked_fill(free_per_page == 0, float("-inf"))
+    order = torch.sort(scores, dim=-1, descending=True, stable=True).indices  # [..., Np]
+    fits = (free_per_page[order].cumsum(-1) <= num_free) & torch.isfinite(scores.gather(-1, order))
+    page_mask = torch.zeros_like(scores, dtype=torch.bool).scatter_(-1, order, fits)
+    return page_mask.repeat_interleave(page_tokens, -1)[..., :T] & free_tok
 
 
 # ----------------------------------------------------------------------------- ANN
