@@ -50,6 +50,7 @@ class RetrievalResult:
     num_blocks: int  # blocks of the cached prefix
     fetched: list[BlockHash]  # blocks read from the store to gather the selection
     summarized: int  # blocks read only because their summary was not in host memory
+    page_tokens: int = 16
 
     @property
     def valid(self) -> torch.Tensor:
@@ -57,8 +58,9 @@ class RetrievalResult:
 
     @property
     def page_ids(self) -> list[list[list[int]]]:
-        """Per layer and KV head, the distinct pages (16 tokens) the selection touches."""
-        return [[sorted({int(t) // 16 for t in row if t >= 0}) for row in lay] for lay in self.token_ids]
+        """Per layer and KV head, the distinct pages the selection touches."""
+        P = self.page_tokens
+        return [[sorted({int(t) // P for t in row if t >= 0}) for row in lay] for lay in self.token_ids.tolist()]
 
 
 class StoreRetriever:
@@ -129,7 +131,7 @@ class StoreRetriever:
         if T == 0:
             empty = torch.full((L_q, H_kv, budget), -1, dtype=torch.int64)
             z = torch.zeros(L_q, H_kv, budget, D, dtype=spec.torch_dtype)
-            return RetrievalResult(layers, empty, z, z.clone(), 0, 0, [], 0)
+            return RetrievalResult(layers, empty, z, z.clone(), 0, 0, [], 0, self.summaries.page_tokens)
 
         # 1. summaries of every block, from host memory (a miss reads the block once)
         summaries = [self.summaries.get(k) for k in keys]
@@ -184,4 +186,4 @@ class StoreRetriever:
             block = held[b]  # [L, 2, H_kv, BT, D]
             k_out[sel] = block[lays[sel], 0, heads[sel], off[sel]]
             v_out[sel] = block[lays[sel], 1, heads[sel], off[sel]]
-        return RetrievalResult(layers, token_ids, k_out, v_out, T, n_blocks, [keys[b] for b in need], len(missing))
+        return RetrievalResult(layers, token_ids, k_out, v_out, T, n_blocks, [keys[b] for b in need], len(missing), P)
