@@ -42,6 +42,7 @@ class ScoreInputs:
     queries: torch.Tensor | None = None  # [B, H_q, W, D], the last W positions of the cache
     layer: int = 0
     num_layers: int = 1
+    lengths: torch.Tensor | None = None  # [B, H_kv] valid tokens per head (padding after them); None: all T
 
     def __post_init__(self) -> None:
         k, v, q = self.keys, self.values, self.queries
@@ -63,6 +64,16 @@ class ScoreInputs:
                 raise ValueError(f"observation window ({q.shape[2]} queries) is longer than the cache ({T} tokens)")
             if not q.is_floating_point():
                 raise ValueError(f"queries must be floating point, got {q.dtype}")
+        if self.lengths is not None:
+            B, H_kv, T = k.shape[:3]
+            ln = self.lengths
+            if not isinstance(ln, torch.Tensor) or tuple(ln.shape) != (B, H_kv) or ln.is_floating_point():
+                raise ValueError(f"lengths must be an integer [{B}, {H_kv}] tensor, got {_shape(ln)}")
+            if ln.numel() and (int(ln.min()) < 0 or int(ln.max()) > T):
+                raise ValueError(f"lengths must lie in [0, {T}], got [{int(ln.min())}, {int(ln.max())}]")
+            if q is not None and ln.numel() and int(ln.min()) < q.shape[2]:
+                raise ValueError(f"every head must hold the {q.shape[2]} tokens of the observation window, "
+                                 f"got lengths down to {int(ln.min())}")
         if isinstance(self.layer, bool) or not isinstance(self.layer, int) or isinstance(self.num_layers, bool) \
                 or not isinstance(self.num_layers, int) or not 0 <= self.layer < self.num_layers:
             raise ValueError(f"layer must be an int in [0, num_layers), got layer={self.layer!r}, num_layers={self.num_layers!r}")
@@ -78,6 +89,14 @@ class ScoreInputs:
     @property
     def num_tokens(self) -> int:
         return self.keys.shape[2]
+
+    def valid(self) -> torch.Tensor:
+        """``[B, H_kv, T]`` bool: which slots hold a token (all, without ``lengths``)."""
+        B, H_kv, T = self.keys.shape[:3]
+        if self.lengths is None:
+            return torch.ones(B, H_kv, T, dtype=torch.bool, device=self.keys.device)
+        pos = torch.arange(T, device=self.keys.device).view(1, 1, T)
+        return pos < self.lengths.to(self.keys.device).unsqueeze(-1)
 
     def need_queries(self, scorer: str) -> torch.Tensor:
         if self.queries is None or self.queries.shape[2] == 0:
@@ -122,10 +141,13 @@ class ScorerBase:
 
 
 # -- shared maths -------------------------------------------------------------------------------
-def window_attention(queries: torch.Tensor, keys: torch.Tensor, scale: float | None = None) -> torch.Tensor:
+def window_attention(queries: torch.Tensor, keys: torch.Tensor, lengths: torch.Tensor | None = None,
+                     scale: float | None = None) -> torch.Tensor:
     """Softmax attention of the window queries over the cache, causal: ``[B, H_q, W, T]`` float32.
 
-    Query ``w`` of the window sits at position ``T - W + w`` and sees keys ``0 .. T - W + w``.
+    Query ``w`` of the window is the token in slot ``n - W + w`` of its KV head, ``n`` the head's
+    valid length (``lengths``, default ``T``), and sees slots ``0 .. n - W + w``; padding slots
+    (``>= n``) get no attention.
     """
     B, H_q, W, D = queries.shape
     H_kv, T = keys.shape[1], keys.shape[2]
@@ -134,9 +156,10 @@ def window_attention(queries: torch.Tensor, keys: torch.Tensor, scale: float | N
     q = queries.float().reshape(B, H_kv, group * W, D)
     logits = torch.matmul(q, keys.float().transpose(-1, -2)).mul_(scale)  # [B, H_kv, group*W, T]
     logits = logits.view(B, H_kv, group, W, T)
-    pos_q = torch.arange(T - W, T, device=keys.device).view(W, 1)
-    pos_k = torch.arange(T, device=keys.device).view(1, T)
-    logits.masked_fill_(pos_k > pos_q, float("-inf"))
+    n = torch.full((B, H_kv), T, device=keys.device) if lengths is None else lengths.to(keys.device)
+    last = (n.view(B, H_kv, 1, 1) - W + torch.arange(W, device=keys.device).view(1, 1, W, 1))  # [B, H_kv, W, 1]
+    pos_k = torch.arange(T, device=keys.device).view(1, 1, 1, T)
+    logits.masked_fill_((pos_k > last).unsqueeze(2), float("-inf"))
     return torch.softmax(logits, dim=-1).view(B, H_q, W, T)
 
 

@@ -20,9 +20,9 @@ the end where heads keep different numbers of tokens — the ``indices`` format 
 ``sparse_attn.sparse_decode``. ``gather_kv`` makes the compressed cache (``drop`` mode);
 ``evicted_ids`` gives the complement, i.e. what ``demote`` mode moves to a lower tier.
 
-Caches that were compressed before carry ``lengths`` ``[B, H_kv]`` (valid tokens per head, the
-rest padding at the end of the token axis); sinks are the first tokens and the window the last
-valid ones of each head.
+Caches that were compressed before carry ``ScoreInputs.lengths`` ``[B, H_kv]`` (valid tokens per
+head, the rest padding at the end of the token axis); sinks are the first tokens and the window
+the last valid ones of each head.
 """
 
 from __future__ import annotations
@@ -77,11 +77,12 @@ class Compressor:
         return self.scorer.layer_budget(mean, layer, num_layers)
 
     # -- the compressor -----------------------------------------------------------------------
-    def keep(self, inputs: ScoreInputs, lengths: torch.Tensor | None = None) -> torch.Tensor:
+    def keep(self, inputs: ScoreInputs) -> torch.Tensor:
         """Kept token ids ``[B, H_kv, K]`` (int64, ascending, -1 padding); see the module docstring."""
         B, H_kv, T = inputs.batch, inputs.num_kv_heads, inputs.num_tokens
         device = inputs.keys.device
-        lengths = _check_lengths(lengths, B, H_kv, T, device)
+        lengths = (torch.full((B, H_kv), T, dtype=torch.int64, device=device) if inputs.lengths is None
+                   else inputs.lengths.to(device=device, dtype=torch.int64))
         budget = self.layer_budget(int(lengths.max()) if T else 0, inputs.layer, inputs.num_layers)
         if self.head_profile is not None:
             prof = self.head_profile.retrieval
@@ -164,17 +165,6 @@ def evicted_ids(kept: torch.Tensor, lengths: torch.Tensor | int) -> torch.Tensor
 
 
 # -- helpers --------------------------------------------------------------------------------------
-def _check_lengths(lengths, B, H_kv, T, device) -> torch.Tensor:
-    if lengths is None:
-        return torch.full((B, H_kv), T, dtype=torch.int64, device=device)
-    if not isinstance(lengths, torch.Tensor) or tuple(lengths.shape) != (B, H_kv) or lengths.is_floating_point():
-        raise ValueError(f"lengths must be an integer [{B}, {H_kv}] tensor, got "
-                         f"{list(lengths.shape) if isinstance(lengths, torch.Tensor) else type(lengths).__name__}")
-    if lengths.numel() and (int(lengths.min()) < 0 or int(lengths.max()) > T):
-        raise ValueError(f"lengths must lie in [0, {T}], got [{int(lengths.min())}, {int(lengths.max())}]")
-    return lengths.to(device=device, dtype=torch.int64)
-
-
 def _rank_mask(scores: torch.Tensor, valid: torch.Tensor, per_head: torch.Tensor) -> torch.Tensor:
     """Mask of each head's ``per_head`` best valid tokens (ties: the earlier token)."""
     T = scores.shape[-1]

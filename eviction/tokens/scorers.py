@@ -63,7 +63,7 @@ class SnapKVScorer(ScorerBase):
 
     def score(self, inputs: ScoreInputs) -> torch.Tensor:
         q = inputs.need_queries(self.name)
-        attn = window_attention(q, inputs.keys).mean(dim=2)  # [B, H_q, T]
+        attn = window_attention(q, inputs.keys, inputs.lengths).mean(dim=2)  # [B, H_q, T]
         if self.kernel_size > 1:
             attn = F.avg_pool1d(attn, self.kernel_size, stride=1, padding=self.kernel_size // 2, count_include_pad=False)
         return group_mean(attn, inputs.num_kv_heads)
@@ -99,7 +99,7 @@ class TOVAScorer(ScorerBase):
 
     def score(self, inputs: ScoreInputs) -> torch.Tensor:
         q = inputs.need_queries(self.name)[:, :, -1:]
-        return group_mean(window_attention(q, inputs.keys)[:, :, 0], inputs.num_kv_heads)
+        return group_mean(window_attention(q, inputs.keys, inputs.lengths)[:, :, 0], inputs.num_kv_heads)
 
 
 @register_scorer
@@ -118,7 +118,7 @@ class H2OScorer(ScorerBase):
 
     def score(self, inputs: ScoreInputs) -> torch.Tensor:
         q = inputs.need_queries(self.name)
-        new = group_mean(window_attention(q, inputs.keys).sum(dim=2), inputs.num_kv_heads)  # [B, H_kv, T]
+        new = group_mean(window_attention(q, inputs.keys, inputs.lengths).sum(dim=2), inputs.num_kv_heads)  # [B, H_kv, T]
         acc = self._acc.get(inputs.layer)
         if acc is not None:
             if acc.shape[:2] != new.shape[:2] or acc.shape[2] > new.shape[2]:
@@ -171,6 +171,8 @@ class ExpectedAttentionScorer(ScorerBase):
             qc = q - mu.unsqueeze(2)
             cov = torch.einsum("bhwd,bhwe->bhde", qc, qc) / (W - 1)  # [B, H_q, D, D]
             logits = logits + torch.einsum("bhtd,bhde,bhte->bht", k, cov, k) / (2 * D)
+        if inputs.lengths is not None:  # padding slots get no expected attention
+            logits = logits.masked_fill(~inputs.valid().repeat_interleave(H_q // H_kv, dim=1), float("-inf"))
         probs = torch.softmax(logits, dim=-1)
         vnorm = torch.linalg.vector_norm(inputs.values.float(), dim=-1).repeat_interleave(H_q // H_kv, dim=1)
         return group_mean((probs + self.epsilon / probs.shape[-1]) * vnorm, H_kv)

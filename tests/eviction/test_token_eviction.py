@@ -184,11 +184,22 @@ def test_recompressing_a_compressed_cache_respects_lengths():
     q = rand(1, 2, 2, 4, seed=21)
     kept = Compressor("snapkv", budget=16, sink_tokens=2, window_tokens=3, head_budgets="adaptive").keep(ScoreInputs(k, v, q))
     kk, vv, lengths = gather_kv(k, v, kept)
-    again = Compressor("knorm", budget=8, sink_tokens=2, window_tokens=3).keep(ScoreInputs(kk, vv), lengths=lengths)
-    for h in range(2):
-        n = int(lengths[0, h])
-        ids = again[0, h][again[0, h] >= 0].tolist()
-        assert all(i < n for i in ids) and {0, 1, n - 3, n - 2, n - 1} <= set(ids) and len(ids) == 8
+    for name in ("knorm", "snapkv", "expected_attention", "h2o"):
+        inputs = ScoreInputs(kk, vv, q[:, :, -1:], lengths=lengths)
+        again = Compressor(name, budget=8, sink_tokens=2, window_tokens=3).keep(inputs)
+        for h in range(2):
+            n = int(lengths[0, h])
+            ids = again[0, h][again[0, h] >= 0].tolist()
+            assert all(i < n for i in ids) and {0, 1, n - 3, n - 2, n - 1} <= set(ids) and len(ids) == 8, name
+
+
+def test_window_attention_with_lengths_is_each_heads_own_causal_window():
+    k, q = rand(1, 2, 20, 4, seed=22), rand(1, 4, 3, 4, seed=23)
+    lengths = torch.tensor([[20, 12]])
+    got = window_attention(q, k, lengths)
+    assert torch.allclose(got[:, :2], dense_window_attention(q[:, :2], k[:, :1]))
+    want = dense_window_attention(q[:, 2:], k[:, 1:, :12])
+    assert torch.allclose(got[:, 2:, :, :12], want, atol=1e-6) and bool((got[:, 2:, :, 12:] == 0).all())
 
 
 @pytest.mark.parametrize("kwargs,match", [
@@ -222,4 +233,6 @@ def test_bad_inputs_are_value_errors():
     with pytest.raises(ValueError, match="odd"):
         get_scorer("snapkv", kernel_size=4)
     with pytest.raises(ValueError, match="lengths"):
-        Compressor("knorm", budget=4).keep(ScoreInputs(k, k), lengths=torch.full((1, 2), 11))
+        ScoreInputs(k, k, lengths=torch.full((1, 2), 11))
+    with pytest.raises(ValueError, match="observation window"):
+        ScoreInputs(k, k, rand(1, 2, 4, 4), lengths=torch.tensor([[10, 3]]))
