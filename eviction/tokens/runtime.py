@@ -162,6 +162,21 @@ class EvictingKV:
         return o.to(q.dtype)
 
     @torch.inference_mode()
+    def append(self, layer: int, k: torch.Tensor, v: torch.Tensor, q: torch.Tensor | None = None) -> None:
+        """Add ``n`` tokens ``k``/``v`` ``[H_kv, n, D]`` to ``layer`` without attending (a prefix loaded
+        from the store, or a cache an engine prefilled itself); ``q`` ``[H_q, m, D]`` are the queries
+        of the last ``m <= n`` of them, for the observation window. No automatic compression."""
+        check_int("layer", layer, low=0, high=self.num_layers - 1)
+        n = k.shape[1] if isinstance(k, torch.Tensor) and k.dim() == 3 else -1
+        qq = q if q is not None else torch.zeros(self.num_q_heads, 0, self.head_dim, dtype=self.dtype, device=self.device)
+        if qq.dim() != 3 or qq.shape[1] > max(n, 0):
+            raise ValueError(f"q must be [{self.num_q_heads}, m <= n, {self.head_dim}] for n = {n} tokens, got {list(qq.shape)}")
+        self._check_step(layer, torch.zeros(self.num_q_heads, max(n, 0), self.head_dim), k, v)
+        self._check_step(layer, qq, k[:, k.shape[1] - qq.shape[1]:], v[:, v.shape[1] - qq.shape[1]:])
+        with torch.inference_mode():
+            self._append(layer, qq, k, v)
+
+    @torch.inference_mode()
     def compress(self, layer: int | None = None) -> None:
         """Run the compressor now on ``layer`` (every layer when ``None``)."""
         for i in range(self.num_layers) if layer is None else [check_int("layer", layer, low=0, high=self.num_layers - 1)]:
@@ -179,8 +194,9 @@ class EvictingKV:
                 raise ValueError(f"{name} must be [{H}, {n}, {D}], got {list(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__}")
 
     def _append(self, layer: int, q, k, v) -> None:
+        """Append k/v ``[H, n, D]``; ``q`` ``[H_q, m, D]`` are the queries of the last ``m`` of them."""
         lay = self._layers[layer]
-        H, n = self.num_kv_heads, q.shape[1]
+        H, n = self.num_kv_heads, k.shape[1]
         need = int(lay.n.max()) + n
         if need > lay.k.shape[1]:  # grow the slot axis (amortised doubling)
             cap = max(need, 2 * lay.k.shape[1], 64)

@@ -140,3 +140,18 @@ def test_bad_arguments_are_value_errors():
         kv.step(0, q, k[:, :2], v)
     with pytest.raises(ValueError, match="layer"):
         kv.step(5, q, k, v)
+
+
+def test_append_then_step_equals_stepping_all_along():
+    q, k, v = seq(40, seed=6)
+    a = make()
+    run(a, q, k, v, [30])
+    b = make()
+    b.append(0, k[:, :30], v[:, :30], q[:, 22:30])
+    torch.testing.assert_close(run(a, q[:, 30:], k[:, 30:], v[:, 30:], [10]), run(b, q[:, 30:], k[:, 30:], v[:, 30:], [10]))
+    a.compress(0)
+    b.compress(0)
+    for h in range(H):
+        assert torch.equal(a.fast_positions(0, h), b.fast_positions(0, h))  # same observation window, same choice
+    with pytest.raises(ValueError, match="q must be"):
+        b.append(0, k[:, :3], v[:, :3], q[:, :5])
