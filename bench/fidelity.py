@@ -1,0 +1,379 @@
+"""Token-eviction fidelity on the reference model: kvtier (drop, demote) vs kvpress, same prompts.
+
+    python bench/fidelity.py [--quick] [--out FILE] [--threads N]
+
+Reference model SmolLM2-135M-Instruct (bench/refmodel.py). Pass-key prompts, completion style over
+repeated filler, split into a context (intro, filler, needle, filler) and a question ("What is the
+pass key? The pass key is"). The context is compressed, the question is not (query-agnostic
+compression, as kvpress's pipeline does it), then 8 tokens are decoded greedily.
+
+One uncompressed prefill of each context is captured (per layer: the attention block's input
+hidden states, RoPE tables and KV). Then, for every method and compression ratio (share of the
+context's KV off the fast tier):
+
+- **kvpress 0.5.5**: the press's own ``forward_hook`` runs on each layer with the captured inputs
+  and a copy of the cache, exactly what ``with press(model): model(context)`` does (kvpress
+  compresses each layer after its attention, so later layers see the uncompressed run's hidden
+  states); the question and the answer then run through the model on the compressed cache.
+- **kvtier drop**: ``EvictingKV`` loaded with the context's KV and its last 64 queries, one
+  ``compress()``, then the question and answer through kvtier's attention (a transformers
+  attention function that calls ``EvictingKV.step``). Sinks 4 and window 64 always kept.
+- **kvtier demote**: the same, but evicted tokens go to the lower tier and every query of the
+  question and answer recalls ``--recall-budget`` of them per KV head through the ``quest``
+  selector (``sparse_decode`` over exactly those, LSE-merged with the fast tier).
+- **full**: no compression (through the same attention function: a check of the glue).
+
+Plus a natural-text task: perplexity of held-out text prefilled in chunks of 256 with kvtier
+evicting between chunks (fast tier bounded by ``(1 - ratio)`` of the text), drop vs demote vs full.
+kvpress has no chunked-eviction equivalent, so it is not in that table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from common import md_table, save_results  # noqa: E402
+
+import torch  # noqa: E402
+
+import refmodel as rm  # noqa: E402
+
+SCORERS = {  # kvtier scorer -> kvpress press class name
+    "snapkv": "SnapKVPress",
+    "streaming_llm": "StreamingLLMPress",
+    "tova": "TOVAPress",
+    "knorm": "KnormPress",
+    "expected_attention": "ExpectedAttentionPress",
+    "pyramidkv": "PyramidKVPress",
+}
+SINKS, WINDOW = 4, 64
+ATTN_NAME = "kvtier_evicting"
+
+
+# -- capture one uncompressed prefill ------------------------------------------------------------
+class Captured:
+    def __init__(self, model, ids: torch.Tensor) -> None:
+        from transformers import DynamicCache
+
+        self.ids = ids
+        self.config = model.config
+        self.layers: list[dict] = []
+        mods = [layer.self_attn for layer in model.model.layers]
+
+        def hook(module, args, kwargs, output):
+            cos, sin = kwargs["position_embeddings"]
+            self.layers.append({"hidden_states": kwargs["hidden_states"].detach().clone(), "cos": cos.detach().clone(),
+                                "sin": sin.detach().clone()})
+
+        handles = [m.register_forward_hook(hook, with_kwargs=True) for m in mods]
+        try:
+            self.cache = DynamicCache(config=model.config)
+            with torch.inference_mode():
+                model(input_ids=ids.view(1, -1), past_key_values=self.cache, use_cache=True, logits_to_keep=1)
+        finally:
+            for h in handles:
+                h.remove()
+        for i, lay in enumerate(self.cache.layers):
+            self.layers[i]["keys"] = lay.keys.detach().clone()  # [1, H_kv, T, D] after RoPE
+            self.layers[i]["values"] = lay.values.detach().clone()
+
+    @property
+    def num_tokens(self) -> int:
+        return int(self.ids.numel())
+
+    def cache_copy(self):
+        from transformers import DynamicCache
+
+        cache = DynamicCache(config=self.config)
+        for i, lay in enumerate(self.layers):
+            cache.update(lay["keys"].clone(), lay["values"].clone(), i)
+        return cache
+
+    @torch.inference_mode()
+    def window_queries(self, model, layer: int, w: int) -> torch.Tensor:
+        """Queries (after RoPE) of the last ``w`` context tokens: ``[H_q, w, D]``."""
+        from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+        attn = model.model.layers[layer].self_attn
+        lay = self.layers[layer]
+        hs = lay["hidden_states"][:, -w:]
+        q = attn.q_proj(hs).view(1, w, -1, attn.head_dim).transpose(1, 2)
+        k_dummy = torch.zeros_like(q[:, :1])
+        q, _ = apply_rotary_pos_emb(q, k_dummy, lay["cos"][:, -w:], lay["sin"][:, -w:])
+        return q[0]
+
+
+# -- running the question + answer ---------------------------------------------------------------
+def _register_attention():
+    from transformers import AttentionInterface
+
+    def attention(module, query, key, value, attention_mask, *args, **kwargs):  # kvpress passes dropout positionally
+        kv = attention.current  # the EvictingKV of the sequence being decoded
+        o = kv.step(module.layer_idx, query[0], key[0], value[0])  # [H_q, n, D]
+        return o.transpose(0, 1).unsqueeze(0), None  # [1, n, H_q, D]
+
+    attention.current = None
+    AttentionInterface.register(ATTN_NAME, attention)
+    try:
+        from transformers import AttentionMaskInterface
+        from transformers.masking_utils import sdpa_mask
+
+        AttentionMaskInterface.register(ATTN_NAME, sdpa_mask)
+    except ImportError:  # older transformers: masks are built for any implementation
+        pass
+    return attention
+
+
+@torch.inference_mode()
+def answer_with_kv(model, tok, kv, question_ids: list[int], start: int, attention, max_new_tokens: int = 8) -> str:
+    """Question then greedy answer, attention through ``kv`` (an EvictingKV)."""
+    previous = model.config._attn_implementation
+    model.set_attn_implementation(ATTN_NAME)
+    attention.current = kv
+    try:
+        ids = torch.tensor(question_ids).view(1, -1)
+        pos = start
+        out = []
+        for _ in range(max_new_tokens + 1):
+            n = ids.shape[1]
+            logits = model(input_ids=ids, position_ids=torch.arange(pos, pos + n).view(1, n), use_cache=False, logits_to_keep=1).logits
+            pos += n
+            nxt = int(logits[0, -1].argmax())
+            out.append(nxt)
+            ids = torch.tensor([[nxt]])
+        return tok.decode(out[:max_new_tokens])
+    finally:
+        attention.current = None
+        model.set_attn_implementation(previous)
+
+
+@torch.inference_mode()
+def answer_with_cache(model, tok, cache, question_ids: list[int], start: int, max_new_tokens: int = 8) -> str:
+    """Question then greedy answer on a (compressed) transformers cache, as kvpress's pipeline does."""
+    logits = rm._forward(model, cache, torch.tensor(question_ids), start, all_logits=False)
+    state = rm.Prefill(cache, start + len(question_ids), logits[-1])
+    return tok.decode(rm.greedy(model, state, max_new_tokens))
+
+
+def correct(answer: str, key: str) -> bool:
+    import re
+
+    m = re.search(r"\d+", answer)
+    return m is not None and m.group() == key
+
+
+# -- methods ------------------------------------------------------------------------------------
+@torch.inference_mode()
+def make_kv(model, cap: Captured, *, scorer: str | None, ratio: float, mode: str, recall_budget: int):
+    from eviction.tokens import Compressor, EvictingKV
+    from retrieval import get_selector
+
+    cfg = model.config
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    comp = Compressor(scorer or "streaming_llm", ratio=ratio if scorer else 0.0, sink_tokens=SINKS, window_tokens=WINDOW)
+    kv = EvictingKV(comp, num_layers=cfg.num_hidden_layers, num_q_heads=cfg.num_attention_heads, num_kv_heads=cfg.num_key_value_heads,
+                    head_dim=head_dim, mode=mode, observation_window=WINDOW,
+                    recall=get_selector("quest", num_sink=0, num_recent=0) if mode == "demote" else None, recall_budget=recall_budget)
+    for i, lay in enumerate(cap.layers):
+        kv.append(i, lay["keys"][0], lay["values"][0], cap.window_queries(model, i, WINDOW))
+    if scorer:
+        kv.compress()
+    return kv
+
+
+@torch.inference_mode()
+def kvpress_cache(model, cap: Captured, press_name: str, ratio: float):
+    import kvpress
+
+    press = getattr(kvpress, press_name)(compression_ratio=ratio)
+    press.post_init_from_model(model)
+    cache = cap.cache_copy()
+    T = cap.num_tokens
+    for i, layer in enumerate(model.model.layers):
+        attn = layer.self_attn
+        attn.rotary_emb = model.model.rotary_emb
+        lay = cap.layers[i]
+        kwargs = {"hidden_states": lay["hidden_states"], "past_key_values": cache, "cache_position": torch.arange(T),
+                  "position_embeddings": (lay["cos"], lay["sin"]), "attention_mask": None}
+        press.forward_hook(attn, [], kwargs, (None, None))
+    return cache
+
+
+def split_prompt(tok, prompt) -> tuple[list[int], list[int]]:
+    cut = prompt.text.rindex("\n\nWhat is the pass key?")
+    return (tok(prompt.text[:cut], add_special_tokens=False).input_ids,
+            tok(prompt.text[cut:], add_special_tokens=False).input_ids)
+
+
+def run_passkey(model, tok, prompts, ratios, methods, recall_budget, progress) -> list[dict]:
+    attention = _register_attention()
+    rows = []
+    for p in prompts:
+        ctx, question = split_prompt(tok, p)
+        cap = Captured(model, torch.tensor(ctx))
+        T = cap.num_tokens
+        full = answer_with_kv(model, tok, make_kv(model, cap, scorer=None, ratio=0.0, mode="drop", recall_budget=recall_budget),
+                              question, T, attention)
+        rows.append({"method": "full", "ratio": 0.0, "tokens": T, "depth": p.depth, "key": p.key, "answer": full, "correct": correct(full, p.key)})
+        progress(rows[-1])
+        for ratio in ratios:
+            for method in methods:
+                family, name = method.split(":")
+                if family == "kvpress":
+                    ans = answer_with_cache(model, tok, kvpress_cache(model, cap, SCORERS[name], ratio), question, T)
+                else:
+                    kv = make_kv(model, cap, scorer=name, ratio=ratio, mode=family.split("-")[1], recall_budget=recall_budget)
+                    ans = answer_with_kv(model, tok, kv, question, T, attention)
+                rows.append({"method": method, "ratio": ratio, "tokens": T, "depth": p.depth, "key": p.key, "answer": ans,
+                             "correct": correct(ans, p.key)})
+                progress(rows[-1])
+        del cap
+    return rows
+
+
+@torch.inference_mode()
+def run_perplexity(model, tok, num_tokens: int, ratios, scorer: str, recall_budget: int, progress) -> list[dict]:
+    """Held-out text in chunks of 256, kvtier evicting between chunks; NLL of every token."""
+    from eviction.tokens import Compressor, EvictingKV
+    from retrieval import get_selector
+
+    attention = _register_attention()
+    ids = torch.tensor(rm.heldout_ids(tok, num_tokens))
+    cfg = model.config
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    rows = []
+    for ratio, mode in [(0.0, "full")] + [(r, m) for r in ratios for m in ("drop", "demote")]:
+        budget = num_tokens - math.floor(num_tokens * ratio)
+        comp = Compressor(scorer, budget=budget, sink_tokens=SINKS, window_tokens=WINDOW)
+        kv = EvictingKV(comp, num_layers=cfg.num_hidden_layers, num_q_heads=cfg.num_attention_heads, num_kv_heads=cfg.num_key_value_heads,
+                        head_dim=head_dim, mode="demote" if mode == "demote" else "drop", observation_window=WINDOW,
+                        trigger_tokens=None if mode == "full" else budget,
+                        recall=get_selector("quest", num_sink=0, num_recent=0) if mode == "demote" else None, recall_budget=recall_budget)
+        previous = model.config._attn_implementation
+        model.set_attn_implementation(ATTN_NAME)
+        attention.current = kv
+        nll = []
+        try:
+            for a in range(0, num_tokens, 256):
+                chunk = ids[a : a + 256]
+                n = chunk.numel()
+                logits = model(input_ids=chunk.view(1, n), position_ids=torch.arange(a, a + n).view(1, n), use_cache=False).logits[0].float()
+                targets = ids[a + 1 : a + 1 + n]
+                logp = torch.log_softmax(logits[: targets.numel()].double(), -1)
+                nll.append(-logp.gather(1, targets.view(-1, 1)).view(-1))
+        finally:
+            attention.current = None
+            model.set_attn_implementation(previous)
+        ppl = float(torch.exp(torch.cat(nll).mean()))
+        rows.append({"mode": mode, "ratio": ratio, "scorer": scorer, "tokens": num_tokens, "perplexity": ppl,
+                     "max_fast_tokens": max(max(kv.fast_tokens(i)) for i in range(cfg.num_hidden_layers))})
+        progress(rows[-1])
+    return rows
+
+
+def summarise(rows, ratios, methods) -> tuple[dict, list[list]]:
+    acc: dict[str, dict[str, float]] = {}
+    n_full = [r for r in rows if r["method"] == "full"]
+    acc["full"] = {str(r): sum(x["correct"] for x in n_full) / len(n_full) for r in ratios}
+    table = [["full", *[f"{sum(x['correct'] for x in n_full)}/{len(n_full)}"] * len(ratios)]]
+    for m in methods:
+        acc[m] = {}
+        cells = []
+        for r in ratios:
+            sel = [x for x in rows if x["method"] == m and x["ratio"] == r]
+            acc[m][str(r)] = sum(x["correct"] for x in sel) / len(sel)
+            cells.append(f"{sum(x['correct'] for x in sel)}/{len(sel)}")
+        table.append([m, *cells])
+    return acc, table
+
+
+def plot(acc: dict, ratios, path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7.5, 4.5))
+    for m, per in acc.items():
+        style = "-" if m.startswith("kvtier") else ("--" if m.startswith("kvpress") else ":")
+        ax.plot(ratios, [per[str(r)] for r in ratios], style, marker="o", label=m)
+    ax.set_xlabel("compression ratio (share of context KV off the fast tier)")
+    ax.set_ylabel("pass-key accuracy")
+    ax.set_ylim(-0.05, 1.05)
+    ax.legend(fontsize=6, ncol=2)
+    ax.set_title("SmolLM2-135M pass key: kvtier vs kvpress")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="smoke run: 1.5K-token prompts, 3 depths, ratio 0.5, SnapKV (kvpress, drop, demote); 768-token perplexity")
+    ap.add_argument("--out", help="also write the figures as JSON to this file")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--recall-budget", type=int, default=256, help="demoted tokens recalled per KV head and query (demote mode)")
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    t0 = time.time()
+    model, tok = rm.load_model()
+    if args.quick:  # a smoke run: 1.5K-token prompts, one ratio, SnapKV only
+        lengths, depths, keys_per, ratios = (1536,), (0.1, 0.5, 0.9), 1, [0.5]
+        names = ["snapkv"]
+        demoted = ["snapkv"]
+        ppl_tokens = 768
+    else:
+        lengths, depths, keys_per, ratios = (2048, 6144), (0.1, 0.5, 0.9), 1, [0.5, 0.75, 0.9]
+        names = list(SCORERS)
+        demoted = ["snapkv", "expected_attention"]
+        ppl_tokens = 4096
+    methods = [f"kvpress:{n}" for n in names] + [f"kvtier-drop:{n}" for n in names] + [f"kvtier-demote:{n}" for n in demoted]
+    prompts = rm.passkey_suite(tok, lengths=lengths, depths=depths, num_keys=keys_per)
+    total = len(prompts) * (1 + len(ratios) * len(methods))
+    from tqdm import tqdm
+
+    bar = tqdm(total=total, desc="pass key", unit="run", file=sys.stderr)
+
+    def progress(row):
+        bar.update(1)
+        bar.set_postfix_str(f"{row['method']}@{row['ratio']}: {'ok' if row['correct'] else 'miss'}")
+
+    rows = run_passkey(model, tok, prompts, ratios, methods, args.recall_budget, progress)
+    bar.close()
+    acc, table = summarise(rows, ratios, methods)
+    print(md_table(["method", *[f"ratio {r}" for r in ratios]], table))
+    ppl_rows = run_perplexity(model, tok, ppl_tokens, ratios, "snapkv", args.recall_budget,
+                              lambda r: print(f"perplexity {r['mode']}@{r['ratio']}: {r['perplexity']:.3f} (fast tier <= {r['max_fast_tokens']} tokens)"))
+    base = ppl_rows[0]["perplexity"]
+    ppl_table = [[r["mode"], r["ratio"], f"{r['perplexity']:.3f}", f"{100 * (r['perplexity'] / base - 1):+.2f}%", r["max_fast_tokens"]] for r in ppl_rows]
+    # ratios of kvtier to kvpress, same-named press, same ratio
+    comparisons = {}
+    for n in names:
+        for r in ratios:
+            comparisons[f"{n}@{r}"] = {"kvtier_drop": acc[f"kvtier-drop:{n}"][str(r)], "kvpress": acc[f"kvpress:{n}"][str(r)]}
+    figures = {"quick": args.quick, "threads": args.threads, "recall_budget": args.recall_budget, "sinks": SINKS, "window": WINDOW,
+               "prompts": [{"tokens": len(p.input_ids), "depth": p.depth, "key": p.key} for p in prompts],
+               "accuracy": acc, "drop_vs_kvpress": comparisons, "runs": rows, "perplexity": ppl_rows, "seconds": time.time() - t0}
+    os.makedirs(os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"), exist_ok=True)
+    png = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "fidelity.png")
+    plot(acc, ratios, png)
+    md = "\n".join([
+        f"## bench/fidelity.py{' --quick' if args.quick else ''}", "",
+        f"Pass-key accuracy, SmolLM2-135M-Instruct, {len(prompts)} prompts ({', '.join(str(n) for n in lengths)} tokens; depths {depths}),"
+        f" query-agnostic compression of the context; demote recall budget {args.recall_budget} tokens per KV head and query.", "",
+        md_table(["method", *[f"ratio {r}" for r in ratios]], table), "",
+        f"Perplexity of {ppl_tokens} tokens of held-out text, chunks of 256, kvtier `snapkv` evicting between chunks:", "",
+        md_table(["mode", "ratio", "perplexity", "vs full", "max fast-tier tokens/head"], ppl_table), "",
+        "![accuracy vs ratio](fidelity.png)",
+    ])
+    print(md_table(["mode", "ratio", "perplexity", "vs full", "max fast-tier tokens/head"], ppl_table))
+    save_results("fidelity", figures, md, args.out)
+    print(f"done in {time.time() - t0:.0f} s")
+
+
+if __name__ == "__main__":
+    main()
