@@ -210,7 +210,7 @@ class KVService:
                     block = tensor_from_bytes(frame.data, spec.torch_dtype, spec.block_shape)
                 else:
                     block = get_codec(frame.codec).decode(frame.data, frame.codec_meta, spec)
-            except ValueError as e:
+            except Exception as e:  # whatever a codec raises on a payload that is not its own
                 self._rejected("payload")
                 raise BadRequest(f"{field}: the payload does not decode with codec {frame.codec!r}: {e}", field=f"{field}.data") from None
             keys.append(frame.key)
