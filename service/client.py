@@ -30,6 +30,7 @@ from kvstore import FrameError, KVSpec, decode_frame, encode_frame, get_codec
 from kvstore.codecs.base import tensor_bytes, tensor_from_bytes
 
 from . import wire
+from .errors import ServiceError
 
 RETRY_STATUS = (502, 503, 504)
 
@@ -76,8 +77,8 @@ def _parse_lookup(d: dict) -> Lookup:
     return Lookup(d["model"], d["num_blocks"], d["num_tokens"], d["num_requested_blocks"], d["tier_hits"], d["tier_prefix"], keys)
 
 
-def encode_blocks(spec: KVSpec, keys: Sequence[bytes], blocks) -> list[bytes]:
-    """The body of a put: one frame per block (identity codec), as a list of pieces (no join)."""
+def encode_frames(spec: KVSpec, keys: Sequence[bytes], blocks) -> list[bytes]:
+    """One frame per block (identity codec); ``blocks`` is ``[N, L, 2, H_kv, T, D]`` or a list of blocks."""
     if isinstance(blocks, torch.Tensor):
         blocks = list(blocks.unbind(0)) if blocks.dim() == len(spec.block_shape) + 1 else [blocks]
     if len(blocks) != len(keys):
@@ -87,12 +88,16 @@ def encode_blocks(spec: KVSpec, keys: Sequence[bytes], blocks) -> list[bytes]:
         spec.check_block(b)
         k = bytes.fromhex(k) if isinstance(k, str) else bytes(k)
         frames.append(encode_frame(k, spec, "identity", {}, spec.block_shape, spec.dtype, tensor_bytes(b.detach().cpu().contiguous())))
-    return list(wire.encode_items(frames))
+    return frames
 
 
-def decode_blocks(spec: KVSpec, keys: Sequence[bytes], body: bytes) -> list[torch.Tensor | None]:
-    """Blocks of a get's answer, in the order asked, each verified against its key and the spec."""
-    items = wire.split_items(body, max_items=len(keys) + 1)
+def encode_blocks(spec: KVSpec, keys: Sequence[bytes], blocks) -> list[bytes]:
+    """The body of a REST put: the msgpack stream of the frames, as a list of pieces (no join)."""
+    return list(wire.encode_items(encode_frames(spec, keys, blocks)))
+
+
+def decode_items(spec: KVSpec, keys: Sequence[bytes], items: Sequence) -> list[torch.Tensor | None]:
+    """Blocks from frames (``None``: a miss), in the order asked, each verified against its key and the spec."""
     if len(items) != len(keys):
         raise FrameError(f"the server answered {len(items)} items for {len(keys)} keys")
     out: list[torch.Tensor | None] = []
@@ -106,6 +111,15 @@ def decode_blocks(spec: KVSpec, keys: Sequence[bytes], body: bytes) -> list[torc
         else:
             out.append(get_codec(frame.codec).decode(frame.data, frame.codec_meta, spec))
     return out
+
+
+def decode_blocks(spec: KVSpec, keys: Sequence[bytes], body: bytes) -> list[torch.Tensor | None]:
+    """Blocks of a REST get's answer (a msgpack stream of frames and nils)."""
+    try:
+        items = wire.split_items(body, max_items=len(keys) + 1)
+    except (ValueError, ServiceError) as e:
+        raise FrameError(f"the answer is not a frame stream: {e}") from None
+    return decode_items(spec, keys, items)
 
 
 def _raise_for(resp: httpx.Response) -> None:
