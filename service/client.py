@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import random
+import warnings
 import time
 from dataclasses import dataclass
 from typing import Any, Sequence
@@ -26,7 +27,8 @@ from typing import Any, Sequence
 import httpx
 import torch
 
-from kvstore import FrameError, KVSpec, decode_frame, encode_frame, get_codec
+from kvstore import FrameError, KVSpec, decode_frame, get_codec
+from kvstore.frames import encode_frame_parts
 from kvstore.codecs.base import tensor_bytes, tensor_from_bytes
 
 from . import wire
@@ -77,8 +79,11 @@ def _parse_lookup(d: dict) -> Lookup:
     return Lookup(d["model"], d["num_blocks"], d["num_tokens"], d["num_requested_blocks"], d["tier_hits"], d["tier_prefix"], keys)
 
 
-def encode_frames(spec: KVSpec, keys: Sequence[bytes], blocks) -> list[bytes]:
-    """One frame per block (identity codec); ``blocks`` is ``[N, L, 2, H_kv, T, D]`` or a list of blocks."""
+def encode_frame_list(spec: KVSpec, keys: Sequence[bytes], blocks) -> list[tuple[bytes, memoryview]]:
+    """One frame per block (identity codec) as (header, payload view) pairs: the blocks are not copied.
+
+    ``blocks`` is ``[N, L, 2, H_kv, T, D]`` or a list of blocks ``[L, 2, H_kv, T, D]`` (CPU or CUDA).
+    """
     if isinstance(blocks, torch.Tensor):
         blocks = list(blocks.unbind(0)) if blocks.dim() == len(spec.block_shape) + 1 else [blocks]
     if len(blocks) != len(keys):
@@ -87,39 +92,78 @@ def encode_frames(spec: KVSpec, keys: Sequence[bytes], blocks) -> list[bytes]:
     for k, b in zip(keys, blocks):
         spec.check_block(b)
         k = bytes.fromhex(k) if isinstance(k, str) else bytes(k)
-        frames.append(encode_frame(k, spec, "identity", {}, spec.block_shape, spec.dtype, tensor_bytes(b.detach().cpu().contiguous())))
+        frames.append(encode_frame_parts(k, spec, "identity", {}, spec.block_shape, spec.dtype,
+                                         tensor_bytes(b.detach().cpu().contiguous())))
     return frames
 
 
-def encode_blocks(spec: KVSpec, keys: Sequence[bytes], blocks) -> list[bytes]:
-    """The body of a REST put: the msgpack stream of the frames, as a list of pieces (no join)."""
-    return list(wire.encode_items(encode_frames(spec, keys, blocks)))
+def encode_frames(spec: KVSpec, keys: Sequence[bytes], blocks) -> list[bytes]:
+    """One frame per block, each as bytes (gRPC sends one per message)."""
+    return [b"".join(parts) for parts in encode_frame_list(spec, keys, blocks)]
 
 
-def decode_items(spec: KVSpec, keys: Sequence[bytes], items: Sequence) -> list[torch.Tensor | None]:
-    """Blocks from frames (``None``: a miss), in the order asked, each verified against its key and the spec."""
+def encode_blocks(spec: KVSpec, keys: Sequence[bytes], blocks) -> list[bytes | memoryview]:
+    """The body of a REST put: the msgpack stream of the frames, as a list of pieces (no join, no copy)."""
+    return list(wire.encode_parts(encode_frame_list(spec, keys, blocks)))
+
+
+def _body(pieces: list) -> tuple[dict, object]:
+    size = sum(len(x) if isinstance(x, bytes) else x.nbytes for x in pieces)
+    return {"content-type": wire.FRAMES_MEDIA_TYPE, "content-length": str(size)}, pieces
+
+
+def decode_items(spec: KVSpec, keys: Sequence[bytes], items: Sequence, out: Sequence[torch.Tensor] | None = None) -> list[torch.Tensor | None]:
+    """Blocks from frames (``None``: a miss), in the order asked, each verified against its key and the spec.
+
+    With ``out`` (one block-shaped tensor per key, on any device) each hit is copied into its buffer.
+    """
     if len(items) != len(keys):
         raise FrameError(f"the server answered {len(items)} items for {len(keys)} keys")
-    out: list[torch.Tensor | None] = []
-    for k, item in zip(keys, items):
+    if out is not None and len(out) != len(keys):
+        raise ValueError(f"get needs one out buffer per key: got {len(keys)} keys and {len(out)} buffers")
+    result: list[torch.Tensor | None] = []
+    for i, (k, item) in enumerate(zip(keys, items)):
         if item is None:
-            out.append(None)
+            result.append(None)
             continue
         frame = decode_frame(item, expect_key=bytes.fromhex(k) if isinstance(k, str) else bytes(k), expect_spec=spec)
-        if frame.codec == "identity":
-            out.append(tensor_from_bytes(bytearray(frame.data), spec.torch_dtype, spec.block_shape))
+        if frame.codec != "identity":
+            block = get_codec(frame.codec).decode(frame.data, frame.codec_meta, spec)
+            result.append(block if out is None else out[i].copy_(block))
+        elif out is not None:
+            with warnings.catch_warnings():  # a read-only view, only read from
+                warnings.simplefilter("ignore", UserWarning)
+                result.append(out[i].copy_(tensor_from_bytes(frame.data, spec.torch_dtype, spec.block_shape)))
         else:
-            out.append(get_codec(frame.codec).decode(frame.data, frame.codec_meta, spec))
-    return out
+            result.append(tensor_from_bytes(bytearray(frame.data), spec.torch_dtype, spec.block_shape))
+    return result
 
 
-def decode_blocks(spec: KVSpec, keys: Sequence[bytes], body: bytes) -> list[torch.Tensor | None]:
+def decode_blocks(spec: KVSpec, keys: Sequence[bytes], body: bytes, out=None) -> list[torch.Tensor | None]:
     """Blocks of a REST get's answer (a msgpack stream of frames and nils)."""
     try:
         items = wire.split_items(body, max_items=len(keys) + 1)
     except (ValueError, ServiceError) as e:
         raise FrameError(f"the answer is not a frame stream: {e}") from None
-    return decode_items(spec, keys, items)
+    return decode_items(spec, keys, items, out)
+
+
+class _Pieces:
+    """A request body of several buffers, sent one after the other (re-iterable, for retries)."""
+
+    def __init__(self, pieces: list) -> None:
+        self.pieces = pieces
+
+    def __iter__(self):
+        return iter(self.pieces)
+
+
+class _AsyncPieces(_Pieces):
+    __iter__ = None  # httpx picks the async stream only for objects that are not sync iterables
+
+    async def __aiter__(self):
+        for p in self.pieces:
+            yield p
 
 
 def _raise_for(resp: httpx.Response) -> None:
@@ -212,15 +256,15 @@ class KVTierClient(_Base):
         return self.lookup(model, token_ids=token_ids, salt=salt, extra_keys=extra_keys, return_keys=True).keys
 
     def put(self, model: str, keys: Sequence[bytes], blocks, *, parent: bytes | None = None) -> list[bool]:
-        content = b"".join(encode_blocks(self.spec(model), keys, blocks))
+        headers, pieces = _body(encode_blocks(self.spec(model), keys, blocks))
         params = {"model": model} | ({"parent": _key_hex(parent)} if parent is not None else {})
-        resp = self._request("PUT", "/v1/blocks", params=params, content=content,
-                             headers={"content-type": wire.FRAMES_MEDIA_TYPE})
+        resp = self._request("PUT", "/v1/blocks", params=params, content=_Pieces(pieces), headers=headers)
         return resp.json()["stored"]
 
-    def get(self, model: str, keys: Sequence[bytes]) -> list[torch.Tensor | None]:
+    def get(self, model: str, keys: Sequence[bytes], out: Sequence[torch.Tensor] | None = None) -> list[torch.Tensor | None]:
+        """Blocks ``[L, 2, H_kv, T, D]`` per key (None: a miss); with ``out``, copied into those buffers."""
         resp = self._request("POST", "/v1/blocks/get", json={"model": model, "keys": [_key_hex(k) for k in keys]})
-        return decode_blocks(self.spec(model), keys, resp.content)
+        return decode_blocks(self.spec(model), keys, resp.content, out)
 
     def delete(self, model: str, keys: Sequence[bytes]) -> int:
         return self._request("POST", "/v1/blocks/delete", json={"model": model, "keys": [_key_hex(k) for k in keys]}).json()["removed"]
@@ -295,15 +339,14 @@ class AsyncKVTierClient(_Base):
         return (await self.lookup(model, token_ids=token_ids, salt=salt, extra_keys=extra_keys, return_keys=True)).keys
 
     async def put(self, model: str, keys: Sequence[bytes], blocks, *, parent: bytes | None = None) -> list[bool]:
-        content = b"".join(encode_blocks(await self.spec(model), keys, blocks))
+        headers, pieces = _body(encode_blocks(await self.spec(model), keys, blocks))
         params = {"model": model} | ({"parent": _key_hex(parent)} if parent is not None else {})
-        resp = await self._request("PUT", "/v1/blocks", params=params, content=content,
-                                   headers={"content-type": wire.FRAMES_MEDIA_TYPE})
+        resp = await self._request("PUT", "/v1/blocks", params=params, content=_AsyncPieces(pieces), headers=headers)
         return resp.json()["stored"]
 
-    async def get(self, model: str, keys: Sequence[bytes]) -> list[torch.Tensor | None]:
+    async def get(self, model: str, keys: Sequence[bytes], out: Sequence[torch.Tensor] | None = None) -> list[torch.Tensor | None]:
         resp = await self._request("POST", "/v1/blocks/get", json={"model": model, "keys": [_key_hex(k) for k in keys]})
-        return decode_blocks(await self.spec(model), keys, resp.content)
+        return decode_blocks(await self.spec(model), keys, resp.content, out)
 
     async def delete(self, model: str, keys: Sequence[bytes]) -> int:
         resp = await self._request("POST", "/v1/blocks/delete", json={"model": model, "keys": [_key_hex(k) for k in keys]})

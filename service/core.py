@@ -19,6 +19,7 @@ import numpy as np
 import torch
 
 from kvstore import FrameError, KVSpec, Namespace, TieredStore, chain_hashes, decode_frame, encode_frame, get_codec
+from kvstore.frames import encode_frame_parts
 from kvstore.codecs.base import tensor_bytes, tensor_from_bytes
 
 from .errors import BadRequest, NotFound, PayloadTooLarge, TooManyRequests
@@ -257,6 +258,11 @@ class KVService:
     def encode_block(spec: KVSpec, client_key: bytes, block: torch.Tensor) -> bytes:
         """The frame of one block as the client sees it (its own key, identity codec)."""
         return encode_frame(client_key, spec, "identity", {}, spec.block_shape, spec.dtype, tensor_bytes(block))
+
+    @staticmethod
+    def encode_block_parts(spec: KVSpec, client_key: bytes, block: torch.Tensor) -> tuple[bytes, memoryview]:
+        """``encode_block`` as (header, payload view of ``block``): nothing copied."""
+        return encode_frame_parts(client_key, spec, "identity", {}, spec.block_shape, spec.dtype, tensor_bytes(block))
 
     def delete(self, p: Principal, model: str, keys: Sequence[Any]) -> int:
         spec = self.spec_of(p, model)

@@ -178,6 +178,34 @@ async def _send_error(send, status: int, code: str, message: str, field: str | N
     await send({"type": "http.response.body", "body": body})
 
 
+class Observe:
+    """ASGI middleware: latency and status of every request, labelled by its route template."""
+
+    def __init__(self, app) -> None:
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        t0 = time.perf_counter()
+        status = 500
+
+        async def send_status(message):
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_status)
+        finally:
+            svc = getattr(scope["app"].state, "svc", None) if "app" in scope else None
+            if svc is not None and svc.metrics is not None:
+                route = scope.get("route")
+                op = getattr(route, "path", "unmatched")
+                svc.metrics.observe("rest", f"{scope['method']} {op}", status, time.perf_counter() - t0)
+
+
 def _error(status: int, code: str, message: str, field: str | None) -> JSONResponse:
     return JSONResponse({"error": {"code": code, "message": message, "field": field}}, status_code=status)
 
@@ -249,21 +277,8 @@ def create_app(settings: Settings | None = None, service: KVService | None = Non
         log.exception("internal error on %s %s", request.method, request.url.path)
         return _error(500, "internal", f"internal error: {type(e).__name__}", None)
 
-    # -- metrics of every request ------------------------------------------------------------
-    @app.middleware("http")
-    async def _observe(request: Request, call_next):
-        t0 = time.perf_counter()
-        status = 500
-        try:
-            response = await call_next(request)
-            status = response.status_code
-            return response
-        finally:
-            svc = getattr(request.app.state, "svc", None)
-            if svc is not None and svc.metrics is not None:
-                route = request.scope.get("route")
-                op = getattr(route, "path", "unmatched")
-                svc.metrics.observe("rest", f"{request.method} {op}", status, time.perf_counter() - t0)
+    # -- metrics of every request (pure ASGI: no extra task per request) ---------------------
+    app.add_middleware(Observe)
 
     def principal(request: Request, _bearer: HTTPAuthorizationCredentials | None = Depends(bearer),
                   _key: str | None = Depends(api_key_header)) -> Principal:
@@ -345,13 +360,18 @@ def create_app(settings: Settings | None = None, service: KVService | None = Non
 
         def fetch(keys):
             blocks = svc.get_checked(p, spec, keys)
-            return [None if b is None else svc.encode_block(spec, k, b) for k, b in zip(keys, blocks)]
+            return [None if b is None else svc.encode_block_parts(spec, k, b) for k, b in zip(keys, blocks)]
+
+        if len(ckeys) <= group:  # one group: fetch it first, answer with a Content-Length (no chunking copies)
+            async with transfers:
+                pieces = list(wire.encode_parts(await run_in_threadpool(fetch, ckeys)))
+            size = sum(len(x) if isinstance(x, bytes) else x.nbytes for x in pieces)
+            return StreamingResponse(iter(pieces), media_type=wire.FRAMES_MEDIA_TYPE, headers={"content-length": str(size)})
 
         async def stream():
             async with transfers:
                 for i in range(0, len(ckeys), group):
-                    frames = await run_in_threadpool(fetch, ckeys[i: i + group])
-                    for piece in wire.encode_items(frames):
+                    for piece in wire.encode_parts(await run_in_threadpool(fetch, ckeys[i: i + group])):
                         yield piece
 
         return StreamingResponse(stream(), media_type=wire.FRAMES_MEDIA_TYPE)

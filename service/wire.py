@@ -36,6 +36,18 @@ def encode_items(frames: Iterable[bytes | None]) -> Iterator[bytes]:
             yield frame
 
 
+def encode_parts(frames: Iterable[tuple[bytes, memoryview] | None]) -> Iterator[bytes | memoryview]:
+    """The stream's pieces from frames given as (header, payload) pairs (``encode_frame_parts``)."""
+    for frame in frames:
+        if frame is None:
+            yield NIL
+        else:
+            head, payload = frame
+            yield item_header(len(head) + payload.nbytes)
+            yield head
+            yield payload
+
+
 def split_items(buf, *, max_items: int) -> list[memoryview | None]:
     """The items of a stream as views into ``buf`` (``None`` for nil); BadRequest names the bad item."""
     view = memoryview(buf).cast("B")

@@ -178,7 +178,7 @@ def test_errors_name_the_field_and_store_nothing(open_server, client):
     corrupt = bytearray(b"".join(encode_blocks(TINY, keys[2:], _blocks(1, seed=9))))
     corrupt[-5] ^= 0xFF
     for body, field in [(b"".join(good + wrong), "frames[2]"), (b"".join(good) + bytes(corrupt), "frames[2]"),
-                        (b"".join(good)[:-10], "frames[1]"), (b"".join(good + good[:2]), "frames[2].key"),
+                        (b"".join(good)[:-10], "frames[1]"), (b"".join(good + good[:3]), "frames[2].key"),
                         (b"\x93\x01\x02\x03", "frames[0]"), (b"", "frames")]:
         r = httpx.put(url + "/v1/blocks", params={"model": model}, content=body)
         assert r.status_code == 400 and r.json()["error"]["field"] == field, (field, r.text)
