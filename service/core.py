@@ -22,6 +22,7 @@ from kvstore import FrameError, KVSpec, Namespace, TieredStore, chain_hashes, de
 from kvstore.frames import encode_frame_parts
 from kvstore.codecs.base import tensor_bytes, tensor_from_bytes
 
+from .buffers import BufferPool
 from .errors import BadRequest, NotFound, PayloadTooLarge, TooManyRequests
 from .registry import SpecRegistry
 from .settings import Settings
@@ -50,6 +51,8 @@ class KVService:
         self.registry = registry
         self.metrics = metrics
         self.probe = TierProbe(settings, store.tier_names)
+        # reused buffers for upload bodies (idle ones bounded)
+        self.buffers = BufferPool(min(settings.max_request_bytes, 256 << 20))
         self._keyspaces: dict[str, KeySpace] = {}
         self._lock = threading.Lock()
         self._leases: dict[int, LeaseInfo] = {}
@@ -245,9 +248,9 @@ class KVService:
         ckeys = self._client_keys(keys, "keys")
         return spec, ckeys, self.get_checked(p, spec, ckeys)
 
-    def get_checked(self, p: Principal, spec: KVSpec, ckeys: list[bytes]) -> list[torch.Tensor | None]:
-        """``get`` of keys already parsed (streaming transports fetch a request in groups)."""
-        blocks = self.store.get(spec, self.keyspace(p.tenant).storage_keys(ckeys))
+    def get_checked(self, p: Principal, spec: KVSpec, ckeys: list[bytes], out: list[torch.Tensor] | None = None) -> list[torch.Tensor | None]:
+        """``get`` of keys already parsed (streaming transports fetch a request in groups), into ``out`` when given."""
+        blocks = self.store.get(spec, self.keyspace(p.tenant).storage_keys(ckeys), out=out)
         if self.metrics is not None:
             hits = sum(b is not None for b in blocks)
             self.metrics.get_blocks.labels("hit").inc(hits)

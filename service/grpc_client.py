@@ -144,10 +144,11 @@ class KVTierGrpcClient(_Base):
         reply = self._call(lambda: self._stub.PutBlocks(iter(msgs), timeout=self.timeout, metadata=self.metadata))
         return list(reply.stored)
 
-    def get(self, model: str, keys: Sequence[bytes]) -> list[torch.Tensor | None]:
+    def get(self, model: str, keys: Sequence[bytes], out: Sequence[torch.Tensor] | None = None) -> list[torch.Tensor | None]:
+        """Blocks ``[L, 2, H_kv, T, D]`` per key (None: a miss); with ``out``, copied into those buffers."""
         msg = pb.KeysRequest(model=model, keys=[_b(k) for k in keys])
         replies = self._call(lambda: list(self._stub.GetBlocks(msg, timeout=self.timeout, metadata=self.metadata)))
-        return decode_items(self.spec(model), keys, [r.frame if r.found else None for r in replies])
+        return decode_items(self.spec(model), keys, [r.frame if r.found else None for r in replies], out)
 
     def delete(self, model: str, keys: Sequence[bytes]) -> int:
         return self._unary("DeleteBlocks", pb.KeysRequest(model=model, keys=[_b(k) for k in keys])).removed
@@ -222,14 +223,14 @@ class AsyncKVTierGrpcClient(_Base):
 
         return list((await self._call(send)).stored)
 
-    async def get(self, model: str, keys: Sequence[bytes]) -> list[torch.Tensor | None]:
+    async def get(self, model: str, keys: Sequence[bytes], out: Sequence[torch.Tensor] | None = None) -> list[torch.Tensor | None]:
         msg = pb.KeysRequest(model=model, keys=[_b(k) for k in keys])
 
         async def fetch():
             return [r async for r in self._stub.GetBlocks(msg, timeout=self.timeout, metadata=self.metadata)]
 
         replies = await self._call(fetch)
-        return decode_items(self.spec(model), keys, [r.frame if r.found else None for r in replies])
+        return decode_items(self.spec(model), keys, [r.frame if r.found else None for r in replies], out)
 
     async def delete(self, model: str, keys: Sequence[bytes]) -> int:
         return (await self._unary("DeleteBlocks", pb.KeysRequest(model=model, keys=[_b(k) for k in keys]))).removed

@@ -14,6 +14,7 @@ import time
 from contextlib import asynccontextmanager
 from typing import Annotated, Any
 
+import numpy as np
 from fastapi import Depends, FastAPI, Path, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
@@ -343,9 +344,26 @@ def create_app(settings: Settings | None = None, service: KVService | None = Non
         if parent is not None:
             parse_client_key(parent, "parent")
         async with request.app.state.transfers:
-            body = await request.body()
-            items = wire.split_items(body, max_items=settings.max_blocks_per_request)
-            stored = await run_in_threadpool(svc.put_frames, p, model, items, parent)
+            declared = request.headers.get("content-length")
+            if declared is not None and declared.isdigit() and 0 < int(declared) <= settings.max_request_bytes:
+                # read into a pooled buffer of the declared size: no fresh pages per request
+                n = int(declared)
+                buf = svc.buffers.take(n)[0]
+                try:
+                    view, pos = buf.numpy(), 0
+                    async for chunk in request.stream():
+                        if pos + len(chunk) > n:
+                            raise BadRequest(f"the body is longer than its Content-Length ({n})", field="body")
+                        view[pos: pos + len(chunk)] = np.frombuffer(chunk, dtype=np.uint8)
+                        pos += len(chunk)
+                    items = wire.split_items(memoryview(view)[:pos], max_items=settings.max_blocks_per_request)
+                    stored = await run_in_threadpool(svc.put_frames, p, model, items, parent)
+                finally:
+                    svc.buffers.give([buf])
+            else:
+                body = await request.body()
+                items = wire.split_items(body, max_items=settings.max_blocks_per_request)
+                stored = await run_in_threadpool(svc.put_frames, p, model, items, parent)
         return PutOut(stored=stored, num_stored=sum(stored))
 
     @app.post("/v1/blocks/get", tags=["blocks"], responses={**ERRORS, 200: {"content": {wire.FRAMES_MEDIA_TYPE: {}},
@@ -359,12 +377,15 @@ def create_app(settings: Settings | None = None, service: KVService | None = Non
         transfers = request.app.state.transfers
 
         def fetch(keys):
+            # fresh tensors, not pooled ones: the event loop's transport may still hold a view of a
+            # sent buffer after the response ends, so reusing it could change bytes not yet on the wire
             blocks = svc.get_checked(p, spec, keys)
             return [None if b is None else svc.encode_block_parts(spec, k, b) for k, b in zip(keys, blocks)]
 
         if len(ckeys) <= group:  # one group: fetch it first, answer with a Content-Length (no chunking copies)
             async with transfers:
-                pieces = list(wire.encode_parts(await run_in_threadpool(fetch, ckeys)))
+                frames = await run_in_threadpool(fetch, ckeys)
+            pieces = list(wire.encode_parts(frames))
             size = sum(len(x) if isinstance(x, bytes) else x.nbytes for x in pieces)
             return StreamingResponse(iter(pieces), media_type=wire.FRAMES_MEDIA_TYPE, headers={"content-length": str(size)})
 
