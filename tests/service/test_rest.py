@@ -243,3 +243,23 @@ def test_disk_tier_survives_restart_and_shutdown_is_graceful():
             assert all(torch.equal(g, b) for g, b in zip(got, blocks[:2]))
     finally:
         srv.stop()
+
+
+def test_lookup_fast_path_answers_as_the_route(open_server, client):
+    """Well-formed lookups are answered by a lean ASGI path; the FastAPI route (taken by a chunked body
+    here) must give the very same answers, errors included."""
+    model = client.register_spec(TINY)
+    tokens = _tokens(16 * 3, seed=12)
+    keys = client.hashes(model, tokens)
+    client.put(model, keys[:2], _blocks(2, seed=12))
+    bodies = [{"model": model, "token_ids": tokens, "return_keys": True}, {"model": model, "hashes": [k.hex() for k in keys]},
+              {"model": model, "token_ids": tokens, "salt": "x", "extra_keys": ["a"]}, {"model": "nope", "token_ids": [1]},
+              {"model": model, "hashes": ["zz" * 32]}]
+    import json as _json
+
+    for body in bodies:
+        data = _json.dumps(body).encode()
+        fast = httpx.post(open_server.url + "/v1/lookup", content=data, headers={"content-type": "application/json"})
+        routed = httpx.post(open_server.url + "/v1/lookup", content=iter([data]), headers={"content-type": "application/json"})
+        assert "content-length" not in routed.request.headers  # chunked: not the fast path
+        assert (fast.status_code, fast.json()) == (routed.status_code, routed.json()), body
