@@ -50,6 +50,7 @@ test-fast: setup
 
 bench-quick: setup
 	$(PYTHON) bench/store.py --quick
+	$(PYTHON) bench/service.py --quick
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .hypothesis

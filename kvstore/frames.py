@@ -62,6 +62,21 @@ def encode_frame(
     data,
 ) -> bytes:
     """One frame as bytes. ``data`` is any buffer (bytes, memoryview, numpy array)."""
+    head, view = encode_frame_parts(key, spec, codec, codec_meta, shape, dtype, data)
+    return b"".join((head, view))
+
+
+def encode_frame_parts(
+    key: bytes,
+    spec: KVSpec,
+    codec: str,
+    codec_meta: dict,
+    shape: tuple[int, ...],
+    dtype: str,
+    data,
+) -> tuple[bytes, memoryview]:
+    """A frame as (header, payload view): written one after the other they are ``encode_frame``'s
+    bytes, without copying the payload (for writers that send pieces, e.g. a socket)."""
     if len(key) != HASH_BYTES:
         raise ValueError(f"key must be {HASH_BYTES} bytes, got {len(key)}")
     view = memoryview(data).cast("B")
@@ -82,7 +97,7 @@ def encode_frame(
         head += packer.pack(k)
         head += packer.pack(v)
     head += packer.pack("data") + _BIN32 + struct.pack(">I", view.nbytes)
-    return b"".join((head, view))
+    return bytes(head), view
 
 
 def frame_overhead(frame: bytes | memoryview) -> int:

@@ -1,0 +1,279 @@
+"""Service benchmark: 6 MiB blocks over REST and gRPC vs raw redis-py, lookup latency under 64 clients.
+
+    python bench/service.py [--quick] [--out FILE]
+
+In one run on loopback (ratios are what to read; absolute times move with the machine):
+  1. put/get of one 6 MiB block through `kvtier serve` (its only tier: a private redis-server), with the
+     SDK clients, REST and gRPC, vs raw redis-py SET/GET of the same frame bytes on the same Redis
+     (goals: >= 0.5x raw over REST, >= 0.7x over gRPC; ratio = raw time / service time);
+  2. lookup latency p50/p99 with 64 concurrent clients (keep-alive HTTP/1.1 connections, closed loop)
+     on the embedded default tiers (goal p99 < 5 ms, 0 errors), and the requests/s they reach.
+The clients of 2 run in 2 processes of 32 connections each, on the same 2-core box as the server.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import multiprocessing as mp
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+
+# this file is named like the `service` package: import from the repository root, not from bench/
+_HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path[:] = [os.path.dirname(_HERE)] + [p for p in sys.path if os.path.abspath(p or ".") != _HERE]
+sys.modules.pop("service", None)
+from bench.common import ROOT, LocalRedis, md_table, median_of, save_results  # noqa: E402
+
+import httpx  # noqa: E402
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+from kvstore import KVSpec, Namespace, chain_hashes, encode_frame  # noqa: E402
+from kvstore.codecs.base import tensor_bytes  # noqa: E402
+
+SPEC_6M = KVSpec("bench-6m", num_layers=12, num_kv_heads=4, head_dim=128, dtype="float16", block_tokens=256)  # 6 MiB
+SPEC_SMALL = KVSpec("bench-small", num_layers=2, num_kv_heads=2, head_dim=64, dtype="float16", block_tokens=16)
+NUM_CLIENTS = 64
+CLIENT_PROCS = 2
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Server:
+    def __init__(self, env: dict[str, str], grpc: bool = False) -> None:
+        self.port = free_port()
+        self.grpc_port = free_port() if grpc else None
+        self.dir = tempfile.mkdtemp(prefix="kvtier-bench-svc-")
+        e = {**os.environ, "PYTHONPATH": str(ROOT), "KVTIER_PORT": str(self.port), "KVTIER_DATA_DIR": self.dir,
+             "KVTIER_LOG_LEVEL": "warning", "KVTIER_GRPC_PORT": str(self.grpc_port) if grpc else "", **env}
+        self.proc = subprocess.Popen([sys.executable, "-m", "service.cli", "serve"], cwd=ROOT, env=e)
+        self.url = f"http://127.0.0.1:{self.port}"
+        deadline = time.time() + 60
+        while True:
+            try:
+                if httpx.get(self.url + "/healthz", timeout=1).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            if time.time() > deadline or self.proc.poll() is not None:
+                raise SystemExit("kvtier serve did not start")
+            time.sleep(0.1)
+
+    def close(self) -> None:
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            self.proc.wait(30)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+
+
+# -- 1. 6 MiB blocks ---------------------------------------------------------------------------
+CONFIGS = {
+    # every put and get goes through Redis: client -> kvtier -> Redis, two hops where raw redis-py makes one
+    "redis only": {"KVTIER_DEVICE_CAPACITY_BYTES": "0", "KVTIER_HOST_CAPACITY_BYTES": "0", "KVTIER_DISK_CAPACITY_BYTES": "0",
+                   "KVTIER_PROMOTE_ON_HIT": "false"},
+    # the default layout: a host-memory tier in front, Redis written through; gets are served from memory
+    "host + redis": {"KVTIER_DEVICE_CAPACITY_BYTES": "0", "KVTIER_HOST_CAPACITY_BYTES": "512MiB", "KVTIER_DISK_CAPACITY_BYTES": "0"},
+}
+
+
+def bench_blocks(quick: bool, label: str, env: dict) -> dict:
+    import redis
+
+    from service.client import KVTierClient
+    from service.grpc_client import KVTierGrpcClient
+
+    repeat = 5 if quick else 20
+    spec = SPEC_6M
+    block = torch.randn(spec.block_shape, generator=torch.Generator().manual_seed(0)).to(spec.torch_dtype)
+    with LocalRedis() as lr:
+        srv = Server({"KVTIER_REDIS_URL": lr.url, **env}, grpc=True)
+        try:
+            raw = redis.Redis.from_url(lr.url)
+            rest = KVTierClient(srv.url)
+            grpc_c = KVTierGrpcClient(f"127.0.0.1:{srv.grpc_port}")
+            model = rest.register_spec(spec)
+            grpc_c.register_spec(spec)
+            counter = iter(range(10**9))
+
+            def fresh_key() -> bytes:
+                return chain_hashes(spec, np.full(spec.block_tokens, next(counter) % 2**31), Namespace(salt="bench"))[0]
+
+            frame = encode_frame(fresh_key(), spec, "identity", {}, spec.block_shape, spec.dtype, tensor_bytes(block))
+            raw_key = b"raw:get"
+            raw.set(raw_key, frame)
+            put_keys: list[bytes] = []
+
+            def put_with(client):
+                def run():
+                    k = fresh_key()
+                    assert client.put(model, [k], block.unsqueeze(0)) == [True]
+                    put_keys.append(k)
+                return run
+
+            out = [torch.empty_like(block)]  # an engine loads into its own buffers
+            t = {"raw_set": [], "raw_get": [], "rest_put": [], "rest_get": [], "grpc_put": [], "grpc_get": []}
+            # interleaved rounds, so that a burst of load on the shared machine hits every contender alike
+            for _ in range(3):
+                t["raw_set"].append(median_of(lambda: raw.set(raw_key + b"s", frame), repeat))
+                t["rest_put"].append(median_of(put_with(rest), repeat))
+                t["grpc_put"].append(median_of(put_with(grpc_c), repeat))
+                rest.delete(model, put_keys[:-1])
+                del put_keys[:-1]
+                get_key = put_keys[-1]
+                t["raw_get"].append(median_of(lambda: raw.get(raw_key), repeat))
+                t["rest_get"].append(median_of(lambda: rest.get(model, [get_key], out=out)[0], repeat))
+                t["grpc_get"].append(median_of(lambda: grpc_c.get(model, [get_key], out=out)[0], repeat))
+            got = rest.get(model, [get_key])[0]
+            assert got is not None and torch.equal(got, block)
+            rest.close()
+            grpc_c.close()
+        finally:
+            srv.close()
+    t = {k: float(np.median(v)) for k, v in t.items()}
+    mb = spec.block_nbytes / 1e6
+    res = {"config": label, "block_bytes": spec.block_nbytes, "repeat": repeat, **{f"{k}_s": v for k, v in t.items()}}
+    for name in ("rest_put", "rest_get", "grpc_put", "grpc_get"):
+        base = t["raw_set"] if name.endswith("put") else t["raw_get"]
+        res[f"{name}_ratio"] = base / t[name]
+        print(f"[{label}] {name:>9}: {t[name] * 1e3:7.2f} ms ({mb / t[name]:5.0f} MB/s)  raw redis-py {base * 1e3:6.2f} ms  "
+              f"ratio {base / t[name]:.2f}x")
+    return res
+
+
+# -- 2. lookups under 64 concurrent clients ------------------------------------------------------
+async def _client_loop(port: int, body: bytes, headers: bytes, n_conns: int, duration_s: float, warmup_s: float, q) -> None:
+    lat: list[float] = []
+    errors = 0
+    stop_at = time.perf_counter() + warmup_s + duration_s
+    measure_from = time.perf_counter() + warmup_s
+    request = (b"POST /v1/lookup HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n" + headers +
+               b"Content-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body)
+    count = 0
+
+    async def conn():
+        nonlocal errors, count
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        while True:
+            t0 = time.perf_counter()
+            if t0 >= stop_at:
+                break
+            writer.write(request)
+            try:
+                head = await reader.readuntil(b"\r\n\r\n")
+                status = int(head[9:12])
+                length = 0
+                for line in head.split(b"\r\n"):
+                    if line[:15].lower() == b"content-length:":
+                        length = int(line[15:])
+                await reader.readexactly(length)
+            except (asyncio.IncompleteReadError, ConnectionError):
+                errors += 1
+                reader, writer = await asyncio.open_connection("127.0.0.1", port)
+                continue
+            t1 = time.perf_counter()
+            if t0 >= measure_from:
+                lat.append(t1 - t0)
+                count += 1
+                if status != 200:
+                    errors += 1
+        writer.close()
+
+    await asyncio.gather(*(conn() for _ in range(n_conns)))
+    q.put((lat, errors))
+
+
+def _client_proc(port, body, headers, n_conns, duration_s, warmup_s, q):
+    asyncio.run(_client_loop(port, body, headers, n_conns, duration_s, warmup_s, q))
+
+
+def bench_lookups(quick: bool) -> dict:
+    from service.client import KVTierClient
+
+    duration = 3.0 if quick else 15.0
+    srv = Server({"KVTIER_DEVICE_CAPACITY_BYTES": "64MiB", "KVTIER_HOST_CAPACITY_BYTES": "256MiB",
+                  "KVTIER_DISK_CAPACITY_BYTES": "1GiB"})
+    try:
+        spec = SPEC_SMALL
+        with KVTierClient(srv.url) as c:
+            model = c.register_spec(spec)
+            tokens = list(range(spec.block_tokens * 8))  # 8 blocks of 16 tokens
+            keys = c.hashes(model, tokens)
+            c.put(model, keys[:6], torch.zeros(6, *spec.block_shape, dtype=spec.torch_dtype))
+            assert c.lookup(model, hashes=keys).num_blocks == 6
+        results = {}
+        for label, body in (("by hashes (8 blocks)", {"model": model, "hashes": [k.hex() for k in keys]}),
+                            ("by token ids (128 tokens)", {"model": model, "token_ids": tokens})):
+            raw = json.dumps(body).encode()
+            q = mp.get_context("fork").Queue()
+            procs = [mp.get_context("fork").Process(target=_client_proc, args=(srv.port, raw, b"", NUM_CLIENTS // CLIENT_PROCS,
+                                                                               duration, 1.0, q)) for _ in range(CLIENT_PROCS)]
+            for p in procs:
+                p.start()
+            lat, errors = [], 0
+            for _ in procs:
+                l_, e_ = q.get(timeout=duration + 60)
+                lat += l_
+                errors += e_
+            for p in procs:
+                p.join()
+            lat_ms = np.array(lat) * 1e3
+            r = {"requests": len(lat), "errors": errors, "p50_ms": float(np.percentile(lat_ms, 50)),
+                 "p99_ms": float(np.percentile(lat_ms, 99)), "rps": len(lat) / duration, "clients": NUM_CLIENTS,
+                 "duration_s": duration}
+            # one client alone: the latency without queueing behind 63 others
+            with httpx.Client(base_url=srv.url) as h:
+                single = []
+                for _ in range(200 if quick else 1000):
+                    t0 = time.perf_counter()
+                    assert h.post("/v1/lookup", content=raw, headers={"content-type": "application/json"}).status_code == 200
+                    single.append(time.perf_counter() - t0)
+            r["single_client_p50_ms"] = float(np.median(single) * 1e3)
+            results[label] = r
+            print(f"lookup {label}: {NUM_CLIENTS} clients p50 {r['p50_ms']:.2f} ms p99 {r['p99_ms']:.2f} ms, "
+                  f"{r['rps']:.0f} req/s, {errors} errors; one client p50 {r['single_client_p50_ms']:.2f} ms")
+        return results
+    finally:
+        srv.close()
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="fewer repetitions and shorter load (under a minute)")
+    ap.add_argument("--out", help="also write the figures as JSON here")
+    ap.add_argument("--threads", type=int, default=1, help="torch threads in this process")
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    blocks = {label: bench_blocks(args.quick, label, env) for label, env in CONFIGS.items()}
+    lookups = bench_lookups(args.quick)
+    mode = "quick" if args.quick else "full"
+    rows = []
+    for label, b in blocks.items():
+        for tr, goal in (("rest", ">= 0.5x"), ("grpc", ">= 0.7x")):
+            for op, base in (("put", "raw_set"), ("get", "raw_get")):
+                rows.append([label, tr.upper(), op, f"{b[f'{tr}_{op}_s'] * 1e3:.1f} ms", f"{b[base + '_s'] * 1e3:.1f} ms",
+                             f"**{b[f'{tr}_{op}_ratio']:.2f}x**", goal])
+    md = [f"Service benchmark ({mode} mode): `python bench/service.py{' --quick' if args.quick else ''}`, 6 MiB blocks "
+          "(SDK clients, median; ratio = raw redis-py time / kvtier time, higher is better)", "",
+          md_table(["kvtier tiers", "transport", "op", "kvtier", "raw redis-py SET/GET", "ratio", "goal"], rows), ""]
+    lrows = [[label, r["clients"], f"{r['p50_ms']:.2f}", f"{r['p99_ms']:.2f}", f"{r['rps']:.0f}", r["errors"], f"{r['single_client_p50_ms']:.2f}"]
+             for label, r in lookups.items()]
+    md += [md_table(["lookup (REST)", "concurrent clients", "p50 ms", "p99 ms", "requests/s", "errors", "one client p50 ms"], lrows)]
+    print("\n" + "\n".join(md))
+    save_results("service", {"mode": mode, "blocks_6mib": blocks, "lookups": lookups}, "\n".join(md), args.out)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,366 @@
+"""Python SDK for the REST API: ``KVTierClient`` (sync) and ``AsyncKVTierClient`` (asyncio).
+
+Both speak the same protocol (the request building and answer parsing below are shared; only the
+I/O differs), retry transient failures (connection errors, 502/503/504) with exponential
+backoff, bound every call with a timeout, and return blocks as tensors in the spec's layout
+``[num_layers, 2, num_kv_heads, block_tokens, head_dim]``. Every frame received is verified
+(checksum, the key asked for, the spec); a bad one raises ``FrameError`` rather than hand back
+wrong KV. A 4xx raises ``KVTierError`` with the server's code, message and field.
+
+    >>> c = KVTierClient("http://127.0.0.1:8080", api_key="...")
+    >>> model = c.register_spec(KVSpec("llama", 32, 8, 128, "float16", 256))
+    >>> keys = c.hashes(model, token_ids)            # the chain's block hashes under your tenant
+    >>> c.put(model, keys, blocks)                   # blocks: [N, L, 2, H_kv, T, D] or a list
+    >>> c.lookup(model, token_ids=token_ids).num_blocks
+    >>> c.get(model, keys)                           # list of tensors (None: a miss)
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import warnings
+import time
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import httpx
+import torch
+
+from kvstore import FrameError, KVSpec, decode_frame, get_codec
+from kvstore.frames import encode_frame_parts
+from kvstore.codecs.base import tensor_bytes, tensor_from_bytes
+
+from . import wire
+from .errors import ServiceError
+
+RETRY_STATUS = (502, 503, 504)
+
+
+class KVTierError(Exception):
+    """The server refused a request (4xx) or failed (5xx after the retries)."""
+
+    def __init__(self, status: int, code: str, message: str, field: str | None = None) -> None:
+        super().__init__(f"{status} {code}: {message}" + (f" (field {field})" if field else ""))
+        self.status, self.code, self.message, self.field = status, code, message, field
+
+
+@dataclass(frozen=True)
+class Lookup:
+    model: str
+    num_blocks: int
+    num_tokens: int
+    num_requested_blocks: int
+    tier_hits: dict[str, int]
+    tier_prefix: dict[str, int]
+    keys: list[bytes] | None = None
+
+
+# -- the protocol, shared by both clients ----------------------------------------------------
+def _key_hex(k: bytes | str) -> str:
+    return k if isinstance(k, str) else bytes(k).hex()
+
+
+def _spec_body(spec: KVSpec) -> dict:
+    return spec.to_dict()
+
+
+def _lookup_body(model, token_ids, hashes, salt, extra_keys, return_keys) -> dict:
+    body: dict[str, Any] = {"model": model, "salt": salt, "extra_keys": list(extra_keys), "return_keys": return_keys}
+    if token_ids is not None:
+        body["token_ids"] = token_ids.tolist() if hasattr(token_ids, "tolist") else list(token_ids)
+    if hashes is not None:
+        body["hashes"] = [_key_hex(h) for h in hashes]
+    return body
+
+
+def _parse_lookup(d: dict) -> Lookup:
+    keys = [bytes.fromhex(k) for k in d["keys"]] if d.get("keys") is not None else None
+    return Lookup(d["model"], d["num_blocks"], d["num_tokens"], d["num_requested_blocks"], d["tier_hits"], d["tier_prefix"], keys)
+
+
+def encode_frame_list(spec: KVSpec, keys: Sequence[bytes], blocks) -> list[tuple[bytes, memoryview]]:
+    """One frame per block (identity codec) as (header, payload view) pairs: the blocks are not copied.
+
+    ``blocks`` is ``[N, L, 2, H_kv, T, D]`` or a list of blocks ``[L, 2, H_kv, T, D]`` (CPU or CUDA).
+    """
+    if isinstance(blocks, torch.Tensor):
+        blocks = list(blocks.unbind(0)) if blocks.dim() == len(spec.block_shape) + 1 else [blocks]
+    if len(blocks) != len(keys):
+        raise ValueError(f"put needs one block per key: got {len(keys)} keys and {len(blocks)} blocks")
+    frames = []
+    for k, b in zip(keys, blocks):
+        spec.check_block(b)
+        k = bytes.fromhex(k) if isinstance(k, str) else bytes(k)
+        frames.append(encode_frame_parts(k, spec, "identity", {}, spec.block_shape, spec.dtype,
+                                         tensor_bytes(b.detach().cpu().contiguous())))
+    return frames
+
+
+def encode_frames(spec: KVSpec, keys: Sequence[bytes], blocks) -> list[bytes]:
+    """One frame per block, each as bytes (gRPC sends one per message)."""
+    return [b"".join(parts) for parts in encode_frame_list(spec, keys, blocks)]
+
+
+def encode_blocks(spec: KVSpec, keys: Sequence[bytes], blocks) -> list[bytes | memoryview]:
+    """The body of a REST put: the msgpack stream of the frames, as a list of pieces (no join, no copy)."""
+    return list(wire.encode_parts(encode_frame_list(spec, keys, blocks)))
+
+
+def _body(pieces: list) -> tuple[dict, object]:
+    size = sum(len(x) if isinstance(x, bytes) else x.nbytes for x in pieces)
+    return {"content-type": wire.FRAMES_MEDIA_TYPE, "content-length": str(size)}, pieces
+
+
+def decode_items(spec: KVSpec, keys: Sequence[bytes], items: Sequence, out: Sequence[torch.Tensor] | None = None) -> list[torch.Tensor | None]:
+    """Blocks from frames (``None``: a miss), in the order asked, each verified against its key and the spec.
+
+    With ``out`` (one block-shaped tensor per key, on any device) each hit is copied into its buffer.
+    """
+    if len(items) != len(keys):
+        raise FrameError(f"the server answered {len(items)} items for {len(keys)} keys")
+    if out is not None and len(out) != len(keys):
+        raise ValueError(f"get needs one out buffer per key: got {len(keys)} keys and {len(out)} buffers")
+    result: list[torch.Tensor | None] = []
+    for i, (k, item) in enumerate(zip(keys, items)):
+        if item is None:
+            result.append(None)
+            continue
+        frame = decode_frame(item, expect_key=bytes.fromhex(k) if isinstance(k, str) else bytes(k), expect_spec=spec)
+        if frame.codec != "identity":
+            block = get_codec(frame.codec).decode(frame.data, frame.codec_meta, spec)
+            result.append(block if out is None else out[i].copy_(block))
+        elif out is not None:
+            with warnings.catch_warnings():  # a read-only view, only read from
+                warnings.simplefilter("ignore", UserWarning)
+                result.append(out[i].copy_(tensor_from_bytes(frame.data, spec.torch_dtype, spec.block_shape)))
+        else:
+            result.append(tensor_from_bytes(bytearray(frame.data), spec.torch_dtype, spec.block_shape))
+    return result
+
+
+def decode_blocks(spec: KVSpec, keys: Sequence[bytes], body: bytes, out=None) -> list[torch.Tensor | None]:
+    """Blocks of a REST get's answer (a msgpack stream of frames and nils)."""
+    try:
+        items = wire.split_items(body, max_items=len(keys) + 1)
+    except (ValueError, ServiceError) as e:
+        raise FrameError(f"the answer is not a frame stream: {e}") from None
+    return decode_items(spec, keys, items, out)
+
+
+class _Pieces:
+    """A request body of several buffers, sent one after the other (re-iterable, for retries)."""
+
+    def __init__(self, pieces: list) -> None:
+        self.pieces = pieces
+
+    def __iter__(self):
+        return iter(self.pieces)
+
+
+class _AsyncPieces(_Pieces):
+    __iter__ = None  # httpx picks the async stream only for objects that are not sync iterables
+
+    async def __aiter__(self):
+        for p in self.pieces:
+            yield p
+
+
+def _raise_for(resp: httpx.Response) -> None:
+    if resp.status_code < 400:
+        return
+    try:
+        err = resp.json()["error"]
+        raise KVTierError(resp.status_code, err.get("code", "error"), err.get("message", ""), err.get("field"))
+    except (ValueError, KeyError, TypeError):
+        raise KVTierError(resp.status_code, "error", resp.text[:500]) from None
+
+
+def _headers(api_key: str | None) -> dict[str, str]:
+    return {"Authorization": f"Bearer {api_key}"} if api_key else {}
+
+
+class _Base:
+    def __init__(self, base_url: str, api_key: str | None, timeout: float, retries: int, backoff_s: float) -> None:
+        if retries < 0 or timeout <= 0 or backoff_s < 0:
+            raise ValueError(f"retries >= 0, timeout > 0, backoff_s >= 0 expected, got {retries}, {timeout}, {backoff_s}")
+        self.base_url = base_url.rstrip("/")
+        self.retries = retries
+        self.backoff_s = backoff_s
+        self._specs: dict[str, KVSpec] = {}
+        self._kw = dict(base_url=self.base_url, headers=_headers(api_key), timeout=timeout)
+
+    def _delay(self, attempt: int) -> float:
+        return self.backoff_s * (2 ** attempt) * (0.5 + random.random() / 2)
+
+
+class KVTierClient(_Base):
+    """Synchronous REST client (``httpx.Client``, one connection pool)."""
+
+    def __init__(self, base_url: str = "http://127.0.0.1:8080", api_key: str | None = None, *, timeout: float = 30.0,
+                 retries: int = 3, backoff_s: float = 0.05) -> None:
+        super().__init__(base_url, api_key, timeout, retries, backoff_s)
+        self._http = httpx.Client(**self._kw)
+
+    def _request(self, method: str, path: str, **kw) -> httpx.Response:
+        for attempt in range(self.retries + 1):
+            try:
+                resp = self._http.request(method, path, **kw)
+            except httpx.TransportError:
+                if attempt == self.retries:
+                    raise
+            else:
+                if resp.status_code not in RETRY_STATUS or attempt == self.retries:
+                    _raise_for(resp)
+                    return resp
+            time.sleep(self._delay(attempt))
+        raise AssertionError("unreachable")
+
+    def close(self) -> None:
+        self._http.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    # -- API -------------------------------------------------------------------------------
+    def healthz(self) -> bool:
+        return self._request("GET", "/healthz").json()["status"] == "ok"
+
+    def ready(self) -> dict:
+        resp = self._http.get("/readyz")
+        return resp.json()
+
+    def register_spec(self, spec: KVSpec) -> str:
+        model = self._request("POST", "/v1/specs", json=_spec_body(spec)).json()["model"]
+        self._specs[model] = spec
+        return model
+
+    def spec(self, model: str) -> KVSpec:
+        if model not in self._specs:
+            specs = self._request("GET", "/v1/specs").json()
+            if model not in specs:
+                raise KVTierError(404, "not_found", f"model {model!r} is not registered for this tenant", "model")
+            self._specs[model] = KVSpec.from_dict(specs[model])
+        return self._specs[model]
+
+    def lookup(self, model: str, *, token_ids=None, hashes=None, salt: str = "", extra_keys: Sequence[str] = (),
+               return_keys: bool = False) -> Lookup:
+        body = _lookup_body(model, token_ids, hashes, salt, extra_keys, return_keys)
+        return _parse_lookup(self._request("POST", "/v1/lookup", json=body).json())
+
+    def hashes(self, model: str, token_ids, *, salt: str = "", extra_keys: Sequence[str] = ()) -> list[bytes]:
+        """The block hashes of ``token_ids``'s full blocks under the caller's tenant (the keys to put under)."""
+        return self.lookup(model, token_ids=token_ids, salt=salt, extra_keys=extra_keys, return_keys=True).keys
+
+    def put(self, model: str, keys: Sequence[bytes], blocks, *, parent: bytes | None = None) -> list[bool]:
+        headers, pieces = _body(encode_blocks(self.spec(model), keys, blocks))
+        params = {"model": model} | ({"parent": _key_hex(parent)} if parent is not None else {})
+        resp = self._request("PUT", "/v1/blocks", params=params, content=_Pieces(pieces), headers=headers)
+        return resp.json()["stored"]
+
+    def get(self, model: str, keys: Sequence[bytes], out: Sequence[torch.Tensor] | None = None) -> list[torch.Tensor | None]:
+        """Blocks ``[L, 2, H_kv, T, D]`` per key (None: a miss); with ``out``, copied into those buffers."""
+        resp = self._request("POST", "/v1/blocks/get", json={"model": model, "keys": [_key_hex(k) for k in keys]})
+        return decode_blocks(self.spec(model), keys, resp.content, out)
+
+    def delete(self, model: str, keys: Sequence[bytes]) -> int:
+        return self._request("POST", "/v1/blocks/delete", json={"model": model, "keys": [_key_hex(k) for k in keys]}).json()["removed"]
+
+    def pin(self, model: str, keys: Sequence[bytes], ttl_s: float) -> dict:
+        return self._request("POST", "/v1/pins", json={"model": model, "keys": [_key_hex(k) for k in keys], "ttl_s": ttl_s}).json()
+
+    def unpin(self, lease_id: int) -> bool:
+        return self._request("DELETE", f"/v1/pins/{int(lease_id)}").json()["unpinned"]
+
+    def stats(self) -> dict:
+        return self._request("GET", "/v1/stats").json()
+
+    def events(self, after: int = 0, limit: int = 1000) -> dict:
+        return self._request("GET", "/v1/events", params={"after": after, "limit": limit}).json()
+
+
+class AsyncKVTierClient(_Base):
+    """asyncio REST client (``httpx.AsyncClient``); the same methods as ``KVTierClient``, awaited."""
+
+    def __init__(self, base_url: str = "http://127.0.0.1:8080", api_key: str | None = None, *, timeout: float = 30.0,
+                 retries: int = 3, backoff_s: float = 0.05, max_connections: int = 100) -> None:
+        super().__init__(base_url, api_key, timeout, retries, backoff_s)
+        self._http = httpx.AsyncClient(**self._kw, limits=httpx.Limits(max_connections=max_connections,
+                                                                       max_keepalive_connections=max_connections))
+
+    async def _request(self, method: str, path: str, **kw) -> httpx.Response:
+        for attempt in range(self.retries + 1):
+            try:
+                resp = await self._http.request(method, path, **kw)
+            except httpx.TransportError:
+                if attempt == self.retries:
+                    raise
+            else:
+                if resp.status_code not in RETRY_STATUS or attempt == self.retries:
+                    _raise_for(resp)
+                    return resp
+            await asyncio.sleep(self._delay(attempt))
+        raise AssertionError("unreachable")
+
+    async def aclose(self) -> None:
+        await self._http.aclose()
+
+    async def __aenter__(self):
+        return self
+
+    async def __aexit__(self, *exc):
+        await self.aclose()
+
+    async def healthz(self) -> bool:
+        return (await self._request("GET", "/healthz")).json()["status"] == "ok"
+
+    async def register_spec(self, spec: KVSpec) -> str:
+        model = (await self._request("POST", "/v1/specs", json=_spec_body(spec))).json()["model"]
+        self._specs[model] = spec
+        return model
+
+    async def spec(self, model: str) -> KVSpec:
+        if model not in self._specs:
+            specs = (await self._request("GET", "/v1/specs")).json()
+            if model not in specs:
+                raise KVTierError(404, "not_found", f"model {model!r} is not registered for this tenant", "model")
+            self._specs[model] = KVSpec.from_dict(specs[model])
+        return self._specs[model]
+
+    async def lookup(self, model: str, *, token_ids=None, hashes=None, salt: str = "", extra_keys: Sequence[str] = (),
+                     return_keys: bool = False) -> Lookup:
+        body = _lookup_body(model, token_ids, hashes, salt, extra_keys, return_keys)
+        return _parse_lookup((await self._request("POST", "/v1/lookup", json=body)).json())
+
+    async def hashes(self, model: str, token_ids, *, salt: str = "", extra_keys: Sequence[str] = ()) -> list[bytes]:
+        return (await self.lookup(model, token_ids=token_ids, salt=salt, extra_keys=extra_keys, return_keys=True)).keys
+
+    async def put(self, model: str, keys: Sequence[bytes], blocks, *, parent: bytes | None = None) -> list[bool]:
+        headers, pieces = _body(encode_blocks(await self.spec(model), keys, blocks))
+        params = {"model": model} | ({"parent": _key_hex(parent)} if parent is not None else {})
+        resp = await self._request("PUT", "/v1/blocks", params=params, content=_AsyncPieces(pieces), headers=headers)
+        return resp.json()["stored"]
+
+    async def get(self, model: str, keys: Sequence[bytes], out: Sequence[torch.Tensor] | None = None) -> list[torch.Tensor | None]:
+        resp = await self._request("POST", "/v1/blocks/get", json={"model": model, "keys": [_key_hex(k) for k in keys]})
+        return decode_blocks(await self.spec(model), keys, resp.content, out)
+
+    async def delete(self, model: str, keys: Sequence[bytes]) -> int:
+        resp = await self._request("POST", "/v1/blocks/delete", json={"model": model, "keys": [_key_hex(k) for k in keys]})
+        return resp.json()["removed"]
+
+    async def pin(self, model: str, keys: Sequence[bytes], ttl_s: float) -> dict:
+        resp = await self._request("POST", "/v1/pins", json={"model": model, "keys": [_key_hex(k) for k in keys], "ttl_s": ttl_s})
+        return resp.json()
+
+    async def unpin(self, lease_id: int) -> bool:
+        return (await self._request("DELETE", f"/v1/pins/{int(lease_id)}")).json()["unpinned"]
+
+    async def stats(self) -> dict:
+        return (await self._request("GET", "/v1/stats")).json()
+
+    async def events(self, after: int = 0, limit: int = 1000) -> dict:
+        return (await self._request("GET", "/v1/events", params={"after": after, "limit": limit})).json()

@@ -1,0 +1,389 @@
+"""KVService: every operation of the API, independent of the transport (REST and gRPC both call it).
+
+Its methods are synchronous and may block (disk, Redis): the transports call them in worker
+threads. Each method validates its arguments completely before it changes anything, and raises
+a ``ServiceError`` (naming the field) for a caller's mistake. Blocks are addressed by the
+caller's client keys and stored under per-tenant storage keys (``service.tenancy``).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import OrderedDict
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+
+from kvstore import FrameError, KVSpec, Namespace, TieredStore, chain_hashes, decode_frame, encode_frame, get_codec
+from kvstore.frames import encode_frame_parts
+from kvstore.codecs.base import tensor_bytes, tensor_from_bytes
+
+from .buffers import BufferPool
+from .errors import BadRequest, NotFound, PayloadTooLarge, TooManyRequests
+from .registry import SpecRegistry
+from .settings import Settings
+from .storebuild import TierProbe, blocks_dir
+from .tenancy import KeySpace, Principal
+
+log = logging.getLogger(__name__)
+
+MAX_NAMESPACE_CHARS = 256
+MAX_EXTRA_KEYS = 16
+_SPEC_FIELDS = ("model_id", "num_layers", "num_kv_heads", "head_dim", "dtype", "block_tokens")
+
+
+@dataclass(frozen=True)
+class LeaseInfo:
+    id: int
+    tenant: str
+    expires_at: float  # time.monotonic()
+    num_pinned: int
+
+
+class KVService:
+    def __init__(self, settings: Settings, store: TieredStore, registry: SpecRegistry, metrics=None) -> None:
+        self.settings = settings
+        self.store = store
+        self.registry = registry
+        self.metrics = metrics
+        self.probe = TierProbe(settings, store.tier_names)
+        # reused buffers for upload bodies (idle ones bounded)
+        self.buffers = BufferPool(min(settings.max_request_bytes, 256 << 20))
+        self._keyspaces: dict[str, KeySpace] = {}
+        self._lock = threading.Lock()
+        self._leases: dict[int, LeaseInfo] = {}
+        # storage key -> (tenant, client key): lets a tenant see its own blocks' events
+        self._owners: OrderedDict[bytes, tuple[str, bytes]] = OrderedDict()
+        # no shared tier (Redis): a lookup is answered from the in-memory index alone
+        self.store_is_local = not any(t["device"] == "redis" for t in store.stats()["tiers"])
+        for spec in registry.all_specs():  # re-adopt what the disk tier kept across a restart
+            store.register_spec(spec)
+
+    # -- helpers ---------------------------------------------------------------------------
+    def keyspace(self, tenant: str) -> KeySpace:
+        ks = self._keyspaces.get(tenant)
+        if ks is None:
+            ks = self._keyspaces[tenant] = KeySpace(tenant)
+        return ks
+
+    def spec_of(self, p: Principal, model: str) -> KVSpec:
+        return self.registry.get(p.tenant, model)
+
+    def _client_keys(self, values: Sequence[Any], field: str, *, limit: int | None = None) -> list[bytes]:
+        limit = self.settings.max_blocks_per_request if limit is None else limit
+        if not isinstance(values, (list, tuple)):
+            raise BadRequest(f"{field} must be a list of block hashes", field=field)
+        if not values:
+            raise BadRequest(f"{field} must name at least one block hash", field=field)
+        if len(values) > limit:
+            raise PayloadTooLarge(f"{field} names {len(values)} blocks, at most {limit} are allowed per request "
+                                  f"(max_blocks_per_request)", field=field)
+        return [parse_client_key(v, f"{field}[{i}]") for i, v in enumerate(values)]
+
+    def _track(self, tenant: str, pairs: list[tuple[bytes, bytes]]) -> None:
+        cap = self.settings.max_tracked_keys
+        if not cap:
+            return
+        with self._lock:
+            owners = self._owners
+            for skey, ckey in pairs:
+                owners[skey] = (tenant, ckey)
+                owners.move_to_end(skey)
+            while len(owners) > cap:
+                owners.popitem(last=False)
+
+    def _untrack(self, skeys: list[bytes]) -> None:
+        with self._lock:
+            for skey in skeys:
+                self._owners.pop(skey, None)
+
+    # -- specs -----------------------------------------------------------------------------
+    def register_spec(self, p: Principal, fields: dict) -> tuple[str, KVSpec]:
+        if not isinstance(fields, dict):
+            raise BadRequest("spec must be an object with fields " + ", ".join(_SPEC_FIELDS), field="spec")
+        try:
+            spec = KVSpec.from_dict(fields)
+        except ValueError as e:
+            raise BadRequest(f"invalid spec: {e}", field=_spec_error_field(str(e))) from None
+        if spec.block_nbytes > self.settings.max_block_bytes:
+            raise PayloadTooLarge(f"a block of this spec is {spec.block_nbytes} bytes, more than max_block_bytes "
+                                  f"({self.settings.max_block_bytes})", field="spec")
+        model, new = self.registry.register(p.tenant, spec)
+        if new:
+            self.store.register_spec(spec)
+        return model, spec
+
+    # -- lookup ----------------------------------------------------------------------------
+    def lookup(self, p: Principal, model: str, *, token_ids=None, hashes=None, salt: str = "",
+               extra_keys: Sequence[str] = (), return_keys: bool = False) -> dict:
+        spec = self.spec_of(p, model)
+        if (token_ids is None) == (hashes is None):
+            raise BadRequest("give exactly one of token_ids and hashes", field="token_ids")
+        if hashes is not None:
+            ckeys = self._client_keys(hashes, "hashes")
+        else:
+            ckeys = chain_hashes(spec, self._tokens(token_ids), self._namespace(p, salt, extra_keys))
+        result = self.store.lookup(spec, self.keyspace(p.tenant).storage_keys(ckeys))
+        if self.metrics is not None:
+            self.metrics.lookup_blocks.labels("hit").inc(result.num_blocks)
+            self.metrics.lookup_blocks.labels("miss").inc(len(ckeys) - result.num_blocks)
+        out = {
+            "model": model,
+            "num_blocks": result.num_blocks,
+            "num_tokens": result.num_blocks * spec.block_tokens,
+            "num_requested_blocks": len(ckeys),
+            "tier_hits": result.tier_hits,
+            "tier_prefix": result.tier_prefix,
+        }
+        if return_keys:
+            out["keys"] = [k.hex() for k in ckeys]
+        return out
+
+    def _tokens(self, token_ids) -> np.ndarray:
+        limit = self.settings.max_tokens_per_request
+        if isinstance(token_ids, np.ndarray):
+            arr = token_ids
+        elif isinstance(token_ids, (list, tuple)):
+            if len(token_ids) > limit:
+                raise PayloadTooLarge(f"token_ids holds {len(token_ids)} ids, at most {limit} are allowed (max_tokens_per_request)",
+                                      field="token_ids")
+            if any(isinstance(t, bool) or not isinstance(t, int) for t in token_ids):
+                bad = next(i for i, t in enumerate(token_ids) if isinstance(t, bool) or not isinstance(t, int))
+                raise BadRequest(f"token_ids[{bad}] must be an integer, got {type(token_ids[bad]).__name__}", field=f"token_ids[{bad}]")
+            try:
+                arr = np.asarray(token_ids, dtype=np.int64)
+            except OverflowError:
+                raise BadRequest("token_ids must lie in [0, 2**32)", field="token_ids") from None
+        else:
+            raise BadRequest("token_ids must be a list of integers", field="token_ids")
+        if arr.ndim != 1:
+            raise BadRequest(f"token_ids must be one-dimensional, got shape {list(arr.shape)}", field="token_ids")
+        if arr.size > limit:
+            raise PayloadTooLarge(f"token_ids holds {arr.size} ids, at most {limit} are allowed (max_tokens_per_request)", field="token_ids")
+        if arr.size and arr.dtype.kind not in "iu":
+            raise BadRequest(f"token_ids must be integers, got {arr.dtype}", field="token_ids")
+        if arr.size and (arr.min() < 0 or arr.max() > 0xFFFFFFFF):
+            bad = int(np.nonzero((arr < 0) | (arr > 0xFFFFFFFF))[0][0])
+            raise BadRequest(f"token_ids[{bad}] = {int(arr[bad])} is outside [0, 2**32)", field=f"token_ids[{bad}]")
+        return arr
+
+    @staticmethod
+    def _namespace(p: Principal, salt: str, extra_keys: Sequence[str]) -> Namespace:
+        if not isinstance(salt, str) or len(salt) > MAX_NAMESPACE_CHARS:
+            raise BadRequest(f"salt must be a string of at most {MAX_NAMESPACE_CHARS} characters", field="salt")
+        if not isinstance(extra_keys, (list, tuple)) or len(extra_keys) > MAX_EXTRA_KEYS:
+            raise BadRequest(f"extra_keys must be a list of at most {MAX_EXTRA_KEYS} strings", field="extra_keys")
+        for i, k in enumerate(extra_keys):
+            if not isinstance(k, str) or len(k) > MAX_NAMESPACE_CHARS:
+                raise BadRequest(f"extra_keys[{i}] must be a string of at most {MAX_NAMESPACE_CHARS} characters", field=f"extra_keys[{i}]")
+        return Namespace(tenant=p.tenant, salt=salt, extra_keys=tuple(extra_keys))
+
+    # -- blocks ----------------------------------------------------------------------------
+    def decode_frames(self, spec: KVSpec, items: Sequence[memoryview | None]) -> tuple[list[bytes], list[torch.Tensor]]:
+        """Client keys and blocks of a put's frames, each verified; BadRequest names the first bad frame."""
+        if not items:
+            raise BadRequest("the body holds no frames", field="frames")
+        if len(items) > self.settings.max_blocks_per_request:
+            raise PayloadTooLarge(f"{len(items)} frames, at most {self.settings.max_blocks_per_request} are allowed per "
+                                  "request (max_blocks_per_request)", field="frames")
+        keys, blocks, seen = [], [], {}
+        for i, item in enumerate(items):
+            field = f"frames[{i}]"
+            if item is None:
+                raise BadRequest(f"{field} is nil; a put carries one frame per block", field=field)
+            try:
+                frame = decode_frame(item, expect_spec=spec)
+            except FrameError as e:
+                self._rejected("invalid")
+                raise BadRequest(f"{field}: {e}", field=field) from None
+            if frame.shape != spec.block_shape:
+                self._rejected("shape")
+                raise BadRequest(f"{field}.shape must be {list(spec.block_shape)} for this spec, got {list(frame.shape)}", field=f"{field}.shape")
+            if frame.dtype != spec.dtype:
+                self._rejected("dtype")
+                raise BadRequest(f"{field}.dtype must be {spec.dtype!r} for this spec, got {frame.dtype!r}", field=f"{field}.dtype")
+            if frame.key in seen:
+                raise BadRequest(f"{field}.key repeats frames[{seen[frame.key]}].key", field=f"{field}.key")
+            seen[frame.key] = i
+            try:
+                if frame.codec == "identity":  # a view of the body: the tiers copy what they keep
+                    block = tensor_from_bytes(frame.data, spec.torch_dtype, spec.block_shape)
+                else:
+                    block = get_codec(frame.codec).decode(frame.data, frame.codec_meta, spec)
+            except Exception as e:  # whatever a codec raises on a payload that is not its own
+                self._rejected("payload")
+                raise BadRequest(f"{field}: the payload does not decode with codec {frame.codec!r}: {e}", field=f"{field}.data") from None
+            keys.append(frame.key)
+            blocks.append(block)
+        return keys, blocks
+
+    def _rejected(self, reason: str) -> None:
+        if self.metrics is not None:
+            self.metrics.frames_rejected.labels(reason).inc()
+
+    def put(self, p: Principal, model: str, keys: list[bytes], blocks: list[torch.Tensor], parent=None) -> list[bool]:
+        """Store a chain of blocks (already decoded by ``decode_frames``) under the caller's key space."""
+        spec = self.spec_of(p, model)
+        parent_key = None if parent in (None, "", b"") else parse_client_key(parent, "parent")
+        ks = self.keyspace(p.tenant)
+        skeys = ks.storage_keys(keys)
+        stored = self.store.put(spec, skeys, blocks, tenant=p.tenant,
+                                parent=None if parent_key is None else ks.storage_key(parent_key))
+        self._track(p.tenant, [(s, c) for s, c, ok in zip(skeys, keys, stored) if ok])
+        return stored
+
+    def put_frames(self, p: Principal, model: str, items: Sequence[memoryview | None], parent=None) -> list[bool]:
+        spec = self.spec_of(p, model)
+        if parent not in (None, "", b""):
+            parse_client_key(parent, "parent")  # checked before the frames: nothing is decoded for a bad request
+        keys, blocks = self.decode_frames(spec, items)
+        return self.put(p, model, keys, blocks, parent)
+
+    def get(self, p: Principal, model: str, keys: Sequence[Any]) -> tuple[KVSpec, list[bytes], list[torch.Tensor | None]]:
+        spec = self.spec_of(p, model)
+        ckeys = self._client_keys(keys, "keys")
+        return spec, ckeys, self.get_checked(p, spec, ckeys)
+
+    def get_checked(self, p: Principal, spec: KVSpec, ckeys: list[bytes], out: list[torch.Tensor] | None = None) -> list[torch.Tensor | None]:
+        """``get`` of keys already parsed (streaming transports fetch a request in groups), into ``out`` when given."""
+        blocks = self.store.get(spec, self.keyspace(p.tenant).storage_keys(ckeys), out=out)
+        if self.metrics is not None:
+            hits = sum(b is not None for b in blocks)
+            self.metrics.get_blocks.labels("hit").inc(hits)
+            self.metrics.get_blocks.labels("miss").inc(len(blocks) - hits)
+        return blocks
+
+    @staticmethod
+    def encode_block(spec: KVSpec, client_key: bytes, block: torch.Tensor) -> bytes:
+        """The frame of one block as the client sees it (its own key, identity codec)."""
+        return encode_frame(client_key, spec, "identity", {}, spec.block_shape, spec.dtype, tensor_bytes(block))
+
+    @staticmethod
+    def encode_block_parts(spec: KVSpec, client_key: bytes, block: torch.Tensor) -> tuple[bytes, memoryview]:
+        """``encode_block`` as (header, payload view of ``block``): nothing copied."""
+        return encode_frame_parts(client_key, spec, "identity", {}, spec.block_shape, spec.dtype, tensor_bytes(block))
+
+    def delete(self, p: Principal, model: str, keys: Sequence[Any]) -> int:
+        spec = self.spec_of(p, model)
+        skeys = self.keyspace(p.tenant).storage_keys(self._client_keys(keys, "keys"))
+        n = self.store.remove(spec, skeys)
+        self._untrack(skeys)
+        return n
+
+    # -- pins ------------------------------------------------------------------------------
+    def pin(self, p: Principal, model: str, keys: Sequence[Any], ttl_s: float) -> LeaseInfo:
+        spec = self.spec_of(p, model)
+        ckeys = self._client_keys(keys, "keys")
+        if isinstance(ttl_s, bool) or not isinstance(ttl_s, (int, float)) or not (0 < ttl_s <= self.settings.max_pin_ttl_s):
+            raise BadRequest(f"ttl_s must be a number in (0, {self.settings.max_pin_ttl_s}], got {ttl_s!r}", field="ttl_s")
+        with self._lock:
+            now = time.monotonic()
+            for lid in [lid for lid, info in self._leases.items() if info.expires_at <= now]:
+                del self._leases[lid]
+            if len(self._leases) >= self.settings.max_leases:
+                raise TooManyRequests(f"{self.settings.max_leases} leases are live (max_leases); unpin or wait for expiry", field="keys")
+        lease = self.store.pin(spec, self.keyspace(p.tenant).storage_keys(ckeys), float(ttl_s))
+        info = LeaseInfo(lease.id, p.tenant, time.monotonic() + float(ttl_s), lease.num_pinned)
+        with self._lock:
+            self._leases[lease.id] = info
+        return info
+
+    def unpin(self, p: Principal, lease_id: int) -> bool:
+        with self._lock:
+            info = self._leases.get(lease_id)
+            if info is None or info.tenant != p.tenant or info.expires_at <= time.monotonic():
+                self._leases.pop(lease_id, None) if info is not None and info.expires_at <= time.monotonic() else None
+                raise NotFound(f"lease {lease_id} is unknown or expired", field="lease_id")
+            del self._leases[lease_id]
+        return self.store.unpin(lease_id)
+
+    # -- stats and events ------------------------------------------------------------------
+    def stats(self, p: Principal) -> dict:
+        quota = self.settings.quotas.get(p.tenant)
+        mine = {"tenant": p.tenant, "bytes": self.store.tenant_bytes(p.tenant), "quota_bytes": quota,
+                "models": len(self.registry.models_of(p.tenant))}
+        if not p.is_admin:
+            return mine
+        s = self.store.stats()
+        s["tenant"] = mine
+        s["tenants"] = {t: {"bytes": b, "quota_bytes": self.settings.quotas.get(t)} for t, b in s.pop("tenant_bytes").items()}
+        s["models"] = len(self.registry.all_specs())
+        return s
+
+    def events(self, p: Principal, after: int = 0, limit: int = 1000) -> dict:
+        """Events with id > ``after``: all of them (storage keys) for an admin, a tenant's own (client keys) otherwise."""
+        if isinstance(after, bool) or not isinstance(after, int) or after < 0:
+            raise BadRequest("after must be a non-negative integer", field="after")
+        if isinstance(limit, bool) or not isinstance(limit, int) or not 1 <= limit <= self.settings.max_events_per_request:
+            raise BadRequest(f"limit must be an integer in [1, {self.settings.max_events_per_request}]", field="limit")
+        out: list[dict] = []
+        cursor = after
+        scanned = 0
+        while len(out) < limit and scanned < 20 * limit:
+            batch = self.store.events(after=cursor, limit=limit)
+            if not batch:
+                break
+            with self._lock:
+                for ev in batch:
+                    cursor = ev.id
+                    scanned += 1
+                    owner = self._owners.get(ev.key)
+                    model = self.registry.model_of_fp8(ev.model)
+                    if p.is_admin:
+                        out.append({"id": ev.id, "kind": ev.kind, "key": ev.key.hex(), "tier": ev.tier, "model": model,
+                                    "time": ev.time, "tenant": owner[0] if owner else None})
+                    elif owner is not None and owner[0] == p.tenant:
+                        out.append({"id": ev.id, "kind": ev.kind, "key": owner[1].hex(), "tier": ev.tier, "model": model,
+                                    "time": ev.time})
+                    if len(out) >= limit:
+                        break
+        return {"events": out, "next_after": cursor}
+
+    # -- health ----------------------------------------------------------------------------
+    def readiness(self) -> tuple[bool, dict[str, str]]:
+        tiers = self.probe.check()
+        return all(v == "ok" for v in tiers.values()), tiers
+
+    def close(self) -> None:
+        self.probe.close()
+        self.store.close()
+
+
+def parse_client_key(value: Any, field: str) -> bytes:
+    """A 32-byte key from 64 hex characters (REST) or 32 raw bytes (gRPC); BadRequest otherwise."""
+    if isinstance(value, str):
+        if len(value) != 64:
+            raise BadRequest(f"{field} must be 64 hex characters (a 32-byte hash), got {len(value)} characters", field=field)
+        try:
+            return bytes.fromhex(value)
+        except ValueError:
+            raise BadRequest(f"{field} must be 64 hex characters (a 32-byte hash)", field=field) from None
+    if isinstance(value, (bytes, bytearray, memoryview)):
+        if len(value) != 32:
+            raise BadRequest(f"{field} must be a 32-byte hash, got {len(value)} bytes", field=field)
+        return bytes(value)
+    raise BadRequest(f"{field} must be a 64-character hex string, got {type(value).__name__}", field=field)
+
+
+def _spec_error_field(message: str) -> str:
+    for name in _SPEC_FIELDS:
+        if name in message:
+            return f"spec.{name}"
+    return "spec"
+
+
+def open_service(settings: Settings, metrics_factory=None) -> KVService:
+    """The store, registry and service for ``settings`` (the disk tier's directory is created)."""
+    from .storebuild import build_store
+
+    blocks_dir(settings).mkdir(parents=True, exist_ok=True)
+    registry = SpecRegistry(settings.data_dir / "specs.json" if settings.disk_capacity_bytes else None, settings.max_specs)
+    store = build_store(settings)
+    svc = KVService(settings, store, registry)
+    if metrics_factory is not None:
+        svc.metrics = metrics_factory(svc)
+    return svc

@@ -1,0 +1,249 @@
+"""Python SDK for the gRPC API: ``KVTierGrpcClient`` (sync) and ``AsyncKVTierGrpcClient`` (grpc.aio).
+
+The same methods and return values as the REST clients (``service.client``): blocks come back as
+tensors in the spec's layout, every frame verified; transient failures (UNAVAILABLE) are retried
+with exponential backoff; every call has a deadline; a refused call raises ``KVTierError`` with
+the gRPC status name as its code and the field from the trailing metadata.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import random
+import time
+from typing import Sequence
+
+import grpc
+import torch
+
+from kvstore import KVSpec
+
+from .client import KVTierError, Lookup, decode_items, encode_frames
+from .proto import kvtier_pb2 as pb
+from .proto import kvtier_pb2_grpc as pb_grpc
+
+RETRY_CODES = (grpc.StatusCode.UNAVAILABLE,)
+_STATUS = {"INVALID_ARGUMENT": 400, "UNAUTHENTICATED": 401, "PERMISSION_DENIED": 403, "NOT_FOUND": 404,
+           "RESOURCE_EXHAUSTED": 413, "UNAVAILABLE": 503, "DEADLINE_EXCEEDED": 504}
+
+
+def _options(max_message_bytes: int) -> list:
+    return [("grpc.max_receive_message_length", max_message_bytes), ("grpc.max_send_message_length", max_message_bytes)]
+
+
+def _error(e: grpc.RpcError) -> KVTierError:
+    code = e.code().name if e.code() is not None else "UNKNOWN"
+    field = None
+    try:
+        field = dict(e.trailing_metadata() or ()).get("kvtier-field")
+    except Exception:
+        pass
+    return KVTierError(_STATUS.get(code, 500), code, e.details() or "", field)
+
+
+def _b(k) -> bytes:
+    return bytes.fromhex(k) if isinstance(k, str) else bytes(k)
+
+
+def _spec_msg(spec: KVSpec) -> pb.Spec:
+    return pb.Spec(model_id=spec.model_id, num_layers=spec.num_layers, num_kv_heads=spec.num_kv_heads,
+                   head_dim=spec.head_dim, dtype=spec.dtype, block_tokens=spec.block_tokens)
+
+
+def _lookup_msg(model, token_ids, hashes, salt, extra_keys, return_keys) -> pb.LookupRequest:
+    if (token_ids is None) == (hashes is None):
+        raise ValueError("give exactly one of token_ids and hashes")
+    msg = pb.LookupRequest(model=model, salt=salt, extra_keys=list(extra_keys), return_keys=return_keys)
+    if hashes is not None:
+        msg.hashes.extend(_b(h) for h in hashes)
+    else:
+        msg.token_ids.extend(token_ids.tolist() if hasattr(token_ids, "tolist") else token_ids)
+    return msg
+
+
+def _lookup(r: pb.LookupReply) -> Lookup:
+    return Lookup(r.model, r.num_blocks, r.num_tokens, r.num_requested_blocks, dict(r.tier_hits), dict(r.tier_prefix),
+                  list(r.keys) if r.keys else None)
+
+
+def _put_msgs(model: str, frames: list[bytes], parent) -> list[pb.PutRequest]:
+    msgs = [pb.PutRequest(frame=f) for f in frames]
+    if msgs:
+        msgs[0].model = model
+        if parent is not None:
+            msgs[0].parent = _b(parent)
+    return msgs
+
+
+class _Base:
+    def __init__(self, target: str, api_key: str | None, timeout: float, retries: int, backoff_s: float, max_message_bytes: int) -> None:
+        if retries < 0 or timeout <= 0 or backoff_s < 0:
+            raise ValueError(f"retries >= 0, timeout > 0, backoff_s >= 0 expected, got {retries}, {timeout}, {backoff_s}")
+        self.target, self.timeout, self.retries, self.backoff_s = target, timeout, retries, backoff_s
+        self.metadata = (("authorization", f"Bearer {api_key}"),) if api_key else ()
+        self.options = _options(max_message_bytes)
+        self._specs: dict[str, KVSpec] = {}
+
+    def _delay(self, attempt: int) -> float:
+        return self.backoff_s * (2 ** attempt) * (0.5 + random.random() / 2)
+
+
+class KVTierGrpcClient(_Base):
+    def __init__(self, target: str = "127.0.0.1:50051", api_key: str | None = None, *, timeout: float = 30.0, retries: int = 3,
+                 backoff_s: float = 0.05, max_message_bytes: int = 80 << 20) -> None:
+        super().__init__(target, api_key, timeout, retries, backoff_s, max_message_bytes)
+        self._channel = grpc.insecure_channel(target, options=self.options)
+        self._stub = pb_grpc.KVTierStub(self._channel)
+
+    def _call(self, fn):
+        for attempt in range(self.retries + 1):
+            try:
+                return fn()
+            except grpc.RpcError as e:
+                if e.code() not in RETRY_CODES or attempt == self.retries:
+                    raise _error(e) from None
+            time.sleep(self._delay(attempt))
+
+    def close(self) -> None:
+        self._channel.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def _unary(self, name: str, msg):
+        method = getattr(self._stub, name)
+        return self._call(lambda: method(msg, timeout=self.timeout, metadata=self.metadata))
+
+    def health(self) -> dict:
+        r = self._unary("Health", pb.HealthRequest())
+        return {"ready": r.ready, "tiers": dict(r.tiers)}
+
+    def register_spec(self, spec: KVSpec) -> str:
+        model = self._unary("RegisterSpec", _spec_msg(spec)).model
+        self._specs[model] = spec
+        return model
+
+    def spec(self, model: str) -> KVSpec:
+        if model not in self._specs:
+            raise KVTierError(404, "NOT_FOUND", f"register the spec of {model!r} with this client first", "model")
+        return self._specs[model]
+
+    def lookup(self, model: str, *, token_ids=None, hashes=None, salt: str = "", extra_keys: Sequence[str] = (),
+               return_keys: bool = False) -> Lookup:
+        return _lookup(self._unary("Lookup", _lookup_msg(model, token_ids, hashes, salt, extra_keys, return_keys)))
+
+    def hashes(self, model: str, token_ids, *, salt: str = "", extra_keys: Sequence[str] = ()) -> list[bytes]:
+        return self.lookup(model, token_ids=token_ids, salt=salt, extra_keys=extra_keys, return_keys=True).keys or []
+
+    def put(self, model: str, keys: Sequence[bytes], blocks, *, parent: bytes | None = None) -> list[bool]:
+        msgs = _put_msgs(model, encode_frames(self.spec(model), keys, blocks), parent)
+        reply = self._call(lambda: self._stub.PutBlocks(iter(msgs), timeout=self.timeout, metadata=self.metadata))
+        return list(reply.stored)
+
+    def get(self, model: str, keys: Sequence[bytes], out: Sequence[torch.Tensor] | None = None) -> list[torch.Tensor | None]:
+        """Blocks ``[L, 2, H_kv, T, D]`` per key (None: a miss); with ``out``, copied into those buffers."""
+        msg = pb.KeysRequest(model=model, keys=[_b(k) for k in keys])
+        replies = self._call(lambda: list(self._stub.GetBlocks(msg, timeout=self.timeout, metadata=self.metadata)))
+        return decode_items(self.spec(model), keys, [r.frame if r.found else None for r in replies], out)
+
+    def delete(self, model: str, keys: Sequence[bytes]) -> int:
+        return self._unary("DeleteBlocks", pb.KeysRequest(model=model, keys=[_b(k) for k in keys])).removed
+
+    def pin(self, model: str, keys: Sequence[bytes], ttl_s: float) -> dict:
+        r = self._unary("Pin", pb.PinRequest(model=model, keys=[_b(k) for k in keys], ttl_s=ttl_s))
+        return {"lease_id": r.lease_id, "ttl_s": r.ttl_s, "num_pinned": r.num_pinned}
+
+    def unpin(self, lease_id: int) -> bool:
+        return self._unary("Unpin", pb.UnpinRequest(lease_id=lease_id)).unpinned
+
+    def stats(self) -> dict:
+        return json.loads(self._unary("Stats", pb.StatsRequest()).json)
+
+    def events(self, after: int = 0, limit: int = 1000) -> dict:
+        return json.loads(self._unary("Events", pb.EventsRequest(after=after, limit=limit)).json)
+
+
+class AsyncKVTierGrpcClient(_Base):
+    """grpc.aio client; create and use it inside one running event loop."""
+
+    def __init__(self, target: str = "127.0.0.1:50051", api_key: str | None = None, *, timeout: float = 30.0, retries: int = 3,
+                 backoff_s: float = 0.05, max_message_bytes: int = 80 << 20) -> None:
+        super().__init__(target, api_key, timeout, retries, backoff_s, max_message_bytes)
+        self._channel = grpc.aio.insecure_channel(target, options=self.options)
+        self._stub = pb_grpc.KVTierStub(self._channel)
+
+    async def _call(self, fn):
+        for attempt in range(self.retries + 1):
+            try:
+                return await fn()
+            except grpc.RpcError as e:
+                if e.code() not in RETRY_CODES or attempt == self.retries:
+                    raise _error(e) from None
+            await asyncio.sleep(self._delay(attempt))
+
+    async def aclose(self) -> None:
+        await self._channel.close()
+
+    async def __aenter__(self):
+        return self
+
+    async def __aexit__(self, *exc):
+        await self.aclose()
+
+    async def _unary(self, name: str, msg):
+        method = getattr(self._stub, name)
+        return await self._call(lambda: method(msg, timeout=self.timeout, metadata=self.metadata))
+
+    async def register_spec(self, spec: KVSpec) -> str:
+        model = (await self._unary("RegisterSpec", _spec_msg(spec))).model
+        self._specs[model] = spec
+        return model
+
+    def spec(self, model: str) -> KVSpec:
+        if model not in self._specs:
+            raise KVTierError(404, "NOT_FOUND", f"register the spec of {model!r} with this client first", "model")
+        return self._specs[model]
+
+    async def lookup(self, model: str, *, token_ids=None, hashes=None, salt: str = "", extra_keys: Sequence[str] = (),
+                     return_keys: bool = False) -> Lookup:
+        return _lookup(await self._unary("Lookup", _lookup_msg(model, token_ids, hashes, salt, extra_keys, return_keys)))
+
+    async def hashes(self, model: str, token_ids, *, salt: str = "", extra_keys: Sequence[str] = ()) -> list[bytes]:
+        return (await self.lookup(model, token_ids=token_ids, salt=salt, extra_keys=extra_keys, return_keys=True)).keys or []
+
+    async def put(self, model: str, keys: Sequence[bytes], blocks, *, parent: bytes | None = None) -> list[bool]:
+        msgs = _put_msgs(model, encode_frames(self.spec(model), keys, blocks), parent)
+
+        async def send():
+            return await self._stub.PutBlocks(iter(msgs), timeout=self.timeout, metadata=self.metadata)
+
+        return list((await self._call(send)).stored)
+
+    async def get(self, model: str, keys: Sequence[bytes], out: Sequence[torch.Tensor] | None = None) -> list[torch.Tensor | None]:
+        msg = pb.KeysRequest(model=model, keys=[_b(k) for k in keys])
+
+        async def fetch():
+            return [r async for r in self._stub.GetBlocks(msg, timeout=self.timeout, metadata=self.metadata)]
+
+        replies = await self._call(fetch)
+        return decode_items(self.spec(model), keys, [r.frame if r.found else None for r in replies], out)
+
+    async def delete(self, model: str, keys: Sequence[bytes]) -> int:
+        return (await self._unary("DeleteBlocks", pb.KeysRequest(model=model, keys=[_b(k) for k in keys]))).removed
+
+    async def pin(self, model: str, keys: Sequence[bytes], ttl_s: float) -> dict:
+        r = await self._unary("Pin", pb.PinRequest(model=model, keys=[_b(k) for k in keys], ttl_s=ttl_s))
+        return {"lease_id": r.lease_id, "ttl_s": r.ttl_s, "num_pinned": r.num_pinned}
+
+    async def unpin(self, lease_id: int) -> bool:
+        return (await self._unary("Unpin", pb.UnpinRequest(lease_id=lease_id))).unpinned
+
+    async def stats(self) -> dict:
+        return json.loads((await self._unary("Stats", pb.StatsRequest())).json)
+
+    async def events(self, after: int = 0, limit: int = 1000) -> dict:
+        return json.loads((await self._unary("Events", pb.EventsRequest(after=after, limit=limit))).json)

@@ -1,0 +1,201 @@
+"""The gRPC server: the operations of the REST API over ``service/proto/kvtier.proto``.
+
+It runs in the process of ``kvtier serve`` next to the REST app (started and stopped by the app's
+lifespan), over the same ``KVService``: the same validation, tenants, quotas and metrics. Calls
+run in a thread pool; block transfers stream one frame per message.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from concurrent import futures
+
+import grpc
+import numpy as np
+
+from .core import KVService, parse_client_key
+from .errors import BadRequest, PayloadTooLarge, ServiceError
+from .proto import kvtier_pb2 as pb
+from .proto import kvtier_pb2_grpc as pb_grpc
+from .settings import Settings
+from .tenancy import Authenticator, Principal
+
+log = logging.getLogger("kvtier.grpc")
+GET_GROUP_BYTES = 32 << 20
+
+
+def message_limit(settings: Settings) -> int:
+    """Largest gRPC message: one frame of the largest block, or the largest JSON-ish request."""
+    return int(max(settings.max_block_bytes, settings.max_json_bytes) + (1 << 20))
+
+
+def _abort(context: grpc.ServicerContext, e: ServiceError):
+    if e.field:
+        context.set_trailing_metadata((("kvtier-field", e.field),))
+    context.abort(getattr(grpc.StatusCode, e.grpc_code), e.message)
+
+
+def _rpc(op: str):
+    """Authenticate, map ServiceError to a status, and observe latency (unary and response-streaming)."""
+
+    def wrap(fn):
+        def unary(self, request, context):
+            t0 = time.perf_counter()
+            code = "OK"
+            try:
+                p = self.principal(context)
+                return fn(self, p, request, context)
+            except ServiceError as e:
+                code = e.grpc_code
+                _abort(context, e)
+            except Exception:
+                code = "INTERNAL"
+                raise
+            finally:
+                self.observe(op, code, t0)
+
+        def streaming(self, request, context):
+            t0 = time.perf_counter()
+            code = "OK"
+            try:
+                p = self.principal(context)
+                yield from fn(self, p, request, context)
+            except ServiceError as e:
+                code = e.grpc_code
+                _abort(context, e)
+            finally:
+                self.observe(op, code, t0)
+
+        import inspect
+
+        return streaming if inspect.isgeneratorfunction(fn) else unary
+
+    return wrap
+
+
+class KVTierServicer(pb_grpc.KVTierServicer):
+    def __init__(self, svc: KVService, settings: Settings, auth: Authenticator) -> None:
+        self.svc = svc
+        self.settings = settings
+        self.auth = auth
+
+    def principal(self, context) -> Principal:
+        md = {k.lower(): v for k, v in context.invocation_metadata() if isinstance(v, str)}
+        return self.auth.authenticate(md.get("authorization"), md.get("x-api-key"))
+
+    def observe(self, op: str, code: str, t0: float) -> None:
+        if self.svc.metrics is not None:
+            self.svc.metrics.observe("grpc", op, code, time.perf_counter() - t0)
+
+    @_rpc("RegisterSpec")
+    def RegisterSpec(self, p, request, context):
+        fields = {"model_id": request.model_id, "num_layers": request.num_layers, "num_kv_heads": request.num_kv_heads,
+                  "head_dim": request.head_dim, "dtype": request.dtype or "float16", "block_tokens": request.block_tokens or 256}
+        model, spec = self.svc.register_spec(p, fields)
+        return pb.SpecReply(model=model, block_nbytes=spec.block_nbytes)
+
+    @_rpc("Lookup")
+    def Lookup(self, p, request, context):
+        kwargs = dict(salt=request.salt, extra_keys=list(request.extra_keys), return_keys=request.return_keys)
+        if request.hashes:
+            out = self.svc.lookup(p, request.model, hashes=list(request.hashes), **kwargs)
+        else:
+            out = self.svc.lookup(p, request.model, token_ids=np.asarray(request.token_ids, dtype=np.int64), **kwargs)
+        return pb.LookupReply(model=out["model"], num_blocks=out["num_blocks"], num_tokens=out["num_tokens"],
+                              num_requested_blocks=out["num_requested_blocks"], tier_hits=out["tier_hits"],
+                              tier_prefix=out["tier_prefix"], keys=[bytes.fromhex(k) for k in out.get("keys", ())])
+
+    def PutBlocks(self, request_iterator, context):
+        t0 = time.perf_counter()
+        code = "OK"
+        try:
+            p = self.principal(context)
+            model, parent, frames, total = None, None, [], 0
+            for i, msg in enumerate(request_iterator):
+                if i == 0:
+                    model = msg.model
+                    self.svc.spec_of(p, model)  # NOT_FOUND before the frames are read
+                    if msg.parent:
+                        parent = parse_client_key(msg.parent, "parent")
+                elif msg.model and msg.model != model:
+                    raise BadRequest(f"frames[{i}]: every message of a put names the same model", field="model")
+                if len(frames) >= self.settings.max_blocks_per_request:
+                    raise PayloadTooLarge(f"more than {self.settings.max_blocks_per_request} frames (max_blocks_per_request)",
+                                          field=f"frames[{i}]")
+                total += len(msg.frame)
+                if total > self.settings.max_request_bytes:
+                    raise PayloadTooLarge(f"the put stream exceeds max_request_bytes ({self.settings.max_request_bytes})",
+                                          field=f"frames[{i}]")
+                frames.append(memoryview(msg.frame) if msg.frame else None)
+            if model is None:
+                raise BadRequest("the put stream holds no frames", field="frames")
+            stored = self.svc.put_frames(p, model, frames, parent)
+            return pb.PutReply(stored=stored, num_stored=sum(stored))
+        except ServiceError as e:
+            code = e.grpc_code
+            _abort(context, e)
+        finally:
+            self.observe("PutBlocks", code, t0)
+
+    @_rpc("GetBlocks")
+    def GetBlocks(self, p, request, context):
+        spec, ckeys = self.svc.spec_of(p, request.model), None
+        ckeys = self.svc._client_keys(list(request.keys), "keys")
+        group = max(1, GET_GROUP_BYTES // spec.block_nbytes)
+        for i in range(0, len(ckeys), group):
+            keys = ckeys[i: i + group]
+            for k, block in zip(keys, self.svc.get_checked(p, spec, keys)):
+                if block is None:
+                    yield pb.BlockReply(key=k, found=False)
+                else:
+                    yield pb.BlockReply(key=k, found=True, frame=self.svc.encode_block(spec, k, block))
+
+    @_rpc("DeleteBlocks")
+    def DeleteBlocks(self, p, request, context):
+        return pb.DeleteReply(removed=self.svc.delete(p, request.model, list(request.keys)))
+
+    @_rpc("Pin")
+    def Pin(self, p, request, context):
+        info = self.svc.pin(p, request.model, list(request.keys), request.ttl_s)
+        return pb.PinReply(lease_id=info.id, ttl_s=request.ttl_s, num_pinned=info.num_pinned)
+
+    @_rpc("Unpin")
+    def Unpin(self, p, request, context):
+        self.svc.unpin(p, request.lease_id)
+        return pb.UnpinReply(unpinned=True)
+
+    @_rpc("Stats")
+    def Stats(self, p, request, context):
+        return pb.JsonReply(json=json.dumps(self.svc.stats(p)))
+
+    @_rpc("Events")
+    def Events(self, p, request, context):
+        if request.after > 2**62:
+            raise BadRequest("after must be at most 2**62", field="after")
+        return pb.JsonReply(json=json.dumps(self.svc.events(p, int(request.after), int(request.limit or 1000))))
+
+    def Health(self, request, context):
+        ready, tiers = self.svc.readiness()
+        return pb.HealthReply(ready=ready, tiers=tiers)
+
+
+def start_grpc_server(svc: KVService, settings: Settings, auth: Authenticator, *, max_workers: int = 32) -> grpc.Server:
+    """Start the gRPC server on ``settings.host:settings.grpc_port``; ``server.kvtier_port`` is the bound port."""
+    limit = message_limit(settings)
+    server = grpc.server(
+        futures.ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="kvtier-grpc"),
+        options=[("grpc.max_receive_message_length", limit), ("grpc.max_send_message_length", limit),
+                 ("grpc.so_reuseport", 0)],
+        maximum_concurrent_rpcs=settings.limit_concurrency,
+    )
+    pb_grpc.add_KVTierServicer_to_server(KVTierServicer(svc, settings, auth), server)
+    host = settings.host if ":" not in settings.host else f"[{settings.host}]"
+    port = server.add_insecure_port(f"{host}:{settings.grpc_port}")
+    if port == 0:
+        raise RuntimeError(f"gRPC could not bind {host}:{settings.grpc_port}")
+    server.start()
+    server.kvtier_port = port
+    log.info("gRPC serving on %s:%d", host, port)
+    return server

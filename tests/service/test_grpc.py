@@ -1,0 +1,126 @@
+"""The gRPC API against a real server (REST and gRPC in one process), and the generated code is current."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from kvstore import KVSpec, Namespace, chain_hashes
+from service.client import KVTierClient, KVTierError
+from service.grpc_client import AsyncKVTierGrpcClient, KVTierGrpcClient
+
+from .conftest import TINY
+from .server import ServiceProcess
+
+ROOT = Path(__file__).resolve().parents[2]
+A, B = "grpc-tenant-a-key", "grpc-tenant-b-key"
+
+
+def _blocks(n: int, spec: KVSpec = TINY, seed: int = 0) -> torch.Tensor:
+    return torch.randn(n, *spec.block_shape, generator=torch.Generator().manual_seed(seed)).to(spec.torch_dtype)
+
+
+@pytest.fixture(scope="module")
+def server():
+    s = ServiceProcess({"KVTIER_API_KEYS": json.dumps({A: "a", B: "b"}), "KVTIER_DISK_CAPACITY_BYTES": "64MiB"}, grpc=True)
+    yield s
+    s.stop()
+
+
+def test_grpc_roundtrip_and_rest_agree(server):
+    with KVTierGrpcClient(server.grpc_target, api_key=A) as g, KVTierClient(server.url, api_key=A) as r:
+        model = g.register_spec(TINY)
+        tokens = list(range(16 * 4 + 3))
+        keys = g.hashes(model, tokens)
+        assert keys == r.hashes(model, tokens) and len(keys) == 4
+        blocks = _blocks(4, seed=1)
+        assert g.put(model, keys[:3], blocks[:3]) == [True] * 3
+        hit = g.lookup(model, token_ids=tokens)
+        assert (hit.num_blocks, hit.num_tokens, hit.num_requested_blocks) == (3, 48, 4)
+        assert g.lookup(model, hashes=keys).tier_hits == r.lookup(model, hashes=keys).tier_hits
+        got = g.get(model, keys)
+        assert got[3] is None and all(torch.equal(x, y) for x, y in zip(got[:3], blocks[:3]))
+        assert all(torch.equal(x, y) for x, y in zip(r.get(model, keys[:3]), blocks[:3]))  # put by gRPC, read by REST
+        lease = g.pin(model, keys, ttl_s=5)
+        assert lease["num_pinned"] == 3 and g.unpin(lease["lease_id"])
+        assert g.stats()["bytes"] == 3 * TINY.block_nbytes
+        assert len([e for e in g.events()["events"] if e["kind"] == "stored"]) >= 3
+        assert g.delete(model, keys[2:3]) == 1
+        assert g.lookup(model, hashes=keys).num_blocks == 2
+        assert g.health()["ready"]
+
+
+def test_grpc_streams_large_blocks(server):
+    spec = KVSpec("big", num_layers=8, num_kv_heads=8, head_dim=64, dtype="float16", block_tokens=256)  # 4 MiB: > gRPC's 4 MB default
+    with KVTierGrpcClient(server.grpc_target, api_key=A) as g:
+        model = g.register_spec(spec)
+        keys = chain_hashes(spec, list(range(256 * 3)), Namespace(salt="big"))
+        blocks = _blocks(3, spec, seed=2)
+        assert g.put(model, keys, blocks) == [True] * 3
+        assert all(torch.equal(x, y) for x, y in zip(g.get(model, keys), blocks))
+
+
+def test_grpc_async_client(server):
+    async def run():
+        async with AsyncKVTierGrpcClient(server.grpc_target, api_key=B) as g:
+            model = await g.register_spec(TINY)
+            keys = await g.hashes(model, list(range(32)))
+            blocks = _blocks(2, seed=3)
+            assert await g.put(model, keys, blocks) == [True, True]
+            got = await g.get(model, keys)
+            assert all(torch.equal(x, y) for x, y in zip(got, blocks))
+            assert (await g.lookup(model, hashes=keys)).num_blocks == 2
+
+    asyncio.run(run())
+
+
+def test_grpc_errors_and_tenants(server):
+    with KVTierGrpcClient(server.grpc_target, api_key=A, retries=0) as a, KVTierGrpcClient(server.grpc_target, api_key=B) as b:
+        model = a.register_spec(TINY)
+        b.register_spec(TINY)
+        keys = chain_hashes(TINY, list(range(48)), Namespace(salt="iso"))
+        a.put(model, keys, _blocks(3, seed=4))
+        assert b.lookup(model, hashes=keys).num_blocks == 0
+        assert b.get(model, keys) == [None] * 3
+        assert b.delete(model, keys) == 0
+        assert a.lookup(model, hashes=keys).num_blocks == 3
+
+        with pytest.raises(KVTierError) as e:
+            a.lookup("nope", token_ids=[1])
+        assert e.value.code == "NOT_FOUND" and e.value.field == "model"
+        with pytest.raises(KVTierError) as e:
+            a.lookup(model, hashes=[b"short"])
+        assert e.value.code == "INVALID_ARGUMENT" and e.value.field == "hashes[0]"
+        with pytest.raises(KVTierError) as e:
+            a.pin(model, keys, ttl_s=-1)
+        assert e.value.code == "INVALID_ARGUMENT" and e.value.field == "ttl_s"
+        bad = KVSpec("tiny", num_layers=2, num_kv_heads=2, head_dim=8, dtype="float32", block_tokens=16)
+        a._specs[model] = bad  # frames of another spec
+        with pytest.raises(KVTierError) as e:
+            a.put(model, keys[:1], _blocks(1, bad))
+        assert e.value.code == "INVALID_ARGUMENT" and e.value.field == "frames[0]"
+    with KVTierGrpcClient(server.grpc_target, api_key="wrong-key-000", retries=0) as c:
+        with pytest.raises(KVTierError) as e:
+            c.stats()
+        assert e.value.code == "UNAUTHENTICATED"
+
+
+@pytest.mark.skipif(shutil.which("true") is None, reason="posix")
+def test_generated_code_is_current(tmp_path):
+    pytest.importorskip("grpc_tools")
+    proto = "service/proto/kvtier.proto"
+    (tmp_path / "service/proto").mkdir(parents=True)
+    shutil.copy(ROOT / proto, tmp_path / proto)
+    out = subprocess.run([sys.executable, "-m", "grpc_tools.protoc", "-I.", "--python_out=.", "--grpc_python_out=.", proto],
+                         cwd=tmp_path, capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    for name in ("kvtier_pb2.py", "kvtier_pb2_grpc.py"):
+        assert (tmp_path / "service/proto" / name).read_text() == (ROOT / "service/proto" / name).read_text(), \
+            f"service/proto/{name} is stale: regenerate it (see the command in service/proto/kvtier.proto)"

@@ -1,0 +1,107 @@
+"""Redis failing under a live service, and memory under a write load of 10x the capacities."""
+
+from __future__ import annotations
+
+import time
+
+import httpx
+import pytest
+import torch
+
+from kvstore import KVSpec, Namespace, chain_hashes
+from service.client import KVTierClient
+
+from .conftest import TINY
+from .server import ServiceProcess
+
+
+def _blocks(n: int, spec: KVSpec = TINY, seed: int = 0) -> torch.Tensor:
+    return torch.randn(n, *spec.block_shape, generator=torch.Generator().manual_seed(seed)).to(spec.torch_dtype)
+
+
+def _redis_keys(server) -> int:
+    with server.client() as r:
+        return sum(1 for _ in r.scan_iter(match=b"kvtier:*"))
+
+
+def _wait(pred, timeout_s: float = 10.0) -> bool:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if pred():
+            return True
+        time.sleep(0.1)
+    return False
+
+
+@pytest.mark.redis
+def test_redis_stopped_and_restarted(fresh_redis_server):
+    redis = fresh_redis_server
+    srv = ServiceProcess({"KVTIER_REDIS_URL": redis.url, "KVTIER_REDIS_RETRY_INTERVAL_S": "0.2",
+                          "KVTIER_REDIS_SOCKET_TIMEOUT_S": "0.5"})
+    try:
+        with KVTierClient(srv.url, timeout=10, retries=0) as c:
+            model = c.register_spec(TINY)
+            a_keys = chain_hashes(TINY, list(range(64)), Namespace(salt="a"))
+            assert c.put(model, a_keys, _blocks(4, seed=1)) == [True] * 4
+            assert _redis_keys(redis) == 4  # written through to Redis
+            assert httpx.get(srv.url + "/readyz").json()["tiers"]["redis"] == "ok"
+
+            redis.stop()
+            t0 = time.monotonic()
+            for i in range(20):  # the service keeps answering from its other tiers
+                hit = c.lookup(model, hashes=a_keys)
+                assert hit.num_blocks == 4 and hit.tier_prefix["redis"] == 0
+                assert all(torch.equal(g, b) for g, b in zip(c.get(model, a_keys), _blocks(4, seed=1)))
+                keys = chain_hashes(TINY, list(range(32)), Namespace(salt=f"down-{i}"))
+                assert c.put(model, keys, _blocks(2, seed=i)) == [True, True]
+            assert time.monotonic() - t0 < 20
+            r = httpx.get(srv.url + "/readyz")
+            assert r.status_code == 503 and r.json()["tiers"]["redis"].startswith("unreachable")
+            metrics = httpx.get(srv.url + "/metrics").text
+            errors = [float(line.split()[-1]) for line in metrics.splitlines() if line.startswith("kvtier_redis_errors_total")]
+            assert errors and errors[0] > 0
+
+            redis.start()  # empty: no persistence
+            assert _wait(lambda: httpx.get(srv.url + "/readyz").status_code == 200)
+            c_keys = chain_hashes(TINY, list(range(48)), Namespace(salt="c"))
+
+            def recovered():
+                c.put(model, c_keys, _blocks(3, seed=9))
+                return _redis_keys(redis) >= 3
+
+            assert _wait(recovered)  # writes reach Redis again
+            assert c.lookup(model, hashes=c_keys).tier_prefix["redis"] == 3
+            assert srv.alive()
+    finally:
+        srv.stop()
+
+
+def test_memory_bounded_under_10x_capacity_writes():
+    spec = KVSpec("mem", num_layers=4, num_kv_heads=4, head_dim=64, dtype="float16", block_tokens=64)  # 128 KiB blocks
+    caps = {"device": 1 << 20, "host": 2 << 20, "disk": 4 << 20}
+    srv = ServiceProcess({"KVTIER_DEVICE_CAPACITY_BYTES": str(caps["device"]), "KVTIER_HOST_CAPACITY_BYTES": str(caps["host"]),
+                          "KVTIER_DISK_CAPACITY_BYTES": str(caps["disk"]), "KVTIER_MAX_TRACKED_KEYS": "1000",
+                          "KVTIER_MAX_EVENTS": "2000"})
+    try:
+        total = 10 * sum(caps.values())
+        num_blocks = total // spec.block_nbytes  # 560 blocks of 128 KiB
+        rss = []
+        with KVTierClient(srv.url) as c:
+            model = c.register_spec(spec)
+            blocks = _blocks(8, spec, seed=3)
+            for i in range(num_blocks // 8):
+                keys = chain_hashes(spec, list(range(i * 100_000, i * 100_000 + 64 * 8)))
+                assert c.put(model, keys, blocks) == [True] * 8
+                if i % 7 == 6:
+                    for t in c.stats()["tiers"]:
+                        assert t["bytes"] <= caps[t["name"]], t
+                    rss.append(srv.rss_bytes())
+        tiers = {t["name"]: t for t in KVTierClient(srv.url).stats()["tiers"]}
+        assert all(tiers[n]["bytes"] <= caps[n] for n in caps)
+        assert sum(t["evictions"] for t in tiers.values()) > 0
+        # RSS levels off: the last third grows by less than the capacity of the memory tiers
+        third = len(rss) // 3
+        growth = max(rss[third:]) - rss[third]
+        assert growth < caps["device"] + caps["host"] + (8 << 20), [r >> 20 for r in rss]
+    finally:
+        srv.stop()
