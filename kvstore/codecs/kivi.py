@@ -1,0 +1,377 @@
+"""KIVI: asymmetric 2- and 4-bit quantization of K per channel and V per token.
+
+Keys have outlier *channels* (a few channels of large magnitude across all tokens), values do
+not, so (KIVI, Liu et al. 2024):
+
+- keys are quantized **per channel over groups of ``group_size`` tokens**: one scale and zero
+  point per (layer, head, token group, channel);
+- values are quantized **per token over groups of ``group_size`` channels**: one scale and zero
+  point per (layer, head, token, channel group).
+
+Asymmetric: ``x̂ = zero + code·scale`` with ``zero = min`` and ``scale = (max - zero) / (2^bits - 1)``
+of the group, both stored as float16; codes are packed 2 or 4 to a byte along the channels. A
+group size that does not divide the token count (keys) or head_dim (values) leaves a smaller last
+group. The group size must be a multiple of 4 so that no byte of codes straddles two groups.
+
+**Residual window.** ``residual_tokens=R`` keeps the last R tokens of the block in the block's own
+dtype (the KIVI residual: the most recent tokens, which attention weighs most, stay exact). A
+growing sequence uses it for its *tail* block: when an engine parks a sequence that is still
+being decoded (a chat session between turns), the block holding its newest tokens is written
+with ``residual_tokens=R`` and interior blocks with 0. Blocks are immutable once stored (their
+key is a hash of their tokens), so a tail block keeps its residual; the cost is
+``R/T·(16 - bits)`` extra bits per element for that block only. The registered ``kivi4`` and
+``kivi2`` use R = 0; ``KiviCodec(bits, residual_tokens=R)`` builds the tail codec, and any
+``kivi*`` codec decodes any of these payloads (the options travel in the meta).
+
+Payload (``quant.Layout``, one buffer): the residual tokens ``[L, 2, H, R, D]`` (block dtype),
+key scale and zero ``[L, H, ceil((T-R)/G_k), D]``, value scale and zero ``[L, H, T-R, ceil(D/G_v)]``
+(float16), key and value codes ``[L, H, T-R, ceil(D·bits/8)]`` (uint8). The meta is
+``{bits, k_group, v_group, residual, rotate}``. Bits per element:
+``bits + 16/G_k + 16/G_v`` (+ the residual's share), e.g. 5.0 for ``kivi4`` and 3.0 for ``kivi2``.
+
+**Rotation.** ``rotate=True`` multiplies K and V by an orthonormal Hadamard matrix over head_dim
+before quantizing (QuaRot, RotateKV) and by its transpose (itself) after decoding. It spreads
+outlier channels over all channels, which narrows the value groups; measured on the reference
+model it lowers the perplexity increase of 2-bit KIVI (see README, Codecs). The registered
+``kivi2h`` is ``kivi2`` with the rotation.
+
+On CUDA tensors the Triton kernels of ``triton_quant`` do the work; on the CPU the torch code
+below does it, a few layers at a time so that no full-size float32 copy of the block is made.
+Both produce the same payload.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from ..spec import KVSpec
+from . import quant
+from .base import register_codec
+from .quant import (
+    UNIT_ROUNDOFF,
+    ErrorBound,
+    Layout,
+    check_finite,
+    check_meta,
+    check_out,
+    check_quantizable,
+    cpu_bytes,
+    pack_bits,
+    packed_len,
+    payload_tensor,
+    unpack_bits,
+)
+
+AXES = ("tokens", "channels")  # the axis a group runs along: keys over tokens, values over channels
+_CHUNK_BYTES = 1 << 20  # the CPU path works on about this much float32 at a time
+
+
+def _num_groups(n: int, group: int) -> int:
+    return -(-n // group)
+
+
+def stats_shape(shape: tuple[int, int, int, int], group: int, axis: str) -> tuple[int, int, int, int]:
+    """Shape of the scale/zero of ``[L, H, T, D]`` grouped along ``axis``."""
+    L, H, T, D = shape
+    return (L, H, _num_groups(T, group), D) if axis == "tokens" else (L, H, T, _num_groups(D, group))
+
+
+# -- torch reference (CPU path) ---------------------------------------------------------------------
+def _pad_to(x: torch.Tensor, dim: int, size: int) -> torch.Tensor:
+    """``x`` extended along ``dim`` to ``size`` by repeating its last slice (min/max unchanged)."""
+    n = x.shape[dim]
+    if n == size:
+        return x
+    last = x.narrow(dim, n - 1, 1)
+    reps = [1] * x.dim()
+    reps[dim] = size - n
+    return torch.cat((x, last.repeat(reps)), dim=dim)
+
+
+def _grouped(x: torch.Tensor, group: int, axis: str) -> torch.Tensor:
+    """``[l, H, T, D]`` -> ``[l, H, nG, G, D]`` (tokens) or ``[l, H, T, nG, G]`` (channels)."""
+    l, H, T, D = x.shape
+    if axis == "tokens":
+        ng = _num_groups(T, group)
+        return _pad_to(x, 2, ng * group).view(l, H, ng, group, D)
+    ng = _num_groups(D, group)
+    return _pad_to(x, 3, ng * group).view(l, H, T, ng, group)
+
+
+def _ungrouped(xg: torch.Tensor, T: int, D: int, axis: str) -> torch.Tensor:
+    if axis == "tokens":
+        l, H, ng, G, _ = xg.shape
+        return xg.reshape(l, H, ng * G, D)[:, :, :T]
+    l, H, _, ng, G = xg.shape
+    return xg.reshape(l, H, T, ng * G)[..., :D]
+
+
+def _stat_dim(axis: str) -> int:
+    return 3 if axis == "tokens" else 4  # the within-group dim of the grouped view
+
+
+def quantize_torch(x: torch.Tensor, bits: int, group: int, axis: str, codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> None:
+    """Quantize ``x`` ``[L, H, T, D]`` (any float dtype, any strides) into ``codes``
+    ``[L, H, T, ceil(D·bits/8)]`` uint8 and ``scale``/``zero`` float16 of ``stats_shape``.
+
+    Per group: ``zero = fp16(min)``, ``scale = fp16((max - zero) / (2^bits - 1))``,
+    ``code = clamp(floor((x - zero) / scale + 0.5), 0, 2^bits - 1)`` (0 where scale is 0), all
+    in float32 — the Triton kernel does exactly these operations.
+    """
+    L, H, T, D = x.shape
+    if T == 0:
+        return
+    qmax = (1 << bits) - 1
+    sd = _stat_dim(axis)
+    step = max(1, _CHUNK_BYTES // max(1, H * T * D * 4))
+    for l0 in range(0, L, step):
+        xs = x[l0 : l0 + step].float()  # [l, H, T, D]
+        xg = _grouped(xs, group, axis)
+        mn, mx = torch.aminmax(xg, dim=sd, keepdim=True)
+        z16 = mn.half()
+        zf = z16.float()
+        s16 = ((mx - zf) / qmax).half()
+        sf = s16.float()
+        y = (xg - zf) / sf
+        y = torch.where(sf > 0, y, 0.0).add_(0.5).floor_().clamp_(0, qmax)
+        q = _ungrouped(y, T, D, axis).to(torch.uint8)  # [l, H, T, D]
+        pack_bits(q, bits, out=codes[l0 : l0 + step])
+        scale[l0 : l0 + step] = s16.squeeze(sd)
+        zero[l0 : l0 + step] = z16.squeeze(sd)
+
+
+def dequantize_torch(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int, group: int, axis: str, out: torch.Tensor, rotation: torch.Tensor | None = None) -> None:
+    """Inverse of ``quantize_torch``: ``out`` ``[L, H, T, D]`` (any float dtype, any strides)
+    gets ``zero + code·scale`` computed in float32 (then ``@ rotation`` when one is given)."""
+    L, H, T, D = out.shape
+    if T == 0:
+        return
+    sd = _stat_dim(axis)
+    step = max(1, _CHUNK_BYTES // max(1, H * T * D * 4))
+    for l0 in range(0, L, step):
+        q = unpack_bits(codes[l0 : l0 + step], bits, D).float()  # [l, H, T, D]
+        qg = _grouped(q, group, axis)
+        x = qg.mul_(scale[l0 : l0 + step].float().unsqueeze(sd)).add_(zero[l0 : l0 + step].float().unsqueeze(sd))
+        x = _ungrouped(x, T, D, axis)
+        if rotation is not None:
+            x = x @ rotation
+        out[l0 : l0 + step].copy_(x)
+
+
+def group_extent(x: torch.Tensor, group: int, axis: str) -> torch.Tensor:
+    """``max - min`` of the group each element of ``x`` ``[L, H, T, D]`` belongs to (float32)."""
+    L, H, T, D = x.shape
+    if T == 0:
+        return x.float()
+    xg = _grouped(x.float(), group, axis)
+    mn, mx = torch.aminmax(xg, dim=_stat_dim(axis), keepdim=True)
+    return _ungrouped((mx - mn).expand_as(xg), T, D, axis)
+
+
+def hadamard(n: int, device=None) -> torch.Tensor:
+    """The orthonormal Sylvester-Hadamard matrix ``[n, n]`` (float32; n a power of two; symmetric)."""
+    if n < 1 or n & (n - 1):
+        raise ValueError(f"a Hadamard rotation needs a power-of-two head_dim, got {n}")
+    h = torch.ones(1, 1)
+    while h.shape[0] < n:
+        h = torch.cat((torch.cat((h, h), 1), torch.cat((h, -h), 1)), 0)
+    return (h / math.sqrt(n)).to(device)
+
+
+# -- the codec --------------------------------------------------------------------------------------
+class KiviCodec:
+    """KIVI 2/4-bit codec (see the module docstring).
+
+    Args:
+        bits: 2 or 4.
+        group_size: tokens per key group and channels per value group (a multiple of 4).
+        key_group_size, value_group_size: override ``group_size`` for keys or values alone
+            (keys over larger token groups cost fewer bits: ``32 / G`` bits per key element).
+        residual_tokens: the last R tokens of the block stay in the block's dtype.
+        rotate: an orthonormal Hadamard rotation over head_dim before quantizing K and V
+            (QuaRot / RotateKV), undone after decoding; spreads outlier channels over all
+            channels. head_dim must be a power of two.
+    """
+
+    lossless = False
+
+    def __init__(
+        self,
+        bits: int = 4,
+        group_size: int = 32,
+        residual_tokens: int = 0,
+        rotate: bool = False,
+        *,
+        key_group_size: int | None = None,
+        value_group_size: int | None = None,
+        name: str | None = None,
+    ) -> None:
+        if bits not in (2, 4) or isinstance(bits, bool):
+            raise ValueError(f"kivi bits must be 2 or 4, got {bits!r}")
+        _check_group("group_size", group_size)
+        key_group_size = group_size if key_group_size is None else key_group_size
+        value_group_size = group_size if value_group_size is None else value_group_size
+        _check_group("key_group_size", key_group_size)
+        _check_group("value_group_size", value_group_size)
+        if not isinstance(residual_tokens, int) or isinstance(residual_tokens, bool) or residual_tokens < 0:
+            raise ValueError(f"residual_tokens must be a non-negative int, got {residual_tokens!r}")
+        if not isinstance(rotate, bool):
+            raise ValueError(f"rotate must be a bool, got {rotate!r}")
+        self.bits = bits
+        self.key_group_size = key_group_size
+        self.value_group_size = value_group_size
+        self.residual_tokens = residual_tokens
+        self.rotate = rotate
+        self.name = name or f"kivi{bits}"
+
+    def __repr__(self) -> str:
+        return (
+            f"KiviCodec(bits={self.bits}, key_group_size={self.key_group_size}, value_group_size={self.value_group_size}, "
+            f"residual_tokens={self.residual_tokens}, rotate={self.rotate}, name={self.name!r})"
+        )
+
+    # The worst-case error of one element, declared here and only here (derivation: the code
+    # rounding is at most scale/2 = G/(2·(2^b-1)); rounding zero and scale to float16 adds at
+    # most 2^-11·(|zero| + G) each, and |zero| <= |x| + G; float16 subnormal scales add `abs`).
+    # With ``rotate`` the bound holds in the rotated domain; ``max_error`` carries it back.
+    @property
+    def error_bound(self) -> ErrorBound:
+        qmax = (1 << self.bits) - 1
+        return ErrorBound(rel=2.0**-10, span=1 / (2 * qmax) + 2.0**-9, abs=qmax * 2.0**-24)
+
+    def _options(self) -> dict:
+        return {"bits": self.bits, "k_group": self.key_group_size, "v_group": self.value_group_size, "residual": self.residual_tokens, "rotate": self.rotate}
+
+    @staticmethod
+    def layout(spec: KVSpec, bits: int, k_group: int, v_group: int, residual: int) -> Layout:
+        L, _, H, T, D = spec.block_shape
+        tq = T - residual
+        return Layout([
+            ("residual", spec.torch_dtype, (L, 2, H, residual, D)),
+            ("k_scale", torch.float16, stats_shape((L, H, tq, D), k_group, "tokens")),
+            ("k_zero", torch.float16, stats_shape((L, H, tq, D), k_group, "tokens")),
+            ("v_scale", torch.float16, stats_shape((L, H, tq, D), v_group, "channels")),
+            ("v_zero", torch.float16, stats_shape((L, H, tq, D), v_group, "channels")),
+            ("k_codes", torch.uint8, (L, H, tq, packed_len(D, bits))),
+            ("v_codes", torch.uint8, (L, H, tq, packed_len(D, bits))),
+        ])
+
+    def bits_per_element(self, spec: KVSpec) -> float:
+        """Exact bits per element of a payload for ``spec`` (scales, zero points and residual included)."""
+        self._check_spec(spec)
+        return 8.0 * self.layout(spec, self.bits, self.key_group_size, self.value_group_size, self.residual_tokens).nbytes / spec.block_numel
+
+    def _check_spec(self, spec: KVSpec) -> None:
+        if self.residual_tokens > spec.block_tokens:
+            raise ValueError(f"residual_tokens {self.residual_tokens} exceeds the block's {spec.block_tokens} tokens")
+        if self.rotate and spec.head_dim & (spec.head_dim - 1):
+            raise ValueError(f"{self.name} rotates over head_dim, which must be a power of two, got {spec.head_dim}")
+
+    def encode(self, block: torch.Tensor, spec: KVSpec):
+        check_quantizable(block, spec, self.name)
+        self._check_spec(spec)
+        layout = self.layout(spec, self.bits, self.key_group_size, self.value_group_size, self.residual_tokens)
+        buf = torch.empty(layout.nbytes, dtype=torch.uint8, device=block.device)
+        parts = layout.views(buf)
+        tq = spec.block_tokens - self.residual_tokens
+        parts["residual"].copy_(block[:, :, :, tq:])
+        k, v = block[:, 0, :, :tq], block[:, 1, :, :tq]  # [L, H, Tq, D] views
+        if self.rotate:  # the one full-size float32 copy of the codec (K and V rotated)
+            rot = hadamard(spec.head_dim, block.device)
+            k, v = k.float() @ rot, v.float() @ rot
+        if quant.use_triton(block):
+            from . import triton_quant as impl
+
+            quantize = impl.kivi_quantize
+        else:
+            quantize = quantize_torch
+        quantize(k, self.bits, self.key_group_size, "tokens", parts["k_codes"], parts["k_scale"], parts["k_zero"])
+        quantize(v, self.bits, self.value_group_size, "channels", parts["v_codes"], parts["v_scale"], parts["v_zero"])
+        for name in ("k_scale", "k_zero", "v_scale", "v_zero"):
+            check_finite(parts[name], "scales and zero points", self.name)
+        return cpu_bytes(buf), self._options()
+
+    def decode(self, payload, meta: dict, spec: KVSpec, out: torch.Tensor | None = None) -> torch.Tensor:
+        """Any kivi payload (whatever its bits, groups, residual and rotation: they travel in
+        ``meta``), into ``out`` when given (written in place, no full-size temporary unless the
+        payload is rotated or ``out`` is not contiguous)."""
+        check_meta(meta, "kivi", {"bits": (int, (2, 4)), "k_group": (int, None), "v_group": (int, None), "residual": (int, None), "rotate": (bool, None)})
+        bits, k_group, v_group, residual, rotate = (meta[k] for k in ("bits", "k_group", "v_group", "residual", "rotate"))
+        for what, g in (("k_group", k_group), ("v_group", v_group)):
+            if g < 4 or g % 4 or g > MAX_GROUP:
+                raise ValueError(f"kivi meta {what} must be a multiple of 4 within [4, {MAX_GROUP}], got {g}")
+        if not 0 <= residual <= spec.block_tokens:
+            raise ValueError(f"kivi meta residual must be within [0, {spec.block_tokens}], got {residual}")
+        if rotate and spec.head_dim & (spec.head_dim - 1):
+            raise ValueError(f"kivi meta asks for a rotation, but head_dim {spec.head_dim} is not a power of two")
+        if spec.torch_dtype not in (torch.float16, torch.bfloat16, torch.float32):
+            raise ValueError(f"kivi decodes into float16, bfloat16 or float32 blocks, got a {spec.dtype} spec")
+        check_out(out, spec)
+        layout = self.layout(spec, bits, k_group, v_group, residual)
+        buf = payload_tensor(payload, layout.nbytes, "kivi")
+        if out is None:
+            out = torch.empty(spec.block_shape, dtype=spec.torch_dtype)
+        elif out.device != buf.device:
+            buf = buf.to(out.device)
+        parts = layout.views(buf)
+        for name in ("k_scale", "k_zero", "v_scale", "v_zero"):
+            check_finite(parts[name], "scales and zero points in the payload", "kivi")
+        tq = spec.block_tokens - residual
+        out[:, :, :, tq:].copy_(parts["residual"])
+        rot = hadamard(spec.head_dim, out.device) if rotate else None
+        for kv, name, axis, group in ((0, "k", "tokens", k_group), (1, "v", "channels", v_group)):
+            args = (parts[f"{name}_codes"], parts[f"{name}_scale"], parts[f"{name}_zero"], bits, group, axis)
+            dst = out[:, kv, :, :tq]
+            if not quant.use_triton(out):
+                dequantize_torch(*args, dst, rot)
+                continue
+            from . import triton_quant as impl
+
+            if rot is None:
+                impl.kivi_dequantize(*args, dst)
+            else:
+                tmp = torch.empty(dst.shape, dtype=torch.float32, device=out.device)
+                impl.kivi_dequantize(*args, tmp)
+                dst.copy_(tmp @ rot)
+        return out
+
+    def max_error(self, block: torch.Tensor, spec: KVSpec) -> torch.Tensor:
+        """The declared worst-case error of every element of ``block`` ``[L, 2, H, T, D]`` (float32)."""
+        check_quantizable(block, spec, self.name)
+        self._check_spec(spec)
+        x = block.float()
+        tq = spec.block_tokens - self.residual_tokens
+        extent = torch.zeros_like(x)
+        base = x.clone()
+        rot = hadamard(spec.head_dim) if self.rotate else None
+        if rot is not None:
+            base[:, :, :, :tq] = base[:, :, :, :tq] @ rot
+        extent[:, 0, :, :tq] = group_extent(base[:, 0, :, :tq], self.key_group_size, "tokens")
+        extent[:, 1, :, :tq] = group_extent(base[:, 1, :, :tq], self.value_group_size, "channels")
+        b = self.error_bound
+        if rot is None:
+            return b.allowed(x, extent, spec.torch_dtype)
+        # rotated tokens: an error e_r in the rotated domain becomes H·e_r, whose elements are at
+        # most sum|e_r| / sqrt(D) (|H_ij| = 1/sqrt(D)); float32 matmuls add a little more.
+        e_r = b.rel * base.abs() + b.span * extent + b.abs
+        spread = e_r[:, :, :, :tq].sum(-1, keepdim=True) / math.sqrt(spec.head_dim)
+        fp32 = 2.0**-20 * base[:, :, :, :tq].abs().sum(-1, keepdim=True)
+        e = torch.zeros_like(x)
+        e[:, :, :, :tq] = spread + fp32
+        u = UNIT_ROUNDOFF[spec.torch_dtype]
+        return e * (1 + u) + u * x.abs()
+
+
+MAX_GROUP = 4096
+
+
+def _check_group(what: str, g) -> None:
+    if not isinstance(g, int) or isinstance(g, bool) or g < 4 or g % 4 or g > MAX_GROUP:
+        raise ValueError(f"{what} must be a multiple of 4 within [4, {MAX_GROUP}], got {g!r}")
+
+
+register_codec("kivi4", lambda: KiviCodec(bits=4))
+register_codec("kivi2", lambda: KiviCodec(bits=2))
+register_codec("kivi2h", lambda: KiviCodec(bits=2, rotate=True, name="kivi2h"))
