@@ -153,6 +153,41 @@ def bench_blocks(quick: bool, label: str, env: dict) -> dict:
     return res
 
 
+def bench_grpc_floor(quick: bool) -> dict:
+    """grpcio alone: 6 MiB to and from a servicer that does nothing (the transport's own cost here)."""
+    from concurrent import futures
+
+    import grpc
+
+    from service.proto import kvtier_pb2 as pb
+    from service.proto import kvtier_pb2_grpc as pb_grpc
+
+    data = np.random.default_rng(0).bytes(SPEC_6M.block_nbytes)
+
+    class Echo(pb_grpc.KVTierServicer):
+        def PutBlocks(self, it, ctx):
+            return pb.PutReply(num_stored=sum(len(m.frame) for m in it))
+
+        def GetBlocks(self, req, ctx):
+            yield pb.BlockReply(found=True, frame=data)
+
+    opts = [("grpc.max_receive_message_length", 64 << 20), ("grpc.max_send_message_length", 64 << 20)]
+    server = grpc.server(futures.ThreadPoolExecutor(4), options=opts)
+    pb_grpc.add_KVTierServicer_to_server(Echo(), server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{port}", options=opts) as ch:
+            stub = pb_grpc.KVTierStub(ch)
+            repeat = 5 if quick else 20
+            put = median_of(lambda: stub.PutBlocks(iter([pb.PutRequest(frame=data)])), repeat)
+            get = median_of(lambda: list(stub.GetBlocks(pb.KeysRequest())), repeat)
+    finally:
+        server.stop(0)
+    print(f"grpcio alone (no-op servicer), 6 MiB: put {put * 1e3:.2f} ms, get {get * 1e3:.2f} ms")
+    return {"put_s": put, "get_s": get}
+
+
 # -- 2. lookups under 64 concurrent clients ------------------------------------------------------
 async def _client_loop(port: int, body: bytes, headers: bytes, n_conns: int, duration_s: float, warmup_s: float, q) -> None:
     lat: list[float] = []
@@ -257,6 +292,7 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     blocks = {label: bench_blocks(args.quick, label, env) for label, env in CONFIGS.items()}
+    grpc_floor = bench_grpc_floor(args.quick)
     lookups = bench_lookups(args.quick)
     mode = "quick" if args.quick else "full"
     rows = []
@@ -267,12 +303,14 @@ def main() -> None:
                              f"**{b[f'{tr}_{op}_ratio']:.2f}x**", goal])
     md = [f"Service benchmark ({mode} mode): `python bench/service.py{' --quick' if args.quick else ''}`, 6 MiB blocks "
           "(SDK clients, median; ratio = raw redis-py time / kvtier time, higher is better)", "",
-          md_table(["kvtier tiers", "transport", "op", "kvtier", "raw redis-py SET/GET", "ratio", "goal"], rows), ""]
+          md_table(["kvtier tiers", "transport", "op", "kvtier", "raw redis-py SET/GET", "ratio", "goal"], rows), "",
+          f"grpcio alone (a no-op servicer in this process), 6 MiB: put {grpc_floor['put_s'] * 1e3:.1f} ms, "
+          f"get {grpc_floor['get_s'] * 1e3:.1f} ms.", ""]
     lrows = [[label, r["clients"], f"{r['p50_ms']:.2f}", f"{r['p99_ms']:.2f}", f"{r['rps']:.0f}", r["errors"], f"{r['single_client_p50_ms']:.2f}"]
              for label, r in lookups.items()]
     md += [md_table(["lookup (REST)", "concurrent clients", "p50 ms", "p99 ms", "requests/s", "errors", "one client p50 ms"], lrows)]
     print("\n" + "\n".join(md))
-    save_results("service", {"mode": mode, "blocks_6mib": blocks, "lookups": lookups}, "\n".join(md), args.out)
+    save_results("service", {"mode": mode, "blocks_6mib": blocks, "grpc_transport_alone": grpc_floor, "lookups": lookups}, "\n".join(md), args.out)
 
 
 if __name__ == "__main__":
