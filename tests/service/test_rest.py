@@ -226,16 +226,26 @@ def test_disk_tier_survives_restart_and_shutdown_is_graceful():
             blocks = _blocks(16, spec, seed=11)
             result = {}
 
+            pieces = encode_blocks(spec, keys, blocks)
+            size = sum(len(x) if isinstance(x, bytes) else x.nbytes for x in pieces)
+
+            def slow_body():  # ~1.5 s of upload: surely in flight when SIGTERM comes
+                for piece in pieces:
+                    time.sleep(0.03)
+                    yield bytes(piece)
+
             def upload():
-                with KVTierClient(srv.url, retries=0) as c2:
-                    result["stored"] = c2.put(model, keys, blocks)
+                r = httpx.put(srv.url + "/v1/blocks", params={"model": model}, content=slow_body(), timeout=60,
+                              headers={"content-length": str(size), "content-type": wire.FRAMES_MEDIA_TYPE})
+                result["status"], result["stored"] = r.status_code, r.json().get("stored")
 
             t = threading.Thread(target=upload)
             t.start()
-            time.sleep(0.3)  # the upload is in flight
+            time.sleep(0.5)
+            assert t.is_alive()  # the upload is in flight
             srv.stop()
             t.join(30)
-            assert result.get("stored") == [True] * 16
+            assert result.get("status") == 200 and result.get("stored") == [True] * 16
         srv.start()
         with KVTierClient(srv.url) as c:
             assert c.lookup(model, hashes=keys).num_blocks == 16  # no re-registration needed
