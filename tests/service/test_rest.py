@@ -55,6 +55,10 @@ def test_roundtrip_lookup_get_delete(client):
     for g, b in zip(got[:3], blocks[:3]):
         assert g.shape == TINY.block_shape and g.dtype == torch.float16 and torch.equal(g, b)
 
+    long_chain = chain_hashes(TINY, _tokens(16 * 500, seed=13))  # lookups by hash take whole long chains
+    assert client.put(model, long_chain[:40], _blocks(40, seed=13)) == [True] * 40
+    assert client.lookup(model, hashes=long_chain).num_blocks == 40
+
     assert client.delete(model, keys[1:2]) == 1
     assert client.lookup(model, hashes=keys).num_blocks == 1  # the prefix stops at the hole
     assert client.get(model, keys[1:2]) == [None]
