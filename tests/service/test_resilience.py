@@ -102,6 +102,7 @@ def test_memory_bounded_under_10x_capacity_writes():
         # RSS levels off: the last third grows by less than the capacity of the memory tiers
         third = len(rss) // 3
         growth = max(rss[third:]) - rss[third]
+        print(f"RSS MiB over the write load: {[r >> 20 for r in rss]}")
         assert growth < caps["device"] + caps["host"] + (8 << 20), [r >> 20 for r in rss]
     finally:
         srv.stop()
