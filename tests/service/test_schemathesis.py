@@ -9,10 +9,9 @@ from __future__ import annotations
 import zlib
 
 import schemathesis
+import torch
 from hypothesis import HealthCheck, given, settings
 from schemathesis.checks import not_a_server_error
-
-import torch
 
 from kvstore import chain_hashes
 from service import wire
