@@ -195,6 +195,9 @@ def test_body_limits(open_server, client):
     model = client.register_spec(TINY)
     r = httpx.post(open_server.url + "/v1/lookup", content=b"{" + b" " * (17 << 20) + b"}")
     assert r.status_code == 413 and r.json()["error"]["field"] == "body"
+    chunked = httpx.post(open_server.url + "/v1/specs", content=iter([b"{" + b" " * (1 << 20)] * 17 + [b"}"]))  # no Content-Length
+    assert chunked.status_code == 413 and chunked.json()["error"]["field"] == "body"
+    assert client.lookup(model, token_ids=[1] * 32).num_blocks == 0
     r = httpx.post(open_server.url + "/v1/lookup", json={"model": model, "token_ids": [1] * ((1 << 20) + 1)})
     assert r.status_code == 413 and r.json()["error"]["field"] == "token_ids"
 
