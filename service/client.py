@@ -19,8 +19,9 @@ from __future__ import annotations
 
 import asyncio
 import random
-import warnings
+import threading
 import time
+import warnings
 from dataclasses import dataclass
 from typing import Any, Sequence
 
@@ -28,8 +29,8 @@ import httpx
 import torch
 
 from kvstore import FrameError, KVSpec, decode_frame, get_codec
-from kvstore.frames import encode_frame_parts
 from kvstore.codecs.base import tensor_bytes, tensor_from_bytes
+from kvstore.frames import encode_frame_parts
 
 from . import wire
 from .errors import ServiceError
@@ -189,6 +190,19 @@ class _Base:
         self.backoff_s = backoff_s
         self._specs: dict[str, KVSpec] = {}
         self._kw = dict(base_url=self.base_url, headers=_headers(api_key), timeout=timeout)
+        self._rbuf = bytearray()  # reused receive buffer of block answers (fresh pages cost more than the copy)
+        self._rbuf_lock = threading.Lock()
+
+    def _take_rbuf(self, n: int) -> tuple[bytearray, bool]:
+        if n <= 0 or not self._rbuf_lock.acquire(blocking=False):
+            return bytearray(max(n, 0)), False  # in use by another call: a private one
+        if len(self._rbuf) < n:
+            self._rbuf = bytearray(n)
+        return self._rbuf, True
+
+    def _give_rbuf(self, owned: bool) -> None:
+        if owned:
+            self._rbuf_lock.release()
 
     def _delay(self, attempt: int) -> float:
         return self.backoff_s * (2 ** attempt) * (0.5 + random.random() / 2)
@@ -263,8 +277,37 @@ class KVTierClient(_Base):
 
     def get(self, model: str, keys: Sequence[bytes], out: Sequence[torch.Tensor] | None = None) -> list[torch.Tensor | None]:
         """Blocks ``[L, 2, H_kv, T, D]`` per key (None: a miss); with ``out``, copied into those buffers."""
-        resp = self._request("POST", "/v1/blocks/get", json={"model": model, "keys": [_key_hex(k) for k in keys]})
-        return decode_blocks(self.spec(model), keys, resp.content, out)
+        spec = self.spec(model)
+        body = {"model": model, "keys": [_key_hex(k) for k in keys]}
+        for attempt in range(self.retries + 1):
+            try:
+                with self._http.stream("POST", "/v1/blocks/get", json=body) as resp:
+                    if resp.status_code >= 400:
+                        resp.read()
+                        if resp.status_code not in RETRY_STATUS or attempt == self.retries:
+                            _raise_for(resp)
+                    else:
+                        n = int(resp.headers.get("content-length", -1))
+                        buf, owned = self._take_rbuf(n)
+                        try:
+                            if n < 0:
+                                data = resp.read()
+                            else:
+                                pos = 0
+                                for chunk in resp.iter_raw():
+                                    if pos + len(chunk) > n:
+                                        raise FrameError(f"the answer is longer than its Content-Length ({n})")
+                                    buf[pos: pos + len(chunk)] = chunk
+                                    pos += len(chunk)
+                                data = memoryview(buf)[:pos]
+                            return decode_blocks(spec, keys, data, out)
+                        finally:
+                            self._give_rbuf(owned)
+            except httpx.TransportError:
+                if attempt == self.retries:
+                    raise
+            time.sleep(self._delay(attempt))
+        raise AssertionError("unreachable")
 
     def delete(self, model: str, keys: Sequence[bytes]) -> int:
         return self._request("POST", "/v1/blocks/delete", json={"model": model, "keys": [_key_hex(k) for k in keys]}).json()["removed"]
@@ -345,8 +388,37 @@ class AsyncKVTierClient(_Base):
         return resp.json()["stored"]
 
     async def get(self, model: str, keys: Sequence[bytes], out: Sequence[torch.Tensor] | None = None) -> list[torch.Tensor | None]:
-        resp = await self._request("POST", "/v1/blocks/get", json={"model": model, "keys": [_key_hex(k) for k in keys]})
-        return decode_blocks(await self.spec(model), keys, resp.content, out)
+        spec = await self.spec(model)
+        body = {"model": model, "keys": [_key_hex(k) for k in keys]}
+        for attempt in range(self.retries + 1):
+            try:
+                async with self._http.stream("POST", "/v1/blocks/get", json=body) as resp:
+                    if resp.status_code >= 400:
+                        await resp.aread()
+                        if resp.status_code not in RETRY_STATUS or attempt == self.retries:
+                            _raise_for(resp)
+                    else:
+                        n = int(resp.headers.get("content-length", -1))
+                        buf, owned = self._take_rbuf(n)
+                        try:
+                            if n < 0:
+                                data = await resp.aread()
+                            else:
+                                pos = 0
+                                async for chunk in resp.aiter_raw():
+                                    if pos + len(chunk) > n:
+                                        raise FrameError(f"the answer is longer than its Content-Length ({n})")
+                                    buf[pos: pos + len(chunk)] = chunk
+                                    pos += len(chunk)
+                                data = memoryview(buf)[:pos]
+                            return decode_blocks(spec, keys, data, out)
+                        finally:
+                            self._give_rbuf(owned)
+            except httpx.TransportError:
+                if attempt == self.retries:
+                    raise
+            await asyncio.sleep(self._delay(attempt))
+        raise AssertionError("unreachable")
 
     async def delete(self, model: str, keys: Sequence[bytes]) -> int:
         resp = await self._request("POST", "/v1/blocks/delete", json={"model": model, "keys": [_key_hex(k) for k in keys]})

@@ -123,8 +123,8 @@ class KVService:
         spec = self.spec_of(p, model)
         if (token_ids is None) == (hashes is None):
             raise BadRequest("give exactly one of token_ids and hashes", field="token_ids")
-        if hashes is not None:
-            ckeys = self._client_keys(hashes, "hashes")
+        if hashes is not None:  # a chain as long as the longest token lookup (blocks of at least 16 tokens)
+            ckeys = self._client_keys(hashes, "hashes", limit=max(1, self.settings.max_tokens_per_request // 16))
         else:
             ckeys = chain_hashes(spec, self._tokens(token_ids), self._namespace(p, salt, extra_keys))
         result = self.store.lookup(spec, self.keyspace(p.tenant).storage_keys(ckeys))

@@ -124,11 +124,12 @@ class KVTierServicer(pb_grpc.KVTierServicer):
                 if len(frames) >= self.settings.max_blocks_per_request:
                     raise PayloadTooLarge(f"more than {self.settings.max_blocks_per_request} frames (max_blocks_per_request)",
                                           field=f"frames[{i}]")
-                total += len(msg.frame)
+                frame = msg.frame  # one access: each access of a bytes field may copy it
+                total += len(frame)
                 if total > self.settings.max_request_bytes:
                     raise PayloadTooLarge(f"the put stream exceeds max_request_bytes ({self.settings.max_request_bytes})",
                                           field=f"frames[{i}]")
-                frames.append(memoryview(msg.frame) if msg.frame else None)
+                frames.append(memoryview(frame) if frame else None)
             if model is None:
                 raise BadRequest("the put stream holds no frames", field="frames")
             stored = self.svc.put_frames(p, model, frames, parent)

@@ -148,19 +148,26 @@ class BodyLimit:
                 if declared > limit:
                     return await _send_error(send, 413, "too_large", f"the body has {declared} bytes, at most {limit} are allowed", "body")
         seen = 0
-        started = False
+        started = exceeded = False
+        message_413 = f"the body has more than {limit} bytes"
 
         async def limited_receive():
-            nonlocal seen
+            nonlocal seen, exceeded
             message = await receive()
             if message["type"] == "http.request":
                 seen += len(message.get("body", b""))
                 if seen > limit:
+                    exceeded = True
                     raise _TooLarge()
             return message
 
         async def tracking_send(message):
             nonlocal started
+            if exceeded:  # the app turned _TooLarge into an answer of its own (FastAPI: 400 "error parsing the body")
+                if message["type"] == "http.response.start" and not started:
+                    started = True
+                    await _send_error(send, 413, "too_large", message_413, "body")
+                return
             if message["type"] == "http.response.start":
                 started = True
             await send(message)
@@ -169,7 +176,7 @@ class BodyLimit:
             await self.app(scope, limited_receive, tracking_send)
         except _TooLarge:
             if not started:
-                await _send_error(send, 413, "too_large", f"the body has more than {limit} bytes", "body")
+                await _send_error(send, 413, "too_large", message_413, "body")
 
 
 async def _send_error(send, status: int, code: str, message: str, field: str | None) -> None:

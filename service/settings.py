@@ -103,8 +103,8 @@ class Settings(BaseSettings):
     # -- request bounds --------------------------------------------------------------------
     max_request_bytes: ByteSize = Field(128 << 20, description="Largest body of a block upload (`PUT /v1/blocks`), and largest gRPC put stream; larger: 413.")
     max_json_bytes: ByteSize = Field(16 << 20, description="Largest JSON request body; larger: 413.")
-    max_blocks_per_request: int = Field(64, ge=1, description="Most blocks (frames or hashes) one put/get/delete/pin/lookup-by-hash names.")
-    max_tokens_per_request: int = Field(1 << 20, ge=1, description="Most token ids in one lookup.")
+    max_blocks_per_request: int = Field(64, ge=1, description="Most blocks (frames or hashes) one put/get/delete/pin names.")
+    max_tokens_per_request: int = Field(1 << 20, ge=1, description="Most token ids in one lookup (and most hashes in a lookup by hashes: this / 16).")
     max_block_bytes: ByteSize = Field(64 << 20, description="Largest block (`spec.block_nbytes`) a spec may register.")
     max_specs: int = Field(256, ge=1, description="Most distinct specs registered at once.")
     max_pin_ttl_s: float = Field(3600.0, gt=0, description="Longest pin (lease) TTL, in seconds.")

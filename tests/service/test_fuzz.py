@@ -70,6 +70,8 @@ def malformed_requests(model: str, rng: random.Random):
         yield put(good + b"\xc6\xff\xff\xff\xff")
     for _ in range(3):
         yield put(_stream(*[_frame(key()) for _ in range(1)]) + rng.randbytes((1 << 20) + 1))  # > max_request_bytes
+        yield put(iter([_stream(good)] + [rng.randbytes(256 << 10)] * 5))  # streamed (chunked, no Content-Length) past it
+        yield ("POST", "/v1/lookup", {"content": iter([b'{"model": "' + model.encode() + b'", "token_ids": [' + b"1," * (200 << 10) + b"1]}"])})
         yield ("POST", "/v1/lookup", {"json": {"model": model, "token_ids": [1] * 200_000}})  # > max_json_bytes
     for _ in range(100):  # wrong shapes, dtypes, specs, codecs, checksums, payload sizes
         shape = list(TINY.block_shape)

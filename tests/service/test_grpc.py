@@ -124,3 +124,50 @@ def test_generated_code_is_current(tmp_path):
     for name in ("kvtier_pb2.py", "kvtier_pb2_grpc.py"):
         assert (tmp_path / "service/proto" / name).read_text() == (ROOT / "service/proto" / name).read_text(), \
             f"service/proto/{name} is stale: regenerate it (see the command in service/proto/kvtier.proto)"
+
+
+def test_grpc_malformed_requests_are_refused_not_crashed(server):
+    """Random bytes as frames, bad hashes and fields, unknown models: a client error status, never INTERNAL/UNKNOWN."""
+    import random
+
+    import grpc
+
+    from service.proto import kvtier_pb2 as pb
+    from service.proto import kvtier_pb2_grpc as pb_grpc
+
+    rng = random.Random(7)
+    md = (("authorization", f"Bearer {A}"),)
+    with KVTierGrpcClient(server.grpc_target, api_key=A) as g, grpc.insecure_channel(server.grpc_target) as ch:
+        model = g.register_spec(TINY)
+        keys = chain_hashes(TINY, list(range(32)), Namespace(salt="grpc-fuzz"))
+        g.put(model, keys, _blocks(2, seed=8))
+        before = g.stats()["bytes"]
+        stub = pb_grpc.KVTierStub(ch)
+        calls = []
+        for _ in range(40):
+            calls += [
+                lambda: stub.PutBlocks(iter([pb.PutRequest(model=model, frame=rng.randbytes(rng.randrange(0, 3000)))]), metadata=md),
+                lambda: stub.PutBlocks(iter([pb.PutRequest(model=model, parent=rng.randbytes(rng.choice([1, 31, 33])), frame=b"x")]), metadata=md),
+                lambda: stub.PutBlocks(iter([]), metadata=md),
+                lambda: stub.PutBlocks(iter([pb.PutRequest(model=rng.randbytes(8).hex(), frame=b"x")]), metadata=md),
+                lambda: stub.Lookup(pb.LookupRequest(model=model, hashes=[rng.randbytes(rng.choice([0, 5, 31, 64]))]), metadata=md),
+                lambda: stub.Lookup(pb.LookupRequest(model=model, token_ids=[1], extra_keys=["k"] * 17), metadata=md),
+                lambda: list(stub.GetBlocks(pb.KeysRequest(model=model, keys=[rng.randbytes(3)]), metadata=md)),
+                lambda: list(stub.GetBlocks(pb.KeysRequest(model=model, keys=[]), metadata=md)),
+                lambda: stub.Pin(pb.PinRequest(model=model, keys=[keys[0]], ttl_s=rng.choice([0.0, -1.0, 1e12, float("nan")])), metadata=md),
+                lambda: stub.Unpin(pb.UnpinRequest(lease_id=rng.randrange(10**6, 2**63)), metadata=md),
+                lambda: stub.Events(pb.EventsRequest(after=2**63, limit=rng.randrange(10**6, 2**32)), metadata=md),
+                lambda: stub.RegisterSpec(pb.Spec(model_id="", num_layers=0), metadata=md),
+                lambda: stub.RegisterSpec(pb.Spec(model_id="m", num_layers=4096, num_kv_heads=4096, head_dim=4096), metadata=md),
+                lambda: stub.Stats(pb.StatsRequest(), metadata=(("authorization", "Bearer nope-nope-nope"),)),
+            ]
+        refused = {"INVALID_ARGUMENT", "NOT_FOUND", "UNAUTHENTICATED", "PERMISSION_DENIED", "RESOURCE_EXHAUSTED"}
+        codes = {}
+        for call in calls:
+            with pytest.raises(grpc.RpcError) as e:
+                call()
+            codes[e.value.code().name] = codes.get(e.value.code().name, 0) + 1
+            assert e.value.code().name in refused, (e.value.code(), e.value.details())
+        assert len(calls) >= 500
+        assert g.stats()["bytes"] == before and g.lookup(model, hashes=keys).num_blocks == 2
+        assert g.health()["ready"]

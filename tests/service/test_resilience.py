@@ -102,6 +102,30 @@ def test_memory_bounded_under_10x_capacity_writes():
         # RSS levels off: the last third grows by less than the capacity of the memory tiers
         third = len(rss) // 3
         growth = max(rss[third:]) - rss[third]
+        print(f"RSS MiB over the write load: {[r >> 20 for r in rss]}")
         assert growth < caps["device"] + caps["host"] + (8 << 20), [r >> 20 for r in rss]
     finally:
         srv.stop()
+
+
+@pytest.mark.redis
+def test_two_instances_share_a_redis_cluster(redis_cluster_url):
+    """Redis Cluster joins by URL; a second instance (no block of its own) answers from what the first wrote."""
+    env = {"KVTIER_REDIS_URL": redis_cluster_url, "KVTIER_API_KEYS": '{"cluster-key-0001": "acme"}'}
+    one, two = ServiceProcess(env), ServiceProcess(env)
+    try:
+        with KVTierClient(one.url, api_key="cluster-key-0001") as a, KVTierClient(two.url, api_key="cluster-key-0001") as b:
+            model = a.register_spec(TINY)
+            assert b.register_spec(TINY) == model
+            tokens = list(range(16 * 5))
+            keys = a.hashes(model, tokens)
+            assert keys == b.hashes(model, tokens)
+            blocks = _blocks(5, seed=21)
+            assert a.put(model, keys, blocks) == [True] * 5
+            hit = b.lookup(model, token_ids=tokens)
+            assert hit.num_blocks == 5 and hit.tier_hits["redis"] == 5
+            assert all(torch.equal(g, x) for g, x in zip(b.get(model, keys), blocks))
+            assert httpx.get(two.url + "/readyz").json()["tiers"]["redis"] == "ok"
+    finally:
+        one.stop()
+        two.stop()

@@ -55,6 +55,10 @@ def test_roundtrip_lookup_get_delete(client):
     for g, b in zip(got[:3], blocks[:3]):
         assert g.shape == TINY.block_shape and g.dtype == torch.float16 and torch.equal(g, b)
 
+    long_chain = chain_hashes(TINY, _tokens(16 * 500, seed=13))  # lookups by hash take whole long chains
+    assert client.put(model, long_chain[:40], _blocks(40, seed=13)) == [True] * 40
+    assert client.lookup(model, hashes=long_chain).num_blocks == 40
+
     assert client.delete(model, keys[1:2]) == 1
     assert client.lookup(model, hashes=keys).num_blocks == 1  # the prefix stops at the hole
     assert client.get(model, keys[1:2]) == [None]
@@ -191,6 +195,9 @@ def test_body_limits(open_server, client):
     model = client.register_spec(TINY)
     r = httpx.post(open_server.url + "/v1/lookup", content=b"{" + b" " * (17 << 20) + b"}")
     assert r.status_code == 413 and r.json()["error"]["field"] == "body"
+    chunked = httpx.post(open_server.url + "/v1/specs", content=iter([b"{" + b" " * (1 << 20)] * 17 + [b"}"]))  # no Content-Length
+    assert chunked.status_code == 413 and chunked.json()["error"]["field"] == "body"
+    assert client.lookup(model, token_ids=[1] * 32).num_blocks == 0
     r = httpx.post(open_server.url + "/v1/lookup", json={"model": model, "token_ids": [1] * ((1 << 20) + 1)})
     assert r.status_code == 413 and r.json()["error"]["field"] == "token_ids"
 
@@ -226,16 +233,26 @@ def test_disk_tier_survives_restart_and_shutdown_is_graceful():
             blocks = _blocks(16, spec, seed=11)
             result = {}
 
+            pieces = encode_blocks(spec, keys, blocks)
+            size = sum(len(x) if isinstance(x, bytes) else x.nbytes for x in pieces)
+
+            def slow_body():  # ~1.5 s of upload: surely in flight when SIGTERM comes
+                for piece in pieces:
+                    time.sleep(0.03)
+                    yield bytes(piece)
+
             def upload():
-                with KVTierClient(srv.url, retries=0) as c2:
-                    result["stored"] = c2.put(model, keys, blocks)
+                r = httpx.put(srv.url + "/v1/blocks", params={"model": model}, content=slow_body(), timeout=60,
+                              headers={"content-length": str(size), "content-type": wire.FRAMES_MEDIA_TYPE})
+                result["status"], result["stored"] = r.status_code, r.json().get("stored")
 
             t = threading.Thread(target=upload)
             t.start()
-            time.sleep(0.3)  # the upload is in flight
+            time.sleep(0.5)
+            assert t.is_alive()  # the upload is in flight
             srv.stop()
             t.join(30)
-            assert result.get("stored") == [True] * 16
+            assert result.get("status") == 200 and result.get("stored") == [True] * 16
         srv.start()
         with KVTierClient(srv.url) as c:
             assert c.lookup(model, hashes=keys).num_blocks == 16  # no re-registration needed
