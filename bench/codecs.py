@@ -220,6 +220,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="shorter text, fewer prompts and codecs (under a minute)")
     ap.add_argument("--out", help="also write the figures as JSON to this file")
+    ap.add_argument("--passkey-codecs", default=",".join(PASSKEY_CODECS), help=f"codecs measured on the pass-key prompts (default: {','.join(PASSKEY_CODECS)})")
     ap.add_argument("--threads", type=int, default=1, help="torch threads (default 1: on a shared 2-core box a second thread mostly waits)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -249,7 +250,7 @@ def main() -> None:
         pk_codecs = ["kivi4"]
     else:
         prompts = refmodel.passkey_suite(tok, lengths=(2048, 6144), depths=(0.1, 0.5, 0.9), num_keys=2)
-        pk_codecs = PASSKEY_CODECS
+        pk_codecs = [c for c in args.passkey_codecs.split(",") if c]
     print(f"\n4. pass key, {len(prompts)} prompts of {sorted({p.num_tokens for p in prompts})} tokens", flush=True)
     pk = passkeys(model, tok, prompts, pk_codecs, block_tokens)
 
@@ -275,7 +276,7 @@ def main() -> None:
     }
     base = ppl["unquantized"]
     md = [
-        f"# Codecs — `python bench/codecs.py{' --quick' if quick else ''}`",
+        f"# Codecs — `python bench/codecs.py {' '.join(sys.argv[1:])}`".replace(" `", "`"),
         "",
         f"Mode: {mode}. Reference model {refmodel.MODEL_ID}, blocks of {block_tokens} tokens "
         f"({spec.block_nbytes / 1e6:.2f} MB in fp16), {args.threads} torch threads, {elapsed:.0f} s.",
