@@ -50,7 +50,6 @@ from ..spec import KVSpec
 from . import quant
 from .base import register_codec
 from .quant import (
-    UNIT_ROUNDOFF,
     ErrorBound,
     Layout,
     check_finite,
@@ -61,6 +60,7 @@ from .quant import (
     pack_bits,
     packed_len,
     payload_tensor,
+    rounding_to,
     unpack_bits,
 )
 
@@ -360,8 +360,7 @@ class KiviCodec:
         fp32 = 2.0**-20 * base[:, :, :, :tq].abs().sum(-1, keepdim=True)
         e = torch.zeros_like(x)
         e[:, :, :, :tq] = spread + fp32
-        u = UNIT_ROUNDOFF[spec.torch_dtype]
-        return e * (1 + u) + u * x.abs()
+        return rounding_to(spec.torch_dtype, e, x.abs())
 
 
 MAX_GROUP = 4096

@@ -93,6 +93,8 @@ class ZstdStage(_Stage):
     kind = "zstd"
 
     def __init__(self, inner: Codec, level: int = ZSTD_LEVEL) -> None:
+        if not isinstance(level, int) or isinstance(level, bool) or not -7 <= level <= 22:
+            raise ValueError(f"zstd level must be an int within [-7, 22], got {level!r}")
         super().__init__(inner)
         self.level = level
 

@@ -26,7 +26,20 @@ UNIT_ROUNDOFF: dict[torch.dtype, float] = {
     torch.float16: 2.0**-11,
     torch.bfloat16: 2.0**-8,
 }
+# half the spacing of the subnormals of those dtypes: the absolute rounding error near zero
+SUBNORMAL_HALF_SPACING: dict[torch.dtype, float] = {
+    torch.float32: 2.0**-150,
+    torch.float16: 2.0**-25,
+    torch.bfloat16: 2.0**-134,
+}
 QUANTIZABLE = (torch.float16, torch.bfloat16, torch.float32)
+
+
+def rounding_to(dtype: torch.dtype, e: torch.Tensor, ax: torch.Tensor) -> torch.Tensor:
+    """An error bound ``e`` (float32) of a float32 result near ``x`` (``ax = |x|``), widened by
+    the rounding of that result to ``dtype``: relative (unit roundoff) and, near zero, absolute."""
+    u = UNIT_ROUNDOFF.get(dtype, 0.0)
+    return e * (1 + u) + u * ax + SUBNORMAL_HALF_SPACING.get(dtype, 0.0)
 
 
 @dataclass(frozen=True)
@@ -43,10 +56,8 @@ class ErrorBound:
 
     def allowed(self, x: torch.Tensor, extent: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         """Per-element error allowed for ``x`` (float32) whose groups have ``extent`` (float32)."""
-        u = UNIT_ROUNDOFF.get(dtype, 0.0)
         ax = x.abs()
-        e = self.rel * ax + self.span * extent + self.abs
-        return e * (1 + u) + u * ax
+        return rounding_to(dtype, self.rel * ax + self.span * extent + self.abs, ax)
 
 
 EXACT = ErrorBound()

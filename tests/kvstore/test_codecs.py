@@ -246,6 +246,16 @@ def test_lossless_stages_are_bit_exact(stage, inner):
     assert torch.equal(wrapped.decode(p1, m1, SPEC), plain.decode(p0, m0, SPEC))
 
 
+def test_zstd_levels_are_checked_and_all_decode_alike():
+    block = kv_like(SPEC, seed=8)
+    want = get_codec("kivi4").decode(*get_codec("kivi4").encode(block, SPEC), SPEC)
+    for level in (1, 19):
+        codec = ZstdStage(KiviCodec(4), level=level)
+        assert torch.equal(codec.decode(*codec.encode(block, SPEC), SPEC), want)
+    with pytest.raises(ValueError, match="zstd level"):
+        ZstdStage(KiviCodec(4), level=23)
+
+
 def test_a_stage_never_grows_an_incompressible_payload():
     g = torch.Generator().manual_seed(0)
     noise = torch.randint(0, 256, (SPEC.block_nbytes,), generator=g, dtype=torch.uint8)
