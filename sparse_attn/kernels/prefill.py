@@ -1,6 +1,6 @@
 """Triton kernel for block-sparse causal prefill over a :class:`~sparse_attn.patterns.PrefillPlan`.
 
-A program is (query head, query block of 64 rows). Vertical-slash plans (A-shape included) run
+A program is (query block of 64 rows, query head). Vertical-slash plans (A-shape included) run
 two phases folded into one online softmax: the key blocks a slash line crosses, masked to
 ``j <= i & diag[i - j] & ~col[j]``, then the vertical columns gathered 64 at a time, masked to
 ``j <= i`` — so every allowed pair counts once and the columns cost no more than their number.
@@ -26,8 +26,8 @@ def _block_sparse_prefill_kernel(
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
     IS_BLOCK_MASK: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
-    h = tl.program_id(0)
-    qb = tl.program_id(1)
+    qb = tl.program_id(0)  # query blocks on axis 0: CUDA allows 2^31 - 1 there, 65535 on axes 1-2
+    h = tl.program_id(1)
     hk = h // group_size
     rows = qb * BLOCK_M + tl.arange(0, BLOCK_M)
     rmask = rows < num_tokens
@@ -109,7 +109,7 @@ def block_sparse_prefill_plan_triton(q: torch.Tensor, k: torch.Tensor, v: torch.
         vidx, vcnt, deltas = plan.vertical.contiguous(), plan.vertical_count.contiguous(), plan.deltas.contiguous()
         bids = deltas
         num_vidx, num_deltas, num_bids = vidx.shape[-1], deltas.shape[-1], 0
-    _block_sparse_prefill_kernel[(H_q, nqb)](
+    _block_sparse_prefill_kernel[(nqb, H_q)](
         q, k, v, o, lse, colm, diagm, vidx, vcnt, deltas, bids,
         T, nqb, H_q // k.shape[0], num_vidx, num_deltas, num_bids, float(scale),
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), o.stride(0), o.stride(1),

@@ -15,6 +15,15 @@ from tests.contracts.kernel_cases import BUILDERS, GRID
 BACKENDS = ["torch", "triton"]
 
 
+@pytest.fixture(autouse=True)
+def one_torch_thread():
+    """Tiny tensors: two OpenMP threads on a busy 2-core box stall each other (50x slower)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 def test_every_kernel_has_a_case_builder_and_three_implementations():
     assert set(KERNELS) == set(BUILDERS)
     for entry in KERNELS.values():
