@@ -6,7 +6,7 @@ Backends, by name (``make_index(name, dim, **options)``; ``available_indexes()``
 - ``flat``: faiss ``IndexFlatIP`` (same answer, faiss's BLAS kernels).
 - ``ivf``: faiss ``IndexIVFFlat`` (inner product). Options: ``nlist`` (lists; default
   ``4 * sqrt(N)`` at training time), ``nprobe`` (lists scanned per query), ``min_train`` (vectors
-  held and searched exactly until the index trains on them), ``query_aware`` (see below).
+  held and searched exactly until the index trains on them).
 - ``hnsw``: faiss ``IndexHNSWFlat`` (inner product). Options: ``m``, ``ef_construction``,
   ``ef_search``.
 
@@ -18,10 +18,11 @@ centroids and graph hops included): the x-axis of every recall plot.
 
 Queries are out of distribution for keys (RetrievalAttention): the keys a query attends most
 are not its nearest neighbours among the keys, so an index built on keys alone needs to scan
-more to find them. ``query_aware=True`` trains the IVF lists on prefill queries instead
-(``train_queries``): the coarse centroids are k-means centroids of the queries, each key is
-placed in the list of the query centroid that scores it highest, and a query scans the lists of
-the query centroids nearest it. Whether that helps is measured in ``bench/retrieval.py``.
+more to find them. A query-aware IVF (lists trained on prefill queries) was measured on the
+reference model's real queries (``bench/retrieval.py``, part 2) and found *worse* at equal
+scanned fraction than lists trained on the keys, so it is not offered here; the bench keeps the
+variant (``QueryAwareIVF``) to reproduce the figure. ``IVFIndex`` has two hooks for such
+variants: ``_centroids(x)`` and ``_probe(q, nprobe)``.
 
 GPU: with a faiss build that has GPUs and ``use_gpu=True`` (default: when one is present) the
 flat and IVF backends move to the GPU (faiss has no GPU HNSW; it stays on the CPU).
@@ -205,8 +206,6 @@ class IVFIndex(_FaissIndex):
     """faiss ``IndexIVFFlat`` (inner product), trained on the first ``min_train`` vectors added.
 
     Until then (fewer vectors than ``min_train``) the held vectors are searched exactly.
-    ``query_aware=True``: call ``train_queries(q)`` with prefill queries before adding keys; the
-    lists are then organised around the queries (see the module docstring).
     """
 
     def __init__(
@@ -215,7 +214,6 @@ class IVFIndex(_FaissIndex):
         nlist: int | None = None,
         nprobe: int = 8,
         min_train: int = 1024,
-        query_aware: bool = False,
         niter: int = 10,
         seed: int = 1234,
         use_gpu: bool | None = None,
@@ -229,14 +227,11 @@ class IVFIndex(_FaissIndex):
         self.nlist = nlist
         self.nprobe = nprobe
         self.min_train = min_train
-        self.query_aware = bool(query_aware)
         self.niter = niter
         self.seed = seed
         self._pending = ExactIndex(dim)  # vectors held before training
         self._index = None
         self._list_sizes: np.ndarray | None = None
-        self._query_centroids: np.ndarray | None = None
-        self._query_quantizer = None
 
     @property
     def ntotal(self) -> int:
@@ -254,27 +249,16 @@ class IVFIndex(_FaissIndex):
         km.train(x)
         return km.centroids
 
-    def train_queries(self, q, nlist: int | None = None) -> None:
-        """Query-aware mode: centroids from k-means over prefill queries ``q [M, D]`` (before any add)."""
-        if not self.query_aware:
-            raise ValueError("train_queries needs an index made with query_aware=True")
-        if self.ntotal:
-            raise ValueError(f"train_queries must come before the first add; the index holds {self.ntotal} vectors")
-        q = _as_f32(q, self.dim, "q")
-        nlist = max(1, min(nlist or self.nlist or int(round(4 * math.sqrt(q.shape[0]))), q.shape[0]))
-        self._query_centroids = self._kmeans(q, nlist)
+    def _centroids(self, x: np.ndarray) -> np.ndarray:
+        """The coarse centroids ``[nlist, D]`` (k-means over the first ``min_train`` vectors)."""
+        return self._kmeans(x, self._auto_nlist(x.shape[0]))
+
+    def _probe(self, q: np.ndarray, nprobe: int) -> tuple[np.ndarray, np.ndarray]:
+        """``(scores, lists)`` ``[M, nprobe]``: the lists each query scans (best inner product)."""
+        return self._index.quantizer.search(q, nprobe)
 
     def _build(self, x: np.ndarray) -> None:
-        if self.query_aware:
-            if self._query_centroids is None:
-                raise ValueError("a query_aware IVF index needs train_queries(q) before its keys are added")
-            cents = self._query_centroids
-            # a query finds its lists by L2 among the query centroids; a key sits in the list of
-            # the query centroid that scores it highest (inner product)
-            self._query_quantizer = faiss.IndexFlatL2(self.dim)
-            self._query_quantizer.add(cents)
-        else:
-            cents = self._kmeans(x, self._auto_nlist(x.shape[0]))
+        cents = self._centroids(x)
         quantizer = faiss.IndexFlatIP(self.dim)
         quantizer.add(cents)
         index = faiss.IndexIVFFlat(quantizer, self.dim, cents.shape[0], faiss.METRIC_INNER_PRODUCT)
@@ -285,9 +269,15 @@ class IVFIndex(_FaissIndex):
         self._add_trained(x)
 
     def _add_trained(self, x: np.ndarray) -> None:
-        _, assign = self._index.quantizer.search(x, 1)  # the same assignment add() makes
-        self._index.add(x)
-        np.add.at(self._list_sizes, assign.ravel(), 1)
+        nlist = self._list_sizes.shape[0]
+        if x.shape[0] <= nlist:  # a few vectors: count them by their assignment (the one add() makes)
+            _, assign = self._index.quantizer.search(x, 1)
+            self._index.add(x)
+            np.add.at(self._list_sizes, assign.ravel(), 1)
+        else:  # many: add, then read the list sizes back (one quantization pass, not two)
+            self._index.add(x)
+            invlists = self._index.invlists
+            self._list_sizes = np.array([invlists.list_size(i) for i in range(nlist)], dtype=np.int64)
 
     def add(self, x) -> None:
         x = _as_f32(x, self.dim, "x")
@@ -310,8 +300,7 @@ class IVFIndex(_FaissIndex):
         nlist = self._list_sizes.shape[0]
         nprobe = min(self.nprobe, nlist)
         self._index.nprobe = nprobe
-        quant = self._query_quantizer if self.query_aware else self._index.quantizer
-        Dq, Iq = quant.search(q, nprobe)
+        Dq, Iq = self._probe(q, nprobe)
         scores, ids = self._index.search_preassigned(q, k, Iq, Dq)
         scanned = (self._list_sizes[Iq].sum(1).mean() + nlist) / max(1, self.ntotal)
         self._record(q.shape[0], float(scanned))

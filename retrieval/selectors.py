@@ -76,7 +76,7 @@ class Selector(Protocol):
     num_sink: int
     num_recent: int
 
-    def prepare(self, k: torch.Tensor, prefill_q: torch.Tensor | None = None) -> Any: ...
+    def prepare(self, k: torch.Tensor) -> Any: ...
 
     def select(self, q: torch.Tensor, k: torch.Tensor, budget: int, state: Any = None) -> torch.Tensor: ...
 
@@ -152,7 +152,7 @@ class SelectorBase:
         self.last_scanned = 0.0  # fraction of the T keys (or key-sized summaries) read by the last select
 
     # -- the protocol ----------------------------------------------------------------------
-    def prepare(self, k: torch.Tensor, prefill_q: torch.Tensor | None = None) -> Any:
+    def prepare(self, k: torch.Tensor) -> Any:
         """Per-sequence state built from the keys ``k [B, H_kv, T, D]`` (None for stateless selectors)."""
         return None
 
@@ -269,7 +269,7 @@ class Quest(SelectorBase):
         if not isinstance(self.page_tokens, int) or self.page_tokens <= 0:
             raise ValueError(f"page_tokens must be a positive int, got {self.page_tokens!r}")
 
-    def prepare(self, k, prefill_q=None) -> QuestState:
+    def prepare(self, k) -> QuestState:
         P = self.page_tokens
         full = (k.shape[2] // P) * P
         kmin, kmax, _ = page_bounds(k[:, :, :full], P)
@@ -344,19 +344,13 @@ class ANN(SelectorBase):
         super().__post_init__()
         make_index(self.backend, 8, **self.index_options)  # validates the backend and its options
 
-    def prepare(self, k, prefill_q=None) -> ANNState:
+    def prepare(self, k) -> ANNState:
         Bk, H_kv, T, D = k.shape
-        query_aware = bool(self.index_options.get("query_aware"))
-        if query_aware and prefill_q is None:
-            raise ValueError("a query_aware index needs prefill_q [B, H_q, M, D] (prefill queries) in prepare()")
         indexes = []
         for b in range(Bk):
             row = []
             for h in range(H_kv):
                 idx = make_index(self.backend, D, **self.index_options)
-                if query_aware:
-                    G = prefill_q.shape[1] // H_kv
-                    idx.train_queries(prefill_q[b, h * G : (h + 1) * G].reshape(-1, D))
                 idx.add(k[b, h])
                 row.append(idx)
             indexes.append(row)
@@ -457,7 +451,7 @@ class Centroids(SelectorBase):
             cl.coarse, cl.coarse_assign = kmeans(cents, c2, self.niter)
         return cl
 
-    def prepare(self, k, prefill_q=None) -> CentroidState:
+    def prepare(self, k) -> CentroidState:
         Bk, H_kv, T, D = k.shape
         return CentroidState([[self._cluster(k[b, h]) for h in range(H_kv)] for b in range(Bk)], T)
 
@@ -555,8 +549,8 @@ class CachedSelector:
     def name(self) -> str:
         return f"cached({self.selector.name})"
 
-    def prepare(self, k, prefill_q=None):
-        return self.selector.prepare(k, prefill_q)
+    def prepare(self, k):
+        return self.selector.prepare(k)
 
     def stats(self) -> dict:
         total = self.hits + self.misses

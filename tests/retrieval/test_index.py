@@ -67,22 +67,6 @@ def test_ivf_scans_a_fraction():
     assert 0 < hnsw.last_scanned < 1.0
 
 
-def test_query_aware_ivf():
-    x, q = _data(3, n=2000)
-    prefill_q = torch.randn(500, 16)
-    idx = make_index("ivf", 16, nlist=16, nprobe=16, min_train=500, query_aware=True)
-    with pytest.raises(ValueError, match="train_queries"):
-        make_index("ivf", 16, min_train=10, query_aware=True).add(x)
-    idx.train_queries(prefill_q)
-    idx.add(x)
-    _, ids = idx.search(q, 10)  # every list probed: exact
-    assert torch.equal(ids, (q @ x.T).topk(10).indices)
-    with pytest.raises(ValueError, match="before the first add"):
-        idx.train_queries(prefill_q)
-    with pytest.raises(ValueError, match="query_aware=True"):
-        make_index("ivf", 16).train_queries(prefill_q)
-
-
 @pytest.mark.parametrize("name", list(EXHAUSTIVE))
 def test_bad_input(name):
     idx = make_index(name, 16, **EXHAUSTIVE[name])
