@@ -21,6 +21,9 @@ context's KV off the fast tier):
 - **kvtier demote**: the same, but evicted tokens go to the lower tier and every query of the
   question and answer recalls ``--recall-budget`` of them per KV head through the ``quest``
   selector (``sparse_decode`` over exactly those, LSE-merged with the fast tier).
+- **kvtier drop, adakv / duo**: SnapKV scores with AdaKV head budgets, or with a DuoAttention-style
+  head profile measured on two other pass-key prompts (``--retrieval-fraction`` of the KV heads
+  are retrieval heads; streaming heads keep sinks + window only).
 - **full**: no compression (through the same attention function: a check of the glue).
 
 Plus a natural-text task: perplexity of held-out text prefilled in chunks of 256 with kvtier
@@ -154,8 +157,13 @@ def answer_with_kv(model, tok, kv, question_ids: list[int], start: int, attentio
 
 @torch.inference_mode()
 def answer_with_cache(model, tok, cache, question_ids: list[int], start: int, max_new_tokens: int = 8) -> str:
-    """Question then greedy answer on a (compressed) transformers cache, as kvpress's pipeline does."""
-    logits = rm._forward(model, cache, torch.tensor(question_ids), start, all_logits=False)
+    """Question then greedy answer on a (compressed) transformers cache, as kvpress's pipeline does.
+
+    The question goes in one token at a time: a press may leave layers of different lengths
+    (PyramidKV), and transformers builds one causal mask from the first layer's length; a single
+    query needs no mask, and the result is the same attention."""
+    for i, t in enumerate(question_ids):
+        logits = rm._forward(model, cache, torch.tensor([t]), start + i, all_logits=False)
     state = rm.Prefill(cache, start + len(question_ids), logits[-1])
     return tok.decode(rm.greedy(model, state, max_new_tokens))
 
@@ -168,14 +176,22 @@ def correct(answer: str, key: str) -> bool:
 
 
 # -- methods ------------------------------------------------------------------------------------
+# kvtier variants beyond a plain scorer: name -> (scorer, Compressor options); "duo" gets the head profile
+VARIANTS = {"adakv": ("snapkv", {"head_budgets": "adaptive"}), "duo": ("snapkv", {})}
+
+
 @torch.inference_mode()
-def make_kv(model, cap: Captured, *, scorer: str | None, ratio: float, mode: str, recall_budget: int):
+def make_kv(model, cap: Captured, *, scorer: str | None, ratio: float, mode: str, recall_budget: int, profile=None):
     from eviction.tokens import Compressor, EvictingKV
     from retrieval import get_selector
 
     cfg = model.config
     head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
-    comp = Compressor(scorer or "streaming_llm", ratio=ratio if scorer else 0.0, sink_tokens=SINKS, window_tokens=WINDOW)
+    options = {}
+    if scorer in VARIANTS:
+        options = dict(VARIANTS[scorer][1], **({"head_profile": profile} if scorer == "duo" else {}))
+        scorer = VARIANTS[scorer][0]
+    comp = Compressor(scorer or "streaming_llm", ratio=ratio if scorer else 0.0, sink_tokens=SINKS, window_tokens=WINDOW, **options)
     kv = EvictingKV(comp, num_layers=cfg.num_hidden_layers, num_q_heads=cfg.num_attention_heads, num_kv_heads=cfg.num_key_value_heads,
                     head_dim=head_dim, mode=mode, observation_window=WINDOW,
                     recall=get_selector("quest", num_sink=0, num_recent=0) if mode == "demote" else None, recall_budget=recall_budget)
@@ -210,10 +226,28 @@ def split_prompt(tok, prompt) -> tuple[list[int], list[int]]:
             tok(prompt.text[cut:], add_special_tokens=False).input_ids)
 
 
-def run_passkey(model, tok, prompts, ratios, methods, recall_budget, progress) -> list[dict]:
+@torch.inference_mode()
+def measure_head_profile(model, tok, retrieval_fraction: float, num_tokens: int = 1024):
+    """DuoAttention-style profile: share of each KV head's attention (last 64 queries) outside
+    sinks + window, on two synthetic pass-key prompts that are not in the evaluation set."""
+    from eviction.tokens import HeadProfiler
+
+    cfg = model.config
+    prof = HeadProfiler(cfg.num_hidden_layers, cfg.num_key_value_heads, sink_tokens=SINKS, window_tokens=WINDOW)
+    for seed in (101, 202):
+        p = rm.passkey_prompt(tok, num_tokens, 0.3, seed=seed)
+        cap = Captured(model, torch.tensor(p.input_ids))
+        for i, lay in enumerate(cap.layers):
+            prof.observe(i, cap.window_queries(model, i, WINDOW).unsqueeze(0), lay["keys"])
+    return prof.profile(retrieval_fraction)
+
+
+def run_passkey(model, tok, prompts, ratios, methods, recall_budget, progress, profile=None, checkpoint=None) -> list[dict]:
     attention = _register_attention()
     rows = []
-    for p in prompts:
+    for num_done, p in enumerate(prompts):
+        if checkpoint is not None and num_done:
+            checkpoint(rows, num_done)
         ctx, question = split_prompt(tok, p)
         cap = Captured(model, torch.tensor(ctx))
         T = cap.num_tokens
@@ -227,7 +261,7 @@ def run_passkey(model, tok, prompts, ratios, methods, recall_budget, progress) -
                 if family == "kvpress":
                     ans = answer_with_cache(model, tok, kvpress_cache(model, cap, SCORERS[name], ratio), question, T)
                 else:
-                    kv = make_kv(model, cap, scorer=name, ratio=ratio, mode=family.split("-")[1], recall_budget=recall_budget)
+                    kv = make_kv(model, cap, scorer=name, ratio=ratio, mode=family.split("-")[1], recall_budget=recall_budget, profile=profile)
                     ans = answer_with_kv(model, tok, kv, question, T, attention)
                 rows.append({"method": method, "ratio": ratio, "tokens": T, "depth": p.depth, "key": p.key, "answer": ans,
                              "correct": correct(ans, p.key)})
@@ -316,6 +350,8 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="smoke run: 1.5K-token prompts, 3 depths, ratio 0.5, SnapKV (kvpress, drop, demote); 768-token perplexity")
     ap.add_argument("--out", help="also write the figures as JSON to this file")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--lengths", type=int, nargs="+", help="prompt lengths in tokens (default: 2048 6144; quick: 1536)")
+    ap.add_argument("--retrieval-fraction", type=float, default=0.5, help="share of KV heads the 'duo' profile marks as retrieval heads")
     ap.add_argument("--recall-budget", type=int, default=256, help="demoted tokens recalled per KV head and query (demote mode)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -331,7 +367,12 @@ def main() -> None:
         names = list(SCORERS)
         demoted = ["snapkv", "expected_attention"]
         ppl_tokens = 4096
-    methods = [f"kvpress:{n}" for n in names] + [f"kvtier-drop:{n}" for n in names] + [f"kvtier-demote:{n}" for n in demoted]
+    methods = ([f"kvpress:{n}" for n in names] + [f"kvtier-drop:{n}" for n in names] + [f"kvtier-drop:{v}" for v in VARIANTS]
+               + [f"kvtier-demote:{n}" for n in demoted])
+    profile = measure_head_profile(model, tok, args.retrieval_fraction, num_tokens=512 if args.quick else 1024)
+    print(f"head profile: {int(profile.retrieval.sum())} of {profile.retrieval.numel()} KV heads are retrieval heads "
+          f"(outside-mass range {float(profile.mass.min()):.3f}..{float(profile.mass.max()):.3f})")
+    lengths = tuple(args.lengths) if args.lengths else lengths
     prompts = rm.passkey_suite(tok, lengths=lengths, depths=depths, num_keys=keys_per)
     total = len(prompts) * (1 + len(ratios) * len(methods))
     from tqdm import tqdm
@@ -342,36 +383,44 @@ def main() -> None:
         bar.update(1)
         bar.set_postfix_str(f"{row['method']}@{row['ratio']}: {'ok' if row['correct'] else 'miss'}")
 
-    rows = run_passkey(model, tok, prompts, ratios, methods, args.recall_budget, progress)
+    def report(rows, prompts_done, ppl_rows=None, partial=False):
+        done = prompts[:prompts_done]
+        acc, table = summarise(rows, ratios, methods)
+        comparisons = {f"{n}@{r}": {"kvtier_drop": acc[f"kvtier-drop:{n}"][str(r)], "kvpress": acc[f"kvpress:{n}"][str(r)]}
+                       for n in names for r in ratios}
+        figures = {"quick": args.quick, "partial": partial, "threads": args.threads, "recall_budget": args.recall_budget,
+                   "sinks": SINKS, "window": WINDOW, "head_profile": profile.to_dict(),
+                   "prompts": [{"tokens": len(p.input_ids), "depth": p.depth, "key": p.key} for p in done],
+                   "accuracy": acc, "drop_vs_kvpress": comparisons, "runs": rows, "perplexity": ppl_rows or [],
+                   "seconds": time.time() - t0}
+        png = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "fidelity.png")
+        os.makedirs(os.path.dirname(png), exist_ok=True)
+        plot(acc, ratios, png)
+        lens = sorted({len(p.input_ids) for p in done})
+        parts = [f"## bench/fidelity.py{' --quick' if args.quick else ''}" + (" (partial: stopped early)" if partial else ""), "",
+                 f"Pass-key accuracy, SmolLM2-135M-Instruct, {len(done)} prompts ({', '.join(map(str, lens))} tokens; depths {depths}),"
+                 f" query-agnostic compression of the context (sinks {SINKS}, window {WINDOW} kept by kvtier); demote recall budget"
+                 f" {args.recall_budget} tokens per KV head and query; duo: {int(profile.retrieval.sum())}/{profile.retrieval.numel()}"
+                 " retrieval heads.", "",
+                 md_table(["method", *[f"ratio {r}" for r in ratios]], table), ""]
+        if ppl_rows:
+            base = ppl_rows[0]["perplexity"]
+            ppl_table = [[r["mode"], r["ratio"], f"{r['perplexity']:.3f}", f"{100 * (r['perplexity'] / base - 1):+.2f}%", r["max_fast_tokens"]]
+                         for r in ppl_rows]
+            parts += [f"Perplexity of {ppl_tokens} tokens of held-out text, chunks of 256, kvtier `snapkv` evicting between chunks"
+                      " (fast tier bounded by (1 - ratio) of the text):", "",
+                      md_table(["mode", "ratio", "perplexity", "vs full", "max fast-tier tokens/head"], ppl_table), ""]
+        parts.append("![accuracy vs ratio](fidelity.png)")
+        save_results("fidelity", figures, "\n".join(parts), args.out)
+        return table
+
+    rows = run_passkey(model, tok, prompts, ratios, methods, args.recall_budget, progress, profile,
+                       checkpoint=lambda rows, n: report(rows, n, partial=True))
     bar.close()
-    acc, table = summarise(rows, ratios, methods)
-    print(md_table(["method", *[f"ratio {r}" for r in ratios]], table))
     ppl_rows = run_perplexity(model, tok, ppl_tokens, ratios, "snapkv", args.recall_budget,
                               lambda r: print(f"perplexity {r['mode']}@{r['ratio']}: {r['perplexity']:.3f} (fast tier <= {r['max_fast_tokens']} tokens)"))
-    base = ppl_rows[0]["perplexity"]
-    ppl_table = [[r["mode"], r["ratio"], f"{r['perplexity']:.3f}", f"{100 * (r['perplexity'] / base - 1):+.2f}%", r["max_fast_tokens"]] for r in ppl_rows]
-    # ratios of kvtier to kvpress, same-named press, same ratio
-    comparisons = {}
-    for n in names:
-        for r in ratios:
-            comparisons[f"{n}@{r}"] = {"kvtier_drop": acc[f"kvtier-drop:{n}"][str(r)], "kvpress": acc[f"kvpress:{n}"][str(r)]}
-    figures = {"quick": args.quick, "threads": args.threads, "recall_budget": args.recall_budget, "sinks": SINKS, "window": WINDOW,
-               "prompts": [{"tokens": len(p.input_ids), "depth": p.depth, "key": p.key} for p in prompts],
-               "accuracy": acc, "drop_vs_kvpress": comparisons, "runs": rows, "perplexity": ppl_rows, "seconds": time.time() - t0}
-    os.makedirs(os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"), exist_ok=True)
-    png = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "fidelity.png")
-    plot(acc, ratios, png)
-    md = "\n".join([
-        f"## bench/fidelity.py{' --quick' if args.quick else ''}", "",
-        f"Pass-key accuracy, SmolLM2-135M-Instruct, {len(prompts)} prompts ({', '.join(str(n) for n in lengths)} tokens; depths {depths}),"
-        f" query-agnostic compression of the context; demote recall budget {args.recall_budget} tokens per KV head and query.", "",
-        md_table(["method", *[f"ratio {r}" for r in ratios]], table), "",
-        f"Perplexity of {ppl_tokens} tokens of held-out text, chunks of 256, kvtier `snapkv` evicting between chunks:", "",
-        md_table(["mode", "ratio", "perplexity", "vs full", "max fast-tier tokens/head"], ppl_table), "",
-        "![accuracy vs ratio](fidelity.png)",
-    ])
-    print(md_table(["mode", "ratio", "perplexity", "vs full", "max fast-tier tokens/head"], ppl_table))
-    save_results("fidelity", figures, md, args.out)
+    table = report(rows, len(prompts), ppl_rows)
+    print(md_table(["method", *[f"ratio {r}" for r in ratios]], table))
     print(f"done in {time.time() - t0:.0f} s")
 
 
