@@ -101,7 +101,7 @@ class Settings(BaseSettings):
     metrics_auth: bool = Field(True, description="When keys are configured, `/metrics` needs the admin key (it names tenants); false: `/metrics` is public.")
 
     # -- request bounds --------------------------------------------------------------------
-    max_request_bytes: ByteSize = Field(128 << 20, description="Largest body of a block upload (`PUT /v1/blocks`), and largest gRPC put stream; larger: 413.")
+    max_request_bytes: ByteSize = Field(128 << 20, description="Largest body of a block upload (`PUT /v1/blocks`), and largest gRPC put stream; larger: 413. Also bounds the keys and values one `/v1/retrieve` or `/v1/attention` selection gathers.")
     max_json_bytes: ByteSize = Field(16 << 20, description="Largest JSON request body; larger: 413.")
     max_blocks_per_request: int = Field(64, ge=1, description="Most blocks (frames or hashes) one put/get/delete/pin names.")
     max_tokens_per_request: int = Field(1 << 20, ge=1, description="Most token ids in one lookup (and most hashes in a lookup by hashes: this / 16).")
