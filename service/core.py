@@ -404,12 +404,13 @@ class KVService:
                 n_blocks = done + len(blocks)
             if not blocks:
                 break
-            kv = torch.stack(blocks)[:, li].float()  # [g, L_q, 2, H_kv, BT, D]
+            dev = blocks[0].device  # attend where the blocks are (a CUDA device tier: the Triton kernel)
+            kv = torch.stack([b.to(dev) for b in blocks])[:, li.to(dev)].float()  # [g, L_q, 2, H_kv, BT, D]
             g, BT = kv.shape[0], spec.block_tokens
             k = kv[:, :, 0].permute(1, 2, 0, 3, 4).reshape(L_q, spec.num_kv_heads, g * BT, D)
             v = kv[:, :, 1].permute(1, 2, 0, 3, 4).reshape(L_q, spec.num_kv_heads, g * BT, D)
-            o_g, lse_g = sparse_decode(q, k, v)
-            o, lse = merge_states(o, lse, o_g.float(), lse_g)
+            o_g, lse_g = sparse_decode(q.to(dev), k, v)
+            o, lse = merge_states(o, lse, o_g.float().cpu(), lse_g.float().cpu())
             done += g
         return {"model": model, "layers": layers, "budget": None, "num_tokens": n_blocks * spec.block_tokens,
                 "num_blocks": n_blocks, "num_requested_blocks": len(ckeys), "attended": n_blocks * spec.block_tokens,
