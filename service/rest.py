@@ -616,7 +616,8 @@ def create_app(settings: Settings | None = None, service: KVService | None = Non
             body, binary = await _query_body(request, model_in)
             svc = svc_of(request)
             fields = body.model_dump(exclude={"q"})
-            out = await run_in_threadpool(lambda: run(svc, p, fields, body.q.model_dump()))
+            async with request.app.state.transfers:  # they read blocks: bounded like the block transfers
+                out = await run_in_threadpool(lambda: run(svc, p, fields, body.q.model_dump()))
             return _query_answer(out, binary or wire.MSGPACK_MEDIA_TYPE in request.headers.get("accept", ""))
 
         return route
