@@ -184,6 +184,6 @@ class StoreRetriever:
         for b in need:
             sel = valid & (blk == b)
             block = held[b]  # [L, 2, H_kv, BT, D]
-            k_out[sel] = block[lays[sel], 0, heads[sel], off[sel]]
-            v_out[sel] = block[lays[sel], 1, heads[sel], off[sel]]
+            k_out[sel] = block[lays[sel], 0, heads[sel], off[sel]].to(k_out.device)  # a device tier's block may be on CUDA
+            v_out[sel] = block[lays[sel], 1, heads[sel], off[sel]].to(v_out.device)
         return RetrievalResult(layers, token_ids, k_out, v_out, T, n_blocks, [keys[b] for b in need], len(missing), P)

@@ -76,7 +76,8 @@ def summarize_block(block: torch.Tensor, page_tokens: int = PAGE_TOKENS, dtype: 
         kmin = _round_down(kmin, dtype)
         kmax = _round_up(kmax, dtype)
         kmean = kmean.to(dtype)
-    return BlockSummary(kmin.contiguous(), kmax.contiguous(), kmean.contiguous(), page_tokens)
+    # host memory whatever device the block came from (a CUDA device tier's block)
+    return BlockSummary(kmin.contiguous().cpu(), kmax.contiguous().cpu(), kmean.contiguous().cpu(), page_tokens)
 
 
 def _round_down(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:

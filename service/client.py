@@ -13,6 +13,8 @@ wrong KV. A 4xx raises ``KVTierError`` with the server's code, message and field
     >>> c.put(model, keys, blocks)                   # blocks: [N, L, 2, H_kv, T, D] or a list
     >>> c.lookup(model, token_ids=token_ids).num_blocks
     >>> c.get(model, keys)                           # list of tensors (None: a miss)
+    >>> c.retrieve(model, q, budget=256, hashes=keys).token_ids   # q [L, H_q, D] -> [L, H_kv, 256], -1 padding
+    >>> st = c.attention(model, q, hashes=keys)      # st.o [L, H_q, D], st.lse [L, H_q]: merge_states with the local part
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from dataclasses import dataclass
 from typing import Any, Sequence
 
 import httpx
+import msgpack
 import torch
 
 from kvstore import FrameError, KVSpec, decode_frame, get_codec
@@ -57,6 +60,37 @@ class Lookup:
     keys: list[bytes] | None = None
 
 
+@dataclass(frozen=True)
+class Retrieval:
+    """The answer of ``retrieve``: the selected token ids per layer and KV head, and the blocks read."""
+
+    model: str
+    layers: list[int]
+    budget: int
+    num_tokens: int  # tokens of the cached prefix searched (0: nothing cached for this tenant)
+    num_blocks: int
+    num_requested_blocks: int
+    token_ids: torch.Tensor  # int64 [L_q, H_kv, budget], positions in the sequence, ascending, -1 padding
+    fetched: list[int]  # chain positions of the blocks read
+    summarized: int
+
+
+@dataclass(frozen=True)
+class AttentionState:
+    """The answer of ``attention``: ``(o, lse)`` over the chain's cached tokens, to merge with the local part."""
+
+    model: str
+    layers: list[int]
+    budget: int | None
+    num_tokens: int  # tokens of the cached prefix (0: o = 0, lse = -inf)
+    num_blocks: int
+    num_requested_blocks: int
+    attended: int
+    fetched: list[int]
+    o: torch.Tensor  # float32 [L_q, H_q, D]
+    lse: torch.Tensor  # float32 [L_q, H_q], natural log
+
+
 # -- the protocol, shared by both clients ----------------------------------------------------
 def _key_hex(k: bytes | str) -> str:
     return k if isinstance(k, str) else bytes(k).hex()
@@ -78,6 +112,51 @@ def _lookup_body(model, token_ids, hashes, salt, extra_keys, return_keys) -> dic
 def _parse_lookup(d: dict) -> Lookup:
     keys = [bytes.fromhex(k) for k in d["keys"]] if d.get("keys") is not None else None
     return Lookup(d["model"], d["num_blocks"], d["num_tokens"], d["num_requested_blocks"], d["tier_hits"], d["tier_prefix"], keys)
+
+
+def _query_body(model, q, budget, token_ids, hashes, salt, extra_keys, layers) -> dict:
+    """The msgpack body of /v1/retrieve and /v1/attention (q's elements as bin)."""
+    if (token_ids is None) == (hashes is None):
+        raise ValueError("give exactly one of token_ids and hashes")
+    if not isinstance(q, torch.Tensor):
+        raise ValueError(f"q must be a tensor [L_q, H_q, D], got {type(q).__name__}")
+    body: dict[str, Any] = {"model": model, "q": wire.tensor_to_wire(q), "salt": salt, "extra_keys": list(extra_keys)}
+    if budget is not None:
+        body["budget"] = int(budget)
+    if layers is not None:
+        body["layers"] = [int(x) for x in layers]
+    if token_ids is not None:
+        body["token_ids"] = token_ids.tolist() if hasattr(token_ids, "tolist") else list(token_ids)
+    else:
+        body["hashes"] = [_key_hex(h) for h in hashes]
+    return body
+
+
+def _answer_tensor(d: dict, name: str) -> torch.Tensor:
+    try:
+        return wire.tensor_from_wire(d[name], name, dtypes=("float32", "int64"), max_elements=1 << 40)
+    except (KeyError, ServiceError) as e:
+        raise FrameError(f"the answer's {name} is not a tensor: {e}") from None
+
+
+def _parse_retrieval(d: dict) -> Retrieval:
+    return Retrieval(d["model"], d["layers"], d["budget"], d["num_tokens"], d["num_blocks"], d["num_requested_blocks"],
+                     _answer_tensor(d, "token_ids"), d["fetched"], d["summarized"])
+
+
+def _parse_attention(d: dict) -> AttentionState:
+    return AttentionState(d["model"], d["layers"], d["budget"], d["num_tokens"], d["num_blocks"], d["num_requested_blocks"],
+                          d["attended"], d["fetched"], _answer_tensor(d, "o"), _answer_tensor(d, "lse"))
+
+
+_MSGPACK_HEADERS = {"content-type": wire.MSGPACK_MEDIA_TYPE, "accept": wire.MSGPACK_MEDIA_TYPE}
+
+
+def _msgpack_answer(resp: httpx.Response) -> dict:
+    try:
+        return msgpack.unpackb(resp.content, raw=False)
+    except Exception as e:
+        raise FrameError(f"the answer is not msgpack: {type(e).__name__}") from None
 
 
 def encode_frame_list(spec: KVSpec, keys: Sequence[bytes], blocks) -> list[tuple[bytes, memoryview]]:
@@ -309,6 +388,18 @@ class KVTierClient(_Base):
             time.sleep(self._delay(attempt))
         raise AssertionError("unreachable")
 
+    def retrieve(self, model: str, q: torch.Tensor, budget: int, *, token_ids=None, hashes=None, salt: str = "",
+                 extra_keys: Sequence[str] = (), layers: Sequence[int] | None = None) -> Retrieval:
+        """Top ``budget`` tokens per (layer, KV head) of the chain's cached prefix for ``q [L_q, H_q, D]``."""
+        body = msgpack.packb(_query_body(model, q, budget, token_ids, hashes, salt, extra_keys, layers), use_bin_type=True)
+        return _parse_retrieval(_msgpack_answer(self._request("POST", "/v1/retrieve", content=body, headers=_MSGPACK_HEADERS)))
+
+    def attention(self, model: str, q: torch.Tensor, *, budget: int | None = None, token_ids=None, hashes=None, salt: str = "",
+                  extra_keys: Sequence[str] = (), layers: Sequence[int] | None = None) -> AttentionState:
+        """``(o, lse)`` of ``q [L_q, H_q, D]`` over the chain's cached tokens (all, or ``budget`` selected per KV head)."""
+        body = msgpack.packb(_query_body(model, q, budget, token_ids, hashes, salt, extra_keys, layers), use_bin_type=True)
+        return _parse_attention(_msgpack_answer(self._request("POST", "/v1/attention", content=body, headers=_MSGPACK_HEADERS)))
+
     def delete(self, model: str, keys: Sequence[bytes]) -> int:
         return self._request("POST", "/v1/blocks/delete", json={"model": model, "keys": [_key_hex(k) for k in keys]}).json()["removed"]
 
@@ -419,6 +510,18 @@ class AsyncKVTierClient(_Base):
                     raise
             await asyncio.sleep(self._delay(attempt))
         raise AssertionError("unreachable")
+
+    async def retrieve(self, model: str, q: torch.Tensor, budget: int, *, token_ids=None, hashes=None, salt: str = "",
+                       extra_keys: Sequence[str] = (), layers: Sequence[int] | None = None) -> Retrieval:
+        body = msgpack.packb(_query_body(model, q, budget, token_ids, hashes, salt, extra_keys, layers), use_bin_type=True)
+        resp = await self._request("POST", "/v1/retrieve", content=body, headers=_MSGPACK_HEADERS)
+        return _parse_retrieval(_msgpack_answer(resp))
+
+    async def attention(self, model: str, q: torch.Tensor, *, budget: int | None = None, token_ids=None, hashes=None,
+                        salt: str = "", extra_keys: Sequence[str] = (), layers: Sequence[int] | None = None) -> AttentionState:
+        body = msgpack.packb(_query_body(model, q, budget, token_ids, hashes, salt, extra_keys, layers), use_bin_type=True)
+        resp = await self._request("POST", "/v1/attention", content=body, headers=_MSGPACK_HEADERS)
+        return _parse_attention(_msgpack_answer(resp))
 
     async def delete(self, model: str, keys: Sequence[bytes]) -> int:
         resp = await self._request("POST", "/v1/blocks/delete", json={"model": model, "keys": [_key_hex(k) for k in keys]})

@@ -22,8 +22,11 @@ from kvstore import FrameError, KVSpec, Namespace, TieredStore, chain_hashes, de
 from kvstore.frames import encode_frame_parts
 from kvstore.codecs.base import tensor_bytes, tensor_from_bytes
 
+from retrieval import StoreRetriever, SummaryStore
+
+from . import wire
 from .buffers import BufferPool
-from .errors import BadRequest, NotFound, PayloadTooLarge, TooManyRequests
+from .errors import BadRequest, Conflict, NotFound, PayloadTooLarge, TooManyRequests
 from .registry import SpecRegistry
 from .settings import Settings
 from .storebuild import TierProbe, blocks_dir
@@ -60,6 +63,10 @@ class KVService:
         self._owners: OrderedDict[bytes, tuple[str, bytes]] = OrderedDict()
         # no shared tier (Redis): a lookup is answered from the in-memory index alone
         self.store_is_local = not any(t["device"] == "redis" for t in store.stats()["tiers"])
+        # page summaries of every block put through the service (bounded LRU in host memory), for retrieval
+        self.summarize_on_put = settings.summary_capacity_bytes > 0
+        self.retriever = StoreRetriever(store, SummaryStore(max_bytes=max(1, int(settings.summary_capacity_bytes))),
+                                        num_sink=settings.retrieve_sink_tokens, num_recent=settings.retrieve_recent_tokens)
         for spec in registry.all_specs():  # re-adopt what the disk tier kept across a restart
             store.register_spec(spec)
 
@@ -231,8 +238,8 @@ class KVService:
         parent_key = None if parent in (None, "", b"") else parse_client_key(parent, "parent")
         ks = self.keyspace(p.tenant)
         skeys = ks.storage_keys(keys)
-        stored = self.store.put(spec, skeys, blocks, tenant=p.tenant,
-                                parent=None if parent_key is None else ks.storage_key(parent_key))
+        put = self.retriever.put if self.summarize_on_put else self.store.put  # the retriever's put also summarizes
+        stored = put(spec, skeys, blocks, tenant=p.tenant, parent=None if parent_key is None else ks.storage_key(parent_key))
         self._track(p.tenant, [(s, c) for s, c, ok in zip(skeys, keys, stored) if ok])
         return stored
 
@@ -271,8 +278,143 @@ class KVService:
         spec = self.spec_of(p, model)
         skeys = self.keyspace(p.tenant).storage_keys(self._client_keys(keys, "keys"))
         n = self.store.remove(spec, skeys)
+        self.retriever.summaries.discard(skeys)
         self._untrack(skeys)
         return n
+
+    # -- retrieval and attention next to the data --------------------------------------------
+    def _chain(self, p: Principal, spec: KVSpec, token_ids, hashes, salt: str, extra_keys: Sequence[str]) -> list[bytes]:
+        """The client keys of a chain given by token ids (hashed under the caller's tenant) or by hashes."""
+        if (token_ids is None) == (hashes is None):
+            raise BadRequest("give exactly one of token_ids and hashes", field="token_ids")
+        if hashes is not None:
+            return self._client_keys(hashes, "hashes", limit=max(1, self.settings.max_tokens_per_request // 16))
+        return chain_hashes(spec, self._tokens(token_ids), self._namespace(p, salt, extra_keys))  # [] under one block: nothing cached
+
+    def _query(self, spec: KVSpec, q, layers, budget, *, budget_required: bool) -> tuple[torch.Tensor, list[int], int | None]:
+        """The decode query ``[L_q, H_q, D]`` as float32, its layers and the budget, each checked (BadRequest names the field)."""
+        s = self.settings
+        if layers is None:
+            layers = list(range(spec.num_layers))
+        elif not isinstance(layers, (list, tuple)) or not layers:
+            raise BadRequest(f"layers must be a non-empty list of layer ids in [0, {spec.num_layers})", field="layers")
+        else:
+            layers = list(layers)
+            if len(layers) > spec.num_layers:
+                raise BadRequest(f"layers names {len(layers)} layers, the spec has {spec.num_layers}", field="layers")
+            for i, x in enumerate(layers):
+                if isinstance(x, bool) or not isinstance(x, (int, np.integer)) or not 0 <= int(x) < spec.num_layers:
+                    raise BadRequest(f"layers[{i}] must be a layer id in [0, {spec.num_layers}), got {x!r}"[:200], field=f"layers[{i}]")
+            layers = [int(x) for x in layers]
+            if len(set(layers)) != len(layers):
+                raise BadRequest("layers must not repeat a layer", field="layers")
+        H_kv, D = spec.num_kv_heads, spec.head_dim
+        if not isinstance(q, torch.Tensor):
+            q = wire.tensor_from_wire(q, "q", ndim=3, max_elements=len(layers) * s.max_query_heads * D)
+        if q.dim() != 3:
+            raise BadRequest(f"q must be [L_q, H_q, D], got shape {list(q.shape)}", field="q.shape")
+        if q.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+            raise BadRequest(f"q.dtype must be float16, bfloat16 or float32, got {q.dtype}", field="q.dtype")
+        L_q, H_q, Dq = q.shape
+        if L_q != len(layers) or Dq != D or H_q == 0 or H_q % H_kv or H_q > s.max_query_heads:
+            raise BadRequest(f"q.shape must be [{len(layers)} (one query per layer asked), a multiple of num_kv_heads={H_kv} "
+                             f"up to {s.max_query_heads}, head_dim={D}], got {list(q.shape)}", field="q.shape")
+        q = q.float()
+        if not bool(torch.isfinite(q).all()):
+            raise BadRequest("q holds NaN or infinite values", field="q.data")
+        if budget is None:
+            if budget_required:
+                raise BadRequest("budget is required (tokens per layer and KV head)", field="budget")
+            return q, layers, None
+        low = self.retriever.num_sink + self.retriever.num_recent
+        if isinstance(budget, bool) or not isinstance(budget, (int, np.integer)) or not max(1, low) <= int(budget) <= s.max_retrieve_budget:
+            raise BadRequest(f"budget must be an integer in [{max(1, low)}, {s.max_retrieve_budget}] (at least the sink and "
+                             f"recent tokens every selection keeps, at most max_retrieve_budget), got {budget!r}"[:300], field="budget")
+        budget = int(budget)
+        held = L_q * H_kv * budget * (2 * D * spec.torch_dtype.itemsize + 8)
+        if held > s.max_request_bytes:
+            raise PayloadTooLarge(f"the selection of {L_q} layers x {H_kv} KV heads x {budget} tokens would hold {held} bytes, "
+                                  f"more than max_request_bytes ({s.max_request_bytes}): lower budget or ask fewer layers", field="budget")
+        return q, layers, budget
+
+    def _retrieve(self, spec: KVSpec, skeys: list[bytes], q: torch.Tensor, budget: int, layers: list[int]):
+        for attempt in range(3):  # a block evicted between the lookup and the read: search again
+            try:
+                return self.retriever.retrieve(spec, skeys, q, budget, layers=layers)
+            except RuntimeError as e:
+                if "vanished" not in str(e):
+                    raise
+        raise Conflict("the chain's blocks kept being evicted during the retrieval; retry", field="hashes")
+
+    def retrieve(self, p: Principal, model: str, *, q, budget, token_ids=None, hashes=None, salt: str = "",
+                 extra_keys: Sequence[str] = (), layers=None) -> dict:
+        """Top tokens of the cached prefix of a chain for one decode query per layer (``StoreRetriever``).
+
+        Answers ``token_ids [L_q, H_kv, budget]`` int64 (positions in the sequence, ascending, -1
+        padding) and the chain positions of the blocks read. A chain not cached for this tenant
+        searches nothing: ``num_tokens = 0`` and every id is -1.
+        """
+        spec = self.spec_of(p, model)
+        ckeys = self._chain(p, spec, token_ids, hashes, salt, extra_keys)
+        q, layers, budget = self._query(spec, q, layers, budget, budget_required=True)
+        skeys = self.keyspace(p.tenant).storage_keys(ckeys)
+        res = self._retrieve(spec, skeys, q, budget, layers)
+        pos = {k: i for i, k in enumerate(skeys)}
+        return {"model": model, "layers": layers, "budget": budget, "num_tokens": res.num_tokens, "num_blocks": res.num_blocks,
+                "num_requested_blocks": len(ckeys), "token_ids": res.token_ids,
+                "fetched": [pos[k] for k in res.fetched], "summarized": res.summarized}
+
+    def attention(self, p: Principal, model: str, *, q, budget=None, token_ids=None, hashes=None, salt: str = "",
+                  extra_keys: Sequence[str] = (), layers=None) -> dict:
+        """Decode attention of ``q [L_q, H_q, D]`` over the cached prefix of a chain, next to the data.
+
+        ``budget`` set: over the tokens ``StoreRetriever`` selects (only the blocks holding them are
+        read); ``None``: over every cached token (the blocks are read in groups, states merged).
+        Answers ``o [L_q, H_q, D]`` and natural-log ``lse [L_q, H_q]``, both float32: the engine
+        merges them with attention over its local tokens (``sparse_attn.merge_states``). Nothing
+        cached: ``o = 0``, ``lse = -inf`` (a state that merges as nothing).
+        """
+        from sparse_attn import merge_states, sparse_decode
+
+        spec = self.spec_of(p, model)
+        ckeys = self._chain(p, spec, token_ids, hashes, salt, extra_keys)
+        q, layers, budget = self._query(spec, q, layers, budget, budget_required=False)
+        skeys = self.keyspace(p.tenant).storage_keys(ckeys)
+        L_q, H_q, D = q.shape
+        o = torch.zeros(L_q, H_q, D, dtype=torch.float32)
+        lse = torch.full((L_q, H_q), float("-inf"), dtype=torch.float32)
+        pos = {k: i for i, k in enumerate(skeys)}
+        if budget is not None:
+            res = self._retrieve(spec, skeys, q, budget, layers)
+            if res.num_tokens:
+                local = torch.where(res.valid, torch.arange(budget).expand_as(res.token_ids), -1)  # ids into res.k / res.v
+                o, lse = sparse_decode(q, res.k.float(), res.v.float(), local)
+            return {"model": model, "layers": layers, "budget": budget, "num_tokens": res.num_tokens, "num_blocks": res.num_blocks,
+                    "num_requested_blocks": len(ckeys), "attended": int(res.valid.sum(-1).max()) if res.num_tokens else 0,
+                    "fetched": [pos[k] for k in res.fetched], "o": o.float(), "lse": lse.float()}
+        n_blocks = self.store.lookup(spec, skeys).num_blocks
+        group = max(1, (32 << 20) // spec.block_nbytes)
+        li = torch.tensor(layers)
+        done = 0
+        while done < n_blocks:
+            keys = skeys[done: min(n_blocks, done + group)]
+            blocks = self.store.get(spec, keys)
+            if None in blocks:  # evicted since the lookup: attend the prefix before it
+                blocks = blocks[: blocks.index(None)]
+                n_blocks = done + len(blocks)
+            if not blocks:
+                break
+            dev = blocks[0].device  # attend where the blocks are (a CUDA device tier: the Triton kernel)
+            kv = torch.stack([b.to(dev) for b in blocks])[:, li.to(dev)].float()  # [g, L_q, 2, H_kv, BT, D]
+            g, BT = kv.shape[0], spec.block_tokens
+            k = kv[:, :, 0].permute(1, 2, 0, 3, 4).reshape(L_q, spec.num_kv_heads, g * BT, D)
+            v = kv[:, :, 1].permute(1, 2, 0, 3, 4).reshape(L_q, spec.num_kv_heads, g * BT, D)
+            o_g, lse_g = sparse_decode(q.to(dev), k, v)
+            o, lse = merge_states(o, lse, o_g.float().cpu(), lse_g.float().cpu())
+            done += g
+        return {"model": model, "layers": layers, "budget": None, "num_tokens": n_blocks * spec.block_tokens,
+                "num_blocks": n_blocks, "num_requested_blocks": len(ckeys), "attended": n_blocks * spec.block_tokens,
+                "fetched": list(range(n_blocks)), "o": o.float(), "lse": lse.float()}
 
     # -- pins ------------------------------------------------------------------------------
     def pin(self, p: Principal, model: str, keys: Sequence[Any], ttl_s: float) -> LeaseInfo:

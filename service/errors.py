@@ -44,3 +44,11 @@ class PayloadTooLarge(ServiceError):
 
 class TooManyRequests(ServiceError):
     status, code, grpc_code = 429, "too_many", "RESOURCE_EXHAUSTED"
+
+
+class Conflict(ServiceError):
+    status, code, grpc_code = 409, "conflict", "ABORTED"
+
+
+class UnsupportedMediaType(ServiceError):
+    status, code, grpc_code = 415, "unsupported_media_type", "INVALID_ARGUMENT"

@@ -17,14 +17,16 @@ from typing import Sequence
 import grpc
 import torch
 
-from kvstore import KVSpec
+from kvstore import FrameError, KVSpec
 
-from .client import KVTierError, Lookup, decode_items, encode_frames
+from . import wire
+from .client import AttentionState, KVTierError, Lookup, Retrieval, decode_items, encode_frames
+from .errors import ServiceError
 from .proto import kvtier_pb2 as pb
 from .proto import kvtier_pb2_grpc as pb_grpc
 
 RETRY_CODES = (grpc.StatusCode.UNAVAILABLE,)
-_STATUS = {"INVALID_ARGUMENT": 400, "UNAUTHENTICATED": 401, "PERMISSION_DENIED": 403, "NOT_FOUND": 404,
+_STATUS = {"ABORTED": 409, "INVALID_ARGUMENT": 400, "UNAUTHENTICATED": 401, "PERMISSION_DENIED": 403, "NOT_FOUND": 404,
            "RESOURCE_EXHAUSTED": 413, "UNAVAILABLE": 503, "DEADLINE_EXCEEDED": 504}
 
 
@@ -74,6 +76,40 @@ def _put_msgs(model: str, frames: list[bytes], parent) -> list[pb.PutRequest]:
         if parent is not None:
             msgs[0].parent = _b(parent)
     return msgs
+
+
+def _query_msg(model, q, budget, token_ids, hashes, salt, extra_keys, layers) -> pb.QueryRequest:
+    if (token_ids is None) == (hashes is None):
+        raise ValueError("give exactly one of token_ids and hashes")
+    if not isinstance(q, torch.Tensor):
+        raise ValueError(f"q must be a tensor [L_q, H_q, D], got {type(q).__name__}")
+    w = wire.tensor_to_wire(q)
+    msg = pb.QueryRequest(model=model, salt=salt, extra_keys=list(extra_keys), budget=0 if budget is None else int(budget),
+                          q=pb.Tensor(dtype=w["dtype"], shape=w["shape"], data=w["data"]),
+                          layers=[] if layers is None else [int(x) for x in layers])
+    if hashes is not None:
+        msg.hashes.extend(_b(h) for h in hashes)
+    else:
+        msg.token_ids.extend(token_ids.tolist() if hasattr(token_ids, "tolist") else token_ids)
+    return msg
+
+
+def _tensor(m: pb.Tensor, name: str) -> torch.Tensor:
+    try:
+        return wire.tensor_from_wire({"dtype": m.dtype, "shape": [int(n) for n in m.shape], "data": m.data}, name,
+                                     dtypes=("float32", "int64"), max_elements=1 << 40)
+    except ServiceError as e:
+        raise FrameError(f"the answer's {name} is not a tensor: {e}") from None
+
+
+def _retrieval(r: pb.RetrieveReply) -> Retrieval:
+    return Retrieval(r.model, list(r.layers), r.budget, r.num_tokens, r.num_blocks, r.num_requested_blocks,
+                     _tensor(r.token_ids, "token_ids"), list(r.fetched), r.summarized)
+
+
+def _attention(r: pb.AttentionReply) -> AttentionState:
+    return AttentionState(r.model, list(r.layers), r.budget or None, r.num_tokens, r.num_blocks, r.num_requested_blocks,
+                          r.attended, list(r.fetched), _tensor(r.o, "o"), _tensor(r.lse, "lse"))
 
 
 class _Base:
@@ -149,6 +185,14 @@ class KVTierGrpcClient(_Base):
         msg = pb.KeysRequest(model=model, keys=[_b(k) for k in keys])
         replies = self._call(lambda: list(self._stub.GetBlocks(msg, timeout=self.timeout, metadata=self.metadata)))
         return decode_items(self.spec(model), keys, [r.frame if r.found else None for r in replies], out)
+
+    def retrieve(self, model: str, q: torch.Tensor, budget: int, *, token_ids=None, hashes=None, salt: str = "",
+                 extra_keys: Sequence[str] = (), layers: Sequence[int] | None = None) -> Retrieval:
+        return _retrieval(self._unary("Retrieve", _query_msg(model, q, budget, token_ids, hashes, salt, extra_keys, layers)))
+
+    def attention(self, model: str, q: torch.Tensor, *, budget: int | None = None, token_ids=None, hashes=None, salt: str = "",
+                  extra_keys: Sequence[str] = (), layers: Sequence[int] | None = None) -> AttentionState:
+        return _attention(self._unary("Attention", _query_msg(model, q, budget, token_ids, hashes, salt, extra_keys, layers)))
 
     def delete(self, model: str, keys: Sequence[bytes]) -> int:
         return self._unary("DeleteBlocks", pb.KeysRequest(model=model, keys=[_b(k) for k in keys])).removed
@@ -231,6 +275,16 @@ class AsyncKVTierGrpcClient(_Base):
 
         replies = await self._call(fetch)
         return decode_items(self.spec(model), keys, [r.frame if r.found else None for r in replies], out)
+
+    async def retrieve(self, model: str, q: torch.Tensor, budget: int, *, token_ids=None, hashes=None, salt: str = "",
+                       extra_keys: Sequence[str] = (), layers: Sequence[int] | None = None) -> Retrieval:
+        msg = _query_msg(model, q, budget, token_ids, hashes, salt, extra_keys, layers)
+        return _retrieval(await self._unary("Retrieve", msg))
+
+    async def attention(self, model: str, q: torch.Tensor, *, budget: int | None = None, token_ids=None, hashes=None,
+                        salt: str = "", extra_keys: Sequence[str] = (), layers: Sequence[int] | None = None) -> AttentionState:
+        msg = _query_msg(model, q, budget, token_ids, hashes, salt, extra_keys, layers)
+        return _attention(await self._unary("Attention", msg))
 
     async def delete(self, model: str, keys: Sequence[bytes]) -> int:
         return (await self._unary("DeleteBlocks", pb.KeysRequest(model=model, keys=[_b(k) for k in keys]))).removed

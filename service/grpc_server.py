@@ -15,6 +15,7 @@ from concurrent import futures
 import grpc
 import numpy as np
 
+from . import wire
 from .core import KVService, parse_client_key
 from .errors import BadRequest, PayloadTooLarge, ServiceError
 from .proto import kvtier_pb2 as pb
@@ -177,9 +178,41 @@ class KVTierServicer(pb_grpc.KVTierServicer):
             raise BadRequest("after must be at most 2**62", field="after")
         return pb.JsonReply(json=json.dumps(self.svc.events(p, int(request.after), int(request.limit or 1000))))
 
+    def _query_kwargs(self, request) -> dict:
+        kw = dict(salt=request.salt, extra_keys=list(request.extra_keys), layers=list(request.layers) or None)
+        if request.hashes:
+            kw["hashes"] = list(request.hashes)
+        else:
+            kw["token_ids"] = np.asarray(request.token_ids, dtype=np.int64)
+        if not request.HasField("q"):
+            raise BadRequest("q is required: the decode query [L_q, H_q, head_dim]", field="q")
+        kw["q"] = {"dtype": request.q.dtype, "shape": [int(n) for n in request.q.shape], "data": request.q.data}
+        return kw
+
+    @_rpc("Retrieve")
+    def Retrieve(self, p, request, context):
+        kw = self._query_kwargs(request)
+        out = self.svc.retrieve(p, request.model, budget=request.budget or None, **kw)
+        return pb.RetrieveReply(model=out["model"], layers=out["layers"], budget=out["budget"], num_tokens=out["num_tokens"],
+                                num_blocks=out["num_blocks"], num_requested_blocks=out["num_requested_blocks"],
+                                token_ids=_tensor_msg(out["token_ids"]), fetched=out["fetched"], summarized=out["summarized"])
+
+    @_rpc("Attention")
+    def Attention(self, p, request, context):
+        kw = self._query_kwargs(request)
+        out = self.svc.attention(p, request.model, budget=request.budget or None, **kw)
+        return pb.AttentionReply(model=out["model"], layers=out["layers"], budget=out["budget"] or 0, num_tokens=out["num_tokens"],
+                                 num_blocks=out["num_blocks"], num_requested_blocks=out["num_requested_blocks"],
+                                 attended=out["attended"], fetched=out["fetched"], o=_tensor_msg(out["o"]), lse=_tensor_msg(out["lse"]))
+
     def Health(self, request, context):
         ready, tiers = self.svc.readiness()
         return pb.HealthReply(ready=ready, tiers=tiers)
+
+
+def _tensor_msg(t) -> pb.Tensor:
+    w = wire.tensor_to_wire(t)
+    return pb.Tensor(dtype=w["dtype"], shape=w["shape"], data=w["data"])
 
 
 def start_grpc_server(svc: KVService, settings: Settings, auth: Authenticator, *, max_workers: int = 32) -> grpc.Server:

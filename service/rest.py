@@ -16,18 +16,20 @@ import time
 from contextlib import asynccontextmanager
 from typing import Annotated, Any
 
+import msgpack
 import numpy as np
+import torch
 from fastapi import Depends, FastAPI, Path, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBearer
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, WithJsonSchema
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from . import wire
 from .core import KVService, open_service, parse_client_key
-from .errors import BadRequest, Forbidden, PayloadTooLarge, ServiceError, Unauthorized
+from .errors import BadRequest, Forbidden, PayloadTooLarge, ServiceError, Unauthorized, UnsupportedMediaType
 from .metrics import CONTENT_TYPE, Metrics
 from .settings import Settings
 from .tenancy import Authenticator, Principal
@@ -103,6 +105,70 @@ class PinOut(BaseModel):
     lease_id: int
     ttl_s: float
     num_pinned: int
+
+
+TensorData = Annotated[bytes | str, WithJsonSchema({"type": "string", "contentEncoding": "base64", "description":
+                      "the raw little-endian elements in C order: base64 text in JSON, bytes (bin) in msgpack"})]
+
+
+class TensorIn(_Strict):
+    dtype: str = Field(max_length=16, description="float16, bfloat16 or float32")
+    shape: list[Annotated[int, Field(ge=0, le=1 << 20)]] = Field(max_length=8)
+    data: TensorData
+
+
+class TensorOut(BaseModel):
+    dtype: str = Field(description="float32 (o, lse) or int64 (token_ids)")
+    shape: list[int]
+    data: str = Field(description="the raw little-endian elements in C order (base64 in JSON, bin in msgpack)")
+
+
+class _QueryIn(_Strict):
+    model: str = Field(max_length=64)
+    token_ids: list[Annotated[int, Field(ge=0, le=0xFFFFFFFF)]] | None = Field(
+        None, description="the sequence's token ids; the server hashes its full blocks under the caller's tenant")
+    hashes: list[Hash] | None = Field(None, description="the chain's block hashes (instead of token_ids)")
+    salt: str = Field("", max_length=256, description="cache salt (with token_ids)")
+    extra_keys: list[Annotated[str, Field(max_length=256)]] = Field(default_factory=list, max_length=16,
+                                                                    description="LoRA ids, multimodal hashes, ... (with token_ids)")
+    q: TensorIn = Field(description="one decode query per layer asked: [L_q, H_q, head_dim], float16/bfloat16/float32, "
+                                    "H_q a multiple of num_kv_heads (GQA)")
+    layers: list[Annotated[int, Field(ge=0, le=1 << 16)]] | None = Field(
+        None, max_length=1 << 16, description="the layers of q's rows, distinct (default: every layer, in order)")
+
+
+class RetrieveIn(_QueryIn):
+    budget: int = Field(ge=1, le=1 << 31, description="tokens per (layer, KV head), sinks and recent window included")
+
+
+class AttentionIn(_QueryIn):
+    budget: int | None = Field(None, ge=1, le=1 << 31, description="sparse: the tokens StoreRetriever selects per (layer, KV head); "
+                                                                   "absent: every cached token of the chain")
+
+
+class RetrieveOut(BaseModel):
+    model: str
+    layers: list[int]
+    budget: int
+    num_tokens: int = Field(description="tokens of the cached prefix searched (0: nothing cached for this tenant)")
+    num_blocks: int
+    num_requested_blocks: int
+    token_ids: TensorOut = Field(description="int64 [L_q, num_kv_heads, budget]: positions in the sequence, ascending, -1 padding")
+    fetched: list[int] = Field(description="chain positions of the blocks read to gather the selection")
+    summarized: int = Field(description="blocks read only to compute a summary no longer in memory")
+
+
+class AttentionOut(BaseModel):
+    model: str
+    layers: list[int]
+    budget: int | None
+    num_tokens: int = Field(description="tokens of the cached prefix (0: nothing cached: o = 0, lse = -inf)")
+    num_blocks: int
+    num_requested_blocks: int
+    attended: int = Field(description="most tokens one (layer, KV head) attended")
+    fetched: list[int] = Field(description="chain positions of the blocks read")
+    o: TensorOut = Field(description="float32 [L_q, H_q, head_dim]")
+    lse: TensorOut = Field(description="float32 [L_q, H_q], natural log; -inf where nothing was attended")
 
 
 class ErrorBody(BaseModel):
@@ -305,6 +371,39 @@ def _well_formed_lookup(body: bytes) -> dict | None:
     return req
 
 
+async def _query_body(request: Request, model_cls):
+    """The body of /v1/retrieve or /v1/attention (JSON or msgpack) validated by ``model_cls``, and whether it was msgpack."""
+    ctype = request.headers.get("content-type", "application/json").split(";")[0].strip().lower()
+    raw = await request.body()
+    if ctype == wire.MSGPACK_MEDIA_TYPE:
+        try:
+            obj = msgpack.unpackb(raw, raw=False, strict_map_key=False)
+        except Exception as e:  # whatever msgpack raises on bytes that are not one msgpack object
+            raise BadRequest(f"the body is not one msgpack object: {type(e).__name__}", field="body") from None
+        binary = True
+    elif ctype == "application/json" or ctype.endswith("+json"):
+        try:
+            obj = json.loads(raw)
+        except (ValueError, UnicodeDecodeError) as e:
+            raise BadRequest(f"the body is not JSON: {e}"[:300], field="body") from None
+        binary = False
+    else:
+        raise UnsupportedMediaType(f"the body must be application/json or {wire.MSGPACK_MEDIA_TYPE}, got {ctype!r}"[:300],
+                                   field="content-type")
+    try:
+        return model_cls.model_validate(obj), binary
+    except ValidationError as e:
+        raise RequestValidationError([{k: v for k, v in err.items() if k in ("loc", "msg", "type")} for err in e.errors()]) from None
+
+
+def _query_answer(out: dict, binary: bool) -> Response:
+    """The answer of /v1/retrieve or /v1/attention: tensors as {dtype, shape, data} (bin in msgpack, base64 in JSON)."""
+    doc = {k: wire.tensor_to_wire(v, binary=binary) if isinstance(v, torch.Tensor) else v for k, v in out.items()}
+    if binary:
+        return Response(msgpack.packb(doc, use_bin_type=True), media_type=wire.MSGPACK_MEDIA_TYPE)
+    return JSONResponse(doc)
+
+
 def _error(status: int, code: str, message: str, field: str | None) -> JSONResponse:
     return JSONResponse({"error": {"code": code, "message": message, "field": field}}, status_code=status)
 
@@ -501,6 +600,46 @@ def create_app(settings: Settings | None = None, service: KVService | None = Non
     async def delete_blocks(body: KeysIn, request: Request, p: P):
         n = await run_in_threadpool(svc_of(request).delete, p, body.model, body.keys)
         return DeleteOut(removed=n)
+
+    # -- retrieval and attention next to the data ------------------------------------------
+    def query_route(path: str, model_in, model_out, summary: str, run):
+        body_doc = {"required": True, "content": {
+            "application/json": {"schema": {"$ref": f"#/components/schemas/{model_in.__name__}"}},
+            wire.MSGPACK_MEDIA_TYPE: {"schema": {"$ref": f"#/components/schemas/{model_in.__name__}"}}}}
+        answer_doc = {200: {"description": "JSON, or msgpack (tensor data as bin) when the request is msgpack or accepts it",
+                            "content": {"application/json": {"schema": {"$ref": f"#/components/schemas/{model_out.__name__}"}},
+                                        wire.MSGPACK_MEDIA_TYPE: {}}}}
+
+        @app.post(path, tags=["retrieval"], responses={**ERRORS, 409: {"model": ErrorOut}, **answer_doc}, summary=summary,
+                  openapi_extra={"requestBody": body_doc}, name=path.rsplit("/", 1)[-1])
+        async def route(request: Request, p: P):
+            body, binary = await _query_body(request, model_in)
+            svc = svc_of(request)
+            fields = body.model_dump(exclude={"q"})
+            async with request.app.state.transfers:  # they read blocks: bounded like the block transfers
+                out = await run_in_threadpool(lambda: run(svc, p, fields, body.q.model_dump()))
+            return _query_answer(out, binary or wire.MSGPACK_MEDIA_TYPE in request.headers.get("accept", ""))
+
+        return route
+
+    query_route("/v1/retrieve", RetrieveIn, RetrieveOut,
+                "Top tokens of a cached chain for one decode query per layer; only the blocks holding them are read",
+                lambda svc, p, f, q: svc.retrieve(p, f.pop("model"), q=q, **f))
+    query_route("/v1/attention", AttentionIn, AttentionOut,
+                "Decode attention next to the data: (o, lse) over the chain's cached tokens (all, or the budget's selection)",
+                lambda svc, p, f, q: svc.attention(p, f.pop("model"), q=q, **f))
+
+    def openapi_with_query_models():
+        if app.openapi_schema is None:
+            schema = FastAPI.openapi(app)
+            comps = schema.setdefault("components", {}).setdefault("schemas", {})
+            for m in (RetrieveIn, AttentionIn, RetrieveOut, AttentionOut):
+                js = m.model_json_schema(ref_template="#/components/schemas/{model}")
+                comps.update(js.pop("$defs", {}))
+                comps[m.__name__] = js
+        return app.openapi_schema
+
+    app.openapi = openapi_with_query_models
 
     # -- pins ------------------------------------------------------------------------------
     @app.post("/v1/pins", response_model=PinOut, tags=["pins"], responses=ERRORS,

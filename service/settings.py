@@ -101,7 +101,7 @@ class Settings(BaseSettings):
     metrics_auth: bool = Field(True, description="When keys are configured, `/metrics` needs the admin key (it names tenants); false: `/metrics` is public.")
 
     # -- request bounds --------------------------------------------------------------------
-    max_request_bytes: ByteSize = Field(128 << 20, description="Largest body of a block upload (`PUT /v1/blocks`), and largest gRPC put stream; larger: 413.")
+    max_request_bytes: ByteSize = Field(128 << 20, description="Largest body of a block upload (`PUT /v1/blocks`), and largest gRPC put stream; larger: 413. Also bounds the keys and values one `/v1/retrieve` or `/v1/attention` selection gathers.")
     max_json_bytes: ByteSize = Field(16 << 20, description="Largest JSON request body; larger: 413.")
     max_blocks_per_request: int = Field(64, ge=1, description="Most blocks (frames or hashes) one put/get/delete/pin names.")
     max_tokens_per_request: int = Field(1 << 20, ge=1, description="Most token ids in one lookup (and most hashes in a lookup by hashes: this / 16).")
@@ -112,7 +112,15 @@ class Settings(BaseSettings):
     max_events_per_request: int = Field(10_000, ge=1, description="Most events one `/v1/events` call returns.")
     max_tracked_keys: int = Field(100_000, ge=0, description="Blocks whose owner the service remembers to show tenants their own events (oldest forgotten first).")
     max_concurrent_transfers: int = Field(8, ge=1, description="Block uploads/downloads processed at once (the others wait): bounds memory held by request bodies.")
+    max_retrieve_budget: int = Field(65536, ge=1, description="Largest `budget` (tokens per layer and KV head) of `/v1/retrieve` and `/v1/attention`.")
+    max_query_heads: int = Field(1024, ge=1, description="Most query heads of the decode query `q [L_q, H_q, D]` of `/v1/retrieve` and `/v1/attention`.")
+
     limit_concurrency: int | None = Field(1024, ge=1, description="Most open connections + requests before the server answers 503 (uvicorn `limit_concurrency`).")
+
+    # -- retrieval ---------------------------------------------------------------------------
+    summary_capacity_bytes: ByteSize = Field(64 << 20, description="Host memory for the page summaries (Quest bounds, mean key per 16 tokens) computed when blocks are put, LRU-bounded; 0: none computed at put (retrieval then reads and summarizes each block it searches).")
+    retrieve_sink_tokens: int = Field(4, ge=0, le=4096, description="First tokens of a chain every retrieval keeps (attention sinks); part of the budget.")
+    retrieve_recent_tokens: int = Field(32, ge=0, le=65536, description="Last tokens of the cached prefix every retrieval keeps (recent window); part of the budget.")
 
     # -- validation ------------------------------------------------------------------------
     @classmethod

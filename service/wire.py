@@ -75,3 +75,67 @@ def split_items(buf, *, max_items: int) -> list[memoryview | None]:
         items.append(view[start: start + size])
         pos = start + size
     return items
+
+
+# -- tensors in request and answer bodies (/v1/retrieve, /v1/attention) ----------------------
+# A tensor is a map ``{"dtype": str, "shape": [int, ...], "data": bytes}``: the raw little-endian
+# elements in C order (msgpack ``bin``; in a JSON body ``data`` is the same bytes in base64).
+MSGPACK_MEDIA_TYPE = "application/msgpack"
+TENSOR_DTYPES = {"float16": "float16", "bfloat16": "bfloat16", "float32": "float32", "int32": "int32", "int64": "int64"}
+
+
+def tensor_to_wire(t, *, binary: bool = True) -> dict:
+    """``{"dtype", "shape", "data"}`` of a CPU tensor (``data`` bytes, or base64 text when not ``binary``)."""
+    import base64
+
+    from kvstore.codecs.base import tensor_bytes
+
+    t = t.detach().cpu().contiguous()
+    name = str(t.dtype).removeprefix("torch.")
+    if name not in TENSOR_DTYPES:
+        raise ValueError(f"a wire tensor's dtype must be one of {sorted(TENSOR_DTYPES)}, got {t.dtype}")
+    data = bytes(tensor_bytes(t)) if t.numel() else b""
+    return {"dtype": name, "shape": list(t.shape), "data": data if binary else base64.b64encode(data).decode("ascii")}
+
+
+def tensor_from_wire(obj, field: str, *, dtypes=("float16", "bfloat16", "float32"), ndim: int | None = None,
+                     max_elements: int = 1 << 26):
+    """The tensor of a wire map (a fresh, writable CPU tensor); BadRequest names the bad part of ``field``."""
+    import base64
+    import binascii
+    import math
+
+    import torch
+
+    from kvstore.codecs.base import tensor_from_bytes
+
+    if not isinstance(obj, dict):
+        raise BadRequest(f"{field} must be a tensor: a map {{dtype, shape, data}}, got {type(obj).__name__}", field=field)
+    extra = set(obj) - {"dtype", "shape", "data"}
+    if extra:
+        raise BadRequest(f"{field} has unknown fields {sorted(map(str, extra))}; a tensor is {{dtype, shape, data}}", field=field)
+    dtype, shape, data = obj.get("dtype"), obj.get("shape"), obj.get("data")
+    if dtype not in dtypes:
+        raise BadRequest(f"{field}.dtype must be one of {list(dtypes)}, got {dtype!r}", field=f"{field}.dtype")
+    if not isinstance(shape, (list, tuple)) or any(isinstance(n, bool) or not isinstance(n, int) or n < 0 for n in shape):
+        raise BadRequest(f"{field}.shape must be a list of non-negative integers, got {shape!r}"[:300], field=f"{field}.shape")
+    if ndim is not None and len(shape) != ndim:
+        raise BadRequest(f"{field}.shape must have {ndim} dimensions, got {len(shape)}", field=f"{field}.shape")
+    n = math.prod(shape)
+    if n > max_elements:
+        raise BadRequest(f"{field} has {n} elements, at most {max_elements} are allowed", field=f"{field}.shape")
+    if isinstance(data, str):
+        try:
+            data = base64.b64decode(data, validate=True)
+        except (binascii.Error, ValueError):
+            raise BadRequest(f"{field}.data must be base64 text (JSON) or bytes (msgpack)", field=f"{field}.data") from None
+    if not isinstance(data, (bytes, bytearray, memoryview)):
+        raise BadRequest(f"{field}.data must be bytes (msgpack bin) or base64 text (JSON), got {type(data).__name__}", field=f"{field}.data")
+    tdtype = getattr(torch, dtype)
+    itemsize = torch.empty((), dtype=tdtype).element_size()
+    if len(data) != n * itemsize:
+        raise BadRequest(f"{field}.data holds {len(data)} bytes, shape {list(shape)} of {dtype} needs {n * itemsize}",
+                         field=f"{field}.data")
+    if n == 0:
+        return torch.zeros(shape, dtype=tdtype)
+    return tensor_from_bytes(bytearray(data), tdtype, tuple(shape))

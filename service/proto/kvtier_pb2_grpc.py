@@ -84,6 +84,16 @@ class KVTierStub:
                 request_serializer=service_dot_proto_dot_kvtier__pb2.HealthRequest.SerializeToString,
                 response_deserializer=service_dot_proto_dot_kvtier__pb2.HealthReply.FromString,
                 _registered_method=True)
+        self.Retrieve = channel.unary_unary(
+                '/kvtier.v1.KVTier/Retrieve',
+                request_serializer=service_dot_proto_dot_kvtier__pb2.QueryRequest.SerializeToString,
+                response_deserializer=service_dot_proto_dot_kvtier__pb2.RetrieveReply.FromString,
+                _registered_method=True)
+        self.Attention = channel.unary_unary(
+                '/kvtier.v1.KVTier/Attention',
+                request_serializer=service_dot_proto_dot_kvtier__pb2.QueryRequest.SerializeToString,
+                response_deserializer=service_dot_proto_dot_kvtier__pb2.AttentionReply.FromString,
+                _registered_method=True)
 
 
 class KVTierServicer:
@@ -152,6 +162,20 @@ class KVTierServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Retrieve(self, request, context):
+        """Top tokens of a cached chain for one decode query per layer (StoreRetriever).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Attention(self, request, context):
+        """Decode attention next to the data: (o, lse) over the chain's cached tokens, to merge with the local part.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_KVTierServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -204,6 +228,16 @@ def add_KVTierServicer_to_server(servicer, server):
                     servicer.Health,
                     request_deserializer=service_dot_proto_dot_kvtier__pb2.HealthRequest.FromString,
                     response_serializer=service_dot_proto_dot_kvtier__pb2.HealthReply.SerializeToString,
+            ),
+            'Retrieve': grpc.unary_unary_rpc_method_handler(
+                    servicer.Retrieve,
+                    request_deserializer=service_dot_proto_dot_kvtier__pb2.QueryRequest.FromString,
+                    response_serializer=service_dot_proto_dot_kvtier__pb2.RetrieveReply.SerializeToString,
+            ),
+            'Attention': grpc.unary_unary_rpc_method_handler(
+                    servicer.Attention,
+                    request_deserializer=service_dot_proto_dot_kvtier__pb2.QueryRequest.FromString,
+                    response_serializer=service_dot_proto_dot_kvtier__pb2.AttentionReply.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -476,6 +510,60 @@ class KVTier:
             '/kvtier.v1.KVTier/Health',
             service_dot_proto_dot_kvtier__pb2.HealthRequest.SerializeToString,
             service_dot_proto_dot_kvtier__pb2.HealthReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Retrieve(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/kvtier.v1.KVTier/Retrieve',
+            service_dot_proto_dot_kvtier__pb2.QueryRequest.SerializeToString,
+            service_dot_proto_dot_kvtier__pb2.RetrieveReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Attention(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/kvtier.v1.KVTier/Attention',
+            service_dot_proto_dot_kvtier__pb2.QueryRequest.SerializeToString,
+            service_dot_proto_dot_kvtier__pb2.AttentionReply.FromString,
             options,
             channel_credentials,
             insecure,

@@ -99,6 +99,45 @@ def malformed_requests(model: str, rng: random.Random):
         yield ("POST", "/v1/specs", {"json": {"model_id": "m", "num_layers": 4096, "num_kv_heads": 4096, "head_dim": 4096}})  # > max_block_bytes
         yield ("DELETE", f"/v1/pins/{rng.choice(['x', '0', '-5', str(2**70)])}", {})
         yield ("GET", "/v1/events", {"params": {"after": rng.choice(["-1", "x", "1e99"]), "limit": rng.choice(["0", "x", "-2"])}})
+    # /v1/retrieve and /v1/attention: JSON and msgpack bodies, wrong tensors, budgets, layers, chains
+    q_ok = {"dtype": "float32", "shape": [TINY.num_layers, 4, TINY.head_dim], "data": bytes(4 * TINY.num_layers * 4 * TINY.head_dim)}
+    mp = lambda path, obj: ("POST", path, {"content": obj if isinstance(obj, bytes) else msgpack.packb(obj, use_bin_type=True),  # noqa: E731
+                                           "headers": {"content-type": "application/msgpack"}})
+    for _ in range(40):
+        path = rng.choice(["/v1/retrieve", "/v1/attention"])
+        body = rng.randbytes(rng.randrange(1, 2048))
+        yield mp(path, body if body[0] != 0xC0 else b"\xc1")  # random bytes as msgpack (nil alone is no map: 422)
+        yield ("POST", path, {"content": body})  # random bytes as JSON
+        yield ("POST", path, {"content": b'{"model": 1}', "headers": {"content-type": rng.choice(["text/plain", "application/x-www-form-urlencoded", "image/png"])}})
+        full = msgpack.packb({"model": model, "hashes": [hexkey()], "q": q_ok, "budget": 64}, use_bin_type=True)
+        yield mp(path, full[: rng.randrange(1, len(full) - 1)])  # truncated
+        q = dict(q_ok)
+        bad = rng.randrange(7)
+        if bad == 0:
+            q["shape"] = [rng.choice([1, 3, 0]), 4, TINY.head_dim]
+        elif bad == 1:
+            q["shape"] = [TINY.num_layers, rng.choice([3, 5, 0, 4096]), TINY.head_dim]
+        elif bad == 2:
+            q["shape"] = [TINY.num_layers, 4, rng.choice([7, 9, 1])]
+        elif bad == 3:
+            q["dtype"] = rng.choice(["int8", "float64", "", "float8_e4m3fn", 5])
+        elif bad == 4:
+            q["data"] = q["data"][: rng.randrange(0, len(q["data"]))]
+        elif bad == 5:
+            q["data"] = b"\x00\x00\xc0\x7f" * (len(q["data"]) // 4)  # NaN
+        else:
+            q = rng.choice([None, [], "x", {"dtype": "float32"}, {**q_ok, "extra": 1}, {**q_ok, "shape": [2, -4, 8]}])
+        yield mp(path, {"model": model, "hashes": [hexkey()], "q": q, "budget": 64})
+        yield ("POST", path, {"json": {"model": model, "token_ids": list(range(32)), "budget": 64,
+                                       "q": {**q_ok, "data": rng.choice(["!!notbase64", 5, "AAAA"])}}})
+        yield mp(path, {"model": model, "hashes": [hexkey()], "q": q_ok, "budget": rng.choice([0, -1, 1, 35, 2**31, 10**7, "x", 1.5])})
+        yield mp(path, {"model": model, "hashes": [hexkey()], "q": q_ok, "budget": 64,
+                        "layers": rng.choice([[0], [0, 0], [0, 2], [-1, 0], [], "x", [0.5, 1]])})
+        yield mp(path, {"model": model, "hashes": rng.choice([[], ["zz" * 32], [hexkey()] * 70_000, None]), "q": q_ok, "budget": 64})
+        yield mp(path, {"model": model, "token_ids": [1], "hashes": [hexkey()], "q": q_ok, "budget": 64})
+        yield mp(path, {"model": rng.choice([hexkey(), "", "x" * 65]), "hashes": [hexkey()], "q": q_ok, "budget": 64})
+        yield mp(path, {"model": model, "hashes": [hexkey()], "q": q_ok, "budget": 64, "surprise": True})
+    yield mp("/v1/retrieve", {"model": model, "hashes": [hexkey()], "q": q_ok})  # budget required
     for _ in range(60):  # unknown model ids (404)
         m = rng.choice([hexkey(), "", "x" * 65, model[:-1] + "0"])
         yield ("POST", "/v1/lookup", {"json": {"model": m, "token_ids": [1, 2, 3]}})
@@ -142,6 +181,9 @@ def test_fuzz_malformed_requests(server):
             assert c.get(model, unknown) == [None] * len(unknown)
             assert c.delete(model, unknown) == 0
             assert c.pin(model, unknown, 1.0)["num_pinned"] == 0
+            q = torch.randn(TINY.num_layers, 4, TINY.head_dim)
+            assert c.retrieve(model, q, 64, hashes=unknown).num_tokens == 0
+            assert c.attention(model, q, hashes=unknown).num_tokens == 0
         assert n >= 1000, n
         assert server.alive() and http.get("/healthz").status_code == 200
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import zlib
 
+import msgpack
 import schemathesis
 import torch
 from hypothesis import HealthCheck, given, settings
@@ -26,6 +27,11 @@ MAX_EXAMPLES = 15
 @schemathesis.serializer(wire.FRAMES_MEDIA_TYPE)
 def _frames(ctx, value):  # the binary body as generated: bytes, or text encoded
     return value if isinstance(value, bytes) else str(value).encode("utf-8", "surrogatepass")
+
+
+@schemathesis.serializer(wire.MSGPACK_MEDIA_TYPE)
+def _msgpack(ctx, value):  # /v1/retrieve and /v1/attention take the JSON document as msgpack too
+    return msgpack.packb(value, use_bin_type=True)
 
 
 def test_no_server_errors_over_the_openapi_spec():
@@ -48,8 +54,9 @@ def test_no_server_errors_over_the_openapi_spec():
                 if zlib.crc32(repr((case.body, case.query)).encode()) % 2 == 0:
                     if isinstance(case.body, dict) and "model" in case.body:
                         case.body["model"] = model
-                        if isinstance(case.body.get("keys"), list) and case.body["keys"]:
-                            case.body["keys"][0] = key.hex()
+                        for field in ("keys", "hashes"):
+                            if isinstance(case.body.get(field), list) and case.body[field]:
+                                case.body[field][0] = key.hex()
                     if isinstance(case.query, dict) and "model" in case.query:
                         case.query["model"] = model
                 response = case.call(timeout=30)
@@ -57,7 +64,7 @@ def test_no_server_errors_over_the_openapi_spec():
                 case.validate_response(response, checks=[not_a_server_error])
 
             check()
-        assert len(labels) >= 12, labels
+        assert len(labels) >= 14 and "POST /v1/retrieve" in labels and "POST /v1/attention" in labels, labels
         assert sum(statuses.values()) >= 5 * len(labels) and not any(s >= 500 for s in statuses), statuses
         print(f"schemathesis: {len(labels)} operations, statuses {dict(sorted(statuses.items()))}")
         assert srv.alive()
