@@ -415,6 +415,8 @@ def main(argv=None):
     ap.add_argument("--out", help="also write the figures (JSON) here")
     ap.add_argument("--threads", type=int, default=1, help="torch and faiss threads (1: on a shared 2-core box two threads oversubscribe)")
     ap.add_argument("--skip", default="", help="comma-separated parts to skip: recall,ann,synthetic,passkey")
+    ap.add_argument("--tag", default="", help="save as retrieval_<tag>.* (parts run as separate processes)")
+    ap.add_argument("--merge", nargs="+", metavar="JSON", help="measure nothing: build the report from the figures of earlier (tagged) runs")
     args = ap.parse_args(argv)
     skip = set(filter(None, args.skip.split(",")))
     torch.set_num_threads(args.threads)
@@ -424,19 +426,22 @@ def main(argv=None):
     from bench import refmodel
     from bench.model_queries import capture
 
-    model, tok = refmodel.load_model()
-    cfg = model.config
-    L = cfg.num_hidden_layers
+    if args.merge:
+        model = tok = None
+        L = 30
+    else:
+        model, tok = refmodel.load_model()
+        L = model.config.num_hidden_layers
     if args.quick:
         contexts, layers, layers_ann = [1024], list(range(0, L, 10)), [15]
         n_syn = 20_000
-        prompts = [refmodel.passkey_prompt(tok, 1024, 0.5, seed=7)]
+        prompts = [refmodel.passkey_prompt(tok, 1024, 0.5, seed=7)] if tok else []
         passkey_budgets = lambda T: [128]  # noqa: E731
         e2e_selectors = [s for s in SELECTORS if s[0] in ("quest", "topk_exact")]
     else:
         contexts, layers, layers_ann = [2048, 8192], list(range(L)), list(range(L))
         n_syn = 1_000_000
-        prompts = refmodel.passkey_suite(tok, lengths=(2048, 6144), depths=(0.1, 0.5, 0.9), num_keys=1)
+        prompts = refmodel.passkey_suite(tok, lengths=(2048, 6144), depths=(0.1, 0.5, 0.9), num_keys=1) if tok else []
         passkey_budgets = lambda T: [128, 256, 512]  # noqa: E731
         e2e_selectors = [s for s in SELECTORS if s[0] not in ("tokenselect", "ann(ivf)")] + [("quest+cache", "quest", {})]
 
@@ -495,15 +500,27 @@ def main(argv=None):
             md += [md_table(["tokens", "selector", "budget", "correct"], rows), ""]
         md += ["## Goals", ""]
         md += [f"- {k}: " + ", ".join(f"{a}={(f'{v:.3f}' if isinstance(v, float) else v)}" for a, v in g.items()) for k, g in goals.items()]
-        md += ["", f"Total run time {time.perf_counter() - t_start:.0f}s."]
+        if not args.merge:
+            md += ["", f"Run time of this process {time.perf_counter() - t_start:.0f}s."]
         text = "\n".join(md)
-        name = "retrieval" + ("_quick" if args.quick else "")
+        name = "retrieval" + ("_quick" if args.quick else "") + (f"_{args.tag}" if args.tag else "")
         if final:
             print(text)
         if recall and ann:
             plot(recall, ann, RESULTS / f"{name}_recall.png", RESULTS / f"{name}_ann.png")
         save_results(name, figures, text, args.out)
 
+    if args.merge:
+        import json
+
+        for path in args.merge:
+            d = json.loads(open(path).read())
+            recall.extend(d.get("recall", []))
+            ann.extend(d.get("ann", []))
+            syn.extend(d.get("synthetic", []))
+            pk.extend(d.get("passkey", []))
+            figures.setdefault("merged_from", []).append({"file": os.path.basename(path), "config": d.get("config")})
+        skip = {"recall", "ann", "synthetic", "passkey"}
     if not {"recall", "ann"} <= skip:
         t0 = time.perf_counter()
         ids = refmodel.heldout_ids(tok, max(contexts) + N_DECODE_Q)
