@@ -158,11 +158,13 @@ class QueryAwareIVF(IVFIndex):
         return self._query_centroids
 
 
-def ann_rows(cap, contexts, layers, heads_every=1):
+def ann_rows(cap, contexts, layers, heads_every=1, only_l2_hnsw=False):
     """Top-100 recall vs scanned fraction per backend and setting, averaged over layers and KV heads."""
     out = []
     for T0 in contexts:
         sq = math.sqrt(T0)
+        l2_hnsw = [("hnsw m=32 mips->l2", "hnsw", {"m": 32, "ef_construction": 64, "mips_to_l2": True}, {"ef_search": ef}, f"ef={ef}")
+                   for ef in (100, 200, 400, 800)]
         configs = []
         for nl_mult in (1, 4):
             nlist = int(round(nl_mult * sq))
@@ -172,6 +174,7 @@ def ann_rows(cap, contexts, layers, heads_every=1):
                     configs.append((f"ivf-query-aware nlist={nl_mult}sqrtT", "ivf-qa", {"nlist": nlist, "min_train": 1}, {"nprobe": nprobe}, f"nprobe={nprobe}"))
         for ef in (100, 200, 400, 800):
             configs.append(("hnsw m=32", "hnsw", {"m": 32, "ef_construction": 64}, {"ef_search": ef}, f"ef={ef}"))
+        configs = l2_hnsw if only_l2_hnsw else configs + l2_hnsw
         acc = {}
         for l in layers:
             H_kv = cap.kv.shape[2]
@@ -224,7 +227,7 @@ def synthetic(n, D=64, num_q=64, seed=0):
     return keys, {"iid": q_iid, "ood": q_ood}
 
 
-def synthetic_rows(n, threads):
+def synthetic_rows(n, threads, only_l2_hnsw=False):
     keys, qsets = synthetic(n)
     t0 = time.perf_counter()
     truths = {name: torch.cat([(qq @ keys.T).topk(100, -1).indices for qq in q.split(8)]) for name, q in qsets.items()}  # [num_q, 100]
@@ -236,7 +239,10 @@ def synthetic_rows(n, threads):
         ("flat", "flat", {}, [({}, "")]),
         (f"ivf nlist={nlist}", "ivf", {"nlist": nlist, "min_train": 1}, [({"nprobe": p}, f"nprobe={p}") for p in (4, 16, 64)]),
         ("hnsw m=16", "hnsw", {"m": 16, "ef_construction": 40}, [({"ef_search": e}, f"ef={e}") for e in (100, 200, 400)]),
+        ("hnsw m=16 mips->l2", "hnsw", {"m": 16, "ef_construction": 40, "mips_to_l2": True}, [({"ef_search": e}, f"ef={e}") for e in (100, 200, 400)]),
     ]
+    if only_l2_hnsw:
+        plan = plan[-1:]
     for label, backend, build_opts, settings in plan:
         t0 = time.perf_counter()
         idx = make_index(backend, keys.shape[1], **build_opts)
@@ -416,6 +422,7 @@ def main(argv=None):
     ap.add_argument("--threads", type=int, default=1, help="torch and faiss threads (1: on a shared 2-core box two threads oversubscribe)")
     ap.add_argument("--skip", default="", help="comma-separated parts to skip: recall,ann,synthetic,passkey")
     ap.add_argument("--tag", default="", help="save as retrieval_<tag>.* (parts run as separate processes)")
+    ap.add_argument("--only-l2-hnsw", action="store_true", help="ANN and synthetic parts: measure only HNSW with mips_to_l2 (added after the first full run)")
     ap.add_argument("--merge", nargs="+", metavar="JSON", help="measure nothing: build the report from the figures of earlier (tagged) runs")
     args = ap.parse_args(argv)
     skip = set(filter(None, args.skip.split(",")))
@@ -530,11 +537,11 @@ def main(argv=None):
             recall.extend(recall_rows(cap, contexts, [64, 256, 1024], layers))
             finish()
         if "ann" not in skip:
-            ann.extend(ann_rows(cap, contexts, layers_ann))
+            ann.extend(ann_rows(cap, contexts, layers_ann, only_l2_hnsw=args.only_l2_hnsw))
             finish()
         del cap
     if "synthetic" not in skip:
-        syn.extend(synthetic_rows(n_syn, args.threads))
+        syn.extend(synthetic_rows(n_syn, args.threads, only_l2_hnsw=args.only_l2_hnsw))
         finish()
     if "passkey" not in skip:
         for prompt in prompts:  # results saved after every prompt

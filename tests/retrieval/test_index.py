@@ -55,6 +55,18 @@ def test_padding_when_fewer_than_k(name):
     assert sorted(ids[0, :5].tolist()) == list(range(5))
 
 
+def test_hnsw_mips_to_l2_round_trip():
+    x, q = _data(5, n=800)
+    idx = make_index("hnsw", 16, m=16, ef_search=800, ef_construction=200, mips_to_l2=True)
+    idx.add(x)
+    s, ids = idx.search(q, 10)
+    ref = (q @ x.T).topk(10)
+    assert torch.equal(ids, ref.indices)
+    assert torch.allclose(s, ref.values, atol=1e-3)
+    with pytest.raises(ValueError, match="norm_margin"):
+        make_index("hnsw", 16, mips_to_l2=True, norm_margin=0.5)
+
+
 def test_ivf_scans_a_fraction():
     x, q = _data(2, n=4000)
     idx = make_index("ivf", 16, nlist=64, nprobe=4, min_train=1000)
