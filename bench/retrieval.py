@@ -375,6 +375,7 @@ def plot(recall, ann, path_recall, path_ann):
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
 
     contexts = sorted({r["context"] for r in recall})
     fig, axes = plt.subplots(2, len(contexts), figsize=(5 * len(contexts), 8), squeeze=False)
@@ -406,6 +407,7 @@ def plot(recall, ann, path_recall, path_ann):
         ax.axvline(0.05, color="red", lw=0.5)
         ax.axhline(0.9, color="red", lw=0.5)
         ax.set_xscale("log")
+        ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
         ax.set_title(f"ANN top-100 recall vs scanned, context {T0}")
         ax.set_xlabel("fraction of keys scanned")
         ax.grid(alpha=0.3)
