@@ -52,7 +52,9 @@ SELECTORS = [
     ("topk_exact", "topk_exact", {}),
     ("tokenselect", "tokenselect", {}),
     ("quest", "quest", {}),
-    ("ann(hnsw)", "ann", {"backend": "hnsw", "index_options": {"m": 32, "ef_construction": 64, "ef_search": 64}}),
+    # the inner-product graph (measured first) and the L2-reduced one (HNSWIndex's default since)
+    ("ann(hnsw)", "ann", {"backend": "hnsw", "index_options": {"m": 32, "ef_construction": 64, "ef_search": 64, "mips_to_l2": False}}),
+    ("ann(hnsw-l2)", "ann", {"backend": "hnsw", "index_options": {"m": 32, "ef_construction": 64, "ef_search": 64, "mips_to_l2": True}}),
     ("ann(ivf)", "ann", {"backend": "ivf", "index_options": {"nprobe": 32, "min_train": 512}}),
     ("centroids", "centroids", {"tokens_per_cluster": 16}),
     ("sink_window", "sink_window", {}),
@@ -98,7 +100,7 @@ def ids_to_mask(ids: torch.Tensor, T: int) -> torch.Tensor:
     return mask[..., :T]
 
 
-def recall_rows(cap, contexts, budgets_fixed, layers, log_every=10):
+def recall_rows(cap, contexts, budgets_fixed, layers, log_every=10, selectors=None):
     """Per context and selector and budget: attention-mass recall, top-100 recall, scanned fraction."""
     out = []
     scale = cap.scaling
@@ -114,7 +116,7 @@ def recall_rows(cap, contexts, budgets_fixed, layers, log_every=10):
             s = (q.view(n_q, H_kv, G, D) @ k.transpose(-1, -2)) * scale  # [n_q, H_kv, G, T0]
             p = torch.softmax(s, -1)
             top = s.topk(100, -1).indices  # [n_q, H_kv, G, 100]
-            for label, name, opts in SELECTORS:
+            for label, name, opts in selectors or SELECTORS:
                 sel = make_selector(name, opts)
                 state = sel.prepare(k)
                 for b in budgets:
@@ -173,7 +175,7 @@ def ann_rows(cap, contexts, layers, heads_every=1, only_l2_hnsw=False):
                     configs.append((f"ivf nlist={nl_mult}sqrtT", "ivf", {"nlist": nlist, "min_train": 1}, {"nprobe": nprobe}, f"nprobe={nprobe}"))
                     configs.append((f"ivf-query-aware nlist={nl_mult}sqrtT", "ivf-qa", {"nlist": nlist, "min_train": 1}, {"nprobe": nprobe}, f"nprobe={nprobe}"))
         for ef in (100, 200, 400, 800):
-            configs.append(("hnsw m=32", "hnsw", {"m": 32, "ef_construction": 64}, {"ef_search": ef}, f"ef={ef}"))
+            configs.append(("hnsw m=32", "hnsw", {"m": 32, "ef_construction": 64, "mips_to_l2": False}, {"ef_search": ef}, f"ef={ef}"))
         configs = l2_hnsw if only_l2_hnsw else configs + l2_hnsw
         acc = {}
         for l in layers:
@@ -238,7 +240,7 @@ def synthetic_rows(n, threads, only_l2_hnsw=False):
         ("exact (torch)", "exact", {}, [({}, "")]),
         ("flat", "flat", {}, [({}, "")]),
         (f"ivf nlist={nlist}", "ivf", {"nlist": nlist, "min_train": 1}, [({"nprobe": p}, f"nprobe={p}") for p in (4, 16, 64)]),
-        ("hnsw m=16", "hnsw", {"m": 16, "ef_construction": 40}, [({"ef_search": e}, f"ef={e}") for e in (100, 200, 400)]),
+        ("hnsw m=16", "hnsw", {"m": 16, "ef_construction": 40, "mips_to_l2": False}, [({"ef_search": e}, f"ef={e}") for e in (100, 200, 400)]),
         ("hnsw m=16 mips->l2", "hnsw", {"m": 16, "ef_construction": 40, "mips_to_l2": True}, [({"ef_search": e}, f"ef={e}") for e in (100, 200, 400)]),
     ]
     if only_l2_hnsw:
@@ -268,7 +270,7 @@ def synthetic_rows(n, threads, only_l2_hnsw=False):
 
 
 # ------------------------------------------------------------------ 4. pass key end to end
-def passkey_rows(model, tok, prompts, budgets_by_len, selectors, max_new_tokens=6):
+def passkey_rows(model, tok, prompts, budgets_by_len, selectors, max_new_tokens=6, baselines=True):
     import re
 
     from bench import refmodel
@@ -292,11 +294,12 @@ def passkey_rows(model, tok, prompts, budgets_by_len, selectors, max_new_tokens=
             found = re.search(r"\d+", answer)
             return answer, bool(found is not None and found.group() == prompt.key)
 
-        answer, ok = run()
-        rows.append({"tokens": T0, "depth": prompt.depth, "key": prompt.key, "selector": "full", "budget": None, "correct": ok, "answer": answer})
-        # sanity: the stand-in attention over every token reproduces full attention
-        all_ok = run(_selector_attention(None, T0, T0 + max_new_tokens, {}))
-        rows.append({"tokens": T0, "depth": prompt.depth, "key": prompt.key, "selector": "all-tokens (gather)", "budget": None, "correct": all_ok[1], "answer": all_ok[0]})
+        if baselines:
+            answer, ok = run()
+            rows.append({"tokens": T0, "depth": prompt.depth, "key": prompt.key, "selector": "full", "budget": None, "correct": ok, "answer": answer})
+            # sanity: the stand-in attention over every token reproduces full attention
+            all_ok = run(_selector_attention(None, T0, T0 + max_new_tokens, {}))
+            rows.append({"tokens": T0, "depth": prompt.depth, "key": prompt.key, "selector": "all-tokens (gather)", "budget": None, "correct": all_ok[1], "answer": all_ok[0]})
         for label, name, opts in selectors:
             states: dict = {}  # per layer, shared by the budgets (built on the prompt's keys once)
             cached = label.endswith("+cache")
@@ -425,6 +428,7 @@ def main(argv=None):
     ap.add_argument("--skip", default="", help="comma-separated parts to skip: recall,ann,synthetic,passkey")
     ap.add_argument("--tag", default="", help="save as retrieval_<tag>.* (parts run as separate processes)")
     ap.add_argument("--only-l2-hnsw", action="store_true", help="ANN and synthetic parts: measure only HNSW with mips_to_l2 (added after the first full run)")
+    ap.add_argument("--selectors", default="", help="comma-separated selector labels to measure (recall and pass key; default all); baselines are skipped when given")
     ap.add_argument("--merge", nargs="+", metavar="JSON", help="measure nothing: build the report from the figures of earlier (tagged) runs")
     args = ap.parse_args(argv)
     skip = set(filter(None, args.skip.split(",")))
@@ -458,6 +462,10 @@ def main(argv=None):
                           "contexts": contexts, "layers": layers, "threads": args.threads, "quick": args.quick,
                           "synthetic_keys": n_syn}}
     recall, ann, syn, pk = [], [], [], []
+    wanted = set(filter(None, args.selectors.split(",")))
+
+    def chosen(selectors):
+        return [s for s in selectors if not wanted or s[0] in wanted]
 
     def finish(final=False):
         """Tables, goals and files from what has been measured so far (called after every part)."""
@@ -536,7 +544,7 @@ def main(argv=None):
         cap = capture(model, ids, chunk_tokens=2048)
         log(f"captured {cap.queries.shape[2]} positions x {L} layers in {time.perf_counter() - t0:.0f}s")
         if "recall" not in skip:
-            recall.extend(recall_rows(cap, contexts, [64, 256, 1024], layers))
+            recall.extend(recall_rows(cap, contexts, [64, 256, 1024], layers, selectors=chosen(SELECTORS)))
             finish()
         if "ann" not in skip:
             ann.extend(ann_rows(cap, contexts, layers_ann, only_l2_hnsw=args.only_l2_hnsw))
@@ -547,7 +555,7 @@ def main(argv=None):
         finish()
     if "passkey" not in skip:
         for prompt in prompts:  # results saved after every prompt
-            pk.extend(passkey_rows(model, tok, [prompt], passkey_budgets, e2e_selectors))
+            pk.extend(passkey_rows(model, tok, [prompt], passkey_budgets, chosen(e2e_selectors), baselines=not wanted))
             finish()
     finish(final=True)
 

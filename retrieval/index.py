@@ -8,7 +8,8 @@ Backends, by name (``make_index(name, dim, **options)``; ``available_indexes()``
   ``4 * sqrt(N)`` at training time), ``nprobe`` (lists scanned per query), ``min_train`` (vectors
   held and searched exactly until the index trains on them).
 - ``hnsw``: faiss ``IndexHNSWFlat``. Options: ``m``, ``ef_construction``, ``ef_search``,
-  ``mips_to_l2`` (build the graph on L2 after the MIPS reduction; see ``HNSWIndex``), ``norm_margin``.
+  ``mips_to_l2`` (default True: the graph is built on L2 after the MIPS reduction; see
+  ``HNSWIndex``), ``norm_margin``.
 
 Ids are the positions in add order (token positions when a sequence's keys are added as it
 grows, page ids for page representatives). ``search`` returns ``(scores, ids)`` ``[M, k]``, best
@@ -311,14 +312,16 @@ class IVFIndex(_FaissIndex):
 class HNSWIndex(_FaissIndex):
     """faiss ``IndexHNSWFlat``. CPU only (faiss has no GPU HNSW).
 
-    By default the graph is built on raw inner products. ``mips_to_l2=True`` builds it on L2
-    distances instead, after the classic MIPS-to-nearest-neighbour reduction: each key gets an
+    ``mips_to_l2=True`` (the default) builds the graph on L2 distances after the classic
+    MIPS-to-nearest-neighbour reduction: each key gets an
     extra coordinate ``sqrt(M^2 - |k|^2)`` (``M`` = ``norm_margin`` times the largest key norm
     of the first add) and each query a 0, so that ``|q' - k'|^2 = |q|^2 + M^2 - 2 q.k`` ranks keys
     by ``q.k``. A key added later with ``|k| > M`` gets 0 (ranked slightly too low).
+    ``mips_to_l2=False`` builds the graph on raw inner products, which recalls far less on real
+    keys and queries (``bench/retrieval.py``: 0.58 vs 0.93 top-100 recall at ef=100, 8K keys).
     """
 
-    def __init__(self, dim: int, m: int = 32, ef_construction: int = 64, ef_search: int = 64, mips_to_l2: bool = False,
+    def __init__(self, dim: int, m: int = 32, ef_construction: int = 64, ef_search: int = 64, mips_to_l2: bool = True,
                  norm_margin: float = 1.2, use_gpu: bool | None = None) -> None:
         super().__init__(dim, False)
         for name, v in (("m", m), ("ef_construction", ef_construction), ("ef_search", ef_search)):
