@@ -52,7 +52,9 @@ SELECTORS = [
     ("topk_exact", "topk_exact", {}),
     ("tokenselect", "tokenselect", {}),
     ("quest", "quest", {}),
-    ("ann(hnsw)", "ann", {"backend": "hnsw", "index_options": {"m": 32, "ef_construction": 64, "ef_search": 64}}),
+    # the inner-product graph (measured first) and the L2-reduced one (HNSWIndex's default since)
+    ("ann(hnsw)", "ann", {"backend": "hnsw", "index_options": {"m": 32, "ef_construction": 64, "ef_search": 64, "mips_to_l2": False}}),
+    ("ann(hnsw-l2)", "ann", {"backend": "hnsw", "index_options": {"m": 32, "ef_construction": 64, "ef_search": 64, "mips_to_l2": True}}),
     ("ann(ivf)", "ann", {"backend": "ivf", "index_options": {"nprobe": 32, "min_train": 512}}),
     ("centroids", "centroids", {"tokens_per_cluster": 16}),
     ("sink_window", "sink_window", {}),
@@ -98,7 +100,7 @@ def ids_to_mask(ids: torch.Tensor, T: int) -> torch.Tensor:
     return mask[..., :T]
 
 
-def recall_rows(cap, contexts, budgets_fixed, layers, log_every=10):
+def recall_rows(cap, contexts, budgets_fixed, layers, log_every=10, selectors=None):
     """Per context and selector and budget: attention-mass recall, top-100 recall, scanned fraction."""
     out = []
     scale = cap.scaling
@@ -114,7 +116,7 @@ def recall_rows(cap, contexts, budgets_fixed, layers, log_every=10):
             s = (q.view(n_q, H_kv, G, D) @ k.transpose(-1, -2)) * scale  # [n_q, H_kv, G, T0]
             p = torch.softmax(s, -1)
             top = s.topk(100, -1).indices  # [n_q, H_kv, G, 100]
-            for label, name, opts in SELECTORS:
+            for label, name, opts in selectors or SELECTORS:
                 sel = make_selector(name, opts)
                 state = sel.prepare(k)
                 for b in budgets:
@@ -158,11 +160,13 @@ class QueryAwareIVF(IVFIndex):
         return self._query_centroids
 
 
-def ann_rows(cap, contexts, layers, heads_every=1):
+def ann_rows(cap, contexts, layers, heads_every=1, only_l2_hnsw=False):
     """Top-100 recall vs scanned fraction per backend and setting, averaged over layers and KV heads."""
     out = []
     for T0 in contexts:
         sq = math.sqrt(T0)
+        l2_hnsw = [("hnsw m=32 mips->l2", "hnsw", {"m": 32, "ef_construction": 64, "mips_to_l2": True}, {"ef_search": ef}, f"ef={ef}")
+                   for ef in (100, 200, 400, 800)]
         configs = []
         for nl_mult in (1, 4):
             nlist = int(round(nl_mult * sq))
@@ -171,7 +175,8 @@ def ann_rows(cap, contexts, layers, heads_every=1):
                     configs.append((f"ivf nlist={nl_mult}sqrtT", "ivf", {"nlist": nlist, "min_train": 1}, {"nprobe": nprobe}, f"nprobe={nprobe}"))
                     configs.append((f"ivf-query-aware nlist={nl_mult}sqrtT", "ivf-qa", {"nlist": nlist, "min_train": 1}, {"nprobe": nprobe}, f"nprobe={nprobe}"))
         for ef in (100, 200, 400, 800):
-            configs.append(("hnsw m=32", "hnsw", {"m": 32, "ef_construction": 64}, {"ef_search": ef}, f"ef={ef}"))
+            configs.append(("hnsw m=32", "hnsw", {"m": 32, "ef_construction": 64, "mips_to_l2": False}, {"ef_search": ef}, f"ef={ef}"))
+        configs = l2_hnsw if only_l2_hnsw else configs + l2_hnsw
         acc = {}
         for l in layers:
             H_kv = cap.kv.shape[2]
@@ -224,7 +229,7 @@ def synthetic(n, D=64, num_q=64, seed=0):
     return keys, {"iid": q_iid, "ood": q_ood}
 
 
-def synthetic_rows(n, threads):
+def synthetic_rows(n, threads, only_l2_hnsw=False):
     keys, qsets = synthetic(n)
     t0 = time.perf_counter()
     truths = {name: torch.cat([(qq @ keys.T).topk(100, -1).indices for qq in q.split(8)]) for name, q in qsets.items()}  # [num_q, 100]
@@ -235,8 +240,11 @@ def synthetic_rows(n, threads):
         ("exact (torch)", "exact", {}, [({}, "")]),
         ("flat", "flat", {}, [({}, "")]),
         (f"ivf nlist={nlist}", "ivf", {"nlist": nlist, "min_train": 1}, [({"nprobe": p}, f"nprobe={p}") for p in (4, 16, 64)]),
-        ("hnsw m=16", "hnsw", {"m": 16, "ef_construction": 40}, [({"ef_search": e}, f"ef={e}") for e in (100, 200, 400)]),
+        ("hnsw m=16", "hnsw", {"m": 16, "ef_construction": 40, "mips_to_l2": False}, [({"ef_search": e}, f"ef={e}") for e in (100, 200, 400)]),
+        ("hnsw m=16 mips->l2", "hnsw", {"m": 16, "ef_construction": 40, "mips_to_l2": True}, [({"ef_search": e}, f"ef={e}") for e in (100, 200, 400)]),
     ]
+    if only_l2_hnsw:
+        plan = plan[-1:]
     for label, backend, build_opts, settings in plan:
         t0 = time.perf_counter()
         idx = make_index(backend, keys.shape[1], **build_opts)
@@ -262,7 +270,7 @@ def synthetic_rows(n, threads):
 
 
 # ------------------------------------------------------------------ 4. pass key end to end
-def passkey_rows(model, tok, prompts, budgets_by_len, selectors, max_new_tokens=6):
+def passkey_rows(model, tok, prompts, budgets_by_len, selectors, max_new_tokens=6, baselines=True):
     import re
 
     from bench import refmodel
@@ -286,11 +294,12 @@ def passkey_rows(model, tok, prompts, budgets_by_len, selectors, max_new_tokens=
             found = re.search(r"\d+", answer)
             return answer, bool(found is not None and found.group() == prompt.key)
 
-        answer, ok = run()
-        rows.append({"tokens": T0, "depth": prompt.depth, "key": prompt.key, "selector": "full", "budget": None, "correct": ok, "answer": answer})
-        # sanity: the stand-in attention over every token reproduces full attention
-        all_ok = run(_selector_attention(None, T0, T0 + max_new_tokens, {}))
-        rows.append({"tokens": T0, "depth": prompt.depth, "key": prompt.key, "selector": "all-tokens (gather)", "budget": None, "correct": all_ok[1], "answer": all_ok[0]})
+        if baselines:
+            answer, ok = run()
+            rows.append({"tokens": T0, "depth": prompt.depth, "key": prompt.key, "selector": "full", "budget": None, "correct": ok, "answer": answer})
+            # sanity: the stand-in attention over every token reproduces full attention
+            all_ok = run(_selector_attention(None, T0, T0 + max_new_tokens, {}))
+            rows.append({"tokens": T0, "depth": prompt.depth, "key": prompt.key, "selector": "all-tokens (gather)", "budget": None, "correct": all_ok[1], "answer": all_ok[0]})
         for label, name, opts in selectors:
             states: dict = {}  # per layer, shared by the budgets (built on the prompt's keys once)
             cached = label.endswith("+cache")
@@ -369,6 +378,7 @@ def plot(recall, ann, path_recall, path_ann):
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
 
     contexts = sorted({r["context"] for r in recall})
     fig, axes = plt.subplots(2, len(contexts), figsize=(5 * len(contexts), 8), squeeze=False)
@@ -400,6 +410,7 @@ def plot(recall, ann, path_recall, path_ann):
         ax.axvline(0.05, color="red", lw=0.5)
         ax.axhline(0.9, color="red", lw=0.5)
         ax.set_xscale("log")
+        ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
         ax.set_title(f"ANN top-100 recall vs scanned, context {T0}")
         ax.set_xlabel("fraction of keys scanned")
         ax.grid(alpha=0.3)
@@ -415,6 +426,10 @@ def main(argv=None):
     ap.add_argument("--out", help="also write the figures (JSON) here")
     ap.add_argument("--threads", type=int, default=1, help="torch and faiss threads (1: on a shared 2-core box two threads oversubscribe)")
     ap.add_argument("--skip", default="", help="comma-separated parts to skip: recall,ann,synthetic,passkey")
+    ap.add_argument("--tag", default="", help="save as retrieval_<tag>.* (parts run as separate processes)")
+    ap.add_argument("--only-l2-hnsw", action="store_true", help="ANN and synthetic parts: measure only HNSW with mips_to_l2 (added after the first full run)")
+    ap.add_argument("--selectors", default="", help="comma-separated selector labels to measure (recall and pass key; default all); baselines are skipped when given")
+    ap.add_argument("--merge", nargs="+", metavar="JSON", help="measure nothing: build the report from the figures of earlier (tagged) runs")
     args = ap.parse_args(argv)
     skip = set(filter(None, args.skip.split(",")))
     torch.set_num_threads(args.threads)
@@ -424,19 +439,22 @@ def main(argv=None):
     from bench import refmodel
     from bench.model_queries import capture
 
-    model, tok = refmodel.load_model()
-    cfg = model.config
-    L = cfg.num_hidden_layers
+    if args.merge:
+        model = tok = None
+        L = 30
+    else:
+        model, tok = refmodel.load_model()
+        L = model.config.num_hidden_layers
     if args.quick:
         contexts, layers, layers_ann = [1024], list(range(0, L, 10)), [15]
         n_syn = 20_000
-        prompts = [refmodel.passkey_prompt(tok, 1024, 0.5, seed=7)]
+        prompts = [refmodel.passkey_prompt(tok, 1024, 0.5, seed=7)] if tok else []
         passkey_budgets = lambda T: [128]  # noqa: E731
         e2e_selectors = [s for s in SELECTORS if s[0] in ("quest", "topk_exact")]
     else:
         contexts, layers, layers_ann = [2048, 8192], list(range(L)), list(range(L))
         n_syn = 1_000_000
-        prompts = refmodel.passkey_suite(tok, lengths=(2048, 6144), depths=(0.1, 0.5, 0.9), num_keys=1)
+        prompts = refmodel.passkey_suite(tok, lengths=(2048, 6144), depths=(0.1, 0.5, 0.9), num_keys=1) if tok else []
         passkey_budgets = lambda T: [128, 256, 512]  # noqa: E731
         e2e_selectors = [s for s in SELECTORS if s[0] not in ("tokenselect", "ann(ivf)")] + [("quest+cache", "quest", {})]
 
@@ -444,6 +462,10 @@ def main(argv=None):
                           "contexts": contexts, "layers": layers, "threads": args.threads, "quick": args.quick,
                           "synthetic_keys": n_syn}}
     recall, ann, syn, pk = [], [], [], []
+    wanted = set(filter(None, args.selectors.split(",")))
+
+    def chosen(selectors):
+        return [s for s in selectors if not wanted or s[0] in wanted]
 
     def finish(final=False):
         """Tables, goals and files from what has been measured so far (called after every part)."""
@@ -495,33 +517,45 @@ def main(argv=None):
             md += [md_table(["tokens", "selector", "budget", "correct"], rows), ""]
         md += ["## Goals", ""]
         md += [f"- {k}: " + ", ".join(f"{a}={(f'{v:.3f}' if isinstance(v, float) else v)}" for a, v in g.items()) for k, g in goals.items()]
-        md += ["", f"Total run time {time.perf_counter() - t_start:.0f}s."]
+        if not args.merge:
+            md += ["", f"Run time of this process {time.perf_counter() - t_start:.0f}s."]
         text = "\n".join(md)
-        name = "retrieval" + ("_quick" if args.quick else "")
+        name = "retrieval" + ("_quick" if args.quick else "") + (f"_{args.tag}" if args.tag else "")
         if final:
             print(text)
         if recall and ann:
             plot(recall, ann, RESULTS / f"{name}_recall.png", RESULTS / f"{name}_ann.png")
         save_results(name, figures, text, args.out)
 
+    if args.merge:
+        import json
+
+        for path in args.merge:
+            d = json.loads(open(path).read())
+            recall.extend(d.get("recall", []))
+            ann.extend(d.get("ann", []))
+            syn.extend(d.get("synthetic", []))
+            pk.extend(d.get("passkey", []))
+            figures.setdefault("merged_from", []).append({"file": os.path.basename(path), "config": d.get("config")})
+        skip = {"recall", "ann", "synthetic", "passkey"}
     if not {"recall", "ann"} <= skip:
         t0 = time.perf_counter()
         ids = refmodel.heldout_ids(tok, max(contexts) + N_DECODE_Q)
         cap = capture(model, ids, chunk_tokens=2048)
         log(f"captured {cap.queries.shape[2]} positions x {L} layers in {time.perf_counter() - t0:.0f}s")
         if "recall" not in skip:
-            recall.extend(recall_rows(cap, contexts, [64, 256, 1024], layers))
+            recall.extend(recall_rows(cap, contexts, [64, 256, 1024], layers, selectors=chosen(SELECTORS)))
             finish()
         if "ann" not in skip:
-            ann.extend(ann_rows(cap, contexts, layers_ann))
+            ann.extend(ann_rows(cap, contexts, layers_ann, only_l2_hnsw=args.only_l2_hnsw))
             finish()
         del cap
     if "synthetic" not in skip:
-        syn.extend(synthetic_rows(n_syn, args.threads))
+        syn.extend(synthetic_rows(n_syn, args.threads, only_l2_hnsw=args.only_l2_hnsw))
         finish()
     if "passkey" not in skip:
         for prompt in prompts:  # results saved after every prompt
-            pk.extend(passkey_rows(model, tok, [prompt], passkey_budgets, e2e_selectors))
+            pk.extend(passkey_rows(model, tok, [prompt], passkey_budgets, chosen(e2e_selectors), baselines=not wanted))
             finish()
     finish(final=True)
 

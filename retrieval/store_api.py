@@ -74,6 +74,7 @@ class StoreRetriever:
         self.summaries = summaries if summaries is not None else SummaryStore()
         self.num_sink = num_sink
         self.num_recent = num_recent
+        self._last_event = store.last_event_id
 
     # -- writing ---------------------------------------------------------------------------
     def put(self, spec: KVSpec, keys: Sequence[bytes], blocks, **options) -> list[bool]:
@@ -85,6 +86,27 @@ class StoreRetriever:
             if ok and key not in self.summaries:
                 self.summaries.add(key, block)
         return stored
+
+    def sync(self, max_events: int = 100_000) -> int:
+        """Drop the summaries of blocks the store no longer holds in any tier (from its event stream).
+
+        Returns how many were dropped. Blocks that only moved between tiers keep their summary.
+        (The LRU bound holds regardless; this frees the room early.)
+        """
+        dropped = 0
+        seen = 0
+        while seen < max_events:
+            events = self.store.events(after=self._last_event, limit=1000)
+            if not events:
+                break
+            for ev in events:
+                self._last_event = ev.id
+                if ev.kind == "removed":
+                    slot = self.store.index.slot(ev.key)
+                    if slot is None or self.store.index.residency(slot) == 0:
+                        dropped += self.summaries.discard([ev.key])
+            seen += len(events)
+        return dropped
 
     # -- reading ---------------------------------------------------------------------------
     def _check_query(self, spec: KVSpec, q: torch.Tensor, layers) -> list[int]:

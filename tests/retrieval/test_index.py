@@ -13,7 +13,8 @@ EXHAUSTIVE = {
     "exact": {},
     "flat": {},
     "ivf": {"nlist": 16, "nprobe": 16, "min_train": 256},
-    "hnsw": {"m": 16, "ef_search": 600, "ef_construction": 200},
+    # norm_margin: later adds stay under the first add's norm bound of the MIPS reduction
+    "hnsw": {"m": 16, "ef_search": 600, "ef_construction": 200, "norm_margin": 2.0},
 }
 
 
@@ -53,6 +54,19 @@ def test_padding_when_fewer_than_k(name):
     assert ids.shape == (7, 8)
     assert (ids[:, 5:] == -1).all() and torch.isneginf(s[:, 5:]).all()
     assert sorted(ids[0, :5].tolist()) == list(range(5))
+
+
+@pytest.mark.parametrize("mips_to_l2", [True, False])
+def test_hnsw_graph_kinds_round_trip(mips_to_l2):
+    x, q = _data(5, n=800)
+    idx = make_index("hnsw", 16, m=16, ef_search=800, ef_construction=200, mips_to_l2=mips_to_l2)
+    idx.add(x)
+    s, ids = idx.search(q, 10)
+    ref = (q @ x.T).topk(10)
+    assert torch.equal(ids, ref.indices)
+    assert torch.allclose(s, ref.values, atol=1e-3)
+    with pytest.raises(ValueError, match="norm_margin"):
+        make_index("hnsw", 16, mips_to_l2=True, norm_margin=0.5)
 
 
 def test_ivf_scans_a_fraction():

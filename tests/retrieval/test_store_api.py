@@ -83,6 +83,16 @@ def test_only_the_cached_prefix_is_searched(setup):
     assert empty.num_blocks == 0 and (empty.token_ids == -1).all() and empty.fetched == []
 
 
+def test_sync_drops_summaries_of_blocks_gone_from_every_tier(setup):
+    store, keys, blocks = setup
+    r = StoreRetriever(store)
+    r.put(SPEC, keys, blocks)  # some blocks were demoted host -> disk: they keep their summary
+    assert r.sync() == 0 and len(r.summaries) == NUM_BLOCKS
+    store.remove(SPEC, keys[6:])
+    assert r.sync() == 2
+    assert len(r.summaries) == NUM_BLOCKS - 2 and keys[6] not in r.summaries and keys[5] in r.summaries
+
+
 def test_bad_input(setup):
     store, keys, blocks = setup
     r = StoreRetriever(store)
