@@ -16,6 +16,8 @@ from kvstore.codecs import get_codec, int8, kivi, quant
 from kvstore.codecs import triton_quant as tq
 
 DTYPES = [torch.float16, torch.float32]
+# the kernels run on CUDA tensors where there is a GPU, else on CPU tensors in the interpreter
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 # (L, H, T, D): powers of two, a head_dim that is not one, a token count off the group size
 SHAPES = [(2, 2, 16, 16), (1, 2, 20, 12), (1, 1, 33, 64)]
 
@@ -49,16 +51,16 @@ def test_kivi_kernels_match_the_torch_path(dtype, shape, bits, group):
         x = block[:, kv_idx]  # [L, H, T, D], a strided view as the codec passes it
         ss = kivi.stats_shape((L, H, T, D), group, axis)
         want = [torch.empty(L, H, T, quant.packed_len(D, bits), dtype=torch.uint8), torch.empty(ss, dtype=torch.float16), torch.empty(ss, dtype=torch.float16)]
-        got = [t.clone() for t in want]
+        got = [t.to(DEVICE) for t in want]
         kivi.quantize_torch(x, bits, group, axis, *want)
-        tq.kivi_quantize(x, bits, group, axis, *got)
+        tq.kivi_quantize(x.to(DEVICE), bits, group, axis, *got)
         for name, a, b in zip(("codes", "scale", "zero"), got, want):
-            assert_close(a, b, f"kivi{bits} {axis} {name}")
+            assert_close(a.cpu(), b, f"kivi{bits} {axis} {name}")
         ref = torch.empty(L, H, T, D, dtype=dtype)
         kivi.dequantize_torch(*want, bits, group, axis, ref)
-        out = torch.zeros(L, 2, H, T, D, dtype=dtype)[:, kv_idx]  # decode into a strided view
-        tq.kivi_dequantize(*want, bits, group, axis, out)
-        assert_close(out, ref, f"kivi{bits} {axis} decode")
+        out = torch.zeros(L, 2, H, T, D, dtype=dtype, device=DEVICE)[:, kv_idx]  # decode into a strided view
+        tq.kivi_dequantize(*(t.to(DEVICE) for t in want), bits, group, axis, out)
+        assert_close(out.cpu(), ref, f"kivi{bits} {axis} decode")
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -67,17 +69,18 @@ def test_int8_kernels_match_the_torch_path(dtype, shape):
     L, H, T, D = shape
     x = kv(shape, dtype).reshape(L * 2 * H, T, D)
     want = [torch.empty(L * 2 * H, T, D, dtype=torch.int8), torch.empty(L * 2 * H, T, dtype=torch.float16)]
-    got = [t.clone() for t in want]
+    got = [t.to(DEVICE) for t in want]
     int8.quantize_torch(x, *want)
-    tq.int8_quantize(x, *got)
-    assert_close(got[0], want[0], "int8 codes")
-    assert_close(got[1], want[1], "int8 scales")
-    ref, out = torch.empty_like(x), torch.empty_like(x)
+    tq.int8_quantize(x.to(DEVICE), *got)
+    assert_close(got[0].cpu(), want[0], "int8 codes")
+    assert_close(got[1].cpu(), want[1], "int8 scales")
+    ref, out = torch.empty_like(x), torch.empty_like(x, device=DEVICE)
     int8.dequantize_torch(*want, ref)
-    tq.int8_dequantize(*want, out)
-    assert_close(out, ref, "int8 decode")
+    tq.int8_dequantize(*(t.to(DEVICE) for t in want), out)
+    assert_close(out.cpu(), ref, "int8 decode")
 
 
+@pytest.mark.skipif(DEVICE == "cuda", reason="with a GPU, test_cuda_round_trip_matches_cpu runs the kernels on CUDA tensors")
 @pytest.mark.parametrize("name", ["int8", "kivi4", "kivi2h", "kivi2+zstd"])
 def test_codecs_make_the_same_payload_on_either_path(name, monkeypatch):
     """The whole codec through its Triton path (as on CUDA) vs its torch path: same bytes."""
@@ -94,11 +97,11 @@ def test_codecs_make_the_same_payload_on_either_path(name, monkeypatch):
 
 
 def test_launchers_check_their_buffers():
-    x = torch.zeros(1, 1, 8, 8)
+    x = torch.zeros(1, 1, 8, 8, device=DEVICE)
     with pytest.raises(ValueError, match="codes must be a contiguous torch.uint8"):
-        tq.kivi_quantize(x, 4, 8, "tokens", torch.empty(1, 1, 8, 3, dtype=torch.uint8), torch.empty(1, 1, 1, 8, dtype=torch.float16), torch.empty(1, 1, 1, 8, dtype=torch.float16))
+        tq.kivi_quantize(x, 4, 8, "tokens", torch.empty(1, 1, 8, 3, dtype=torch.uint8, device=DEVICE), torch.empty(1, 1, 1, 8, dtype=torch.float16, device=DEVICE), torch.empty(1, 1, 1, 8, dtype=torch.float16, device=DEVICE))
     with pytest.raises(ValueError, match="scale must be"):
-        tq.int8_quantize(torch.zeros(2, 4, 8), torch.empty(2, 4, 8, dtype=torch.int8), torch.empty(2, 4, dtype=torch.float32))
+        tq.int8_quantize(torch.zeros(2, 4, 8, device=DEVICE), torch.empty(2, 4, 8, dtype=torch.int8, device=DEVICE), torch.empty(2, 4, dtype=torch.float32, device=DEVICE))
 
 
 @pytest.mark.gpu
