@@ -12,7 +12,7 @@ import torch
 
 from ..spec import KVSpec
 from .base import register_codec
-from .quant import ErrorBound, Layout, check_finite, check_meta, check_out, check_quantizable, cpu_bytes, payload_tensor
+from .quant import ErrorBound, Layout, check_finite, check_quantizable, cpu_bytes, open_payload
 
 E4M3_MAX = 448.0
 _CHUNK_BYTES = 1 << 20
@@ -52,17 +52,7 @@ class Fp8Codec:
         return cpu_bytes(buf), {}
 
     def decode(self, payload, meta: dict, spec: KVSpec, out: torch.Tensor | None = None) -> torch.Tensor:
-        check_meta(meta, self.name, {})
-        if spec.torch_dtype not in (torch.float16, torch.bfloat16, torch.float32):
-            raise ValueError(f"fp8 decodes into float16, bfloat16 or float32 blocks, got a {spec.dtype} spec")
-        check_out(out, spec)
-        layout = self.layout(spec)
-        buf = payload_tensor(payload, layout.nbytes, self.name)
-        if out is None:
-            out = torch.empty(spec.block_shape, dtype=spec.torch_dtype)
-        elif out.device != buf.device:
-            buf = buf.to(out.device)
-        parts = layout.views(buf)
+        parts, out = open_payload(self, payload, meta, spec, out)
         scale = parts["scale"]
         check_finite(scale, "scales in the payload", self.name)
         if bool(((parts["codes"] & 0x7F) == 0x7F).any()):  # e4m3fn NaN: never written by encode

@@ -14,7 +14,7 @@ import torch
 from ..spec import KVSpec
 from . import quant
 from .base import register_codec
-from .quant import ErrorBound, Layout, check_finite, check_meta, check_out, check_quantizable, cpu_bytes, payload_tensor
+from .quant import ErrorBound, Layout, check_finite, check_quantizable, cpu_bytes, open_payload
 
 _CHUNK_BYTES = 1 << 20
 
@@ -72,17 +72,7 @@ class Int8Codec:
         return cpu_bytes(buf), {}
 
     def decode(self, payload, meta: dict, spec: KVSpec, out: torch.Tensor | None = None) -> torch.Tensor:
-        check_meta(meta, self.name, {})
-        if spec.torch_dtype not in (torch.float16, torch.bfloat16, torch.float32):
-            raise ValueError(f"int8 decodes into float16, bfloat16 or float32 blocks, got a {spec.dtype} spec")
-        check_out(out, spec)
-        layout = self.layout(spec)
-        buf = payload_tensor(payload, layout.nbytes, self.name)
-        if out is None:
-            out = torch.empty(spec.block_shape, dtype=spec.torch_dtype)
-        elif out.device != buf.device:
-            buf = buf.to(out.device)
-        parts = layout.views(buf)
+        parts, out = open_payload(self, payload, meta, spec, out)
         check_finite(parts["scale"], "scales in the payload", self.name)
         L, _, H, T, D = spec.block_shape
         dst = out if out.is_contiguous() else torch.empty(spec.block_shape, dtype=out.dtype, device=out.device)

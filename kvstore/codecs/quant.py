@@ -182,6 +182,23 @@ def payload_tensor(payload, nbytes: int, codec_name: str) -> torch.Tensor:
         return torch.frombuffer(view, dtype=torch.uint8)
 
 
+def open_payload(codec, payload, meta, spec: KVSpec, out: torch.Tensor | None) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    """What every scale-based decode starts with: check the meta (empty), the spec's dtype and
+    ``out``; view ``payload`` as the codec's ``layout(spec)`` sections (on ``out``'s device).
+    Returns ``(sections, out)``, ``out`` allocated when not given."""
+    check_meta(meta, codec.name, {})
+    if spec.torch_dtype not in QUANTIZABLE:
+        raise ValueError(f"{codec.name} decodes into float16, bfloat16 or float32 blocks, got a {spec.dtype} spec")
+    check_out(out, spec)
+    layout = codec.layout(spec)
+    buf = payload_tensor(payload, layout.nbytes, codec.name)
+    if out is None:
+        out = torch.empty(spec.block_shape, dtype=spec.torch_dtype)
+    elif out.device != buf.device:
+        buf = buf.to(out.device)
+    return layout.views(buf), out
+
+
 def cpu_bytes(buf: torch.Tensor) -> memoryview:
     """The bytes of a flat uint8 tensor as a memoryview (copied to the host when on a device)."""
     if buf.device.type != "cpu":
