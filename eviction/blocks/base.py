@@ -22,10 +22,11 @@ Policies are not thread-safe: the store serialises calls to one instance.
 
 from __future__ import annotations
 
-import inspect
 import math
 import operator
 from typing import Protocol, TypeVar, runtime_checkable
+
+from ..registry import Registry
 
 
 @runtime_checkable
@@ -111,37 +112,20 @@ def check_int(name: str, value: object, *, low: int, high: int) -> int:
 
 
 # -- registry --------------------------------------------------------------------------------
-_POLICIES: dict[str, type] = {}
+_POLICIES = Registry("block policy")
 P = TypeVar("P", bound=type)
 
 
 def register_policy(cls: P) -> P:
     """Class decorator: make ``cls`` selectable as ``get_policy(cls.name, **options)``."""
-    name = getattr(cls, "name", None)
-    if not isinstance(name, str) or not name or name != name.lower():
-        raise ValueError(f"a block policy needs a lower-case string `name`, got {name!r}")
-    if name in _POLICIES and _POLICIES[name] is not cls:
-        raise ValueError(f"block policy {name!r} is already registered by {_POLICIES[name].__qualname__}")
-    _POLICIES[name] = cls
-    return cls
+    return _POLICIES.register(cls)
 
 
 def available_policies() -> list[str]:
     """Names accepted by ``get_policy``, sorted."""
-    return sorted(_POLICIES)
+    return _POLICIES.names()
 
 
 def get_policy(name: str, **options) -> BlockPolicy:
     """A new, empty policy instance. ValueError for an unknown name, option, or option value."""
-    if not isinstance(name, str):
-        raise ValueError(f"policy name must be a str, got {type(name).__name__}")
-    cls = _POLICIES.get(name.strip().lower())
-    if cls is None:
-        raise ValueError(f"unknown block policy {name!r}; known: {', '.join(available_policies())}")
-    params = inspect.signature(cls).parameters.values()
-    accepted = [p for p in params if p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD)]
-    unknown = sorted(set(options) - {p.name for p in accepted})
-    if unknown and not any(p.kind is p.VAR_KEYWORD for p in params):
-        expected = ", ".join(p.name for p in accepted) or "no options"
-        raise ValueError(f"unknown option(s) {', '.join(unknown)} for block policy {cls.name!r}; expected: {expected}")
-    return cls(**options)
+    return _POLICIES.make(name, **options)

@@ -25,12 +25,13 @@ A scorer is a dataclass whose fields are its configuration, validated in ``__pos
 
 from __future__ import annotations
 
-import inspect
 import math
 from dataclasses import dataclass
 from typing import Protocol, TypeVar, runtime_checkable
 
 import torch
+
+from ..registry import Registry
 
 
 @dataclass(frozen=True)
@@ -182,34 +183,19 @@ def check_int(name: str, value: object, *, low: int, high: int | float = math.in
 
 
 # -- registry -----------------------------------------------------------------------------------
-_SCORERS: dict[str, type] = {}
+_SCORERS = Registry("scorer")
 S = TypeVar("S", bound=type)
 
 
 def register_scorer(cls: S) -> S:
     """Class decorator: make ``cls`` selectable as ``get_scorer(cls.name, **options)``."""
-    name = getattr(cls, "name", None)
-    if not isinstance(name, str) or not name or name != name.lower():
-        raise ValueError(f"a scorer needs a lower-case string `name`, got {name!r}")
-    if name in _SCORERS and _SCORERS[name] is not cls:
-        raise ValueError(f"scorer {name!r} is already registered by {_SCORERS[name].__qualname__}")
-    _SCORERS[name] = cls
-    return cls
+    return _SCORERS.register(cls)
 
 
 def available_scorers() -> list[str]:
-    return sorted(_SCORERS)
+    return _SCORERS.names()
 
 
 def get_scorer(name: str, **options) -> Scorer:
     """A new scorer. ValueError for an unknown name, option or option value."""
-    if not isinstance(name, str):
-        raise ValueError(f"scorer name must be a str, got {type(name).__name__}")
-    cls = _SCORERS.get(name.strip().lower())
-    if cls is None:
-        raise ValueError(f"unknown scorer {name!r}; known: {', '.join(available_scorers())}")
-    accepted = {p.name for p in inspect.signature(cls).parameters.values()}
-    unknown = sorted(set(options) - accepted)
-    if unknown:
-        raise ValueError(f"unknown option(s) {', '.join(unknown)} for scorer {cls.name!r}; expected: {', '.join(sorted(accepted)) or 'none'}")
-    return cls(**options)
+    return _SCORERS.make(name, **options)
