@@ -349,7 +349,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="smoke run: 1.5K-token prompts, 3 depths, ratio 0.5, SnapKV (kvpress, drop, demote); 768-token perplexity")
     ap.add_argument("--out", help="also write the figures as JSON to this file")
-    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--threads", type=int, default=1, help="torch threads (1: on a shared 2-core box a second thread mostly waits)")
     ap.add_argument("--lengths", type=int, nargs="+", help="prompt lengths in tokens (default: 2048 6144; quick: 1536)")
     ap.add_argument("--retrieval-fraction", type=float, default=0.5, help="share of KV heads the 'duo' profile marks as retrieval heads")
     ap.add_argument("--recall-budget", type=int, default=256, help="demoted tokens recalled per KV head and query (demote mode)")
