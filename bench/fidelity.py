@@ -112,7 +112,15 @@ class Captured:
 
 
 # -- running the question + answer ---------------------------------------------------------------
+_ATTENTION = None
+
+
 def _register_attention():
+    """Register kvtier's attention function once (kvpress wraps the registered functions when it is
+    imported, so a second registration would leave its wrapper calling a stale function)."""
+    global _ATTENTION
+    if _ATTENTION is not None:
+        return _ATTENTION
     from transformers import AttentionInterface
 
     def attention(module, query, key, value, attention_mask, *args, **kwargs):  # kvpress passes dropout positionally
@@ -121,6 +129,7 @@ def _register_attention():
         return o.transpose(0, 1).unsqueeze(0), None  # [1, n, H_q, D]
 
     attention.current = None
+    _ATTENTION = attention
     AttentionInterface.register(ATTN_NAME, attention)
     try:
         from transformers import AttentionMaskInterface
@@ -417,6 +426,7 @@ def main() -> None:
     rows = run_passkey(model, tok, prompts, ratios, methods, args.recall_budget, progress, profile,
                        checkpoint=lambda rows, n: report(rows, n, partial=True))
     bar.close()
+    report(rows, len(prompts))  # the pass-key table is saved before the perplexity part starts
     ppl_rows = run_perplexity(model, tok, ppl_tokens, ratios, "snapkv", args.recall_budget,
                               lambda r: print(f"perplexity {r['mode']}@{r['ratio']}: {r['perplexity']:.3f} (fast tier <= {r['max_fast_tokens']} tokens)"))
     table = report(rows, len(prompts), ppl_rows)
