@@ -112,7 +112,15 @@ class Captured:
 
 
 # -- running the question + answer ---------------------------------------------------------------
+_ATTENTION = None
+
+
 def _register_attention():
+    """Register kvtier's attention function once (kvpress wraps the registered functions when it is
+    imported, so a second registration would leave its wrapper calling a stale function)."""
+    global _ATTENTION
+    if _ATTENTION is not None:
+        return _ATTENTION
     from transformers import AttentionInterface
 
     def attention(module, query, key, value, attention_mask, *args, **kwargs):  # kvpress passes dropout positionally
@@ -121,6 +129,7 @@ def _register_attention():
         return o.transpose(0, 1).unsqueeze(0), None  # [1, n, H_q, D]
 
     attention.current = None
+    _ATTENTION = attention
     AttentionInterface.register(ATTN_NAME, attention)
     try:
         from transformers import AttentionMaskInterface
@@ -349,7 +358,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="smoke run: 1.5K-token prompts, 3 depths, ratio 0.5, SnapKV (kvpress, drop, demote); 768-token perplexity")
     ap.add_argument("--out", help="also write the figures as JSON to this file")
-    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--threads", type=int, default=1, help="torch threads (1: on a shared 2-core box a second thread mostly waits)")
     ap.add_argument("--lengths", type=int, nargs="+", help="prompt lengths in tokens (default: 2048 6144; quick: 1536)")
     ap.add_argument("--retrieval-fraction", type=float, default=0.5, help="share of KV heads the 'duo' profile marks as retrieval heads")
     ap.add_argument("--recall-budget", type=int, default=256, help="demoted tokens recalled per KV head and query (demote mode)")
@@ -417,6 +426,7 @@ def main() -> None:
     rows = run_passkey(model, tok, prompts, ratios, methods, args.recall_budget, progress, profile,
                        checkpoint=lambda rows, n: report(rows, n, partial=True))
     bar.close()
+    report(rows, len(prompts))  # the pass-key table is saved before the perplexity part starts
     ppl_rows = run_perplexity(model, tok, ppl_tokens, ratios, "snapkv", args.recall_budget,
                               lambda r: print(f"perplexity {r['mode']}@{r['ratio']}: {r['perplexity']:.3f} (fast tier <= {r['max_fast_tokens']} tokens)"))
     table = report(rows, len(prompts), ppl_rows)
