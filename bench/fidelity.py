@@ -341,14 +341,16 @@ def plot(acc: dict, ratios, path: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7.5, 4.5))
-    for m, per in acc.items():
+    fig, ax = plt.subplots(figsize=(8, 5))
+    colors = plt.cm.tab20.colors
+    for i, (m, per) in enumerate(acc.items()):
         style = "-" if m.startswith("kvtier") else ("--" if m.startswith("kvpress") else ":")
-        ax.plot(ratios, [per[str(r)] for r in ratios], style, marker="o", label=m)
+        ax.plot(ratios, [per[str(r)] for r in ratios], style, marker="osD^v<>"[i % 7], markersize=5, label=m,
+                color="black" if m == "full" else colors[i % len(colors)], linewidth=2.5 if "demote" in m else 1.2)
     ax.set_xlabel("compression ratio (share of context KV off the fast tier)")
     ax.set_ylabel("pass-key accuracy")
     ax.set_ylim(-0.05, 1.05)
-    ax.legend(fontsize=6, ncol=2)
+    ax.legend(fontsize=6, ncol=2, loc="lower left")
     ax.set_title("SmolLM2-135M pass key: kvtier vs kvpress")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
