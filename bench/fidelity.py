@@ -39,12 +39,16 @@ import os
 import sys
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import md_table, save_results  # noqa: E402
+# bench/ holds scripts named like the packages they measure (bench/retrieval.py): take this folder
+# off the path (Python put it first) so that ``import retrieval`` is the package, and import the
+# bench helpers as ``bench.*`` from the repository root.
+_HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path[:] = [os.path.dirname(_HERE)] + [p for p in sys.path if os.path.abspath(p or ".") != _HERE]
+from bench.common import md_table, save_results  # noqa: E402
 
 import torch  # noqa: E402
 
-import refmodel as rm  # noqa: E402
+import bench.refmodel as rm  # noqa: E402
 
 SCORERS = {  # kvtier scorer -> kvpress press class name
     "snapkv": "SnapKVPress",
@@ -358,7 +362,7 @@ def plot(acc: dict, ratios, path: str) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--quick", action="store_true", help="smoke run: 1.5K-token prompts, 3 depths, ratio 0.5, SnapKV (kvpress, drop, demote); 768-token perplexity")
+    ap.add_argument("--quick", action="store_true", help="smoke run: 1K-token prompts, 3 depths, ratio 0.5, SnapKV (kvpress, drop, adakv, duo, demote); 512-token perplexity; writes bench/results/fidelity_quick.*")
     ap.add_argument("--out", help="also write the figures as JSON to this file")
     ap.add_argument("--threads", type=int, default=1, help="torch threads (1: on a shared 2-core box a second thread mostly waits)")
     ap.add_argument("--lengths", type=int, nargs="+", help="prompt lengths in tokens (default: 2048 6144; quick: 1536)")
@@ -368,11 +372,11 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     t0 = time.time()
     model, tok = rm.load_model()
-    if args.quick:  # a smoke run: 1.5K-token prompts, one ratio, SnapKV only
-        lengths, depths, keys_per, ratios = (1536,), (0.1, 0.5, 0.9), 1, [0.5]
+    if args.quick:  # a smoke run: 1K-token prompts, one ratio, SnapKV only
+        lengths, depths, keys_per, ratios = (1024,), (0.1, 0.5, 0.9), 1, [0.5]
         names = ["snapkv"]
         demoted = ["snapkv"]
-        ppl_tokens = 768
+        ppl_tokens = 512
     else:
         lengths, depths, keys_per, ratios = (2048, 6144), (0.1, 0.5, 0.9), 1, [0.5, 0.75, 0.9]
         names = list(SCORERS)
@@ -404,7 +408,8 @@ def main() -> None:
                    "prompts": [{"tokens": len(p.input_ids), "depth": p.depth, "key": p.key} for p in done],
                    "accuracy": acc, "drop_vs_kvpress": comparisons, "runs": rows, "perplexity": ppl_rows or [],
                    "seconds": time.time() - t0}
-        png = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "fidelity.png")
+        name = "fidelity_quick" if args.quick else "fidelity"  # a smoke run never overwrites the full results
+        png = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", f"{name}.png")
         os.makedirs(os.path.dirname(png), exist_ok=True)
         plot(acc, ratios, png)
         lens = sorted({len(p.input_ids) for p in done})
@@ -421,8 +426,8 @@ def main() -> None:
             parts += [f"Perplexity of {ppl_tokens} tokens of held-out text, chunks of 256, kvtier `snapkv` evicting between chunks"
                       " (fast tier bounded by (1 - ratio) of the text):", "",
                       md_table(["mode", "ratio", "perplexity", "vs full", "max fast-tier tokens/head"], ppl_table), ""]
-        parts.append("![accuracy vs ratio](fidelity.png)")
-        save_results("fidelity", figures, "\n".join(parts), args.out)
+        parts.append(f"![accuracy vs ratio]({name}.png)")
+        save_results(name, figures, "\n".join(parts), args.out)
         return table
 
     rows = run_passkey(model, tok, prompts, ratios, methods, args.recall_budget, progress, profile,

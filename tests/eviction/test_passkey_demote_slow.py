@@ -5,13 +5,8 @@ Slow (loads SmolLM2-135M-Instruct: ~8 s from the cached safetensors copy, ~30 s 
 
 from __future__ import annotations
 
-import os
-import sys
-
 import pytest
 import torch
-
-BENCH = os.path.join(os.path.dirname(__file__), "..", "..", "bench")
 
 pytestmark = pytest.mark.slow
 
@@ -19,12 +14,7 @@ pytestmark = pytest.mark.slow
 @pytest.fixture(scope="module")
 def harness():
     pytest.importorskip("transformers", reason="the reference model needs transformers (make setup installs it)")
-    sys.path.insert(0, os.path.abspath(BENCH))
-    try:
-        import fidelity
-        import refmodel
-    finally:
-        sys.path.pop(0)
+    from bench import fidelity, refmodel
     torch.set_num_threads(2)
     model, tok = refmodel.load_model()
     return fidelity, refmodel, model, tok
