@@ -6,7 +6,7 @@
 | ``knorm`` | keys of small L2 norm (low-norm keys draw attention) | no |
 | ``snapkv`` | tokens the observation window attends to, pooled over neighbours (SnapKV) | yes |
 | ``pyramidkv`` | SnapKV's choice, with budgets that shrink with depth (PyramidKV) | yes |
-| ``tova`` | tokens the last query attends to (TOVA) | yes |
+| ``tova`` | tokens the last query attends to, averaged over the layer's heads (TOVA) | yes |
 | ``h2o`` | tokens with the largest attention accumulated over every query seen (H2O) | yes |
 | ``expected_attention`` | tokens of high expected attention under a Gaussian model of the window's queries, times ‖v‖ | yes (no attention weights) |
 """
@@ -93,13 +93,26 @@ class PyramidKVScorer(SnapKVScorer):
 @register_scorer
 @dataclass
 class TOVAScorer(ScorerBase):
-    """The attention of the LAST query only (TOVA: the current token votes), per KV group."""
+    """The attention of the LAST query only (TOVA: the current token votes).
+
+    ``heads="layer"`` (the paper's recipe, and kvpress's): averaged over every query head of the
+    layer, so all KV heads keep the same tokens; ``heads="group"``: averaged over the query heads
+    of each KV group, a selection per KV head.
+    """
 
     name = "tova"
+    heads: str = "layer"
+
+    def __post_init__(self) -> None:
+        if self.heads not in ("layer", "group"):
+            raise ValueError(f"heads must be 'layer' or 'group', got {self.heads!r}")
 
     def score(self, inputs: ScoreInputs) -> torch.Tensor:
         q = inputs.need_queries(self.name)[:, :, -1:]
-        return group_mean(window_attention(q, inputs.keys, inputs.lengths)[:, :, 0], inputs.num_kv_heads)
+        attn = window_attention(q, inputs.keys, inputs.lengths)[:, :, 0]  # [B, H_q, T]
+        if self.heads == "group":
+            return group_mean(attn, inputs.num_kv_heads)
+        return attn.mean(dim=1, keepdim=True).expand(-1, inputs.num_kv_heads, -1).contiguous()
 
 
 @register_scorer

@@ -20,7 +20,7 @@ CONFIGS = {
     "knorm": [{}],
     "snapkv": [{}, {"kernel_size": 1}],
     "pyramidkv": [{}, {"beta": 2.0, "kernel_size": 3}],
-    "tova": [{}],
+    "tova": [{}, {"heads": "group"}],
     "h2o": [{}],
     "expected_attention": [{}, {"cov": False, "epsilon": 0.0}],
 }

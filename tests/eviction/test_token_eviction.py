@@ -64,10 +64,16 @@ def test_tova_uses_the_last_query_only():
     q, k = rand(1, 2, 4, 8, seed=6), rand(1, 2, 20, 8, seed=7)
     q2 = q.clone()
     q2[:, :, :-1] = rand(1, 2, 3, 8, seed=8)  # earlier queries changed: same scores
-    s1 = get_scorer("tova").score(ScoreInputs(k, k, q))
-    s2 = get_scorer("tova").score(ScoreInputs(k, k, q2))
-    torch.testing.assert_close(s1, s2)
-    torch.testing.assert_close(s1, dense_window_attention(q[:, :, -1:], k)[:, :, 0])
+    for heads in ("layer", "group"):
+        s1 = get_scorer("tova", heads=heads).score(ScoreInputs(k, k, q))
+        s2 = get_scorer("tova", heads=heads).score(ScoreInputs(k, k, q2))
+        torch.testing.assert_close(s1, s2)
+    last = dense_window_attention(q[:, :, -1:], k)[:, :, 0]  # [1, 2, 20], one query head per KV head
+    torch.testing.assert_close(get_scorer("tova", heads="group").score(ScoreInputs(k, k, q)), last)
+    layer = get_scorer("tova").score(ScoreInputs(k, k, q))  # the paper's: one average over all heads
+    torch.testing.assert_close(layer, last.mean(1, keepdim=True).expand(1, 2, 20))
+    with pytest.raises(ValueError, match="heads"):
+        get_scorer("tova", heads="all")
 
 
 def test_knorm_prefers_small_keys():
@@ -127,7 +133,8 @@ def test_adaptive_budgets_follow_the_scores_across_heads():
     k[0, 0, 10:15, 0] = 8.0
     q[0, :, 0, 0] = 2.0
     k[0, 1] = rand(100, 4, seed=14) * 0.01
-    kept = Compressor("tova", budget=20, sink_tokens=0, window_tokens=1, head_budgets="adaptive", floor=0.2).keep(ScoreInputs(k, k, q))
+    per_head = get_scorer("tova", heads="group")  # scores that differ per KV head
+    kept = Compressor(per_head, budget=20, sink_tokens=0, window_tokens=1, head_budgets="adaptive", floor=0.2).keep(ScoreInputs(k, k, q))
     counts = (kept >= 0).sum(-1)[0].tolist()
     assert sum(counts) == 40 and counts[1] > counts[0] >= 4
     assert set(range(10, 15)) <= set(kept[0, 0].tolist())
