@@ -70,6 +70,7 @@ class Captured:
         self.ids = ids
         self.config = model.config
         self.layers: list[dict] = []
+        self._queries: dict[tuple[int, int], torch.Tensor] = {}
         mods = [layer.self_attn for layer in model.model.layers]
 
         def hook(module, args, kwargs, output):
@@ -103,7 +104,14 @@ class Captured:
 
     @torch.inference_mode()
     def window_queries(self, model, layer: int, w: int) -> torch.Tensor:
-        """Queries (after RoPE) of the last ``w`` context tokens: ``[H_q, w, D]``."""
+        """Queries (after RoPE) of the last ``w`` context tokens: ``[H_q, w, D]`` (computed once per
+        layer and window, then shared by every method run on this capture)."""
+        cached = self._queries.get((layer, w))
+        if cached is None:
+            cached = self._queries[(layer, w)] = self._window_queries(model, layer, w)
+        return cached
+
+    def _window_queries(self, model, layer: int, w: int) -> torch.Tensor:
         from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
         attn = model.model.layers[layer].self_attn

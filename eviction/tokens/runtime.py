@@ -218,8 +218,9 @@ class EvictingKV:
         H, Hq, D = self.num_kv_heads, self.num_q_heads, self.head_dim
         n, S = q.shape[1], int(lay.n.max())
         g = Hq // H
-        k = lay.k[:, :S].float().repeat_interleave(g, 0)  # [H_q, S, D]
-        v = lay.v[:, :S].float().repeat_interleave(g, 0)
+        # grouped: the g query heads of a KV head attend its keys in one matmul (no copy of K/V per query head)
+        k = lay.k[:, :S].float()  # [H_kv, S, D]
+        v = lay.v[:, :S].float()
         n_head = lay.n.repeat_interleave(g).view(Hq, 1, 1)
         slot = torch.arange(S, device=self.device).view(1, 1, S)
         scale = 1.0 / math.sqrt(D)
@@ -228,9 +229,11 @@ class EvictingKV:
             qc = q[:, a : a + query_chunk].float()  # [H_q, c, D]
             c = qc.shape[1]
             limit = n_head - n + a + torch.arange(1, c + 1, device=self.device).view(1, c, 1)  # sees slots < limit
-            logits = torch.matmul(qc, k.transpose(1, 2)).mul_(scale).masked_fill_(slot >= limit, float("-inf"))
+            logits = torch.matmul(qc.reshape(H, g * c, D), k.transpose(1, 2)).view(Hq, c, S)
+            logits.mul_(scale).masked_fill_(slot >= limit, float("-inf"))
             lse = torch.logsumexp(logits, dim=-1)  # [H_q, c]
-            outs.append(torch.matmul(torch.exp(logits - lse.unsqueeze(-1)), v))
+            probs = torch.exp(logits - lse.unsqueeze(-1)).view(H, g * c, S)
+            outs.append(torch.matmul(probs, v).view(Hq, c, D))
             lses.append(lse)
         o = torch.cat(outs, dim=1)  # [H_q, n, D]
         return o, torch.cat(lses, dim=1)
