@@ -20,9 +20,10 @@ vLLM's own process), ``api_key`` (default: ``$KVTIER_API_KEY``), ``block_tokens`
 kvtier block, a multiple of vLLM's ``--block-size``), ``namespace`` (a string in every key: engines
 share blocks only under the same namespace), ``model_id`` (default: vLLM's model name),
 ``timeout_s``, ``layerwise`` (copy loaded KV into vLLM's buffer layer by layer in
-``wait_for_layer_load``; default: all layers in ``start_load_kv``), ``paged_layout`` (``auto``,
-``kv_first`` = ``[2, N, P, H_kv, D]`` as vLLM's FlashAttention backend allocates it, or
-``blocks_first`` = ``[N, 2, P, H_kv, D]``). ``kv_role``: ``kv_consumer`` only loads,
+``wait_for_layer_load``; default: all layers in ``start_load_kv``), ``paged_layout`` (``auto``:
+from the shape; ``kv_first`` = ``[2, N, P, H_kv, D]`` as older vLLM FlashAttention backends allocate
+it; ``blocks_first`` = ``[N, 2, P, H_kv, D]`` as FlashInfer and current FlashAttention do; HND
+stride orders are the same logical shapes). ``kv_role``: ``kv_consumer`` only loads,
 ``kv_producer`` only saves, ``kv_both`` does both.
 
 Block mapping: one kvtier block (``block_tokens`` tokens, all layers, ``[L, 2, H_kv, T, D]``)

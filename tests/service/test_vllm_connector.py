@@ -135,14 +135,14 @@ class FakeEngine:
     """One vLLM instance: a scheduler-side and a worker-side connector, and a paged KV buffer."""
 
     def __init__(self, extra: dict, *, model: str, num_blocks: int = 96, seed: int = 0, layout: str = "kv_first",
-                 kv_role: str = "kv_both") -> None:
+                 kv_role: str = "kv_both", device: str = "cpu") -> None:
         cfg = fake_vllm_config(extra, model=model, kv_role=kv_role)
         self.scheduler = KVTierConnector(cfg, KVConnectorRole.SCHEDULER)
         self.worker = KVTierConnector(cfg, KVConnectorRole.WORKER)
         g = torch.Generator().manual_seed(seed)
         shape = (2, num_blocks, P, H, D) if layout == "kv_first" else (num_blocks, 2, P, H, D)
         # noise: a slot that nobody wrote never equals the reference
-        self.kv = {f"model.layers.{l}.self_attn.attn": torch.randn(shape, generator=g).to(DTYPE) for l in range(L)}
+        self.kv = {f"model.layers.{l}.self_attn.attn": torch.randn(shape, generator=g).to(device, DTYPE) for l in range(L)}
         self.layout = layout
         self.worker.register_kv_caches(self.kv)
         self.free = torch.randperm(num_blocks, generator=g).tolist()  # random block tables
@@ -201,9 +201,10 @@ class FakeEngine:
         w = self.worker
         w.bind_connector_metadata(meta)
         w.start_load_kv(SimpleNamespace(attn_metadata=None))
-        ref = reference_kv(tokens[: start + n])
+        dev = next(iter(self.kv.values())).device
+        ref = reference_kv(tokens[: start + n]).to(dev)
         pos = torch.arange(start, start + n)
-        bids, offs = torch.tensor(table)[pos // P], pos % P
+        bids, offs = torch.tensor(table)[pos // P].to(dev), (pos % P).to(dev)
         for l, name in enumerate(self.kv):
             w.wait_for_layer_load(name)
             self.view(name)[:, bids, offs] = ref[l, :, :, start: start + n].permute(0, 2, 1, 3)  # attention writes [2, n, H, D]
@@ -217,9 +218,10 @@ class FakeEngine:
 
     def paged_kv(self, rid: str, num_tokens: int) -> torch.Tensor:
         """The request's KV ``[L, 2, H, T, D]`` read from the paged buffer through its block table."""
+        dev = next(iter(self.kv.values())).device
         pos = torch.arange(num_tokens)
-        bids, offs = torch.tensor(self.tables[rid])[pos // P], pos % P
-        return torch.stack([self.view(name)[:, bids, offs].permute(0, 2, 1, 3) for name in self.kv])
+        bids, offs = torch.tensor(self.tables[rid])[pos // P].to(dev), (pos % P).to(dev)
+        return torch.stack([self.view(name)[:, bids, offs].permute(0, 2, 1, 3) for name in self.kv]).cpu()
 
 
 def tokens(n: int, seed: int) -> list[int]:
@@ -341,6 +343,17 @@ def test_second_request_loads_the_first_ones_prefix(inprocess):
     assert torch.equal(kv2, reference_kv(prompt2))
     assert torch.equal(kv2[:, :, :, : 3 * BT], eng.paged_kv("r1", 3 * BT))  # bit for bit request 1's prefix
     assert not eng.load_errors
+
+
+@pytest.mark.gpu
+def test_cuda_paged_buffers(inprocess):
+    extra, _, model = inprocess
+    for layerwise in (False, True):
+        eng = FakeEngine({**extra, "layerwise": layerwise}, model=model, device="cuda", seed=int(layerwise))
+        prompt = tokens(3 * BT + 7, seed=20)
+        eng.run(FakeRequest("a", prompt), chunk=70)
+        assert eng.run(FakeRequest("b", list(prompt))) == 3 * BT
+        assert torch.equal(eng.paged_kv("b", len(prompt)), reference_kv(prompt))
 
 
 def test_never_matches_the_whole_prompt(inprocess):
