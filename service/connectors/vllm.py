@@ -363,20 +363,33 @@ class ServiceBackend:
             self._model = self.client.register_spec(self.spec)
         return self._model
 
+    def _with_model(self, call: Callable[[str], Any]) -> Any:
+        """``call(model)``; a service that forgot the spec (restarted without its registry) gets it again, once."""
+        from service.client import KVTierError
+
+        try:
+            return call(self.model)
+        except KVTierError as e:
+            if e.status != 404 or e.field != "model":
+                raise
+            self._model = None
+            return call(self.model)
+
     def lookup(self, keys: Sequence[bytes]) -> int:
-        return self.client.lookup(self.model, hashes=list(keys)).num_blocks if keys else 0
+        return self._with_model(lambda m: self.client.lookup(m, hashes=list(keys)).num_blocks) if keys else 0
 
     def get(self, keys: Sequence[bytes]) -> list[torch.Tensor | None]:
         out: list[torch.Tensor | None] = []
         for i in range(0, len(keys), self._per_call):
-            out += self.client.get(self.model, keys[i: i + self._per_call])
+            out += self._with_model(lambda m: self.client.get(m, keys[i: i + self._per_call]))
         return out
 
     def put(self, keys: Sequence[bytes], blocks: torch.Tensor, parent: bytes | None) -> list[bool]:
         out: list[bool] = []
         for i in range(0, len(keys), self._per_call):
-            out += self.client.put(self.model, keys[i: i + self._per_call], blocks[i: i + self._per_call],
-                                   parent=parent if i == 0 else keys[i - 1])
+            chunk_parent = parent if i == 0 else keys[i - 1]
+            out += self._with_model(lambda m: self.client.put(m, keys[i: i + self._per_call], blocks[i: i + self._per_call],
+                                                              parent=chunk_parent))
         return out
 
     def close(self) -> None:

@@ -527,6 +527,27 @@ def test_two_engines_share_blocks_through_the_service(open_server):
         e.worker.shutdown()
 
 
+def test_a_restarted_service_gets_the_spec_again():
+    from .server import ServiceProcess
+
+    server = ServiceProcess({"KVTIER_DISK_CAPACITY_BYTES": "0"})  # memory only: a restart forgets blocks and specs
+    try:
+        extra = {"url": server.url, "block_tokens": BT, "timeout_s": 10.0}
+        eng = FakeEngine(extra, model="restart-" + uuid.uuid4().hex[:8])
+        prompt = tokens(2 * BT + 5, seed=16)
+        eng.run(FakeRequest("a", prompt))
+        assert eng.worker.stats["saved_blocks"] == 2
+        server.stop()
+        server.start()
+        assert eng.run(FakeRequest("b", list(prompt))) == 0  # the blocks are gone, and no call failed
+        assert eng.worker.stats["saved_blocks"] == 4 and eng.worker.stats["backend_errors"] == 0
+        assert eng.scheduler.stats["backend_errors"] == 0
+        assert eng.run(FakeRequest("c", list(prompt))) == 2 * BT
+        assert torch.equal(eng.paged_kv("c", len(prompt)), reference_kv(prompt))
+    finally:
+        server.stop()
+
+
 def test_an_unreachable_service_is_a_miss_not_a_failure():
     from tests.redis_servers import free_port
 
