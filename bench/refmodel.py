@@ -36,7 +36,7 @@ from typing import Callable, Sequence
 
 import torch
 
-# Loading lives in the library (``kvtier demo`` uses it too); re-exported here for the benchmarks.
+# Loading and the held-out text live in the library (``kvtier demo`` uses them); re-exported here.
 from service.connectors.refmodel import (  # noqa: F401
     GGUF_FILE,
     GGUF_PACKAGE,
@@ -48,6 +48,8 @@ from service.connectors.refmodel import (  # noqa: F401
     kv_spec,
     load_model,
     load_tokenizer,
+    heldout_ids,
+    heldout_text,
     model_cache_dir,
 )
 
@@ -273,23 +275,3 @@ def score_passkey(model, tokenizer, prompt: PassKeyPrompt, *, hook: KVHook | Non
     answer = tokenizer.decode(greedy(model, state, max_new_tokens))
     found = re.search(r"\d+", answer)
     return PassKeyResult(prompt, answer, found is not None and found.group() == prompt.key)
-
-
-# -- held-out text ---------------------------------------------------------------------------------
-# Prose-heavy sections of the Python reference shipped with the interpreter, in a fixed order.
-_HELDOUT_TOPICS = ("execmodel", "import", "customization", "attribute-access", "compound", "types", "specialnames")
-
-
-def heldout_text() -> str:
-    """English technical prose, available offline: sections of the stdlib's ``pydoc_data.topics``."""
-    from pydoc_data.topics import topics
-
-    return "\n\n".join(topics[name] for name in _HELDOUT_TOPICS if name in topics)
-
-
-def heldout_ids(tokenizer, num_tokens: int) -> list[int]:
-    """The first ``num_tokens`` tokens of ``heldout_text()``."""
-    ids = tokenizer(heldout_text(), add_special_tokens=False).input_ids
-    if len(ids) < num_tokens:
-        raise ValueError(f"the held-out text has {len(ids)} tokens, fewer than the {num_tokens} asked for")
-    return ids[:num_tokens]

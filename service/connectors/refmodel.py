@@ -11,6 +11,7 @@ fidelity helpers: pass-key prompts, chunked prefill with hooks, perplexity) load
 
     model, tokenizer = load_model()          # float32, eval mode, CPU
     spec = kv_spec(model)                    # KVSpec of its cache: 30 layers, 3 KV heads, head_dim 64
+    text = heldout_text()                    # ~47K tokens of English prose, offline (the stdlib's pydoc topics)
 """
 
 from __future__ import annotations
@@ -117,3 +118,23 @@ def kv_spec(model, block_tokens: int = 256, dtype: str = "float16"):
     cfg = model.config
     head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
     return KVSpec(MODEL_ID, cfg.num_hidden_layers, cfg.num_key_value_heads, head_dim, dtype, block_tokens)
+
+
+# -- held-out text ---------------------------------------------------------------------------------
+# Prose-heavy sections of the Python reference shipped with the interpreter, in a fixed order.
+_HELDOUT_TOPICS = ("execmodel", "import", "customization", "attribute-access", "compound", "types", "specialnames")
+
+
+def heldout_text() -> str:
+    """English technical prose, available offline: sections of the stdlib's ``pydoc_data.topics``."""
+    from pydoc_data.topics import topics
+
+    return "\n\n".join(topics[name] for name in _HELDOUT_TOPICS if name in topics)
+
+
+def heldout_ids(tokenizer, num_tokens: int) -> list[int]:
+    """The first ``num_tokens`` tokens of ``heldout_text()``."""
+    ids = tokenizer(heldout_text(), add_special_tokens=False).input_ids
+    if len(ids) < num_tokens:
+        raise ValueError(f"the held-out text has {len(ids)} tokens, fewer than the {num_tokens} asked for")
+    return ids[:num_tokens]
