@@ -152,30 +152,39 @@ def render(turns: list[Turn], tier_names: list[str], *, width: int = 40) -> str:
     return "\n".join(lines)
 
 
+def check_args(args) -> str | None:
+    """What is wrong with the demo's options (None: nothing), checked before the model loads."""
+    if not MIN_TOKENS <= args.tokens <= MAX_TOKENS:
+        return f"--tokens must be in [{MIN_TOKENS}, {MAX_TOKENS}], got {args.tokens}"
+    if not 1 <= args.turns <= MAX_TURNS:
+        return f"--turns must be in [1, {MAX_TURNS}], got {args.turns}"
+    if args.max_new_tokens < 1:
+        return f"--max-new-tokens must be at least 1, got {args.max_new_tokens}"
+    if args.threads < 1:
+        return f"--threads must be at least 1, got {args.threads}"
+    if args.block_tokens < 16 or args.block_tokens % 16 or args.block_tokens >= args.tokens:
+        return f"--block-tokens must be a multiple of 16 below --tokens ({args.tokens}), got {args.block_tokens}"
+    return None
+
+
 def main(args) -> int:
     """``kvtier demo``: see the module docstring; ``args`` from the CLI's parser."""
     import torch
 
     from . import refmodel
 
-    if args.threads < 1:
-        print(f"kvtier demo: --threads must be at least 1, got {args.threads}", file=sys.stderr)
+    problem = check_args(args)
+    if problem:
+        print(f"kvtier demo: {problem}", file=sys.stderr)
         return 2
     torch.set_num_threads(args.threads)
-    if args.max_new_tokens < 1:
-        print(f"kvtier demo: --max-new-tokens must be at least 1, got {args.max_new_tokens}", file=sys.stderr)
-        return 2
     print(f"loading the reference model {refmodel.MODEL_ID} (from the installed package; nothing is downloaded) ...", file=sys.stderr)
     try:
         model, tokenizer = refmodel.load_model()
     except RuntimeError as e:
         print(f"kvtier demo: {e}", file=sys.stderr)
         return 2
-    try:
-        session = build_session(tokenizer, args.tokens, args.turns)
-    except ValueError as e:
-        print(f"kvtier demo: {e}", file=sys.stderr)
-        return 2
+    session = build_session(tokenizer, args.tokens, args.turns)
     spec = refmodel.kv_spec(model, block_tokens=args.block_tokens)
     store = client = None
     tmp = None
