@@ -28,12 +28,15 @@ import os
 import sys
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import RESULTS, LocalRedis, best_of, md_table, median_of, save_results  # noqa: E402
+# bench/ holds scripts named like packages (bench/service.py, which bench.refmodel's import of the
+# service package must not find): take this folder off the path, import the helpers as ``bench.*``.
+_HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path[:] = [os.path.dirname(_HERE)] + [p for p in sys.path if os.path.abspath(p or ".") != _HERE]
+from bench.common import RESULTS, LocalRedis, best_of, md_table, median_of, save_results  # noqa: E402
 
 import torch  # noqa: E402
 
-import refmodel  # noqa: E402
+import bench.refmodel as refmodel  # noqa: E402
 from kvstore.codecs import codec_bits_per_element, get_codec  # noqa: E402
 from kvstore.codecs.kivi import KiviCodec  # noqa: E402
 

@@ -1,5 +1,5 @@
-"""``kvtier`` command line: ``kvtier serve [--host H] [--port P] [--grpc-port G] [--config FILE]``
-and ``kvtier settings [--markdown]``.
+"""``kvtier`` command line: ``kvtier serve [--host H] [--port P] [--grpc-port G] [--config FILE]``,
+``kvtier settings [--markdown]`` and ``kvtier demo [--tokens N] [--turns N] [--service URL] ...``.
 
 ``serve`` runs the REST server (uvicorn) and, unless ``grpc_port`` is empty, the gRPC server in
 the same process, over one store. SIGTERM / SIGINT stop it gracefully: the listening sockets
@@ -67,6 +67,12 @@ def serve(args) -> int:
     return 0 if server.started else 1
 
 
+def demo(args) -> int:
+    from .connectors.demo import main as run_demo
+
+    return run_demo(args)
+
+
 def show_settings(args) -> int:
     from .settings import settings_table
 
@@ -89,6 +95,21 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--log-level", help="debug, info, warning, error")
     p.add_argument("--insecure", action="store_true", help="allow a non-loopback host with no API keys")
     p.set_defaults(func=serve)
+    d = sub.add_parser("demo", help="a multi-turn session over one long document on the reference model, through kvtier",
+                       description="Runs SmolLM2-135M-Instruct (from its installed package; nothing is downloaded) over one "
+                                   "long document, one question per turn, and prints time to first token with and without "
+                                   "the cached prefix, cache hits and bytes per tier, and the answers.")
+    d.add_argument("--tokens", type=int, default=4096, help="tokens of the document (default 4096)")
+    d.add_argument("--turns", type=int, default=4, help="questions asked in turn, 1-8 (default 4)")
+    d.add_argument("--max-new-tokens", type=int, default=16, help="tokens generated per answer (default 16)")
+    d.add_argument("--service", metavar="URL", help="use a running kvtier service through the SDK (default: an in-process store)")
+    d.add_argument("--api-key", help="API key for --service")
+    d.add_argument("--data-dir", help="disk tier of the in-process store (default: a temporary directory, removed at the end)")
+    d.add_argument("--config", help="YAML settings of the in-process store (the same as kvtier serve's; KVTIER_* variables apply too)")
+    d.add_argument("--block-tokens", type=int, default=256, help="tokens per block (default 256)")
+    d.add_argument("--baseline", action="store_true", help="also run every turn without kvtier (one more full prefill per turn)")
+    d.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
+    d.set_defaults(func=demo)
     s = sub.add_parser("settings", help="print the effective settings (secrets masked), or the table of every option")
     s.add_argument("--config", help="YAML settings file")
     s.add_argument("--markdown", action="store_true", help="print the Markdown table of every option")

@@ -1,0 +1,143 @@
+"""Where a ``KVTierCache`` keeps its blocks: the in-process store or the service, behind one protocol.
+
+A backend is bound to one ``KVSpec`` and one namespace (tenant, cache salt, extra keys), so that
+the cache above it deals in token ids, block keys and blocks ``[L, 2, H_kv, block_tokens, D]`` in
+the spec's dtype, and nothing else:
+
+- ``match(token_ids)``: the keys of every full block of ``token_ids`` and how many of them, from
+  the start, are cached (the longest cached prefix), with the tier that would serve each;
+- ``keys(token_ids)``: the keys of the full blocks, from the chain's start (a chain is continued
+  from a known key without asking: ``kvstore.chain_hashes(spec, tokens, parent=key)``);
+- ``get(keys)`` / ``put(keys, blocks, parent=...)``: blocks in and out.
+
+``StoreBackend`` runs over a ``kvstore.TieredStore`` in this process; ``ServiceBackend`` over a
+``service.client.KVTierClient`` (the REST SDK): there the tenant comes from the API key, and the
+service hashes the chain under it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol, Sequence, runtime_checkable
+
+import torch
+
+from kvstore import KVSpec, Namespace, TieredStore, chain_hashes
+
+
+@dataclass(frozen=True)
+class PrefixMatch:
+    keys: list[bytes]  # one per full block of the tokens asked, in chain order
+    num_blocks: int  # the longest cached prefix of that chain, in blocks
+    tier_hits: dict[str, int]  # of those blocks, how many each tier would serve (the fastest holder), fastest tier first
+
+
+@runtime_checkable
+class KVBackend(Protocol):
+    spec: KVSpec
+
+    def match(self, token_ids: Sequence[int]) -> PrefixMatch: ...
+
+    def keys(self, token_ids: Sequence[int]) -> list[bytes]: ...
+
+    def get(self, keys: Sequence[bytes]) -> list[torch.Tensor | None]: ...
+
+    def put(self, keys: Sequence[bytes], blocks: torch.Tensor, *, parent: bytes | None) -> list[bool]: ...
+
+
+def _check_spec(spec) -> KVSpec:
+    if not isinstance(spec, KVSpec):
+        raise ValueError(f"spec must be a kvstore.KVSpec, got {type(spec).__name__}")
+    return spec
+
+
+class StoreBackend:
+    """Blocks in a ``TieredStore`` of this process; keys hashed here under ``Namespace(tenant, salt, extra_keys)``."""
+
+    def __init__(self, store: TieredStore, spec: KVSpec, *, tenant: str = "", salt: str = "", extra_keys: Sequence[str] = ()) -> None:
+        if not isinstance(store, TieredStore):
+            raise ValueError(f"store must be a kvstore.TieredStore, got {type(store).__name__}")
+        self.store = store
+        self.spec = _check_spec(spec)
+        self.tenant = tenant
+        self.namespace = Namespace(tenant=tenant, salt=salt, extra_keys=tuple(extra_keys))
+        store.register_spec(spec)  # adopts blocks a persistent tier (disk) kept from an earlier run
+
+    def keys(self, token_ids: Sequence[int]) -> list[bytes]:
+        return chain_hashes(self.spec, token_ids, self.namespace)
+
+    def match(self, token_ids: Sequence[int]) -> PrefixMatch:
+        keys = self.keys(token_ids)
+        found = self.store.lookup(self.spec, keys)
+        return PrefixMatch(keys, found.num_blocks, dict(found.tier_hits))
+
+    def get(self, keys: Sequence[bytes]) -> list[torch.Tensor | None]:
+        return self.store.get(self.spec, keys)
+
+    def put(self, keys: Sequence[bytes], blocks: torch.Tensor, *, parent: bytes | None) -> list[bool]:
+        return self.store.put(self.spec, keys, blocks, tenant=self.tenant, parent=parent)
+
+
+class ServiceBackend:
+    """Blocks in a kvtier service through the REST SDK.
+
+    Gets and puts are split into requests of at most ``max_blocks_per_request`` blocks and
+    ``max_request_bytes`` (at least one block each).
+    """
+
+    def __init__(self, client, spec: KVSpec, *, salt: str = "", extra_keys: Sequence[str] = (), max_blocks_per_request: int = 32,
+                 max_request_bytes: int = 32 << 20) -> None:
+        from service.client import KVTierClient
+
+        if not isinstance(client, KVTierClient):
+            raise ValueError(f"client must be a service.client.KVTierClient, got {type(client).__name__}")
+        for name, v in (("max_blocks_per_request", max_blocks_per_request), ("max_request_bytes", max_request_bytes)):
+            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+                raise ValueError(f"{name} must be a positive int, got {v!r}")
+        self.client = client
+        self.spec = _check_spec(spec)
+        self.salt = salt
+        self.extra_keys = tuple(extra_keys)
+        Namespace(salt=salt, extra_keys=self.extra_keys)  # the same checks as in process
+        # the service bounds blocks and bytes per request (max_blocks_per_request, max_request_bytes: 64, 128 MiB by default)
+        self.max_blocks = max(1, min(max_blocks_per_request, max_request_bytes // spec.block_nbytes))
+        self.model = client.register_spec(spec)
+
+    def keys(self, token_ids: Sequence[int]) -> list[bytes]:
+        return self.match(token_ids).keys
+
+    def match(self, token_ids: Sequence[int]) -> PrefixMatch:
+        if len(token_ids) < self.spec.block_tokens:
+            return PrefixMatch([], 0, {})
+        found = self.client.lookup(self.model, token_ids=list(token_ids), salt=self.salt, extra_keys=self.extra_keys, return_keys=True)
+        return PrefixMatch(list(found.keys), found.num_blocks, dict(found.tier_hits))
+
+    def get(self, keys: Sequence[bytes]) -> list[torch.Tensor | None]:
+        out: list[torch.Tensor | None] = []
+        for i in range(0, len(keys), self.max_blocks):
+            out += self.client.get(self.model, keys[i : i + self.max_blocks])
+        return out
+
+    def put(self, keys: Sequence[bytes], blocks: torch.Tensor, *, parent: bytes | None) -> list[bool]:
+        out: list[bool] = []
+        for i in range(0, len(keys), self.max_blocks):
+            out += self.client.put(self.model, keys[i : i + self.max_blocks], blocks[i : i + self.max_blocks],
+                                   parent=keys[i - 1] if i else parent)
+        return out
+
+
+def make_backend(spec: KVSpec, *, store=None, client=None, backend=None, tenant: str = "", salt: str = "",
+                 extra_keys: Sequence[str] = ()) -> KVBackend:
+    """The backend for exactly one of ``store`` (in process), ``client`` (the service) or ``backend`` (given as is)."""
+    given = [name for name, v in (("store", store), ("client", client), ("backend", backend)) if v is not None]
+    if len(given) != 1:
+        raise ValueError(f"give exactly one of store=, client= and backend=, got {given or 'none'}")
+    if backend is not None:
+        if not isinstance(backend, KVBackend):
+            raise ValueError(f"backend must have spec, match, keys, get and put, got {type(backend).__name__}")
+        return backend
+    if store is not None:
+        return StoreBackend(store, spec, tenant=tenant, salt=salt, extra_keys=extra_keys)
+    if tenant:
+        raise ValueError("tenant= is for an in-process store; the service takes the tenant from the client's API key")
+    return ServiceBackend(client, spec, salt=salt, extra_keys=extra_keys)

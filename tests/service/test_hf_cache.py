@@ -1,0 +1,354 @@
+"""KVTierCache and generate(): a transformers cache backed by kvtier, on a tiny random Llama.
+
+The model is built in the test (2 layers, hidden 64, 4 query heads, 2 KV heads, head dim 16) and
+blocks hold 16 tokens, so every test runs in well under a second of model time.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM  # noqa: E402
+
+from kvstore import DiskTier, HostTier, KVSpec, Namespace, TierConfig, TieredStore, chain_hashes  # noqa: E402
+from service.client import KVTierClient  # noqa: E402
+from service.connectors.generate import generate  # noqa: E402
+from service.connectors.hf_cache import CacheStats, KVTierCache, StoreBackend, model_spec  # noqa: E402
+from service.connectors.protocols import AttentionHook, TokenPolicy  # noqa: E402
+
+BT = 16
+SPEC32 = KVSpec("tiny-llama-test", num_layers=2, num_kv_heads=2, head_dim=16, dtype="float32", block_tokens=BT)
+SPEC16 = KVSpec("tiny-llama-test", num_layers=2, num_kv_heads=2, head_dim=16, dtype="float16", block_tokens=BT)
+
+
+def tiny_config(**kw) -> LlamaConfig:
+    return LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                       num_key_value_heads=2, max_position_embeddings=2048, **kw)
+
+
+@pytest.fixture(scope="module")
+def model():
+    torch.manual_seed(0)
+    torch.set_num_threads(1)
+    return LlamaForCausalLM(tiny_config()).eval()
+
+
+@pytest.fixture
+def store():
+    s = TieredStore([HostTier(1 << 24)])
+    yield s
+    s.close()
+
+
+def prompt(n: int, seed: int = 0) -> list[int]:
+    return torch.randint(0, 128, (n,), generator=torch.Generator().manual_seed(seed)).tolist()
+
+
+@torch.inference_mode()
+def plain_logits(model, ids: list[int]) -> torch.Tensor:
+    return model(input_ids=torch.tensor([ids]), past_key_values=DynamicCache(config=model.config), use_cache=True).logits[0, -1]
+
+
+class CountingInputs:
+    """Records how many tokens each forward call feeds (a hook on the embedding)."""
+
+    def __init__(self, model) -> None:
+        self.calls: list[int] = []
+        self._h = model.get_input_embeddings().register_forward_hook(lambda m, args, out: self.calls.append(args[0].shape[-1]))
+
+    def close(self) -> None:
+        self._h.remove()
+
+
+# -- prefix reuse is exact ------------------------------------------------------------------
+def test_cached_prefix_gives_the_logits_and_greedy_tokens_of_a_plain_cache(model, store):
+    ids = prompt(100)
+    base = generate(model, ids, max_new_tokens=24, stop_tokens=())
+    cold = generate(model, ids, store=store, spec=SPEC32, max_new_tokens=24, stop_tokens=())
+    warm = generate(model, ids, store=store, spec=SPEC32, max_new_tokens=24, stop_tokens=())
+    assert cold.num_cached_tokens == 0 and warm.num_cached_tokens == 96
+    assert warm.token_ids == cold.token_ids == base.token_ids
+
+    cache = KVTierCache(model, store=store, spec=SPEC32)
+    assert cache.load_prefix(ids) == 96
+    with torch.inference_mode():
+        got = model(input_ids=torch.tensor([ids[96:]]), past_key_values=cache, use_cache=True).logits[0, -1]
+    torch.testing.assert_close(got, plain_logits(model, ids), rtol=1e-5, atol=1e-5)
+
+
+def test_float16_blocks_load_in_the_model_dtype(model, store):
+    ids = prompt(80, seed=1)
+    generate(model, ids, store=store, spec=SPEC16, max_new_tokens=1)
+    cache = KVTierCache(model, store=store, spec=SPEC16)
+    assert cache.load_prefix(ids) == 64
+    assert cache.layers[0].keys.dtype == torch.float32 and cache.layers[0].keys.shape == (1, 2, 64, 16)
+    with torch.inference_mode():
+        got = model(input_ids=torch.tensor([ids[64:]]), past_key_values=cache, use_cache=True).logits[0, -1]
+    torch.testing.assert_close(got, plain_logits(model, ids), rtol=0, atol=5e-3)  # float16 rounding of K and V only
+
+
+def test_second_request_loads_the_blocks_and_prefills_only_the_rest(model, store):
+    ids = prompt(100, seed=2)
+    counter = CountingInputs(model)
+    try:
+        generate(model, ids, store=store, spec=SPEC32, max_new_tokens=3, stop_tokens=(), chunk_tokens=40)
+        assert counter.calls == [40, 40, 20, 1, 1]  # chunked prefill, then two decode steps
+        counter.calls.clear()
+        r = generate(model, ids, store=store, spec=SPEC32, max_new_tokens=3, stop_tokens=())
+        assert counter.calls == [4, 1, 1] and r.num_prefilled_tokens == 4
+        counter.calls.clear()
+        # a request sharing only the first 70 tokens reuses the 4 blocks they fill
+        other = ids[:70] + prompt(30, seed=3)
+        r = generate(model, other, store=store, spec=SPEC32, max_new_tokens=1)
+        assert r.num_cached_tokens == 64 and counter.calls == [36]
+    finally:
+        counter.close()
+    assert r.cache.num_lookup_blocks == 6 and r.cache.num_hit_blocks == 4 and r.cache.num_loaded_blocks == 4
+
+
+def test_the_last_prompt_token_is_never_loaded(model, store):
+    ids = prompt(64, seed=4)  # exactly 4 blocks
+    generate(model, ids, store=store, spec=SPEC32, max_new_tokens=2, stop_tokens=())
+    r = generate(model, ids, store=store, spec=SPEC32, max_new_tokens=1)
+    assert r.num_cached_tokens == 48 and r.num_prefilled_tokens == 16
+    assert r.cache.num_lookup_blocks == 3 and r.cache.num_hit_blocks == 3
+
+
+def test_only_full_blocks_are_saved_with_the_chain_keys(model, store):
+    ids = prompt(40, seed=5)
+    r = generate(model, ids, store=store, spec=SPEC32, max_new_tokens=30, stop_tokens=())
+    fed = ids + r.token_ids[:-1]  # the last token is never fed: its KV does not exist
+    assert len(fed) == 69 and r.cache.num_saved_blocks == 4  # 69 tokens: 4 full blocks, 5 tokens stay out
+    keys = chain_hashes(SPEC32, fed)
+    assert len(keys) == 4 and store.lookup(SPEC32, keys).num_blocks == 4
+    assert store.stats()["blocks"] == 4
+    # the stored blocks are the KV of exactly those tokens
+    cache = DynamicCache(config=model.config)
+    with torch.inference_mode():
+        model(input_ids=torch.tensor([fed[:64]]), past_key_values=cache, use_cache=True)
+    for b, block in enumerate(store.get(SPEC32, keys)):
+        assert block.shape == SPEC32.block_shape
+        torch.testing.assert_close(block[0, 0], cache.layers[0].keys[0, :, b * BT:(b + 1) * BT], rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(block[1, 1], cache.layers[1].values[0, :, b * BT:(b + 1) * BT], rtol=1e-4, atol=1e-5)
+
+
+def test_blocks_completed_during_decode_are_saved_and_reused(model, store):
+    ids = prompt(20, seed=6)
+    first = generate(model, ids, store=store, spec=SPEC32, max_new_tokens=40, stop_tokens=())
+    follow_up = ids + first.token_ids + prompt(5, seed=7)  # the next turn of a chat: history + new message
+    r = generate(model, follow_up, store=store, spec=SPEC32, max_new_tokens=1)
+    assert r.num_cached_tokens == 48  # 20 + 39 fed = 59 tokens: 3 blocks saved while decoding and after prefill
+
+
+def test_namespace_separates_chains(model, store):
+    ids = prompt(50, seed=8)
+    generate(model, ids, store=store, spec=SPEC32, max_new_tokens=1, salt="a")
+    assert generate(model, ids, store=store, spec=SPEC32, max_new_tokens=1, salt="b").num_cached_tokens == 0
+    assert generate(model, ids, store=store, spec=SPEC32, max_new_tokens=1, tenant="t").num_cached_tokens == 0
+    assert generate(model, ids, store=store, spec=SPEC32, max_new_tokens=1, salt="a").num_cached_tokens == 48
+    assert store.lookup(SPEC32, chain_hashes(SPEC32, ids, Namespace(salt="a"))).num_blocks == 3
+
+
+def test_transformers_generate_runs_on_the_cache(model, store):
+    ids = torch.tensor([prompt(50, seed=9)])
+    plain = model.generate(ids, max_new_tokens=6, do_sample=False, pad_token_id=0)
+    for expect_cached in (0, 48):
+        cache = KVTierCache(model, store=store, spec=SPEC32)
+        assert cache.load_prefix(ids) == expect_cached
+        out = model.generate(ids, past_key_values=cache, max_new_tokens=6, do_sample=False, pad_token_id=0)
+        assert torch.equal(out, plain)
+        cache.append_tokens(out[0, 50:-1])
+        cache.save()
+    assert store.stats()["blocks"] == 3
+
+
+# -- per-tier counters ------------------------------------------------------------------------
+def test_hits_and_bytes_per_tier(model, tmp_path):
+    # a host tier for 3 blocks (above its watermark the oldest go down to the disk)
+    store = TieredStore([TierConfig(HostTier(3 * SPEC32.block_nbytes + 4096), high_watermark=1.0, low_watermark=1.0),
+                         DiskTier(tmp_path, 1 << 24)])
+    try:
+        ids = prompt(110, seed=10)
+        generate(model, ids, store=store, spec=SPEC32, max_new_tokens=1)
+        keys = chain_hashes(SPEC32, ids)[:6]
+        where = store.lookup(SPEC32, keys).tier_hits
+        assert where["host"] >= 1 and where["disk"] >= 1 and sum(where.values()) == 6
+        r = generate(model, ids, store=store, spec=SPEC32, max_new_tokens=1)
+        assert r.num_cached_tokens == 96
+        assert r.tier_hits == where
+        assert r.tier_bytes == {k: v * SPEC32.block_nbytes for k, v in where.items()}
+        total = r.cache + r.cache
+        assert total.tier_hits == {k: 2 * v for k, v in where.items()} and total.num_loaded_blocks == 12
+    finally:
+        store.close()
+
+
+# -- the service through the SDK ----------------------------------------------------------------
+def test_service_backend_against_a_real_service(model, open_server):
+    ids = prompt(90, seed=11)
+    with KVTierClient(open_server.url) as client:
+        base = generate(model, ids, max_new_tokens=12, stop_tokens=())
+        cold = generate(model, ids, client=client, spec=SPEC32, salt="hf-cache-test", max_new_tokens=12, stop_tokens=())
+        warm = generate(model, ids, client=client, spec=SPEC32, salt="hf-cache-test", max_new_tokens=12, stop_tokens=())
+        assert cold.num_cached_tokens == 0 and warm.num_cached_tokens == 80
+        assert warm.token_ids == cold.token_ids == base.token_ids
+        assert sum(warm.tier_hits.values()) == 5 and sum(warm.tier_bytes.values()) == 5 * SPEC32.block_nbytes
+        assert set(warm.tier_hits) <= {"device", "host", "disk"}
+        # the keys the cache put under are the service's own chain for this tenant and salt
+        model_id = client.register_spec(SPEC32)
+        fed = ids + cold.token_ids[:-1]
+        assert client.lookup(model_id, token_ids=fed, salt="hf-cache-test").num_blocks == len(fed) // BT
+        # another salt: nothing
+        assert generate(model, ids, client=client, spec=SPEC32, salt="other", max_new_tokens=1).num_cached_tokens == 0
+
+
+# -- the hooks for sparse decode and token eviction -----------------------------------------------
+class RecordingAttention:
+    """An AttentionHook that records the forward calls made inside its context."""
+
+    def __init__(self) -> None:
+        self.inside = False
+        self.entries = 0
+        self.calls_inside = 0
+
+    @contextmanager
+    def _ctx(self, model):
+        handle = model.get_input_embeddings().register_forward_hook(lambda *a: self._seen())
+        self.inside, self.entries = True, self.entries + 1
+        try:
+            yield
+        finally:
+            self.inside = False
+            handle.remove()
+
+    def _seen(self) -> None:
+        assert self.inside
+        self.calls_inside += 1
+
+    def attach(self, model):
+        return self._ctx(model)
+
+
+class FullAttentionPolicy:
+    """A TokenPolicy that keeps every token: greedy decode on a DynamicCache seeded with the prefix."""
+
+    def __init__(self) -> None:
+        self.seen: list[tuple[int, list[tuple[int, ...]] | None]] = []
+
+    @torch.inference_mode()
+    def generate(self, model, input_ids, *, max_new_tokens, prefix_kv, num_prefix_tokens):
+        self.seen.append((num_prefix_tokens, None if prefix_kv is None else [tuple(k.shape) for k, _ in prefix_kv]))
+        cache = DynamicCache(config=model.config)
+        if prefix_kv is not None:
+            for layer, (k, v) in zip(cache.layers, prefix_kv):
+                layer.update(k, v)
+        logits = model(input_ids=torch.tensor([input_ids[num_prefix_tokens:]]), past_key_values=cache, use_cache=True).logits[0, -1]
+        out = [int(logits.argmax())]
+        while len(out) < max_new_tokens:
+            out.append(int(model(input_ids=torch.tensor([out[-1:]]), past_key_values=cache, use_cache=True).logits[0, -1].argmax()))
+        return out
+
+
+def test_attention_hook_wraps_every_forward_call(model, store):
+    hook = RecordingAttention()
+    assert isinstance(hook, AttentionHook)
+    ids = prompt(50, seed=12)
+    r = generate(model, ids, store=store, spec=SPEC32, max_new_tokens=5, stop_tokens=(), attention=hook)
+    assert hook.entries == 1 and hook.calls_inside == 5 and not hook.inside
+    assert r.token_ids == generate(model, ids, max_new_tokens=5, stop_tokens=()).token_ids
+
+
+def test_policy_gets_the_cached_prefix_and_the_blocks_get_saved(model, store):
+    policy = FullAttentionPolicy()
+    assert isinstance(policy, TokenPolicy)
+    ids = prompt(75, seed=13)
+    base = generate(model, ids, max_new_tokens=6, stop_tokens=())
+    r1 = generate(model, ids, store=store, spec=SPEC32, max_new_tokens=6, policy=policy)
+    r2 = generate(model, ids, store=store, spec=SPEC32, max_new_tokens=6, policy=policy)
+    # cold: generate prefilled and saved the 4 full blocks before handing over; warm: loaded them
+    assert policy.seen == [(64, [(1, 2, 64, 16)] * 2)] * 2
+    assert r1.num_cached_tokens == 0 and r2.num_cached_tokens == 64 and r1.ttft_s is None
+    assert r1.token_ids == r2.token_ids == base.token_ids
+    assert store.stats()["blocks"] == 4
+    # without kvtier the policy gets no prefix
+    assert generate(model, ids, max_new_tokens=2, policy=policy).token_ids == base.token_ids[:2]
+    assert policy.seen[-1] == (0, None)
+
+
+# -- stopping, text, sampling ----------------------------------------------------------------------
+def test_stop_tokens_and_sampling(model, store):
+    ids = prompt(30, seed=14)
+    greedy = generate(model, ids, max_new_tokens=8, stop_tokens=())
+    r = generate(model, ids, store=store, spec=SPEC32, max_new_tokens=8, stop_tokens=[greedy.token_ids[2]])
+    assert r.token_ids == greedy.token_ids[: greedy.token_ids.index(greedy.token_ids[2]) + 1] and r.finish_reason == "stop"
+    a = generate(model, ids, max_new_tokens=8, temperature=1.0, generator=torch.Generator().manual_seed(1), stop_tokens=())
+    b = generate(model, ids, max_new_tokens=8, temperature=1.0, generator=torch.Generator().manual_seed(1), stop_tokens=())
+    assert a.token_ids == b.token_ids and len(a.token_ids) == 8
+
+
+# -- bad input -------------------------------------------------------------------------------------
+def test_bad_input_raises_value_error_and_stores_nothing(model, store):
+    ids = prompt(40)
+    wrong = KVSpec("tiny-llama-test", num_layers=3, num_kv_heads=2, head_dim=16, dtype="float32", block_tokens=BT)
+    with pytest.raises(ValueError, match="num_layers, num_kv_heads, head_dim"):
+        KVTierCache(model, store=store, spec=wrong)
+    with pytest.raises(ValueError, match="exactly one of store=, client= and backend="):
+        KVTierCache(model, spec=SPEC32)
+    with pytest.raises(ValueError, match="exactly one"):
+        generate(model, ids, store=store, client=object(), spec=SPEC32)
+    with pytest.raises(ValueError, match="TieredStore"):
+        KVTierCache(model, store={}, spec=SPEC32)
+    with pytest.raises(ValueError, match="KVTierClient"):
+        KVTierCache(model, client="http://x", spec=SPEC32)
+    with pytest.raises(ValueError, match="tenant="):
+        KVTierCache(model, client=KVTierClient("http://127.0.0.1:9"), spec=SPEC32, tenant="t")
+    with pytest.raises(ValueError, match="spec must be"):
+        KVTierCache(model, store=store, spec={"model_id": "x"})
+    with pytest.raises(ValueError, match="name_or_path"):
+        model_spec(model)
+    assert model_spec(model, model_id="tiny-llama-test", block_tokens=BT, dtype="float32") == SPEC32
+    with pytest.raises(ValueError, match="tokenizer"):
+        generate(model, "a text", store=store, spec=SPEC32)
+    for bad in ([], [1, 2.5], [1, -1], [True], torch.zeros(2, 3, dtype=torch.long), "", torch.tensor([1.0])):
+        with pytest.raises(ValueError):
+            generate(model, bad, store=store, spec=SPEC32, tokenizer=None)
+    for kw in (dict(max_new_tokens=0), dict(chunk_tokens=0), dict(attention=object()), dict(policy=object())):
+        with pytest.raises(ValueError):
+            generate(model, ids, store=store, spec=SPEC32, **kw)
+    cache = KVTierCache(model, store=store, spec=SPEC32)
+    with pytest.raises(ValueError, match="load_prefix"):
+        cache.save()
+    with pytest.raises(ValueError, match="load_prefix"):
+        cache.append_tokens([1])
+    with pytest.raises(ValueError, match="empty"):
+        cache.load_prefix([])
+    cache.load_prefix(ids)
+    with pytest.raises(ValueError, match="already holds"):
+        cache.load_prefix(ids)
+    with torch.inference_mode():  # feeding tokens the cache was not told about
+        model(input_ids=torch.tensor([ids + [1, 2]]), past_key_values=cache, use_cache=True)
+    with pytest.raises(ValueError, match="append_tokens"):
+        cache.save()
+    assert store.stats()["blocks"] == 0
+
+
+def test_sliding_window_models_are_refused(store):
+    torch.manual_seed(0)
+    from transformers import MistralConfig, MistralForCausalLM
+
+    cfg = MistralConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                        num_key_value_heads=1, sliding_window=32)
+    m = MistralForCausalLM(cfg).eval()
+    spec = KVSpec("mistral-tiny", 1, 1, 16, "float32", 16)
+    with pytest.raises(ValueError, match="sliding-window"):
+        KVTierCache(m, store=store, spec=spec)
+
+
+def test_store_backend_checks_and_stats_dict(store):
+    with pytest.raises(ValueError, match="KVSpec"):
+        StoreBackend(store, "spec")
+    assert CacheStats().to_dict()["tier_hits"] == {}
