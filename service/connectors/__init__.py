@@ -1,0 +1,1 @@
+"""Engine connectors: how an inference engine (Hugging Face transformers, vLLM) uses kvtier."""
