@@ -81,6 +81,38 @@ def copy_cache(cache, upto: int | None = None, batch: int = 1):
     return new
 
 
+def static_cache(model, layers_kv, extra: int):
+    """A ``StaticCache`` (preallocated, written in place) holding ``layers_kv`` (per layer ``(k, v)``
+    ``[1, H_kv, T, D]``) with room for ``extra`` more tokens."""
+    from transformers import StaticCache
+
+    T = layers_kv[0][0].shape[2]
+    cache = StaticCache(config=model.config, max_cache_len=T + extra)
+    for i, (k, v) in enumerate(layers_kv):
+        cache.update(k, v, i, {"cache_position": torch.arange(T)})
+    return cache
+
+
+class TimedSDPA:
+    """Full attention through transformers' own SDPA function, timed: the baseline as an AttentionHook."""
+
+    def __init__(self) -> None:
+        self.seconds = 0.0
+
+    def attach(self, model):
+        from service.connectors.hf_dispatch import bind
+
+        return bind(model, "kvtier_bench_timed_sdpa", self._attend, sdpa_mask=True)
+
+    def _attend(self, module, query, key, value, attention_mask, **kwargs):
+        from service.connectors.hf_dispatch import sdpa
+
+        t0 = time.perf_counter()
+        out = sdpa(module, query, key, value, attention_mask, **kwargs)
+        self.seconds += time.perf_counter() - t0
+        return out
+
+
 @torch.inference_mode()
 def decode(model, cache, logits, position: int, num_tokens: int, hook=None) -> list[int]:
     """Greedy ``num_tokens`` from a prefilled ``cache`` (its last ``logits``), through ``hook`` if any."""
@@ -111,70 +143,110 @@ def _median(xs: list[float]) -> float:
 
 
 # -- (a) sparse decode ----------------------------------------------------------------------------------
+def time_decode(model, make_cache, logits, position: int, *, steps: int, repeats: int, budget: int, selector: str) -> dict:
+    """Full vs sparse decode from fresh caches (``make_cache()``), alternated, ``repeats`` times each:
+    median tokens/s (wall and process CPU time) and attention ms per step (all layers)."""
+    from service.connectors.hf_attention import SparseDecode
+
+    runs = {"full": [], "sparse": []}
+    read = None
+    for _ in range(repeats):
+        for name in ("full", "sparse"):
+            hook = TimedSDPA() if name == "full" else SparseDecode(selector=selector, budget=budget)
+            cache = make_cache()
+            with Clock() as clk:
+                decode(model, cache, logits, position, steps + 1, hook)  # steps forwards (the first token is given)
+            del cache
+            att = hook.seconds if name == "full" else hook.stats.attention_seconds
+            runs[name].append({"wall": clk.wall, "cpu": clk.cpu, "attention": att})
+            if name == "sparse":
+                read = hook.stats.read_fraction
+    out = {"context_tokens": position, "decode_steps": steps, "repeats": repeats, "sparse_read_fraction": read, "runs": runs}
+    for name in ("full", "sparse"):
+        out[f"{name}_tokens_per_s_wall"] = _median([steps / r["wall"] for r in runs[name]])
+        out[f"{name}_tokens_per_s_cpu"] = _median([steps / r["cpu"] for r in runs[name]])
+        out[f"{name}_attention_ms_per_step"] = 1e3 * _median([r["attention"] / steps for r in runs[name]])
+    out["speedup_wall"] = out["sparse_tokens_per_s_wall"] / out["full_tokens_per_s_wall"]
+    out["speedup_cpu"] = out["sparse_tokens_per_s_cpu"] / out["full_tokens_per_s_cpu"]
+    out["attention_speedup"] = out["full_attention_ms_per_step"] / out["sparse_attention_ms_per_step"]
+    return out
+
+
+def _speed_line(label: str, s: dict) -> str:
+    return (f"{label} at {s['context_tokens']}: full {s['full_tokens_per_s_cpu']:.1f} tok/s, sparse {s['sparse_tokens_per_s_cpu']:.1f} tok/s "
+            f"(x{s['speedup_cpu']:.2f} CPU time, x{s['speedup_wall']:.2f} wall); attention {s['full_attention_ms_per_step']:.1f} vs "
+            f"{s['sparse_attention_ms_per_step']:.1f} ms/step (x{s['attention_speedup']:.2f}); sparse reads {s['sparse_read_fraction']:.3f}")
+
+
 def sparse_decode_figures(model, tok, prompts, *, budget: int = BUDGET, selector: str = SELECTOR, decode_tokens: int = 32,
-                          repeats: int = 3, answer_tokens: int = 8, progress=print, keep_cache_of: int | None = None):
-    """Pass-key accuracy of full vs sparse decode on every prompt, and decode tokens/s on the longest.
+                          repeats: int = 3, answer_tokens: int = 8, synthetic_contexts=(), progress=print,
+                          keep_cache_of: int | None = None):
+    """Pass-key accuracy of full vs sparse decode on every prompt; decode speed on the longest prompt
+    (transformers' ``DynamicCache``, which copies the whole cache at every step, and a preallocated
+    ``StaticCache``); and decode speed over random caches of ``synthetic_contexts`` tokens (StaticCache:
+    speed only, attention cost does not depend on the values).
 
     Returns ``(figures, markdown, kept)`` where ``kept`` is ``(cache, prompt)`` of prompt index
     ``keep_cache_of`` (its prefill, for the shared-prefix part), or ``None``."""
     from service.connectors.hf_attention import SparseDecode
 
-    longest = max(len(p.input_ids) for p in prompts)
-    rows, speed, kept = [], None, None
+    longest = max(range(len(prompts)), key=lambda i: len(prompts[i].input_ids))
+    rows, speed, kept = [], {}, None
     for i, p in enumerate(prompts):
         T = len(p.input_ids)
         with Clock() as c:
             cache, logits = prefill_cache(model, p.input_ids)
-        timed = T == longest and speed is None
-        runs = {"full": [], "sparse": []}
         answers = {}
-        stats = None
-        for r in range(repeats if timed else 1):
-            for name in ("full", "sparse"):
-                hook = SparseDecode(selector=selector, budget=budget) if name == "sparse" else None
-                work = copy_cache(cache)
-                n = max(decode_tokens, answer_tokens) if timed else answer_tokens
-                with Clock() as clk:
-                    toks = decode(model, work, logits, T, n, hook)
-                del work
-                runs[name].append((clk.wall, clk.cpu, n - 1))  # n - 1 decode forwards (the first token is the prefill's)
-                answers.setdefault(name, tok.decode(toks[:answer_tokens]))
-                if hook is not None and stats is None:
-                    stats = hook.stats
         for name in ("full", "sparse"):
+            hook = SparseDecode(selector=selector, budget=budget) if name == "sparse" else None
+            answers[name] = tok.decode(decode(model, copy_cache(cache), logits, T, answer_tokens, hook))
             rows.append({"tokens": T, "depth": p.depth, "key": p.key, "attention": name, "answer": answers[name],
                          "correct": correct(answers[name], p.key)})
         progress(f"  (a) {T} tokens, depth {p.depth}: full {answers['full']!r}, sparse {answers['sparse']!r} (prefill {c.wall:.1f} s)")
-        if timed:
-            def rate(name, j):  # decode forwards per second, median run; j: 0 wall, 1 CPU time
-                return _median([run[2] / run[j] for run in runs[name]])
-
-            speed = {"context_tokens": T, "decode_tokens": runs["full"][0][2], "repeats": repeats,
-                     "full_tokens_per_s_wall": rate("full", 0), "sparse_tokens_per_s_wall": rate("sparse", 0),
-                     "full_tokens_per_s_cpu": rate("full", 1), "sparse_tokens_per_s_cpu": rate("sparse", 1),
-                     "sparse_read_fraction": stats.read_fraction, "runs": runs}
-            speed["speedup_wall"] = speed["sparse_tokens_per_s_wall"] / speed["full_tokens_per_s_wall"]
-            speed["speedup_cpu"] = speed["sparse_tokens_per_s_cpu"] / speed["full_tokens_per_s_cpu"]
-            progress(f"  (a) decode at {T}: full {speed['full_tokens_per_s_wall']:.1f} tok/s, sparse {speed['sparse_tokens_per_s_wall']:.1f} "
-                     f"tok/s (x{speed['speedup_wall']:.2f} wall, x{speed['speedup_cpu']:.2f} CPU); sparse reads {stats.read_fraction:.3f} of the context")
+        if i == longest:
+            layers_kv = [(lay.keys, lay.values) for lay in cache.layers]
+            speed["dynamic"] = time_decode(model, lambda: copy_cache(cache), logits, T, steps=decode_tokens, repeats=repeats,
+                                           budget=budget, selector=selector)
+            progress("  (a) " + _speed_line("DynamicCache", speed["dynamic"]))
+            speed["static"] = time_decode(model, lambda: static_cache(model, layers_kv, decode_tokens + 1), logits, T,
+                                          steps=decode_tokens, repeats=repeats, budget=budget, selector=selector)
+            progress("  (a) " + _speed_line("StaticCache", speed["static"]))
+            del layers_kv
         if keep_cache_of == i:
             kept = (cache, p)
         del cache
+    d = model.config
+    head_dim = getattr(d, "head_dim", None) or d.hidden_size // d.num_attention_heads
+    synthetic = []
+    for T in synthetic_contexts:
+        g = torch.Generator().manual_seed(T)
+        layers_kv = [(torch.randn(1, d.num_key_value_heads, T, head_dim, generator=g),
+                      torch.randn(1, d.num_key_value_heads, T, head_dim, generator=g)) for _ in range(d.num_hidden_layers)]
+        s = time_decode(model, lambda: static_cache(model, layers_kv, decode_tokens + 1), torch.zeros(d.vocab_size), T,
+                        steps=decode_tokens, repeats=max(1, repeats - 1), budget=budget, selector=selector)
+        synthetic.append(s)
+        progress("  (a) " + _speed_line("StaticCache, random KV", s))
+        del layers_kv
     acc = {}
     for name in ("full", "sparse"):
         sel = [r for r in rows if r["attention"] == name]
         acc[name] = {"correct": sum(r["correct"] for r in sel), "total": len(sel)}
-    figures = {"selector": selector, "budget": budget, "accuracy": acc, "runs": rows, "speed": speed}
+    figures = {"selector": selector, "budget": budget, "accuracy": acc, "runs": rows, "speed": speed, "synthetic": synthetic}
     lens = sorted({r["tokens"] for r in rows})
-    md = [f"**(a) Sparse decode** (`SparseDecode(selector={selector!r}, budget={budget})` vs full attention; prefill dense):", "",
-          md_table(["decode attention", "pass-key correct", f"tokens/s at {speed['context_tokens']} (wall)", "tokens/s (CPU time)"],
-                   [["full (SDPA)", f"{acc['full']['correct']}/{acc['full']['total']}", f"{speed['full_tokens_per_s_wall']:.1f}",
-                     f"{speed['full_tokens_per_s_cpu']:.1f}"],
-                    [f"sparse {selector} {budget}", f"{acc['sparse']['correct']}/{acc['sparse']['total']}",
-                     f"{speed['sparse_tokens_per_s_wall']:.1f} (x{speed['speedup_wall']:.2f})",
-                     f"{speed['sparse_tokens_per_s_cpu']:.1f} (x{speed['speedup_cpu']:.2f})"]]), "",
-          f"Prompts of {', '.join(map(str, lens))} tokens; {speed['decode_tokens']} decode steps per timed run, median of "
-          f"{speed['repeats']} alternated runs; the sparse steps read {speed['sparse_read_fraction']:.3f} of the context's tokens."]
+
+    def row(label, s):
+        return [label, s["context_tokens"], f"{s['full_tokens_per_s_cpu']:.1f}", f"{s['sparse_tokens_per_s_cpu']:.1f} (x{s['speedup_cpu']:.2f})",
+                f"x{s['speedup_wall']:.2f}", f"{s['full_attention_ms_per_step']:.1f}",
+                f"{s['sparse_attention_ms_per_step']:.1f} (x{s['attention_speedup']:.2f})"]
+
+    table = [row("DynamicCache (pass-key prompt)", speed["dynamic"]), row("StaticCache (pass-key prompt)", speed["static"])]
+    table += [row("StaticCache, random KV", s) for s in synthetic]
+    md = [f"**(a) Sparse decode**: `SparseDecode(selector={selector!r}, budget={budget})` vs full attention (SDPA); prefill dense.", "",
+          f"Pass-key accuracy ({len(prompts)} prompts of {', '.join(map(str, lens))} tokens, {answer_tokens} tokens decoded): "
+          f"full {acc['full']['correct']}/{acc['full']['total']}, sparse {acc['sparse']['correct']}/{acc['sparse']['total']}.", "",
+          f"Decode speed ({decode_tokens} steps per run, median of alternated runs; tokens/s from process CPU time, 1 thread; "
+          "attention = time in the attention function, all 30 layers):", "",
+          md_table(["cache", "context", "full tok/s", "sparse tok/s", "sparse (wall)", "full attention ms/step", "sparse attention ms/step"], table)]
     return figures, "\n".join(md), kept
 
 
@@ -189,7 +261,6 @@ def questions(tok, batch: int) -> list[list[int]]:
 
 def shared_prefix_figures(model, tok, prefix_cache, prefix_tokens: int, *, batch: int = 8, new_tokens: int = 16, progress=print):
     """Batch decode over a shared prefix: Hydragen vs per-sequence copies vs transformers' batch SDPA."""
-    from service.connectors.hf_dispatch import bind, sdpa
     from service.connectors.hf_shared_prefix import SharedPrefixStats, shared_prefix_generate
 
     prefix_kv = [(lay.keys[:, :, :prefix_tokens], lay.values[:, :, :prefix_tokens]) for lay in prefix_cache.layers]
@@ -208,21 +279,14 @@ def shared_prefix_figures(model, tok, prefix_cache, prefix_tokens: int, *, batch
     # transformers' own batch decode over a batch cache that holds the prefix once per sequence
     n = len(suffixes[0])
     cache = copy_cache(prefix_cache, prefix_tokens, batch)
-    timing = {"on": False, "seconds": 0.0}
-
-    def timed_sdpa(module, query, key, value, attention_mask, **kwargs):
-        t0 = time.perf_counter()
-        out = sdpa(module, query, key, value, attention_mask, **kwargs)
-        if timing["on"]:
-            timing["seconds"] += time.perf_counter() - t0
-        return out
+    timed = TimedSDPA()
 
     toks = [[] for _ in range(batch)]
-    with torch.inference_mode(), bind(model, "kvtier_bench_timed_sdpa", timed_sdpa, sdpa_mask=True):
+    with torch.inference_mode(), timed.attach(model):
         lg = model(input_ids=torch.tensor(suffixes), past_key_values=cache, use_cache=True,
                    cache_position=torch.arange(prefix_tokens, prefix_tokens + n), logits_to_keep=1).logits[:, -1]
         pos = prefix_tokens + n
-        timing["on"] = True
+        timed.seconds = 0.0
         t0 = time.perf_counter()
         for step in range(new_tokens):
             nxt = lg.argmax(-1)
@@ -235,7 +299,7 @@ def shared_prefix_figures(model, tok, prefix_cache, prefix_tokens: int, *, batch
             pos += 1
         steps = new_tokens - 1
         results["transformers_sdpa"] = {"tokens": toks, "decode_step_s": (time.perf_counter() - t0) / steps,
-                                        "attention_per_step_s": timing["seconds"] / steps}
+                                        "attention_per_step_s": timed.seconds / steps}
     del cache
     progress(f"  (b) transformers batch SDPA: {1e3 * results['transformers_sdpa']['decode_step_s']:.1f} ms per decode step, "
              f"{1e3 * results['transformers_sdpa']['attention_per_step_s']:.1f} ms in attention")
@@ -298,15 +362,18 @@ def run_all(model, tok, *, quick: bool = False, progress=print):
     """(a), (b), (c) in one run: ``(figures, markdown)``."""
     if quick:
         lengths, depths, decode_tokens, repeats, prefix_tokens, new_tokens = (1024,), (0.5,), 12, 2, 1024, 6
+        synthetic = ()
         policy_prompts = [rm.passkey_prompt(tok, 384, 0.5, seed=77)]
     else:
         lengths, depths, decode_tokens, repeats, prefix_tokens, new_tokens = (2048, 6144), (0.25, 0.75), 32, 3, 4096, 16
+        synthetic = (16384, 32768)
         policy_prompts = [rm.passkey_prompt(tok, 1024, d, seed=70 + i) for i, d in enumerate((0.3, 0.7))]
     prompts = rm.passkey_suite(tok, lengths=lengths, depths=depths, num_keys=1)
     longest = max(range(len(prompts)), key=lambda i: len(prompts[i].input_ids))
     t0 = time.time()
     fa, ma, kept = sparse_decode_figures(model, tok, prompts, decode_tokens=decode_tokens, repeats=repeats, progress=progress,
-                                         keep_cache_of=longest)
+                                         synthetic_contexts=synthetic, keep_cache_of=longest)
+    prefix_tokens = min(prefix_tokens, len(kept[1].input_ids))
     fb, mb = shared_prefix_figures(model, tok, kept[0], prefix_tokens, new_tokens=new_tokens, progress=progress)
     del kept
     fc, mc = token_policy_figures(model, tok, policy_prompts, progress=progress)
@@ -331,10 +398,12 @@ def main() -> None:
     save_results(name, figures, head + md, args.out)
     a, b = figures["sparse_decode"], figures["shared_prefix"]
     print(md)
-    print(f"\nsparse decode x{a['speed']['speedup_wall']:.2f} tokens/s (wall), x{a['speed']['speedup_cpu']:.2f} (CPU) at "
-          f"{a['speed']['context_tokens']} tokens; Hydragen attention x{b['attention_speedup_vs_per_sequence']:.2f} vs per-sequence, "
-          f"x{b['attention_speedup_vs_transformers']:.2f} vs transformers SDPA; whole step x{b['step_speedup_vs_transformers']:.2f}; "
-          f"outputs match: {b['outputs_match']}")
+    print()
+    for label, sp in [("DynamicCache", a["speed"]["dynamic"]), ("StaticCache", a["speed"]["static"])] + [("random KV", x) for x in a["synthetic"]]:
+        print(f"sparse decode vs full, {label} at {sp['context_tokens']}: x{sp['speedup_cpu']:.2f} tokens/s (CPU time), "
+              f"x{sp['speedup_wall']:.2f} (wall), attention x{sp['attention_speedup']:.2f}")
+    print(f"Hydragen attention x{b['attention_speedup_vs_per_sequence']:.2f} vs per-sequence, x{b['attention_speedup_vs_transformers']:.2f} "
+          f"vs transformers SDPA; whole step x{b['step_speedup_vs_transformers']:.2f} vs transformers; outputs match: {b['outputs_match']}")
     print(f"done in {time.time() - t0:.0f} s")
 
 

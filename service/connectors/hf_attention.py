@@ -20,6 +20,7 @@ Three features, each usable on its own or through the transformers connector:
 from __future__ import annotations
 
 import contextlib
+import time
 import weakref
 from dataclasses import dataclass, field
 from typing import Any
@@ -38,6 +39,7 @@ class SparseDecodeStats:
     selected_tokens: int = 0  # tokens attended by the sparse calls, summed over sequences and KV heads
     context_tokens: int = 0  # tokens full attention would have read in those calls (same sums)
     state_builds: int = 0  # selector states built from the whole context (once per request and layer)
+    attention_seconds: float = 0.0  # wall time inside the decode attention function (selection included; on a GPU: launch time)
 
     @property
     def read_fraction(self) -> float:
@@ -109,9 +111,19 @@ class SparseDecode:
         kept = self._selector.num_sink + self._selector.num_recent
         if self.budget < kept:
             raise ValueError(f"budget must be at least num_sink + num_recent = {kept}, got {self.budget}")
-        self.stats = SparseDecodeStats()
+        self._stats = SparseDecodeStats()
+        self._selected = 0  # a tensor once decoding: summed without a device sync per step
         self.last_indices: dict[int, torch.Tensor] = {}
         self._states: dict[int, tuple[weakref.ref, dict[int, _LayerState]]] = {}
+
+    @property
+    def stats(self) -> SparseDecodeStats:
+        """Counters since construction (or ``reset_stats``)."""
+        self._stats.selected_tokens = int(self._selected)
+        return self._stats
+
+    def reset_stats(self) -> None:
+        self._stats, self._selected = SparseDecodeStats(), 0
 
     # -- the hook ------------------------------------------------------------------------------------
     def attach(self, model) -> contextlib.AbstractContextManager:
@@ -122,7 +134,7 @@ class SparseDecode:
         return bind(model, SPARSE_ATTENTION, self._attend, sdpa_mask=True, capture_cache=True)
 
     def reset(self) -> None:
-        """Forget every request's selector state."""
+        """Forget every request's selector state (the counters stay: ``reset_stats``)."""
         self._states.clear()
         self.last_indices.clear()
 
@@ -156,7 +168,9 @@ class SparseDecode:
         self._check_no_padding(attention_mask, T)
         from sparse_attn import sparse_decode
 
-        self.stats.decode_calls += 1
+        t0 = time.perf_counter()
+        stats = self._stats
+        stats.decode_calls += 1
         q = query[:, :, 0]  # [B, H_q, D]
         if T <= self.budget or layer < self.dense_layers:
             lengths = None if T == key.shape[2] else torch.full((B,), T, dtype=torch.int64, device=key.device)
@@ -165,18 +179,19 @@ class SparseDecode:
             k = key[:, :, :T]  # [B, H_kv, T, D] (a view)
             if st is None:
                 st = _LayerState(self._selector.prepare(k[:, :, : T - 1]), T - 1)
-                self.stats.state_builds += 1
+                stats.state_builds += 1
                 if states is not None:
                     states[layer] = st
             ids = self._selector.select(q, k, self.budget, st.selector_state)  # [B, H_kv, budget]
             o, _ = sparse_decode(q, key, value, ids, scale=scaling, check_indices=False)
-            self.stats.sparse_calls += 1
-            self.stats.selected_tokens += int((ids >= 0).sum())
-            self.stats.context_tokens += B * ids.shape[1] * T
+            stats.sparse_calls += 1
+            self._selected = self._selected + (ids >= 0).sum()
+            stats.context_tokens += B * ids.shape[1] * T
             if self.record:
                 self.last_indices[layer] = ids
         if st is not None:
             st.num_tokens = T
+        stats.attention_seconds += time.perf_counter() - t0
         return o.unsqueeze(1).to(query.dtype), None  # [B, 1, H_q, D]
 
     def _request_states(self, cache) -> dict[int, _LayerState] | None:
