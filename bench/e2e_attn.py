@@ -5,13 +5,15 @@ inside transformers (service/connectors/hf_attention.py).
 
 SmolLM2-135M-Instruct (bench/refmodel.py), CPU, one process, side by side:
 
-(a) **sparse decode**: pass-key prompts (completion style) are prefilled once with SDPA; from copies
-    of that cache the model decodes greedily with full attention and with ``SparseDecode(quest,
-    budget 512)``, the two alternated (full, sparse, full, sparse, ...) so both see the same load.
-    Decode tokens/s at the longest context (~6K) from the median run, wall time and process CPU
-    time (1 torch thread: CPU time is the work done, whatever else runs on the box); pass-key
-    accuracy of both on every prompt (the first answer token comes from the dense prefill, the
-    rest from sparse decode steps).
+(a) **sparse decode**: pass-key prompts (2K and 6K tokens, completion style) are prefilled once with
+    SDPA; from copies of that cache the model decodes greedily with full attention and with
+    ``SparseDecode(quest, budget 512)``: pass-key accuracy of both (the first answer token comes
+    from the dense prefill, the rest from decode steps). Decode speed on the 6K prompt, full and
+    sparse alternated (full, sparse, full, ...) so both see the same load, with transformers'
+    ``DynamicCache`` (which copies the whole cache at every step) and with a preallocated
+    ``StaticCache``; then over random caches of 16K and 32K tokens (speed only: the cost does not
+    depend on the values). Tokens/s of the median run from process CPU time (1 torch thread: the
+    work done, whatever else runs on the box) and wall time; wall time in the attention function.
 (b) **shared prefix**: 8 sequences share a 4K-token prefix (the first 4,096 tokens of the longest
     prompt, its KV taken from the prefill of (a): computed once), each with its own question of equal
     length. Decoded as one batch three ways: ``shared_prefix_generate`` with Hydragen
@@ -79,6 +81,16 @@ def copy_cache(cache, upto: int | None = None, batch: int = 1):
         k, v = lay.keys[:, :, :upto], lay.values[:, :, :upto]
         new.update(k.repeat(batch, 1, 1, 1), v.repeat(batch, 1, 1, 1), i)
     return new
+
+
+def dynamic_cache(layers_kv):
+    """A ``DynamicCache`` holding (copies of) ``layers_kv`` (per layer ``(k, v)`` ``[1, H_kv, T, D]``)."""
+    from transformers import DynamicCache
+
+    cache = DynamicCache()
+    for i, (k, v) in enumerate(layers_kv):
+        cache.update(k, v, i)
+    return cache
 
 
 def static_cache(model, layers_kv, extra: int):
@@ -183,8 +195,8 @@ def sparse_decode_figures(model, tok, prompts, *, budget: int = BUDGET, selector
                           keep_cache_of: int | None = None):
     """Pass-key accuracy of full vs sparse decode on every prompt; decode speed on the longest prompt
     (transformers' ``DynamicCache``, which copies the whole cache at every step, and a preallocated
-    ``StaticCache``); and decode speed over random caches of ``synthetic_contexts`` tokens (StaticCache:
-    speed only, attention cost does not depend on the values).
+    ``StaticCache``); and decode speed over random caches of ``synthetic_contexts`` tokens (speed only:
+    the cost of attention does not depend on the values).
 
     Returns ``(figures, markdown, kept)`` where ``kept`` is ``(cache, prompt)`` of prompt index
     ``keep_cache_of`` (its prefill, for the shared-prefix part), or ``None``."""
@@ -199,13 +211,14 @@ def sparse_decode_figures(model, tok, prompts, *, budget: int = BUDGET, selector
         answers = {}
         for name in ("full", "sparse"):
             hook = SparseDecode(selector=selector, budget=budget) if name == "sparse" else None
-            answers[name] = tok.decode(decode(model, copy_cache(cache), logits, T, answer_tokens, hook))
+            answers[name] = tok.decode(decode(model, dynamic_cache([(lay.keys, lay.values) for lay in cache.layers]), logits, T,
+                                              answer_tokens, hook))
             rows.append({"tokens": T, "depth": p.depth, "key": p.key, "attention": name, "answer": answers[name],
                          "correct": correct(answers[name], p.key)})
         progress(f"  (a) {T} tokens, depth {p.depth}: full {answers['full']!r}, sparse {answers['sparse']!r} (prefill {c.wall:.1f} s)")
         if i == longest:
             layers_kv = [(lay.keys, lay.values) for lay in cache.layers]
-            speed["dynamic"] = time_decode(model, lambda: copy_cache(cache), logits, T, steps=decode_tokens, repeats=repeats,
+            speed["dynamic"] = time_decode(model, lambda: dynamic_cache(layers_kv), logits, T, steps=decode_tokens, repeats=repeats,
                                            budget=budget, selector=selector)
             progress("  (a) " + _speed_line("DynamicCache", speed["dynamic"]))
             speed["static"] = time_decode(model, lambda: static_cache(model, layers_kv, decode_tokens + 1), logits, T,
@@ -222,10 +235,10 @@ def sparse_decode_figures(model, tok, prompts, *, budget: int = BUDGET, selector
         g = torch.Generator().manual_seed(T)
         layers_kv = [(torch.randn(1, d.num_key_value_heads, T, head_dim, generator=g),
                       torch.randn(1, d.num_key_value_heads, T, head_dim, generator=g)) for _ in range(d.num_hidden_layers)]
-        s = time_decode(model, lambda: static_cache(model, layers_kv, decode_tokens + 1), torch.zeros(d.vocab_size), T,
+        s = time_decode(model, lambda: dynamic_cache(layers_kv), torch.zeros(d.vocab_size), T,
                         steps=decode_tokens, repeats=max(1, repeats - 1), budget=budget, selector=selector)
         synthetic.append(s)
-        progress("  (a) " + _speed_line("StaticCache, random KV", s))
+        progress("  (a) " + _speed_line("DynamicCache, random KV", s))
         del layers_kv
     acc = {}
     for name in ("full", "sparse"):
@@ -240,12 +253,12 @@ def sparse_decode_figures(model, tok, prompts, *, budget: int = BUDGET, selector
                 f"{s['sparse_attention_ms_per_step']:.1f} (x{s['attention_speedup']:.2f})"]
 
     table = [row("DynamicCache (pass-key prompt)", speed["dynamic"]), row("StaticCache (pass-key prompt)", speed["static"])]
-    table += [row("StaticCache, random KV", s) for s in synthetic]
+    table += [row("DynamicCache, random KV", s) for s in synthetic]
     md = [f"**(a) Sparse decode**: `SparseDecode(selector={selector!r}, budget={budget})` vs full attention (SDPA); prefill dense.", "",
           f"Pass-key accuracy ({len(prompts)} prompts of {', '.join(map(str, lens))} tokens, {answer_tokens} tokens decoded): "
           f"full {acc['full']['correct']}/{acc['full']['total']}, sparse {acc['sparse']['correct']}/{acc['sparse']['total']}.", "",
           f"Decode speed ({decode_tokens} steps per run, median of alternated runs; tokens/s from process CPU time, 1 thread; "
-          "attention = time in the attention function, all 30 layers):", "",
+          "attention = wall time in the attention function, all 30 layers):", "",
           md_table(["cache", "context", "full tok/s", "sparse tok/s", "sparse (wall)", "full attention ms/step", "sparse attention ms/step"], table)]
     return figures, "\n".join(md), kept
 
@@ -361,7 +374,7 @@ def token_policy_figures(model, tok, prompts, *, ratio: float = 0.5, scorer: str
 def run_all(model, tok, *, quick: bool = False, progress=print):
     """(a), (b), (c) in one run: ``(figures, markdown)``."""
     if quick:
-        lengths, depths, decode_tokens, repeats, prefix_tokens, new_tokens = (1024,), (0.5,), 12, 2, 1024, 6
+        lengths, depths, decode_tokens, repeats, prefix_tokens, new_tokens = (1024,), (0.5,), 8, 2, 1024, 6
         synthetic = ()
         policy_prompts = [rm.passkey_prompt(tok, 384, 0.5, seed=77)]
     else:
