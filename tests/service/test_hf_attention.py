@@ -73,6 +73,19 @@ def test_sparse_decode_with_budget_covering_the_context_equals_full_attention(mo
     assert model.config._attn_implementation == "sdpa"  # restored on exit
 
 
+def test_sparse_decode_inside_model_generate(model):
+    ids = torch.tensor([prompt(200, seed=13), prompt(200, seed=14)])
+    kwargs = dict(max_new_tokens=8, do_sample=False, attention_mask=torch.ones_like(ids), pad_token_id=0, eos_token_id=None)
+    ref = model.generate(ids, **kwargs)
+    hook = SparseDecode(budget=256)
+    with hook.attach(model):
+        assert torch.equal(model.generate(ids, **kwargs), ref)
+    sparse = SparseDecode(budget=64)
+    with sparse.attach(model):
+        model.generate(ids, **kwargs)
+    assert sparse.stats.sparse_calls == 7 * 2 and sparse.stats.state_builds == 2  # one request, two layers
+
+
 @pytest.mark.parametrize("selector", ["quest", "topk_exact"])
 def test_sparse_decode_output_is_full_attention_over_the_selected_tokens(model, selector):
     B, H_q, H_kv, T, D, budget = 2, 4, 2, 150, 16, 48
