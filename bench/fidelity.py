@@ -59,7 +59,6 @@ SCORERS = {  # kvtier scorer -> kvpress press class name
     "pyramidkv": "PyramidKVPress",
 }
 SINKS, WINDOW = 4, 64
-ATTN_NAME = "kvtier_evicting"
 
 
 # -- capture one uncompressed prefill ------------------------------------------------------------
@@ -124,56 +123,13 @@ class Captured:
 
 
 # -- running the question + answer ---------------------------------------------------------------
-_ATTENTION = None
-
-
-def _register_attention():
-    """Register kvtier's attention function once (kvpress wraps the registered functions when it is
-    imported, so a second registration would leave its wrapper calling a stale function)."""
-    global _ATTENTION
-    if _ATTENTION is not None:
-        return _ATTENTION
-    from transformers import AttentionInterface
-
-    def attention(module, query, key, value, attention_mask, *args, **kwargs):  # kvpress passes dropout positionally
-        kv = attention.current  # the EvictingKV of the sequence being decoded
-        o = kv.step(module.layer_idx, query[0], key[0], value[0])  # [H_q, n, D]
-        return o.transpose(0, 1).unsqueeze(0), None  # [1, n, H_q, D]
-
-    attention.current = None
-    _ATTENTION = attention
-    AttentionInterface.register(ATTN_NAME, attention)
-    try:
-        from transformers import AttentionMaskInterface
-        from transformers.masking_utils import sdpa_mask
-
-        AttentionMaskInterface.register(ATTN_NAME, sdpa_mask)
-    except ImportError:  # older transformers: masks are built for any implementation
-        pass
-    return attention
-
-
-@torch.inference_mode()
-def answer_with_kv(model, tok, kv, question_ids: list[int], start: int, attention, max_new_tokens: int = 8) -> str:
+# The model runs through an EvictingKV with the connector's pieces (service.connectors.hf_tokens):
+# a registered attention function that calls EvictingKV.step, explicit position ids, no HF cache.
+def answer_with_kv(model, tok, kv, question_ids: list[int], start: int, max_new_tokens: int = 8) -> str:
     """Question then greedy answer, attention through ``kv`` (an EvictingKV)."""
-    previous = model.config._attn_implementation
-    model.set_attn_implementation(ATTN_NAME)
-    attention.current = kv
-    try:
-        ids = torch.tensor(question_ids).view(1, -1)
-        pos = start
-        out = []
-        for _ in range(max_new_tokens + 1):
-            n = ids.shape[1]
-            logits = model(input_ids=ids, position_ids=torch.arange(pos, pos + n).view(1, n), use_cache=False, logits_to_keep=1).logits
-            pos += n
-            nxt = int(logits[0, -1].argmax())
-            out.append(nxt)
-            ids = torch.tensor([[nxt]])
-        return tok.decode(out[:max_new_tokens])
-    finally:
-        attention.current = None
-        model.set_attn_implementation(previous)
+    from service.connectors.hf_tokens import greedy_evicting
+
+    return tok.decode(greedy_evicting(model, kv, question_ids, start, max_new_tokens))
 
 
 @torch.inference_mode()
@@ -203,19 +159,17 @@ VARIANTS = {"adakv": ("snapkv", {"head_budgets": "adaptive"}), "duo": ("snapkv",
 
 @torch.inference_mode()
 def make_kv(model, cap: Captured, *, scorer: str | None, ratio: float, mode: str, recall_budget: int, profile=None):
-    from eviction.tokens import Compressor, EvictingKV
+    from eviction.tokens import Compressor
     from retrieval import get_selector
+    from service.connectors.hf_tokens import make_evicting_kv
 
-    cfg = model.config
-    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
     options = {}
     if scorer in VARIANTS:
         options = dict(VARIANTS[scorer][1], **({"head_profile": profile} if scorer == "duo" else {}))
         scorer = VARIANTS[scorer][0]
     comp = Compressor(scorer or "streaming_llm", ratio=ratio if scorer else 0.0, sink_tokens=SINKS, window_tokens=WINDOW, **options)
-    kv = EvictingKV(comp, num_layers=cfg.num_hidden_layers, num_q_heads=cfg.num_attention_heads, num_kv_heads=cfg.num_key_value_heads,
-                    head_dim=head_dim, mode=mode, observation_window=WINDOW,
-                    recall=get_selector("quest", num_sink=0, num_recent=0) if mode == "demote" else None, recall_budget=recall_budget)
+    kv = make_evicting_kv(model, comp, mode=mode, observation_window=WINDOW, recall_budget=recall_budget,
+                          recall=get_selector("quest", num_sink=0, num_recent=0) if mode == "demote" else None)
     for i, lay in enumerate(cap.layers):
         kv.append(i, lay["keys"][0], lay["values"][0], cap.window_queries(model, i, WINDOW))
     if scorer:
@@ -264,7 +218,6 @@ def measure_head_profile(model, tok, retrieval_fraction: float, num_tokens: int 
 
 
 def run_passkey(model, tok, prompts, ratios, methods, recall_budget, progress, profile=None, checkpoint=None) -> list[dict]:
-    attention = _register_attention()
     rows = []
     for num_done, p in enumerate(prompts):
         if checkpoint is not None and num_done:
@@ -273,7 +226,7 @@ def run_passkey(model, tok, prompts, ratios, methods, recall_budget, progress, p
         cap = Captured(model, torch.tensor(ctx))
         T = cap.num_tokens
         full = answer_with_kv(model, tok, make_kv(model, cap, scorer=None, ratio=0.0, mode="drop", recall_budget=recall_budget),
-                              question, T, attention)
+                              question, T)
         rows.append({"method": "full", "ratio": 0.0, "tokens": T, "depth": p.depth, "key": p.key, "answer": full, "correct": correct(full, p.key)})
         progress(rows[-1])
         for ratio in ratios:
@@ -283,7 +236,7 @@ def run_passkey(model, tok, prompts, ratios, methods, recall_budget, progress, p
                     ans = answer_with_cache(model, tok, kvpress_cache(model, cap, SCORERS[name], ratio), question, T)
                 else:
                     kv = make_kv(model, cap, scorer=name, ratio=ratio, mode=family.split("-")[1], recall_budget=recall_budget, profile=profile)
-                    ans = answer_with_kv(model, tok, kv, question, T, attention)
+                    ans = answer_with_kv(model, tok, kv, question, T)
                 rows.append({"method": method, "ratio": ratio, "tokens": T, "depth": p.depth, "key": p.key, "answer": ans,
                              "correct": correct(ans, p.key)})
                 progress(rows[-1])
@@ -294,36 +247,27 @@ def run_passkey(model, tok, prompts, ratios, methods, recall_budget, progress, p
 @torch.inference_mode()
 def run_perplexity(model, tok, num_tokens: int, ratios, scorer: str, recall_budget: int, progress) -> list[dict]:
     """Held-out text in chunks of 256, kvtier evicting between chunks; NLL of every token."""
-    from eviction.tokens import Compressor, EvictingKV
+    from eviction.tokens import Compressor
     from retrieval import get_selector
+    from service.connectors.hf_tokens import evicting_attention, forward_evicting, make_evicting_kv
 
-    attention = _register_attention()
     ids = torch.tensor(rm.heldout_ids(tok, num_tokens))
     cfg = model.config
-    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
     rows = []
     for ratio, mode in [(0.0, "full")] + [(r, m) for r in ratios for m in ("drop", "demote")]:
         budget = num_tokens - math.floor(num_tokens * ratio)
         comp = Compressor(scorer, budget=budget, sink_tokens=SINKS, window_tokens=WINDOW)
-        kv = EvictingKV(comp, num_layers=cfg.num_hidden_layers, num_q_heads=cfg.num_attention_heads, num_kv_heads=cfg.num_key_value_heads,
-                        head_dim=head_dim, mode="demote" if mode == "demote" else "drop", observation_window=WINDOW,
-                        trigger_tokens=None if mode == "full" else budget,
-                        recall=get_selector("quest", num_sink=0, num_recent=0) if mode == "demote" else None, recall_budget=recall_budget)
-        previous = model.config._attn_implementation
-        model.set_attn_implementation(ATTN_NAME)
-        attention.current = kv
+        kv = make_evicting_kv(model, comp, mode="demote" if mode == "demote" else "drop", observation_window=WINDOW,
+                              trigger_tokens=None if mode == "full" else budget, recall_budget=recall_budget,
+                              recall=get_selector("quest", num_sink=0, num_recent=0) if mode == "demote" else None)
         nll = []
-        try:
+        with evicting_attention(model, kv):
             for a in range(0, num_tokens, 256):
                 chunk = ids[a : a + 256]
-                n = chunk.numel()
-                logits = model(input_ids=chunk.view(1, n), position_ids=torch.arange(a, a + n).view(1, n), use_cache=False).logits[0].float()
-                targets = ids[a + 1 : a + 1 + n]
+                logits = forward_evicting(model, chunk, a, all_logits=True)
+                targets = ids[a + 1 : a + 1 + chunk.numel()]
                 logp = torch.log_softmax(logits[: targets.numel()].double(), -1)
                 nll.append(-logp.gather(1, targets.view(-1, 1)).view(-1))
-        finally:
-            attention.current = None
-            model.set_attn_implementation(previous)
         ppl = float(torch.exp(torch.cat(nll).mean()))
         rows.append({"mode": mode, "ratio": ratio, "scorer": scorer, "tokens": num_tokens, "perplexity": ppl,
                      "max_fast_tokens": max(max(kv.fast_tokens(i)) for i in range(cfg.num_hidden_layers))})

@@ -290,18 +290,30 @@ class Quest(SelectorBase):
         B, H_q, H_kv, T, D = check_qk(q, k)
         P = self.page_tokens
         state = self.prepare(k) if state is None else self._extend(state, k)
-        kmin, kmax = state.kmin, state.kmax
-        if state.num_tokens < T:  # the trailing partial page
+        q4 = _group(q, H_kv)
+        scores = quest_scores(q4, state.kmin, state.kmax).amax(2)  # [B, H_kv, full pages]
+        if state.num_tokens < T:  # the trailing partial page, scored on its own (no copy of the full pages' bounds)
             tail = k[:, :, state.num_tokens :].float()
-            kmin = torch.cat([kmin, tail.amin(2, keepdim=True)], 2)
-            kmax = torch.cat([kmax, tail.amax(2, keepdim=True)], 2)
-        return quest_scores(_group(q, H_kv), kmin, kmax).amax(2)  # [B, H_kv, N_pages]
+            tail_score = quest_scores(q4, tail.amin(2, keepdim=True), tail.amax(2, keepdim=True)).amax(2)  # [B, H_kv, 1]
+            scores = torch.cat([scores, tail_score.expand(scores.shape[0], -1, -1)], 2)
+        return scores  # [B, H_kv, N_pages]
 
     def pick(self, q, k, budget, state, reserved):
         T = k.shape[2]
         scores = self.page_scores(q, k, state)  # [B, H_kv, Np]
         self.last_scanned = 2 * scores.shape[-1] / T
         return choose_pages(scores, reserved, self.page_tokens, self._num_free(budget, reserved))
+
+    def select(self, q, k, budget: int, state=None) -> torch.Tensor:
+        """As ``SelectorBase.select`` (same ids), computed per page: no ``[B, H_kv, T]`` mask is built,
+        so a decode step's cost is in the page scores, not in the length of the context."""
+        B, H_q, H_kv, T, D = check_qk(q, k)
+        self._check_budget(budget, T)
+        if T <= budget:
+            return super().select(q, k, budget, state)
+        scores = self.page_scores(q, k, state)  # [B, H_kv, Np]
+        self.last_scanned = 2 * scores.shape[-1] / T
+        return select_pages(scores, T, self.page_tokens, self.num_sink, self.num_recent, budget)
 
 
 def choose_pages(scores: torch.Tensor, reserved: torch.Tensor, page_tokens: int, num_free: int) -> torch.Tensor:
@@ -321,6 +333,37 @@ def choose_pages(scores: torch.Tensor, reserved: torch.Tensor, page_tokens: int,
     fits = (free_per_page[order].cumsum(-1) <= num_free) & torch.isfinite(scores.gather(-1, order))
     page_mask = torch.zeros_like(scores, dtype=torch.bool).scatter_(-1, order, fits)
     return page_mask.repeat_interleave(page_tokens, -1)[..., :T] & free_tok
+
+
+def select_pages(scores: torch.Tensor, T: int, page_tokens: int, num_sink: int, num_recent: int, budget: int) -> torch.Tensor:
+    """``choose_pages`` + ``compose`` without token-length masks: the sinks, the recent window and the
+    pages in descending ``scores [B, H, Np]`` while their free tokens fit, as ``[B, H, budget]`` ids
+    ascending then ``-1`` (the same ids, for ``T > budget``)."""
+    P = page_tokens
+    Np = scores.shape[-1]
+    device = scores.device
+    sink = min(num_sink, T)
+    recent = max(sink, T - num_recent) if num_recent else T  # tokens [recent, T) are the window
+    reserved = torch.cat([torch.arange(sink, device=device), torch.arange(recent, T, device=device)])  # ascending
+    num_free = budget - reserved.numel()
+    start = torch.arange(Np, device=device) * P
+    free_per_page = (torch.minimum(start + P, torch.full_like(start, recent)) - torch.clamp(start, min=sink)).clamp(min=0)  # [Np]
+    scores = scores.masked_fill(free_per_page == 0, float("-inf"))
+    order = torch.sort(scores, dim=-1, descending=True, stable=True).indices  # [B, H, Np]
+    # at most two chosen pages are partly reserved, so num_free // P + 2 pages bound the choice
+    width = min(Np, max(num_free, 0) // P + 2)
+    order = order[..., :width]
+    fits = (free_per_page[order].cumsum(-1) <= num_free) & torch.isfinite(scores.gather(-1, order))  # a prefix of the order
+    tok = order.unsqueeze(-1) * P + torch.arange(P, device=device)  # [B, H, width, P]
+    ok = fits.unsqueeze(-1) & (tok >= sink) & (tok < recent)
+    big = torch.iinfo(torch.int64).max
+    picked = torch.where(ok, tok, big).flatten(-2)  # [B, H, width * P]
+    ids = torch.cat([reserved.expand(*picked.shape[:-1], -1), picked], -1)
+    ids = torch.sort(ids, dim=-1).values[..., :budget]
+    ids = torch.where(ids == big, -1, ids)
+    if ids.shape[-1] < budget:
+        ids = torch.cat([ids, ids.new_full((*ids.shape[:-1], budget - ids.shape[-1]), -1)], -1)
+    return ids
 
 
 # ----------------------------------------------------------------------------- ANN

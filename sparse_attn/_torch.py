@@ -55,6 +55,9 @@ def chunked_states(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Fold ``attend_chunk`` over key positions ``[0, num_keys)`` in chunks; ``gather(lo, hi)``
     returns float32 ``(k, v, valid)`` for positions ``[lo, hi)``."""
+    if 0 < num_keys <= chunk:  # one chunk: its state is the result (folding it into the empty state changes nothing)
+        k, v, valid = gather(0, num_keys)
+        return attend_chunk(q, k, v, valid, scale)
 
     def states():
         for lo in range(0, num_keys, chunk):

@@ -6,7 +6,12 @@
   ``ServiceBackend`` (a running service through the REST SDK), behind the ``KVBackend`` protocol;
 - ``generate``: ``generate()``, one call that generates with any transformers causal LM through
   kvtier, with the two hooks of ``protocols`` (``AttentionHook`` for sparse decode,
-  ``TokenPolicy`` for token eviction);
+  ``TokenPolicyRuntime`` for token eviction);
+- ``hf_attention``: ``SparseDecode`` (an ``AttentionHook``: decode attention over the tokens a
+  selector picks, through ``sparse_attn.sparse_decode``); ``hf_tokens``: ``TokenPolicy`` (a
+  ``TokenPolicyRuntime``: generation under a fast-tier token budget, ``drop`` or ``demote``);
+  ``hf_shared_prefix``: ``shared_prefix_generate`` (Hydragen batches); ``hf_dispatch``: the
+  registered transformers attention functions;
 - ``refmodel``: the reference model (SmolLM2-135M-Instruct), loaded offline;
 - ``demo``: ``kvtier demo``, a multi-turn session over one long document on the reference model;
 - ``vllm``: ``KVTierConnector``, a vLLM v1 KV-connector adapter (not yet run inside vLLM).

@@ -14,7 +14,7 @@ Two hooks, specified in ``service/connectors/protocols.py``:
 
 - ``attention=``: an ``AttentionHook``, any object with ``attach(model)`` returning a context
   manager; every forward call of the request runs inside it (sparse decode plugs in here);
-- ``policy=``: a ``TokenPolicy``, any object with ``generate(model, input_ids, *, max_new_tokens,
+- ``policy=``: a ``TokenPolicyRuntime`` (e.g. ``hf_tokens.TokenPolicy``), any object with ``generate(model, input_ids, *, max_new_tokens,
   prefix_kv, num_prefix_tokens) -> list[int]``. ``generate`` then loads the cached prefix, prefills
   and saves the prompt's remaining full blocks (except the block holding the last prompt token),
   and hands the policy that KV (per layer ``(k, v)`` ``[1, H_kv, T, D]``) to run the rest of the
@@ -33,7 +33,7 @@ import torch
 from kvstore import KVSpec
 
 from .hf_cache import CacheStats, KVTierCache, _token_list, model_spec
-from .protocols import AttentionHook, TokenPolicy
+from .protocols import AttentionHook, TokenPolicyRuntime
 
 
 @dataclass
@@ -132,7 +132,7 @@ def generate(
     stop_tokens: Sequence[int] | None = None,
     save: bool = True,
     attention: AttentionHook | None = None,
-    policy: TokenPolicy | None = None,
+    policy: TokenPolicyRuntime | None = None,
 ) -> GenerateResult:
     """Generate up to ``max_new_tokens`` tokens after a prompt, reusing and filling kvtier's cache.
 
@@ -149,7 +149,7 @@ def generate(
         stop_tokens: stop after any of these (default: the model's EOS ids; ``()``: never).
         save: write the request's new full blocks into kvtier (False: read only).
         attention: ``AttentionHook``; every forward call runs inside ``attention.attach(model)``.
-        policy: ``TokenPolicy`` that runs the request after the cached prefix is loaded.
+        policy: ``TokenPolicyRuntime`` that runs the request after the cached prefix is loaded.
     """
     ids = _prompt_ids(input_ids_or_text, tokenizer)
     if not isinstance(max_new_tokens, int) or isinstance(max_new_tokens, bool) or max_new_tokens < 1:

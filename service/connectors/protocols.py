@@ -8,7 +8,7 @@ calls them. They are structural (``typing.Protocol``): any object with the metho
   Inside it the object may route the model's attention wherever it likes, e.g. register a
   transformers attention function that runs kvtier's sparse decode for single-token queries and
   full attention otherwise. On exit the model must be as it was.
-- ``TokenPolicy``: runs a whole request itself. ``generate`` looks up the prompt's cached prefix,
+- ``TokenPolicyRuntime``: runs a whole request itself. ``generate`` looks up the prompt's cached prefix,
   loads it (and prefills and saves the uncached full blocks, so that the next request finds them),
   then hands the policy the prefix KV; the policy prefills the rest of the prompt under its own
   cache (evicting tokens as it likes) and returns the generated token ids.
@@ -30,7 +30,7 @@ class AttentionHook(Protocol):
 
 
 @runtime_checkable
-class TokenPolicy(Protocol):
+class TokenPolicyRuntime(Protocol):
     def generate(
         self,
         model,

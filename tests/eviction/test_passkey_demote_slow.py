@@ -25,16 +25,15 @@ def test_demote_at_half_ratio_answers_the_pass_key(harness):
     prompt = refmodel.passkey_prompt(tok, 1024, 0.5, seed=3)
     ctx, question = fidelity.split_prompt(tok, prompt)
     cap = fidelity.Captured(model, torch.tensor(ctx))
-    attention = fidelity._register_attention()
     kv = fidelity.make_kv(model, cap, scorer="snapkv", ratio=0.5, mode="demote", recall_budget=64)
     # half of the context is off the fast tier, in every layer and head, and nothing is lost
     for layer in (0, 29):
         for head in range(3):
             assert kv.fast_tokens(layer)[head] + kv.demoted_tokens(layer)[head] == cap.num_tokens
             assert kv.fast_tokens(layer)[head] == cap.num_tokens - cap.num_tokens // 2
-    answer = fidelity.answer_with_kv(model, tok, kv, question, cap.num_tokens, attention)
+    answer = fidelity.answer_with_kv(model, tok, kv, question, cap.num_tokens)
     assert fidelity.correct(answer, prompt.key), answer
     assert kv.stats.recalled_tokens > 0
     # and the uncompressed run through the same glue agrees with the model's own attention
     full = fidelity.make_kv(model, cap, scorer=None, ratio=0.0, mode="drop", recall_budget=64)
-    assert fidelity.answer_with_kv(model, tok, full, question, cap.num_tokens, attention).strip().startswith(prompt.key)
+    assert fidelity.answer_with_kv(model, tok, full, question, cap.num_tokens).strip().startswith(prompt.key)

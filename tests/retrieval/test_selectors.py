@@ -76,6 +76,30 @@ def test_quest_takes_the_page_of_a_planted_key_and_matches_brute_force_pages():
     assert set(ids[ids >= 0].tolist()) == kept | chosen
 
 
+@pytest.mark.parametrize("seed", range(40))
+def test_quest_select_per_page_equals_the_token_mask_path(seed):
+    """Quest.select works on pages (no [B, H_kv, T] masks); it returns exactly the ids of the generic
+    path (choose_pages over token masks, then compose), ties and partly reserved pages included."""
+    import random
+
+    from retrieval.selectors import SelectorBase
+
+    rnd = random.Random(seed)
+    T, P = rnd.randint(2, 700), rnd.choice([4, 8, 16])
+    ns, nr = rnd.choice([0, 1, 4, 7]), rnd.choice([0, 3, 32, 50])
+    budget = rnd.randint(max(1, ns + nr), max(ns + nr + 1, T + 5))
+    B, H_kv, G = rnd.choice([1, 2]), rnd.choice([1, 3]), rnd.choice([1, 3])
+    g = torch.Generator().manual_seed(seed)
+    q, k = torch.randn(B, H_kv * G, 8, generator=g), torch.randn(rnd.choice([1, B]), H_kv, T, 8, generator=g)
+    if seed % 3 == 0:
+        k = k.round()  # equal page scores: ties broken by page order in both paths
+    sel = get_selector("quest", num_sink=ns, num_recent=nr, page_tokens=P)
+    if T > budget and budget < ns + nr:
+        return
+    state = sel.prepare(k[:, :, : T // 2])  # a state that has to follow the sequence
+    assert torch.equal(sel.select(q, k, budget, state), SelectorBase.select(sel, q, k, budget, state))
+
+
 def test_choose_pages_checks_its_page_count():
     with pytest.raises(ValueError, match="pages"):
         choose_pages(torch.zeros(3), torch.zeros(100, dtype=torch.bool), 16, 10)

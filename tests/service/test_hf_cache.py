@@ -18,7 +18,7 @@ from kvstore import DiskTier, HostTier, KVSpec, Namespace, TierConfig, TieredSto
 from service.client import KVTierClient  # noqa: E402
 from service.connectors.generate import generate  # noqa: E402
 from service.connectors.hf_cache import CacheStats, KVTierCache, StoreBackend, model_spec  # noqa: E402
-from service.connectors.protocols import AttentionHook, TokenPolicy  # noqa: E402
+from service.connectors.protocols import AttentionHook, TokenPolicyRuntime  # noqa: E402
 
 BT = 16
 SPEC32 = KVSpec("tiny-llama-test", num_layers=2, num_kv_heads=2, head_dim=16, dtype="float32", block_tokens=BT)
@@ -234,7 +234,7 @@ class RecordingAttention:
 
 
 class FullAttentionPolicy:
-    """A TokenPolicy that keeps every token: greedy decode on a DynamicCache seeded with the prefix."""
+    """A TokenPolicyRuntime that keeps every token: greedy decode on a DynamicCache seeded with the prefix."""
 
     def __init__(self) -> None:
         self.seen: list[tuple[int, list[tuple[int, ...]] | None]] = []
@@ -264,7 +264,7 @@ def test_attention_hook_wraps_every_forward_call(model, store):
 
 def test_policy_gets_the_cached_prefix_and_the_blocks_get_saved(model, store):
     policy = FullAttentionPolicy()
-    assert isinstance(policy, TokenPolicy)
+    assert isinstance(policy, TokenPolicyRuntime)
     ids = prompt(75, seed=13)
     base = generate(model, ids, max_new_tokens=6, stop_tokens=())
     r1 = generate(model, ids, store=store, spec=SPEC32, max_new_tokens=6, policy=policy)

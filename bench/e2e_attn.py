@@ -1,0 +1,424 @@
+"""End to end on the reference model: sparse decode, shared-prefix batches and token policies
+inside transformers (service/connectors/hf_attention.py).
+
+    python bench/e2e_attn.py [--quick] [--out FILE] [--threads N]
+
+SmolLM2-135M-Instruct (bench/refmodel.py), CPU, one process, side by side:
+
+(a) **sparse decode**: pass-key prompts (2K and 6K tokens, completion style) are prefilled once with
+    SDPA; from copies of that cache the model decodes greedily with full attention and with
+    ``SparseDecode(quest, budget 512)``: pass-key accuracy of both (the first answer token comes
+    from the dense prefill, the rest from decode steps). Decode speed on the 6K prompt, full and
+    sparse alternated (full, sparse, full, ...) so both see the same load, with transformers'
+    ``DynamicCache`` (which copies the whole cache at every step) and with a preallocated
+    ``StaticCache``; then over random caches of 16K and 32K tokens (speed only: the cost does not
+    depend on the values). Tokens/s of the median run from process CPU time (1 torch thread: the
+    work done, whatever else runs on the box) and wall time; wall time in the attention function.
+(b) **shared prefix**: 8 sequences share a 4K-token prefix (the first 4,096 tokens of the longest
+    prompt, its KV taken from the prefill of (a): computed once), each with its own question of equal
+    length. Decoded as one batch three ways: ``shared_prefix_generate`` with Hydragen
+    (``shared_prefix_decode``: the prefix read once per batch), the same harness with the prefix
+    copied into each sequence's cache (``per_sequence``: ``sparse_decode`` over every token), and
+    transformers' own batch decode (SDPA over a batch ``DynamicCache`` holding 8 copies of the
+    prefix). Time in the attention function alone and per whole decode step; the outputs must match.
+(c) **token policy**: ``TokenPolicy(snapkv, ratio 0.5)`` in ``drop`` and ``demote`` mode vs no
+    eviction (``ratio 0``), pass-key accuracy on a couple of small prompts (chunked prefill with
+    eviction between chunks, the question in the last chunk).
+
+The functions ``sparse_decode_figures``, ``shared_prefix_figures``, ``token_policy_figures`` and
+``run_all`` are what ``bench/e2e.py`` calls; each returns figures (JSON-ready) and a Markdown part.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import sys
+import time
+
+_HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path[:] = [os.path.dirname(_HERE)] + [p for p in sys.path if os.path.abspath(p or ".") != _HERE]
+from bench.common import md_table, save_results  # noqa: E402
+
+import torch  # noqa: E402
+
+import bench.refmodel as rm  # noqa: E402
+
+BUDGET = 512
+SELECTOR = "quest"
+
+
+# -- helpers ------------------------------------------------------------------------------------------
+class Clock:
+    """Wall and process CPU time of a block."""
+
+    def __enter__(self):
+        self.w0, self.c0 = time.perf_counter(), time.process_time()
+        return self
+
+    def __exit__(self, *exc):
+        self.wall = time.perf_counter() - self.w0
+        self.cpu = time.process_time() - self.c0
+
+
+@torch.inference_mode()
+def prefill_cache(model, ids):
+    """One SDPA prefill: ``(DynamicCache, last logits [V])``."""
+    from transformers import DynamicCache
+
+    cache = DynamicCache(config=model.config)
+    out = model(input_ids=torch.tensor([list(ids)]), past_key_values=cache, use_cache=True, logits_to_keep=1)
+    return cache, out.logits[0, -1].float()
+
+
+def copy_cache(cache, upto: int | None = None, batch: int = 1):
+    """A fresh ``DynamicCache`` holding (the first ``upto`` tokens of) ``cache``, repeated ``batch`` times."""
+    from transformers import DynamicCache
+
+    new = DynamicCache()
+    for i, lay in enumerate(cache.layers):
+        k, v = lay.keys[:, :, :upto], lay.values[:, :, :upto]
+        new.update(k.repeat(batch, 1, 1, 1), v.repeat(batch, 1, 1, 1), i)
+    return new
+
+
+def dynamic_cache(layers_kv):
+    """A ``DynamicCache`` holding (copies of) ``layers_kv`` (per layer ``(k, v)`` ``[1, H_kv, T, D]``)."""
+    from transformers import DynamicCache
+
+    cache = DynamicCache()
+    for i, (k, v) in enumerate(layers_kv):
+        cache.update(k, v, i)
+    return cache
+
+
+def static_cache(model, layers_kv, extra: int):
+    """A ``StaticCache`` (preallocated, written in place) holding ``layers_kv`` (per layer ``(k, v)``
+    ``[1, H_kv, T, D]``) with room for ``extra`` more tokens."""
+    from transformers import StaticCache
+
+    T = layers_kv[0][0].shape[2]
+    cache = StaticCache(config=model.config, max_cache_len=T + extra)
+    for i, (k, v) in enumerate(layers_kv):
+        cache.update(k, v, i, {"cache_position": torch.arange(T)})
+    return cache
+
+
+class TimedSDPA:
+    """Full attention through transformers' own SDPA function, timed: the baseline as an AttentionHook."""
+
+    def __init__(self) -> None:
+        self.seconds = 0.0
+
+    def attach(self, model):
+        from service.connectors.hf_dispatch import bind
+
+        return bind(model, "kvtier_bench_timed_sdpa", self._attend, sdpa_mask=True)
+
+    def _attend(self, module, query, key, value, attention_mask, **kwargs):
+        from service.connectors.hf_dispatch import sdpa
+
+        t0 = time.perf_counter()
+        out = sdpa(module, query, key, value, attention_mask, **kwargs)
+        self.seconds += time.perf_counter() - t0
+        return out
+
+
+@torch.inference_mode()
+def decode(model, cache, logits, position: int, num_tokens: int, hook=None) -> list[int]:
+    """Greedy ``num_tokens`` from a prefilled ``cache`` (its last ``logits``), through ``hook`` if any."""
+    import contextlib
+
+    out = []
+    nxt = int(logits.argmax())
+    with hook.attach(model) if hook is not None else contextlib.nullcontext():
+        for i in range(num_tokens):
+            out.append(nxt)
+            if i + 1 == num_tokens:
+                break
+            lg = model(input_ids=torch.tensor([[nxt]]), past_key_values=cache, use_cache=True,
+                       cache_position=torch.tensor([position]), logits_to_keep=1).logits
+            position += 1
+            nxt = int(lg[0, -1].argmax())
+    return out
+
+
+def correct(answer: str, key: str) -> bool:
+    m = re.search(r"\d+", answer)
+    return m is not None and m.group() == key
+
+
+def _median(xs: list[float]) -> float:
+    xs = sorted(xs)
+    return xs[len(xs) // 2]
+
+
+# -- (a) sparse decode ----------------------------------------------------------------------------------
+def time_decode(model, make_cache, logits, position: int, *, steps: int, repeats: int, budget: int, selector: str) -> dict:
+    """Full vs sparse decode from fresh caches (``make_cache()``), alternated, ``repeats`` times each:
+    median tokens/s (wall and process CPU time) and attention ms per step (all layers)."""
+    from service.connectors.hf_attention import SparseDecode
+
+    runs = {"full": [], "sparse": []}
+    read = None
+    for _ in range(repeats):
+        for name in ("full", "sparse"):
+            hook = TimedSDPA() if name == "full" else SparseDecode(selector=selector, budget=budget)
+            cache = make_cache()
+            with Clock() as clk:
+                decode(model, cache, logits, position, steps + 1, hook)  # steps forwards (the first token is given)
+            del cache
+            att = hook.seconds if name == "full" else hook.stats.attention_seconds
+            runs[name].append({"wall": clk.wall, "cpu": clk.cpu, "attention": att})
+            if name == "sparse":
+                read = hook.stats.read_fraction
+    out = {"context_tokens": position, "decode_steps": steps, "repeats": repeats, "sparse_read_fraction": read, "runs": runs}
+    for name in ("full", "sparse"):
+        out[f"{name}_tokens_per_s_wall"] = _median([steps / r["wall"] for r in runs[name]])
+        out[f"{name}_tokens_per_s_cpu"] = _median([steps / r["cpu"] for r in runs[name]])
+        out[f"{name}_attention_ms_per_step"] = 1e3 * _median([r["attention"] / steps for r in runs[name]])
+    out["speedup_wall"] = out["sparse_tokens_per_s_wall"] / out["full_tokens_per_s_wall"]
+    out["speedup_cpu"] = out["sparse_tokens_per_s_cpu"] / out["full_tokens_per_s_cpu"]
+    out["attention_speedup"] = out["full_attention_ms_per_step"] / out["sparse_attention_ms_per_step"]
+    return out
+
+
+def _speed_line(label: str, s: dict) -> str:
+    return (f"{label} at {s['context_tokens']}: full {s['full_tokens_per_s_cpu']:.1f} tok/s, sparse {s['sparse_tokens_per_s_cpu']:.1f} tok/s "
+            f"(x{s['speedup_cpu']:.2f} CPU time, x{s['speedup_wall']:.2f} wall); attention {s['full_attention_ms_per_step']:.1f} vs "
+            f"{s['sparse_attention_ms_per_step']:.1f} ms/step (x{s['attention_speedup']:.2f}); sparse reads {s['sparse_read_fraction']:.3f}")
+
+
+def sparse_decode_figures(model, tok, prompts, *, budget: int = BUDGET, selector: str = SELECTOR, decode_tokens: int = 32,
+                          repeats: int = 3, answer_tokens: int = 8, synthetic_contexts=(), progress=print,
+                          keep_cache_of: int | None = None):
+    """Pass-key accuracy of full vs sparse decode on every prompt; decode speed on the longest prompt
+    (transformers' ``DynamicCache``, which copies the whole cache at every step, and a preallocated
+    ``StaticCache``); and decode speed over random caches of ``synthetic_contexts`` tokens (speed only:
+    the cost of attention does not depend on the values).
+
+    Returns ``(figures, markdown, kept)`` where ``kept`` is ``(cache, prompt)`` of prompt index
+    ``keep_cache_of`` (its prefill, for the shared-prefix part), or ``None``."""
+    from service.connectors.hf_attention import SparseDecode
+
+    longest = max(range(len(prompts)), key=lambda i: len(prompts[i].input_ids))
+    rows, speed, kept = [], {}, None
+    for i, p in enumerate(prompts):
+        T = len(p.input_ids)
+        with Clock() as c:
+            cache, logits = prefill_cache(model, p.input_ids)
+        answers = {}
+        for name in ("full", "sparse"):
+            hook = SparseDecode(selector=selector, budget=budget) if name == "sparse" else None
+            answers[name] = tok.decode(decode(model, dynamic_cache([(lay.keys, lay.values) for lay in cache.layers]), logits, T,
+                                              answer_tokens, hook))
+            rows.append({"tokens": T, "depth": p.depth, "key": p.key, "attention": name, "answer": answers[name],
+                         "correct": correct(answers[name], p.key)})
+        progress(f"  (a) {T} tokens, depth {p.depth}: full {answers['full']!r}, sparse {answers['sparse']!r} (prefill {c.wall:.1f} s)")
+        if i == longest:
+            layers_kv = [(lay.keys, lay.values) for lay in cache.layers]
+            speed["dynamic"] = time_decode(model, lambda: dynamic_cache(layers_kv), logits, T, steps=decode_tokens, repeats=repeats,
+                                           budget=budget, selector=selector)
+            progress("  (a) " + _speed_line("DynamicCache", speed["dynamic"]))
+            speed["static"] = time_decode(model, lambda: static_cache(model, layers_kv, decode_tokens + 1), logits, T,
+                                          steps=decode_tokens, repeats=repeats, budget=budget, selector=selector)
+            progress("  (a) " + _speed_line("StaticCache", speed["static"]))
+            del layers_kv
+        if keep_cache_of == i:
+            kept = (cache, p)
+        del cache
+    d = model.config
+    head_dim = getattr(d, "head_dim", None) or d.hidden_size // d.num_attention_heads
+    synthetic = []
+    for T in synthetic_contexts:
+        g = torch.Generator().manual_seed(T)
+        layers_kv = [(torch.randn(1, d.num_key_value_heads, T, head_dim, generator=g),
+                      torch.randn(1, d.num_key_value_heads, T, head_dim, generator=g)) for _ in range(d.num_hidden_layers)]
+        s = time_decode(model, lambda: dynamic_cache(layers_kv), torch.zeros(d.vocab_size), T,
+                        steps=decode_tokens, repeats=max(1, repeats - 1), budget=budget, selector=selector)
+        synthetic.append(s)
+        progress("  (a) " + _speed_line("DynamicCache, random KV", s))
+        del layers_kv
+    acc = {}
+    for name in ("full", "sparse"):
+        sel = [r for r in rows if r["attention"] == name]
+        acc[name] = {"correct": sum(r["correct"] for r in sel), "total": len(sel)}
+    figures = {"selector": selector, "budget": budget, "accuracy": acc, "runs": rows, "speed": speed, "synthetic": synthetic}
+    lens = sorted({r["tokens"] for r in rows})
+
+    def row(label, s):
+        return [label, s["context_tokens"], f"{s['full_tokens_per_s_cpu']:.1f}", f"{s['sparse_tokens_per_s_cpu']:.1f} (x{s['speedup_cpu']:.2f})",
+                f"x{s['speedup_wall']:.2f}", f"{s['full_attention_ms_per_step']:.1f}",
+                f"{s['sparse_attention_ms_per_step']:.1f} (x{s['attention_speedup']:.2f})"]
+
+    table = [row("DynamicCache (pass-key prompt)", speed["dynamic"]), row("StaticCache (pass-key prompt)", speed["static"])]
+    table += [row("DynamicCache, random KV", s) for s in synthetic]
+    md = [f"**(a) Sparse decode**: `SparseDecode(selector={selector!r}, budget={budget})` vs full attention (SDPA); prefill dense.", "",
+          f"Pass-key accuracy ({len(prompts)} prompts of {', '.join(map(str, lens))} tokens, {answer_tokens} tokens decoded): "
+          f"full {acc['full']['correct']}/{acc['full']['total']}, sparse {acc['sparse']['correct']}/{acc['sparse']['total']}.", "",
+          f"Decode speed ({decode_tokens} steps per run, median of alternated runs; tokens/s from process CPU time, 1 thread; "
+          "attention = wall time in the attention function, all 30 layers):", "",
+          md_table(["cache", "context", "full tok/s", "sparse tok/s", "sparse (wall)", "full attention ms/step", "sparse attention ms/step"], table)]
+    return figures, "\n".join(md), kept
+
+
+# -- (b) shared prefix ----------------------------------------------------------------------------------
+def questions(tok, batch: int) -> list[list[int]]:
+    """``batch`` suffixes of equal token length (a transformers batch needs no padding then)."""
+    texts = [f"\n\nReader {i + 1} asks: what is the pass key? The pass key is" for i in range(batch)]
+    ids = [tok(t, add_special_tokens=False).input_ids for t in texts]
+    n = min(map(len, ids))
+    return [x[:n] for x in ids]
+
+
+def shared_prefix_figures(model, tok, prefix_cache, prefix_tokens: int, *, batch: int = 8, new_tokens: int = 16, progress=print):
+    """Batch decode over a shared prefix: Hydragen vs per-sequence copies vs transformers' batch SDPA."""
+    from service.connectors.hf_shared_prefix import SharedPrefixStats, shared_prefix_generate
+
+    prefix_kv = [(lay.keys[:, :, :prefix_tokens], lay.values[:, :, :prefix_tokens]) for lay in prefix_cache.layers]
+    suffixes = questions(tok, batch)
+    prefix_ids = [0] * prefix_tokens  # only its length is used: the KV is given
+    results = {}
+    for name in ("shared", "per_sequence"):
+        st = SharedPrefixStats()
+        with Clock() as clk:
+            out = shared_prefix_generate(model, prefix_ids, suffixes, max_new_tokens=new_tokens, prefix_kv=prefix_kv, attention=name, stats=st)
+        results[name] = {"tokens": out, "decode_step_s": st.decode_seconds / st.decode_steps,
+                         "attention_per_step_s": st.decode_attention_seconds / st.decode_steps, "suffix_prefill_s": st.suffix_seconds,
+                         "total_s": clk.wall}
+        progress(f"  (b) {name}: {1e3 * results[name]['decode_step_s']:.1f} ms per decode step, "
+                 f"{1e3 * results[name]['attention_per_step_s']:.1f} ms in attention")
+    # transformers' own batch decode over a batch cache that holds the prefix once per sequence
+    n = len(suffixes[0])
+    cache = copy_cache(prefix_cache, prefix_tokens, batch)
+    timed = TimedSDPA()
+
+    toks = [[] for _ in range(batch)]
+    with torch.inference_mode(), timed.attach(model):
+        lg = model(input_ids=torch.tensor(suffixes), past_key_values=cache, use_cache=True,
+                   cache_position=torch.arange(prefix_tokens, prefix_tokens + n), logits_to_keep=1).logits[:, -1]
+        pos = prefix_tokens + n
+        timed.seconds = 0.0
+        t0 = time.perf_counter()
+        for step in range(new_tokens):
+            nxt = lg.argmax(-1)
+            for b, t in enumerate(nxt.tolist()):
+                toks[b].append(t)
+            if step + 1 == new_tokens:
+                break
+            lg = model(input_ids=nxt.view(batch, 1), past_key_values=cache, use_cache=True,
+                       cache_position=torch.tensor([pos]), logits_to_keep=1).logits[:, -1]
+            pos += 1
+        steps = new_tokens - 1
+        results["transformers_sdpa"] = {"tokens": toks, "decode_step_s": (time.perf_counter() - t0) / steps,
+                                        "attention_per_step_s": timed.seconds / steps}
+    del cache
+    progress(f"  (b) transformers batch SDPA: {1e3 * results['transformers_sdpa']['decode_step_s']:.1f} ms per decode step, "
+             f"{1e3 * results['transformers_sdpa']['attention_per_step_s']:.1f} ms in attention")
+    ref = results["transformers_sdpa"]["tokens"]
+    for name in ("shared", "per_sequence"):
+        results[name]["sequences_matching_transformers"] = sum(a == b for a, b in zip(results[name]["tokens"], ref))
+    hyd = results["shared"]
+    figures = {"batch": batch, "prefix_tokens": prefix_tokens, "suffix_tokens": n, "new_tokens": new_tokens,
+               "attention_speedup_vs_per_sequence": results["per_sequence"]["attention_per_step_s"] / hyd["attention_per_step_s"],
+               "attention_speedup_vs_transformers": results["transformers_sdpa"]["attention_per_step_s"] / hyd["attention_per_step_s"],
+               "step_speedup_vs_per_sequence": results["per_sequence"]["decode_step_s"] / hyd["decode_step_s"],
+               "step_speedup_vs_transformers": results["transformers_sdpa"]["decode_step_s"] / hyd["decode_step_s"],
+               "outputs_match": all(results[k]["sequences_matching_transformers"] == batch for k in ("shared", "per_sequence")),
+               "results": results}
+    label = {"shared": "Hydragen (`shared_prefix_decode`)", "per_sequence": "per-sequence copies (`sparse_decode`, all tokens)",
+             "transformers_sdpa": "transformers batch cache (SDPA)"}
+    rows = []
+    for k in ("shared", "per_sequence", "transformers_sdpa"):
+        r = results[k]
+        match = "reference" if k == "transformers_sdpa" else f"{r['sequences_matching_transformers']}/{batch}"
+        rows.append([label[k], f"{1e3 * r['attention_per_step_s']:.1f} (x{r['attention_per_step_s'] / hyd['attention_per_step_s']:.2f})",
+                     f"{1e3 * r['decode_step_s']:.1f} (x{r['decode_step_s'] / hyd['decode_step_s']:.2f})", match])
+    md = [f"**(b) Shared prefix**: batch of {batch}, shared prefix {prefix_tokens} tokens, own suffix {n} tokens each, "
+          f"{new_tokens} tokens generated (per decode step of the whole batch, all 30 layers; x = time / Hydragen's):", "",
+          md_table(["decode attention", "attention ms/step", "whole step ms", "outputs equal to transformers'"], rows)]
+    return figures, "\n".join(md)
+
+
+# -- (c) token policy -----------------------------------------------------------------------------------
+def token_policy_figures(model, tok, prompts, *, ratio: float = 0.5, scorer: str = "snapkv", answer_tokens: int = 8, progress=print):
+    """Pass-key accuracy with TokenPolicy drop / demote at ``ratio`` vs no eviction."""
+    from service.connectors.hf_tokens import TokenPolicy
+
+    rows = []
+    for p in prompts:
+        for name, policy in (("none", TokenPolicy(scorer=scorer, ratio=0.0)),
+                             ("drop", TokenPolicy(scorer=scorer, ratio=ratio, mode="drop")),
+                             ("demote", TokenPolicy(scorer=scorer, ratio=ratio, mode="demote"))):
+            with Clock() as clk:
+                toks = policy.generate(model, list(p.input_ids), max_new_tokens=answer_tokens)
+            ans = tok.decode(toks)
+            kv = policy.last_kv
+            rows.append({"tokens": len(p.input_ids), "depth": p.depth, "key": p.key, "mode": name, "answer": ans,
+                         "correct": correct(ans, p.key), "seconds": clk.wall, "evicted": kv.stats.evicted_tokens,
+                         "recalled": kv.stats.recalled_tokens, "max_fast_tokens": max(max(kv.fast_tokens(i)) for i in range(kv.num_layers))})
+            progress(f"  (c) {len(p.input_ids)} tokens, depth {p.depth}, {name}: {ans!r} ({clk.wall:.1f} s)")
+    acc = {m: {"correct": sum(r["correct"] for r in rows if r["mode"] == m), "total": sum(r["mode"] == m for r in rows)}
+           for m in ("none", "drop", "demote")}
+    table = [[m if m == "none" else f"{m}, ratio {ratio}", f"{acc[m]['correct']}/{acc[m]['total']}",
+              max(r["max_fast_tokens"] for r in rows if r["mode"] == m)] for m in ("none", "drop", "demote")]
+    lens = sorted({r["tokens"] for r in rows})
+    md = [f"**(c) Token policy** (`TokenPolicy({scorer!r}, ratio={ratio})`, chunks of 256 with eviction between them, demote "
+          f"recall 256 tokens per KV head and query through Quest), prompts of {', '.join(map(str, lens))} tokens:", "",
+          md_table(["eviction", "pass-key correct", "max fast-tier tokens per head"], table)]
+    return {"scorer": scorer, "ratio": ratio, "accuracy": acc, "runs": rows}, "\n".join(md)
+
+
+# -- everything -----------------------------------------------------------------------------------------
+def run_all(model, tok, *, quick: bool = False, progress=print):
+    """(a), (b), (c) in one run: ``(figures, markdown)``."""
+    if quick:
+        lengths, depths, decode_tokens, repeats, prefix_tokens, new_tokens = (1024,), (0.5,), 8, 2, 1024, 6
+        synthetic = ()
+        policy_prompts = [rm.passkey_prompt(tok, 384, 0.5, seed=77)]
+    else:
+        lengths, depths, decode_tokens, repeats, prefix_tokens, new_tokens = (2048, 6144), (0.25, 0.75), 32, 3, 4096, 16
+        synthetic = (16384, 32768)
+        policy_prompts = [rm.passkey_prompt(tok, 1024, d, seed=70 + i) for i, d in enumerate((0.3, 0.7))]
+    prompts = rm.passkey_suite(tok, lengths=lengths, depths=depths, num_keys=1)
+    longest = max(range(len(prompts)), key=lambda i: len(prompts[i].input_ids))
+    t0 = time.time()
+    fa, ma, kept = sparse_decode_figures(model, tok, prompts, decode_tokens=decode_tokens, repeats=repeats, progress=progress,
+                                         synthetic_contexts=synthetic, keep_cache_of=longest)
+    prefix_tokens = min(prefix_tokens, len(kept[1].input_ids))
+    fb, mb = shared_prefix_figures(model, tok, kept[0], prefix_tokens, new_tokens=new_tokens, progress=progress)
+    del kept
+    fc, mc = token_policy_figures(model, tok, policy_prompts, progress=progress)
+    figures = {"sparse_decode": fa, "shared_prefix": fb, "token_policy": fc, "seconds": time.time() - t0}
+    return figures, "\n\n".join([ma, mb, mc])
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="smoke run (1K-token prompt, 1K prefix, one 384-token policy prompt); "
+                    "writes bench/results/e2e_attn_quick.*")
+    ap.add_argument("--out", help="also write the figures as JSON to this file")
+    ap.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    t0 = time.time()
+    model, tok = rm.load_model()
+    figures, md = run_all(model, tok, quick=args.quick, progress=lambda s: print(s, flush=True))
+    figures.update({"quick": args.quick, "threads": args.threads})
+    name = "e2e_attn_quick" if args.quick else "e2e_attn"
+    head = f"## bench/e2e_attn.py{' --quick' if args.quick else ''}\n\nSmolLM2-135M-Instruct, CPU, {args.threads} torch thread(s).\n\n"
+    save_results(name, figures, head + md, args.out)
+    a, b = figures["sparse_decode"], figures["shared_prefix"]
+    print(md)
+    print()
+    for label, sp in [("DynamicCache", a["speed"]["dynamic"]), ("StaticCache", a["speed"]["static"])] + [("random KV", x) for x in a["synthetic"]]:
+        print(f"sparse decode vs full, {label} at {sp['context_tokens']}: x{sp['speedup_cpu']:.2f} tokens/s (CPU time), "
+              f"x{sp['speedup_wall']:.2f} (wall), attention x{sp['attention_speedup']:.2f}")
+    print(f"Hydragen attention x{b['attention_speedup_vs_per_sequence']:.2f} vs per-sequence, x{b['attention_speedup_vs_transformers']:.2f} "
+          f"vs transformers SDPA; whole step x{b['step_speedup_vs_transformers']:.2f} vs transformers; outputs match: {b['outputs_match']}")
+    print(f"done in {time.time() - t0:.0f} s")
+
+
+if __name__ == "__main__":
+    main()
