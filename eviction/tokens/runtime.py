@@ -6,7 +6,7 @@ tokens first, padding after them) and, in ``demote`` mode, the evicted tokens on
 values and gets the attention output back::
 
     kv = EvictingKV(Compressor("snapkv", budget=1024), num_layers=30, mode="demote",
-                    recall=get_selector("quest", num_sink=0, num_recent=0), recall_budget=256)
+                    recall=get_selector("ann", num_sink=0, num_recent=0), recall_budget=256)
     o = kv.step(layer, q, k, v)          # q [H_q, n, D], k/v [H_kv, n, D] (after RoPE) -> o [H_q, n, D]
     kv.compress()                        # or automatically: trigger_tokens=...
 
@@ -58,6 +58,10 @@ class _Layer:
     recall_state: Any = None
     recall_version: int = -1
     version: int = 0  # bumped whenever the demoted set changes
+    # False while every change since the recall state was built appended the same number of tokens to
+    # every head (no padding slot was indexed, nothing removed): the selector then extends its state
+    # (new pages, new index rows) instead of rebuilding it over every demoted token
+    recall_stale: bool = False
 
 
 @dataclass
@@ -67,6 +71,7 @@ class EvictionStats:
     demoted_tokens: int = 0
     dropped_from_lower_tier: int = 0  # demoted tokens beyond max_demoted_tokens
     recalled_tokens: int = 0  # summed over layers, queries and heads
+    recall_builds: int = 0  # recall states built from scratch (else extended with the newly demoted tokens)
 
 
 class EvictingKV:
@@ -104,7 +109,7 @@ class EvictingKV:
         check_int("recall_budget", recall_budget, low=1)
         check_int("max_demoted_tokens", max_demoted_tokens, low=1)
         if mode == "demote" and recall is None:
-            raise ValueError("demote mode needs a recall selector (e.g. retrieval.get_selector('quest', num_sink=0, num_recent=0))")
+            raise ValueError("demote mode needs a recall selector (e.g. retrieval.get_selector('ann', num_sink=0, num_recent=0))")
         self.compressor = compressor
         self.mode = mode
         self.num_layers, self.num_q_heads, self.num_kv_heads, self.head_dim = num_layers, num_q_heads, num_kv_heads, head_dim
@@ -247,9 +252,10 @@ class EvictingKV:
         n = q.shape[1]
         E = int(lay.dn.max())
         dk = lay.dk[:, :E].unsqueeze(0)  # [1, H, E, D] on the lower tier
-        if lay.recall_version != lay.version:
+        if lay.recall_state is None or (lay.recall_version != lay.version and lay.recall_stale):
             lay.recall_state = self.recall.prepare(dk.float())
-            lay.recall_version = lay.version
+            self.stats.recall_builds += 1
+        lay.recall_version, lay.recall_stale = lay.version, False  # select() extends the state to the new tokens
         qn = q.transpose(0, 1).to(self.demote_device).float()  # [n, H_q, D]
         ids = self.recall.select(qn, dk.float(), min(self.recall_budget, E), lay.recall_state)  # [n, H, R]
         ids = torch.where(ids >= lay.dn.view(1, H, 1), -1, ids)  # padding slots of shorter heads
@@ -307,6 +313,8 @@ class EvictingKV:
         ev = lay.v[:, :S].gather(1, idx).to(self.demote_device)
         ep = lay.pos[:, :S].gather(1, order).to(self.demote_device)
         dn = lay.dn.clone()
+        if not (bool((dn == dn[0]).all()) and bool((counts == counts[0]).all())):
+            lay.recall_stale = True  # ragged heads: padding slots were indexed, new tokens land in them
         need = int((dn + counts.to(self.demote_device)).max())
         if need > lay.dk.shape[1]:
             cap = max(need, 2 * lay.dk.shape[1], 64)
@@ -329,6 +337,7 @@ class EvictingKV:
                         t[h, : e - extra] = t[h, extra:e].clone()
                     lay.dn[h] -= extra
                     self.stats.dropped_from_lower_tier += extra
+            lay.recall_stale = True
         lay.version += 1
 
 

@@ -112,7 +112,7 @@ class TokenPolicy:
     ratio: float | None = None
     budget: int | None = None
     mode: str = "drop"
-    recall_selector: str = "quest"
+    recall_selector: str = "ann"
     recall_budget: int = 256
     window: int = 64
     sink_tokens: int = 4

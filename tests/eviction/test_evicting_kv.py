@@ -155,3 +155,41 @@ def test_append_then_step_equals_stepping_all_along():
         assert torch.equal(a.fast_positions(0, h), b.fast_positions(0, h))  # same observation window, same choice
     with pytest.raises(ValueError, match="q must be"):
         b.append(0, k[:, :3], v[:, :3], q[:, :5])
+
+
+@pytest.mark.parametrize("selector", ["quest", "ann"])
+def test_recall_state_is_extended_not_rebuilt_and_selects_as_a_fresh_one(selector):
+    # uniform budgets evict the same count from every head: the demoted set only grows by appends, so the
+    # selector's state is built once and extended; its choices equal those of a state built from scratch
+    q, k, v = seq(160, seed=6)
+    rebuilt = []
+
+    class Fresh:  # the same selector, with a new state on every call (what a rebuild gives)
+        def __init__(self):
+            self.sel = get_selector(selector, num_sink=0, num_recent=0)
+
+        def prepare(self, k):
+            return None
+
+        def select(self, q, k, budget, state=None):
+            rebuilt.append(k.shape[2])
+            return self.sel.select(q, k, budget, self.sel.prepare(k))
+
+    outs = {}
+    for name, recall in (("extended", get_selector(selector, num_sink=0, num_recent=0)), ("fresh", Fresh())):
+        kv = make("demote", budget=16, trigger_tokens=24, recall=recall, recall_budget=12)
+        outs[name] = run(kv, q, k, v, list(range(8, 161, 8)))
+        if name == "extended":
+            assert kv.stats.recall_builds == 1 and kv.stats.compressions > 3
+    assert len(set(rebuilt)) > 3  # the demoted set grew between recalls
+    torch.testing.assert_close(outs["extended"], outs["fresh"], rtol=0, atol=0)
+
+
+def test_ragged_demotion_rebuilds_the_recall_state():
+    q, k, v = seq(120, seed=7)
+    kv = EvictingKV(Compressor("snapkv", budget=20, sink_tokens=2, window_tokens=4, head_budgets="adaptive"), num_layers=1,
+                    num_q_heads=Hq, num_kv_heads=H, head_dim=D, mode="demote", observation_window=8, trigger_tokens=28,
+                    recall=get_selector("quest", num_sink=0, num_recent=0), recall_budget=8)
+    run(kv, q, k, v, list(range(8, 121, 8)))
+    if len(set(kv.demoted_tokens(0))) > 1:  # heads demoted different counts at some point
+        assert kv.stats.recall_builds > 1
