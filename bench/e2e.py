@@ -20,9 +20,13 @@ new full blocks saved. In one run:
 3. **Pass key**: completion-style pass-key prompts (~2K and ~6K tokens; ``--quick``: ~768), answered
    once cold (without the cache) and once with the prompt's cached prefix (float16 blocks).
 
-Extension: ``PARTS`` lists the parts; each takes the shared ``Context`` (model, tokenizer, the
-service started on first use) and returns a ``Part`` (figures, Markdown, optional plot). The
-sparse-decode and shared-prefix-batch parts plug in there.
+4. **Attention** (``bench/e2e_attn.py``, also runnable alone): decode tokens/s at 6K with
+   ``SparseDecode(quest, budget 512)`` vs full attention and the pass key of both; a batch of 8
+   sequences sharing a 4K prefix decoded with ``shared_prefix_decode`` (Hydragen) vs per sequence
+   vs transformers' batch; ``TokenPolicy`` drop vs demote.
+
+``PARTS`` lists the parts (``--parts`` runs some); each takes the shared ``Context`` (model,
+tokenizer, the service started on first use) and returns a ``Part`` (figures, Markdown, optional plot).
 """
 
 from __future__ import annotations
@@ -296,13 +300,20 @@ def part_passkey(ctx: Context) -> Part:
     return Part({"accuracy": acc, "prompts": rows}, md, None, summary)
 
 
+def part_attention(ctx: Context) -> Part:
+    """Sparse decode (quest, budget 512) vs full at 6K, 8 sequences over a 4K shared prefix (Hydragen vs
+    per sequence vs transformers), token policies drop vs demote: ``bench/e2e_attn.py``'s ``run_all``."""
+    from bench import e2e_attn
+
+    figures, md = e2e_attn.run_all(ctx.model, ctx.tokenizer, quick=ctx.quick, progress=lambda s: print(f"  {s}", flush=True))
+    return Part(figures, md, None, e2e_attn.summary_lines(figures))
+
+
 # name -> part; each runs once per invocation, in this order, on the shared Context
 PARTS: dict[str, Callable[[Context], Part]] = {
     "prefix_reuse": part_prefix_reuse,
     "passkey": part_passkey,
-    # extension points for the sparse-decode runtime: "sparse_decode" (decode tokens/s at 6K, quest
-    # budget 512 vs full, pass key of both) and "shared_prefix" (8 sequences over a 4K prefix,
-    # shared_prefix_decode vs per sequence): each a function (Context) -> Part added here.
+    "attention": part_attention,  # also alone: python bench/e2e_attn.py
 }
 
 

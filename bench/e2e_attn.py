@@ -374,9 +374,9 @@ def token_policy_figures(model, tok, prompts, *, ratio: float = 0.5, scorer: str
 def run_all(model, tok, *, quick: bool = False, progress=print):
     """(a), (b), (c) in one run: ``(figures, markdown)``."""
     if quick:
-        lengths, depths, decode_tokens, repeats, prefix_tokens, new_tokens = (1024,), (0.5,), 8, 2, 1024, 6
+        lengths, depths, decode_tokens, repeats, prefix_tokens, new_tokens = (768,), (0.5,), 6, 2, 768, 4
         synthetic = ()
-        policy_prompts = [rm.passkey_prompt(tok, 384, 0.5, seed=77)]
+        policy_prompts = [rm.passkey_prompt(tok, 320, 0.5, seed=77)]
     else:
         lengths, depths, decode_tokens, repeats, prefix_tokens, new_tokens = (2048, 6144), (0.25, 0.75), 32, 3, 4096, 16
         synthetic = (16384, 32768)
@@ -394,9 +394,22 @@ def run_all(model, tok, *, quick: bool = False, progress=print):
     return figures, "\n\n".join([ma, mb, mc])
 
 
+def summary_lines(figures: dict) -> list[str]:
+    """The ratios of ``run_all``'s figures, one line each (printed at the end of a run)."""
+    a, b = figures["sparse_decode"], figures["shared_prefix"]
+    lines = [f"sparse decode vs full, {label} at {sp['context_tokens']}: x{sp['speedup_cpu']:.2f} tokens/s (CPU time), "
+             f"x{sp['speedup_wall']:.2f} (wall), attention x{sp['attention_speedup']:.2f}"
+             for label, sp in [("DynamicCache", a["speed"]["dynamic"]), ("StaticCache", a["speed"]["static"])]
+             + [("random KV", x) for x in a["synthetic"]]]
+    lines.append(f"Hydragen attention x{b['attention_speedup_vs_per_sequence']:.2f} vs per-sequence, "
+                 f"x{b['attention_speedup_vs_transformers']:.2f} vs transformers SDPA; whole step "
+                 f"x{b['step_speedup_vs_transformers']:.2f} vs transformers; outputs match: {b['outputs_match']}")
+    return lines
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--quick", action="store_true", help="smoke run (1K-token prompt, 1K prefix, one 384-token policy prompt); "
+    ap.add_argument("--quick", action="store_true", help="smoke run (768-token prompt and prefix, one 320-token policy prompt); "
                     "writes bench/results/e2e_attn_quick.*")
     ap.add_argument("--out", help="also write the figures as JSON to this file")
     ap.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
@@ -409,14 +422,10 @@ def main() -> None:
     name = "e2e_attn_quick" if args.quick else "e2e_attn"
     head = f"## bench/e2e_attn.py{' --quick' if args.quick else ''}\n\nSmolLM2-135M-Instruct, CPU, {args.threads} torch thread(s).\n\n"
     save_results(name, figures, head + md, args.out)
-    a, b = figures["sparse_decode"], figures["shared_prefix"]
     print(md)
     print()
-    for label, sp in [("DynamicCache", a["speed"]["dynamic"]), ("StaticCache", a["speed"]["static"])] + [("random KV", x) for x in a["synthetic"]]:
-        print(f"sparse decode vs full, {label} at {sp['context_tokens']}: x{sp['speedup_cpu']:.2f} tokens/s (CPU time), "
-              f"x{sp['speedup_wall']:.2f} (wall), attention x{sp['attention_speedup']:.2f}")
-    print(f"Hydragen attention x{b['attention_speedup_vs_per_sequence']:.2f} vs per-sequence, x{b['attention_speedup_vs_transformers']:.2f} "
-          f"vs transformers SDPA; whole step x{b['step_speedup_vs_transformers']:.2f} vs transformers; outputs match: {b['outputs_match']}")
+    for line in summary_lines(figures):
+        print(line)
     print(f"done in {time.time() - t0:.0f} s")
 
 
