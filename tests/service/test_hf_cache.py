@@ -352,3 +352,37 @@ def test_store_backend_checks_and_stats_dict(store):
     with pytest.raises(ValueError, match="KVSpec"):
         StoreBackend(store, "spec")
     assert CacheStats().to_dict()["tier_hits"] == {}
+
+
+# -- generate() with the real runtimes of hf_attention / hf_tokens -------------------------------------
+def test_generate_with_sparse_decode_covering_the_context_equals_plain(model, store):
+    from service.connectors.hf_attention import SparseDecode
+
+    ids = prompt(80, seed=11)
+    base = generate(model, ids, max_new_tokens=12, stop_tokens=())
+    sparse = SparseDecode("quest", budget=4096)  # every token: the same attention
+    assert isinstance(sparse, AttentionHook)
+    cold = generate(model, ids, store=store, spec=SPEC32, max_new_tokens=12, stop_tokens=(), attention=sparse)
+    warm = generate(model, ids, store=store, spec=SPEC32, max_new_tokens=12, stop_tokens=(), attention=sparse)
+    assert warm.num_cached_tokens == 64 and sparse.stats.decode_calls > 0
+    assert cold.token_ids == warm.token_ids == base.token_ids
+    small = SparseDecode("quest", budget=32, num_sink=0, num_recent=16)  # a third of the context: really sparse
+    r = generate(model, ids, store=store, spec=SPEC32, max_new_tokens=12, stop_tokens=(), attention=small)
+    assert r.num_cached_tokens == 64 and len(r.token_ids) == 12
+    assert small.stats.sparse_calls > 0 and small.stats.selected_tokens < small.stats.context_tokens
+
+
+def test_generate_with_a_real_token_policy_uses_the_cached_prefix(model, store):
+    from service.connectors.hf_tokens import TokenPolicy
+
+    ids = prompt(90, seed=12)
+    base = generate(model, ids, max_new_tokens=10, stop_tokens=())
+    for mode in ("drop", "demote"):
+        policy = TokenPolicy("snapkv", ratio=0.0, mode=mode, chunk_tokens=32)  # nothing evicted: plain greedy
+        assert isinstance(policy, TokenPolicyRuntime)
+        r = generate(model, ids, store=store, spec=SPEC32, max_new_tokens=10, stop_tokens=(), policy=policy)
+        assert r.token_ids == base.token_ids
+    assert r.num_cached_tokens == 80  # the first call saved the prompt's full blocks, the second loaded them
+    squeezed = TokenPolicy("snapkv", ratio=0.5, mode="demote", chunk_tokens=32)
+    r = generate(model, ids, store=store, spec=SPEC32, max_new_tokens=10, stop_tokens=(), policy=squeezed)
+    assert len(r.token_ids) == 10 and squeezed.last_kv.stats.demoted_tokens > 0
