@@ -189,6 +189,58 @@ def bench_grpc_floor(quick: bool) -> dict:
     return {"put_s": put, "get_s": get}
 
 
+_FLOOR_APP = """
+import numpy as np
+from starlette.applications import Starlette
+from starlette.responses import Response
+from starlette.routing import Route
+
+DATA = np.random.default_rng(0).bytes({nbytes})
+
+
+async def put(request):
+    return Response(str(len(await request.body())))
+
+
+async def get(request):
+    return Response(DATA, media_type="application/octet-stream")
+
+
+app = Starlette(routes=[Route("/put", put, methods=["POST"]), Route("/get", get)])
+"""
+
+
+def bench_rest_floor(quick: bool) -> dict:
+    """uvicorn + httpx alone: 6 MiB to and from a Starlette app that does nothing (the REST stack's own cost)."""
+    nbytes = SPEC_6M.block_nbytes
+    data = np.random.default_rng(0).bytes(nbytes)
+    d = tempfile.mkdtemp(prefix="kvtier-bench-floor-")
+    with open(os.path.join(d, "floorapp.py"), "w") as f:
+        f.write(_FLOOR_APP.format(nbytes=nbytes))
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "uvicorn", "floorapp:app", "--port", str(port), "--log-level", "warning"],
+                            cwd=d, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=30) as c:
+            deadline = time.time() + 30
+            while True:
+                try:
+                    c.get("/put")
+                    break
+                except httpx.TransportError:
+                    if time.time() > deadline:
+                        raise RuntimeError("the bare uvicorn app did not start") from None
+                    time.sleep(0.1)
+            repeat = 5 if quick else 20
+            put = best_of(lambda: c.post("/put", content=data), repeat)
+            get = best_of(lambda: c.get("/get").content, repeat)
+    finally:
+        proc.terminate()
+        proc.wait(10)
+    print(f"uvicorn + httpx alone (no-op Starlette app), 6 MiB: put {put * 1e3:.2f} ms, get {get * 1e3:.2f} ms")
+    return {"put_s": put, "get_s": get}
+
+
 # -- 2. lookups under 64 concurrent clients ------------------------------------------------------
 async def _client_loop(port: int, body: bytes, headers: bytes, n_conns: int, duration_s: float, warmup_s: float, q) -> None:
     lat: list[float] = []
@@ -294,6 +346,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     blocks = {label: bench_blocks(args.quick, label, env) for label, env in CONFIGS.items()}
     grpc_floor = bench_grpc_floor(args.quick)
+    rest_floor = bench_rest_floor(args.quick)
     lookups = bench_lookups(args.quick)
     mode = "quick" if args.quick else "full"
     rows = []
@@ -306,12 +359,14 @@ def main() -> None:
           "(SDK clients, best of 3 interleaved rounds; ratio = raw redis-py time / kvtier time, higher is better)", "",
           md_table(["kvtier tiers", "transport", "op", "kvtier", "raw redis-py SET/GET", "ratio", "goal"], rows), "",
           f"grpcio alone (a no-op servicer in this process), 6 MiB: put {grpc_floor['put_s'] * 1e3:.1f} ms, "
-          f"get {grpc_floor['get_s'] * 1e3:.1f} ms.", ""]
+          f"get {grpc_floor['get_s'] * 1e3:.1f} ms. uvicorn + httpx alone (a no-op Starlette app in another process), "
+          f"6 MiB: put {rest_floor['put_s'] * 1e3:.1f} ms, get {rest_floor['get_s'] * 1e3:.1f} ms. "
+          "These are the transports' own costs: a ratio goal above raw time / transport time cannot be met with that transport.", ""]
     lrows = [[label, r["clients"], f"{r['p50_ms']:.2f}", f"{r['p99_ms']:.2f}", f"{r['rps']:.0f}", r["errors"], f"{r['single_client_p50_ms']:.2f}"]
              for label, r in lookups.items()]
     md += [md_table(["lookup (REST)", "concurrent clients", "p50 ms", "p99 ms", "requests/s", "errors", "one client p50 ms"], lrows)]
     print("\n" + "\n".join(md))
-    save_results("service", {"mode": mode, "blocks_6mib": blocks, "grpc_transport_alone": grpc_floor, "lookups": lookups}, "\n".join(md), args.out)
+    save_results("service", {"mode": mode, "blocks_6mib": blocks, "grpc_transport_alone": grpc_floor, "rest_transport_alone": rest_floor, "lookups": lookups}, "\n".join(md), args.out)
 
 
 if __name__ == "__main__":
