@@ -8,7 +8,7 @@ PYTHON    ?= $(VENV)/bin/python
 TORCH_PIN ?= torch==2.13.0
 PYTEST_ARGS ?=
 
-.PHONY: setup run test test-fast bench-quick clean redis-check help
+.PHONY: setup test-setup run test test-fast bench-quick clean redis-check compose-check help
 
 help:
 	@echo "make run    - install (first time) and start 'kvtier serve' on the embedded default"
@@ -29,6 +29,8 @@ $(VENV)/.installed: pyproject.toml | $(if $(filter $(VENV)/bin/python,$(PYTHON))
 
 setup: $(VENV)/.installed redis-check
 
+test-setup: setup compose-check
+
 # A redis-server binary is needed by the tests (they start their own servers on free ports).
 redis-check:
 	@command -v redis-server >/dev/null 2>&1 || { \
@@ -41,13 +43,25 @@ redis-check:
 	    echo "       Install Redis >= 6 (e.g. 'sudo apt-get install redis-server') and retry." >&2; exit 1; \
 	  fi; }
 
+# docker-compose (Debian's v1) validates docker-compose.yml in the tests (no Docker engine is needed).
+# Best effort: installed with apt-get where this is a root shell; otherwise that one test is skipped.
+compose-check:
+	@command -v docker-compose >/dev/null 2>&1 || { \
+	  if [ "$$(id -u)" = "0" ] && command -v apt-get >/dev/null 2>&1; then \
+	    echo "docker-compose not found: installing it with apt-get (to validate docker-compose.yml)"; \
+	    (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq docker-compose >/dev/null) \
+	      || echo "warning: apt-get could not install docker-compose; the compose validation test will be skipped"; \
+	  else \
+	    echo "note: docker-compose is not installed; the compose validation test will be skipped"; \
+	  fi; }
+
 run: setup
 	$(PYTHON) -m service.cli serve
 
-test: setup
+test: test-setup
 	$(PYTHON) -m pytest $(PYTEST_ARGS)
 
-test-fast: setup
+test-fast: test-setup
 	$(PYTHON) -m pytest -m "not slow" $(PYTEST_ARGS)
 
 bench-quick: setup
