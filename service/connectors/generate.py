@@ -218,3 +218,72 @@ def _run_policy(model, policy, cache, ids, num_cached, max_new_tokens, chunk_tok
         raise RuntimeError(f"the policy returned {len(tokens)} tokens, more than max_new_tokens={max_new_tokens}")
     text = tokenizer.decode(tokens, skip_special_tokens=True) if tokenizer is not None else None
     return GenerateResult(tokens, text, None, t2 - t0, t2 - t1, len(ids), num_cached, cache.stats if use_kvtier else None)
+
+
+@dataclass
+class SharedPrefixResult:
+    """What ``generate_shared_prefix`` returns: one answer per suffix, and how the prefix was had."""
+
+    token_ids: list[list[int]]
+    texts: list[str] | None
+    num_prefix_tokens: int
+    num_cached_tokens: int  # of the prefix, loaded from kvtier
+    prefix_s: float  # lookup + load + prefill of the rest of the prefix (+ save)
+    decode_s: float  # the suffixes' prefill and the batch decode
+    cache: CacheStats | None
+
+
+def generate_shared_prefix(
+    model,
+    prefix,
+    suffixes,
+    *,
+    tokenizer=None,
+    store=None,
+    client=None,
+    backend=None,
+    spec=None,
+    tenant: str = "",
+    salt: str = "",
+    extra_keys: Sequence[str] = (),
+    max_new_tokens: int = 32,
+    chunk_tokens: int | None = None,
+    save: bool = True,
+    attention: str = "shared",
+) -> SharedPrefixResult:
+    """A batch of requests that share ``prefix`` (ids or text), one per entry of ``suffixes``, greedy.
+
+    The prefix's longest cached part is loaded from kvtier (``store`` / ``client`` / ``backend`` as in
+    ``generate``; none: computed), the rest of it prefilled once and its new full blocks saved; then
+    ``hf_shared_prefix.shared_prefix_generate`` decodes the batch with the prefix held once
+    (``attention="shared"``: Hydragen's ``shared_prefix_decode``; ``"per_sequence"``: the prefix
+    copied into every sequence, the baseline). Each answer equals greedy ``generate`` of
+    ``prefix + suffix`` alone (up to float rounding), ``max_new_tokens`` tokens each (no early stop).
+    """
+    from .hf_shared_prefix import shared_prefix_generate
+
+    prefix_ids = _prompt_ids(prefix, tokenizer)
+    if not isinstance(suffixes, (list, tuple)) or not suffixes:
+        raise ValueError(f"suffixes must be a non-empty list of token-id lists or texts, got {type(suffixes).__name__}")
+    suffix_ids = [_prompt_ids(s, tokenizer) for s in suffixes]
+    use_kvtier = any(x is not None for x in (store, client, backend))
+    t0 = time.perf_counter()
+    prefix_kv, num_cached, stats = None, 0, None
+    if use_kvtier:
+        if spec is None and backend is None:
+            spec = model_spec(model)
+        cache = KVTierCache(model, store=store, client=client, backend=backend, spec=spec, tenant=tenant, salt=salt,
+                            extra_keys=extra_keys, save=save)
+        # the whole prefix is context here (the suffixes follow it): its last token may be loaded too
+        num_cached = cache.load_prefix(prefix_ids + suffix_ids[0][:1])
+        if num_cached < len(prefix_ids):
+            _prefill(model, cache, prefix_ids[num_cached:], chunk_tokens)
+        if save:
+            cache.save()
+        prefix_kv, stats = cache.prefix_kv(), cache.stats
+    t1 = time.perf_counter()
+    out = shared_prefix_generate(model, prefix_ids, suffix_ids, max_new_tokens=max_new_tokens, prefix_kv=prefix_kv,
+                                 attention=attention)
+    t2 = time.perf_counter()
+    texts = [tokenizer.decode(t, skip_special_tokens=True) for t in out] if tokenizer is not None else None
+    return SharedPrefixResult(out, texts, len(prefix_ids), num_cached, t1 - t0, t2 - t1, stats)

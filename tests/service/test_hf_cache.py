@@ -386,3 +386,19 @@ def test_generate_with_a_real_token_policy_uses_the_cached_prefix(model, store):
     squeezed = TokenPolicy("snapkv", ratio=0.5, mode="demote", chunk_tokens=32)
     r = generate(model, ids, store=store, spec=SPEC32, max_new_tokens=10, stop_tokens=(), policy=squeezed)
     assert len(r.token_ids) == 10 and squeezed.last_kv.stats.demoted_tokens > 0
+
+
+def test_generate_shared_prefix_loads_the_prefix_from_kvtier_and_matches_each_sequence_alone(model, store):
+    from service.connectors.generate import generate_shared_prefix
+
+    prefix = prompt(70, seed=13)
+    suffixes = [prompt(5, seed=20 + b) for b in range(3)]
+    alone = [generate(model, prefix + s, max_new_tokens=6, stop_tokens=()).token_ids for s in suffixes]
+    cold = generate_shared_prefix(model, prefix, suffixes, store=store, spec=SPEC32, max_new_tokens=6)
+    warm = generate_shared_prefix(model, prefix, suffixes, store=store, spec=SPEC32, max_new_tokens=6)
+    assert cold.num_cached_tokens == 0 and warm.num_cached_tokens == 64 and warm.cache.num_loaded_blocks == 4
+    assert cold.token_ids == warm.token_ids == alone
+    base = generate_shared_prefix(model, prefix, suffixes, max_new_tokens=6, attention="per_sequence")  # no kvtier
+    assert base.token_ids == alone and base.cache is None
+    with pytest.raises(ValueError):
+        generate_shared_prefix(model, prefix, [], store=store, spec=SPEC32)
