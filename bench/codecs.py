@@ -17,10 +17,10 @@ Side by side in one run, every figure against the uncompressed cache of the same
      block: kivi4+zstd vs identity (and a few more) on the same private redis-server.
 
 Codec labels: a registered codec (``kivi4``, ``int8+zstd``) or a kivi codec with options,
-``kivi4/g64`` (groups of 64), ``/kg16`` ``/vg64`` (key / value groups apart), ``/sink4`` (the first
+``kivi4/g32`` (groups of 32; 64 by default), ``/kg16`` ``/vg32`` (key / value groups apart), ``/sink4`` (the first
 block of a sequence keeps its first 4 tokens exact: the attention sinks), ``/res32`` (the tail
 block of a growing sequence keeps its last 32 tokens exact until a later block completes), then
-lossless stages: ``kivi4/g64/sink4+zstd``. Sink and residual are options of the blocks at those
+lossless stages: ``kivi4/g32/sink4+zstd``. Sink and residual are options of the blocks at those
 two places only (``codec_hook``); the size part reports the interior block and, apart, the first
 (or tail) block with its exact tokens.
 
@@ -59,12 +59,13 @@ from kvstore.codecs.kivi import KiviCodec  # noqa: E402
 SIZE_CODECS = [
     "identity", "identity+zstd", "identity+lz4",
     "fp8", "fp8+zstd", "int8", "int8+zstd", "int8+lz4",
-    "kivi4", "kivi4+zstd", "kivi4+lz4", "kivi4/g64", "kivi4/g64+zstd",
-    "kivi2", "kivi2+zstd", "kivi2h", "kivi2h+zstd",
+    "kivi4", "kivi4+zstd", "kivi4+lz4", "kivi4/sink4", "kivi4/g32", "kivi4/g32+zstd", "kivi4/g32+lz4",
+    "kivi2", "kivi2+zstd", "kivi2/g32", "kivi2/g32+zstd",
+    "kivi2h", "kivi2h+zstd", "kivi2h/sink4/res128", "kivi2h/g32", "kivi2h/g32+zstd",
 ]
-FIDELITY_CODECS = ["identity", "fp8", "int8", "kivi4", "kivi4/g64", "kivi2", "kivi2h"]
-PASSKEY_CODECS = ["fp8", "int8", "kivi4", "kivi2", "kivi2h"]
-REDIS_CODECS = ["identity", "kivi4+zstd", "kivi4", "kivi2h+zstd"]
+FIDELITY_CODECS = ["identity", "fp8", "int8", "kivi4", "kivi4/sink4", "kivi4/g32", "kivi2", "kivi2/sink4/res128", "kivi2h", "kivi2h/sink4/res128"]
+PASSKEY_CODECS = ["fp8", "int8", "kivi4", "kivi4/sink4", "kivi2", "kivi2h", "kivi2h/sink4/res128"]
+REDIS_CODECS = ["identity", "kivi4+zstd", "kivi4", "kivi4+lz4", "int8", "kivi2h+zstd"]
 QUICK = {
     "size": ["identity", "int8", "kivi4", "kivi4+zstd", "kivi2h"],
     "ppl": ["kivi4", "kivi2h"],
@@ -238,11 +239,20 @@ def upgrade(old: dict) -> dict:
     if "runs" in old:
         return old
     run = "A"
-    rows = {r.pop("codec"): {**r, "run": run} for r in old.get("codecs", [])}
+    # run A measured kivi with groups of 32 by default: its labels in today's names (groups of 64)
+    renamed = {"kivi4/g64": "kivi4", "kivi4/g64+zstd": "kivi4+zstd"}
+    for name in ("kivi4", "kivi2", "kivi2h"):
+        for stage in ("", "+zstd", "+lz4"):
+            renamed[name + stage] = f"{name}/g32{stage}"
+
+    def new(label):
+        return renamed.get(label, label)
+
+    rows = {new(r.pop("codec")): {**r, "run": run} for r in old.get("codecs", [])}
     base = old["perplexity"]["unquantized"]
-    ppl = {k: {"ppl": v, "run": run} | ({} if k == "unquantized" else {"increase_pct": 100 * (v / base - 1)}) for k, v in old["perplexity"].items()}
-    pk = {k: {**v, "run": run} for k, v in old.get("passkey", {}).items()}
-    redis = {**old.get("redis_round_trip", {}), "run": run}
+    ppl = {new(k): {"ppl": v, "run": run} | ({} if k == "unquantized" else {"increase_pct": 100 * (v / base - 1)}) for k, v in old["perplexity"].items()}
+    pk = {new(k): {**v, "run": run} for k, v in old.get("passkey", {}).items()}
+    redis = {new(k): v for k, v in old.get("redis_round_trip", {}).items()} | {"run": run}
     for k, v in redis.items():
         if isinstance(v, dict) and k != "identity" and "identity" in redis:
             v["speedup_vs_identity"] = redis["identity"]["round_trip_ms"] / v["round_trip_ms"]
@@ -261,6 +271,10 @@ def merge(old: dict, new: dict) -> dict:
         merged[key] = {**old.get(key, {}), **new.get(key, {})}
     if new.get("redis_round_trip"):  # the round trips compare codecs within one run: replaced together
         merged["redis_round_trip"] = new["redis_round_trip"]
+    # run A's zstd rows were level 3 (level 1 since): any left un-remeasured would be mislabeled
+    stale = [k for k, v in merged["codecs"].items() if "+zstd" in k and v["run"] == "A"]
+    if stale:
+        raise SystemExit(f"--merge: re-measure the zstd rows of run A too (level 3 then, 1 now): {stale}")
     return merged
 
 

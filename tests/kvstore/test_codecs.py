@@ -79,7 +79,7 @@ def test_kivi_options_are_checked(kwargs, match):
         ("identity", 16.0),
         ("fp8", 8 + 32 / (32 * 32)),  # one float32 scale per (layer, K/V, head) of T·D elements
         ("int8", 8 + 16 / 32),  # one float16 scale per token and head
-        ("kivi4", 4 + 16 / 32 + 16 / 32),  # float16 scale+zero per 32 tokens (K) / 32 channels (V)
+        ("kivi4", 4 + 16 / 32 + 16 / 32),  # float16 scale+zero per group: 64 capped by 32 tokens (K) / 32 channels (V)
         ("kivi2", 2 + 1.0),
         ("kivi2h", 2 + 1.0),
     ],
@@ -89,6 +89,17 @@ def test_bits_per_element_are_exact_payload_sizes(name, bits):
     assert codec_bits_per_element(codec, SPEC) == pytest.approx(bits)
     payload, _ = codec.encode(kv_like(SPEC), SPEC)
     assert memoryview(payload).nbytes * 8 == pytest.approx(bits * SPEC.block_numel)
+
+
+def test_registered_kivi_codecs_use_groups_of_64():
+    """On the reference model's blocks (256 tokens, head_dim 64): 4.5 and 2.5 bits per element,
+    3.56x and 6.4x smaller than float16."""
+    ref = KVSpec("ref", 30, 3, 64, "float16", 256)
+    for name, bits in (("kivi4", 4.5), ("kivi2", 2.5), ("kivi2h", 2.5)):
+        codec = get_codec(name)
+        assert (codec.key_group_size, codec.value_group_size) == (64, 64)
+        assert codec_bits_per_element(codec, ref) == bits
+    assert 16 / 4.5 >= 3.5 and 16 / 2.5 >= 6
 
 
 def test_kivi_group_sizes_and_residual_change_the_bits():
