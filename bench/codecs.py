@@ -267,8 +267,15 @@ def upgrade(old: dict) -> dict:
 def merge(old: dict, new: dict) -> dict:
     merged = dict(old)
     merged["runs"] = {**old["runs"], **new["runs"]}
+    order = ["unquantized", "full", *dict.fromkeys(SIZE_CODECS + FIDELITY_CODECS + PASSKEY_CODECS)]
     for key in ("codecs", "perplexity", "passkey"):
-        merged[key] = {**old.get(key, {}), **new.get(key, {})}
+        both = {**old.get(key, {}), **new.get(key, {})}
+        families = ["unquantized", "full", "identity", "fp8", "int8", "kivi4", "kivi2", "kivi2h"]
+        rank = {}
+        for label in both:
+            family = re.split(r"[/+]", label)[0]
+            rank[label] = (families.index(family) if family in families else len(families), order.index(label) if label in order else len(order), label)
+        merged[key] = dict(sorted(both.items(), key=lambda kv: rank[kv[0]]))
     if new.get("redis_round_trip"):  # the round trips compare codecs within one run: replaced together
         merged["redis_round_trip"] = new["redis_round_trip"]
     # run A's zstd rows were level 3 (level 1 since): any left un-remeasured would be mislabeled
@@ -309,14 +316,17 @@ def goals(fig: dict) -> list[list]:
     def add(goal, measured, met):
         out.append([goal, measured, "met" if met else "NOT met"])
 
-    for label in rows:
+    for label in dict.fromkeys([*rows, *ppl]):
         if "+" in label or not label.startswith("kivi"):
             continue
         ratio_goal, ppl_goal = (3.5, 2.0) if label.startswith("kivi4") else (6.0, 10.0)
-        r = rows[label]["ratio_vs_fp16"]
-        staged = [rows[n]["ratio_vs_fp16"] for n in rows if n.startswith(label + "+")]
-        best = max([r, *staged])
-        add(f"{label}: >= {ratio_goal}x smaller than fp16", f"{r:.2f}x" + (f" ({best:.2f}x with a lossless stage)" if staged else ""), best >= ratio_goal)
+        interior = re.sub(r"/(sink|res)\d+", "", label)  # the first and tail blocks aside
+        if interior in rows:
+            r = rows[interior]["ratio_vs_fp16"]
+            staged = [rows[n]["ratio_vs_fp16"] for n in rows if n.startswith(interior + "+")]
+            best = max([r, *staged])
+            note = " (interior blocks)" if interior != label else ""
+            add(f"{label}: >= {ratio_goal}x smaller than fp16", f"{r:.2f}x{note}" + (f", {best:.2f}x with a lossless stage" if staged else ""), best >= ratio_goal)
         if label in ppl:
             inc = ppl[label]["increase_pct"]
             add(f"{label}: perplexity +<= {ppl_goal}%", f"{inc:+.3f}%", inc <= ppl_goal)
@@ -380,6 +390,7 @@ def main() -> None:
     ap.add_argument("--passkey-codecs", default=",".join(PASSKEY_CODECS), help="codec labels of the pass-key part")
     ap.add_argument("--redis-codecs", default=",".join(REDIS_CODECS), help="codec labels of the Redis part (identity and kivi4+zstd give the goal)")
     ap.add_argument("--merge", action="store_true", help="merge into the saved bench/results/codecs.json instead of replacing it")
+    ap.add_argument("--render", action="store_true", help="measure nothing: render codecs.md and codecs.png again from the saved codecs.json")
     ap.add_argument("--threads", type=int, default=1, help="torch threads (default 1: on a shared 2-core box a second thread mostly waits)")
     args = ap.parse_args()
     sections = [s for s in args.sections.split(",") if s]
@@ -396,8 +407,17 @@ def main() -> None:
     block_tokens = 256
     text_tokens = 512 if quick else 4096
     repeat = 1 if quick else 5
-    run = time.strftime("%Y-%m-%d %H:%M")
     command = "python bench/codecs.py " + " ".join(sys.argv[1:])
+    saved = RESULTS / "codecs.json"
+    previous = upgrade(json.loads(saved.read_text())) if (args.merge or args.render) and not quick else None
+    if args.render:  # no measurement: the saved figures, rendered again
+        previous = merge(previous, {"runs": {}})
+        md = render(previous, "`python bench/codecs.py`, merged runs")
+        previous["goals"] = [{"goal": g, "measured": m, "status": s} for g, m, s in goals(previous)]
+        plot(previous, RESULTS / "codecs.png")
+        save_results("codecs", previous, md, args.out)
+        return
+    run = next(c for c in "ABCDEFGHIJKLMNOPQRSTUVWXYZ" if previous is None or c not in previous["runs"])
 
     print(f"loading the reference model ({refmodel.MODEL_ID}) ...", flush=True)
     model, tok = refmodel.load_model()
@@ -431,9 +451,8 @@ def main() -> None:
     elapsed = time.perf_counter() - started
     fig["runs"] = {run: {"date": time.strftime("%Y-%m-%d"), "command": command, "mode": "quick" if quick else "full",
                          "threads": args.threads, "elapsed_s": elapsed, "sections": sections}}
-    if args.merge and not quick:
-        path = RESULTS / "codecs.json"
-        fig = merge(upgrade(json.loads(path.read_text())), fig)
+    if previous is not None:
+        fig = merge(previous, fig)
     title = "`python bench/codecs.py`, merged runs" if args.merge and not quick else f"`{command}`"
     md = render(fig, title)
     fig["goals"] = [{"goal": g, "measured": m, "status": s} for g, m, s in goals(fig)]
