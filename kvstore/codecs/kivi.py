@@ -14,7 +14,7 @@ group size that does not divide the token count (keys) or head_dim (values) leav
 group. The group size must be a multiple of 4 so that no byte of codes straddles two groups. The
 default is 64, chosen by measurement on the reference model (README, Codecs): against groups of
 32 it takes kivi4 from 5.0 to 4.5 bits per element (3.56x smaller than fp16) for +0.36% instead of
-+0.08% perplexity, and did not lose pass keys (it lost fewer on the 15 prompts of the probe).
++0.08% perplexity, and it lost fewer pass keys (9/12 vs 6/12; 11/12 with the first block's sinks).
 
 **Exact tokens of a growing sequence** (KIVI keeps the newest tokens in full precision; KVQuant
 and others the first ones, the attention sinks). Two options keep tokens of a block in the
