@@ -54,7 +54,6 @@ import torch  # noqa: E402
 
 import bench.refmodel as refmodel  # noqa: E402
 from kvstore.codecs import codec_bits_per_element, get_codec, lossless  # noqa: E402
-from kvstore.codecs.kivi import KiviCodec  # noqa: E402
 
 SIZE_CODECS = [
     "identity", "identity+zstd", "identity+lz4",
