@@ -191,26 +191,59 @@ def collect_kv(model, input_ids, *, chunk_tokens: int = 1024) -> torch.Tensor:
 
 
 # -- codecs as hooks --------------------------------------------------------------------------------
-def codec_hook(codec, model, *, block_tokens: int = 256, dtype: str = "float16") -> KVHook:
+def codec_hook(codec, model, *, block_tokens: int = 256, dtype: str = "float16", sink_tokens: int = 0, residual_tokens: int = 0) -> KVHook:
     """A hook that stores and reads back every block completed by a chunk through ``codec``.
 
     Blocks are ``block_tokens`` aligned from the first token, encoded in ``dtype`` (the serving
-    precision of the tier) and decoded back into the cache; a trailing partial block stays in full
-    precision (it stays with the engine: only full blocks are cached).
+    precision of the tier) and decoded back into the cache, each once from its exact values; a
+    trailing partial block stays in full precision (it stays with the engine: only full blocks
+    are cached).
+
+    A growing sequence (KIVI's setting) may keep two things exact, through the codec's own options
+    (a kivi codec's ``replace``; other codecs take neither):
+
+    - ``sink_tokens=S``: the first block of the sequence is encoded with ``sink_tokens=S``, so
+      the attention sinks (its first S tokens) are stored as they are;
+    - ``residual_tokens=R``: the newest complete block (the tail) is encoded with
+      ``residual_tokens=R``, so its last R tokens stay exact; when a later block completes, the
+      former tail is stored again, from its exact values, without the residual. The R newest
+      complete tokens and the partial block are exact, everything older is quantized once.
     """
     from kvstore.codecs import get_codec
 
     codec = get_codec(codec) if isinstance(codec, str) else codec
     spec = kv_spec(model, block_tokens, dtype)
+    if (sink_tokens or residual_tokens) and not hasattr(codec, "replace"):
+        raise ValueError(f"sink_tokens and residual_tokens need a kivi codec, got {codec.name!r}")
+    tail: dict[str, tuple[int, torch.Tensor]] = {}  # the tail block (index, exact values) of the sequence
+
+    def store(view: CacheView, b: int, block: torch.Tensor, is_tail: bool) -> None:
+        options = {}
+        if b == 0 and sink_tokens:
+            options["sink_tokens"] = sink_tokens
+        if is_tail and residual_tokens:
+            options["residual_tokens"] = residual_tokens
+        c = codec.replace(**options) if options else codec
+        payload, meta = c.encode(block, spec)
+        view.write(b * block_tokens, c.decode(payload, meta, spec).float())
 
     def hook(view: CacheView, num_new: int) -> None:
         total = view.num_tokens
-        first = (total - num_new) // block_tokens
-        for b in range(first, total // block_tokens):
+        if total == num_new:  # a new sequence
+            tail.clear()
+        first, last = (total - num_new) // block_tokens, total // block_tokens
+        if last == first:
+            return
+        if "block" in tail:  # no longer the tail: stored again, from its exact values, without the residual
+            b, block = tail.pop("block")
+            store(view, b, block, False)
+        for b in range(first, last):
             start = b * block_tokens
             block = view.read(start, start + block_tokens).to(spec.torch_dtype)  # [L, 2, H_kv, T, D]
-            payload, meta = codec.encode(block, spec)
-            view.write(start, codec.decode(payload, meta, spec).float())
+            is_tail = b == last - 1 and residual_tokens > 0
+            store(view, b, block, is_tail)
+            if is_tail:
+                tail["block"] = (b, block)
 
     return hook
 

@@ -12,6 +12,7 @@ from hypothesis import strategies as st
 
 from kvstore import KVSpec
 from kvstore.codecs import available_codecs, codec_bits_per_element, codec_max_error, get_codec
+from kvstore.codecs import kivi
 from kvstore.codecs.kivi import KiviCodec, hadamard
 from kvstore.codecs.lossless import ZstdStage
 from kvstore.codecs.quant import pack_bits, packed_len, unpack_bits
@@ -60,6 +61,9 @@ def test_unknown_names_are_value_errors(name, match):
         (dict(bits=4, key_group_size=8192), "within"),
         (dict(bits=4, value_group_size=True), "value_group_size"),
         (dict(bits=4, residual_tokens=-1), "residual_tokens"),
+        (dict(bits=4, sink_tokens=-2), "sink_tokens"),
+        (dict(bits=4, sink_tokens=1.5), "sink_tokens"),
+        (dict(bits=4, sink_tokens=True), "sink_tokens"),
         (dict(bits=2, rotate="yes"), "rotate must be a bool"),
     ],
 )
@@ -75,7 +79,7 @@ def test_kivi_options_are_checked(kwargs, match):
         ("identity", 16.0),
         ("fp8", 8 + 32 / (32 * 32)),  # one float32 scale per (layer, K/V, head) of T·D elements
         ("int8", 8 + 16 / 32),  # one float16 scale per token and head
-        ("kivi4", 4 + 16 / 32 + 16 / 32),  # float16 scale+zero per 32 tokens (K) / 32 channels (V)
+        ("kivi4", 4 + 16 / 32 + 16 / 32),  # float16 scale+zero per group: 64 capped by 32 tokens (K) / 32 channels (V)
         ("kivi2", 2 + 1.0),
         ("kivi2h", 2 + 1.0),
     ],
@@ -85,6 +89,17 @@ def test_bits_per_element_are_exact_payload_sizes(name, bits):
     assert codec_bits_per_element(codec, SPEC) == pytest.approx(bits)
     payload, _ = codec.encode(kv_like(SPEC), SPEC)
     assert memoryview(payload).nbytes * 8 == pytest.approx(bits * SPEC.block_numel)
+
+
+def test_registered_kivi_codecs_use_groups_of_64():
+    """On the reference model's blocks (256 tokens, head_dim 64): 4.5 and 2.5 bits per element,
+    3.56x and 6.4x smaller than float16."""
+    ref = KVSpec("ref", 30, 3, 64, "float16", 256)
+    for name, bits in (("kivi4", 4.5), ("kivi2", 2.5), ("kivi2h", 2.5)):
+        codec = get_codec(name)
+        assert (codec.key_group_size, codec.value_group_size) == (64, 64)
+        assert codec_bits_per_element(codec, ref) == bits
+    assert 16 / 4.5 >= 3.5 and 16 / 2.5 >= 6
 
 
 def test_kivi_group_sizes_and_residual_change_the_bits():
@@ -100,6 +115,82 @@ def test_kivi_group_sizes_and_residual_change_the_bits():
     assert r.bits_per_element(SPEC) == want == 7.875
 
 
+def test_sink_tokens_are_counted_in_the_bits():
+    # S = 4 sink tokens in float16 at the start; per (layer, head) of 2·32·32 elements:
+    # sink 2·4·32·16 + key stats (one partial group of 28 tokens) 32·32 + value stats 28·32
+    # + codes 2·28·32·4 bits
+    s = KiviCodec(4, sink_tokens=4)
+    want = (2 * 4 * 32 * 16 + 32 * 32 + 28 * 32 + 2 * 28 * 32 * 4) / (2 * 32 * 32)
+    assert s.bits_per_element(SPEC) == pytest.approx(want) == 6.4375
+    payload, meta = s.encode(kv_like(SPEC), SPEC)
+    assert memoryview(payload).nbytes * 8 == want * SPEC.block_numel and meta["sink"] == 4
+    # sink and residual together: every token exact costs the block dtype and nothing else
+    both = KiviCodec(4, sink_tokens=20, residual_tokens=12)
+    assert both.bits_per_element(SPEC) == 16.0
+    # on the reference model's blocks (256 tokens, head_dim 64), a first block with 4 sinks
+    ref = KVSpec("ref", 30, 3, 64, "float16", 256)
+    assert KiviCodec(4, group_size=64, sink_tokens=4).bits_per_element(ref) == pytest.approx(
+        (2 * 4 * 64 * 16 + 4 * 64 * 32 + 252 * 32 + 2 * 252 * 64 * 4) / (2 * 256 * 64)
+    )
+
+
+@pytest.mark.parametrize("sink, residual", [(5, 0), (0, 6), (3, 7), (32, 0), (16, 16)])
+@pytest.mark.parametrize("bits, rotate", [(4, False), (2, False), (2, True)])
+def test_sink_and_residual_tokens_are_bit_exact(sink, residual, bits, rotate):
+    """The first ``sink`` and last ``residual`` tokens come back bit for bit (K and V, every layer
+    and head); the tokens between are quantized as a block of their own: the same payload as
+    the quantizer gives on the middle part alone."""
+    codec = KiviCodec(bits, group_size=8, sink_tokens=sink, residual_tokens=residual, rotate=rotate)
+    block = kv_like(SPEC, seed=11, outliers=20.0)
+    payload, meta = codec.encode(block, SPEC)
+    assert (meta["sink"], meta["residual"]) == (sink, residual)
+    got = codec.decode(payload, meta, SPEC)
+    T = SPEC.block_tokens
+    assert torch.equal(got[:, :, :, :sink], block[:, :, :, :sink])
+    assert torch.equal(got[:, :, :, T - residual :], block[:, :, :, T - residual :])
+    err = (got.float() - block.float()).abs()
+    assert bool((err <= codec_max_error(codec, block, SPEC)).all())
+    bound = codec_max_error(codec, block, SPEC)
+    assert not bound[:, :, :, :sink].any() and not bound[:, :, :, T - residual :].any()  # declared exact
+    middle = T - sink - residual
+    if middle:
+        assert not torch.equal(got[:, :, :, sink : T - residual], block[:, :, :, sink : T - residual])
+        if not rotate:  # groups start at the first quantized token
+            for kv, axis in ((0, "tokens"), (1, "channels")):
+                x = block[:, kv, :, sink : T - residual]  # [L, H, middle, D]
+                ss = kivi.stats_shape(tuple(x.shape), 8, axis)
+                parts = [torch.empty(*x.shape[:3], packed_len(x.shape[3], bits), dtype=torch.uint8), torch.empty(ss, dtype=torch.float16), torch.empty(ss, dtype=torch.float16)]
+                kivi.quantize_torch(x, bits, 8, axis, *parts)
+                want = torch.empty_like(x)
+                kivi.dequantize_torch(*parts, bits, 8, axis, want)
+                assert torch.equal(got[:, kv, :, sink : T - residual], want)
+    # any kivi codec decodes it, into a caller's buffer too
+    out = torch.empty_like(block)
+    assert torch.equal(get_codec("kivi4").decode(payload, meta, SPEC, out=out), got)
+
+
+def test_sink_and_residual_must_fit_the_block():
+    with pytest.raises(ValueError, match="sink_tokens \\+ residual_tokens"):
+        KiviCodec(4, sink_tokens=20, residual_tokens=13).encode(kv_like(SPEC), SPEC)
+    with pytest.raises(ValueError, match="sink_tokens \\+ residual_tokens"):
+        KiviCodec(4, sink_tokens=33).bits_per_element(SPEC)
+    payload, meta = KiviCodec(4, sink_tokens=4).encode(kv_like(SPEC), SPEC)
+    for bad in ({**meta, "sink": 40}, {**meta, "sink": -1}, {**meta, "sink": 30, "residual": 3}, {k: v for k, v in meta.items() if k != "sink"}):
+        with pytest.raises(ValueError):
+            get_codec("kivi4").decode(payload, bad, SPEC)
+
+
+def test_replace_changes_options_and_keeps_the_name():
+    c = KiviCodec(2, group_size=16, rotate=True, name="kivi2h")
+    s = c.replace(sink_tokens=4, residual_tokens=8)
+    assert (s.bits, s.key_group_size, s.value_group_size, s.rotate, s.name) == (2, 16, 16, True, "kivi2h")
+    assert (s.sink_tokens, s.residual_tokens) == (4, 8) and (c.sink_tokens, c.residual_tokens) == (0, 0)
+    with pytest.raises(ValueError, match="no option"):
+        c.replace(sinks=4)
+    with pytest.raises(ValueError, match="sink_tokens"):
+        c.replace(sink_tokens=-1)
+
+
 # -- error bounds (the bound is the codec's own, declared in one place) ------------------------------
 CODEC_CASES = {
     "fp8": lambda: get_codec("fp8"),
@@ -108,6 +199,8 @@ CODEC_CASES = {
     "kivi2": lambda: get_codec("kivi2"),
     "kivi2h": lambda: get_codec("kivi2h"),
     "kivi4-g12-residual": lambda: KiviCodec(4, group_size=12, residual_tokens=5),
+    "kivi4-g12-sink-residual": lambda: KiviCodec(4, group_size=12, sink_tokens=3, residual_tokens=5),
+    "kivi2h-sink": lambda: KiviCodec(2, rotate=True, sink_tokens=4, name="kivi2h"),
     "kivi2-k8-v20": lambda: KiviCodec(2, key_group_size=8, value_group_size=20),
     "kivi4h+zstd": lambda: ZstdStage(KiviCodec(4, rotate=True)),
     "int8+lz4": lambda: get_codec("int8+lz4"),
@@ -320,6 +413,10 @@ def _corruptions(name):
         yield "meta-bits-bool", raw, {**meta, "bits": True}
         yield "meta-group", raw, {**meta, "k_group": 6}
         yield "meta-residual", raw, {**meta, "residual": SPEC.block_tokens + 1}
+    if name in ("kivi4", "kivi2", "kivi2h"):
+        yield "meta-sink", raw, {**meta, "sink": 1}
+        yield "meta-sink-negative", raw, {**meta, "sink": -1}
+        yield "meta-sink-missing", raw, {k: v for k, v in meta.items() if k != "sink"}
         yield "meta-other-layout", raw, {**meta, "v_group": 16}
     if name in ("int8", "kivi4", "kivi2"):  # float16 scales first: make one infinite
         bad = bytearray(raw)
