@@ -291,7 +291,9 @@ class TieredStore:
             for it in chunk:
                 by_spec.setdefault(it.spec, []).append(it)
             for spec, group in by_spec.items():
-                sizes = tier.put([it.key for it in group], [it.block for it in group], spec=spec)
+                # a block with no known parent is a sequence's first: codecs that keep its sinks exact do so
+                first = [self._index.depth(it.slot) == 0 for it in group]
+                sizes = tier.put([it.key for it in group], [it.block for it in group], spec=spec, first=first)
                 stored = []
                 for it, size in zip(group, sizes):
                     if size > 0:

@@ -26,13 +26,13 @@ class ServiceDeviceTier(DeviceTier):
     to the host tier, as it does for "no room".
     """
 
-    def put(self, keys, blocks, *, spec: KVSpec) -> list[int]:
+    def put(self, keys, blocks, *, spec: KVSpec, first=None) -> list[int]:
         slot = self._slot_bytes
         if slot is not None and spec.block_nbytes > slot:
             with self._lock:
                 self._stats.refused += len(keys)
             return [0] * len(keys)
-        return super().put(keys, blocks, spec=spec)
+        return super().put(keys, blocks, spec=spec, first=first)
 
 
 def build_store(settings: Settings) -> TieredStore:

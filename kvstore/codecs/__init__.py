@@ -3,7 +3,7 @@
 ``lz4`` (``get_codec("kivi4+zstd")``)."""
 
 from . import fp8, identity, int8, kivi, lossless  # noqa: F401  (register the codecs and stages)
-from .base import Codec, available_codecs, get_codec, register_codec, register_stage
+from .base import Codec, available_codecs, codec_for_block, get_codec, register_codec, register_stage
 from .fp8 import Fp8Codec
 from .int8 import Int8Codec
 from .kivi import KiviCodec
@@ -23,6 +23,7 @@ __all__ = [
     "codec_error_bound",
     "codec_max_error",
     "get_codec",
+    "codec_for_block",
     "register_codec",
     "register_stage",
 ]

@@ -81,3 +81,12 @@ def tensor_from_bytes(payload, dtype: torch.dtype, shape) -> torch.Tensor:
     with warnings.catch_warnings():  # torch warns that read-only buffers give non-writable tensors
         warnings.simplefilter("ignore")
         return torch.frombuffer(view, dtype=torch.uint8).view(dtype).view(tuple(shape))
+
+
+def codec_for_block(codec: Codec, first: bool) -> Codec:
+    """The codec to encode one block with: ``codec.for_block(first)`` where the codec varies with
+    the block's place (``first``: the first block of a sequence, no known parent; e.g. ``kivi4s``
+    keeps its attention sinks exact), else ``codec``. Decoding never needs it: the payload's meta
+    says what was kept."""
+    f = getattr(codec, "for_block", None)
+    return f(first) if f is not None else codec

@@ -231,6 +231,7 @@ class KiviCodec:
         rotate: bool = False,
         *,
         sink_tokens: int = 0,
+        first_block_sinks: int = 0,
         key_group_size: int | None = None,
         value_group_size: int | None = None,
         name: str | None = None,
@@ -242,7 +243,7 @@ class KiviCodec:
         value_group_size = group_size if value_group_size is None else value_group_size
         _check_group("key_group_size", key_group_size)
         _check_group("value_group_size", value_group_size)
-        for what, n in (("residual_tokens", residual_tokens), ("sink_tokens", sink_tokens)):
+        for what, n in (("residual_tokens", residual_tokens), ("sink_tokens", sink_tokens), ("first_block_sinks", first_block_sinks)):
             if not isinstance(n, int) or isinstance(n, bool) or n < 0:
                 raise ValueError(f"{what} must be a non-negative int, got {n!r}")
         if not isinstance(rotate, bool):
@@ -252,6 +253,8 @@ class KiviCodec:
         self.value_group_size = value_group_size
         self.residual_tokens = residual_tokens
         self.sink_tokens = sink_tokens
+        self.first_block_sinks = first_block_sinks
+        self._first_codec: KiviCodec | None = None
         self.rotate = rotate
         self.name = name or f"kivi{bits}"
 
@@ -260,7 +263,7 @@ class KiviCodec:
         ``residual_tokens=R`` for its tail block); the name stays, so frames still say ``kivi4``."""
         options = dict(
             bits=self.bits, residual_tokens=self.residual_tokens, rotate=self.rotate, sink_tokens=self.sink_tokens,
-            key_group_size=self.key_group_size, value_group_size=self.value_group_size, name=self.name,
+            first_block_sinks=self.first_block_sinks, key_group_size=self.key_group_size, value_group_size=self.value_group_size, name=self.name,
         )
         unknown = set(changes) - set(options)
         if unknown:
@@ -268,6 +271,15 @@ class KiviCodec:
         options.update(changes)
         bits = options.pop("bits")
         return KiviCodec(bits, **options)
+
+    def for_block(self, first: bool) -> "KiviCodec":
+        """The codec for a block at this place: the first block of a sequence keeps its first
+        ``first_block_sinks`` tokens (the attention sinks) exact; every other block is this codec."""
+        if not first or not self.first_block_sinks:
+            return self
+        if self._first_codec is None:
+            self._first_codec = self.replace(sink_tokens=self.first_block_sinks, first_block_sinks=0)
+        return self._first_codec
 
     def __repr__(self) -> str:
         return (
@@ -434,3 +446,7 @@ def _check_group(what: str, g) -> None:
 register_codec("kivi4", lambda: KiviCodec(bits=4))
 register_codec("kivi2", lambda: KiviCodec(bits=2))
 register_codec("kivi2h", lambda: KiviCodec(bits=2, rotate=True, name="kivi2h"))
+# the same, keeping the first 4 tokens of a sequence's first block exact when a tier stores it
+# (``TieredStore`` says which blocks are first): what made kivi4 keep its pass keys (README, Codecs)
+register_codec("kivi4s", lambda: KiviCodec(bits=4, first_block_sinks=4, name="kivi4s"))
+register_codec("kivi2hs", lambda: KiviCodec(bits=2, rotate=True, first_block_sinks=4, name="kivi2hs"))

@@ -39,6 +39,19 @@ class _Stage:
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.inner!r})"
 
+    def for_block(self, first: bool):
+        """This stage around the inner codec's variant for the block's place (see ``codec_for_block``)."""
+        from .base import codec_for_block
+
+        inner = codec_for_block(self.inner, first)
+        if inner is self.inner:
+            return self
+        import copy
+
+        stage = copy.copy(self)
+        stage.inner = inner
+        return stage
+
     @property
     def error_bound(self):
         return codec_error_bound(self.inner)

@@ -75,7 +75,8 @@ class StorageTier(Protocol):
 
     def get(self, keys: Sequence[bytes], *, spec: KVSpec, out: Sequence[torch.Tensor] | None = None) -> list[torch.Tensor | None]: ...
 
-    def put(self, keys: Sequence[bytes], blocks: Sequence[torch.Tensor], *, spec: KVSpec) -> list[int]: ...
+    def put(self, keys: Sequence[bytes], blocks: Sequence[torch.Tensor], *, spec: KVSpec,
+            first: Sequence[bool] | None = None) -> list[int]: ...
 
     def remove(self, keys: Sequence[bytes], *, spec: KVSpec) -> int:
         """Remove the keys present; returns how many were removed."""
@@ -124,9 +125,11 @@ class TierBase:
 
     # -- helpers for subclasses ------------------------------------------------------------
     @staticmethod
-    def _check_put(keys: Sequence[bytes], blocks: Sequence[torch.Tensor], spec: KVSpec) -> None:
+    def _check_put(keys: Sequence[bytes], blocks: Sequence[torch.Tensor], spec: KVSpec, first=None) -> None:
         if len(keys) != len(blocks):
             raise ValueError(f"put needs one block per key: got {len(keys)} keys and {len(blocks)} blocks")
+        if first is not None and len(first) != len(keys):
+            raise ValueError(f"first needs one flag per key: got {len(keys)} keys and {len(first)} flags")
         for k in keys:
             if not isinstance(k, (bytes, bytearray)) or len(k) != 32:
                 raise ValueError("every key must be a 32-byte BlockHash")

@@ -17,7 +17,7 @@ from typing import Iterator, Sequence
 
 import torch
 
-from ..codecs import Codec, get_codec
+from ..codecs import Codec, codec_for_block, get_codec
 from ..frames import FrameError, decode_frame, encode_frame
 from ..spec import KVSpec
 from .base import TierBase, TierCapabilities
@@ -85,18 +85,20 @@ class DiskTier(TierBase):
             out.append(entry is not None and entry[0] == fp8)
         return out
 
-    def put(self, keys: Sequence[bytes], blocks: Sequence[torch.Tensor], *, spec: KVSpec) -> list[int]:
-        self._check_put(keys, blocks, spec)
+    def put(self, keys: Sequence[bytes], blocks: Sequence[torch.Tensor], *, spec: KVSpec,
+            first: Sequence[bool] | None = None) -> list[int]:
+        self._check_put(keys, blocks, spec, first)
         sizes = []
-        for key, block in zip(keys, blocks):
+        for i, (key, block) in enumerate(zip(keys, blocks)):
             key = bytes(key)
             with self._lock:
                 entry = self._files.get(key)
             if entry is not None:
                 sizes.append(entry[1])
                 continue
-            payload, meta = self.codec.encode(block, spec)
-            frame = encode_frame(key, spec, self.codec.name, meta, spec.block_shape, spec.dtype, payload)
+            codec = codec_for_block(self.codec, bool(first[i])) if first is not None else self.codec
+            payload, meta = codec.encode(block, spec)
+            frame = encode_frame(key, spec, codec.name, meta, spec.block_shape, spec.dtype, payload)
             with self._lock:
                 if not self._fits(len(frame)):
                     self._stats.refused += 1

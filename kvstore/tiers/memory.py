@@ -11,7 +11,7 @@ from typing import Sequence
 
 import torch
 
-from ..codecs import Codec, get_codec
+from ..codecs import Codec, codec_for_block, get_codec
 from ..codecs.base import tensor_bytes
 from ..spec import KVSpec
 from .base import TierBase, TierCapabilities
@@ -42,17 +42,19 @@ class HostTier(TierBase):
         entries = self._entries
         return [bytes(k) in entries for k in keys]
 
-    def put(self, keys: Sequence[bytes], blocks: Sequence[torch.Tensor], *, spec: KVSpec) -> list[int]:
-        self._check_put(keys, blocks, spec)
+    def put(self, keys: Sequence[bytes], blocks: Sequence[torch.Tensor], *, spec: KVSpec,
+            first: Sequence[bool] | None = None) -> list[int]:
+        self._check_put(keys, blocks, spec, first)
         sizes = []
         identity = self.codec.name == "identity"
         with self._lock:
-            for key, block in zip(keys, blocks):
+            for i, (key, block) in enumerate(zip(keys, blocks)):
                 key = bytes(key)
                 if key in self._entries:
                     sizes.append(self._entries[key][2])
                     continue
-                payload, meta = self.codec.encode(block, spec)
+                codec = codec_for_block(self.codec, bool(first[i])) if first is not None else self.codec
+                payload, meta = codec.encode(block, spec)
                 nbytes = memoryview(payload).nbytes
                 if not self._fits(nbytes):
                     self._stats.refused += 1
@@ -175,8 +177,9 @@ class DeviceTier(TierBase):
         slots = self._slot_of
         return [bytes(k) in slots for k in keys]
 
-    def put(self, keys: Sequence[bytes], blocks: Sequence[torch.Tensor], *, spec: KVSpec) -> list[int]:
-        self._check_put(keys, blocks, spec)
+    def put(self, keys: Sequence[bytes], blocks: Sequence[torch.Tensor], *, spec: KVSpec,
+            first: Sequence[bool] | None = None) -> list[int]:
+        self._check_put(keys, blocks, spec, first)
         sizes = []
         with self._lock:
             for key, block in zip(keys, blocks):

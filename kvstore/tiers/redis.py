@@ -43,7 +43,7 @@ import torch
 from redis.cluster import RedisCluster
 from redis.exceptions import DataError, OutOfMemoryError, RedisClusterException, RedisError, ResponseError
 
-from ..codecs import Codec, get_codec
+from ..codecs import Codec, codec_for_block, get_codec
 from ..frames import FrameError, decode_frame, encode_frame
 from ..keys import check_keys
 from ..spec import KVSpec
@@ -255,8 +255,9 @@ class RedisTier(TierBase):
         self._check_replies(replies)
         return [r == 1 for r in replies]  # an error in place of a reply is a False
 
-    def put(self, keys: Sequence[bytes], blocks: Sequence[torch.Tensor], *, spec: KVSpec) -> list[int]:
-        self._check_put(keys, blocks, spec)
+    def put(self, keys: Sequence[bytes], blocks: Sequence[torch.Tensor], *, spec: KVSpec,
+            first: Sequence[bool] | None = None) -> list[int]:
+        self._check_put(keys, blocks, spec, first)
         rkeys = self._redis_keys(keys, spec)
         sizes = [0] * len(rkeys)
         if not rkeys:
@@ -269,8 +270,9 @@ class RedisTier(TierBase):
             batch: list[int] = []
             batch_bytes = 0
             for i, (key, block) in enumerate(zip(keys, blocks)):
-                payload, meta = codec.encode(block, spec)
-                frame = encode_frame(bytes(key), spec, codec.name, meta, spec.block_shape, spec.dtype, payload)
+                c = codec_for_block(codec, bool(first[i])) if first is not None else codec
+                payload, meta = c.encode(block, spec)
+                frame = encode_frame(bytes(key), spec, c.name, meta, spec.block_shape, spec.dtype, payload)
                 delta = self._reserve(rkeys[i], len(frame))
                 if delta is None:
                     continue  # refused for lack of room: sizes[i] stays 0

@@ -142,3 +142,36 @@ def test_store_with_a_codec_per_tier(tmp_path):
     assert all(within_bound(codec, g, b) for g, b in zip(got, bs))
     assert disk.stats().puts >= 2
     store.close()
+
+
+# -- first-block sinks: the store tells a tier which blocks are a sequence's first ----------------
+def test_kivi4s_keeps_the_first_blocks_sinks_exact_through_the_store(tmp_path):
+    from kvstore import DiskTier, HostTier, KVSpec, Namespace, TieredStore, chain_hashes
+    from kvstore.codecs import codec_for_block, get_codec
+
+    spec = KVSpec("sinks", num_layers=2, num_kv_heads=2, head_dim=16, dtype="float16", block_tokens=64)
+    codec = get_codec("kivi4s")
+    assert codec_for_block(codec, False) is codec and codec_for_block(codec, True).sink_tokens == 4
+    zs = get_codec("kivi4s+zstd")
+    assert codec_for_block(zs, True).inner.sink_tokens == 4 and codec_for_block(zs, True).name == "kivi4s+zstd"
+    assert codec_for_block(get_codec("int8"), True).name == "int8"
+    g = torch.Generator().manual_seed(0)
+    blocks = torch.randn(3, *spec.block_shape, generator=g).to(torch.float16)
+    keys = chain_hashes(spec, torch.arange(3 * 64), Namespace(salt="s"))
+    for tier in (HostTier(1 << 24, codec=get_codec("kivi4s")), DiskTier(tmp_path, 1 << 24, codec=get_codec("kivi4s+zstd"))):
+        store = TieredStore([tier])
+        assert store.put(spec, keys, blocks) == [True] * 3
+        got = store.get(spec, keys)
+        # the first block's first 4 tokens come back bit-exact; the other blocks' first tokens are quantized
+        assert torch.equal(got[0][..., :4, :], blocks[0][..., :4, :])
+        assert not torch.equal(got[1][..., :4, :], blocks[1][..., :4, :])
+        for b in range(3):  # and everything within kivi4's bound
+            assert float((got[b].float() - blocks[b].float()).abs().max()) < 0.5
+        store.close()
+    # a chain continued from a known parent: its first block is not the sequence's first
+    store = TieredStore([HostTier(1 << 24, codec=get_codec("kivi4s"))])
+    store.put(spec, keys[:1], blocks[:1])
+    store.put(spec, keys[1:], blocks[1:], parent=keys[0])
+    got = store.get(spec, keys[1:2])
+    assert not torch.equal(got[0][..., :4, :], blocks[1][..., :4, :])
+    store.close()

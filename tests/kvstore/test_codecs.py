@@ -18,7 +18,7 @@ from kvstore.codecs.lossless import ZstdStage
 from kvstore.codecs.quant import pack_bits, packed_len, unpack_bits
 
 SPEC = KVSpec("codecs", num_layers=2, num_kv_heads=2, head_dim=32, dtype="float16", block_tokens=32)
-LOSSY = ["fp8", "int8", "kivi4", "kivi2", "kivi2h"]
+LOSSY = ["fp8", "int8", "kivi4", "kivi2", "kivi2h", "kivi4s", "kivi2hs"]
 
 
 def kv_like(spec: KVSpec, seed: int = 0, scale: float = 1.0, offset: float = 0.0, outliers: float = 0.0) -> torch.Tensor:
@@ -39,7 +39,7 @@ def round_trip(codec, block, spec):
 
 # -- registry ---------------------------------------------------------------------------------------
 def test_registry_names_every_codec_and_stage():
-    assert set(available_codecs()) == {"identity", "fp8", "int8", "kivi4", "kivi2", "kivi2h"}
+    assert set(available_codecs()) == {"identity", "fp8", "int8", "kivi4", "kivi2", "kivi2h", "kivi4s", "kivi2hs"}
     c = get_codec("kivi4+zstd")
     assert c.name == "kivi4+zstd" and not c.lossless
     assert get_codec("identity+lz4").lossless
