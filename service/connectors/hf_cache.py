@@ -38,6 +38,7 @@ from transformers.cache_utils import DynamicLayer
 from kvstore import KVSpec, chain_hashes
 
 from .backends import KVBackend, PrefixMatch, ServiceBackend, StoreBackend, make_backend
+from .hf_dispatch import model_dims
 
 __all__ = ["CacheStats", "KVBackend", "KVTierCache", "PrefixMatch", "ServiceBackend", "StoreBackend", "model_spec"]
 
@@ -49,11 +50,8 @@ def _text_config(model_or_config):
 
 def _cache_shape(model) -> tuple[int, int, int]:
     """``(num_layers, num_kv_heads, head_dim)`` of a transformers causal LM's cache."""
-    cfg = _text_config(model)
-    heads = cfg.num_attention_heads
-    kv_heads = getattr(cfg, "num_key_value_heads", None) or heads
-    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
-    return cfg.num_hidden_layers, kv_heads, head_dim
+    d = model_dims(model)
+    return d.num_layers, d.num_kv_heads, d.head_dim
 
 
 def model_spec(model, *, model_id: str | None = None, block_tokens: int = 256, dtype: str = "float16") -> KVSpec:

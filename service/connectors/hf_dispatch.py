@@ -45,6 +45,8 @@ class ModelDims:
 
 def model_dims(model) -> ModelDims:
     cfg = getattr(model, "config", None)
+    if cfg is not None and hasattr(cfg, "get_text_config"):  # multimodal configs hold the LM's in a sub-config
+        cfg = cfg.get_text_config(decoder=True)
     if cfg is None or not hasattr(cfg, "num_hidden_layers") or not hasattr(cfg, "num_attention_heads"):
         raise ValueError(f"model must be a transformers causal LM with a config, got {type(model).__name__}")
     heads = cfg.num_attention_heads

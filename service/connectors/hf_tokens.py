@@ -213,10 +213,9 @@ class TokenPolicy:
 
 # -- validation shared with the other connectors ----------------------------------------------------------
 def _check_ids(name: str, ids, *, allow_empty: bool = False) -> list[int]:
-    if isinstance(ids, torch.Tensor):
-        ids = ids.view(-1).tolist()
-    if not isinstance(ids, (list, tuple)) or not all(isinstance(t, int) and not isinstance(t, bool) and t >= 0 for t in ids):
-        raise ValueError(f"{name} must be a list of non-negative int token ids, got {type(ids).__name__} {str(ids)[:60]}")
+    from .hf_cache import _token_list
+
+    ids = _token_list(ids, name)
     if not ids and not allow_empty:
         raise ValueError(f"{name} must hold at least one token, got none")
     return list(ids)

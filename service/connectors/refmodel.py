@@ -113,11 +113,9 @@ def load_model(dtype: torch.dtype = torch.float32):
 
 def kv_spec(model, block_tokens: int = 256, dtype: str = "float16"):
     """The ``KVSpec`` of the model's cache (blocks in ``dtype``, the usual serving precision)."""
-    from kvstore.spec import KVSpec
+    from .hf_cache import model_spec
 
-    cfg = model.config
-    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
-    return KVSpec(MODEL_ID, cfg.num_hidden_layers, cfg.num_key_value_heads, head_dim, dtype, block_tokens)
+    return model_spec(model, model_id=MODEL_ID, block_tokens=block_tokens, dtype=dtype)
 
 
 # -- held-out text ---------------------------------------------------------------------------------
