@@ -364,10 +364,13 @@ def token_policy_figures(model, tok, prompts, *, ratio: float = 0.5, scorer: str
     table = [[m if m == "none" else f"{m}, ratio {ratio}", f"{acc[m]['correct']}/{acc[m]['total']}",
               max(r["max_fast_tokens"] for r in rows if r["mode"] == m)] for m in ("none", "drop", "demote")]
     lens = sorted({r["tokens"] for r in rows})
+    demote = TokenPolicy(scorer=scorer, ratio=ratio, mode="demote")
     md = [f"**(c) Token policy** (`TokenPolicy({scorer!r}, ratio={ratio})`, chunks of 256 with eviction between them, demote "
-          f"recall 256 tokens per KV head and query through Quest), prompts of {', '.join(map(str, lens))} tokens:", "",
+          f"recall {demote.recall_budget} tokens per KV head and query through `{demote.recall_selector}`), prompts of "
+          f"{', '.join(map(str, lens))} tokens:", "",
           md_table(["eviction", "pass-key correct", "max fast-tier tokens per head"], table)]
-    return {"scorer": scorer, "ratio": ratio, "accuracy": acc, "runs": rows}, "\n".join(md)
+    return {"scorer": scorer, "ratio": ratio, "recall_selector": demote.recall_selector, "recall_budget": demote.recall_budget,
+            "accuracy": acc, "runs": rows}, "\n".join(md)
 
 
 # -- everything -----------------------------------------------------------------------------------------

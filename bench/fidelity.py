@@ -1,10 +1,11 @@
 """Token-eviction fidelity on the reference model: kvtier (drop, demote) vs kvpress, same prompts.
 
-    python bench/fidelity.py [--quick] [--out FILE] [--threads N]
+    python bench/fidelity.py [--quick] [--out FILE] [--threads N] [--lengths N ...] [--depths D ...] [--keys K]
 
-Reference model SmolLM2-135M-Instruct (bench/refmodel.py). Pass-key prompts, completion style over
-repeated filler, split into a context (intro, filler, needle, filler) and a question ("What is the
-pass key? The pass key is"). The context is compressed, the question is not (query-agnostic
+Reference model SmolLM2-135M-Instruct (bench/refmodel.py). Pass-key prompts (by default 20: lengths
+2K and 6K, needle depths 0.1/0.3/0.5/0.7/0.9, two keys each), completion style over repeated
+filler, split into a context (intro, filler, needle, filler) and a question ("What is the pass
+key? The pass key is"). The context is compressed, the question is not (query-agnostic
 compression, as kvpress's pipeline does it), then 8 tokens are decoded greedily.
 
 One uncompressed prefill of each context is captured (per layer: the attention block's input
@@ -321,16 +322,97 @@ def plot(acc: dict, ratios, path: str) -> None:
     fig.savefig(path, dpi=120)
 
 
+def paired(rows, names, ratios) -> dict:
+    """kvtier drop vs kvpress per press and ratio: accuracies, and prompt by prompt how many only
+    one of the two answers (the same prompts, so these counts show whether a gap is a prompt or two)."""
+    out = {}
+    for n in names:
+        for r in ratios:
+            ours = {(x["tokens"], x["depth"], x["key"]): x["correct"] for x in rows if x["method"] == f"kvtier-drop:{n}" and x["ratio"] == r}
+            theirs = {(x["tokens"], x["depth"], x["key"]): x["correct"] for x in rows if x["method"] == f"kvpress:{n}" and x["ratio"] == r}
+            common = ours.keys() & theirs.keys()
+            if not common:
+                continue
+            out[f"{n}@{r}"] = {"kvtier_drop": sum(ours[k] for k in common) / len(common),
+                               "kvpress": sum(theirs[k] for k in common) / len(common),
+                               "only_kvtier": sum(ours[k] and not theirs[k] for k in common),
+                               "only_kvpress": sum(theirs[k] and not ours[k] for k in common), "prompts": len(common)}
+    return out
+
+
+def render(figures: dict) -> str:
+    """The Markdown of a run, from its figures alone (``--render`` redraws a saved run)."""
+    rows, prompts = figures["runs"], figures["prompts"]
+    methods = figures.get("methods") or [m for m in figures["accuracy"] if m != "full"]
+    ratios = figures.get("ratios") or [float(r) for r in next(iter(figures["accuracy"].values()))]
+    depths = tuple(figures.get("depths") or sorted({p["depth"] for p in prompts}))
+    lens = sorted({p["tokens"] for p in prompts})
+    keys_per = figures.get("keys_per_depth") or max(1, len(prompts) // max(1, len(lens) * len(depths)))
+    _, table = summarise(rows, ratios, methods)
+    ppl_rows = figures.get("perplexity") or []
+    quick, partial = figures.get("quick"), figures.get("partial")
+    name = "fidelity_quick" if quick else "fidelity"
+    duo = figures["head_profile"]["retrieval"]
+    n_ret, n_heads = sum(map(sum, duo)), sum(map(len, duo))
+    parts = [f"## bench/fidelity.py{' --quick' if quick else ''}" + (" (partial: stopped early)" if partial else ""), "",
+             f"Pass-key accuracy, SmolLM2-135M-Instruct, {len(prompts)} prompts ({', '.join(map(str, lens))} tokens; depths {depths};"
+             f" {keys_per} key(s) per length and depth), query-agnostic compression of the context (sinks {figures['sinks']},"
+             f" window {figures['window']} kept by kvtier); demote recall {figures['recall_budget']} tokens per KV head and query"
+             f" through `{figures['recall_selector']}`; duo: {n_ret}/{n_heads} retrieval heads.", "",
+             md_table(["method", *[f"ratio {r}" for r in ratios]], table), ""]
+    comp = figures.get("drop_vs_kvpress") or {}
+    if comp and "only_kvtier" in next(iter(comp.values())):
+        prs = sorted({k.split("@")[0] for k in comp}, key=list(SCORERS).index)
+        cells = [[n, *[(f"{comp[f'{n}@{r}']['only_kvtier']} / {comp[f'{n}@{r}']['only_kvpress']}" if f"{n}@{r}" in comp else "")
+                       for r in ratios]] for n in prs]
+        parts += ["Prompt by prompt, kvtier `drop` vs kvpress's same-named press: prompts only kvtier answers / only kvpress answers:", "",
+                  md_table(["press", *[f"ratio {r}" for r in ratios]], cells), ""]
+    if ppl_rows:
+        base = ppl_rows[0]["perplexity"]
+        ppl_table = [[r["mode"], r["ratio"], f"{r['perplexity']:.3f}", f"{100 * (r['perplexity'] / base - 1):+.2f}%", r["max_fast_tokens"]]
+                     for r in ppl_rows]
+        parts += [f"Perplexity of {ppl_rows[0]['tokens']} tokens of held-out text, chunks of 256, kvtier `{ppl_rows[0]['scorer']}`"
+                  " evicting between chunks (fast tier bounded by (1 - ratio) of the text):", "",
+                  md_table(["mode", "ratio", "perplexity", "vs full", "max fast-tier tokens/head"], ppl_table), ""]
+    parts.append(f"![accuracy vs ratio]({name}.png)")
+    return "\n".join(parts)
+
+
+def save_figures(figures: dict, out: str | None) -> None:
+    """Plot, render and write a run's figures (a quick run never overwrites the full results)."""
+    name = "fidelity_quick" if figures.get("quick") else "fidelity"
+    ratios = figures.get("ratios") or [float(r) for r in next(iter(figures["accuracy"].values()))]
+    png = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", f"{name}.png")
+    os.makedirs(os.path.dirname(png), exist_ok=True)
+    plot(figures["accuracy"], ratios, png)
+    save_results(name, figures, render(figures), out)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="smoke run: 1K-token prompts, 3 depths, ratio 0.5, SnapKV (kvpress, drop, adakv, duo, demote); 512-token perplexity; writes bench/results/fidelity_quick.*")
     ap.add_argument("--out", help="also write the figures as JSON to this file")
     ap.add_argument("--threads", type=int, default=1, help="torch threads (1: on a shared 2-core box a second thread mostly waits)")
-    ap.add_argument("--lengths", type=int, nargs="+", help="prompt lengths in tokens (default: 2048 6144; quick: 1536)")
+    ap.add_argument("--lengths", type=int, nargs="+", help="prompt lengths in tokens (default: 2048 6144; quick: 1024)")
+    ap.add_argument("--depths", type=float, nargs="+", help="needle depths in [0, 1] (default: 0.1 0.3 0.5 0.7 0.9; quick: 0.1 0.5 0.9)")
+    ap.add_argument("--keys", type=int, help="pass keys per length and depth, each its own prompt (default: 2; quick: 1)")
     ap.add_argument("--retrieval-fraction", type=float, default=0.5, help="share of KV heads the 'duo' profile marks as retrieval heads")
     ap.add_argument("--recall-budget", type=int, default=256, help="demoted tokens recalled per KV head and query (demote mode)")
     ap.add_argument("--recall-selector", default="ann", help="retrieval selector that recalls demoted tokens (demote mode): ann (default), quest, tokenselect, topk_exact, centroids")
+    ap.add_argument("--render", metavar="JSON", help="measure nothing: redraw the Markdown table and plot from a saved run (its JSON)")
     args = ap.parse_args()
+    if args.render:
+        import json
+
+        with open(args.render) as f:
+            saved = json.load(f)
+        if saved.get("benchmark") != "fidelity" or "runs" not in saved:
+            ap.error(f"{args.render} is not a saved bench/fidelity.py run")
+        names = sorted({m.split(":")[1] for m in saved["accuracy"] if m.startswith("kvpress:")}, key=list(SCORERS).index)
+        ratios = [float(r) for r in next(iter(saved["accuracy"].values()))]
+        saved["drop_vs_kvpress"] = paired(saved["runs"], names, ratios)
+        save_figures(saved, args.out)
+        return
     torch.set_num_threads(args.threads)
     t0 = time.time()
     model, tok = rm.load_model()
@@ -340,7 +422,7 @@ def main() -> None:
         demoted = ["snapkv"]
         ppl_tokens = 512
     else:
-        lengths, depths, keys_per, ratios = (2048, 6144), (0.1, 0.5, 0.9), 1, [0.5, 0.75, 0.9]
+        lengths, depths, keys_per, ratios = (2048, 6144), (0.1, 0.3, 0.5, 0.7, 0.9), 2, [0.5, 0.75, 0.9]
         names = list(SCORERS)
         demoted = ["snapkv", "expected_attention"]
         ppl_tokens = 4096
@@ -350,6 +432,14 @@ def main() -> None:
     print(f"head profile: {int(profile.retrieval.sum())} of {profile.retrieval.numel()} KV heads are retrieval heads "
           f"(outside-mass range {float(profile.mass.min()):.3f}..{float(profile.mass.max()):.3f})")
     lengths = tuple(args.lengths) if args.lengths else lengths
+    depths = tuple(args.depths) if args.depths else depths
+    keys_per = args.keys if args.keys is not None else keys_per
+    if any(not 0.0 <= d <= 1.0 for d in depths):
+        ap.error(f"--depths must lie in [0, 1], got {list(depths)}")
+    if keys_per < 1:
+        ap.error(f"--keys must be >= 1, got {keys_per}")
+    if any(n < 256 for n in lengths):
+        ap.error(f"--lengths must be >= 256 tokens (the needle and question need room), got {list(lengths)}")
     prompts = rm.passkey_suite(tok, lengths=lengths, depths=depths, num_keys=keys_per)
     total = len(prompts) * (1 + len(ratios) * len(methods))
     from tqdm import tqdm
@@ -362,36 +452,16 @@ def main() -> None:
 
     def report(rows, prompts_done, ppl_rows=None, partial=False):
         done = prompts[:prompts_done]
-        acc, table = summarise(rows, ratios, methods)
-        comparisons = {f"{n}@{r}": {"kvtier_drop": acc[f"kvtier-drop:{n}"][str(r)], "kvpress": acc[f"kvpress:{n}"][str(r)]}
-                       for n in names for r in ratios}
+        acc, _ = summarise(rows, ratios, methods)
+        comparisons = paired(rows, names, ratios)
         figures = {"quick": args.quick, "partial": partial, "threads": args.threads, "recall_budget": args.recall_budget,
-                   "recall_selector": args.recall_selector,
+                   "recall_selector": args.recall_selector, "lengths": list(lengths), "depths": list(depths),
+                   "keys_per_depth": keys_per, "ratios": ratios, "methods": methods,
                    "sinks": SINKS, "window": WINDOW, "head_profile": profile.to_dict(),
                    "prompts": [{"tokens": len(p.input_ids), "depth": p.depth, "key": p.key} for p in done],
                    "accuracy": acc, "drop_vs_kvpress": comparisons, "runs": rows, "perplexity": ppl_rows or [],
                    "seconds": time.time() - t0}
-        name = "fidelity_quick" if args.quick else "fidelity"  # a smoke run never overwrites the full results
-        png = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", f"{name}.png")
-        os.makedirs(os.path.dirname(png), exist_ok=True)
-        plot(acc, ratios, png)
-        lens = sorted({len(p.input_ids) for p in done})
-        parts = [f"## bench/fidelity.py{' --quick' if args.quick else ''}" + (" (partial: stopped early)" if partial else ""), "",
-                 f"Pass-key accuracy, SmolLM2-135M-Instruct, {len(done)} prompts ({', '.join(map(str, lens))} tokens; depths {depths}),"
-                 f" query-agnostic compression of the context (sinks {SINKS}, window {WINDOW} kept by kvtier); demote recall"
-                 f" {args.recall_budget} tokens per KV head and query through `{args.recall_selector}`; duo: {int(profile.retrieval.sum())}/{profile.retrieval.numel()}"
-                 " retrieval heads.", "",
-                 md_table(["method", *[f"ratio {r}" for r in ratios]], table), ""]
-        if ppl_rows:
-            base = ppl_rows[0]["perplexity"]
-            ppl_table = [[r["mode"], r["ratio"], f"{r['perplexity']:.3f}", f"{100 * (r['perplexity'] / base - 1):+.2f}%", r["max_fast_tokens"]]
-                         for r in ppl_rows]
-            parts += [f"Perplexity of {ppl_tokens} tokens of held-out text, chunks of 256, kvtier `snapkv` evicting between chunks"
-                      " (fast tier bounded by (1 - ratio) of the text):", "",
-                      md_table(["mode", "ratio", "perplexity", "vs full", "max fast-tier tokens/head"], ppl_table), ""]
-        parts.append(f"![accuracy vs ratio]({name}.png)")
-        save_results(name, figures, "\n".join(parts), args.out)
-        return table
+        save_figures(figures, args.out)
 
     rows = run_passkey(model, tok, prompts, ratios, methods, args.recall_budget, progress, profile,
                        checkpoint=lambda rows, n: report(rows, n, partial=True), recall_selector=args.recall_selector)
@@ -399,8 +469,8 @@ def main() -> None:
     report(rows, len(prompts))  # the pass-key table is saved before the perplexity part starts
     ppl_rows = run_perplexity(model, tok, ppl_tokens, ratios, "snapkv", args.recall_budget,
                               recall_selector=args.recall_selector, progress=lambda r: print(f"perplexity {r['mode']}@{r['ratio']}: {r['perplexity']:.3f} (fast tier <= {r['max_fast_tokens']} tokens)"))
-    table = report(rows, len(prompts), ppl_rows)
-    print(md_table(["method", *[f"ratio {r}" for r in ratios]], table))
+    report(rows, len(prompts), ppl_rows)
+    print(md_table(["method", *[f"ratio {r}" for r in ratios]], summarise(rows, ratios, methods)[1]))
     print(f"done in {time.time() - t0:.0f} s")
 
 
