@@ -1,7 +1,9 @@
 """TieredStore: ordered tiers (fastest first) behind one batched API.
 
 - ``put`` writes new blocks into the first tier with room (making room by evicting), and also
-  into every tier configured ``write_through``;
+  into every tier configured ``write_through``; a write-through the tier refused (Redis down, no
+  room) is remembered (bounded) and tried again, from the faster tier that holds the block, at
+  later puts once the tier is available again (``retry_write_through`` does it on demand);
 - eviction from tier t picks victims with that tier's ``BlockPolicy``, skipping pinned blocks and
   blocks whose children are still resident in t (leaf-first), and demotes them to tier t+1
   (write-back) unless t+1 already holds them;
@@ -26,7 +28,7 @@ import itertools
 import logging
 import threading
 import time
-from collections import deque
+from collections import OrderedDict, deque
 from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
 
@@ -105,6 +107,10 @@ class _Tier:
     evictions: int = 0
     demotions: int = 0
     promotions: int = 0
+    # write-through only: keys the tier refused, oldest first, to be written again later
+    pending: OrderedDict = field(default_factory=OrderedDict)
+    wt_retried: int = 0  # pending blocks written on a later try
+    wt_dropped: int = 0  # pending keys forgotten because the list was full
 
     @property
     def tier(self) -> StorageTier:
@@ -134,8 +140,13 @@ class TieredStore:
         promote_on_hit: bool = True,
         max_events: int = 100_000,
         max_pin_ttl_s: float = 3600.0,
+        max_write_through_pending: int = 4096,
+        write_through_retry_batch: int = 64,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
+        """``max_write_through_pending``: refused write-throughs remembered per tier (the oldest are
+        forgotten beyond it; they still reach the tier when evicted from above); at most
+        ``write_through_retry_batch`` of them are tried again per ``put``."""
         if not tiers:
             raise ValueError("a TieredStore needs at least one tier")
         cfgs = [t if isinstance(t, TierConfig) else TierConfig(t) for t in tiers]
@@ -148,6 +159,11 @@ class TieredStore:
         for tenant, q in self._quotas.items():
             if not isinstance(q, int) or q < 0:
                 raise ValueError(f"quota of tenant {tenant!r} must be a non-negative int of bytes, got {q!r}")
+        for name, v in (("max_write_through_pending", max_write_through_pending), ("write_through_retry_batch", write_through_retry_batch)):
+            if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+                raise ValueError(f"{name} must be a non-negative int, got {v!r}")
+        self.max_write_through_pending = max_write_through_pending
+        self.write_through_retry_batch = write_through_retry_batch
         self.promote_on_hit = promote_on_hit
         self.max_pin_ttl_s = max_pin_ttl_s
         self._clock = clock
@@ -309,6 +325,65 @@ class TieredStore:
         if refused and cascade and t + 1 < len(self._tiers):
             self._write(t + 1, refused)
 
+    # -- write-through retries ---------------------------------------------------------------
+    def _remember_refused(self, t: int, items: list[_Item]) -> None:
+        """Note the items tier t (write-through) did not take but a faster tier holds."""
+        st, idx = self._tiers[t], self._index
+        if not self.max_write_through_pending:
+            return
+        for it in items:
+            slot = idx.slot(it.key)
+            if slot != it.slot or not idx.residency(slot) or idx.residency(slot) & (1 << t):
+                continue
+            st.pending[it.key] = None
+            st.pending.move_to_end(it.key)
+            while len(st.pending) > self.max_write_through_pending:
+                st.pending.popitem(last=False)
+                st.wt_dropped += 1
+
+    def _retry_pending(self, t: int, limit: int | None) -> int:
+        """Write up to ``limit`` pending blocks into tier t, oldest first, each read from the fastest
+        tier holding it; stops at the first refusal (the tier is down or full). Returns how many landed."""
+        st, idx = self._tiers[t], self._index
+        if not getattr(st.tier, "available", True):
+            return 0
+        landed = tried = 0
+        while st.pending and (limit is None or tried < limit):
+            key = next(iter(st.pending))
+            slot = idx.slot(key)
+            res = idx.residency(slot) if slot is not None else 0
+            if not res or res & (1 << t):  # gone everywhere, or already there (demoted meanwhile)
+                del st.pending[key]
+                continue
+            spec = self._specs[idx.spec_id(slot)]
+            src = (res & -res).bit_length() - 1  # the fastest tier holding it
+            block = self._tiers[src].tier.get([key], spec=spec)[0]
+            tried += 1
+            if block is None:  # that tier lost it (e.g. a corrupt frame): nothing to copy from
+                del st.pending[key]
+                continue
+            idx.pin(slot)
+            try:
+                self._write(t, [_Item(slot, key, block, spec)], cascade=False)
+            finally:
+                if idx.slot(key) == slot:
+                    idx.unpin(slot)
+            s2 = idx.slot(key)
+            if s2 is None or not idx.residency(s2) & (1 << t):
+                break  # refused again: keep it, try later
+            del st.pending[key]
+            st.wt_retried += 1
+            landed += 1
+        return landed
+
+    def retry_write_through(self, limit: int | None = None) -> int:
+        """Try now to write the blocks that write-through tiers refused (all of them, or ``limit``
+        per tier). Returns how many landed; ``stats()`` shows what is still pending."""
+        if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 0):
+            raise ValueError(f"limit must be a non-negative int or None, got {limit!r}")
+        with self._lock:
+            return sum(self._retry_pending(t, limit) for t, st in enumerate(self._tiers) if t > 0 and st.cfg.write_through)
+
     def _make_room(self, t: int, need: int, protect: set[int] = frozenset()) -> None:
         """Evict from tier t until ``need`` more bytes fit under the low watermark (hysteresis)."""
         st = self._tiers[t]
@@ -439,10 +514,14 @@ class TieredStore:
             for _, it in new_items:
                 self._tenant_bytes[tenant] -= spec.block_nbytes
             try:
+                for t, st in enumerate(self._tiers):  # earlier refusals first, while the tier is up
+                    if t > 0 and st.cfg.write_through and st.pending:
+                        self._retry_pending(t, self.write_through_retry_batch)
                 self._write(0, [it for _, it in new_items])
                 for t, st in enumerate(self._tiers):
                     if t > 0 and st.cfg.write_through:
                         self._write(t, [it for _, it in new_items], cascade=False)
+                        self._remember_refused(t, [it for _, it in new_items])
             finally:
                 for _, it in reversed(new_items):
                     if idx.slot(it.key) == it.slot:
@@ -642,6 +721,9 @@ class TieredStore:
                     evictions=st.evictions,
                     demotions=st.demotions,
                     promotions=st.promotions,
+                    write_through_pending=len(st.pending),
+                    write_through_retried=st.wt_retried,
+                    write_through_dropped=st.wt_dropped,
                     policy=getattr(st.policy, "name", type(st.policy).__name__),
                     device=st.tier.capabilities.device,
                 )

@@ -58,11 +58,14 @@ class _StoreCollector:
             "corrupt": CounterMetricFamily("kvtier_corrupt_frames", "Frames found corrupt on read (a miss, deleted).", labels=["tier"]),
             "errors": CounterMetricFamily("kvtier_backend_errors", "Backend errors per tier (I/O; connection errors for Redis).", labels=["tier"]),
             "refused": CounterMetricFamily("kvtier_tier_refused", "Blocks a tier refused for lack of room.", labels=["tier"]),
+            "write_through_retried": CounterMetricFamily("kvtier_write_through_retried", "Blocks a write-through tier refused and took on a later try.", labels=["tier"]),
+            "write_through_dropped": CounterMetricFamily("kvtier_write_through_dropped", "Refused write-throughs forgotten because the pending list was full.", labels=["tier"]),
         }
         gauges = {
             "bytes": GaugeMetricFamily("kvtier_tier_bytes", "Bytes held by each tier.", labels=["tier"]),
             "blocks": GaugeMetricFamily("kvtier_tier_blocks", "Blocks held by each tier.", labels=["tier"]),
             "capacity_bytes": GaugeMetricFamily("kvtier_tier_capacity_bytes", "Capacity of each tier (absent: unbounded here).", labels=["tier"]),
+            "write_through_pending": GaugeMetricFamily("kvtier_write_through_pending", "Blocks a write-through tier refused, to be written again.", labels=["tier"]),
         }
         redis_errors = 0
         for t in s["tiers"]:

@@ -474,6 +474,12 @@ class RedisTier(TierBase):
             return self._client
 
     # -- faults ----------------------------------------------------------------------------
+    @property
+    def available(self) -> bool:
+        """False while the circuit is open after a failure (calls would degrade without trying);
+        the store waits for this before writing refused write-throughs again."""
+        return not self._closed and time.monotonic() >= self._down_until
+
     def _circuit_open(self) -> bool:
         """True (and the call counted as degraded) while the circuit is open after a failure."""
         if time.monotonic() >= self._down_until:

@@ -95,6 +95,50 @@ def test_write_through_writes_every_tier_at_once(tmp_path):
     assert store.stats()["tiers"][0]["demotions"] == 0  # nothing to write back: disk had it
 
 
+def test_refused_write_through_is_written_later(tmp_path):
+    host = HostTier(10 * B)
+    disk = DiskTier(tmp_path, 2 * (B + 1024))
+    store = TieredStore([TierConfig(host, high_watermark=1.0, low_watermark=1.0),
+                         TierConfig(disk, write_through=True, high_watermark=1.0, low_watermark=1.0)])
+    a, b = chain(2, seed=1), chain(2, seed=2)
+    store.put(SPEC, a, blocks(2, seed=1))
+    lease = store.pin(SPEC, a, ttl_s=60)  # disk is full of pinned blocks: b's write-through is refused
+    bb = blocks(2, seed=2)
+    assert store.put(SPEC, b, bb) == [True, True]
+    assert where(store, b) == ["h", "h"]
+    st = store.stats()["tiers"][1]
+    assert st["write_through_pending"] == 2 and st["write_through_retried"] == 0
+    assert store.retry_write_through() == 0  # still no room: nothing lands, nothing is lost
+    assert store.stats()["tiers"][1]["write_through_pending"] == 2
+    store.unpin(lease.id)
+    assert store.retry_write_through() == 2
+    assert where(store, b) == ["hd", "hd"]
+    st = store.stats()["tiers"][1]
+    assert st["write_through_pending"] == 0 and st["write_through_retried"] == 2
+    assert disk.used_bytes <= disk.capacity_bytes
+    got = DiskTier(tmp_path, 2 * (B + 1024)).get(b, spec=SPEC)  # what reached the disk is the block
+    assert all(torch.equal(g, x) for g, x in zip(got, bb))
+
+
+def test_refused_write_through_list_is_bounded(tmp_path):
+    host = HostTier(20 * B)
+    disk = DiskTier(tmp_path, B // 2)  # takes nothing
+    store = TieredStore([TierConfig(host, high_watermark=1.0, low_watermark=1.0), TierConfig(disk, write_through=True)],
+                        max_write_through_pending=3, write_through_retry_batch=2)
+    for i in range(5):
+        assert store.put(SPEC, chain(1, seed=40 + i), blocks(1, seed=i)) == [True]
+    st = store.stats()["tiers"][1]
+    assert st["write_through_pending"] == 3 and st["write_through_dropped"] == 2 and st["write_through_retried"] == 0
+    store.remove(SPEC, chain(1, seed=42))  # the oldest pending, gone everywhere: forgotten at the next retry
+    assert store.retry_write_through() == 0
+    assert store.stats()["tiers"][1]["write_through_pending"] == 2
+    for bad in ({"max_write_through_pending": -1}, {"write_through_retry_batch": 1.5}):
+        with pytest.raises(ValueError, match="non-negative int"):
+            TieredStore([HostTier(B)], **bad)
+    with pytest.raises(ValueError, match="limit"):
+        store.retry_write_through(limit=-1)
+
+
 def test_block_larger_than_top_tier_goes_below(tmp_path):
     store = two_tier(tmp_path, host_blocks=0)
     ks = chain(2)

@@ -69,3 +69,24 @@ def test_store_serves_through_a_redis_outage_and_recovers(fresh_redis_server):
     later = chain(3, seed=9)
     assert store.put(SPEC, later, blocks(3, seed=9)) == [True] * 3
     assert RedisTier(fresh_redis_server.url).contains(later, spec=SPEC) == [True] * 3
+
+
+def test_blocks_put_while_redis_is_down_reach_it_when_it_is_back(fresh_redis_server):
+    store = make_store(fresh_redis_server.url, host_blocks=8, retry_interval_s=0.3, socket_timeout_s=0.5, connect_timeout_s=0.5)
+    fresh_redis_server.stop()
+    during, bs = chain(3, seed=11), blocks(3, seed=11)
+    assert store.put(SPEC, during, bs) == [True] * 3  # the host takes them; Redis refuses
+    redis_stats = store.stats()["tiers"][1]
+    assert redis_stats["write_through_pending"] == 3 and redis_stats["errors"] >= 1
+    assert store.retry_write_through() == 0  # circuit open: not even tried
+
+    fresh_redis_server.start()
+    time.sleep(0.4)  # past retry_interval_s
+    after = chain(1, seed=12)
+    assert store.put(SPEC, after, blocks(1, seed=12)) == [True]  # this put writes the pending blocks first
+    assert store.stats()["tiers"][1]["write_through_pending"] == 0
+    assert store.stats()["tiers"][1]["write_through_retried"] == 3
+    # another instance sees them, with the right content
+    other = make_store(fresh_redis_server.url)
+    got = other.get(SPEC, during + after)
+    assert all(torch.equal(g, x) for g, x in zip(got, bs + blocks(1, seed=12)))

@@ -212,7 +212,7 @@ def test_health_ready_metrics_docs(open_server, client):
     text = httpx.get(url + "/metrics").text
     for name in ("kvtier_tier_hits_total", "kvtier_tier_misses_total", "kvtier_tier_bytes", "kvtier_tier_evictions_total",
                  "kvtier_corrupt_frames_total", "kvtier_redis_errors_total", "kvtier_request_duration_seconds_bucket",
-                 "kvtier_lookup_blocks_total"):
+                 "kvtier_lookup_blocks_total", "kvtier_write_through_pending", "kvtier_write_through_retried_total"):
         assert name in text, name
     assert 'op="POST /v1/lookup"' in text
     assert httpx.get(url + "/docs").status_code == 200
