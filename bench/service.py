@@ -366,7 +366,7 @@ def main() -> None:
              for label, r in lookups.items()]
     md += [md_table(["lookup (REST)", "concurrent clients", "p50 ms", "p99 ms", "requests/s", "errors", "one client p50 ms"], lrows)]
     print("\n" + "\n".join(md))
-    save_results("service", {"mode": mode, "blocks_6mib": blocks, "grpc_transport_alone": grpc_floor, "rest_transport_alone": rest_floor, "lookups": lookups}, "\n".join(md), args.out)
+    save_results("service_quick" if args.quick else "service", {"mode": mode, "blocks_6mib": blocks, "grpc_transport_alone": grpc_floor, "rest_transport_alone": rest_floor, "lookups": lookups}, "\n".join(md), args.out)
 
 
 if __name__ == "__main__":
