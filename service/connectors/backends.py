@@ -8,17 +8,20 @@ the spec's dtype, and nothing else:
   the start, are cached (the longest cached prefix), with the tier that would serve each;
 - ``keys(token_ids)``: the keys of the full blocks, from the chain's start (a chain is continued
   from a known key without asking: ``kvstore.chain_hashes(spec, tokens, parent=key)``);
-- ``get(keys)`` / ``put(keys, blocks, parent=...)``: blocks in and out.
+- ``get(keys)`` / ``put(keys, blocks, parent=...)``: blocks in and out;
+- ``lookup(keys)``: the longest cached prefix of a chain given by its keys (the vLLM connector
+  hashes the chain itself); ``close()``: release what the backend opened.
 
 ``StoreBackend`` runs over a ``kvstore.TieredStore`` in this process; ``ServiceBackend`` over a
 ``service.client.KVTierClient`` (the REST SDK): there the tenant comes from the API key, and the
-service hashes the chain under it.
+service hashes the chain under it. The transformers cache (``hf_cache``) and the vLLM connector
+(``vllm``) both use these two classes.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Protocol, Sequence, runtime_checkable
+from typing import Any, Callable, Protocol, Sequence, runtime_checkable
 
 import torch
 
@@ -71,22 +74,33 @@ class StoreBackend:
         found = self.store.lookup(self.spec, keys)
         return PrefixMatch(keys, found.num_blocks, dict(found.tier_hits))
 
+    def lookup(self, keys: Sequence[bytes]) -> int:
+        return self.store.lookup(self.spec, keys).num_blocks if keys else 0
+
     def get(self, keys: Sequence[bytes]) -> list[torch.Tensor | None]:
         return self.store.get(self.spec, keys)
 
     def put(self, keys: Sequence[bytes], blocks: torch.Tensor, *, parent: bytes | None) -> list[bool]:
         return self.store.put(self.spec, keys, blocks, tenant=self.tenant, parent=parent)
 
+    def close(self) -> None:
+        return  # the store belongs to whoever made it
+
 
 class ServiceBackend:
     """Blocks in a kvtier service through the REST SDK.
 
     Gets and puts are split into requests of at most ``max_blocks_per_request`` blocks and
-    ``max_request_bytes`` (at least one block each).
+    ``max_request_bytes`` (at least one block each). The spec is registered at construction
+    (``register=True``: a wrong URL or key fails there) or at first use (``register=False``:
+    nothing is asked of the service until then); a service that answers that it does not know the
+    model (it restarted without its spec registry) gets the spec again, once per call.
+    ``ServiceBackend.connect(url, spec, ...)`` opens its own client, which ``close()`` closes; a
+    client passed in is the caller's.
     """
 
     def __init__(self, client, spec: KVSpec, *, salt: str = "", extra_keys: Sequence[str] = (), max_blocks_per_request: int = 32,
-                 max_request_bytes: int = 32 << 20) -> None:
+                 max_request_bytes: int = 32 << 20, register: bool = True, owns_client: bool = False) -> None:
         from service.client import KVTierClient
 
         if not isinstance(client, KVTierClient):
@@ -98,10 +112,40 @@ class ServiceBackend:
         self.spec = _check_spec(spec)
         self.salt = salt
         self.extra_keys = tuple(extra_keys)
+        self.owns_client = owns_client
         Namespace(salt=salt, extra_keys=self.extra_keys)  # the same checks as in process
         # the service bounds blocks and bytes per request (max_blocks_per_request, max_request_bytes: 64, 128 MiB by default)
         self.max_blocks = max(1, min(max_blocks_per_request, max_request_bytes // spec.block_nbytes))
-        self.model = client.register_spec(spec)
+        self._model: str | None = None
+        if register:
+            self._model = client.register_spec(spec)
+
+    @classmethod
+    def connect(cls, url: str, spec: KVSpec, *, api_key: str | None = None, timeout_s: float = 30.0, retries: int = 2,
+                **options) -> "ServiceBackend":
+        """A backend with its own ``KVTierClient`` to ``url`` (closed by ``close()``)."""
+        from service.client import KVTierClient
+
+        return cls(KVTierClient(url, api_key, timeout=timeout_s, retries=retries), spec, owns_client=True, **options)
+
+    @property
+    def model(self) -> str:
+        """The service's id of the spec (registering it on first use)."""
+        if self._model is None:
+            self._model = self.client.register_spec(self.spec)
+        return self._model
+
+    def _with_model(self, call: Callable[[str], Any]) -> Any:
+        """``call(model)``; a service that forgot the spec gets it again, once."""
+        from service.client import KVTierError
+
+        try:
+            return call(self.model)
+        except KVTierError as e:
+            if e.status != 404 or e.field != "model":
+                raise
+            self._model = None
+            return call(self.model)
 
     def keys(self, token_ids: Sequence[int]) -> list[bytes]:
         return self.match(token_ids).keys
@@ -109,21 +153,30 @@ class ServiceBackend:
     def match(self, token_ids: Sequence[int]) -> PrefixMatch:
         if len(token_ids) < self.spec.block_tokens:
             return PrefixMatch([], 0, {})
-        found = self.client.lookup(self.model, token_ids=list(token_ids), salt=self.salt, extra_keys=self.extra_keys, return_keys=True)
+        found = self._with_model(lambda m: self.client.lookup(m, token_ids=list(token_ids), salt=self.salt,
+                                                              extra_keys=self.extra_keys, return_keys=True))
         return PrefixMatch(list(found.keys), found.num_blocks, dict(found.tier_hits))
+
+    def lookup(self, keys: Sequence[bytes]) -> int:
+        return self._with_model(lambda m: self.client.lookup(m, hashes=list(keys)).num_blocks) if keys else 0
 
     def get(self, keys: Sequence[bytes]) -> list[torch.Tensor | None]:
         out: list[torch.Tensor | None] = []
         for i in range(0, len(keys), self.max_blocks):
-            out += self.client.get(self.model, keys[i : i + self.max_blocks])
+            out += self._with_model(lambda m: self.client.get(m, keys[i : i + self.max_blocks]))
         return out
 
     def put(self, keys: Sequence[bytes], blocks: torch.Tensor, *, parent: bytes | None) -> list[bool]:
         out: list[bool] = []
         for i in range(0, len(keys), self.max_blocks):
-            out += self.client.put(self.model, keys[i : i + self.max_blocks], blocks[i : i + self.max_blocks],
-                                   parent=keys[i - 1] if i else parent)
+            chunk_parent = keys[i - 1] if i else parent
+            out += self._with_model(lambda m: self.client.put(m, keys[i : i + self.max_blocks], blocks[i : i + self.max_blocks],
+                                                              parent=chunk_parent))
         return out
+
+    def close(self) -> None:
+        if self.owns_client:
+            self.client.close()
 
 
 def make_backend(spec: KVSpec, *, store=None, client=None, backend=None, tenant: str = "", salt: str = "",

@@ -56,6 +56,7 @@ pipeline parallel size 1 (a kvtier block holds every KV head of every layer), ``
 from __future__ import annotations
 
 import enum
+import functools
 import inspect
 import logging
 import os
@@ -67,6 +68,8 @@ import torch
 
 from kvstore import FrameError, KVSpec, Namespace, TieredStore, chain_hashes
 from kvstore.spec import dtype_name
+
+from .backends import ServiceBackend, StoreBackend
 
 log = logging.getLogger(__name__)
 
@@ -318,82 +321,9 @@ class KVTierBackend(Protocol):
 
     def get(self, keys: Sequence[bytes]) -> list[torch.Tensor | None]: ...  # [L, 2, H_kv, T, D] each, None: a miss
 
-    def put(self, keys: Sequence[bytes], blocks: torch.Tensor, parent: bytes | None) -> list[bool]: ...
+    def put(self, keys: Sequence[bytes], blocks: torch.Tensor, *, parent: bytes | None) -> list[bool]: ...
 
     def close(self) -> None: ...
-
-
-class StoreBackend:
-    """A ``TieredStore`` in this process (vLLM's scheduler and worker must then share the process)."""
-
-    def __init__(self, store: TieredStore, spec: KVSpec, tenant: str = "") -> None:
-        self.store, self.spec, self.tenant = store, spec, tenant
-        store.register_spec(spec)
-
-    def lookup(self, keys: Sequence[bytes]) -> int:
-        return self.store.lookup(self.spec, keys).num_blocks if keys else 0
-
-    def get(self, keys: Sequence[bytes]) -> list[torch.Tensor | None]:
-        return self.store.get(self.spec, keys)
-
-    def put(self, keys: Sequence[bytes], blocks: torch.Tensor, parent: bytes | None) -> list[bool]:
-        return self.store.put(self.spec, keys, blocks, tenant=self.tenant, parent=parent)
-
-    def close(self) -> None:
-        return  # the store is shared with the rest of the process
-
-
-class ServiceBackend:
-    """A kvtier service through the REST SDK (``KVTierClient``); the spec is registered on first use."""
-
-    MAX_BLOCKS_PER_CALL = 64  # the service's default max_blocks_per_request
-    MAX_BYTES_PER_CALL = 64 << 20  # well under the service's default max_request_bytes (128 MiB)
-
-    def __init__(self, url: str, spec: KVSpec, api_key: str | None = None, timeout_s: float = 30.0, retries: int = 2) -> None:
-        from service.client import KVTierClient
-
-        self.spec = spec
-        self.client = KVTierClient(url, api_key, timeout=timeout_s, retries=retries)
-        self._model: str | None = None
-        self._per_call = max(1, min(self.MAX_BLOCKS_PER_CALL, self.MAX_BYTES_PER_CALL // spec.block_nbytes))
-
-    @property
-    def model(self) -> str:
-        if self._model is None:
-            self._model = self.client.register_spec(self.spec)
-        return self._model
-
-    def _with_model(self, call: Callable[[str], Any]) -> Any:
-        """``call(model)``; a service that forgot the spec (restarted without its registry) gets it again, once."""
-        from service.client import KVTierError
-
-        try:
-            return call(self.model)
-        except KVTierError as e:
-            if e.status != 404 or e.field != "model":
-                raise
-            self._model = None
-            return call(self.model)
-
-    def lookup(self, keys: Sequence[bytes]) -> int:
-        return self._with_model(lambda m: self.client.lookup(m, hashes=list(keys)).num_blocks) if keys else 0
-
-    def get(self, keys: Sequence[bytes]) -> list[torch.Tensor | None]:
-        out: list[torch.Tensor | None] = []
-        for i in range(0, len(keys), self._per_call):
-            out += self._with_model(lambda m: self.client.get(m, keys[i: i + self._per_call]))
-        return out
-
-    def put(self, keys: Sequence[bytes], blocks: torch.Tensor, parent: bytes | None) -> list[bool]:
-        out: list[bool] = []
-        for i in range(0, len(keys), self._per_call):
-            chunk_parent = parent if i == 0 else keys[i - 1]
-            out += self._with_model(lambda m: self.client.put(m, keys[i: i + self._per_call], blocks[i: i + self._per_call],
-                                                              parent=chunk_parent))
-        return out
-
-    def close(self) -> None:
-        self.client.close()
 
 
 _STORES: dict[str, TieredStore] = {}
@@ -422,8 +352,12 @@ def inprocess_store(name: str = "default") -> TieredStore:
 
 
 def open_backend(config: KVTierConnectorConfig, spec: KVSpec) -> KVTierBackend:
+    """The connector's backend (``service.connectors.backends``). A service is not asked anything
+    before the first lookup (the spec is registered then, and again after a service restart), so an
+    unreachable kvtier makes misses, never a failed engine start; 64 blocks and 64 MiB per request."""
     if config.url.startswith(("http://", "https://")):
-        return ServiceBackend(config.url, spec, config.api_key, config.timeout_s)
+        return ServiceBackend.connect(config.url, spec, api_key=config.api_key, timeout_s=config.timeout_s, register=False,
+                                      max_blocks_per_request=64, max_request_bytes=64 << 20)
     name = config.url[len("inprocess://"):] if config.url.startswith("inprocess://") else "default"
     return StoreBackend(inprocess_store(name or "default"), spec)
 
@@ -769,7 +703,8 @@ class KVTierConnector(_Base):  # type: ignore[misc,valid-type]
                 self._gather(name, view)
         for rt, row, n in self._save_plan:
             keys = [t.key for t in rt.saves]
-            stored = self._call("put", self.backend.put, keys, self._save_buf[row: row + n], rt.save_parent, default=[])
+            stored = self._call("put", functools.partial(self.backend.put, parent=rt.save_parent), keys, self._save_buf[row: row + n],
+                                default=[])
             self.stats["saved_blocks"] += sum(bool(s) for s in stored)
         self._save_ids, self._save_buf, self._save_plan = None, None, []
 
