@@ -141,7 +141,7 @@ class TieredStore:
         max_events: int = 100_000,
         max_pin_ttl_s: float = 3600.0,
         max_write_through_pending: int = 4096,
-        write_through_retry_batch: int = 64,
+        write_through_retry_batch: int = 8,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         """``max_write_through_pending``: refused write-throughs remembered per tier (the oldest are
@@ -375,6 +375,11 @@ class TieredStore:
             st.wt_retried += 1
             landed += 1
         return landed
+
+    def write_through_pending(self) -> int:
+        """Blocks write-through tiers refused and that wait for another try (all such tiers)."""
+        with self._lock:
+            return sum(len(st.pending) for st in self._tiers)
 
     def retry_write_through(self, limit: int | None = None) -> int:
         """Try now to write the blocks that write-through tiers refused (all of them, or ``limit``

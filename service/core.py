@@ -69,6 +69,20 @@ class KVService:
                                         num_sink=settings.retrieve_sink_tokens, num_recent=settings.retrieve_recent_tokens)
         for spec in registry.all_specs():  # re-adopt what the disk tier kept across a restart
             store.register_spec(spec)
+        # blocks a write-through tier (Redis) refused while down reach it once it is back, even without new puts
+        self._stop = threading.Event()
+        self._retrier: threading.Thread | None = None
+        if settings.write_through_retry_interval_s > 0:
+            self._retrier = threading.Thread(target=self._retry_write_through, name="kvtier-write-through-retry", daemon=True)
+            self._retrier.start()
+
+    def _retry_write_through(self) -> None:
+        while not self._stop.wait(self.settings.write_through_retry_interval_s):
+            try:
+                if self.store.write_through_pending():
+                    self.store.retry_write_through(limit=64)
+            except Exception:  # a tier failing is counted by the tier; this thread must go on
+                log.exception("retrying refused write-throughs failed")
 
     # -- helpers ---------------------------------------------------------------------------
     def keyspace(self, tenant: str) -> KeySpace:
@@ -491,6 +505,9 @@ class KVService:
         return all(v == "ok" for v in tiers.values()), tiers
 
     def close(self) -> None:
+        self._stop.set()
+        if self._retrier is not None:
+            self._retrier.join(timeout=10)
         self.probe.close()
         self.store.close()
 

@@ -85,6 +85,7 @@ class Settings(BaseSettings):
     redis_codec: str = Field("identity", description="Codec of blocks written to Redis.")
     redis_ttl_s: float | None = Field(None, gt=0, description="Expiry of every block written to Redis, in seconds; unset: no expiry.")
     redis_write_through: bool = Field(True, description="Write every new block to Redis at once (other instances see it immediately); false: only demoted blocks reach Redis.")
+    write_through_retry_interval_s: float = Field(2.0, ge=0, description="Every this many seconds, blocks a write-through tier (Redis) refused while it was down are written to it again, up to 64 per round (puts also write up to 8 each); 0: only puts do it.")
     redis_ssl_ca_certs: Path | None = Field(None, description="CA file to verify a `rediss://` server with (default: system CAs).")
     redis_socket_timeout_s: float = Field(2.0, gt=0, description="Bound of one Redis socket read or write, in seconds.")
     redis_retry_interval_s: float = Field(1.0, ge=0, description="After a Redis failure, seconds during which Redis is skipped (calls degrade to misses) before it is tried again.")
