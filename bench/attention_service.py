@@ -23,7 +23,7 @@ _HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path[:] = [os.path.dirname(_HERE)] + [p for p in sys.path if os.path.abspath(p or ".") != _HERE]
 sys.modules.pop("service", None)
 from bench.common import md_table, median_of, save_results  # noqa: E402
-from bench.service import Server  # noqa: E402
+from bench.common import KVTierServe  # noqa: E402
 
 import msgpack  # noqa: E402
 import torch  # noqa: E402
@@ -46,7 +46,7 @@ def main() -> None:
     from sparse_attn import sparse_decode
 
     num_blocks, repeat = (8, 5) if args.quick else (32, 15)
-    srv = Server({"OMP_NUM_THREADS": "1", "KVTIER_DISK_CAPACITY_BYTES": "0", "KVTIER_HOST_CAPACITY_BYTES": "1GiB"}, grpc=True)
+    srv = KVTierServe({"OMP_NUM_THREADS": "1", "KVTIER_DISK_CAPACITY_BYTES": "0", "KVTIER_HOST_CAPACITY_BYTES": "1GiB"}, grpc=True)
     try:
         rest, grpc_c = KVTierClient(srv.url, timeout=120), KVTierGrpcClient(f"127.0.0.1:{srv.grpc_port}", timeout=120)
         model = rest.register_spec(SPEC)

@@ -1,4 +1,5 @@
-"""Shared helpers for the benchmark scripts: timing, a private redis-server, saving results."""
+"""Shared helpers for the benchmark scripts: timing, a private redis-server, a ``kvtier serve``
+process, saving results."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ import json
 import os
 import platform
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -74,6 +76,13 @@ def paired_medians(fa: Callable[[], object], fb: Callable[[], object], repeat: i
     return ta[len(ta) // 2], tb[len(tb) // 2]
 
 
+def free_port() -> int:
+    """A free TCP port on the loopback interface."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 class LocalRedis:
     """A private redis-server on a free loopback port (no persistence), for one benchmark run."""
 
@@ -81,9 +90,7 @@ class LocalRedis:
         exe = shutil.which("redis-server")
         if exe is None:
             raise SystemExit("redis-server not found: install Redis (make setup does it as root)")
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            self.port = s.getsockname()[1]
+        self.port = free_port()
         self.dir = tempfile.mkdtemp(prefix="kvtier-bench-redis-")
         self.proc = subprocess.Popen(
             [exe, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
@@ -132,3 +139,42 @@ def md_table(headers: list[str], rows: list[list]) -> str:
     for r in rows:
         lines.append("| " + " | ".join(str(c) for c in r) + " |")
     return "\n".join(lines)
+
+
+class KVTierServe:
+    """``python -m service.cli serve`` on a free loopback port (and a gRPC port with ``grpc=True``),
+    its data under a temporary directory; ``env`` adds ``KVTIER_*`` settings. ``close()`` stops it
+    with SIGTERM (graceful) and removes the directory."""
+
+    def __init__(self, env: dict[str, str] | None = None, *, grpc: bool = False, log_level: str = "warning",
+                 timeout_s: float = 60.0) -> None:
+        import httpx
+
+        self.port = free_port()
+        self.grpc_port = free_port() if grpc else None
+        self.dir = tempfile.mkdtemp(prefix="kvtier-bench-svc-")
+        e = {**os.environ, "PYTHONPATH": str(ROOT), "KVTIER_PORT": str(self.port), "KVTIER_DATA_DIR": self.dir,
+             "KVTIER_LOG_LEVEL": log_level, "KVTIER_GRPC_PORT": str(self.grpc_port) if grpc else "", **(env or {})}
+        self.proc = subprocess.Popen([sys.executable, "-m", "service.cli", "serve"], cwd=ROOT, env=e)
+        self.url = f"http://127.0.0.1:{self.port}"
+        deadline = time.monotonic() + timeout_s
+        while True:
+            try:
+                if httpx.get(self.url + "/healthz", timeout=1).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            if time.monotonic() > deadline or self.proc.poll() is not None:
+                self.close()
+                raise SystemExit("kvtier serve did not start")
+            time.sleep(0.1)
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        shutil.rmtree(self.dir, ignore_errors=True)

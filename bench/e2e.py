@@ -35,10 +35,7 @@ import argparse
 import os
 import re
 import shutil
-import signal
-import socket
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -50,7 +47,7 @@ from typing import Callable
 # import the bench helpers as ``bench.*`` from the repository root.
 _HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path[:] = [os.path.dirname(_HERE)] + [p for p in sys.path if os.path.abspath(p or ".") != _HERE]
-from bench.common import RESULTS, ROOT, md_table, save_results  # noqa: E402
+from bench.common import RESULTS, KVTierServe, md_table, save_results  # noqa: E402
 
 import torch  # noqa: E402
 
@@ -66,44 +63,6 @@ QUESTIONS = (
 )
 
 
-# -- a real kvtier serve process ---------------------------------------------------------------
-class Service:
-    """``python -m service.cli serve`` on a free loopback port, embedded default tiers, data under a temporary directory."""
-
-    def __init__(self, timeout_s: float = 60.0) -> None:
-        import httpx
-
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            self.port = s.getsockname()[1]
-        self.data_dir = tempfile.mkdtemp(prefix="kvtier-e2e-svc-")
-        env = {**os.environ, "PYTHONPATH": str(ROOT), "KVTIER_PORT": str(self.port), "KVTIER_DATA_DIR": self.data_dir,
-               "KVTIER_GRPC_PORT": "", "KVTIER_LOG_LEVEL": "error"}
-        self.proc = subprocess.Popen([sys.executable, "-m", "service.cli", "serve"], cwd=ROOT, env=env)
-        self.url = f"http://127.0.0.1:{self.port}"
-        deadline = time.monotonic() + timeout_s
-        while True:
-            try:
-                if httpx.get(self.url + "/healthz", timeout=1).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if time.monotonic() > deadline or self.proc.poll() is not None:
-                self.close()
-                raise SystemExit("kvtier serve did not start")
-            time.sleep(0.1)
-
-    def close(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        shutil.rmtree(self.data_dir, ignore_errors=True)
-
-
 # -- the shared context and the parts --------------------------------------------------------------
 @dataclass
 class Context:
@@ -111,7 +70,7 @@ class Context:
     model: object
     tokenizer: object
     tmp: Path
-    _service: Service | None = None
+    _service: KVTierServe | None = None
     _client: object = None
 
     @property
@@ -133,7 +92,7 @@ class Context:
         if self._client is None:
             from service.client import KVTierClient
 
-            self._service = Service()
+            self._service = KVTierServe(log_level="error")  # embedded default tiers
             self._client = KVTierClient(self._service.url, timeout=120)
         return self._client
 
@@ -291,8 +250,8 @@ def part_passkey(ctx: Context) -> Part:
     finally:
         store.close()
     acc = {k: sum(r[f"correct_{k}"] for r in rows) / len(rows) for k in ("without", "with")}
-    md = "\n".join([f"Pass-key prompts answered without any cache (a cold request) and again with their cached prefix "
-                    f"(float16 blocks); 8 greedy tokens.", "",
+    md = "\n".join(["Pass-key prompts answered without any cache (a cold request) and again with their cached prefix "
+                    "(float16 blocks); 8 greedy tokens.", "",
                     md_table(["tokens", "depth", "key", "answer without", "answer with", "right without", "right with", "same tokens"], table),
                     "", f"Accuracy: {acc['without']:.2f} without, {acc['with']:.2f} with the cached prefix."])
     summary = [f"pass-key accuracy without / with the cached prefix: {acc['without']:.2f} / {acc['with']:.2f} "

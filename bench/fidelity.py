@@ -340,11 +340,16 @@ def paired(rows, names, ratios) -> dict:
     return out
 
 
+def _ratios(figures: dict) -> list[float]:
+    """The compression ratios of a saved run (older runs saved them only as accuracy keys)."""
+    return figures.get("ratios") or [float(r) for r in next(iter(figures["accuracy"].values()))]
+
+
 def render(figures: dict) -> str:
     """The Markdown of a run, from its figures alone (``--render`` redraws a saved run)."""
     rows, prompts = figures["runs"], figures["prompts"]
     methods = figures.get("methods") or [m for m in figures["accuracy"] if m != "full"]
-    ratios = figures.get("ratios") or [float(r) for r in next(iter(figures["accuracy"].values()))]
+    ratios = _ratios(figures)
     depths = tuple(figures.get("depths") or sorted({p["depth"] for p in prompts}))
     lens = sorted({p["tokens"] for p in prompts})
     keys_per = figures.get("keys_per_depth") or max(1, len(prompts) // max(1, len(lens) * len(depths)))
@@ -381,7 +386,7 @@ def render(figures: dict) -> str:
 def save_figures(figures: dict, out: str | None) -> None:
     """Plot, render and write a run's figures (a quick run never overwrites the full results)."""
     name = "fidelity_quick" if figures.get("quick") else "fidelity"
-    ratios = figures.get("ratios") or [float(r) for r in next(iter(figures["accuracy"].values()))]
+    ratios = _ratios(figures)
     png = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", f"{name}.png")
     os.makedirs(os.path.dirname(png), exist_ok=True)
     plot(figures["accuracy"], ratios, png)
@@ -409,7 +414,7 @@ def main() -> None:
         if saved.get("benchmark") != "fidelity" or "runs" not in saved:
             ap.error(f"{args.render} is not a saved bench/fidelity.py run")
         names = sorted({m.split(":")[1] for m in saved["accuracy"] if m.startswith("kvpress:")}, key=list(SCORERS).index)
-        ratios = [float(r) for r in next(iter(saved["accuracy"].values()))]
+        ratios = _ratios(saved)
         saved["drop_vs_kvpress"] = paired(saved["runs"], names, ratios)
         save_figures(saved, args.out)
         return

@@ -18,7 +18,6 @@ import asyncio
 import json
 import multiprocessing as mp
 import os
-import signal
 import subprocess
 import sys
 import tempfile
@@ -28,7 +27,7 @@ import time
 _HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path[:] = [os.path.dirname(_HERE)] + [p for p in sys.path if os.path.abspath(p or ".") != _HERE]
 sys.modules.pop("service", None)
-from bench.common import ROOT, LocalRedis, best_of, md_table, median_of, save_results  # noqa: E402
+from bench.common import KVTierServe, LocalRedis, best_of, free_port, md_table, save_results  # noqa: E402
 
 import httpx  # noqa: E402
 import numpy as np  # noqa: E402
@@ -41,42 +40,6 @@ SPEC_6M = KVSpec("bench-6m", num_layers=12, num_kv_heads=4, head_dim=128, dtype=
 SPEC_SMALL = KVSpec("bench-small", num_layers=2, num_kv_heads=2, head_dim=64, dtype="float16", block_tokens=16)
 NUM_CLIENTS = 64
 CLIENT_PROCS = 2
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class Server:
-    def __init__(self, env: dict[str, str], grpc: bool = False) -> None:
-        self.port = free_port()
-        self.grpc_port = free_port() if grpc else None
-        self.dir = tempfile.mkdtemp(prefix="kvtier-bench-svc-")
-        e = {**os.environ, "PYTHONPATH": str(ROOT), "KVTIER_PORT": str(self.port), "KVTIER_DATA_DIR": self.dir,
-             "KVTIER_LOG_LEVEL": "warning", "KVTIER_GRPC_PORT": str(self.grpc_port) if grpc else "", **env}
-        self.proc = subprocess.Popen([sys.executable, "-m", "service.cli", "serve"], cwd=ROOT, env=e)
-        self.url = f"http://127.0.0.1:{self.port}"
-        deadline = time.time() + 60
-        while True:
-            try:
-                if httpx.get(self.url + "/healthz", timeout=1).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if time.time() > deadline or self.proc.poll() is not None:
-                raise SystemExit("kvtier serve did not start")
-            time.sleep(0.1)
-
-    def close(self) -> None:
-        self.proc.send_signal(signal.SIGTERM)
-        try:
-            self.proc.wait(30)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
 
 
 # -- 1. 6 MiB blocks ---------------------------------------------------------------------------
@@ -99,7 +62,7 @@ def bench_blocks(quick: bool, label: str, env: dict) -> dict:
     spec = SPEC_6M
     block = torch.randn(spec.block_shape, generator=torch.Generator().manual_seed(0)).to(spec.torch_dtype)
     with LocalRedis() as lr:
-        srv = Server({"KVTIER_REDIS_URL": lr.url, **env}, grpc=True)
+        srv = KVTierServe({"KVTIER_REDIS_URL": lr.url, **env}, grpc=True)
         try:
             raw = redis.Redis.from_url(lr.url)
             rest = KVTierClient(srv.url)
@@ -291,7 +254,7 @@ def bench_lookups(quick: bool) -> dict:
     from service.client import KVTierClient
 
     duration = 3.0 if quick else 15.0
-    srv = Server({"KVTIER_DEVICE_CAPACITY_BYTES": "64MiB", "KVTIER_HOST_CAPACITY_BYTES": "256MiB",
+    srv = KVTierServe({"KVTIER_DEVICE_CAPACITY_BYTES": "64MiB", "KVTIER_HOST_CAPACITY_BYTES": "256MiB",
                   "KVTIER_DISK_CAPACITY_BYTES": "1GiB"})
     try:
         spec = SPEC_SMALL
