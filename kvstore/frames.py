@@ -105,48 +105,76 @@ def frame_overhead(frame: bytes | memoryview) -> int:
     return len(frame) - len(decode_frame(frame).data)
 
 
-def decode_frame(buf, expect_key: bytes | None = None, expect_spec: KVSpec | None = None) -> Frame:
-    """Parse and verify a frame. Raises FrameError on any mismatch or corruption."""
-    view = memoryview(buf).cast("B")
+@dataclass(frozen=True)
+class FrameHeader:
+    """Everything of a frame but its payload: where the payload lies in the frame, and its size.
+
+    Read from a prefix of the frame (``decode_frame_header``), so a tier can serve byte ranges of
+    the payload without reading the whole frame."""
+
+    key: bytes
+    spec: KVSpec
+    codec: str
+    codec_meta: dict
+    shape: tuple[int, ...]
+    dtype: str
+    checksum: int
+    data_offset: int  # bytes from the start of the frame to the first payload byte
+    data_size: int
+
+
+class FrameIncomplete(FrameError):
+    """The bytes given end before the frame's header does: read at least ``need`` bytes."""
+
+    def __init__(self, need: int) -> None:
+        super().__init__(f"frame header needs at least {need} bytes")
+        self.need = need
+
+
+def _parse(view: memoryview, *, whole: bool) -> tuple[dict[str, Any], int, int]:
+    """(header fields, payload offset, payload size) of the frame ``view`` starts with.
+
+    ``whole``: ``view`` is the whole frame (its length must end exactly at the payload's end);
+    otherwise a prefix, and ``FrameIncomplete`` says how many bytes the header needs."""
     unpacker = msgpack.Unpacker(raw=False, strict_map_key=True, max_buffer_size=_MAX_HEADER + 64)
     unpacker.feed(view[: _MAX_HEADER])
     fields: dict[str, Any] = {}
-    data = None
     try:
         n = unpacker.read_map_header()
         for _ in range(n):
             name = unpacker.unpack()
             if name == "data":
                 pos = unpacker.tell()
-                if view[pos : pos + 1] != _BIN32 or len(view) < pos + 5:
+                if len(view) < pos + 5:
+                    if whole or pos + 5 > _MAX_HEADER:
+                        raise FrameError("frame data is not a bin32 at the end of the frame")
+                    raise FrameIncomplete(pos + 5)
+                if view[pos : pos + 1] != _BIN32:
                     raise FrameError("frame data is not a bin32 at the end of the frame")
                 (size,) = struct.unpack(">I", view[pos + 1 : pos + 5])
-                if len(view) != pos + 5 + size:
+                if whole and len(view) != pos + 5 + size:
                     raise FrameError(f"frame is truncated or has trailing bytes: data needs {size} bytes, {len(view) - pos - 5} present")
-                data = view[pos + 5 :]
-                break
+                return fields, pos + 5, size
             fields[name] = unpacker.unpack()
+    except msgpack.OutOfData:
+        if whole or len(view) >= _MAX_HEADER:
+            raise FrameError("not a valid frame: truncated header") from None
+        raise FrameIncomplete(min(_MAX_HEADER, max(2 * len(view), 4096))) from None
     except FrameError:
         raise
     except Exception as e:  # msgpack raises several types for garbage input
         raise FrameError(f"not a valid frame: {type(e).__name__}: {e}") from None
-    if data is None:
-        raise FrameError("frame has no data field")
+    raise FrameError("frame has no data field")
+
+
+def _check_fields(fields: dict[str, Any], expect_key, expect_spec) -> tuple[bytes, KVSpec, str, dict, tuple, str, int]:
     try:
         if fields.get("v") != FRAME_VERSION:
             raise FrameError(f"unsupported frame version {fields.get('v')!r}")
-        key = fields["key"]
+        key = bytes(fields["key"])
         spec = KVSpec.from_dict(fields["spec"])
-        frame = Frame(
-            key=bytes(key),
-            spec=spec,
-            codec=str(fields["codec"]),
-            codec_meta=dict(fields["codec_meta"]),
-            shape=tuple(int(s) for s in fields["shape"]),
-            dtype=str(fields["dtype"]),
-            checksum=int(fields["checksum"]),
-            data=data,
-        )
+        parts = (key, spec, str(fields["codec"]), dict(fields["codec_meta"]),
+                 tuple(int(s) for s in fields["shape"]), str(fields["dtype"]), int(fields["checksum"]))
         alg = fields.get("checksum_alg", CHECKSUM_ALG)
     except FrameError:
         raise
@@ -154,12 +182,34 @@ def decode_frame(buf, expect_key: bytes | None = None, expect_spec: KVSpec | Non
         raise FrameError(f"frame header is invalid: {e}") from None
     if alg != CHECKSUM_ALG:
         raise FrameError(f"unknown checksum algorithm {alg!r}")
-    if len(frame.key) != HASH_BYTES:
+    if len(key) != HASH_BYTES:
         raise FrameError("frame key is not a 32-byte hash")
-    if expect_key is not None and frame.key != bytes(expect_key):
+    if expect_key is not None and key != bytes(expect_key):
         raise FrameError("frame key does not match the key asked for")
-    if expect_spec is not None and frame.spec != expect_spec:
-        raise FrameError(f"frame spec {frame.spec} does not match the spec asked for {expect_spec}")
+    if expect_spec is not None and spec != expect_spec:
+        raise FrameError(f"frame spec {spec} does not match the spec asked for {expect_spec}")
+    return parts
+
+
+def decode_frame_header(prefix, expect_key: bytes | None = None, expect_spec: KVSpec | None = None) -> FrameHeader:
+    """The header of the frame ``prefix`` starts with (any prefix that holds the whole header).
+
+    Raises ``FrameIncomplete`` (with ``need``) when ``prefix`` is too short, ``FrameError`` for
+    anything wrong. The payload is not read, so its checksum is not verified here: whoever reads
+    payload bytes verifies them (``kvstore.pages`` checks every page range it serves)."""
+    view = memoryview(prefix).cast("B")
+    fields, offset, size = _parse(view, whole=False)
+    key, spec, codec, meta, shape, dtype, crc = _check_fields(fields, expect_key, expect_spec)
+    return FrameHeader(key, spec, codec, meta, shape, dtype, crc, offset, size)
+
+
+def decode_frame(buf, expect_key: bytes | None = None, expect_spec: KVSpec | None = None) -> Frame:
+    """Parse and verify a frame. Raises FrameError on any mismatch or corruption."""
+    view = memoryview(buf).cast("B")
+    fields, offset, size = _parse(view, whole=True)
+    data = view[offset:]
+    key, spec, codec, meta, shape, dtype, crc = _check_fields(fields, expect_key, expect_spec)
+    frame = Frame(key=key, spec=spec, codec=codec, codec_meta=meta, shape=shape, dtype=dtype, checksum=crc, data=data)
     if checksum(data) != frame.checksum:
         raise FrameError("frame checksum mismatch")
     return frame

@@ -670,6 +670,107 @@ class TieredStore:
                             n += bool(st.tier.remove([key], spec=spec))
             return n
 
+    # -- page reads (paged codecs): planned under the lock, read outside it ------------------
+    def _range_tiers(self, keys: Sequence[bytes]) -> list[list[int]]:
+        """Per key, the range-reading tiers that may hold it, fastest first (under the lock)."""
+        idx = self._index
+        out = []
+        for key in keys:
+            slot = idx.slot(key)
+            mask = idx.residency(slot) if slot is not None else 0
+            cand = [t for t, st in enumerate(self._tiers) if st.tier.capabilities.range_reads and mask & (1 << t)]
+            cand += [t for t, st in enumerate(self._tiers)
+                     if st.tier.capabilities.range_reads and st.tier.capabilities.shared and t not in cand]
+            out.append(cand)
+        return out
+
+    def _rounds(self, keys: Sequence[bytes], ask: Callable[[int, list[int]], list[bool]]) -> None:
+        """Ask each key's candidate tiers in order, batched per tier: ``ask(t, positions)`` says per
+        position whether tier t answered (the others go on to their next candidate)."""
+        with self._lock:
+            cands = self._range_tiers(keys)
+        pos = [0] * len(keys)
+        pending = [i for i in range(len(keys)) if cands[i]]
+        while pending:
+            by_tier: dict[int, list[int]] = {}
+            for i in pending:
+                by_tier.setdefault(cands[i][pos[i]], []).append(i)
+            pending = []
+            for t, batch in by_tier.items():
+                for i, ok in zip(batch, ask(t, batch)):
+                    if not ok:
+                        pos[i] += 1
+                        if pos[i] < len(cands[i]):
+                            pending.append(i)
+
+    def page_layouts(self, spec: KVSpec, keys: Sequence[bytes]) -> list:
+        """Per key, the ``kvstore.pages.PageLayout`` of the block in the fastest tier that serves
+        ranges of it (``None``: not cached in such a tier, or not stored with a paged codec)."""
+        keys = check_keys(keys)
+        out: list = [None] * len(keys)
+
+        def ask(t: int, batch: list[int]) -> list[bool]:
+            got = self._tiers[t].tier.page_layouts([keys[i] for i in batch], spec=spec)
+            for i, layout in zip(batch, got):
+                out[i] = layout
+            return [layout is not None for layout in got]
+
+        self._rounds(keys, ask)
+        return out
+
+    def read_pieces(self, spec: KVSpec, requests: Sequence[tuple[Any, Sequence[Any]]]):
+        """Read pieces (``kvstore.pages.Pages`` / ``Summary``) of paged blocks without reading the blocks.
+
+        ``requests``: ``(layout, pieces)`` per block, the layout from ``page_layouts``. Each block
+        is read from the fastest tier holding it that serves ranges, the next one if that fails;
+        every piece is verified against the layout's checksums. The store's lock is held only to
+        plan (which tier holds what) and to note the access; the reads run outside it. Blocks
+        read this way are not promoted (a few pages do not pull a whole block up).
+        Returns a ``kvstore.pages.PieceReads``.
+        """
+        from .pages import PieceReads
+
+        layouts = [r[0] for r in requests]
+        keys = check_keys([lay.key for lay in layouts])
+        for lay in layouts:
+            if lay.spec != spec:
+                raise ValueError(f"a layout of spec {lay.spec} was given to read blocks of {spec}")
+        spans = [[lay.span(p) for p in pieces] for lay, pieces in requests]
+        result = PieceReads([None] * len(keys), {}, {})
+        served: dict[int, int] = {}
+
+        def ask(t: int, batch: list[int]) -> list[bool]:
+            tier = self._tiers[t].tier
+            got = tier.read_spans([(keys[i], spans[i]) for i in batch], spec=spec)
+            ok = []
+            for i, bufs in zip(batch, got):
+                if bufs is None:
+                    ok.append(False)
+                    continue
+                result.reads_by_tier[tier.name] = result.reads_by_tier.get(tier.name, 0) + len(bufs)
+                result.bytes_by_tier[tier.name] = result.bytes_by_tier.get(tier.name, 0) + sum(b.nbytes for b in bufs)
+                if not all(layouts[i].verify(p, b) for p, b in zip(requests[i][1], bufs)):
+                    result.mismatches += 1
+                    forget = getattr(tier, "forget_layouts", None)
+                    if forget is not None:
+                        forget([keys[i]], spec=spec)
+                    ok.append(False)
+                    continue
+                result.pieces[i] = bufs
+                served[i] = t
+                ok.append(True)
+            return ok
+
+        self._rounds(keys, ask)
+        with self._lock:
+            idx = self._index
+            for i, t in served.items():
+                slot = idx.slot(keys[i])
+                if slot is not None and idx.residency(slot) & (1 << t):
+                    self._tiers[t].policy.on_access(keys[i])
+                    idx.touch(slot)
+        return result
+
     # -- pins ------------------------------------------------------------------------------
     def pin(self, spec: KVSpec, keys: Sequence[bytes], ttl_s: float) -> Lease:
         """Pin the cached blocks among ``keys`` for ``ttl_s`` seconds (a lease): not evicted meanwhile."""

@@ -20,12 +20,15 @@ from __future__ import annotations
 
 import threading
 from dataclasses import asdict, dataclass
-from typing import Protocol, Sequence, runtime_checkable
+from typing import TYPE_CHECKING, Protocol, Sequence, runtime_checkable
 
 import torch
 
 from ..codecs import Codec
 from ..spec import KVSpec
+
+if TYPE_CHECKING:
+    from ..pages import PageLayout
 
 
 @dataclass(frozen=True)
@@ -36,6 +39,7 @@ class TierCapabilities:
     persistent: bool  # survives a restart of this process
     shared: bool  # other kvtier processes see the same blocks
     framed: bool  # blocks are stored as checksummed frames (verified on every read)
+    range_reads: bool = False  # serves byte ranges of paged blocks (page_layouts / read_spans)
 
 
 @dataclass
@@ -84,6 +88,21 @@ class StorageTier(Protocol):
     def stats(self) -> TierStats: ...
 
     def close(self) -> None: ...
+
+
+@runtime_checkable
+class RangeReadable(Protocol):
+    """A tier that serves byte ranges of the blocks it holds with a page-addressable codec
+    (``capabilities.range_reads``). Spans are ``(offset, nbytes)`` relative to a block's payload;
+    the tier adds where the payload starts in what it stores. Bytes come back unverified: the
+    caller checks them against the layout's checksums (``kvstore.pages``)."""
+
+    def page_layouts(self, keys: Sequence[bytes], *, spec: KVSpec) -> list["PageLayout | None"]:
+        """Per key, the layout of the block held (``None``: absent, or not page-addressable)."""
+
+    def read_spans(self, requests: Sequence[tuple[bytes, Sequence[tuple[int, int]]]], *,
+                   spec: KVSpec) -> list[list[memoryview] | None]:
+        """Per (key, spans), the bytes of every span (``None``: the block is absent or shorter)."""
 
 
 class TierBase:

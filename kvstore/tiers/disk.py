@@ -18,17 +18,18 @@ from typing import Iterator, Sequence
 import torch
 
 from ..codecs import Codec, codec_for_block, get_codec
-from ..frames import FrameError, decode_frame, encode_frame
+from ..frames import FrameError, FrameIncomplete, decode_frame, decode_frame_header, encode_frame
 from ..spec import KVSpec
 from .base import TierBase, TierCapabilities
 
 log = logging.getLogger(__name__)
 _SUFFIX = ".kvf"
 _TMP_PREFIX = ".tmp-"
+_HEADER_READ = 64 << 10  # first read of a frame header (a 32-layer paged block's is ~33 KiB)
 
 
 class DiskTier(TierBase):
-    capabilities = TierCapabilities(device="disk", persistent=True, shared=False, framed=True)
+    capabilities = TierCapabilities(device="disk", persistent=True, shared=False, framed=True, range_reads=True)
 
     def __init__(self, root: str | os.PathLike, capacity_bytes: int, *, codec: str | Codec = "identity", name: str = "disk", fsync: bool = False) -> None:
         if capacity_bytes is None:
@@ -39,6 +40,7 @@ class DiskTier(TierBase):
         self.fsync = bool(fsync)
         # key -> (spec fp8, file size). Rebuilt from the directory listing on open.
         self._files: dict[bytes, tuple[str, int]] = {}
+        self._data_offset: dict[bytes, int] = {}  # key -> where the payload starts in its file (range reads)
         self._scan()
 
     # -- layout ----------------------------------------------------------------------------
@@ -184,8 +186,85 @@ class DiskTier(TierBase):
             result.append(block)
         return result
 
+    # -- range reads (paged codecs): pread of the spans asked -----------------------------------
+    def _read_header(self, fd: int, key: bytes, spec: KVSpec):
+        need = _HEADER_READ
+        while True:
+            prefix = os.pread(fd, need, 0)
+            try:
+                header = decode_frame_header(prefix, expect_key=key, expect_spec=spec)
+            except FrameIncomplete as e:
+                if len(prefix) < need or e.need <= need:
+                    raise FrameError("frame file is truncated") from None
+                need = e.need
+                continue
+            with self._lock:
+                self._data_offset[key] = header.data_offset
+            return header
+
+    def page_layouts(self, keys: Sequence[bytes], *, spec: KVSpec) -> list:
+        from ..pages import PageLayout
+
+        out = []
+        for key in keys:
+            key = bytes(key)
+            entry = self._files.get(key)
+            layout = None
+            if entry is not None and entry[0] == spec.fp8:
+                try:
+                    fd = os.open(self._path(key, spec.fp8), os.O_RDONLY)
+                except OSError:
+                    out.append(None)
+                    continue
+                try:
+                    header = self._read_header(fd, key, spec)
+                    layout = PageLayout.from_meta(key, spec, header.codec, header.codec_meta)
+                except (FrameError, ValueError, OSError) as e:
+                    log.warning("disk tier %s: unreadable frame header %s: %s", self.name, key.hex()[:16], e)
+                    layout = None
+                finally:
+                    os.close(fd)
+            out.append(layout)
+        return out
+
+    def read_spans(self, requests, *, spec: KVSpec) -> list[list[memoryview] | None]:
+        out: list[list[memoryview] | None] = []
+        for key, spans in requests:
+            key = bytes(key)
+            entry = self._files.get(key)
+            if entry is None or entry[0] != spec.fp8:
+                out.append(None)
+                continue
+            try:
+                fd = os.open(self._path(key, spec.fp8), os.O_RDONLY)
+            except OSError:
+                out.append(None)
+                continue
+            try:
+                base = self._data_offset.get(key)
+                if base is None:
+                    base = self._read_header(fd, key, spec).data_offset
+                got = []
+                for off, n in spans:
+                    buf = os.pread(fd, n, base + off)
+                    if len(buf) != n:
+                        raise FrameError("frame file is shorter than the span asked")
+                    got.append(memoryview(buf))
+                out.append(got)
+                with self._lock:
+                    self._stats.hits += 1
+            except (FrameError, OSError) as e:
+                log.warning("disk tier %s: range read failed %s: %s", self.name, key.hex()[:16], e)
+                with self._lock:
+                    self._stats.errors += 1
+                out.append(None)
+            finally:
+                os.close(fd)
+        return out
+
     def _forget(self, key: bytes) -> int:
         with self._lock:
+            self._data_offset.pop(key, None)
             entry = self._files.pop(key, None)
             if entry is None:
                 return 0

@@ -28,7 +28,7 @@ class HostTier(TierBase):
     host→device copies are asynchronous); with another codec the encoded payload is kept.
     """
 
-    capabilities = TierCapabilities(device="cpu", persistent=False, shared=False, framed=False)
+    capabilities = TierCapabilities(device="cpu", persistent=False, shared=False, framed=False, range_reads=True)
 
     def __init__(self, capacity_bytes: int, *, codec: str | Codec = "identity", name: str = "host", pin_memory: bool | None = None) -> None:
         if capacity_bytes is None:
@@ -120,6 +120,39 @@ class HostTier(TierBase):
 
     def keys(self) -> list[bytes]:
         return list(self._entries)
+
+    # -- range reads (paged codecs): views of the stored payload, no copy ----------------------
+    def page_layouts(self, keys: Sequence[bytes], *, spec: KVSpec) -> list:
+        from ..pages import PageLayout
+
+        out = []
+        for key in keys:
+            entry = self._entries.get(bytes(key))
+            layout = None
+            if entry is not None:
+                try:
+                    layout = PageLayout.from_meta(key, spec, self.codec, entry[1])
+                except ValueError:  # stored under another spec's geometry: not this block
+                    layout = None
+            out.append(layout)
+        return out
+
+    def read_spans(self, requests, *, spec: KVSpec) -> list[list[memoryview] | None]:
+        out: list[list[memoryview] | None] = []
+        with self._lock:
+            for key, spans in requests:
+                entry = self._entries.get(bytes(key))
+                if entry is None or not isinstance(entry[1], dict) or "ranges" not in entry[1]:
+                    self._stats.misses += 1
+                    out.append(None)
+                    continue
+                view = memoryview(entry[0].numpy()).cast("B")
+                if any(off < 0 or off + n > view.nbytes for off, n in spans):
+                    out.append(None)
+                    continue
+                out.append([view[off : off + n] for off, n in spans])
+                self._stats.hits += 1
+        return out
 
 
 class DeviceTier(TierBase):

@@ -44,7 +44,7 @@ from redis.cluster import RedisCluster
 from redis.exceptions import DataError, OutOfMemoryError, RedisClusterException, RedisError, ResponseError
 
 from ..codecs import Codec, codec_for_block, get_codec
-from ..frames import FrameError, decode_frame, encode_frame
+from ..frames import FrameError, FrameIncomplete, decode_frame, decode_frame_header, encode_frame
 from ..keys import check_keys
 from ..spec import KVSpec
 from .base import TierBase, TierCapabilities
@@ -64,6 +64,8 @@ _PIPELINE_BYTES = 64 << 20  # a put sends its SETs in pipelines of about this ma
 # multi-MiB frame; 1 MiB measured ~10% faster gets of 6-32 MiB frames. One buffer per connection.
 _SOCKET_READ_BYTES = 1 << 20
 _WARN_EVERY_S = 30.0
+_HEADER_READ = 64 << 10  # first GETRANGE of a frame header (a 32-layer paged block's is ~33 KiB)
+_MAX_OFFSETS = 1 << 20  # payload offsets remembered for range reads (forgotten all at once beyond)
 _SCHEMES = {  # scheme -> (tls, cluster)
     "redis": (False, False),
     "rediss": (True, False),
@@ -160,7 +162,7 @@ class RedisTier(TierBase):
             to ``socket_timeout_s`` for a connection.
     """
 
-    capabilities = TierCapabilities(device="redis", persistent=True, shared=True, framed=True)
+    capabilities = TierCapabilities(device="redis", persistent=True, shared=True, framed=True, range_reads=True)
 
     def __init__(
         self,
@@ -219,6 +221,8 @@ class RedisTier(TierBase):
         self._codecs: dict[str, Codec] = {codec.name: codec}
         # Local accounting: redis key -> (frame bytes, expiry on time.monotonic() or None).
         self._sizes: dict[bytes, tuple[int, float | None]] = {}
+        # Range reads: redis key -> where the payload starts in its frame (from a header read).
+        self._data_offset: dict[bytes, int] = {}
         # circuit and rate-limited warnings
         self._down_until = 0.0
         self._failing = False  # the last call failed
@@ -356,6 +360,112 @@ class RedisTier(TierBase):
         rkeys = self._redis_keys(keys, spec)
         return self._delete(rkeys) if rkeys else 0
 
+    # -- range reads (paged codecs): pipelined GETRANGEs --------------------------------------
+    def _headers(self, keys: list[bytes], rkeys: list[bytes], spec: KVSpec) -> list:
+        """Per key, its frame header (``None``: absent, unreadable, or Redis down); one round
+        trip (two for headers longer than the first read)."""
+        from ..frames import FrameHeader  # noqa: F401  (the type returned)
+
+        headers: list = [None] * len(rkeys)
+        todo = {i: _HEADER_READ for i in range(len(rkeys))}
+        for _ in range(3):
+            if not todo:
+                break
+            idx = list(todo)
+            replies = self._call(lambda c: self._pipelined_ranges(c, [(rkeys[i], 0, todo[i]) for i in idx]))
+            if replies is _DOWN:
+                return headers
+            self._check_replies(replies)
+            nxt = {}
+            for i, buf in zip(idx, replies):
+                if not isinstance(buf, (bytes, bytearray)) or not buf:
+                    continue
+                try:
+                    headers[i] = decode_frame_header(buf, expect_key=keys[i], expect_spec=spec)
+                except FrameIncomplete as e:
+                    if len(buf) >= todo[i] and e.need > todo[i]:
+                        nxt[i] = e.need
+                except FrameError as e:
+                    log.warning("redis tier %s: unreadable frame header %s: %s", self.name, rkeys[i].decode(), e)
+            todo = nxt
+        with self._lock:
+            if len(self._data_offset) > _MAX_OFFSETS:
+                self._data_offset.clear()
+            for rkey, h in zip(rkeys, headers):
+                if h is not None:
+                    self._data_offset[rkey] = h.data_offset
+        return headers
+
+    def page_layouts(self, keys: Sequence[bytes], *, spec: KVSpec) -> list:
+        from ..pages import PageLayout
+
+        rkeys = self._redis_keys(keys, spec)
+        out = []
+        for key, h in zip(keys, self._headers(list(keys), rkeys, spec)):
+            layout = None
+            if h is not None:
+                try:
+                    layout = PageLayout.from_meta(key, spec, h.codec, h.codec_meta)
+                except ValueError:
+                    layout = None
+            out.append(layout)
+        return out
+
+    def read_spans(self, requests, *, spec: KVSpec) -> list[list[memoryview] | None]:
+        keys = [bytes(k) for k, _ in requests]
+        rkeys = self._redis_keys(keys, spec)
+        out: list[list[memoryview] | None] = [None] * len(rkeys)
+        if not rkeys:
+            return out
+        unknown = [i for i, r in enumerate(rkeys) if r not in self._data_offset]
+        if unknown:
+            self._headers([keys[i] for i in unknown], [rkeys[i] for i in unknown], spec)
+        cmds, owner = [], []
+        for i, (rkey, (_, spans)) in enumerate(zip(rkeys, requests)):
+            base = self._data_offset.get(rkey)
+            if base is None:
+                continue
+            for off, n in spans:
+                cmds.append((rkey, base + off, n))
+                owner.append(i)
+        if not cmds:
+            return out
+        replies = self._call(lambda c: self._pipelined_ranges(c, cmds))
+        if replies is _DOWN:
+            return out
+        self._check_replies(replies)
+        got: dict[int, list] = {}
+        bad: set[int] = set()
+        for i, (rkey, _, n), buf in zip(owner, cmds, replies):
+            if i in bad:
+                continue
+            if not isinstance(buf, (bytes, bytearray)) or len(buf) != n:  # gone, shorter, or an error
+                bad.add(i)
+                continue
+            got.setdefault(i, []).append(memoryview(buf))
+        with self._lock:
+            for i in bad:
+                self._data_offset.pop(rkeys[i], None)
+            for i, views in got.items():
+                if i not in bad:
+                    out[i] = views
+            self._stats.hits += len(got) - len(bad & set(got))
+            self._stats.misses += len(rkeys) - (len(got) - len(bad & set(got)))
+        return out
+
+    def forget_layouts(self, keys: Sequence[bytes], *, spec: KVSpec) -> None:
+        """Drop the payload offsets remembered for ``keys`` (another instance may have rewritten them)."""
+        with self._lock:
+            for rkey in self._redis_keys(keys, spec):
+                self._data_offset.pop(rkey, None)
+
+    @staticmethod
+    def _pipelined_ranges(client, cmds: list[tuple[bytes, int, int]]) -> list:
+        pipe = client.pipeline(transaction=False)
+        for rkey, start, n in cmds:
+            pipe.execute_command("GETRANGE", rkey, start, start + n - 1)
+        return pipe.execute(raise_on_error=False)
+
     def iter_keys(self, spec: KVSpec, *, count: int = 1000):
         """Block hashes of ``spec`` present in Redis (``SCAN`` over every primary); stops early if Redis fails."""
         prefix = self.key_prefix(spec)
@@ -415,6 +525,7 @@ class RedisTier(TierBase):
         self._check_replies(replies, ignore=OutOfMemoryError)
 
     def _forget(self, rkey: bytes) -> None:  # under self._lock
+        self._data_offset.pop(rkey, None)
         entry = self._sizes.pop(rkey, None)
         if entry is not None:
             self._stats.bytes -= entry[0]

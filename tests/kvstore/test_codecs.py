@@ -39,7 +39,7 @@ def round_trip(codec, block, spec):
 
 # -- registry ---------------------------------------------------------------------------------------
 def test_registry_names_every_codec_and_stage():
-    assert set(available_codecs()) == {"identity", "fp8", "int8", "kivi4", "kivi2", "kivi2h", "kivi4s", "kivi2hs"}
+    assert set(available_codecs()) == {"identity", "fp8", "int8", "kivi4", "kivi2", "kivi2h", "kivi4s", "kivi2hs", "paged", "paged_int8"}
     c = get_codec("kivi4+zstd")
     assert c.name == "kivi4+zstd" and not c.lossless
     assert get_codec("identity+lz4").lossless
