@@ -1,0 +1,172 @@
+"""TierAttention: decode attention over KV that stays in the tiers, reading only selected pages."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from kvstore import DiskTier, HostTier, KVSpec, TierConfig, TieredStore, chain_hashes
+from retrieval.tier_attention import TierAttention
+from sparse_attn import sparse_decode
+from sparse_attn.merge import merge_states
+
+SPEC = KVSpec("tier-att", num_layers=2, num_kv_heads=2, head_dim=32, dtype="float32", block_tokens=64)
+P = 16
+
+
+def context(n_blocks, seed=0, spec=SPEC):
+    """Blocks with a few strongly matching 'needle' pages, and the chain's keys."""
+    g = torch.Generator().manual_seed(seed)
+    kv = torch.randn(spec.num_layers, 2, spec.num_kv_heads, n_blocks * spec.block_tokens, spec.head_dim, generator=g)
+    blocks = [kv[:, :, :, i * spec.block_tokens:(i + 1) * spec.block_tokens].contiguous() for i in range(n_blocks)]
+    keys = chain_hashes(spec, [(seed * 31 + i) % 50000 for i in range(n_blocks * spec.block_tokens)])
+    return kv, blocks, keys
+
+
+def store_for(tmp_path, kind="disk", codec="paged"):
+    if kind == "disk":
+        return TieredStore([TierConfig(DiskTier(tmp_path / "d", 1 << 30, codec=codec))])
+    if kind == "host":
+        return TieredStore([TierConfig(HostTier(1 << 30, codec=codec))])
+    raise AssertionError(kind)
+
+
+def dense(q, k, v):
+    """Full attention reference: q [H_q, D] over k, v [H_kv, T, D]."""
+    o, lse = sparse_decode(q[None].float(), k[None].float(), v[None].float())
+    return o[0], lse[0]
+
+
+@pytest.mark.parametrize("kind", ["host", "disk"])
+def test_budget_covering_the_context_is_full_attention(tmp_path, kind):
+    kv, blocks, keys = context(4)
+    store = store_for(tmp_path, kind)
+    store.put(SPEC, keys, blocks)
+    att = TierAttention(store, SPEC, budget=4 * 64, prefetch=False)
+    ctx = att.open(keys)
+    q = torch.randn(4, SPEC.head_dim)
+    tail_k, tail_v = torch.randn(2, 5, SPEC.head_dim), torch.randn(2, 5, SPEC.head_dim)
+    for layer in range(2):
+        o, lse = att.decode_layer(ctx, layer, q, tail_k, tail_v)
+        k = torch.cat([kv[layer, 0], tail_k], 1)
+        v = torch.cat([kv[layer, 1], tail_v], 1)
+        o_ref, lse_ref = dense(q, k, v)
+        assert torch.allclose(o, o_ref, atol=1e-5) and torch.allclose(lse, lse_ref, atol=1e-5)
+    s = att.stats()
+    assert s.page_misses == 2 * 2 * 16 and s.page_hits == 0
+    assert s.page_bytes_read[kind] == s.selected_bytes  # exactly the selected pages' bytes
+
+
+def test_selection_equals_the_same_selection_over_resident_kv(tmp_path):
+    kv, blocks, keys = context(16, seed=1)
+    store = store_for(tmp_path)
+    store.put(SPEC, keys, blocks)
+    att = TierAttention(store, SPEC, budget=128, candidate_blocks=4, prefetch=False)
+    ctx = att.open(keys)
+    q = torch.randn(4, SPEC.head_dim)
+    ids = att.select(ctx, 1, q)
+    assert ids.shape == (2, 128 // P) and bool((ids[:, 0] == 0).all())  # the sink page is always kept
+    o, lse = att.decode_layer(ctx, 1, q)
+    tok = att.token_ids(ctx, ids)
+    o_ref, lse_ref = sparse_decode(q[None], kv[1, 0][None], kv[1, 1][None], tok[None])
+    assert torch.allclose(o, o_ref[0], atol=1e-5) and torch.allclose(lse, lse_ref[0], atol=1e-5)
+
+
+def test_hierarchy_finds_the_needle_pages_and_prunes_blocks(tmp_path):
+    kv, blocks, keys = context(32, seed=2)
+    q = torch.randn(4, SPEC.head_dim)
+    # plant, per KV head, one page whose keys align with that head's queries (block 21, page 2)
+    for h in range(2):
+        kv[:, 0, h, 21 * 64 + 32: 21 * 64 + 48] = 3 * q[2 * h] / q[2 * h].norm() * SPEC.head_dim ** 0.5
+    blocks = [kv[:, :, :, i * 64:(i + 1) * 64].contiguous() for i in range(32)]
+    store = store_for(tmp_path)
+    store.put(SPEC, keys, blocks)
+    att = TierAttention(store, SPEC, budget=64, candidate_blocks=4, prefetch=False)
+    ctx = att.open(keys)
+    ids = att.select(ctx, 0, q)
+    assert all(21 * 4 + 2 in row for row in ids.tolist())
+    s = att.stats()
+    assert s.pages_scored == 4 * 4 and s.blocks_scored == 32  # level 2 saw 4 blocks of 32
+
+
+def test_page_cache_hits_across_steps_and_prefetch_warms_the_next_layer(tmp_path):
+    kv, blocks, keys = context(16, seed=3)
+    store = store_for(tmp_path)
+    store.put(SPEC, keys, blocks)
+    att = TierAttention(store, SPEC, budget=128, prefetch=True)
+    ctx = att.open(keys)
+    q = torch.randn(4, SPEC.head_dim)
+    for layer in range(2):
+        att.decode_layer(ctx, layer, q)
+    first = att.stats()
+    assert first.page_hits == 0 and first.prefetched == 0
+    att.reset_stats()
+    for layer in range(2):  # same query: layer 1's pages were prefetched while layer 0 ran
+        att.decode_layer(ctx, layer, q)
+    second = att.stats()
+    assert second.page_misses == 0 and second.hit_rate == 1.0
+    assert sum(second.page_bytes_read.values()) == 0
+    att.close()
+
+
+def test_a_bounded_page_cache_reads_again(tmp_path):
+    kv, blocks, keys = context(8, seed=4)
+    store = store_for(tmp_path, "disk", "paged_int8")
+    store.put(SPEC, keys, blocks)
+    att = TierAttention(store, SPEC, budget=128, page_cache_bytes=0, prefetch=False)
+    ctx = att.open(keys)
+    q = torch.randn(4, SPEC.head_dim)
+    att.decode_layer(ctx, 0, q)
+    att.decode_layer(ctx, 0, q)
+    s = att.stats()
+    assert s.page_hits == 0 and s.page_misses == 2 * 2 * 8 and len(att.pages) == 0
+    assert s.page_bytes_read["disk"] == s.selected_bytes
+
+
+@pytest.mark.redis
+def test_decode_from_redis_cluster(redis_cluster_url):
+    from kvstore.tiers.redis import RedisTier
+
+    kv, blocks, keys = context(8, seed=5)
+    store = TieredStore([TierConfig(RedisTier(redis_cluster_url, codec="paged"))])
+    store.put(SPEC, keys, blocks)
+    att = TierAttention(store, SPEC, budget=8 * 64, prefetch=False)
+    ctx = att.open(keys)
+    q = torch.randn(4, SPEC.head_dim)
+    o, lse = att.decode_layer(ctx, 1, q)
+    o_ref, lse_ref = dense(q, kv[1, 0], kv[1, 1])
+    assert torch.allclose(o, o_ref, atol=1e-5)
+    assert set(att.stats().page_bytes_read) == {"redis"}
+    store.close()
+
+
+def test_bad_input_is_a_value_error(tmp_path):
+    _, blocks, keys = context(2)
+    store = TieredStore([TierConfig(HostTier(1 << 30))])  # identity: not page-addressable
+    store.put(SPEC, keys, blocks)
+    with pytest.raises(ValueError, match="page-addressable"):
+        TierAttention(store, SPEC).open(keys)
+    with pytest.raises(ValueError):
+        TierAttention(store, SPEC, budget=0)
+    with pytest.raises(ValueError):
+        TierAttention(object(), SPEC)
+    store2 = store_for(tmp_path)
+    store2.put(SPEC, keys, blocks)
+    att = TierAttention(store2, SPEC, prefetch=False)
+    ctx = att.open(keys)
+    with pytest.raises(ValueError):
+        att.decode_layer(ctx, 2, torch.randn(4, 32))
+    with pytest.raises(ValueError):
+        att.decode_layer(ctx, 0, torch.randn(3, 32))
+    with pytest.raises(ValueError):
+        att.decode_layer(ctx, 0, torch.randn(4, 32), torch.randn(2, 3, 32))
+
+
+def test_an_empty_context_attends_the_resident_tokens_only(tmp_path):
+    att = TierAttention(store_for(tmp_path), SPEC, prefetch=False)
+    ctx = att.open([])
+    q = torch.randn(4, 32)
+    k, v = torch.randn(2, 7, 32), torch.randn(2, 7, 32)
+    o, lse = att.decode_layer(ctx, 0, q, k, v)
+    o_ref, lse_ref = dense(q, k, v)
+    assert torch.allclose(o, o_ref, atol=1e-5)
