@@ -128,8 +128,8 @@ class TierContext:
 
     keys: list[bytes]
     layouts: list[PageLayout]
-    bmin: torch.Tensor  # [L, N, H_kv, D] float32: block-level key minimum per layer
-    bmax: torch.Tensor  # [L, N, H_kv, D]
+    bmin: torch.Tensor  # [L, H_kv, N, D] float32: block-level key minimum per layer
+    bmax: torch.Tensor  # [L, H_kv, N, D]
     last_pages: dict = field(default_factory=dict)  # layer -> [H_kv, n] int64 global page ids of the last step
     pending: dict = field(default_factory=dict)  # layer -> Future of its prefetch
 
@@ -164,6 +164,9 @@ class TierAttention:
         self.budget = budget
         self.candidate_blocks = candidate_blocks
         self.prefetch = prefetch
+        # pages are decoded once into the dtype attention computes in: float32 on CPU (no fast
+        # float16 arithmetic there), the spec's dtype on a GPU
+        self.compute_dtype = torch.float32 if not torch.cuda.is_available() else spec.torch_dtype
         self.pages = _LRU(page_cache_bytes)
         self.summaries = _LRU(summary_bytes)
         self._stats = TierAttentionStats()
@@ -207,13 +210,13 @@ class TierAttention:
             raise ValueError(f"{len(missing)} of {len(keys)} blocks (first: position {missing[0]}) are not stored with a "
                              "page-addressable codec ('paged', 'paged_int8') in a tier that serves ranges")
         L, H, D = spec.num_layers, spec.num_kv_heads, spec.head_dim
-        bmin = torch.empty(L, len(keys), H, D)
-        bmax = torch.empty(L, len(keys), H, D)
+        bmin = torch.empty(L, H, len(keys), D)
+        bmax = torch.empty(L, H, len(keys), D)
         if keys:
             res = self._read(layouts, [[Summary(L)]] * len(keys), summary=True)
             for i, (lay, bufs) in enumerate(zip(layouts, res)):
                 lo, hi = lay.decode_summary(L, bufs[0])  # [L, H, D]
-                bmin[:, i], bmax[:, i] = lo, hi
+                bmin[:, :, i], bmax[:, :, i] = lo.float(), hi.float()
         return TierContext(list(keys), layouts, bmin, bmax)
 
     def _read(self, layouts: list[PageLayout], pieces: list[list], *, summary: bool) -> list[list[memoryview]]:
@@ -250,8 +253,8 @@ class TierAttention:
             bufs = self._read([ctx.layouts[b] for b in miss], [[Summary(layer)]] * len(miss), summary=True)
             for b, piece in zip(miss, bufs):
                 kmin, kmax, _ = ctx.layouts[b].decode_summary(layer, piece[0])
-                out[b] = (kmin, kmax)
-                self.summaries.put((ctx.keys[b], layer), out[b], 2 * kmin.numel() * ctx.layouts[b].summary_dtype.itemsize)
+                out[b] = (kmin.float(), kmax.float())  # kept in float32: scored every step
+                self.summaries.put((ctx.keys[b], layer), out[b], 2 * kmin.numel() * 4)
         return out
 
     def select(self, ctx: TierContext, layer: int, q: torch.Tensor) -> torch.Tensor:
@@ -270,21 +273,17 @@ class TierAttention:
         # level 1: blocks by their block-level bound
         C = N if self.candidate_blocks is None else min(N, max(self.candidate_blocks, -(-want // Np)))
         if C < N:
-            bmax, bmin = ctx.bmax[layer].transpose(0, 1), ctx.bmin[layer].transpose(0, 1)  # [H, N, D]
-            s1 = (pos @ bmax.transpose(1, 2) + neg @ bmin.transpose(1, 2)).amax(1)  # [H, N]
+            bmax, bmin = ctx.bmax[layer], ctx.bmin[layer]  # [H, N, D]
+            s1 = torch.baddbmm(neg @ bmin.transpose(1, 2), pos, bmax.transpose(1, 2)).amax(1)  # [H, N]
             s1[:, 0] = float("inf")  # the sink's block
             cand = s1.topk(C, dim=1).indices  # [H, C]
         else:
             cand = torch.arange(N).expand(H, N)
         union = sorted(set(cand.flatten().tolist()))
         bounds = self._page_bounds(ctx, layer, union)
-        where = {b: i for i, b in enumerate(union)}
-        kmin_u = torch.stack([bounds[b][0] for b in union])  # [U, H, Np, D]
-        kmax_u = torch.stack([bounds[b][1] for b in union])
-        ui = torch.tensor([[where[b] for b in row] for row in cand.tolist()])  # [H, C]
-        heads = torch.arange(H).view(H, 1)
-        kmin_c = kmin_u[ui, heads].reshape(H, C * Np, D)  # [H, C*Np, D]
-        kmax_c = kmax_u[ui, heads].reshape(H, C * Np, D)
+        pairs = [(b, h) for h, row in enumerate(cand.tolist()) for b in row]
+        kmin_c = torch.stack([bounds[b][0][h] for b, h in pairs]).view(H, C * Np, D)  # [H, C*Np, D] float32
+        kmax_c = torch.stack([bounds[b][1][h] for b, h in pairs]).view(H, C * Np, D)
         s2 = torch.baddbmm(neg @ kmin_c.transpose(1, 2), pos, kmax_c.transpose(1, 2)).amax(1)  # [H, C*Np]
         gid = (cand.unsqueeze(-1) * Np + torch.arange(Np)).reshape(H, C * Np)  # global page ids
         s2 = torch.where(gid == 0, float("inf"), s2)  # the sink page
@@ -321,7 +320,7 @@ class TierAttention:
             for b, b_runs, b_bufs in zip(blocks, runs, bufs):
                 lay = ctx.layouts[b]
                 for run, buf in zip(b_runs, b_bufs):
-                    pages = lay.decode_pages(buf, run.count)  # [count, 2, P, D]
+                    pages = lay.decode_pages(buf, run.count, self.compute_dtype)  # [count, 2, P, D]
                     for i in range(run.count):
                         rid = run.first + i
                         t = pages[i]
@@ -373,17 +372,17 @@ class TierAttention:
                 self._prefetch(ctx, layer + 1)
             ids = self.select(ctx, layer, q)
             pages = self._fetch(ctx, layer, ids)
-            kv = torch.stack([torch.stack(row) for row in pages])  # [H, n, 2, P, D]
-            n, P = kv.shape[1], kv.shape[3]
-            k = kv[:, :, 0].reshape(1, H, n * P, D).float()
-            v = kv[:, :, 1].reshape(1, H, n * P, D).float()
-            o, lse = sparse_decode(qf, k, v, scale=scale)
+            kv = torch.stack([t for row in pages for t in row])  # [H*n, 2, P, D]
+            n, P = len(pages[0]), kv.shape[2]
+            kv = kv.view(H, n, 2, P, D).transpose(1, 2).reshape(H, 2, n * P, D)
+            o, lse = sparse_decode(qf.to(kv.dtype), kv[None, :, 0], kv[None, :, 1], scale=scale)
             ctx.last_pages[layer] = ids
             with self._stats_lock:
                 self._stats.pages_selected += ids.numel()
                 self._stats.selected_bytes += ids.numel() * ctx.layouts[0].range_bytes
         if k_local is not None and k_local.shape[1]:
-            o2, lse2 = sparse_decode(qf, k_local.float()[None], v_local.float()[None], scale=scale)
+            dt = self.compute_dtype
+            o2, lse2 = sparse_decode(qf.to(dt), k_local.to(dt)[None], v_local.to(dt)[None], scale=scale)
             o, lse = merge_states(o.float(), lse, o2.float(), lse2)
         with self._stats_lock:
             self._stats.steps += 1

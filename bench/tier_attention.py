@@ -1,0 +1,306 @@
+"""Sparse decode attention over KV that stays in the tiers (``retrieval.TierAttention``).
+
+Synthetic KV shaped like Llama-3-8B (8 KV heads, 32 query heads, D = 128, float16, blocks of 256
+tokens), stored with the ``paged`` codec in the disk tier and in Redis (a private redis-server).
+Fewer layers than Llama's 32 are stored (``--layers``, said in the output): the per-layer work is
+what each figure measures, and 1M tokens x 32 layers would need 128 GiB of disk.
+
+Per decode step (every stored layer once, the queries drifting a little from step to step as a
+model's do) it measures, for each context length and tier:
+
+- bytes read per tier (pages and summaries), against the physical minimum (the selected pages'
+  stored bytes), the page-cache hit rate, and ms per step;
+- (a) the same selection over fully resident KV (``sparse_decode`` over the same token ids);
+- (b) dense attention reading all the KV of the layer from the same tier (32K and 128K; at 1M it
+  would gather 8 GiB of float32 per layer on this CPU box, and is not run);
+- and the goal's yardstick: dense attention over 4K resident tokens with the same heads.
+
+``--quick`` (under a minute): 32K tokens, 1 layer, disk and Redis. The full run: 32K and 128K
+(2 layers, disk and Redis), 1M (1 layer, disk). Saves bench/results/tier_attention{_quick}.json/.md
+and a plot of bytes/step and ms/step against context length.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import torch  # noqa: E402
+
+from bench.common import RESULTS, LocalRedis, md_table, save_results  # noqa: E402
+from kvstore import DiskTier, KVSpec, TierConfig, TieredStore  # noqa: E402
+from retrieval.tier_attention import TierAttention  # noqa: E402
+from sparse_attn import merge_states, sparse_decode  # noqa: E402
+
+H_Q, H_KV, D, BT = 32, 8, 128, 256
+MiB = 1 << 20
+
+
+def make_spec(layers: int) -> KVSpec:
+    return KVSpec("llama3-8b-synthetic", num_layers=layers, num_kv_heads=H_KV, head_dim=D, dtype="float16", block_tokens=BT)
+
+
+def fill(store: TieredStore, spec: KVSpec, num_tokens: int, seed: int, keep_resident: bool):
+    """Store ``num_tokens`` of synthetic KV block by block (bounded memory); returns the keys and,
+    when asked, the resident copy ``[L, 2, H_kv, T, D]`` for the resident baseline."""
+    g = torch.Generator().manual_seed(seed)
+    n = num_tokens // BT
+    keys = [bytes(torch.randint(0, 256, (32,), generator=g, dtype=torch.uint8).tolist()) for _ in range(n)]
+    resident = torch.empty(spec.num_layers, 2, H_KV, num_tokens, D, dtype=torch.float16) if keep_resident else None
+    step = 32
+    parent = None
+    for i in range(0, n, step):
+        m = min(step, n - i)
+        blocks = torch.randn(m, *spec.block_shape, generator=g).to(torch.float16)
+        # a few pages per block with larger keys, so that page scores differ as in real models
+        blocks[:, :, 0] *= 1 + 2 * (torch.rand(m, spec.num_layers, H_KV, BT // 16, 1, 1, generator=g) > 0.9).float().repeat_interleave(16, 3).view(m, spec.num_layers, H_KV, BT, 1)
+        ok = store.put(spec, keys[i:i + m], blocks, parent=parent)
+        if not all(ok):
+            raise SystemExit(f"the store refused blocks at {i}: not enough room (disk or Redis memory)")
+        parent = keys[i + m - 1]
+        if resident is not None:
+            resident[:, :, :, i * BT:(i + m) * BT] = blocks.permute(1, 2, 3, 0, 4, 5).reshape(spec.num_layers, 2, H_KV, m * BT, D)
+    return keys, resident
+
+
+def queries(spec: KVSpec, steps: int, seed: int) -> list[torch.Tensor]:
+    """``[L, H_q, D]`` per step: a base query per layer that drifts (correlated steps)."""
+    g = torch.Generator().manual_seed(seed + 1)
+    base = torch.randn(spec.num_layers, H_Q, D, generator=g)
+    out = []
+    for _ in range(steps):
+        base = base + 0.3 * torch.randn(base.shape, generator=g)
+        out.append(base.clone())
+    return out
+
+
+def run_steps(att: TierAttention, ctx, qs, tail_k, tail_v) -> list[dict]:
+    """One entry per step: ms, bytes by tier and kind, hits."""
+    rows = []
+    L = att.spec.num_layers
+    for q in qs:
+        before = att.stats()
+        t0 = time.perf_counter()
+        for layer in range(L):
+            att.decode_layer(ctx, layer, q[layer], tail_k, tail_v)
+        ms = (time.perf_counter() - t0) * 1e3
+        after = att.stats()
+        rows.append({
+            "ms": ms,
+            "page_bytes": sum(after.page_bytes_read.values()) - sum(before.page_bytes_read.values()),
+            "summary_bytes": sum(after.summary_bytes_read.values()) - sum(before.summary_bytes_read.values()),
+            "selected_bytes": after.selected_bytes - before.selected_bytes,
+            "hits": after.page_hits - before.page_hits,
+            "misses": after.page_misses - before.page_misses,
+            "prefetched": after.prefetched - before.prefetched,
+        })
+    return rows
+
+
+def resident_step(att: TierAttention, ctx, qs, resident, tail_k, tail_v) -> float:
+    """ms per step of the same selection over resident KV (selection included)."""
+    L = att.spec.num_layers
+    times = []
+    for q in qs:
+        t0 = time.perf_counter()
+        for layer in range(L):
+            ids = att.select(ctx, layer, q[layer])
+            tok = att.token_ids(ctx, ids)
+            qf = q[layer][None].half()
+            o, lse = sparse_decode(qf, resident[layer, 0][None], resident[layer, 1][None], tok[None], check_indices=False)
+            o2, lse2 = sparse_decode(qf, tail_k[None], tail_v[None])
+            merge_states(o.float(), lse, o2.float(), lse2)
+        times.append((time.perf_counter() - t0) * 1e3)
+    times.sort()
+    return times[len(times) // 2]
+
+
+def dense_resident_ms(num_tokens: int, layers: int, repeat: int = 5) -> float:
+    """ms of dense decode attention over ``num_tokens`` resident tokens, ``layers`` layers."""
+    g = torch.Generator().manual_seed(7)
+    k = torch.randn(1, H_KV, num_tokens, D, generator=g)  # float32: CPUs have no fast float16 arithmetic
+    v = torch.randn(1, H_KV, num_tokens, D, generator=g)
+    q = torch.randn(1, H_Q, D, generator=g)
+    sparse_decode(q, k, v)
+    times = []
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        for _ in range(layers):
+            sparse_decode(q, k, v)
+        times.append((time.perf_counter() - t0) * 1e3)
+    times.sort()
+    return times[len(times) // 2]
+
+
+def bench_one(store: TieredStore, tier: str, spec: KVSpec, num_tokens: int, args, *, dense_steps: int, keep_resident: bool) -> dict:
+    t0 = time.perf_counter()
+    keys, resident = fill(store, spec, num_tokens, seed=num_tokens, keep_resident=keep_resident)
+    fill_s = time.perf_counter() - t0
+    g = torch.Generator().manual_seed(3)
+    tail_k = torch.randn(H_KV, 64, D, generator=g).half()  # the resident recent window
+    tail_v = torch.randn(H_KV, 64, D, generator=g).half()
+    att = TierAttention(store, spec, budget=args.budget, candidate_blocks=args.candidate_blocks,
+                        page_cache_bytes=args.page_cache_mib * MiB, summary_bytes=args.summary_mib * MiB)
+    t0 = time.perf_counter()
+    ctx = att.open(keys)
+    open_ms = (time.perf_counter() - t0) * 1e3
+    qs = queries(spec, args.steps, seed=num_tokens)
+    steps = run_steps(att, ctx, qs, tail_k, tail_v)
+    cold, warm = steps[0], steps[1:]
+    avg = {k: sum(s[k] for s in warm) / len(warm) for k in warm[0]}
+    hit_rate = sum(s["hits"] for s in warm) / max(1, sum(s["hits"] + s["misses"] for s in warm))
+    cold_ratio = cold["page_bytes"] / cold["selected_bytes"]
+    att_stats = att.stats()
+    att.close()
+    row = {
+        "tier": tier, "tokens": num_tokens, "layers": spec.num_layers, "fill_s": fill_s, "open_ms": open_ms,
+        "cold": cold, "warm": avg, "hit_rate": hit_rate,
+        "cold_bytes_over_min": cold_ratio,
+        "warm_bytes_over_min": (avg["page_bytes"]) / avg["selected_bytes"],
+        "ms_per_step": sorted(s["ms"] for s in warm)[len(warm) // 2],
+        "pages_scored_per_layer": att_stats.pages_scored / max(1, att_stats.steps),
+        "blocks_scored_per_layer": att_stats.blocks_scored / max(1, att_stats.steps),
+    }
+    if resident is not None:
+        ra = TierAttention(store, spec, budget=args.budget, candidate_blocks=args.candidate_blocks, prefetch=False,
+                           summary_bytes=args.summary_mib * MiB)
+        rctx = ra.open(keys)
+        row["resident_ms_per_step"] = resident_step(ra, rctx, qs, resident, tail_k, tail_v)
+        ra.close()
+    if dense_steps:
+        da = TierAttention(store, spec, budget=num_tokens, page_cache_bytes=0, prefetch=False)
+        dctx = da.open(keys)
+        d = run_steps(da, dctx, qs[:dense_steps], tail_k, tail_v)
+        row["dense_tier_ms_per_step"] = sorted(s["ms"] for s in d)[len(d) // 2]
+        row["dense_tier_bytes_per_step"] = d[0]["page_bytes"]
+        da.close()
+    row["dense_4k_resident_ms_per_step"] = dense_resident_ms(4096, spec.num_layers)
+    print(f"  {tier:5s} {num_tokens:>8,} tokens x {spec.num_layers} layer(s): {row['ms_per_step']:.1f} ms/step warm, "
+          f"{avg['page_bytes'] / MiB:.2f} MiB pages + {avg['summary_bytes'] / MiB:.2f} MiB summaries read/step "
+          f"(selected {avg['selected_bytes'] / MiB:.2f} MiB), hit rate {hit_rate:.2f}, cold read {cold_ratio:.2f}x the minimum"
+          + (f"; resident {row['resident_ms_per_step']:.1f} ms" if "resident_ms_per_step" in row else "")
+          + (f"; dense from tier {row['dense_tier_ms_per_step']:.0f} ms" if "dense_tier_ms_per_step" in row else "")
+          + f"; dense 4K resident {row['dense_4k_resident_ms_per_step']:.1f} ms", flush=True)
+    return row
+
+
+def plot(rows: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4))
+    for tier in sorted({r["tier"] for r in rows}):
+        rs = sorted((r for r in rows if r["tier"] == tier), key=lambda r: r["tokens"])
+        x = [r["tokens"] for r in rs]
+        per_layer = [r["layers"] for r in rs]
+        a.plot(x, [r["warm"]["page_bytes"] / MiB / n for r, n in zip(rs, per_layer)], "o-", label=f"{tier}: pages read (warm)")
+        a.plot(x, [r["cold"]["page_bytes"] / MiB / n for r, n in zip(rs, per_layer)], "s--", label=f"{tier}: pages read (cold)")
+        a.plot(x, [r["warm"]["summary_bytes"] / MiB / n for r, n in zip(rs, per_layer)], "^:", label=f"{tier}: summaries read")
+        b.plot(x, [r["ms_per_step"] / n for r, n in zip(rs, per_layer)], "o-", label=f"{tier}: tier attention")
+        d = [(r["tokens"], r["dense_tier_ms_per_step"] / r["layers"]) for r in rs if "dense_tier_ms_per_step" in r]
+        if d:
+            b.plot(*zip(*d), "x--", label=f"{tier}: dense from tier")
+    b.axhline(rows[0]["dense_4k_resident_ms_per_step"] / rows[0]["layers"], color="gray", ls=":", label="dense, 4K resident")
+    for ax, title in ((a, "MiB read per layer and step"), (b, "ms per layer and step")):
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        ax.set_xlabel("context tokens")
+        ax.set_title(title)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="32K tokens, 1 layer (under a minute)")
+    ap.add_argument("--out", help="also write the figures as JSON to this file")
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--budget", type=int, default=512, help="tokens per KV head from the stored context")
+    ap.add_argument("--candidate-blocks", type=int, default=32)
+    ap.add_argument("--page-cache-mib", type=int, default=64)
+    ap.add_argument("--summary-mib", type=int, default=64)
+    ap.add_argument("--steps", type=int, default=None)
+    ap.add_argument("--dir", help="where the disk tier lives (default: a temporary directory)")
+    ap.add_argument("--no-1m", action="store_true", help="skip the 1M-token context in the full run")
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    args.steps = args.steps or (4 if args.quick else 8)
+    t_all = time.time()
+    if args.quick:
+        plan = [(32 << 10, 1, ("disk", "redis"), 2, True)]
+    else:
+        plan = [(32 << 10, 2, ("disk", "redis"), 2, True), (128 << 10, 2, ("disk", "redis"), 1, True)]
+        if not args.no_1m:
+            plan.append((1 << 20, 1, ("disk",), 0, False))  # dense from tier at 1M: 8 GiB of float32 per layer, not run
+    rows = []
+    root = Path(args.dir or tempfile.mkdtemp(prefix="kvtier-tier-att-"))
+    redis = None
+    try:
+        for num_tokens, layers, tiers, dense_steps, keep_resident in plan:
+            spec = make_spec(layers)
+            for tier in tiers:
+                if tier == "disk":
+                    d = root / f"disk-{num_tokens}"
+                    store = TieredStore([TierConfig(DiskTier(d, 64 << 30, codec="paged"))])
+                else:
+                    from kvstore.tiers.redis import RedisTier
+
+                    if redis is None:
+                        redis = LocalRedis()
+                    store = TieredStore([TierConfig(RedisTier(redis.url, codec="paged", socket_timeout_s=30.0))])
+                rows.append(bench_one(store, tier, spec, num_tokens, args, dense_steps=dense_steps, keep_resident=keep_resident))
+                if tier == "disk":
+                    store.close()
+                    shutil.rmtree(root / f"disk-{num_tokens}", ignore_errors=True)
+                else:
+                    store._tiers[0].tier._call(lambda c: c.flushall())
+                    store.close()
+    finally:
+        if redis is not None:
+            redis.close()
+        if not args.dir:
+            shutil.rmtree(root, ignore_errors=True)
+    name = "tier_attention_quick" if args.quick else "tier_attention"
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    plot(rows, RESULTS / f"{name}.png")
+    table = []
+    for r in rows:
+        table.append([
+            r["tier"], f"{r['tokens']:,}", r["layers"], f"{r['ms_per_step']:.1f}",
+            f"{r.get('resident_ms_per_step', float('nan')):.1f}",
+            f"{r['dense_tier_ms_per_step']:.0f}" if "dense_tier_ms_per_step" in r else "-",
+            f"{r['dense_4k_resident_ms_per_step']:.1f}",
+            f"{r['ms_per_step'] / r['dense_4k_resident_ms_per_step']:.2f}x",
+            f"{r['cold']['page_bytes'] / MiB:.2f} / {r['cold']['selected_bytes'] / MiB:.2f}",
+            f"{r['warm']['page_bytes'] / MiB:.2f}", f"{r['warm']['summary_bytes'] / MiB:.2f}",
+            f"{r['dense_tier_bytes_per_step'] / MiB:.0f}" if "dense_tier_bytes_per_step" in r else "-",
+            f"{r['hit_rate']:.2f}", f"{r['blocks_scored_per_layer']:.0f} / {r['pages_scored_per_layer']:.0f}",
+        ])
+    md = [f"## bench/tier_attention.py{' --quick' if args.quick else ''}", "",
+          f"Synthetic KV shaped like Llama-3-8B (8 KV heads, 32 query heads, D=128, float16, 256-token blocks, `paged` codec); "
+          f"**{', '.join(sorted({str(r['layers']) for r in rows}))} layer(s) stored instead of 32** (per-layer work is what is measured; "
+          f"1M x 32 layers would be 128 GiB). Budget {args.budget} tokens per KV head, {args.candidate_blocks} candidate blocks, "
+          f"page cache {args.page_cache_mib} MiB, hot summaries {args.summary_mib} MiB, {args.steps} steps (first cold), "
+          f"{args.threads} torch threads, shared CPU box.", "",
+          md_table(["tier", "tokens", "layers", "ms/step", "(a) resident, same selection", "(b) dense from tier",
+                    "dense 4K resident", "step / dense 4K", "cold MiB read / selected", "warm MiB pages", "warm MiB summaries",
+                    "(b) MiB/step", "hit rate", "scored blocks / pages per layer"], table), "",
+          "Goals: bytes read <= 1.5x the selected pages' bytes (+ summaries); at 1M on disk a step <= 2x dense attention over "
+          "4K resident tokens.", "", f"![bytes and ms per step]({name}.png)"]
+    figures = {"quick": args.quick, "budget": args.budget, "candidate_blocks": args.candidate_blocks, "steps": args.steps,
+               "page_cache_mib": args.page_cache_mib, "summary_mib": args.summary_mib, "threads": args.threads, "rows": rows}
+    save_results(name, figures, "\n".join(md), args.out)
+    print(f"done in {time.time() - t_all:.0f} s")
+
+
+if __name__ == "__main__":
+    main()
