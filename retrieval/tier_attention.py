@@ -219,6 +219,15 @@ class TierAttention:
                 bmin[:, :, i], bmax[:, :, i] = lo.float(), hi.float()
         return TierContext(list(keys), layouts, bmin, bmax)
 
+    def extend(self, ctx: TierContext, keys: Sequence[bytes]) -> None:
+        """Append newly stored blocks (the chain's next ones) to an open context."""
+        more = self.open(keys)
+        ctx.keys += more.keys
+        ctx.layouts += more.layouts
+        ctx.bmin = torch.cat([ctx.bmin, more.bmin], 2)
+        ctx.bmax = torch.cat([ctx.bmax, more.bmax], 2)
+        ctx.last_pages.clear()  # page ids of the last step stay valid, but the prefetch may skip new blocks: start over
+
     def _read(self, layouts: list[PageLayout], pieces: list[list], *, summary: bool) -> list[list[memoryview]]:
         """Verified pieces, or RuntimeError if a block cannot be read from any tier (a layout read
         before may be stale: it is read again once)."""
@@ -257,15 +266,15 @@ class TierAttention:
                 self.summaries.put((ctx.keys[b], layer), out[b], 2 * kmin.numel() * 4)
         return out
 
-    def select(self, ctx: TierContext, layer: int, q: torch.Tensor) -> torch.Tensor:
+    def select(self, ctx: TierContext, layer: int, q: torch.Tensor, budget: int | None = None) -> torch.Tensor:
         """Global page ids ``[H_kv, n]`` (``block * Np + page``, ascending) each KV head attends for
-        the decode query ``q [H_q, D]`` of ``layer``."""
+        the decode query ``q [H_q, D]`` of ``layer`` (``budget``: this call's, default the instance's)."""
         spec = self.spec
         H, D, N = spec.num_kv_heads, spec.head_dim, ctx.num_blocks
         Np = spec.block_tokens // ctx.layouts[0].page_tokens if N else 1
         P = spec.block_tokens // Np
         total = N * Np
-        want = min(total, max(1, self.budget // P))
+        want = min(total, max(1, (self.budget if budget is None else budget) // P))
         if want >= total:
             return torch.arange(total).expand(H, total)
         qf = q.float().view(H, -1, D)  # [H, G, D]
@@ -344,10 +353,12 @@ class TierAttention:
 
     # -- attention -------------------------------------------------------------------------
     def decode_layer(self, ctx: TierContext, layer: int, q: torch.Tensor, k_local: torch.Tensor | None = None,
-                     v_local: torch.Tensor | None = None, *, scale: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                     v_local: torch.Tensor | None = None, *, scale: float | None = None,
+                     budget: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Decode attention of ``q [H_q, D]`` for ``layer`` over the stored context plus the
         resident tokens ``k_local, v_local [H_kv, W, D]`` (those after the stored blocks; ``None``:
-        none). Returns ``(o [H_q, D] float32, lse [H_q] float32)``."""
+        none); ``budget``: this call's (default the instance's). Returns ``(o [H_q, D] float32,
+        lse [H_q] float32)``."""
         from sparse_attn import merge_states, sparse_decode
 
         spec = self.spec
@@ -370,7 +381,7 @@ class TierAttention:
                 fut.result()
             if layer + 1 < spec.num_layers:
                 self._prefetch(ctx, layer + 1)
-            ids = self.select(ctx, layer, q)
+            ids = self.select(ctx, layer, q, budget)
             pages = self._fetch(ctx, layer, ids)
             kv = torch.stack([t for row in pages for t in row])  # [H*n, 2, P, D]
             n, P = len(pages[0]), kv.shape[2]

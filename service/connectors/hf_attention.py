@@ -11,6 +11,15 @@ Three features, each usable on its own or through the transformers connector:
       with hook.attach(model):
           out = model.generate(ids, max_new_tokens=32, do_sample=False)
 
+  With ``store=`` (a ``kvstore.TieredStore`` whose tiers use a page-addressable codec), decode
+  runs with the context's KV offloaded: at the first decode step the full blocks of the prompt
+  are written to the store and attention reads, per layer and KV head, only the pages it selects
+  from the tiers (``retrieval.TierAttention``: hierarchical Quest selection, page cache,
+  prefetch), merged by LSE with the tokens after the last stored block::
+
+      store = TieredStore([TierConfig(DiskTier("/var/kv", 64 << 30, codec="paged"))])
+      hook = SparseDecode(budget=512, store=store)
+
 - ``TokenPolicy`` (a ``TokenPolicyRuntime``, in ``hf_tokens``): greedy generation under a fast-tier
   token budget with ``eviction.tokens.EvictingKV`` (``drop`` or ``demote`` with recall).
 - ``shared_prefix_generate`` (in ``hf_shared_prefix``): a batch of sequences that share a prefix,
@@ -41,10 +50,21 @@ class SparseDecodeStats:
     state_builds: int = 0  # selector states built from the whole context (once per request and layer)
     attention_seconds: float = 0.0  # wall time inside the decode attention function (selection included; on a GPU: launch time)
 
+    offloaded_tokens: int = 0  # tokens written to the store (store mode)
+
     @property
     def read_fraction(self) -> float:
         """Share of the context the sparse calls read (selected / context tokens)."""
         return self.selected_tokens / self.context_tokens if self.context_tokens else 1.0
+
+
+@dataclass
+class _Offload:
+    """Store mode: one request's context in the store."""
+
+    ctx: Any  # retrieval.TierContext
+    nonce: bytes
+    num_tokens: int  # tokens stored (whole blocks)
 
 
 @dataclass
@@ -68,6 +88,15 @@ class SparseDecode:
             its first two layers dense).
         selector_options: more options for the selector (e.g. ``page_tokens`` for Quest).
         record: keep the last selection of every layer in ``last_indices`` (``[B, H_kv, budget]``).
+        store: a ``kvstore.TieredStore`` to decode with the KV offloaded to (see the module
+            docstring); its tiers must use ``paged`` or ``paged_int8``. Batch size 1, the Quest
+            selector and no ``dense_layers``. The budget counts the tokens after the last stored
+            block (held by the engine, attended in full) first; pages from the tiers fill the rest.
+            The stored prefix is overwritten with zeros in the transformers cache, so attention
+            provably reads it from the tiers only (transformers still allocates it).
+        block_tokens: tokens per stored block (store mode).
+        tier_options: more options for ``retrieval.TierAttention`` (``candidate_blocks``,
+            ``page_cache_bytes``, ``summary_bytes``, ``prefetch``).
 
     Prefill (more than one query token) runs transformers' SDPA. A decode step of layer ``l``
     selects with the selector's state for (cache, ``l``): built from the whole context on the
@@ -85,6 +114,9 @@ class SparseDecode:
     dense_layers: int = 0
     selector_options: dict = field(default_factory=dict)
     record: bool = False
+    store: Any = None
+    block_tokens: int = 64
+    tier_options: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         from retrieval import get_selector
@@ -111,6 +143,18 @@ class SparseDecode:
         kept = self._selector.num_sink + self._selector.num_recent
         if self.budget < kept:
             raise ValueError(f"budget must be at least num_sink + num_recent = {kept}, got {self.budget}")
+        if self.store is not None:
+            from kvstore.store import TieredStore
+
+            if not isinstance(self.store, TieredStore):
+                raise ValueError(f"store must be a kvstore.TieredStore, got {type(self.store).__name__}")
+            if self.dense_layers or self._selector.name != "quest":
+                raise ValueError("with a store, decode selects pages hierarchically by Quest bounds: "
+                                 "selector must be 'quest' and dense_layers 0")
+            if not isinstance(self.block_tokens, int) or self.block_tokens <= 0 or self.block_tokens % 16:
+                raise ValueError(f"block_tokens must be a positive multiple of 16, got {self.block_tokens!r}")
+        self.tier_attention = None  # made at the first decode step (store mode)
+        self._offloads: dict[int, tuple[weakref.ref, _Offload]] = {}
         self._stats = SparseDecodeStats()
         self._selected = 0  # a tensor once decoding: summed without a device sync per step
         self.last_indices: dict[int, torch.Tensor] = {}
@@ -155,6 +199,8 @@ class SparseDecode:
         if cache_position is not None and cache_position.numel():
             T = min(T, int(cache_position[-1]) + 1)  # static caches hand over their whole buffer
         layer = module.layer_idx
+        if self.store is not None:
+            return self._attend_tiered(module, query, key, value, attention_mask, cache=cache, T=T, scaling=scaling, **kwargs)
         states = self._request_states(cache)
         st = states.get(layer) if states is not None else None
         if st is not None and st.num_tokens != T - n:  # the cache changed outside our view: start over
@@ -193,6 +239,83 @@ class SparseDecode:
             st.num_tokens = T
         stats.attention_seconds += time.perf_counter() - t0
         return o.unsqueeze(1).to(query.dtype), None  # [B, 1, H_q, D]
+
+    # -- store mode ------------------------------------------------------------------------------------
+    def _attend_tiered(self, module, query, key, value, attention_mask, *, cache, T, scaling, **kwargs):
+        B, H_q, n, D = query.shape
+        layer = module.layer_idx
+        off = self._offload_of(cache)
+        if n > 1:
+            if off is not None and off.num_tokens:
+                raise ValueError("SparseDecode(store=...) cannot prefill more tokens once the context is offloaded; "
+                                 "start a new request (a new cache)")
+            return sdpa(module, query, key, value, attention_mask, scaling=scaling, **kwargs)
+        if B != 1:
+            raise ValueError(f"SparseDecode(store=...) decodes one sequence at a time, got a batch of {B}")
+        if cache is None:
+            raise ValueError("SparseDecode(store=...) needs the model's cache (call the model with past_key_values)")
+        self._check_no_padding(attention_mask, T)
+        t0 = time.perf_counter()
+        stats = self._stats
+        stats.decode_calls += 1
+        if layer == 0:
+            off = self._offload(cache, off, T - 1)
+        stored = off.num_tokens
+        k_tail = key[0, :, stored:T]  # [H_kv, W, D] tokens after the last stored block
+        v_tail = value[0, :, stored:T]
+        P = 16
+        tier_budget = max(P, (self.budget - k_tail.shape[1]) // P * P)
+        o, _ = self.tier_attention.decode_layer(off.ctx, layer, query[0, :, 0], k_tail, v_tail, scale=scaling, budget=tier_budget)
+        if stored > tier_budget:
+            stats.sparse_calls += 1
+            self._selected = self._selected + key.shape[1] * (tier_budget + k_tail.shape[1])
+            stats.context_tokens += key.shape[1] * T
+        stats.attention_seconds += time.perf_counter() - t0
+        return o.to(query.dtype).view(1, 1, H_q, D), None
+
+    def _offload_of(self, cache) -> _Offload | None:
+        entry = self._offloads.get(id(cache))
+        return entry[1] if entry is not None and entry[0]() is cache else None
+
+    def _offload(self, cache, off: _Offload | None, num_tokens: int) -> _Offload:
+        """Write the full blocks of the first ``num_tokens`` cached tokens that are not yet stored."""
+        import hashlib
+        import os
+
+        from kvstore.spec import KVSpec
+        from retrieval.tier_attention import TierAttention
+
+        layers = cache.layers
+        k0 = layers[0].keys
+        BT = self.block_tokens
+        spec = KVSpec("kvtier/sparse-decode", num_layers=len(layers), num_kv_heads=k0.shape[1], head_dim=k0.shape[3],
+                      dtype=k0.dtype, block_tokens=BT)
+        if self.tier_attention is None or self.tier_attention.spec != spec:
+            self.tier_attention = TierAttention(self.store, spec, budget=self.budget, **self.tier_options)
+        if off is None:
+            for k in [k for k, (ref, _) in self._offloads.items() if ref() is None]:
+                del self._offloads[k]
+            off = _Offload(self.tier_attention.open([]), os.urandom(16), 0)
+            self._offloads[id(cache)] = (weakref.ref(cache), off)
+        start, end = off.num_tokens, num_tokens // BT * BT
+        if end <= start:
+            return off
+        n = (end - start) // BT
+        kv = torch.stack([torch.stack([lay.keys[0, :, start:end], lay.values[0, :, start:end]]) for lay in layers])  # [L, 2, H, n*BT, D]
+        blocks = kv.view(*kv.shape[:3], n, BT, kv.shape[-1]).permute(3, 0, 1, 2, 4, 5).contiguous()  # [n, L, 2, H, BT, D]
+        first = start // BT
+        keys = [hashlib.sha256(off.nonce + (first + i).to_bytes(8, "little")).digest() for i in range(n)]
+        parent = off.ctx.keys[-1] if off.ctx.keys else None
+        ok = self.store.put(spec, keys, blocks.cpu(), parent=parent)
+        if not all(ok):
+            raise RuntimeError(f"the store refused {ok.count(False)} of {n} blocks: no room in any tier")
+        self.tier_attention.extend(off.ctx, keys)
+        for lay in layers:  # the stored prefix now lives in the tiers only
+            lay.keys[:, :, start:end].zero_()
+            lay.values[:, :, start:end].zero_()
+        off.num_tokens = end
+        self._stats.offloaded_tokens += end - start
+        return off
 
     def _request_states(self, cache) -> dict[int, _LayerState] | None:
         if cache is None:

@@ -326,3 +326,53 @@ def test_sparse_decode_answers_the_pass_key_on_the_reference_model():
     toks, _ = greedy(ref, list(p.input_ids), 8, hook)
     assert tok.decode(toks[0]).strip().startswith(p.key)
     assert hook.stats.sparse_calls == 7 * 30 and hook.stats.read_fraction < 0.3
+
+
+# -- SparseDecode with the KV offloaded to the store -------------------------------------------------
+def _paged_store(tmp_path, codec="paged"):
+    from kvstore import DiskTier, HostTier, TierConfig, TieredStore
+
+    return TieredStore([TierConfig(HostTier(1 << 20, codec=codec)),  # small: most blocks live on disk only
+                        TierConfig(DiskTier(tmp_path / "disk", 1 << 30, codec=codec))])
+
+
+def test_offloaded_decode_with_a_covering_budget_is_full_attention(model, tmp_path):
+    ids = prompt(300, seed=11)
+    ref, ref_logits = greedy(model, ids, 6)
+    hook = SparseDecode(budget=4096, store=_paged_store(tmp_path))
+    toks, logits = greedy(model, ids, 6, hook)
+    assert toks == ref
+    assert torch.allclose(logits, ref_logits, atol=1e-4)
+    assert hook.stats.offloaded_tokens == 256  # 4 blocks of 64; the last 44 prompt tokens stay resident
+    st = hook.tier_attention.stats()
+    assert st.page_misses == 2 * 2 * 16  # every page of both layers read once, then served from the page cache
+    assert st.page_hits == 4 * 2 * 2 * 16  # 5 decode steps, the first one cold
+
+
+def test_offloaded_decode_reads_selected_pages_from_the_tiers_only(model, tmp_path):
+    ids = prompt(700, seed=12)
+    store = _paged_store(tmp_path)
+    hook = SparseDecode(budget=256, store=store, tier_options={"candidate_blocks": 4})
+    cache = DynamicCache(config=model.config)
+    toks, _ = greedy(model, ids, 70, hook, cache)  # crosses a block boundary: a second offload
+    assert hook.stats.offloaded_tokens == 768  # 704 at the first decode step, 64 more when 768 tokens were cached
+    assert float(cache.layers[0].keys[0, :, :768].abs().max()) == 0.0  # the stored prefix is not in the resident cache
+    st = hook.tier_attention.stats()
+    assert st.page_bytes_read and set(st.page_bytes_read) <= {"host", "disk"}
+    assert st.selected_bytes < 0.5 * (70 * 2 * 700 * 2 * 2 * 16 * 4)  # far less than reading the context every step
+    assert hook.stats.sparse_calls > 0 and hook.stats.read_fraction < 0.5
+    with pytest.raises(ValueError, match="prefill"):
+        with hook.attach(model):
+            model(input_ids=torch.tensor([[1, 2]]), past_key_values=cache, use_cache=True, cache_position=torch.tensor([770, 771]))
+
+
+def test_offloaded_decode_checks_its_options(tmp_path):
+    store = _paged_store(tmp_path)
+    with pytest.raises(ValueError):
+        SparseDecode(store=object())
+    with pytest.raises(ValueError):
+        SparseDecode(store=store, dense_layers=1)
+    with pytest.raises(ValueError):
+        SparseDecode(store=store, selector="topk_exact")
+    with pytest.raises(ValueError):
+        SparseDecode(store=store, block_tokens=40)
