@@ -129,9 +129,9 @@ class PageLayout:
 
     def decode_summary(self, layer: int, buf) -> tuple[torch.Tensor, ...]:
         """A layer's ``(kmin, kmax, kmean)`` ``[H_kv, Np, D]``, or the block level's ``(bmin, bmax)``
-        ``[L, H_kv, D]`` for ``layer == num_layers``; float32."""
+        ``[L, H_kv, D]`` for ``layer == num_layers``; in ``summary_dtype`` (float16 for float16 blocks)."""
         H, D, L = self.spec.num_kv_heads, self.spec.head_dim, self.spec.num_layers
-        t = torch.frombuffer(bytearray(memoryview(buf).cast("B")), dtype=self.summary_dtype).float()
+        t = torch.frombuffer(bytearray(memoryview(buf).cast("B")), dtype=self.summary_dtype)
         if layer < L:
             return tuple(t.view(3, H, self.pages_per_block, D).unbind(0))
         return tuple(t.view(2, L, H, D).unbind(0))

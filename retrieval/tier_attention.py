@@ -262,8 +262,8 @@ class TierAttention:
             bufs = self._read([ctx.layouts[b] for b in miss], [[Summary(layer)]] * len(miss), summary=True)
             for b, piece in zip(miss, bufs):
                 kmin, kmax, _ = ctx.layouts[b].decode_summary(layer, piece[0])
-                out[b] = (kmin.float(), kmax.float())  # kept in float32: scored every step
-                self.summaries.put((ctx.keys[b], layer), out[b], 2 * kmin.numel() * 4)
+                out[b] = (kmin, kmax)  # as stored (float16 for float16 blocks)
+                self.summaries.put((ctx.keys[b], layer), out[b], 2 * kmin.numel() * kmin.element_size())
         return out
 
     def select(self, ctx: TierContext, layer: int, q: torch.Tensor, budget: int | None = None) -> torch.Tensor:
@@ -291,8 +291,8 @@ class TierAttention:
         union = sorted(set(cand.flatten().tolist()))
         bounds = self._page_bounds(ctx, layer, union)
         pairs = [(b, h) for h, row in enumerate(cand.tolist()) for b in row]
-        kmin_c = torch.stack([bounds[b][0][h] for b, h in pairs]).view(H, C * Np, D)  # [H, C*Np, D] float32
-        kmax_c = torch.stack([bounds[b][1][h] for b, h in pairs]).view(H, C * Np, D)
+        kmin_c = torch.stack([bounds[b][0][h] for b, h in pairs]).view(H, C * Np, D).float()  # [H, C*Np, D]
+        kmax_c = torch.stack([bounds[b][1][h] for b, h in pairs]).view(H, C * Np, D).float()
         s2 = torch.baddbmm(neg @ kmin_c.transpose(1, 2), pos, kmax_c.transpose(1, 2)).amax(1)  # [H, C*Np]
         gid = (cand.unsqueeze(-1) * Np + torch.arange(Np)).reshape(H, C * Np)  # global page ids
         s2 = torch.where(gid == 0, float("inf"), s2)  # the sink page

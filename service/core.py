@@ -67,6 +67,7 @@ class KVService:
         self.summarize_on_put = settings.summary_capacity_bytes > 0
         self.retriever = StoreRetriever(store, SummaryStore(max_bytes=max(1, int(settings.summary_capacity_bytes))),
                                         num_sink=settings.retrieve_sink_tokens, num_recent=settings.retrieve_recent_tokens)
+        self._tier_attention: dict[KVSpec, Any] = {}  # spec -> retrieval.TierAttention (blocks stored paged)
         for spec in registry.all_specs():  # re-adopt what the disk tier kept across a restart
             store.register_spec(spec)
         # blocks a write-through tier (Redis) refused while down reach it once it is back, even without new puts
@@ -399,6 +400,12 @@ class KVService:
         lse = torch.full((L_q, H_q), float("-inf"), dtype=torch.float32)
         pos = {k: i for i, k in enumerate(skeys)}
         if budget is not None:
+            tiered = self._attention_from_pages(spec, skeys, q, budget, layers)
+            if tiered is not None:
+                o, lse, n_blocks, attended, fetched = tiered
+                return {"model": model, "layers": layers, "budget": budget, "num_tokens": n_blocks * spec.block_tokens,
+                        "num_blocks": n_blocks, "num_requested_blocks": len(ckeys), "attended": attended,
+                        "fetched": fetched, "o": o, "lse": lse}
             res = self._retrieve(spec, skeys, q, budget, layers)
             if res.num_tokens:
                 local = torch.where(res.valid, torch.arange(budget).expand_as(res.token_ids), -1)  # ids into res.k / res.v
@@ -429,6 +436,38 @@ class KVService:
         return {"model": model, "layers": layers, "budget": None, "num_tokens": n_blocks * spec.block_tokens,
                 "num_blocks": n_blocks, "num_requested_blocks": len(ckeys), "attended": n_blocks * spec.block_tokens,
                 "fetched": list(range(n_blocks)), "o": o.float(), "lse": lse.float()}
+
+    def _attention_from_pages(self, spec: KVSpec, skeys: list[bytes], q: torch.Tensor, budget: int, layers: list[int]):
+        """Attention through ``retrieval.TierAttention`` when every cached block of the chain is stored
+        with a page-addressable codec in a tier that serves ranges: only the selected pages are read.
+        ``None`` otherwise (the caller falls back to ``StoreRetriever``, which reads whole blocks)."""
+        from retrieval.tier_attention import TierAttention
+
+        n_blocks = self.store.lookup(spec, skeys).num_blocks
+        if not n_blocks:
+            return None
+        layouts = self.store.page_layouts(spec, skeys[:n_blocks])
+        if any(lay is None for lay in layouts):
+            return None
+        with self._lock:
+            att = self._tier_attention.get(spec)
+            if att is None:
+                att = self._tier_attention[spec] = TierAttention(
+                    self.store, spec, budget=budget, page_cache_bytes=int(self.settings.tier_page_cache_bytes),
+                    summary_bytes=max(1, int(self.settings.summary_capacity_bytes)))
+        try:
+            ctx = att.open(skeys[:n_blocks])
+            o = torch.zeros(q.shape, dtype=torch.float32)
+            lse = torch.zeros(q.shape[:2], dtype=torch.float32)
+            for i, layer in enumerate(layers):
+                o[i], lse[i] = att.decode_layer(ctx, layer, q[i], budget=budget)
+        except (ValueError, RuntimeError):  # evicted or rewritten since the lookup: the whole-block path decides
+            return None
+        Np = spec.block_tokens // ctx.layouts[0].page_tokens
+        pages = torch.cat([ctx.last_pages[layer].flatten() for layer in layers])
+        fetched = sorted({int(g) // Np for g in pages.tolist()})
+        attended = int(max(ctx.last_pages[layer].shape[1] for layer in layers)) * ctx.layouts[0].page_tokens
+        return o, lse, n_blocks, attended, fetched
 
     # -- pins ------------------------------------------------------------------------------
     def pin(self, p: Principal, model: str, keys: Sequence[Any], ttl_s: float) -> LeaseInfo:

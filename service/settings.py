@@ -121,6 +121,7 @@ class Settings(BaseSettings):
     # -- retrieval ---------------------------------------------------------------------------
     summary_capacity_bytes: ByteSize = Field(64 << 20, description="Host memory for the page summaries (Quest bounds, mean key per 16 tokens) computed when blocks are put, LRU-bounded; 0: none computed at put (retrieval then reads and summarizes each block it searches).")
     retrieve_sink_tokens: int = Field(4, ge=0, le=4096, description="First tokens of a chain every retrieval keeps (attention sinks); part of the budget.")
+    tier_page_cache_bytes: ByteSize = Field(64 << 20, description="Host memory for the pages `/v1/attention` reads from blocks stored with a page-addressable codec (`paged`, `paged_int8`), LRU-bounded, shared by every request.")
     retrieve_recent_tokens: int = Field(32, ge=0, le=65536, description="Last tokens of the cached prefix every retrieval keeps (recent window); part of the budget.")
 
     # -- validation ------------------------------------------------------------------------

@@ -61,7 +61,7 @@ def test_each_page_decodes_alone_and_summaries_bound_its_keys(name):
         kmin, kmax, kmean = layout.decode_summary(layer, memoryview(payload)[slice(*_range(layout.span(Summary(layer))))])
         keys = block[layer, 0, head, page * 16 : (page + 1) * 16].float()
         assert bool((kmin[head, page] <= keys.amin(0)).all()) and bool((kmax[head, page] >= keys.amax(0)).all())
-        assert torch.allclose(kmean[head, page], keys.mean(0), atol=1e-2)
+        assert torch.allclose(kmean[head, page].float(), keys.mean(0), atol=1e-2)
     bmin, bmax = layout.decode_summary(SPEC.num_layers, memoryview(payload)[slice(*_range(layout.span(Summary(SPEC.num_layers))))])
     assert bool((bmin <= block[:, 0].float().amin(2)).all()) and bool((bmax >= block[:, 0].float().amax(2)).all())
 

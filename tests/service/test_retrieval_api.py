@@ -243,3 +243,33 @@ def test_summaries_are_bounded_and_retrieval_recomputes_dropped_ones(tmp_path: P
         assert svc.delete(p, model, keys[:2]) == 2 and len(s) <= 4 and keys[0] not in s
     finally:
         svc.close()
+
+
+# -- blocks stored page-addressable: /v1/attention reads only the selected pages ---------------------
+def test_attention_reads_pages_when_blocks_are_stored_paged():
+    paged = {"KVTIER_API_KEYS": json.dumps({A: "a"}), "KVTIER_DEVICE_CAPACITY_BYTES": "0",
+             "KVTIER_HOST_CODEC": "paged", "KVTIER_DISK_CODEC": "paged"}
+    s = ServiceProcess(paged, grpc=True)
+    try:
+        torch.manual_seed(1)
+        with KVTierClient(s.url, api_key=A) as c:
+            model = c.register_spec(TINY)
+            tokens = list(range(2000, 2000 + 16 * N_BLOCKS))
+            keys = c.hashes(model, tokens)
+            blocks = torch.randn(N_BLOCKS, *TINY.block_shape).half()
+            assert c.put(model, keys, blocks) == [True] * N_BLOCKS
+            q = _q(5)
+            k, v = _kv(blocks)
+            full = c.attention(model, q, budget=16 * N_BLOCKS, hashes=keys)  # a budget covering the chain: dense
+            o_ref, lse_ref = _dense(q, k, v)
+            torch.testing.assert_close(full.o, o_ref, atol=2e-5, rtol=1e-4)
+            torch.testing.assert_close(full.lse, lse_ref, atol=2e-5, rtol=1e-5)
+            st = c.attention(model, q, budget=48, hashes=keys)  # 3 pages per KV head
+            assert st.attended == 48 and 1 <= len(st.fetched) <= 2 * 2 * 3 and st.fetched[0] == 0  # the sink page's block
+            assert bool((st.lse <= lse_ref + 1e-5).all())
+        with KVTierGrpcClient(s.grpc_target, api_key=A) as g:
+            g.register_spec(TINY)
+            gs = g.attention(model, q, budget=48, hashes=keys)
+            torch.testing.assert_close(gs.o, st.o) and torch.testing.assert_close(gs.lse, st.lse)
+    finally:
+        s.stop()
