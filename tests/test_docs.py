@@ -84,7 +84,7 @@ def test_readme_stays_a_landing_page():
 def test_settings_table_is_the_generated_one():
     settings = pytest.importorskip("kvtier.service.settings")
     table = settings.settings_table().strip()
-    assert table in (ROOT / "docs" / "service.md").read_text(), (
+    assert table in (ROOT / "docs/service.md").read_text(), (
         "docs/service.md's settings table differs from `kvtier settings --markdown`: paste the command's output there")
 
 
