@@ -47,6 +47,10 @@ class Registry(Mapping[str, T], Generic[T]):
         self._items[key] = obj
         return obj
 
+    def unregister(self, name: str) -> None:
+        """Remove ``name`` (a plugin unloading, a test cleaning up); a name not registered is a no-op."""
+        self._items.pop(name, None)
+
     def names(self) -> list[str]:
         """The registered names, sorted."""
         return sorted(self._items)

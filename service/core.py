@@ -488,7 +488,7 @@ class KVService:
                     cursor = ev.id
                     scanned += 1
                     owner = self._owners.get(ev.key)
-                    model = self.registry.model_of_fp8(ev.model)
+                    model = self.registry.model_of_short_fingerprint(ev.model)
                     if p.is_admin:
                         out.append({"id": ev.id, "kind": ev.kind, "key": ev.key.hex(), "tier": ev.tier, "model": model,
                                     "time": ev.time, "tenant": owner[0] if owner else None})
