@@ -48,7 +48,7 @@ _FRAME_SLACK = 1024
 def _resolve_policy(policy: Any):
     if not isinstance(policy, str):
         return policy
-    get_policy = importlib.import_module("eviction.blocks").get_policy
+    get_policy = importlib.import_module("kvtier.eviction.blocks").get_policy
     return get_policy(policy)
 
 
@@ -75,7 +75,7 @@ class Event:
     kind: str  # "stored" | "removed"
     key: bytes
     tier: str
-    model: str  # the spec's fp8
+    model: str  # the spec's short_fingerprint (8 hex digits)
     time: float
 
     def to_dict(self) -> dict:
@@ -234,7 +234,7 @@ class TieredStore:
     def _emit(self, kind: str, key: bytes, tier: int, spec: KVSpec) -> None:
         eid = next(self._event_ids)
         self._last_event_id = eid
-        self._events.append(Event(eid, kind, key, self._tiers[tier].tier.name, spec.fp8, time.time()))
+        self._events.append(Event(eid, kind, key, self._tiers[tier].tier.name, spec.short_fingerprint, time.time()))
 
     def events(self, after: int = 0, limit: int = 1000) -> list[Event]:
         """Events with id > ``after``, oldest first, at most ``limit`` (the stream keeps the last ``max_events``)."""
