@@ -34,9 +34,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import torch  # noqa: E402
 
 from bench.common import RESULTS, LocalRedis, md_table, save_results  # noqa: E402
-from kvstore import DiskTier, KVSpec, TierConfig, TieredStore  # noqa: E402
-from retrieval.tier_attention import TierAttention  # noqa: E402
-from sparse_attn import merge_states, sparse_decode  # noqa: E402
+from kvtier.kvstore import DiskTier, KVSpec, TierConfig, TieredStore  # noqa: E402
+from kvtier.retrieval.tier_attention import TierAttention  # noqa: E402
+from kvtier.sparse_attn import merge_states, sparse_decode  # noqa: E402
 
 H_Q, H_KV, D, BT = 32, 8, 128, 256
 MiB = 1 << 20
@@ -143,7 +143,7 @@ def resident_step(att: TierAttention, ctx, qs, resident, tail_k, tail_v) -> floa
 def dense_from_tier_step(store: TieredStore, spec: KVSpec, layouts, q, tail_k, tail_v) -> tuple[float, int]:
     """(ms, bytes) of one decode step of dense attention reading every layer's KV from the tier:
     per block one span (a layer of a block is contiguous in a paged frame), 64 blocks at a time."""
-    from kvstore.pages import Pages
+    from kvtier.kvstore.pages import Pages
 
     P = layouts[0].page_tokens
     Np = BT // P
@@ -277,7 +277,7 @@ def main() -> None:
                     d = root / f"disk-{num_tokens}"
                     store = TieredStore([TierConfig(DiskTier(d, 64 << 30, codec="paged"))])
                 else:
-                    from kvstore.tiers.redis import RedisTier
+                    from kvtier.kvstore.tiers.redis import RedisTier
 
                     if redis is None:
                         redis = LocalRedis()

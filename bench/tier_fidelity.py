@@ -33,15 +33,15 @@ import torch  # noqa: E402
 
 from bench import refmodel  # noqa: E402
 from bench.common import LocalRedis, md_table, save_results  # noqa: E402
-from kvstore import DiskTier, HostTier, TierConfig, TieredStore  # noqa: E402
-from service.connectors.hf_attention import SparseDecode  # noqa: E402
+from kvtier.kvstore import DiskTier, HostTier, TierConfig, TieredStore  # noqa: E402
+from kvtier.connectors.hf_attention import SparseDecode  # noqa: E402
 
 
 def make_store(kind: str, root: Path, redis_url: str | None) -> TieredStore:
     if kind == "disk":
         d = Path(tempfile.mkdtemp(dir=root))
         return TieredStore([TierConfig(HostTier(8 << 20, codec="paged")), TierConfig(DiskTier(d, 8 << 30, codec="paged"))])
-    from kvstore.tiers.redis import RedisTier
+    from kvtier.kvstore.tiers.redis import RedisTier
 
     return TieredStore([TierConfig(RedisTier(redis_url, codec="paged", socket_timeout_s=30.0))])
 

@@ -144,7 +144,7 @@ class SparseDecode:
         if self.budget < kept:
             raise ValueError(f"budget must be at least num_sink + num_recent = {kept}, got {self.budget}")
         if self.store is not None:
-            from kvstore.store import TieredStore
+            from kvtier.kvstore.store import TieredStore
 
             if not isinstance(self.store, TieredStore):
                 raise ValueError(f"store must be a kvstore.TieredStore, got {type(self.store).__name__}")
@@ -282,8 +282,8 @@ class SparseDecode:
         import hashlib
         import os
 
-        from kvstore.spec import KVSpec
-        from retrieval.tier_attention import TierAttention
+        from kvtier.kvstore.spec import KVSpec
+        from kvtier.retrieval.tier_attention import TierAttention
 
         layers = cache.layers
         k0 = layers[0].keys

@@ -44,10 +44,10 @@ from typing import Sequence
 
 import torch
 
-from kvstore.keys import check_keys
-from kvstore.pages import PageLayout, Pages, Summary, coalesce
-from kvstore.spec import KVSpec
-from kvstore.store import TieredStore
+from kvtier.kvstore.keys import check_keys
+from kvtier.kvstore.pages import PageLayout, Pages, Summary, coalesce
+from kvtier.kvstore.spec import KVSpec
+from kvtier.kvstore.store import TieredStore
 
 
 @dataclass
@@ -359,7 +359,7 @@ class TierAttention:
         resident tokens ``k_local, v_local [H_kv, W, D]`` (those after the stored blocks; ``None``:
         none); ``budget``: this call's (default the instance's). Returns ``(o [H_q, D] float32,
         lse [H_q] float32)``."""
-        from sparse_attn import merge_states, sparse_decode
+        from kvtier.sparse_attn import merge_states, sparse_decode
 
         spec = self.spec
         H, D = spec.num_kv_heads, spec.head_dim

@@ -441,7 +441,7 @@ class KVService:
         """Attention through ``retrieval.TierAttention`` when every cached block of the chain is stored
         with a page-addressable codec in a tier that serves ranges: only the selected pages are read.
         ``None`` otherwise (the caller falls back to ``StoreRetriever``, which reads whole blocks)."""
-        from retrieval.tier_attention import TierAttention
+        from kvtier.retrieval.tier_attention import TierAttention
 
         n_blocks = self.store.lookup(spec, skeys).num_blocks
         if not n_blocks:

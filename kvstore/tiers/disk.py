@@ -210,9 +210,9 @@ class DiskTier(TierBase):
             key = bytes(key)
             entry = self._files.get(key)
             layout = None
-            if entry is not None and entry[0] == spec.fp8:
+            if entry is not None and entry[0] == spec.short_fingerprint:
                 try:
-                    fd = os.open(self._path(key, spec.fp8), os.O_RDONLY)
+                    fd = os.open(self._path(key, spec.short_fingerprint), os.O_RDONLY)
                 except OSError:
                     out.append(None)
                     continue
@@ -232,11 +232,11 @@ class DiskTier(TierBase):
         for key, spans in requests:
             key = bytes(key)
             entry = self._files.get(key)
-            if entry is None or entry[0] != spec.fp8:
+            if entry is None or entry[0] != spec.short_fingerprint:
                 out.append(None)
                 continue
             try:
-                fd = os.open(self._path(key, spec.fp8), os.O_RDONLY)
+                fd = os.open(self._path(key, spec.short_fingerprint), os.O_RDONLY)
             except OSError:
                 out.append(None)
                 continue

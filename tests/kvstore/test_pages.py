@@ -8,10 +8,10 @@ import os
 import pytest
 import torch
 
-from kvstore import DiskTier, HostTier, KVSpec, TierConfig, TieredStore, chain_hashes, get_codec
-from kvstore.codecs import codec_max_error
-from kvstore.frames import FrameIncomplete, decode_frame_header, encode_frame
-from kvstore.pages import PageLayout, Pages, Summary, coalesce
+from kvtier.kvstore import DiskTier, HostTier, KVSpec, TierConfig, TieredStore, chain_hashes, get_codec
+from kvtier.kvstore.codecs import codec_max_error
+from kvtier.kvstore.frames import FrameIncomplete, decode_frame_header, encode_frame
+from kvtier.kvstore.pages import PageLayout, Pages, Summary, coalesce
 
 SPEC = KVSpec("pages", num_layers=3, num_kv_heads=2, head_dim=16, dtype="float16", block_tokens=64)
 CODECS = ["paged", "paged_int8"]
@@ -127,7 +127,7 @@ def make_tier(request, tmp_path):
         elif kind == "disk":
             t = DiskTier(tmp_path / "disk", 64 << 20, codec=codec)
         else:
-            from kvstore.tiers.redis import RedisTier
+            from kvtier.kvstore.tiers.redis import RedisTier
 
             url = request.getfixturevalue("redis_url" if kind == "redis" else "redis_cluster_url")
             t = RedisTier(url, codec=codec)
@@ -194,7 +194,7 @@ def test_store_never_serves_a_corrupt_page(tmp_path):
     store.put(SPEC, ks, bs)
     (lay,) = store.page_layouts(SPEC, ks)
     tier = store._tiers[0].tier
-    path = tier._path(ks[0], SPEC.fp8)
+    path = tier._path(ks[0], SPEC.short_fingerprint)
     data = bytearray(path.read_bytes())
     base = len(data) - lay.codec.payload_bytes(SPEC)
     data[base + lay.span(Pages(7, 1))[0] + 3] ^= 1
@@ -209,7 +209,7 @@ def test_store_never_serves_a_corrupt_page(tmp_path):
 
 @pytest.mark.redis
 def test_store_reads_pieces_from_redis_written_by_another_instance(redis_url, tmp_path):
-    from kvstore.tiers.redis import RedisTier
+    from kvtier.kvstore.tiers.redis import RedisTier
 
     writer = TieredStore([TierConfig(RedisTier(redis_url, codec="paged_int8"))])
     bs, ks = blocks(2, seed=5), keys_for(2, seed=5)

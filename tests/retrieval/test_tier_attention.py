@@ -5,10 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kvstore import DiskTier, HostTier, KVSpec, TierConfig, TieredStore, chain_hashes
-from retrieval.tier_attention import TierAttention
-from sparse_attn import sparse_decode
-from sparse_attn.merge import merge_states
+from kvtier.kvstore import DiskTier, HostTier, KVSpec, TierConfig, TieredStore, chain_hashes
+from kvtier.retrieval.tier_attention import TierAttention
+from kvtier.sparse_attn import sparse_decode
+from kvtier.sparse_attn.merge import merge_states
 
 SPEC = KVSpec("tier-att", num_layers=2, num_kv_heads=2, head_dim=32, dtype="float32", block_tokens=64)
 P = 16
@@ -125,7 +125,7 @@ def test_a_bounded_page_cache_reads_again(tmp_path):
 
 @pytest.mark.redis
 def test_decode_from_redis_cluster(redis_cluster_url):
-    from kvstore.tiers.redis import RedisTier
+    from kvtier.kvstore.tiers.redis import RedisTier
 
     kv, blocks, keys = context(8, seed=5)
     store = TieredStore([TierConfig(RedisTier(redis_cluster_url, codec="paged"))])

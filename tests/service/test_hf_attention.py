@@ -330,7 +330,7 @@ def test_sparse_decode_answers_the_pass_key_on_the_reference_model():
 
 # -- SparseDecode with the KV offloaded to the store -------------------------------------------------
 def _paged_store(tmp_path, codec="paged"):
-    from kvstore import DiskTier, HostTier, TierConfig, TieredStore
+    from kvtier.kvstore import DiskTier, HostTier, TierConfig, TieredStore
 
     return TieredStore([TierConfig(HostTier(1 << 20, codec=codec)),  # small: most blocks live on disk only
                         TierConfig(DiskTier(tmp_path / "disk", 1 << 30, codec=codec))])
