@@ -16,8 +16,9 @@ and layer (``decode_layer``):
 2. **Read exactly those pages** through a bounded page cache (hits counted across steps): the
    misses, grouped per block and coalesced into runs, in one ``TieredStore.read_pieces`` call
    (host: views; disk: ``pread``; Redis: pipelined ``GETRANGE``), each range verified.
-3. **Prefetch** layer ``l+1``'s pages of the previous step on a thread while layer ``l`` selects,
-   reads and attends (the selections of consecutive steps overlap heavily).
+3. **Prefetch** layer ``l+1``'s page summaries and pages of the previous step on a thread while
+   layer ``l`` selects, reads and attends (after the last layer: layer 0 of the next step); the
+   selections of consecutive steps overlap heavily.
 4. **Attend**: ``sparse_decode`` over the gathered pages, ``sparse_decode`` over the tokens the
    caller keeps resident (the recent window, the tokens after the last stored block), merged by
    LSE (``merge_states``).
@@ -131,6 +132,7 @@ class TierContext:
     bmin: torch.Tensor  # [L, H_kv, N, D] float32: block-level key minimum per layer
     bmax: torch.Tensor  # [L, H_kv, N, D]
     last_pages: dict = field(default_factory=dict)  # layer -> [H_kv, n] int64 global page ids of the last step
+    last_blocks: dict = field(default_factory=dict)  # layer -> blocks level 1 kept at the last step
     pending: dict = field(default_factory=dict)  # layer -> Future of its prefetch
 
     @property
@@ -226,7 +228,8 @@ class TierAttention:
         ctx.layouts += more.layouts
         ctx.bmin = torch.cat([ctx.bmin, more.bmin], 2)
         ctx.bmax = torch.cat([ctx.bmax, more.bmax], 2)
-        ctx.last_pages.clear()  # page ids of the last step stay valid, but the prefetch may skip new blocks: start over
+        ctx.last_pages.clear()
+        ctx.last_blocks.clear()  # page ids of the last step stay valid, but the prefetch may skip new blocks: start over
 
     def _read(self, layouts: list[PageLayout], pieces: list[list], *, summary: bool) -> list[list[memoryview]]:
         """Verified pieces, or RuntimeError if a block cannot be read from any tier (a layout read
@@ -266,7 +269,7 @@ class TierAttention:
                 self.summaries.put((ctx.keys[b], layer), out[b], 2 * kmin.numel() * kmin.element_size())
         return out
 
-    def select(self, ctx: TierContext, layer: int, q: torch.Tensor, budget: int | None = None) -> torch.Tensor:
+    def select(self, ctx: TierContext, layer: int, q: torch.Tensor, budget: int | None = None, *, _before_level2=None) -> torch.Tensor:
         """Global page ids ``[H_kv, n]`` (``block * Np + page``, ascending) each KV head attends for
         the decode query ``q [H_q, D]`` of ``layer`` (``budget``: this call's, default the instance's)."""
         spec = self.spec
@@ -289,7 +292,10 @@ class TierAttention:
         else:
             cand = torch.arange(N).expand(H, N)
         union = sorted(set(cand.flatten().tolist()))
+        if _before_level2 is not None:
+            _before_level2()  # a prefetch of this layer's summaries and pages ends here
         bounds = self._page_bounds(ctx, layer, union)
+        ctx.last_blocks[layer] = union
         pairs = [(b, h) for h, row in enumerate(cand.tolist()) for b in row]
         kmin_c = torch.stack([bounds[b][0][h] for b, h in pairs]).view(H, C * Np, D).float()  # [H, C*Np, D]
         kmax_c = torch.stack([bounds[b][1][h] for b, h in pairs]).view(H, C * Np, D).float()
@@ -346,10 +352,18 @@ class TierAttention:
         return got
 
     def _prefetch(self, ctx: TierContext, layer: int) -> None:
+        """Read ahead, on the thread, the page summaries and pages ``layer`` used at the last step."""
         ids = ctx.last_pages.get(layer)
         if self._pool is None or ids is None or layer in ctx.pending:
             return
-        ctx.pending[layer] = self._pool.submit(self._fetch, ctx, layer, ids, prefetch=True)
+        blocks = ctx.last_blocks.get(layer)
+
+        def work() -> None:
+            if blocks:
+                self._page_bounds(ctx, layer, blocks)
+            self._fetch(ctx, layer, ids, prefetch=True)
+
+        ctx.pending[layer] = self._pool.submit(work)
 
     # -- attention -------------------------------------------------------------------------
     def decode_layer(self, ctx: TierContext, layer: int, q: torch.Tensor, k_local: torch.Tensor | None = None,
@@ -376,12 +390,17 @@ class TierAttention:
         o = torch.zeros(1, q.shape[0], D)
         lse = torch.full((1, q.shape[0]), float("-inf"))
         if ctx.num_blocks:
-            fut = ctx.pending.pop(layer, None)
-            if fut is not None:
-                fut.result()
-            if layer + 1 < spec.num_layers:
-                self._prefetch(ctx, layer + 1)
-            ids = self.select(ctx, layer, q, budget)
+            nxt = (layer + 1) % spec.num_layers  # after the last layer: layer 0 of the next step
+            if nxt != layer:
+                self._prefetch(ctx, nxt)
+
+            def wait() -> None:
+                fut = ctx.pending.pop(layer, None)
+                if fut is not None:
+                    fut.result()
+
+            ids = self.select(ctx, layer, q, budget, _before_level2=wait)
+            wait()
             pages = self._fetch(ctx, layer, ids)
             kv = torch.stack([t for row in pages for t in row])  # [H*n, 2, P, D]
             n, P = len(pages[0]), kv.shape[2]
