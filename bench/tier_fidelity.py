@@ -72,7 +72,9 @@ def main() -> None:
     ap.add_argument("--out")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--budget", type=int, default=512)
-    ap.add_argument("--ppl-steps", type=int, default=None, help="teacher-forced offloaded steps of the perplexity run")
+    ap.add_argument("--ppl-steps", type=int, default=None, help="teacher-forced offloaded steps of the perplexity run (default 256; quick 32)")
+    ap.add_argument("--lengths", type=int, nargs="+", default=[6144, 8192], help="pass-key prompt lengths (full run)")
+    ap.add_argument("--depths", type=float, nargs="+", default=[0.25, 0.5, 0.75], help="pass-key depths (full run)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     t_all = time.time()
@@ -81,7 +83,7 @@ def main() -> None:
         prompts = [refmodel.passkey_prompt(tok, 2048, 0.5, seed=4)]
         kinds, ppl_tokens, ppl_steps = ("disk",), 1024, args.ppl_steps or 32
     else:
-        prompts = [refmodel.passkey_prompt(tok, n, d, seed=n + round(d * 100)) for n in (6144, 8192) for d in (0.25, 0.5, 0.75)]
+        prompts = [refmodel.passkey_prompt(tok, n, d, seed=n + round(d * 100)) for n in args.lengths for d in args.depths]
         kinds, ppl_tokens, ppl_steps = ("disk", "redis"), 4096, args.ppl_steps or 256
     root = Path(tempfile.mkdtemp(prefix="kvtier-tier-fid-"))
     redis = LocalRedis() if "redis" in kinds else None

@@ -129,8 +129,7 @@ class TierContext:
 
     keys: list[bytes]
     layouts: list[PageLayout]
-    bmin: torch.Tensor  # [L, H_kv, N, D] float32: block-level key minimum per layer
-    bmax: torch.Tensor  # [L, H_kv, N, D]
+    bounds: torch.Tensor  # [L, H_kv, 2D, N] float32: block-level key maximum then minimum, per layer
     last_pages: dict = field(default_factory=dict)  # layer -> [H_kv, n] int64 global page ids of the last step
     last_blocks: dict = field(default_factory=dict)  # layer -> blocks level 1 kept at the last step
     pending: dict = field(default_factory=dict)  # layer -> Future of its prefetch
@@ -212,22 +211,21 @@ class TierAttention:
             raise ValueError(f"{len(missing)} of {len(keys)} blocks (first: position {missing[0]}) are not stored with a "
                              "page-addressable codec ('paged', 'paged_int8') in a tier that serves ranges")
         L, H, D = spec.num_layers, spec.num_kv_heads, spec.head_dim
-        bmin = torch.empty(L, H, len(keys), D)
-        bmax = torch.empty(L, H, len(keys), D)
+        # laid out for level 1's one matrix product per layer: [q+, q-] [H, G, 2D] @ [H, 2D, N]
+        bounds = torch.empty(L, H, 2 * D, len(keys))
         if keys:
             res = self._read(layouts, [[Summary(L)]] * len(keys), summary=True)
             for i, (lay, bufs) in enumerate(zip(layouts, res)):
                 lo, hi = lay.decode_summary(L, bufs[0])  # [L, H, D]
-                bmin[:, :, i], bmax[:, :, i] = lo.float(), hi.float()
-        return TierContext(list(keys), layouts, bmin, bmax)
+                bounds[:, :, :D, i], bounds[:, :, D:, i] = hi.float(), lo.float()
+        return TierContext(list(keys), layouts, bounds)
 
     def extend(self, ctx: TierContext, keys: Sequence[bytes]) -> None:
         """Append newly stored blocks (the chain's next ones) to an open context."""
         more = self.open(keys)
         ctx.keys += more.keys
         ctx.layouts += more.layouts
-        ctx.bmin = torch.cat([ctx.bmin, more.bmin], 2)
-        ctx.bmax = torch.cat([ctx.bmax, more.bmax], 2)
+        ctx.bounds = torch.cat([ctx.bounds, more.bounds], 3)
         ctx.last_pages.clear()
         ctx.last_blocks.clear()  # page ids of the last step stay valid, but the prefetch may skip new blocks: start over
 
@@ -285,8 +283,7 @@ class TierAttention:
         # level 1: blocks by their block-level bound
         C = N if self.candidate_blocks is None else min(N, max(self.candidate_blocks, -(-want // Np)))
         if C < N:
-            bmax, bmin = ctx.bmax[layer], ctx.bmin[layer]  # [H, N, D]
-            s1 = torch.baddbmm(neg @ bmin.transpose(1, 2), pos, bmax.transpose(1, 2)).amax(1)  # [H, N]
+            s1 = torch.bmm(torch.cat([pos, neg], 2), ctx.bounds[layer]).amax(1)  # [H, N]
             s1[:, 0] = float("inf")  # the sink's block
             cand = s1.topk(C, dim=1).indices  # [H, C]
         else:
