@@ -223,3 +223,19 @@ def test_store_reads_pieces_from_redis_written_by_another_instance(redis_url, tm
     ref = get_codec("paged_int8").decode(*get_codec("paged_int8").encode(bs[0], SPEC), SPEC)
     assert torch.equal(pages[3], page_of(ref, 0, 0, 3))
     writer.close(), reader.close()
+
+
+def test_headers_longer_than_the_first_read_are_read_again(make_tier):
+    """64 layers x 8 heads x 16 pages: 8,192 range checksums, a header past the first 64 KiB read."""
+    if make_tier.kind == "host":
+        pytest.skip("the host tier keeps the meta in memory")
+    big = KVSpec("pages-big", num_layers=64, num_kv_heads=8, head_dim=16, dtype="float16", block_tokens=256)
+    tier = make_tier("paged")
+    b, k = blocks(1, seed=8, spec=big)[0], keys_for(1, seed=8, spec=big)
+    tier.put(k, [b], spec=big)
+    (lay,) = tier.page_layouts(k, spec=big)
+    assert lay is not None and lay.num_ranges == 8192
+    r = lay.range_id(63, 7, 15)
+    (bufs,) = tier.read_spans([(k[0], [lay.span(Pages(r, 1))])], spec=big)
+    assert lay.verify(Pages(r, 1), bufs[0])
+    assert torch.equal(lay.decode_pages(bufs[0], 1)[0], page_of(b, 63, 7, 15))
