@@ -159,7 +159,7 @@ def _parse(view: memoryview, *, whole: bool) -> tuple[dict[str, Any], int, int]:
     except msgpack.OutOfData:
         if whole or len(view) >= _MAX_HEADER:
             raise FrameError("not a valid frame: truncated header") from None
-        raise FrameIncomplete(min(_MAX_HEADER, max(2 * len(view), 4096))) from None
+        raise FrameIncomplete(min(_MAX_HEADER, max(4 * len(view), 4096))) from None
     except FrameError:
         raise
     except Exception as e:  # msgpack raises several types for garbage input
@@ -189,6 +189,14 @@ def _check_fields(fields: dict[str, Any], expect_key, expect_spec) -> tuple[byte
     if expect_spec is not None and spec != expect_spec:
         raise FrameError(f"frame spec {spec} does not match the spec asked for {expect_spec}")
     return parts
+
+
+def header_read_size(spec: KVSpec) -> int:
+    """Bytes to read first to get a frame header of ``spec`` in one go, most of the time: room for
+    a page-addressable codec's checksums (8 bytes per 16-token page, head and layer, and per
+    summary layer) plus 2 KiB for the rest; at least 4 KiB, at most the header limit."""
+    ranges = spec.num_layers * spec.num_kv_heads * max(1, spec.block_tokens // 16)
+    return max(4096, min(_MAX_HEADER, 8 * (ranges + spec.num_layers + 1) + 2048))
 
 
 def decode_frame_header(prefix, expect_key: bytes | None = None, expect_spec: KVSpec | None = None) -> FrameHeader:

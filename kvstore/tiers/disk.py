@@ -18,14 +18,13 @@ from typing import Iterator, Sequence
 import torch
 
 from ..codecs import Codec, codec_for_block, get_codec
-from ..frames import FrameError, FrameIncomplete, decode_frame, decode_frame_header, encode_frame
+from ..frames import FrameError, FrameIncomplete, decode_frame, decode_frame_header, encode_frame, header_read_size
 from ..spec import KVSpec
 from .base import TierBase, TierCapabilities
 
 log = logging.getLogger(__name__)
 _SUFFIX = ".kvf"
 _TMP_PREFIX = ".tmp-"
-_HEADER_READ = 64 << 10  # first read of a frame header (a 32-layer paged block's is ~33 KiB)
 
 
 class DiskTier(TierBase):
@@ -188,7 +187,7 @@ class DiskTier(TierBase):
 
     # -- range reads (paged codecs): pread of the spans asked -----------------------------------
     def _read_header(self, fd: int, key: bytes, spec: KVSpec):
-        need = _HEADER_READ
+        need = header_read_size(spec)
         while True:
             prefix = os.pread(fd, need, 0)
             try:

@@ -44,7 +44,7 @@ from redis.cluster import RedisCluster
 from redis.exceptions import DataError, OutOfMemoryError, RedisClusterException, RedisError, ResponseError
 
 from ..codecs import Codec, codec_for_block, get_codec
-from ..frames import FrameError, FrameIncomplete, decode_frame, decode_frame_header, encode_frame
+from ..frames import FrameError, FrameIncomplete, decode_frame, decode_frame_header, encode_frame, header_read_size
 from ..keys import check_keys
 from ..spec import KVSpec
 from .base import TierBase, TierCapabilities
@@ -64,7 +64,6 @@ _PIPELINE_BYTES = 64 << 20  # a put sends its SETs in pipelines of about this ma
 # multi-MiB frame; 1 MiB measured ~10% faster gets of 6-32 MiB frames. One buffer per connection.
 _SOCKET_READ_BYTES = 1 << 20
 _WARN_EVERY_S = 30.0
-_HEADER_READ = 64 << 10  # first GETRANGE of a frame header (a 32-layer paged block's is ~33 KiB)
 _MAX_OFFSETS = 1 << 20  # payload offsets remembered for range reads (forgotten all at once beyond)
 _SCHEMES = {  # scheme -> (tls, cluster)
     "redis": (False, False),
@@ -367,8 +366,8 @@ class RedisTier(TierBase):
         from ..frames import FrameHeader  # noqa: F401  (the type returned)
 
         headers: list = [None] * len(rkeys)
-        todo = {i: _HEADER_READ for i in range(len(rkeys))}
-        for _ in range(3):
+        todo = {i: header_read_size(spec) for i in range(len(rkeys))}
+        for _ in range(6):  # a header is at most 1 MiB: 4 KiB grows to it in 4 rounds
             if not todo:
                 break
             idx = list(todo)

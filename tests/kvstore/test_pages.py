@@ -225,10 +225,15 @@ def test_store_reads_pieces_from_redis_written_by_another_instance(redis_url, tm
     writer.close(), reader.close()
 
 
-def test_headers_longer_than_the_first_read_are_read_again(make_tier):
-    """64 layers x 8 heads x 16 pages: 8,192 range checksums, a header past the first 64 KiB read."""
+def test_headers_longer_than_the_first_read_are_read_again(make_tier, monkeypatch):
+    """64 layers x 8 heads x 16 pages: 8,192 range checksums (a 66 KiB header), read first 4 KiB at a time."""
     if make_tier.kind == "host":
         pytest.skip("the host tier keeps the meta in memory")
+    import kvtier.kvstore.tiers.disk as disk_mod
+    import kvtier.kvstore.tiers.redis as redis_mod
+
+    for mod in (disk_mod, redis_mod):
+        monkeypatch.setattr(mod, "header_read_size", lambda spec: 4096)
     big = KVSpec("pages-big", num_layers=64, num_kv_heads=8, head_dim=16, dtype="float16", block_tokens=256)
     tier = make_tier("paged")
     b, k = blocks(1, seed=8, spec=big)[0], keys_for(1, seed=8, spec=big)
