@@ -256,6 +256,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=None)
     ap.add_argument("--dir", help="where the disk tier lives (default: a temporary directory)")
     ap.add_argument("--no-1m", action="store_true", help="skip the 1M-token context in the full run")
+    ap.add_argument("--contexts", type=int, nargs="+", help="run only these contexts of the full run, in K tokens (32 128 1024)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     args.steps = args.steps or (4 if args.quick else 8)
@@ -266,6 +267,8 @@ def main() -> None:
         plan = [(32 << 10, 2, ("disk", "redis"), 2, True), (128 << 10, 2, ("disk", "redis"), 1, True)]
         if not args.no_1m:
             plan.append((1 << 20, 1, ("disk",), 1, False))
+        if args.contexts:
+            plan = [p for p in plan if p[0] >> 10 in args.contexts]
     rows = []
     root = Path(args.dir or tempfile.mkdtemp(prefix="kvtier-tier-att-"))
     redis = None
