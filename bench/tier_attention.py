@@ -23,7 +23,9 @@ and a plot of bytes/step and ms/step against context length.
 from __future__ import annotations
 
 import argparse
+import json
 import shutil
+import subprocess
 import sys
 import tempfile
 import time
@@ -299,6 +301,14 @@ def main() -> None:
             shutil.rmtree(root, ignore_errors=True)
     name = "tier_attention_quick" if args.quick else "tier_attention"
     RESULTS.mkdir(parents=True, exist_ok=True)
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                            cwd=Path(__file__).parent).stdout.strip()
+    for r in rows:
+        r["commit"], r["date"] = commit, time.strftime("%Y-%m-%d %H:%M")
+    if args.contexts and (RESULTS / f"{name}.json").exists():  # a partial run replaces its rows only
+        new = {(r["tier"], r["tokens"]) for r in rows}
+        old = json.loads((RESULTS / f"{name}.json").read_text()).get("rows", [])
+        rows = sorted([r for r in old if (r["tier"], r["tokens"]) not in new] + rows, key=lambda r: (r["tokens"], r["tier"]))
     plot(rows, RESULTS / f"{name}.png")
     table = []
     for r in rows:
@@ -312,6 +322,7 @@ def main() -> None:
             f"{r['warm']['page_bytes'] / MiB:.2f}", f"{r['warm']['summary_bytes'] / MiB:.2f}",
             f"{r['dense_tier_bytes_per_step'] / MiB:.0f}" if "dense_tier_bytes_per_step" in r else "-",
             f"{r['hit_rate']:.2f}", f"{r['blocks_scored_per_layer']:.0f} / {r['pages_scored_per_layer']:.0f}",
+            r.get("commit", "?"),
         ])
     md = [f"## bench/tier_attention.py{' --quick' if args.quick else ''}", "",
           f"Synthetic KV shaped like Llama-3-8B (8 KV heads, 32 query heads, D=128, float16, 256-token blocks, `paged` codec); "
@@ -321,7 +332,7 @@ def main() -> None:
           f"{args.threads} torch threads, shared CPU box.", "",
           md_table(["tier", "tokens", "layers", "ms/step", "(a) resident, same selection", "(b) dense from tier",
                     "dense 4K resident", "step / dense 4K", "cold MiB read / selected", "warm MiB pages", "warm MiB summaries",
-                    "(b) MiB/step", "hit rate", "scored blocks / pages per layer"], table), "",
+                    "(b) MiB/step", "hit rate", "scored blocks / pages per layer", "commit"], table), "",
           "Goals: bytes read <= 1.5x the selected pages' bytes (+ summaries); at 1M on disk a step <= 2x dense attention over "
           "4K resident tokens.", "", f"![bytes and ms per step]({name}.png)"]
     figures = {"quick": args.quick, "budget": args.budget, "candidate_blocks": args.candidate_blocks, "steps": args.steps,
