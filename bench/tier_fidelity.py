@@ -35,6 +35,10 @@ from bench import refmodel  # noqa: E402
 from bench.common import LocalRedis, md_table, save_results  # noqa: E402
 from kvtier.kvstore import DiskTier, HostTier, TierConfig, TieredStore  # noqa: E402
 from kvtier.connectors.hf_attention import SparseDecode  # noqa: E402
+# imported now, not on first use: a long run must not pick up a library file edited meanwhile
+import kvtier.kvstore.tiers.redis  # noqa: E402,F401
+import kvtier.retrieval.tier_attention  # noqa: E402,F401
+import kvtier.sparse_attn  # noqa: E402,F401
 
 
 def make_store(kind: str, root: Path, redis_url: str | None) -> TieredStore:
