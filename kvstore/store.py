@@ -205,6 +205,12 @@ class TieredStore:
         return [t.tier.name for t in self._tiers]
 
     @property
+    def has_shared_tier(self) -> bool:
+        """Whether a tier is shared with other processes (Redis): then the in-memory index alone
+        cannot answer a lookup."""
+        return any(t.tier.capabilities.shared for t in self._tiers)
+
+    @property
     def index(self) -> PrefixIndex:
         return self._index
 
@@ -219,7 +225,8 @@ class TieredStore:
         specs = [spec] if spec is not None else list(self._specs)
         for t, st in enumerate(self._tiers):
             tier = st.tier
-            if not (tier.capabilities.persistent and not tier.capabilities.shared and hasattr(tier, "iter_keys")):
+            caps = tier.capabilities
+            if not (caps.persistent and caps.iterable and not caps.shared):
                 continue
             for sp in specs:
                 sid = self._spec_id(sp)

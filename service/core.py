@@ -62,7 +62,7 @@ class KVService:
         # storage key -> (tenant, client key): lets a tenant see its own blocks' events
         self._owners: OrderedDict[bytes, tuple[str, bytes]] = OrderedDict()
         # no shared tier (Redis): a lookup is answered from the in-memory index alone
-        self.store_is_local = not any(t["device"] == "redis" for t in store.stats()["tiers"])
+        self.store_is_local = not store.has_shared_tier
         # page summaries of every block put through the service (bounded LRU in host memory), for retrieval
         self.summarize_on_put = settings.summary_capacity_bytes > 0
         self.retriever = StoreRetriever(store, SummaryStore(max_bytes=max(1, int(settings.summary_capacity_bytes))),

@@ -160,7 +160,7 @@ class RedisTier(TierBase):
             to ``socket_timeout_s`` for a connection.
     """
 
-    capabilities = TierCapabilities(device="redis", persistent=True, shared=True, framed=True)
+    capabilities = TierCapabilities(device="redis", persistent=True, shared=True, framed=True, iterable=True)
 
     def __init__(
         self,
