@@ -523,7 +523,7 @@ class TieredStore:
                 new_items.append((i, _Item(slot, key, block, spec)))
                 parent_slot, depth = slot, depth + 1
             # undo the provisional quota charge; _mark_stored charges what really lands
-            for _, it in new_items:
+            for _ in new_items:
                 self._tenant_bytes[tenant] -= spec.block_nbytes
             try:
                 for t, st in enumerate(self._tiers):  # earlier refusals first, while the tier is up

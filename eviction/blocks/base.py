@@ -22,7 +22,6 @@ Policies are not thread-safe: the store serialises calls to one instance.
 
 from __future__ import annotations
 
-import math
 import operator
 from typing import Protocol, TypeVar, runtime_checkable
 
