@@ -28,7 +28,7 @@ _TMP_PREFIX = ".tmp-"
 
 
 class DiskTier(TierBase):
-    capabilities = TierCapabilities(device="disk", persistent=True, shared=False, framed=True, range_reads=True)
+    capabilities = TierCapabilities(device="disk", persistent=True, shared=False, framed=True, iterable=True, range_reads=True)
 
     def __init__(self, root: str | os.PathLike, capacity_bytes: int, *, codec: str | Codec = "identity", name: str = "disk", fsync: bool = False) -> None:
         if capacity_bytes is None:

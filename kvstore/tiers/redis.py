@@ -161,7 +161,7 @@ class RedisTier(TierBase):
             to ``socket_timeout_s`` for a connection.
     """
 
-    capabilities = TierCapabilities(device="redis", persistent=True, shared=True, framed=True, range_reads=True)
+    capabilities = TierCapabilities(device="redis", persistent=True, shared=True, framed=True, iterable=True, range_reads=True)
 
     def __init__(
         self,
@@ -665,7 +665,7 @@ def _parse_url(url: str) -> tuple[bool, bool, str]:
     if scheme not in _SCHEMES:
         raise ValueError(f"url scheme must be one of {sorted(_SCHEMES)}, got {scheme!r}")
     try:
-        split.port
+        _ = split.port  # parsing it raises ValueError for a bad port
     except ValueError:
         raise ValueError(f"url has an invalid port: {url!r}") from None
     if not split.hostname:

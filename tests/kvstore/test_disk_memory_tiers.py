@@ -92,6 +92,22 @@ def test_device_tier_is_a_preallocated_slot_pool():
         t.put(chain_hashes(big, list(range(16))), [torch.zeros(big.block_shape, dtype=torch.float16)], spec=big)
 
 
+def test_device_tier_declares_what_to_do_with_a_block_larger_than_its_slots():
+    big = KVSpec("disk", num_layers=4, num_kv_heads=2, head_dim=16, dtype="float16", block_tokens=16)
+    strict = DeviceTier(4 * SPEC.block_nbytes, slot_bytes=SPEC.block_nbytes, device="cpu")
+    with pytest.raises(ValueError, match="does not fit"):
+        strict.put(chain_hashes(big, list(range(16))), [torch.zeros(big.block_shape, dtype=torch.float16)], spec=big)
+    lenient = DeviceTier(4 * SPEC.block_nbytes, slot_bytes=SPEC.block_nbytes, device="cpu", refuse_oversize=True)
+    assert lenient.put(chain_hashes(big, list(range(16))), [torch.zeros(big.block_shape, dtype=torch.float16)], spec=big) == [0]
+    assert lenient.stats().refused == 1 and lenient.stats().blocks == 0
+    assert lenient.put(chain_hashes(SPEC, list(range(16))), blocks(1), spec=SPEC) == [SPEC.block_nbytes]
+
+
+def test_only_tiers_that_declare_it_list_their_keys(tmp_path):
+    assert DiskTier(tmp_path, 1 << 20).capabilities.iterable
+    assert not HostTier(1 << 20).capabilities.iterable and not DeviceTier(1 << 20, device="cpu").capabilities.iterable
+
+
 from hypothesis import given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
