@@ -153,7 +153,7 @@ class SparseDecode:
                                  "selector must be 'quest' and dense_layers 0")
             if not isinstance(self.block_tokens, int) or self.block_tokens <= 0 or self.block_tokens % 16:
                 raise ValueError(f"block_tokens must be a positive multiple of 16, got {self.block_tokens!r}")
-        self.tier_attention = None  # made at the first decode step (store mode)
+        self.tier_attention: Any = None  # a retrieval.TierAttention, made at the first decode step (store mode)
         self._offloads: dict[int, tuple[weakref.ref, _Offload]] = {}
         self._stats = SparseDecodeStats()
         self._selected = 0  # a tensor once decoding: summed without a device sync per step

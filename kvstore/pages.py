@@ -9,7 +9,7 @@ the payload starts in what it stores (0 in memory, the header's length in a fram
 
 A reader asks for *pieces*:
 
-- ``Pages(first, count)``: ``count`` consecutive ranges from range id ``first`` (the pages of one
+- ``Pages(first, num)``: ``num`` consecutive ranges from range id ``first`` (the pages of one
   (layer, head) are consecutive ids, so a head's selected pages in one block coalesce);
 - ``Summary(layer)``: one layer's page summaries (``kmin, kmax, kmean [H_kv, Np, D]``), or, with
   ``layer == num_layers``, the block-level bounds (``bmin, bmax [L, H_kv, D]``).
@@ -34,7 +34,7 @@ from .spec import KVSpec
 
 class Pages(NamedTuple):
     first: int  # range id of the first page: (layer * H_kv + head) * Np + page
-    count: int
+    num: int  # how many ranges
 
 
 class Summary(NamedTuple):
@@ -93,10 +93,10 @@ class PageLayout:
     def span(self, piece: Piece) -> tuple[int, int]:
         """``(offset, nbytes)`` of a piece in the payload; ValueError for a piece out of range."""
         if isinstance(piece, Pages):
-            first, count = piece
-            if count <= 0 or first < 0 or first + count > self.num_ranges:
-                raise ValueError(f"pages {first}..{first + count} are outside the block's {self.num_ranges} ranges")
-            return first * self.range_bytes, count * self.range_bytes
+            first, num = piece
+            if num <= 0 or first < 0 or first + num > self.num_ranges:
+                raise ValueError(f"pages {first}..{first + num} are outside the block's {self.num_ranges} ranges")
+            return first * self.range_bytes, num * self.range_bytes
         layer = piece.layer
         L = self.spec.num_layers
         if not 0 <= layer <= L:
@@ -117,15 +117,15 @@ class PageLayout:
             return h(view) == int(self.sum_crc[piece.layer])
         rb = self.range_bytes
         crc = self.crc
-        for i in range(piece.count):
+        for i in range(piece.num):
             if h(view[i * rb : (i + 1) * rb]) != int(crc[piece.first + i]):
                 return False
         return True
 
     # -- decoding --------------------------------------------------------------------------
-    def decode_pages(self, buf, count: int, dtype: torch.dtype | None = None) -> torch.Tensor:
-        """``count`` ranges' bytes as ``[count, 2, P, D]`` (K and V of each page)."""
-        return self.codec.decode_ranges(buf, count, self.spec, dtype)
+    def decode_pages(self, buf, num: int, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """``num`` ranges' bytes as ``[num, 2, P, D]`` (K and V of each page)."""
+        return self.codec.decode_ranges(buf, num, self.spec, dtype)
 
     def decode_summary(self, layer: int, buf) -> tuple[torch.Tensor, ...]:
         """A layer's ``(kmin, kmax, kmean)`` ``[H_kv, Np, D]``, or the block level's ``(bmin, bmax)``
@@ -141,8 +141,8 @@ def coalesce(range_ids: Sequence[int]) -> list[Pages]:
     """Sorted distinct range ids as runs of consecutive ids."""
     out: list[Pages] = []
     for r in sorted(set(int(x) for x in range_ids)):
-        if out and out[-1].first + out[-1].count == r:
-            out[-1] = Pages(out[-1].first, out[-1].count + 1)
+        if out and out[-1].first + out[-1].num == r:
+            out[-1] = Pages(out[-1].first, out[-1].num + 1)
         else:
             out.append(Pages(r, 1))
     return out

@@ -39,14 +39,14 @@ from __future__ import annotations
 import threading
 import time
 from collections import OrderedDict
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from typing import Sequence
 
 import torch
 
 from kvtier.kvstore.keys import check_keys
-from kvtier.kvstore.pages import PageLayout, Pages, Summary, coalesce
+from kvtier.kvstore.pages import PageLayout, Summary, coalesce
 from kvtier.kvstore.spec import KVSpec
 from kvtier.kvstore.store import TieredStore
 
@@ -309,7 +309,6 @@ class TierAttention:
     def _fetch(self, ctx: TierContext, layer: int, page_ids: torch.Tensor, *, prefetch: bool = False) -> list[list[torch.Tensor]]:
         """Per KV head, the ``[2, P, D]`` page tensors of ``page_ids [H_kv, n]`` (cache, then tiers)."""
         Np = self.spec.block_tokens // ctx.layouts[0].page_tokens
-        H = self.spec.num_kv_heads
         rows = page_ids.tolist()
         got: list[list] = [[None] * len(r) for r in rows]
         need: dict[int, dict[int, list[tuple[int, int]]]] = {}  # block -> range id -> [(head, slot)]
@@ -327,13 +326,13 @@ class TierAttention:
         misses = sum(len(v) for d in need.values() for v in d.values())
         if need:
             blocks = sorted(need)
-            runs = [coalesce(need[b]) for b in blocks]
+            runs = [coalesce(list(need[b])) for b in blocks]
             bufs = self._read([ctx.layouts[b] for b in blocks], runs, summary=False)
             for b, b_runs, b_bufs in zip(blocks, runs, bufs):
                 lay = ctx.layouts[b]
                 for run, buf in zip(b_runs, b_bufs):
-                    pages = lay.decode_pages(buf, run.count, self.compute_dtype)  # [count, 2, P, D]
-                    for i in range(run.count):
+                    pages = lay.decode_pages(buf, run.num, self.compute_dtype)  # [num, 2, P, D]
+                    for i in range(run.num):
                         rid = run.first + i
                         t = pages[i]
                         self.pages.put((ctx.keys[b], rid), t, t.numel() * t.element_size())
@@ -380,7 +379,7 @@ class TierAttention:
             raise ValueError(f"q must be [H_q, {D}] with H_q a multiple of {H}, got {list(q.shape) if isinstance(q, torch.Tensor) else type(q).__name__}")
         if (k_local is None) != (v_local is None):
             raise ValueError("give both k_local and v_local, or neither")
-        if k_local is not None and (k_local.dim() != 3 or k_local.shape[0] != H or k_local.shape[2] != D or k_local.shape != v_local.shape):
+        if k_local is not None and v_local is not None and (k_local.dim() != 3 or k_local.shape[0] != H or k_local.shape[2] != D or k_local.shape != v_local.shape):
             raise ValueError(f"k_local and v_local must be [{H}, W, {D}], got {list(k_local.shape)} and {list(v_local.shape)}")
         t0 = time.perf_counter()
         qf = q.float()[None]  # [1, H_q, D]
@@ -407,7 +406,7 @@ class TierAttention:
             with self._stats_lock:
                 self._stats.pages_selected += ids.numel()
                 self._stats.selected_bytes += ids.numel() * ctx.layouts[0].range_bytes
-        if k_local is not None and k_local.shape[1]:
+        if k_local is not None and v_local is not None and k_local.shape[1]:
             dt = self.compute_dtype
             o2, lse2 = sparse_decode(qf.to(dt), k_local.to(dt)[None], v_local.to(dt)[None], scale=scale)
             o, lse = merge_states(o.float(), lse, o2.float(), lse2)

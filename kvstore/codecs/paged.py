@@ -43,9 +43,9 @@ _META_KEYS = {"P", "page", "range_bytes", "ranges", "crc", "sum_dtype", "sum_off
 
 def checksums(buf: np.ndarray, size: int) -> np.ndarray:
     """XXH3-64 of each ``size``-byte piece of the flat uint8 array ``buf`` (uint64)."""
-    view = memoryview(buf)
+    view = buf.data
     n = len(buf) // size
-    out = np.empty(n, dtype=np.uint64)
+    out: np.ndarray = np.empty(n, dtype=np.uint64)
     h = xxhash.xxh3_64_intdigest
     for i in range(n):
         out[i] = h(view[i * size : (i + 1) * size])

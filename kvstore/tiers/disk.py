@@ -204,7 +204,7 @@ class DiskTier(TierBase):
     def page_layouts(self, keys: Sequence[bytes], *, spec: KVSpec) -> list:
         from ..pages import PageLayout
 
-        out = []
+        out: list = []
         for key in keys:
             key = bytes(key)
             entry = self._files.get(key)

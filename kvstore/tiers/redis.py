@@ -435,7 +435,7 @@ class RedisTier(TierBase):
         self._check_replies(replies)
         got: dict[int, list] = {}
         bad: set[int] = set()
-        for i, (rkey, _, n), buf in zip(owner, cmds, replies):
+        for i, (_, _, n), buf in zip(owner, cmds, replies):
             if i in bad:
                 continue
             if not isinstance(buf, (bytes, bytearray)) or len(buf) != n:  # gone, shorter, or an error

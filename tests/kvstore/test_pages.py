@@ -3,7 +3,6 @@ tier that serves them (host, disk, Redis, Redis Cluster), and the store's verifi
 
 from __future__ import annotations
 
-import os
 
 import pytest
 import torch

@@ -8,7 +8,6 @@ import torch
 from kvtier.kvstore import DiskTier, HostTier, KVSpec, TierConfig, TieredStore, chain_hashes
 from kvtier.retrieval.tier_attention import TierAttention
 from kvtier.sparse_attn import sparse_decode
-from kvtier.sparse_attn.merge import merge_states
 
 SPEC = KVSpec("tier-att", num_layers=2, num_kv_heads=2, head_dim=32, dtype="float32", block_tokens=64)
 P = 16
