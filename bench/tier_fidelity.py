@@ -79,6 +79,7 @@ def main() -> None:
     ap.add_argument("--ppl-steps", type=int, default=None, help="teacher-forced offloaded steps of the perplexity run (default 256; quick 32)")
     ap.add_argument("--lengths", type=int, nargs="+", default=[6144, 8192], help="pass-key prompt lengths (full run)")
     ap.add_argument("--depths", type=float, nargs="+", default=[0.25, 0.5, 0.75], help="pass-key depths (full run)")
+    ap.add_argument("--ppl-only", action="store_true", help="only the perplexity part (results: tier_fidelity_ppl.*)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     t_all = time.time()
@@ -89,6 +90,8 @@ def main() -> None:
     else:
         prompts = [refmodel.passkey_prompt(tok, n, d, seed=n + round(d * 100)) for n in args.lengths for d in args.depths]
         kinds, ppl_tokens, ppl_steps = ("disk", "redis"), 4096, args.ppl_steps or 256
+    if args.ppl_only:
+        prompts = []
     root = Path(tempfile.mkdtemp(prefix="kvtier-tier-fid-"))
     redis = LocalRedis() if "redis" in kinds else None
     rows, tier_stats = [], {}
@@ -147,9 +150,9 @@ def main() -> None:
             redis.close()
         shutil.rmtree(root, ignore_errors=True)
 
-    name = "tier_fidelity_quick" if args.quick else "tier_fidelity"
+    name = "tier_fidelity_quick" if args.quick else "tier_fidelity_ppl" if args.ppl_only else "tier_fidelity"
     table = [[r["tokens"], r["depth"], r["key"]] + [("ok" if r[k]["correct"] else f"wrong: {r[k]['answer'][:10]!r}") for k in ("full", *kinds)]
-             + [f"{r[kinds[0]]['read_fraction']:.2f}"] for r in rows]
+             + [f"{r[kinds[0]]['read_fraction']:.2f}"] for r in rows] or [["-"] * (5 + len(kinds))]
     md = [f"## bench/tier_fidelity.py{' --quick' if args.quick else ''}", "",
           f"SmolLM2-135M (30 layers, 3 KV heads), `SparseDecode(budget={args.budget}, store=...)`: the prompt's KV written to the "
           "store in 64-token blocks (`paged` codec) and zeroed in the transformers cache; each decode step reads the selected "

@@ -95,6 +95,10 @@ class SparseDecode:
             The stored prefix is overwritten with zeros in the transformers cache, so attention
             provably reads it from the tiers only (transformers still allocates it).
         block_tokens: tokens per stored block (store mode).
+        resident_tokens: the most recent tokens always kept resident and attended in full (store
+            mode): a block is written once it ends at least this many tokens before the newest,
+            so the tail the engine attends holds between ``resident_tokens`` and
+            ``resident_tokens + block_tokens`` tokens.
         tier_options: more options for ``retrieval.TierAttention`` (``candidate_blocks``,
             ``page_cache_bytes``, ``summary_bytes``, ``prefetch``).
 
@@ -116,6 +120,7 @@ class SparseDecode:
     record: bool = False
     store: Any = None
     block_tokens: int = 64
+    resident_tokens: int = 64
     tier_options: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -153,6 +158,8 @@ class SparseDecode:
                                  "selector must be 'quest' and dense_layers 0")
             if not isinstance(self.block_tokens, int) or self.block_tokens <= 0 or self.block_tokens % 16:
                 raise ValueError(f"block_tokens must be a positive multiple of 16, got {self.block_tokens!r}")
+            if isinstance(self.resident_tokens, bool) or not isinstance(self.resident_tokens, int) or self.resident_tokens < 0:
+                raise ValueError(f"resident_tokens must be a non-negative int, got {self.resident_tokens!r}")
         self.tier_attention: Any = None  # a retrieval.TierAttention, made at the first decode step (store mode)
         self._offloads: dict[int, tuple[weakref.ref, _Offload]] = {}
         self._stats = SparseDecodeStats()
@@ -259,7 +266,7 @@ class SparseDecode:
         stats = self._stats
         stats.decode_calls += 1
         if layer == 0:
-            off = self._offload(cache, off, T - 1)
+            off = self._offload(cache, off, max(0, T - 1 - self.resident_tokens))
         stored = off.num_tokens
         k_tail = key[0, :, stored:T]  # [H_kv, W, D] tokens after the last stored block
         v_tail = value[0, :, stored:T]
