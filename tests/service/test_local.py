@@ -1,0 +1,194 @@
+"""The same-host transport against a real ``kvtier serve``: the same answers, auth, tenancy, quotas,
+limits and checksums as REST; requests larger than the segment; no segment left by a killed client."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from kvstore import KVSpec, chain_hashes
+from kvstore.frames import encode_frame_parts
+from service import wire
+from service.client import KVTierClient, KVTierError
+from service.local_client import LocalKVTierClient
+
+from .conftest import ADMIN_KEY, KEYS, TINY
+from .server import ROOT, ServiceProcess
+
+KEY_A, KEY_B = list(KEYS)  # acme, globex (globex has a 64 KiB quota)
+
+
+@pytest.fixture(scope="module")
+def server():
+    d = tempfile.mkdtemp(prefix="kvtier-local-")
+    s = ServiceProcess({"KVTIER_API_KEYS": json.dumps(KEYS), "KVTIER_ADMIN_KEY": ADMIN_KEY,
+                        "KVTIER_QUOTAS": json.dumps({"globex": 64 << 10}), "KVTIER_LOCAL_SOCKET": f"{d}/kv.sock",
+                        "KVTIER_MAX_BLOCKS_PER_REQUEST": "16"}, data_dir=d)
+    s.socket = f"unix://{d}/kv.sock"
+    yield s
+    s.stop()
+
+
+def blocks(n, seed=0, spec=TINY):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn((n, *spec.block_shape), generator=g).to(spec.torch_dtype)
+
+
+def tokens(n_blocks, seed=0):
+    return [(seed * 7919 + i) % 32000 for i in range(n_blocks * TINY.block_tokens)]
+
+
+def segment_maps(pid: int) -> int:
+    """Mappings of local-transport segments in process ``pid``."""
+    return sum("memfd:kvtier-local" in line for line in Path(f"/proc/{pid}/maps").read_text().splitlines())
+
+
+def test_a_unix_url_gives_the_local_client_with_the_same_answers_as_rest(server):
+    local = KVTierClient(server.socket, api_key=KEY_A)
+    rest = KVTierClient(server.url, api_key=KEY_A)
+    assert isinstance(local, LocalKVTierClient) and type(rest) is KVTierClient
+    model = local.register_spec(TINY)
+    assert rest.register_spec(TINY) == model
+    toks = tokens(5, seed=1)
+    keys = local.hashes(model, toks)
+    assert keys == rest.hashes(model, toks)
+    bs = blocks(5, seed=1)
+    assert local.put(model, keys, bs) == [True] * 5
+    assert local.lookup(model, token_ids=toks).num_blocks == 5 == rest.lookup(model, token_ids=toks).num_blocks
+    got = local.get(model, keys + [b"\x01" * 32])
+    assert got[-1] is None and all(torch.equal(g, b) for g, b in zip(got, bs))
+    assert all(torch.equal(g, b) for g, b in zip(rest.get(model, keys), bs))  # what went in locally is what REST reads
+    out = [torch.empty(TINY.block_shape, dtype=TINY.torch_dtype) for _ in keys]
+    assert local.get(model, keys, out=out)[0] is out[0] and torch.equal(out[4], bs[4])
+    lease = local.pin(model, keys[:2], ttl_s=5)
+    assert lease["num_pinned"] == 2 and local.unpin(lease["lease_id"])
+    assert local.stats()["tenant"] == "acme"
+    assert local.delete(model, keys[3:]) == 2 and rest.lookup(model, hashes=keys).num_blocks == 3
+    local.close()
+    rest.close()
+
+
+def test_auth_tenancy_and_quotas_are_the_same_as_rest(server):
+    with pytest.raises(KVTierError) as e:
+        KVTierClient(server.socket, api_key="not-a-key")
+    assert e.value.status == 401
+    with pytest.raises(KVTierError) as e:
+        KVTierClient(server.socket)
+    assert e.value.status == 401
+    a, b = KVTierClient(server.socket, api_key=KEY_A), KVTierClient(server.socket, api_key=KEY_B)
+    ma, mb = a.register_spec(TINY), b.register_spec(TINY)
+    keys = [bytes([7]) * 32, bytes([8]) * 32]
+    assert a.put(ma, keys, blocks(2, seed=2)) == [True, True]
+    assert b.get(mb, keys) == [None, None]  # the same client keys are another tenant's blocks
+    assert b.lookup(mb, hashes=keys).num_blocks == 0
+    # globex's quota is 64 KiB (32 tiny blocks): the oldest of its own blocks make room, as over REST
+    for i in range(3):
+        b.put(mb, [bytes([100 + i, j]) + bytes(30) for j in range(16)], blocks(16, seed=10 + i))
+    assert b.stats()["bytes"] <= 64 << 10
+    assert a.get(ma, keys)[0] is not None  # acme's blocks untouched
+    a.close()
+    b.close()
+
+
+def test_limits_and_checksums_are_enforced(server):
+    c = KVTierClient(server.socket, api_key=KEY_A)
+    model = c.register_spec(TINY)
+    with pytest.raises(KVTierError) as e:  # max_blocks_per_request is 16 on this server (REST answers the same)
+        c.put(model, [bytes([1, i]) + bytes(30) for i in range(17)], blocks(17))
+    assert e.value.status == 400 and "max_blocks_per_request" in e.value.message
+    key = bytes([9]) * 32
+    head, payload = encode_frame_parts(key, TINY, "identity", {}, TINY.block_shape, TINY.dtype,
+                                       blocks(1, seed=3)[0].contiguous().view(torch.uint8).numpy())
+    spoiled = bytearray(payload.tobytes())
+    spoiled[100] ^= 0xFF  # the checksum no longer matches
+
+    def fill(seg):
+        pieces = b"".join(bytes(p) for p in wire.encode_parts([(head, memoryview(spoiled))]))
+        seg[: len(pieces)] = pieces
+        return len(pieces)
+
+    with pytest.raises(KVTierError) as e:
+        c._call("put", {"model": model, "parent": None}, fill=fill)
+    assert e.value.status == 400 and "checksum" in e.value.message
+    assert c.get(model, [key]) == [None]  # nothing stored
+    with pytest.raises(KVTierError) as e:
+        c._call("put", {"model": model}, fill=lambda seg: 10**12)
+    assert e.value.status == 400 and e.value.field == "len"
+    with pytest.raises(KVTierError) as e:
+        c._call("nope", {})
+    assert e.value.status == 400
+    with pytest.raises(KVTierError) as e:
+        LocalKVTierClient(server.socket, api_key=KEY_A, segment_bytes=1 << 40)
+    assert e.value.field == "segment_bytes"
+    c.close()
+
+
+def test_requests_larger_than_the_segment_are_split(server):
+    spec = KVSpec("wide", num_layers=2, num_kv_heads=2, head_dim=64, dtype="float16", block_tokens=64)  # 32 KiB blocks
+    c = LocalKVTierClient(server.socket, api_key=KEY_A, segment_bytes=100 << 10)  # 2-3 blocks per request
+    model = c.register_spec(spec)
+    toks = [(i * 31) % 30000 for i in range(9 * spec.block_tokens)]
+    keys = c.hashes(model, toks)
+    bs = blocks(9, seed=4, spec=spec)
+    assert c.put(model, keys, bs) == [True] * 9
+    assert c.lookup(model, token_ids=toks).num_blocks == 9  # one chain, whatever the split
+    assert all(torch.equal(g, b) for g, b in zip(c.get(model, keys), bs))
+    c.close()
+
+
+def test_a_killed_client_leaves_no_segment(server):
+    pid = server.proc.pid
+    deadline = time.monotonic() + 10
+    while segment_maps(pid) and time.monotonic() < deadline:  # earlier tests' clients, closed: let go of asynchronously
+        time.sleep(0.05)
+    before = segment_maps(pid)
+    shm_before = set(os.listdir("/dev/shm"))
+    script = textwrap.dedent(f"""
+        import sys, time, torch
+        from service.client import KVTierClient
+        from tests.service.conftest import TINY
+        clients = [KVTierClient({server.socket!r}, api_key={KEY_A!r}) for _ in range(3)]
+        m = clients[0].register_spec(TINY)
+        clients[0].put(m, [bytes([42]) * 32], torch.zeros((1, *TINY.block_shape), dtype=torch.float16))
+        print("ready", flush=True)
+        time.sleep(60)
+    """)
+    proc = subprocess.Popen([sys.executable, "-c", script], cwd=ROOT, stdout=subprocess.PIPE, text=True,
+                            env={**os.environ, "PYTHONPATH": str(ROOT)})
+    try:
+        assert proc.stdout.readline().strip() == "ready"
+        assert segment_maps(pid) == before + 3
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(10)
+        deadline = time.monotonic() + 10
+        while segment_maps(pid) != before and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert segment_maps(pid) == before  # the server let go of every segment of the dead client
+        assert set(os.listdir("/dev/shm")) <= shm_before  # and nothing was ever named
+    finally:
+        proc.kill()
+
+
+def test_service_backend_uses_the_local_transport(server):
+    from service.connectors.backends import ServiceBackend
+
+    backend = ServiceBackend.connect(server.socket, TINY, api_key=KEY_A)
+    try:
+        assert isinstance(backend.client, LocalKVTierClient)
+        toks = tokens(3, seed=6)
+        keys = backend.keys(toks)
+        assert backend.put(keys, blocks(3, seed=6), parent=None) == [True] * 3
+        assert backend.match(toks).num_blocks == 3
+        assert all(torch.equal(g, b) for g, b in zip(backend.get(keys), blocks(3, seed=6)))
+    finally:
+        backend.close()
