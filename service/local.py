@@ -124,7 +124,7 @@ def header_room(spec) -> int:
 
 
 def _max_header(spec):
-    from kvstore.frames import encode_frame_parts
+    from kvtier.kvstore.frames import encode_frame_parts
 
     return encode_frame_parts(b"\xff" * 32, spec, "identity", {}, spec.block_shape, spec.dtype, b"")
 

@@ -22,7 +22,7 @@ from typing import Sequence
 
 import torch
 
-from kvstore import KVSpec
+from kvtier.kvstore import KVSpec
 
 from . import wire
 from .client import (KVTierClient, KVTierError, Lookup, _Base, _key_hex, _parse_attention, _parse_lookup,

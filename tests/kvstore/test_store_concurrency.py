@@ -15,7 +15,7 @@ import threading
 import pytest
 import torch
 
-from kvstore import DiskTier, HostTier, KVSpec, Namespace, TierConfig, TieredStore, chain_hashes
+from kvtier.kvstore import DiskTier, HostTier, KVSpec, Namespace, TierConfig, TieredStore, chain_hashes
 
 SPEC = KVSpec("conc", num_layers=2, num_kv_heads=2, head_dim=16, dtype="float16", block_tokens=16)
 B = SPEC.block_nbytes

@@ -16,11 +16,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from kvstore import KVSpec, chain_hashes
-from kvstore.frames import encode_frame_parts
-from service import wire
-from service.client import KVTierClient, KVTierError
-from service.local_client import LocalKVTierClient
+from kvtier.kvstore import KVSpec, chain_hashes
+from kvtier.kvstore.frames import encode_frame_parts
+from kvtier.service import wire
+from kvtier.service.client import KVTierClient, KVTierError
+from kvtier.service.local_client import LocalKVTierClient
 
 from .conftest import ADMIN_KEY, KEYS, TINY
 from .server import ROOT, ServiceProcess
@@ -155,7 +155,7 @@ def test_a_killed_client_leaves_no_segment(server):
     shm_before = set(os.listdir("/dev/shm"))
     script = textwrap.dedent(f"""
         import sys, time, torch
-        from service.client import KVTierClient
+        from kvtier.service.client import KVTierClient
         from tests.service.conftest import TINY
         clients = [KVTierClient({server.socket!r}, api_key={KEY_A!r}) for _ in range(3)]
         m = clients[0].register_spec(TINY)
@@ -180,7 +180,7 @@ def test_a_killed_client_leaves_no_segment(server):
 
 
 def test_service_backend_uses_the_local_transport(server):
-    from service.connectors.backends import ServiceBackend
+    from kvtier.connectors.backends import ServiceBackend
 
     backend = ServiceBackend.connect(server.socket, TINY, api_key=KEY_A)
     try:
