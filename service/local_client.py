@@ -58,8 +58,7 @@ class LocalKVTierClient(KVTierClient):
         self._api_key = api_key
         self._idle: list[_Conn] = []
         self._pool_lock = threading.Lock()
-        self._closed = False
-        self._release(self._connect())  # fail now on a bad path or key, not at the first call
+        self._closed = False  # connections open at the first call (as over REST: a client never fails to be made)
 
     # -- connections -----------------------------------------------------------------------
     def _connect(self) -> _Conn:

@@ -80,10 +80,10 @@ def test_a_unix_url_gives_the_local_client_with_the_same_answers_as_rest(server)
 
 def test_auth_tenancy_and_quotas_are_the_same_as_rest(server):
     with pytest.raises(KVTierError) as e:
-        KVTierClient(server.socket, api_key="not-a-key")
+        KVTierClient(server.socket, api_key="not-a-key").stats()
     assert e.value.status == 401
     with pytest.raises(KVTierError) as e:
-        KVTierClient(server.socket)
+        KVTierClient(server.socket).stats()
     assert e.value.status == 401
     a, b = KVTierClient(server.socket, api_key=KEY_A), KVTierClient(server.socket, api_key=KEY_B)
     ma, mb = a.register_spec(TINY), b.register_spec(TINY)
@@ -128,7 +128,7 @@ def test_limits_and_checksums_are_enforced(server):
         c._call("nope", {})
     assert e.value.status == 400
     with pytest.raises(KVTierError) as e:
-        LocalKVTierClient(server.socket, api_key=KEY_A, segment_bytes=1 << 40)
+        LocalKVTierClient(server.socket, api_key=KEY_A, segment_bytes=1 << 40).stats()
     assert e.value.field == "segment_bytes"
     c.close()
 
@@ -158,6 +158,8 @@ def test_a_killed_client_leaves_no_segment(server):
         from kvtier.service.client import KVTierClient
         from tests.service.conftest import TINY
         clients = [KVTierClient({server.socket!r}, api_key={KEY_A!r}) for _ in range(3)]
+        for c in clients:
+            c.stats()  # each opens its connection and maps its segment
         m = clients[0].register_spec(TINY)
         clients[0].put(m, [bytes([42]) * 32], torch.zeros((1, *TINY.block_shape), dtype=torch.float16))
         print("ready", flush=True)
