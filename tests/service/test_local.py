@@ -53,6 +53,14 @@ def segment_maps(pid: int) -> int:
     return sum("memfd:kvtier-local" in line for line in Path(f"/proc/{pid}/maps").read_text().splitlines())
 
 
+def wait_for_maps(pid: int, n: int, timeout_s: float = 30.0) -> int:
+    """The number of segment mappings of ``pid`` once it is ``n`` (or whatever it is after ``timeout_s``)."""
+    deadline = time.monotonic() + timeout_s
+    while segment_maps(pid) != n and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return segment_maps(pid)
+
+
 def test_a_unix_url_gives_the_local_client_with_the_same_answers_as_rest(server):
     local = KVTierClient(server.socket, api_key=KEY_A)
     rest = KVTierClient(server.url, api_key=KEY_A)
@@ -148,10 +156,7 @@ def test_requests_larger_than_the_segment_are_split(server):
 
 def test_a_killed_client_leaves_no_segment(server):
     pid = server.proc.pid
-    deadline = time.monotonic() + 10
-    while segment_maps(pid) and time.monotonic() < deadline:  # earlier tests' clients, closed: let go of asynchronously
-        time.sleep(0.05)
-    before = segment_maps(pid)
+    before = wait_for_maps(pid, 0)  # earlier tests' clients are closed; the server lets go asynchronously
     shm_before = set(os.listdir("/dev/shm"))
     script = textwrap.dedent(f"""
         import sys, time, torch
@@ -169,13 +174,10 @@ def test_a_killed_client_leaves_no_segment(server):
                             env={**os.environ, "PYTHONPATH": str(ROOT)})
     try:
         assert proc.stdout.readline().strip() == "ready"
-        assert segment_maps(pid) == before + 3
+        assert wait_for_maps(pid, before + 3) == before + 3
         proc.send_signal(signal.SIGKILL)
         proc.wait(10)
-        deadline = time.monotonic() + 10
-        while segment_maps(pid) != before and time.monotonic() < deadline:
-            time.sleep(0.05)
-        assert segment_maps(pid) == before  # the server let go of every segment of the dead client
+        assert wait_for_maps(pid, before) == before  # the server let go of every segment of the dead client
         assert set(os.listdir("/dev/shm")) <= shm_before  # and nothing was ever named
     finally:
         proc.kill()
