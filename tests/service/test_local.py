@@ -196,3 +196,55 @@ def test_service_backend_uses_the_local_transport(server):
         assert all(torch.equal(g, b) for g, b in zip(backend.get(keys), blocks(3, seed=6)))
     finally:
         backend.close()
+
+
+def test_rest_lookups_never_block_the_event_loop(tmp_path):
+    """While the store's lock is held (bookkeeping of another call), a REST lookup waits on a worker
+    thread, not on the event loop: the server keeps answering other requests meanwhile."""
+    import threading
+
+    import httpx
+    import uvicorn
+
+    from kvtier.service.rest import create_app
+    from kvtier.service.settings import Settings
+    from tests.redis_servers import free_port
+
+    port = free_port()
+    settings = Settings(port=port, grpc_port=None, data_dir=tmp_path, device_capacity_bytes=0,
+                        write_through_retry_interval_s=0)
+    app = create_app(settings)
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    th = threading.Thread(target=server.run, daemon=True)
+    th.start()
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 30
+        while not server.started and time.monotonic() < deadline:
+            time.sleep(0.05)
+        c = KVTierClient(url)
+        model = c.register_spec(TINY)
+        toks = tokens(2, seed=9)
+        c.put(model, c.hashes(model, toks), blocks(2, seed=9))
+        store = app.state.svc.store
+        answers = []
+        with store._lock:  # as if another call were in its bookkeeping for a long time
+            body = json.dumps({"model": model, "token_ids": toks}).encode()
+            # with a Content-Length: the FastLookup middleware; chunked (no length): the FastAPI route
+            for content in (body, iter([body])):
+                th2 = threading.Thread(target=lambda c=content: answers.append(
+                    httpx.post(url + "/v1/lookup", content=c, headers={"content-type": "application/json"}, timeout=30)))
+                th2.start()
+            time.sleep(0.3)
+            t0 = time.monotonic()
+            assert httpx.get(url + "/healthz", timeout=5).status_code == 200  # the event loop is free
+            assert time.monotonic() - t0 < 2.0
+            assert not answers  # the lookup is still waiting for the lock, on a thread
+        deadline = time.monotonic() + 30
+        while len(answers) < 2 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert [a.status_code for a in answers] == [200, 200] and all(a.json()["num_blocks"] == 2 for a in answers)
+        c.close()
+    finally:
+        server.should_exit = True
+        th.join(30)
