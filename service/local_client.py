@@ -58,6 +58,7 @@ class LocalKVTierClient(KVTierClient):
         self._api_key = api_key
         self._idle: list[_Conn] = []
         self._pool_lock = threading.Lock()
+        self._pid = os.getpid()
         self._closed = False  # connections open at the first call (as over REST: a client never fails to be made)
 
     # -- connections -----------------------------------------------------------------------
@@ -88,6 +89,10 @@ class LocalKVTierClient(KVTierClient):
         with self._pool_lock:
             if self._closed:
                 raise RuntimeError("the client is closed")
+            if self._pid != os.getpid():  # a forked child: the parent's connections are the parent's
+                inherited, self._idle, self._pid = self._idle, [], os.getpid()
+                for c in inherited:
+                    c.close()  # this process's copies of the descriptors only: the parent's stay open
             if self._idle:
                 return self._idle.pop()
         return self._connect()

@@ -248,3 +248,25 @@ def test_rest_lookups_never_block_the_event_loop(tmp_path):
     finally:
         server.should_exit = True
         th.join(30)
+
+
+def _child_lookup(client, model, keys, q):
+    q.put(client.lookup(model, hashes=keys).num_blocks)
+
+
+def test_a_forked_child_opens_its_own_connections(server):
+    import multiprocessing as mp
+
+    c = KVTierClient(server.socket, api_key=KEY_A)
+    model = c.register_spec(TINY)
+    keys = [bytes([77]) * 32]
+    c.put(model, keys, blocks(1, seed=5))
+    ctx = mp.get_context("fork")
+    q = ctx.Queue()
+    child = ctx.Process(target=_child_lookup, args=(c, model, keys, q))
+    child.start()
+    assert q.get(timeout=30) == 1
+    child.join(30)
+    assert c.lookup(model, hashes=keys).num_blocks == 1  # the parent's connection was not disturbed
+    assert torch.equal(c.get(model, keys)[0], blocks(1, seed=5)[0])
+    c.close()
