@@ -29,7 +29,7 @@ class Event:
     kind: str  # "stored" | "removed"
     key: bytes
     tier: str
-    model: str  # the spec's fp8
+    model: str  # the spec's short_fingerprint (8 hex digits)
     time: float
 
     def to_dict(self) -> dict:

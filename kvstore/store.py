@@ -207,6 +207,12 @@ class TieredStore:
         return [t.tier.name for t in self._tiers]
 
     @property
+    def has_shared_tier(self) -> bool:
+        """Whether a tier is shared with other processes (Redis): then the in-memory index alone
+        cannot answer a lookup."""
+        return any(t.tier.capabilities.shared for t in self._tiers)
+
+    @property
     def index(self) -> PrefixIndex:
         return self._index
 
@@ -230,7 +236,8 @@ class TieredStore:
         specs = [spec] if spec is not None else list(self._specs)
         for t, st in enumerate(self._tiers):
             tier = st.tier
-            if not (tier.capabilities.persistent and not tier.capabilities.shared and hasattr(tier, "iter_keys")):
+            caps = tier.capabilities
+            if not (caps.persistent and caps.iterable and not caps.shared):
                 continue
             for sp in specs:
                 sid = self._spec_id(sp)
@@ -259,7 +266,7 @@ class TieredStore:
             self._ledger.charge(tenant, spec.block_nbytes)
         idx.set_resident(slot, t, True)
         self._tiers[t].policy.on_insert(key, nbytes, depth=depth, tenant=tenant)
-        self._events.emit("stored", key, self._tiers[t].tier.name, spec.fp8)
+        self._events.emit("stored", key, self._tiers[t].tier.name, spec.short_fingerprint)
 
     def _mark_removed(self, t: int, slot: int, key: bytes, spec: KVSpec) -> None:
         idx = self._index
@@ -268,7 +275,7 @@ class TieredStore:
         idx.set_resident(slot, t, False)  # may drop the entry (and ghost ancestors) from the index
         if idx.slot(key) is None or idx.residency(idx.slot(key)) == 0:
             self._ledger.credit(tenant, spec.block_nbytes)
-        self._events.emit("removed", key, self._tiers[t].tier.name, spec.fp8)
+        self._events.emit("removed", key, self._tiers[t].tier.name, spec.short_fingerprint)
 
     def _unmark_everywhere(self, slot: int, key: bytes) -> list[tuple[int, bytes, KVSpec]]:
         """Forget a block in every tier; returns the (tier, key, spec) removals to run outside the lock."""
@@ -785,11 +792,6 @@ class TieredStore:
         for t in holder[:num]:
             hits[names[t]] += 1
         return LookupResult(num, tier_prefix, hits)
-
-    @property
-    def has_shared_tier(self) -> bool:
-        """A lookup asks a shared tier (one round trip); without one it is answered from memory."""
-        return any(st.tier.capabilities.shared for st in self._tiers)
 
     def lookup_tokens(self, spec: KVSpec, token_ids, namespace: Namespace | None = None) -> tuple[list[BlockHash], LookupResult]:
         """Hash the full blocks of ``token_ids`` and look the chain up."""

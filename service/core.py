@@ -66,7 +66,7 @@ class KVService:
         # storage key -> (tenant, client key): lets a tenant see its own blocks' events
         self._owners: OrderedDict[bytes, tuple[str, bytes]] = OrderedDict()
         # no shared tier (Redis): a lookup is answered from the in-memory index alone
-        self.store_is_local = not any(t["device"] == "redis" for t in store.stats()["tiers"])
+        self.store_is_local = not store.has_shared_tier
         # page summaries of every block put through the service (bounded LRU in host memory), for retrieval
         self.summarize_on_put = settings.summary_capacity_bytes > 0
         self.retriever = StoreRetriever(store, SummaryStore(max_bytes=max(1, int(settings.summary_capacity_bytes))),
@@ -496,7 +496,7 @@ class KVService:
                     cursor = ev.id
                     scanned += 1
                     owner = self._owners.get(ev.key)
-                    model = self.registry.model_of_fp8(ev.model)
+                    model = self.registry.model_of_short_fingerprint(ev.model)
                     if p.is_admin:
                         out.append({"id": ev.id, "kind": ev.kind, "key": ev.key.hex(), "tier": ev.tier, "model": model,
                                     "time": ev.time, "tenant": owner[0] if owner else None})
