@@ -178,7 +178,8 @@ def test_a_killed_client_leaves_no_segment(server):
         proc.send_signal(signal.SIGKILL)
         proc.wait(10)
         assert wait_for_maps(pid, before) == before  # the server let go of every segment of the dead client
-        assert set(os.listdir("/dev/shm")) <= shm_before  # and nothing was ever named
+        # and nothing was ever named (a memfd has no name; other processes on the machine may add their own here)
+        assert not [n for n in set(os.listdir("/dev/shm")) - shm_before if "kvtier" in n]
     finally:
         proc.kill()
 
