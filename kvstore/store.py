@@ -26,9 +26,10 @@ for in the next tier), never wrong KV nor a tier above its capacity. The write-t
 put are written on per-tier executors while tier 0 is written, and ``put_async`` / ``get_async``
 return futures for callers that overlap transfers with compute.
 
-Policies are resolved by name through ``eviction.blocks.get_policy`` (a plugin lookup done
-at run time, so the static import graph stays ``eviction -> kvstore``); an instance can be
-passed instead.
+A tier's policy is a ``BlockPolicy`` (``kvtier.kvstore.policy``, the contract kvstore owns) or the
+name of a built-in one (``"lru"``, ``"s3fifo"``, ...). The built-ins live in ``kvtier.eviction.blocks``,
+which imports kvstore; a name is therefore resolved at run time by importing that package (the one
+place kvstore reaches above itself, and only when given a name): pass an instance to avoid it.
 """
 
 from __future__ import annotations
@@ -39,13 +40,14 @@ import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any, Callable, Iterator, Sequence
+from typing import Callable, Iterator, Sequence
 
 import torch
 
 from .bookkeeping import Event, EventLog, Lease, LeaseTable, TenantLedger, WriteThroughQueue
 from .index import NO_PARENT, PrefixIndex
 from .keys import BlockHash, Namespace, chain_hashes, check_keys
+from .policy import BlockPolicy
 from .spec import KVSpec
 from .tiers.base import StorageTier
 
@@ -59,11 +61,14 @@ _FRAME_SLACK = 1024
 _DEMOTE_GROUP_BYTES = 64 << 20
 
 
-def _resolve_policy(policy: Any):
+def _resolve_policy(policy: BlockPolicy | str) -> BlockPolicy:
+    """An instance as it is; a name through the built-in policies' registry (``kvtier.eviction.blocks``)."""
     if not isinstance(policy, str):
+        if not isinstance(policy, BlockPolicy):
+            raise ValueError(f"policy must be a BlockPolicy or the name of a built-in one, got {type(policy).__name__}")
         return policy
-    get_policy = importlib.import_module("kvtier.eviction.blocks").get_policy
-    return get_policy(policy)
+    builtins = importlib.import_module("kvtier.eviction.blocks")  # imports kvstore: resolved lazily, see the module doc
+    return builtins.get_policy(policy)
 
 
 @dataclass
@@ -71,7 +76,7 @@ class TierConfig:
     """One tier of a store and how the store treats it."""
 
     tier: StorageTier
-    policy: Any = "lru"  # a name known to eviction.blocks, or a BlockPolicy instance
+    policy: BlockPolicy | str = "lru"  # a BlockPolicy, or the name of a built-in one (kvtier.eviction.blocks)
     high_watermark: float = 0.95
     low_watermark: float = 0.85
     write_through: bool = False  # every put is also written here at once (then eviction above needs no write)
@@ -97,7 +102,7 @@ class LookupResult:
 @dataclass
 class _Tier:
     cfg: TierConfig
-    policy: Any
+    policy: BlockPolicy
     write_through: WriteThroughQueue | None = None  # write-through tiers only: the keys it refused
     evictions: int = 0
     demotions: int = 0

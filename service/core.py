@@ -360,7 +360,7 @@ class KVService:
         return q, layers, budget
 
     def _retrieve(self, spec: KVSpec, skeys: list[bytes], q: torch.Tensor, budget: int, layers: list[int]):
-        for attempt in range(3):  # a block evicted between the lookup and the read: search again
+        for _attempt in range(3):  # a block evicted between the lookup and the read: search again
             try:
                 return self.retriever.retrieve(spec, skeys, q, budget, layers=layers)
             except RuntimeError as e:

@@ -41,7 +41,6 @@ from pathlib import Path
 from typing import Any
 
 import msgpack
-import numpy as np
 import torch
 
 from . import wire
@@ -88,9 +87,10 @@ def recv_msg(sock: socket.socket, limit: int = MAX_CONTROL_BYTES, *, with_fds: b
                 return (None, fds)
             head += rest
     else:
-        head = recv_exact(sock, _LEN.size)
-        if head is None:
+        got = recv_exact(sock, _LEN.size)
+        if got is None:
             return None
+        head = got
     (n,) = _LEN.unpack(head)
     if n > limit:
         raise ValueError(f"a control message of {n} bytes, at most {limit} are allowed")
@@ -310,7 +310,6 @@ class LocalServer:
     def _get(self, p, seg: mmap.mmap, args: dict) -> dict:
         """Blocks written straight into the segment (the tiers copy into typed views of it), each
         preceded by its frame header: the answer names each item's (offset, length), or nil."""
-        from .core import parse_client_key
 
         svc = self.svc
         spec = svc.spec_of(p, _str(args, "model"))
@@ -325,7 +324,7 @@ class LocalServer:
         with self._transfers:
             blocks = svc.get_checked(p, spec, ckeys, out=out)
         del base
-        items = []
+        items: list[list[int] | None] = []
         for i, (k, b) in enumerate(zip(ckeys, blocks)):
             if b is None:
                 items.append(None)

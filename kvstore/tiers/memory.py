@@ -12,7 +12,6 @@ from typing import Sequence
 import torch
 
 from ..codecs import Codec, codec_for_block, get_codec
-from ..codecs.base import tensor_bytes
 from ..spec import KVSpec
 from .base import TierBase, TierCapabilities
 

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from kvtier.kvstore import KVSpec, chain_hashes
+from kvtier.kvstore import KVSpec
 from kvtier.kvstore.frames import encode_frame_parts
 from kvtier.service import wire
 from kvtier.service.client import KVTierClient, KVTierError
