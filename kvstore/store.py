@@ -111,6 +111,7 @@ class _Tier:
     pending: OrderedDict = field(default_factory=OrderedDict)
     wt_retried: int = 0  # pending blocks written on a later try
     wt_dropped: int = 0  # pending keys forgotten because the list was full
+    demotion_failures: int = 0  # victims no lower tier took: kept here instead of dropped
 
     @property
     def tier(self) -> StorageTier:
@@ -399,26 +400,32 @@ class TieredStore:
         # after the write the tier sits at its low watermark (hysteresis: the next writes need no eviction)
         target = max(0, int(cap * st.cfg.low_watermark) - need)
         idx = self._index
+        skip = set(protect)  # protected, plus victims whose demotion failed (they stay)
         n = 16
         while tier.used_bytes > target:
             cands = st.policy.candidates(n)
             victims = []
             for key in cands:
                 slot = idx.slot(key)
-                if slot is not None and slot not in protect and idx.is_evictable(slot, t):
+                if slot is not None and slot not in skip and idx.is_evictable(slot, t):
                     victims.append((slot, key))
             if victims:
-                self._evict(t, victims, stop_at=target)
+                skip |= self._evict(t, victims, stop_at=target)
             elif len(cands) < n:
                 return  # the whole order was seen and nothing is evictable: the put is refused here
             else:
                 n *= 2  # the head of the order is pinned or has resident children: look further
 
-    def _evict(self, t: int, victims: list[tuple[int, bytes]], *, stop_at: int | None = None) -> None:
-        """Evict victims from tier t in order (until used <= stop_at), demoting them to t+1."""
+    def _evict(self, t: int, victims: list[tuple[int, bytes]], *, stop_at: int | None = None) -> set[int]:
+        """Evict victims from tier t in order (until used <= stop_at), demoting them to t+1.
+
+        A victim that no lower tier would take (disk full, Redis down) and that no other tier
+        holds stays in t and is counted in ``demotion_failures``: eviction never drops a block
+        silently (only the last tier's evictions end a block's life). Returns the slots that stayed."""
         st = self._tiers[t]
         tier = st.tier
         nxt = t + 1 if t + 1 < len(self._tiers) else None
+        stayed: set[int] = set()
         for slot, key in victims:
             if stop_at is not None and tier.used_bytes <= stop_at:
                 break
@@ -431,10 +438,15 @@ class TieredStore:
                     self._write(nxt, [_Item(slot, key, block, spec)])
                     if self._index.slot(key) == slot and self._index.residency(slot) & (1 << nxt):
                         st.demotions += 1
+                    elif self._index.slot(key) == slot and not self._index.residency(slot) & ~(1 << t):
+                        st.demotion_failures += 1  # nowhere else to go: it stays here
+                        stayed.add(slot)
+                        continue
             tier.remove([key], spec=spec)
             if self._index.slot(key) == slot:
                 self._mark_removed(t, slot, key, spec)
             st.evictions += 1
+        return stayed
 
     def _remove_everywhere(self, slot: int, key: bytes) -> None:
         spec = self._specs[self._index.spec_id(slot)]
@@ -729,6 +741,7 @@ class TieredStore:
                     write_through_pending=len(st.pending),
                     write_through_retried=st.wt_retried,
                     write_through_dropped=st.wt_dropped,
+                    demotion_failures=st.demotion_failures,
                     policy=getattr(st.policy, "name", type(st.policy).__name__),
                     device=st.tier.capabilities.device,
                 )
@@ -747,6 +760,47 @@ class TieredStore:
     def tenant_bytes(self, tenant: str) -> int:
         with self._lock:
             return self._tenant_bytes.get(tenant, 0)
+
+    def flush_to_persistent(self, batch: int = 32) -> dict[str, int]:
+        """Write every block that only volatile tiers (device, host) hold into the first persistent
+        private tier (disk), parents before children, so that it is found again after a restart
+        (``kvtier serve`` does it at a graceful stop). Returns ``{"flushed", "failed"}``: blocks
+        now on disk, and blocks the disk refused (no room, write errors)."""
+        with self._lock:
+            disk = next((t for t, st in enumerate(self._tiers)
+                         if st.tier.capabilities.persistent and not st.tier.capabilities.shared), None)
+            if disk is None:
+                return {"flushed": 0, "failed": 0}
+            idx = self._index
+            durable = sum(1 << t for t, st in enumerate(self._tiers) if st.tier.capabilities.persistent)
+            todo = sorted(((idx.depth(slot), slot, key) for key, slot in idx.live_items()
+                           if idx.residency(slot) and not idx.residency(slot) & durable))
+            flushed = failed = 0
+            for i in range(0, len(todo), batch):
+                items = []
+                for _, slot, key in todo[i: i + batch]:
+                    if idx.slot(key) != slot:
+                        continue
+                    res = idx.residency(slot)
+                    spec = self._specs[idx.spec_id(slot)]
+                    block = self._tiers[(res & -res).bit_length() - 1].tier.get([key], spec=spec)[0]
+                    if block is None:
+                        failed += 1
+                        continue
+                    items.append(_Item(slot, key, block, spec))
+                for it in items:
+                    idx.pin(it.slot)  # not evicted by the flush's own room-making
+                try:
+                    self._write(disk, items, cascade=False)
+                finally:
+                    for it in items:
+                        if idx.slot(it.key) == it.slot:
+                            idx.unpin(it.slot)
+                for it in items:
+                    ok = idx.slot(it.key) == it.slot and idx.residency(it.slot) & (1 << disk)
+                    flushed += bool(ok)
+                    failed += not ok
+            return {"flushed": flushed, "failed": failed}
 
     def close(self) -> None:
         for st in self._tiers:

@@ -26,10 +26,13 @@ from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBea
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, WithJsonSchema
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 
 from . import wire
+from .connections import RequestGuard
 from .core import KVService, open_service, parse_client_key
 from .errors import BadRequest, Forbidden, PayloadTooLarge, ServiceError, Unauthorized, UnsupportedMediaType
+from .limits import RateLimited, TenantRateLimiter
 from .metrics import CONTENT_TYPE, Metrics
 from .settings import Settings
 from .tenancy import Authenticator, Principal
@@ -102,7 +105,7 @@ class PinIn(KeysIn):
 
 
 class PinOut(BaseModel):
-    lease_id: int
+    lease_id: int = Field(description="0 when nothing was pinned (none of the keys is cached): no lease is held, nothing to unpin")
     ttl_s: float
     num_pinned: int
 
@@ -282,6 +285,56 @@ class Observe:
                 svc.metrics.observe("rest", f"{scope['method']} {op}", status, time.perf_counter() - t0)
 
 
+class RateLimitedLog:
+    """Tracebacks of unexpected errors, at most one per ``every_s`` per exception type (the rest counted).
+
+    A request that triggers a bug must not be able to flood the log: each traceback is tens of lines.
+    """
+
+    def __init__(self, logger: logging.Logger, every_s: float = 10.0) -> None:
+        self.logger, self.every_s = logger, every_s
+        self._last: dict[str, float] = {}
+        self._suppressed: dict[str, int] = {}
+
+    def report(self, e: BaseException, msg: str, *args) -> None:
+        name, now = type(e).__name__, time.monotonic()
+        if now - self._last.get(name, -1e9) < self.every_s:
+            self._suppressed[name] = self._suppressed.get(name, 0) + 1
+            return
+        self._last[name] = now
+        n = self._suppressed.pop(name, 0)
+        self.logger.error(msg + (f" ({n} more {name} not logged in the last {self.every_s:g}s)" if n else ""), *args,
+                          exc_info=(type(e), e, e.__traceback__))
+
+
+bug_log = RateLimitedLog(log)
+
+
+class CatchAll:
+    """ASGI middleware: an exception no handler answered becomes a 500 (``internal``), its traceback
+    logged through ``bug_log`` (rate-limited). Starlette's own last resort re-raises to the server,
+    which logs every traceback again: one bad request, one flood."""
+
+    def __init__(self, app) -> None:
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        started = False
+
+        async def tracking_send(message):
+            nonlocal started
+            if message["type"] == "http.response.start":
+                started = True
+            await send(message)
+
+        try:
+            await self.app(scope, receive, tracking_send)
+        except Exception as e:  # never the answer to bad input: a bug
+            bug_log.report(e, "internal error on %s %s", scope.get("method"), scope.get("path"))
+            if not started:
+                await _send_error(send, 500, "internal", f"internal error: {type(e).__name__}", None)
 _HEX64 = re.compile(HEX64[1:-1])
 _LOOKUP_FIELDS = {"model", "token_ids", "hashes", "salt", "extra_keys", "return_keys"}
 _JSON_HEADERS = [(b"content-type", b"application/json")]
@@ -331,18 +384,21 @@ class FastLookup:
             return await self.app(scope, replay, send)
         scope["kvtier_op"] = "/v1/lookup"
         headers = {k: v for k, v in scope.get("headers", ()) if k in (b"authorization", b"x-api-key")}
+        extra = []
         try:
-            p = self.auth.authenticate(headers.get(b"authorization", b"").decode("latin-1") or None,
-                                       headers.get(b"x-api-key", b"").decode("latin-1") or None)
+            p = svc.admit(self.auth.authenticate(headers.get(b"authorization", b"").decode("latin-1") or None,
+                                                 headers.get(b"x-api-key", b"").decode("latin-1") or None))
             out = svc.lookup(p, req["model"], token_ids=req.get("token_ids"), hashes=req.get("hashes"),
                              salt=req.get("salt", ""), extra_keys=req.get("extra_keys", []),
                              return_keys=req.get("return_keys", False))
             status, payload = 200, out
         except ServiceError as e:
             status, payload = e.status, e.to_dict()
+            if isinstance(e, RateLimited):
+                extra = [(b"retry-after", TenantRateLimiter.retry_after_header(e).encode())]
         data = json.dumps(payload, separators=(",", ":")).encode()
         await send({"type": "http.response.start", "status": status,
-                    "headers": _JSON_HEADERS + [(b"content-length", str(len(data)).encode())]})
+                    "headers": _JSON_HEADERS + extra + [(b"content-length", str(len(data)).encode())]})
         await send({"type": "http.response.body", "body": data})
 
 
@@ -350,7 +406,7 @@ def _well_formed_lookup(body: bytes) -> dict | None:
     """The request when it is exactly what the route's model accepts (types only; values are KVService's job)."""
     try:
         req = json.loads(body)
-    except (ValueError, UnicodeDecodeError):
+    except (ValueError, UnicodeDecodeError, RecursionError):  # RecursionError: nesting deeper than the parser's stack
         return None
     if not isinstance(req, dict) or not req.keys() <= _LOOKUP_FIELDS or not isinstance(req.get("model"), str) or len(req["model"]) > 64:
         return None
@@ -361,14 +417,23 @@ def _well_formed_lookup(body: bytes) -> dict | None:
         return None
     if hashes is not None and not (isinstance(hashes, list) and all(isinstance(h, str) and _HEX64.fullmatch(h) for h in hashes)):
         return None
-    if not isinstance(req.get("salt", ""), str) or len(req.get("salt", "")) > 256:
+    if not isinstance(req.get("salt", ""), str) or len(req.get("salt", "")) > 256 or not _utf8(req.get("salt", "")):
         return None
     extra = req.get("extra_keys", [])
-    if not (isinstance(extra, list) and len(extra) <= 16 and all(isinstance(k, str) and len(k) <= 256 for k in extra)):
+    if not (isinstance(extra, list) and len(extra) <= 16 and all(isinstance(k, str) and len(k) <= 256 and _utf8(k) for k in extra)):
         return None
     if not isinstance(req.get("return_keys", False), bool):
         return None
     return req
+
+
+def _utf8(text: str) -> bool:
+    """False for a string holding a lone surrogate ("\\ud800" in JSON): it has no UTF-8 form."""
+    try:
+        text.encode("utf-8")
+        return True
+    except UnicodeEncodeError:
+        return False
 
 
 async def _query_body(request: Request, model_cls):
@@ -386,6 +451,8 @@ async def _query_body(request: Request, model_cls):
             obj = json.loads(raw)
         except (ValueError, UnicodeDecodeError) as e:
             raise BadRequest(f"the body is not JSON: {e}"[:300], field="body") from None
+        except RecursionError:
+            raise BadRequest("the body nests deeper than the JSON parser allows", field="body") from None
         binary = False
     else:
         raise UnsupportedMediaType(f"the body must be application/json or {wire.MSGPACK_MEDIA_TYPE}, got {ctype!r}"[:300],
@@ -452,7 +519,8 @@ def create_app(settings: Settings | None = None, service: KVService | None = Non
     # -- errors: every caller mistake is a 4xx naming the field -------------------------------
     @app.exception_handler(ServiceError)
     async def _service_error(request: Request, e: ServiceError):
-        return JSONResponse(e.to_dict(), status_code=e.status)
+        headers = {"retry-after": TenantRateLimiter.retry_after_header(e)} if isinstance(e, RateLimited) else None
+        return JSONResponse(e.to_dict(), status_code=e.status, headers=headers)
 
     @app.exception_handler(RequestValidationError)
     async def _validation_error(request: Request, e: RequestValidationError):
@@ -470,19 +538,22 @@ def create_app(settings: Settings | None = None, service: KVService | None = Non
         code = {404: "not_found", 405: "method_not_allowed"}.get(e.status_code, "invalid")
         return _error(e.status_code, code, str(e.detail), None)
 
-    @app.exception_handler(Exception)
-    async def _bug(request: Request, e: Exception):  # never the answer to bad input: a bug, logged
-        log.exception("internal error on %s %s", request.method, request.url.path)
-        return _error(500, "internal", f"internal error: {type(e).__name__}", None)
+    @app.exception_handler(ClientDisconnect)
+    async def _gone(request: Request, e: ClientDisconnect):  # the client left mid-request: not our error, not a 500
+        log.debug("client went away during %s %s", request.method, request.url.path)
+        return _error(499, "client_closed", "the client closed the connection before the request was read", None)
+
 
     # -- metrics of every request (pure ASGI: no extra task per request) ---------------------
     app.add_middleware(FastLookup, settings=settings, auth=auth)
+    app.add_middleware(RequestGuard, settings=settings)  # the request cap (health exempt) and the body read timeout
+    app.add_middleware(CatchAll)  # a bug is a 500 logged at most every few seconds, never a re-raised traceback
     app.add_middleware(Observe)
 
     async def principal(request: Request, _bearer: HTTPAuthorizationCredentials | None = Depends(bearer),
                   _key: str | None = Depends(api_key_header)) -> Principal:
         # the security dependencies only document the two headers in OpenAPI; the raw headers decide
-        return auth.authenticate(request.headers.get("authorization"), request.headers.get("x-api-key"))
+        return svc_of(request).admit(auth.authenticate(request.headers.get("authorization"), request.headers.get("x-api-key")))
 
     P = Annotated[Principal, Depends(principal)]
 
@@ -494,10 +565,10 @@ def create_app(settings: Settings | None = None, service: KVService | None = Non
     async def healthz():
         return {"status": "ok"}
 
-    @app.get("/readyz", tags=["health"], summary="Readiness: every tier reachable (503 otherwise)")
+    @app.get("/readyz", tags=["health"], summary="Readiness: every tier reachable and the disk not full (503, status degraded, otherwise)")
     async def readyz(request: Request):
         ok, tiers = await run_in_threadpool(svc_of(request).readiness)
-        return JSONResponse({"ready": ok, "tiers": tiers}, status_code=200 if ok else 503)
+        return JSONResponse({"ready": ok, "status": "ok" if ok else "degraded", "tiers": tiers}, status_code=200 if ok else 503)
 
     @app.get("/metrics", tags=["health"], summary="Prometheus metrics", response_class=Response)
     async def metrics(request: Request):
@@ -518,6 +589,12 @@ def create_app(settings: Settings | None = None, service: KVService | None = Non
     @app.get("/v1/specs", tags=["specs"], responses=ERRORS, summary="The caller's registered specs")
     async def list_specs(request: Request, p: P) -> dict[str, dict]:
         return {m: s.to_dict() for m, s in svc_of(request).registry.models_of(p.tenant).items()}
+
+    @app.delete("/v1/specs/{model}", tags=["specs"], responses=ERRORS,
+                summary="Unregister one of the caller's specs (its blocks become unreachable for the caller and age out)")
+    async def unregister_spec(request: Request, p: P, model: str = Path(max_length=64)) -> dict[str, bool]:
+        await run_in_threadpool(svc_of(request).unregister_spec, p, model)
+        return {"unregistered": True}
 
     # -- lookup ----------------------------------------------------------------------------
     @app.post("/v1/lookup", response_model=LookupOut, response_model_exclude_none=True, tags=["blocks"], responses=ERRORS,

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 from pathlib import Path
 
 from kvstore import DeviceTier, DiskTier, HostTier, KVSpec, TierConfig, TieredStore
@@ -45,8 +46,9 @@ def build_store(settings: Settings) -> TieredStore:
     if s.host_capacity_bytes:
         tiers.append(TierConfig(HostTier(s.host_capacity_bytes, codec=s.host_codec), policy=s.host_policy, **marks))
     if s.disk_capacity_bytes:
-        disk = DiskTier(blocks_dir(s), s.disk_capacity_bytes, codec=s.disk_codec, fsync=s.disk_fsync)
-        tiers.append(TierConfig(disk, policy=s.disk_policy, **marks))
+        disk = DiskTier(blocks_dir(s), s.disk_capacity_bytes, codec=s.disk_codec, fsync=s.disk_fsync,
+                        min_free_bytes=s.disk_min_free_bytes)
+        tiers.append(TierConfig(disk, policy=s.disk_policy, write_through=s.disk_write_through and bool(tiers), **marks))
     if s.redis_url:
         from kvstore.tiers.redis import RedisTier
 
@@ -57,7 +59,10 @@ def build_store(settings: Settings) -> TieredStore:
         )
         # the first tier is written by every put anyway; write-through is for tiers below it
         tiers.append(TierConfig(redis_tier, policy=s.redis_policy, write_through=s.redis_write_through and bool(tiers), **marks))
-    return TieredStore(tiers, quotas=dict(s.quotas), promote_on_hit=s.promote_on_hit, max_events=s.max_events,
+    # every known tenant gets its quota (its own, or default_quota_bytes); tenants are the API keys' and the default ""
+    quotas = {t: s.quota_of(t) for t in {*s.api_keys.values(), ""}} | dict(s.quotas)
+    quotas = {t: q for t, q in quotas.items() if q is not None}
+    return TieredStore(tiers, quotas=quotas, promote_on_hit=s.promote_on_hit, max_events=s.max_events,
                        max_pin_ttl_s=s.max_pin_ttl_s)
 
 
@@ -72,13 +77,20 @@ class TierProbe:
         self.settings = settings
         self.tier_names = tier_names
         self._redis = None
+        self._last_warn = -1e9
 
     def check(self) -> dict[str, str]:
+        """Tier -> "ok", or why not (no addresses, paths or secrets: ``/readyz`` is public)."""
         out = {}
         for name in self.tier_names:
             if name == "disk":
                 path = blocks_dir(self.settings)
-                out[name] = "ok" if path.is_dir() and os.access(path, os.W_OK) else f"not writable: {path}"
+                if not (path.is_dir() and os.access(path, os.W_OK)):
+                    out[name] = "not writable"
+                elif self.settings.disk_min_free_bytes and _free_bytes(path) < self.settings.disk_min_free_bytes:
+                    out[name] = "full: less free space than disk_min_free_bytes (blocks stay in memory or puts are refused)"
+                else:
+                    out[name] = "ok"
             elif name == "redis":
                 out[name] = self._ping_redis()
             else:
@@ -98,7 +110,10 @@ class TierProbe:
                     client.close()
                 except Exception:
                     pass
-            return f"unreachable: {type(e).__name__}: {str(e)[:200]}"
+            if time.monotonic() - self._last_warn > 30:  # the detail (address, reason) goes to the log only
+                self._last_warn = time.monotonic()
+                log.warning("readiness: Redis does not answer PING: %s: %s", type(e).__name__, str(e)[:300])
+            return f"unreachable ({type(e).__name__})"
 
     def close(self) -> None:
         if self._redis is not None:
@@ -106,6 +121,14 @@ class TierProbe:
                 self._redis.close()
             except Exception:
                 pass
+
+
+def _free_bytes(path: Path) -> int:
+    try:
+        st = os.statvfs(path)
+    except OSError:
+        return 0
+    return st.f_bavail * st.f_frsize
 
 
 def _redis_client(settings: Settings):
