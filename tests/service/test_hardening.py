@@ -272,3 +272,47 @@ def test_tenant_request_rate_limit():
         assert httpx.get(srv.url + "/healthz").status_code == 200
     finally:
         srv.stop()
+
+
+# -- 8: acknowledged blocks survive a graceful stop; a full disk is refused, counted, reported --
+def test_graceful_stop_keeps_every_acknowledged_block():
+    srv = ServiceProcess({"KVTIER_LOG_LEVEL": "info"})  # no Redis; device + host + disk (the report: 50 misses after a restart)
+    try:
+        with KVTierClient(srv.url) as c:
+            model = c.register_spec(TINY)
+            chains = [_keys(1, f"stop-{i}") for i in range(50)]
+            for i, keys in enumerate(chains):
+                assert c.put(model, keys, _blocks(1, seed=i)) == [True]
+        srv.stop()  # SIGTERM (uvicorn re-raises it after its graceful shutdown: the exit status is -15)
+        assert "flushed 50 block(s)" in srv.log_text()
+        srv.start()
+        with KVTierClient(srv.url) as c:
+            assert c.register_spec(TINY) == model
+            for i, keys in enumerate(chains):
+                assert c.lookup(model, hashes=keys).num_blocks == 1
+                assert torch.equal(c.get(model, keys)[0], _blocks(1, seed=i)[0])
+    finally:
+        srv.stop()
+
+
+def test_full_disk_refuses_puts_instead_of_dropping_them():
+    srv = ServiceProcess({"KVTIER_DEVICE_CAPACITY_BYTES": "0", "KVTIER_HOST_CAPACITY_BYTES": "128KiB",
+                          "KVTIER_DISK_MIN_FREE_BYTES": "1000TB", "KVTIER_FLUSH_ON_CLOSE": "false"})
+    try:
+        with KVTierClient(srv.url, retries=0) as c:
+            model = c.register_spec(TINY)
+            acked = []
+            for i in range(150):
+                keys = _keys(1, f"full-{i}")
+                if c.put(model, keys, _blocks(1, seed=i)) == [True]:
+                    acked.append((i, keys))
+            assert 0 < len(acked) < 150
+            for i, keys in acked:  # every acknowledged block is there
+                assert torch.equal(c.get(model, keys)[0], _blocks(1, seed=i)[0])
+            host = next(t for t in c.stats()["tiers"] if t["name"] == "host")
+            assert host["demotion_failures"] > 0 and host["evictions"] == 0
+        r = httpx.get(srv.url + "/readyz")
+        assert r.status_code == 503 and r.json()["status"] == "degraded" and r.json()["tiers"]["disk"].startswith("full")
+        assert srv.data_dir not in r.text  # /readyz is public: no paths
+    finally:
+        srv.stop()
