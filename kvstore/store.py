@@ -761,6 +761,47 @@ class TieredStore:
         with self._lock:
             return self._tenant_bytes.get(tenant, 0)
 
+    def drop_local_copies(self, keys: Sequence[bytes] | None, deleted: bool = False) -> int:
+        """Forget this process's own copies (every tier not shared) of blocks that another instance
+        rewrote (or, ``deleted``, removed) in a shared tier, so the next read goes to the shared
+        tier. ``keys=None`` (announcements may have been missed): of every block known to be in a
+        shared tier that the shared tier still holds (it may hold other bytes now; a block it lost,
+        e.g. to a restart, keeps its local copies). Returns how many blocks lost a copy. Wired to
+        ``RedisTier.listen_invalidations``."""
+        with self._lock:
+            idx = self._index
+            shared = [t for t, st in enumerate(self._tiers) if st.tier.capabilities.shared]
+            shared_bits = sum(1 << t for t in shared)
+            if keys is None:
+                if not shared:
+                    return 0
+                by_spec: dict[int, list[bytes]] = {}
+                for k, slot in idx.live_items():
+                    if idx.residency(slot) & shared_bits and idx.residency(slot) & ~shared_bits:
+                        by_spec.setdefault(idx.spec_id(slot), []).append(k)
+                keys = []
+                for sid, ks in by_spec.items():
+                    held = self._tiers[shared[0]].tier.contains(ks, spec=self._specs[sid])
+                    keys += [k for k, h in zip(ks, held) if h]
+            n = 0
+            for key in keys:
+                slot = idx.slot(bytes(key))
+                if slot is None:
+                    continue
+                spec = self._specs[idx.spec_id(slot)]
+                dropped = False
+                for t, st in enumerate(self._tiers):
+                    if idx.slot(key) != slot or not idx.residency(slot) & (1 << t):
+                        continue
+                    if t not in shared:
+                        st.tier.remove([key], spec=spec)
+                        dropped = True
+                    elif not deleted:
+                        continue  # the shared tier holds the new bytes
+                    self._mark_removed(t, slot, key, spec)  # a deleted block: gone from the shared tier too
+                n += dropped
+            return n
+
     def flush_to_persistent(self, batch: int = 32) -> dict[str, int]:
         """Write every block that only volatile tiers (device, host) hold into the first persistent
         private tier (disk), parents before children, so that it is found again after a restart

@@ -25,7 +25,15 @@ Accounting (``capacity_bytes``, ``used_bytes``, ``stats().blocks/bytes``) is per
 approximate: it counts the frames *this* instance wrote and has not seen removed, expired or
 missing. Other instances sharing the Redis, Redis' own eviction (``maxmemory``) and TTL expiry
 are invisible to it until a read or a capacity check notices. ``capacity_bytes=None`` leaves the
-bound to Redis' ``maxmemory``.
+bound to Redis' ``maxmemory``. After Redis comes back from an outage, the accounting is checked
+against what Redis holds (one pipelined ``EXISTS`` per tracked key), so a Redis that restarted
+empty is not reported as still holding the old blocks.
+
+Coherence: instances sharing a Redis keep their own copies of blocks in faster tiers. With
+``publish_invalidations`` every ``SET`` and ``DEL`` is announced on ``kvtier:invalidate`` (in
+the same pipeline), and ``listen_invalidations`` hands other instances' announcements to a
+callback (``TieredStore.drop_local_copies``), so an instance drops a block that another deleted
+or rewrote within the delivery time of a Redis pub/sub message.
 """
 
 from __future__ import annotations
@@ -54,6 +62,7 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 KEY_PREFIX = "kvtier"
+INVALIDATION_CHANNEL = b"kvtier:invalidate"  # "S"|"D" + 8-byte instance id + redis keys joined by "\n"
 # RedisError covers ConnectionError, TimeoutError, ClusterDownError, SlotNotCoveredError and
 # server replies such as NOAUTH or LOADING; RedisClusterException (not a RedisError) is what the
 # cluster client raises when no node answers; OSError covers TLS and socket errors that escape
@@ -175,6 +184,7 @@ class RedisTier(TierBase):
         retry_interval_s: float = 1.0,
         ssl_ca_certs: str | os.PathLike | None = None,
         max_connections: int = 64,
+        publish_invalidations: bool = False,
     ) -> None:
         self._tls, self._cluster, self._url = _parse_url(url)
         if not isinstance(name, str) or not name:
@@ -225,6 +235,10 @@ class RedisTier(TierBase):
         self._announced = False  # a warning said so, and no "reachable again" followed yet
         self._last_warn = -math.inf
         self._degraded_since_warn = 0
+        # coherence across instances (see the module docstring): every SET and DEL is announced
+        self.publish_invalidations = bool(publish_invalidations)
+        self.instance_id = os.urandom(8)
+        self._listener: threading.Thread | None = None
 
     def __repr__(self) -> str:
         kind = "cluster" if self._cluster else "node"
@@ -281,9 +295,11 @@ class RedisTier(TierBase):
                 batch.append(i)
                 batch_bytes += len(frame)
                 if batch_bytes >= _PIPELINE_BYTES:
+                    self._announce(pipe, b"S", [rkeys[j] for j in batch])
                     self._settle_puts(batch, pipe.execute(raise_on_error=False), reserved, sizes)
                     batch, batch_bytes = [], 0
             if batch:
+                self._announce(pipe, b"S", [rkeys[j] for j in batch])
                 self._settle_puts(batch, pipe.execute(raise_on_error=False), reserved, sizes)
 
         try:
@@ -375,11 +391,80 @@ class RedisTier(TierBase):
         with self._client_lock:
             self._closed = True
             client, self._client = self._client, None
+        if self._listener is not None:
+            self._listener.join(timeout=3)
         if client is not None:
             try:
                 client.close()
             except _BACKEND_ERRORS:
                 pass
+
+    # -- coherence across instances ----------------------------------------------------------
+    def _announce(self, pipe, kind: bytes, rkeys: list[bytes]) -> None:
+        """Queue a PUBLISH of ``kind`` (S: written, D: deleted) for ``rkeys`` on ``pipe``."""
+        if not self.publish_invalidations or not rkeys:
+            return
+        message = kind + self.instance_id + b"\n".join(rkeys)
+        if self._cluster:  # a cluster pipeline routes by key; PUBLISH has none: send it on its own
+            try:
+                self._get_client().publish(INVALIDATION_CHANNEL, message)
+            except _BACKEND_ERRORS as e:
+                self._failed(e)
+        else:
+            pipe.publish(INVALIDATION_CHANNEL, message)
+
+    def listen_invalidations(self, handler: Callable[[list[bytes] | None, bool], None]) -> None:
+        """Call ``handler(keys, deleted)`` (in a background thread) for blocks other instances wrote
+        (``deleted`` False: an overwrite) or deleted in this Redis, as announced by their
+        ``publish_invalidations``; ``handler(None, False)`` when the subscription was broken and is
+        back (messages may have been missed meanwhile). Own announcements are skipped."""
+        if self._listener is not None:
+            raise RuntimeError("listen_invalidations was called already")
+        self._listener = threading.Thread(target=self._listen, args=(handler,), name=f"kvtier-{self.name}-invalidations",
+                                          daemon=True)
+        self._listener.start()
+
+    def _listen(self, handler) -> None:
+        connected_before = False
+        while not self._closed:
+            pubsub = None
+            try:
+                if self._cluster:
+                    pubsub = self._get_client().pubsub()
+                else:
+                    opts = {k: v for k, v in self._client_opts.items()
+                            if k in ("socket_connect_timeout", "ssl_ca_certs")}
+                    pubsub = redis.Redis.from_url(self._url, socket_timeout=self.retry_interval_s + 5,
+                                                  health_check_interval=5, **opts).pubsub(ignore_subscribe_messages=True)
+                pubsub.subscribe(INVALIDATION_CHANNEL)
+                if connected_before:  # a gap: whatever was announced meanwhile is unknown; Redis may have restarted
+                    handler(None, False)
+                    self._reconcile_quietly()
+                connected_before = True
+                while not self._closed:
+                    msg = pubsub.get_message(timeout=1.0)
+                    if msg is None or msg.get("type") != "message":
+                        continue
+                    data = msg["data"]
+                    if len(data) < 9 or data[1:9] == self.instance_id or data[:1] not in (b"S", b"D"):
+                        continue
+                    keys = []
+                    for rkey in data[9:].split(b"\n"):
+                        try:
+                            keys.append(bytes.fromhex(rkey.rsplit(b":", 1)[-1].decode()))
+                        except ValueError:
+                            continue
+                    handler([k for k in keys if len(k) == 32], data[:1] == b"D")
+            except _BACKEND_ERRORS:
+                time.sleep(max(0.1, self.retry_interval_s))
+            except Exception:  # the handler failed: a bug, logged; listening goes on
+                log.exception("redis tier %s: invalidation handler failed", self.name)
+            finally:
+                if pubsub is not None:
+                    try:
+                        pubsub.close()
+                    except Exception:
+                        pass
 
     # -- accounting ------------------------------------------------------------------------
     def _reserve(self, rkey: bytes, nbytes: int) -> int | None:
@@ -427,7 +512,14 @@ class RedisTier(TierBase):
 
     # -- Redis -----------------------------------------------------------------------------
     def _delete(self, rkeys: list[bytes]) -> int:
-        replies = self._call(lambda c: self._pipelined(c, "DEL", rkeys))
+        def send(client):
+            pipe = client.pipeline(transaction=False)
+            for rkey in rkeys:
+                pipe.execute_command("DEL", rkey)
+            self._announce(pipe, b"D", rkeys)
+            return pipe.execute(raise_on_error=False)[: len(rkeys)]
+
+        replies = self._call(send)
         if replies is _DOWN:
             return 0
         n = 0
@@ -520,17 +612,47 @@ class RedisTier(TierBase):
                     "retry every %.1fs (%d call(s) degraded before this message)", self.name, self._where,
                     type(error).__name__, error, self.retry_interval_s, degraded)
 
+    def reconcile(self, batch: int = 1000) -> int:
+        """Forget the blocks this instance counts but Redis no longer holds (restarted empty,
+        flushed, evicted); returns how many. Runs by itself after Redis comes back from a fault."""
+        with self._lock:
+            tracked = list(self._sizes.items())
+        gone = 0
+        for i in range(0, len(tracked), batch):
+            part = tracked[i: i + batch]
+            replies = self._call(lambda c: self._pipelined(c, "EXISTS", [k for k, _ in part]))
+            if replies is _DOWN:
+                return gone
+            with self._lock:
+                for (rkey, entry), r in zip(part, replies):
+                    if r == 0 and self._sizes.get(rkey) == entry:  # unchanged since the snapshot
+                        self._forget(rkey)
+                        gone += 1
+        if gone:
+            log.warning("redis tier %s: %d block(s) this instance wrote are no longer in Redis (restarted or flushed)",
+                        self.name, gone)
+        return gone
+
     def _recovered(self) -> None:
         with self._lock:
             if not self._failing:
                 return
             self._failing = False
+            if not self._closed:  # Redis may have come back empty: check the accounting, off the caller's path
+                threading.Thread(target=self._reconcile_quietly, name=f"kvtier-{self.name}-reconcile", daemon=True).start()
             if not self._announced:  # a flap inside the warning interval: stay quiet
                 return
             self._announced = False
             degraded, self._degraded_since_warn = self._degraded_since_warn, 0
         log.warning("redis tier %s: Redis at %s is reachable again (%d call(s) degraded meanwhile)",
                     self.name, self._where, degraded)
+
+
+    def _reconcile_quietly(self) -> None:
+        try:
+            self.reconcile()
+        except Exception:  # closed meanwhile, or a bug: the accounting stays approximate
+            log.debug("redis tier %s: reconcile failed", self.name, exc_info=True)
 
 
 def _is_foreign(reply) -> bool:

@@ -316,3 +316,74 @@ def test_full_disk_refuses_puts_instead_of_dropping_them():
         assert srv.data_dir not in r.text  # /readyz is public: no paths
     finally:
         srv.stop()
+
+
+# -- 9, 10: two instances over one Redis stay coherent; a Redis restarted empty is seen as empty -
+def _until(pred, timeout_s: float = 5.0) -> bool:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if pred():
+            return True
+        time.sleep(0.05)
+    return pred()
+
+
+@pytest.mark.redis
+def test_two_instances_drop_copies_another_deleted_or_rewrote(fresh_redis_server):
+    env = {"KVTIER_REDIS_URL": fresh_redis_server.url}
+    a_srv, b_srv = ServiceProcess(env), ServiceProcess(env)
+    try:
+        with KVTierClient(a_srv.url) as a, KVTierClient(b_srv.url) as b:
+            model = a.register_spec(TINY)
+            assert b.register_spec(TINY) == model
+            keys = _keys(3, "coherent")
+            old, new = _blocks(3, seed=1), _blocks(3, seed=2)
+            assert a.put(model, keys, old) == [True] * 3
+            assert all(torch.equal(g, x) for g, x in zip(b.get(model, keys), old))  # B now holds copies of its own
+            assert b.stats()["tiers"][0]["blocks"] == 3  # in B's device tier
+
+            # the report: delete through A, B kept serving its copies
+            assert a.delete(model, keys) == 3
+            assert _until(lambda: b.get(model, keys) == [None] * 3)
+            assert b.lookup(model, hashes=keys).num_blocks == 0
+            # ... and after A put other bytes under the same keys, B served the old ones
+            assert a.put(model, keys, new) == [True] * 3
+            assert _until(lambda: all(g is not None and torch.equal(g, x) for g, x in zip(b.get(model, keys), new)))
+
+            # an overwrite through B reaches A's copies too
+            assert all(torch.equal(g, x) for g, x in zip(a.get(model, keys), new))
+            assert b.delete(model, keys) == 3
+            assert b.put(model, keys, old) == [True] * 3
+            assert _until(lambda: all(g is not None and torch.equal(g, x) for g, x in zip(a.get(model, keys), old)))
+    finally:
+        a_srv.stop()
+        b_srv.stop()
+
+
+@pytest.mark.redis
+def test_redis_restarted_empty_is_not_counted_as_full(fresh_redis_server):
+    redis = fresh_redis_server
+    srv = ServiceProcess({"KVTIER_REDIS_URL": redis.url, "KVTIER_REDIS_RETRY_INTERVAL_S": "0.2",
+                          "KVTIER_REDIS_SOCKET_TIMEOUT_S": "0.5", "KVTIER_API_KEYS": json.dumps(KEYS),
+                          "KVTIER_ADMIN_KEY": "admin-key-0123456789"})
+    admin = _h("admin-key-0123456789")
+
+    def redis_blocks() -> int:
+        return next(t for t in httpx.get(srv.url + "/v1/stats", headers=admin).json()["tiers"] if t["name"] == "redis")["blocks"]
+
+    try:
+        with KVTierClient(srv.url, KEY_A) as a:
+            model = a.register_spec(TINY)
+            for i in range(10):
+                assert a.put(model, _keys(1, f"restart-{i}"), _blocks(1, seed=i)) == [True]
+        assert redis_blocks() == 10
+        redis.stop()
+        r = httpx.get(srv.url + "/readyz")  # public: no address of the Redis in the answer
+        assert r.status_code == 503 and r.json()["status"] == "degraded"
+        assert r.json()["tiers"]["redis"].startswith("unreachable") and "127.0.0.1" not in r.text and str(redis.port) not in r.text
+        redis.start()  # empty: no persistence
+        with KVTierClient(srv.url, KEY_A) as a:  # any call notices Redis is back; the accounting is checked
+            assert _until(lambda: a.lookup(model, hashes=_keys(1, "restart-0")) is not None and redis_blocks() == 0)
+        assert httpx.get(srv.url + "/readyz").status_code == 200
+    finally:
+        srv.stop()
