@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 
 from kvstore import DeviceTier, DiskTier, HostTier, KVSpec, TierConfig, TieredStore
+from kvstore.crypto import FrameCipher
 
 from .settings import Settings
 
@@ -38,6 +39,8 @@ class ServiceDeviceTier(DeviceTier):
 
 def build_store(settings: Settings) -> TieredStore:
     s = settings
+    key = s.encryption_key_bytes()
+    cipher = None if key is None else FrameCipher(key)  # disk and Redis: the tiers whose bytes leave the process
     marks = dict(high_watermark=s.high_watermark, low_watermark=s.low_watermark)
     tiers: list[TierConfig] = []
     if s.device_capacity_bytes:
@@ -47,7 +50,7 @@ def build_store(settings: Settings) -> TieredStore:
         tiers.append(TierConfig(HostTier(s.host_capacity_bytes, codec=s.host_codec), policy=s.host_policy, **marks))
     if s.disk_capacity_bytes:
         disk = DiskTier(blocks_dir(s), s.disk_capacity_bytes, codec=s.disk_codec, fsync=s.disk_fsync,
-                        min_free_bytes=s.disk_min_free_bytes)
+                        min_free_bytes=s.disk_min_free_bytes, cipher=cipher)
         tiers.append(TierConfig(disk, policy=s.disk_policy, write_through=s.disk_write_through and bool(tiers), **marks))
     if s.redis_url:
         from kvstore.tiers.redis import RedisTier
@@ -56,7 +59,7 @@ def build_store(settings: Settings) -> TieredStore:
             s.redis_url, codec=s.redis_codec, capacity_bytes=s.redis_capacity_bytes, ttl_s=s.redis_ttl_s,
             socket_timeout_s=s.redis_socket_timeout_s, retry_interval_s=s.redis_retry_interval_s,
             ssl_ca_certs=s.redis_ssl_ca_certs, max_connections=s.redis_max_connections,
-            publish_invalidations=s.redis_invalidation,
+            publish_invalidations=s.redis_invalidation, cipher=cipher,
         )
         # the first tier is written by every put anyway; write-through is for tiers below it
         tiers.append(TierConfig(redis_tier, policy=s.redis_policy, write_through=s.redis_write_through and bool(tiers), **marks))

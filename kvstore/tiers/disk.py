@@ -31,10 +31,11 @@ class DiskTier(TierBase):
     capabilities = TierCapabilities(device="disk", persistent=True, shared=False, framed=True)
 
     def __init__(self, root: str | os.PathLike, capacity_bytes: int, *, codec: str | Codec = "identity", name: str = "disk",
-                 fsync: bool = False, min_free_bytes: int = 0) -> None:
+                 fsync: bool = False, min_free_bytes: int = 0, cipher=None) -> None:
         """``min_free_bytes``: while the filesystem has less free space, ``put`` stores nothing
         (every block refused, ``low_space`` set): a full disk refuses cleanly instead of failing
-        writes half-way."""
+        writes half-way. ``cipher``: a ``kvstore.crypto.FrameCipher`` that encrypts every file
+        (files it cannot open are misses, deleted and counted as corrupt)."""
         if capacity_bytes is None:
             raise ValueError("DiskTier needs a capacity_bytes")
         if isinstance(min_free_bytes, bool) or not isinstance(min_free_bytes, int) or min_free_bytes < 0:
@@ -44,6 +45,7 @@ class DiskTier(TierBase):
         self.root.mkdir(parents=True, exist_ok=True)
         self.fsync = bool(fsync)
         self.min_free_bytes = min_free_bytes
+        self.cipher = cipher
         self.low_space = False  # the last put found less than min_free_bytes free
         # key -> (spec fp8, file size). Rebuilt from the directory listing on open.
         self._files: dict[bytes, tuple[str, int]] = {}
@@ -113,6 +115,8 @@ class DiskTier(TierBase):
             codec = codec_for_block(self.codec, bool(first[i])) if first is not None else self.codec
             payload, meta = codec.encode(block, spec)
             frame = encode_frame(key, spec, codec.name, meta, spec.block_shape, spec.dtype, payload)
+            if self.cipher is not None:
+                frame = self.cipher.seal(key, frame)
             with self._lock:
                 if not self._fits(len(frame)):
                     self._stats.refused += 1
@@ -190,6 +194,8 @@ class DiskTier(TierBase):
                 result.append(None)
                 continue
             try:
+                if self.cipher is not None:
+                    buf = self.cipher.open(key, buf)
                 frame = decode_frame(buf, expect_key=key, expect_spec=spec)
                 codec = self.codec if frame.codec == self.codec.name else get_codec(frame.codec)
                 block = codec.decode(frame.data, frame.codec_meta, spec, out=out[i] if out is not None else None)

@@ -185,6 +185,7 @@ class RedisTier(TierBase):
         ssl_ca_certs: str | os.PathLike | None = None,
         max_connections: int = 64,
         publish_invalidations: bool = False,
+        cipher=None,
     ) -> None:
         self._tls, self._cluster, self._url = _parse_url(url)
         if not isinstance(name, str) or not name:
@@ -237,6 +238,7 @@ class RedisTier(TierBase):
         self._degraded_since_warn = 0
         # coherence across instances (see the module docstring): every SET and DEL is announced
         self.publish_invalidations = bool(publish_invalidations)
+        self.cipher = cipher  # kvstore.crypto.FrameCipher: every value encrypted, unopenable ones are corrupt
         self.instance_id = os.urandom(8)
         self._listener: threading.Thread | None = None
 
@@ -287,6 +289,8 @@ class RedisTier(TierBase):
                 c = codec_for_block(codec, bool(first[i])) if first is not None else codec
                 payload, meta = c.encode(block, spec)
                 frame = encode_frame(bytes(key), spec, c.name, meta, spec.block_shape, spec.dtype, payload)
+                if self.cipher is not None:
+                    frame = self.cipher.seal(bytes(key), frame)
                 delta = self._reserve(rkeys[i], len(frame))
                 if delta is None:
                     continue  # refused for lack of room: sizes[i] stays 0
@@ -345,6 +349,8 @@ class RedisTier(TierBase):
                     fault = buf
                 continue
             try:
+                if self.cipher is not None:
+                    buf = self.cipher.open(keys[i], buf)
                 frame = decode_frame(buf, expect_key=keys[i], expect_spec=spec)
                 codec = self._codec_named(frame.codec)
                 result[i] = codec.decode(frame.data, frame.codec_meta, spec, out=None if out is None else out[i])

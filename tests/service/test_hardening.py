@@ -387,3 +387,62 @@ def test_redis_restarted_empty_is_not_counted_as_full(fresh_redis_server):
         assert httpx.get(srv.url + "/readyz").status_code == 200
     finally:
         srv.stop()
+
+
+# -- TLS for REST and gRPC; encryption at rest through the service ------------------------------
+def _self_signed(directory) -> tuple[str, str]:
+    import datetime
+    import ipaddress
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "kvtier-test")])
+    now = datetime.datetime.now(datetime.timezone.utc)
+    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
+            .serial_number(x509.random_serial_number()).not_valid_before(now - datetime.timedelta(minutes=5))
+            .not_valid_after(now + datetime.timedelta(days=1))
+            .add_extension(x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1")),
+                                                        x509.DNSName("localhost")]), critical=False)
+            .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+            .sign(key, hashes.SHA256()))
+    cert_path, key_path = f"{directory}/cert.pem", f"{directory}/key.pem"
+    with open(cert_path, "wb") as f:
+        f.write(cert.public_bytes(serialization.Encoding.PEM))
+    with open(key_path, "wb") as f:
+        f.write(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()))
+    return cert_path, key_path
+
+
+def test_tls_for_rest_and_grpc_and_encryption_at_rest(tmp_path):
+    cert, key = _self_signed(tmp_path)
+    secret = "11" * 32
+    srv = ServiceProcess({"KVTIER_TLS_CERT": cert, "KVTIER_TLS_KEY": key, "KVTIER_ENCRYPTION_KEY": secret,
+                          "KVTIER_DEVICE_CAPACITY_BYTES": "0", "KVTIER_HOST_CAPACITY_BYTES": "0"}, grpc=True)
+    try:
+        assert srv.url.startswith("https://")
+        with pytest.raises(httpx.HTTPError):
+            httpx.get(srv.url.replace("https://", "http://") + "/healthz", timeout=3)  # no plaintext HTTP
+        with pytest.raises(httpx.HTTPError):
+            httpx.get(srv.url + "/healthz", timeout=3)  # a client that does not trust the certificate
+        keys, data = _keys(2, "tls"), _blocks(2, seed=9)
+        with KVTierClient(srv.url, verify=cert) as c:
+            model = c.register_spec(TINY)
+            assert c.put(model, keys, data) == [True, True]  # disk is the only tier: encrypted files
+        with KVTierGrpcClient(srv.grpc_target, root_certificates=open(cert, "rb").read(), retries=0) as g:
+            assert g.register_spec(TINY) == model
+            assert all(torch.equal(x, y) for x, y in zip(g.get(model, keys), data))
+        with KVTierGrpcClient(srv.grpc_target, retries=0, timeout=3) as plain:
+            with pytest.raises(KVTierError) as e:  # a plaintext channel gets nowhere
+                plain.register_spec(TINY)
+            assert e.value.status == 503
+        from pathlib import Path
+
+        files = list((Path(srv.data_dir) / "blocks").rglob("*.kvf"))
+        assert len(files) == 2
+        assert all(f.read_bytes().startswith(b"KVTE1") and data[0].numpy().tobytes()[:64] not in f.read_bytes() for f in files)
+    finally:
+        srv.stop()
