@@ -43,9 +43,9 @@ from bench.common import ROOT, free_port, md_table, save_results  # noqa: E402
 import httpx  # noqa: E402
 import torch  # noqa: E402
 
-from kvstore import KVSpec, Namespace, chain_hashes  # noqa: E402
-from service.client import KVTierClient, KVTierError  # noqa: E402
-from service.grpc_client import KVTierGrpcClient  # noqa: E402
+from kvtier.kvstore import KVSpec, Namespace, chain_hashes  # noqa: E402
+from kvtier.service.client import KVTierClient, KVTierError  # noqa: E402
+from kvtier.service.grpc_client import KVTierGrpcClient  # noqa: E402
 
 SPEC = KVSpec("soak", num_layers=4, num_kv_heads=2, head_dim=64, dtype="float16", block_tokens=32)  # 64 KiB blocks
 KEYS = {"soak-key-tenant-a": "alpha", "soak-key-tenant-b": "beta", "soak-key-tenant-c": "gamma"}
@@ -111,7 +111,7 @@ class Service:
         self.start()
 
     def start(self, timeout_s: float = 60) -> None:
-        self.proc = subprocess.Popen([sys.executable, "-m", "service.cli", "serve"], cwd=ROOT, env=self.env,
+        self.proc = subprocess.Popen([sys.executable, "-m", "kvtier.service.cli", "serve"], cwd=ROOT, env=self.env,
                                      stdout=self.log, stderr=subprocess.STDOUT)
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
@@ -288,7 +288,7 @@ def verify(svc: Service, ledger: Ledger) -> dict:
                         out["lost"] += 1
                         if os.environ.get("SOAK_DEBUG"):
                             import redis as _r
-                            from service.tenancy import KeySpace
+                            from kvtier.service.tenancy import KeySpace
                             sk = KeySpace(t).storage_key(k)
                             rk = f"kvtier:{SPEC.fp8}:{sk.hex()}"
                             print("lost", t, k.hex()[:12], "versions:", len(ledger.history.get((t, k), ())), "redis:",
@@ -308,7 +308,7 @@ def verify(svc: Service, ledger: Ledger) -> dict:
                 out["stale_deleted"] += 1
                 if os.environ.get("SOAK_DEBUG"):
                     import redis as _r
-                    from service.tenancy import KeySpace
+                    from kvtier.service.tenancy import KeySpace
                     sk = KeySpace(t).storage_key(k)
                     rk = f"kvtier:{SPEC.fp8}:{sk.hex()}"
                     print("resurrected", t, k.hex()[:12], "redis:", _r.Redis.from_url(os.environ["SOAK_REDIS"]).exists(rk),

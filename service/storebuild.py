@@ -12,8 +12,8 @@ import os
 import time
 from pathlib import Path
 
-from kvstore import DeviceTier, DiskTier, HostTier, KVSpec, TierConfig, TieredStore
-from kvstore.crypto import FrameCipher
+from kvtier.kvstore import DeviceTier, DiskTier, HostTier, KVSpec, TierConfig, TieredStore
+from kvtier.kvstore.crypto import FrameCipher
 
 from .settings import Settings
 
@@ -53,7 +53,7 @@ def build_store(settings: Settings) -> TieredStore:
                         min_free_bytes=s.disk_min_free_bytes, cipher=cipher)
         tiers.append(TierConfig(disk, policy=s.disk_policy, write_through=s.disk_write_through and bool(tiers), **marks))
     if s.redis_url:
-        from kvstore.tiers.redis import RedisTier
+        from kvtier.kvstore.tiers.redis import RedisTier
 
         redis_tier = RedisTier(
             s.redis_url, codec=s.redis_codec, capacity_bytes=s.redis_capacity_bytes, ttl_s=s.redis_ttl_s,

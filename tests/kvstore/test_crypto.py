@@ -8,9 +8,9 @@ import os
 import pytest
 import torch
 
-from kvstore import DiskTier, KVSpec, Namespace, chain_hashes
-from kvstore.crypto import OVERHEAD, FrameCipher
-from kvstore.frames import FrameError
+from kvtier.kvstore import DiskTier, KVSpec, Namespace, chain_hashes
+from kvtier.kvstore.crypto import OVERHEAD, FrameCipher
+from kvtier.kvstore.frames import FrameError
 
 SPEC = KVSpec("crypt", num_layers=2, num_kv_heads=2, head_dim=16, dtype="float16", block_tokens=16)
 
@@ -75,7 +75,7 @@ def test_disk_tier_encrypts_and_tampered_files_are_misses(tmp_path):
 
 @pytest.mark.redis
 def test_redis_tier_encrypts_and_tampered_values_are_misses(redis_url, redis_server):
-    from kvstore.tiers.redis import RedisTier
+    from kvtier.kvstore.tiers.redis import RedisTier
 
     cipher = FrameCipher(os.urandom(32))
     tier = RedisTier(redis_url, cipher=cipher)

@@ -16,10 +16,10 @@ import httpx
 import pytest
 import torch
 
-from kvstore import KVSpec, Namespace, chain_hashes
-from service.client import KVTierClient, KVTierError
-from service.grpc_client import KVTierGrpcClient, _put_msgs
-from service.client import encode_frames
+from kvtier.kvstore import KVSpec, Namespace, chain_hashes
+from kvtier.service.client import KVTierClient, KVTierError
+from kvtier.service.grpc_client import KVTierGrpcClient, _put_msgs
+from kvtier.service.client import encode_frames
 
 from .conftest import KEYS, TINY
 from .server import ServiceProcess
