@@ -190,7 +190,8 @@ class Worker(threading.Thread):
                     self.model = c.register_spec(SPEC)
                 self.step(c)
             except KVTierError as e:
-                self.in_doubt()
+                if not (e.code == "UNAVAILABLE" and "connect" in e.message.lower()):  # never sent: no doubt
+                    self.in_doubt()
                 down = self.transport == "grpc" and e.code == "UNAVAILABLE"  # connection refused while kvtier restarts
                 if e.status >= 500 and not down:
                     self.ledger.count("5xx")
@@ -198,8 +199,9 @@ class Worker(threading.Thread):
                 else:
                     self.ledger.count("unavailable")  # kvtier down or restarting (connection refused, 503 UNAVAILABLE)
                     time.sleep(0.05)
-            except (httpx.HTTPError, OSError):
-                self.in_doubt()
+            except (httpx.HTTPError, OSError) as e:
+                if not isinstance(e, httpx.ConnectError):  # a refused connection sent nothing: no doubt
+                    self.in_doubt()
                 self.ledger.count("unavailable")
                 time.sleep(0.05)
         c.close()

@@ -671,15 +671,23 @@ class TieredStore:
         keys = check_keys(keys)
         n = 0
         with self._lock:
+            shared = [st for st in self._tiers if st.tier.capabilities.shared]
+            unknown_in_shared: list[bytes] = []  # what this process does not know a shared tier to hold may be there
             for key in keys:
                 slot = self._index.slot(key)
                 if slot is not None and self._index.residency(slot):
+                    had = self._index.residency(slot)
                     self._remove_everywhere(slot, key)
                     n += 1
+                    if any(not had & (1 << self._tiers.index(st)) for st in shared):
+                        unknown_in_shared.append(key)  # e.g. written by this instance before a restart
                 else:
                     for st in self._tiers:
                         if st.tier.capabilities.shared:
                             n += bool(st.tier.remove([key], spec=spec))
+            if unknown_in_shared:
+                for st in shared:
+                    st.tier.remove(unknown_in_shared, spec=spec)
             return n
 
     # -- pins ------------------------------------------------------------------------------

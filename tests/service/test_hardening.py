@@ -446,3 +446,23 @@ def test_tls_for_rest_and_grpc_and_encryption_at_rest(tmp_path):
         assert all(f.read_bytes().startswith(b"KVTE1") and data[0].numpy().tobytes()[:64] not in f.read_bytes() for f in files)
     finally:
         srv.stop()
+
+
+@pytest.mark.redis
+def test_delete_after_a_restart_reaches_redis(fresh_redis_server):
+    srv = ServiceProcess({"KVTIER_REDIS_URL": fresh_redis_server.url})
+    try:
+        with KVTierClient(srv.url) as c:
+            model = c.register_spec(TINY)
+            keys = _keys(2, "restart-delete")
+            assert c.put(model, keys, _blocks(2)) == [True, True]
+        srv.stop()
+        srv.start()  # the new process knows these blocks from its disk tier only
+        with KVTierClient(srv.url) as c:
+            assert c.register_spec(TINY) == model
+            assert c.delete(model, keys) == 2
+            with fresh_redis_server.client() as r:
+                assert sum(1 for _ in r.scan_iter(match=b"kvtier:*:*")) == 0  # the Redis copies went too
+            assert c.get(model, keys) == [None, None]
+    finally:
+        srv.stop()
