@@ -58,8 +58,7 @@ def serve(args) -> int:
         log.warning("OPEN MODE: no API keys configured (KVTIER_API_KEYS / KVTIER_ADMIN_KEY): every caller is admin of the "
                     "default tenant; serving on %s only", settings.host)
     app = create_app(settings)
-    http_protocol, guard = guarded_http_protocol(settings)
-    app.state.connections = guard
+    http_protocol, guard = guarded_http_protocol(settings, app.state.transport_stats)
     tls = {} if settings.tls_cert is None else dict(ssl_certfile=str(settings.tls_cert), ssl_keyfile=str(settings.tls_key))
     config = uvicorn.Config(
         app, host=settings.host, port=settings.port, log_level=settings.log_level, access_log=False,

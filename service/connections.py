@@ -20,6 +20,7 @@ import asyncio
 import json
 import logging
 import time
+from dataclasses import dataclass
 
 from .settings import Settings
 
@@ -30,17 +31,26 @@ _REFUSED = (b"HTTP/1.1 503 Service Unavailable\r\ncontent-type: application/json
             b"retry-after: 1\r\ncontent-length: %d\r\n\r\n%s")
 
 
+@dataclass
+class TransportStats:
+    """What the guards refused or cut, for ``/metrics``."""
+
+    connections_refused: int = 0  # answered 503 and closed (per-address cap, or max_connections with none idle)
+    header_timeouts: int = 0  # closed for not sending a request's headers in time
+    idle_evicted: int = 0  # idle connections closed to make room at max_connections
+    overloaded: int = 0  # requests answered 503 at limit_concurrency
+    body_timeouts: int = 0  # requests answered 408 (stalled body)
+
+
 class ConnectionGuard:
     """Shared state of one server's connections (counts per address, refusals, timeouts)."""
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, stats: TransportStats | None = None) -> None:
         self.header_timeout_s = settings.header_timeout_s
         self.max_connections = settings.max_connections
         self.max_per_client = settings.max_connections_per_client
         self.per_client: dict[str, int] = {}
-        self.refused = 0  # connections answered 503 and closed (per-address cap, or no idle one to close)
-        self.header_timeouts = 0  # connections closed for not sending headers in time
-        self.evicted_idle = 0  # idle connections closed to make room at max_connections
+        self.stats = stats or TransportStats()
 
 
 def _refusal(message: str) -> bytes:
@@ -66,7 +76,7 @@ class _GuardMixin:
         self._arm_header_timer()
 
     def _refuse(self, message: str) -> None:
-        self.guard.refused += 1
+        self.guard.stats.connections_refused += 1
         self.transport.write(_refusal(message))
         self.transport.close()
 
@@ -79,7 +89,7 @@ class _GuardMixin:
         if not idle:
             return False
         victim = min(idle, key=lambda c: c._guard_since)
-        self.guard.evicted_idle += 1
+        self.guard.stats.idle_evicted += 1
         victim.transport.close()
         return True
 
@@ -94,7 +104,7 @@ class _GuardMixin:
         self._guard_timer = None
         # no request's headers arrived since the timer was armed (a request in progress is never cut)
         if self.cycle is self._guard_cycle and self._waiting_for_headers() and not self.transport.is_closing():
-            self.guard.header_timeouts += 1
+            self.guard.stats.header_timeouts += 1
             self.transport.close()
 
     def on_response_complete(self) -> None:
@@ -117,11 +127,11 @@ class _GuardMixin:
         super().connection_lost(exc)
 
 
-def guarded_http_protocol(settings: Settings) -> tuple[type, ConnectionGuard]:
+def guarded_http_protocol(settings: Settings, stats: TransportStats | None = None) -> tuple[type, ConnectionGuard]:
     """uvicorn's HTTP protocol class (httptools when installed, else h11) with the guard, and its state."""
     from uvicorn.protocols.http.auto import AutoHTTPProtocol
 
-    guard = ConnectionGuard(settings)
+    guard = ConnectionGuard(settings, stats)
     cls = type("GuardedHTTPProtocol", (_GuardMixin, AutoHTTPProtocol), {"guard": guard})
     return cls, guard
 
@@ -133,19 +143,18 @@ class _BodyTimeout(Exception):
 class RequestGuard:
     """ASGI middleware: the request cap (health paths exempt) and the body read timeout."""
 
-    def __init__(self, app, settings: Settings) -> None:
+    def __init__(self, app, settings: Settings, stats: TransportStats | None = None) -> None:
         self.app = app
         self.limit = settings.limit_concurrency
         self.body_timeout_s = settings.body_timeout_s
         self.in_progress = 0
-        self.overloaded = 0  # requests answered 503 at the cap
-        self.body_timeouts = 0
+        self.stats = stats or TransportStats()
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         if self.limit is not None and self.in_progress >= self.limit and scope["path"] not in HEALTH_PATHS:
-            self.overloaded += 1
+            self.stats.overloaded += 1
             return await _send_json(send, 503, {"error": {"code": "overloaded", "message": f"{self.limit} requests are in "
                                     "progress (limit_concurrency); retry shortly", "field": None}},
                                     [(b"retry-after", b"1")])
@@ -186,7 +195,7 @@ class RequestGuard:
             self.in_progress -= 1
 
     async def _send_timeout(self, send) -> None:
-        self.body_timeouts += 1
+        self.stats.body_timeouts += 1
         await _send_json(send, 408, {"error": {"code": "timeout", "message": f"the request body stalled for more than "
                                      f"{self.body_timeout_s:g}s (body_timeout_s)", "field": "body"}},
                          [(b"connection", b"close")])

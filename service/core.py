@@ -58,6 +58,7 @@ class KVService:
         # reused buffers for upload bodies (idle ones bounded)
         self.buffers = BufferPool(min(settings.max_request_bytes, 256 << 20))
         self.rate = TenantRateLimiter(settings.tenant_requests_per_s, settings.tenant_burst)
+        self.transport_stats = None  # the REST app's connection and request guards (connections.TransportStats)
         self._keyspaces: dict[str, KeySpace] = {}
         self._lock = threading.Lock()
         self._leases: dict[int, LeaseInfo] = {}

@@ -29,7 +29,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 
 from . import wire
-from .connections import RequestGuard
+from .connections import RequestGuard, TransportStats
 from .core import KVService, open_service, parse_client_key
 from .errors import BadRequest, Forbidden, PayloadTooLarge, ServiceError, Unauthorized, UnsupportedMediaType
 from .limits import RateLimited, TenantRateLimiter
@@ -487,9 +487,12 @@ def create_app(settings: Settings | None = None, service: KVService | None = Non
     bearer = HTTPBearer(auto_error=False, description="Authorization: Bearer <api key>")
     api_key_header = APIKeyHeader(name="X-API-Key", auto_error=False, description="or X-API-Key: <api key>")
 
+    transport_stats = TransportStats()  # what the connection and request guards refused (for /metrics)
+
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         svc = service or await run_in_threadpool(open_service, settings, Metrics)
+        svc.transport_stats = transport_stats
         if svc.metrics is None:
             svc.metrics = Metrics(svc)
         app.state.svc = svc
@@ -546,7 +549,8 @@ def create_app(settings: Settings | None = None, service: KVService | None = Non
 
     # -- metrics of every request (pure ASGI: no extra task per request) ---------------------
     app.add_middleware(FastLookup, settings=settings, auth=auth)
-    app.add_middleware(RequestGuard, settings=settings)  # the request cap (health exempt) and the body read timeout
+    app.state.transport_stats = transport_stats
+    app.add_middleware(RequestGuard, settings=settings, stats=transport_stats)  # the request cap (health exempt) and the body read timeout
     app.add_middleware(CatchAll)  # a bug is a 500 logged at most every few seconds, never a re-raised traceback
     app.add_middleware(Observe)
 

@@ -217,6 +217,9 @@ def test_idle_connections_do_not_take_rest_down():
                     pass
             except socket.timeout:
                 pytest.fail("an idle connection outlived header_timeout_s")
+        metrics = httpx.get(srv.url + "/metrics").text
+        for name in ("kvtier_connections_refused_total", "kvtier_header_timeouts_total", "kvtier_idle_evicted_total"):
+            assert float(next(x for x in metrics.splitlines() if x.startswith(name)).split()[-1]) >= 1, name
 
     finally:
         for s in idle:
@@ -250,7 +253,9 @@ def test_stalled_body_times_out_and_a_client_gone_mid_upload_is_no_500():
             s.close()
         time.sleep(0.5)
         metrics = httpx.get(srv.url + "/metrics").text
-        assert 'status="500"' not in metrics
+        assert 'status="500"' not in metrics and 'status="499"' in metrics
+        for name in ("kvtier_overloaded_total", "kvtier_body_timeouts_total"):
+            assert float(next(x for x in metrics.splitlines() if x.startswith(name)).split()[-1]) >= 1, name
         assert "internal error" not in srv.log_text() and "Traceback" not in srv.log_text()
         with KVTierClient(srv.url) as c:
             assert c.stats()["blocks"] == 0
