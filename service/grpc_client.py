@@ -181,6 +181,11 @@ class KVTierGrpcClient(_Base):
     def hashes(self, model: str, token_ids, *, salt: str = "", extra_keys: Sequence[str] = ()) -> list[bytes]:
         return self.lookup(model, token_ids=token_ids, salt=salt, extra_keys=extra_keys, return_keys=True).keys or []
 
+    def unregister_spec(self, model: str) -> bool:
+        """Withdraw this tenant's registration of ``model`` (NOT_FOUND unless it has one)."""
+        self._specs.pop(model, None)
+        return self._unary("UnregisterSpec", pb.UnregisterRequest(model=model)).unregistered
+
     def put(self, model: str, keys: Sequence[bytes], blocks, *, parent: bytes | None = None) -> list[bool]:
         msgs = _put_msgs(model, encode_frames(self.spec(model), keys, blocks), parent)
         reply = self._call(lambda: self._stub.PutBlocks(iter(msgs), timeout=self.timeout, metadata=self.metadata))

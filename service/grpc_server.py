@@ -117,6 +117,11 @@ class KVTierServicer(pb_grpc.KVTierServicer):
         model, spec = self.svc.register_spec(p, fields)
         return pb.SpecReply(model=model, block_nbytes=spec.block_nbytes)
 
+    @_rpc("UnregisterSpec")
+    def UnregisterSpec(self, p, request, context):
+        self.svc.unregister_spec(p, request.model)
+        return pb.UnregisterReply(unregistered=True)
+
     @_rpc("Lookup")
     def Lookup(self, p, request, context):
         kwargs = dict(salt=request.salt, extra_keys=list(request.extra_keys), return_keys=request.return_keys)

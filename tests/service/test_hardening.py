@@ -187,6 +187,10 @@ def test_grpc_puts_respect_max_concurrent_transfers():
             assert g.put(model, second, _blocks(1, seed=3)) == [True]  # the slot is free again
             assert g.lookup(model, hashes=second).num_blocks == 1
             assert g.lookup(model, hashes=first).num_blocks == 2
+            assert g.unregister_spec(model) is True  # gRPC has the REST call's unregistration too
+            with pytest.raises(KVTierError) as e:
+                g.lookup(model, hashes=first)
+            assert e.value.status == 404
     finally:
         srv.stop()
 
