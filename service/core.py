@@ -95,6 +95,11 @@ class KVService:
                 log.exception("retrying refused write-throughs failed")
 
     # -- helpers ---------------------------------------------------------------------------
+    def invalidated(self, keys: list[bytes] | None, deleted: bool) -> None:
+        """Another instance deleted or rewrote these blocks (storage keys) in Redis: forget their summaries."""
+        if keys:
+            self.retriever.summaries.discard(keys)
+
     def admit(self, p: Principal) -> Principal:
         """Count one request of ``p``'s tenant against its rate (``RateLimited`` beyond it); returns ``p``."""
         self.rate.admit(p.tenant)
@@ -617,8 +622,10 @@ def open_service(settings: Settings, metrics_factory=None) -> KVService:
     blocks_dir(settings).mkdir(parents=True, exist_ok=True)
     registry = SpecRegistry(settings.data_dir / "specs.json" if settings.disk_capacity_bytes else None, settings.max_specs,
                             settings.max_specs_per_tenant)
-    store = build_store(settings)
+    late: list = []  # the service's own reaction to other instances' deletes and rewrites, once it exists
+    store = build_store(settings, on_invalidate=lambda keys, deleted: [f(keys, deleted) for f in late])
     svc = KVService(settings, store, registry)
+    late.append(svc.invalidated)
     if metrics_factory is not None:
         svc.metrics = metrics_factory(svc)
     return svc

@@ -37,7 +37,10 @@ class ServiceDeviceTier(DeviceTier):
         return super().put(keys, blocks, spec=spec, first=first)
 
 
-def build_store(settings: Settings) -> TieredStore:
+def build_store(settings: Settings, on_invalidate=None) -> TieredStore:
+    """The store of ``settings``. With Redis and ``redis_invalidation``, blocks other instances delete
+    or rewrite are dropped from this store's own tiers, then ``on_invalidate(keys, deleted)`` is called
+    (``keys`` None: announcements were missed)."""
     s = settings
     key = s.encryption_key_bytes()
     cipher = None if key is None else FrameCipher(key)  # disk and Redis: the tiers whose bytes leave the process
@@ -69,7 +72,12 @@ def build_store(settings: Settings) -> TieredStore:
     store = TieredStore(tiers, quotas=quotas, promote_on_hit=s.promote_on_hit, max_events=s.max_events,
                         max_pin_ttl_s=s.max_pin_ttl_s)
     if s.redis_url and s.redis_invalidation:  # drop our copies of blocks other instances delete or rewrite
-        redis_tier.listen_invalidations(store.drop_local_copies)
+        def invalidated(keys, deleted):
+            store.drop_local_copies(keys, deleted)
+            if on_invalidate is not None:
+                on_invalidate(keys, deleted)
+
+        redis_tier.listen_invalidations(invalidated)
     return store
 
 
