@@ -27,7 +27,7 @@ PYTEST_ARGS ?=
 help:
 	@echo "make run    - install (first time) and start 'kvtier serve' on the embedded default"
 	@echo "make test   - install dev dependencies and run the whole test suite (needs redis-server)"
-	@echo "make bench-quick - run every benchmark with --quick"
+	@echo "make bench-quick - run every benchmark script in bench/ with --quick (smoke runs)"
 	@echo "make lock   - re-resolve requirements.lock on purpose (then commit it)"
 
 $(VENV)/bin/python:
@@ -92,10 +92,13 @@ test: test-setup
 test-fast: test-setup
 	$(PYTHON) -m pytest -m "not slow" $(PYTEST_ARGS)
 
+# Every benchmark script under bench/ (the helpers other scripts import are not benchmarks), each
+# with --quick: a smoke run written to bench/results/<name>_quick.*, never over the full results.
+BENCH_HELPERS := bench/common.py bench/refmodel.py bench/model_queries.py
+BENCHMARKS := $(filter-out $(BENCH_HELPERS),$(sort $(wildcard bench/*.py)))
+
 bench-quick: setup
-	$(PYTHON) bench/store.py --quick
-	$(PYTHON) bench/service.py --quick
-	$(PYTHON) bench/codecs.py --quick
+	@set -e; for script in $(BENCHMARKS); do echo "== $$script --quick"; $(PYTHON) $$script --quick; done
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .hypothesis

@@ -293,7 +293,7 @@ def verify(svc: Service, ledger: Ledger) -> dict:
                             import redis as _r
                             from kvtier.service.tenancy import KeySpace
                             sk = KeySpace(t).storage_key(k)
-                            rk = f"kvtier:{SPEC.fp8}:{sk.hex()}"
+                            rk = f"kvtier:{SPEC.short_fingerprint}:{sk.hex()}"
                             print("lost", t, k.hex()[:12], "versions:", len(ledger.history.get((t, k), ())), "redis:",
                                   _r.Redis.from_url(os.environ["SOAK_REDIS"]).exists(rk), "disk:",
                                   any(p.name.startswith(sk.hex()) for p in __import__("pathlib").Path(svc.dir).rglob("*.kvf")))
@@ -313,7 +313,7 @@ def verify(svc: Service, ledger: Ledger) -> dict:
                     import redis as _r
                     from kvtier.service.tenancy import KeySpace
                     sk = KeySpace(t).storage_key(k)
-                    rk = f"kvtier:{SPEC.fp8}:{sk.hex()}"
+                    rk = f"kvtier:{SPEC.short_fingerprint}:{sk.hex()}"
                     print("resurrected", t, k.hex()[:12], "redis:", _r.Redis.from_url(os.environ["SOAK_REDIS"]).exists(rk),
                           "disk:", any(p.name.startswith(sk.hex()) for p in __import__("pathlib").Path(svc.dir).rglob("*.kvf")))
     finally:

@@ -75,7 +75,7 @@ class Event:
     kind: str  # "stored" | "removed"
     key: bytes
     tier: str
-    model: str  # the spec's fp8
+    model: str  # the spec's short_fingerprint (8 hex digits)
     time: float
 
     def to_dict(self) -> dict:
@@ -206,6 +206,12 @@ class TieredStore:
         return [t.tier.name for t in self._tiers]
 
     @property
+    def has_shared_tier(self) -> bool:
+        """Whether a tier is shared with other processes (Redis): then the in-memory index alone
+        cannot answer a lookup."""
+        return any(t.tier.capabilities.shared for t in self._tiers)
+
+    @property
     def index(self) -> PrefixIndex:
         return self._index
 
@@ -220,7 +226,8 @@ class TieredStore:
         specs = [spec] if spec is not None else list(self._specs)
         for t, st in enumerate(self._tiers):
             tier = st.tier
-            if not (tier.capabilities.persistent and not tier.capabilities.shared and hasattr(tier, "iter_keys")):
+            caps = tier.capabilities
+            if not (caps.persistent and caps.iterable and not caps.shared):
                 continue
             for sp in specs:
                 sid = self._spec_id(sp)
@@ -235,7 +242,7 @@ class TieredStore:
     def _emit(self, kind: str, key: bytes, tier: int, spec: KVSpec) -> None:
         eid = next(self._event_ids)
         self._last_event_id = eid
-        self._events.append(Event(eid, kind, key, self._tiers[tier].tier.name, spec.fp8, time.time()))
+        self._events.append(Event(eid, kind, key, self._tiers[tier].tier.name, spec.short_fingerprint, time.time()))
 
     def events(self, after: int = 0, limit: int = 1000) -> list[Event]:
         """Events with id > ``after``, oldest first, at most ``limit`` (the stream keeps the last ``max_events``)."""

@@ -70,7 +70,7 @@ class KVService:
         # storage key -> (tenant, client key): lets a tenant see its own blocks' events
         self._owners: OrderedDict[bytes, tuple[str, bytes]] = OrderedDict()
         # no shared tier (Redis): a lookup is answered from the in-memory index alone
-        self.store_is_local = not any(t["device"] == "redis" for t in store.stats()["tiers"])
+        self.store_is_local = not store.has_shared_tier
         # page summaries of every block put through the service (bounded LRU in host memory), for retrieval
         self.summarize_on_put = settings.summary_capacity_bytes > 0
         self.retriever = StoreRetriever(store, SummaryStore(max_bytes=max(1, int(settings.summary_capacity_bytes))),
@@ -533,7 +533,7 @@ class KVService:
                 for i in range(max(0, after - first + 1), len(mine)):  # sequence numbers are consecutive
                     seq, ev, ckey = mine[i]
                     out.append({"id": seq, "kind": ev.kind, "key": ckey.hex(), "tier": ev.tier,
-                                "model": self.registry.model_of_fp8(ev.model), "time": ev.time})
+                                "model": self.registry.model_of_short_fingerprint(ev.model), "time": ev.time})
                     if len(out) >= limit:
                         break
             return {"events": out, "next_after": out[-1]["id"] if out else after}
@@ -543,7 +543,7 @@ class KVService:
             cursor = ev.id
             owner = self._owners.get(ev.key)
             out.append({"id": ev.id, "kind": ev.kind, "key": ev.key.hex(), "tier": ev.tier,
-                        "model": self.registry.model_of_fp8(ev.model), "time": ev.time, "tenant": owner[0] if owner else None})
+                        "model": self.registry.model_of_short_fingerprint(ev.model), "time": ev.time, "tenant": owner[0] if owner else None})
         return {"events": out, "next_after": cursor}
 
     def _ingest_events(self) -> None:

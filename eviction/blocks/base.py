@@ -26,7 +26,8 @@ import math
 import operator
 from typing import Protocol, TypeVar, runtime_checkable
 
-from ..registry import Registry
+from kvtier.checks import check_int, check_real  # noqa: F401  (re-exported for the policies)
+from kvtier.registry import Registry
 
 
 @runtime_checkable
@@ -90,25 +91,6 @@ def check_insert(key: object, nbytes: object, depth: object, tenant: object) -> 
         raise ValueError(f"depth must be an int >= 0, got {depth!r}")
     if not isinstance(tenant, str):
         raise ValueError(f"tenant must be a str, got {type(tenant).__name__}")
-
-
-def check_real(name: str, value: object, *, low: float, high: float = math.inf,
-               low_open: bool = False, high_open: bool = False) -> float:
-    """``value`` as a float, or ValueError unless it is a finite real number in the given range."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        raise ValueError(f"{name} must be a finite number, got {value!r}")
-    too_low = value <= low if low_open else value < low
-    too_high = value >= high if high_open else value > high
-    if too_low or too_high:
-        lo, hi = "(" if low_open else "[", ")" if high_open else "]"
-        raise ValueError(f"{name} must lie in {lo}{low}, {high}{hi}, got {value!r}")
-    return float(value)
-
-
-def check_int(name: str, value: object, *, low: int, high: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
-        raise ValueError(f"{name} must be an int in [{low}, {high}], got {value!r}")
-    return value
 
 
 # -- registry --------------------------------------------------------------------------------
