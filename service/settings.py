@@ -95,7 +95,7 @@ class Settings(BaseSettings):
     redis_policy: str = Field("lru", description="Block eviction policy of the Redis tier (used when `redis_capacity_bytes` is set).")
     redis_codec: str = Field("identity", description="Codec of blocks written to Redis.")
     redis_ttl_s: float | None = Field(None, gt=0, description="Expiry of every block written to Redis, in seconds; unset: no expiry.")
-    redis_invalidation: bool = Field(True, description="Publish deletes and new writes on the Redis channel `kvtier:invalidate`, and drop this instance's local copies of blocks other instances delete or rewrite (coherence across instances sharing Redis).")
+    redis_invalidation: bool = Field(True, description="Announce every write and delete in the Redis stream `kvtier-invalidations` (outside the `kvtier:*` block keys), and drop this instance's own copies of blocks other instances delete or rewrite (coherence across instances sharing Redis).")
     redis_write_through: bool = Field(True, description="Write every new block to Redis at once (other instances see it immediately); false: only demoted blocks reach Redis.")
     write_through_retry_interval_s: float = Field(2.0, ge=0, description="Every this many seconds, blocks a write-through tier (Redis) refused while it was down are written to it again, up to 64 per round (puts also write up to 8 each); 0: only puts do it.")
     redis_ssl_ca_certs: Path | None = Field(None, description="CA file to verify a `rediss://` server with (default: system CAs).")

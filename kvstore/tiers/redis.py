@@ -31,7 +31,7 @@ empty is not reported as still holding the old blocks.
 
 Coherence: instances sharing a Redis keep their own copies of blocks in faster tiers. With
 ``publish_invalidations`` every ``SET`` and ``DEL`` is announced in the capped stream
-``kvtier:invalidate`` (in the same pipeline), and ``listen_invalidations`` hands other instances'
+``kvtier-invalidations`` (in the same pipeline), and ``listen_invalidations`` hands other instances'
 announcements to a callback (``TieredStore.drop_local_copies``), so an instance drops a block
 that another deleted or rewrote within one blocking ``XREAD`` (about a millisecond on a LAN).
 A delete that Redis did not confirm (down, or the circuit open) is remembered and sent again
@@ -67,7 +67,7 @@ T = TypeVar("T")
 
 KEY_PREFIX = "kvtier"
 # announcements of writes and deletes: a capped stream of entries {m: "S"|"D" + 8-byte instance id + redis keys joined by "\n"}
-INVALIDATION_STREAM = b"kvtier:invalidate"
+INVALIDATION_STREAM = b"kvtier-invalidations"
 INVALIDATION_STREAM_LEN = 10_000
 MAX_PENDING_DELETES = 100_000  # unconfirmed deletes remembered (the oldest are forgotten beyond it)
 # RedisError covers ConnectionError, TimeoutError, ClusterDownError, SlotNotCoveredError and
