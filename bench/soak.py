@@ -191,7 +191,7 @@ class Worker(threading.Thread):
                     self.model = c.register_spec(SPEC)
                 self.step(c)
             except KVTierError as e:
-                if not (e.code == "UNAVAILABLE" and "connect" in e.message.lower()):  # never sent: no doubt
+                if not (e.code == "UNAVAILABLE" and "failed to connect" in e.message.lower()):  # never sent: no doubt
                     self.in_doubt()
                 down = self.transport == "grpc" and e.code == "UNAVAILABLE"  # connection refused while kvtier restarts
                 if e.status >= 500 and not down:
