@@ -466,6 +466,11 @@ class RedisTier(TierBase):
             self._failed(e)
 
     def close(self) -> None:
+        if self._pending_deletes and not self._closed:
+            try:
+                self.retry_deletes()  # last chance: they are remembered in memory only
+            except Exception:
+                log.debug("redis tier %s: deletes not confirmed at close", self.name, exc_info=True)
         with self._client_lock:
             self._closed = True
             client, self._client = self._client, None
