@@ -475,3 +475,21 @@ def test_delete_after_a_restart_reaches_redis(fresh_redis_server):
             assert c.get(model, keys) == [None, None]
     finally:
         srv.stop()
+
+
+def test_default_quota_bounds_every_tenant_without_its_own(tmp_path):
+    from kvtier.service.settings import Settings
+    from kvtier.service.storebuild import build_store
+
+    s = Settings(data_dir=tmp_path, api_keys=KEYS, quotas={"acme": 1 << 20}, default_quota_bytes="64KiB",
+                 grpc_port="", redis_url=None)
+    store = build_store(s)
+    try:
+        assert store._quotas == {"acme": 1 << 20, "globex": 64 << 10, "": 64 << 10}
+        for i in range(40):  # 40 blocks of 2 KiB = 80 KiB > globex's 64 KiB
+            assert store.put(TINY, _keys(1, f"quota-{i}"), list(_blocks(1, seed=i)), tenant="globex") == [True]
+        assert store.tenant_bytes("globex") <= 64 << 10 and store.stats()["quota_evictions"] > 0  # its own oldest went
+        assert store.put(TINY, _keys(40, "acme"), list(_blocks(40)), tenant="acme") == [True] * 40
+        assert store.tenant_bytes("acme") == 40 * TINY.block_nbytes
+    finally:
+        store.close()
