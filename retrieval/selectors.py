@@ -289,7 +289,6 @@ class Quest(SelectorBase):
     def page_scores(self, q, k, state: QuestState | None = None) -> torch.Tensor:
         """``[B, H_kv, ceil(T / P)]``: per page the maximum over the group of its upper bound."""
         B, H_q, H_kv, T, D = check_qk(q, k)
-        P = self.page_tokens
         state = self.prepare(k) if state is None else self._extend(state, k)
         q4 = _group(q, H_kv)
         scores = quest_scores(q4, state.kmin, state.kmax).amax(2)  # [B, H_kv, full pages]

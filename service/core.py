@@ -40,6 +40,10 @@ MAX_EXTRA_KEYS = 16
 _SPEC_FIELDS = ("model_id", "num_layers", "num_kv_heads", "head_dim", "dtype", "block_tokens")
 
 
+class WouldBlock(Exception):
+    """``KVService.lookup(wait=False)`` found the store's lock taken: ask again from a worker thread."""
+
+
 @dataclass(frozen=True)
 class LeaseInfo:
     id: int
@@ -167,7 +171,9 @@ class KVService:
 
     # -- lookup ----------------------------------------------------------------------------
     def lookup(self, p: Principal, model: str, *, token_ids=None, hashes=None, salt: str = "",
-               extra_keys: Sequence[str] = (), return_keys: bool = False) -> dict:
+               extra_keys: Sequence[str] = (), return_keys: bool = False, wait: bool = True) -> dict:
+        """``wait=False`` (a caller on an event loop): raise ``WouldBlock`` rather than wait for the
+        store's lock (held for bookkeeping only, so this is rare); the caller retries on a thread."""
         spec = self.spec_of(p, model)
         if (token_ids is None) == (hashes is None):
             raise BadRequest("give exactly one of token_ids and hashes", field="token_ids")
@@ -175,7 +181,9 @@ class KVService:
             ckeys = self._client_keys(hashes, "hashes", limit=max(1, self.settings.max_tokens_per_request // 16))
         else:
             ckeys = chain_hashes(spec, self._tokens(token_ids), self._namespace(p, salt, extra_keys))
-        result = self.store.lookup(spec, self.keyspace(p.tenant).storage_keys(ckeys))
+        result = self.store.lookup(spec, self.keyspace(p.tenant).storage_keys(ckeys), wait=wait)
+        if result is None:
+            raise WouldBlock()
         if self.metrics is not None:
             self.metrics.lookup_blocks.labels("hit").inc(result.num_blocks)
             self.metrics.lookup_blocks.labels("miss").inc(len(ckeys) - result.num_blocks)
@@ -383,7 +391,7 @@ class KVService:
         return q, layers, budget
 
     def _retrieve(self, spec: KVSpec, skeys: list[bytes], q: torch.Tensor, budget: int, layers: list[int]):
-        for attempt in range(3):  # a block evicted between the lookup and the read: search again
+        for _attempt in range(3):  # a block evicted between the lookup and the read: search again
             try:
                 return self.retriever.retrieve(spec, skeys, q, budget, layers=layers)
             except RuntimeError as e:

@@ -1,4 +1,6 @@
-"""The ``BlockPolicy`` protocol, the argument checks every built-in policy shares, and the registry.
+"""The argument checks and the base every built-in block policy shares, and their registry.
+
+The ``BlockPolicy`` protocol itself is kvstore's (``kvtier.kvstore.policy``), re-exported here.
 
 A block policy decides which block leaves ONE tier. The store owns one instance per tier and
 tells it what happens (``on_insert`` / ``on_access`` / ``on_remove``); it asks ``candidates(n)``
@@ -22,33 +24,12 @@ Policies are not thread-safe: the store serialises calls to one instance.
 
 from __future__ import annotations
 
-import math
 import operator
-from typing import Protocol, TypeVar, runtime_checkable
+from typing import TypeVar
 
 from kvtier.checks import check_int, check_real  # noqa: F401  (re-exported for the policies)
+from kvtier.kvstore.policy import BlockPolicy  # noqa: F401  (re-exported)
 from kvtier.registry import Registry
-
-
-@runtime_checkable
-class BlockPolicy(Protocol):
-    name: str
-
-    def on_insert(self, key: bytes, nbytes: int, *, depth: int = 0, tenant: str = "") -> None:
-        """``key`` is newly resident in this tier (``depth``: index of the block in its chain)."""
-
-    def on_access(self, key: bytes) -> None:
-        """A hit on ``key``; an unknown key is ignored."""
-
-    def on_remove(self, key: bytes) -> None:
-        """``key`` left the tier (evicted or deleted); an unknown key is ignored."""
-
-    def candidates(self, n: int) -> list[bytes]:
-        """Up to ``n`` tracked keys in eviction order, best victim first; side-effect free."""
-
-    def __len__(self) -> int: ...
-
-    def __contains__(self, key: object) -> bool: ...
 
 
 class PolicyBase:

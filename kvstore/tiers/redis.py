@@ -781,7 +781,7 @@ def _parse_url(url: str) -> tuple[bool, bool, str]:
     if scheme not in _SCHEMES:
         raise ValueError(f"url scheme must be one of {sorted(_SCHEMES)}, got {scheme!r}")
     try:
-        split.port
+        _ = split.port  # parsing it raises ValueError for a bad port
     except ValueError:
         raise ValueError(f"url has an invalid port: {url!r}") from None
     if not split.hostname:
