@@ -302,7 +302,7 @@ def verify(svc: Service, ledger: Ledger) -> dict:
                         stale = any(torch.equal(g, block_of(o)) for o in older)
                         out["stale" if stale else "corrupt"] += 1
                         out["stale_older"] += stale
-        for (t, k), s in ledger.deleted.items():
+        for t, k in ledger.deleted:
             if (t, k) in ledger.doubt:
                 continue
             out["deleted_checked"] += 1

@@ -21,6 +21,7 @@ import json
 import logging
 import time
 from dataclasses import dataclass
+from typing import Any, Sequence
 
 from .settings import Settings
 
@@ -60,9 +61,16 @@ def _refusal(message: str) -> bytes:
 
 class _GuardMixin:
     guard: ConnectionGuard
+    # provided by the uvicorn protocol class this is mixed into
+    connections: set
+    transport: Any
+    cycle: Any
+    client: tuple[str, int] | None
+    loop: asyncio.AbstractEventLoop
+    _guard_timer: asyncio.TimerHandle | None
 
     def connection_made(self, transport) -> None:
-        super().connection_made(transport)
+        super().connection_made(transport)  # type: ignore[misc]
         g = self.guard
         self._guard_ip = None
         self._guard_timer = None
@@ -108,7 +116,7 @@ class _GuardMixin:
             self.transport.close()
 
     def on_response_complete(self) -> None:
-        super().on_response_complete()
+        super().on_response_complete()  # type: ignore[misc]
         if not self.transport.is_closing() and self._waiting_for_headers():
             self._arm_header_timer()  # the next request's headers must come in time too
 
@@ -124,7 +132,7 @@ class _GuardMixin:
                 g.per_client[ip] = n
             else:
                 g.per_client.pop(ip, None)
-        super().connection_lost(exc)
+        super().connection_lost(exc)  # type: ignore[misc]
 
 
 def guarded_http_protocol(settings: Settings, stats: TransportStats | None = None) -> tuple[type, ConnectionGuard]:
@@ -201,7 +209,7 @@ class RequestGuard:
                          [(b"connection", b"close")])
 
 
-async def _send_json(send, status: int, doc: dict, headers: list[tuple[bytes, bytes]] = ()) -> None:
+async def _send_json(send, status: int, doc: dict, headers: Sequence[tuple[bytes, bytes]] = ()) -> None:
     body = json.dumps(doc).encode()
     await send({"type": "http.response.start", "status": status,
                 "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()), *headers]})
