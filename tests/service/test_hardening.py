@@ -485,7 +485,7 @@ def test_default_quota_bounds_every_tenant_without_its_own(tmp_path):
                  grpc_port="", redis_url=None)
     store = build_store(s)
     try:
-        assert store._quotas == {"acme": 1 << 20, "globex": 64 << 10, "": 64 << 10}
+        assert store._ledger.quotas == {"acme": 1 << 20, "globex": 64 << 10, "": 64 << 10}
         for i in range(40):  # 40 blocks of 2 KiB = 80 KiB > globex's 64 KiB
             assert store.put(TINY, _keys(1, f"quota-{i}"), list(_blocks(1, seed=i)), tenant="globex") == [True]
         assert store.tenant_bytes("globex") <= 64 << 10 and store.stats()["quota_evictions"] > 0  # its own oldest went
