@@ -27,7 +27,7 @@ from kvtier.retrieval import StoreRetriever, SummaryStore
 from . import wire
 from .buffers import BufferPool
 from .errors import BadRequest, Conflict, NotFound, PayloadTooLarge, TooManyRequests
-from .limits import TenantRateLimiter
+from .limits import MAX_EXTRA_KEYS, MAX_MODEL_CHARS, MAX_NAMESPACE_CHARS, MAX_TOKEN_ID, TenantRateLimiter
 from .registry import SpecRegistry
 from .settings import Settings
 from .storebuild import TierProbe, blocks_dir
@@ -35,8 +35,6 @@ from .tenancy import KeySpace, Principal
 
 log = logging.getLogger(__name__)
 
-MAX_NAMESPACE_CHARS = 256
-MAX_EXTRA_KEYS = 16
 _SPEC_FIELDS = ("model_id", "num_layers", "num_kv_heads", "head_dim", "dtype", "block_tokens")
 
 
@@ -165,7 +163,7 @@ class KVService:
     def unregister_spec(self, p: Principal, model: str) -> bool:
         """Withdraw the caller's registration of ``model`` (NotFound unless it has one); it no longer
         counts against the caller's ``max_specs_per_tenant``, nor, once no tenant has it, ``max_specs``."""
-        if not isinstance(model, str) or len(model) > 64:
+        if not isinstance(model, str) or len(model) > MAX_MODEL_CHARS:
             raise BadRequest("model must be a model id (64 hex characters)", field="model")
         return self.registry.unregister(p.tenant, model)
 
@@ -222,8 +220,8 @@ class KVService:
             raise PayloadTooLarge(f"token_ids holds {arr.size} ids, at most {limit} are allowed (max_tokens_per_request)", field="token_ids")
         if arr.size and arr.dtype.kind not in "iu":
             raise BadRequest(f"token_ids must be integers, got {arr.dtype}", field="token_ids")
-        if arr.size and (arr.min() < 0 or arr.max() > 0xFFFFFFFF):
-            bad = int(np.nonzero((arr < 0) | (arr > 0xFFFFFFFF))[0][0])
+        if arr.size and (arr.min() < 0 or arr.max() > MAX_TOKEN_ID):
+            bad = int(np.nonzero((arr < 0) | (arr > MAX_TOKEN_ID))[0][0])
             raise BadRequest(f"token_ids[{bad}] = {int(arr[bad])} is outside [0, 2**32)", field=f"token_ids[{bad}]")
         return arr
 

@@ -1,4 +1,10 @@
-"""Per-tenant request rate limits: one token bucket per tenant, shared by REST and gRPC.
+"""Request limits shared by every transport (REST, its fast lookup path, gRPC, the local
+transport and the core), and the per-tenant request rate limits.
+
+The field limits below are the one definition; the pydantic models, the fast path's checks and the
+core's checks all read them, so a value is refused the same way whichever way it came.
+
+Per-tenant request rate limits: one token bucket per tenant, shared by REST and gRPC.
 
 A tenant may make ``tenant_burst`` requests at once and ``tenant_requests_per_s`` per second on
 average; a request beyond that is answered 429 (``RESOURCE_EXHAUSTED`` in gRPC) with the seconds
@@ -13,6 +19,14 @@ import threading
 import time
 
 from .errors import TooManyRequests
+
+# -- request field limits ----------------------------------------------------------------------
+MAX_MODEL_CHARS = 64  # a registered spec's handle (``model``), as the service hands it out
+MAX_MODEL_ID_CHARS = 256  # a spec's ``model_id`` (the weights' name)
+MAX_NAMESPACE_CHARS = 256  # ``salt`` and each of ``extra_keys``
+MAX_EXTRA_KEYS = 16
+MAX_DTYPE_CHARS = 16
+MAX_TOKEN_ID = 0xFFFFFFFF  # token ids are hashed as little-endian uint32
 
 
 class RateLimited(TooManyRequests):

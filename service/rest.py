@@ -32,7 +32,8 @@ from . import wire
 from .connections import RequestGuard, TransportStats
 from .core import KVService, WouldBlock, open_service, parse_client_key
 from .errors import BadRequest, Forbidden, ServiceError, UnsupportedMediaType
-from .limits import RateLimited, TenantRateLimiter
+from .limits import (MAX_DTYPE_CHARS, MAX_EXTRA_KEYS, MAX_MODEL_CHARS, MAX_MODEL_ID_CHARS, MAX_NAMESPACE_CHARS, MAX_TOKEN_ID,
+                     RateLimited, TenantRateLimiter)
 from .metrics import CONTENT_TYPE, Metrics
 from .settings import Settings
 from .tenancy import Authenticator, Principal
@@ -50,7 +51,7 @@ class _Strict(BaseModel):
 
 
 class SpecIn(_Strict):
-    model_id: str = Field(min_length=1, max_length=256)
+    model_id: str = Field(min_length=1, max_length=MAX_MODEL_ID_CHARS)
     num_layers: int = Field(ge=1, le=4096)
     num_kv_heads: int = Field(ge=1, le=4096)
     head_dim: int = Field(ge=1, le=4096)
@@ -66,12 +67,12 @@ class SpecOut(BaseModel):
 
 
 class LookupIn(_Strict):
-    model: str = Field(max_length=64)
-    token_ids: list[Annotated[int, Field(ge=0, le=0xFFFFFFFF)]] | None = Field(
+    model: str = Field(max_length=MAX_MODEL_CHARS)
+    token_ids: list[Annotated[int, Field(ge=0, le=MAX_TOKEN_ID)]] | None = Field(
         None, description="the sequence's token ids; the server hashes its full blocks under the caller's tenant")
     hashes: list[Hash] | None = Field(None, description="the chain's block hashes (instead of token_ids)")
-    salt: str = Field("", max_length=256, description="cache salt (part of the namespace; with token_ids)")
-    extra_keys: list[Annotated[str, Field(max_length=256)]] = Field(default_factory=list, max_length=16,
+    salt: str = Field("", max_length=MAX_NAMESPACE_CHARS, description="cache salt (part of the namespace; with token_ids)")
+    extra_keys: list[Annotated[str, Field(max_length=MAX_NAMESPACE_CHARS)]] = Field(default_factory=list, max_length=MAX_EXTRA_KEYS,
                                                                     description="LoRA ids, multimodal hashes, ... (with token_ids)")
     return_keys: bool = Field(False, description="also return the chain's block hashes (to put blocks under)")
 
@@ -87,7 +88,7 @@ class LookupOut(BaseModel):
 
 
 class KeysIn(_Strict):
-    model: str = Field(max_length=64)
+    model: str = Field(max_length=MAX_MODEL_CHARS)
     keys: list[Hash] = Field(min_length=1)
 
 
@@ -115,7 +116,7 @@ TensorData = Annotated[bytes | str, WithJsonSchema({"type": "string", "contentEn
 
 
 class TensorIn(_Strict):
-    dtype: str = Field(max_length=16, description="float16, bfloat16 or float32")
+    dtype: str = Field(max_length=MAX_DTYPE_CHARS, description="float16, bfloat16 or float32")
     shape: list[Annotated[int, Field(ge=0, le=1 << 20)]] = Field(max_length=8)
     data: TensorData
 
@@ -127,12 +128,12 @@ class TensorOut(BaseModel):
 
 
 class _QueryIn(_Strict):
-    model: str = Field(max_length=64)
-    token_ids: list[Annotated[int, Field(ge=0, le=0xFFFFFFFF)]] | None = Field(
+    model: str = Field(max_length=MAX_MODEL_CHARS)
+    token_ids: list[Annotated[int, Field(ge=0, le=MAX_TOKEN_ID)]] | None = Field(
         None, description="the sequence's token ids; the server hashes its full blocks under the caller's tenant")
     hashes: list[Hash] | None = Field(None, description="the chain's block hashes (instead of token_ids)")
-    salt: str = Field("", max_length=256, description="cache salt (with token_ids)")
-    extra_keys: list[Annotated[str, Field(max_length=256)]] = Field(default_factory=list, max_length=16,
+    salt: str = Field("", max_length=MAX_NAMESPACE_CHARS, description="cache salt (with token_ids)")
+    extra_keys: list[Annotated[str, Field(max_length=MAX_NAMESPACE_CHARS)]] = Field(default_factory=list, max_length=MAX_EXTRA_KEYS,
                                                                     description="LoRA ids, multimodal hashes, ... (with token_ids)")
     q: TensorIn = Field(description="one decode query per layer asked: [L_q, H_q, head_dim], float16/bfloat16/float32, "
                                     "H_q a multiple of num_kv_heads (GQA)")
@@ -411,19 +412,19 @@ def _well_formed_lookup(body: bytes) -> dict | None:
         req = json.loads(body)
     except (ValueError, UnicodeDecodeError, RecursionError):  # RecursionError: nesting deeper than the parser's stack
         return None
-    if not isinstance(req, dict) or not req.keys() <= _LOOKUP_FIELDS or not isinstance(req.get("model"), str) or len(req["model"]) > 64:
+    if not isinstance(req, dict) or not req.keys() <= _LOOKUP_FIELDS or not isinstance(req.get("model"), str) or len(req["model"]) > MAX_MODEL_CHARS:
         return None
     tokens, hashes = req.get("token_ids"), req.get("hashes")
     if (tokens is None) == (hashes is None):
         return None
-    if tokens is not None and not (isinstance(tokens, list) and all(type(t) is int and 0 <= t <= 0xFFFFFFFF for t in tokens)):
+    if tokens is not None and not (isinstance(tokens, list) and all(type(t) is int and 0 <= t <= MAX_TOKEN_ID for t in tokens)):
         return None
     if hashes is not None and not (isinstance(hashes, list) and all(isinstance(h, str) and _HEX64.fullmatch(h) for h in hashes)):
         return None
-    if not isinstance(req.get("salt", ""), str) or len(req.get("salt", "")) > 256 or not _utf8(req.get("salt", "")):
+    if not isinstance(req.get("salt", ""), str) or len(req.get("salt", "")) > MAX_NAMESPACE_CHARS or not _utf8(req.get("salt", "")):
         return None
     extra = req.get("extra_keys", [])
-    if not (isinstance(extra, list) and len(extra) <= 16 and all(isinstance(k, str) and len(k) <= 256 and _utf8(k) for k in extra)):
+    if not (isinstance(extra, list) and len(extra) <= MAX_EXTRA_KEYS and all(isinstance(k, str) and len(k) <= MAX_NAMESPACE_CHARS and _utf8(k) for k in extra)):
         return None
     if not isinstance(req.get("return_keys", False), bool):
         return None
@@ -609,7 +610,7 @@ def create_app(settings: Settings | None = None, service: KVService | None = Non
 
     @app.delete("/v1/specs/{model}", tags=["specs"], responses=ERRORS,
                 summary="Unregister one of the caller's specs (its blocks become unreachable for the caller and age out)")
-    async def unregister_spec(request: Request, p: P, model: str = Path(max_length=64)) -> dict[str, bool]:
+    async def unregister_spec(request: Request, p: P, model: str = Path(max_length=MAX_MODEL_CHARS)) -> dict[str, bool]:
         await run_in_threadpool(svc_of(request).unregister_spec, p, model)
         return {"unregistered": True}
 
@@ -632,7 +633,7 @@ def create_app(settings: Settings | None = None, service: KVService | None = Non
              summary="Store a chain of blocks: the body is a msgpack stream of frames (application/x-kvtier-frames)",
              openapi_extra={"requestBody": {"required": True, "content": {wire.FRAMES_MEDIA_TYPE: {"schema": {"type": "string", "format": "binary"}}}}})
     async def put_blocks(request: Request, p: P,
-                         model: str = Query(max_length=64, description="model id from POST /v1/specs"),
+                         model: str = Query(max_length=MAX_MODEL_CHARS, description="model id from POST /v1/specs"),
                          parent: str | None = Query(None, pattern=HEX64, description="hash of the block before the first frame's")):
         svc = svc_of(request)
         svc.spec_of(p, model)  # 404 before the body is read
