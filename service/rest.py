@@ -17,7 +17,7 @@ from typing import Annotated, Any
 import msgpack
 import numpy as np
 import torch
-from fastapi import Depends, FastAPI, Path, Query, Request
+from fastapi import APIRouter, Depends, FastAPI, Path, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBearer
@@ -181,17 +181,20 @@ def create_app(settings: Settings | None = None, service: KVService | None = Non
     def svc_of(request: Request) -> KVService:
         return request.app.state.svc
 
+    # one router per OpenAPI tag, included below in this order
+    routes = {tag: APIRouter(tags=[tag]) for tag in ("health", "specs", "blocks", "retrieval", "pins", "stats")}
+
     # -- health ----------------------------------------------------------------------------
-    @app.get("/healthz", tags=["health"], summary="Liveness: the process answers")
+    @routes["health"].get("/healthz", summary="Liveness: the process answers")
     async def healthz():
         return {"status": "ok"}
 
-    @app.get("/readyz", tags=["health"], summary="Readiness: every tier reachable and the disk not full (503, status degraded, otherwise)")
+    @routes["health"].get("/readyz", summary="Readiness: every tier reachable and the disk not full (503, status degraded, otherwise)")
     async def readyz(request: Request):
         ok, tiers = await run_in_threadpool(svc_of(request).readiness)
         return JSONResponse({"ready": ok, "status": "ok" if ok else "degraded", "tiers": tiers}, status_code=200 if ok else 503)
 
-    @app.get("/metrics", tags=["health"], summary="Prometheus metrics", response_class=Response)
+    @routes["health"].get("/metrics", summary="Prometheus metrics", response_class=Response)
     async def metrics(request: Request):
         if not settings.open_mode and settings.metrics_auth:
             p = auth.authenticate(request.headers.get("authorization"), request.headers.get("x-api-key"))
@@ -201,24 +204,24 @@ def create_app(settings: Settings | None = None, service: KVService | None = Non
         return Response(body, media_type=CONTENT_TYPE)
 
     # -- specs -----------------------------------------------------------------------------
-    @app.post("/v1/specs", response_model=SpecOut, tags=["specs"], responses=ERRORS,
+    @routes["specs"].post("/v1/specs", response_model=SpecOut, responses=ERRORS,
               summary="Register a model's KV spec; returns the model id to use in every other call")
     async def register_spec(body: SpecIn, request: Request, p: P):
         model, spec = await run_in_threadpool(svc_of(request).register_spec, p, body.model_dump())
         return SpecOut(model=model, spec=spec.to_dict(), block_nbytes=spec.block_nbytes, block_shape=list(spec.block_shape))
 
-    @app.get("/v1/specs", tags=["specs"], responses=ERRORS, summary="The caller's registered specs")
+    @routes["specs"].get("/v1/specs", responses=ERRORS, summary="The caller's registered specs")
     async def list_specs(request: Request, p: P) -> dict[str, dict]:
         return {m: s.to_dict() for m, s in svc_of(request).registry.models_of(p.tenant).items()}
 
-    @app.delete("/v1/specs/{model}", tags=["specs"], responses=ERRORS,
+    @routes["specs"].delete("/v1/specs/{model}", responses=ERRORS,
                 summary="Unregister one of the caller's specs (its blocks become unreachable for the caller and age out)")
     async def unregister_spec(request: Request, p: P, model: str = Path(max_length=MAX_MODEL_CHARS)) -> dict[str, bool]:
         await run_in_threadpool(svc_of(request).unregister_spec, p, model)
         return {"unregistered": True}
 
     # -- lookup ----------------------------------------------------------------------------
-    @app.post("/v1/lookup", response_model=LookupOut, response_model_exclude_none=True, tags=["blocks"], responses=ERRORS,
+    @routes["blocks"].post("/v1/lookup", response_model=LookupOut, response_model_exclude_none=True, responses=ERRORS,
               summary="Longest cached prefix of a chain, by token ids or by block hashes, with per-tier counts")
     async def lookup(body: LookupIn, request: Request, p: P):
         svc = svc_of(request)
@@ -232,7 +235,7 @@ def create_app(settings: Settings | None = None, service: KVService | None = Non
         return await run_in_threadpool(lambda: svc.lookup(p, body.model, **kwargs))
 
     # -- blocks ----------------------------------------------------------------------------
-    @app.put("/v1/blocks", response_model=PutOut, tags=["blocks"], responses=ERRORS,
+    @routes["blocks"].put("/v1/blocks", response_model=PutOut, responses=ERRORS,
              summary="Store a chain of blocks: the body is a msgpack stream of frames (application/x-kvtier-frames)",
              openapi_extra={"requestBody": {"required": True, "content": {wire.FRAMES_MEDIA_TYPE: {"schema": {"type": "string", "format": "binary"}}}}})
     async def put_blocks(request: Request, p: P,
@@ -265,7 +268,7 @@ def create_app(settings: Settings | None = None, service: KVService | None = Non
                 stored = await run_in_threadpool(svc.put_frames, p, model, items, parent)
         return PutOut(stored=stored, num_stored=sum(stored))
 
-    @app.post("/v1/blocks/get", tags=["blocks"], responses={**ERRORS, 200: {"content": {wire.FRAMES_MEDIA_TYPE: {}},
+    @routes["blocks"].post("/v1/blocks/get", responses={**ERRORS, 200: {"content": {wire.FRAMES_MEDIA_TYPE: {}},
               "description": "a msgpack stream, one item per key in order: a frame (bin) or nil (a miss)"}},
               response_class=StreamingResponse, summary="Fetch blocks by hash: a streamed msgpack stream of frames, nil for a miss")
     async def get_blocks(body: KeysIn, request: Request, p: P):
@@ -296,7 +299,7 @@ def create_app(settings: Settings | None = None, service: KVService | None = Non
 
         return StreamingResponse(stream(), media_type=wire.FRAMES_MEDIA_TYPE)
 
-    @app.post("/v1/blocks/delete", response_model=DeleteOut, tags=["blocks"], responses=ERRORS,
+    @routes["blocks"].post("/v1/blocks/delete", response_model=DeleteOut, responses=ERRORS,
               summary="Remove blocks from every tier")
     async def delete_blocks(body: KeysIn, request: Request, p: P):
         n = await run_in_threadpool(svc_of(request).delete, p, body.model, body.keys)
@@ -311,7 +314,7 @@ def create_app(settings: Settings | None = None, service: KVService | None = Non
                             "content": {"application/json": {"schema": {"$ref": f"#/components/schemas/{model_out.__name__}"}},
                                         wire.MSGPACK_MEDIA_TYPE: {}}}}
 
-        @app.post(path, tags=["retrieval"], responses={**ERRORS, 409: {"model": ErrorOut}, **answer_doc}, summary=summary,
+        @routes["retrieval"].post(path, responses={**ERRORS, 409: {"model": ErrorOut}, **answer_doc}, summary=summary,
                   openapi_extra={"requestBody": body_doc}, name=path.rsplit("/", 1)[-1])
         async def route(request: Request, p: P):
             body, binary = await _query_body(request, model_in)
@@ -343,27 +346,29 @@ def create_app(settings: Settings | None = None, service: KVService | None = Non
     app.openapi = openapi_with_query_models
 
     # -- pins ------------------------------------------------------------------------------
-    @app.post("/v1/pins", response_model=PinOut, tags=["pins"], responses=ERRORS,
+    @routes["pins"].post("/v1/pins", response_model=PinOut, responses=ERRORS,
               summary="Pin cached blocks for ttl_s seconds (a lease): they are not evicted meanwhile")
     async def pin(body: PinIn, request: Request, p: P):
         info = await run_in_threadpool(svc_of(request).pin, p, body.model, body.keys, body.ttl_s)
         return PinOut(lease_id=info.id, ttl_s=body.ttl_s, num_pinned=info.num_pinned)
 
-    @app.delete("/v1/pins/{lease_id}", tags=["pins"], responses=ERRORS, summary="End a lease early")
+    @routes["pins"].delete("/v1/pins/{lease_id}", responses=ERRORS, summary="End a lease early")
     async def unpin(request: Request, p: P, lease_id: int = Path(ge=1, le=2**62)) -> dict[str, bool]:
         await run_in_threadpool(svc_of(request).unpin, p, lease_id)
         return {"unpinned": True}
 
     # -- stats and events ------------------------------------------------------------------
-    @app.get("/v1/stats", tags=["stats"], responses=ERRORS,
+    @routes["stats"].get("/v1/stats", responses=ERRORS,
              summary="The caller's bytes and quota; with the admin key, every tier and tenant")
     async def stats(request: Request, p: P) -> dict[str, Any]:
         return await run_in_threadpool(svc_of(request).stats, p)
 
-    @app.get("/v1/events", tags=["stats"], responses=ERRORS,
+    @routes["stats"].get("/v1/events", responses=ERRORS,
              summary="Stored/removed events with id > after (a tenant sees its own blocks, the admin all)")
     async def events(request: Request, p: P, after: int = Query(0, ge=0, le=2**62),
                      limit: int = Query(1000, ge=1, le=1_000_000)) -> dict[str, Any]:
         return await run_in_threadpool(svc_of(request).events, p, after, limit)
 
+    for router in routes.values():
+        app.include_router(router)
     return app
