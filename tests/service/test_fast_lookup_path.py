@@ -73,7 +73,7 @@ def test_edge_cases_read_the_same(body):
 
 def test_the_fuzz_corpus_reads_the_same():
     bodies = []
-    for method, path, kwargs in malformed_requests("m" * 16, random.Random(5)):
+    for _method, path, kwargs in malformed_requests("m" * 16, random.Random(5)):
         if path == "/v1/lookup" and isinstance(kwargs.get("content"), bytes):
             bodies.append(kwargs["content"])
         elif path == "/v1/lookup" and "json" in kwargs:
