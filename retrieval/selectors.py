@@ -143,6 +143,7 @@ class SelectorBase:
     num_sink: int = 4
     num_recent: int = 32
     name = "base"
+    state_is_index = False  # True: prepare() builds an index (seconds per long context), built off the decode path
 
     def __post_init__(self) -> None:
         for f in ("num_sink", "num_recent"):
@@ -382,6 +383,7 @@ class ANN(SelectorBase):
 
     backend: str = "hnsw"
     index_options: dict = field(default_factory=dict)
+    state_is_index = True
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -476,6 +478,7 @@ class Centroids(SelectorBase):
     hierarchical_above: int = 4096  # fine clusters above which a coarse level is added
     coarse_keep: float = 0.25  # share of the coarse clusters whose members are scored
     niter: int = 10
+    state_is_index = True
 
     def __post_init__(self) -> None:
         super().__post_init__()

@@ -22,6 +22,7 @@ from __future__ import annotations
 import contextlib
 import time
 import weakref
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -39,6 +40,8 @@ class SparseDecodeStats:
     selected_tokens: int = 0  # tokens attended by the sparse calls, summed over sequences and KV heads
     context_tokens: int = 0  # tokens full attention would have read in those calls (same sums)
     state_builds: int = 0  # selector states built from the whole context (once per request and layer)
+    dense_calls: int = 0  # decode calls that ran full attention: short context (dense_below, budget), dense layer, state still building
+    background_builds: int = 0  # of the state builds, those run in the background thread
     attention_seconds: float = 0.0  # wall time inside the decode attention function (selection included; on a GPU: launch time)
 
     @property
@@ -49,8 +52,22 @@ class SparseDecodeStats:
 
 @dataclass
 class _LayerState:
-    selector_state: Any  # what selector.prepare returned, extended by every select
-    num_tokens: int  # cached tokens the state has seen (a mismatch means the cache changed under it)
+    selector_state: Any  # what selector.prepare returned, extended by every select (None while building)
+    num_tokens: int  # cached tokens the attention has seen (a mismatch means the cache changed under it)
+    pending: Future | None = None  # a state being built in the background; the layer decodes densely until it is done
+
+
+# Context length (tokens) below which a 32-token answer decodes faster with full attention than with
+# the selector at budget 512, set-up (the selector's state) included: measured per selector with
+# ``python bench/e2e_attn.py --crossover`` (the crossover table; SmolLM2-135M, one CPU thread, a
+# shared 2-core box). ``SparseDecode(dense_below="auto")`` reads it for the cache's device type,
+# scaled by ``budget / 512`` for larger budgets. A selector missing here decodes densely below
+# ``_DEFAULT_CROSSOVER``. Not measured on a GPU yet: CUDA uses the CPU figures until it is.
+CROSSOVER_TOKENS: dict[str, dict[str, int]] = {
+    "cpu": {"quest": 8192, "topk_exact": 1 << 20, "tokenselect": 1 << 20, "sink_window": 4096, "ann": 1 << 20,
+            "centroids": 1 << 20},
+}
+_DEFAULT_CROSSOVER = 8192
 
 
 @dataclass
@@ -68,6 +85,16 @@ class SparseDecode:
             its first two layers dense).
         selector_options: more options for the selector (e.g. ``page_tokens`` for Quest).
         record: keep the last selection of every layer in ``last_indices`` (``[B, H_kv, budget]``).
+        dense_below: decode steps whose context is shorter than this many tokens run full attention
+            (transformers' SDPA, as without the hook): below it, the selector's set-up and
+            per-step overhead cost more than the tokens it saves. ``"auto"`` (default): the
+            crossover measured for the selector (``CROSSOVER_TOKENS``, 32-token answers); ``0``:
+            sparse whenever the context exceeds the budget.
+        build: where a layer's selector state (page bounds, ANN indexes, k-means clusters) is
+            built: ``"inline"`` (in the first sparse step, which waits for it), ``"background"``
+            (in a worker thread started by that step; the layer decodes densely until the state is
+            ready, so a short answer never waits for an index), or ``"auto"`` (default): background
+            for selectors whose state is an index (``ann``, ``centroids``), inline otherwise.
 
     Prefill (more than one query token) runs transformers' SDPA. A decode step of layer ``l``
     selects with the selector's state for (cache, ``l``): built from the whole context on the
@@ -85,6 +112,8 @@ class SparseDecode:
     dense_layers: int = 0
     selector_options: dict = field(default_factory=dict)
     record: bool = False
+    dense_below: int | str = "auto"
+    build: str = "auto"
 
     def __post_init__(self) -> None:
         from retrieval import get_selector
@@ -108,6 +137,13 @@ class SparseDecode:
             self._selector = self.selector
         else:
             raise ValueError(f"selector must be a selector name or a retrieval selector instance, got {type(self.selector).__name__}")
+        if self.dense_below != "auto" and (not isinstance(self.dense_below, int) or isinstance(self.dense_below, bool)
+                                           or self.dense_below < 0):
+            raise ValueError(f"dense_below must be 'auto' or a non-negative int (tokens), got {self.dense_below!r}")
+        if self.build not in ("auto", "inline", "background"):
+            raise ValueError(f"build must be 'auto', 'inline' or 'background', got {self.build!r}")
+        self._background = self.build == "background" or (self.build == "auto" and getattr(self._selector, "state_is_index", False))
+        self._pool: ThreadPoolExecutor | None = None
         kept = self._selector.num_sink + self._selector.num_recent
         if self.budget < kept:
             raise ValueError(f"budget must be at least num_sink + num_recent = {kept}, got {self.budget}")
@@ -135,8 +171,30 @@ class SparseDecode:
 
     def reset(self) -> None:
         """Forget every request's selector state (the counters stay: ``reset_stats``)."""
+        for _, states in self._states.values():
+            _cancel(states)
         self._states.clear()
         self.last_indices.clear()
+
+    def crossover_tokens(self, device: torch.device | str = "cpu") -> int:
+        """The context length from which decode steps go sparse on ``device`` (``dense_below`` resolved)."""
+        if self.dense_below != "auto":
+            return self.dense_below
+        table = CROSSOVER_TOKENS.get(torch.device(device).type, CROSSOVER_TOKENS["cpu"])
+        base = table.get(getattr(self._selector, "name", ""), _DEFAULT_CROSSOVER)
+        return base if self.budget <= 512 else base * self.budget // 512
+
+    def wait_for_states(self, timeout: float | None = None) -> None:
+        """Block until every background state build has finished (tests and benchmarks)."""
+        for _, states in list(self._states.values()):
+            for st in list(states.values()):
+                if st.pending is not None:
+                    st.pending.result(timeout)
+
+    def _submit(self, fn, *args) -> Future:
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="kvtier-sparse-state", initializer=_one_omp_thread)
+        return self._pool.submit(fn, *args)
 
     def layer_state(self, cache, layer: int) -> Any:
         """The selector state kept for ``(cache, layer)`` (``None`` before its first sparse step)."""
@@ -166,24 +224,35 @@ class SparseDecode:
                 st.num_tokens = T
             return out
         self._check_no_padding(attention_mask, T)
-        from sparse_attn import sparse_decode
-
         t0 = time.perf_counter()
         stats = self._stats
         stats.decode_calls += 1
-        q = query[:, :, 0]  # [B, H_q, D]
-        if T <= self.budget or layer < self.dense_layers:
-            lengths = None if T == key.shape[2] else torch.full((B,), T, dtype=torch.int64, device=key.device)
-            o, _ = sparse_decode(q, key, value, None, lengths, scale=scaling)
-        else:
-            k = key[:, :, :T]  # [B, H_kv, T, D] (a view)
-            if st is None:
+        k = key[:, :, :T]  # [B, H_kv, T, D] (a view)
+        dense = T <= self.budget or layer < self.dense_layers or T < self.crossover_tokens(key.device)
+        if not dense and st is None:
+            if self._background:  # the keys so far: a view that stays valid (caches append by copy or after T)
+                st = _LayerState(None, T - 1, self._submit(self._selector.prepare, k[:, :, : T - 1]))
+                stats.background_builds += 1
+            else:
                 st = _LayerState(self._selector.prepare(k[:, :, : T - 1]), T - 1)
-                stats.state_builds += 1
-                if states is not None:
-                    states[layer] = st
+            stats.state_builds += 1
+            if states is not None:
+                states[layer] = st
+        if not dense and st.pending is not None:
+            if st.pending.done():
+                st.selector_state, st.pending = st.pending.result(), None  # select() extends it to the new tokens
+            else:
+                dense = True  # never wait for an index: full attention until it is ready
+        if dense:
+            out = sdpa(module, query, key, value, attention_mask, scaling=scaling, **kwargs)
+            stats.dense_calls += 1
+        else:
+            from sparse_attn import sparse_decode
+
+            q = query[:, :, 0]  # [B, H_q, D]
             ids = self._selector.select(q, k, self.budget, st.selector_state)  # [B, H_kv, budget]
             o, _ = sparse_decode(q, key, value, ids, scale=scaling, check_indices=False)
+            out = (o.unsqueeze(1).to(query.dtype), None)  # [B, 1, H_q, D]
             stats.sparse_calls += 1
             self._selected = self._selected + (ids >= 0).sum()
             stats.context_tokens += B * ids.shape[1] * T
@@ -192,7 +261,7 @@ class SparseDecode:
         if st is not None:
             st.num_tokens = T
         stats.attention_seconds += time.perf_counter() - t0
-        return o.unsqueeze(1).to(query.dtype), None  # [B, 1, H_q, D]
+        return out
 
     def _request_states(self, cache) -> dict[int, _LayerState] | None:
         if cache is None:
@@ -202,7 +271,7 @@ class SparseDecode:
         if entry is not None and entry[0]() is cache:
             return entry[1]
         for k in [k for k, (ref, _) in self._states.items() if ref() is None]:  # caches gone: their states go too
-            del self._states[k]
+            _cancel(self._states.pop(k)[1])
         states: dict[int, _LayerState] = {}
         self._states[key] = (weakref.ref(cache), states)
         return states
@@ -216,6 +285,22 @@ class SparseDecode:
         if not ok:
             raise ValueError("SparseDecode decodes batches of equal-length sequences without padding; the attention mask "
                              "hides some cached tokens (a padded batch): decode such sequences separately")
+
+
+def _cancel(states: dict[int, _LayerState]) -> None:
+    for st in states.values():
+        if st.pending is not None:
+            st.pending.cancel()
+
+
+def _one_omp_thread() -> None:
+    """The state-building thread runs faiss on one OpenMP thread: decode keeps the other cores."""
+    try:
+        import faiss
+
+        faiss.omp_set_num_threads(1)
+    except ImportError:  # pragma: no cover - faiss is a dependency
+        pass
 
 
 from .hf_shared_prefix import shared_prefix_generate  # noqa: E402  (re-exported: one import for the connector)
