@@ -264,11 +264,14 @@ class Quest(SelectorBase):
     """Quest: page upper bounds, whole pages by score while they fit the budget."""
 
     page_tokens: int = PAGE_TOKENS
+    refine: int = 1  # > 1: pages for refine * budget tokens, then the budget's best of them by exact q . k
 
     def __post_init__(self) -> None:
         super().__post_init__()
         if not isinstance(self.page_tokens, int) or self.page_tokens <= 0:
             raise ValueError(f"page_tokens must be a positive int, got {self.page_tokens!r}")
+        if not isinstance(self.refine, int) or isinstance(self.refine, bool) or self.refine < 1:
+            raise ValueError(f"refine must be an int >= 1, got {self.refine!r}")
 
     def prepare(self, k) -> QuestState:
         P = self.page_tokens
@@ -314,7 +317,35 @@ class Quest(SelectorBase):
             return super().select(q, k, budget, state)
         scores = self.page_scores(q, k, state)  # [B, H_kv, Np]
         self.last_scanned = 2 * scores.shape[-1] / T
-        return select_pages(scores, T, self.page_tokens, self.num_sink, self.num_recent, budget)
+        if self.refine == 1:
+            return select_pages(scores, T, self.page_tokens, self.num_sink, self.num_recent, budget)
+        C = budget * self.refine
+        if C >= T:
+            cand = torch.arange(T, device=k.device).expand(B, H_kv, T)
+        else:
+            cand = select_pages(scores, T, self.page_tokens, self.num_sink, self.num_recent, C)  # [B, H_kv, C]
+        self.last_scanned += cand.shape[-1] / T
+        return refine_tokens(_group(q, H_kv), k, cand, budget, self.num_sink, T - self.num_recent if self.num_recent else T)
+
+
+def refine_tokens(q4: torch.Tensor, k: torch.Tensor, cand: torch.Tensor, budget: int, sink_end: int, recent_start: int) -> torch.Tensor:
+    """The ``budget`` best of the candidate tokens ``cand [B, H_kv, C]`` (ascending ids, -1 padding) by
+    exact ``max_g q_g . k`` (``q4 [B, H_kv, G, D]``, ``k [B or 1, H_kv, T, D]``), tokens below
+    ``sink_end`` or from ``recent_start`` on always kept: ``[B, H_kv, budget]`` ascending, -1 padding."""
+    B, H_kv, C = cand.shape
+    D = k.shape[-1]
+    idx = cand.clamp(min=0).unsqueeze(-1).expand(B, H_kv, C, D)
+    kc = k.expand(B, -1, -1, -1).gather(2, idx).float()  # [B, H_kv, C, D]
+    s = (q4 @ kc.transpose(-1, -2)).amax(2)  # [B, H_kv, C]
+    s = s.masked_fill((cand < sink_end) | (cand >= recent_start), float("inf")).masked_fill(cand < 0, float("-inf"))
+    top = s.topk(min(budget, C), dim=-1)
+    ids = torch.where(torch.isneginf(top.values), -1, cand.gather(-1, top.indices))
+    big = torch.iinfo(torch.int64).max
+    ids = torch.sort(torch.where(ids < 0, big, ids), dim=-1).values
+    ids = torch.where(ids == big, -1, ids)
+    if ids.shape[-1] < budget:
+        ids = torch.cat([ids, ids.new_full((B, H_kv, budget - ids.shape[-1]), -1)], -1)
+    return ids
 
 
 def choose_pages(scores: torch.Tensor, reserved: torch.Tensor, page_tokens: int, num_free: int) -> torch.Tensor:
@@ -401,13 +432,19 @@ class ANN(SelectorBase):
             indexes.append(row)
         return ANNState(indexes, T)
 
-    def _extend(self, state: ANNState, k) -> None:
+    def extend(self, state: ANNState, k) -> ANNState:
+        """Add the keys ``k[:, :, state.num_tokens:]`` to the indexes (``k [Bk, H_kv, T, D]``): a state
+        prepared over a prefix and extended equals one prepared over all of ``k`` (an index of the
+        same keys), so a long context's index can be built piece by piece."""
         T = k.shape[2]
         if T > state.num_tokens:
             for b, row in enumerate(state.indexes):
                 for h, idx in enumerate(row):
                     idx.add(k[b, h, state.num_tokens : T])
             state.num_tokens = T
+        return state
+
+    _extend = extend
 
     def pick(self, q, k, budget, state, reserved):
         B, H_q, H_kv, T, D = check_qk(q, k)

@@ -20,6 +20,7 @@ Three features, each usable on its own or through the transformers connector:
 from __future__ import annotations
 
 import contextlib
+import threading
 import time
 import weakref
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -68,6 +69,7 @@ CROSSOVER_TOKENS: dict[str, dict[str, int]] = {
             "centroids": 1 << 20},
 }
 _DEFAULT_CROSSOVER = 8192
+_BUILD_STEP = 2048  # keys per piece of a background index build (a cancelled build stops after the current piece)
 
 
 @dataclass
@@ -144,6 +146,7 @@ class SparseDecode:
             raise ValueError(f"build must be 'auto', 'inline' or 'background', got {self.build!r}")
         self._background = self.build == "background" or (self.build == "auto" and getattr(self._selector, "state_is_index", False))
         self._pool: ThreadPoolExecutor | None = None
+        self._cancels: "weakref.WeakValueDictionary[int, threading.Event]" = weakref.WeakValueDictionary()
         kept = self._selector.num_sink + self._selector.num_recent
         if self.budget < kept:
             raise ValueError(f"budget must be at least num_sink + num_recent = {kept}, got {self.budget}")
@@ -173,6 +176,8 @@ class SparseDecode:
         """Forget every request's selector state (the counters stay: ``reset_stats``)."""
         for _, states in self._states.values():
             _cancel(states)
+        for ev in list(self._cancels.values()):
+            ev.set()
         self._states.clear()
         self.last_indices.clear()
 
@@ -190,6 +195,28 @@ class SparseDecode:
             for st in list(states.values()):
                 if st.pending is not None:
                     st.pending.result(timeout)
+
+    def _build(self, k: torch.Tensor, cancel: threading.Event):
+        """A layer's selector state over ``k`` (in the worker thread): piece by piece when the selector
+        can ``extend`` a state, checking ``cancel`` (the request ended) between pieces; else at once."""
+        extend = getattr(self._selector, "extend", None)
+        T = k.shape[2]
+        step = T if extend is None else _BUILD_STEP
+        state = self._selector.prepare(k[:, :, : min(T, step)])
+        for a in range(step, T, step):
+            if cancel.is_set():
+                return None
+            state = extend(state, k[:, :, : a + step])
+        return state
+
+    def _cancel_event(self, cache, states) -> threading.Event:
+        """One event per request, set when its cache is garbage-collected: its builds stop early."""
+        ev = self._cancels.get(id(states))
+        if ev is None:
+            ev = self._cancels[id(states)] = threading.Event()
+            if cache is not None:
+                weakref.finalize(cache, ev.set)
+        return ev
 
     def _submit(self, fn, *args) -> Future:
         if self._pool is None:
@@ -231,7 +258,7 @@ class SparseDecode:
         dense = T <= self.budget or layer < self.dense_layers or T < self.crossover_tokens(key.device)
         if not dense and st is None:
             if self._background:  # the keys so far: a view that stays valid (caches append by copy or after T)
-                st = _LayerState(None, T - 1, self._submit(self._selector.prepare, k[:, :, : T - 1]))
+                st = _LayerState(None, T - 1, self._submit(self._build, k[:, :, : T - 1], self._cancel_event(cache, states)))
                 stats.background_builds += 1
             else:
                 st = _LayerState(self._selector.prepare(k[:, :, : T - 1]), T - 1)
