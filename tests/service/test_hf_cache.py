@@ -14,11 +14,11 @@ import torch
 transformers = pytest.importorskip("transformers")
 from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM  # noqa: E402
 
-from kvstore import DiskTier, HostTier, KVSpec, Namespace, TierConfig, TieredStore, chain_hashes  # noqa: E402
-from service.client import KVTierClient  # noqa: E402
-from service.connectors.generate import generate  # noqa: E402
-from service.connectors.hf_cache import CacheStats, KVTierCache, StoreBackend, model_spec  # noqa: E402
-from service.connectors.protocols import AttentionHook, TokenPolicyRuntime  # noqa: E402
+from kvtier.kvstore import DiskTier, HostTier, KVSpec, Namespace, TierConfig, TieredStore, chain_hashes  # noqa: E402
+from kvtier.service.client import KVTierClient  # noqa: E402
+from kvtier.connectors.generate import generate  # noqa: E402
+from kvtier.connectors.hf_cache import CacheStats, KVTierCache, StoreBackend, model_spec  # noqa: E402
+from kvtier.connectors.protocols import AttentionHook, TokenPolicyRuntime  # noqa: E402
 
 BT = 16
 SPEC32 = KVSpec("tiny-llama-test", num_layers=2, num_kv_heads=2, head_dim=16, dtype="float32", block_tokens=BT)
@@ -356,7 +356,7 @@ def test_store_backend_checks_and_stats_dict(store):
 
 # -- generate() with the real runtimes of hf_attention / hf_tokens -------------------------------------
 def test_generate_with_sparse_decode_covering_the_context_equals_plain(model, store):
-    from service.connectors.hf_attention import SparseDecode
+    from kvtier.connectors.hf_attention import SparseDecode
 
     ids = prompt(80, seed=11)
     base = generate(model, ids, max_new_tokens=12, stop_tokens=())
@@ -376,7 +376,7 @@ def test_generate_with_sparse_decode_covering_the_context_equals_plain(model, st
 
 
 def test_generate_with_a_real_token_policy_uses_the_cached_prefix(model, store):
-    from service.connectors.hf_tokens import TokenPolicy
+    from kvtier.connectors.hf_tokens import TokenPolicy
 
     ids = prompt(90, seed=12)
     base = generate(model, ids, max_new_tokens=10, stop_tokens=())
@@ -392,7 +392,7 @@ def test_generate_with_a_real_token_policy_uses_the_cached_prefix(model, store):
 
 
 def test_generate_shared_prefix_loads_the_prefix_from_kvtier_and_matches_each_sequence_alone(model, store):
-    from service.connectors.generate import generate_shared_prefix
+    from kvtier.connectors.generate import generate_shared_prefix
 
     prefix = prompt(70, seed=13)
     suffixes = [prompt(5, seed=20 + b) for b in range(3)]
@@ -413,7 +413,7 @@ def _fast_positions(kv) -> list[list[list[int]]]:
 
 
 def test_policy_stops_at_a_stop_token_and_times_the_first_token(model, store):
-    from service.connectors.hf_tokens import TokenPolicy
+    from kvtier.connectors.hf_tokens import TokenPolicy
 
     ids = prompt(60, seed=21)
     base = generate(model, ids, max_new_tokens=8, stop_tokens=()).token_ids
@@ -432,8 +432,8 @@ def test_policy_stops_at_a_stop_token_and_times_the_first_token(model, store):
 def test_context_tokens_compresses_the_context_once_and_keeps_the_question(model):
     """generate(policy, context_tokens=N) = kvpress's pipeline: the context's KV and its last
     ``window`` queries, one compression, then the question and the answer on top, never evicted."""
-    from eviction.tokens import Compressor
-    from service.connectors.hf_tokens import TokenPolicy, greedy_evicting, make_evicting_kv
+    from kvtier.eviction.tokens import Compressor
+    from kvtier.connectors.hf_tokens import TokenPolicy, greedy_evicting, make_evicting_kv
 
     ids = prompt(100, seed=22)
     N, budget, window = 80, 24, 8
@@ -457,7 +457,7 @@ def test_context_tokens_compresses_the_context_once_and_keeps_the_question(model
 def test_compression_is_the_same_with_and_without_a_cache_hit(model, store):
     """A cached prefix (its KV, no queries) compresses exactly as the same prefix prefilled in the
     request: the window queries a cache lacks are recomputed from it."""
-    from service.connectors.hf_tokens import TokenPolicy
+    from kvtier.connectors.hf_tokens import TokenPolicy
 
     ids = prompt(100, seed=23)
     for context_tokens in (70, None):  # the context ends 6 tokens after the last full block (64): 2 queries recomputed
@@ -481,8 +481,8 @@ def test_compression_is_the_same_with_and_without_a_cache_hit(model, store):
 
 
 def test_prefix_queries_are_the_queries_of_a_full_prefill(model):
-    from service.connectors.hf_tokens import EVICTING_ATTENTION, prefix_queries  # noqa: F401
-    from service.connectors.hf_dispatch import bind, sdpa
+    from kvtier.connectors.hf_tokens import EVICTING_ATTENTION, prefix_queries  # noqa: F401
+    from kvtier.connectors.hf_dispatch import bind, sdpa
 
     ids = prompt(40, seed=24)
     seen = {}
@@ -501,7 +501,7 @@ def test_prefix_queries_are_the_queries_of_a_full_prefill(model):
 
 
 def test_context_tokens_bad_values(model, store):
-    from service.connectors.hf_tokens import TokenPolicy
+    from kvtier.connectors.hf_tokens import TokenPolicy
 
     ids = prompt(30, seed=25)
     for bad in (0, 31, -1, 2.0, True):

@@ -22,8 +22,8 @@ import numpy as np
 import pytest
 import torch
 
-from kvstore import HostTier, KVSpec, Namespace, TierConfig, TieredStore, chain_hashes
-from service.connectors.vllm import (
+from kvtier.kvstore import HostTier, KVSpec, Namespace, TierConfig, TieredStore, chain_hashes
+from kvtier.connectors.vllm import (
     KVConnectorRole,
     KVTierConnector,
     KVTierConnectorMetadata,
@@ -57,7 +57,7 @@ class FakeModelConfig:
 
 def fake_vllm_config(extra: dict, *, model: str, block_size: int = P, kv_role: str = "kv_both", tp: int = 1):
     return SimpleNamespace(
-        kv_transfer_config=SimpleNamespace(kv_connector="KVTierConnector", kv_connector_module_path="service.connectors.vllm",
+        kv_transfer_config=SimpleNamespace(kv_connector="KVTierConnector", kv_connector_module_path="kvtier.connectors.vllm",
                                            kv_role=kv_role, kv_connector_extra_config=extra),
         cache_config=SimpleNamespace(block_size=block_size, cache_dtype="auto"),
         model_config=FakeModelConfig(model),
@@ -562,9 +562,9 @@ def test_an_unreachable_service_is_a_miss_not_a_failure():
 
 def test_kvtier_imports_without_vllm():
     code = (
-        "import sys, kvstore, service, service.client, service.connectors\n"
-        "assert 'vllm' not in sys.modules and 'service.connectors.vllm' not in sys.modules\n"
-        "import service.connectors.vllm as c\n"
+        "import sys, kvtier.kvstore, kvtier.service.client, kvtier.connectors\n"
+        "assert 'vllm' not in sys.modules and 'kvtier.connectors.vllm' not in sys.modules\n"
+        "import kvtier.connectors.vllm as c\n"
         "has = c.HAS_VLLM\n"
         "assert has or c.KVTierConnector.__mro__[1] is c._StandInBase\n"
         "print('ok', has)\n"

@@ -118,8 +118,8 @@ class SparseDecode:
     build: str = "auto"
 
     def __post_init__(self) -> None:
-        from retrieval import get_selector
-        from retrieval.selectors import SelectorBase
+        from kvtier.retrieval import get_selector
+        from kvtier.retrieval.selectors import SelectorBase
 
         if not isinstance(self.budget, int) or isinstance(self.budget, bool) or self.budget <= 0:
             raise ValueError(f"budget must be a positive int (tokens per KV head), got {self.budget!r}")
@@ -274,7 +274,7 @@ class SparseDecode:
             out = sdpa(module, query, key, value, attention_mask, scaling=scaling, **kwargs)
             stats.dense_calls += 1
         else:
-            from sparse_attn import sparse_decode
+            from kvtier.sparse_attn import sparse_decode
 
             q = query[:, :, 0]  # [B, H_q, D]
             ids = self._selector.select(q, k, self.budget, st.selector_state)  # [B, H_kv, budget]
