@@ -23,7 +23,9 @@ Registered names (``get_selector(name, **options)``, ``available_selectors()``):
 - ``tokenselect``: TokenSelect's head soft vote: per query head softmax of ``q . k``, summed over
   the group, top tokens by the sum.
 - ``quest``: Quest: per 16-token page the upper bound ``sum_d max(q_d kmin_d, q_d kmax_d)``
-  (maximum over the group), whole pages in score order while they fit the budget.
+  (maximum over the group), whole pages in score order while they fit the budget; with
+  ``refine=r > 1`` the pages for ``r`` times the budget's free tokens are candidates and the
+  budget's best of them by exact ``max_g q_g . k`` are kept (a second pass at token granularity).
 - ``ann``: a ``KeyIndex`` per KV head (``backend``: exact / flat / ivf / hnsw, ``index_options``),
   top-``k`` per query head, merged over the group by maximum score.
 - ``centroids``: Squeezed Attention: faiss k-means over the keys (``tokens_per_cluster``), clusters
@@ -306,7 +308,13 @@ class Quest(SelectorBase):
         T = k.shape[2]
         scores = self.page_scores(q, k, state)  # [B, H_kv, Np]
         self.last_scanned = 2 * scores.shape[-1] / T
-        return choose_pages(scores, reserved, self.page_tokens, self._num_free(budget, reserved))
+        num_free = self._num_free(budget, reserved)
+        picked = choose_pages(scores, reserved, self.page_tokens, num_free * self.refine)
+        if self.refine == 1:
+            return picked
+        exact = (_group(q, k.shape[1]) @ k.float().transpose(-1, -2)).amax(2)  # [B, H_kv, T]
+        self.last_scanned += float(picked.sum(-1).float().mean()) / T
+        return topk_mask(exact.masked_fill(~picked, float("-inf")), num_free)
 
     def select(self, q, k, budget: int, state=None) -> torch.Tensor:
         """As ``SelectorBase.select`` (same ids), computed per page: no ``[B, H_kv, T]`` mask is built,
@@ -319,13 +327,16 @@ class Quest(SelectorBase):
         self.last_scanned = 2 * scores.shape[-1] / T
         if self.refine == 1:
             return select_pages(scores, T, self.page_tokens, self.num_sink, self.num_recent, budget)
-        C = budget * self.refine
+        sink = min(self.num_sink, T)
+        recent = max(sink, T - self.num_recent) if self.num_recent else T  # tokens [recent, T) are the window
+        num_reserved = sink + T - recent
+        C = num_reserved + self.refine * (budget - num_reserved)  # the free part of the budget, refine times
         if C >= T:
             cand = torch.arange(T, device=k.device).expand(B, H_kv, T)
         else:
             cand = select_pages(scores, T, self.page_tokens, self.num_sink, self.num_recent, C)  # [B, H_kv, C]
         self.last_scanned += cand.shape[-1] / T
-        return refine_tokens(_group(q, H_kv), k, cand, budget, self.num_sink, T - self.num_recent if self.num_recent else T)
+        return refine_tokens(_group(q, H_kv), k, cand, budget, sink, recent)
 
 
 def refine_tokens(q4: torch.Tensor, k: torch.Tensor, cand: torch.Tensor, budget: int, sink_end: int, recent_start: int) -> torch.Tensor:
