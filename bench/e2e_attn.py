@@ -283,6 +283,47 @@ def random_layers_kv(model, T: int):
              torch.randn(1, d.num_key_value_heads, T, head_dim, generator=g)) for _ in range(d.num_hidden_layers)]
 
 
+def layer_costs(model, *, lengths=CROSSOVER_LENGTHS, selectors=("quest", "ann", "topk_exact"), budget: int = BUDGET,
+                max_index_tokens: int = 16384, repeats: int = 10) -> tuple[dict, str]:
+    """Per layer, process CPU time: dense SDPA of one decode query vs a selector's ``prepare`` (its
+    set-up) and ``select`` + ``sparse_decode`` (its step), on random keys of the model's shape."""
+    import torch.nn.functional as F
+
+    from kvtier.retrieval import get_selector
+    from kvtier.sparse_attn import sparse_decode
+
+    d = model.config
+    H_q, H_kv = d.num_attention_heads, d.num_key_value_heads
+    D = getattr(d, "head_dim", None) or d.hidden_size // H_q
+    rows = []
+    for T in lengths:
+        g = torch.Generator().manual_seed(T)
+        k, v, q = (torch.randn(1, H_kv, T, D, generator=g), torch.randn(1, H_kv, T, D, generator=g),
+                   torch.randn(1, H_q, D, generator=g))
+        c0 = time.process_time()
+        for _ in range(repeats):
+            F.scaled_dot_product_attention(q.view(1, H_q, 1, D), k, v, enable_gqa=True)
+        row = {"context_tokens": T, "dense_ms": 1e3 * (time.process_time() - c0) / repeats}
+        for name in selectors:
+            if name in ("ann", "centroids") and T > max_index_tokens:
+                continue
+            sel = get_selector(name)
+            c0 = time.process_time()
+            st = sel.prepare(k)
+            prep = time.process_time() - c0
+            c0 = time.process_time()
+            for _ in range(repeats):
+                sparse_decode(q, k, v, sel.select(q, k, budget, st), check_indices=False)
+            row[name] = {"prepare_ms": 1e3 * prep, "step_ms": 1e3 * (time.process_time() - c0) / repeats}
+        rows.append(row)
+    table = [[r["context_tokens"], f"{r['dense_ms']:.2f}",
+              *[(f"{r[n]['prepare_ms']:.1f} / {r[n]['step_ms']:.2f}" if n in r else "not run") for n in selectors]] for r in rows]
+    md = [f"Per layer ({H_q} query heads, {H_kv} KV heads, head dim {D}, budget {budget}; process CPU ms): dense SDPA step vs "
+          "each selector's set-up / step (`prepare` / `select` + `sparse_decode`):", "",
+          md_table(["context", "dense step", *[f"{n} set-up / step" for n in selectors]], table)]
+    return {"rows": rows}, "\n".join(md)
+
+
 def crossover_figures(model, *, lengths=CROSSOVER_LENGTHS, selectors=CROSSOVER_SELECTORS, answer_tokens: int = 32,
                       budget: int = BUDGET, max_inline_index_tokens: int = 6144, progress=print):
     """Tokens/s of a ``answer_tokens``-token answer (``answer_tokens`` decode steps from a prefilled
@@ -511,9 +552,13 @@ def main() -> None:
     t0 = time.time()
     model, tok = rm.load_model()
     if args.crossover:
-        fx, md = crossover_figures(model, lengths=tuple(args.lengths or CROSSOVER_LENGTHS),
-                                   selectors=tuple(args.selectors or CROSSOVER_SELECTORS), progress=lambda s: print(s, flush=True))
-        fx.update({"threads": args.threads, "seconds": time.time() - t0})
+        lengths = tuple(args.lengths or CROSSOVER_LENGTHS)
+        fl, ml = layer_costs(model, lengths=lengths)
+        print(ml, flush=True)
+        fx, md = crossover_figures(model, lengths=lengths, selectors=tuple(args.selectors or CROSSOVER_SELECTORS),
+                                   progress=lambda s: print(s, flush=True))
+        md = ml + "\n\n" + md
+        fx.update({"threads": args.threads, "seconds": time.time() - t0, "layer_costs": fl})
         save_results("e2e_attn_crossover", fx, f"## bench/e2e_attn.py --crossover\n\nSmolLM2-135M-Instruct, CPU, {args.threads} torch "
                      f"thread(s).\n\n{md}", args.out)
         print(md)

@@ -11,9 +11,13 @@ model through an ``EvictingKV`` the same way::
     with evicting_attention(model, kv):
         logits = forward_evicting(model, kv, ids, start=0)     # [1, V] (or [n, V] with all_logits)
 
-``TokenPolicy`` is the whole loop (a ``TokenPolicyRuntime``): chunked prefill with eviction between
-chunks, greedy decode with a compression whenever the fast tier outgrows its budget by
-``compress_every`` tokens, and a prefix whose KV was loaded from kvtier appended as it is.
+``TokenPolicy`` is the whole loop (a ``TokenPolicyRuntime``: ``stream`` yields the greedy tokens one
+at a time, ``generate`` collects them up to ``max_new_tokens`` or a stop token): chunked prefill
+with eviction between chunks and greedy decode with a compression whenever the fast tier outgrows
+its budget by ``compress_every`` tokens; or, with ``context_tokens=N``, one compression of the
+first ``N`` tokens (the context) and the rest uncompressed. A prefix whose KV was loaded from
+kvtier is appended as it is, the queries of its last ``window`` tokens recomputed
+(``prefix_queries``) so that it compresses as if it had been prefilled here.
 """
 
 from __future__ import annotations
@@ -104,8 +108,10 @@ class TokenPolicy:
         compress_every: during decode, compress when a head exceeds its budget by this many tokens.
         head_budgets: ``"uniform"`` or ``"adaptive"`` (AdaKV).
 
-    ``generate`` returns the ``max_new_tokens`` generated token ids; ``last_kv`` keeps the
-    ``EvictingKV`` of the last call (its ``stats``, fast and demoted tokens).
+    ``stream`` yields greedy token ids without end, ``generate`` collects ``max_new_tokens`` of them
+    (fewer at a stop token); ``context_tokens=N`` compresses the first ``N`` prompt tokens once and
+    keeps the rest. ``last_kv`` keeps the ``EvictingKV`` of the last call (its ``stats``, fast and
+    demoted tokens).
     """
 
     scorer: str = "snapkv"
