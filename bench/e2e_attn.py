@@ -325,52 +325,61 @@ def layer_costs(model, *, lengths=CROSSOVER_LENGTHS, selectors=("quest", "ann", 
 
 
 def crossover_figures(model, *, lengths=CROSSOVER_LENGTHS, selectors=CROSSOVER_SELECTORS, answer_tokens: int = 32,
-                      budget: int = BUDGET, max_inline_index_tokens: int = 6144, progress=print):
+                      budget: int = BUDGET, max_inline_index_tokens: int = 2048, repeats: int = 3, progress=print):
     """Tokens/s of a ``answer_tokens``-token answer (``answer_tokens`` decode steps from a prefilled
     ``DynamicCache`` of random KV), set-up included (the selector's state is built in the first
     step): full attention vs each selector forced sparse (``dense_below=0``, state built inline)
     and each selector at its defaults (``dense_below="auto"``, index states in the background).
-    Runs alternate per length (full, then each selector) so that they share the box's load. A
-    selector whose forced inline index build would take minutes (``ann`` above
-    ``max_inline_index_tokens``) is not forced there."""
+    Every length runs ``repeats`` rounds (full, then each configuration) so that they share the
+    box's load; the median of each is reported, from process CPU time (background builds
+    included) and wall time. A selector whose forced inline index build takes minutes (``ann``,
+    ``centroids`` above ``max_inline_index_tokens``) is not forced there."""
     from kvtier.connectors.hf_attention import SparseDecode
 
     vocab = model.config.vocab_size
     rows = []
     for T in lengths:
         layers_kv = random_layers_kv(model, T)
-        runs = [("full", None)]
+        configs = [("full", lambda: None)]
         for sel in selectors:
             if not (sel in ("ann", "centroids") and T > max_inline_index_tokens):
-                runs.append((f"{sel} forced", SparseDecode(selector=sel, budget=budget, dense_below=0, build="inline")))
-            runs.append((f"{sel} default", SparseDecode(selector=sel, budget=budget)))
-        row = {"context_tokens": T, "answer_tokens": answer_tokens, "budget": budget}
-        for name, hook in runs:
-            cache = dynamic_cache(layers_kv)
-            with Clock() as clk:
-                decode(model, cache, torch.zeros(vocab), T, answer_tokens + 1, hook)
-            del cache
-            row[name] = {"tokens_per_s_wall": answer_tokens / clk.wall, "tokens_per_s_cpu": answer_tokens / clk.cpu}
-            if hook is not None:
-                st = hook.stats
-                row[name].update(sparse_calls=st.sparse_calls, dense_calls=st.dense_calls, state_builds=st.state_builds)
-                hook.reset()  # a background build of this run stops now
-            full = row["full"]["tokens_per_s_wall"]
-            progress(f"  (a2) {T} tokens, {name}: {row[name]['tokens_per_s_wall']:.2f} tok/s wall "
-                     f"(x{row[name]['tokens_per_s_wall'] / full:.2f} of full), {row[name]['tokens_per_s_cpu']:.2f} tok/s CPU")
+                configs.append((f"{sel} forced", lambda sel=sel: SparseDecode(selector=sel, budget=budget, dense_below=0, build="inline")))
+            configs.append((f"{sel} default", lambda sel=sel: SparseDecode(selector=sel, budget=budget)))
+        runs: dict[str, list] = {name: [] for name, _ in configs}
+        for _ in range(repeats):
+            for name, make in configs:
+                hook, cache = make(), dynamic_cache(layers_kv)
+                with Clock() as clk:
+                    decode(model, cache, torch.zeros(vocab), T, answer_tokens + 1, hook)
+                del cache
+                run = {"wall": clk.wall, "cpu": clk.cpu}
+                if hook is not None:
+                    st = hook.stats
+                    run.update(sparse_calls=st.sparse_calls, dense_calls=st.dense_calls, state_builds=st.state_builds)
+                    hook.reset()  # a background build of this run stops now
+                runs[name].append(run)
+        row = {"context_tokens": T, "answer_tokens": answer_tokens, "budget": budget, "repeats": repeats}
+        for name, rs in runs.items():
+            row[name] = {"tokens_per_s_cpu": _median([answer_tokens / r["cpu"] for r in rs]),
+                         "tokens_per_s_wall": _median([answer_tokens / r["wall"] for r in rs]),
+                         "sparse_calls": rs[-1].get("sparse_calls"), "dense_calls": rs[-1].get("dense_calls")}
+            full = row["full"]["tokens_per_s_cpu"]
+            progress(f"  (a2) {T} tokens, {name}: {row[name]['tokens_per_s_cpu']:.2f} tok/s CPU (x{row[name]['tokens_per_s_cpu'] / full:.2f} "
+                     f"of full), {row[name]['tokens_per_s_wall']:.2f} tok/s wall")
         rows.append(row)
         del layers_kv
-    names = [n for n in rows[0] if n not in ("context_tokens", "answer_tokens", "budget")] if rows else []
+    names = list(dict.fromkeys(n for r in rows for n in r if isinstance(r[n], dict)))
     table = []
     for r in rows:
-        full = r["full"]["tokens_per_s_wall"]
-        table.append([r["context_tokens"], *[(f"{r[n]['tokens_per_s_wall']:.1f}" + ("" if n == "full" else f" (x{r[n]['tokens_per_s_wall'] / full:.2f})"))
+        full = r["full"]["tokens_per_s_cpu"]
+        table.append([r["context_tokens"], *[(f"{r[n]['tokens_per_s_cpu']:.1f}" + ("" if n == "full" else f" (x{r[n]['tokens_per_s_cpu'] / full:.2f})"))
                                            if n in r else "not run" for n in names]])
-    worst = min((r[n]["tokens_per_s_wall"] / r["full"]["tokens_per_s_wall"] for r in rows for n in r
+    worst = min((r[n]["tokens_per_s_cpu"] / r["full"]["tokens_per_s_cpu"] for r in rows for n in r
                  if isinstance(r.get(n), dict) and n.endswith("default")), default=None)
-    md = [f"**(a2) Crossover**: tokens/s of a {answer_tokens}-token answer over a cache of random KV (set-up included), wall time, "
-          f"budget {budget}; `forced`: `dense_below=0` (sparse at every length, state built inline), `default`: "
-          "`dense_below=\"auto\"` and index states built in the background; x = / full:", "",
+    md = [f"**(a2) Crossover**: tokens/s of a {answer_tokens}-token answer over a cache of random KV (set-up included; median of "
+          f"{repeats} alternated rounds, process CPU time, which counts background index builds too), budget {budget}; `forced`: "
+          "`dense_below=0` (sparse at every length, state built inline), `default`: `dense_below=\"auto\"` and index states built in "
+          "the background; x = / full:", "",
           md_table(["context", *names], table), "",
           f"Slowest default configuration relative to full attention: x{worst:.2f}." if worst is not None else ""]
     return {"lengths": list(lengths), "rows": rows, "worst_default_vs_full": worst}, "\n".join(md)
@@ -505,7 +514,7 @@ def run_all(model, tok, *, quick: bool = False, progress=print):
         synthetic = ()
         prompts = suite(diagonal[:1], lengths, depths)
         policy_prompts = suite(diagonal[1:2], (320,), (0.5,))
-        xo = dict(lengths=(1024,), selectors=("quest", "ann"), answer_tokens=8)
+        xo = dict(lengths=(1024,), selectors=("quest", "ann"), answer_tokens=8, repeats=1)
     else:
         lengths, depths, decode_tokens, repeats, prefix_tokens, new_tokens = (2048, 6144), (0.5,), 32, 3, 4096, 16
         synthetic = (16384, 32768)

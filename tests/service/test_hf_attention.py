@@ -100,7 +100,8 @@ def test_sparse_decode_output_is_full_attention_over_the_selected_tokens(model, 
     ids = hook.last_indices[1]  # [B, H_kv, budget]
     assert ids.shape == (B, H_kv, budget)
     # the selection is the selector's own (no state: same as a fresh select)
-    assert torch.equal(ids, get_selector(selector).select(q[:, :, 0], k, budget))
+    decode_opts = {"page_tokens": 8} if selector == "quest" else {}  # DECODE_SELECTOR_DEFAULTS
+    assert torch.equal(ids, get_selector(selector, **decode_opts).select(q[:, :, 0], k, budget))
     for b in range(B):
         for h in range(H_kv):
             sel = ids[b, h][ids[b, h] >= 0]
@@ -118,13 +119,13 @@ def test_incremental_selector_state_equals_recomputation(model):
     ids = prompt(300, seed=2)
     hook = SparseDecode(selector="quest", budget=64, dense_below=0, record=True)
     cache = DynamicCache(config=model.config)
-    toks, logits = greedy(model, ids, 40, hook, cache)  # 39 decode steps: crosses two page boundaries
+    toks, logits = greedy(model, ids, 40, hook, cache)  # 39 decode steps: crosses four page boundaries
     assert hook.stats.state_builds == 2 and hook.stats.sparse_calls == 39 * 2  # built once per layer, then extended
-    quest = get_selector("quest")
+    quest = get_selector("quest", page_tokens=8)  # SparseDecode's Quest pages (DECODE_SELECTOR_DEFAULTS)
     for layer in range(2):
         st = hook.layer_state(cache, layer)
         T = cache.layers[layer].keys.shape[2]
-        assert st.num_tokens == (T - 1) // 16 * 16  # the full pages as of the last step
+        assert st.num_tokens == (T - 1) // 8 * 8  # the full pages as of the last step
         fresh = quest.prepare(cache.layers[layer].keys[:, :, : st.num_tokens])
         assert torch.equal(st.kmin, fresh.kmin) and torch.equal(st.kmax, fresh.kmax)
     # and the decoded tokens are those of a run that rebuilds every state at every step
@@ -159,7 +160,7 @@ def test_a_new_cache_is_a_new_request_and_a_cropped_cache_rebuilds(model):
         model(input_ids=torch.tensor([[1]]), past_key_values=cache, use_cache=True)
     assert hook.stats.state_builds == builds + 2
     st = hook.layer_state(cache, 0)
-    fresh = get_selector("quest").prepare(cache.layers[0].keys[:, :, : st.num_tokens])
+    fresh = get_selector("quest", page_tokens=8).prepare(cache.layers[0].keys[:, :, : st.num_tokens])
     assert torch.equal(st.kmax, fresh.kmax)
 
 
