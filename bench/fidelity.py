@@ -425,6 +425,7 @@ def main() -> None:
     ap.add_argument("--keys", type=int, help="pass keys per length and depth, each its own prompt (default: 2; quick: 1)")
     ap.add_argument("--families", choices=("all", "diagonal"), help="prompt families: all 3 fillers x 3 wordings (default), or "
                     "the diagonal (each filler and each wording once; --quick's default)")
+    ap.add_argument("--ratios", type=float, nargs="+", help="compression ratios (default: 0.5 0.75 0.9; quick: 0.5)")
     ap.add_argument("--scorers", nargs="+", help=f"only these scorers (kvpress, drop, demote): among {list(SCORERS)}")
     ap.add_argument("--retrieval-fraction", type=float, default=0.5, help="share of KV heads the 'duo' profile marks as retrieval heads")
     ap.add_argument("--recall-budget", type=int, default=256, help="demoted tokens recalled per KV head and query (demote mode)")
@@ -468,6 +469,9 @@ def main() -> None:
     print(f"head profile: {int(profile.retrieval.sum())} of {profile.retrieval.numel()} KV heads are retrieval heads "
           f"(outside-mass range {float(profile.mass.min()):.3f}..{float(profile.mass.max()):.3f})")
     lengths = tuple(args.lengths) if args.lengths else lengths
+    ratios = list(args.ratios) if args.ratios else ratios
+    if any(not 0.0 < r < 1.0 for r in ratios):
+        ap.error(f"--ratios must lie in (0, 1), got {ratios}")
     depths = tuple(args.depths) if args.depths else depths
     keys_per = args.keys if args.keys is not None else keys_per
     if any(not 0.0 <= d <= 1.0 for d in depths):
