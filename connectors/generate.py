@@ -251,7 +251,7 @@ def _run_policy(model, policy, cache, ids, num_cached, max_new_tokens, chunk_tok
         if close is not None:
             close()
     t2 = time.perf_counter()
-    if not tokens:
+    if t1 is None:
         raise RuntimeError(f"the policy {type(policy).__name__} streamed no token")
     text = tokenizer.decode(tokens, skip_special_tokens=True) if tokenizer is not None else None
     return GenerateResult(tokens, text, t1 - t0, t2 - t0, t2 - t1, len(ids), num_cached, cache.stats if use_kvtier else None, finish)

@@ -191,7 +191,7 @@ class SparseDecode:
 
     def crossover_tokens(self, device: torch.device | str = "cpu") -> int:
         """The context length from which decode steps go sparse on ``device`` (``dense_below`` resolved)."""
-        if self.dense_below != "auto":
+        if isinstance(self.dense_below, int):
             return self.dense_below
         table = CROSSOVER_TOKENS.get(torch.device(device).type, CROSSOVER_TOKENS["cpu"])
         base = table.get(getattr(self._selector, "name", ""), _DEFAULT_CROSSOVER)
@@ -209,12 +209,13 @@ class SparseDecode:
         can ``extend`` a state, checking ``cancel`` (the request ended) between pieces; else at once."""
         extend = getattr(self._selector, "extend", None)
         T = k.shape[2]
-        step = T if extend is None else _BUILD_STEP
-        state = self._selector.prepare(k[:, :, : min(T, step)])
-        for a in range(step, T, step):
+        if extend is None:
+            return self._selector.prepare(k)
+        state = self._selector.prepare(k[:, :, : min(T, _BUILD_STEP)])
+        for a in range(_BUILD_STEP, T, _BUILD_STEP):
             if cancel.is_set():
                 return None
-            state = extend(state, k[:, :, : a + step])
+            state = extend(state, k[:, :, : a + _BUILD_STEP])
         return state
 
     def _cancel_event(self, cache, states) -> threading.Event:
