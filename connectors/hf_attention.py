@@ -279,8 +279,8 @@ class SparseDecode:
                 st.selector_state, st.pending = st.pending.result(), None  # select() extends it to the new tokens
             else:
                 dense = True  # never wait for an index: full attention until it is ready
-        if dense:
-            out = sdpa(module, query, key, value, attention_mask, scaling=scaling, **kwargs)
+        if dense:  # one query, no padding (checked above): every one of the T cached tokens is visible, no mask needed
+            out = sdpa(module, query, key[:, :, :T], value[:, :, :T], None, scaling=scaling, **kwargs)
             stats.dense_calls += 1
         else:
             from kvtier.sparse_attn import sparse_decode
