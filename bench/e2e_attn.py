@@ -5,7 +5,8 @@ inside transformers (service/connectors/hf_attention.py).
 
 SmolLM2-135M-Instruct (bench/refmodel.py), CPU, one process, side by side:
 
-(a) **sparse decode**: pass-key prompts (2K and 6K tokens, completion style) are prefilled once with
+(a) **sparse decode**: pass-key prompts (2K and 6K tokens, completion style, the nine generated
+    families of ``refmodel.family_suite``; accuracy per family and in total) are prefilled once with
     SDPA; from copies of that cache the model decodes greedily with full attention and with
     ``SparseDecode(quest, budget 512)``: pass-key accuracy of both (the first answer token comes
     from the dense prefill, the rest from decode steps). Decode speed on the 6K prompt, full and
@@ -14,6 +15,10 @@ SmolLM2-135M-Instruct (bench/refmodel.py), CPU, one process, side by side:
     ``StaticCache``; then over random caches of 16K and 32K tokens (speed only: the cost does not
     depend on the values). Tokens/s of the median run from process CPU time (1 torch thread: the
     work done, whatever else runs on the box) and wall time; wall time in the attention function.
+(a2) **crossover** (also alone: ``--crossover [--lengths ...] [--selectors ...]``): per-layer set-up and
+    step costs of each selector vs dense SDPA, then tokens/s of a 32-token answer (set-up included)
+    at 1K, 2K, 6K, 16K and 32K tokens: full attention vs each selector forced sparse and at its
+    defaults (``dense_below="auto"``, index states in the background).
 (b) **shared prefix**: 8 sequences share a 4K-token prefix (the first 4,096 tokens of the longest
     prompt, its KV taken from the prefill of (a): computed once), each with its own question of equal
     length. Decoded as one batch three ways: ``shared_prefix_generate`` with Hydragen
@@ -22,8 +27,9 @@ SmolLM2-135M-Instruct (bench/refmodel.py), CPU, one process, side by side:
     transformers' own batch decode (SDPA over a batch ``DynamicCache`` holding 8 copies of the
     prefix). Time in the attention function alone and per whole decode step; the outputs must match.
 (c) **token policy**: ``TokenPolicy(snapkv, ratio 0.5)`` in ``drop`` and ``demote`` mode vs no
-    eviction (``ratio 0``), pass-key accuracy on a couple of small prompts (chunked prefill with
-    eviction between chunks, the question in the last chunk).
+    eviction (``ratio 0``), pass-key accuracy on 1K-token prompts of every family, as a user calls it:
+    ``generate(context + question, policy=..., context_tokens=len(context))`` (the context compressed
+    once, the question and the answer uncompressed, stopping at EOS).
 
 The functions ``sparse_decode_figures``, ``shared_prefix_figures``, ``token_policy_figures`` and
 ``run_all`` are what ``bench/e2e.py`` calls; each returns figures (JSON-ready) and a Markdown part.
@@ -271,7 +277,7 @@ def sparse_decode_figures(model, tok, prompts, *, budget: int = BUDGET, selector
 
 # -- (a2) crossover -------------------------------------------------------------------------------------
 CROSSOVER_LENGTHS = (1024, 2048, 6144, 16384, 32768)
-CROSSOVER_SELECTORS = ("quest", "ann", "topk_exact", "tokenselect", "sink_window")
+CROSSOVER_SELECTORS = ("quest", "ann", "topk_exact")  # --selectors adds others (tokenselect, sink_window, centroids)
 
 
 def random_layers_kv(model, T: int):
@@ -555,7 +561,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
     ap.add_argument("--crossover", action="store_true", help="only the crossover table (a2); writes bench/results/e2e_attn_crossover.*")
     ap.add_argument("--lengths", type=int, nargs="+", help="with --crossover: context lengths (default 1024 2048 6144 16384 32768)")
-    ap.add_argument("--selectors", nargs="+", help="with --crossover: selectors (default quest ann topk_exact tokenselect sink_window)")
+    ap.add_argument("--selectors", nargs="+", help="with --crossover: selectors (default quest ann topk_exact)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     t0 = time.time()

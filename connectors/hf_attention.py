@@ -64,9 +64,10 @@ class _LayerState:
 # shared 2-core box). ``SparseDecode(dense_below="auto")`` reads it for the cache's device type,
 # scaled by ``budget / 512`` for larger budgets. A selector missing here decodes densely below
 # ``_DEFAULT_CROSSOVER``. Not measured on a GPU yet: CUDA uses the CPU figures until it is.
+# Measured: quest, ann, topk_exact. tokenselect scores every key as topk_exact does, and centroids'
+# step loops over heads in Python as ann's does: "never" too (not measured end to end).
 CROSSOVER_TOKENS: dict[str, dict[str, int]] = {
-    "cpu": {"quest": 8192, "topk_exact": 1 << 20, "tokenselect": 1 << 20, "sink_window": 4096, "ann": 1 << 20,
-            "centroids": 1 << 20},
+    "cpu": {"quest": 8192, "topk_exact": 1 << 20, "ann": 1 << 20, "tokenselect": 1 << 20, "centroids": 1 << 20},
 }
 _DEFAULT_CROSSOVER = 8192
 
