@@ -378,7 +378,7 @@ def render(figures: dict) -> str:
     parts = [f"## bench/fidelity.py{' --quick' if quick else ''}" + (" (partial: stopped early)" if partial else ""), "",
              f"Pass-key accuracy, SmolLM2-135M-Instruct, {len(prompts)} prompts ({', '.join(map(str, lens))} tokens; depths {depths};"
              f" {keys_per} key(s) per length and depth; families {', '.join(figures.get('families') or ['repeat/passkey'])}), total over"
-             " the families; query-agnostic compression of the context (sinks {figures['sinks']},"
+             f" the families; query-agnostic compression of the context (sinks {figures['sinks']},"
              f" window {figures['window']} kept by kvtier); demote recall {figures['recall_budget']} tokens per KV head and query"
              f" through `{figures['recall_selector']}`; duo: {n_ret}/{n_heads} retrieval heads.", "",
              md_table(["method", *[f"ratio {r}" for r in ratios]], table), ""]
@@ -437,7 +437,7 @@ def main() -> None:
 
         with open(args.render) as f:
             saved = json.load(f)
-        if saved.get("benchmark") != "fidelity" or "runs" not in saved:
+        if saved.get("benchmark") not in ("fidelity", "fidelity_quick") or "runs" not in saved:
             ap.error(f"{args.render} is not a saved bench/fidelity.py run")
         names = sorted({m.split(":")[1] for m in saved["accuracy"] if m.startswith("kvpress:")}, key=list(SCORERS).index)
         ratios = _ratios(saved)
