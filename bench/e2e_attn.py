@@ -520,7 +520,7 @@ def run_all(model, tok, *, quick: bool = False, progress=print):
         synthetic = ()
         prompts = suite(diagonal[:1], lengths, depths)
         policy_prompts = suite(diagonal[1:2], (320,), (0.5,))
-        xo = dict(lengths=(1024,), selectors=("quest", "ann"), answer_tokens=8, repeats=1)
+        xo = dict(lengths=(1024,), selectors=("quest", "ann"), answer_tokens=8, repeats=3)
     else:
         lengths, depths, decode_tokens, repeats, prefix_tokens, new_tokens = (2048, 6144), (0.5,), 32, 3, 4096, 16
         synthetic = (16384, 32768)
