@@ -276,10 +276,10 @@ class SparseDecode:
             if states is not None:
                 states[layer] = st
         if not dense and st.pending is not None:
-            if st.pending.done():
+            if st.pending.done() and st.pending.result() is not None:
                 st.selector_state, st.pending = st.pending.result(), None  # select() extends it to the new tokens
             else:
-                dense = True  # never wait for an index: full attention until it is ready
+                dense = True  # never wait for an index: full attention until it is ready (a cancelled build: for good)
         if dense:  # one query, no padding (checked above): every one of the T cached tokens is visible, no mask needed
             out = sdpa(module, query, key[:, :, :T], value[:, :, :T], None, scaling=scaling, **kwargs)
             stats.dense_calls += 1
@@ -310,6 +310,7 @@ class SparseDecode:
         for k in [k for k, (ref, _) in self._states.items() if ref() is None]:  # caches gone: their states go too
             _cancel(self._states.pop(k)[1])
         states: dict[int, _LayerState] = {}
+        self._cancels.pop(id(states), None)  # an id reused from a finished request: its (set) event is not this one's
         self._states[key] = (weakref.ref(cache), states)
         return states
 
