@@ -15,7 +15,7 @@ Configuration, on the vLLM command line::
                                       "block_tokens": 256, "namespace": "prod"}}'
 
 ``kv_connector_extra_config`` keys (all optional; ``KVTierConnectorConfig``): ``url`` (a kvtier
-service ``http(s)://host:port``, or ``inprocess`` / ``inprocess://NAME`` for a ``TieredStore`` in
+service ``http(s)://host:port``, ``unix://PATH`` for its same-host shared-memory transport, or ``inprocess`` / ``inprocess://NAME`` for a ``TieredStore`` in
 vLLM's own process), ``api_key`` (default: ``$KVTIER_API_KEY``), ``block_tokens`` (tokens per
 kvtier block, a multiple of vLLM's ``--block-size``), ``namespace`` (a string in every key: engines
 share blocks only under the same namespace), ``model_id`` (default: vLLM's model name),
@@ -165,7 +165,7 @@ PAGED_LAYOUTS = ("auto", "kv_first", "blocks_first")
 class KVTierConnectorConfig:
     """The connector's part of vLLM's ``kv_transfer_config.kv_connector_extra_config``."""
 
-    url: str = "inprocess"  # "http(s)://host:port" (the service) or "inprocess[://NAME]" (a store in this process)
+    url: str = "inprocess"  # "http(s)://host:port" or "unix://PATH" (the service) or "inprocess[://NAME]" (a store in this process)
     api_key: str | None = None  # default: $KVTIER_API_KEY
     block_tokens: int = 256  # tokens per kvtier block; a multiple of vLLM's block size
     namespace: str = ""  # only engines with the same namespace share blocks
@@ -176,9 +176,9 @@ class KVTierConnectorConfig:
 
     def __post_init__(self) -> None:
         if not isinstance(self.url, str) or not (
-            self.url == "inprocess" or self.url.startswith(("inprocess://", "http://", "https://"))
+            self.url == "inprocess" or self.url.startswith(("inprocess://", "http://", "https://", "unix://"))
         ):
-            raise ValueError(f"url must be 'http(s)://host:port' or 'inprocess[://NAME]', got {self.url!r}")
+            raise ValueError(f"url must be 'http(s)://host:port', 'unix://PATH' or 'inprocess[://NAME]', got {self.url!r}")
         if self.api_key is not None and not isinstance(self.api_key, str):
             raise ValueError(f"api_key must be a string, got {type(self.api_key).__name__}")
         if isinstance(self.block_tokens, bool) or not isinstance(self.block_tokens, int) or self.block_tokens <= 0:
@@ -355,7 +355,7 @@ def open_backend(config: KVTierConnectorConfig, spec: KVSpec) -> KVTierBackend:
     """The connector's backend (``connectors.backends``). A service is not asked anything
     before the first lookup (the spec is registered then, and again after a service restart), so an
     unreachable kvtier makes misses, never a failed engine start; 64 blocks and 64 MiB per request."""
-    if config.url.startswith(("http://", "https://")):
+    if config.url.startswith(("http://", "https://", "unix://")):  # unix://: the same-host shared-memory transport
         return ServiceBackend.connect(config.url, spec, api_key=config.api_key, timeout_s=config.timeout_s, register=False,
                                       max_blocks_per_request=64, max_request_bytes=64 << 20)
     name = config.url[len("inprocess://"):] if config.url.startswith("inprocess://") else "default"
