@@ -5,7 +5,8 @@ inside transformers (service/connectors/hf_attention.py).
 
 SmolLM2-135M-Instruct (bench/refmodel.py), CPU, one process, side by side:
 
-(a) **sparse decode**: pass-key prompts (2K and 6K tokens, completion style) are prefilled once with
+(a) **sparse decode**: pass-key prompts (2K and 6K tokens, completion style, the nine generated
+    families of ``refmodel.family_suite``; accuracy per family and in total) are prefilled once with
     SDPA; from copies of that cache the model decodes greedily with full attention and with
     ``SparseDecode(quest, budget 512)``: pass-key accuracy of both (the first answer token comes
     from the dense prefill, the rest from decode steps). Decode speed on the 6K prompt, full and
@@ -14,6 +15,10 @@ SmolLM2-135M-Instruct (bench/refmodel.py), CPU, one process, side by side:
     ``StaticCache``; then over random caches of 16K and 32K tokens (speed only: the cost does not
     depend on the values). Tokens/s of the median run from process CPU time (1 torch thread: the
     work done, whatever else runs on the box) and wall time; wall time in the attention function.
+(a2) **crossover** (also alone: ``--crossover [--lengths ...] [--selectors ...]``): per-layer set-up and
+    step costs of each selector vs dense SDPA, then tokens/s of a 32-token answer (set-up included)
+    at 1K, 2K, 6K, 16K and 32K tokens: full attention vs each selector forced sparse and at its
+    defaults (``dense_below="auto"``, index states in the background).
 (b) **shared prefix**: 8 sequences share a 4K-token prefix (the first 4,096 tokens of the longest
     prompt, its KV taken from the prefill of (a): computed once), each with its own question of equal
     length. Decoded as one batch three ways: ``shared_prefix_generate`` with Hydragen
@@ -22,8 +27,9 @@ SmolLM2-135M-Instruct (bench/refmodel.py), CPU, one process, side by side:
     transformers' own batch decode (SDPA over a batch ``DynamicCache`` holding 8 copies of the
     prefix). Time in the attention function alone and per whole decode step; the outputs must match.
 (c) **token policy**: ``TokenPolicy(snapkv, ratio 0.5)`` in ``drop`` and ``demote`` mode vs no
-    eviction (``ratio 0``), pass-key accuracy on a couple of small prompts (chunked prefill with
-    eviction between chunks, the question in the last chunk).
+    eviction (``ratio 0``), pass-key accuracy on 1K-token prompts of every family, as a user calls it:
+    ``generate(context + question, policy=..., context_tokens=len(context))`` (the context compressed
+    once, the question and the answer uncompressed, stopping at EOS).
 
 The functions ``sparse_decode_figures``, ``shared_prefix_figures``, ``token_policy_figures`` and
 ``run_all`` are what ``bench/e2e.py`` calls; each returns figures (JSON-ready) and a Markdown part.
@@ -164,7 +170,7 @@ def time_decode(model, make_cache, logits, position: int, *, steps: int, repeats
     read = None
     for _ in range(repeats):
         for name in ("full", "sparse"):
-            hook = TimedSDPA() if name == "full" else SparseDecode(selector=selector, budget=budget)
+            hook = TimedSDPA() if name == "full" else SparseDecode(selector=selector, budget=budget, dense_below=0)
             cache = make_cache()
             with Clock() as clk:
                 decode(model, cache, logits, position, steps + 1, hook)  # steps forwards (the first token is given)
@@ -210,10 +216,10 @@ def sparse_decode_figures(model, tok, prompts, *, budget: int = BUDGET, selector
             cache, logits = prefill_cache(model, p.input_ids)
         answers = {}
         for name in ("full", "sparse"):
-            hook = SparseDecode(selector=selector, budget=budget) if name == "sparse" else None
+            hook = SparseDecode(selector=selector, budget=budget, dense_below=0) if name == "sparse" else None
             answers[name] = tok.decode(decode(model, dynamic_cache([(lay.keys, lay.values) for lay in cache.layers]), logits, T,
                                               answer_tokens, hook))
-            rows.append({"tokens": T, "depth": p.depth, "key": p.key, "attention": name, "answer": answers[name],
+            rows.append({"tokens": T, "depth": p.depth, "key": p.key, "family": p.family, "attention": name, "answer": answers[name],
                          "correct": correct(answers[name], p.key)})
         progress(f"  (a) {T} tokens, depth {p.depth}: full {answers['full']!r}, sparse {answers['sparse']!r} (prefill {c.wall:.1f} s)")
         if i == longest:
@@ -240,11 +246,15 @@ def sparse_decode_figures(model, tok, prompts, *, budget: int = BUDGET, selector
         synthetic.append(s)
         progress("  (a) " + _speed_line("DynamicCache, random KV", s))
         del layers_kv
-    acc = {}
+    acc, fam_acc = {}, {}
     for name in ("full", "sparse"):
         sel = [r for r in rows if r["attention"] == name]
         acc[name] = {"correct": sum(r["correct"] for r in sel), "total": len(sel)}
-    figures = {"selector": selector, "budget": budget, "accuracy": acc, "runs": rows, "speed": speed, "synthetic": synthetic}
+        for f in sorted({r["family"] for r in sel}):
+            fs = [r for r in sel if r["family"] == f]
+            fam_acc.setdefault(f, {})[name] = {"correct": sum(r["correct"] for r in fs), "total": len(fs)}
+    figures = {"selector": selector, "budget": budget, "accuracy": acc, "accuracy_per_family": fam_acc, "runs": rows, "speed": speed,
+               "synthetic": synthetic}
     lens = sorted({r["tokens"] for r in rows})
 
     def row(label, s):
@@ -256,11 +266,129 @@ def sparse_decode_figures(model, tok, prompts, *, budget: int = BUDGET, selector
     table += [row("DynamicCache, random KV", s) for s in synthetic]
     md = [f"**(a) Sparse decode**: `SparseDecode(selector={selector!r}, budget={budget})` vs full attention (SDPA); prefill dense.", "",
           f"Pass-key accuracy ({len(prompts)} prompts of {', '.join(map(str, lens))} tokens, {answer_tokens} tokens decoded): "
-          f"full {acc['full']['correct']}/{acc['full']['total']}, sparse {acc['sparse']['correct']}/{acc['sparse']['total']}.", "",
+          f"full {acc['full']['correct']}/{acc['full']['total']}, sparse {acc['sparse']['correct']}/{acc['sparse']['total']} (in total; "
+          "per family: " + ", ".join(f"{f} {v['full']['correct']}/{v['full']['total']} vs {v['sparse']['correct']}/{v['sparse']['total']}"
+                                     for f, v in fam_acc.items()) + "). Sparse at every length here (`dense_below=0`).", "",
           f"Decode speed ({decode_tokens} steps per run, median of alternated runs; tokens/s from process CPU time, 1 thread; "
           "attention = wall time in the attention function, all 30 layers):", "",
           md_table(["cache", "context", "full tok/s", "sparse tok/s", "sparse (wall)", "full attention ms/step", "sparse attention ms/step"], table)]
     return figures, "\n".join(md), kept
+
+
+# -- (a2) crossover -------------------------------------------------------------------------------------
+CROSSOVER_LENGTHS = (1024, 2048, 6144, 16384, 32768)
+CROSSOVER_SELECTORS = ("quest", "ann", "topk_exact")  # --selectors adds others (tokenselect, sink_window, centroids)
+
+
+def random_layers_kv(model, T: int):
+    """Random KV of ``T`` tokens per layer (speed only: attention's cost does not depend on the values)."""
+    d = model.config
+    head_dim = getattr(d, "head_dim", None) or d.hidden_size // d.num_attention_heads
+    g = torch.Generator().manual_seed(T)
+    return [(torch.randn(1, d.num_key_value_heads, T, head_dim, generator=g),
+             torch.randn(1, d.num_key_value_heads, T, head_dim, generator=g)) for _ in range(d.num_hidden_layers)]
+
+
+def layer_costs(model, *, lengths=CROSSOVER_LENGTHS, selectors=("quest", "ann", "topk_exact"), budget: int = BUDGET,
+                max_index_tokens: int = 16384, repeats: int = 10) -> tuple[dict, str]:
+    """Per layer, process CPU time: dense SDPA of one decode query vs a selector's ``prepare`` (its
+    set-up) and ``select`` + ``sparse_decode`` (its step), on random keys of the model's shape."""
+    import torch.nn.functional as F
+
+    from kvtier.retrieval import get_selector
+    from kvtier.sparse_attn import sparse_decode
+
+    d = model.config
+    H_q, H_kv = d.num_attention_heads, d.num_key_value_heads
+    D = getattr(d, "head_dim", None) or d.hidden_size // H_q
+    rows = []
+    for T in lengths:
+        g = torch.Generator().manual_seed(T)
+        k, v, q = (torch.randn(1, H_kv, T, D, generator=g), torch.randn(1, H_kv, T, D, generator=g),
+                   torch.randn(1, H_q, D, generator=g))
+        c0 = time.process_time()
+        for _ in range(repeats):
+            F.scaled_dot_product_attention(q.view(1, H_q, 1, D), k, v, enable_gqa=True)
+        row = {"context_tokens": T, "dense_ms": 1e3 * (time.process_time() - c0) / repeats}
+        for name in selectors:
+            if name in ("ann", "centroids") and T > max_index_tokens:
+                continue
+            sel = get_selector(name)
+            c0 = time.process_time()
+            st = sel.prepare(k)
+            prep = time.process_time() - c0
+            c0 = time.process_time()
+            for _ in range(repeats):
+                sparse_decode(q, k, v, sel.select(q, k, budget, st), check_indices=False)
+            row[name] = {"prepare_ms": 1e3 * prep, "step_ms": 1e3 * (time.process_time() - c0) / repeats}
+        rows.append(row)
+    table = [[r["context_tokens"], f"{r['dense_ms']:.2f}",
+              *[(f"{r[n]['prepare_ms']:.1f} / {r[n]['step_ms']:.2f}" if n in r else "not run") for n in selectors]] for r in rows]
+    md = [f"Per layer ({H_q} query heads, {H_kv} KV heads, head dim {D}, budget {budget}; process CPU ms): dense SDPA step vs "
+          "each selector's set-up / step (`prepare` / `select` + `sparse_decode`):", "",
+          md_table(["context", "dense step", *[f"{n} set-up / step" for n in selectors]], table)]
+    return {"rows": rows}, "\n".join(md)
+
+
+def crossover_figures(model, *, lengths=CROSSOVER_LENGTHS, selectors=CROSSOVER_SELECTORS, answer_tokens: int = 32,
+                      budget: int = BUDGET, max_inline_index_tokens: int = 2048, repeats: int = 3, progress=print):
+    """Tokens/s of a ``answer_tokens``-token answer (``answer_tokens`` decode steps from a prefilled
+    ``DynamicCache`` of random KV), set-up included (the selector's state is built in the first
+    step): full attention vs each selector forced sparse (``dense_below=0``, state built inline)
+    and each selector at its defaults (``dense_below="auto"``, index states in the background).
+    Every length runs ``repeats`` rounds (full, then each configuration) so that they share the
+    box's load; the median of each is reported, from process CPU time (background builds
+    included) and wall time. A selector whose forced inline index build takes minutes (``ann``,
+    ``centroids`` above ``max_inline_index_tokens``) is not forced there."""
+    from kvtier.connectors.hf_attention import SparseDecode
+
+    vocab = model.config.vocab_size
+    rows = []
+    for T in lengths:
+        layers_kv = random_layers_kv(model, T)
+        configs = [("full", lambda: None)]
+        for sel in selectors:
+            if not (sel in ("ann", "centroids") and T > max_inline_index_tokens):
+                configs.append((f"{sel} forced", lambda sel=sel: SparseDecode(selector=sel, budget=budget, dense_below=0, build="inline")))
+            configs.append((f"{sel} default", lambda sel=sel: SparseDecode(selector=sel, budget=budget)))
+        runs: dict[str, list] = {name: [] for name, _ in configs}
+        for _ in range(repeats):
+            for name, make in configs:
+                hook, cache = make(), dynamic_cache(layers_kv)
+                with Clock() as clk:
+                    decode(model, cache, torch.zeros(vocab), T, answer_tokens + 1, hook)
+                del cache
+                run = {"wall": clk.wall, "cpu": clk.cpu}
+                if hook is not None:
+                    st = hook.stats
+                    run.update(sparse_calls=st.sparse_calls, dense_calls=st.dense_calls, state_builds=st.state_builds)
+                    hook.reset()  # a background build of this run stops now
+                runs[name].append(run)
+        row = {"context_tokens": T, "answer_tokens": answer_tokens, "budget": budget, "repeats": repeats}
+        for name, rs in runs.items():
+            row[name] = {"tokens_per_s_cpu": _median([answer_tokens / r["cpu"] for r in rs]),
+                         "tokens_per_s_wall": _median([answer_tokens / r["wall"] for r in rs]),
+                         "sparse_calls": rs[-1].get("sparse_calls"), "dense_calls": rs[-1].get("dense_calls")}
+            full = row["full"]["tokens_per_s_cpu"]
+            progress(f"  (a2) {T} tokens, {name}: {row[name]['tokens_per_s_cpu']:.2f} tok/s CPU (x{row[name]['tokens_per_s_cpu'] / full:.2f} "
+                     f"of full), {row[name]['tokens_per_s_wall']:.2f} tok/s wall")
+        rows.append(row)
+        del layers_kv
+    names = list(dict.fromkeys(n for r in rows for n in r if isinstance(r[n], dict)))
+    table = []
+    for r in rows:
+        full = r["full"]["tokens_per_s_cpu"]
+        table.append([r["context_tokens"], *[(f"{r[n]['tokens_per_s_cpu']:.1f}" + ("" if n == "full" else f" (x{r[n]['tokens_per_s_cpu'] / full:.2f})"))
+                                           if n in r else "not run" for n in names]])
+    worst = min((r[n]["tokens_per_s_cpu"] / r["full"]["tokens_per_s_cpu"] for r in rows for n in r
+                 if isinstance(r.get(n), dict) and n.endswith("default")), default=None)
+    md = [f"**(a2) Crossover**: tokens/s of a {answer_tokens}-token answer over a cache of random KV (set-up included; median of "
+          f"{repeats} alternated rounds, process CPU time, which counts background index builds too), budget {budget}; `forced`: "
+          "`dense_below=0` (sparse at every length, state built inline), `default`: `dense_below=\"auto\"` and index states built in "
+          "the background; x = / full:", "",
+          md_table(["context", *names], table), "",
+          f"Slowest default configuration relative to full attention: x{worst:.2f}." if worst is not None else ""]
+    return {"lengths": list(lengths), "rows": rows, "worst_default_vs_full": worst}, "\n".join(md)
 
 
 # -- (b) shared prefix ----------------------------------------------------------------------------------
@@ -343,31 +471,36 @@ def shared_prefix_figures(model, tok, prefix_cache, prefix_tokens: int, *, batch
 
 # -- (c) token policy -----------------------------------------------------------------------------------
 def token_policy_figures(model, tok, prompts, *, ratio: float = 0.5, scorer: str = "snapkv", answer_tokens: int = 8, progress=print):
-    """Pass-key accuracy with TokenPolicy drop / demote at ``ratio`` vs no eviction."""
+    """Pass-key accuracy with TokenPolicy drop / demote at ``ratio`` vs no eviction, as a user calls it:
+    ``generate(model, context + question, policy=..., context_tokens=len(context))`` (the context
+    compressed once, the question and the answer uncompressed), stopping at EOS."""
+    from kvtier.connectors.generate import generate
     from kvtier.connectors.hf_tokens import TokenPolicy
 
     rows = []
     for p in prompts:
+        ctx, question = rm.split_context(tok, p)
         for name, policy in (("none", TokenPolicy(scorer=scorer, ratio=0.0)),
                              ("drop", TokenPolicy(scorer=scorer, ratio=ratio, mode="drop")),
                              ("demote", TokenPolicy(scorer=scorer, ratio=ratio, mode="demote"))):
-            with Clock() as clk:
-                toks = policy.generate(model, list(p.input_ids), max_new_tokens=answer_tokens)
-            ans = tok.decode(toks)
+            r = generate(model, ctx + question, tokenizer=tok, policy=policy, context_tokens=len(ctx), max_new_tokens=answer_tokens)
             kv = policy.last_kv
-            rows.append({"tokens": len(p.input_ids), "depth": p.depth, "key": p.key, "mode": name, "answer": ans,
-                         "correct": correct(ans, p.key), "seconds": clk.wall, "evicted": kv.stats.evicted_tokens,
-                         "recalled": kv.stats.recalled_tokens, "max_fast_tokens": max(max(kv.fast_tokens(i)) for i in range(kv.num_layers))})
-            progress(f"  (c) {len(p.input_ids)} tokens, depth {p.depth}, {name}: {ans!r} ({clk.wall:.1f} s)")
+            rows.append({"tokens": len(ctx) + len(question), "depth": p.depth, "key": p.key, "family": p.family, "mode": name,
+                         "answer": r.text, "correct": correct(r.text, p.key), "ttft_s": r.ttft_s, "decode_s": r.decode_s,
+                         "finish_reason": r.finish_reason, "evicted": kv.stats.evicted_tokens, "recalled": kv.stats.recalled_tokens,
+                         "max_fast_tokens": max(max(kv.fast_tokens(i)) for i in range(kv.num_layers))})
+            progress(f"  (c) {p.family} {rows[-1]['tokens']} tokens, depth {p.depth}, {name}: {r.text!r} "
+                     f"(ttft {r.ttft_s:.1f} s, {r.finish_reason})")
     acc = {m: {"correct": sum(r["correct"] for r in rows if r["mode"] == m), "total": sum(r["mode"] == m for r in rows)}
            for m in ("none", "drop", "demote")}
     table = [[m if m == "none" else f"{m}, ratio {ratio}", f"{acc[m]['correct']}/{acc[m]['total']}",
               max(r["max_fast_tokens"] for r in rows if r["mode"] == m)] for m in ("none", "drop", "demote")]
     lens = sorted({r["tokens"] for r in rows})
+    fams = sorted({r["family"] for r in rows})
     demote = TokenPolicy(scorer=scorer, ratio=ratio, mode="demote")
-    md = [f"**(c) Token policy** (`TokenPolicy({scorer!r}, ratio={ratio})`, chunks of 256 with eviction between them, demote "
-          f"recall {demote.recall_budget} tokens per KV head and query through `{demote.recall_selector}`), prompts of "
-          f"{', '.join(map(str, lens))} tokens:", "",
+    md = [f"**(c) Token policy** (`generate(..., policy=TokenPolicy({scorer!r}, ratio={ratio}), context_tokens=len(context))`: the "
+          f"context compressed once, the question and answer uncompressed; demote recall {demote.recall_budget} tokens per KV head and "
+          f"query through `{demote.recall_selector}`), prompts of {', '.join(map(str, lens))} tokens, families {', '.join(fams)}:", "",
           md_table(["eviction", "pass-key correct", "max fast-tier tokens per head"], table)]
     return {"scorer": scorer, "ratio": ratio, "recall_selector": demote.recall_selector, "recall_budget": demote.recall_budget,
             "accuracy": acc, "runs": rows}, "\n".join(md)
@@ -376,15 +509,24 @@ def token_policy_figures(model, tok, prompts, *, ratio: float = 0.5, scorer: str
 # -- everything -----------------------------------------------------------------------------------------
 def run_all(model, tok, *, quick: bool = False, progress=print):
     """(a), (b), (c) in one run: ``(figures, markdown)``."""
+    diagonal = [(f, w) for i, f in enumerate(rm.FILLERS) for j, w in enumerate(rm.WORDINGS) if i == j]
+    every = [(f, w) for f in rm.FILLERS for w in rm.WORDINGS]
+
+    def suite(families, lengths, depths):
+        return [p for f, w in families for p in rm.family_suite(tok, lengths=lengths, depths=depths, fillers=(f,), wordings=(w,))]
+
     if quick:
         lengths, depths, decode_tokens, repeats, prefix_tokens, new_tokens = (768,), (0.5,), 6, 2, 768, 4
         synthetic = ()
-        policy_prompts = [rm.passkey_prompt(tok, 320, 0.5, seed=77)]
+        prompts = suite(diagonal[:1], lengths, depths)
+        policy_prompts = suite(diagonal[1:2], (320,), (0.5,))
+        xo = dict(lengths=(1024,), selectors=("quest", "ann"), answer_tokens=8, repeats=3)
     else:
-        lengths, depths, decode_tokens, repeats, prefix_tokens, new_tokens = (2048, 6144), (0.25, 0.75), 32, 3, 4096, 16
+        lengths, depths, decode_tokens, repeats, prefix_tokens, new_tokens = (2048, 6144), (0.5,), 32, 3, 4096, 16
         synthetic = (16384, 32768)
-        policy_prompts = [rm.passkey_prompt(tok, 1024, d, seed=70 + i) for i, d in enumerate((0.3, 0.7))]
-    prompts = rm.passkey_suite(tok, lengths=lengths, depths=depths, num_keys=1)
+        prompts = suite(every, lengths, depths)
+        policy_prompts = suite(every, (1024,), (0.5,))
+        xo = {}
     longest = max(range(len(prompts)), key=lambda i: len(prompts[i].input_ids))
     t0 = time.time()
     fa, ma, kept = sparse_decode_figures(model, tok, prompts, decode_tokens=decode_tokens, repeats=repeats, progress=progress,
@@ -393,8 +535,9 @@ def run_all(model, tok, *, quick: bool = False, progress=print):
     fb, mb = shared_prefix_figures(model, tok, kept[0], prefix_tokens, new_tokens=new_tokens, progress=progress)
     del kept
     fc, mc = token_policy_figures(model, tok, policy_prompts, progress=progress)
-    figures = {"sparse_decode": fa, "shared_prefix": fb, "token_policy": fc, "seconds": time.time() - t0}
-    return figures, "\n\n".join([ma, mb, mc])
+    fx, mx = crossover_figures(model, progress=progress, **xo)
+    figures = {"sparse_decode": fa, "crossover": fx, "shared_prefix": fb, "token_policy": fc, "seconds": time.time() - t0}
+    return figures, "\n\n".join([ma, mx, mb, mc])
 
 
 def summary_lines(figures: dict) -> list[str]:
@@ -416,10 +559,25 @@ def main() -> None:
                     "writes bench/results/e2e_attn_quick.*")
     ap.add_argument("--out", help="also write the figures as JSON to this file")
     ap.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
+    ap.add_argument("--crossover", action="store_true", help="only the crossover table (a2); writes bench/results/e2e_attn_crossover.*")
+    ap.add_argument("--lengths", type=int, nargs="+", help="with --crossover: context lengths (default 1024 2048 6144 16384 32768)")
+    ap.add_argument("--selectors", nargs="+", help="with --crossover: selectors (default quest ann topk_exact)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     t0 = time.time()
     model, tok = rm.load_model()
+    if args.crossover:
+        lengths = tuple(args.lengths or CROSSOVER_LENGTHS)
+        fl, ml = layer_costs(model, lengths=lengths)
+        print(ml, flush=True)
+        fx, md = crossover_figures(model, lengths=lengths, selectors=tuple(args.selectors or CROSSOVER_SELECTORS),
+                                   progress=lambda s: print(s, flush=True))
+        md = ml + "\n\n" + md
+        fx.update({"threads": args.threads, "seconds": time.time() - t0, "layer_costs": fl})
+        save_results("e2e_attn_crossover", fx, f"## bench/e2e_attn.py --crossover\n\nSmolLM2-135M-Instruct, CPU, {args.threads} torch "
+                     f"thread(s).\n\n{md}", args.out)
+        print(md)
+        return
     figures, md = run_all(model, tok, quick=args.quick, progress=lambda s: print(s, flush=True))
     figures.update({"quick": args.quick, "threads": args.threads})
     name = "e2e_attn_quick" if args.quick else "e2e_attn"

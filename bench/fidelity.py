@@ -1,12 +1,16 @@
 """Token-eviction fidelity on the reference model: kvtier (drop, demote) vs kvpress, same prompts.
 
     python bench/fidelity.py [--quick] [--out FILE] [--threads N] [--lengths N ...] [--depths D ...] [--keys K]
+                             [--families all|diagonal] [--scorers NAME ...]
 
-Reference model SmolLM2-135M-Instruct (bench/refmodel.py). Pass-key prompts (by default 20: lengths
-2K and 6K, needle depths 0.1/0.3/0.5/0.7/0.9, two keys each), completion style over repeated
-filler, split into a context (intro, filler, needle, filler) and a question ("What is the pass
-key? The pass key is"). The context is compressed, the question is not (query-agnostic
-compression, as kvpress's pipeline does it), then 8 tokens are decoded greedily.
+Reference model SmolLM2-135M-Instruct (bench/refmodel.py). Pass-key prompts in nine generated
+families (``refmodel.family_suite``: three fillers -- the original repeated sentences, sentences
+from a seeded grammar, held-out prose at a seeded offset -- times three needle/question wordings --
+"pass key", "secret code that opens the vault", "special number"); by default lengths 2K and 6K,
+needle depths 0.3 and 0.7, one key each: 36 prompts. Completion style, split into a context
+(intro, filler, needle, filler) and a question. The context is compressed, the question is not
+(query-agnostic compression, as kvpress's pipeline does it), then 8 tokens are decoded greedily.
+Accuracy is reported per family and in total; the totals are the headline figures.
 
 One uncompressed prefill of each context is captured (per layer: the attention block's input
 hidden states, RoPE tables and KV). Then, for every method and compression ratio (share of the
@@ -203,9 +207,7 @@ def kvpress_cache(model, cap: Captured, press_name: str, ratio: float):
 
 
 def split_prompt(tok, prompt) -> tuple[list[int], list[int]]:
-    cut = prompt.text.rindex("\n\nWhat is the pass key?")
-    return (tok(prompt.text[:cut], add_special_tokens=False).input_ids,
-            tok(prompt.text[cut:], add_special_tokens=False).input_ids)
+    return rm.split_context(tok, prompt)
 
 
 @torch.inference_mode()
@@ -235,7 +237,8 @@ def run_passkey(model, tok, prompts, ratios, methods, recall_budget, progress, p
         T = cap.num_tokens
         full = answer_with_kv(model, tok, make_kv(model, cap, scorer=None, ratio=0.0, mode="drop", recall_budget=recall_budget),
                               question, T)
-        rows.append({"method": "full", "ratio": 0.0, "tokens": T, "depth": p.depth, "key": p.key, "answer": full, "correct": correct(full, p.key)})
+        rows.append({"method": "full", "ratio": 0.0, "tokens": T, "depth": p.depth, "key": p.key, "family": p.family, "answer": full,
+                     "correct": correct(full, p.key)})
         progress(rows[-1])
         for ratio in ratios:
             for method in methods:
@@ -246,8 +249,8 @@ def run_passkey(model, tok, prompts, ratios, methods, recall_budget, progress, p
                     kv = make_kv(model, cap, scorer=name, ratio=ratio, mode=family.split("-")[1], recall_budget=recall_budget, profile=profile,
                                  recall_selector=recall_selector)
                     ans = answer_with_kv(model, tok, kv, question, T)
-                rows.append({"method": method, "ratio": ratio, "tokens": T, "depth": p.depth, "key": p.key, "answer": ans,
-                             "correct": correct(ans, p.key)})
+                rows.append({"method": method, "ratio": ratio, "tokens": T, "depth": p.depth, "key": p.key, "family": p.family,
+                             "answer": ans, "correct": correct(ans, p.key)})
                 progress(rows[-1])
         del cap
     return rows
@@ -301,6 +304,19 @@ def summarise(rows, ratios, methods) -> tuple[dict, list[list]]:
     return acc, table
 
 
+def per_family(rows, ratio, methods) -> tuple[list[str], list[list]]:
+    """``(families, table)``: one row per method (full first), one column per family, at ``ratio``."""
+    fams = sorted({x.get("family", "repeat/passkey") for x in rows})
+    table = []
+    for m in ["full", *methods]:
+        cells = []
+        for f in fams:
+            sel = [x for x in rows if x["method"] == m and (m == "full" or x["ratio"] == ratio) and x.get("family", "repeat/passkey") == f]
+            cells.append(f"{sum(x['correct'] for x in sel)}/{len(sel)}" if sel else "")
+        table.append([m, *cells])
+    return fams, table
+
+
 def plot(acc: dict, ratios, path: str) -> None:
     import matplotlib
 
@@ -328,8 +344,8 @@ def paired(rows, names, ratios) -> dict:
     out = {}
     for n in names:
         for r in ratios:
-            ours = {(x["tokens"], x["depth"], x["key"]): x["correct"] for x in rows if x["method"] == f"kvtier-drop:{n}" and x["ratio"] == r}
-            theirs = {(x["tokens"], x["depth"], x["key"]): x["correct"] for x in rows if x["method"] == f"kvpress:{n}" and x["ratio"] == r}
+            ours = {(x.get("family"), x["tokens"], x["depth"], x["key"]): x["correct"] for x in rows if x["method"] == f"kvtier-drop:{n}" and x["ratio"] == r}
+            theirs = {(x.get("family"), x["tokens"], x["depth"], x["key"]): x["correct"] for x in rows if x["method"] == f"kvpress:{n}" and x["ratio"] == r}
             common = ours.keys() & theirs.keys()
             if not common:
                 continue
@@ -361,10 +377,16 @@ def render(figures: dict) -> str:
     n_ret, n_heads = sum(map(sum, duo)), sum(map(len, duo))
     parts = [f"## bench/fidelity.py{' --quick' if quick else ''}" + (" (partial: stopped early)" if partial else ""), "",
              f"Pass-key accuracy, SmolLM2-135M-Instruct, {len(prompts)} prompts ({', '.join(map(str, lens))} tokens; depths {depths};"
-             f" {keys_per} key(s) per length and depth), query-agnostic compression of the context (sinks {figures['sinks']},"
+             f" {keys_per} key(s) per length and depth; families {', '.join(figures.get('families') or ['repeat/passkey'])}), total over"
+             f" the families; query-agnostic compression of the context (sinks {figures['sinks']},"
              f" window {figures['window']} kept by kvtier); demote recall {figures['recall_budget']} tokens per KV head and query"
              f" through `{figures['recall_selector']}`; duo: {n_ret}/{n_heads} retrieval heads.", "",
              md_table(["method", *[f"ratio {r}" for r in ratios]], table), ""]
+    fams = sorted({x.get("family", "repeat/passkey") for x in rows})
+    if len(fams) > 1:
+        for r in ratios:
+            names, ft = per_family(rows, r, methods)
+            parts += [f"Per family (filler/wording) at ratio {r}:", "", md_table(["method", *names], ft), ""]
     comp = figures.get("drop_vs_kvpress") or {}
     if comp and "only_kvtier" in next(iter(comp.values())):
         prs = sorted({k.split("@")[0] for k in comp}, key=list(SCORERS).index)
@@ -401,6 +423,10 @@ def main() -> None:
     ap.add_argument("--lengths", type=int, nargs="+", help="prompt lengths in tokens (default: 2048 6144; quick: 1024)")
     ap.add_argument("--depths", type=float, nargs="+", help="needle depths in [0, 1] (default: 0.1 0.3 0.5 0.7 0.9; quick: 0.1 0.5 0.9)")
     ap.add_argument("--keys", type=int, help="pass keys per length and depth, each its own prompt (default: 2; quick: 1)")
+    ap.add_argument("--families", choices=("all", "diagonal"), help="prompt families: all 3 fillers x 3 wordings (default), or "
+                    "the diagonal (each filler and each wording once; --quick's default)")
+    ap.add_argument("--ratios", type=float, nargs="+", help="compression ratios (default: 0.5 0.75 0.9; quick: 0.5)")
+    ap.add_argument("--scorers", nargs="+", help=f"only these scorers (kvpress, drop, demote): among {list(SCORERS)}")
     ap.add_argument("--retrieval-fraction", type=float, default=0.5, help="share of KV heads the 'duo' profile marks as retrieval heads")
     ap.add_argument("--recall-budget", type=int, default=256, help="demoted tokens recalled per KV head and query (demote mode)")
     ap.add_argument("--recall-selector", default="ann", help="retrieval selector that recalls demoted tokens (demote mode): ann (default), quest, tokenselect, topk_exact, centroids")
@@ -411,7 +437,7 @@ def main() -> None:
 
         with open(args.render) as f:
             saved = json.load(f)
-        if saved.get("benchmark") != "fidelity" or "runs" not in saved:
+        if saved.get("benchmark") not in ("fidelity", "fidelity_quick") or "runs" not in saved:
             ap.error(f"{args.render} is not a saved bench/fidelity.py run")
         names = sorted({m.split(":")[1] for m in saved["accuracy"] if m.startswith("kvpress:")}, key=list(SCORERS).index)
         ratios = _ratios(saved)
@@ -419,24 +445,33 @@ def main() -> None:
         save_figures(saved, args.out)
         return
     torch.set_num_threads(args.threads)
+    args.families = args.families or ("diagonal" if args.quick else "all")
     t0 = time.time()
     model, tok = rm.load_model()
     if args.quick:  # a smoke run: 1K-token prompts, one ratio, SnapKV only
-        lengths, depths, keys_per, ratios = (1024,), (0.1, 0.5, 0.9), 1, [0.5]
+        lengths, depths, keys_per, ratios = (1024,), (0.5,), 1, [0.5]
         names = ["snapkv"]
         demoted = ["snapkv"]
         ppl_tokens = 512
     else:
-        lengths, depths, keys_per, ratios = (2048, 6144), (0.1, 0.3, 0.5, 0.7, 0.9), 2, [0.5, 0.75, 0.9]
+        lengths, depths, keys_per, ratios = (2048, 6144), (0.3, 0.7), 1, [0.5, 0.75, 0.9]
         names = list(SCORERS)
         demoted = ["snapkv", "expected_attention"]
         ppl_tokens = 4096
+    if args.scorers:
+        unknown = [n for n in args.scorers if n not in SCORERS]
+        if unknown:
+            ap.error(f"--scorers must be among {list(SCORERS)}, got {unknown}")
+        names, demoted = list(args.scorers), [n for n in demoted if n in args.scorers]
     methods = ([f"kvpress:{n}" for n in names] + [f"kvtier-drop:{n}" for n in names] + [f"kvtier-drop:{v}" for v in VARIANTS]
                + [f"kvtier-demote:{n}" for n in demoted])
     profile = measure_head_profile(model, tok, args.retrieval_fraction, num_tokens=512 if args.quick else 1024)
     print(f"head profile: {int(profile.retrieval.sum())} of {profile.retrieval.numel()} KV heads are retrieval heads "
           f"(outside-mass range {float(profile.mass.min()):.3f}..{float(profile.mass.max()):.3f})")
     lengths = tuple(args.lengths) if args.lengths else lengths
+    ratios = list(args.ratios) if args.ratios else ratios
+    if any(not 0.0 < r < 1.0 for r in ratios):
+        ap.error(f"--ratios must lie in (0, 1), got {ratios}")
     depths = tuple(args.depths) if args.depths else depths
     keys_per = args.keys if args.keys is not None else keys_per
     if any(not 0.0 <= d <= 1.0 for d in depths):
@@ -445,7 +480,11 @@ def main() -> None:
         ap.error(f"--keys must be >= 1, got {keys_per}")
     if any(n < 256 for n in lengths):
         ap.error(f"--lengths must be >= 256 tokens (the needle and question need room), got {list(lengths)}")
-    prompts = rm.passkey_suite(tok, lengths=lengths, depths=depths, num_keys=keys_per)
+    families = [(f, w) for f in rm.FILLERS for w in rm.WORDINGS]
+    if args.families == "diagonal":  # each filler once and each wording once
+        families = [(f, w) for i, f in enumerate(rm.FILLERS) for j, w in enumerate(rm.WORDINGS) if i == j]
+    prompts = [p for f, w in families for p in rm.family_suite(tok, lengths=lengths, depths=depths, num_keys=keys_per,
+                                                                fillers=(f,), wordings=(w,))]
     total = len(prompts) * (1 + len(ratios) * len(methods))
     from tqdm import tqdm
 
@@ -463,7 +502,8 @@ def main() -> None:
                    "recall_selector": args.recall_selector, "lengths": list(lengths), "depths": list(depths),
                    "keys_per_depth": keys_per, "ratios": ratios, "methods": methods,
                    "sinks": SINKS, "window": WINDOW, "head_profile": profile.to_dict(),
-                   "prompts": [{"tokens": len(p.input_ids), "depth": p.depth, "key": p.key} for p in done],
+                   "prompts": [{"tokens": len(p.input_ids), "depth": p.depth, "key": p.key, "family": p.family} for p in done],
+                   "families": [f"{f}/{w}" for f, w in families],
                    "accuracy": acc, "drop_vs_kvpress": comparisons, "runs": rows, "perplexity": ppl_rows or [],
                    "seconds": time.time() - t0}
         save_figures(figures, args.out)

@@ -261,6 +261,13 @@ class PassKeyPrompt:
     depth: float  # where the needle sits, as a fraction of the filler (0.1 = near the start)
     input_ids: tuple[int, ...] = field(repr=False)
     text: str = field(repr=False)
+    family: str = "repeat/passkey"  # "<filler>/<wording>" (see family_prompt)
+    question: str = field(default=_QUESTION, repr=False)  # the text's ending after the context
+
+    @property
+    def context_text(self) -> str:
+        """The text before the question (what a query-agnostic compression sees)."""
+        return self.text[: len(self.text) - len(self.question)]
 
     @property
     def num_tokens(self) -> int:
@@ -308,3 +315,92 @@ def score_passkey(model, tokenizer, prompt: PassKeyPrompt, *, hook: KVHook | Non
     answer = tokenizer.decode(greedy(model, state, max_new_tokens))
     found = re.search(r"\d+", answer)
     return PassKeyResult(prompt, answer, found is not None and found.group() == prompt.key)
+
+
+# -- prompt families: several fillers x several needle/question wordings ---------------------------------
+# A family is a filler and a wording. Fillers are generated (a seeded grammar, a held-out text at a
+# seeded offset, or the original repetition), wordings pair a needle with its question; every
+# combination is used (nothing hand-picked), so a method tuned on one family is measured on others.
+WORDINGS = {
+    "passkey": ("The pass key is {key}. Remember it. {key} is the pass key. ", "\n\nWhat is the pass key? The pass key is"),
+    "vault": ("The secret code that opens the vault is {key}. ", "\n\nWhat is the secret code that opens the vault? The code is"),
+    "number": ("Remember this special number: {key}. ", "\n\nWhich special number did you have to remember? The special number is"),
+}
+FILLERS = ("repeat", "grammar", "prose")
+_FAMILY_INTRO = ("There is an important number hidden inside a lot of unrelated text. Find it and memorize it. "
+                 "You will be asked for it at the end.\n\n")
+_SUBJECTS = ("The old sailor", "A young teacher", "My neighbour", "The baker", "A tired student", "The mayor", "Our guide",
+             "The gardener", "A quiet child", "The engineer")
+_VERBS = ("paints", "repairs", "visits", "describes", "carries", "watches", "cleans", "builds", "forgets", "finds")
+_OBJECTS = ("a blue fence", "the small boat", "an empty room", "the river bank", "a wooden chair", "the train station",
+            "a red kite", "the village market", "an old map", "the stone bridge")
+_TAILS = ("in the morning", "after lunch", "before the rain", "with great care", "without a word", "near the harbour",
+          "on a windy day", "for the third time", "at sunset", "in silence")
+
+
+def _grammar_sentences(rng: random.Random):
+    while True:
+        yield f"{rng.choice(_SUBJECTS)} {rng.choice(_VERBS)} {rng.choice(_OBJECTS)} {rng.choice(_TAILS)}. "
+
+
+def _prose_sentences(rng: random.Random):
+    sents = [x.strip() + ". " for x in re.split(r"(?<=[.!?])\s+", heldout_text().replace("\n", " ")) if len(x.strip()) > 20]
+    i = rng.randrange(len(sents))
+    while True:
+        yield sents[i % len(sents)]
+        i += 1
+
+
+def family_prompt(tokenizer, num_tokens: int, depth: float, seed: int = 0, *, filler: str = "repeat",
+                  wording: str = "passkey") -> PassKeyPrompt:
+    """A completion-style prompt of about ``num_tokens`` tokens: an intro, ``filler`` text with the
+    ``wording``'s needle at ``depth``, then its question; the 5-digit key drawn from ``seed``.
+    ``filler="repeat", wording="passkey"`` is ``passkey_prompt``."""
+    if filler not in FILLERS or wording not in WORDINGS:
+        raise ValueError(f"filler must be one of {FILLERS} and wording one of {list(WORDINGS)}, got {filler!r}, {wording!r}")
+    if filler == "repeat" and wording == "passkey":
+        return passkey_prompt(tokenizer, num_tokens, depth, seed)
+    if not 0.0 <= depth <= 1.0:
+        raise ValueError(f"depth must be within [0, 1], got {depth}")
+    key = str(random.Random(f"passkey/{seed}").randint(10000, 99999))
+    needle_t, question = WORDINGS[wording]
+    needle = needle_t.format(key=key)
+
+    def count(s: str) -> int:
+        return len(tokenizer(s, add_special_tokens=False).input_ids)
+
+    rng = random.Random(f"filler/{filler}/{seed}")
+    source = {"repeat": iter(lambda: _FILLER, None), "grammar": _grammar_sentences(rng), "prose": _prose_sentences(rng)}[filler]
+    room = num_tokens - count(_FAMILY_INTRO + needle + question)
+    sents, used = [], 0
+    while used < room:
+        s = next(source)
+        sents.append(s)
+        used += count(s)
+    if len(sents) > 1 and used > room:
+        sents.pop()
+    before = round(len(sents) * depth)
+    text = _FAMILY_INTRO + "".join(sents[:before]) + needle + "".join(sents[before:]) + question
+    ids = tuple(tokenizer(text, add_special_tokens=False).input_ids)
+    return PassKeyPrompt(key, depth, ids, text, f"{filler}/{wording}", question)
+
+
+def family_suite(tokenizer, lengths=(2048,), depths=(0.25, 0.75), num_keys: int = 1, fillers=FILLERS,
+                 wordings=tuple(WORDINGS)) -> list[PassKeyPrompt]:
+    """Every (filler, wording, length, depth, key) combination, keys distinct per combination."""
+    prompts = []
+    for fi, f in enumerate(fillers):
+        for wi, w in enumerate(wordings):
+            for n in lengths:
+                for d in depths:
+                    for k in range(num_keys):
+                        seed = ((fi * 7 + wi) * 100_000 + n) * 1000 + round(d * 100) * 10 + k
+                        prompts.append(family_prompt(tokenizer, n, d, seed, filler=f, wording=w))
+    return prompts
+
+
+def split_context(tokenizer, prompt: PassKeyPrompt) -> tuple[list[int], list[int]]:
+    """``(context ids, question ids)``: the two halves tokenized on their own (what a pipeline that
+    compresses the context, then asks, feeds the model)."""
+    return (tokenizer(prompt.context_text, add_special_tokens=False).input_ids,
+            tokenizer(prompt.question, add_special_tokens=False).input_ids)

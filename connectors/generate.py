@@ -14,11 +14,22 @@ Two hooks, specified in ``service/connectors/protocols.py``:
 
 - ``attention=``: an ``AttentionHook``, any object with ``attach(model)`` returning a context
   manager; every forward call of the request runs inside it (sparse decode plugs in here);
-- ``policy=``: a ``TokenPolicyRuntime`` (e.g. ``hf_tokens.TokenPolicy``), any object with ``generate(model, input_ids, *, max_new_tokens,
-  prefix_kv, num_prefix_tokens) -> list[int]``. ``generate`` then loads the cached prefix, prefills
-  and saves the prompt's remaining full blocks (except the block holding the last prompt token),
-  and hands the policy that KV (per layer ``(k, v)`` ``[1, H_kv, T, D]``) to run the rest of the
-  request under its own cache (token eviction plugs in here). ``ttft_s`` is then ``None``.
+- ``policy=``: a ``TokenPolicyRuntime`` (e.g. ``hf_tokens.TokenPolicy``), any object with ``stream(model,
+  input_ids, *, prefix_kv, num_prefix_tokens, context_tokens) -> Iterator[int]``. With kvtier,
+  ``generate`` then loads the cached prefix, prefills the prompt's remaining full blocks with full
+  attention (all of them, whether or not ``save`` writes them: a cache hit changes nothing but the
+  time) and hands the policy that KV (per layer ``(k, v)`` ``[1, H_kv, T, D]``) to run the rest of
+  the request under its own cache (token eviction plugs in here); it pulls the policy's tokens one at a
+  time, so stop tokens end the request as without a policy.
+
+``context_tokens=N`` says where the context ends: under a policy only the first ``N`` prompt tokens
+are compressed (once), and the rest of the prompt (the question) and the answer run uncompressed on
+top of them, as kvpress does; with kvtier only the context's full blocks are loaded, prefilled and
+saved. Without a policy it changes nothing (every token is kept anyway).
+
+Timings: ``ttft_s`` from the call to the first token (lookup, load, prefill, compression); ``decode_s``
+from the first token to the last (saves included); ``decode_tokens_per_s`` = tokens after the first
+/ ``decode_s``.
 """
 
 from __future__ import annotations
@@ -40,7 +51,7 @@ from .protocols import AttentionHook, TokenPolicyRuntime
 class GenerateResult:
     token_ids: list[int]  # the generated tokens (the prompt not included)
     text: str | None  # their text, when a tokenizer was given
-    ttft_s: float | None  # lookup + load + prefill + first token (the save that follows is not in it); None under a policy
+    ttft_s: float  # lookup + load + prefill (+ compression under a policy) + first token (the save that follows is not in it)
     total_s: float  # the whole call
     decode_s: float  # decode steps after the first token, saves included
     num_prompt_tokens: int
@@ -133,6 +144,7 @@ def generate(
     save: bool = True,
     attention: AttentionHook | None = None,
     policy: TokenPolicyRuntime | None = None,
+    context_tokens: int | None = None,
 ) -> GenerateResult:
     """Generate up to ``max_new_tokens`` tokens after a prompt, reusing and filling kvtier's cache.
 
@@ -150,6 +162,8 @@ def generate(
         save: write the request's new full blocks into kvtier (False: read only).
         attention: ``AttentionHook``; every forward call runs inside ``attention.attach(model)``.
         policy: ``TokenPolicyRuntime`` that runs the request after the cached prefix is loaded.
+        context_tokens: the prompt's first ``context_tokens`` tokens are the context, the rest the
+            question: a policy compresses the context only (see the module docstring).
     """
     ids = _prompt_ids(input_ids_or_text, tokenizer)
     if not isinstance(max_new_tokens, int) or isinstance(max_new_tokens, bool) or max_new_tokens < 1:
@@ -158,8 +172,11 @@ def generate(
         raise ValueError(f"chunk_tokens must be a positive int or None, got {chunk_tokens!r}")
     if attention is not None and not callable(getattr(attention, "attach", None)):
         raise ValueError(f"attention must have attach(model) returning a context manager, got {type(attention).__name__}")
-    if policy is not None and not callable(getattr(policy, "generate", None)):
-        raise ValueError(f"policy must have generate(model, input_ids, ...), got {type(policy).__name__}")
+    if policy is not None and not callable(getattr(policy, "stream", None)):
+        raise ValueError(f"policy must have stream(model, input_ids, ...) (a TokenPolicyRuntime), got {type(policy).__name__}")
+    if context_tokens is not None and (not isinstance(context_tokens, int) or isinstance(context_tokens, bool)
+                                       or not 1 <= context_tokens <= len(ids)):
+        raise ValueError(f"context_tokens must be None or an int in [1, {len(ids)}] (the prompt's length), got {context_tokens!r}")
     stops = _stop_tokens(model, tokenizer, stop_tokens)
     use_kvtier = any(x is not None for x in (store, client, backend))
 
@@ -169,7 +186,9 @@ def generate(
             spec = model_spec(model)
         cache = KVTierCache(model, store=store, client=client, backend=backend, spec=spec, tenant=tenant, salt=salt,
                             extra_keys=extra_keys, save=save)
-        num_cached = cache.load_prefix(ids)
+        # under a policy a prefix never reaches past the context: the question runs on the compressed context
+        limit = len(ids) if policy is None or context_tokens is None or context_tokens == len(ids) else context_tokens + 1
+        num_cached = cache.load_prefix(ids[:limit])
     else:
         from transformers import DynamicCache
 
@@ -178,7 +197,8 @@ def generate(
 
     with context:
         if policy is not None:
-            return _run_policy(model, policy, cache, ids, num_cached, max_new_tokens, chunk_tokens, tokenizer, t0, use_kvtier)
+            return _run_policy(model, policy, cache, ids, num_cached, max_new_tokens, chunk_tokens, tokenizer, t0, use_kvtier,
+                               context_tokens, stops)
         logits = _prefill(model, cache, ids[num_cached:], chunk_tokens)
         tokens = [_pick(logits, temperature, generator)]
         ttft = time.perf_counter() - t0
@@ -200,24 +220,41 @@ def generate(
     return GenerateResult(tokens, text, ttft, t2 - t0, t2 - t1, len(ids), num_cached, cache.stats if use_kvtier else None, finish)
 
 
-def _run_policy(model, policy, cache, ids, num_cached, max_new_tokens, chunk_tokens, tokenizer, t0, use_kvtier) -> GenerateResult:
-    """Prefill and save the prompt's uncached full blocks (all but the last token's), then hand over to the policy."""
+def _run_policy(model, policy, cache, ids, num_cached, max_new_tokens, chunk_tokens, tokenizer, t0, use_kvtier,
+                context_tokens, stops) -> GenerateResult:
+    """Prefill (and save) the prompt's uncached full blocks (all but the last token's, none past the
+    context) with full attention, then pull the policy's tokens until a stop token or ``max_new_tokens``."""
     num_prefix = num_cached
-    if use_kvtier and cache.save_enabled:
+    if use_kvtier:
         bt = cache.spec.block_tokens
-        num_prefix = (len(ids) - 1) // bt * bt
+        num_prefix = min(len(ids) - 1, len(ids) if context_tokens is None else context_tokens) // bt * bt
         if num_prefix > num_cached:
             _prefill(model, cache, ids[num_cached:num_prefix], chunk_tokens)
-            cache.save()
+            cache.save()  # a no-op with save=False
     prefix_kv = cache.prefix_kv() if use_kvtier and num_prefix else None
-    t1 = time.perf_counter()
-    tokens = [int(t) for t in policy.generate(model, list(ids), max_new_tokens=max_new_tokens, prefix_kv=prefix_kv,
-                                              num_prefix_tokens=num_prefix if prefix_kv is not None else 0)]
+    stream = policy.stream(model, list(ids), prefix_kv=prefix_kv, num_prefix_tokens=num_prefix if prefix_kv is not None else 0,
+                           context_tokens=context_tokens)
+    tokens: list[int] = []
+    finish, t1 = "length", None
+    try:
+        for t in stream:  # a policy whose stream ends early ends the request ("length")
+            tokens.append(int(t))
+            if t1 is None:
+                t1 = time.perf_counter()
+            if tokens[-1] in stops:
+                finish = "stop"
+                break
+            if len(tokens) == max_new_tokens:
+                break
+    finally:
+        close = getattr(stream, "close", None)
+        if close is not None:
+            close()
     t2 = time.perf_counter()
-    if len(tokens) > max_new_tokens:
-        raise RuntimeError(f"the policy returned {len(tokens)} tokens, more than max_new_tokens={max_new_tokens}")
+    if t1 is None:
+        raise RuntimeError(f"the policy {type(policy).__name__} streamed no token")
     text = tokenizer.decode(tokens, skip_special_tokens=True) if tokenizer is not None else None
-    return GenerateResult(tokens, text, None, t2 - t0, t2 - t1, len(ids), num_cached, cache.stats if use_kvtier else None)
+    return GenerateResult(tokens, text, t1 - t0, t2 - t0, t2 - t1, len(ids), num_cached, cache.stats if use_kvtier else None, finish)
 
 
 @dataclass

@@ -29,8 +29,10 @@ Three features, each usable on its own or through the transformers connector:
 from __future__ import annotations
 
 import contextlib
+import threading
 import time
 import weakref
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -48,6 +50,8 @@ class SparseDecodeStats:
     selected_tokens: int = 0  # tokens attended by the sparse calls, summed over sequences and KV heads
     context_tokens: int = 0  # tokens full attention would have read in those calls (same sums)
     state_builds: int = 0  # selector states built from the whole context (once per request and layer)
+    dense_calls: int = 0  # decode calls that ran full attention: short context (dense_below, budget), dense layer, state still building
+    background_builds: int = 0  # of the state builds, those run in the background thread
     attention_seconds: float = 0.0  # wall time inside the decode attention function (selection included; on a GPU: launch time)
 
     offloaded_tokens: int = 0  # tokens written to the store (store mode)
@@ -69,8 +73,31 @@ class _Offload:
 
 @dataclass
 class _LayerState:
-    selector_state: Any  # what selector.prepare returned, extended by every select
-    num_tokens: int  # cached tokens the state has seen (a mismatch means the cache changed under it)
+    selector_state: Any  # what selector.prepare returned, extended by every select (None while building)
+    num_tokens: int  # cached tokens the attention has seen (a mismatch means the cache changed under it)
+    pending: Future | None = None  # a state being built in the background; the layer decodes densely until it is done
+
+
+# Context length (tokens) below which a 32-token answer decodes faster with full attention than with
+# the selector at budget 512, set-up (the selector's state) included: measured per selector with
+# ``python bench/e2e_attn.py --crossover`` (the crossover table; SmolLM2-135M, one CPU thread, a
+# shared 2-core box). ``SparseDecode(dense_below="auto")`` reads it for the cache's device type,
+# scaled by ``budget / 512`` for larger budgets. A selector missing here decodes densely below
+# ``_DEFAULT_CROSSOVER``. Not measured on a GPU yet: CUDA uses the CPU figures until it is.
+# Measured: quest, ann, topk_exact. tokenselect scores every key as topk_exact does, and centroids'
+# step loops over heads in Python as ann's does: "never" too (not measured end to end).
+CROSSOVER_TOKENS: dict[str, dict[str, int]] = {
+    "cpu": {"quest": 8192, "topk_exact": 1 << 20, "ann": 1 << 20, "tokenselect": 1 << 20, "centroids": 1 << 20},
+}
+_DEFAULT_CROSSOVER = 8192
+
+# Options a selector named in ``SparseDecode(selector=...)`` gets unless ``selector_options`` says
+# otherwise. Quest on 8-token pages: on 18 pass-key prompts of 2K tokens in nine families (forced
+# sparse, budget 256) 16-token pages lost 2 of the 14 answers full attention gives (the key's last
+# digits: " 6001." for 60031), 8-token pages kept all 14 at the cost of a step of about the same
+# time (docs/token-policies.md). The selector's own default stays the paper's 16.
+DECODE_SELECTOR_DEFAULTS: dict[str, dict] = {"quest": {"page_tokens": 8}}
+_BUILD_STEP = 2048  # keys per piece of a background index build (a cancelled build stops after the current piece)
 
 
 @dataclass
@@ -86,8 +113,19 @@ class SparseDecode:
             4 and 32, when ``None``); only with a selector name.
         dense_layers: the first ``dense_layers`` layers decode with full attention (Quest leaves
             its first two layers dense).
-        selector_options: more options for the selector (e.g. ``page_tokens`` for Quest).
+        selector_options: more options for the selector, over ``DECODE_SELECTOR_DEFAULTS`` (Quest
+            decodes on 8-token pages unless ``page_tokens`` is given).
         record: keep the last selection of every layer in ``last_indices`` (``[B, H_kv, budget]``).
+        dense_below: decode steps whose context is shorter than this many tokens run full attention
+            (transformers' SDPA, as without the hook): below it, the selector's set-up and
+            per-step overhead cost more than the tokens it saves. ``"auto"`` (default): the
+            crossover measured for the selector (``CROSSOVER_TOKENS``, 32-token answers); ``0``:
+            sparse whenever the context exceeds the budget.
+        build: where a layer's selector state (page bounds, ANN indexes, k-means clusters) is
+            built: ``"inline"`` (in the first sparse step, which waits for it), ``"background"``
+            (in a worker thread started by that step; the layer decodes densely until the state is
+            ready, so a short answer never waits for an index), or ``"auto"`` (default): background
+            for selectors whose state is an index (``ann``, ``centroids``), inline otherwise.
         store: a ``kvstore.TieredStore`` to decode with the KV offloaded to (see the module
             docstring); its tiers must use ``paged`` or ``paged_int8``. Batch size 1, the Quest
             selector and no ``dense_layers``. The budget counts the tokens after the last stored
@@ -118,6 +156,8 @@ class SparseDecode:
     dense_layers: int = 0
     selector_options: dict = field(default_factory=dict)
     record: bool = False
+    dense_below: int | str = "auto"
+    build: str = "auto"
     store: Any = None
     block_tokens: int = 64
     resident_tokens: int = 64
@@ -132,7 +172,7 @@ class SparseDecode:
         if not isinstance(self.dense_layers, int) or isinstance(self.dense_layers, bool) or self.dense_layers < 0:
             raise ValueError(f"dense_layers must be a non-negative int, got {self.dense_layers!r}")
         if isinstance(self.selector, str):
-            opts = dict(self.selector_options)
+            opts = {**DECODE_SELECTOR_DEFAULTS.get(self.selector, {}), **self.selector_options}
             if self.num_sink is not None:
                 opts["num_sink"] = self.num_sink
             if self.num_recent is not None:
@@ -145,6 +185,14 @@ class SparseDecode:
             self._selector = self.selector
         else:
             raise ValueError(f"selector must be a selector name or a retrieval selector instance, got {type(self.selector).__name__}")
+        if self.dense_below != "auto" and (not isinstance(self.dense_below, int) or isinstance(self.dense_below, bool)
+                                           or self.dense_below < 0):
+            raise ValueError(f"dense_below must be 'auto' or a non-negative int (tokens), got {self.dense_below!r}")
+        if self.build not in ("auto", "inline", "background"):
+            raise ValueError(f"build must be 'auto', 'inline' or 'background', got {self.build!r}")
+        self._background = self.build == "background" or (self.build == "auto" and getattr(self._selector, "state_is_index", False))
+        self._pool: ThreadPoolExecutor | None = None
+        self._cancels: "weakref.WeakValueDictionary[int, threading.Event]" = weakref.WeakValueDictionary()
         kept = self._selector.num_sink + self._selector.num_recent
         if self.budget < kept:
             raise ValueError(f"budget must be at least num_sink + num_recent = {kept}, got {self.budget}")
@@ -186,8 +234,55 @@ class SparseDecode:
 
     def reset(self) -> None:
         """Forget every request's selector state (the counters stay: ``reset_stats``)."""
+        for _, states in self._states.values():
+            _cancel(states)
+        for ev in list(self._cancels.values()):
+            ev.set()
         self._states.clear()
         self.last_indices.clear()
+
+    def crossover_tokens(self, device: torch.device | str = "cpu") -> int:
+        """The context length from which decode steps go sparse on ``device`` (``dense_below`` resolved)."""
+        if isinstance(self.dense_below, int):
+            return self.dense_below
+        table = CROSSOVER_TOKENS.get(torch.device(device).type, CROSSOVER_TOKENS["cpu"])
+        base = table.get(getattr(self._selector, "name", ""), _DEFAULT_CROSSOVER)
+        return base if self.budget <= 512 else base * self.budget // 512
+
+    def wait_for_states(self, timeout: float | None = None) -> None:
+        """Block until every background state build has finished (tests and benchmarks)."""
+        for _, states in list(self._states.values()):
+            for st in list(states.values()):
+                if st.pending is not None:
+                    st.pending.result(timeout)
+
+    def _build(self, k: torch.Tensor, cancel: threading.Event):
+        """A layer's selector state over ``k`` (in the worker thread): piece by piece when the selector
+        can ``extend`` a state, checking ``cancel`` (the request ended) between pieces; else at once."""
+        extend = getattr(self._selector, "extend", None)
+        T = k.shape[2]
+        if extend is None:
+            return self._selector.prepare(k)
+        state = self._selector.prepare(k[:, :, : min(T, _BUILD_STEP)])
+        for a in range(_BUILD_STEP, T, _BUILD_STEP):
+            if cancel.is_set():
+                return None
+            state = extend(state, k[:, :, : a + _BUILD_STEP])
+        return state
+
+    def _cancel_event(self, cache, states) -> threading.Event:
+        """One event per request, set when its cache is garbage-collected: its builds stop early."""
+        ev = self._cancels.get(id(states))
+        if ev is None:
+            ev = self._cancels[id(states)] = threading.Event()
+            if cache is not None:
+                weakref.finalize(cache, ev.set)
+        return ev
+
+    def _submit(self, fn, *args) -> Future:
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="kvtier-sparse-state", initializer=_one_omp_thread)
+        return self._pool.submit(fn, *args)
 
     def layer_state(self, cache, layer: int) -> Any:
         """The selector state kept for ``(cache, layer)`` (``None`` before its first sparse step)."""
@@ -219,24 +314,35 @@ class SparseDecode:
                 st.num_tokens = T
             return out
         self._check_no_padding(attention_mask, T)
-        from kvtier.sparse_attn import sparse_decode
-
         t0 = time.perf_counter()
         stats = self._stats
         stats.decode_calls += 1
-        q = query[:, :, 0]  # [B, H_q, D]
-        if T <= self.budget or layer < self.dense_layers:
-            lengths = None if T == key.shape[2] else torch.full((B,), T, dtype=torch.int64, device=key.device)
-            o, _ = sparse_decode(q, key, value, None, lengths, scale=scaling)
-        else:
-            k = key[:, :, :T]  # [B, H_kv, T, D] (a view)
-            if st is None:
+        k = key[:, :, :T]  # [B, H_kv, T, D] (a view)
+        dense = T <= self.budget or layer < self.dense_layers or T < self.crossover_tokens(key.device)
+        if not dense and st is None:
+            if self._background:  # the keys so far: a view that stays valid (caches append by copy or after T)
+                st = _LayerState(None, T - 1, self._submit(self._build, k[:, :, : T - 1], self._cancel_event(cache, states)))
+                stats.background_builds += 1
+            else:
                 st = _LayerState(self._selector.prepare(k[:, :, : T - 1]), T - 1)
-                stats.state_builds += 1
-                if states is not None:
-                    states[layer] = st
+            stats.state_builds += 1
+            if states is not None:
+                states[layer] = st
+        if not dense and st.pending is not None:
+            if st.pending.done() and st.pending.result() is not None:
+                st.selector_state, st.pending = st.pending.result(), None  # select() extends it to the new tokens
+            else:
+                dense = True  # never wait for an index: full attention until it is ready (a cancelled build: for good)
+        if dense:  # one query, no padding (checked above): every one of the T cached tokens is visible, no mask needed
+            out = sdpa(module, query, key[:, :, :T], value[:, :, :T], None, scaling=scaling, **kwargs)
+            stats.dense_calls += 1
+        else:
+            from kvtier.sparse_attn import sparse_decode
+
+            q = query[:, :, 0]  # [B, H_q, D]
             ids = self._selector.select(q, k, self.budget, st.selector_state)  # [B, H_kv, budget]
             o, _ = sparse_decode(q, key, value, ids, scale=scaling, check_indices=False)
+            out = (o.unsqueeze(1).to(query.dtype), None)  # [B, 1, H_q, D]
             stats.sparse_calls += 1
             self._selected = self._selected + (ids >= 0).sum()
             stats.context_tokens += B * ids.shape[1] * T
@@ -245,7 +351,7 @@ class SparseDecode:
         if st is not None:
             st.num_tokens = T
         stats.attention_seconds += time.perf_counter() - t0
-        return o.unsqueeze(1).to(query.dtype), None  # [B, 1, H_q, D]
+        return out
 
     # -- store mode ------------------------------------------------------------------------------------
     def _attend_tiered(self, module, query, key, value, attention_mask, *, cache, T, scaling, **kwargs):
@@ -332,8 +438,9 @@ class SparseDecode:
         if entry is not None and entry[0]() is cache:
             return entry[1]
         for k in [k for k, (ref, _) in self._states.items() if ref() is None]:  # caches gone: their states go too
-            del self._states[k]
+            _cancel(self._states.pop(k)[1])
         states: dict[int, _LayerState] = {}
+        self._cancels.pop(id(states), None)  # an id reused from a finished request: its (set) event is not this one's
         self._states[key] = (weakref.ref(cache), states)
         return states
 
@@ -346,6 +453,22 @@ class SparseDecode:
         if not ok:
             raise ValueError("SparseDecode decodes batches of equal-length sequences without padding; the attention mask "
                              "hides some cached tokens (a padded batch): decode such sequences separately")
+
+
+def _cancel(states: dict[int, _LayerState]) -> None:
+    for st in states.values():
+        if st.pending is not None:
+            st.pending.cancel()
+
+
+def _one_omp_thread() -> None:
+    """The state-building thread runs faiss on one OpenMP thread: decode keeps the other cores."""
+    try:
+        import faiss
+
+        faiss.omp_set_num_threads(1)
+    except ImportError:  # pragma: no cover - faiss is a dependency
+        pass
 
 
 from .hf_shared_prefix import shared_prefix_generate  # noqa: E402  (re-exported: one import for the connector)

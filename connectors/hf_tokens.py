@@ -11,9 +11,13 @@ model through an ``EvictingKV`` the same way::
     with evicting_attention(model, kv):
         logits = forward_evicting(model, kv, ids, start=0)     # [1, V] (or [n, V] with all_logits)
 
-``TokenPolicy`` is the whole loop (a ``TokenPolicyRuntime``): chunked prefill with eviction between
-chunks, greedy decode with a compression whenever the fast tier outgrows its budget by
-``compress_every`` tokens, and a prefix whose KV was loaded from kvtier appended as it is.
+``TokenPolicy`` is the whole loop (a ``TokenPolicyRuntime``: ``stream`` yields the greedy tokens one
+at a time, ``generate`` collects them up to ``max_new_tokens`` or a stop token): chunked prefill
+with eviction between chunks and greedy decode with a compression whenever the fast tier outgrows
+its budget by ``compress_every`` tokens; or, with ``context_tokens=N``, one compression of the
+first ``N`` tokens (the context) and the rest uncompressed. A prefix whose KV was loaded from
+kvtier is appended as it is, the queries of its last ``window`` tokens recomputed
+(``prefix_queries``) so that it compresses as if it had been prefilled here.
 """
 
 from __future__ import annotations
@@ -21,7 +25,7 @@ from __future__ import annotations
 import contextlib
 import math
 from dataclasses import dataclass, field
-from typing import Sequence
+from typing import Iterator, Sequence
 
 import torch
 
@@ -104,8 +108,10 @@ class TokenPolicy:
         compress_every: during decode, compress when a head exceeds its budget by this many tokens.
         head_budgets: ``"uniform"`` or ``"adaptive"`` (AdaKV).
 
-    ``generate`` returns the ``max_new_tokens`` generated token ids; ``last_kv`` keeps the
-    ``EvictingKV`` of the last call (its ``stats``, fast and demoted tokens).
+    ``stream`` yields greedy token ids without end, ``generate`` collects ``max_new_tokens`` of them
+    (fewer at a stop token); ``context_tokens=N`` compresses the first ``N`` prompt tokens once and
+    keeps the rest. ``last_kv`` keeps the ``EvictingKV`` of the last call (its ``stats``, fast and
+    demoted tokens).
     """
 
     scorer: str = "snapkv"
@@ -173,42 +179,117 @@ class TokenPolicy:
         kv.compressor.budget = b
         kv.trigger_tokens = b + slack
 
-    @torch.inference_mode()
     def generate(self, model, input_ids: Sequence[int], *, max_new_tokens: int,
-                 prefix_kv: list[tuple[torch.Tensor, torch.Tensor]] | None = None, num_prefix_tokens: int = 0) -> list[int]:
-        """Greedy ``max_new_tokens`` after ``input_ids``; the first ``num_prefix_tokens`` come with
-        their KV in ``prefix_kv`` (per layer ``(k, v)`` ``[1, H_kv, >= num_prefix_tokens, D]``)
-        and are not recomputed (all of them but the last when the prefix is the whole prompt: its
-        logits are needed)."""
-        ids = _check_ids("input_ids", input_ids)
+                 prefix_kv: list[tuple[torch.Tensor, torch.Tensor]] | None = None, num_prefix_tokens: int = 0,
+                 context_tokens: int | None = None, stop_tokens: Sequence[int] = ()) -> list[int]:
+        """Greedy tokens after ``input_ids``: ``max_new_tokens`` of them, or fewer when one of
+        ``stop_tokens`` comes (it is included). The arguments are ``stream``'s."""
         if not isinstance(max_new_tokens, int) or isinstance(max_new_tokens, bool) or max_new_tokens < 0:
             raise ValueError(f"max_new_tokens must be a non-negative int, got {max_new_tokens!r}")
+        stops = set(_check_ids("stop_tokens", list(stop_tokens), allow_empty=True))
+        it = self.stream(model, input_ids, prefix_kv=prefix_kv, num_prefix_tokens=num_prefix_tokens, context_tokens=context_tokens)
+        out: list[int] = []
+        try:
+            while len(out) < max_new_tokens:
+                out.append(next(it))
+                if out[-1] in stops:
+                    break
+        finally:
+            it.close()
+        return out
+
+    def stream(self, model, input_ids: Sequence[int], *, prefix_kv: list[tuple[torch.Tensor, torch.Tensor]] | None = None,
+               num_prefix_tokens: int = 0, context_tokens: int | None = None) -> Iterator[int]:
+        """Greedy token ids after ``input_ids``, one per ``next()``, without end (a ``TokenPolicyRuntime``).
+
+        The arguments are validated here, before the iterator is returned. The first
+        ``num_prefix_tokens`` come with their KV in ``prefix_kv`` (per layer ``(k, v)``
+        ``[1, H_kv, >= num_prefix_tokens, D]``, computed with full attention) and are not recomputed
+        (all of them but the last when the prefix is the whole prompt: its logits are needed); the
+        queries of the prefix's last ``window`` tokens, which the scorer's observation window needs
+        and a cache does not hold, are recomputed from it (one forward of ``window`` tokens), so that
+        a cached prefix compresses as the same prefix prefilled here.
+
+        ``context_tokens=None``: streaming, the whole prompt in chunks with a compression after every
+        chunk, and during decode whenever the fast tier outgrows its budget by ``compress_every``.
+        ``context_tokens=N``: the first ``N`` tokens are prefilled without eviction and compressed
+        once (budget ``target(N)``, observation window: the context's last ``window`` queries), then
+        the rest of the prompt and the answer run on the compressed context without further eviction
+        (kvpress's pipeline: query-agnostic compression of the context, the question uncompressed).
+        """
+        ids = _check_ids("input_ids", input_ids)
         d = model_dims(model)
         P = check_prefix_kv(prefix_kv, num_prefix_tokens, len(ids), d)
-        P = min(P, len(ids) - 1)
+        N = check_context_tokens(context_tokens, len(ids))
+        P = min(P, len(ids) - 1, len(ids) if N is None else N)
+        return self._stream(model, ids, prefix_kv, P, N, d)
+
+    @torch.inference_mode()
+    def _stream(self, model, ids: list[int], prefix_kv, P: int, N: int | None, d) -> Iterator[int]:
         kv = self.new_kv(model)
         self.last_kv = kv
+        end = len(ids) if N is None else N  # the tokens prefilled before the (first) compression
+        first = min(self.chunk_tokens, end - P) if N is None else end - P  # forwarded before the first compression
+        need = min(P, max(0, self.window - first))  # window queries the prefix must supply
+        queries = prefix_queries(model, prefix_kv, ids, P - need, P) if need else None
         for layer in range(d.num_layers) if P else ():
             k, v = prefix_kv[layer]
-            kv.append(layer, k[0, :, :P], v[0, :, :P])
-        out: list[int] = []
+            kv.append(layer, k[0, :, :P], v[0, :, :P], None if queries is None else queries[layer])
         with evicting_attention(model, kv):
-            pos = P
-            logits = None
-            for a in range(P, len(ids), self.chunk_tokens):
-                chunk = ids[a : a + self.chunk_tokens]
-                self._set_budget(kv, pos + len(chunk), 0)
+            pos, logits = P, None
+            for a in range(P, end, self.chunk_tokens):
+                chunk = ids[a : min(a + self.chunk_tokens, end)]
+                if N is None:
+                    self._set_budget(kv, pos + len(chunk), 0)
                 logits = forward_evicting(model, chunk, pos)
                 pos += len(chunk)
-            for i in range(max_new_tokens):
+            if N is not None:  # one compression of the context, then the question on top of it
+                kv.compressor.budget, kv.trigger_tokens = self.target(N), None
+                kv.compress()
+                if N < len(ids):
+                    logits = forward_evicting(model, ids[N:], pos)
+                    pos = len(ids)
+            while True:
                 nxt = int(logits[-1].argmax())
-                out.append(nxt)
-                if i + 1 == max_new_tokens:
-                    break
-                self._set_budget(kv, pos + 1, self.compress_every)
+                yield nxt
+                if N is None:
+                    self._set_budget(kv, pos + 1, self.compress_every)
                 logits = forward_evicting(model, [nxt], pos)
                 pos += 1
-        return out
+
+
+# -- the prefix's window queries -------------------------------------------------------------------------
+PREFIX_QUERIES = "kvtier_prefix_queries"
+
+
+@torch.inference_mode()
+def prefix_queries(model, prefix_kv, ids: Sequence[int], start: int, end: int) -> list[torch.Tensor]:
+    """The queries (after RoPE) of tokens ``start .. end - 1``, per layer ``[H_q, end - start, D]``:
+    one forward of those tokens over the cached KV of tokens ``0 .. start - 1`` (``prefix_kv``, per
+    layer ``(k, v)`` ``[1, H_kv, >= start, D]``), full attention; nothing is appended anywhere.
+
+    A cache holds keys and values, not queries; a scorer's observation window needs the queries of
+    the last tokens, and these are the ones a full prefill of the prefix computes."""
+    from transformers import DynamicCache
+
+    from .hf_dispatch import sdpa
+
+    cache = DynamicCache(config=model.config)
+    if start:
+        for layer, (k, v) in zip(cache.layers, prefix_kv):
+            layer.lazy_initialization(k[:, :, :start], v[:, :, :start])
+            layer.keys, layer.values = k[:, :, :start].contiguous(), v[:, :, :start].contiguous()
+    out: dict[int, torch.Tensor] = {}
+
+    def attention(module, query, key, value, attention_mask, **kwargs):
+        out[module.layer_idx] = query[0].clone()  # [H_q, n, D]
+        return sdpa(module, query, key, value, attention_mask, **kwargs)
+
+    n = end - start
+    with bind(model, PREFIX_QUERIES, attention, sdpa_mask=True):
+        model(input_ids=torch.tensor([list(ids[start:end])], device=model.device), past_key_values=cache,
+              position_ids=torch.arange(start, end, device=model.device).view(1, n), use_cache=True, logits_to_keep=1)
+    return [out[i] for i in range(len(out))]
 
 
 # -- validation shared with the other connectors ----------------------------------------------------------
@@ -241,3 +322,12 @@ def check_prefix_kv(prefix_kv, num_prefix_tokens: int, num_tokens: int, dims) ->
                 raise ValueError(f"prefix_kv[{i}].{name} must be a float tensor [1, {dims.num_kv_heads}, >= {num_prefix_tokens}, "
                                  f"{dims.head_dim}], got {list(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__}")
     return num_prefix_tokens
+
+
+def check_context_tokens(context_tokens, num_tokens: int) -> int | None:
+    """``None`` or an int in ``[1, num_tokens]`` (the prompt's length)."""
+    if context_tokens is None:
+        return None
+    if not isinstance(context_tokens, int) or isinstance(context_tokens, bool) or not 1 <= context_tokens <= num_tokens:
+        raise ValueError(f"context_tokens must be None or an int in [1, {num_tokens}] (the prompt's length), got {context_tokens!r}")
+    return context_tokens

@@ -9,15 +9,18 @@ calls them. They are structural (``typing.Protocol``): any object with the metho
   transformers attention function that runs kvtier's sparse decode for single-token queries and
   full attention otherwise. On exit the model must be as it was.
 - ``TokenPolicyRuntime``: runs a whole request itself. ``generate`` looks up the prompt's cached prefix,
-  loads it (and prefills and saves the uncached full blocks, so that the next request finds them),
-  then hands the policy the prefix KV; the policy prefills the rest of the prompt under its own
-  cache (evicting tokens as it likes) and returns the generated token ids.
+  loads it (and prefills the uncached full blocks with full attention and saves them, so that the
+  next request finds them), then hands the policy the prefix KV; the policy prefills the rest of
+  the prompt under its own cache (evicting tokens as it likes) and *streams* the generated token
+  ids: ``generate`` pulls them one at a time, so it stops at a stop token (EOS) or at
+  ``max_new_tokens`` whatever the policy, and times the first token (``ttft_s``) and the rest
+  (``decode_s``) itself. It closes the iterator when it is done (the policy's ``finally`` blocks run).
 """
 
 from __future__ import annotations
 
 from contextlib import AbstractContextManager
-from typing import Protocol, runtime_checkable
+from typing import Iterator, Protocol, runtime_checkable
 
 import torch
 
@@ -31,20 +34,26 @@ class AttentionHook(Protocol):
 
 @runtime_checkable
 class TokenPolicyRuntime(Protocol):
-    def generate(
+    def stream(
         self,
         model,
         input_ids: list[int],
         *,
-        max_new_tokens: int,
         prefix_kv: list[tuple[torch.Tensor, torch.Tensor]] | None,
         num_prefix_tokens: int,
-    ) -> list[int]:
-        """Generate up to ``max_new_tokens`` token ids after the prompt ``input_ids`` (the whole prompt).
+        context_tokens: int | None,
+    ) -> Iterator[int]:
+        """Greedy token ids after the prompt ``input_ids`` (the whole prompt), lazily, without end.
 
         ``prefix_kv``: the KV of the prompt's first ``num_prefix_tokens`` tokens, one ``(k, v)`` per
-        layer, each ``[1, H_kv, num_prefix_tokens, D]`` in the model's dtype and on its device
-        (positions ``0 .. num_prefix_tokens - 1``, RoPE applied); ``None`` when ``num_prefix_tokens``
-        is 0. The policy prefills ``input_ids[num_prefix_tokens:]`` (at least one token) on top of it.
+        layer, each ``[1, H_kv, >= num_prefix_tokens, D]`` in the model's dtype and on its device
+        (positions ``0 .. num_prefix_tokens - 1``, RoPE applied, computed with full attention);
+        ``None`` when ``num_prefix_tokens`` is 0. The policy prefills ``input_ids[num_prefix_tokens:]``
+        (at least one token) on top of it.
+
+        ``context_tokens``: ``None``, or the number of leading prompt tokens that form the context:
+        the policy compresses those (and only those) once, then runs the rest of the prompt (the
+        question) and the answer uncompressed, as kvpress's pipeline does. ``generate`` never hands
+        over a prefix longer than the context.
         """
         ...

@@ -23,7 +23,9 @@ Registered names (``get_selector(name, **options)``, ``available_selectors()``):
 - ``tokenselect``: TokenSelect's head soft vote: per query head softmax of ``q . k``, summed over
   the group, top tokens by the sum.
 - ``quest``: Quest: per 16-token page the upper bound ``sum_d max(q_d kmin_d, q_d kmax_d)``
-  (maximum over the group), whole pages in score order while they fit the budget.
+  (maximum over the group), whole pages in score order while they fit the budget; with
+  ``refine=r > 1`` the pages for ``r`` times the budget's free tokens are candidates and the
+  budget's best of them by exact ``max_g q_g . k`` are kept (a second pass at token granularity).
 - ``ann``: a ``KeyIndex`` per KV head (``backend``: exact / flat / ivf / hnsw, ``index_options``),
   top-``k`` per query head, merged over the group by maximum score.
 - ``centroids``: Squeezed Attention: faiss k-means over the keys (``tokens_per_cluster``), clusters
@@ -144,6 +146,7 @@ class SelectorBase:
     num_sink: int = 4
     num_recent: int = 32
     name = "base"
+    state_is_index = False  # True: prepare() builds an index (seconds per long context), built off the decode path
 
     def __post_init__(self) -> None:
         for f in ("num_sink", "num_recent"):
@@ -264,11 +267,14 @@ class Quest(SelectorBase):
     """Quest: page upper bounds, whole pages by score while they fit the budget."""
 
     page_tokens: int = PAGE_TOKENS
+    refine: int = 1  # > 1: pages for refine * budget tokens, then the budget's best of them by exact q . k
 
     def __post_init__(self) -> None:
         super().__post_init__()
         if not isinstance(self.page_tokens, int) or self.page_tokens <= 0:
             raise ValueError(f"page_tokens must be a positive int, got {self.page_tokens!r}")
+        if not isinstance(self.refine, int) or isinstance(self.refine, bool) or self.refine < 1:
+            raise ValueError(f"refine must be an int >= 1, got {self.refine!r}")
 
     def prepare(self, k) -> QuestState:
         P = self.page_tokens
@@ -302,7 +308,13 @@ class Quest(SelectorBase):
         T = k.shape[2]
         scores = self.page_scores(q, k, state)  # [B, H_kv, Np]
         self.last_scanned = 2 * scores.shape[-1] / T
-        return choose_pages(scores, reserved, self.page_tokens, self._num_free(budget, reserved))
+        num_free = self._num_free(budget, reserved)
+        picked = choose_pages(scores, reserved, self.page_tokens, num_free * self.refine)
+        if self.refine == 1:
+            return picked
+        exact = (_group(q, k.shape[1]) @ k.float().transpose(-1, -2)).amax(2)  # [B, H_kv, T]
+        self.last_scanned += float(picked.sum(-1).float().mean()) / T
+        return topk_mask(exact.masked_fill(~picked, float("-inf")), num_free)
 
     def select(self, q, k, budget: int, state=None) -> torch.Tensor:
         """As ``SelectorBase.select`` (same ids), computed per page: no ``[B, H_kv, T]`` mask is built,
@@ -313,7 +325,38 @@ class Quest(SelectorBase):
             return super().select(q, k, budget, state)
         scores = self.page_scores(q, k, state)  # [B, H_kv, Np]
         self.last_scanned = 2 * scores.shape[-1] / T
-        return select_pages(scores, T, self.page_tokens, self.num_sink, self.num_recent, budget)
+        if self.refine == 1:
+            return select_pages(scores, T, self.page_tokens, self.num_sink, self.num_recent, budget)
+        sink = min(self.num_sink, T)
+        recent = max(sink, T - self.num_recent) if self.num_recent else T  # tokens [recent, T) are the window
+        num_reserved = sink + T - recent
+        C = num_reserved + self.refine * (budget - num_reserved)  # the free part of the budget, refine times
+        if C >= T:
+            cand = torch.arange(T, device=k.device).expand(B, H_kv, T)
+        else:
+            cand = select_pages(scores, T, self.page_tokens, self.num_sink, self.num_recent, C)  # [B, H_kv, C]
+        self.last_scanned += cand.shape[-1] / T
+        return refine_tokens(_group(q, H_kv), k, cand, budget, sink, recent)
+
+
+def refine_tokens(q4: torch.Tensor, k: torch.Tensor, cand: torch.Tensor, budget: int, sink_end: int, recent_start: int) -> torch.Tensor:
+    """The ``budget`` best of the candidate tokens ``cand [B, H_kv, C]`` (ascending ids, -1 padding) by
+    exact ``max_g q_g . k`` (``q4 [B, H_kv, G, D]``, ``k [B or 1, H_kv, T, D]``), tokens below
+    ``sink_end`` or from ``recent_start`` on always kept: ``[B, H_kv, budget]`` ascending, -1 padding."""
+    B, H_kv, C = cand.shape
+    D = k.shape[-1]
+    idx = cand.clamp(min=0).unsqueeze(-1).expand(B, H_kv, C, D)
+    kc = k.expand(B, -1, -1, -1).gather(2, idx).float()  # [B, H_kv, C, D]
+    s = (q4 @ kc.transpose(-1, -2)).amax(2)  # [B, H_kv, C]
+    s = s.masked_fill((cand < sink_end) | (cand >= recent_start), float("inf")).masked_fill(cand < 0, float("-inf"))
+    top = s.topk(min(budget, C), dim=-1)
+    ids = torch.where(torch.isneginf(top.values), -1, cand.gather(-1, top.indices))
+    big = torch.iinfo(torch.int64).max
+    ids = torch.sort(torch.where(ids < 0, big, ids), dim=-1).values
+    ids = torch.where(ids == big, -1, ids)
+    if ids.shape[-1] < budget:
+        ids = torch.cat([ids, ids.new_full((B, H_kv, budget - ids.shape[-1]), -1)], -1)
+    return ids
 
 
 def choose_pages(scores: torch.Tensor, reserved: torch.Tensor, page_tokens: int, num_free: int) -> torch.Tensor:
@@ -382,6 +425,7 @@ class ANN(SelectorBase):
 
     backend: str = "hnsw"
     index_options: dict = field(default_factory=dict)
+    state_is_index = True
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -399,13 +443,19 @@ class ANN(SelectorBase):
             indexes.append(row)
         return ANNState(indexes, T)
 
-    def _extend(self, state: ANNState, k) -> None:
+    def extend(self, state: ANNState, k) -> ANNState:
+        """Add the keys ``k[:, :, state.num_tokens:]`` to the indexes (``k [Bk, H_kv, T, D]``): a state
+        prepared over a prefix and extended equals one prepared over all of ``k`` (an index of the
+        same keys), so a long context's index can be built piece by piece."""
         T = k.shape[2]
         if T > state.num_tokens:
             for b, row in enumerate(state.indexes):
                 for h, idx in enumerate(row):
                     idx.add(k[b, h, state.num_tokens : T])
             state.num_tokens = T
+        return state
+
+    _extend = extend
 
     def pick(self, q, k, budget, state, reserved):
         B, H_q, H_kv, T, D = check_qk(q, k)
@@ -476,6 +526,7 @@ class Centroids(SelectorBase):
     hierarchical_above: int = 4096  # fine clusters above which a coarse level is added
     coarse_keep: float = 0.25  # share of the coarse clusters whose members are scored
     niter: int = 10
+    state_is_index = True
 
     def __post_init__(self) -> None:
         super().__post_init__()

@@ -143,3 +143,19 @@ def test_cached_selector_counts_and_threshold():
     assert cs.stats()["entries"] == 2 and cs.misses == 4
     with pytest.raises(ValueError, match="threshold"):
         CachedSelector(get_selector("quest"), threshold=2.0)
+
+
+def test_quest_refine_keeps_the_exact_best_of_its_candidate_pages():
+    from kvtier.retrieval import get_selector
+
+    g = torch.Generator().manual_seed(5)
+    q, k = torch.randn(2, 6, 16, generator=g), torch.randn(2, 2, 400, 16, generator=g)
+    # candidates covering the context: the exact top tokens, as topk_exact
+    assert torch.equal(get_selector("quest", refine=100).select(q, k, 64), get_selector("topk_exact").select(q, k, 64))
+    # otherwise a subset of the pages refine=r would have taken with r times the budget, best first
+    r = get_selector("quest", refine=2).select(q, k, 64)
+    wide = get_selector("quest").select(q, k, 4 + 32 + 2 * (64 - 36))
+    for row, cand in zip(r.reshape(-1, 64), wide.reshape(-1, wide.shape[-1])):
+        assert set(row[row >= 0].tolist()) <= set(cand[cand >= 0].tolist())
+    with pytest.raises(ValueError, match="refine"):
+        get_selector("quest", refine=0)

@@ -80,7 +80,7 @@ def test_sparse_decode_inside_model_generate(model):
     hook = SparseDecode(budget=256)
     with hook.attach(model):
         assert torch.equal(model.generate(ids, **kwargs), ref)
-    sparse = SparseDecode(budget=64)
+    sparse = SparseDecode(budget=64, dense_below=0)
     with sparse.attach(model):
         model.generate(ids, **kwargs)
     assert sparse.stats.sparse_calls == 7 * 2 and sparse.stats.state_builds == 2  # one request, two layers
@@ -94,13 +94,14 @@ def test_sparse_decode_output_is_full_attention_over_the_selected_tokens(model, 
     k = torch.randn(B, H_kv, T, D, generator=g)
     v = torch.randn(B, H_kv, T, D, generator=g)
     module = model.model.layers[1].self_attn
-    hook = SparseDecode(selector=selector, budget=budget, record=True)
+    hook = SparseDecode(selector=selector, budget=budget, dense_below=0, record=True)
     with hook.attach(model):
         out, _ = AttentionInterface()["kvtier_sparse"](module, q, k, v, None, scaling=module.scaling)
     ids = hook.last_indices[1]  # [B, H_kv, budget]
     assert ids.shape == (B, H_kv, budget)
     # the selection is the selector's own (no state: same as a fresh select)
-    assert torch.equal(ids, get_selector(selector).select(q[:, :, 0], k, budget))
+    decode_opts = {"page_tokens": 8} if selector == "quest" else {}  # DECODE_SELECTOR_DEFAULTS
+    assert torch.equal(ids, get_selector(selector, **decode_opts).select(q[:, :, 0], k, budget))
     for b in range(B):
         for h in range(H_kv):
             sel = ids[b, h][ids[b, h] >= 0]
@@ -116,19 +117,19 @@ def test_sparse_decode_output_is_full_attention_over_the_selected_tokens(model, 
 
 def test_incremental_selector_state_equals_recomputation(model):
     ids = prompt(300, seed=2)
-    hook = SparseDecode(selector="quest", budget=64, record=True)
+    hook = SparseDecode(selector="quest", budget=64, dense_below=0, record=True)
     cache = DynamicCache(config=model.config)
-    toks, logits = greedy(model, ids, 40, hook, cache)  # 39 decode steps: crosses two page boundaries
+    toks, logits = greedy(model, ids, 40, hook, cache)  # 39 decode steps: crosses four page boundaries
     assert hook.stats.state_builds == 2 and hook.stats.sparse_calls == 39 * 2  # built once per layer, then extended
-    quest = get_selector("quest")
+    quest = get_selector("quest", page_tokens=8)  # SparseDecode's Quest pages (DECODE_SELECTOR_DEFAULTS)
     for layer in range(2):
         st = hook.layer_state(cache, layer)
         T = cache.layers[layer].keys.shape[2]
-        assert st.num_tokens == (T - 1) // 16 * 16  # the full pages as of the last step
+        assert st.num_tokens == (T - 1) // 8 * 8  # the full pages as of the last step
         fresh = quest.prepare(cache.layers[layer].keys[:, :, : st.num_tokens])
         assert torch.equal(st.kmin, fresh.kmin) and torch.equal(st.kmax, fresh.kmax)
     # and the decoded tokens are those of a run that rebuilds every state at every step
-    rebuilt = SparseDecode(selector="quest", budget=64)
+    rebuilt = SparseDecode(selector="quest", budget=64, dense_below=0)
     cache2 = DynamicCache(config=model.config)
     out = []
     with torch.inference_mode():
@@ -144,11 +145,11 @@ def test_incremental_selector_state_equals_recomputation(model):
 
 
 def test_a_new_cache_is_a_new_request_and_a_cropped_cache_rebuilds(model):
-    hook = SparseDecode(selector="quest", budget=64)
+    hook = SparseDecode(selector="quest", budget=64, dense_below=0)
     a, _ = greedy(model, prompt(200, seed=3), 6, hook)
     b, _ = greedy(model, prompt(220, seed=4), 6, hook)
     assert hook.stats.state_builds == 4  # two requests x two layers
-    assert b == greedy(model, prompt(220, seed=4), 6, SparseDecode(selector="quest", budget=64))[0]
+    assert b == greedy(model, prompt(220, seed=4), 6, SparseDecode(selector="quest", budget=64, dense_below=0))[0]
     # a cache cropped under the hook (speculative decoding does that): the state is rebuilt, not reused
     cache = DynamicCache(config=model.config)
     greedy(model, prompt(200, seed=3), 6, hook, cache)
@@ -159,27 +160,83 @@ def test_a_new_cache_is_a_new_request_and_a_cropped_cache_rebuilds(model):
         model(input_ids=torch.tensor([[1]]), past_key_values=cache, use_cache=True)
     assert hook.stats.state_builds == builds + 2
     st = hook.layer_state(cache, 0)
-    fresh = get_selector("quest").prepare(cache.layers[0].keys[:, :, : st.num_tokens])
+    fresh = get_selector("quest", page_tokens=8).prepare(cache.layers[0].keys[:, :, : st.num_tokens])
     assert torch.equal(st.kmax, fresh.kmax)
 
 
 def test_sparse_decode_batch_equals_each_sequence_alone(model):
     x, y = prompt(180, seed=6), prompt(180, seed=7)
-    both, _ = greedy(model, torch.tensor([x, y]), 8, SparseDecode(budget=64))
-    assert both[0] == greedy(model, x, 8, SparseDecode(budget=64))[0][0]
-    assert both[1] == greedy(model, y, 8, SparseDecode(budget=64))[0][0]
+    both, _ = greedy(model, torch.tensor([x, y]), 8, SparseDecode(budget=64, dense_below=0))
+    assert both[0] == greedy(model, x, 8, SparseDecode(budget=64, dense_below=0))[0][0]
+    assert both[1] == greedy(model, y, 8, SparseDecode(budget=64, dense_below=0))[0][0]
 
 
 def test_sparse_decode_works_with_a_static_cache(model):
     ids = prompt(200, seed=8)
-    dyn, _ = greedy(model, ids, 8, SparseDecode(budget=64))
+    dyn, _ = greedy(model, ids, 8, SparseDecode(budget=64, dense_below=0))
     static = StaticCache(config=model.config, max_cache_len=512)
-    st, _ = greedy(model, ids, 8, SparseDecode(budget=64), static)
+    st, _ = greedy(model, ids, 8, SparseDecode(budget=64, dense_below=0), static)
     assert st == dyn
 
 
+def test_short_contexts_decode_densely_and_equal_full_attention(model):
+    ids = prompt(200, seed=6)
+    ref, _ = greedy(model, ids, 6)
+    hook = SparseDecode(selector="quest", budget=64)  # dense_below="auto": 200 tokens are far below the crossover
+    assert hook.crossover_tokens() > 200 and SparseDecode(budget=1024).crossover_tokens() == 2 * hook.crossover_tokens()
+    assert SparseDecode(budget=64, dense_below=150).crossover_tokens() == 150
+    out, _ = greedy(model, ids, 6, hook)
+    assert out == ref and hook.stats.sparse_calls == 0 and hook.stats.dense_calls == hook.stats.decode_calls == 5 * 2
+    hook = SparseDecode(selector="quest", budget=64, dense_below=203)  # sparse from the step whose context reaches 203
+    greedy(model, ids, 6, hook)
+    assert hook.stats.dense_calls == 2 * 2 and hook.stats.sparse_calls == 3 * 2
+
+
+class _GatedSelector(type(get_selector("ann"))):
+    """ANN whose prepare() waits for a gate: a slow index build, on demand."""
+
+    def __init__(self, gate, **kw) -> None:
+        super().__init__(**kw)
+        self.gate = gate
+
+    def prepare(self, k):
+        assert self.gate.wait(30)
+        return super().prepare(k)
+
+
+def test_index_states_build_in_the_background_and_decode_waits_for_none(model):
+    import threading
+
+    gate = threading.Event()
+    sel = _GatedSelector(gate, num_sink=4, num_recent=16, backend="exact")
+    assert sel.state_is_index
+    hook = SparseDecode(selector=sel, budget=64, dense_below=0)  # build="auto": an index is built in the background
+    ids = prompt(200, seed=7)
+    ref, _ = greedy(model, ids, 4)
+    cache = DynamicCache(config=model.config)
+    with hook.attach(model), torch.inference_mode():
+        lg = model(input_ids=torch.tensor([ids]), past_key_values=cache, use_cache=True).logits[:, -1]
+        toks = []
+        for _ in range(3):  # the index is not ready: full attention, the same tokens as without the hook
+            toks.append(int(lg.argmax()))
+            lg = model(input_ids=torch.tensor([[toks[-1]]]), past_key_values=cache, use_cache=True).logits[:, -1]
+        assert toks == ref[0][:3]
+        assert hook.stats.sparse_calls == 0 and hook.stats.dense_calls == 6 and hook.stats.background_builds == 2
+        gate.set()
+        hook.wait_for_states(30)
+        for _ in range(3):  # ready: sparse, the index extended with the tokens decoded meanwhile
+            toks.append(int(lg.argmax()))
+            lg = model(input_ids=torch.tensor([[toks[-1]]]), past_key_values=cache, use_cache=True).logits[:, -1]
+    assert hook.stats.sparse_calls == 6 and hook.stats.state_builds == 2
+    assert hook.layer_state(cache, 0).num_tokens == 206  # built over 200 tokens, extended to the 6th decoded one
+    inline = SparseDecode(selector=get_selector("ann", num_sink=4, num_recent=16, backend="exact"), budget=64, dense_below=0,
+                          build="inline")
+    greedy(model, ids, 4, inline)
+    assert inline.stats.sparse_calls == 3 * 2 and inline.stats.background_builds == 0
+
+
 def test_sparse_decode_rejects_a_padded_batch(model):
-    hook = SparseDecode(budget=64)
+    hook = SparseDecode(budget=64, dense_below=0)
     ids = torch.tensor([prompt(100, seed=1), prompt(100, seed=2)])
     mask = torch.ones(2, 100, dtype=torch.long)
     mask[1, :10] = 0  # left padding
@@ -203,6 +260,11 @@ def test_sparse_decode_bad_arguments(model):
         SparseDecode(selector=get_selector("quest"), num_sink=2)
     with pytest.raises(ValueError, match="dense_layers"):
         SparseDecode(dense_layers=-1)
+    for bad in (-1, 1.5, "never", True):
+        with pytest.raises(ValueError, match="dense_below"):
+            SparseDecode(dense_below=bad)
+    with pytest.raises(ValueError, match="build"):
+        SparseDecode(build="later")
     with pytest.raises(ValueError, match="causal LM"):
         SparseDecode().attach(torch.nn.Linear(2, 2))
     hook = SparseDecode()
@@ -322,7 +384,7 @@ def test_sparse_decode_answers_the_pass_key_on_the_reference_model():
     torch.set_num_threads(2)
     ref, tok = refmodel.load_model()
     p = refmodel.passkey_prompt(tok, 2048, 0.5, seed=4)
-    hook = SparseDecode(selector="quest", budget=512)
+    hook = SparseDecode(selector="quest", budget=512, dense_below=0)
     toks, _ = greedy(ref, list(p.input_ids), 8, hook)
     assert tok.decode(toks[0]).strip().startswith(p.key)
     assert hook.stats.sparse_calls == 7 * 30 and hook.stats.read_fraction < 0.3

@@ -240,17 +240,17 @@ class FullAttentionPolicy:
         self.seen: list[tuple[int, list[tuple[int, ...]] | None]] = []
 
     @torch.inference_mode()
-    def generate(self, model, input_ids, *, max_new_tokens, prefix_kv, num_prefix_tokens):
+    def stream(self, model, input_ids, *, prefix_kv, num_prefix_tokens, context_tokens):
         self.seen.append((num_prefix_tokens, None if prefix_kv is None else [tuple(k.shape) for k, _ in prefix_kv]))
         cache = DynamicCache(config=model.config)
         if prefix_kv is not None:
             for layer, (k, v) in zip(cache.layers, prefix_kv):
                 layer.update(k, v)
         logits = model(input_ids=torch.tensor([input_ids[num_prefix_tokens:]]), past_key_values=cache, use_cache=True).logits[0, -1]
-        out = [int(logits.argmax())]
-        while len(out) < max_new_tokens:
-            out.append(int(model(input_ids=torch.tensor([out[-1:]]), past_key_values=cache, use_cache=True).logits[0, -1].argmax()))
-        return out
+        while True:
+            t = int(logits.argmax())
+            yield t
+            logits = model(input_ids=torch.tensor([[t]]), past_key_values=cache, use_cache=True).logits[0, -1]
 
 
 def test_attention_hook_wraps_every_forward_call(model, store):
@@ -271,7 +271,7 @@ def test_policy_gets_the_cached_prefix_and_the_blocks_get_saved(model, store):
     r2 = generate(model, ids, store=store, spec=SPEC32, max_new_tokens=6, policy=policy)
     # cold: generate prefilled and saved the 4 full blocks before handing over; warm: loaded them
     assert policy.seen == [(64, [(1, 2, 64, 16)] * 2)] * 2
-    assert r1.num_cached_tokens == 0 and r2.num_cached_tokens == 64 and r1.ttft_s is None
+    assert r1.num_cached_tokens == 0 and r2.num_cached_tokens == 64 and 0 < r1.ttft_s <= r1.total_s
     assert r1.token_ids == r2.token_ids == base.token_ids
     assert store.stats()["blocks"] == 4
     # without kvtier the policy gets no prefix
@@ -366,10 +366,13 @@ def test_generate_with_sparse_decode_covering_the_context_equals_plain(model, st
     warm = generate(model, ids, store=store, spec=SPEC32, max_new_tokens=12, stop_tokens=(), attention=sparse)
     assert warm.num_cached_tokens == 64 and sparse.stats.decode_calls > 0
     assert cold.token_ids == warm.token_ids == base.token_ids
-    small = SparseDecode("quest", budget=32, num_sink=0, num_recent=16)  # a third of the context: really sparse
+    small = SparseDecode("quest", budget=32, num_sink=0, num_recent=16, dense_below=0)  # a third of the context: really sparse
     r = generate(model, ids, store=store, spec=SPEC32, max_new_tokens=12, stop_tokens=(), attention=small)
     assert r.num_cached_tokens == 64 and len(r.token_ids) == 12
     assert small.stats.sparse_calls > 0 and small.stats.selected_tokens < small.stats.context_tokens
+    auto = SparseDecode("quest", budget=32, num_sink=0, num_recent=16)  # 80 tokens: far below the crossover, dense
+    r = generate(model, ids, store=store, spec=SPEC32, max_new_tokens=12, stop_tokens=(), attention=auto)
+    assert r.token_ids == base.token_ids and auto.stats.sparse_calls == 0 and auto.stats.dense_calls == auto.stats.decode_calls > 0
 
 
 def test_generate_with_a_real_token_policy_uses_the_cached_prefix(model, store):
@@ -402,3 +405,111 @@ def test_generate_shared_prefix_loads_the_prefix_from_kvtier_and_matches_each_se
     assert base.token_ids == alone and base.cache is None
     with pytest.raises(ValueError):
         generate_shared_prefix(model, prefix, [], store=store, spec=SPEC32)
+
+
+# -- generate() under a token policy: stop tokens, timings, context-only compression, cache hits -------
+def _fast_positions(kv) -> list[list[list[int]]]:
+    return [[kv.fast_positions(layer, h).tolist() for h in range(kv.num_kv_heads)] for layer in range(kv.num_layers)]
+
+
+def test_policy_stops_at_a_stop_token_and_times_the_first_token(model, store):
+    from kvtier.connectors.hf_tokens import TokenPolicy
+
+    ids = prompt(60, seed=21)
+    base = generate(model, ids, max_new_tokens=8, stop_tokens=()).token_ids
+    stop = base[3]
+    for kw in ({}, dict(store=store, spec=SPEC32), dict(context_tokens=50)):
+        policy = TokenPolicy("snapkv", ratio=0.0, chunk_tokens=32)  # nothing evicted: plain greedy
+        r = generate(model, ids, max_new_tokens=8, stop_tokens=[stop], policy=policy, **kw)
+        assert r.token_ids == base[: base.index(stop) + 1] and r.finish_reason == "stop"
+        assert 0 < r.ttft_s < r.total_s and r.decode_s < r.total_s
+        assert abs(r.ttft_s + r.decode_s - r.total_s) < 0.05  # decode_s starts at the first token
+        assert r.decode_tokens_per_s == pytest.approx((len(r.token_ids) - 1) / r.decode_s)
+        r = generate(model, ids, max_new_tokens=8, stop_tokens=(), policy=policy, **kw)
+        assert r.token_ids == base and r.finish_reason == "length"
+
+
+def test_context_tokens_compresses_the_context_once_and_keeps_the_question(model):
+    """generate(policy, context_tokens=N) = kvpress's pipeline: the context's KV and its last
+    ``window`` queries, one compression, then the question and the answer on top, never evicted."""
+    from kvtier.eviction.tokens import Compressor
+    from kvtier.connectors.hf_tokens import TokenPolicy, greedy_evicting, make_evicting_kv
+
+    ids = prompt(100, seed=22)
+    N, budget, window = 80, 24, 8
+    policy = TokenPolicy("snapkv", budget=budget, window=window, sink_tokens=2, window_tokens=4, chunk_tokens=32)
+    r = generate(model, ids, max_new_tokens=6, stop_tokens=(), policy=policy, context_tokens=N)
+    kv = policy.last_kv
+    assert kv.stats.compressions == 2  # once per layer
+    for layer in range(2):
+        for h in range(2):
+            pos = kv.fast_positions(layer, h)
+            assert int((pos < N).sum()) == budget  # the context, compressed
+            assert pos[pos >= N].tolist() == list(range(N, len(ids) + 5))  # the question and the answer, all kept
+    # the same compression by hand: the context's KV and window queries, one compress(), then the rest
+    ref_kv = make_evicting_kv(model, Compressor("snapkv", budget=budget, sink_tokens=2, window_tokens=4), observation_window=window)
+    assert greedy_evicting(model, ref_kv, ids[:N], 0, 0) == []
+    ref_kv.compress()
+    assert greedy_evicting(model, ref_kv, ids[N:], N, 6) == r.token_ids
+    assert _fast_positions(ref_kv)[0][0][:budget] == _fast_positions(kv)[0][0][:budget]
+
+
+def test_compression_is_the_same_with_and_without_a_cache_hit(model, store):
+    """A cached prefix (its KV, no queries) compresses exactly as the same prefix prefilled in the
+    request: the window queries a cache lacks are recomputed from it."""
+    from kvtier.connectors.hf_tokens import TokenPolicy
+
+    ids = prompt(100, seed=23)
+    for context_tokens in (70, None):  # the context ends 6 tokens after the last full block (64): 2 queries recomputed
+        runs, own = [], TieredStore([HostTier(1 << 24)])
+        for save in (False, True, True):  # miss without saving, miss that saves, hit
+            policy = TokenPolicy("snapkv", budget=20, window=8, sink_tokens=2, window_tokens=4, chunk_tokens=32, compress_every=4)
+            r = generate(model, ids, store=own, spec=SPEC32, max_new_tokens=6, stop_tokens=(), policy=policy,
+                         context_tokens=context_tokens, save=save)
+            runs.append((r.num_cached_tokens, r.token_ids, _fast_positions(policy.last_kv)))
+        own.close()
+        assert [n for n, _, _ in runs] == [0, 0, 64 if context_tokens else 96]
+        assert runs[0][1:] == runs[1][1:] == runs[2][1:]
+    # without kvtier the context is prefilled inside the policy: the same tokens kept and the same answer
+    policy = TokenPolicy("snapkv", budget=20, window=8, sink_tokens=2, window_tokens=4, chunk_tokens=32)
+    r = generate(model, ids, max_new_tokens=6, stop_tokens=(), policy=policy, context_tokens=70)
+    policy2 = TokenPolicy("snapkv", budget=20, window=8, sink_tokens=2, window_tokens=4, chunk_tokens=32)
+    for _ in range(2):  # the second call hits
+        r2 = generate(model, ids, store=store, spec=SPEC32, max_new_tokens=6, stop_tokens=(), policy=policy2, context_tokens=70)
+    assert r2.num_cached_tokens == 64 and r.token_ids == r2.token_ids
+    assert _fast_positions(policy.last_kv) == _fast_positions(policy2.last_kv)
+
+
+def test_prefix_queries_are_the_queries_of_a_full_prefill(model):
+    from kvtier.connectors.hf_tokens import EVICTING_ATTENTION, prefix_queries  # noqa: F401
+    from kvtier.connectors.hf_dispatch import bind, sdpa
+
+    ids = prompt(40, seed=24)
+    seen = {}
+
+    def capture(module, query, key, value, attention_mask, **kwargs):
+        seen[module.layer_idx] = query[0].clone()
+        return sdpa(module, query, key, value, attention_mask, **kwargs)
+
+    cache = DynamicCache(config=model.config)
+    with torch.inference_mode(), bind(model, "kvtier_test_capture", capture, sdpa_mask=True):
+        model(input_ids=torch.tensor([ids]), past_key_values=cache, use_cache=True)
+    kv = [(lay.keys, lay.values) for lay in cache.layers]
+    q = prefix_queries(model, kv, ids, 30, 40)
+    for layer in range(2):
+        torch.testing.assert_close(q[layer], seen[layer][:, 30:40], rtol=1e-5, atol=1e-5)
+
+
+def test_context_tokens_bad_values(model, store):
+    from kvtier.connectors.hf_tokens import TokenPolicy
+
+    ids = prompt(30, seed=25)
+    for bad in (0, 31, -1, 2.0, True):
+        with pytest.raises(ValueError, match="context_tokens"):
+            generate(model, ids, store=store, spec=SPEC32, policy=TokenPolicy(ratio=0.5), context_tokens=bad)
+        with pytest.raises(ValueError, match="context_tokens"):
+            TokenPolicy(ratio=0.5).stream(model, ids, context_tokens=bad)
+    assert store.stats()["blocks"] == 0
+    # without a policy context_tokens changes nothing
+    assert generate(model, ids, max_new_tokens=3, stop_tokens=(), context_tokens=20).token_ids == \
+        generate(model, ids, max_new_tokens=3, stop_tokens=()).token_ids
