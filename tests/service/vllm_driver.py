@@ -1,0 +1,105 @@
+"""One real vLLM engine with the kvtier connector, driven over stdin/stdout (run with .venv-vllm's python).
+
+    python vllm_driver.py '{"model": DIR, "dtype": "float32", "kvtier": {...extra config...}, ...}'
+
+Reads one JSON command per line on stdin and answers one line ``@@kvtier@@ {json}`` on stdout
+(vLLM's own logging goes to the same streams; only those lines are answers):
+
+- ``{"op": "generate", "prompts": [[ids...], ...], "max_tokens": n}`` ->
+  ``{"tokens": [[ids...]], "num_cached_tokens": [...], "ttft_s": [...], "wall_s": s}``
+  (all prompts submitted together: they run concurrently);
+- ``{"op": "quit"}``.
+
+Options (the JSON argument): ``model``, ``dtype``, ``kvtier`` (``kv_connector_extra_config``; absent:
+no connector), ``kv_role``, ``prefix_caching`` (default false), ``max_num_batched_tokens``,
+``max_model_len``, ``executor`` (``distributed_executor_backend``), ``kv_events_endpoint`` (vLLM's
+own ZMQ event publisher), ``kv_load_failure_policy``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+import traceback
+
+MARK = "@@kvtier@@ "
+
+
+def reply(obj) -> None:
+    sys.stdout.write(MARK + json.dumps(obj) + "\n")
+    sys.stdout.flush()
+
+
+def build_engine(opts: dict):
+    from vllm import LLM
+    from vllm.config import KVEventsConfig, KVTransferConfig
+
+    kwargs = dict(model=opts["model"], dtype=opts.get("dtype", "float32"), enforce_eager=True, seed=0,
+                  max_model_len=opts.get("max_model_len", 4096), enable_prefix_caching=opts.get("prefix_caching", False),
+                  max_num_batched_tokens=opts.get("max_num_batched_tokens", 4096), max_num_seqs=opts.get("max_num_seqs", 16),
+                  disable_log_stats=False)
+    if opts.get("executor"):
+        kwargs["distributed_executor_backend"] = opts["executor"]
+    if opts.get("block_size"):
+        kwargs["block_size"] = opts["block_size"]
+    if opts.get("kvtier") is not None:
+        kwargs["kv_transfer_config"] = KVTransferConfig(
+            kv_connector="KVTierConnector", kv_connector_module_path=opts.get("module", "service.connectors.vllm"),
+            kv_role=opts.get("kv_role", "kv_both"), kv_connector_extra_config=opts["kvtier"],
+            kv_load_failure_policy=opts.get("kv_load_failure_policy", "recompute"))
+    if opts.get("kv_events_endpoint"):
+        kwargs["kv_events_config"] = KVEventsConfig(enable_kv_cache_events=True, publisher="zmq",
+                                                    endpoint=opts["kv_events_endpoint"])
+    return LLM(**kwargs)
+
+
+def generate(llm, cmd: dict) -> dict:
+    from vllm import SamplingParams
+    from vllm.inputs import TokensPrompt
+
+    params = SamplingParams(temperature=0.0, max_tokens=cmd.get("max_tokens", 8), ignore_eos=True)
+    prompts = [TokensPrompt(prompt_token_ids=list(p)) for p in cmd["prompts"]]
+    t0 = time.perf_counter()
+    outs = llm.generate(prompts, params, use_tqdm=False)
+    wall = time.perf_counter() - t0
+    res = {"tokens": [], "num_cached_tokens": [], "ttft_s": [], "wall_s": wall}
+    for o in outs:
+        res["tokens"].append(list(o.outputs[0].token_ids))
+        res["num_cached_tokens"].append(o.num_cached_tokens)
+        m = o.metrics
+        ttft = None
+        if m is not None:
+            ttft = getattr(m, "first_token_latency", None)
+            if ttft is None and getattr(m, "first_token_ts", None) and getattr(m, "arrival_time", None):
+                ttft = m.first_token_ts - m.arrival_time
+        res["ttft_s"].append(ttft)
+    return res
+
+
+def main() -> int:
+    opts = json.loads(sys.argv[1])
+    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+    os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", "nobind")
+    try:
+        llm = build_engine(opts)
+    except Exception as e:  # the engine refused to start: say why, on the answer channel
+        reply({"error": f"{type(e).__name__}: {e}", "traceback": traceback.format_exc()[-6000:]})
+        return 1
+    reply({"ready": True})
+    for line in sys.stdin:
+        cmd = json.loads(line)
+        if cmd["op"] == "quit":
+            break
+        try:
+            reply(generate(llm, cmd))
+        except Exception as e:
+            reply({"error": f"{type(e).__name__}: {e}", "traceback": traceback.format_exc()[-6000:]})
+    reply({"bye": True})
+    del llm
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
