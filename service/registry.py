@@ -94,3 +94,8 @@ class SpecRegistry:
 
     def model_of_fp8(self, fp8: str) -> str | None:
         return self._by_fp8.get(fp8)
+
+    def spec_of_fp8(self, fp8: str) -> KVSpec | None:
+        with self._lock:
+            model = self._by_fp8.get(fp8)
+            return self._specs.get(model) if model is not None else None
