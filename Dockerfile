@@ -10,13 +10,15 @@ ENV PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1 PIP_NO_CACHE_DIR=1
 RUN pip install "torch==${TORCH_VERSION}" --index-url "${TORCH_INDEX}"
 
 WORKDIR /app
-COPY pyproject.toml README.md ./
+COPY pyproject.toml README.md requirements.lock ./
 COPY kvstore ./kvstore
 COPY eviction ./eviction
 COPY retrieval ./retrieval
 COPY sparse_attn ./sparse_attn
 COPY service ./service
-RUN pip install . && useradd --system --uid 10001 --home /data kvtier && mkdir -p /data && chown kvtier /data
+COPY connectors ./connectors
+COPY kvtier ./kvtier
+RUN grep -v '^torch==' requirements.lock > /tmp/constraints.txt && pip install -c /tmp/constraints.txt '.[server,redis,retrieval]' && useradd --system --uid 10001 --home /data kvtier && mkdir -p /data && chown kvtier /data
 
 USER kvtier
 ENV KVTIER_HOST=0.0.0.0 KVTIER_PORT=8080 KVTIER_GRPC_PORT=50051 KVTIER_DATA_DIR=/data

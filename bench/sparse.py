@@ -36,8 +36,8 @@ from common import RESULTS, md_table, save_results  # noqa: E402
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-import sparse_attn  # noqa: E402
-from sparse_attn import (  # noqa: E402
+from kvtier import sparse_attn  # noqa: E402
+from kvtier.sparse_attn import (  # noqa: E402
     attention_mass_covered,
     block_sparse_prefill,
     dense_prefill_torch,

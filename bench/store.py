@@ -24,7 +24,7 @@ from common import LocalRedis, best_of, md_table, paired_medians, save_results  
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from kvstore import HostTier, KVSpec, PrefixIndex, TierConfig, TieredStore, chain_hashes  # noqa: E402
+from kvtier.kvstore import HostTier, KVSpec, PrefixIndex, TierConfig, TieredStore, chain_hashes  # noqa: E402
 
 MIB = 1 << 20
 # (label, spec) with blocks of 1, 6 and 32 MiB (256 tokens, head_dim 128, fp16)
@@ -62,7 +62,7 @@ def bench_host(quick: bool) -> list[dict]:
 def bench_redis(url: str, quick: bool) -> list[dict]:
     import redis
 
-    from kvstore.tiers.redis import RedisTier
+    from kvtier.kvstore.tiers.redis import RedisTier
 
     raw = redis.Redis.from_url(url)
     rows = []

@@ -48,7 +48,7 @@ _FRAME_SLACK = 1024
 def _resolve_policy(policy: Any):
     if not isinstance(policy, str):
         return policy
-    get_policy = importlib.import_module("eviction.blocks").get_policy
+    get_policy = importlib.import_module("kvtier.eviction.blocks").get_policy
     return get_policy(policy)
 
 

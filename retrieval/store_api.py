@@ -30,9 +30,9 @@ from typing import Sequence
 
 import torch
 
-from kvstore.keys import BlockHash, check_keys
-from kvstore.spec import KVSpec
-from kvstore.store import TieredStore
+from kvtier.kvstore.keys import BlockHash, check_keys
+from kvtier.kvstore.spec import KVSpec
+from kvtier.kvstore.store import TieredStore
 
 from .selectors import choose_pages, mask_to_ids
 from .summaries import SummaryStore, quest_scores

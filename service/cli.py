@@ -68,7 +68,7 @@ def serve(args) -> int:
 
 
 def demo(args) -> int:
-    from .connectors.demo import main as run_demo
+    from kvtier.demo import main as run_demo
 
     return run_demo(args)
 

@@ -31,9 +31,9 @@ import httpx
 import msgpack
 import torch
 
-from kvstore import FrameError, KVSpec, decode_frame, get_codec
-from kvstore.codecs.base import tensor_bytes, tensor_from_bytes
-from kvstore.frames import encode_frame_parts
+from kvtier.kvstore import FrameError, KVSpec, decode_frame, get_codec
+from kvtier.kvstore.codecs.base import tensor_bytes, tensor_from_bytes
+from kvtier.kvstore.frames import encode_frame_parts
 
 from . import wire
 from .errors import ServiceError

@@ -18,11 +18,11 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
-from kvstore import FrameError, KVSpec, Namespace, TieredStore, chain_hashes, decode_frame, encode_frame, get_codec
-from kvstore.frames import encode_frame_parts
-from kvstore.codecs.base import tensor_bytes, tensor_from_bytes
+from kvtier.kvstore import FrameError, KVSpec, Namespace, TieredStore, chain_hashes, decode_frame, encode_frame, get_codec
+from kvtier.kvstore.frames import encode_frame_parts
+from kvtier.kvstore.codecs.base import tensor_bytes, tensor_from_bytes
 
-from retrieval import StoreRetriever, SummaryStore
+from kvtier.retrieval import StoreRetriever, SummaryStore
 
 from . import wire
 from .buffers import BufferPool
@@ -410,7 +410,7 @@ class KVService:
         merges them with attention over its local tokens (``sparse_attn.merge_states``). Nothing
         cached: ``o = 0``, ``lse = -inf`` (a state that merges as nothing).
         """
-        from sparse_attn import merge_states, sparse_decode
+        from kvtier.sparse_attn import merge_states, sparse_decode
 
         spec = self.spec_of(p, model)
         ckeys = self._chain(p, spec, token_ids, hashes, salt, extra_keys)

@@ -17,7 +17,7 @@ from typing import Sequence
 import grpc
 import torch
 
-from kvstore import FrameError, KVSpec
+from kvtier.kvstore import FrameError, KVSpec
 
 from . import wire
 from .client import AttentionState, KVTierError, Lookup, Retrieval, decode_items, encode_frames

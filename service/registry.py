@@ -17,7 +17,7 @@ import tempfile
 import threading
 from pathlib import Path
 
-from kvstore import KVSpec
+from kvtier.kvstore import KVSpec
 
 from .errors import NotFound, TooManyRequests
 

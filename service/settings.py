@@ -154,7 +154,7 @@ class Settings(BaseSettings):
     @field_validator("device_policy", "host_policy", "disk_policy", "redis_policy")
     @classmethod
     def _policy(cls, v: str) -> str:
-        from eviction.blocks import available_policies
+        from kvtier.eviction.blocks import available_policies
 
         if v.strip().lower() not in available_policies():
             raise ValueError(f"unknown block policy {v!r}; known: {', '.join(available_policies())}")
@@ -163,7 +163,7 @@ class Settings(BaseSettings):
     @field_validator("host_codec", "disk_codec", "redis_codec")
     @classmethod
     def _codec(cls, v: str) -> str:
-        from kvstore import get_codec
+        from kvtier.kvstore import get_codec
 
         get_codec(v)  # ValueError names the known codecs
         return v

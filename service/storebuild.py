@@ -11,7 +11,7 @@ import logging
 import os
 from pathlib import Path
 
-from kvstore import DeviceTier, DiskTier, HostTier, KVSpec, TierConfig, TieredStore
+from kvtier.kvstore import DeviceTier, DiskTier, HostTier, KVSpec, TierConfig, TieredStore
 
 from .settings import Settings
 
@@ -48,7 +48,7 @@ def build_store(settings: Settings) -> TieredStore:
         disk = DiskTier(blocks_dir(s), s.disk_capacity_bytes, codec=s.disk_codec, fsync=s.disk_fsync)
         tiers.append(TierConfig(disk, policy=s.disk_policy, **marks))
     if s.redis_url:
-        from kvstore.tiers.redis import RedisTier
+        from kvtier.kvstore.tiers.redis import RedisTier
 
         redis_tier = RedisTier(
             s.redis_url, codec=s.redis_codec, capacity_bytes=s.redis_capacity_bytes, ttl_s=s.redis_ttl_s,

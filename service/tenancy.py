@@ -32,7 +32,7 @@ import hashlib
 from dataclasses import dataclass
 from typing import Iterable
 
-from kvstore import Namespace
+from kvtier.kvstore import Namespace
 
 from .errors import Unauthorized
 from .settings import Settings

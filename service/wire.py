@@ -88,7 +88,7 @@ def tensor_to_wire(t, *, binary: bool = True) -> dict:
     """``{"dtype", "shape", "data"}`` of a CPU tensor (``data`` bytes, or base64 text when not ``binary``)."""
     import base64
 
-    from kvstore.codecs.base import tensor_bytes
+    from kvtier.kvstore.codecs.base import tensor_bytes
 
     t = t.detach().cpu().contiguous()
     name = str(t.dtype).removeprefix("torch.")
@@ -107,7 +107,7 @@ def tensor_from_wire(obj, field: str, *, dtypes=("float16", "bfloat16", "float32
 
     import torch
 
-    from kvstore.codecs.base import tensor_from_bytes
+    from kvtier.kvstore.codecs.base import tensor_from_bytes
 
     if not isinstance(obj, dict):
         raise BadRequest(f"{field} must be a tensor: a map {{dtype, shape, data}}, got {type(obj).__name__}", field=field)

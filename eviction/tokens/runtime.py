@@ -158,7 +158,7 @@ class EvictingKV:
         self._append(layer, q, k, v)
         o, lse = self._attend_fast(layer, q)
         if self.mode == "demote" and int(self._layers[layer].dn.max()) > 0:
-            from sparse_attn import merge_states  # imported here: eviction needs sparse_attn only for recall
+            from kvtier.sparse_attn import merge_states  # imported here: eviction needs sparse_attn only for recall
 
             o_r, lse_r = self._attend_recalled(layer, q)
             o, lse = merge_states(o, lse, o_r, lse_r)
@@ -245,7 +245,7 @@ class EvictingKV:
 
     def _attend_recalled(self, layer: int, q: torch.Tensor):
         """Attention of each new query over the demoted tokens its selector recalls: (o, lse) ``[n, H_q, ·]``."""
-        from sparse_attn import sparse_decode
+        from kvtier.sparse_attn import sparse_decode
 
         lay = self._layers[layer]
         H, D = self.num_kv_heads, self.head_dim

@@ -3,9 +3,9 @@
 import grpc
 import warnings
 
-from service.proto import kvtier_pb2 as service_dot_proto_dot_kvtier__pb2
+from kvtier.service.proto import kvtier_pb2 as kvtier_dot_service_dot_proto_dot_kvtier__pb2
 
-GRPC_GENERATED_VERSION = '1.85.1'
+GRPC_GENERATED_VERSION = '1.85.4'
 GRPC_VERSION = grpc.__version__
 _version_not_supported = False
 
@@ -18,7 +18,7 @@ except ImportError:
 if _version_not_supported:
     raise RuntimeError(
         f'The grpc package installed is at version {GRPC_VERSION},'
-        + ' but the generated code in service/proto/kvtier_pb2_grpc.py depends on'
+        + ' but the generated code in kvtier/service/proto/kvtier_pb2_grpc.py depends on'
         + f' grpcio>={GRPC_GENERATED_VERSION}.'
         + f' Please upgrade your grpc module to grpcio>={GRPC_GENERATED_VERSION}'
         + f' or downgrade your generated code using grpcio-tools<={GRPC_VERSION}.'
@@ -36,63 +36,63 @@ class KVTierStub:
         """
         self.RegisterSpec = channel.unary_unary(
                 '/kvtier.v1.KVTier/RegisterSpec',
-                request_serializer=service_dot_proto_dot_kvtier__pb2.Spec.SerializeToString,
-                response_deserializer=service_dot_proto_dot_kvtier__pb2.SpecReply.FromString,
+                request_serializer=kvtier_dot_service_dot_proto_dot_kvtier__pb2.Spec.SerializeToString,
+                response_deserializer=kvtier_dot_service_dot_proto_dot_kvtier__pb2.SpecReply.FromString,
                 _registered_method=True)
         self.Lookup = channel.unary_unary(
                 '/kvtier.v1.KVTier/Lookup',
-                request_serializer=service_dot_proto_dot_kvtier__pb2.LookupRequest.SerializeToString,
-                response_deserializer=service_dot_proto_dot_kvtier__pb2.LookupReply.FromString,
+                request_serializer=kvtier_dot_service_dot_proto_dot_kvtier__pb2.LookupRequest.SerializeToString,
+                response_deserializer=kvtier_dot_service_dot_proto_dot_kvtier__pb2.LookupReply.FromString,
                 _registered_method=True)
         self.PutBlocks = channel.stream_unary(
                 '/kvtier.v1.KVTier/PutBlocks',
-                request_serializer=service_dot_proto_dot_kvtier__pb2.PutRequest.SerializeToString,
-                response_deserializer=service_dot_proto_dot_kvtier__pb2.PutReply.FromString,
+                request_serializer=kvtier_dot_service_dot_proto_dot_kvtier__pb2.PutRequest.SerializeToString,
+                response_deserializer=kvtier_dot_service_dot_proto_dot_kvtier__pb2.PutReply.FromString,
                 _registered_method=True)
         self.GetBlocks = channel.unary_stream(
                 '/kvtier.v1.KVTier/GetBlocks',
-                request_serializer=service_dot_proto_dot_kvtier__pb2.KeysRequest.SerializeToString,
-                response_deserializer=service_dot_proto_dot_kvtier__pb2.BlockReply.FromString,
+                request_serializer=kvtier_dot_service_dot_proto_dot_kvtier__pb2.KeysRequest.SerializeToString,
+                response_deserializer=kvtier_dot_service_dot_proto_dot_kvtier__pb2.BlockReply.FromString,
                 _registered_method=True)
         self.DeleteBlocks = channel.unary_unary(
                 '/kvtier.v1.KVTier/DeleteBlocks',
-                request_serializer=service_dot_proto_dot_kvtier__pb2.KeysRequest.SerializeToString,
-                response_deserializer=service_dot_proto_dot_kvtier__pb2.DeleteReply.FromString,
+                request_serializer=kvtier_dot_service_dot_proto_dot_kvtier__pb2.KeysRequest.SerializeToString,
+                response_deserializer=kvtier_dot_service_dot_proto_dot_kvtier__pb2.DeleteReply.FromString,
                 _registered_method=True)
         self.Pin = channel.unary_unary(
                 '/kvtier.v1.KVTier/Pin',
-                request_serializer=service_dot_proto_dot_kvtier__pb2.PinRequest.SerializeToString,
-                response_deserializer=service_dot_proto_dot_kvtier__pb2.PinReply.FromString,
+                request_serializer=kvtier_dot_service_dot_proto_dot_kvtier__pb2.PinRequest.SerializeToString,
+                response_deserializer=kvtier_dot_service_dot_proto_dot_kvtier__pb2.PinReply.FromString,
                 _registered_method=True)
         self.Unpin = channel.unary_unary(
                 '/kvtier.v1.KVTier/Unpin',
-                request_serializer=service_dot_proto_dot_kvtier__pb2.UnpinRequest.SerializeToString,
-                response_deserializer=service_dot_proto_dot_kvtier__pb2.UnpinReply.FromString,
+                request_serializer=kvtier_dot_service_dot_proto_dot_kvtier__pb2.UnpinRequest.SerializeToString,
+                response_deserializer=kvtier_dot_service_dot_proto_dot_kvtier__pb2.UnpinReply.FromString,
                 _registered_method=True)
         self.Stats = channel.unary_unary(
                 '/kvtier.v1.KVTier/Stats',
-                request_serializer=service_dot_proto_dot_kvtier__pb2.StatsRequest.SerializeToString,
-                response_deserializer=service_dot_proto_dot_kvtier__pb2.JsonReply.FromString,
+                request_serializer=kvtier_dot_service_dot_proto_dot_kvtier__pb2.StatsRequest.SerializeToString,
+                response_deserializer=kvtier_dot_service_dot_proto_dot_kvtier__pb2.JsonReply.FromString,
                 _registered_method=True)
         self.Events = channel.unary_unary(
                 '/kvtier.v1.KVTier/Events',
-                request_serializer=service_dot_proto_dot_kvtier__pb2.EventsRequest.SerializeToString,
-                response_deserializer=service_dot_proto_dot_kvtier__pb2.JsonReply.FromString,
+                request_serializer=kvtier_dot_service_dot_proto_dot_kvtier__pb2.EventsRequest.SerializeToString,
+                response_deserializer=kvtier_dot_service_dot_proto_dot_kvtier__pb2.JsonReply.FromString,
                 _registered_method=True)
         self.Health = channel.unary_unary(
                 '/kvtier.v1.KVTier/Health',
-                request_serializer=service_dot_proto_dot_kvtier__pb2.HealthRequest.SerializeToString,
-                response_deserializer=service_dot_proto_dot_kvtier__pb2.HealthReply.FromString,
+                request_serializer=kvtier_dot_service_dot_proto_dot_kvtier__pb2.HealthRequest.SerializeToString,
+                response_deserializer=kvtier_dot_service_dot_proto_dot_kvtier__pb2.HealthReply.FromString,
                 _registered_method=True)
         self.Retrieve = channel.unary_unary(
                 '/kvtier.v1.KVTier/Retrieve',
-                request_serializer=service_dot_proto_dot_kvtier__pb2.QueryRequest.SerializeToString,
-                response_deserializer=service_dot_proto_dot_kvtier__pb2.RetrieveReply.FromString,
+                request_serializer=kvtier_dot_service_dot_proto_dot_kvtier__pb2.QueryRequest.SerializeToString,
+                response_deserializer=kvtier_dot_service_dot_proto_dot_kvtier__pb2.RetrieveReply.FromString,
                 _registered_method=True)
         self.Attention = channel.unary_unary(
                 '/kvtier.v1.KVTier/Attention',
-                request_serializer=service_dot_proto_dot_kvtier__pb2.QueryRequest.SerializeToString,
-                response_deserializer=service_dot_proto_dot_kvtier__pb2.AttentionReply.FromString,
+                request_serializer=kvtier_dot_service_dot_proto_dot_kvtier__pb2.QueryRequest.SerializeToString,
+                response_deserializer=kvtier_dot_service_dot_proto_dot_kvtier__pb2.AttentionReply.FromString,
                 _registered_method=True)
 
 
@@ -181,63 +181,63 @@ def add_KVTierServicer_to_server(servicer, server):
     rpc_method_handlers = {
             'RegisterSpec': grpc.unary_unary_rpc_method_handler(
                     servicer.RegisterSpec,
-                    request_deserializer=service_dot_proto_dot_kvtier__pb2.Spec.FromString,
-                    response_serializer=service_dot_proto_dot_kvtier__pb2.SpecReply.SerializeToString,
+                    request_deserializer=kvtier_dot_service_dot_proto_dot_kvtier__pb2.Spec.FromString,
+                    response_serializer=kvtier_dot_service_dot_proto_dot_kvtier__pb2.SpecReply.SerializeToString,
             ),
             'Lookup': grpc.unary_unary_rpc_method_handler(
                     servicer.Lookup,
-                    request_deserializer=service_dot_proto_dot_kvtier__pb2.LookupRequest.FromString,
-                    response_serializer=service_dot_proto_dot_kvtier__pb2.LookupReply.SerializeToString,
+                    request_deserializer=kvtier_dot_service_dot_proto_dot_kvtier__pb2.LookupRequest.FromString,
+                    response_serializer=kvtier_dot_service_dot_proto_dot_kvtier__pb2.LookupReply.SerializeToString,
             ),
             'PutBlocks': grpc.stream_unary_rpc_method_handler(
                     servicer.PutBlocks,
-                    request_deserializer=service_dot_proto_dot_kvtier__pb2.PutRequest.FromString,
-                    response_serializer=service_dot_proto_dot_kvtier__pb2.PutReply.SerializeToString,
+                    request_deserializer=kvtier_dot_service_dot_proto_dot_kvtier__pb2.PutRequest.FromString,
+                    response_serializer=kvtier_dot_service_dot_proto_dot_kvtier__pb2.PutReply.SerializeToString,
             ),
             'GetBlocks': grpc.unary_stream_rpc_method_handler(
                     servicer.GetBlocks,
-                    request_deserializer=service_dot_proto_dot_kvtier__pb2.KeysRequest.FromString,
-                    response_serializer=service_dot_proto_dot_kvtier__pb2.BlockReply.SerializeToString,
+                    request_deserializer=kvtier_dot_service_dot_proto_dot_kvtier__pb2.KeysRequest.FromString,
+                    response_serializer=kvtier_dot_service_dot_proto_dot_kvtier__pb2.BlockReply.SerializeToString,
             ),
             'DeleteBlocks': grpc.unary_unary_rpc_method_handler(
                     servicer.DeleteBlocks,
-                    request_deserializer=service_dot_proto_dot_kvtier__pb2.KeysRequest.FromString,
-                    response_serializer=service_dot_proto_dot_kvtier__pb2.DeleteReply.SerializeToString,
+                    request_deserializer=kvtier_dot_service_dot_proto_dot_kvtier__pb2.KeysRequest.FromString,
+                    response_serializer=kvtier_dot_service_dot_proto_dot_kvtier__pb2.DeleteReply.SerializeToString,
             ),
             'Pin': grpc.unary_unary_rpc_method_handler(
                     servicer.Pin,
-                    request_deserializer=service_dot_proto_dot_kvtier__pb2.PinRequest.FromString,
-                    response_serializer=service_dot_proto_dot_kvtier__pb2.PinReply.SerializeToString,
+                    request_deserializer=kvtier_dot_service_dot_proto_dot_kvtier__pb2.PinRequest.FromString,
+                    response_serializer=kvtier_dot_service_dot_proto_dot_kvtier__pb2.PinReply.SerializeToString,
             ),
             'Unpin': grpc.unary_unary_rpc_method_handler(
                     servicer.Unpin,
-                    request_deserializer=service_dot_proto_dot_kvtier__pb2.UnpinRequest.FromString,
-                    response_serializer=service_dot_proto_dot_kvtier__pb2.UnpinReply.SerializeToString,
+                    request_deserializer=kvtier_dot_service_dot_proto_dot_kvtier__pb2.UnpinRequest.FromString,
+                    response_serializer=kvtier_dot_service_dot_proto_dot_kvtier__pb2.UnpinReply.SerializeToString,
             ),
             'Stats': grpc.unary_unary_rpc_method_handler(
                     servicer.Stats,
-                    request_deserializer=service_dot_proto_dot_kvtier__pb2.StatsRequest.FromString,
-                    response_serializer=service_dot_proto_dot_kvtier__pb2.JsonReply.SerializeToString,
+                    request_deserializer=kvtier_dot_service_dot_proto_dot_kvtier__pb2.StatsRequest.FromString,
+                    response_serializer=kvtier_dot_service_dot_proto_dot_kvtier__pb2.JsonReply.SerializeToString,
             ),
             'Events': grpc.unary_unary_rpc_method_handler(
                     servicer.Events,
-                    request_deserializer=service_dot_proto_dot_kvtier__pb2.EventsRequest.FromString,
-                    response_serializer=service_dot_proto_dot_kvtier__pb2.JsonReply.SerializeToString,
+                    request_deserializer=kvtier_dot_service_dot_proto_dot_kvtier__pb2.EventsRequest.FromString,
+                    response_serializer=kvtier_dot_service_dot_proto_dot_kvtier__pb2.JsonReply.SerializeToString,
             ),
             'Health': grpc.unary_unary_rpc_method_handler(
                     servicer.Health,
-                    request_deserializer=service_dot_proto_dot_kvtier__pb2.HealthRequest.FromString,
-                    response_serializer=service_dot_proto_dot_kvtier__pb2.HealthReply.SerializeToString,
+                    request_deserializer=kvtier_dot_service_dot_proto_dot_kvtier__pb2.HealthRequest.FromString,
+                    response_serializer=kvtier_dot_service_dot_proto_dot_kvtier__pb2.HealthReply.SerializeToString,
             ),
             'Retrieve': grpc.unary_unary_rpc_method_handler(
                     servicer.Retrieve,
-                    request_deserializer=service_dot_proto_dot_kvtier__pb2.QueryRequest.FromString,
-                    response_serializer=service_dot_proto_dot_kvtier__pb2.RetrieveReply.SerializeToString,
+                    request_deserializer=kvtier_dot_service_dot_proto_dot_kvtier__pb2.QueryRequest.FromString,
+                    response_serializer=kvtier_dot_service_dot_proto_dot_kvtier__pb2.RetrieveReply.SerializeToString,
             ),
             'Attention': grpc.unary_unary_rpc_method_handler(
                     servicer.Attention,
-                    request_deserializer=service_dot_proto_dot_kvtier__pb2.QueryRequest.FromString,
-                    response_serializer=service_dot_proto_dot_kvtier__pb2.AttentionReply.SerializeToString,
+                    request_deserializer=kvtier_dot_service_dot_proto_dot_kvtier__pb2.QueryRequest.FromString,
+                    response_serializer=kvtier_dot_service_dot_proto_dot_kvtier__pb2.AttentionReply.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -265,8 +265,8 @@ class KVTier:
             request,
             target,
             '/kvtier.v1.KVTier/RegisterSpec',
-            service_dot_proto_dot_kvtier__pb2.Spec.SerializeToString,
-            service_dot_proto_dot_kvtier__pb2.SpecReply.FromString,
+            kvtier_dot_service_dot_proto_dot_kvtier__pb2.Spec.SerializeToString,
+            kvtier_dot_service_dot_proto_dot_kvtier__pb2.SpecReply.FromString,
             options,
             channel_credentials,
             insecure,
@@ -292,8 +292,8 @@ class KVTier:
             request,
             target,
             '/kvtier.v1.KVTier/Lookup',
-            service_dot_proto_dot_kvtier__pb2.LookupRequest.SerializeToString,
-            service_dot_proto_dot_kvtier__pb2.LookupReply.FromString,
+            kvtier_dot_service_dot_proto_dot_kvtier__pb2.LookupRequest.SerializeToString,
+            kvtier_dot_service_dot_proto_dot_kvtier__pb2.LookupReply.FromString,
             options,
             channel_credentials,
             insecure,
@@ -319,8 +319,8 @@ class KVTier:
             request_iterator,
             target,
             '/kvtier.v1.KVTier/PutBlocks',
-            service_dot_proto_dot_kvtier__pb2.PutRequest.SerializeToString,
-            service_dot_proto_dot_kvtier__pb2.PutReply.FromString,
+            kvtier_dot_service_dot_proto_dot_kvtier__pb2.PutRequest.SerializeToString,
+            kvtier_dot_service_dot_proto_dot_kvtier__pb2.PutReply.FromString,
             options,
             channel_credentials,
             insecure,
@@ -346,8 +346,8 @@ class KVTier:
             request,
             target,
             '/kvtier.v1.KVTier/GetBlocks',
-            service_dot_proto_dot_kvtier__pb2.KeysRequest.SerializeToString,
-            service_dot_proto_dot_kvtier__pb2.BlockReply.FromString,
+            kvtier_dot_service_dot_proto_dot_kvtier__pb2.KeysRequest.SerializeToString,
+            kvtier_dot_service_dot_proto_dot_kvtier__pb2.BlockReply.FromString,
             options,
             channel_credentials,
             insecure,
@@ -373,8 +373,8 @@ class KVTier:
             request,
             target,
             '/kvtier.v1.KVTier/DeleteBlocks',
-            service_dot_proto_dot_kvtier__pb2.KeysRequest.SerializeToString,
-            service_dot_proto_dot_kvtier__pb2.DeleteReply.FromString,
+            kvtier_dot_service_dot_proto_dot_kvtier__pb2.KeysRequest.SerializeToString,
+            kvtier_dot_service_dot_proto_dot_kvtier__pb2.DeleteReply.FromString,
             options,
             channel_credentials,
             insecure,
@@ -400,8 +400,8 @@ class KVTier:
             request,
             target,
             '/kvtier.v1.KVTier/Pin',
-            service_dot_proto_dot_kvtier__pb2.PinRequest.SerializeToString,
-            service_dot_proto_dot_kvtier__pb2.PinReply.FromString,
+            kvtier_dot_service_dot_proto_dot_kvtier__pb2.PinRequest.SerializeToString,
+            kvtier_dot_service_dot_proto_dot_kvtier__pb2.PinReply.FromString,
             options,
             channel_credentials,
             insecure,
@@ -427,8 +427,8 @@ class KVTier:
             request,
             target,
             '/kvtier.v1.KVTier/Unpin',
-            service_dot_proto_dot_kvtier__pb2.UnpinRequest.SerializeToString,
-            service_dot_proto_dot_kvtier__pb2.UnpinReply.FromString,
+            kvtier_dot_service_dot_proto_dot_kvtier__pb2.UnpinRequest.SerializeToString,
+            kvtier_dot_service_dot_proto_dot_kvtier__pb2.UnpinReply.FromString,
             options,
             channel_credentials,
             insecure,
@@ -454,8 +454,8 @@ class KVTier:
             request,
             target,
             '/kvtier.v1.KVTier/Stats',
-            service_dot_proto_dot_kvtier__pb2.StatsRequest.SerializeToString,
-            service_dot_proto_dot_kvtier__pb2.JsonReply.FromString,
+            kvtier_dot_service_dot_proto_dot_kvtier__pb2.StatsRequest.SerializeToString,
+            kvtier_dot_service_dot_proto_dot_kvtier__pb2.JsonReply.FromString,
             options,
             channel_credentials,
             insecure,
@@ -481,8 +481,8 @@ class KVTier:
             request,
             target,
             '/kvtier.v1.KVTier/Events',
-            service_dot_proto_dot_kvtier__pb2.EventsRequest.SerializeToString,
-            service_dot_proto_dot_kvtier__pb2.JsonReply.FromString,
+            kvtier_dot_service_dot_proto_dot_kvtier__pb2.EventsRequest.SerializeToString,
+            kvtier_dot_service_dot_proto_dot_kvtier__pb2.JsonReply.FromString,
             options,
             channel_credentials,
             insecure,
@@ -508,8 +508,8 @@ class KVTier:
             request,
             target,
             '/kvtier.v1.KVTier/Health',
-            service_dot_proto_dot_kvtier__pb2.HealthRequest.SerializeToString,
-            service_dot_proto_dot_kvtier__pb2.HealthReply.FromString,
+            kvtier_dot_service_dot_proto_dot_kvtier__pb2.HealthRequest.SerializeToString,
+            kvtier_dot_service_dot_proto_dot_kvtier__pb2.HealthReply.FromString,
             options,
             channel_credentials,
             insecure,
@@ -535,8 +535,8 @@ class KVTier:
             request,
             target,
             '/kvtier.v1.KVTier/Retrieve',
-            service_dot_proto_dot_kvtier__pb2.QueryRequest.SerializeToString,
-            service_dot_proto_dot_kvtier__pb2.RetrieveReply.FromString,
+            kvtier_dot_service_dot_proto_dot_kvtier__pb2.QueryRequest.SerializeToString,
+            kvtier_dot_service_dot_proto_dot_kvtier__pb2.RetrieveReply.FromString,
             options,
             channel_credentials,
             insecure,
@@ -562,8 +562,8 @@ class KVTier:
             request,
             target,
             '/kvtier.v1.KVTier/Attention',
-            service_dot_proto_dot_kvtier__pb2.QueryRequest.SerializeToString,
-            service_dot_proto_dot_kvtier__pb2.AttentionReply.FromString,
+            kvtier_dot_service_dot_proto_dot_kvtier__pb2.QueryRequest.SerializeToString,
+            kvtier_dot_service_dot_proto_dot_kvtier__pb2.AttentionReply.FromString,
             options,
             channel_credentials,
             insecure,

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
-from sparse_attn import AShape, KVLevel, VerticalSlash, block_sparse_pattern, vertical_slash_pattern
+from kvtier.sparse_attn import AShape, KVLevel, VerticalSlash, block_sparse_pattern, vertical_slash_pattern
 
 
 @dataclass(frozen=True)

@@ -12,7 +12,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from eviction.blocks import BlockPolicy, available_policies, get_policy
+from kvtier.eviction.blocks import BlockPolicy, available_policies, get_policy
 
 # Each registered policy with its defaults and with a non-default set of options.
 CONFIGS = {

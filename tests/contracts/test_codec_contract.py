@@ -6,9 +6,9 @@ import msgpack
 import pytest
 import torch
 
-from kvstore import KVSpec, decode_frame, encode_frame
-from kvstore.codecs import Codec, available_codecs, codec_bits_per_element, codec_error_bound, codec_max_error, get_codec
-from kvstore.codecs.base import _STAGES
+from kvtier.kvstore import KVSpec, decode_frame, encode_frame
+from kvtier.kvstore.codecs import Codec, available_codecs, codec_bits_per_element, codec_error_bound, codec_max_error, get_codec
+from kvtier.kvstore.codecs.base import _STAGES
 
 SPEC = KVSpec("codec-contract", num_layers=2, num_kv_heads=2, head_dim=16, dtype="float16", block_tokens=32)
 NAMES = [*available_codecs(), *(f"{c}+{s}" for c in available_codecs() for s in sorted(_STAGES))]

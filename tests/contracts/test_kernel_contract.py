@@ -9,7 +9,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from sparse_attn.registry import KERNELS
+from kvtier.sparse_attn.registry import KERNELS
 from tests.contracts.kernel_cases import BUILDERS, GRID
 
 BACKENDS = ["torch", "triton"]

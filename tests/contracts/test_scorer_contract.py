@@ -13,7 +13,7 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from eviction.tokens import Compressor, ScoreInputs, available_scorers, evicted_ids, get_scorer
+from kvtier.eviction.tokens import Compressor, ScoreInputs, available_scorers, evicted_ids, get_scorer
 
 CONFIGS = {
     "streaming_llm": [{}],

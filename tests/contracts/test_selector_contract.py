@@ -12,7 +12,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from retrieval import CachedSelector, available_selectors, get_selector
+from kvtier.retrieval import CachedSelector, available_selectors, get_selector
 
 # Each registered selector with its defaults (small windows for the small shapes here) and a
 # non-default set of options.

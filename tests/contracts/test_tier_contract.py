@@ -7,7 +7,7 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from kvstore import DeviceTier, DiskTier, HostTier, KVSpec, StorageTier, TierCapabilities, chain_hashes
+from kvtier.kvstore import DeviceTier, DiskTier, HostTier, KVSpec, StorageTier, TierCapabilities, chain_hashes
 
 SPEC = KVSpec("contract", num_layers=2, num_kv_heads=2, head_dim=16, dtype="float16", block_tokens=16)
 OTHER = KVSpec("contract-other", num_layers=2, num_kv_heads=2, head_dim=16, dtype="float16", block_tokens=16)
@@ -29,7 +29,7 @@ def make_tier(request, tmp_path):
         elif kind == "disk":
             t = DiskTier(tmp_path / "disk", capacity)
         else:
-            from kvstore.tiers.redis import RedisTier
+            from kvtier.kvstore.tiers.redis import RedisTier
 
             url = request.getfixturevalue("redis_url" if kind == "redis" else "redis_cluster_url")
             t = RedisTier(url, capacity_bytes=capacity)

@@ -13,7 +13,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from eviction.blocks import (
+from kvtier.eviction.blocks import (
     CostAwarePolicy,
     FIFOPolicy,
     LFUPolicy,
@@ -23,7 +23,7 @@ from eviction.blocks import (
     available_policies,
     get_policy,
 )
-from eviction.blocks.heap import HeapItem, IndexedHeap
+from kvtier.eviction.blocks.heap import HeapItem, IndexedHeap
 
 
 def K(name: str) -> bytes:

@@ -7,8 +7,8 @@ import math
 import pytest
 import torch
 
-from eviction.tokens import Compressor, EvictingKV
-from retrieval import get_selector
+from kvtier.eviction.tokens import Compressor, EvictingKV
+from kvtier.retrieval import get_selector
 
 Hq, H, D = 4, 2, 8
 

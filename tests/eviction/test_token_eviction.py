@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from eviction.tokens import (
+from kvtier.eviction.tokens import (
     Compressor,
     HeadProfile,
     HeadProfiler,

@@ -11,9 +11,9 @@ import pytest
 import torch
 
 from bench import refmodel
-from kvstore import KVSpec
-from kvstore.codecs import get_codec
-from kvstore.codecs.kivi import KiviCodec
+from kvtier.kvstore import KVSpec
+from kvtier.kvstore.codecs import get_codec
+from kvtier.kvstore.codecs.kivi import KiviCodec
 
 L, H, D, BT = 2, 2, 16, 32
 MODEL = SimpleNamespace(config=SimpleNamespace(num_hidden_layers=L, num_key_value_heads=H, head_dim=D, hidden_size=64, num_attention_heads=4))

@@ -6,9 +6,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kvstore import DiskTier, HostTier, KVSpec, TierConfig, TieredStore, chain_hashes, encode_frame
-from kvstore.codecs import codec_max_error, get_codec
-from kvstore.codecs.kivi import KiviCodec
+from kvtier.kvstore import DiskTier, HostTier, KVSpec, TierConfig, TieredStore, chain_hashes, encode_frame
+from kvtier.kvstore.codecs import codec_max_error, get_codec
+from kvtier.kvstore.codecs.kivi import KiviCodec
 
 SPEC = KVSpec("codec-tiers", num_layers=2, num_kv_heads=2, head_dim=16, dtype="float16", block_tokens=32)
 CODECS = ["fp8", "int8", "kivi4", "kivi2h", "kivi4+zstd", "int8+lz4"]
@@ -32,7 +32,7 @@ def make(kind, codec, tmp_path, request):
         return HostTier(1 << 22, codec=codec)
     if kind == "disk":
         return DiskTier(tmp_path / "disk", 1 << 22, codec=codec)
-    from kvstore.tiers.redis import RedisTier
+    from kvtier.kvstore.tiers.redis import RedisTier
 
     return RedisTier(request.getfixturevalue("redis_url"), codec=codec)
 
@@ -81,7 +81,7 @@ def test_disk_frame_with_a_rejected_payload_is_a_counted_miss(name, tmp_path):
 @pytest.mark.redis
 @pytest.mark.parametrize("damage", ["rejected-payload", "unknown-codec", "flipped"])
 def test_redis_frame_with_a_bad_lossy_payload_is_a_counted_miss(damage, redis_url, redis_server):
-    from kvstore.tiers.redis import RedisTier
+    from kvtier.kvstore.tiers.redis import RedisTier
 
     tier = RedisTier(redis_url, codec="kivi4+zstd")
     ks, bs = keys(2, seed=3), blocks(2)
@@ -146,8 +146,8 @@ def test_store_with_a_codec_per_tier(tmp_path):
 
 # -- first-block sinks: the store tells a tier which blocks are a sequence's first ----------------
 def test_kivi4s_keeps_the_first_blocks_sinks_exact_through_the_store(tmp_path):
-    from kvstore import DiskTier, HostTier, KVSpec, Namespace, TieredStore, chain_hashes
-    from kvstore.codecs import codec_for_block, get_codec
+    from kvtier.kvstore import DiskTier, HostTier, KVSpec, Namespace, TieredStore, chain_hashes
+    from kvtier.kvstore.codecs import codec_for_block, get_codec
 
     spec = KVSpec("sinks", num_layers=2, num_kv_heads=2, head_dim=16, dtype="float16", block_tokens=64)
     codec = get_codec("kivi4s")

@@ -10,12 +10,12 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from kvstore import KVSpec
-from kvstore.codecs import available_codecs, codec_bits_per_element, codec_max_error, get_codec
-from kvstore.codecs import kivi
-from kvstore.codecs.kivi import KiviCodec, hadamard
-from kvstore.codecs.lossless import ZstdStage
-from kvstore.codecs.quant import pack_bits, packed_len, unpack_bits
+from kvtier.kvstore import KVSpec
+from kvtier.kvstore.codecs import available_codecs, codec_bits_per_element, codec_max_error, get_codec
+from kvtier.kvstore.codecs import kivi
+from kvtier.kvstore.codecs.kivi import KiviCodec, hadamard
+from kvtier.kvstore.codecs.lossless import ZstdStage
+from kvtier.kvstore.codecs.quant import pack_bits, packed_len, unpack_bits
 
 SPEC = KVSpec("codecs", num_layers=2, num_kv_heads=2, head_dim=32, dtype="float16", block_tokens=32)
 LOSSY = ["fp8", "int8", "kivi4", "kivi2", "kivi2h", "kivi4s", "kivi2hs"]

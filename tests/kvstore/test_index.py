@@ -2,8 +2,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from kvstore import PrefixIndex
-from kvstore.index import NO_PARENT
+from kvtier.kvstore import PrefixIndex
+from kvtier.kvstore.index import NO_PARENT
 
 
 def k(i: int) -> bytes:

@@ -7,9 +7,9 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from kvstore import FrameError, KVSpec, Namespace, chain_hashes, decode_frame, encode_frame, root_hash
-from kvstore.codecs import get_codec
-from kvstore.keys import parse_hash
+from kvtier.kvstore import FrameError, KVSpec, Namespace, chain_hashes, decode_frame, encode_frame, root_hash
+from kvtier.kvstore.codecs import get_codec
+from kvtier.kvstore.keys import parse_hash
 
 SPEC = KVSpec("m", num_layers=2, num_kv_heads=2, head_dim=16, dtype="float16", block_tokens=16)
 

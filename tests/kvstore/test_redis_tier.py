@@ -13,11 +13,11 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from kvstore import KVSpec, chain_hashes, encode_frame
-from kvstore.codecs import base as codec_base
-from kvstore.codecs.base import tensor_bytes, tensor_from_bytes
-from kvstore.tiers import redis as redis_tier
-from kvstore.tiers.redis import RedisTier
+from kvtier.kvstore import KVSpec, chain_hashes, encode_frame
+from kvtier.kvstore.codecs import base as codec_base
+from kvtier.kvstore.codecs.base import tensor_bytes, tensor_from_bytes
+from kvtier.kvstore.tiers import redis as redis_tier
+from kvtier.kvstore.tiers.redis import RedisTier
 from tests import redis_servers
 
 pytestmark = pytest.mark.redis
@@ -222,7 +222,7 @@ def test_corrupt_frames_are_deleted_misses(tier, redis_server, damage, caplog):
         client.set(victim, _frame(ks[1], torch.zeros(other.block_shape, dtype=torch.float16), other))
     elif damage == "empty":
         client.set(victim, b"")
-    with caplog.at_level(logging.WARNING, logger="kvstore.tiers.redis"):
+    with caplog.at_level(logging.WARNING, logger="kvtier.kvstore.tiers.redis"):
         got = tier.get(ks, spec=SPEC)
     assert got[1] is None and same([got[0], got[2]], [bs[0], bs[2]])
     assert client.exists(victim) == 0
@@ -283,7 +283,7 @@ def test_outage_degrades_then_recovers_by_itself(fresh_redis_server, caplog):
 
     server.stop()
     limit = FAST["connect_timeout_s"] + FAST["socket_timeout_s"] + 0.5
-    with caplog.at_level(logging.WARNING, logger="kvstore.tiers.redis"):
+    with caplog.at_level(logging.WARNING, logger="kvtier.kvstore.tiers.redis"):
         for _ in range(3):  # the first call fails fast (refused), the next ones hit the open circuit
             t0 = time.monotonic()
             assert t.get(ks, spec=SPEC) == [None] * 4

@@ -7,7 +7,7 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from kvstore import DiskTier, HostTier, KVSpec, Namespace, TierConfig, TieredStore, chain_hashes
+from kvtier.kvstore import DiskTier, HostTier, KVSpec, Namespace, TierConfig, TieredStore, chain_hashes
 
 SPEC = KVSpec("store", num_layers=2, num_kv_heads=2, head_dim=16, dtype="float16", block_tokens=16)
 B = SPEC.block_nbytes

@@ -7,8 +7,8 @@ import time
 import pytest
 import torch
 
-from kvstore import HostTier, KVSpec, TierConfig, TieredStore, chain_hashes
-from kvstore.tiers.redis import RedisTier
+from kvtier.kvstore import HostTier, KVSpec, TierConfig, TieredStore, chain_hashes
+from kvtier.kvstore.tiers.redis import RedisTier
 
 pytestmark = pytest.mark.redis
 

@@ -11,9 +11,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kvstore import KVSpec
-from kvstore.codecs import get_codec, int8, kivi, quant
-from kvstore.codecs import triton_quant as tq
+from kvtier.kvstore import KVSpec
+from kvtier.kvstore.codecs import get_codec, int8, kivi, quant
+from kvtier.kvstore.codecs import triton_quant as tq
 
 DTYPES = [torch.float16, torch.float32]
 # the kernels run on CUDA tensors where there is a GPU, else on CPU tensors in the interpreter

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from retrieval import available_indexes, make_index
+from kvtier.retrieval import available_indexes, make_index
 
 # exhaustive settings for the approximate backends, so that on small data they must be exact
 EXHAUSTIVE = {
@@ -98,7 +98,7 @@ def test_bad_input(name):
 
 
 def test_gpu_refused_without_gpu():
-    from retrieval import gpu_available
+    from kvtier.retrieval import gpu_available
 
     if gpu_available():
         pytest.skip("a GPU is present")

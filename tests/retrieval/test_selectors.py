@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from retrieval import CachedSelector, get_selector
-from retrieval.selectors import choose_pages
+from kvtier.retrieval import CachedSelector, get_selector
+from kvtier.retrieval.selectors import choose_pages
 
 
 def _data(seed, B=2, H_q=4, H_kv=2, T=500, D=16):
@@ -82,7 +82,7 @@ def test_quest_select_per_page_equals_the_token_mask_path(seed):
     path (choose_pages over token masks, then compose), ties and partly reserved pages included."""
     import random
 
-    from retrieval.selectors import SelectorBase
+    from kvtier.retrieval.selectors import SelectorBase
 
     rnd = random.Random(seed)
     T, P = rnd.randint(2, 700), rnd.choice([4, 8, 16])

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kvstore import DiskTier, HostTier, KVSpec, TieredStore, chain_hashes
-from retrieval import StoreRetriever, SummaryStore
+from kvtier.kvstore import DiskTier, HostTier, KVSpec, TieredStore, chain_hashes
+from kvtier.retrieval import StoreRetriever, SummaryStore
 
 SPEC = KVSpec("retrieval-test", num_layers=2, num_kv_heads=2, head_dim=16, dtype="float32", block_tokens=64)
 NUM_BLOCKS = 8

@@ -7,7 +7,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from retrieval import SummaryStore, page_bounds, quest_scores, summarize_block
+from kvtier.retrieval import SummaryStore, page_bounds, quest_scores, summarize_block
 
 floats = st.floats(-1e3, 1e3, allow_nan=False, allow_infinity=False, width=32)
 

@@ -2,7 +2,7 @@ from __future__ import annotations
 
 import pytest
 
-from kvstore import KVSpec
+from kvtier.kvstore import KVSpec
 
 from .server import ServiceProcess
 

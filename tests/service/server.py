@@ -41,7 +41,7 @@ class ServiceProcess:
 
     def start(self, timeout_s: float = 30.0) -> "ServiceProcess":
         self._logf = open(self.log, "ab")
-        self.proc = subprocess.Popen([sys.executable, "-m", "service.cli", "serve"], cwd=ROOT, env=self.env,
+        self.proc = subprocess.Popen([sys.executable, "-m", "kvtier.service.cli", "serve"], cwd=ROOT, env=self.env,
                                      stdout=self._logf, stderr=subprocess.STDOUT, preexec_fn=_die_with_parent)
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:

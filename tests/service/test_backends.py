@@ -6,9 +6,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kvstore import HostTier, KVSpec, TieredStore, chain_hashes
-from service.client import KVTierClient
-from service.connectors.backends import ServiceBackend, StoreBackend
+from kvtier.kvstore import HostTier, KVSpec, TieredStore, chain_hashes
+from kvtier.service.client import KVTierClient
+from kvtier.connectors.backends import ServiceBackend, StoreBackend
 
 SPEC = KVSpec("backends-test", num_layers=2, num_kv_heads=2, head_dim=8, dtype="float16", block_tokens=16)
 

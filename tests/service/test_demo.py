@@ -11,10 +11,10 @@ import torch
 pytest.importorskip("transformers")
 from transformers import LlamaConfig, LlamaForCausalLM  # noqa: E402
 
-from kvstore import HostTier, KVSpec, TieredStore  # noqa: E402
-from service import cli  # noqa: E402
-from service.client import KVTierClient  # noqa: E402
-from service.connectors import demo, refmodel  # noqa: E402
+from kvtier.kvstore import HostTier, KVSpec, TieredStore  # noqa: E402
+from kvtier.service import cli  # noqa: E402
+from kvtier.service.client import KVTierClient  # noqa: E402
+from kvtier import demo, refmodel  # noqa: E402
 
 needs_refmodel = pytest.mark.skipif(not refmodel.is_installed(), reason="reference model not installed (make setup installs it)")
 

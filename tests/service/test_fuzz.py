@@ -16,10 +16,10 @@ import msgpack
 import pytest
 import torch
 
-from kvstore import KVSpec, chain_hashes, encode_frame
-from kvstore.codecs.base import tensor_bytes
-from service import wire
-from service.client import KVTierClient, encode_blocks
+from kvtier.kvstore import KVSpec, chain_hashes, encode_frame
+from kvtier.kvstore.codecs.base import tensor_bytes
+from kvtier.service import wire
+from kvtier.service.client import KVTierClient, encode_blocks
 
 from .conftest import TINY
 from .server import ServiceProcess

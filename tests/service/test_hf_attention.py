@@ -15,9 +15,9 @@ import torch
 transformers = pytest.importorskip("transformers", reason="the connectors need transformers (make setup installs it)")
 from transformers import AttentionInterface, DynamicCache, LlamaConfig, LlamaForCausalLM, StaticCache  # noqa: E402
 
-from retrieval import get_selector  # noqa: E402
-from service.connectors.hf_attention import SparseDecode, TokenPolicy, shared_prefix_generate  # noqa: E402
-from service.connectors.hf_shared_prefix import SharedPrefixStats, prefix_kv_of  # noqa: E402
+from kvtier.retrieval import get_selector  # noqa: E402
+from kvtier.connectors.hf_attention import SparseDecode, TokenPolicy, shared_prefix_generate  # noqa: E402
+from kvtier.connectors.hf_shared_prefix import SharedPrefixStats, prefix_kv_of  # noqa: E402
 
 VOCAB = 128
 

@@ -14,11 +14,11 @@ import torch
 transformers = pytest.importorskip("transformers")
 from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM  # noqa: E402
 
-from kvstore import DiskTier, HostTier, KVSpec, Namespace, TierConfig, TieredStore, chain_hashes  # noqa: E402
-from service.client import KVTierClient  # noqa: E402
-from service.connectors.generate import generate  # noqa: E402
-from service.connectors.hf_cache import CacheStats, KVTierCache, StoreBackend, model_spec  # noqa: E402
-from service.connectors.protocols import AttentionHook, TokenPolicyRuntime  # noqa: E402
+from kvtier.kvstore import DiskTier, HostTier, KVSpec, Namespace, TierConfig, TieredStore, chain_hashes  # noqa: E402
+from kvtier.service.client import KVTierClient  # noqa: E402
+from kvtier.connectors.generate import generate  # noqa: E402
+from kvtier.connectors.hf_cache import CacheStats, KVTierCache, StoreBackend, model_spec  # noqa: E402
+from kvtier.connectors.protocols import AttentionHook, TokenPolicyRuntime  # noqa: E402
 
 BT = 16
 SPEC32 = KVSpec("tiny-llama-test", num_layers=2, num_kv_heads=2, head_dim=16, dtype="float32", block_tokens=BT)
@@ -356,7 +356,7 @@ def test_store_backend_checks_and_stats_dict(store):
 
 # -- generate() with the real runtimes of hf_attention / hf_tokens -------------------------------------
 def test_generate_with_sparse_decode_covering_the_context_equals_plain(model, store):
-    from service.connectors.hf_attention import SparseDecode
+    from kvtier.connectors.hf_attention import SparseDecode
 
     ids = prompt(80, seed=11)
     base = generate(model, ids, max_new_tokens=12, stop_tokens=())
@@ -373,7 +373,7 @@ def test_generate_with_sparse_decode_covering_the_context_equals_plain(model, st
 
 
 def test_generate_with_a_real_token_policy_uses_the_cached_prefix(model, store):
-    from service.connectors.hf_tokens import TokenPolicy
+    from kvtier.connectors.hf_tokens import TokenPolicy
 
     ids = prompt(90, seed=12)
     base = generate(model, ids, max_new_tokens=10, stop_tokens=())
@@ -389,7 +389,7 @@ def test_generate_with_a_real_token_policy_uses_the_cached_prefix(model, store):
 
 
 def test_generate_shared_prefix_loads_the_prefix_from_kvtier_and_matches_each_sequence_alone(model, store):
-    from service.connectors.generate import generate_shared_prefix
+    from kvtier.connectors.generate import generate_shared_prefix
 
     prefix = prompt(70, seed=13)
     suffixes = [prompt(5, seed=20 + b) for b in range(3)]

@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 import torch
 
-from service.client import KVTierClient
-from service.kv_events import encode_batch, event_to_wire
+from kvtier.service.client import KVTierClient
+from kvtier.service.kv_events import encode_batch, event_to_wire
 from tests.redis_servers import free_port
 
 from .conftest import TINY

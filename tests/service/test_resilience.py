@@ -8,8 +8,8 @@ import httpx
 import pytest
 import torch
 
-from kvstore import KVSpec, Namespace, chain_hashes
-from service.client import KVTierClient
+from kvtier.kvstore import KVSpec, Namespace, chain_hashes
+from kvtier.service.client import KVTierClient
 
 from .conftest import TINY
 from .server import ServiceProcess

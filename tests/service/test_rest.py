@@ -12,9 +12,9 @@ import numpy as np
 import pytest
 import torch
 
-from kvstore import KVSpec, Namespace, chain_hashes, decode_frame
-from service import wire
-from service.client import AsyncKVTierClient, KVTierClient, KVTierError, encode_blocks
+from kvtier.kvstore import KVSpec, Namespace, chain_hashes, decode_frame
+from kvtier.service import wire
+from kvtier.service.client import AsyncKVTierClient, KVTierClient, KVTierError, encode_blocks
 
 from .conftest import TINY
 from .server import ServiceProcess

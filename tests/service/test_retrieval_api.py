@@ -19,10 +19,10 @@ import msgpack
 import pytest
 import torch
 
-from kvstore import KVSpec, chain_hashes
-from service.client import AsyncKVTierClient, KVTierClient, KVTierError
-from service.grpc_client import AsyncKVTierGrpcClient, KVTierGrpcClient
-from sparse_attn import merge_states, sparse_decode
+from kvtier.kvstore import KVSpec, chain_hashes
+from kvtier.service.client import AsyncKVTierClient, KVTierClient, KVTierError
+from kvtier.service.grpc_client import AsyncKVTierGrpcClient, KVTierGrpcClient
+from kvtier.sparse_attn import merge_states, sparse_decode
 
 from .conftest import TINY
 from .server import ServiceProcess
@@ -217,9 +217,9 @@ def test_bad_input_is_a_4xx_naming_the_field_and_changes_nothing(server, cached)
 
 def test_summaries_are_bounded_and_retrieval_recomputes_dropped_ones(tmp_path: Path):
     """In process: the put path feeds the summaries within summary_capacity_bytes; a dropped one is recomputed."""
-    from service.core import open_service
-    from service.settings import Settings
-    from service.tenancy import Principal
+    from kvtier.service.core import open_service
+    from kvtier.service.settings import Settings
+    from kvtier.service.tenancy import Principal
 
     spec = KVSpec("tiny", num_layers=2, num_kv_heads=2, head_dim=8, dtype="float16", block_tokens=16)
     one = 3 * 2 * 2 * 1 * 8 * 2  # kmin, kmax, kmean: [L, H_kv, 1 page, D] float16

@@ -14,9 +14,9 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from schemathesis.checks import not_a_server_error
 
-from kvstore import chain_hashes
-from service import wire
-from service.client import KVTierClient
+from kvtier.kvstore import chain_hashes
+from kvtier.service import wire
+from kvtier.service.client import KVTierClient
 
 from .conftest import TINY
 from .server import ServiceProcess

@@ -9,7 +9,7 @@ import sys
 import pytest
 from pydantic import ValidationError
 
-from service.settings import Settings, parse_bytes, settings_table
+from kvtier.service.settings import Settings, parse_bytes, settings_table
 
 from .server import ROOT
 
@@ -61,7 +61,7 @@ def test_units_and_table():
 
 def _cli(*args, env=None, timeout=60):
     e = {**os.environ, "PYTHONPATH": str(ROOT), **(env or {})}
-    return subprocess.run([sys.executable, "-m", "service.cli", *args], cwd=ROOT, env=e, capture_output=True, text=True, timeout=timeout)
+    return subprocess.run([sys.executable, "-m", "kvtier.service.cli", *args], cwd=ROOT, env=e, capture_output=True, text=True, timeout=timeout)
 
 
 def test_cli_refuses_open_mode_on_a_public_address_and_bad_config(tmp_path):

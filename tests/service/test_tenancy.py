@@ -6,8 +6,8 @@ import httpx
 import pytest
 import torch
 
-from kvstore import chain_hashes
-from service.client import KVTierClient, KVTierError
+from kvtier.kvstore import chain_hashes
+from kvtier.service.client import KVTierClient, KVTierError
 
 from .conftest import ADMIN_KEY, KEYS, TINY
 

@@ -23,8 +23,8 @@ import numpy as np
 import pytest
 import torch
 
-from kvstore import HostTier, KVSpec, Namespace, TierConfig, TieredStore, chain_hashes
-from service.connectors.vllm import (
+from kvtier.kvstore import HostTier, KVSpec, Namespace, TierConfig, TieredStore, chain_hashes
+from kvtier.connectors.vllm import (
     KVConnectorRole,
     KVTierConnector,
     KVTierConnectorMetadata,
@@ -58,7 +58,7 @@ class FakeModelConfig:
 
 def fake_vllm_config(extra: dict, *, model: str, block_size: int = P, kv_role: str = "kv_both", tp: int = 1):
     return SimpleNamespace(
-        kv_transfer_config=SimpleNamespace(kv_connector="KVTierConnector", kv_connector_module_path="service.connectors.vllm",
+        kv_transfer_config=SimpleNamespace(kv_connector="KVTierConnector", kv_connector_module_path="kvtier.connectors.vllm",
                                            kv_role=kv_role, kv_connector_extra_config=extra),
         cache_config=SimpleNamespace(block_size=block_size, cache_dtype="auto"),
         model_config=FakeModelConfig(model),
@@ -567,9 +567,9 @@ def test_an_unreachable_service_is_a_miss_not_a_failure():
 
 def test_kvtier_imports_without_vllm():
     code = (
-        "import sys, kvstore, service, service.client, service.connectors\n"
-        "assert 'vllm' not in sys.modules and 'service.connectors.vllm' not in sys.modules\n"
-        "import service.connectors.vllm as c\n"
+        "import sys, kvtier.kvstore, kvtier.service.client, kvtier.connectors\n"
+        "assert 'vllm' not in sys.modules and 'kvtier.connectors.vllm' not in sys.modules\n"
+        "import kvtier.connectors.vllm as c\n"
         "has = c.HAS_VLLM\n"
         "assert has or c.KVTierConnector.__mro__[1] is c._StandInBase\n"
         "print('ok', has)\n"
@@ -582,7 +582,7 @@ def test_kvtier_imports_without_vllm():
 # -- vLLM >= 0.2x 4-d layouts: the views against the attention backends' own K/V split expressions ---------
 @pytest.mark.parametrize("physical", ["HND", "NHD"])
 def test_kv_in_content_view_matches_flash_attention_split(physical):
-    from service.connectors.vllm import kernel_block_ids  # noqa: F401
+    from kvtier.connectors.vllm import kernel_block_ids  # noqa: F401
 
     N, Hh, Pp, Dd = 5, 3, 16, 8
     g = torch.Generator().manual_seed(1)
@@ -612,7 +612,7 @@ def test_kv_in_rows_view_matches_cpu_attention_split():
 
 
 def test_unknown_backend_is_refused_by_name():
-    from service.connectors.vllm import detect_layout
+    from kvtier.connectors.vllm import detect_layout
 
     assert detect_layout(torch.zeros(2, 3, 16, 16), "CPU_ATTN") == "kv_in_rows"
     assert detect_layout(torch.zeros(2, 3, 16, 16), "FLASH_ATTN") == "kv_in_content"
@@ -623,7 +623,7 @@ def test_unknown_backend_is_refused_by_name():
 
 
 def test_kernel_block_ids_split_each_block():
-    from service.connectors.vllm import kernel_block_ids
+    from kvtier.connectors.vllm import kernel_block_ids
 
     ids = torch.tensor([[5, -1], [0, 2]])
     assert kernel_block_ids(ids, 1) is ids

@@ -6,11 +6,11 @@ import msgpack
 import pytest
 import torch
 
-from kvstore import chain_hashes, decode_frame
-from service import wire
-from service.buffers import BufferPool
-from service.client import decode_blocks, encode_blocks
-from service.errors import BadRequest
+from kvtier.kvstore import chain_hashes, decode_frame
+from kvtier.service import wire
+from kvtier.service.buffers import BufferPool
+from kvtier.service.client import decode_blocks, encode_blocks
+from kvtier.service.errors import BadRequest
 
 from .conftest import TINY
 

@@ -46,7 +46,7 @@ def build_engine(opts: dict):
         kwargs["block_size"] = opts["block_size"]
     if opts.get("kvtier") is not None:
         kwargs["kv_transfer_config"] = KVTransferConfig(
-            kv_connector="KVTierConnector", kv_connector_module_path=opts.get("module", "service.connectors.vllm"),
+            kv_connector="KVTierConnector", kv_connector_module_path=opts.get("module", "kvtier.connectors.vllm"),
             kv_role=opts.get("kv_role", "kv_both"), kv_connector_extra_config=opts["kvtier"],
             kv_load_failure_policy=opts.get("kv_load_failure_policy", "recompute"))
     if opts.get("kv_events_endpoint"):

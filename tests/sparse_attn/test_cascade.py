@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from sparse_attn import KVLevel, cascade_decode, shared_prefix_decode, sparse_decode
+from kvtier.sparse_attn import KVLevel, cascade_decode, shared_prefix_decode, sparse_decode
 
 BACKENDS = ["torch", "triton"]
 

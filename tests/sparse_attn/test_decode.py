@@ -8,10 +8,10 @@ import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-import sparse_attn._torch as torch_paths
-from kvstore.spec import KVSpec
-from sparse_attn import sparse_decode, sparse_decode_paged
-from sparse_attn.decode import sparse_decode_reference
+import kvtier.sparse_attn._torch as torch_paths
+from kvtier.kvstore.spec import KVSpec
+from kvtier.sparse_attn import sparse_decode, sparse_decode_paged
+from kvtier.sparse_attn.decode import sparse_decode_reference
 
 BACKENDS = ["torch", "triton"]
 

@@ -9,7 +9,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from sparse_attn import merge_states, merge_states_n
+from kvtier.sparse_attn import merge_states, merge_states_n
 
 BACKENDS = ["torch", "triton"]
 

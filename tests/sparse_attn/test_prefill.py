@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from sparse_attn import (
+from kvtier.sparse_attn import (
     AShape,
     BlockMask,
     VerticalSlash,
@@ -16,7 +16,7 @@ from sparse_attn import (
     dense_prefill_torch,
     vertical_slash_pattern,
 )
-from sparse_attn.patterns import build_plan, dense_mask
+from kvtier.sparse_attn.patterns import build_plan, dense_mask
 
 BACKENDS = ["torch", "triton"]
 
@@ -143,7 +143,7 @@ def test_prefill_rejects_bad_input_saying_expected_and_got():
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_triton_prefill_on_gpu_matches_reference(dtype):
-    from sparse_attn.prefill import block_sparse_prefill_reference
+    from kvtier.sparse_attn.prefill import block_sparse_prefill_reference
 
     g = torch.Generator().manual_seed(0)
     q = torch.randn(8, 1000, 128, generator=g).to(dtype).cuda()
@@ -156,7 +156,7 @@ def test_triton_prefill_on_gpu_matches_reference(dtype):
 
 
 def test_torch_prefill_memory_is_bounded_by_a_chunk_even_for_a_dense_pattern(monkeypatch):
-    import sparse_attn.prefill as prefill
+    import kvtier.sparse_attn.prefill as prefill
 
     monkeypatch.setattr(prefill, "CHUNK_ELEMENTS", 1 << 14)  # 128 keys per chunk for 128 query rows
     seen = []

@@ -22,7 +22,7 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 
-from .generate import GenerateResult, generate
+from kvtier.connectors.generate import GenerateResult, generate
 
 ROOMS = ("blue", "red", "green", "yellow", "white", "black", "orange", "purple")
 MAX_TURNS = len(ROOMS)
@@ -189,18 +189,18 @@ def main(args) -> int:
     store = client = None
     tmp = None
     if args.service:
-        from service.client import KVTierClient
+        from kvtier.service.client import KVTierClient
 
         client = KVTierClient(args.service, api_key=args.api_key)
         where = f"the service at {args.service}"
     else:
-        from service.cli import _settings
-        from service.storebuild import build_store
+        from kvtier.service.settings import Settings
+        from kvtier.service.storebuild import build_store
 
         if args.data_dir is None:
             tmp = tempfile.TemporaryDirectory(prefix="kvtier-demo-")
             args.data_dir = tmp.name
-        store = build_store(_settings(args))
+        store = build_store(Settings(**{k: v for k, v in (('config', args.config), ('data_dir', args.data_dir)) if v is not None}))
         where = f"an in-process store ({', '.join(store.tier_names)}; data dir {args.data_dir})"
     print(f"{len(session.questions)} turns over a document of {len(session.document_ids)} tokens, blocks of "
           f"{spec.block_tokens} tokens ({spec.dtype}), through {where}; {args.threads} torch thread(s)", file=sys.stderr)

@@ -25,7 +25,7 @@ from typing import Any, Callable, Protocol, Sequence, runtime_checkable
 
 import torch
 
-from kvstore import KVSpec, Namespace, TieredStore, chain_hashes
+from kvtier.kvstore import KVSpec, Namespace, TieredStore, chain_hashes
 
 
 @dataclass(frozen=True)
@@ -108,7 +108,7 @@ class ServiceBackend:
 
     def __init__(self, client, spec: KVSpec, *, salt: str = "", extra_keys: Sequence[str] = (), max_blocks_per_request: int = 32,
                  max_request_bytes: int = 32 << 20, register: bool = True, owns_client: bool = False) -> None:
-        from service.client import KVTierClient
+        from kvtier.service.client import KVTierClient
 
         if not isinstance(client, KVTierClient):
             raise ValueError(f"client must be a service.client.KVTierClient, got {type(client).__name__}")
@@ -131,7 +131,7 @@ class ServiceBackend:
     def connect(cls, url: str, spec: KVSpec, *, api_key: str | None = None, timeout_s: float = 30.0, retries: int = 2,
                 **options) -> "ServiceBackend":
         """A backend with its own ``KVTierClient`` to ``url`` (closed by ``close()``)."""
-        from service.client import KVTierClient
+        from kvtier.service.client import KVTierClient
 
         return cls(KVTierClient(url, api_key, timeout=timeout_s, retries=retries), spec, owns_client=True, **options)
 
@@ -144,7 +144,7 @@ class ServiceBackend:
 
     def _with_model(self, call: Callable[[str], Any]) -> Any:
         """``call(model)``; a service that forgot the spec gets it again, once."""
-        from service.client import KVTierError
+        from kvtier.service.client import KVTierError
 
         try:
             return call(self.model)

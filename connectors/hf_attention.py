@@ -87,8 +87,8 @@ class SparseDecode:
     record: bool = False
 
     def __post_init__(self) -> None:
-        from retrieval import get_selector
-        from retrieval.selectors import SelectorBase
+        from kvtier.retrieval import get_selector
+        from kvtier.retrieval.selectors import SelectorBase
 
         if not isinstance(self.budget, int) or isinstance(self.budget, bool) or self.budget <= 0:
             raise ValueError(f"budget must be a positive int (tokens per KV head), got {self.budget!r}")
@@ -166,7 +166,7 @@ class SparseDecode:
                 st.num_tokens = T
             return out
         self._check_no_padding(attention_mask, T)
-        from sparse_attn import sparse_decode
+        from kvtier.sparse_attn import sparse_decode
 
         t0 = time.perf_counter()
         stats = self._stats

@@ -67,7 +67,7 @@ class _Batch:
         self.attention_seconds = 0.0
 
     def __call__(self, module, query, key, value, attention_mask, *, scaling=None, **kwargs):
-        from sparse_attn import merge_states, shared_prefix_decode, sparse_decode
+        from kvtier.sparse_attn import merge_states, shared_prefix_decode, sparse_decode
 
         t0 = time.perf_counter()
         layer = module.layer_idx

@@ -10,7 +10,7 @@ Importing ``kvstore`` or ``service`` never imports vLLM; only importing this mod
 Configuration, on the vLLM command line::
 
     vllm serve MODEL --kv-transfer-config '{"kv_connector": "KVTierConnector",
-        "kv_connector_module_path": "service.connectors.vllm", "kv_role": "kv_both",
+        "kv_connector_module_path": "kvtier.connectors.vllm", "kv_role": "kv_both",
         "kv_connector_extra_config": {"url": "http://127.0.0.1:8080", "api_key": "...",
                                       "block_tokens": 256, "namespace": "prod"}}'
 
@@ -69,8 +69,8 @@ from typing import Any, Callable, Protocol, Sequence
 
 import torch
 
-from kvstore import FrameError, KVSpec, Namespace, TieredStore, chain_hashes
-from kvstore.spec import dtype_name
+from kvtier.kvstore import FrameError, KVSpec, Namespace, TieredStore, chain_hashes
+from kvtier.kvstore.spec import dtype_name
 
 from .backends import ServiceBackend, StoreBackend
 
@@ -414,8 +414,8 @@ def inprocess_store(name: str = "default") -> TieredStore:
     with _STORES_LOCK:
         store = _STORES.get(name)
         if store is None:
-            from service.settings import Settings
-            from service.storebuild import blocks_dir, build_store
+            from kvtier.service.settings import Settings
+            from kvtier.service.storebuild import blocks_dir, build_store
 
             settings = Settings()
             if settings.disk_capacity_bytes:
@@ -425,7 +425,7 @@ def inprocess_store(name: str = "default") -> TieredStore:
 
 
 def open_backend(config: KVTierConnectorConfig, spec: KVSpec) -> KVTierBackend:
-    """The connector's backend (``service.connectors.backends``). A service is not asked anything
+    """The connector's backend (``connectors.backends``). A service is not asked anything
     before the first lookup (the spec is registered then, and again after a service restart), so an
     unreachable kvtier makes misses, never a failed engine start; 64 blocks and 64 MiB per request."""
     if config.url.startswith(("http://", "https://")):
@@ -441,7 +441,7 @@ def _backend_errors() -> tuple[type[BaseException], ...]:
     try:
         import httpx
 
-        from service.client import KVTierError
+        from kvtier.service.client import KVTierError
 
         errors += [httpx.HTTPError, KVTierError]
     except ImportError:

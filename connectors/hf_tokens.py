@@ -34,7 +34,7 @@ EVICTING_ATTENTION = "kvtier_evicting"
 def make_evicting_kv(model, compressor, *, mode: str = "drop", observation_window: int = 64, trigger_tokens: int | None = None,
                      recall=None, recall_budget: int = 256, max_demoted_tokens: int = 1 << 20):
     """An ``EvictingKV`` shaped for ``model`` (layers, heads, head dim, dtype and device from it)."""
-    from eviction.tokens import EvictingKV
+    from kvtier.eviction.tokens import EvictingKV
 
     d = model_dims(model)
     p = next(model.parameters())
@@ -125,8 +125,8 @@ class TokenPolicy:
     max_demoted_tokens: int = 1 << 20
 
     def __post_init__(self) -> None:
-        from eviction.tokens import Compressor, get_scorer
-        from retrieval import get_selector
+        from kvtier.eviction.tokens import Compressor, get_scorer
+        from kvtier.retrieval import get_selector
 
         if self.ratio is not None and self.budget is not None:
             raise ValueError(f"give one of ratio and budget, got ratio={self.ratio!r} and budget={self.budget!r}")
@@ -159,8 +159,8 @@ class TokenPolicy:
 
     def new_kv(self, model):
         """A fresh ``EvictingKV`` for one sequence on ``model`` with this policy."""
-        from eviction.tokens import Compressor, get_scorer
-        from retrieval import get_selector
+        from kvtier.eviction.tokens import Compressor, get_scorer
+        from kvtier.retrieval import get_selector
 
         comp = Compressor(get_scorer(self.scorer, **self.scorer_options), budget=self.target(1), sink_tokens=self.sink_tokens,
                           window_tokens=self.window_tokens, head_budgets=self.head_budgets)

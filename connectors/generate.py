@@ -1,6 +1,6 @@
 """``generate()``: generate with any transformers causal LM through kvtier, in one call.
 
-    from service.connectors.generate import generate
+    from kvtier.connectors.generate import generate
     r = generate(model, "... a long document ... Question?", tokenizer=tok, store=store, max_new_tokens=32)
     r.text, r.ttft_s, r.num_cached_tokens, r.tier_hits      # second call over the same document: cached prefix
 
@@ -30,7 +30,7 @@ from typing import Sequence
 
 import torch
 
-from kvstore import KVSpec
+from kvtier.kvstore import KVSpec
 
 from .hf_cache import CacheStats, KVTierCache, _token_list, model_spec
 from .protocols import AttentionHook, TokenPolicyRuntime

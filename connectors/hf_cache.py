@@ -35,7 +35,7 @@ import torch
 from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
 
-from kvstore import KVSpec, chain_hashes
+from kvtier.kvstore import KVSpec, chain_hashes
 
 from .backends import KVBackend, PrefixMatch, ServiceBackend, StoreBackend, make_backend
 from .hf_dispatch import model_dims
@@ -59,7 +59,7 @@ def model_spec(model, *, model_id: str | None = None, block_tokens: int = 256, d
 
     Blocks of two specs never share a key, so ``model_id`` must name the weights, not a local path
     that differs from machine to machine when blocks are shared (the reference model has its own:
-    ``service.connectors.refmodel.kv_spec``).
+    ``kvtier.refmodel.kv_spec``).
     """
     model_id = model_id or getattr(_text_config(model), "name_or_path", "") or getattr(getattr(model, "config", None), "name_or_path", "")
     if not model_id:

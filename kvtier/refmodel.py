@@ -150,7 +150,7 @@ def load_model(dtype: torch.dtype = torch.float32):
 
 def kv_spec(model, block_tokens: int = 256, dtype: str = "float16"):
     """The ``KVSpec`` of the model's cache (blocks in ``dtype``, the usual serving precision)."""
-    from .hf_cache import model_spec
+    from kvtier.connectors.hf_cache import model_spec
 
     return model_spec(model, model_id=MODEL_ID, block_tokens=block_tokens, dtype=dtype)
 
