@@ -89,16 +89,21 @@ def prompts(model_dir) -> dict[str, list[int]]:
 
 
 @pytest.fixture(scope="module")
-def subscribers():
-    """Two SUB sockets bound on loopback: the service's KV events and vLLM's (both publishers connect)."""
+def subscribers(tmp_path_factory):
+    """SUB sockets for the service's KV events (bound on loopback; the service connects) and vLLM's
+    (vLLM binds an ipc:// socket: its publisher, connecting to a bound SUB, delivered nothing here)."""
     ctx = zmq.Context.instance()
     subs = {}
-    for name in ("service", "vllm"):
-        port = free_port()
-        sub = ctx.socket(zmq.SUB)
-        sub.bind(f"tcp://127.0.0.1:{port}")
-        sub.setsockopt(zmq.SUBSCRIBE, b"")
-        subs[name] = (sub, f"tcp://127.0.0.1:{port}")
+    port = free_port()
+    sub = ctx.socket(zmq.SUB)
+    sub.bind(f"tcp://127.0.0.1:{port}")
+    sub.setsockopt(zmq.SUBSCRIBE, b"")
+    subs["service"] = (sub, f"tcp://127.0.0.1:{port}")
+    endpoint = f"ipc://{tmp_path_factory.mktemp('vllm-events')}/events.ipc"
+    sub = ctx.socket(zmq.SUB)
+    sub.connect(endpoint)  # before vLLM binds it: ZMQ connects when it appears
+    sub.setsockopt(zmq.SUBSCRIBE, b"")
+    subs["vllm"] = (sub, endpoint)
     yield subs
     for sub, _ in subs.values():
         sub.close(linger=0)
