@@ -680,6 +680,7 @@ class KVTierConnector(_Base):  # type: ignore[misc,valid-type]
         self._known = _BoundedLRU(self.KNOWN_KEYS)
         self._lookup_pool: ThreadPoolExecutor | None = None
         self._events: list = []  # KV events from the workers, for take_events
+        self._loading: set[str] = set()  # requests whose asynchronous load the workers have not finished
         # worker side
         self._layout: str | None = None
         self._views: dict[str, torch.Tensor] = {}  # layer name -> [2, N_k, P_k, H_kv, D] view of vLLM's buffer
@@ -870,6 +871,7 @@ class KVTierConnector(_Base):  # type: ignore[misc,valid-type]
                 rt = RequestTransfers(rid, load_async=True)
                 self._add_load(rt, state, state.load_block_ids)
                 meta.requests.append(rt)
+                self._loading.add(rid)
         return meta
 
     def _add_load(self, rt: RequestTransfers, state: _RequestState, block_ids: list[int]) -> None:
@@ -903,14 +905,18 @@ class KVTierConnector(_Base):  # type: ignore[misc,valid-type]
             meta.requests.append(rt)
 
     def request_finished(self, request: Any, block_ids: list[int]) -> tuple[bool, dict | None]:
-        """Forget the request; its full blocks were copied out as they completed, so vLLM may free them now."""
+        """Forget the request. Its full blocks were copied out as they completed, so vLLM may free them now,
+        unless an asynchronous load still writes into them (a request aborted while waiting for it): then
+        vLLM keeps them until the load reports in ``get_finished``."""
         state = self._states.pop(request.request_id, None)
         if state is not None and state.lookup is not None:
             state.lookup.cancel()
-        return False, None
+        return request.request_id in self._loading, None
 
     def update_connector_output(self, connector_output: Any) -> None:
-        """Collect the KV events the workers reported (``take_events`` hands them to vLLM's publisher)."""
+        """Note the finished loads; collect the KV events the workers reported (``take_events`` hands them to
+        vLLM's publisher)."""
+        self._loading.difference_update(getattr(connector_output, "finished_recving", None) or ())
         events = getattr(connector_output, "kv_cache_events", None)
         if events is not None and KVTierKVEvents is not None and isinstance(events, KVConnectorKVEvents):
             self._events += events.get_all_events()

@@ -628,3 +628,46 @@ def test_kernel_block_ids_split_each_block():
     ids = torch.tensor([[5, -1], [0, 2]])
     assert kernel_block_ids(ids, 1) is ids
     assert kernel_block_ids(ids, 2).tolist() == [[10, 11, -1, -1], [0, 1, 4, 5]]
+
+
+def test_async_load_finishes_through_get_finished_and_reports_a_block_evicted_since_the_lookup(inprocess):
+    extra, store, model = inprocess
+    eng = FakeEngine(extra, model=model)  # the synchronous fake fills the store: 3 blocks of request a
+    toks = tokens(3 * BT + 5, seed=41)
+    eng.run(FakeRequest("a", toks))
+    cfg = fake_vllm_config(extra, model=model)  # the defaults: asynchronous loads and saves
+    sched, worker = KVTierConnector(cfg, KVConnectorRole.SCHEDULER), KVTierConnector(cfg, KVConnectorRole.WORKER)
+    worker.register_kv_caches(eng.kv)
+    req = FakeRequest("b", toks)
+    assert sched.get_num_new_matched_tokens(req, 0) == (3 * BT, True)
+    store.remove(worker.spec, sched._states["b"].keys[2:3])  # evicted between the lookup and the load
+    table = [eng.free.pop() for _ in range(3 * BT // P)]
+    sched.update_state_after_alloc(req, FakeBlocks(table), 3 * BT)
+    meta = sched.build_connector_meta(SchedulerOutput([], CachedRequestData(), {}, set()))  # b waits: not scheduled
+    assert [(rt.req_id, rt.load_async, len(rt.loads)) for rt in meta.requests] == [("b", True, 3)]
+    assert sched.request_finished(req, table) == (True, None)  # aborted while loading: vLLM keeps its blocks
+    worker.bind_connector_metadata(meta)
+    worker.start_load_kv(None)
+    worker.wait_for_save()
+    done, errors, deadline = set(), set(), time.monotonic() + 30
+    while not done and time.monotonic() < deadline:
+        errors |= worker.get_block_ids_with_load_errors()
+        done = worker.get_finished(set())[1] or set()
+        time.sleep(0.01)
+    errors |= worker.get_block_ids_with_load_errors()
+    assert done == {"b"} and errors == set(table[2 * BT // P:])  # the evicted block's vLLM blocks: recomputed
+    eng.tables["b"] = table
+    assert torch.equal(eng.paged_kv("b", 2 * BT), reference_kv(toks)[:, :, :, :2 * BT])  # the others loaded exactly
+    sched.update_connector_output(SimpleNamespace(finished_recving={"b"}, kv_cache_events=None))
+    assert sched.request_finished(req, table) == (False, None)
+    worker.shutdown()
+
+
+def test_async_saves_are_written_by_the_saver_thread(inprocess):
+    extra, store, model = inprocess
+    eng = FakeEngine({**extra, "async_saves": True}, model=model)
+    toks = tokens(2 * BT + 3, seed=42)
+    eng.run(FakeRequest("a", toks))
+    assert eng.worker.flush(30)
+    assert store.lookup(eng.worker.spec, eng.scheduler._keys(eng.scheduler._state(FakeRequest("a2", toks)), toks, 2)).num_blocks == 2
+    assert eng.worker.stats["saved_blocks"] == 2
