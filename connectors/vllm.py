@@ -658,7 +658,7 @@ class KVTierConnector(_Base):  # type: ignore[misc,valid-type]
         self.config = KVTierConnectorConfig.from_extra_config(extra)
         self.spec, self.block_size = spec_from_vllm_config(vllm_config, self.config)
         self.in_process = not self.config.url.startswith(("http://", "https://"))
-        if self.in_process and HAS_VLLM and not _uses_one_process(vllm_config):
+        if self.in_process and not _uses_one_process(vllm_config):
             raise ValueError(
                 f"kvtier url {self.config.url!r} keeps blocks in one process's memory, but vLLM's executor "
                 f"{vllm_config.parallel_config.distributed_executor_backend!r} runs the worker in another process than the "

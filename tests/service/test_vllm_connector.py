@@ -671,3 +671,16 @@ def test_async_saves_are_written_by_the_saver_thread(inprocess):
     assert eng.worker.flush(30)
     assert store.lookup(eng.worker.spec, eng.scheduler._keys(eng.scheduler._state(FakeRequest("a2", toks)), toks, 2)).num_blocks == 2
     assert eng.worker.stats["saved_blocks"] == 2
+
+
+def test_inprocess_store_is_refused_under_a_multiprocess_executor(inprocess):
+    extra, _, model = inprocess
+    cfg = fake_vllm_config(extra, model=model)
+    cfg.parallel_config.distributed_executor_backend = "mp"  # vLLM's default on CPU: scheduler and worker apart
+    with pytest.raises(ValueError, match="distributed_executor_backend='uni'"):
+        KVTierConnector(cfg, KVConnectorRole.SCHEDULER)
+    cfg.parallel_config.distributed_executor_backend = "uni"
+    KVTierConnector(cfg, KVConnectorRole.SCHEDULER)
+    svc = fake_vllm_config({**extra, "url": "http://127.0.0.1:9"}, model=model)
+    svc.parallel_config.distributed_executor_backend = "mp"
+    KVTierConnector(svc, KVConnectorRole.SCHEDULER)  # a service is shared by every process

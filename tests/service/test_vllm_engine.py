@@ -26,7 +26,6 @@ import msgpack
 import pytest
 
 from bench.vllm_engine import VLLM_PYTHON, Engine
-from tests.redis_servers import free_port
 
 from .server import ServiceProcess
 
@@ -90,20 +89,17 @@ def prompts(model_dir) -> dict[str, list[int]]:
 
 @pytest.fixture(scope="module")
 def subscribers(tmp_path_factory):
-    """SUB sockets for the service's KV events (bound on loopback; the service connects) and vLLM's
-    (vLLM binds an ipc:// socket: its publisher, connecting to a bound SUB, delivered nothing here)."""
+    """SUB sockets for the service's KV events and vLLM's, on ipc:// sockets the publishers bind (vLLM's
+    publisher connecting to a bound SUB delivered nothing here; tests/service/test_kv_events.py covers
+    the service connecting)."""
     ctx = zmq.Context.instance()
     subs = {}
-    port = free_port()
-    sub = ctx.socket(zmq.SUB)
-    sub.bind(f"tcp://127.0.0.1:{port}")
-    sub.setsockopt(zmq.SUBSCRIBE, b"")
-    subs["service"] = (sub, f"tcp://127.0.0.1:{port}")
-    endpoint = f"ipc://{tmp_path_factory.mktemp('vllm-events')}/events.ipc"
-    sub = ctx.socket(zmq.SUB)
-    sub.connect(endpoint)  # before vLLM binds it: ZMQ connects when it appears
-    sub.setsockopt(zmq.SUBSCRIBE, b"")
-    subs["vllm"] = (sub, endpoint)
+    for name in ("service", "vllm"):
+        endpoint = f"ipc://{tmp_path_factory.mktemp(name + '-events')}/events.ipc"
+        sub = ctx.socket(zmq.SUB)
+        sub.connect(endpoint)  # before the publisher binds it: ZMQ connects when it appears
+        sub.setsockopt(zmq.SUBSCRIBE, b"")
+        subs[name] = (sub, endpoint)
     yield subs
     for sub, _ in subs.values():
         sub.close(linger=0)
@@ -132,7 +128,8 @@ def cold(model_dir, service, prompts, subscribers):
         first = eng.generate([prompts["x"]], MAX_TOKENS)
         wait_for(lambda: stored_blocks(service) >= 2, what="the cold run's two blocks to reach the service")
         second = eng.generate([prompts["x"]], MAX_TOKENS)
-        yield {"first": first, "second": second, "vllm_events": drain(subscribers["vllm"][0])}
+        yield {"first": first, "second": second, "vllm_events": drain(subscribers["vllm"][0]),
+               "service_log": service.log_text()[-2000:]}
     finally:
         eng.close()
 
@@ -166,7 +163,7 @@ def test_vllm_publishes_the_connectors_block_stored_events(cold, prompts):
 
 def test_service_events_decode_with_vllms_own_types(cold, subscribers):
     payloads = drain(subscribers["service"][0])
-    assert payloads, "the service published no KV events"
+    assert payloads, f"the service published no KV events (its log: {cold['service_log']})"
     code = ("import sys, json, msgspec\nfrom vllm.distributed.kv_events import KVEventBatch\n"
             "out = []\nfor h in json.load(sys.stdin):\n"
             "    b = msgspec.msgpack.decode(bytes.fromhex(h), type=KVEventBatch)\n"
