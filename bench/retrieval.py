@@ -511,7 +511,7 @@ def main(argv=None):
             for r in pk:
                 groups.setdefault((r["tokens"] // 1000, r["selector"], r["budget"]), []).append(r)
             rows = []
-            for (kt, s, b), rs in sorted(groups.items(), key=lambda x: (x[0][0], x[0][1], x[0][2] or 0)):
+            for (_kt, s, b), rs in sorted(groups.items(), key=lambda x: (x[0][0], x[0][1], x[0][2] or 0)):
                 extra = f" (cache hits {np.mean([r['cache_hit_rate'] for r in rs]):.0%})" if "cache_hit_rate" in rs[0] else ""
                 rows.append([f"~{rs[0]['tokens']}", s + extra, b if b is not None else "all", f"{sum(r['correct'] for r in rs)}/{len(rs)}"])
             md += [md_table(["tokens", "selector", "budget", "correct"], rows), ""]

@@ -3,6 +3,7 @@
 from .codecs import Codec, available_codecs, get_codec, register_codec
 from .frames import Frame, FrameError, decode_frame, encode_frame
 from .index import PrefixIndex
+from .policy import BlockPolicy
 from .keys import BlockHash, Namespace, chain_hashes, parse_hash, root_hash
 from .spec import DTYPES, KVSpec
 from .store import Event, Lease, LookupResult, TierConfig, TieredStore
@@ -11,7 +12,7 @@ from .tiers.disk import DiskTier
 from .tiers.memory import DeviceTier, HostTier
 
 __all__ = [
-    "BlockHash", "Codec", "DTYPES", "DeviceTier", "DiskTier", "Event", "Frame", "FrameError", "HostTier",
+    "BlockHash", "BlockPolicy", "Codec", "DTYPES", "DeviceTier", "DiskTier", "Event", "Frame", "FrameError", "HostTier",
     "KVSpec", "Lease", "LookupResult", "Namespace", "PrefixIndex", "StorageTier", "TierCapabilities",
     "TierConfig", "TierStats", "TieredStore", "available_codecs", "chain_hashes", "decode_frame",
     "encode_frame", "get_codec", "parse_hash", "register_codec", "root_hash",

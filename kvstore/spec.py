@@ -89,7 +89,7 @@ class KVSpec:
         return hashlib.sha256(canon.encode()).digest()
 
     @property
-    def fp8(self) -> str:
+    def short_fingerprint(self) -> str:
         """First 8 hex characters of the fingerprint: the per-model part of Redis keys."""
         return self.fingerprint.hex()[:8]
 

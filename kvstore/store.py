@@ -15,9 +15,10 @@
 - pins are leases with a TTL; an event stream (stored / removed per tier, monotonic ids) lets a
   router follow what is where.
 
-Policies are resolved by name through ``eviction.blocks.get_policy`` (a plugin lookup done
-at run time, so the static import graph stays ``eviction -> kvstore``); an instance can be
-passed instead.
+A tier's policy is a ``BlockPolicy`` (``kvtier.kvstore.policy``, the contract kvstore owns) or the
+name of a built-in one (``"lru"``, ``"s3fifo"``, ...). The built-ins live in ``kvtier.eviction.blocks``,
+which imports kvstore; a name is therefore resolved at run time by importing that package (the one
+place kvstore reaches above itself, and only when given a name): pass an instance to avoid it.
 """
 
 from __future__ import annotations
@@ -30,12 +31,13 @@ import threading
 import time
 from collections import OrderedDict, deque
 from dataclasses import dataclass, field
-from typing import Any, Callable, Sequence
+from typing import Callable, Sequence
 
 import torch
 
 from .index import NO_PARENT, PrefixIndex
 from .keys import BlockHash, Namespace, chain_hashes, check_keys
+from .policy import BlockPolicy
 from .spec import KVSpec
 from .tiers.base import StorageTier
 
@@ -45,11 +47,14 @@ log = logging.getLogger(__name__)
 _FRAME_SLACK = 1024
 
 
-def _resolve_policy(policy: Any):
+def _resolve_policy(policy: BlockPolicy | str) -> BlockPolicy:
+    """An instance as it is; a name through the built-in policies' registry (``kvtier.eviction.blocks``)."""
     if not isinstance(policy, str):
+        if not isinstance(policy, BlockPolicy):
+            raise ValueError(f"policy must be a BlockPolicy or the name of a built-in one, got {type(policy).__name__}")
         return policy
-    get_policy = importlib.import_module("kvtier.eviction.blocks").get_policy
-    return get_policy(policy)
+    builtins = importlib.import_module("kvtier.eviction.blocks")  # imports kvstore: resolved lazily, see the module doc
+    return builtins.get_policy(policy)
 
 
 @dataclass
@@ -57,7 +62,7 @@ class TierConfig:
     """One tier of a store and how the store treats it."""
 
     tier: StorageTier
-    policy: Any = "lru"  # a name known to eviction.blocks, or a BlockPolicy instance
+    policy: BlockPolicy | str = "lru"  # a BlockPolicy, or the name of a built-in one (kvtier.eviction.blocks)
     high_watermark: float = 0.95
     low_watermark: float = 0.85
     write_through: bool = False  # every put is also written here at once (then eviction above needs no write)
@@ -75,7 +80,7 @@ class Event:
     kind: str  # "stored" | "removed"
     key: bytes
     tier: str
-    model: str  # the spec's fp8
+    model: str  # the spec's short_fingerprint (8 hex digits)
     time: float
 
     def to_dict(self) -> dict:
@@ -103,7 +108,7 @@ class Lease:
 @dataclass
 class _Tier:
     cfg: TierConfig
-    policy: Any
+    policy: BlockPolicy
     evictions: int = 0
     demotions: int = 0
     promotions: int = 0
@@ -205,6 +210,12 @@ class TieredStore:
         return [t.tier.name for t in self._tiers]
 
     @property
+    def has_shared_tier(self) -> bool:
+        """Whether a tier is shared with other processes (Redis): then the in-memory index alone
+        cannot answer a lookup."""
+        return any(t.tier.capabilities.shared for t in self._tiers)
+
+    @property
     def index(self) -> PrefixIndex:
         return self._index
 
@@ -219,7 +230,8 @@ class TieredStore:
         specs = [spec] if spec is not None else list(self._specs)
         for t, st in enumerate(self._tiers):
             tier = st.tier
-            if not (tier.capabilities.persistent and not tier.capabilities.shared and hasattr(tier, "iter_keys")):
+            caps = tier.capabilities
+            if not (caps.persistent and caps.iterable and not caps.shared):
                 continue
             for sp in specs:
                 sid = self._spec_id(sp)
@@ -234,7 +246,7 @@ class TieredStore:
     def _emit(self, kind: str, key: bytes, tier: int, spec: KVSpec) -> None:
         eid = next(self._event_ids)
         self._last_event_id = eid
-        self._events.append(Event(eid, kind, key, self._tiers[tier].tier.name, spec.fp8, time.time()))
+        self._events.append(Event(eid, kind, key, self._tiers[tier].tier.name, spec.short_fingerprint, time.time()))
 
     def events(self, after: int = 0, limit: int = 1000) -> list[Event]:
         """Events with id > ``after``, oldest first, at most ``limit`` (the stream keeps the last ``max_events``)."""
@@ -516,7 +528,7 @@ class TieredStore:
                 new_items.append((i, _Item(slot, key, block, spec)))
                 parent_slot, depth = slot, depth + 1
             # undo the provisional quota charge; _mark_stored charges what really lands
-            for _, it in new_items:
+            for _ in new_items:
                 self._tenant_bytes[tenant] -= spec.block_nbytes
             try:
                 for t, st in enumerate(self._tiers):  # earlier refusals first, while the tier is up

@@ -39,27 +39,29 @@ import faiss
 import numpy as np
 import torch
 
-_INDEXES: dict[str, Callable[..., "KeyIndex"]] = {}
+from kvtier.registry import Registry, check_options
+
+_INDEXES: Registry[Callable[..., "KeyIndex"]] = Registry("index backend")
 
 
 def register_index(name: str):
+    """Class decorator: make the class available as ``make_index(name, dim, **options)``."""
     def deco(cls):
-        _INDEXES[name] = cls
         cls.name = name
-        return cls
+        return _INDEXES.register(cls, name=name)
 
     return deco
 
 
 def available_indexes() -> list[str]:
-    return list(_INDEXES)
+    return _INDEXES.names()
 
 
 def make_index(name: str, dim: int, **options) -> "KeyIndex":
     """A new empty index of backend ``name`` over ``dim``-dimensional vectors."""
-    if name not in _INDEXES:
-        raise ValueError(f"unknown index backend {name!r}; expected one of {available_indexes()}")
-    return _INDEXES[name](dim, **options)
+    cls = _INDEXES.get(name)
+    check_options(cls, {"dim": dim, **options}, f"index backend {name!r}")
+    return cls(dim, **options)
 
 
 def gpu_available() -> bool:

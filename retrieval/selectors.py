@@ -46,29 +46,30 @@ import faiss
 import numpy as np
 import torch
 
+from kvtier.registry import Registry
+
 from .index import make_index
 from .summaries import PAGE_TOKENS, page_bounds, quest_scores
 
-_SELECTORS: dict[str, Callable[..., "SelectorBase"]] = {}
+_SELECTORS: Registry[Callable[..., "SelectorBase"]] = Registry("selector")
 
 
 def register_selector(name: str):
+    """Class decorator: make the class selectable as ``get_selector(name, **options)``."""
     def deco(cls):
-        _SELECTORS[name] = cls
         cls.name = name
-        return cls
+        return _SELECTORS.register(cls, name=name)
 
     return deco
 
 
 def available_selectors() -> list[str]:
-    return list(_SELECTORS)
+    return _SELECTORS.names()
 
 
 def get_selector(name: str, **options) -> "SelectorBase":
-    if name not in _SELECTORS:
-        raise ValueError(f"unknown selector {name!r}; expected one of {available_selectors()}")
-    return _SELECTORS[name](**options)
+    """A new selector. ValueError for an unknown name or option."""
+    return _SELECTORS.make(name, **options)
 
 
 class Selector(Protocol):
@@ -288,7 +289,6 @@ class Quest(SelectorBase):
     def page_scores(self, q, k, state: QuestState | None = None) -> torch.Tensor:
         """``[B, H_kv, ceil(T / P)]``: per page the maximum over the group of its upper bound."""
         B, H_q, H_kv, T, D = check_qk(q, k)
-        P = self.page_tokens
         state = self.prepare(k) if state is None else self._extend(state, k)
         q4 = _group(q, H_kv)
         scores = quest_scores(q4, state.kmin, state.kmax).amax(2)  # [B, H_kv, full pages]

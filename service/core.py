@@ -62,7 +62,7 @@ class KVService:
         # storage key -> (tenant, client key): lets a tenant see its own blocks' events
         self._owners: OrderedDict[bytes, tuple[str, bytes]] = OrderedDict()
         # no shared tier (Redis): a lookup is answered from the in-memory index alone
-        self.store_is_local = not any(t["device"] == "redis" for t in store.stats()["tiers"])
+        self.store_is_local = not store.has_shared_tier
         # page summaries of every block put through the service (bounded LRU in host memory), for retrieval
         self.summarize_on_put = settings.summary_capacity_bytes > 0
         self.retriever = StoreRetriever(store, SummaryStore(max_bytes=max(1, int(settings.summary_capacity_bytes))),
@@ -92,7 +92,7 @@ class KVService:
         with self._lock:
             for ev in batch:
                 owner = self._owners.get(ev.key)
-                spec = self.registry.spec_of_fp8(ev.model)
+                spec = self.registry.spec_of_short_fingerprint(ev.model)
                 out.append((ev.kind, owner[1] if owner else ev.key, ev.tier, spec.block_tokens if spec else None))
         return out, batch[-1].id
 
@@ -374,7 +374,7 @@ class KVService:
         return q, layers, budget
 
     def _retrieve(self, spec: KVSpec, skeys: list[bytes], q: torch.Tensor, budget: int, layers: list[int]):
-        for attempt in range(3):  # a block evicted between the lookup and the read: search again
+        for _attempt in range(3):  # a block evicted between the lookup and the read: search again
             try:
                 return self.retriever.retrieve(spec, skeys, q, budget, layers=layers)
             except RuntimeError as e:
@@ -510,7 +510,7 @@ class KVService:
                     cursor = ev.id
                     scanned += 1
                     owner = self._owners.get(ev.key)
-                    model = self.registry.model_of_fp8(ev.model)
+                    model = self.registry.model_of_short_fingerprint(ev.model)
                     if p.is_admin:
                         out.append({"id": ev.id, "kind": ev.kind, "key": ev.key.hex(), "tier": ev.tier, "model": model,
                                     "time": ev.time, "tenant": owner[0] if owner else None})

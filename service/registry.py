@@ -31,7 +31,7 @@ class SpecRegistry:
         self._lock = threading.Lock()
         self._specs: dict[str, KVSpec] = {}  # model id -> spec
         self._tenants: dict[str, set[str]] = {}  # model id -> tenants that registered it
-        self._by_fp8: dict[str, str] = {}
+        self._by_short_fingerprint: dict[str, str] = {}
         if path is not None and path.exists():
             self._load(path)
 
@@ -48,7 +48,7 @@ class SpecRegistry:
         model = spec.fingerprint.hex()
         self._specs[model] = spec
         self._tenants.setdefault(model, set()).update(tenants)
-        self._by_fp8[spec.fp8] = model
+        self._by_short_fingerprint[spec.short_fingerprint] = model
         return model
 
     def _save(self) -> None:  # under self._lock
@@ -92,10 +92,10 @@ class SpecRegistry:
         with self._lock:
             return list(self._specs.values())
 
-    def model_of_fp8(self, fp8: str) -> str | None:
-        return self._by_fp8.get(fp8)
+    def model_of_short_fingerprint(self, short_fingerprint: str) -> str | None:
+        return self._by_short_fingerprint.get(short_fingerprint)
 
-    def spec_of_fp8(self, fp8: str) -> KVSpec | None:
+    def spec_of_short_fingerprint(self, short_fingerprint: str) -> KVSpec | None:
         with self._lock:
-            model = self._by_fp8.get(fp8)
+            model = self._by_short_fingerprint.get(short_fingerprint)
             return self._specs.get(model) if model is not None else None

@@ -29,7 +29,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from . import wire
 from .core import KVService, open_service, parse_client_key
-from .errors import BadRequest, Forbidden, PayloadTooLarge, ServiceError, Unauthorized, UnsupportedMediaType
+from .errors import BadRequest, Forbidden, ServiceError, UnsupportedMediaType
 from .metrics import CONTENT_TYPE, Metrics
 from .settings import Settings
 from .tenancy import Authenticator, Principal

@@ -11,28 +11,11 @@ import logging
 import os
 from pathlib import Path
 
-from kvtier.kvstore import DeviceTier, DiskTier, HostTier, KVSpec, TierConfig, TieredStore
+from kvtier.kvstore import DeviceTier, DiskTier, HostTier, TierConfig, TieredStore
 
 from .settings import Settings
 
 log = logging.getLogger(__name__)
-
-
-class ServiceDeviceTier(DeviceTier):
-    """A device tier that declines (stores 0 bytes) blocks larger than its slots instead of raising.
-
-    ``DeviceTier`` sizes its slots once (``device_slot_bytes``, or the first block stored) and
-    raises for a larger block; a server holding several specs must instead let such blocks go on
-    to the host tier, as it does for "no room".
-    """
-
-    def put(self, keys, blocks, *, spec: KVSpec, first=None) -> list[int]:
-        slot = self._slot_bytes
-        if slot is not None and spec.block_nbytes > slot:
-            with self._lock:
-                self._stats.refused += len(keys)
-            return [0] * len(keys)
-        return super().put(keys, blocks, spec=spec, first=first)
 
 
 def build_store(settings: Settings) -> TieredStore:
@@ -40,7 +23,8 @@ def build_store(settings: Settings) -> TieredStore:
     marks = dict(high_watermark=s.high_watermark, low_watermark=s.low_watermark)
     tiers: list[TierConfig] = []
     if s.device_capacity_bytes:
-        tier = ServiceDeviceTier(s.device_capacity_bytes, slot_bytes=s.device_slot_bytes or None)
+        # several specs may share the server: a block larger than the device slots goes on to the host tier
+        tier = DeviceTier(s.device_capacity_bytes, slot_bytes=s.device_slot_bytes or None, refuse_oversize=True)
         tiers.append(TierConfig(tier, policy=s.device_policy, **marks))
     if s.host_capacity_bytes:
         tiers.append(TierConfig(HostTier(s.host_capacity_bytes, codec=s.host_codec), policy=s.host_policy, **marks))

@@ -20,6 +20,8 @@ from typing import Callable, Mapping, Sequence
 
 import torch
 
+from kvtier.registry import Registry
+
 
 @dataclass(frozen=True)
 class Tolerance:
@@ -72,24 +74,20 @@ class KernelEntry:
             )
 
 
-KERNELS: dict[str, KernelEntry] = {}
+KERNELS: Registry[KernelEntry] = Registry("kernel")
 
 
 def register(entry: KernelEntry) -> KernelEntry:
-    if entry.name in KERNELS:
-        raise ValueError(f"kernel {entry.name!r} is already registered")
-    KERNELS[entry.name] = entry
-    return entry
+    """Register a kernel's entry under its name; a taken name is a ValueError."""
+    return KERNELS.register(entry, name=entry.name)
 
 
 def get_kernel(name: str) -> KernelEntry:
-    if name not in KERNELS:
-        raise ValueError(f"unknown kernel {name!r}; registered: {sorted(KERNELS)}")
-    return KERNELS[name]
+    return KERNELS.get(name)
 
 
 def available_kernels() -> Sequence[str]:
-    return sorted(KERNELS)
+    return KERNELS.names()
 
 
 # Tolerances shared by the attention kernels: float32 accumulation everywhere, so the error is

@@ -1,4 +1,6 @@
-"""The ``BlockPolicy`` protocol, the argument checks every built-in policy shares, and the registry.
+"""The argument checks and the base every built-in block policy shares, and their registry.
+
+The ``BlockPolicy`` protocol itself is kvstore's (``kvtier.kvstore.policy``), re-exported here.
 
 A block policy decides which block leaves ONE tier. The store owns one instance per tier and
 tells it what happens (``on_insert`` / ``on_access`` / ``on_remove``); it asks ``candidates(n)``
@@ -22,32 +24,12 @@ Policies are not thread-safe: the store serialises calls to one instance.
 
 from __future__ import annotations
 
-import math
 import operator
-from typing import Protocol, TypeVar, runtime_checkable
+from typing import TypeVar
 
-from ..registry import Registry
-
-
-@runtime_checkable
-class BlockPolicy(Protocol):
-    name: str
-
-    def on_insert(self, key: bytes, nbytes: int, *, depth: int = 0, tenant: str = "") -> None:
-        """``key`` is newly resident in this tier (``depth``: index of the block in its chain)."""
-
-    def on_access(self, key: bytes) -> None:
-        """A hit on ``key``; an unknown key is ignored."""
-
-    def on_remove(self, key: bytes) -> None:
-        """``key`` left the tier (evicted or deleted); an unknown key is ignored."""
-
-    def candidates(self, n: int) -> list[bytes]:
-        """Up to ``n`` tracked keys in eviction order, best victim first; side-effect free."""
-
-    def __len__(self) -> int: ...
-
-    def __contains__(self, key: object) -> bool: ...
+from kvtier.checks import check_int, check_real  # noqa: F401  (re-exported for the policies)
+from kvtier.kvstore.policy import BlockPolicy  # noqa: F401  (re-exported)
+from kvtier.registry import Registry
 
 
 class PolicyBase:
@@ -90,25 +72,6 @@ def check_insert(key: object, nbytes: object, depth: object, tenant: object) -> 
         raise ValueError(f"depth must be an int >= 0, got {depth!r}")
     if not isinstance(tenant, str):
         raise ValueError(f"tenant must be a str, got {type(tenant).__name__}")
-
-
-def check_real(name: str, value: object, *, low: float, high: float = math.inf,
-               low_open: bool = False, high_open: bool = False) -> float:
-    """``value`` as a float, or ValueError unless it is a finite real number in the given range."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        raise ValueError(f"{name} must be a finite number, got {value!r}")
-    too_low = value <= low if low_open else value < low
-    too_high = value >= high if high_open else value > high
-    if too_low or too_high:
-        lo, hi = "(" if low_open else "[", ")" if high_open else "]"
-        raise ValueError(f"{name} must lie in {lo}{low}, {high}{hi}, got {value!r}")
-    return float(value)
-
-
-def check_int(name: str, value: object, *, low: int, high: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
-        raise ValueError(f"{name} must be an int in [{low}, {high}], got {value!r}")
-    return value
 
 
 # -- registry --------------------------------------------------------------------------------

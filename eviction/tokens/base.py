@@ -31,7 +31,8 @@ from typing import Protocol, TypeVar, runtime_checkable
 
 import torch
 
-from ..registry import Registry
+from kvtier.checks import check_int, check_real  # noqa: F401  (re-exported for the scorers)
+from kvtier.registry import Registry
 
 
 @dataclass(frozen=True)
@@ -168,18 +169,6 @@ def group_mean(per_query_head: torch.Tensor, num_kv_heads: int) -> torch.Tensor:
     """``[B, H_q, T] -> [B, H_kv, T]``: the mean over the query heads that share a KV head."""
     B, H_q, T = per_query_head.shape
     return per_query_head.view(B, num_kv_heads, H_q // num_kv_heads, T).mean(dim=2)
-
-
-def check_real(name: str, value: object, *, low: float, high: float = math.inf) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or not low <= value <= high:
-        raise ValueError(f"{name} must be a finite number in [{low}, {high}], got {value!r}")
-    return float(value)
-
-
-def check_int(name: str, value: object, *, low: int, high: int | float = math.inf) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
-        raise ValueError(f"{name} must be an int in [{low}, {high}], got {value!r}")
-    return value
 
 
 # -- registry -----------------------------------------------------------------------------------

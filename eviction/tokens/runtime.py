@@ -27,7 +27,7 @@ store is bounded by ``max_demoted_tokens`` per head (the oldest go first, counte
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Protocol
 
 import torch
@@ -248,8 +248,7 @@ class EvictingKV:
         from kvtier.sparse_attn import sparse_decode
 
         lay = self._layers[layer]
-        H, D = self.num_kv_heads, self.head_dim
-        n = q.shape[1]
+        H = self.num_kv_heads
         E = int(lay.dn.max())
         dk = lay.dk[:, :E].unsqueeze(0)  # [1, H, E, D] on the lower tier
         if lay.recall_state is None or (lay.recall_version != lay.version and lay.recall_stale):

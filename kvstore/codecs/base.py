@@ -11,6 +11,8 @@ from typing import Callable, Protocol, runtime_checkable
 
 import torch
 
+from kvtier.registry import Registry
+
 from ..spec import KVSpec
 
 
@@ -26,21 +28,22 @@ class Codec(Protocol):
         """The block back (into ``out`` when given). Raises ValueError on a bad payload."""
 
 
-_CODECS: dict[str, Callable[[], Codec]] = {}
-_STAGES: dict[str, Callable[[Codec], Codec]] = {}
+_CODECS: Registry[Callable[[], Codec]] = Registry("codec")
+_STAGES: Registry[Callable[[Codec], Codec]] = Registry("lossless stage")
 
 
 def register_codec(name: str, factory: Callable[[], Codec]) -> None:
-    _CODECS[name] = factory
+    """Make ``get_codec(name)`` build a codec with ``factory()``; a taken name is a ValueError."""
+    _CODECS.register(factory, name=name)
 
 
 def register_stage(name: str, wrap: Callable[[Codec], Codec]) -> None:
     """A lossless stage that wraps any codec (``identity+zstd``)."""
-    _STAGES[name] = wrap
+    _STAGES.register(wrap, name=name)
 
 
 def available_codecs() -> list[str]:
-    return sorted(_CODECS)
+    return _CODECS.names()
 
 
 def get_codec(name: str) -> Codec:
@@ -48,13 +51,9 @@ def get_codec(name: str) -> Codec:
     if not isinstance(name, str) or not name:
         raise ValueError("codec name must be a non-empty string")
     base, *stages = name.split("+")
-    if base not in _CODECS:
-        raise ValueError(f"unknown codec {base!r}; known codecs: {available_codecs()}")
-    codec = _CODECS[base]()
+    codec = _CODECS.get(base)()
     for stage in stages:
-        if stage not in _STAGES:
-            raise ValueError(f"unknown lossless stage {stage!r}; known stages: {sorted(_STAGES)}")
-        codec = _STAGES[stage](codec)
+        codec = _STAGES.get(stage)(codec)
     return codec
 
 

@@ -12,7 +12,7 @@ Asymmetric: ``x̂ = zero + code·scale`` with ``zero = min`` and ``scale = (max 
 of the group, both stored as float16; codes are packed 2 or 4 to a byte along the channels. A
 group size that does not divide the token count (keys) or head_dim (values) leaves a smaller last
 group. The group size must be a multiple of 4 so that no byte of codes straddles two groups. The
-default is 64, chosen by measurement on the reference model (README, Codecs): against groups of
+default is 64, chosen by measurement on the reference model (docs/findings.md, Codecs): against groups of
 32 it takes kivi4 from 5.0 to 4.5 bits per element (3.56x smaller than fp16) for +0.36% instead of
 +0.08% perplexity, and it lost fewer pass keys (9/12 vs 6/12; 11/12 with the first block's sinks).
 
@@ -39,7 +39,7 @@ The meta is ``{bits, k_group, v_group, sink, residual, rotate}``. Bits per eleme
 **Rotation.** ``rotate=True`` multiplies K and V by an orthonormal Hadamard matrix over head_dim
 before quantizing (QuaRot, RotateKV) and by its transpose (itself) after decoding. It spreads
 outlier channels over all channels, which narrows the value groups; measured on the reference
-model it lowers the perplexity increase of 2-bit KIVI (see README, Codecs). The registered
+model it lowers the perplexity increase of 2-bit KIVI (see docs/architecture.md, Codecs). The registered
 ``kivi2h`` is ``kivi2`` with the rotation.
 
 On CUDA tensors the Triton kernels of ``triton_quant`` do the work; on the CPU the torch code
@@ -447,6 +447,6 @@ register_codec("kivi4", lambda: KiviCodec(bits=4))
 register_codec("kivi2", lambda: KiviCodec(bits=2))
 register_codec("kivi2h", lambda: KiviCodec(bits=2, rotate=True, name="kivi2h"))
 # the same, keeping the first 4 tokens of a sequence's first block exact when a tier stores it
-# (``TieredStore`` says which blocks are first): what made kivi4 keep its pass keys (README, Codecs)
+# (``TieredStore`` says which blocks are first): what made kivi4 keep its pass keys (docs/findings.md, Codecs)
 register_codec("kivi4s", lambda: KiviCodec(bits=4, first_block_sinks=4, name="kivi4s"))
 register_codec("kivi2hs", lambda: KiviCodec(bits=2, rotate=True, first_block_sinks=4, name="kivi2hs"))

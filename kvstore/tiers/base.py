@@ -36,6 +36,7 @@ class TierCapabilities:
     persistent: bool  # survives a restart of this process
     shared: bool  # other kvtier processes see the same blocks
     framed: bool  # blocks are stored as checksummed frames (verified on every read)
+    iterable: bool = False  # lists the keys it holds for a spec: ``iter_keys(spec)`` (a restart re-adopts them)
 
 
 @dataclass

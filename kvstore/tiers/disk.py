@@ -1,6 +1,6 @@
 """DiskTier: one frame per file under a directory, written atomically, verified on read.
 
-Layout: ``<root>/<spec fp8>/<first 2 hex of key>/<key hex>.kvf``. A write goes to a temporary
+Layout: ``<root>/<spec short_fp>/<first 2 hex of key>/<key hex>.kvf``. A write goes to a temporary
 file in the same directory and is renamed over the final name (``os.replace`` is atomic on
 POSIX), so a reader sees a whole frame or none. Reopening the directory finds the blocks again
 (file names are keys; sizes come from the directory listing; contents are verified on read).
@@ -28,7 +28,7 @@ _TMP_PREFIX = ".tmp-"
 
 
 class DiskTier(TierBase):
-    capabilities = TierCapabilities(device="disk", persistent=True, shared=False, framed=True)
+    capabilities = TierCapabilities(device="disk", persistent=True, shared=False, framed=True, iterable=True)
 
     def __init__(self, root: str | os.PathLike, capacity_bytes: int, *, codec: str | Codec = "identity", name: str = "disk", fsync: bool = False) -> None:
         if capacity_bytes is None:
@@ -37,14 +37,14 @@ class DiskTier(TierBase):
         self.root = Path(root)
         self.root.mkdir(parents=True, exist_ok=True)
         self.fsync = bool(fsync)
-        # key -> (spec fp8, file size). Rebuilt from the directory listing on open.
+        # key -> (spec short_fp, file size). Rebuilt from the directory listing on open.
         self._files: dict[bytes, tuple[str, int]] = {}
         self._scan()
 
     # -- layout ----------------------------------------------------------------------------
-    def _path(self, key: bytes, fp8: str) -> Path:
+    def _path(self, key: bytes, short_fp: str) -> Path:
         h = key.hex()
-        return self.root / fp8 / h[:2] / (h + _SUFFIX)
+        return self.root / short_fp / h[:2] / (h + _SUFFIX)
 
     def _scan(self) -> None:
         for fp_dir in self.root.iterdir() if self.root.exists() else ():
@@ -71,18 +71,18 @@ class DiskTier(TierBase):
 
     def iter_keys(self, spec: KVSpec | None = None) -> Iterator[bytes]:
         """Keys held (of one spec when given), e.g. to rebuild an index after a restart."""
-        fp8 = spec.fp8 if spec is not None else None
+        short_fp = spec.short_fingerprint if spec is not None else None
         for key, (kfp, _) in list(self._files.items()):
-            if fp8 is None or kfp == fp8:
+            if short_fp is None or kfp == short_fp:
                 yield key
 
     # -- protocol --------------------------------------------------------------------------
     def contains(self, keys: Sequence[bytes], *, spec: KVSpec) -> list[bool]:
-        files, fp8 = self._files, spec.fp8
+        files, short_fp = self._files, spec.short_fingerprint
         out = []
         for k in keys:
             entry = files.get(bytes(k))
-            out.append(entry is not None and entry[0] == fp8)
+            out.append(entry is not None and entry[0] == short_fp)
         return out
 
     def put(self, keys: Sequence[bytes], blocks: Sequence[torch.Tensor], *, spec: KVSpec,
@@ -107,7 +107,7 @@ class DiskTier(TierBase):
                 # reserve the bytes before the write so concurrent puts cannot overshoot capacity
                 self._stats.bytes += len(frame)
             try:
-                self._write_atomic(self._path(key, spec.fp8), frame)
+                self._write_atomic(self._path(key, spec.short_fingerprint), frame)
             except OSError as e:
                 with self._lock:
                     self._stats.bytes -= len(frame)
@@ -116,7 +116,7 @@ class DiskTier(TierBase):
                 sizes.append(0)
                 continue
             with self._lock:
-                self._files[key] = (spec.fp8, len(frame))
+                self._files[key] = (spec.short_fingerprint, len(frame))
                 self._stats.blocks += 1
                 self._stats.puts += 1
             sizes.append(len(frame))
@@ -145,12 +145,12 @@ class DiskTier(TierBase):
         for i, key in enumerate(keys):
             key = bytes(key)
             entry = self._files.get(key)
-            if entry is None or entry[0] != spec.fp8:
+            if entry is None or entry[0] != spec.short_fingerprint:
                 with self._lock:
                     self._stats.misses += 1
                 result.append(None)
                 continue
-            path = self._path(key, spec.fp8)
+            path = self._path(key, spec.short_fingerprint)
             try:
                 with open(path, "rb") as f:
                     buf = f.read()

@@ -12,7 +12,6 @@ from typing import Sequence
 import torch
 
 from ..codecs import Codec, codec_for_block, get_codec
-from ..codecs.base import tensor_bytes
 from ..spec import KVSpec
 from .base import TierBase, TierCapabilities
 
@@ -141,6 +140,7 @@ class DeviceTier(TierBase):
         device: str | torch.device | None = None,
         name: str = "device",
         codec: str | Codec = "identity",
+        refuse_oversize: bool = False,
     ) -> None:
         codec = _as_codec(codec)
         if codec.name != "identity":
@@ -153,6 +153,9 @@ class DeviceTier(TierBase):
         if slot_bytes is not None and (not isinstance(slot_bytes, int) or slot_bytes <= 0):
             raise ValueError(f"slot_bytes must be a positive int, got {slot_bytes!r}")
         self._slot_bytes = slot_bytes
+        # a block larger than a slot: ValueError (one spec per pool), or declined and counted as
+        # refused so that a store holding several specs lets it go on to the next tier
+        self.refuse_oversize = refuse_oversize
         self._pool: torch.Tensor | None = None
         self._free: list[int] = []
         self._slot_of: dict[bytes, tuple[int, int]] = {}  # key -> (slot, nbytes)
@@ -191,6 +194,10 @@ class DeviceTier(TierBase):
                 if self._pool is None:
                     self._allocate(nbytes)
                 if nbytes > self._slot_bytes:
+                    if self.refuse_oversize:
+                        self._stats.refused += 1
+                        sizes.append(0)
+                        continue
                     raise ValueError(f"block of {nbytes} bytes does not fit a {self._slot_bytes}-byte slot of tier {self.name!r}")
                 if not self._free:
                     self._stats.refused += 1

@@ -3,9 +3,9 @@
 One block is one frame (``kvstore.frames``) under one key, written with one ``SET``: there is no
 second key and no ordering protocol, so a reader sees a whole frame or none. Keys are::
 
-    kvtier:<spec.fp8>:<block hash hex>
+    kvtier:<spec.short_fingerprint>:<block hash hex>
 
-so that one Redis serves several models and ``SCAN kvtier:<fp8>:*`` lists one model's blocks.
+so that one Redis serves several models and ``SCAN kvtier:<short_fingerprint>:*`` lists one model's blocks.
 The key deliberately has NO curly braces: ``{...}`` is a Redis Cluster hash tag, and a tag around
 the fingerprint would hash every block of a model to the same slot (one node holding the whole
 model). Without braces the blocks of a model spread over every primary.
@@ -160,7 +160,7 @@ class RedisTier(TierBase):
             to ``socket_timeout_s`` for a connection.
     """
 
-    capabilities = TierCapabilities(device="redis", persistent=True, shared=True, framed=True)
+    capabilities = TierCapabilities(device="redis", persistent=True, shared=True, framed=True, iterable=True)
 
     def __init__(
         self,
@@ -233,8 +233,8 @@ class RedisTier(TierBase):
     # -- keys ------------------------------------------------------------------------------
     @staticmethod
     def key_prefix(spec: KVSpec) -> bytes:
-        """``kvtier:<fp8>:`` — every Redis key of ``spec``'s blocks starts with it."""
-        return f"{KEY_PREFIX}:{spec.fp8}:".encode()
+        """``kvtier:<short_fingerprint>:`` — every Redis key of ``spec``'s blocks starts with it."""
+        return f"{KEY_PREFIX}:{spec.short_fingerprint}:".encode()
 
     def redis_key(self, key: bytes, spec: KVSpec) -> bytes:
         """The Redis key of one block (no hash tag: see the module docstring)."""
@@ -555,7 +555,7 @@ def _parse_url(url: str) -> tuple[bool, bool, str]:
     if scheme not in _SCHEMES:
         raise ValueError(f"url scheme must be one of {sorted(_SCHEMES)}, got {scheme!r}")
     try:
-        split.port
+        _ = split.port  # parsing it raises ValueError for a bad port
     except ValueError:
         raise ValueError(f"url has an invalid port: {url!r}") from None
     if not split.hostname:

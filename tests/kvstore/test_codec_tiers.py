@@ -71,7 +71,7 @@ def test_disk_frame_with_a_rejected_payload_is_a_counted_miss(name, tmp_path):
     tier = DiskTier(tmp_path, 1 << 22, codec=name)
     ks, bs = keys(2), blocks(2)
     tier.put(ks, bs, spec=SPEC)
-    path = tmp_path / SPEC.fp8 / ks[1].hex()[:2] / (ks[1].hex() + ".kvf")
+    path = tmp_path / SPEC.short_fingerprint / ks[1].hex()[:2] / (ks[1].hex() + ".kvf")
     path.write_bytes(_bad_frame(ks[1], name))
     got = tier.get(ks, spec=SPEC)
     assert got[1] is None and got[0] is not None

@@ -23,7 +23,7 @@ def test_disk_tier_survives_a_restart(tmp_path):
     sizes = t.put(KEYS, bs, spec=SPEC)
     t.close()
     # a crash mid-write leaves a temporary file: it is ignored and cleaned on open
-    shard = next(p for p in (tmp_path / SPEC.fp8).iterdir())
+    shard = next(p for p in (tmp_path / SPEC.short_fingerprint).iterdir())
     (shard / ".tmp-crashed").write_bytes(b"partial")
     t2 = DiskTier(tmp_path, 1 << 20)
     assert sorted(t2.iter_keys(SPEC)) == sorted(KEYS)
@@ -35,7 +35,7 @@ def test_disk_tier_survives_a_restart(tmp_path):
 def test_disk_files_are_frames_named_by_key(tmp_path):
     t = DiskTier(tmp_path, 1 << 20)
     t.put(KEYS[:1], blocks(1), spec=SPEC)
-    path = tmp_path / SPEC.fp8 / KEYS[0].hex()[:2] / (KEYS[0].hex() + ".kvf")
+    path = tmp_path / SPEC.short_fingerprint / KEYS[0].hex()[:2] / (KEYS[0].hex() + ".kvf")
     frame = decode_frame(path.read_bytes(), expect_key=KEYS[0], expect_spec=SPEC)
     assert frame.codec == "identity" and frame.shape == SPEC.block_shape
 
@@ -44,8 +44,8 @@ def test_disk_files_are_frames_named_by_key(tmp_path):
 def test_corrupt_disk_frame_is_a_counted_miss_and_deleted(tmp_path, damage):
     t = DiskTier(tmp_path, 1 << 20)
     t.put(KEYS[:2], blocks(2), spec=SPEC)
-    p0 = tmp_path / SPEC.fp8 / KEYS[0].hex()[:2] / (KEYS[0].hex() + ".kvf")
-    p1 = tmp_path / SPEC.fp8 / KEYS[1].hex()[:2] / (KEYS[1].hex() + ".kvf")
+    p0 = tmp_path / SPEC.short_fingerprint / KEYS[0].hex()[:2] / (KEYS[0].hex() + ".kvf")
+    p1 = tmp_path / SPEC.short_fingerprint / KEYS[1].hex()[:2] / (KEYS[1].hex() + ".kvf")
     data = bytearray(p0.read_bytes())
     if damage == "flip":
         data[-10] ^= 0xFF
@@ -63,7 +63,7 @@ def test_corrupt_disk_frame_is_a_counted_miss_and_deleted(tmp_path, damage):
 def test_disk_file_deleted_behind_our_back_is_a_miss(tmp_path):
     t = DiskTier(tmp_path, 1 << 20)
     t.put(KEYS[:1], blocks(1), spec=SPEC)
-    os.unlink(tmp_path / SPEC.fp8 / KEYS[0].hex()[:2] / (KEYS[0].hex() + ".kvf"))
+    os.unlink(tmp_path / SPEC.short_fingerprint / KEYS[0].hex()[:2] / (KEYS[0].hex() + ".kvf"))
     assert t.get(KEYS[:1], spec=SPEC) == [None]
     assert t.used_bytes == 0
 
@@ -90,6 +90,22 @@ def test_device_tier_is_a_preallocated_slot_pool():
     big = KVSpec("disk", num_layers=4, num_kv_heads=2, head_dim=16, dtype="float16", block_tokens=16)
     with pytest.raises(ValueError, match="slot"):
         t.put(chain_hashes(big, list(range(16))), [torch.zeros(big.block_shape, dtype=torch.float16)], spec=big)
+
+
+def test_device_tier_declares_what_to_do_with_a_block_larger_than_its_slots():
+    big = KVSpec("disk", num_layers=4, num_kv_heads=2, head_dim=16, dtype="float16", block_tokens=16)
+    strict = DeviceTier(4 * SPEC.block_nbytes, slot_bytes=SPEC.block_nbytes, device="cpu")
+    with pytest.raises(ValueError, match="does not fit"):
+        strict.put(chain_hashes(big, list(range(16))), [torch.zeros(big.block_shape, dtype=torch.float16)], spec=big)
+    lenient = DeviceTier(4 * SPEC.block_nbytes, slot_bytes=SPEC.block_nbytes, device="cpu", refuse_oversize=True)
+    assert lenient.put(chain_hashes(big, list(range(16))), [torch.zeros(big.block_shape, dtype=torch.float16)], spec=big) == [0]
+    assert lenient.stats().refused == 1 and lenient.stats().blocks == 0
+    assert lenient.put(chain_hashes(SPEC, list(range(16))), blocks(1), spec=SPEC) == [SPEC.block_nbytes]
+
+
+def test_only_tiers_that_declare_it_list_their_keys(tmp_path):
+    assert DiskTier(tmp_path, 1 << 20).capabilities.iterable
+    assert not HostTier(1 << 20).capabilities.iterable and not DeviceTier(1 << 20, device="cpu").capabilities.iterable
 
 
 from hypothesis import given, settings  # noqa: E402

@@ -41,7 +41,7 @@ def test_leaf_first_and_pins():
     idx.set_resident(c, 1, True)  # c also below: still a child of b in tier 0
     assert not idx.is_evictable(b, 0)
     idx.set_resident(c, 0, False)
-    assert idx.is_evictable(b, 0) and not idx.is_evictable(b, 1) is False
+    assert idx.is_evictable(b, 0) and idx.is_evictable(b, 1) is not False
     idx.pin(b)
     assert not idx.is_evictable(b, 0)
     idx.unpin(b)

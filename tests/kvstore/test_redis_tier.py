@@ -82,7 +82,7 @@ def test_round_trip_cluster_spreads_blocks_over_nodes(redis_cluster_url, redis_c
     out = [torch.zeros(SPEC.block_shape, dtype=torch.float16) for _ in ks]
     assert all(g is o for g, o in zip(t.get(ks, spec=SPEC, out=out), out)) and same(out, bs)
     assert t.contains(ks, spec=SPEC) == [True] * 24 and t.contains_prefix(ks, spec=SPEC) == 24
-    per_node = [len(list(s.client().scan_iter(match=f"kvtier:{SPEC.fp8}:*"))) for s in redis_cluster.servers]
+    per_node = [len(list(s.client().scan_iter(match=f"kvtier:{SPEC.short_fingerprint}:*"))) for s in redis_cluster.servers]
     assert sum(per_node) == 24 and sum(n > 0 for n in per_node) >= 2, per_node  # no hash tag: spread
     assert sorted(t.iter_keys(SPEC)) == sorted(ks)
     assert t.remove(ks[:10], spec=SPEC) == 10 and t.contains(ks, spec=SPEC) == [False] * 10 + [True] * 14
@@ -181,9 +181,9 @@ def test_keys_are_per_model_and_scannable(tier, redis_server):
     tier.put(ks, bs, spec=SPEC)
     tier.put(other_ks, other_bs, spec=OTHER)
     client = redis_server.client()
-    found = set(client.scan_iter(match=f"kvtier:{SPEC.fp8}:*"))
-    assert found == {f"kvtier:{SPEC.fp8}:{k.hex()}".encode() for k in ks}
-    assert len(set(client.scan_iter(match=f"kvtier:{OTHER.fp8}:*"))) == 2
+    found = set(client.scan_iter(match=f"kvtier:{SPEC.short_fingerprint}:*"))
+    assert found == {f"kvtier:{SPEC.short_fingerprint}:{k.hex()}".encode() for k in ks}
+    assert len(set(client.scan_iter(match=f"kvtier:{OTHER.short_fingerprint}:*"))) == 2
     assert all(b"{" not in k and b"}" not in k for k in client.scan_iter(match="kvtier:*"))  # no hash tags
     assert sorted(tier.iter_keys(SPEC)) == sorted(ks) and sorted(tier.iter_keys(OTHER)) == sorted(other_ks)
 
@@ -242,7 +242,7 @@ def test_a_foreign_value_type_is_a_miss_and_overwritten(tier, redis_server):
     assert tier.put(ks[1:], bs[1:], spec=SPEC)[0] > 0 and same(tier.get(ks, spec=SPEC), bs)
 
 
-def test_codec_named_in_the_frame_decodes(redis_url, redis_server, monkeypatch):
+def test_codec_named_in_the_frame_decodes(redis_url, redis_server):
     """A tier reads blocks written with another codec: the frame names the codec to use."""
 
     class Negate:  # a lossless toy codec: the payload is the negated block
@@ -257,21 +257,24 @@ def test_codec_named_in_the_frame_decodes(redis_url, redis_server, monkeypatch):
             t = -tensor_from_bytes(payload, spec.torch_dtype, spec.block_shape)
             return t if out is None else out.copy_(t)
 
-    monkeypatch.setitem(codec_base._CODECS, "test-negate", Negate)
-    writer = RedisTier(redis_url, codec="test-negate")
-    reader = RedisTier(redis_url)  # identity
-    assert writer.codec.name == "test-negate" and reader.codec.name == "identity"
-    ks, bs = chain(2), blocks(2)
-    writer.put(ks[:1], bs[:1], spec=SPEC)
-    reader.put(ks[1:], bs[1:], spec=SPEC)
-    assert same(reader.get(ks, spec=SPEC), bs) and same(writer.get(ks, spec=SPEC), bs)
-    raw = redis_server.client().get(writer.redis_key(ks[0], SPEC))
-    assert b"test-negate" in raw[:1000]
-    # a frame naming a codec nobody registered is unusable: a counted, deleted miss
-    monkeypatch.delitem(codec_base._CODECS, "test-negate")
-    fresh = RedisTier(redis_url)
-    assert fresh.get(ks, spec=SPEC)[0] is None and fresh.stats().corrupt == 1
-    assert fresh.contains(ks, spec=SPEC) == [False, True]
+    codec_base.register_codec("test-negate", Negate)
+    try:
+        writer = RedisTier(redis_url, codec="test-negate")
+        reader = RedisTier(redis_url)  # identity
+        assert writer.codec.name == "test-negate" and reader.codec.name == "identity"
+        ks, bs = chain(2), blocks(2)
+        writer.put(ks[:1], bs[:1], spec=SPEC)
+        reader.put(ks[1:], bs[1:], spec=SPEC)
+        assert same(reader.get(ks, spec=SPEC), bs) and same(writer.get(ks, spec=SPEC), bs)
+        raw = redis_server.client().get(writer.redis_key(ks[0], SPEC))
+        assert b"test-negate" in raw[:1000]
+        # a frame naming a codec nobody registered is unusable: a counted, deleted miss
+        codec_base._CODECS.unregister("test-negate")
+        fresh = RedisTier(redis_url)
+        assert fresh.get(ks, spec=SPEC)[0] is None and fresh.stats().corrupt == 1
+        assert fresh.contains(ks, spec=SPEC) == [False, True]
+    finally:
+        codec_base._CODECS.unregister("test-negate")
 
 
 # -- faults ----------------------------------------------------------------------------------

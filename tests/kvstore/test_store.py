@@ -270,7 +270,7 @@ def test_capacities_and_index_invariants_hold(tmp_path_factory, policy, ops):
         if op == "put":
             store.put(SPEC, ks, blocks(n, seed=seed))
         elif op == "get":
-            for k, g, b in zip(ks, store.get(SPEC, ks), blocks(n, seed=seed)):
+            for g, b in zip(store.get(SPEC, ks), blocks(n, seed=seed)):
                 assert g is None or torch.equal(g, b)  # never wrong KV
         elif op == "remove":
             store.remove(SPEC, ks)

@@ -19,7 +19,7 @@ import torch
 from kvtier.kvstore import KVSpec, chain_hashes, encode_frame
 from kvtier.kvstore.codecs.base import tensor_bytes
 from kvtier.service import wire
-from kvtier.service.client import KVTierClient, encode_blocks
+from kvtier.service.client import KVTierClient
 
 from .conftest import TINY
 from .server import ServiceProcess
