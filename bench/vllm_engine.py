@@ -18,7 +18,8 @@ Reads one JSON command per line on stdin and answers one line ``@@kvtier@@ {json
 Options (the JSON argument): ``model``, ``dtype``, ``kvtier`` (``kv_connector_extra_config``; absent:
 no connector), ``kv_role``, ``prefix_caching`` (default false), ``max_num_batched_tokens``,
 ``max_model_len``, ``executor`` (``distributed_executor_backend``), ``kv_events_endpoint`` (vLLM's
-own ZMQ event publisher), ``kv_load_failure_policy``, ``kv_cache_memory_bytes`` (vLLM's KV space).
+own ZMQ event publisher), ``kv_load_failure_policy``, ``kv_cache_memory_bytes`` (vLLM's KV space),
+``env`` (environment variables set before vLLM is imported).
 """
 
 from __future__ import annotations
@@ -91,6 +92,7 @@ def generate(llm, cmd: dict) -> dict:
 
 def main() -> int:
     opts = json.loads(sys.argv[1])
+    os.environ.update(opts.get("env") or {})  # before vLLM is imported
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
     os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", "nobind")
     try:

@@ -663,7 +663,8 @@ class KVTierConnector(_Base):  # type: ignore[misc,valid-type]
                 f"kvtier url {self.config.url!r} keeps blocks in one process's memory, but vLLM's executor "
                 f"{vllm_config.parallel_config.distributed_executor_backend!r} runs the worker in another process than the "
                 "scheduler (each would get its own store, and nothing would ever hit). Run a kvtier service ('kvtier serve') "
-                "and set url to 'http://HOST:PORT', or start vLLM with distributed_executor_backend='uni'")
+                "and set url to 'http://HOST:PORT', or run vLLM in one process: distributed_executor_backend='uni' (on a CPU "
+                "also VLLM_ENABLE_V1_MULTIPROCESSING=0, without which vLLM's CPU platform turns 'uni' into 'mp')")
         self.blocks_per_kvtier_block = self.spec.block_tokens // self.block_size  # r
         kv_role = getattr(self._kv_transfer_config, "kv_role", None) or "kv_both"
         self.load_enabled = kv_role != "kv_producer"
