@@ -1,5 +1,5 @@
-"""Shared helpers for the benchmark scripts: timing, a private redis-server, a ``kvtier serve``
-process, saving results."""
+"""Shared helpers for the benchmark scripts: timing, saving results, and (from the tests' process
+helpers, one implementation for both) a private redis-server and a ``kvtier serve`` process."""
 
 from __future__ import annotations
 
@@ -7,11 +7,7 @@ import json
 import os
 import platform
 import shutil
-import signal
-import socket
-import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Callable
@@ -20,6 +16,10 @@ ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results"
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
+
+# one set of process helpers for tests and benches: a private redis-server, a kvtier serve process
+from tests.redis_servers import RedisServer, free_port  # noqa: E402,F401  (free_port re-exported for the benches)
+from tests.service.server import ServiceProcess  # noqa: E402
 
 
 def machine() -> str:
@@ -76,50 +76,10 @@ def paired_medians(fa: Callable[[], object], fb: Callable[[], object], repeat: i
     return ta[len(ta) // 2], tb[len(tb) // 2]
 
 
-def free_port() -> int:
-    """A free TCP port on the loopback interface."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class LocalRedis:
-    """A private redis-server on a free loopback port (no persistence), for one benchmark run."""
-
-    def __init__(self) -> None:
-        exe = shutil.which("redis-server")
-        if exe is None:
-            raise SystemExit("redis-server not found: install Redis (make setup does it as root)")
-        self.port = free_port()
-        self.dir = tempfile.mkdtemp(prefix="kvtier-bench-redis-")
-        self.proc = subprocess.Popen(
-            [exe, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
-             "--dir", self.dir, "--protected-mode", "no", "--proto-max-bulk-len", "1gb"],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-        )
-        self.url = f"redis://127.0.0.1:{self.port}/0"
-        import redis
-
-        deadline = time.time() + 10
-        while True:
-            try:
-                redis.Redis(port=self.port).ping()
-                break
-            except Exception:
-                if time.time() > deadline:
-                    raise
-                time.sleep(0.05)
-
-    def close(self) -> None:
-        self.proc.terminate()
-        self.proc.wait(10)
-        shutil.rmtree(self.dir, ignore_errors=True)
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.close()
+def LocalRedis() -> RedisServer:
+    """A private redis-server on a free loopback port (no persistence; bulk values up to 1 GiB) for one
+    benchmark run: the tests' ``RedisServer``, a context manager with ``url`` and ``port``."""
+    return RedisServer(extra_args=("--proto-max-bulk-len", "1gb"))
 
 
 def save_results(name: str, figures: dict, markdown: str, out: str | None) -> None:
@@ -141,40 +101,18 @@ def md_table(headers: list[str], rows: list[list]) -> str:
     return "\n".join(lines)
 
 
-class KVTierServe:
-    """``python -m service.cli serve`` on a free loopback port (and a gRPC port with ``grpc=True``),
-    its data under a temporary directory; ``env`` adds ``KVTIER_*`` settings. ``close()`` stops it
-    with SIGTERM (graceful) and removes the directory."""
+class KVTierServe(ServiceProcess):
+    """``kvtier serve`` on free loopback ports with the embedded default tiers (the tests'
+    ``ServiceProcess``), its data under a temporary directory that ``close()`` removes; ``env`` adds
+    ``KVTIER_*`` settings. Stopped with SIGTERM (graceful)."""
 
-    def __init__(self, env: dict[str, str] | None = None, *, grpc: bool = False, log_level: str = "warning",
-                 timeout_s: float = 60.0) -> None:
-        import httpx
+    def __init__(self, env: dict[str, str] | None = None, *, grpc: bool = False, log_level: str = "warning") -> None:
+        try:
+            super().__init__(env, grpc=grpc, small=False, log_level=log_level)
+        except RuntimeError as e:
+            raise SystemExit(f"kvtier serve did not start: {e}") from None
 
-        self.port = free_port()
-        self.grpc_port = free_port() if grpc else None
-        self.dir = tempfile.mkdtemp(prefix="kvtier-bench-svc-")
-        e = {**os.environ, "PYTHONPATH": str(ROOT), "KVTIER_PORT": str(self.port), "KVTIER_DATA_DIR": self.dir,
-             "KVTIER_LOG_LEVEL": log_level, "KVTIER_GRPC_PORT": str(self.grpc_port) if grpc else "", **(env or {})}
-        self.proc = subprocess.Popen([sys.executable, "-m", "kvtier.service.cli", "serve"], cwd=ROOT, env=e)
-        self.url = f"http://127.0.0.1:{self.port}"
-        deadline = time.monotonic() + timeout_s
-        while True:
-            try:
-                if httpx.get(self.url + "/healthz", timeout=1).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                pass
-            if time.monotonic() > deadline or self.proc.poll() is not None:
-                self.close()
-                raise SystemExit("kvtier serve did not start")
-            time.sleep(0.1)
-
-    def close(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        shutil.rmtree(self.dir, ignore_errors=True)
+    def close(self) -> int:  # type: ignore[override]
+        code = self.stop(timeout_s=30.0)
+        shutil.rmtree(self.data_dir, ignore_errors=True)
+        return code

@@ -1,4 +1,5 @@
-"""Service benchmark: 6 MiB blocks over REST and gRPC vs raw redis-py, lookup latency under 64 clients.
+"""Service benchmark: 6 MiB blocks over REST, gRPC and the local transport vs raw redis-py, lookup latency under
+64 clients, host-tier latency while a slow tier is busy.
 
     python bench/service.py [--quick] [--out FILE]
 
@@ -9,6 +10,9 @@ In one run on loopback (ratios are what to read; absolute times move with the ma
   2. lookup latency p50/p99 with 64 concurrent clients (keep-alive HTTP/1.1 connections, closed loop)
      on the embedded default tiers (goal p99 < 5 ms, 0 errors), and the requests/s they reach.
 The clients of 2 run in 2 processes of 32 connections each, on the same 2-core box as the server.
+  3. the same-host transport (`unix://`, shared memory) in 1 (goal >= 1.5x raw) and 2 (goal p99 <= 5 ms);
+  4. host-tier gets and lookups over the local transport, idle and while another client keeps an
+     fsync'ing disk tier busy with demotions (goal: p99 busy / idle <= 2x).
 """
 
 from __future__ import annotations
@@ -44,6 +48,9 @@ CLIENT_PROCS = 2
 
 # -- 1. 6 MiB blocks ---------------------------------------------------------------------------
 CONFIGS = {
+    # the embedded default without Redis (the usual sidecar): kvtier's host tier only; raw redis-py runs on its own Redis
+    "host only": {"KVTIER_DEVICE_CAPACITY_BYTES": "0", "KVTIER_HOST_CAPACITY_BYTES": "512MiB", "KVTIER_DISK_CAPACITY_BYTES": "0",
+                  "KVTIER_REDIS_URL": ""},
     # every put and get goes through Redis: client -> kvtier -> Redis, two hops where raw redis-py makes one
     "redis only": {"KVTIER_DEVICE_CAPACITY_BYTES": "0", "KVTIER_HOST_CAPACITY_BYTES": "0", "KVTIER_DISK_CAPACITY_BYTES": "0",
                    "KVTIER_PROMOTE_ON_HIT": "false"},
@@ -61,14 +68,17 @@ def bench_blocks(quick: bool, label: str, env: dict) -> dict:
     repeat = 5 if quick else 20
     spec = SPEC_6M
     block = torch.randn(spec.block_shape, generator=torch.Generator().manual_seed(0)).to(spec.torch_dtype)
+    sock = os.path.join(tempfile.mkdtemp(prefix="kvtier-bench-sock-"), "kv.sock")
     with LocalRedis() as lr:
-        srv = KVTierServe({"KVTIER_REDIS_URL": lr.url, **env}, grpc=True)
+        srv = KVTierServe({"KVTIER_REDIS_URL": lr.url, "KVTIER_LOCAL_SOCKET": sock, **env}, grpc=True)
         try:
             raw = redis.Redis.from_url(lr.url)
             rest = KVTierClient(srv.url)
             grpc_c = KVTierGrpcClient(f"127.0.0.1:{srv.grpc_port}")
+            local = KVTierClient(f"unix://{sock}")  # the same SDK class: a unix:// URL is the shared-memory transport
             model = rest.register_spec(spec)
             grpc_c.register_spec(spec)
+            local.register_spec(spec)
             counter = iter(range(10**9))
 
             def fresh_key() -> bytes:
@@ -87,21 +97,26 @@ def bench_blocks(quick: bool, label: str, env: dict) -> dict:
                 return run
 
             out = [torch.empty_like(block)]  # an engine loads into its own buffers
-            t = {"raw_set": [], "raw_get": [], "rest_put": [], "rest_get": [], "grpc_put": [], "grpc_get": []}
+            t = {"raw_set": [], "raw_get": [], "rest_put": [], "rest_get": [], "grpc_put": [], "grpc_get": [],
+                 "local_put": [], "local_get": []}
             # interleaved rounds, and the least disturbed time of each contender (best_of): on a shared,
             # loaded machine a burst of someone else's work must not decide a ratio
             for _ in range(3):
                 t["raw_set"].append(best_of(lambda: raw.set(raw_key + b"s", frame), repeat))
                 t["rest_put"].append(best_of(put_with(rest), repeat))
                 t["grpc_put"].append(best_of(put_with(grpc_c), repeat))
+                t["local_put"].append(best_of(put_with(local), repeat))
                 rest.delete(model, put_keys[:-1])
                 del put_keys[:-1]
                 get_key = put_keys[-1]
                 t["raw_get"].append(best_of(lambda: raw.get(raw_key), repeat))
                 t["rest_get"].append(best_of(lambda: rest.get(model, [get_key], out=out)[0], repeat))
                 t["grpc_get"].append(best_of(lambda: grpc_c.get(model, [get_key], out=out)[0], repeat))
+                t["local_get"].append(best_of(lambda: local.get(model, [get_key], out=out)[0], repeat))
             got = rest.get(model, [get_key])[0]
             assert got is not None and torch.equal(got, block)
+            assert torch.equal(local.get(model, [get_key])[0], block)
+            local.close()
             rest.close()
             grpc_c.close()
         finally:
@@ -109,7 +124,7 @@ def bench_blocks(quick: bool, label: str, env: dict) -> dict:
     t = {k: float(min(v)) for k, v in t.items()}
     mb = spec.block_nbytes / 1e6
     res = {"config": label, "block_bytes": spec.block_nbytes, "repeat": repeat, **{f"{k}_s": v for k, v in t.items()}}
-    for name in ("rest_put", "rest_get", "grpc_put", "grpc_get"):
+    for name in ("rest_put", "rest_get", "grpc_put", "grpc_get", "local_put", "local_get"):
         base = t["raw_set"] if name.endswith("put") else t["raw_get"]
         res[f"{name}_ratio"] = base / t[name]
         print(f"[{label}] {name:>9}: {t[name] * 1e3:7.2f} ms ({mb / t[name]:5.0f} MB/s)  raw redis-py {base * 1e3:6.2f} ms  "
@@ -300,6 +315,163 @@ def bench_lookups(quick: bool) -> dict:
         srv.close()
 
 
+def _local_client_proc(sock: str, args: dict, n_threads: int, duration_s: float, warmup_s: float, q) -> None:
+    """``n_threads`` closed-loop lookup clients over the local transport (one connection each)."""
+    import threading
+
+    from kvtier.service.client import KVTierClient
+
+    lat: list[list[float]] = [[] for _ in range(n_threads)]
+    errors = [0] * n_threads
+    start = time.perf_counter()
+    measure_from, stop_at = start + warmup_s, start + warmup_s + duration_s
+
+    def loop(i: int) -> None:
+        c = KVTierClient(f"unix://{sock}", segment_bytes=1 << 16)
+        while True:
+            t0 = time.perf_counter()
+            if t0 >= stop_at:
+                break
+            try:
+                c.lookup(**args)
+            except Exception:
+                errors[i] += 1
+                continue
+            if t0 >= measure_from:
+                lat[i].append(time.perf_counter() - t0)
+        c.close()
+
+    threads = [threading.Thread(target=loop, args=(i,)) for i in range(n_threads)]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join()
+    q.put(([x for ls in lat for x in ls], sum(errors)))
+
+
+def bench_local_lookups(quick: bool) -> dict:
+    """Lookup latency with 64 concurrent clients over the local transport (2 processes x 32 threads)."""
+    from kvtier.service.client import KVTierClient
+
+    duration = 3.0 if quick else 15.0
+    sock = os.path.join(tempfile.mkdtemp(prefix="kvtier-bench-sock-"), "kv.sock")
+    srv = KVTierServe({"KVTIER_DEVICE_CAPACITY_BYTES": "64MiB", "KVTIER_HOST_CAPACITY_BYTES": "256MiB",
+                       "KVTIER_DISK_CAPACITY_BYTES": "1GiB", "KVTIER_LOCAL_SOCKET": sock})
+    try:
+        spec = SPEC_SMALL
+        with KVTierClient(f"unix://{sock}") as c:
+            model = c.register_spec(spec)
+            tokens = list(range(spec.block_tokens * 8))
+            keys = c.hashes(model, tokens)
+            c.put(model, keys[:6], torch.zeros(6, *spec.block_shape, dtype=spec.torch_dtype))
+            assert c.lookup(model, hashes=keys).num_blocks == 6
+        args = {"model": model, "hashes": keys}
+        ctx = mp.get_context("fork")
+        q = ctx.Queue()
+        procs = [ctx.Process(target=_local_client_proc, args=(sock, args, NUM_CLIENTS // CLIENT_PROCS, duration, 1.0, q))
+                 for _ in range(CLIENT_PROCS)]
+        for p in procs:
+            p.start()
+        lat, errors = [], 0
+        for _ in procs:
+            l_, e_ = q.get(timeout=duration + 120)
+            lat += l_
+            errors += e_
+        for p in procs:
+            p.join()
+        lat_ms = np.array(lat) * 1e3
+        r = {"requests": len(lat), "errors": errors, "p50_ms": float(np.percentile(lat_ms, 50)),
+             "p99_ms": float(np.percentile(lat_ms, 99)), "rps": len(lat) / duration, "clients": NUM_CLIENTS, "duration_s": duration}
+        with KVTierClient(f"unix://{sock}") as c:
+            single = []
+            for _ in range(200 if quick else 1000):
+                t0 = time.perf_counter()
+                c.lookup(**args)
+                single.append(time.perf_counter() - t0)
+        r["single_client_p50_ms"] = float(np.median(single) * 1e3)
+        print(f"lookup by hashes (8 blocks), local transport: {NUM_CLIENTS} clients p50 {r['p50_ms']:.2f} ms "
+              f"p99 {r['p99_ms']:.2f} ms, {r['rps']:.0f} req/s, {errors} errors; one client p50 {r['single_client_p50_ms']:.2f} ms")
+        return r
+    finally:
+        srv.close()
+
+
+def _busy_writer(sock: str, model: str, seconds: float, q) -> None:
+    """Puts 6 MiB blocks as fast as it can: each spills an older block from the small host tier to the
+    disk tier, whose writes are fsync'ed (a real slow device)."""
+    from kvtier.service.client import KVTierClient
+
+    c = KVTierClient(f"unix://{sock}", segment_bytes=16 << 20)
+    block = torch.randn(SPEC_6M.block_shape, generator=torch.Generator().manual_seed(1)).to(SPEC_6M.torch_dtype)
+    n, i, stop = 0, 0, time.perf_counter() + seconds
+    while time.perf_counter() < stop:
+        key = chain_hashes(SPEC_6M, np.full(SPEC_6M.block_tokens, 7 + i), Namespace(salt="busy"))[0]
+        c.put(model, [key], block.unsqueeze(0))
+        n, i = n + 1, i + 1
+    c.close()
+    q.put(n)
+
+
+def bench_busy_tier(quick: bool, slow_tier: bool = True) -> dict:
+    """Host-tier gets and lookups over the local transport, idle and while a writer keeps the disk
+    tier busy (every put demotes a 6 MiB block to a disk tier that fsyncs each file): p99 busy / idle.
+    ``slow_tier=False`` is the control: the same writer, its blocks all fit the host tier (no disk
+    I/O), so what remains is the CPU the writer takes on this machine."""
+    from kvtier.service.client import KVTierClient
+
+    seconds = 4.0 if quick else 15.0
+    sock = os.path.join(tempfile.mkdtemp(prefix="kvtier-bench-sock-"), "kv.sock")
+    srv = KVTierServe({"KVTIER_DEVICE_CAPACITY_BYTES": "0", "KVTIER_HOST_CAPACITY_BYTES": "64MiB" if slow_tier else "4GiB",
+                       "KVTIER_DISK_CAPACITY_BYTES": "4GiB", "KVTIER_DISK_FSYNC": "true", "KVTIER_LOCAL_SOCKET": sock,
+                       "KVTIER_SUMMARY_CAPACITY_BYTES": "0"})
+    try:
+        c = KVTierClient(f"unix://{sock}")
+        small = c.register_spec(SPEC_SMALL)
+        big = c.register_spec(SPEC_6M)
+        tokens = list(range(SPEC_SMALL.block_tokens * 4))
+        keys = c.hashes(small, tokens)
+        blocks = torch.randn(4, *SPEC_SMALL.block_shape, generator=torch.Generator().manual_seed(2)).to(SPEC_SMALL.torch_dtype)
+        assert c.put(small, keys, blocks) == [True] * 4
+        out = [torch.empty(SPEC_SMALL.block_shape, dtype=SPEC_SMALL.torch_dtype) for _ in keys]
+
+        def measure(dur: float) -> dict:
+            gets, lookups = [], []
+            stop = time.perf_counter() + dur
+            while time.perf_counter() < stop:
+                t0 = time.perf_counter()
+                got = c.get(small, keys, out=out)
+                t1 = time.perf_counter()
+                assert got[0] is not None, "a hot host-tier block was evicted"
+                c.lookup(small, hashes=keys)
+                t2 = time.perf_counter()
+                gets.append(t1 - t0)
+                lookups.append(t2 - t1)
+            return {name: {"n": len(v), "p50_ms": float(np.percentile(np.array(v) * 1e3, 50)),
+                           "p99_ms": float(np.percentile(np.array(v) * 1e3, 99))} for name, v in (("get", gets), ("lookup", lookups))}
+
+        idle = measure(seconds)
+        ctx = mp.get_context("fork")
+        q = ctx.Queue()
+        writer = ctx.Process(target=_busy_writer, args=(sock, big, seconds + 1.5, q))
+        writer.start()
+        time.sleep(1.0)  # the host tier is full and every put now demotes to the disk
+        busy = measure(seconds)
+        puts = q.get(timeout=seconds + 120)
+        writer.join()
+        st = c.stats()
+        disk = next(t for t in st["tiers"] if t["name"] == "disk")
+        c.close()
+    finally:
+        srv.close()
+    r = {"idle": idle, "busy": busy, "busy_puts": puts, "disk_blocks_written": disk["puts"],
+         "get_p99_ratio": busy["get"]["p99_ms"] / idle["get"]["p99_ms"],
+         "lookup_p99_ratio": busy["lookup"]["p99_ms"] / idle["lookup"]["p99_ms"]}
+    print(f"{'busy disk tier' if slow_tier else 'control, no disk I/O'} ({puts} puts of 6 MiB, {disk['puts']} blocks fsync'ed to disk): host-tier get p99 "
+          f"{idle['get']['p99_ms']:.2f} -> {busy['get']['p99_ms']:.2f} ms ({r['get_p99_ratio']:.2f}x), lookup p99 "
+          f"{idle['lookup']['p99_ms']:.2f} -> {busy['lookup']['p99_ms']:.2f} ms ({r['lookup_p99_ratio']:.2f}x)")
+    return r
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="fewer repetitions and shorter load (under a minute)")
@@ -311,10 +483,13 @@ def main() -> None:
     grpc_floor = bench_grpc_floor(args.quick)
     rest_floor = bench_rest_floor(args.quick)
     lookups = bench_lookups(args.quick)
+    local_lookups = bench_local_lookups(args.quick)
+    busy = bench_busy_tier(args.quick)
+    control = bench_busy_tier(args.quick, slow_tier=False)
     mode = "quick" if args.quick else "full"
     rows = []
     for label, b in blocks.items():
-        for tr, goal in (("rest", ">= 0.5x"), ("grpc", ">= 0.7x")):
+        for tr, goal in (("rest", ">= 0.5x"), ("grpc", ">= 0.7x"), ("local", ">= 1.5x")):
             for op, base in (("put", "raw_set"), ("get", "raw_get")):
                 rows.append([label, tr.upper(), op, f"{b[f'{tr}_{op}_s'] * 1e3:.1f} ms", f"{b[base + '_s'] * 1e3:.1f} ms",
                              f"**{b[f'{tr}_{op}_ratio']:.2f}x**", goal])
@@ -327,9 +502,22 @@ def main() -> None:
           "These are the transports' own costs: a ratio goal above raw time / transport time cannot be met with that transport.", ""]
     lrows = [[label, r["clients"], f"{r['p50_ms']:.2f}", f"{r['p99_ms']:.2f}", f"{r['rps']:.0f}", r["errors"], f"{r['single_client_p50_ms']:.2f}"]
              for label, r in lookups.items()]
-    md += [md_table(["lookup (REST)", "concurrent clients", "p50 ms", "p99 ms", "requests/s", "errors", "one client p50 ms"], lrows)]
+    r = local_lookups
+    lrows.append(["by hashes (8 blocks), local transport", r["clients"], f"{r['p50_ms']:.2f}", f"{r['p99_ms']:.2f}", f"{r['rps']:.0f}",
+                  r["errors"], f"{r['single_client_p50_ms']:.2f}"])
+    md += [md_table(["lookup", "concurrent clients", "p50 ms", "p99 ms", "requests/s", "errors", "one client p50 ms"], lrows), ""]
+    brows = [[label, op, f"{r['idle'][op]['p50_ms']:.2f}", f"{r['idle'][op]['p99_ms']:.2f}", f"{r['busy'][op]['p50_ms']:.2f}",
+              f"{r['busy'][op]['p99_ms']:.2f}", f"**{r[op + '_p99_ratio']:.2f}x**", "<= 2x" if r is busy else "(control)"]
+             for label, r in ((f"disk tier busy ({busy['disk_blocks_written']} fsync'ed writes)", busy),
+                              ("writer without disk I/O", control)) for op in ("get", "lookup")]
+    md += ["Host-tier calls over the local transport (4 small blocks) while another client puts 6 MiB blocks, each demoting "
+           "one to an fsync'ing disk tier; the control runs the same writer with a host tier large enough that nothing "
+           "reaches the disk (what is left is the writer's CPU on this machine):", "",
+           md_table(["writer", "op", "idle p50 ms", "idle p99 ms", "busy p50 ms", "busy p99 ms", "p99 busy / idle", "goal"], brows)]
     print("\n" + "\n".join(md))
-    save_results("service_quick" if args.quick else "service", {"mode": mode, "blocks_6mib": blocks, "grpc_transport_alone": grpc_floor, "rest_transport_alone": rest_floor, "lookups": lookups}, "\n".join(md), args.out)
+    save_results("service_quick" if args.quick else "service", {"mode": mode, "blocks_6mib": blocks, "grpc_transport_alone": grpc_floor,
+                 "rest_transport_alone": rest_floor, "lookups": lookups, "local_lookups": local_lookups, "busy_tier": busy, "busy_control": control},
+                 "\n".join(md), args.out)
 
 
 if __name__ == "__main__":

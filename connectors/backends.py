@@ -172,7 +172,7 @@ class ServiceBackend:
         if not keys:
             return 0, {}
         found = self._with_model(lambda m: self.client.lookup(m, hashes=list(keys)))
-        return found.num_blocks, dict(found.tier_hits)
+        return found.num_blocks, dict(getattr(found, "tier_hits", None) or {})
 
     def get(self, keys: Sequence[bytes]) -> list[torch.Tensor | None]:
         out: list[torch.Tensor | None] = []

@@ -18,7 +18,8 @@ Configuration, on the vLLM command line::
 
 (``kv_load_failure_policy: recompute``: a block that cannot be loaded is computed; vLLM's default
 ``fail`` fails the request instead.) ``kv_connector_extra_config`` keys (all optional;
-``KVTierConnectorConfig``): ``url`` (a kvtier service ``http(s)://host:port``, or ``inprocess`` /
+``KVTierConnectorConfig``): ``url`` (a kvtier service ``http(s)://host:port``, ``unix://PATH`` for
+its same-host shared-memory transport, or ``inprocess`` /
 ``inprocess://NAME`` for a ``TieredStore`` in vLLM's own process: only with
 ``distributed_executor_backend='uni'``, refused at start otherwise, since vLLM's default
 multiprocess executor runs the scheduler and the worker in two processes), ``api_key`` (default:
@@ -192,7 +193,7 @@ PAGED_LAYOUTS = ("auto", "kv_in_content", "kv_in_rows", "kv_first", "blocks_firs
 class KVTierConnectorConfig:
     """The connector's part of vLLM's ``kv_transfer_config.kv_connector_extra_config``."""
 
-    url: str = "inprocess"  # "http(s)://host:port" (the service) or "inprocess[://NAME]" (a store in this process)
+    url: str = "inprocess"  # "http(s)://host:port" or "unix://PATH" (the service) or "inprocess[://NAME]" (a store in this process)
     api_key: str | None = None  # default: $KVTIER_API_KEY
     block_tokens: int = 256  # tokens per kvtier block; a multiple of vLLM's block size
     namespace: str = ""  # only engines with the same namespace share blocks
@@ -206,9 +207,9 @@ class KVTierConnectorConfig:
 
     def __post_init__(self) -> None:
         if not isinstance(self.url, str) or not (
-            self.url == "inprocess" or self.url.startswith(("inprocess://", "http://", "https://"))
+            self.url == "inprocess" or self.url.startswith(("inprocess://", "http://", "https://", "unix://"))
         ):
-            raise ValueError(f"url must be 'http(s)://host:port' or 'inprocess[://NAME]', got {self.url!r}")
+            raise ValueError(f"url must be 'http(s)://host:port', 'unix://PATH' or 'inprocess[://NAME]', got {self.url!r}")
         if self.api_key is not None and not isinstance(self.api_key, str):
             raise ValueError(f"api_key must be a string, got {type(self.api_key).__name__}")
         if isinstance(self.block_tokens, bool) or not isinstance(self.block_tokens, int) or self.block_tokens <= 0:
@@ -452,7 +453,7 @@ def open_backend(config: KVTierConnectorConfig, spec: KVSpec) -> KVTierBackend:
     """The connector's backend (``connectors.backends``). A service is not asked anything
     before the first lookup (the spec is registered then, and again after a service restart), so an
     unreachable kvtier makes misses, never a failed engine start; 64 blocks and 64 MiB per request."""
-    if config.url.startswith(("http://", "https://")):
+    if config.url.startswith(("http://", "https://", "unix://")):  # unix://: the same-host shared-memory transport
         return ServiceBackend.connect(config.url, spec, api_key=config.api_key, timeout_s=config.timeout_s, register=False,
                                       max_blocks_per_request=64, max_request_bytes=64 << 20)
     name = config.url[len("inprocess://"):] if config.url.startswith("inprocess://") else "default"
@@ -657,7 +658,7 @@ class KVTierConnector(_Base):  # type: ignore[misc,valid-type]
         extra = getattr(self._kv_transfer_config, "kv_connector_extra_config", None) or {}
         self.config = KVTierConnectorConfig.from_extra_config(extra)
         self.spec, self.block_size = spec_from_vllm_config(vllm_config, self.config)
-        self.in_process = not self.config.url.startswith(("http://", "https://"))
+        self.in_process = self.config.url == "inprocess" or self.config.url.startswith("inprocess://")
         if self.in_process and not _uses_one_process(vllm_config):
             raise ValueError(
                 f"kvtier url {self.config.url!r} keeps blocks in one process's memory, but vLLM's executor "

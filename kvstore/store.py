@@ -15,6 +15,17 @@
 - pins are leases with a TTL; an event stream (stored / removed per tier, monotonic ids) lets a
   router follow what is where.
 
+Locking: one lock guards the bookkeeping only (the ``PrefixIndex``, the policies, leases, the
+tenant ledger, the write-through queues, per-tier byte reservations); no tier is called under it.
+Every operation that moves bytes is planned under the lock (victims chosen and pinned, bytes
+reserved in the tier and under the tenant's quota, slots pinned while they are read), runs its
+tier I/O outside it, and commits under it, checking again what may have changed meanwhile. So a
+slow disk write, a demotion or a Redis round trip never delays a lookup, nor a get served by
+another tier. What a race can cost is a miss (a block read while it was being evicted is looked
+for in the next tier), never wrong KV nor a tier above its capacity. The write-through tiers of a
+put are written on per-tier executors while tier 0 is written, and ``put_async`` / ``get_async``
+return futures for callers that overlap transfers with compute.
+
 A tier's policy is a ``BlockPolicy`` (``kvtier.kvstore.policy``, the contract kvstore owns) or the
 name of a built-in one (``"lru"``, ``"s3fifo"``, ...). The built-ins live in ``kvtier.eviction.blocks``,
 which imports kvstore; a name is therefore resolved at run time by importing that package (the one
@@ -23,18 +34,17 @@ place kvstore reaches above itself, and only when given a name): pass an instanc
 
 from __future__ import annotations
 
-import heapq
 import importlib
-import itertools
 import logging
 import threading
 import time
-from collections import OrderedDict, deque
-from dataclasses import dataclass, field
-from typing import Callable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Callable, Iterator, Sequence
 
 import torch
 
+from .bookkeeping import Event, EventLog, Lease, LeaseTable, TenantLedger, WriteThroughQueue
 from .index import NO_PARENT, PrefixIndex
 from .keys import BlockHash, Namespace, chain_hashes, check_keys
 from .policy import BlockPolicy
@@ -43,8 +53,12 @@ from .tiers.base import StorageTier
 
 log = logging.getLogger(__name__)
 
+__all__ = ["Event", "Lease", "LookupResult", "TierConfig", "TieredStore"]
+
 # Frame header and msgpack framing on top of a block's payload, reserved when making room.
 _FRAME_SLACK = 1024
+# Demotions read their victims from the tier in groups of at most this many bytes (bounded memory).
+_DEMOTE_GROUP_BYTES = 64 << 20
 
 
 def _resolve_policy(policy: BlockPolicy | str) -> BlockPolicy:
@@ -75,19 +89,6 @@ class TierConfig:
 
 
 @dataclass(frozen=True)
-class Event:
-    id: int
-    kind: str  # "stored" | "removed"
-    key: bytes
-    tier: str
-    model: str  # the spec's short_fingerprint (8 hex digits)
-    time: float
-
-    def to_dict(self) -> dict:
-        return {"id": self.id, "kind": self.kind, "key": self.key.hex(), "tier": self.tier, "model": self.model, "time": self.time}
-
-
-@dataclass(frozen=True)
 class LookupResult:
     num_blocks: int  # longest cached prefix of the chain, in blocks, over all tiers
     tier_prefix: dict[str, int]  # longest prefix held by each tier on its own
@@ -98,24 +99,17 @@ class LookupResult:
         return lambda block_tokens: self.num_blocks * block_tokens
 
 
-@dataclass(frozen=True)
-class Lease:
-    id: int
-    expires_at: float
-    num_pinned: int
-
-
 @dataclass
 class _Tier:
     cfg: TierConfig
     policy: BlockPolicy
+    write_through: WriteThroughQueue | None = None  # write-through tiers only: the keys it refused
     evictions: int = 0
     demotions: int = 0
     promotions: int = 0
-    # write-through only: keys the tier refused, oldest first, to be written again later
-    pending: OrderedDict = field(default_factory=OrderedDict)
-    wt_retried: int = 0  # pending blocks written on a later try
-    wt_dropped: int = 0  # pending keys forgotten because the list was full
+    reserved: int = 0  # bytes that writes in flight will add (planned under the lock)
+    freeing: int = 0  # bytes that evictions in flight will remove (victims chosen, not yet gone)
+    executor: ThreadPoolExecutor | None = None  # write-throughs into this tier run here
 
     @property
     def tier(self) -> StorageTier:
@@ -131,9 +125,18 @@ class _Item:
 
 
 @dataclass
-class _LeaseState:
-    slots: list[int]
-    expires_at: float
+class _Victim:
+    slot: int
+    key: bytes
+    spec: KVSpec
+    nbytes: int  # what it is expected to free (its size estimate in the tier)
+
+
+def _by_spec(entries) -> dict[KVSpec, list]:
+    out: dict[KVSpec, list] = {}
+    for e in entries:
+        out.setdefault(e.spec, []).append(e)
+    return out
 
 
 class TieredStore:
@@ -147,45 +150,44 @@ class TieredStore:
         max_pin_ttl_s: float = 3600.0,
         max_write_through_pending: int = 4096,
         write_through_retry_batch: int = 8,
+        io_workers: int = 4,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         """``max_write_through_pending``: refused write-throughs remembered per tier (the oldest are
         forgotten beyond it; they still reach the tier when evicted from above); at most
-        ``write_through_retry_batch`` of them are tried again per ``put``."""
+        ``write_through_retry_batch`` of them are tried again per ``put``. ``io_workers``: threads
+        per write-through tier, and for ``put_async`` / ``get_async``."""
         if not tiers:
             raise ValueError("a TieredStore needs at least one tier")
         cfgs = [t if isinstance(t, TierConfig) else TierConfig(t) for t in tiers]
         names = [c.tier.name for c in cfgs]
         if len(set(names)) != len(names):
             raise ValueError(f"tier names must be unique, got {names}")
-        self._tiers = [_Tier(c, _resolve_policy(c.policy)) for c in cfgs]
-        self._index = PrefixIndex(len(cfgs))
-        self._quotas = dict(quotas or {})
-        for tenant, q in self._quotas.items():
-            if not isinstance(q, int) or q < 0:
-                raise ValueError(f"quota of tenant {tenant!r} must be a non-negative int of bytes, got {q!r}")
         for name, v in (("max_write_through_pending", max_write_through_pending), ("write_through_retry_batch", write_through_retry_batch)):
             if isinstance(v, bool) or not isinstance(v, int) or v < 0:
                 raise ValueError(f"{name} must be a non-negative int, got {v!r}")
+        if isinstance(io_workers, bool) or not isinstance(io_workers, int) or io_workers < 1:
+            raise ValueError(f"io_workers must be a positive int, got {io_workers!r}")
+        self._ledger = TenantLedger(quotas)
+        self._tiers = [
+            _Tier(c, _resolve_policy(c.policy), WriteThroughQueue(max_write_through_pending) if c.write_through else None)
+            for c in cfgs
+        ]
+        self._index = PrefixIndex(len(cfgs))
         self.max_write_through_pending = max_write_through_pending
         self.write_through_retry_batch = write_through_retry_batch
         self.promote_on_hit = promote_on_hit
         self.max_pin_ttl_s = max_pin_ttl_s
-        self._clock = clock
-        self._lock = threading.RLock()
+        self.io_workers = io_workers
+        self._lock = threading.RLock()  # bookkeeping only: never held across a tier call
         self._specs: list[KVSpec] = []
         self._spec_ids: dict[KVSpec, int] = {}
         self._tenants: list[str] = []
         self._tenant_ids: dict[str, int] = {}
-        self._tenant_bytes: dict[str, int] = {}
-        self._events: deque[Event] = deque(maxlen=max_events)
-        self._event_ids = itertools.count(1)
-        self._last_event_id = 0
-        self._leases: dict[int, _LeaseState] = {}
-        self._lease_heap: list[tuple[float, int]] = []
-        self._lease_ids = itertools.count(1)
-        self.quota_evictions = 0
-        self.quota_refusals = 0
+        self._events = EventLog(max_events)
+        self._leases = LeaseTable(clock)
+        self._async: ThreadPoolExecutor | None = None
+        self._closed = False
         self._adopt_persistent()
 
     # -- small registries ------------------------------------------------------------------
@@ -219,6 +221,14 @@ class TieredStore:
     def index(self) -> PrefixIndex:
         return self._index
 
+    @property
+    def quota_evictions(self) -> int:
+        return self._ledger.evictions
+
+    @property
+    def quota_refusals(self) -> int:
+        return self._ledger.refusals
+
     def register_spec(self, spec: KVSpec) -> None:
         """Make a spec known, and adopt blocks of it found in persistent tiers (e.g. disk after a restart)."""
         with self._lock:
@@ -226,7 +236,8 @@ class TieredStore:
             self._adopt_persistent(spec)
 
     def _adopt_persistent(self, spec: KVSpec | None = None) -> None:
-        """Index blocks that persistent, non-shared tiers already hold (found again after a restart)."""
+        """Index blocks that persistent, non-shared tiers already hold (found again after a restart).
+        Reads only the tiers' own in-memory listings (no I/O)."""
         specs = [spec] if spec is not None else list(self._specs)
         for t, st in enumerate(self._tiers):
             tier = st.tier
@@ -243,36 +254,24 @@ class TieredStore:
                     self._mark_stored(t, slot, key, sp, nbytes=sp.block_nbytes, depth=0, tenant="")
 
     # -- events ----------------------------------------------------------------------------
-    def _emit(self, kind: str, key: bytes, tier: int, spec: KVSpec) -> None:
-        eid = next(self._event_ids)
-        self._last_event_id = eid
-        self._events.append(Event(eid, kind, key, self._tiers[tier].tier.name, spec.short_fingerprint, time.time()))
-
     def events(self, after: int = 0, limit: int = 1000) -> list[Event]:
         """Events with id > ``after``, oldest first, at most ``limit`` (the stream keeps the last ``max_events``)."""
         if limit <= 0:
             raise ValueError(f"limit must be positive, got {limit}")
-        with self._lock:
-            out = []
-            for ev in self._events:
-                if ev.id > after:
-                    out.append(ev)
-                    if len(out) >= limit:
-                        break
-            return out
+        return self._events.since(after, limit)
 
     @property
     def last_event_id(self) -> int:
-        return self._last_event_id
+        return self._events.last_id
 
-    # -- residency bookkeeping -------------------------------------------------------------
+    # -- residency bookkeeping (under the lock) --------------------------------------------
     def _mark_stored(self, t: int, slot: int, key: bytes, spec: KVSpec, *, nbytes: int, depth: int, tenant: str) -> None:
         idx = self._index
         if idx.residency(slot) == 0:
-            self._tenant_bytes[tenant] = self._tenant_bytes.get(tenant, 0) + spec.block_nbytes
+            self._ledger.charge(tenant, spec.block_nbytes)
         idx.set_resident(slot, t, True)
         self._tiers[t].policy.on_insert(key, nbytes, depth=depth, tenant=tenant)
-        self._emit("stored", key, t, spec)
+        self._events.emit("stored", key, self._tiers[t].tier.name, spec.short_fingerprint)
 
     def _mark_removed(self, t: int, slot: int, key: bytes, spec: KVSpec) -> None:
         idx = self._index
@@ -280,16 +279,52 @@ class TieredStore:
         self._tiers[t].policy.on_remove(key)
         idx.set_resident(slot, t, False)  # may drop the entry (and ghost ancestors) from the index
         if idx.slot(key) is None or idx.residency(idx.slot(key)) == 0:
-            self._tenant_bytes[tenant] = self._tenant_bytes.get(tenant, 0) - spec.block_nbytes
-        self._emit("removed", key, t, spec)
+            self._ledger.credit(tenant, spec.block_nbytes)
+        self._events.emit("removed", key, self._tiers[t].tier.name, spec.short_fingerprint)
 
-    # -- writing ---------------------------------------------------------------------------
+    def _unmark_everywhere(self, slot: int, key: bytes) -> list[tuple[int, bytes, KVSpec]]:
+        """Forget a block in every tier; returns the (tier, key, spec) removals to run outside the lock."""
+        spec = self._specs[self._index.spec_id(slot)]
+        out = []
+        for t in range(len(self._tiers)):
+            if self._index.slot(key) != slot:
+                break
+            if self._index.residency(slot) & (1 << t):
+                self._mark_removed(t, slot, key, spec)
+                out.append((t, key, spec))
+        return out
+
+    def _remove_from_tiers(self, removals: list[tuple[int, bytes, KVSpec]]) -> None:
+        """Tier I/O (no lock): delete what ``_unmark_everywhere`` forgot."""
+        for (t, spec), group in _group_removals(removals).items():
+            self._tiers[t].tier.remove(group, spec=spec)
+
+    def _unpin_live(self, pinned: Sequence[tuple[int, bytes]]) -> None:
+        idx = self._index
+        for slot, key in pinned:
+            if idx.slot(key) == slot:
+                idx.unpin(slot)
+
+    def _expire_leases(self) -> None:
+        for slots in self._leases.expired():
+            for slot in slots:
+                self._index.unpin(slot)
+
+    # -- writing (called without the lock) -------------------------------------------------
     def _need(self, t: int, spec: KVSpec) -> int:
         tier = self._tiers[t].tier
         return spec.block_nbytes + (_FRAME_SLACK if tier.capabilities.framed else 0)
 
-    def _write(self, t: int, items: list[_Item], *, cascade: bool = True) -> None:
-        """Store ``items`` in tier t (making room); what t refuses goes on to t+1 when ``cascade``."""
+    def _store_into(self, t: int, items: list[_Item], *, cascade: bool = True, chain_order: bool = True,
+                    moving: bool = False) -> None:
+        """Store ``items`` in tier t (making room); what t refuses goes on to t+1 when ``cascade``.
+
+        The items' slots are pinned by the caller. ``chain_order``: items are a chain (root first),
+        inserted into the policy deepest first so that recency ages the chain's tail first;
+        otherwise in the order given (demoted victims keep their relative age). ``moving``: copies
+        of blocks cached elsewhere (demotion, promotion, write-through retry): one removed from
+        every tier while it was copied is not brought back (what was written is deleted again).
+        """
         if not items:
             return
         st = self._tiers[t]
@@ -315,168 +350,230 @@ class TieredStore:
         for chunk, need in chunks:
             if cap is not None:
                 self._make_room(t, need, protect={it.slot for it in chunk})
-            by_spec: dict[KVSpec, list[_Item]] = {}
-            for it in chunk:
-                by_spec.setdefault(it.spec, []).append(it)
-            for spec, group in by_spec.items():
+            groups = _by_spec(chunk)
+            with self._lock:
+                st.reserved += need
                 # a block with no known parent is a sequence's first: codecs that keep its sinks exact do so
-                first = [self._index.depth(it.slot) == 0 for it in group]
-                sizes = tier.put([it.key for it in group], [it.block for it in group], spec=spec, first=first)
-                stored = []
-                for it, size in zip(group, sizes):
-                    if size > 0:
-                        stored.append((it, size))
-                    else:
-                        refused.append(it)
-                # deepest block first, so that recency-based policies age the chain's tail first
-                for it, size in reversed(stored):
-                    if self._index.slot(it.key) is None:  # evicted from the index meanwhile: re-add
-                        continue
-                    if not self._index.residency(it.slot) & (1 << t):
-                        self._mark_stored(t, it.slot, it.key, spec, nbytes=size, depth=self._index.depth(it.slot), tenant=self._tenants[self._index.tenant_id(it.slot)])
+                firsts = {spec: [self._index.depth(it.slot) == 0 for it in g] for spec, g in groups.items()}
+            left = need
+            try:
+                for spec, group in groups.items():
+                    sizes = tier.put([it.key for it in group], [it.block for it in group], spec=spec, first=firsts[spec])
+                    orphans = []
+                    with self._lock:
+                        done = sum(self._need(t, spec) for _ in group)
+                        st.reserved -= done  # the tier counts these bytes itself now
+                        left -= done
+                        stored = []
+                        for it, size in zip(group, sizes):
+                            if size > 0:
+                                stored.append((it, size))
+                            else:
+                                refused.append(it)
+                        idx = self._index
+                        for it, size in (reversed(stored) if chain_order else stored):
+                            if idx.slot(it.key) != it.slot or (moving and idx.residency(it.slot) == 0):
+                                orphans.append(it.key)  # removed everywhere while it was copied
+                                continue
+                            if not idx.residency(it.slot) & (1 << t):
+                                self._mark_stored(t, it.slot, it.key, spec, nbytes=size, depth=idx.depth(it.slot),
+                                                  tenant=self._tenants[idx.tenant_id(it.slot)])
+                    if orphans:
+                        tier.remove(orphans, spec=spec)
+            finally:
+                with self._lock:
+                    st.reserved -= left
         if refused and cascade and t + 1 < len(self._tiers):
-            self._write(t + 1, refused)
+            self._store_into(t + 1, refused, chain_order=chain_order, moving=moving)
+
+    def _make_room(self, t: int, need: int, protect: set[int] = frozenset()) -> None:
+        """Evict from tier t until ``need`` more bytes fit under the low watermark (hysteresis).
+
+        Victims are chosen (and pinned) under the lock, evicted outside it; the loop looks again
+        after each round, since sizes are estimates and other writers run meanwhile."""
+        st = self._tiers[t]
+        tier = st.tier
+        cap = tier.capacity_bytes
+        if cap is None:
+            return
+        # after the write the tier sits at its low watermark (hysteresis: the next writes need no eviction)
+        target = max(0, int(cap * st.cfg.low_watermark) - need)
+        first = True
+        while True:
+            with self._lock:
+                projected = tier.used_bytes + st.reserved - st.freeing
+                if first and projected + need <= cap * st.cfg.high_watermark:
+                    return
+                first = False
+                if projected <= target:
+                    return
+                victims = self._choose_victims(t, projected - target, protect)
+            if not victims:
+                return  # the whole order was seen and nothing is evictable: the put is refused here
+            self._evict(t, victims)
+
+    def _choose_victims(self, t: int, nbytes: int, protect: set[int]) -> list[_Victim]:
+        """Under the lock: evictable blocks of tier t, in policy order, worth about ``nbytes``; pinned."""
+        st, idx = self._tiers[t], self._index
+        victims: list[_Victim] = []
+        freed = 0
+        n = 16
+        while freed < nbytes:
+            cands = st.policy.candidates(n)
+            for key in cands:
+                slot = idx.slot(key)
+                if slot is None or slot in protect or not idx.is_evictable(slot, t):
+                    continue  # chosen ones are pinned, so never twice
+                spec = self._specs[idx.spec_id(slot)]
+                v = _Victim(slot, key, spec, self._need(t, spec))
+                idx.pin(slot)
+                victims.append(v)
+                freed += v.nbytes
+                if freed >= nbytes:
+                    break
+            if freed >= nbytes or len(cands) < n:
+                break  # enough, or the whole order was seen (a parent becomes a leaf once its child is gone)
+            n *= 2  # the head of the order is pinned or has resident children: look further
+        st.freeing += freed
+        return victims
+
+    def _evict(self, t: int, victims: list[_Victim]) -> None:
+        """Tier I/O (no lock): demote the victims to t+1 (unless it holds them), remove them from t, commit."""
+        st = self._tiers[t]
+        tier = st.tier
+        nxt = t + 1 if t + 1 < len(self._tiers) else None
+        left = sum(v.nbytes for v in victims)
+        try:
+            for group in _byte_groups(victims, _DEMOTE_GROUP_BYTES):
+                with self._lock:
+                    idx = self._index
+                    live = [v for v in group if idx.slot(v.key) == v.slot and idx.residency(v.slot) & (1 << t)]
+                    demote = [v for v in live if nxt is not None and not idx.residency(v.slot) & (1 << nxt)]
+                if demote:
+                    items = []
+                    for spec, vs in _by_spec(demote).items():
+                        got = tier.get([v.key for v in vs], spec=spec)
+                        items += [_Item(v.slot, v.key, b, spec) for v, b in zip(vs, got) if b is not None]
+                    self._store_into(nxt, items, chain_order=False, moving=True)
+                    with self._lock:
+                        st.demotions += sum(1 for it in items if self._index.slot(it.key) == it.slot
+                                            and self._index.residency(it.slot) & (1 << nxt))
+                for spec, vs in _by_spec(live).items():
+                    tier.remove([v.key for v in vs], spec=spec)
+                with self._lock:
+                    idx = self._index
+                    for v in live:
+                        if idx.slot(v.key) == v.slot and idx.residency(v.slot) & (1 << t):
+                            self._mark_removed(t, v.slot, v.key, v.spec)
+                    st.evictions += len(live)
+                    freed = sum(v.nbytes for v in group)
+                    st.freeing -= freed  # the tier's own count has dropped now
+                    left -= freed
+        finally:
+            with self._lock:
+                st.freeing -= left
+                self._unpin_live([(v.slot, v.key) for v in victims])
 
     # -- write-through retries ---------------------------------------------------------------
     def _remember_refused(self, t: int, items: list[_Item]) -> None:
-        """Note the items tier t (write-through) did not take but a faster tier holds."""
+        """Under the lock: note the items tier t (write-through) did not take but a faster tier holds."""
         st, idx = self._tiers[t], self._index
-        if not self.max_write_through_pending:
-            return
         for it in items:
             slot = idx.slot(it.key)
             if slot != it.slot or not idx.residency(slot) or idx.residency(slot) & (1 << t):
                 continue
-            st.pending[it.key] = None
-            st.pending.move_to_end(it.key)
-            while len(st.pending) > self.max_write_through_pending:
-                st.pending.popitem(last=False)
-                st.wt_dropped += 1
+            st.write_through.remember(it.key)
 
     def _retry_pending(self, t: int, limit: int | None) -> int:
         """Write up to ``limit`` pending blocks into tier t, oldest first, each read from the fastest
         tier holding it; stops at the first refusal (the tier is down or full). Returns how many landed."""
-        st, idx = self._tiers[t], self._index
+        st = self._tiers[t]
         if not getattr(st.tier, "available", True):
             return 0
         landed = tried = 0
-        while st.pending and (limit is None or tried < limit):
-            key = next(iter(st.pending))
-            slot = idx.slot(key)
-            res = idx.residency(slot) if slot is not None else 0
-            if not res or res & (1 << t):  # gone everywhere, or already there (demoted meanwhile)
-                del st.pending[key]
-                continue
-            spec = self._specs[idx.spec_id(slot)]
-            src = (res & -res).bit_length() - 1  # the fastest tier holding it
-            block = self._tiers[src].tier.get([key], spec=spec)[0]
-            tried += 1
-            if block is None:  # that tier lost it (e.g. a corrupt frame): nothing to copy from
-                del st.pending[key]
-                continue
-            idx.pin(slot)
+        while limit is None or tried < limit:
+            with self._lock:
+                idx = self._index
+                key = st.write_through.claim()
+                if key is None:
+                    break
+                slot = idx.slot(key)
+                res = idx.residency(slot) if slot is not None else 0
+                if not res or res & (1 << t):  # gone everywhere, or already there (demoted meanwhile)
+                    continue
+                spec = self._specs[idx.spec_id(slot)]
+                src = (res & -res).bit_length() - 1  # the fastest tier holding it
+                idx.pin(slot)
             try:
-                self._write(t, [_Item(slot, key, block, spec)], cascade=False)
+                block = self._tiers[src].tier.get([key], spec=spec)[0]
+                tried += 1
+                if block is not None:  # None: that tier lost it (e.g. a corrupt frame): nothing to copy from
+                    self._store_into(t, [_Item(slot, key, block, spec)], cascade=False, moving=True)
             finally:
-                if idx.slot(key) == slot:
-                    idx.unpin(slot)
-            s2 = idx.slot(key)
-            if s2 is None or not idx.residency(s2) & (1 << t):
-                break  # refused again: keep it, try later
-            del st.pending[key]
-            st.wt_retried += 1
+                with self._lock:
+                    self._unpin_live([(slot, key)])
+            if block is None:
+                continue
+            with self._lock:
+                s2 = self._index.slot(key)
+                if s2 is None or not self._index.residency(s2) & (1 << t):
+                    st.write_through.requeue(key)
+                    break  # refused again: keep it, try later
+                st.write_through.retried += 1
             landed += 1
         return landed
 
     def write_through_pending(self) -> int:
         """Blocks write-through tiers refused and that wait for another try (all such tiers)."""
         with self._lock:
-            return sum(len(st.pending) for st in self._tiers)
+            return sum(len(st.write_through) for st in self._tiers if st.write_through is not None)
 
     def retry_write_through(self, limit: int | None = None) -> int:
         """Try now to write the blocks that write-through tiers refused (all of them, or ``limit``
         per tier). Returns how many landed; ``stats()`` shows what is still pending."""
         if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 0):
             raise ValueError(f"limit must be a non-negative int or None, got {limit!r}")
-        with self._lock:
-            return sum(self._retry_pending(t, limit) for t, st in enumerate(self._tiers) if t > 0 and st.cfg.write_through)
+        return sum(self._retry_pending(t, limit) for t, st in enumerate(self._tiers) if t > 0 and st.cfg.write_through)
 
-    def _make_room(self, t: int, need: int, protect: set[int] = frozenset()) -> None:
-        """Evict from tier t until ``need`` more bytes fit under the low watermark (hysteresis)."""
-        st = self._tiers[t]
-        tier = st.tier
-        cap = tier.capacity_bytes
-        if cap is None or tier.used_bytes + need <= cap * st.cfg.high_watermark:
-            return
-        # after the write the tier sits at its low watermark (hysteresis: the next writes need no eviction)
-        target = max(0, int(cap * st.cfg.low_watermark) - need)
-        idx = self._index
-        n = 16
-        while tier.used_bytes > target:
-            cands = st.policy.candidates(n)
-            victims = []
-            for key in cands:
-                slot = idx.slot(key)
-                if slot is not None and slot not in protect and idx.is_evictable(slot, t):
-                    victims.append((slot, key))
-            if victims:
-                self._evict(t, victims, stop_at=target)
-            elif len(cands) < n:
-                return  # the whole order was seen and nothing is evictable: the put is refused here
-            else:
-                n *= 2  # the head of the order is pinned or has resident children: look further
-
-    def _evict(self, t: int, victims: list[tuple[int, bytes]], *, stop_at: int | None = None) -> None:
-        """Evict victims from tier t in order (until used <= stop_at), demoting them to t+1."""
-        st = self._tiers[t]
-        tier = st.tier
-        nxt = t + 1 if t + 1 < len(self._tiers) else None
-        for slot, key in victims:
-            if stop_at is not None and tier.used_bytes <= stop_at:
-                break
-            if self._index.slot(key) != slot or not self._index.residency(slot) & (1 << t):
-                continue
-            spec = self._specs[self._index.spec_id(slot)]
-            if nxt is not None and not self._index.residency(slot) & (1 << nxt):
-                block = tier.get([key], spec=spec)[0]
-                if block is not None:
-                    self._write(nxt, [_Item(slot, key, block, spec)])
-                    if self._index.slot(key) == slot and self._index.residency(slot) & (1 << nxt):
-                        st.demotions += 1
-            tier.remove([key], spec=spec)
-            if self._index.slot(key) == slot:
-                self._mark_removed(t, slot, key, spec)
-            st.evictions += 1
-
-    def _remove_everywhere(self, slot: int, key: bytes) -> None:
-        spec = self._specs[self._index.spec_id(slot)]
-        for t in range(len(self._tiers)):
-            if self._index.slot(key) != slot:
-                return
-            if self._index.residency(slot) & (1 << t):
-                self._tiers[t].tier.remove([key], spec=spec)
-                self._mark_removed(t, slot, key, spec)
-
-    def _charge_quota(self, tenant: str, nbytes: int) -> bool:
-        """Make room under ``tenant``'s quota by evicting its own oldest leaves; False if impossible."""
-        quota = self._quotas.get(tenant)
-        if quota is None:
-            return True
-        if nbytes > quota:
+    def _quota_room(self, tenant: str, tid: int, nbytes: int, removals: list) -> bool:
+        """Under the lock: make room under ``tenant``'s quota by forgetting its own oldest leaves
+        (their tier removals are appended to ``removals``); False if impossible."""
+        over = self._ledger.over_quota(tenant, nbytes)
+        if over < 0:
             return False
-        tid = self._tenant_id(tenant)
-        while self._tenant_bytes.get(tenant, 0) + nbytes > quota:
+        while over > 0:
             leaves = self._index.tenant_leaves_oldest_first(tid)
             if not leaves:
                 return False
             for slot in leaves:
-                if self._tenant_bytes.get(tenant, 0) + nbytes <= quota:
+                if self._ledger.over_quota(tenant, nbytes) <= 0:
                     break
-                self._remove_everywhere(slot, self._index.key(slot))
-                self.quota_evictions += 1
+                removals += self._unmark_everywhere(slot, self._index.key(slot))
+                self._ledger.evictions += 1
+            over = self._ledger.over_quota(tenant, nbytes)
         return True
 
+    def _executor(self, t: int) -> ThreadPoolExecutor:
+        st = self._tiers[t]
+        if st.executor is None:
+            with self._lock:
+                if st.executor is None:
+                    st.executor = ThreadPoolExecutor(self.io_workers, thread_name_prefix=f"kvtier-{st.tier.name}")
+        return st.executor
+
     # -- public API ------------------------------------------------------------------------
+    def _check_put(self, spec: KVSpec, keys, blocks) -> tuple[list[bytes], list[torch.Tensor]]:
+        keys = check_keys(keys)
+        if isinstance(blocks, torch.Tensor):
+            if blocks.dim() != len(spec.block_shape) + 1:
+                raise ValueError(f"a stacked batch of blocks must be [N, {', '.join(map(str, spec.block_shape))}], got {list(blocks.shape)}")
+            blocks = list(blocks.unbind(0))
+        if len(blocks) != len(keys):
+            raise ValueError(f"put needs one block per key: got {len(keys)} keys and {len(blocks)} blocks")
+        for b in blocks:
+            spec.check_block(b)
+        return keys, list(blocks)
+
     def put(
         self,
         spec: KVSpec,
@@ -493,60 +590,70 @@ class TieredStore:
         reported False; nothing raises for lack of room. Invalid input raises ValueError before
         anything changes.
         """
-        keys = check_keys(keys)
-        if isinstance(blocks, torch.Tensor):
-            if blocks.dim() != len(spec.block_shape) + 1:
-                raise ValueError(f"a stacked batch of blocks must be [N, {', '.join(map(str, spec.block_shape))}], got {list(blocks.shape)}")
-            blocks = list(blocks.unbind(0))
-        if len(blocks) != len(keys):
-            raise ValueError(f"put needs one block per key: got {len(keys)} keys and {len(blocks)} blocks")
-        for b in blocks:
-            spec.check_block(b)
-        with self._lock:
+        keys, blocks = self._check_put(spec, keys, blocks)
+        return self._put(spec, keys, blocks, tenant, parent)
+
+    def put_async(self, spec: KVSpec, keys: Sequence[bytes], blocks, *, tenant: str = "",
+                  parent: bytes | None = None) -> Future:
+        """``put`` on the store's I/O threads: a future of its result. Invalid input raises here, at once.
+        The blocks must not change until the future is done."""
+        keys, blocks = self._check_put(spec, keys, blocks)
+        return self._submit(self._put, spec, keys, blocks, tenant, parent)
+
+    def _put(self, spec: KVSpec, keys: list[bytes], blocks: list[torch.Tensor], tenant: str, parent) -> list[bool]:
+        idx = self._index
+        nbytes = spec.block_nbytes
+        removals: list[tuple[int, bytes, KVSpec]] = []
+        new_items: list[tuple[int, _Item]] = []
+        result = [False] * len(keys)
+        with self._lock:  # plan: admit under the quota, reserve, pin
             self._expire_leases()
             sid = self._spec_id(spec)
             tid = self._tenant_id(tenant)
-            idx = self._index
             parent_slot = idx.slot(bytes(parent)) if parent is not None else None
             depth = idx.depth(parent_slot) + 1 if parent_slot is not None else 0
             parent_slot = NO_PARENT if parent_slot is None else parent_slot
-            result = [False] * len(keys)
-            new_items: list[tuple[int, _Item]] = []
-            for i, (key, block) in enumerate(zip(keys, blocks)):
+            for i, key in enumerate(keys):
                 slot = idx.slot(key)
                 if slot is not None and idx.residency(slot):
                     result[i] = True
                     parent_slot, depth = slot, idx.depth(slot) + 1
                     continue
-                if not self._charge_quota(tenant, spec.block_nbytes):
-                    self.quota_refusals += len(keys) - i
+                if not self._quota_room(tenant, tid, nbytes, removals):
+                    self._ledger.refusals += len(keys) - i
                     break
                 slot = idx.add(key, parent_slot, depth=depth, spec_id=sid, tenant_id=tid)
-                # count the bytes now so later blocks of this batch see them against the quota
-                self._tenant_bytes[tenant] = self._tenant_bytes.get(tenant, 0) + spec.block_nbytes
-                idx.pin(slot)  # held while the batch is written, so its own eviction cannot drop it
-                new_items.append((i, _Item(slot, key, block, spec)))
+                self._ledger.reserve(tenant, nbytes)  # later blocks (and other puts) see them against the quota
+                idx.pin(slot)  # held while the batch is written, so no eviction can drop it
+                new_items.append((i, _Item(slot, key, blocks[i], spec)))
                 parent_slot, depth = slot, depth + 1
-            # undo the provisional quota charge; _mark_stored charges what really lands
-            for _ in new_items:
-                self._tenant_bytes[tenant] -= spec.block_nbytes
+        items = [it for _, it in new_items]
+        try:
+            self._remove_from_tiers(removals)  # quota evictions first: their room is ours
+            for t, st in enumerate(self._tiers):  # earlier refusals first, while the tier is up
+                if t > 0 and st.write_through is not None and len(st.write_through):
+                    self._retry_pending(t, self.write_through_retry_batch)
+            through = [(t, self._executor(t).submit(self._store_into, t, items, cascade=False))
+                       for t, st in enumerate(self._tiers) if t > 0 and st.cfg.write_through and items]
             try:
-                for t, st in enumerate(self._tiers):  # earlier refusals first, while the tier is up
-                    if t > 0 and st.cfg.write_through and st.pending:
-                        self._retry_pending(t, self.write_through_retry_batch)
-                self._write(0, [it for _, it in new_items])
-                for t, st in enumerate(self._tiers):
-                    if t > 0 and st.cfg.write_through:
-                        self._write(t, [it for _, it in new_items], cascade=False)
-                        self._remember_refused(t, [it for _, it in new_items])
+                self._store_into(0, items)
             finally:
-                for _, it in reversed(new_items):
-                    if idx.slot(it.key) == it.slot:
-                        idx.unpin(it.slot)
-            for i, it in new_items:
-                s = idx.slot(it.key)
-                result[i] = s is not None and idx.residency(s) != 0
-            return result
+                for t, fut in through:
+                    try:
+                        fut.result()
+                    except Exception:  # a tier failing must not lose what tier 0 took: remembered below
+                        log.exception("write-through to tier %s failed", self._tiers[t].tier.name)
+            with self._lock:
+                for t, _ in through:
+                    self._remember_refused(t, items)
+        finally:
+            with self._lock:
+                self._ledger.release(tenant, nbytes * len(items))
+                self._unpin_live([(it.slot, it.key) for it in items])
+                for i, it in new_items:
+                    s = idx.slot(it.key)
+                    result[i] = s is not None and idx.residency(s) != 0
+        return result
 
     def get(
         self,
@@ -555,39 +662,66 @@ class TieredStore:
         out: Sequence[torch.Tensor] | None = None,
     ) -> list[torch.Tensor | None]:
         """Each block from the fastest tier that holds it (None: a miss); promotes hits to tier 0."""
+        keys = self._check_get(spec, keys, out)
+        return self._get(spec, keys, out)
+
+    def get_async(self, spec: KVSpec, keys: Sequence[bytes], out: Sequence[torch.Tensor] | None = None) -> Future:
+        """``get`` on the store's I/O threads: a future of its result. Invalid input raises here, at once."""
+        keys = self._check_get(spec, keys, out)
+        return self._submit(self._get, spec, keys, out)
+
+    @staticmethod
+    def _check_get(spec: KVSpec, keys, out) -> list[bytes]:
         keys = check_keys(keys)
         if out is not None:
             if len(out) != len(keys):
                 raise ValueError(f"get needs one out buffer per key: got {len(keys)} keys and {len(out)} buffers")
             for o in out:
                 spec.check_block(o)
+        return keys
+
+    def _get(self, spec: KVSpec, keys: list[bytes], out) -> list[torch.Tensor | None]:
+        idx = self._index
         with self._lock:
             self._expire_leases()
             sid = self._spec_id(spec)
-            idx = self._index
-            result: list[torch.Tensor | None] = [None] * len(keys)
-            remaining = list(range(len(keys)))
-            found_in: dict[int, int] = {}
-            for t, st in enumerate(self._tiers):
-                if not remaining:
-                    break
-                shared = st.tier.capabilities.shared
-                ask = []
+        result: list[torch.Tensor | None] = [None] * len(keys)
+        remaining = list(range(len(keys)))
+        found_in: dict[int, int] = {}
+        for t, st in enumerate(self._tiers):
+            if not remaining:
+                break
+            shared = st.tier.capabilities.shared
+            with self._lock:  # plan: which keys this tier serves; pinned so that no eviction picks them meanwhile
+                ask, pinned = [], []
                 for i in remaining:
                     slot = idx.slot(keys[i])
                     if slot is not None and idx.residency(slot) & (1 << t):
                         ask.append(i)
+                        idx.pin(slot)
+                        pinned.append((slot, keys[i]))
                     elif shared and (slot is None or idx.residency(slot) == 0):
                         ask.append(i)  # another instance may have written it
-                if not ask:
-                    continue
+            if not ask:
+                continue
+            try:
                 got = st.tier.get([keys[i] for i in ask], spec=spec, out=[out[i] for i in ask] if out is not None else None)
+            except BaseException:
+                with self._lock:
+                    self._unpin_live(pinned)
+                raise
+            vanished = [i for i, block in zip(ask, got) if block is None]
+            # a private tier's own listing says whether a miss is really gone (it may have been evicted and
+            # written again meanwhile); a shared tier's answer is taken as it is
+            still_there = st.tier.contains([keys[i] for i in vanished], spec=spec) if vanished and not shared else [False] * len(vanished)
+            gone = {i for i, there in zip(vanished, still_there) if not there}
+            with self._lock:  # commit
                 hit = set()
                 for i, block in zip(ask, got):
                     slot = idx.slot(keys[i])
                     if block is None:
-                        if slot is not None and idx.residency(slot) & (1 << t):
-                            # it vanished (corrupt, expired, Redis down): forget it here, try below
+                        if i in gone and slot is not None and idx.residency(slot) & (1 << t):
+                            # it vanished (corrupt, expired, Redis down, evicted meanwhile): forget it here, try below
                             self._mark_removed(t, slot, keys[i], spec)
                         continue
                     result[i] = block
@@ -601,62 +735,68 @@ class TieredStore:
                     if i in hit:
                         st.policy.on_access(keys[i])
                         idx.touch(idx.slot(keys[i]))
-                remaining = [i for i in remaining if i not in hit]
-            if self.promote_on_hit:
+                self._unpin_live(pinned)
+            remaining = [i for i in remaining if i not in hit]
+        if self.promote_on_hit and any(t > 0 for t in found_in.values()):
+            with self._lock:
                 items = []
                 for i in sorted(i for i, t in found_in.items() if t > 0):
                     slot = idx.slot(keys[i])
                     if slot is not None:
                         items.append((found_in[i], _Item(slot, keys[i], result[i], spec)))
-                for _, it in items:
-                    idx.pin(it.slot)
-                try:
-                    self._write(0, [it for _, it in items], cascade=False)
-                finally:
-                    for _, it in items:
-                        if idx.slot(it.key) == it.slot:
-                            idx.unpin(it.slot)
-                for t, it in items:
-                    if idx.slot(it.key) == it.slot and idx.residency(it.slot) & 1:
-                        self._tiers[t].promotions += 1
-            return result
+                        idx.pin(slot)
+            try:
+                self._store_into(0, [it for _, it in items], cascade=False, moving=True)
+            finally:
+                with self._lock:
+                    self._unpin_live([(it.slot, it.key) for _, it in items])
+                    for t, it in items:
+                        if idx.slot(it.key) == it.slot and idx.residency(it.slot) & 1:
+                            self._tiers[t].promotions += 1
+        return result
 
-    def lookup(self, spec: KVSpec, keys: Sequence[bytes]) -> LookupResult:
+    def lookup(self, spec: KVSpec, keys: Sequence[bytes], *, wait: bool = True) -> LookupResult | None:
         """Longest cached prefix of a chain, overall and per tier, in one call.
 
-        Tiers private to this process answer from the index. A shared tier (Redis) is asked
-        (one pipelined round trip): other instances add and remove blocks there, so what this
-        process remembers of it may be stale in both directions.
+        Tiers private to this process answer from the index (under the lock, which covers
+        bookkeeping only: a lookup never waits for a tier's I/O). A shared tier (Redis) is asked
+        (one pipelined round trip, outside the lock): other instances add and remove blocks there,
+        so what this process remembers of it may be stale in both directions. ``wait=False``:
+        None instead of waiting for the lock (a caller on an event loop then hops to a thread).
         """
         keys = check_keys(keys)
-        with self._lock:
+        if not self._lock.acquire(blocking=wait):
+            return None
+        try:
             self._expire_leases()
-            n = len(keys)
             masks = self._index.residency_of(keys)
-            names = self.tier_names
-            shared = [t for t, st in enumerate(self._tiers) if st.tier.capabilities.shared]
-            local_bits = sum(1 << t for t in range(len(names)) if t not in shared)
-            tier_prefix: dict[str, int] = {}
-            for t, name in enumerate(names):
-                if t in shared:
-                    tier_prefix[name] = self._tiers[t].tier.contains_prefix(keys, spec=spec) if n else 0
-                else:
-                    m = ((masks & (1 << t)) == 0).nonzero()[0]
-                    tier_prefix[name] = int(m[0]) if m.size else n
-            local = masks & local_bits
-            holder = [-1] * n  # the fastest tier that would serve each block
-            for i, mask in enumerate(local.tolist()):
-                if mask:
-                    holder[i] = (mask & -mask).bit_length() - 1
-            for t in shared:
-                for i in range(tier_prefix[names[t]]):
-                    if holder[i] < 0 or holder[i] > t:
-                        holder[i] = t
-            num = holder.index(-1) if -1 in holder else n
-            hits = {name: 0 for name in names}
-            for t in holder[:num]:
-                hits[names[t]] += 1
-            return LookupResult(num, tier_prefix, hits)
+        finally:
+            self._lock.release()
+        n = len(keys)
+        names = self.tier_names
+        shared = [t for t, st in enumerate(self._tiers) if st.tier.capabilities.shared]
+        local_bits = sum(1 << t for t in range(len(names)) if t not in shared)
+        tier_prefix: dict[str, int] = {}
+        for t, name in enumerate(names):
+            if t in shared:
+                tier_prefix[name] = self._tiers[t].tier.contains_prefix(keys, spec=spec) if n else 0
+            else:
+                m = ((masks & (1 << t)) == 0).nonzero()[0]
+                tier_prefix[name] = int(m[0]) if m.size else n
+        local = masks & local_bits
+        holder = [-1] * n  # the fastest tier that would serve each block
+        for i, mask in enumerate(local.tolist()):
+            if mask:
+                holder[i] = (mask & -mask).bit_length() - 1
+        for t in shared:
+            for i in range(tier_prefix[names[t]]):
+                if holder[i] < 0 or holder[i] > t:
+                    holder[i] = t
+        num = holder.index(-1) if -1 in holder else n
+        hits = {name: 0 for name in names}
+        for t in holder[:num]:
+            hits[names[t]] += 1
+        return LookupResult(num, tier_prefix, hits)
 
     def lookup_tokens(self, spec: KVSpec, token_ids, namespace: Namespace | None = None) -> tuple[list[BlockHash], LookupResult]:
         """Hash the full blocks of ``token_ids`` and look the chain up."""
@@ -670,17 +810,22 @@ class TieredStore:
         """Remove blocks from every tier; returns how many were cached."""
         keys = check_keys(keys)
         n = 0
+        removals: list[tuple[int, bytes, KVSpec]] = []
+        unknown: list[bytes] = []
         with self._lock:
             for key in keys:
                 slot = self._index.slot(key)
                 if slot is not None and self._index.residency(slot):
-                    self._remove_everywhere(slot, key)
+                    removals += self._unmark_everywhere(slot, key)
                     n += 1
                 else:
-                    for st in self._tiers:
-                        if st.tier.capabilities.shared:
-                            n += bool(st.tier.remove([key], spec=spec))
-            return n
+                    unknown.append(key)
+        self._remove_from_tiers(removals)
+        for key in unknown:  # another instance may have written it to a shared tier
+            for st in self._tiers:
+                if st.tier.capabilities.shared:
+                    n += bool(st.tier.remove([key], spec=spec))
+        return n
 
     # -- pins ------------------------------------------------------------------------------
     def pin(self, spec: KVSpec, keys: Sequence[bytes], ttl_s: float) -> Lease:
@@ -696,30 +841,17 @@ class TieredStore:
                 if slot is not None and self._index.residency(slot):
                     self._index.pin(slot)
                     slots.append(slot)
-            lease_id = next(self._lease_ids)
-            expires = self._clock() + ttl_s
-            self._leases[lease_id] = _LeaseState(slots, expires)
-            heapq.heappush(self._lease_heap, (expires, lease_id))
-            return Lease(lease_id, expires, len(slots))
+            return self._leases.add(slots, ttl_s)
 
     def unpin(self, lease_id: int) -> bool:
         """End a lease early; False if it is unknown or already expired."""
         with self._lock:
-            state = self._leases.pop(lease_id, None)
-            if state is None:
+            slots = self._leases.end(lease_id)
+            if slots is None:
                 return False
-            for slot in state.slots:
+            for slot in slots:
                 self._index.unpin(slot)
             return True
-
-    def _expire_leases(self) -> None:
-        now = self._clock()
-        while self._lease_heap and self._lease_heap[0][0] <= now:
-            _, lease_id = heapq.heappop(self._lease_heap)
-            state = self._leases.pop(lease_id, None)
-            if state is not None:
-                for slot in state.slots:
-                    self._index.unpin(slot)
 
     @property
     def num_leases(self) -> int:
@@ -734,13 +866,14 @@ class TieredStore:
             tiers = []
             for st in self._tiers:
                 d = st.tier.stats().to_dict()
+                wt = st.write_through
                 d.update(
                     evictions=st.evictions,
                     demotions=st.demotions,
                     promotions=st.promotions,
-                    write_through_pending=len(st.pending),
-                    write_through_retried=st.wt_retried,
-                    write_through_dropped=st.wt_dropped,
+                    write_through_pending=len(wt) if wt is not None else 0,
+                    write_through_retried=wt.retried if wt is not None else 0,
+                    write_through_dropped=wt.dropped if wt is not None else 0,
                     policy=getattr(st.policy, "name", type(st.policy).__name__),
                     device=st.tier.capabilities.device,
                 )
@@ -748,18 +881,54 @@ class TieredStore:
             return {
                 "tiers": tiers,
                 "blocks": len(self._index),
-                "tenant_bytes": {k: v for k, v in self._tenant_bytes.items() if v},
-                "quota_evictions": self.quota_evictions,
-                "quota_refusals": self.quota_refusals,
+                "tenant_bytes": self._ledger.nonzero(),
+                "quota_evictions": self._ledger.evictions,
+                "quota_refusals": self._ledger.refusals,
                 "leases": len(self._leases),
-                "last_event_id": self._last_event_id,
+                "last_event_id": self._events.last_id,
                 "corrupt": sum(t["corrupt"] for t in tiers),
             }
 
     def tenant_bytes(self, tenant: str) -> int:
         with self._lock:
-            return self._tenant_bytes.get(tenant, 0)
+            return self._ledger.held(tenant)
+
+    # -- threads -----------------------------------------------------------------------------
+    def _submit(self, fn, *args) -> Future:
+        if self._closed:
+            raise RuntimeError("the store is closed")
+        if self._async is None:
+            with self._lock:
+                if self._async is None:
+                    self._async = ThreadPoolExecutor(self.io_workers, thread_name_prefix="kvtier-store")
+        return self._async.submit(fn, *args)
 
     def close(self) -> None:
+        with self._lock:
+            self._closed = True
+            pools = [self._async] + [st.executor for st in self._tiers]
+        for pool in pools:
+            if pool is not None:
+                pool.shutdown(wait=True)
         for st in self._tiers:
             st.tier.close()
+
+
+def _group_removals(removals: list[tuple[int, bytes, KVSpec]]) -> dict[tuple[int, KVSpec], list[bytes]]:
+    out: dict[tuple[int, KVSpec], list[bytes]] = {}
+    for t, key, spec in removals:
+        out.setdefault((t, spec), []).append(key)
+    return out
+
+
+def _byte_groups(victims: list[_Victim], max_bytes: int) -> Iterator[list[_Victim]]:
+    group: list[_Victim] = []
+    size = 0
+    for v in victims:
+        if group and size + v.nbytes > max_bytes:
+            yield group
+            group, size = [], 0
+        group.append(v)
+        size += v.nbytes
+    if group:
+        yield group

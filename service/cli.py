@@ -1,4 +1,4 @@
-"""``kvtier`` command line: ``kvtier serve [--host H] [--port P] [--grpc-port G] [--config FILE]``,
+"""``kvtier`` command line: ``kvtier serve [--host H] [--port P] [--grpc-port G] [--local-socket PATH] [--config FILE]``,
 ``kvtier settings [--markdown]`` and ``kvtier demo [--tokens N] [--turns N] [--service URL] ...``.
 
 ``serve`` runs the REST server (uvicorn) and, unless ``grpc_port`` is empty, the gRPC server in
@@ -24,6 +24,7 @@ def _settings(args):
 
     overrides = {k: v for k, v in dict(config=args.config, host=getattr(args, "host", None), port=getattr(args, "port", None),
                                        grpc_port=getattr(args, "grpc_port", None), data_dir=getattr(args, "data_dir", None),
+                                       local_socket=getattr(args, "local_socket", None),
                                        log_level=getattr(args, "log_level", None)).items() if v is not None}
     if getattr(args, "insecure", False):
         overrides["insecure"] = True
@@ -51,7 +52,8 @@ def serve(args) -> int:
         tiers.append("redis")
     log.info("kvtier serving REST on http://%s:%d (OpenAPI at /docs)%s; tiers: %s; data_dir: %s",
              settings.host, settings.port,
-             f", gRPC on {settings.host}:{settings.grpc_port}" if settings.grpc_port is not None else "",
+             (f", gRPC on {settings.host}:{settings.grpc_port}" if settings.grpc_port is not None else "")
+             + (f", local transport on unix://{settings.local_socket}" if settings.local_socket is not None else ""),
              ", ".join(tiers), settings.data_dir)
     if settings.open_mode:
         log.warning("OPEN MODE: no API keys configured (KVTIER_API_KEYS / KVTIER_ADMIN_KEY): every caller is admin of the "
@@ -90,6 +92,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--host", help="bind address (default 127.0.0.1; KVTIER_HOST)")
     p.add_argument("--port", type=int, help="REST port (default 8080; KVTIER_PORT)")
     p.add_argument("--grpc-port", type=lambda v: "" if v == "" else int(v), help="gRPC port (default 50051; '' disables; KVTIER_GRPC_PORT)")
+    p.add_argument("--local-socket", help="Unix socket of the same-host shared-memory transport; clients use unix://PATH "
+                                          "(default off; KVTIER_LOCAL_SOCKET)")
     p.add_argument("--config", help="YAML settings file (KVTIER_CONFIG)")
     p.add_argument("--data-dir", help="directory of the disk tier and the spec registry (KVTIER_DATA_DIR)")
     p.add_argument("--log-level", help="debug, info, warning, error")

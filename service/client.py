@@ -288,7 +288,18 @@ class _Base:
 
 
 class KVTierClient(_Base):
-    """Synchronous REST client (``httpx.Client``, one connection pool)."""
+    """Synchronous REST client (``httpx.Client``, one connection pool).
+
+    A ``unix://PATH`` URL gives the same client over the same-host shared-memory transport
+    (``service.local_client.LocalKVTierClient``), chosen here so that every caller gets it.
+    """
+
+    def __new__(cls, base_url: str = "http://127.0.0.1:8080", *args, **kwargs):
+        if cls is KVTierClient and isinstance(base_url, str) and base_url.startswith("unix://"):
+            from .local_client import LocalKVTierClient
+
+            return super().__new__(LocalKVTierClient)
+        return super().__new__(cls)
 
     def __init__(self, base_url: str = "http://127.0.0.1:8080", api_key: str | None = None, *, timeout: float = 30.0,
                  retries: int = 3, backoff_s: float = 0.05) -> None:

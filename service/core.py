@@ -39,6 +39,10 @@ MAX_EXTRA_KEYS = 16
 _SPEC_FIELDS = ("model_id", "num_layers", "num_kv_heads", "head_dim", "dtype", "block_tokens")
 
 
+class WouldBlock(Exception):
+    """``KVService.lookup(wait=False)`` found the store's lock taken: ask again from a worker thread."""
+
+
 @dataclass(frozen=True)
 class LeaseInfo:
     id: int
@@ -160,7 +164,9 @@ class KVService:
 
     # -- lookup ----------------------------------------------------------------------------
     def lookup(self, p: Principal, model: str, *, token_ids=None, hashes=None, salt: str = "",
-               extra_keys: Sequence[str] = (), return_keys: bool = False) -> dict:
+               extra_keys: Sequence[str] = (), return_keys: bool = False, wait: bool = True) -> dict:
+        """``wait=False`` (a caller on an event loop): raise ``WouldBlock`` rather than wait for the
+        store's lock (held for bookkeeping only, so this is rare); the caller retries on a thread."""
         spec = self.spec_of(p, model)
         if (token_ids is None) == (hashes is None):
             raise BadRequest("give exactly one of token_ids and hashes", field="token_ids")
@@ -168,7 +174,9 @@ class KVService:
             ckeys = self._client_keys(hashes, "hashes", limit=max(1, self.settings.max_tokens_per_request // 16))
         else:
             ckeys = chain_hashes(spec, self._tokens(token_ids), self._namespace(p, salt, extra_keys))
-        result = self.store.lookup(spec, self.keyspace(p.tenant).storage_keys(ckeys))
+        result = self.store.lookup(spec, self.keyspace(p.tenant).storage_keys(ckeys), wait=wait)
+        if result is None:
+            raise WouldBlock()
         if self.metrics is not None:
             self.metrics.lookup_blocks.labels("hit").inc(result.num_blocks)
             self.metrics.lookup_blocks.labels("miss").inc(len(ckeys) - result.num_blocks)

@@ -28,7 +28,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from . import wire
-from .core import KVService, open_service, parse_client_key
+from .core import KVService, WouldBlock, open_service, parse_client_key
 from .errors import BadRequest, Forbidden, ServiceError, UnsupportedMediaType
 from .metrics import CONTENT_TYPE, Metrics
 from .settings import Settings
@@ -334,9 +334,12 @@ class FastLookup:
         try:
             p = self.auth.authenticate(headers.get(b"authorization", b"").decode("latin-1") or None,
                                        headers.get(b"x-api-key", b"").decode("latin-1") or None)
-            out = svc.lookup(p, req["model"], token_ids=req.get("token_ids"), hashes=req.get("hashes"),
-                             salt=req.get("salt", ""), extra_keys=req.get("extra_keys", []),
-                             return_keys=req.get("return_keys", False))
+            kwargs = dict(token_ids=req.get("token_ids"), hashes=req.get("hashes"), salt=req.get("salt", ""),
+                          extra_keys=req.get("extra_keys", []), return_keys=req.get("return_keys", False))
+            try:  # in memory, microseconds: no thread hop, unless the store's lock is taken right now
+                out = svc.lookup(p, req["model"], wait=False, **kwargs)
+            except WouldBlock:
+                out = await run_in_threadpool(lambda: svc.lookup(p, req["model"], **kwargs))
             status, payload = 200, out
         except ServiceError as e:
             status, payload = e.status, e.to_dict()
@@ -433,9 +436,19 @@ def create_app(settings: Settings | None = None, service: KVService | None = Non
 
             grpc_server = start_grpc_server(svc, settings, auth)
             app.state.grpc_port = grpc_server.kvtier_port
+        local_server = None
+        if settings.local_socket is not None:
+            from .local import LocalServer
+
+            local_server = LocalServer(svc, settings, auth)
+            app.state.local_server = local_server
         try:
             yield
         finally:
+            if local_server is not None:
+                from .local import close_server
+
+                close_server(local_server)
             if grpc_server is not None:
                 await run_in_threadpool(lambda: grpc_server.stop(settings.graceful_shutdown_s).wait())
             if service is None:
@@ -527,7 +540,10 @@ def create_app(settings: Settings | None = None, service: KVService | None = Non
         kwargs = dict(token_ids=body.token_ids, hashes=body.hashes, salt=body.salt, extra_keys=body.extra_keys,
                       return_keys=body.return_keys)
         if svc.store_is_local and (body.token_ids is None or len(body.token_ids) <= 65536):
-            return svc.lookup(p, body.model, **kwargs)  # in memory, microseconds: no thread hop
+            try:  # in memory, microseconds: no thread hop, unless the store's lock is taken right now
+                return svc.lookup(p, body.model, wait=False, **kwargs)
+            except WouldBlock:
+                pass
         return await run_in_threadpool(lambda: svc.lookup(p, body.model, **kwargs))
 
     # -- blocks ----------------------------------------------------------------------------

@@ -63,6 +63,9 @@ class Settings(BaseSettings):
     host: str = Field("127.0.0.1", description="Address the REST server binds. A non-loopback address needs API keys or `insecure`.")
     port: int = Field(8080, ge=0, le=65535, description="REST port (0: pick a free one).")
     grpc_port: int | None = Field(50051, ge=0, le=65535, description="gRPC port on the same host; an empty value disables gRPC (0: pick a free one).")
+    local_socket: Path | None = Field(None, description="Unix socket of the same-host transport (control on the socket, block bytes through shared memory); clients use it with a `unix://PATH` URL. Empty: off.")
+    max_local_clients: int = Field(64, ge=1, description="Most connections to the local transport at once (each maps one shared-memory segment).")
+    max_local_segment_bytes: ByteSize = Field(256 << 20, description="Largest shared-memory segment a local-transport client may ask for (its memory is touched only as used).")
     insecure: bool = Field(False, description="Allow binding a non-loopback host with no API keys configured (anyone who can connect is admin).")
     log_level: str = Field("info", description="Log level: debug, info, warning, error.")
     graceful_shutdown_s: float = Field(10.0, gt=0, description="On SIGTERM/SIGINT, seconds to let in-flight requests finish before the store is closed.")
@@ -137,7 +140,7 @@ class Settings(BaseSettings):
             sources.append(YamlConfigSettingsSource(settings_cls, yaml_file=Path(path)))
         return tuple(sources)
 
-    @field_validator("grpc_port", "redis_url", "redis_capacity_bytes", "redis_ttl_s", "redis_ssl_ca_certs", "admin_key",
+    @field_validator("grpc_port", "local_socket", "redis_url", "redis_capacity_bytes", "redis_ttl_s", "redis_ssl_ca_certs", "admin_key",
                      "limit_concurrency", mode="before")
     @classmethod
     def _empty_is_none(cls, v):

@@ -116,6 +116,10 @@ class DiskTier(TierBase):
                 sizes.append(0)
                 continue
             with self._lock:
+                if key in self._files:  # a concurrent put of the same block (same bytes) renamed first
+                    self._stats.bytes -= len(frame)
+                    sizes.append(self._files[key][1])
+                    continue
                 self._files[key] = (spec.short_fingerprint, len(frame))
                 self._stats.blocks += 1
                 self._stats.puts += 1

@@ -43,34 +43,43 @@ class HostTier(TierBase):
 
     def put(self, keys: Sequence[bytes], blocks: Sequence[torch.Tensor], *, spec: KVSpec,
             first: Sequence[bool] | None = None) -> list[int]:
+        """The tier's lock covers its bookkeeping; encoding and copying run outside it, on bytes
+        reserved first (so concurrent puts never overshoot the capacity, and gets never wait on a copy)."""
         self._check_put(keys, blocks, spec, first)
         sizes = []
         identity = self.codec.name == "identity"
-        with self._lock:
-            for i, (key, block) in enumerate(zip(keys, blocks)):
-                key = bytes(key)
-                if key in self._entries:
-                    sizes.append(self._entries[key][2])
-                    continue
-                codec = codec_for_block(self.codec, bool(first[i])) if first is not None else self.codec
-                payload, meta = codec.encode(block, spec)
-                nbytes = memoryview(payload).nbytes
+        for i, (key, block) in enumerate(zip(keys, blocks)):
+            key = bytes(key)
+            entry = self._entries.get(key)
+            if entry is not None:
+                sizes.append(entry[2])
+                continue
+            codec = codec_for_block(self.codec, bool(first[i])) if first is not None else self.codec
+            payload, meta = codec.encode(block, spec)
+            nbytes = memoryview(payload).nbytes
+            with self._lock:
                 if not self._fits(nbytes):
                     self._stats.refused += 1
                     sizes.append(0)
                     continue
-                buf = torch.empty(nbytes, dtype=torch.uint8, pin_memory=self._pin)
-                if identity:
-                    buf.copy_(block.detach().reshape(-1).view(torch.uint8))
-                    # kept as a typed view in the block's layout: get is then one copy_
-                    buf = buf.view(spec.torch_dtype).view(spec.block_shape)
-                else:
-                    buf.numpy()[:] = memoryview(payload).cast("B")
+                self._stats.bytes += nbytes  # reserved before the copy
+            buf = torch.empty(nbytes, dtype=torch.uint8, pin_memory=self._pin)
+            if identity:
+                buf.copy_(block.detach().reshape(-1).view(torch.uint8))
+                # kept as a typed view in the block's layout: get is then one copy_
+                buf = buf.view(spec.torch_dtype).view(spec.block_shape)
+            else:
+                buf.numpy()[:] = memoryview(payload).cast("B")
+            with self._lock:
+                entry = self._entries.get(key)
+                if entry is not None:  # a concurrent put of the same block landed first
+                    self._stats.bytes -= nbytes
+                    sizes.append(entry[2])
+                    continue
                 self._entries[key] = (buf, meta, nbytes)
-                self._stats.bytes += nbytes
                 self._stats.blocks += 1
                 self._stats.puts += 1
-                sizes.append(nbytes)
+            sizes.append(nbytes)
         return sizes
 
     def get(self, keys: Sequence[bytes], *, spec: KVSpec, out: Sequence[torch.Tensor] | None = None) -> list[torch.Tensor | None]:
@@ -78,31 +87,35 @@ class HostTier(TierBase):
         result: list[torch.Tensor | None] = []
         identity = self.codec.name == "identity"
         shape, dtype = spec.block_shape, spec.torch_dtype
+        hits = misses = corrupt = 0
+        for i, key in enumerate(keys):
+            entry = self._entries.get(bytes(key))  # an entry never changes once stored: copied without the lock
+            if entry is None:
+                misses += 1
+                result.append(None)
+                continue
+            buf, meta, _ = entry
+            dst = out[i] if out is not None else None
+            try:
+                if identity:
+                    # buf is the stored block itself (a typed view, see put)
+                    if buf.shape != shape or buf.dtype != dtype:
+                        raise ValueError("stored block does not match the spec")
+                    block = dst.copy_(buf) if dst is not None else buf.clone()
+                else:
+                    block = self.codec.decode(memoryview(buf.numpy()), meta, spec, out=dst)
+            except ValueError:
+                # asked with another spec than the block was stored with: a miss, never wrong KV
+                corrupt += 1
+                misses += 1
+                result.append(None)
+                continue
+            hits += 1
+            result.append(block)
         with self._lock:
-            for i, key in enumerate(keys):
-                entry = self._entries.get(bytes(key))
-                if entry is None:
-                    self._stats.misses += 1
-                    result.append(None)
-                    continue
-                buf, meta, _ = entry
-                dst = out[i] if out is not None else None
-                try:
-                    if identity:
-                        # buf is the stored block itself (a typed view, see put)
-                        if buf.shape != shape or buf.dtype != dtype:
-                            raise ValueError("stored block does not match the spec")
-                        block = dst.copy_(buf) if dst is not None else buf.clone()
-                    else:
-                        block = self.codec.decode(memoryview(buf.numpy()), meta, spec, out=dst)
-                except ValueError:
-                    # asked with another spec than the block was stored with: a miss, never wrong KV
-                    self._stats.corrupt += 1
-                    self._stats.misses += 1
-                    result.append(None)
-                    continue
-                self._stats.hits += 1
-                result.append(block)
+            self._stats.hits += hits
+            self._stats.misses += misses
+            self._stats.corrupt += corrupt
         return result
 
     def remove(self, keys: Sequence[bytes], *, spec: KVSpec) -> int:

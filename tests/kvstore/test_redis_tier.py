@@ -57,7 +57,7 @@ def test_round_trip_single_node(tier, redis_server):
     assert same(tier.get(ks, spec=SPEC), bs)
     s = tier.stats()
     assert (s.puts, s.blocks, s.bytes, s.hits, s.misses, s.errors) == (5, 5, sum(sizes), 5, 0, 0)
-    assert tier.capabilities == redis_tier.TierCapabilities(device="redis", persistent=True, shared=True, framed=True)
+    assert tier.capabilities == redis_tier.TierCapabilities(device="redis", persistent=True, shared=True, framed=True, iterable=True)
 
 
 def test_round_trip_tls(redis_tls_server):

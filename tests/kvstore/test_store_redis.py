@@ -90,3 +90,39 @@ def test_blocks_put_while_redis_is_down_reach_it_when_it_is_back(fresh_redis_ser
     other = make_store(fresh_redis_server.url)
     got = other.get(SPEC, during + after)
     assert all(torch.equal(g, x) for g, x in zip(got, bs + blocks(1, seed=12)))
+
+
+def test_host_gets_do_not_wait_for_a_slow_redis_write_through():
+    """A real Redis made slow (``DEBUG SLEEP`` blocks the server): a put's write-through waits on
+    it, while gets the host tier serves, pins and stats go on (the store's lock is not held)."""
+    import threading
+
+    from tests.redis_servers import RedisServer
+
+    server = RedisServer(extra_args=("--enable-debug-command", "yes"))
+    try:
+        store = make_store(server.url, host_blocks=8, socket_timeout_s=10.0)
+        a, b = chain(3, seed=1), chain(2, seed=2)
+        assert store.put(SPEC, a, blocks(3, seed=1)) == [True] * 3
+        sleeper = threading.Thread(target=lambda: server.client(socket_timeout=10).execute_command("DEBUG", "SLEEP", "2"))
+        sleeper.start()
+        time.sleep(0.2)  # the server is asleep now
+        out = []
+        put_b = threading.Thread(target=lambda: out.append(store.put(SPEC, b, blocks(2, seed=2))))
+        put_b.start()
+        time.sleep(0.2)  # b's write-through is waiting on Redis
+        t0 = time.monotonic()
+        got = store.get(SPEC, a)
+        store.pin(SPEC, a, ttl_s=1)
+        store.stats()
+        waited = time.monotonic() - t0
+        assert put_b.is_alive() and not out, "the put did not wait on Redis: the test proves nothing"
+        assert waited < 1.0, f"host-tier calls waited {waited:.2f}s while Redis slept"
+        assert all(torch.equal(g, x) for g, x in zip(got, blocks(3, seed=1)))
+        put_b.join(20)
+        sleeper.join(20)
+        assert out == [[True, True]]
+        assert store.lookup(SPEC, b).tier_prefix["redis"] == 2
+        store.close()
+    finally:
+        server.close()

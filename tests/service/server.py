@@ -26,13 +26,15 @@ SMALL = {  # small tiers: tests fill them quickly
 class ServiceProcess:
     """``python -m service.cli serve`` with the given ``KVTIER_*`` settings; ``url``, ``grpc_target``."""
 
-    def __init__(self, env: dict[str, str] | None = None, *, grpc: bool = False, data_dir: str | None = None) -> None:
+    def __init__(self, env: dict[str, str] | None = None, *, grpc: bool = False, data_dir: str | None = None,
+                 small: bool = True, log_level: str = "warning") -> None:
+        """``small``: the tests' small tiers (``SMALL``), else the embedded defaults; ``env`` overrides both."""
         self.port = free_port()
         self.grpc_port = free_port(avoid={self.port}) if grpc else None
         self.data_dir = data_dir or tempfile.mkdtemp(prefix="kvtier-svc-")
-        self.env = {**os.environ, **SMALL, "KVTIER_PORT": str(self.port), "KVTIER_DATA_DIR": self.data_dir,
+        self.env = {**os.environ, **(SMALL if small else {}), "KVTIER_PORT": str(self.port), "KVTIER_DATA_DIR": self.data_dir,
                     "KVTIER_GRPC_PORT": "" if self.grpc_port is None else str(self.grpc_port),
-                    "KVTIER_LOG_LEVEL": "warning", "PYTHONPATH": str(ROOT), **(env or {})}
+                    "KVTIER_LOG_LEVEL": log_level, "PYTHONPATH": str(ROOT), **(env or {})}
         self.url = f"http://127.0.0.1:{self.port}"
         self.grpc_target = None if self.grpc_port is None else f"127.0.0.1:{self.grpc_port}"
         self.log = Path(self.data_dir) / "serve.log"

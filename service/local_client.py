@@ -1,0 +1,259 @@
+"""``LocalKVTierClient``: the SDK over the same-host transport (``service.local``).
+
+``KVTierClient("unix:///run/kvtier.sock", api_key=...)`` returns one of these: the same methods,
+answers and errors as over REST, with block bytes moved through a shared-memory segment instead
+of a socket. A put copies each block once into the segment (the server verifies the frames and
+its tier copies them once more); a get has the server's tier copy each block into the segment
+and the client copy it out once (into ``out`` when given), after verifying its frame.
+
+Each connection owns one segment and carries one request at a time; a client keeps a small pool
+(one per thread using it at once). A request larger than the segment is split (a put's later
+parts name the previous part's last key as their parent, so the chain stays one chain).
+"""
+
+from __future__ import annotations
+
+import mmap
+import os
+import socket
+import threading
+import time
+from typing import Sequence
+
+import torch
+
+from kvtier.kvstore import KVSpec
+
+from . import wire
+from .client import (KVTierClient, KVTierError, Lookup, _Base, _key_hex, _parse_attention, _parse_lookup,
+                     _parse_retrieval, _query_body, _spec_body, decode_items, encode_frame_list)
+from .local import frame_slot_bytes, recv_msg, send_msg
+
+DEFAULT_SEGMENT_BYTES = 64 << 20
+
+
+class _Conn:
+    def __init__(self, sock: socket.socket, seg: mmap.mmap) -> None:
+        self.sock, self.seg = sock, seg
+
+    def close(self) -> None:
+        try:
+            self.seg.close()
+        except BufferError:
+            pass
+        self.sock.close()
+
+
+class LocalKVTierClient(KVTierClient):
+    """Synchronous client of the local transport (``unix://PATH``). See the module docstring."""
+
+    def __init__(self, base_url: str, api_key: str | None = None, *, timeout: float = 30.0, retries: int = 3,
+                 backoff_s: float = 0.05, segment_bytes: int = DEFAULT_SEGMENT_BYTES) -> None:
+        _Base.__init__(self, base_url, api_key, timeout, retries, backoff_s)
+        if not base_url.startswith("unix://") or len(base_url) <= len("unix://"):
+            raise ValueError(f"a local URL is unix://PATH, got {base_url!r}")
+        self.path = base_url[len("unix://"):]
+        self.timeout = timeout
+        self.segment_bytes = int(segment_bytes)
+        self._api_key = api_key
+        self._idle: list[_Conn] = []
+        self._pool_lock = threading.Lock()
+        self._pid = os.getpid()
+        self._closed = False  # connections open at the first call (as over REST: a client never fails to be made)
+
+    # -- connections -----------------------------------------------------------------------
+    def _connect(self) -> _Conn:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        fds: list[int] = []
+        try:
+            sock.settimeout(self.timeout)
+            sock.connect(self.path)
+            send_msg(sock, {"op": "hello", "api_key": self._api_key, "segment_bytes": self.segment_bytes})
+            msg, fds = recv_msg(sock, with_fds=True)
+            if msg is None:
+                raise ConnectionError(f"the local transport at {self.path} closed the connection")
+            if "error" in msg:
+                _raise(msg["error"])
+            if len(fds) != 1:
+                raise ConnectionError("the local transport sent no shared-memory segment")
+            seg = mmap.mmap(fds[0], msg["ok"]["segment_bytes"])
+            return _Conn(sock, seg)
+        except BaseException:
+            sock.close()
+            raise
+        finally:
+            for fd in fds:
+                os.close(fd)  # the mapping holds the memory
+
+    def _take(self) -> _Conn:
+        with self._pool_lock:
+            if self._closed:
+                raise RuntimeError("the client is closed")
+            if self._pid != os.getpid():  # a forked child: the parent's connections are the parent's
+                inherited, self._idle, self._pid = self._idle, [], os.getpid()
+                for c in inherited:
+                    c.close()  # this process's copies of the descriptors only: the parent's stay open
+            if self._idle:
+                return self._idle.pop()
+        return self._connect()
+
+    def _release(self, conn: _Conn) -> None:
+        with self._pool_lock:
+            if not self._closed and len(self._idle) < 16:
+                self._idle.append(conn)
+                return
+        conn.close()
+
+    def _call(self, op: str, args: dict, fill=None, read=None):
+        """One request. ``fill(seg) -> n`` writes the request's bytes into the segment; ``read(seg, result)``
+        reads the answer's out of it (while the connection is still this call's)."""
+        for attempt in range(self.retries + 1):
+            try:
+                conn = self._take()
+            except (ConnectionError, FileNotFoundError, socket.timeout) as e:
+                if attempt == self.retries:
+                    raise ConnectionError(f"the local transport at {self.path} is unreachable: {e}") from None
+                time.sleep(self._delay(attempt))
+                continue
+            ok = False
+            try:
+                n = fill(conn.seg) if fill is not None else 0
+                send_msg(conn.sock, {"op": op, "args": args, "len": n})
+                msg = recv_msg(conn.sock)
+                if msg is None:
+                    raise ConnectionError("the local transport closed the connection")
+                ok = True
+                if "error" in msg:
+                    _raise(msg["error"])
+                return read(conn.seg, msg["ok"]) if read is not None else msg["ok"]
+            except (ConnectionError, BrokenPipeError, socket.timeout):
+                if attempt == self.retries:
+                    raise
+            finally:
+                if ok:
+                    self._release(conn)
+                else:
+                    conn.close()
+            time.sleep(self._delay(attempt))
+        raise AssertionError("unreachable")
+
+    def close(self) -> None:
+        with self._pool_lock:
+            self._closed = True
+            idle, self._idle = self._idle, []
+        for c in idle:
+            c.close()
+
+    # -- API -------------------------------------------------------------------------------
+    def healthz(self) -> bool:
+        self._call("specs", {})
+        return True
+
+    def ready(self) -> dict:
+        return {"ready": True, "transport": "local"}
+
+    def register_spec(self, spec: KVSpec) -> str:
+        model = self._call("register_spec", {"spec": _spec_body(spec)})["model"]
+        self._specs[model] = spec
+        return model
+
+    def spec(self, model: str) -> KVSpec:
+        if model not in self._specs:
+            specs = self._call("specs", {})
+            if model not in specs:
+                raise KVTierError(404, "not_found", f"model {model!r} is not registered for this tenant", "model")
+            self._specs[model] = KVSpec.from_dict(specs[model])
+        return self._specs[model]
+
+    def lookup(self, model: str, *, token_ids=None, hashes=None, salt: str = "", extra_keys: Sequence[str] = (),
+               return_keys: bool = False) -> Lookup:
+        args = {"model": model, "salt": salt, "extra_keys": list(extra_keys), "return_keys": return_keys}
+        if token_ids is not None:
+            args["token_ids"] = [int(t) for t in (token_ids.tolist() if hasattr(token_ids, "tolist") else token_ids)]
+        if hashes is not None:
+            args["hashes"] = [_key_hex(h) for h in hashes]
+        return _parse_lookup(self._call("lookup", args))
+
+    def put(self, model: str, keys: Sequence[bytes], blocks, *, parent: bytes | None = None) -> list[bool]:
+        spec = self.spec(model)
+        frames = encode_frame_list(spec, keys, blocks)
+        keys = [bytes.fromhex(k) if isinstance(k, str) else bytes(k) for k in keys]
+        stored: list[bool] = []
+        start = 0
+        while start < len(frames):
+            end, size = start, 0
+            while end < len(frames) and size + _item_bytes(frames[end]) <= self.segment_bytes:
+                size += _item_bytes(frames[end])
+                end += 1
+            if end == start:
+                raise ValueError(f"a block's frame ({_item_bytes(frames[start])} bytes) is larger than the segment "
+                                 f"({self.segment_bytes} bytes): use a larger segment_bytes")
+            group = frames[start:end]
+
+            def fill(seg, group=group):
+                pos = 0
+                for piece in wire.encode_parts(group):
+                    n = len(piece) if isinstance(piece, bytes) else piece.nbytes
+                    seg[pos: pos + n] = piece
+                    pos += n
+                return pos
+
+            args = {"model": model, "parent": _key_hex(parent) if parent is not None else None}
+            stored += self._call("put", args, fill=fill)["stored"]
+            parent, start = keys[end - 1], end
+        return stored
+
+    def get(self, model: str, keys: Sequence[bytes], out: Sequence[torch.Tensor] | None = None) -> list[torch.Tensor | None]:
+        """Blocks ``[L, 2, H_kv, T, D]`` per key (None: a miss); with ``out``, copied into those buffers."""
+        spec = self.spec(model)
+        if out is not None and len(out) != len(keys):
+            raise ValueError(f"get needs one out buffer per key: got {len(keys)} keys and {len(out)} buffers")
+        per_call = max(1, self.segment_bytes // frame_slot_bytes(spec))
+        result: list[torch.Tensor | None] = []
+        for start in range(0, len(keys), per_call):
+            part = list(keys[start: start + per_call])
+            part_out = out[start: start + per_call] if out is not None else None
+
+            def read(seg, answer, part=part, part_out=part_out):
+                view = memoryview(seg)
+                try:
+                    items = [None if it is None else view[it[0]: it[0] + it[1]] for it in answer["items"]]
+                    return decode_items(spec, part, items, part_out)
+                finally:
+                    del items
+                    view.release()
+
+            result += self._call("get", {"model": model, "keys": [_key_hex(k) for k in part]}, read=read)
+        return result
+
+    def retrieve(self, model: str, q: torch.Tensor, budget: int, *, token_ids=None, hashes=None, salt: str = "",
+                 extra_keys: Sequence[str] = (), layers: Sequence[int] | None = None):
+        return _parse_retrieval(self._call("retrieve", _query_body(model, q, budget, token_ids, hashes, salt, extra_keys, layers)))
+
+    def attention(self, model: str, q: torch.Tensor, *, budget: int | None = None, token_ids=None, hashes=None, salt: str = "",
+                  extra_keys: Sequence[str] = (), layers: Sequence[int] | None = None):
+        return _parse_attention(self._call("attention", _query_body(model, q, budget, token_ids, hashes, salt, extra_keys, layers)))
+
+    def delete(self, model: str, keys: Sequence[bytes]) -> int:
+        return self._call("delete", {"model": model, "keys": [_key_hex(k) for k in keys]})["removed"]
+
+    def pin(self, model: str, keys: Sequence[bytes], ttl_s: float) -> dict:
+        return self._call("pin", {"model": model, "keys": [_key_hex(k) for k in keys], "ttl_s": ttl_s})
+
+    def unpin(self, lease_id: int) -> bool:
+        return self._call("unpin", {"lease_id": int(lease_id)})["unpinned"]
+
+    def stats(self) -> dict:
+        return self._call("stats", {})
+
+    def events(self, after: int = 0, limit: int = 1000) -> dict:
+        return self._call("events", {"after": after, "limit": limit})
+
+
+def _item_bytes(frame) -> int:
+    head, payload = frame
+    return 5 + len(head) + payload.nbytes
+
+
+def _raise(err: dict):
+    raise KVTierError(int(err.get("status", 400)), err.get("code", "error"), err.get("message", ""), err.get("field"))

@@ -1,0 +1,273 @@
+"""The same-host transport against a real ``kvtier serve``: the same answers, auth, tenancy, quotas,
+limits and checksums as REST; requests larger than the segment; no segment left by a killed client."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from kvtier.kvstore import KVSpec
+from kvtier.kvstore.frames import encode_frame_parts
+from kvtier.service import wire
+from kvtier.service.client import KVTierClient, KVTierError
+from kvtier.service.local_client import LocalKVTierClient
+
+from .conftest import ADMIN_KEY, KEYS, TINY
+from .server import ROOT, ServiceProcess
+
+KEY_A, KEY_B = list(KEYS)  # acme, globex (globex has a 64 KiB quota)
+
+
+@pytest.fixture(scope="module")
+def server():
+    d = tempfile.mkdtemp(prefix="kvtier-local-")
+    s = ServiceProcess({"KVTIER_API_KEYS": json.dumps(KEYS), "KVTIER_ADMIN_KEY": ADMIN_KEY,
+                        "KVTIER_QUOTAS": json.dumps({"globex": 64 << 10}), "KVTIER_LOCAL_SOCKET": f"{d}/kv.sock",
+                        "KVTIER_MAX_BLOCKS_PER_REQUEST": "16"}, data_dir=d)
+    s.socket = f"unix://{d}/kv.sock"
+    yield s
+    s.stop()
+
+
+def blocks(n, seed=0, spec=TINY):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn((n, *spec.block_shape), generator=g).to(spec.torch_dtype)
+
+
+def tokens(n_blocks, seed=0):
+    return [(seed * 7919 + i) % 32000 for i in range(n_blocks * TINY.block_tokens)]
+
+
+def segment_maps(pid: int) -> int:
+    """Mappings of local-transport segments in process ``pid``."""
+    return sum("memfd:kvtier-local" in line for line in Path(f"/proc/{pid}/maps").read_text().splitlines())
+
+
+def wait_for_maps(pid: int, n: int, timeout_s: float = 30.0) -> int:
+    """The number of segment mappings of ``pid`` once it is ``n`` (or whatever it is after ``timeout_s``)."""
+    deadline = time.monotonic() + timeout_s
+    while segment_maps(pid) != n and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return segment_maps(pid)
+
+
+def test_a_unix_url_gives_the_local_client_with_the_same_answers_as_rest(server):
+    local = KVTierClient(server.socket, api_key=KEY_A)
+    rest = KVTierClient(server.url, api_key=KEY_A)
+    assert isinstance(local, LocalKVTierClient) and type(rest) is KVTierClient
+    model = local.register_spec(TINY)
+    assert rest.register_spec(TINY) == model
+    toks = tokens(5, seed=1)
+    keys = local.hashes(model, toks)
+    assert keys == rest.hashes(model, toks)
+    bs = blocks(5, seed=1)
+    assert local.put(model, keys, bs) == [True] * 5
+    assert local.lookup(model, token_ids=toks).num_blocks == 5 == rest.lookup(model, token_ids=toks).num_blocks
+    got = local.get(model, keys + [b"\x01" * 32])
+    assert got[-1] is None and all(torch.equal(g, b) for g, b in zip(got, bs))
+    assert all(torch.equal(g, b) for g, b in zip(rest.get(model, keys), bs))  # what went in locally is what REST reads
+    out = [torch.empty(TINY.block_shape, dtype=TINY.torch_dtype) for _ in keys]
+    assert local.get(model, keys, out=out)[0] is out[0] and torch.equal(out[4], bs[4])
+    lease = local.pin(model, keys[:2], ttl_s=5)
+    assert lease["num_pinned"] == 2 and local.unpin(lease["lease_id"])
+    assert local.stats()["tenant"] == "acme"
+    assert local.delete(model, keys[3:]) == 2 and rest.lookup(model, hashes=keys).num_blocks == 3
+    local.close()
+    rest.close()
+
+
+def test_auth_tenancy_and_quotas_are_the_same_as_rest(server):
+    with pytest.raises(KVTierError) as e:
+        KVTierClient(server.socket, api_key="not-a-key").stats()
+    assert e.value.status == 401
+    with pytest.raises(KVTierError) as e:
+        KVTierClient(server.socket).stats()
+    assert e.value.status == 401
+    a, b = KVTierClient(server.socket, api_key=KEY_A), KVTierClient(server.socket, api_key=KEY_B)
+    ma, mb = a.register_spec(TINY), b.register_spec(TINY)
+    keys = [bytes([7]) * 32, bytes([8]) * 32]
+    assert a.put(ma, keys, blocks(2, seed=2)) == [True, True]
+    assert b.get(mb, keys) == [None, None]  # the same client keys are another tenant's blocks
+    assert b.lookup(mb, hashes=keys).num_blocks == 0
+    # globex's quota is 64 KiB (32 tiny blocks): the oldest of its own blocks make room, as over REST
+    for i in range(3):
+        b.put(mb, [bytes([100 + i, j]) + bytes(30) for j in range(16)], blocks(16, seed=10 + i))
+    assert b.stats()["bytes"] <= 64 << 10
+    assert a.get(ma, keys)[0] is not None  # acme's blocks untouched
+    a.close()
+    b.close()
+
+
+def test_limits_and_checksums_are_enforced(server):
+    c = KVTierClient(server.socket, api_key=KEY_A)
+    model = c.register_spec(TINY)
+    with pytest.raises(KVTierError) as e:  # max_blocks_per_request is 16 on this server (REST answers the same)
+        c.put(model, [bytes([1, i]) + bytes(30) for i in range(17)], blocks(17))
+    assert e.value.status == 400 and "max_blocks_per_request" in e.value.message
+    key = bytes([9]) * 32
+    head, payload = encode_frame_parts(key, TINY, "identity", {}, TINY.block_shape, TINY.dtype,
+                                       blocks(1, seed=3)[0].contiguous().view(torch.uint8).numpy())
+    spoiled = bytearray(payload.tobytes())
+    spoiled[100] ^= 0xFF  # the checksum no longer matches
+
+    def fill(seg):
+        pieces = b"".join(bytes(p) for p in wire.encode_parts([(head, memoryview(spoiled))]))
+        seg[: len(pieces)] = pieces
+        return len(pieces)
+
+    with pytest.raises(KVTierError) as e:
+        c._call("put", {"model": model, "parent": None}, fill=fill)
+    assert e.value.status == 400 and "checksum" in e.value.message
+    assert c.get(model, [key]) == [None]  # nothing stored
+    with pytest.raises(KVTierError) as e:
+        c._call("put", {"model": model}, fill=lambda seg: 10**12)
+    assert e.value.status == 400 and e.value.field == "len"
+    with pytest.raises(KVTierError) as e:
+        c._call("nope", {})
+    assert e.value.status == 400
+    with pytest.raises(KVTierError) as e:
+        LocalKVTierClient(server.socket, api_key=KEY_A, segment_bytes=1 << 40).stats()
+    assert e.value.field == "segment_bytes"
+    c.close()
+
+
+def test_requests_larger_than_the_segment_are_split(server):
+    spec = KVSpec("wide", num_layers=2, num_kv_heads=2, head_dim=64, dtype="float16", block_tokens=64)  # 32 KiB blocks
+    c = LocalKVTierClient(server.socket, api_key=KEY_A, segment_bytes=100 << 10)  # 2-3 blocks per request
+    model = c.register_spec(spec)
+    toks = [(i * 31) % 30000 for i in range(9 * spec.block_tokens)]
+    keys = c.hashes(model, toks)
+    bs = blocks(9, seed=4, spec=spec)
+    assert c.put(model, keys, bs) == [True] * 9
+    assert c.lookup(model, token_ids=toks).num_blocks == 9  # one chain, whatever the split
+    assert all(torch.equal(g, b) for g, b in zip(c.get(model, keys), bs))
+    c.close()
+
+
+def test_a_killed_client_leaves_no_segment(server):
+    pid = server.proc.pid
+    before = wait_for_maps(pid, 0)  # earlier tests' clients are closed; the server lets go asynchronously
+    shm_before = set(os.listdir("/dev/shm"))
+    script = textwrap.dedent(f"""
+        import sys, time, torch
+        from kvtier.service.client import KVTierClient
+        from tests.service.conftest import TINY
+        clients = [KVTierClient({server.socket!r}, api_key={KEY_A!r}) for _ in range(3)]
+        for c in clients:
+            c.stats()  # each opens its connection and maps its segment
+        m = clients[0].register_spec(TINY)
+        clients[0].put(m, [bytes([42]) * 32], torch.zeros((1, *TINY.block_shape), dtype=torch.float16))
+        print("ready", flush=True)
+        time.sleep(60)
+    """)
+    proc = subprocess.Popen([sys.executable, "-c", script], cwd=ROOT, stdout=subprocess.PIPE, text=True,
+                            env={**os.environ, "PYTHONPATH": str(ROOT)})
+    try:
+        assert proc.stdout.readline().strip() == "ready"
+        assert wait_for_maps(pid, before + 3) == before + 3
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(10)
+        assert wait_for_maps(pid, before) == before  # the server let go of every segment of the dead client
+        # and nothing was ever named (a memfd has no name; other processes on the machine may add their own here)
+        assert not [n for n in set(os.listdir("/dev/shm")) - shm_before if "kvtier" in n]
+    finally:
+        proc.kill()
+
+
+def test_service_backend_uses_the_local_transport(server):
+    from kvtier.connectors.backends import ServiceBackend
+
+    backend = ServiceBackend.connect(server.socket, TINY, api_key=KEY_A)
+    try:
+        assert isinstance(backend.client, LocalKVTierClient)
+        toks = tokens(3, seed=6)
+        keys = backend.keys(toks)
+        assert backend.put(keys, blocks(3, seed=6), parent=None) == [True] * 3
+        assert backend.match(toks).num_blocks == 3
+        assert all(torch.equal(g, b) for g, b in zip(backend.get(keys), blocks(3, seed=6)))
+    finally:
+        backend.close()
+
+
+def test_rest_lookups_never_block_the_event_loop(tmp_path):
+    """While the store's lock is held (bookkeeping of another call), a REST lookup waits on a worker
+    thread, not on the event loop: the server keeps answering other requests meanwhile."""
+    import threading
+
+    import httpx
+    import uvicorn
+
+    from kvtier.service.rest import create_app
+    from kvtier.service.settings import Settings
+    from tests.redis_servers import free_port
+
+    port = free_port()
+    settings = Settings(port=port, grpc_port=None, data_dir=tmp_path, device_capacity_bytes=0,
+                        write_through_retry_interval_s=0)
+    app = create_app(settings)
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    th = threading.Thread(target=server.run, daemon=True)
+    th.start()
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 30
+        while not server.started and time.monotonic() < deadline:
+            time.sleep(0.05)
+        c = KVTierClient(url)
+        model = c.register_spec(TINY)
+        toks = tokens(2, seed=9)
+        c.put(model, c.hashes(model, toks), blocks(2, seed=9))
+        store = app.state.svc.store
+        answers = []
+        with store._lock:  # as if another call were in its bookkeeping for a long time
+            body = json.dumps({"model": model, "token_ids": toks}).encode()
+            # with a Content-Length: the FastLookup middleware; chunked (no length): the FastAPI route
+            for content in (body, iter([body])):
+                th2 = threading.Thread(target=lambda c=content: answers.append(
+                    httpx.post(url + "/v1/lookup", content=c, headers={"content-type": "application/json"}, timeout=30)))
+                th2.start()
+            time.sleep(0.3)
+            t0 = time.monotonic()
+            assert httpx.get(url + "/healthz", timeout=5).status_code == 200  # the event loop is free
+            assert time.monotonic() - t0 < 2.0
+            assert not answers  # the lookup is still waiting for the lock, on a thread
+        deadline = time.monotonic() + 30
+        while len(answers) < 2 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert [a.status_code for a in answers] == [200, 200] and all(a.json()["num_blocks"] == 2 for a in answers)
+        c.close()
+    finally:
+        server.should_exit = True
+        th.join(30)
+
+
+def _child_lookup(client, model, keys, q):
+    q.put(client.lookup(model, hashes=keys).num_blocks)
+
+
+def test_a_forked_child_opens_its_own_connections(server):
+    import multiprocessing as mp
+
+    c = KVTierClient(server.socket, api_key=KEY_A)
+    model = c.register_spec(TINY)
+    keys = [bytes([77]) * 32]
+    c.put(model, keys, blocks(1, seed=5))
+    ctx = mp.get_context("fork")
+    q = ctx.Queue()
+    child = ctx.Process(target=_child_lookup, args=(c, model, keys, q))
+    child.start()
+    assert q.get(timeout=30) == 1
+    child.join(30)
+    assert c.lookup(model, hashes=keys).num_blocks == 1  # the parent's connection was not disturbed
+    assert torch.equal(c.get(model, keys)[0], blocks(1, seed=5)[0])
+    c.close()
