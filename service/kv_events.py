@@ -63,8 +63,8 @@ class KVEventPublisher:
 
         if not isinstance(endpoint, str) or "://" not in endpoint:
             raise ValueError(f"kv_events_endpoint must be a ZMQ endpoint such as 'tcp://127.0.0.1:5557', got {endpoint!r}")
-        self._ctx = zmq.Context.instance()
-        self._pub = self._ctx.socket(zmq.PUB)
+        ctx: zmq.Context = zmq.Context.instance()
+        self._pub = ctx.socket(zmq.PUB)
         self._pub.set_hwm(hwm)
         if "*" in endpoint or "::" in endpoint or endpoint.startswith(("ipc://", "inproc://")):  # vLLM's rule
             self._pub.bind(endpoint)
