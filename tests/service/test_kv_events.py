@@ -14,7 +14,6 @@ import torch
 
 from kvtier.service.client import KVTierClient
 from kvtier.service.kv_events import encode_batch, event_to_wire
-from tests.redis_servers import free_port
 
 from .conftest import TINY
 from .server import ServiceProcess
@@ -42,13 +41,13 @@ def test_wire_encoding_matches_vllm_layout():
         event_to_wire("moved", b"k", "host", 1)
 
 
-def test_serve_publishes_stored_and_removed_events():
-    port = free_port()
+def test_serve_publishes_stored_and_removed_events(tmp_path):
+    endpoint = f"ipc://{tmp_path}/events.ipc"  # bound by the service (ipc://, as in vLLM); the subscriber connects
     ctx = zmq.Context.instance()
     sub = ctx.socket(zmq.SUB)
-    sub.bind(f"tcp://127.0.0.1:{port}")  # the service connects (an endpoint without '*'), as vLLM's publisher would
+    sub.connect(endpoint)
     sub.setsockopt(zmq.SUBSCRIBE, b"kv")
-    svc = ServiceProcess({"KVTIER_KV_EVENTS_ENDPOINT": f"tcp://127.0.0.1:{port}", "KVTIER_KV_EVENTS_TOPIC": "kv"})
+    svc = ServiceProcess({"KVTIER_KV_EVENTS_ENDPOINT": endpoint, "KVTIER_KV_EVENTS_TOPIC": "kv"})
     try:
         with KVTierClient(svc.url) as c:
             model = c.register_spec(TINY)
