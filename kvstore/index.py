@@ -85,6 +85,10 @@ class PrefixIndex:
     def slot(self, key: bytes) -> int | None:
         return self._slot_of.get(key)
 
+    def live_items(self) -> list[tuple[bytes, int]]:
+        """(key, slot) of every live entry (a snapshot)."""
+        return list(self._slot_of.items())
+
     def key(self, slot: int) -> bytes:
         k = self._keys[slot]
         if k is None:

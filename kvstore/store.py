@@ -110,6 +110,7 @@ class _Tier:
     reserved: int = 0  # bytes that writes in flight will add (planned under the lock)
     freeing: int = 0  # bytes that evictions in flight will remove (victims chosen, not yet gone)
     executor: ThreadPoolExecutor | None = None  # write-throughs into this tier run here
+    demotion_failures: int = 0  # victims no lower tier took (disk full, Redis down): kept here instead of dropped
 
     @property
     def tier(self) -> StorageTier:
@@ -398,6 +399,7 @@ class TieredStore:
             return
         # after the write the tier sits at its low watermark (hysteresis: the next writes need no eviction)
         target = max(0, int(cap * st.cfg.low_watermark) - need)
+        skip = set(protect)  # protected, plus victims whose demotion failed (they stay)
         first = True
         while True:
             with self._lock:
@@ -407,10 +409,10 @@ class TieredStore:
                 first = False
                 if projected <= target:
                     return
-                victims = self._choose_victims(t, projected - target, protect)
+                victims = self._choose_victims(t, projected - target, skip)
             if not victims:
                 return  # the whole order was seen and nothing is evictable: the put is refused here
-            self._evict(t, victims)
+            skip |= self._evict(t, victims)
 
     def _choose_victims(self, t: int, nbytes: int, protect: set[int]) -> list[_Victim]:
         """Under the lock: evictable blocks of tier t, in policy order, worth about ``nbytes``; pinned."""
@@ -437,12 +439,17 @@ class TieredStore:
         st.freeing += freed
         return victims
 
-    def _evict(self, t: int, victims: list[_Victim]) -> None:
-        """Tier I/O (no lock): demote the victims to t+1 (unless it holds them), remove them from t, commit."""
+    def _evict(self, t: int, victims: list[_Victim]) -> set[int]:
+        """Tier I/O (no lock): demote the victims to t+1 (unless it holds them), remove them from t, commit.
+
+        A victim that no lower tier took (disk full, Redis down) and that no other tier holds stays
+        in t and is counted in ``demotion_failures``: eviction never drops a block silently (only the
+        last tier's evictions end a block's life). Returns the slots that stayed."""
         st = self._tiers[t]
         tier = st.tier
         nxt = t + 1 if t + 1 < len(self._tiers) else None
         left = sum(v.nbytes for v in victims)
+        stayed: set[int] = set()
         try:
             for group in _byte_groups(victims, _DEMOTE_GROUP_BYTES):
                 with self._lock:
@@ -456,8 +463,12 @@ class TieredStore:
                         items += [_Item(v.slot, v.key, b, spec) for v, b in zip(vs, got) if b is not None]
                     self._store_into(nxt, items, chain_order=False, moving=True)
                     with self._lock:
-                        st.demotions += sum(1 for it in items if self._index.slot(it.key) == it.slot
-                                            and self._index.residency(it.slot) & (1 << nxt))
+                        idx = self._index
+                        st.demotions += sum(1 for it in items if idx.slot(it.key) == it.slot and idx.residency(it.slot) & (1 << nxt))
+                        kept = {it.slot for it in items if idx.slot(it.key) == it.slot and not idx.residency(it.slot) & ~(1 << t)}
+                        st.demotion_failures += len(kept)
+                        stayed |= kept
+                    live = [v for v in live if v.slot not in kept]
                 for spec, vs in _by_spec(live).items():
                     tier.remove([v.key for v in vs], spec=spec)
                 with self._lock:
@@ -473,6 +484,7 @@ class TieredStore:
             with self._lock:
                 st.freeing -= left
                 self._unpin_live([(v.slot, v.key) for v in victims])
+        return stayed
 
     # -- write-through retries ---------------------------------------------------------------
     def _remember_refused(self, t: int, items: list[_Item]) -> None:
@@ -812,12 +824,17 @@ class TieredStore:
         n = 0
         removals: list[tuple[int, bytes, KVSpec]] = []
         unknown: list[bytes] = []
+        unseen_in_shared: list[bytes] = []  # cached here, not known to be in a shared tier: it may be there
+        shared = [t for t, st in enumerate(self._tiers) if st.tier.capabilities.shared]
         with self._lock:
             for key in keys:
                 slot = self._index.slot(key)
                 if slot is not None and self._index.residency(slot):
+                    had = self._index.residency(slot)
                     removals += self._unmark_everywhere(slot, key)
                     n += 1
+                    if any(not had & (1 << t) for t in shared):
+                        unseen_in_shared.append(key)  # e.g. written by this instance before a restart
                 else:
                     unknown.append(key)
         self._remove_from_tiers(removals)
@@ -825,6 +842,9 @@ class TieredStore:
             for st in self._tiers:
                 if st.tier.capabilities.shared:
                     n += bool(st.tier.remove([key], spec=spec))
+        if unseen_in_shared:
+            for t in shared:
+                self._tiers[t].tier.remove(unseen_in_shared, spec=spec)
         return n
 
     # -- pins ------------------------------------------------------------------------------
@@ -860,6 +880,96 @@ class TieredStore:
             return len(self._leases)
 
     # -- stats -----------------------------------------------------------------------------
+    # -- coherence and durability -------------------------------------------------------------
+    def drop_local_copies(self, keys: Sequence[bytes] | None, deleted: bool = False) -> int:
+        """Forget this process's own copies (every tier not shared) of blocks that another instance
+        rewrote (or, ``deleted``, removed) in a shared tier, so the next read goes to the shared
+        tier. ``keys=None`` (announcements may have been missed): of every block known to be in a
+        shared tier that the shared tier still holds (it may hold other bytes now; a block it lost,
+        e.g. to a restart, keeps its local copies). Returns how many blocks lost a copy. Wired to
+        ``RedisTier.listen_invalidations``."""
+        shared = [t for t, st in enumerate(self._tiers) if st.tier.capabilities.shared]
+        if keys is None:
+            if not shared:
+                return 0
+            shared_bits = sum(1 << t for t in shared)
+            by_spec: dict[int, list[bytes]] = {}
+            with self._lock:
+                idx = self._index
+                for k, slot in idx.live_items():
+                    if idx.residency(slot) & shared_bits and idx.residency(slot) & ~shared_bits:
+                        by_spec.setdefault(idx.spec_id(slot), []).append(k)
+                specs = {sid: self._specs[sid] for sid in by_spec}
+            keys = []
+            for sid, ks in by_spec.items():  # tier I/O, outside the lock
+                held = self._tiers[shared[0]].tier.contains(ks, spec=specs[sid])
+                keys += [k for k, h in zip(ks, held) if h]
+        removals: list[tuple[int, bytes, KVSpec]] = []
+        n = 0
+        with self._lock:
+            idx = self._index
+            for key in keys:
+                slot = idx.slot(bytes(key))
+                if slot is None:
+                    continue
+                spec = self._specs[idx.spec_id(slot)]
+                dropped = False
+                for t in range(len(self._tiers)):
+                    if idx.slot(key) != slot or not idx.residency(slot) & (1 << t):
+                        continue
+                    if t not in shared:
+                        removals.append((t, bytes(key), spec))
+                        dropped = True
+                    elif not deleted:
+                        continue  # the shared tier holds the new bytes
+                    self._mark_removed(t, slot, key, spec)  # a deleted block: gone from the shared tier too
+                n += dropped
+        self._remove_from_tiers(removals)
+        return n
+
+    def flush_to_persistent(self, batch: int = 32) -> dict[str, int]:
+        """Write every block that only volatile tiers (device, host) hold into the first persistent
+        private tier (disk), parents before children, so that it is found again after a restart
+        (``kvtier serve`` does it at a graceful stop). Returns ``{"flushed", "failed"}``: blocks
+        now on disk, and blocks the disk refused (no room, write errors)."""
+        disk = next((t for t, st in enumerate(self._tiers)
+                     if st.tier.capabilities.persistent and not st.tier.capabilities.shared), None)
+        if disk is None:
+            return {"flushed": 0, "failed": 0}
+        durable = sum(1 << t for t, st in enumerate(self._tiers) if st.tier.capabilities.persistent)
+        with self._lock:
+            idx = self._index
+            todo = sorted((idx.depth(slot), slot, key) for key, slot in idx.live_items()
+                          if idx.residency(slot) and not idx.residency(slot) & durable)
+        flushed = failed = 0
+        for i in range(0, len(todo), batch):
+            with self._lock:  # pinned while copied: not evicted meanwhile, not even by this flush
+                idx = self._index
+                part = []
+                for _, slot, key in todo[i: i + batch]:
+                    res = idx.residency(slot) if idx.slot(key) == slot else 0
+                    if res and not res & durable:
+                        idx.pin(slot)
+                        part.append((slot, key, self._specs[idx.spec_id(slot)], (res & -res).bit_length() - 1))
+            try:
+                items = []
+                for slot, key, spec, src in part:
+                    block = self._tiers[src].tier.get([key], spec=spec)[0]
+                    if block is None:
+                        failed += 1
+                    else:
+                        items.append(_Item(slot, key, block, spec))
+                self._store_into(disk, items, cascade=False, moving=True)
+                with self._lock:
+                    for it in items:
+                        ok = self._index.slot(it.key) == it.slot and self._index.residency(it.slot) & (1 << disk)
+                        flushed += bool(ok)
+                        failed += not ok
+            finally:
+                with self._lock:
+                    self._unpin_live([(slot, key) for slot, key, _, _ in part])
+        return {"flushed": flushed, "failed": failed}
+
     def stats(self) -> dict:
         with self._lock:
             self._expire_leases()
@@ -874,6 +984,7 @@ class TieredStore:
                     write_through_pending=len(wt) if wt is not None else 0,
                     write_through_retried=wt.retried if wt is not None else 0,
                     write_through_dropped=wt.dropped if wt is not None else 0,
+                    demotion_failures=st.demotion_failures,
                     policy=getattr(st.policy, "name", type(st.policy).__name__),
                     device=st.tier.capabilities.device,
                 )

@@ -38,6 +38,7 @@ def _settings(args):
 def serve(args) -> int:
     import uvicorn
 
+    from .connections import guarded_http_protocol
     from .rest import create_app
 
     settings = _settings(args)
@@ -50,8 +51,8 @@ def serve(args) -> int:
                                     ("disk", settings.disk_capacity_bytes)) if cap]
     if settings.redis_url:
         tiers.append("redis")
-    log.info("kvtier serving REST on http://%s:%d (OpenAPI at /docs)%s; tiers: %s; data_dir: %s",
-             settings.host, settings.port,
+    log.info("kvtier serving REST on %s://%s:%d (OpenAPI at /docs)%s; tiers: %s; data_dir: %s",
+             "http" if settings.tls_cert is None else "https", settings.host, settings.port,
              (f", gRPC on {settings.host}:{settings.grpc_port}" if settings.grpc_port is not None else "")
              + (f", local transport on unix://{settings.local_socket}" if settings.local_socket is not None else ""),
              ", ".join(tiers), settings.data_dir)
@@ -59,10 +60,14 @@ def serve(args) -> int:
         log.warning("OPEN MODE: no API keys configured (KVTIER_API_KEYS / KVTIER_ADMIN_KEY): every caller is admin of the "
                     "default tenant; serving on %s only", settings.host)
     app = create_app(settings)
+    http_protocol, guard = guarded_http_protocol(settings, app.state.transport_stats)
+    tls = {} if settings.tls_cert is None else dict(ssl_certfile=str(settings.tls_cert), ssl_keyfile=str(settings.tls_key))
     config = uvicorn.Config(
         app, host=settings.host, port=settings.port, log_level=settings.log_level, access_log=False,
-        limit_concurrency=settings.limit_concurrency, timeout_graceful_shutdown=settings.graceful_shutdown_s,
-        lifespan="on", server_header=False,
+        http=http_protocol, timeout_keep_alive=settings.idle_timeout_s,
+        # requests in progress are capped by RequestGuard (health exempt), connections by the guard
+        limit_concurrency=None, timeout_graceful_shutdown=settings.graceful_shutdown_s,
+        lifespan="on", server_header=False, **tls,
     )
     server = uvicorn.Server(config)
     server.run()

@@ -256,6 +256,14 @@ def _raise_for(resp: httpx.Response) -> None:
         raise KVTierError(resp.status_code, "error", resp.text[:500]) from None
 
 
+def _ssl_context(verify: bool | str):
+    if isinstance(verify, bool):
+        return verify
+    import ssl
+
+    return ssl.create_default_context(cafile=str(verify))
+
+
 def _headers(api_key: str | None) -> dict[str, str]:
     return {"Authorization": f"Bearer {api_key}"} if api_key else {}
 
@@ -302,9 +310,10 @@ class KVTierClient(_Base):
         return super().__new__(cls)
 
     def __init__(self, base_url: str = "http://127.0.0.1:8080", api_key: str | None = None, *, timeout: float = 30.0,
-                 retries: int = 3, backoff_s: float = 0.05) -> None:
+                 retries: int = 3, backoff_s: float = 0.05, verify: bool | str = True) -> None:
+        """``verify``: for an ``https://`` url, the CA file (PEM) to trust, True for the system's, False for none."""
         super().__init__(base_url, api_key, timeout, retries, backoff_s)
-        self._http = httpx.Client(**self._kw)
+        self._http = httpx.Client(**self._kw, verify=_ssl_context(verify))
 
     def _request(self, method: str, path: str, **kw) -> httpx.Response:
         for attempt in range(self.retries + 1):
@@ -341,6 +350,11 @@ class KVTierClient(_Base):
         model = self._request("POST", "/v1/specs", json=_spec_body(spec)).json()["model"]
         self._specs[model] = spec
         return model
+
+    def unregister_spec(self, model: str) -> bool:
+        """Withdraw this tenant's registration of ``model`` (404 unless it has one)."""
+        self._specs.pop(model, None)
+        return self._request("DELETE", f"/v1/specs/{model}").json()["unregistered"]
 
     def spec(self, model: str) -> KVSpec:
         if model not in self._specs:
@@ -431,9 +445,9 @@ class AsyncKVTierClient(_Base):
     """asyncio REST client (``httpx.AsyncClient``); the same methods as ``KVTierClient``, awaited."""
 
     def __init__(self, base_url: str = "http://127.0.0.1:8080", api_key: str | None = None, *, timeout: float = 30.0,
-                 retries: int = 3, backoff_s: float = 0.05, max_connections: int = 100) -> None:
+                 retries: int = 3, backoff_s: float = 0.05, max_connections: int = 100, verify: bool | str = True) -> None:
         super().__init__(base_url, api_key, timeout, retries, backoff_s)
-        self._http = httpx.AsyncClient(**self._kw, limits=httpx.Limits(max_connections=max_connections,
+        self._http = httpx.AsyncClient(**self._kw, verify=_ssl_context(verify), limits=httpx.Limits(max_connections=max_connections,
                                                                        max_keepalive_connections=max_connections))
 
     async def _request(self, method: str, path: str, **kw) -> httpx.Response:
@@ -466,6 +480,10 @@ class AsyncKVTierClient(_Base):
         model = (await self._request("POST", "/v1/specs", json=_spec_body(spec))).json()["model"]
         self._specs[model] = spec
         return model
+
+    async def unregister_spec(self, model: str) -> bool:
+        self._specs.pop(model, None)
+        return (await self._request("DELETE", f"/v1/specs/{model}")).json()["unregistered"]
 
     async def spec(self, model: str) -> KVSpec:
         if model not in self._specs:

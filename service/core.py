@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from dataclasses import dataclass
 from typing import Any, Sequence
 
@@ -27,6 +27,7 @@ from kvtier.retrieval import StoreRetriever, SummaryStore
 from . import wire
 from .buffers import BufferPool
 from .errors import BadRequest, Conflict, NotFound, PayloadTooLarge, TooManyRequests
+from .limits import MAX_EXTRA_KEYS, MAX_MODEL_CHARS, MAX_NAMESPACE_CHARS, MAX_TOKEN_ID, TenantRateLimiter
 from .registry import SpecRegistry
 from .settings import Settings
 from .storebuild import TierProbe, blocks_dir
@@ -34,8 +35,6 @@ from .tenancy import KeySpace, Principal
 
 log = logging.getLogger(__name__)
 
-MAX_NAMESPACE_CHARS = 256
-MAX_EXTRA_KEYS = 16
 _SPEC_FIELDS = ("model_id", "num_layers", "num_kv_heads", "head_dim", "dtype", "block_tokens")
 
 
@@ -60,9 +59,16 @@ class KVService:
         self.probe = TierProbe(settings, store.tier_names)
         # reused buffers for upload bodies (idle ones bounded)
         self.buffers = BufferPool(min(settings.max_request_bytes, 256 << 20))
+        self.rate = TenantRateLimiter(settings.tenant_requests_per_s, settings.tenant_burst)
+        self.transport_stats = None  # the REST app's connection and request guards (connections.TransportStats)
         self._keyspaces: dict[str, KeySpace] = {}
         self._lock = threading.Lock()
         self._leases: dict[int, LeaseInfo] = {}
+        self._tenant_leases: dict[str, int] = {}  # tenant -> live leases in self._leases
+        # each tenant's own events, numbered in its own sequence: (seq, store event, client key)
+        self._tenant_events: dict[str, deque] = {}
+        self._tenant_seq: dict[str, int] = {}
+        self._events_ingested = store.last_event_id  # store events up to this id were routed (or predate the service)
         # storage key -> (tenant, client key): lets a tenant see its own blocks' events
         self._owners: OrderedDict[bytes, tuple[str, bytes]] = OrderedDict()
         # no shared tier (Redis): a lookup is answered from the in-memory index alone
@@ -102,6 +108,8 @@ class KVService:
 
     def _retry_write_through(self) -> None:
         while not self._stop.wait(self.settings.write_through_retry_interval_s):
+            with self._lock:
+                self._ingest_events()  # before the store's bounded stream drops them
             try:
                 if self.store.write_through_pending():
                     self.store.retry_write_through(limit=64)
@@ -109,6 +117,16 @@ class KVService:
                 log.exception("retrying refused write-throughs failed")
 
     # -- helpers ---------------------------------------------------------------------------
+    def invalidated(self, keys: list[bytes] | None, deleted: bool) -> None:
+        """Another instance deleted or rewrote these blocks (storage keys) in Redis: forget their summaries."""
+        if keys:
+            self.retriever.summaries.discard(keys)
+
+    def admit(self, p: Principal) -> Principal:
+        """Count one request of ``p``'s tenant against its rate (``RateLimited`` beyond it); returns ``p``."""
+        self.rate.admit(p.tenant)
+        return p
+
     def keyspace(self, tenant: str) -> KeySpace:
         ks = self._keyspaces.get(tenant)
         if ks is None:
@@ -161,6 +179,13 @@ class KVService:
         if new:
             self.store.register_spec(spec)
         return model, spec
+
+    def unregister_spec(self, p: Principal, model: str) -> bool:
+        """Withdraw the caller's registration of ``model`` (NotFound unless it has one); it no longer
+        counts against the caller's ``max_specs_per_tenant``, nor, once no tenant has it, ``max_specs``."""
+        if not isinstance(model, str) or len(model) > MAX_MODEL_CHARS:
+            raise BadRequest("model must be a model id (64 hex characters)", field="model")
+        return self.registry.unregister(p.tenant, model)
 
     # -- lookup ----------------------------------------------------------------------------
     def lookup(self, p: Principal, model: str, *, token_ids=None, hashes=None, salt: str = "",
@@ -215,20 +240,22 @@ class KVService:
             raise PayloadTooLarge(f"token_ids holds {arr.size} ids, at most {limit} are allowed (max_tokens_per_request)", field="token_ids")
         if arr.size and arr.dtype.kind not in "iu":
             raise BadRequest(f"token_ids must be integers, got {arr.dtype}", field="token_ids")
-        if arr.size and (arr.min() < 0 or arr.max() > 0xFFFFFFFF):
-            bad = int(np.nonzero((arr < 0) | (arr > 0xFFFFFFFF))[0][0])
+        if arr.size and (arr.min() < 0 or arr.max() > MAX_TOKEN_ID):
+            bad = int(np.nonzero((arr < 0) | (arr > MAX_TOKEN_ID))[0][0])
             raise BadRequest(f"token_ids[{bad}] = {int(arr[bad])} is outside [0, 2**32)", field=f"token_ids[{bad}]")
         return arr
 
     @staticmethod
     def _namespace(p: Principal, salt: str, extra_keys: Sequence[str]) -> Namespace:
-        if not isinstance(salt, str) or len(salt) > MAX_NAMESPACE_CHARS:
-            raise BadRequest(f"salt must be a string of at most {MAX_NAMESPACE_CHARS} characters", field="salt")
+        if not isinstance(salt, str) or len(salt) > MAX_NAMESPACE_CHARS or not _is_utf8(salt):
+            raise BadRequest(f"salt must be a string of at most {MAX_NAMESPACE_CHARS} characters (valid Unicode: no lone surrogates)",
+                             field="salt")
         if not isinstance(extra_keys, (list, tuple)) or len(extra_keys) > MAX_EXTRA_KEYS:
             raise BadRequest(f"extra_keys must be a list of at most {MAX_EXTRA_KEYS} strings", field="extra_keys")
         for i, k in enumerate(extra_keys):
-            if not isinstance(k, str) or len(k) > MAX_NAMESPACE_CHARS:
-                raise BadRequest(f"extra_keys[{i}] must be a string of at most {MAX_NAMESPACE_CHARS} characters", field=f"extra_keys[{i}]")
+            if not isinstance(k, str) or len(k) > MAX_NAMESPACE_CHARS or not _is_utf8(k):
+                raise BadRequest(f"extra_keys[{i}] must be a string of at most {MAX_NAMESPACE_CHARS} characters (valid Unicode: "
+                                 "no lone surrogates)", field=f"extra_keys[{i}]")
         return Namespace(tenant=p.tenant, salt=salt, extra_keys=tuple(extra_keys))
 
     # -- blocks ----------------------------------------------------------------------------
@@ -281,8 +308,8 @@ class KVService:
         ks = self.keyspace(p.tenant)
         skeys = ks.storage_keys(keys)
         put = self.retriever.put if self.summarize_on_put else self.store.put  # the retriever's put also summarizes
+        self._track(p.tenant, list(zip(skeys, keys)))  # before the store emits their events
         stored = put(spec, skeys, blocks, tenant=p.tenant, parent=None if parent_key is None else ks.storage_key(parent_key))
-        self._track(p.tenant, [(s, c) for s, c, ok in zip(skeys, keys, stored) if ok])
         return stored
 
     def put_frames(self, p: Principal, model: str, items: Sequence[memoryview | None], parent=None) -> list[bool]:
@@ -323,6 +350,8 @@ class KVService:
         self.retriever.summaries.discard(skeys)
         if self.kv_events is not None:
             self.kv_events.publish_pending()  # while the owners are known: events carry the keys clients use
+        with self._lock:
+            self._ingest_events()  # the owner still known: the tenant sees its "removed" events
         self._untrack(skeys)
         return n
 
@@ -466,25 +495,40 @@ class KVService:
         ckeys = self._client_keys(keys, "keys")
         if isinstance(ttl_s, bool) or not isinstance(ttl_s, (int, float)) or not (0 < ttl_s <= self.settings.max_pin_ttl_s):
             raise BadRequest(f"ttl_s must be a number in (0, {self.settings.max_pin_ttl_s}], got {ttl_s!r}", field="ttl_s")
+        s = self.settings
         with self._lock:
             now = time.monotonic()
             for lid in [lid for lid, info in self._leases.items() if info.expires_at <= now]:
-                del self._leases[lid]
-            if len(self._leases) >= self.settings.max_leases:
-                raise TooManyRequests(f"{self.settings.max_leases} leases are live (max_leases); unpin or wait for expiry", field="keys")
-        lease = self.store.pin(spec, self.keyspace(p.tenant).storage_keys(ckeys), float(ttl_s))
-        info = LeaseInfo(lease.id, p.tenant, time.monotonic() + float(ttl_s), lease.num_pinned)
-        with self._lock:
+                info = self._leases.pop(lid)
+                self._tenant_leases[info.tenant] -= 1
+            # per tenant first: one tenant's leases never make another's pins fail (while tenants x per-tenant <= max_leases)
+            if self._tenant_leases.get(p.tenant, 0) >= s.max_leases_per_tenant:
+                raise TooManyRequests(f"this tenant holds {s.max_leases_per_tenant} live leases (max_leases_per_tenant); "
+                                      "unpin or wait for expiry", field="keys")
+            if len(self._leases) >= s.max_leases:
+                raise TooManyRequests(f"{s.max_leases} leases are live (max_leases); unpin or wait for expiry", field="keys")
+            lease = self.store.pin(spec, self.keyspace(p.tenant).storage_keys(ckeys), float(ttl_s))
+            if lease.num_pinned == 0:  # nothing of this tenant's is cached under these keys: no lease is held
+                self.store.unpin(lease.id)
+                return LeaseInfo(0, p.tenant, now, 0)
+            info = LeaseInfo(lease.id, p.tenant, time.monotonic() + float(ttl_s), lease.num_pinned)
             self._leases[lease.id] = info
+            self._tenant_leases[p.tenant] = self._tenant_leases.get(p.tenant, 0) + 1
         return info
 
     def unpin(self, p: Principal, lease_id: int) -> bool:
+        """End a lease early. Lease 0 (a pin that pinned nothing) holds nothing: False."""
+        if lease_id == 0:
+            return False
         with self._lock:
             info = self._leases.get(lease_id)
             if info is None or info.tenant != p.tenant or info.expires_at <= time.monotonic():
-                self._leases.pop(lease_id, None) if info is not None and info.expires_at <= time.monotonic() else None
+                if info is not None and info.expires_at <= time.monotonic():
+                    del self._leases[lease_id]
+                    self._tenant_leases[info.tenant] -= 1
                 raise NotFound(f"lease {lease_id} is unknown or expired", field="lease_id")
             del self._leases[lease_id]
+            self._tenant_leases[info.tenant] -= 1
         return self.store.unpin(lease_id)
 
     # -- stats and events ------------------------------------------------------------------
@@ -501,33 +545,52 @@ class KVService:
         return s
 
     def events(self, p: Principal, after: int = 0, limit: int = 1000) -> dict:
-        """Events with id > ``after``: all of them (storage keys) for an admin, a tenant's own (client keys) otherwise."""
+        """Events with id > ``after``: all of them (storage keys, the store's ids) for an admin; a
+        tenant's own (client keys) otherwise, numbered in the tenant's own sequence, so that neither
+        the ids nor ``next_after`` move when another tenant's blocks come and go."""
         if isinstance(after, bool) or not isinstance(after, int) or after < 0:
             raise BadRequest("after must be a non-negative integer", field="after")
         if isinstance(limit, bool) or not isinstance(limit, int) or not 1 <= limit <= self.settings.max_events_per_request:
             raise BadRequest(f"limit must be an integer in [1, {self.settings.max_events_per_request}]", field="limit")
-        out: list[dict] = []
-        cursor = after
-        scanned = 0
-        while len(out) < limit and scanned < 20 * limit:
-            batch = self.store.events(after=cursor, limit=limit)
-            if not batch:
-                break
+        if not p.is_admin:
             with self._lock:
-                for ev in batch:
-                    cursor = ev.id
-                    scanned += 1
-                    owner = self._owners.get(ev.key)
-                    model = self.registry.model_of_short_fingerprint(ev.model)
-                    if p.is_admin:
-                        out.append({"id": ev.id, "kind": ev.kind, "key": ev.key.hex(), "tier": ev.tier, "model": model,
-                                    "time": ev.time, "tenant": owner[0] if owner else None})
-                    elif owner is not None and owner[0] == p.tenant:
-                        out.append({"id": ev.id, "kind": ev.kind, "key": owner[1].hex(), "tier": ev.tier, "model": model,
-                                    "time": ev.time})
+                self._ingest_events()
+                mine = self._tenant_events.get(p.tenant, ())
+                first = mine[0][0] if mine else 0
+                out = []
+                for i in range(max(0, after - first + 1), len(mine)):  # sequence numbers are consecutive
+                    seq, ev, ckey = mine[i]
+                    out.append({"id": seq, "kind": ev.kind, "key": ckey.hex(), "tier": ev.tier,
+                                "model": self.registry.model_of_short_fingerprint(ev.model), "time": ev.time})
                     if len(out) >= limit:
                         break
+            return {"events": out, "next_after": out[-1]["id"] if out else after}
+        out: list[dict] = []
+        cursor = after
+        for ev in self.store.events(after=after, limit=limit):
+            cursor = ev.id
+            owner = self._owners.get(ev.key)
+            out.append({"id": ev.id, "kind": ev.kind, "key": ev.key.hex(), "tier": ev.tier,
+                        "model": self.registry.model_of_short_fingerprint(ev.model), "time": ev.time, "tenant": owner[0] if owner else None})
         return {"events": out, "next_after": cursor}
+
+    def _ingest_events(self) -> None:
+        """Route the store's new events to their owners' streams (under self._lock)."""
+        cap = self.settings.max_events
+        while True:
+            batch = self.store.events(after=self._events_ingested, limit=10_000)
+            if not batch:
+                return
+            for ev in batch:
+                owner = self._owners.get(ev.key)
+                if owner is not None:
+                    tenant, ckey = owner
+                    seq = self._tenant_seq[tenant] = self._tenant_seq.get(tenant, 0) + 1
+                    q = self._tenant_events.get(tenant)
+                    if q is None:
+                        q = self._tenant_events[tenant] = deque(maxlen=cap)
+                    q.append((seq, ev, ckey))
+            self._events_ingested = batch[-1].id
 
     # -- health ----------------------------------------------------------------------------
     def readiness(self) -> tuple[bool, dict[str, str]]:
@@ -541,6 +604,13 @@ class KVService:
         if self._retrier is not None:
             self._retrier.join(timeout=10)
         self.probe.close()
+        if self.settings.flush_on_close:  # acknowledged blocks in memory tiers: found again at the next start
+            t0 = time.monotonic()
+            done = self.store.flush_to_persistent()
+            if done["flushed"] or done["failed"]:
+                (log.warning if done["failed"] else log.info)(
+                    "flushed %d block(s) from memory to disk in %.1fs; %d could not be written (disk full or failing)",
+                    done["flushed"], time.monotonic() - t0, done["failed"])
         self.store.close()
 
 
@@ -560,6 +630,14 @@ def parse_client_key(value: Any, field: str) -> bytes:
     raise BadRequest(f"{field} must be a 64-character hex string, got {type(value).__name__}", field=field)
 
 
+def _is_utf8(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+        return True
+    except UnicodeEncodeError:  # a lone surrogate ("\\ud800" in JSON): no UTF-8 form, so no namespace bytes
+        return False
+
+
 def _spec_error_field(message: str) -> str:
     for name in _SPEC_FIELDS:
         if name in message:
@@ -572,9 +650,12 @@ def open_service(settings: Settings, metrics_factory=None) -> KVService:
     from .storebuild import build_store
 
     blocks_dir(settings).mkdir(parents=True, exist_ok=True)
-    registry = SpecRegistry(settings.data_dir / "specs.json" if settings.disk_capacity_bytes else None, settings.max_specs)
-    store = build_store(settings)
+    registry = SpecRegistry(settings.data_dir / "specs.json" if settings.disk_capacity_bytes else None, settings.max_specs,
+                            settings.max_specs_per_tenant)
+    late: list = []  # the service's own reaction to other instances' deletes and rewrites, once it exists
+    store = build_store(settings, on_invalidate=lambda keys, deleted: [f(keys, deleted) for f in late])
     svc = KVService(settings, store, registry)
+    late.append(svc.invalidated)
     if metrics_factory is not None:
         svc.metrics = metrics_factory(svc)
     return svc

@@ -127,9 +127,15 @@ class _Base:
 
 class KVTierGrpcClient(_Base):
     def __init__(self, target: str = "127.0.0.1:50051", api_key: str | None = None, *, timeout: float = 30.0, retries: int = 3,
-                 backoff_s: float = 0.05, max_message_bytes: int = 80 << 20) -> None:
+                 backoff_s: float = 0.05, max_message_bytes: int = 80 << 20, root_certificates: bytes | None = None,
+                 tls: bool = False) -> None:
+        """``tls`` (or ``root_certificates``, the PEM of the CA to trust; default: the system's): a TLS channel."""
         super().__init__(target, api_key, timeout, retries, backoff_s, max_message_bytes)
-        self._channel = grpc.insecure_channel(target, options=self.options)
+        if tls or root_certificates is not None:
+            creds = grpc.ssl_channel_credentials(root_certificates=root_certificates)
+            self._channel = grpc.secure_channel(target, creds, options=self.options)
+        else:
+            self._channel = grpc.insecure_channel(target, options=self.options)
         self._stub = pb_grpc.KVTierStub(self._channel)
 
     def _call(self, fn):
@@ -175,6 +181,11 @@ class KVTierGrpcClient(_Base):
     def hashes(self, model: str, token_ids, *, salt: str = "", extra_keys: Sequence[str] = ()) -> list[bytes]:
         return self.lookup(model, token_ids=token_ids, salt=salt, extra_keys=extra_keys, return_keys=True).keys or []
 
+    def unregister_spec(self, model: str) -> bool:
+        """Withdraw this tenant's registration of ``model`` (NOT_FOUND unless it has one)."""
+        self._specs.pop(model, None)
+        return self._unary("UnregisterSpec", pb.UnregisterRequest(model=model)).unregistered
+
     def put(self, model: str, keys: Sequence[bytes], blocks, *, parent: bytes | None = None) -> list[bool]:
         msgs = _put_msgs(model, encode_frames(self.spec(model), keys, blocks), parent)
         reply = self._call(lambda: self._stub.PutBlocks(iter(msgs), timeout=self.timeout, metadata=self.metadata))
@@ -215,9 +226,15 @@ class AsyncKVTierGrpcClient(_Base):
     """grpc.aio client; create and use it inside one running event loop."""
 
     def __init__(self, target: str = "127.0.0.1:50051", api_key: str | None = None, *, timeout: float = 30.0, retries: int = 3,
-                 backoff_s: float = 0.05, max_message_bytes: int = 80 << 20) -> None:
+                 backoff_s: float = 0.05, max_message_bytes: int = 80 << 20, root_certificates: bytes | None = None,
+                 tls: bool = False) -> None:
+        """``tls`` (or ``root_certificates``, the PEM of the CA to trust; default: the system's): a TLS channel."""
         super().__init__(target, api_key, timeout, retries, backoff_s, max_message_bytes)
-        self._channel = grpc.aio.insecure_channel(target, options=self.options)
+        if tls or root_certificates is not None:
+            creds = grpc.ssl_channel_credentials(root_certificates=root_certificates)
+            self._channel = grpc.aio.secure_channel(target, creds, options=self.options)
+        else:
+            self._channel = grpc.aio.insecure_channel(target, options=self.options)
         self._stub = pb_grpc.KVTierStub(self._channel)
 
     async def _call(self, fn):

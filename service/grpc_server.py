@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import json
 import logging
+import threading
 import time
 from concurrent import futures
+from contextlib import contextmanager
 
 import grpc
 import numpy as np
@@ -51,6 +53,8 @@ def _rpc(op: str):
             except ServiceError as e:
                 code = e.grpc_code
                 _abort(context, e)
+            except _Cancelled:
+                code = "CANCELLED"
             except Exception:
                 code = "INTERNAL"
                 raise
@@ -66,6 +70,8 @@ def _rpc(op: str):
             except ServiceError as e:
                 code = e.grpc_code
                 _abort(context, e)
+            except _Cancelled:
+                code = "CANCELLED"
             finally:
                 self.observe(op, code, t0)
 
@@ -81,10 +87,24 @@ class KVTierServicer(pb_grpc.KVTierServicer):
         self.svc = svc
         self.settings = settings
         self.auth = auth
+        # block transfers (and retrieval/attention, which read blocks) in progress at once, as REST's
+        # own bound: each put stream holds up to max_request_bytes of frames while it is read
+        self._transfers = threading.BoundedSemaphore(settings.max_concurrent_transfers)
+
+    @contextmanager
+    def transfer(self, context):
+        """Hold one of ``max_concurrent_transfers`` slots; a call cancelled while it waits gives up."""
+        while not self._transfers.acquire(timeout=0.5):
+            if not context.is_active():
+                raise _Cancelled()
+        try:
+            yield
+        finally:
+            self._transfers.release()
 
     def principal(self, context) -> Principal:
         md = {k.lower(): v for k, v in context.invocation_metadata() if isinstance(v, str)}
-        return self.auth.authenticate(md.get("authorization"), md.get("x-api-key"))
+        return self.svc.admit(self.auth.authenticate(md.get("authorization"), md.get("x-api-key")))
 
     def observe(self, op: str, code: str, t0: float) -> None:
         if self.svc.metrics is not None:
@@ -96,6 +116,11 @@ class KVTierServicer(pb_grpc.KVTierServicer):
                   "head_dim": request.head_dim, "dtype": request.dtype or "float16", "block_tokens": request.block_tokens or 256}
         model, spec = self.svc.register_spec(p, fields)
         return pb.SpecReply(model=model, block_nbytes=spec.block_nbytes)
+
+    @_rpc("UnregisterSpec")
+    def UnregisterSpec(self, p, request, context):
+        self.svc.unregister_spec(p, request.model)
+        return pb.UnregisterReply(unregistered=True)
 
     @_rpc("Lookup")
     def Lookup(self, p, request, context):
@@ -113,46 +138,58 @@ class KVTierServicer(pb_grpc.KVTierServicer):
         code = "OK"
         try:
             p = self.principal(context)
-            model, parent, frames, total = None, None, [], 0
-            for i, msg in enumerate(request_iterator):
-                if i == 0:
-                    model = msg.model
-                    self.svc.spec_of(p, model)  # NOT_FOUND before the frames are read
-                    if msg.parent:
-                        parent = parse_client_key(msg.parent, "parent")
-                elif msg.model and msg.model != model:
-                    raise BadRequest(f"frames[{i}]: every message of a put names the same model", field="model")
-                if len(frames) >= self.settings.max_blocks_per_request:
-                    raise PayloadTooLarge(f"more than {self.settings.max_blocks_per_request} frames (max_blocks_per_request)",
-                                          field=f"frames[{i}]")
-                frame = msg.frame  # one access: each access of a bytes field may copy it
-                total += len(frame)
-                if total > self.settings.max_request_bytes:
-                    raise PayloadTooLarge(f"the put stream exceeds max_request_bytes ({self.settings.max_request_bytes})",
-                                          field=f"frames[{i}]")
-                frames.append(memoryview(frame) if frame else None)
-            if model is None:
-                raise BadRequest("the put stream holds no frames", field="frames")
-            stored = self.svc.put_frames(p, model, frames, parent)
-            return pb.PutReply(stored=stored, num_stored=sum(stored))
+            with self.transfer(context):
+                return self._put_blocks(p, request_iterator, context)
         except ServiceError as e:
             code = e.grpc_code
             _abort(context, e)
+        except (_Cancelled, grpc.RpcError):
+            if context.is_active():
+                code = "INTERNAL"
+                raise
+            code = "CANCELLED"  # the client went away mid-upload: not our error
         finally:
             self.observe("PutBlocks", code, t0)
+
+    def _put_blocks(self, p, request_iterator, context):
+        model, parent, frames, total = None, None, [], 0
+        for i, msg in enumerate(request_iterator):
+            if i == 0:
+                model = msg.model
+                self.svc.spec_of(p, model)  # NOT_FOUND before the frames are read
+                if msg.parent:
+                    parent = parse_client_key(msg.parent, "parent")
+            elif msg.model and msg.model != model:
+                raise BadRequest(f"frames[{i}]: every message of a put names the same model", field="model")
+            if len(frames) >= self.settings.max_blocks_per_request:
+                raise PayloadTooLarge(f"more than {self.settings.max_blocks_per_request} frames (max_blocks_per_request)",
+                                      field=f"frames[{i}]")
+            frame = msg.frame  # one access: each access of a bytes field may copy it
+            total += len(frame)
+            if total > self.settings.max_request_bytes:
+                raise PayloadTooLarge(f"the put stream exceeds max_request_bytes ({self.settings.max_request_bytes})",
+                                      field=f"frames[{i}]")
+            frames.append(memoryview(frame) if frame else None)
+        if model is None:
+            raise BadRequest("the put stream holds no frames", field="frames")
+        if not context.is_active():
+            raise _Cancelled()  # the stream ended because the client cancelled it: store nothing
+        stored = self.svc.put_frames(p, model, frames, parent)
+        return pb.PutReply(stored=stored, num_stored=sum(stored))
 
     @_rpc("GetBlocks")
     def GetBlocks(self, p, request, context):
         spec, ckeys = self.svc.spec_of(p, request.model), None
         ckeys = self.svc._client_keys(list(request.keys), "keys")
         group = max(1, GET_GROUP_BYTES // spec.block_nbytes)
-        for i in range(0, len(ckeys), group):
-            keys = ckeys[i: i + group]
-            for k, block in zip(keys, self.svc.get_checked(p, spec, keys)):
-                if block is None:
-                    yield pb.BlockReply(key=k, found=False)
-                else:
-                    yield pb.BlockReply(key=k, found=True, frame=self.svc.encode_block(spec, k, block))
+        with self.transfer(context):
+            for i in range(0, len(ckeys), group):
+                keys = ckeys[i: i + group]
+                for k, block in zip(keys, self.svc.get_checked(p, spec, keys)):
+                    if block is None:
+                        yield pb.BlockReply(key=k, found=False)
+                    else:
+                        yield pb.BlockReply(key=k, found=True, frame=self.svc.encode_block(spec, k, block))
 
     @_rpc("DeleteBlocks")
     def DeleteBlocks(self, p, request, context):
@@ -192,7 +229,8 @@ class KVTierServicer(pb_grpc.KVTierServicer):
     @_rpc("Retrieve")
     def Retrieve(self, p, request, context):
         kw = self._query_kwargs(request)
-        out = self.svc.retrieve(p, request.model, budget=request.budget or None, **kw)
+        with self.transfer(context):
+            out = self.svc.retrieve(p, request.model, budget=request.budget or None, **kw)
         return pb.RetrieveReply(model=out["model"], layers=out["layers"], budget=out["budget"], num_tokens=out["num_tokens"],
                                 num_blocks=out["num_blocks"], num_requested_blocks=out["num_requested_blocks"],
                                 token_ids=_tensor_msg(out["token_ids"]), fetched=out["fetched"], summarized=out["summarized"])
@@ -200,7 +238,8 @@ class KVTierServicer(pb_grpc.KVTierServicer):
     @_rpc("Attention")
     def Attention(self, p, request, context):
         kw = self._query_kwargs(request)
-        out = self.svc.attention(p, request.model, budget=request.budget or None, **kw)
+        with self.transfer(context):
+            out = self.svc.attention(p, request.model, budget=request.budget or None, **kw)
         return pb.AttentionReply(model=out["model"], layers=out["layers"], budget=out["budget"] or 0, num_tokens=out["num_tokens"],
                                  num_blocks=out["num_blocks"], num_requested_blocks=out["num_requested_blocks"],
                                  attended=out["attended"], fetched=out["fetched"], o=_tensor_msg(out["o"]), lse=_tensor_msg(out["lse"]))
@@ -208,6 +247,10 @@ class KVTierServicer(pb_grpc.KVTierServicer):
     def Health(self, request, context):
         ready, tiers = self.svc.readiness()
         return pb.HealthReply(ready=ready, tiers=tiers)
+
+
+class _Cancelled(Exception):
+    """The client cancelled the call (or went away) while it waited or streamed."""
 
 
 def _tensor_msg(t) -> pb.Tensor:
@@ -226,7 +269,11 @@ def start_grpc_server(svc: KVService, settings: Settings, auth: Authenticator, *
     )
     pb_grpc.add_KVTierServicer_to_server(KVTierServicer(svc, settings, auth), server)
     host = settings.host if ":" not in settings.host else f"[{settings.host}]"
-    port = server.add_insecure_port(f"{host}:{settings.grpc_port}")
+    if settings.tls_cert is not None:  # the same certificate as REST's HTTPS
+        creds = grpc.ssl_server_credentials([(settings.tls_key.read_bytes(), settings.tls_cert.read_bytes())])
+        port = server.add_secure_port(f"{host}:{settings.grpc_port}", creds)
+    else:
+        port = server.add_insecure_port(f"{host}:{settings.grpc_port}")
     if port == 0:
         raise RuntimeError(f"gRPC could not bind {host}:{settings.grpc_port}")
     server.start()

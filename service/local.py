@@ -45,6 +45,7 @@ import torch
 
 from . import wire
 from .errors import BadRequest, PayloadTooLarge, ServiceError, Unauthorized
+from .limits import MAX_NAMESPACE_CHARS
 
 log = logging.getLogger("kvtier.local")
 
@@ -344,7 +345,7 @@ _QUERY_FIELDS = {"model", "q", "budget", "token_ids", "hashes", "salt", "extra_k
 
 def _str(args: dict, name: str) -> str:
     v = args.get(name)
-    if not isinstance(v, str) or len(v) > 256:
+    if not isinstance(v, str) or len(v) > MAX_NAMESPACE_CHARS:
         raise BadRequest(f"{name} must be a string", field=name)
     return v
 

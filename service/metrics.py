@@ -59,6 +59,7 @@ class _StoreCollector:
             "errors": CounterMetricFamily("kvtier_backend_errors", "Backend errors per tier (I/O; connection errors for Redis).", labels=["tier"]),
             "refused": CounterMetricFamily("kvtier_tier_refused", "Blocks a tier refused for lack of room.", labels=["tier"]),
             "write_through_retried": CounterMetricFamily("kvtier_write_through_retried", "Blocks a write-through tier refused and took on a later try.", labels=["tier"]),
+            "demotion_failures": CounterMetricFamily("kvtier_demotion_failures", "Evicted blocks no lower tier took (disk full, Redis down): kept in the tier instead of dropped.", labels=["tier"]),
             "write_through_dropped": CounterMetricFamily("kvtier_write_through_dropped", "Refused write-throughs forgotten because the pending list was full.", labels=["tier"]),
         }
         gauges = {
@@ -86,4 +87,12 @@ class _StoreCollector:
         yield GaugeMetricFamily("kvtier_blocks", "Blocks in the prefix index.", value=s["blocks"])
         yield GaugeMetricFamily("kvtier_leases", "Live pins (leases).", value=s["leases"])
         yield CounterMetricFamily("kvtier_quota_evictions", "Blocks evicted to keep a tenant under its quota.", value=s["quota_evictions"])
+        ts = getattr(self.service, "transport_stats", None)
+        if ts is not None:
+            for name, doc in (("connections_refused", "REST connections refused (per-address cap, or max_connections with none idle)."),
+                              ("header_timeouts", "REST connections closed for not sending a request's headers within header_timeout_s."),
+                              ("idle_evicted", "Idle REST connections closed to make room at max_connections."),
+                              ("overloaded", "REST requests answered 503 at limit_concurrency."),
+                              ("body_timeouts", "REST requests answered 408: the body stalled longer than body_timeout_s.")):
+                yield CounterMetricFamily(f"kvtier_{name}", doc, value=getattr(ts, name))
         yield CounterMetricFamily("kvtier_quota_refusals", "Blocks refused because a tenant's quota could not make room.", value=s["quota_refusals"])

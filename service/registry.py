@@ -25,9 +25,10 @@ log = logging.getLogger(__name__)
 
 
 class SpecRegistry:
-    def __init__(self, path: Path | None, max_specs: int) -> None:
+    def __init__(self, path: Path | None, max_specs: int, max_specs_per_tenant: int | None = None) -> None:
         self.path = path
         self.max_specs = max_specs
+        self.max_specs_per_tenant = max_specs_per_tenant
         self._lock = threading.Lock()
         self._specs: dict[str, KVSpec] = {}  # model id -> spec
         self._tenants: dict[str, set[str]] = {}  # model id -> tenants that registered it
@@ -70,12 +71,31 @@ class SpecRegistry:
         model = spec.fingerprint.hex()
         with self._lock:
             new = model not in self._specs
+            mine = not new and tenant in self._tenants[model]
+            if not mine and self.max_specs_per_tenant is not None \
+                    and sum(tenant in ts for ts in self._tenants.values()) >= self.max_specs_per_tenant:
+                raise TooManyRequests(f"this tenant registered {self.max_specs_per_tenant} specs already (max_specs_per_tenant); "
+                                      "unregister one with DELETE /v1/specs/{model}", field="spec")
             if new and len(self._specs) >= self.max_specs:
                 raise TooManyRequests(f"{self.max_specs} specs are registered already (max_specs)", field="spec")
             if new or tenant not in self._tenants[model]:
                 self._add(spec, {tenant})
                 self._save()
             return model, new
+
+    def unregister(self, tenant: str, model: str) -> bool:
+        """Forget ``tenant``'s registration of ``model``; the spec itself goes once no tenant has it.
+        Returns whether the spec went (its blocks are then no longer reachable and age out of the tiers)."""
+        with self._lock:
+            self.get(tenant, model)  # NotFound unless this tenant registered it
+            self._tenants[model].discard(tenant)
+            gone = not self._tenants[model]
+            if gone:
+                spec = self._specs.pop(model)
+                del self._tenants[model]
+                self._by_short_fingerprint.pop(spec.short_fingerprint, None)
+            self._save()
+            return gone
 
     def get(self, tenant: str, model: str) -> KVSpec:
         spec = self._specs.get(model) if isinstance(model, str) else None

@@ -69,6 +69,13 @@ class Settings(BaseSettings):
     insecure: bool = Field(False, description="Allow binding a non-loopback host with no API keys configured (anyone who can connect is admin).")
     log_level: str = Field("info", description="Log level: debug, info, warning, error.")
     graceful_shutdown_s: float = Field(10.0, gt=0, description="On SIGTERM/SIGINT, seconds to let in-flight requests finish before the store is closed.")
+    tls_cert: Path | None = Field(None, description="PEM certificate (chain) of the server: REST becomes HTTPS and gRPC uses TLS on the same ports. Needs `tls_key`.")
+    tls_key: Path | None = Field(None, description="PEM private key of `tls_cert`.")
+    header_timeout_s: float = Field(10.0, gt=0, description="A REST connection must send a request's complete headers within this many seconds of opening (or of its previous answer); otherwise it is closed.")
+    idle_timeout_s: float = Field(5.0, gt=0, description="A REST keep-alive connection idle this long after an answer is closed.")
+    body_timeout_s: float = Field(30.0, gt=0, description="Longest wait for the next chunk of a request body; beyond it the request gets 408 and the connection is closed.")
+    max_connections: int = Field(4096, ge=1, description="Most open REST connections; at the cap a new connection closes the longest-idle one (no request in progress), or is refused when none is idle.")
+    max_connections_per_client: int = Field(256, ge=1, description="Most open REST connections from one client address; beyond: refused.")
     data_dir: Path = Field(default_factory=default_data_dir, description="Directory of the disk tier (`blocks/`) and the registered specs (`specs.json`). Default `$XDG_DATA_HOME/kvtier` or `~/.local/share/kvtier`.")
 
     # -- tiers (fastest first; a capacity of 0 leaves a tier out) ---------------------------
@@ -82,11 +89,16 @@ class Settings(BaseSettings):
     disk_policy: str = Field("lru", description="Block eviction policy of the disk tier.")
     disk_codec: str = Field("identity", description="Codec of the disk tier.")
     disk_fsync: bool = Field(False, description="fsync every block file before it becomes visible (durable across power loss, slower).")
+    disk_write_through: bool = Field(False, description="Write every new block to the disk tier at once, so an acknowledged block survives even `kill -9` (slower puts); false: memory tiers reach the disk on demotion and at a graceful stop (`flush_on_close`).")
+    disk_min_free_bytes: ByteSize = Field(64 << 20, description="The disk tier writes nothing while its filesystem has less free space (the blocks stay in the tiers above, or the put is refused); `/readyz` then reports the disk as degraded.")
+    flush_on_close: bool = Field(True, description="At a graceful stop (SIGTERM/SIGINT), write every block held only in memory tiers to the disk tier, so it is found again at the next start.")
+    encryption_key: SecretStr | None = Field(None, description="AES-256-GCM key (64 hex characters) that encrypts every block written to the disk tier and to Redis: a reader of those bytes learns nothing, a tampered block is a miss. Unset: no encryption.")
     redis_url: str | None = Field(None, description="Redis as the lowest, shared tier: `redis://`, `rediss://` (TLS), `redis+cluster://`, `rediss+cluster://`. Unset: no Redis.")
     redis_capacity_bytes: ByteSize | None = Field(None, description="Bytes this instance may write to Redis; unset: bounded by Redis' own `maxmemory`.")
     redis_policy: str = Field("lru", description="Block eviction policy of the Redis tier (used when `redis_capacity_bytes` is set).")
     redis_codec: str = Field("identity", description="Codec of blocks written to Redis.")
     redis_ttl_s: float | None = Field(None, gt=0, description="Expiry of every block written to Redis, in seconds; unset: no expiry.")
+    redis_invalidation: bool = Field(True, description="Announce every write and delete in the Redis stream `kvtier-invalidations` (outside the `kvtier:*` block keys), and drop this instance's own copies of blocks other instances delete or rewrite (coherence across instances sharing Redis).")
     redis_write_through: bool = Field(True, description="Write every new block to Redis at once (other instances see it immediately); false: only demoted blocks reach Redis.")
     write_through_retry_interval_s: float = Field(2.0, ge=0, description="Every this many seconds, blocks a write-through tier (Redis) refused while it was down are written to it again, up to 64 per round (puts also write up to 8 each); 0: only puts do it.")
     redis_ssl_ca_certs: Path | None = Field(None, description="CA file to verify a `rediss://` server with (default: system CAs).")
@@ -105,6 +117,9 @@ class Settings(BaseSettings):
     api_keys: dict[str, str] = Field(default_factory=dict, description="API key -> tenant name (`Authorization: Bearer <key>` or `X-API-Key`). Env: JSON object. Empty (and no `admin_key`): open mode, loopback only.")
     admin_key: SecretStr | None = Field(None, description="Key with admin rights: stats and events of every tenant, `/metrics` when `metrics_auth`. Its own blocks live in the default tenant `\"\"`.")
     quotas: dict[str, ByteSize] = Field(default_factory=dict, description="Tenant -> byte quota (logical bytes, each block counted once); a tenant over quota evicts its own oldest blocks first. Env: JSON object.")
+    default_quota_bytes: ByteSize | None = Field(None, description="Byte quota of every tenant not named in `quotas` (the admin's default tenant included); unset: such tenants are bounded only by the tiers.")
+    tenant_requests_per_s: float | None = Field(None, gt=0, description="Requests per second each tenant may make (REST and gRPC together; a token bucket of `tenant_burst`); beyond: 429 with Retry-After. Unset: no rate limit.")
+    tenant_burst: int = Field(100, ge=1, description="Requests a tenant may make at once before `tenant_requests_per_s` applies.")
     metrics_auth: bool = Field(True, description="When keys are configured, `/metrics` needs the admin key (it names tenants); false: `/metrics` is public.")
 
     # -- request bounds --------------------------------------------------------------------
@@ -114,15 +129,17 @@ class Settings(BaseSettings):
     max_tokens_per_request: int = Field(1 << 20, ge=1, description="Most token ids in one lookup (and most hashes in a lookup by hashes: this / 16).")
     max_block_bytes: ByteSize = Field(64 << 20, description="Largest block (`spec.block_nbytes`) a spec may register.")
     max_specs: int = Field(256, ge=1, description="Most distinct specs registered at once.")
+    max_specs_per_tenant: int = Field(32, ge=1, description="Most specs one tenant registers (`DELETE /v1/specs/{model}` unregisters one); beyond: 429.")
     max_pin_ttl_s: float = Field(3600.0, gt=0, description="Longest pin (lease) TTL, in seconds.")
-    max_leases: int = Field(10_000, ge=1, description="Most live leases (pins) over all tenants; beyond: 429.")
+    max_leases: int = Field(10_000, ge=1, description="Most live leases (pins) over all tenants; beyond: 429. A pin that pins nothing holds no lease.")
+    max_leases_per_tenant: int = Field(1000, ge=1, description="Most live leases one tenant holds; beyond: 429 (for that tenant only).")
     max_events_per_request: int = Field(10_000, ge=1, description="Most events one `/v1/events` call returns.")
     max_tracked_keys: int = Field(100_000, ge=0, description="Blocks whose owner the service remembers to show tenants their own events (oldest forgotten first).")
     max_concurrent_transfers: int = Field(8, ge=1, description="Block uploads/downloads processed at once (the others wait): bounds memory held by request bodies.")
     max_retrieve_budget: int = Field(65536, ge=1, description="Largest `budget` (tokens per layer and KV head) of `/v1/retrieve` and `/v1/attention`.")
     max_query_heads: int = Field(1024, ge=1, description="Most query heads of the decode query `q [L_q, H_q, D]` of `/v1/retrieve` and `/v1/attention`.")
 
-    limit_concurrency: int | None = Field(1024, ge=1, description="Most open connections + requests before the server answers 503 (uvicorn `limit_concurrency`).")
+    limit_concurrency: int | None = Field(1024, ge=1, description="Most REST requests in progress at once (and gRPC calls); beyond: 503. `/healthz` and `/readyz` answer even then. Open connections are bounded by `max_connections`.")
 
     # -- retrieval ---------------------------------------------------------------------------
     summary_capacity_bytes: ByteSize = Field(64 << 20, description="Host memory for the page summaries (Quest bounds, mean key per 16 tokens) computed when blocks are put, LRU-bounded; 0: none computed at put (retrieval then reads and summarizes each block it searches).")
@@ -141,7 +158,8 @@ class Settings(BaseSettings):
         return tuple(sources)
 
     @field_validator("grpc_port", "local_socket", "redis_url", "redis_capacity_bytes", "redis_ttl_s", "redis_ssl_ca_certs", "admin_key",
-                     "limit_concurrency", mode="before")
+                     "limit_concurrency", "tls_cert", "tls_key", "encryption_key", "default_quota_bytes", "tenant_requests_per_s",
+                     mode="before")
     @classmethod
     def _empty_is_none(cls, v):
         return None if isinstance(v, str) and v.strip() == "" else v
@@ -202,6 +220,13 @@ class Settings(BaseSettings):
         unknown = sorted(set(self.quotas) - known)
         if unknown:
             raise ValueError(f"quotas name tenants that no API key maps to: {unknown} (the default tenant is \"\")")
+        if (self.tls_cert is None) != (self.tls_key is None):
+            raise ValueError("tls_cert and tls_key go together: give both (TLS) or neither")
+        for name in ("tls_cert", "tls_key"):
+            if getattr(self, name) is not None and not Path(getattr(self, name)).is_file():
+                raise ValueError(f"{name} {str(getattr(self, name))!r} is not a file")
+        if self.encryption_key is not None:
+            self.encryption_key_bytes()  # ValueError names the expected form
         if not any((self.device_capacity_bytes, self.host_capacity_bytes, self.disk_capacity_bytes, self.redis_url)):
             raise ValueError("every tier is disabled: give at least one tier a capacity, or set redis_url")
         return self
@@ -211,6 +236,22 @@ class Settings(BaseSettings):
     def open_mode(self) -> bool:
         """No keys configured: every caller is admin of the default tenant."""
         return not self.api_keys and self.admin_key is None
+
+    def encryption_key_bytes(self) -> bytes | None:
+        """The 32-byte AES-256 key of ``encryption_key`` (None: unset); ValueError if it is not 64 hex characters."""
+        if self.encryption_key is None:
+            return None
+        text = self.encryption_key.get_secret_value().strip()
+        try:
+            key = bytes.fromhex(text)
+        except ValueError:
+            key = b""
+        if len(key) != 32:
+            raise ValueError("encryption_key must be 64 hex characters (a 32-byte AES-256 key), e.g. from `openssl rand -hex 32`")
+        return key
+
+    def quota_of(self, tenant: str) -> int | None:
+        return self.quotas.get(tenant, self.default_quota_bytes)
 
     def bind_problem(self) -> str | None:
         """Why this configuration must not serve on ``host`` (None: fine)."""
@@ -224,6 +265,7 @@ class Settings(BaseSettings):
         d = self.model_dump(mode="json")
         d["api_keys"] = {_mask(k): t for k, t in self.api_keys.items()}
         d["admin_key"] = None if self.admin_key is None else "********"
+        d["encryption_key"] = None if self.encryption_key is None else "********"
         if self.redis_url:
             d["redis_url"] = re.sub(r"//[^@/]*@", "//***@", self.redis_url)
         return d

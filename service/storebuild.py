@@ -9,17 +9,24 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 from pathlib import Path
 
 from kvtier.kvstore import DeviceTier, DiskTier, HostTier, TierConfig, TieredStore
+from kvtier.kvstore.crypto import FrameCipher
 
 from .settings import Settings
 
 log = logging.getLogger(__name__)
 
 
-def build_store(settings: Settings) -> TieredStore:
+def build_store(settings: Settings, on_invalidate=None) -> TieredStore:
+    """The store of ``settings``. With Redis and ``redis_invalidation``, blocks other instances delete
+    or rewrite are dropped from this store's own tiers, then ``on_invalidate(keys, deleted)`` is called
+    (``keys`` None: announcements were missed)."""
     s = settings
+    key = s.encryption_key_bytes()
+    cipher = None if key is None else FrameCipher(key)  # disk and Redis: the tiers whose bytes leave the process
     marks = dict(high_watermark=s.high_watermark, low_watermark=s.low_watermark)
     tiers: list[TierConfig] = []
     if s.device_capacity_bytes:
@@ -29,8 +36,9 @@ def build_store(settings: Settings) -> TieredStore:
     if s.host_capacity_bytes:
         tiers.append(TierConfig(HostTier(s.host_capacity_bytes, codec=s.host_codec), policy=s.host_policy, **marks))
     if s.disk_capacity_bytes:
-        disk = DiskTier(blocks_dir(s), s.disk_capacity_bytes, codec=s.disk_codec, fsync=s.disk_fsync)
-        tiers.append(TierConfig(disk, policy=s.disk_policy, **marks))
+        disk = DiskTier(blocks_dir(s), s.disk_capacity_bytes, codec=s.disk_codec, fsync=s.disk_fsync,
+                        min_free_bytes=s.disk_min_free_bytes, cipher=cipher)
+        tiers.append(TierConfig(disk, policy=s.disk_policy, write_through=s.disk_write_through and bool(tiers), **marks))
     if s.redis_url:
         from kvtier.kvstore.tiers.redis import RedisTier
 
@@ -38,11 +46,23 @@ def build_store(settings: Settings) -> TieredStore:
             s.redis_url, codec=s.redis_codec, capacity_bytes=s.redis_capacity_bytes, ttl_s=s.redis_ttl_s,
             socket_timeout_s=s.redis_socket_timeout_s, retry_interval_s=s.redis_retry_interval_s,
             ssl_ca_certs=s.redis_ssl_ca_certs, max_connections=s.redis_max_connections,
+            publish_invalidations=s.redis_invalidation, cipher=cipher,
         )
         # the first tier is written by every put anyway; write-through is for tiers below it
         tiers.append(TierConfig(redis_tier, policy=s.redis_policy, write_through=s.redis_write_through and bool(tiers), **marks))
-    return TieredStore(tiers, quotas=dict(s.quotas), promote_on_hit=s.promote_on_hit, max_events=s.max_events,
-                       max_pin_ttl_s=s.max_pin_ttl_s)
+    # every known tenant gets its quota (its own, or default_quota_bytes); tenants are the API keys' and the default ""
+    quotas = {t: s.quota_of(t) for t in {*s.api_keys.values(), ""}} | dict(s.quotas)
+    quotas = {t: q for t, q in quotas.items() if q is not None}
+    store = TieredStore(tiers, quotas=quotas, promote_on_hit=s.promote_on_hit, max_events=s.max_events,
+                        max_pin_ttl_s=s.max_pin_ttl_s)
+    if s.redis_url and s.redis_invalidation:  # drop our copies of blocks other instances delete or rewrite
+        def invalidated(keys, deleted):
+            store.drop_local_copies(keys, deleted)
+            if on_invalidate is not None:
+                on_invalidate(keys, deleted)
+
+        redis_tier.listen_invalidations(invalidated)
+    return store
 
 
 def blocks_dir(settings: Settings) -> Path:
@@ -56,13 +76,20 @@ class TierProbe:
         self.settings = settings
         self.tier_names = tier_names
         self._redis = None
+        self._last_warn = -1e9
 
     def check(self) -> dict[str, str]:
+        """Tier -> "ok", or why not (no addresses, paths or secrets: ``/readyz`` is public)."""
         out = {}
         for name in self.tier_names:
             if name == "disk":
                 path = blocks_dir(self.settings)
-                out[name] = "ok" if path.is_dir() and os.access(path, os.W_OK) else f"not writable: {path}"
+                if not (path.is_dir() and os.access(path, os.W_OK)):
+                    out[name] = "not writable"
+                elif self.settings.disk_min_free_bytes and _free_bytes(path) < self.settings.disk_min_free_bytes:
+                    out[name] = "full: less free space than disk_min_free_bytes (blocks stay in memory or puts are refused)"
+                else:
+                    out[name] = "ok"
             elif name == "redis":
                 out[name] = self._ping_redis()
             else:
@@ -82,7 +109,10 @@ class TierProbe:
                     client.close()
                 except Exception:
                     pass
-            return f"unreachable: {type(e).__name__}: {str(e)[:200]}"
+            if time.monotonic() - self._last_warn > 30:  # the detail (address, reason) goes to the log only
+                self._last_warn = time.monotonic()
+                log.warning("readiness: Redis does not answer PING: %s: %s", type(e).__name__, str(e)[:300])
+            return f"unreachable ({type(e).__name__})"
 
     def close(self) -> None:
         if self._redis is not None:
@@ -90,6 +120,14 @@ class TierProbe:
                 self._redis.close()
             except Exception:
                 pass
+
+
+def _free_bytes(path: Path) -> int:
+    try:
+        st = os.statvfs(path)
+    except OSError:
+        return 0
+    return st.f_bavail * st.f_frsize
 
 
 def _redis_client(settings: Settings):

@@ -30,14 +30,24 @@ _TMP_PREFIX = ".tmp-"
 class DiskTier(TierBase):
     capabilities = TierCapabilities(device="disk", persistent=True, shared=False, framed=True, iterable=True)
 
-    def __init__(self, root: str | os.PathLike, capacity_bytes: int, *, codec: str | Codec = "identity", name: str = "disk", fsync: bool = False) -> None:
+    def __init__(self, root: str | os.PathLike, capacity_bytes: int, *, codec: str | Codec = "identity", name: str = "disk",
+                 fsync: bool = False, min_free_bytes: int = 0, cipher=None) -> None:
+        """``min_free_bytes``: while the filesystem has less free space, ``put`` stores nothing
+        (every block refused, ``low_space`` set): a full disk refuses cleanly instead of failing
+        writes half-way. ``cipher``: a ``kvstore.crypto.FrameCipher`` that encrypts every file
+        (files it cannot open are misses, deleted and counted as corrupt)."""
         if capacity_bytes is None:
             raise ValueError("DiskTier needs a capacity_bytes")
+        if isinstance(min_free_bytes, bool) or not isinstance(min_free_bytes, int) or min_free_bytes < 0:
+            raise ValueError(f"min_free_bytes must be a non-negative int, got {min_free_bytes!r}")
         super().__init__(name, get_codec(codec) if isinstance(codec, str) else codec, capacity_bytes)
         self.root = Path(root)
         self.root.mkdir(parents=True, exist_ok=True)
         self.fsync = bool(fsync)
-        # key -> (spec short_fp, file size). Rebuilt from the directory listing on open.
+        self.min_free_bytes = min_free_bytes
+        self.cipher = cipher
+        self.low_space = False  # the last put found less than min_free_bytes free
+                # key -> (spec short_fp, file size). Rebuilt from the directory listing on open.
         self._files: dict[bytes, tuple[str, int]] = {}
         self._scan()
 
@@ -88,6 +98,12 @@ class DiskTier(TierBase):
     def put(self, keys: Sequence[bytes], blocks: Sequence[torch.Tensor], *, spec: KVSpec,
             first: Sequence[bool] | None = None) -> list[int]:
         self._check_put(keys, blocks, spec, first)
+        if self.min_free_bytes:
+            self.low_space = self.free_bytes() < self.min_free_bytes
+            if self.low_space:
+                with self._lock:
+                    self._stats.refused += len(keys)
+                return [self._files[bytes(k)][1] if bytes(k) in self._files else 0 for k in keys]
         sizes = []
         for i, (key, block) in enumerate(zip(keys, blocks)):
             key = bytes(key)
@@ -99,6 +115,8 @@ class DiskTier(TierBase):
             codec = codec_for_block(self.codec, bool(first[i])) if first is not None else self.codec
             payload, meta = codec.encode(block, spec)
             frame = encode_frame(key, spec, codec.name, meta, spec.block_shape, spec.dtype, payload)
+            if self.cipher is not None:
+                frame = self.cipher.seal(key, frame)
             with self._lock:
                 if not self._fits(len(frame)):
                     self._stats.refused += 1
@@ -125,6 +143,14 @@ class DiskTier(TierBase):
                 self._stats.puts += 1
             sizes.append(len(frame))
         return sizes
+
+    def free_bytes(self) -> int:
+        """Bytes free for this process on the tier's filesystem (0 if it cannot be asked)."""
+        try:
+            st = os.statvfs(self.root)
+        except OSError:
+            return 0
+        return st.f_bavail * st.f_frsize
 
     def _write_atomic(self, path: Path, data: bytes) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -172,6 +198,8 @@ class DiskTier(TierBase):
                 result.append(None)
                 continue
             try:
+                if self.cipher is not None:
+                    buf = self.cipher.open(key, buf)
                 frame = decode_frame(buf, expect_key=key, expect_spec=spec)
                 codec = self.codec if frame.codec == self.codec.name else get_codec(frame.codec)
                 block = codec.decode(frame.data, frame.codec_meta, spec, out=out[i] if out is not None else None)

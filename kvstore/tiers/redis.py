@@ -25,16 +25,28 @@ Accounting (``capacity_bytes``, ``used_bytes``, ``stats().blocks/bytes``) is per
 approximate: it counts the frames *this* instance wrote and has not seen removed, expired or
 missing. Other instances sharing the Redis, Redis' own eviction (``maxmemory``) and TTL expiry
 are invisible to it until a read or a capacity check notices. ``capacity_bytes=None`` leaves the
-bound to Redis' ``maxmemory``.
+bound to Redis' ``maxmemory``. After Redis comes back from an outage, the accounting is checked
+against what Redis holds (one pipelined ``EXISTS`` per tracked key), so a Redis that restarted
+empty is not reported as still holding the old blocks.
+
+Coherence: instances sharing a Redis keep their own copies of blocks in faster tiers. With
+``publish_invalidations`` every ``SET`` and ``DEL`` is announced in the capped stream
+``kvtier-invalidations`` (in the same pipeline), and ``listen_invalidations`` hands other instances'
+announcements to a callback (``TieredStore.drop_local_copies``), so an instance drops a block
+that another deleted or rewrote within one blocking ``XREAD`` (about a millisecond on a LAN).
+A delete that Redis did not confirm (down, or the circuit open) is remembered and sent again
+once Redis answers; meanwhile reads of that key are misses, so a deleted block never comes back.
 """
 
 from __future__ import annotations
 
+import itertools
 import logging
 import math
 import os
 import threading
 import time
+from collections import OrderedDict
 from typing import Any, Callable, Sequence, TypeVar
 from urllib.parse import urlsplit, urlunsplit
 
@@ -54,6 +66,10 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 KEY_PREFIX = "kvtier"
+# announcements of writes and deletes: a capped stream of entries {m: "S"|"D" + 8-byte instance id + redis keys joined by "\n"}
+INVALIDATION_STREAM = b"kvtier-invalidations"
+INVALIDATION_STREAM_LEN = 10_000
+MAX_PENDING_DELETES = 100_000  # unconfirmed deletes remembered (the oldest are forgotten beyond it)
 # RedisError covers ConnectionError, TimeoutError, ClusterDownError, SlotNotCoveredError and
 # server replies such as NOAUTH or LOADING; RedisClusterException (not a RedisError) is what the
 # cluster client raises when no node answers; OSError covers TLS and socket errors that escape
@@ -175,6 +191,8 @@ class RedisTier(TierBase):
         retry_interval_s: float = 1.0,
         ssl_ca_certs: str | os.PathLike | None = None,
         max_connections: int = 64,
+        publish_invalidations: bool = False,
+        cipher=None,
     ) -> None:
         self._tls, self._cluster, self._url = _parse_url(url)
         if not isinstance(name, str) or not name:
@@ -225,6 +243,15 @@ class RedisTier(TierBase):
         self._announced = False  # a warning said so, and no "reachable again" followed yet
         self._last_warn = -math.inf
         self._degraded_since_warn = 0
+        # coherence across instances (see the module docstring): every SET and DEL is announced
+        self.publish_invalidations = bool(publish_invalidations)
+        self.cipher = cipher  # kvstore.crypto.FrameCipher: every value encrypted, unopenable ones are corrupt
+        # deletes Redis did not confirm: sent again once it answers; reads of these keys are misses meanwhile
+        self._pending_deletes: OrderedDict[bytes, None] = OrderedDict()
+        self._pending_lock = threading.Lock()  # orders a retried DEL before a later SET of the same key
+        self.pending_deletes_dropped = 0
+        self.instance_id = os.urandom(8)
+        self._listener: threading.Thread | None = None
 
     def __repr__(self) -> str:
         kind = "cluster" if self._cluster else "node"
@@ -253,7 +280,8 @@ class RedisTier(TierBase):
         if replies is _DOWN:
             return [False] * len(rkeys)
         self._check_replies(replies)
-        return [r == 1 for r in replies]  # an error in place of a reply is a False
+        pending = self._pending_deletes
+        return [r == 1 and k not in pending for k, r in zip(rkeys, replies)]  # an error in place of a reply is a False
 
     def put(self, keys: Sequence[bytes], blocks: Sequence[torch.Tensor], *, spec: KVSpec,
             first: Sequence[bool] | None = None) -> list[int]:
@@ -264,6 +292,12 @@ class RedisTier(TierBase):
             return sizes
         codec = self.codec
         reserved: dict[int, tuple[bytes, int, int]] = {}  # index -> (redis key, frame bytes, bytes reserved)
+        if self._pending_deletes:
+            self.retry_deletes()
+            if any(k in self._pending_deletes for k in rkeys):
+                with self._pending_lock:  # a retried DEL of these keys has been sent, or never will be
+                    for k in rkeys:
+                        self._pending_deletes.pop(k, None)
 
         def send(client) -> None:
             pipe = client.pipeline(transaction=False)
@@ -273,6 +307,8 @@ class RedisTier(TierBase):
                 c = codec_for_block(codec, bool(first[i])) if first is not None else codec
                 payload, meta = c.encode(block, spec)
                 frame = encode_frame(bytes(key), spec, c.name, meta, spec.block_shape, spec.dtype, payload)
+                if self.cipher is not None:
+                    frame = self.cipher.seal(bytes(key), frame)
                 delta = self._reserve(rkeys[i], len(frame))
                 if delta is None:
                     continue  # refused for lack of room: sizes[i] stays 0
@@ -281,9 +317,11 @@ class RedisTier(TierBase):
                 batch.append(i)
                 batch_bytes += len(frame)
                 if batch_bytes >= _PIPELINE_BYTES:
+                    self._announce(pipe, b"S", [rkeys[j] for j in batch])
                     self._settle_puts(batch, pipe.execute(raise_on_error=False), reserved, sizes)
                     batch, batch_bytes = [], 0
             if batch:
+                self._announce(pipe, b"S", [rkeys[j] for j in batch])
                 self._settle_puts(batch, pipe.execute(raise_on_error=False), reserved, sizes)
 
         try:
@@ -303,6 +341,17 @@ class RedisTier(TierBase):
         result: list[torch.Tensor | None] = [None] * len(rkeys)
         if not rkeys:
             return result
+        if self._pending_deletes and any(k in self._pending_deletes for k in rkeys):
+            self.retry_deletes()
+            pending = self._pending_deletes
+            ask = [i for i, k in enumerate(rkeys) if k not in pending]  # a deleted block is a miss until Redis drops it
+            if len(ask) < len(rkeys):
+                with self._lock:
+                    self._stats.misses += len(rkeys) - len(ask)
+                got = self.get([keys[i] for i in ask], spec=spec, out=None if out is None else [out[i] for i in ask]) if ask else []
+                for i, block in zip(ask, got):
+                    result[i] = block
+                return result
         if self._cluster:  # redis-py sends a cluster pipeline to each node in one go
             replies = self._call(lambda c: self._pipelined(c, "GET", rkeys))
         else:
@@ -329,6 +378,8 @@ class RedisTier(TierBase):
                     fault = buf
                 continue
             try:
+                if self.cipher is not None:
+                    buf = self.cipher.open(keys[i], buf)
                 frame = decode_frame(buf, expect_key=keys[i], expect_spec=spec)
                 codec = self._codec_named(frame.codec)
                 result[i] = codec.decode(frame.data, frame.codec_meta, spec, out=None if out is None else out[i])
@@ -354,7 +405,50 @@ class RedisTier(TierBase):
 
     def remove(self, keys: Sequence[bytes], *, spec: KVSpec) -> int:
         rkeys = self._redis_keys(keys, spec)
+        if self._pending_deletes:
+            self.retry_deletes()
         return self._delete(rkeys) if rkeys else 0
+
+    def _remember_deletes(self, rkeys: list[bytes]) -> None:
+        with self._lock:
+            for rkey in rkeys:
+                self._pending_deletes[rkey] = None
+                self._forget(rkey)
+            while len(self._pending_deletes) > MAX_PENDING_DELETES:
+                self._pending_deletes.popitem(last=False)
+                self.pending_deletes_dropped += 1
+
+    @property
+    def num_pending_deletes(self) -> int:
+        return len(self._pending_deletes)
+
+    def retry_deletes(self, batch: int = 1000) -> int:
+        """Send again the deletes Redis did not confirm; returns how many it confirmed now."""
+        if not self._pending_deletes or not self.available:
+            return 0
+        done = 0
+        with self._pending_lock:
+            while self._pending_deletes:
+                with self._lock:
+                    part = list(itertools.islice(self._pending_deletes, batch))
+                def send(client, part=part):
+                    pipe = client.pipeline(transaction=False)
+                    for rkey in part:
+                        pipe.execute_command("DEL", rkey)
+                    self._announce(pipe, b"D", part)
+                    return pipe.execute(raise_on_error=False)[: len(part)]
+
+                replies = self._call(send)
+                if replies is _DOWN:
+                    break
+                with self._lock:
+                    for rkey, r in zip(part, replies):
+                        if isinstance(r, int):
+                            self._pending_deletes.pop(rkey, None)
+                            done += 1
+                if done < len(part):
+                    break  # some failed: try later
+        return done
 
     def iter_keys(self, spec: KVSpec, *, count: int = 1000):
         """Block hashes of ``spec`` present in Redis (``SCAN`` over every primary); stops early if Redis fails."""
@@ -372,13 +466,101 @@ class RedisTier(TierBase):
             self._failed(e)
 
     def close(self) -> None:
+        if self._pending_deletes and not self._closed:
+            try:
+                self.retry_deletes()  # last chance: they are remembered in memory only
+            except Exception:
+                log.debug("redis tier %s: deletes not confirmed at close", self.name, exc_info=True)
         with self._client_lock:
             self._closed = True
             client, self._client = self._client, None
+        if self._listener is not None:
+            self._listener.join(timeout=3)
         if client is not None:
             try:
                 client.close()
             except _BACKEND_ERRORS:
+                pass
+
+    # -- coherence across instances ----------------------------------------------------------
+    def _announce(self, pipe, kind: bytes, rkeys: list[bytes]) -> None:
+        """Queue an XADD of ``kind`` (S: written, D: deleted) for ``rkeys`` on ``pipe`` (its own call on a cluster)."""
+        if not self.publish_invalidations or not rkeys:
+            return
+        fields = {b"m": kind + self.instance_id + b"\n".join(rkeys)}
+        if self._cluster:  # one stream key, on one node: not part of a pipeline split by the blocks' keys
+            try:
+                self._get_client().xadd(INVALIDATION_STREAM, fields, maxlen=INVALIDATION_STREAM_LEN, approximate=True)
+            except _BACKEND_ERRORS as e:
+                self._failed(e)
+        else:
+            pipe.xadd(INVALIDATION_STREAM, fields, maxlen=INVALIDATION_STREAM_LEN, approximate=True)
+
+    def listen_invalidations(self, handler: Callable[[list[bytes] | None, bool], None]) -> None:
+        """Call ``handler(keys, deleted)`` (in a background thread) for blocks other instances wrote
+        (``deleted`` False: maybe other bytes) or deleted in this Redis, as announced by their
+        ``publish_invalidations``. Announcements are a capped Redis stream, read from where this
+        instance left off, so a broken connection or a Redis restart loses none; only when the
+        stream was trimmed past that point (this instance was away for more than
+        ``INVALIDATION_STREAM_LEN`` announcements) is ``handler(None, False)`` called: some were
+        missed. Own announcements are skipped."""
+        if self._listener is not None:
+            raise RuntimeError("listen_invalidations was called already")
+        self._listener = threading.Thread(target=self._listen, args=(handler,), name=f"kvtier-{self.name}-invalidations",
+                                          daemon=True)
+        self._listener.start()
+
+    def _listen(self, handler) -> None:
+        last = None  # the id of the last announcement seen
+        client = None
+        while not self._closed:
+            try:
+                if client is None:
+                    if self._cluster:
+                        client = self._get_client()
+                    else:
+                        opts = {k: v for k, v in self._client_opts.items() if k in ("socket_connect_timeout", "ssl_ca_certs")}
+                        client = redis.Redis.from_url(self._url, socket_timeout=5.0, **opts)
+                    if last is None:  # from now on
+                        info = client.xinfo_stream(INVALIDATION_STREAM) if client.exists(INVALIDATION_STREAM) else None
+                        last = info["last-generated-id"] if info else b"0-0"
+                    else:  # back after a break: were announcements trimmed before we read them?
+                        first = client.xrange(INVALIDATION_STREAM, count=1)
+                        if first and _stream_id(first[0][0]) > _stream_id(last) and \
+                                client.xlen(INVALIDATION_STREAM) >= INVALIDATION_STREAM_LEN:
+                            handler(None, False)
+                            self._reconcile_quietly()
+                reply = client.xread({INVALIDATION_STREAM: last}, count=1000, block=1000)
+                for _, entries in reply or ():
+                    for entry_id, fields in entries:
+                        last = entry_id
+                        data = fields.get(b"m", b"")
+                        if len(data) < 9 or data[1:9] == self.instance_id or data[:1] not in (b"S", b"D"):
+                            continue
+                        keys = []
+                        for rkey in data[9:].split(b"\n"):
+                            try:
+                                keys.append(bytes.fromhex(rkey.rsplit(b":", 1)[-1].decode()))
+                            except ValueError:
+                                continue
+                        handler([k for k in keys if len(k) == 32], data[:1] == b"D")
+            except _BACKEND_ERRORS:
+                if client is not None and not self._cluster:
+                    try:
+                        client.close()
+                    except Exception:
+                        pass
+                client = None
+                time.sleep(max(0.1, self.retry_interval_s))
+                if not self._closed:
+                    self._reconcile_quietly()  # Redis may have restarted empty
+            except Exception:  # the handler failed: a bug, logged; listening goes on
+                log.exception("redis tier %s: invalidation handler failed", self.name)
+                time.sleep(0.1)
+        if client is not None and not self._cluster:
+            try:
+                client.close()
+            except Exception:
                 pass
 
     # -- accounting ------------------------------------------------------------------------
@@ -427,8 +609,16 @@ class RedisTier(TierBase):
 
     # -- Redis -----------------------------------------------------------------------------
     def _delete(self, rkeys: list[bytes]) -> int:
-        replies = self._call(lambda c: self._pipelined(c, "DEL", rkeys))
+        def send(client):
+            pipe = client.pipeline(transaction=False)
+            for rkey in rkeys:
+                pipe.execute_command("DEL", rkey)
+            self._announce(pipe, b"D", rkeys)
+            return pipe.execute(raise_on_error=False)[: len(rkeys)]
+
+        replies = self._call(send)
         if replies is _DOWN:
+            self._remember_deletes(rkeys)
             return 0
         n = 0
         with self._lock:
@@ -520,17 +710,53 @@ class RedisTier(TierBase):
                     "retry every %.1fs (%d call(s) degraded before this message)", self.name, self._where,
                     type(error).__name__, error, self.retry_interval_s, degraded)
 
+    def reconcile(self, batch: int = 1000) -> int:
+        """Forget the blocks this instance counts but Redis no longer holds (restarted empty,
+        flushed, evicted); returns how many. Runs by itself after Redis comes back from a fault."""
+        with self._lock:
+            tracked = list(self._sizes.items())
+        gone = 0
+        for i in range(0, len(tracked), batch):
+            part = tracked[i: i + batch]
+            replies = self._call(lambda c: self._pipelined(c, "EXISTS", [k for k, _ in part]))
+            if replies is _DOWN:
+                return gone
+            with self._lock:
+                for (rkey, entry), r in zip(part, replies):
+                    if r == 0 and self._sizes.get(rkey) == entry:  # unchanged since the snapshot
+                        self._forget(rkey)
+                        gone += 1
+        if gone:
+            log.warning("redis tier %s: %d block(s) this instance wrote are no longer in Redis (restarted or flushed)",
+                        self.name, gone)
+        return gone
+
     def _recovered(self) -> None:
         with self._lock:
             if not self._failing:
                 return
             self._failing = False
+            if not self._closed:  # Redis may have come back empty: check the accounting, off the caller's path
+                threading.Thread(target=self._reconcile_quietly, name=f"kvtier-{self.name}-reconcile", daemon=True).start()
             if not self._announced:  # a flap inside the warning interval: stay quiet
                 return
             self._announced = False
             degraded, self._degraded_since_warn = self._degraded_since_warn, 0
         log.warning("redis tier %s: Redis at %s is reachable again (%d call(s) degraded meanwhile)",
                     self.name, self._where, degraded)
+
+
+    def _reconcile_quietly(self) -> None:
+        try:
+            self.retry_deletes()
+            self.reconcile()
+        except Exception:  # closed meanwhile, or a bug: the accounting stays approximate
+            log.debug("redis tier %s: reconcile failed", self.name, exc_info=True)
+
+
+def _stream_id(entry_id) -> tuple[int, int]:
+    ms, _, seq = (entry_id.decode() if isinstance(entry_id, bytes) else str(entry_id)).partition("-")
+    return int(ms), int(seq or 0)
 
 
 def _is_foreign(reply) -> bool:

@@ -39,6 +39,11 @@ class KVTierStub:
                 request_serializer=kvtier_dot_service_dot_proto_dot_kvtier__pb2.Spec.SerializeToString,
                 response_deserializer=kvtier_dot_service_dot_proto_dot_kvtier__pb2.SpecReply.FromString,
                 _registered_method=True)
+        self.UnregisterSpec = channel.unary_unary(
+                '/kvtier.v1.KVTier/UnregisterSpec',
+                request_serializer=kvtier_dot_service_dot_proto_dot_kvtier__pb2.UnregisterRequest.SerializeToString,
+                response_deserializer=kvtier_dot_service_dot_proto_dot_kvtier__pb2.UnregisterReply.FromString,
+                _registered_method=True)
         self.Lookup = channel.unary_unary(
                 '/kvtier.v1.KVTier/Lookup',
                 request_serializer=kvtier_dot_service_dot_proto_dot_kvtier__pb2.LookupRequest.SerializeToString,
@@ -101,6 +106,13 @@ class KVTierServicer:
 
     def RegisterSpec(self, request, context):
         """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def UnregisterSpec(self, request, context):
+        """Withdraw the caller's registration of a model (NOT_FOUND unless it has one).
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
@@ -183,6 +195,11 @@ def add_KVTierServicer_to_server(servicer, server):
                     servicer.RegisterSpec,
                     request_deserializer=kvtier_dot_service_dot_proto_dot_kvtier__pb2.Spec.FromString,
                     response_serializer=kvtier_dot_service_dot_proto_dot_kvtier__pb2.SpecReply.SerializeToString,
+            ),
+            'UnregisterSpec': grpc.unary_unary_rpc_method_handler(
+                    servicer.UnregisterSpec,
+                    request_deserializer=kvtier_dot_service_dot_proto_dot_kvtier__pb2.UnregisterRequest.FromString,
+                    response_serializer=kvtier_dot_service_dot_proto_dot_kvtier__pb2.UnregisterReply.SerializeToString,
             ),
             'Lookup': grpc.unary_unary_rpc_method_handler(
                     servicer.Lookup,
@@ -267,6 +284,33 @@ class KVTier:
             '/kvtier.v1.KVTier/RegisterSpec',
             kvtier_dot_service_dot_proto_dot_kvtier__pb2.Spec.SerializeToString,
             kvtier_dot_service_dot_proto_dot_kvtier__pb2.SpecReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def UnregisterSpec(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/kvtier.v1.KVTier/UnregisterSpec',
+            kvtier_dot_service_dot_proto_dot_kvtier__pb2.UnregisterRequest.SerializeToString,
+            kvtier_dot_service_dot_proto_dot_kvtier__pb2.UnregisterReply.FromString,
             options,
             channel_credentials,
             insecure,

@@ -35,7 +35,7 @@ class ServiceProcess:
         self.env = {**os.environ, **(SMALL if small else {}), "KVTIER_PORT": str(self.port), "KVTIER_DATA_DIR": self.data_dir,
                     "KVTIER_GRPC_PORT": "" if self.grpc_port is None else str(self.grpc_port),
                     "KVTIER_LOG_LEVEL": log_level, "PYTHONPATH": str(ROOT), **(env or {})}
-        self.url = f"http://127.0.0.1:{self.port}"
+        self.url = f"{'https' if self.env.get('KVTIER_TLS_CERT') else 'http'}://127.0.0.1:{self.port}"
         self.grpc_target = None if self.grpc_port is None else f"127.0.0.1:{self.grpc_port}"
         self.log = Path(self.data_dir) / "serve.log"
         self.proc: subprocess.Popen | None = None
@@ -50,7 +50,7 @@ class ServiceProcess:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"kvtier serve exited with {self.proc.returncode}:\n{self.log_text()}")
             try:
-                if httpx.get(self.url + "/healthz", timeout=1).status_code == 200:
+                if httpx.get(self.url + "/healthz", timeout=1, verify=False).status_code == 200:
                     return self
             except httpx.HTTPError:
                 pass
