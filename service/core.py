@@ -86,6 +86,26 @@ class KVService:
         if settings.write_through_retry_interval_s > 0:
             self._retrier = threading.Thread(target=self._retry_write_through, name="kvtier-write-through-retry", daemon=True)
             self._retrier.start()
+        self.kv_events = None  # vLLM-format KV events on ZMQ (service.kv_events), when kv_events_endpoint is set
+        if settings.kv_events_endpoint:
+            from .kv_events import KVEventPublisher
+
+            self.kv_events = KVEventPublisher(settings.kv_events_endpoint, self._wire_events, topic=settings.kv_events_topic,
+                                              interval_s=settings.kv_events_interval_s,
+                                              max_batch=settings.max_events_per_request, start_after=store.last_event_id)
+
+    def _wire_events(self, after: int, limit: int) -> tuple[list[tuple[str, bytes, str, int | None]], int]:
+        """Store events after ``after`` as (kind, key engines use, tier, block_tokens) for the KV-event publisher."""
+        batch = self.store.events(after=after, limit=limit)
+        if not batch:
+            return [], after
+        out = []
+        with self._lock:
+            for ev in batch:
+                owner = self._owners.get(ev.key)
+                spec = self.registry.spec_of_short_fingerprint(ev.model)
+                out.append((ev.kind, owner[1] if owner else ev.key, ev.tier, spec.block_tokens if spec else None))
+        return out, batch[-1].id
 
     def _retry_write_through(self) -> None:
         while not self._stop.wait(self.settings.write_through_retry_interval_s):
@@ -329,6 +349,8 @@ class KVService:
         skeys = self.keyspace(p.tenant).storage_keys(self._client_keys(keys, "keys"))
         n = self.store.remove(spec, skeys)
         self.retriever.summaries.discard(skeys)
+        if self.kv_events is not None:
+            self.kv_events.publish_pending()  # while the owners are known: events carry the keys clients use
         with self._lock:
             self._ingest_events()  # the owner still known: the tenant sees its "removed" events
         self._untrack(skeys)
@@ -615,6 +637,8 @@ class KVService:
         return all(v == "ok" for v in tiers.values()), tiers
 
     def close(self) -> None:
+        if self.kv_events is not None:
+            self.kv_events.close()
         self._stop.set()
         if self._retrier is not None:
             self._retrier.join(timeout=10)

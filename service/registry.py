@@ -114,3 +114,8 @@ class SpecRegistry:
 
     def model_of_short_fingerprint(self, short_fingerprint: str) -> str | None:
         return self._by_short_fingerprint.get(short_fingerprint)
+
+    def spec_of_short_fingerprint(self, short_fingerprint: str) -> KVSpec | None:
+        with self._lock:
+            model = self._by_short_fingerprint.get(short_fingerprint)
+            return self._specs.get(model) if model is not None else None

@@ -109,6 +109,9 @@ class Settings(BaseSettings):
     low_watermark: float = Field(0.85, gt=0, le=1, description="Fill fraction a tier is evicted down to when it passes `high_watermark`.")
     promote_on_hit: bool = Field(True, description="Copy a block read from a lower tier into the fastest tier.")
     max_events: int = Field(100_000, ge=1, description="Length of the store's event stream (older events are dropped).")
+    kv_events_endpoint: str | None = Field(None, description="Publish the store's events on this ZMQ endpoint in vLLM's KV-event wire format (`BlockStored`/`BlockRemoved`, medium `kvtier/<tier>`), for KV-aware routers. As in vLLM, `tcp://*:5557` (or `::`, `ipc://`, `inproc://`) is bound, any other endpoint is connected to. Unset: no publisher.")
+    kv_events_topic: str = Field("", description="ZMQ topic of the published KV events.")
+    kv_events_interval_s: float = Field(0.05, gt=0, description="How often new store events are published.")
 
     # -- tenants and keys ------------------------------------------------------------------
     api_keys: dict[str, str] = Field(default_factory=dict, description="API key -> tenant name (`Authorization: Bearer <key>` or `X-API-Key`). Env: JSON object. Empty (and no `admin_key`): open mode, loopback only.")

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import time
 import uuid
 from dataclasses import dataclass, field
 from types import SimpleNamespace
@@ -136,7 +137,8 @@ class FakeEngine:
 
     def __init__(self, extra: dict, *, model: str, num_blocks: int = 96, seed: int = 0, layout: str = "kv_first",
                  kv_role: str = "kv_both", device: str = "cpu") -> None:
-        cfg = fake_vllm_config(extra, model=model, kv_role=kv_role)
+        # this fake runs vLLM's synchronous path; the asynchronous one is tested in the real engine (test_vllm_engine.py)
+        cfg = fake_vllm_config({"async_loads": False, "async_saves": False, **extra}, model=model, kv_role=kv_role)
         self.scheduler = KVTierConnector(cfg, KVConnectorRole.SCHEDULER)
         self.worker = KVTierConnector(cfg, KVConnectorRole.WORKER)
         g = torch.Generator().manual_seed(seed)
@@ -166,6 +168,9 @@ class FakeEngine:
         rid = req.request_id
         num_local, table = local[0], list(local[1])
         ext, load_async = self.scheduler.get_num_new_matched_tokens(req, num_local)
+        while ext is None:  # a service lookup in flight: vLLM asks again on a later step
+            time.sleep(0.005)
+            ext, load_async = self.scheduler.get_num_new_matched_tokens(req, num_local)
         assert load_async is False
         num_computed = num_local + ext
         first = True
@@ -572,3 +577,110 @@ def test_kvtier_imports_without_vllm():
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert out.stdout.startswith("ok")
+
+
+# -- vLLM >= 0.2x 4-d layouts: the views against the attention backends' own K/V split expressions ---------
+@pytest.mark.parametrize("physical", ["HND", "NHD"])
+def test_kv_in_content_view_matches_flash_attention_split(physical):
+    from kvtier.connectors.vllm import kernel_block_ids  # noqa: F401
+
+    N, Hh, Pp, Dd = 5, 3, 16, 8
+    g = torch.Generator().manual_seed(1)
+    if physical == "HND":  # LBHNC: [N, H, P, 2D] in memory
+        kv = torch.randn(N, Hh, Pp, 2 * Dd, generator=g)
+    else:  # LBNHC: [N, P, H, 2D] in memory, seen as the logical [N, H, P, 2D]
+        kv = torch.randn(N, Pp, Hh, 2 * Dd, generator=g).permute(0, 2, 1, 3)
+    view = paged_view(kv, "kv_in_content")  # [2, N, P, H, D]
+    k_ref, v_ref = kv.transpose(1, 2).split(Dd, dim=-1)  # flash_attn.py / triton_attn.py: [N, P, H, D] each
+    assert torch.equal(view[0], k_ref) and torch.equal(view[1], v_ref)
+    view[1, 2, 3, 1] = 7.0  # a view: writes reach vLLM's buffer
+    assert torch.all(kv[2, 1, 3, Dd:] == 7.0)
+
+
+def test_kv_in_rows_view_matches_cpu_attention_split():
+    N, Hh, Pp, Dd = 4, 3, 32, 8
+    kv = torch.randn(N, Hh, Pp, 2 * Dd, generator=torch.Generator().manual_seed(2))
+    view = paged_view(kv, "kv_in_rows")
+    k_ref, v_ref = kv.view(N, Hh, 2 * Pp, Dd).chunk(2, dim=2)  # cpu_attn.py: [N, H, P, D] each
+    assert torch.equal(view[0], k_ref.transpose(1, 2)) and torch.equal(view[1], v_ref.transpose(1, 2))
+    blocks = torch.tensor([[3, 1]])
+    got = gather_layer(view, blocks)  # [1, 2, H, 2P, D]
+    assert torch.equal(got[0, 0, :, :Pp], k_ref[3]) and torch.equal(got[0, 1, :, Pp:], v_ref[1])
+    # a slab that is not contiguous (NHD) cannot be read as rows: refused, never guessed
+    with pytest.raises(ValueError, match="contiguous"):
+        paged_view(torch.zeros(N, Pp, Hh, 2 * Dd).permute(0, 2, 1, 3), "kv_in_rows")
+
+
+def test_unknown_backend_is_refused_by_name():
+    from kvtier.connectors.vllm import detect_layout
+
+    assert detect_layout(torch.zeros(2, 3, 16, 16), "CPU_ATTN") == "kv_in_rows"
+    assert detect_layout(torch.zeros(2, 3, 16, 16), "FLASH_ATTN") == "kv_in_content"
+    with pytest.raises(ValueError, match="ROCM_AITER_FA"):
+        detect_layout(torch.zeros(2, 3, 16, 16), "ROCM_AITER_FA")
+    with pytest.raises(ValueError, match="None"):
+        detect_layout(torch.zeros(2, 3, 16, 16), None)
+
+
+def test_kernel_block_ids_split_each_block():
+    from kvtier.connectors.vllm import kernel_block_ids
+
+    ids = torch.tensor([[5, -1], [0, 2]])
+    assert kernel_block_ids(ids, 1) is ids
+    assert kernel_block_ids(ids, 2).tolist() == [[10, 11, -1, -1], [0, 1, 4, 5]]
+
+
+def test_async_load_finishes_through_get_finished_and_reports_a_block_evicted_since_the_lookup(inprocess):
+    extra, store, model = inprocess
+    eng = FakeEngine(extra, model=model)  # the synchronous fake fills the store: 3 blocks of request a
+    toks = tokens(3 * BT + 5, seed=41)
+    eng.run(FakeRequest("a", toks))
+    cfg = fake_vllm_config(extra, model=model)  # the defaults: asynchronous loads and saves
+    sched, worker = KVTierConnector(cfg, KVConnectorRole.SCHEDULER), KVTierConnector(cfg, KVConnectorRole.WORKER)
+    worker.register_kv_caches(eng.kv)
+    req = FakeRequest("b", toks)
+    assert sched.get_num_new_matched_tokens(req, 0) == (3 * BT, True)
+    store.remove(worker.spec, sched._states["b"].keys[2:3])  # evicted between the lookup and the load
+    table = [eng.free.pop() for _ in range(3 * BT // P)]
+    sched.update_state_after_alloc(req, FakeBlocks(table), 3 * BT)
+    meta = sched.build_connector_meta(SchedulerOutput([], CachedRequestData(), {}, set()))  # b waits: not scheduled
+    assert [(rt.req_id, rt.load_async, len(rt.loads)) for rt in meta.requests] == [("b", True, 3)]
+    assert sched.request_finished(req, table) == (True, None)  # aborted while loading: vLLM keeps its blocks
+    worker.bind_connector_metadata(meta)
+    worker.start_load_kv(None)
+    worker.wait_for_save()
+    done, errors, deadline = set(), set(), time.monotonic() + 30
+    while not done and time.monotonic() < deadline:
+        errors |= worker.get_block_ids_with_load_errors()
+        done = worker.get_finished(set())[1] or set()
+        time.sleep(0.01)
+    errors |= worker.get_block_ids_with_load_errors()
+    assert done == {"b"} and errors == set(table[2 * BT // P:])  # the evicted block's vLLM blocks: recomputed
+    eng.tables["b"] = table
+    assert torch.equal(eng.paged_kv("b", 2 * BT), reference_kv(toks)[:, :, :, :2 * BT])  # the others loaded exactly
+    sched.update_connector_output(SimpleNamespace(finished_recving={"b"}, kv_cache_events=None))
+    assert sched.request_finished(req, table) == (False, None)
+    worker.shutdown()
+
+
+def test_async_saves_are_written_by_the_saver_thread(inprocess):
+    extra, store, model = inprocess
+    eng = FakeEngine({**extra, "async_saves": True}, model=model)
+    toks = tokens(2 * BT + 3, seed=42)
+    eng.run(FakeRequest("a", toks))
+    assert eng.worker.flush(30)
+    assert store.lookup(eng.worker.spec, eng.scheduler._keys(eng.scheduler._state(FakeRequest("a2", toks)), toks, 2)).num_blocks == 2
+    assert eng.worker.stats["saved_blocks"] == 2
+
+
+def test_inprocess_store_is_refused_under_a_multiprocess_executor(inprocess):
+    extra, _, model = inprocess
+    cfg = fake_vllm_config(extra, model=model)
+    cfg.parallel_config.distributed_executor_backend = "mp"  # vLLM's default on CPU: scheduler and worker apart
+    with pytest.raises(ValueError, match="distributed_executor_backend='uni'"):
+        KVTierConnector(cfg, KVConnectorRole.SCHEDULER)
+    cfg.parallel_config.distributed_executor_backend = "uni"
+    KVTierConnector(cfg, KVConnectorRole.SCHEDULER)
+    svc = fake_vllm_config({**extra, "url": "http://127.0.0.1:9"}, model=model)
+    svc.parallel_config.distributed_executor_backend = "mp"
+    KVTierConnector(svc, KVConnectorRole.SCHEDULER)  # a service is shared by every process
