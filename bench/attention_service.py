@@ -55,7 +55,7 @@ def main() -> None:
         keys = chain_hashes(SPEC, tokens)
         g = torch.Generator().manual_seed(0)
         for i in range(0, num_blocks, 4):
-            rest.put(model, keys[i: i + 4], torch.randn(min(4, num_blocks - i), *SPEC.block_shape, generator=g).half())
+            rest.put(model, keys[i : i + 4], torch.randn(min(4, num_blocks - i), *SPEC.block_shape, generator=g).half())
         q = torch.randn(SPEC.num_layers, H_Q, SPEC.head_dim, generator=g)
 
         def local():
@@ -76,8 +76,10 @@ def main() -> None:
         dense_ans = SPEC.num_layers * H_Q * (SPEC.head_dim + 1) * 4
         wire = {
             "local: get all blocks + sparse_decode": 32 * num_blocks + num_blocks * SPEC.block_nbytes,
-            "REST /v1/attention dense": body(None) + dense_ans, "gRPC Attention dense": body(None) + dense_ans,
-            f"REST /v1/attention budget={BUDGET}": body(BUDGET) + dense_ans, f"gRPC Attention budget={BUDGET}": body(BUDGET) + dense_ans,
+            "REST /v1/attention dense": body(None) + dense_ans,
+            "gRPC Attention dense": body(None) + dense_ans,
+            f"REST /v1/attention budget={BUDGET}": body(BUDGET) + dense_ans,
+            f"gRPC Attention budget={BUDGET}": body(BUDGET) + dense_ans,
             f"REST /v1/retrieve budget={BUDGET}": body(BUDGET) + SPEC.num_layers * SPEC.num_kv_heads * BUDGET * 8,
         }
         # the answers agree: remote dense = local dense; sparse within the budget reads fewer blocks
@@ -91,15 +93,25 @@ def main() -> None:
     base = times["local: get all blocks + sparse_decode"]
     rows = [[name, f"{t * 1e3:.1f}", f"{wire[name] / 2**20:.2f}", f"{base / t:.2f}x"] for name, t in times.items()]
     T = num_blocks * SPEC.block_tokens
-    md = (f"Cached chain of {num_blocks} blocks ({T} tokens, {num_blocks * SPEC.block_nbytes / 2**20:.0f} MiB), one decode step "
-          f"q [{SPEC.num_layers}, {H_Q}, {SPEC.head_dim}]; median of {repeat}; 2-core CPU box, loopback, 1 torch thread each side.\n\n"
-          + md_table(["call", "ms", "MiB on the wire", "speed-up vs local"], rows)
-          + f"\n\nRemote dense vs local dense: max |o diff| = {err_dense:.1e}. Budget {BUDGET}: "
-          f"{len(sp.fetched)} of {num_blocks} blocks read, {sp.attended} tokens attended per (layer, KV head).\n")
+    md = (
+        f"Cached chain of {num_blocks} blocks ({T} tokens, {num_blocks * SPEC.block_nbytes / 2**20:.0f} MiB), one decode step "
+        f"q [{SPEC.num_layers}, {H_Q}, {SPEC.head_dim}]; median of {repeat}; 2-core CPU box, loopback, 1 torch thread each side.\n\n"
+        + md_table(["call", "ms", "MiB on the wire", "speed-up vs local"], rows)
+        + f"\n\nRemote dense vs local dense: max |o diff| = {err_dense:.1e}. Budget {BUDGET}: "
+        f"{len(sp.fetched)} of {num_blocks} blocks read, {sp.attended} tokens attended per (layer, KV head).\n"
+    )
     print(md)
-    figures = {"num_blocks": num_blocks, "num_tokens": T, "budget": BUDGET, "repeat": repeat, "median_s": times, "wire_bytes": wire,
-               "speedup_vs_local": {k: base / t for k, t in times.items()}, "max_abs_o_diff_dense": err_dense,
-               "sparse_blocks_read": len(sp.fetched)}
+    figures = {
+        "num_blocks": num_blocks,
+        "num_tokens": T,
+        "budget": BUDGET,
+        "repeat": repeat,
+        "median_s": times,
+        "wire_bytes": wire,
+        "speedup_vs_local": {k: base / t for k, t in times.items()},
+        "max_abs_o_diff_dense": err_dense,
+        "sparse_blocks_read": len(sp.fetched),
+    }
     # a smoke run never overwrites the full results
     save_results("attention_service_quick" if args.quick else "attention_service", figures, md, args.out)
 

@@ -56,13 +56,43 @@ import bench.refmodel as refmodel  # noqa: E402
 from kvtier.kvstore.codecs import codec_bits_per_element, get_codec, lossless  # noqa: E402
 
 SIZE_CODECS = [
-    "identity", "identity+zstd", "identity+lz4",
-    "fp8", "fp8+zstd", "int8", "int8+zstd", "int8+lz4",
-    "kivi4", "kivi4+zstd", "kivi4+lz4", "kivi4/sink4", "kivi4/g32", "kivi4/g32+zstd", "kivi4/g32+lz4",
-    "kivi2", "kivi2+zstd", "kivi2/g32", "kivi2/g32+zstd",
-    "kivi2h", "kivi2h+zstd", "kivi2h/sink4/res128", "kivi2h/g32", "kivi2h/g32+zstd",
+    "identity",
+    "identity+zstd",
+    "identity+lz4",
+    "fp8",
+    "fp8+zstd",
+    "int8",
+    "int8+zstd",
+    "int8+lz4",
+    "kivi4",
+    "kivi4+zstd",
+    "kivi4+lz4",
+    "kivi4/sink4",
+    "kivi4/g32",
+    "kivi4/g32+zstd",
+    "kivi4/g32+lz4",
+    "kivi2",
+    "kivi2+zstd",
+    "kivi2/g32",
+    "kivi2/g32+zstd",
+    "kivi2h",
+    "kivi2h+zstd",
+    "kivi2h/sink4/res128",
+    "kivi2h/g32",
+    "kivi2h/g32+zstd",
 ]
-FIDELITY_CODECS = ["identity", "fp8", "int8", "kivi4", "kivi4/sink4", "kivi4/g32", "kivi2", "kivi2/sink4/res128", "kivi2h", "kivi2h/sink4/res128"]
+FIDELITY_CODECS = [
+    "identity",
+    "fp8",
+    "int8",
+    "kivi4",
+    "kivi4/sink4",
+    "kivi4/g32",
+    "kivi2",
+    "kivi2/sink4/res128",
+    "kivi2h",
+    "kivi2h/sink4/res128",
+]
 PASSKEY_CODECS = ["fp8", "int8", "kivi4", "kivi4/sink4", "kivi2", "kivi2h", "kivi2h/sink4/res128"]
 REDIS_CODECS = ["identity", "kivi4+zstd", "kivi4", "kivi4+lz4", "int8", "kivi2h+zstd"]
 QUICK = {
@@ -151,10 +181,16 @@ def size_speed_error(labels: list[str], blocks: list[torch.Tensor], spec, repeat
                 c = with_exact_tokens(codec, **{key: hook[key]})
                 row[f"{where}_block_bits_per_element"] = 8 * nbytes(c.encode(blocks[0], spec)[0]) / spec.block_numel
         rows[label] = row
-        extra = "".join(f"  {w} block {row[f'{w}_block_bits_per_element']:.3f} bits" for w in ("first", "tail") if f"{w}_block_bits_per_element" in row)
-        print(f"  {label:18s} {row['bits_per_element']:6.3f} bits/el  {row['ratio_vs_fp16']:5.2f}x  "
-              f"enc {row['encode_GBps']:6.3f} GB/s  dec {row['decode_GBps']:6.3f} GB/s"
-              + (f"  rel.err K {row['rel_err_k']:.4f} V {row['rel_err_v']:.4f}" if "rel_err_k" in row else "") + extra, flush=True)
+        extra = "".join(
+            f"  {w} block {row[f'{w}_block_bits_per_element']:.3f} bits" for w in ("first", "tail") if f"{w}_block_bits_per_element" in row
+        )
+        print(
+            f"  {label:18s} {row['bits_per_element']:6.3f} bits/el  {row['ratio_vs_fp16']:5.2f}x  "
+            f"enc {row['encode_GBps']:6.3f} GB/s  dec {row['decode_GBps']:6.3f} GB/s"
+            + (f"  rel.err K {row['rel_err_k']:.4f} V {row['rel_err_v']:.4f}" if "rel_err_k" in row else "")
+            + extra,
+            flush=True,
+        )
     return rows
 
 
@@ -249,17 +285,33 @@ def upgrade(old: dict) -> dict:
 
     rows = {new(r.pop("codec")): {**r, "run": run} for r in old.get("codecs", [])}
     base = old["perplexity"]["unquantized"]
-    ppl = {new(k): {"ppl": v, "run": run} | ({} if k == "unquantized" else {"increase_pct": 100 * (v / base - 1)}) for k, v in old["perplexity"].items()}
+    ppl = {
+        new(k): {"ppl": v, "run": run} | ({} if k == "unquantized" else {"increase_pct": 100 * (v / base - 1)})
+        for k, v in old["perplexity"].items()
+    }
     pk = {new(k): {**v, "run": run} for k, v in old.get("passkey", {}).items()}
     redis = {new(k): v for k, v in old.get("redis_round_trip", {}).items()} | {"run": run}
     for k, v in redis.items():
         if isinstance(v, dict) and k != "identity" and "identity" in redis:
             v["speedup_vs_identity"] = redis["identity"]["round_trip_ms"] / v["round_trip_ms"]
     return {
-        "model": old.get("model"), "block": old.get("block"), "text_tokens": old.get("text_tokens"),
-        "runs": {run: {"date": old.get("date"), "command": "python bench/codecs.py --passkey-codecs int8,kivi4,kivi2h",
-                       "mode": old.get("mode"), "threads": old.get("threads"), "elapsed_s": old.get("elapsed_s"), "sections": list(SECTIONS)}},
-        "codecs": rows, "perplexity": ppl, "passkey": pk, "redis_round_trip": redis,
+        "model": old.get("model"),
+        "block": old.get("block"),
+        "text_tokens": old.get("text_tokens"),
+        "runs": {
+            run: {
+                "date": old.get("date"),
+                "command": "python bench/codecs.py --passkey-codecs int8,kivi4,kivi2h",
+                "mode": old.get("mode"),
+                "threads": old.get("threads"),
+                "elapsed_s": old.get("elapsed_s"),
+                "sections": list(SECTIONS),
+            }
+        },
+        "codecs": rows,
+        "perplexity": ppl,
+        "passkey": pk,
+        "redis_round_trip": redis,
     }
 
 
@@ -273,7 +325,11 @@ def merge(old: dict, new: dict) -> dict:
         rank = {}
         for label in both:
             family = re.split(r"[/+]", label)[0]
-            rank[label] = (families.index(family) if family in families else len(families), order.index(label) if label in order else len(order), label)
+            rank[label] = (
+                families.index(family) if family in families else len(families),
+                order.index(label) if label in order else len(order),
+                label,
+            )
         merged[key] = dict(sorted(both.items(), key=lambda kv: rank[kv[0]]))
     if new.get("redis_round_trip"):  # the round trips compare codecs within one run: replaced together
         merged["redis_round_trip"] = new["redis_round_trip"]
@@ -323,12 +379,20 @@ def goals(fig: dict) -> list[list]:
             staged = [rows[n]["ratio_vs_fp16"] for n in rows if n.startswith(interior + "+")]
             best = max([r, *staged])
             note = " (interior blocks)" if interior != label else ""
-            add(f"{label}: >= {ratio_goal}x smaller than fp16", f"{r:.2f}x{note}" + (f", {best:.2f}x with a lossless stage" if staged else ""), best >= ratio_goal)
+            add(
+                f"{label}: >= {ratio_goal}x smaller than fp16",
+                f"{r:.2f}x{note}" + (f", {best:.2f}x with a lossless stage" if staged else ""),
+                best >= ratio_goal,
+            )
         if label in ppl:
             inc = ppl[label]["increase_pct"]
             add(f"{label}: perplexity +<= {ppl_goal}%", f"{inc:+.3f}%", inc <= ppl_goal)
         if label in pk and full and label.startswith("kivi4"):
-            add(f"{label}: pass-key accuracy equal to full", f"{pk[label]['correct']}/{pk[label]['total']} vs full {full['correct']}/{full['total']}", pk[label]["correct"] >= full["correct"])
+            add(
+                f"{label}: pass-key accuracy equal to full",
+                f"{pk[label]['correct']}/{pk[label]['total']} vs full {full['correct']}/{full['total']}",
+                pk[label]["correct"] >= full["correct"],
+            )
     for name in ("int8", "fp8"):
         if name in ppl:
             add(f"{name}: perplexity +<= 0.5%", f"{ppl[name]['increase_pct']:+.3f}%", ppl[name]["increase_pct"] <= 0.5)
@@ -339,40 +403,122 @@ def goals(fig: dict) -> list[list]:
 
 def render(fig: dict, title: str) -> str:
     runs, rows, ppl, pk, redis = fig["runs"], fig["codecs"], fig["perplexity"], fig["passkey"], fig.get("redis_round_trip") or {}
-    md = [f"# Codecs — {title}", "", f"Reference model {fig.get('model')}, blocks of {fig['block']['tokens']} tokens "
-          f"({fig['block']['bytes_fp16'] / 1e6:.2f} MB in fp16). Runs (each figure below names its run):", ""]
-    md.append(md_table(["run", "date", "command", "threads", "sections", "time"],
-                       [[k, r.get("date"), f"`{r.get('command')}`", r.get("threads"), ", ".join(r.get("sections", [])), f"{r.get('elapsed_s', 0):.0f} s"] for k, r in runs.items()]))
+    md = [
+        f"# Codecs — {title}",
+        "",
+        f"Reference model {fig.get('model')}, blocks of {fig['block']['tokens']} tokens "
+        f"({fig['block']['bytes_fp16'] / 1e6:.2f} MB in fp16). Runs (each figure below names its run):",
+        "",
+    ]
+    md.append(
+        md_table(
+            ["run", "date", "command", "threads", "sections", "time"],
+            [
+                [
+                    k,
+                    r.get("date"),
+                    f"`{r.get('command')}`",
+                    r.get("threads"),
+                    ", ".join(r.get("sections", [])),
+                    f"{r.get('elapsed_s', 0):.0f} s",
+                ]
+                for k, r in runs.items()
+            ],
+        )
+    )
     if rows:
-        md += ["", "## Size, CPU speed, reconstruction error (real KV)", "",
-               "Bits per element of an interior block; `/sink`: the first block of a sequence, `/res`: its tail block, apart.", "",
-               md_table(
-                   ["codec", "bits/element", "ratio vs fp16", "first / tail block bits", "encode GB/s", "decode GB/s", "rel. err K", "rel. err V", "run"],
-                   [[k, f"{r['bits_per_element']:.3f}", f"{r['ratio_vs_fp16']:.2f}x",
-                     " / ".join(f"{r[f'{w}_block_bits_per_element']:.3f}" if f"{w}_block_bits_per_element" in r else "—" for w in ("first", "tail")),
-                     f"{r['encode_GBps']:.3f}", f"{r['decode_GBps']:.3f}",
-                     f"{r['rel_err_k']:.4f}" if "rel_err_k" in r else "(inner)", f"{r['rel_err_v']:.4f}" if "rel_err_v" in r else "(inner)", r["run"]] for k, r in rows.items()],
-               )]
+        md += [
+            "",
+            "## Size, CPU speed, reconstruction error (real KV)",
+            "",
+            "Bits per element of an interior block; `/sink`: the first block of a sequence, `/res`: its tail block, apart.",
+            "",
+            md_table(
+                [
+                    "codec",
+                    "bits/element",
+                    "ratio vs fp16",
+                    "first / tail block bits",
+                    "encode GB/s",
+                    "decode GB/s",
+                    "rel. err K",
+                    "rel. err V",
+                    "run",
+                ],
+                [
+                    [
+                        k,
+                        f"{r['bits_per_element']:.3f}",
+                        f"{r['ratio_vs_fp16']:.2f}x",
+                        " / ".join(
+                            f"{r[f'{w}_block_bits_per_element']:.3f}" if f"{w}_block_bits_per_element" in r else "—"
+                            for w in ("first", "tail")
+                        ),
+                        f"{r['encode_GBps']:.3f}",
+                        f"{r['decode_GBps']:.3f}",
+                        f"{r['rel_err_k']:.4f}" if "rel_err_k" in r else "(inner)",
+                        f"{r['rel_err_v']:.4f}" if "rel_err_v" in r else "(inner)",
+                        r["run"],
+                    ]
+                    for k, r in rows.items()
+                ],
+            ),
+        ]
     if ppl or pk:
         base = ppl.get("unquantized")
         labels = [k for k in ppl if k != "unquantized"] + [k for k in pk if k not in ppl and k != "full"]
         table = []
         if base or "full" in pk:
-            table.append(["unquantized (float32)", f"{base['ppl']:.4f}" if base else "—", "—",
-                          f"{pk['full']['correct']}/{pk['full']['total']}" if "full" in pk else "—",
-                          ", ".join(sorted({x["run"] for x in (base, pk.get("full")) if x}))])
+            table.append(
+                [
+                    "unquantized (float32)",
+                    f"{base['ppl']:.4f}" if base else "—",
+                    "—",
+                    f"{pk['full']['correct']}/{pk['full']['total']}" if "full" in pk else "—",
+                    ", ".join(sorted({x["run"] for x in (base, pk.get("full")) if x})),
+                ]
+            )
         for k in labels:
             p, q = ppl.get(k), pk.get(k)
-            table.append([k, f"{p['ppl']:.4f}" if p else "—", f"{p['increase_pct']:+.3f}%" if p else "—",
-                          f"{q['correct']}/{q['total']}" if q else "—", ", ".join(sorted({x["run"] for x in (p, q) if x}))])
-        md += ["", f"## Perplexity ({fig.get('text_tokens')} tokens) and pass key", "", md_table(["cache", "perplexity", "increase", "pass key", "run"], table)]
+            table.append(
+                [
+                    k,
+                    f"{p['ppl']:.4f}" if p else "—",
+                    f"{p['increase_pct']:+.3f}%" if p else "—",
+                    f"{q['correct']}/{q['total']}" if q else "—",
+                    ", ".join(sorted({x["run"] for x in (p, q) if x})),
+                ]
+            )
+        md += [
+            "",
+            f"## Perplexity ({fig.get('text_tokens')} tokens) and pass key",
+            "",
+            md_table(["cache", "perplexity", "increase", "pass key", "run"], table),
+        ]
         fails = {k: [f"{x['tokens']}/{x['depth']:.0%}" for x in v["prompts"] if not x["correct"]] for k, v in pk.items()}
-        md += ["", "Missed pass-key prompts (tokens/needle depth): " + "; ".join(f"{k}: {', '.join(v) or 'none'}" for k, v in fails.items())]
+        md += [
+            "",
+            "Missed pass-key prompts (tokens/needle depth): " + "; ".join(f"{k}: {', '.join(v) or 'none'}" for k, v in fails.items()),
+        ]
     if redis:
-        md += ["", f"## Redis round trip (put + get of one block, encode/decode included, median; run {redis['run']})", "",
-               md_table(["codec", "round trip ms", "frame MB", "vs identity"],
-                        [[k, f"{v['round_trip_ms']:.2f}", f"{v['frame_bytes'] / 1e6:.2f}", f"{v['speedup_vs_identity']:.2f}x" if "speedup_vs_identity" in v else "—"]
-                         for k, v in redis.items() if isinstance(v, dict)])]
+        md += [
+            "",
+            f"## Redis round trip (put + get of one block, encode/decode included, median; run {redis['run']})",
+            "",
+            md_table(
+                ["codec", "round trip ms", "frame MB", "vs identity"],
+                [
+                    [
+                        k,
+                        f"{v['round_trip_ms']:.2f}",
+                        f"{v['frame_bytes'] / 1e6:.2f}",
+                        f"{v['speedup_vs_identity']:.2f}x" if "speedup_vs_identity" in v else "—",
+                    ]
+                    for k, v in redis.items()
+                    if isinstance(v, dict)
+                ],
+            ),
+        ]
     md += ["", "## Goals", "", md_table(["goal", "measured", "status"], goals(fig))]
     return "\n".join(md)
 
@@ -385,9 +531,13 @@ def main() -> None:
     ap.add_argument("--size-codecs", default=",".join(SIZE_CODECS), help="codec labels of the size part")
     ap.add_argument("--fidelity-codecs", default=",".join(FIDELITY_CODECS), help="codec labels of the perplexity part")
     ap.add_argument("--passkey-codecs", default=",".join(PASSKEY_CODECS), help="codec labels of the pass-key part")
-    ap.add_argument("--redis-codecs", default=",".join(REDIS_CODECS), help="codec labels of the Redis part (identity and kivi4+zstd give the goal)")
+    ap.add_argument(
+        "--redis-codecs", default=",".join(REDIS_CODECS), help="codec labels of the Redis part (identity and kivi4+zstd give the goal)"
+    )
     ap.add_argument("--merge", action="store_true", help="merge into the saved bench/results/codecs.json instead of replacing it")
-    ap.add_argument("--render", action="store_true", help="measure nothing: render codecs.md and codecs.png again from the saved codecs.json")
+    ap.add_argument(
+        "--render", action="store_true", help="measure nothing: render codecs.md and codecs.png again from the saved codecs.json"
+    )
     ap.add_argument("--threads", type=int, default=1, help="torch threads (default 1: on a shared 2-core box a second thread mostly waits)")
     args = ap.parse_args()
     sections = [s for s in args.sections.split(",") if s]
@@ -416,7 +566,9 @@ def main() -> None:
         return
     run = next(c for c in "ABCDEFGHIJKLMNOPQRSTUVWXYZ" if previous is None or c not in previous["runs"])
     if previous is not None:  # run A's zstd rows were level 3 (level 1 since): none may stay under today's name
-        stale = [k for k, v in previous["codecs"].items() if "+zstd" in k and v["run"] == "A" and not ("size" in sections and k in lists["size"])]
+        stale = [
+            k for k, v in previous["codecs"].items() if "+zstd" in k and v["run"] == "A" and not ("size" in sections and k in lists["size"])
+        ]
         if stale:
             raise SystemExit(f"--merge: measure the zstd rows of run A again (level 3 then, 1 now): --size-codecs {','.join(stale)}")
 
@@ -424,13 +576,25 @@ def main() -> None:
     model, tok = refmodel.load_model()
     spec = refmodel.kv_spec(model, block_tokens, "float16")
     ids = refmodel.heldout_ids(tok, text_tokens)
-    fig = {"model": refmodel.MODEL_ID, "block": {"tokens": block_tokens, "bytes_fp16": spec.block_nbytes, "shape": list(spec.block_shape)},
-           "text_tokens": len(ids), "codecs": {}, "perplexity": {}, "passkey": {}, "redis_round_trip": {}}
+    fig = {
+        "model": refmodel.MODEL_ID,
+        "block": {"tokens": block_tokens, "bytes_fp16": spec.block_nbytes, "shape": list(spec.block_shape)},
+        "text_tokens": len(ids),
+        "codecs": {},
+        "perplexity": {},
+        "passkey": {},
+        "redis_round_trip": {},
+    }
     blocks = []
     if "size" in sections or "redis" in sections:
         kv = refmodel.collect_kv(model, ids)  # [L, 2, H, T, D] float32
-        blocks = [kv[:, :, :, s : s + block_tokens].to(torch.float16).contiguous() for s in range(0, kv.shape[3] - block_tokens + 1, block_tokens)]
-        print(f"{len(blocks)} real KV blocks of {spec.block_nbytes / 1e6:.2f} MB (fp16) from {kv.shape[3]} tokens of held-out text", flush=True)
+        blocks = [
+            kv[:, :, :, s : s + block_tokens].to(torch.float16).contiguous() for s in range(0, kv.shape[3] - block_tokens + 1, block_tokens)
+        ]
+        print(
+            f"{len(blocks)} real KV blocks of {spec.block_nbytes / 1e6:.2f} MB (fp16) from {kv.shape[3]} tokens of held-out text",
+            flush=True,
+        )
 
     if "size" in sections:
         print("\n1. size, CPU speed (GB/s of fp16 KV), reconstruction error", flush=True)
@@ -450,8 +614,16 @@ def main() -> None:
         fig["redis_round_trip"] = redis_round_trip(lists["redis"], blocks[0], spec, 3 if quick else 9, run)
 
     elapsed = time.perf_counter() - started
-    fig["runs"] = {run: {"date": time.strftime("%Y-%m-%d"), "command": command, "mode": "quick" if quick else "full",
-                         "threads": args.threads, "elapsed_s": elapsed, "sections": sections}}
+    fig["runs"] = {
+        run: {
+            "date": time.strftime("%Y-%m-%d"),
+            "command": command,
+            "mode": "quick" if quick else "full",
+            "threads": args.threads,
+            "elapsed_s": elapsed,
+            "sections": sections,
+        }
+    }
     if previous is not None:
         fig = merge(previous, fig)
     title = "`python bench/codecs.py`, merged runs" if args.merge and not quick else f"`{command}`"

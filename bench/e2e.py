@@ -113,17 +113,30 @@ class Part:
 
 def _run(ctx: Context, ids: list[int], label: str, **kw) -> GenerateResult:
     r = generate(ctx.model, ids, tokenizer=ctx.tokenizer, max_new_tokens=ctx.args.max_new_tokens, stop_tokens=(), **kw)
-    print(f"  {label:<34} prompt {r.num_prompt_tokens:>5}  cached {r.num_cached_tokens:>5}  TTFT {r.ttft_s:7.3f} s"
-          f"  load {r.cache.load_s if r.cache else 0:.3f} s", flush=True)
+    print(
+        f"  {label:<34} prompt {r.num_prompt_tokens:>5}  cached {r.num_cached_tokens:>5}  TTFT {r.ttft_s:7.3f} s"
+        f"  load {r.cache.load_s if r.cache else 0:.3f} s",
+        flush=True,
+    )
     return r
 
 
 def _run_figures(r: GenerateResult) -> dict:
     c = r.cache
-    return {"ttft_s": r.ttft_s, "num_prompt_tokens": r.num_prompt_tokens, "num_cached_tokens": r.num_cached_tokens,
-            "num_prefilled_tokens": r.num_prefilled_tokens, "tier_hits": r.tier_hits, "tier_bytes": r.tier_bytes,
-            "lookup_s": c.lookup_s if c else None, "load_s": c.load_s if c else None, "save_s": c.save_s if c else None,
-            "num_saved_blocks": c.num_saved_blocks if c else None, "decode_s": r.decode_s, "text": r.text}
+    return {
+        "ttft_s": r.ttft_s,
+        "num_prompt_tokens": r.num_prompt_tokens,
+        "num_cached_tokens": r.num_cached_tokens,
+        "num_prefilled_tokens": r.num_prefilled_tokens,
+        "tier_hits": r.tier_hits,
+        "tier_bytes": r.tier_bytes,
+        "lookup_s": c.lookup_s if c else None,
+        "load_s": c.load_s if c else None,
+        "save_s": c.save_s if c else None,
+        "num_saved_blocks": c.num_saved_blocks if c else None,
+        "decode_s": r.decode_s,
+        "text": r.text,
+    }
 
 
 def _copy_prefix(src: TieredStore, dst: TieredStore, spec, ids: list[int]) -> int:
@@ -178,29 +191,69 @@ def part_prefix_reuse(ctx: Context) -> Part:
     ttft = {}
     for name, c, w in (("in-process", cold, warm), ("service", svc_cold, svc_warm)):
         med = statistics.median(r.ttft_s for r in w)
-        ttft[name] = {"cold_s": c.ttft_s, "warm_s": med, "speedup": c.ttft_s / med, "goal": 5.0, "met": c.ttft_s / med >= 5.0,
-                      "num_cached_tokens": w[0].num_cached_tokens, "num_prompt_tokens": w[0].num_prompt_tokens,
-                      "warm_load_s": statistics.median(r.cache.load_s for r in w),
-                      "warm_lookup_s": statistics.median(r.cache.lookup_s for r in w), "tier_hits": w[0].tier_hits}
-    exact = {label: {"identical": t == ref.token_ids,
-                     "first_difference": next((i for i, (a, b) in enumerate(zip(t, ref.token_ids)) if a != b), None)}
-             for label, t in tokens.items()}
+        ttft[name] = {
+            "cold_s": c.ttft_s,
+            "warm_s": med,
+            "speedup": c.ttft_s / med,
+            "goal": 5.0,
+            "met": c.ttft_s / med >= 5.0,
+            "num_cached_tokens": w[0].num_cached_tokens,
+            "num_prompt_tokens": w[0].num_prompt_tokens,
+            "warm_load_s": statistics.median(r.cache.load_s for r in w),
+            "warm_lookup_s": statistics.median(r.cache.lookup_s for r in w),
+            "tier_hits": w[0].tier_hits,
+        }
+    exact = {
+        label: {
+            "identical": t == ref.token_ids,
+            "first_difference": next((i for i, (a, b) in enumerate(zip(t, ref.token_ids)) if a != b), None),
+        }
+        for label, t in tokens.items()
+    }
     exact["float16, identity+zstd"]["same_as_identity"] = tokens["float16, identity+zstd"] == tokens["float16, identity (in process)"]
-    exact["float16, identity (service)"]["same_as_identity"] = tokens["float16, identity (service)"] == tokens["float16, identity (in process)"]
+    exact["float16, identity (service)"]["same_as_identity"] = (
+        tokens["float16, identity (service)"] == tokens["float16, identity (in process)"]
+    )
 
-    rows = [[name, f"{d['cold_s']:.2f}", f"{d['warm_s']:.3f}", f"**{d['speedup']:.1f}x**", f"{d['num_cached_tokens']} / {d['num_prompt_tokens']}",
-             f"{d['warm_lookup_s'] * 1e3:.1f} + {d['warm_load_s'] * 1e3:.0f}", ", ".join(f"{k} {v}" for k, v in d["tier_hits"].items() if v)]
-            for name, d in ttft.items()]
-    md = [f"Document of {len(doc)} tokens + a question; blocks of 256 tokens, float16; warm = median of {num_warm} requests "
-          f"(doc + another question each).", "",
-          md_table(["path", "cold TTFT s", "warm TTFT s", "speed-up", "cached / prompt tokens", "lookup + load ms", "blocks hit per tier"], rows),
-          "", f"Greedy tokens ({ctx.args.max_new_tokens}) of doc + q2 with the cached prefix vs without any cache "
-          f"(a cold run of {ref.num_prompt_tokens} tokens):", "",
-          md_table(["blocks, codec", "identical to no cache", "first differing token"],
-                   [[k, "yes" if v["identical"] else "no", "-" if v["first_difference"] is None else v["first_difference"]]
-                    for k, v in exact.items()])]
-    figures = {"doc_tokens": len(doc), "questions": list(QUESTIONS[: 1 + num_warm]), "ttft": ttft, "exact": exact, "runs": runs,
-               "zstd_host_tier": z_ratio}
+    rows = [
+        [
+            name,
+            f"{d['cold_s']:.2f}",
+            f"{d['warm_s']:.3f}",
+            f"**{d['speedup']:.1f}x**",
+            f"{d['num_cached_tokens']} / {d['num_prompt_tokens']}",
+            f"{d['warm_lookup_s'] * 1e3:.1f} + {d['warm_load_s'] * 1e3:.0f}",
+            ", ".join(f"{k} {v}" for k, v in d["tier_hits"].items() if v),
+        ]
+        for name, d in ttft.items()
+    ]
+    md = [
+        f"Document of {len(doc)} tokens + a question; blocks of 256 tokens, float16; warm = median of {num_warm} requests "
+        f"(doc + another question each).",
+        "",
+        md_table(
+            ["path", "cold TTFT s", "warm TTFT s", "speed-up", "cached / prompt tokens", "lookup + load ms", "blocks hit per tier"], rows
+        ),
+        "",
+        f"Greedy tokens ({ctx.args.max_new_tokens}) of doc + q2 with the cached prefix vs without any cache "
+        f"(a cold run of {ref.num_prompt_tokens} tokens):",
+        "",
+        md_table(
+            ["blocks, codec", "identical to no cache", "first differing token"],
+            [
+                [k, "yes" if v["identical"] else "no", "-" if v["first_difference"] is None else v["first_difference"]]
+                for k, v in exact.items()
+            ],
+        ),
+    ]
+    figures = {
+        "doc_tokens": len(doc),
+        "questions": list(QUESTIONS[: 1 + num_warm]),
+        "ttft": ttft,
+        "exact": exact,
+        "runs": runs,
+        "zstd_host_tier": z_ratio,
+    }
 
     def plot(ax):
         names = list(ttft)
@@ -215,8 +268,11 @@ def part_prefix_reuse(ctx: Context) -> Part:
         ax.legend(fontsize=8)
 
     goal = "goal >= 5x on the full run's 6K document" if ctx.quick else "goal >= 5x: "
-    summary = [f"TTFT cold / warm ({name}): {d['cold_s']:.2f} s / {d['warm_s']:.3f} s = {d['speedup']:.1f}x ("
-               f"{goal if ctx.quick else goal + ('met' if d['met'] else 'NOT met')})" for name, d in ttft.items()]
+    summary = [
+        f"TTFT cold / warm ({name}): {d['cold_s']:.2f} s / {d['warm_s']:.3f} s = {d['speedup']:.1f}x ("
+        f"{goal if ctx.quick else goal + ('met' if d['met'] else 'NOT met')})"
+        for name, d in ttft.items()
+    ]
     summary += [f"greedy tokens identical to no cache, {k}: {v['identical']}" for k, v in exact.items()]
     return Part(figures, "\n".join(md), plot, summary)
 
@@ -239,23 +295,54 @@ def part_passkey(ctx: Context) -> Part:
             with_ = generate(ctx.model, list(p.input_ids), tokenizer=ctx.tokenizer, **kw)
             ok = [re.search(r"\d+", r.text or "") for r in (without, with_)]
             ok = [m is not None and m.group() == p.key for m in ok]
-            row = {"tokens": p.num_tokens, "depth": p.depth, "key": p.key, "cached_tokens": with_.num_cached_tokens,
-                   "answer_without": without.text, "answer_with": with_.text, "correct_without": ok[0], "correct_with": ok[1],
-                   "same_tokens": without.token_ids == with_.token_ids, "ttft_without_s": without.ttft_s, "ttft_with_s": with_.ttft_s}
+            row = {
+                "tokens": p.num_tokens,
+                "depth": p.depth,
+                "key": p.key,
+                "cached_tokens": with_.num_cached_tokens,
+                "answer_without": without.text,
+                "answer_with": with_.text,
+                "correct_without": ok[0],
+                "correct_with": ok[1],
+                "same_tokens": without.token_ids == with_.token_ids,
+                "ttft_without_s": without.ttft_s,
+                "ttft_with_s": with_.ttft_s,
+            }
             rows.append(row)
-            print(f"  {p.num_tokens:>5} tokens, depth {p.depth}: without {without.text!r} ({ok[0]}), with {with_.text!r} ({ok[1]}), "
-                  f"{with_.num_cached_tokens} cached", flush=True)
-            table.append([p.num_tokens, p.depth, p.key, repr(without.text), repr(with_.text), "yes" if ok[0] else "no",
-                          "yes" if ok[1] else "no", "yes" if row["same_tokens"] else "no"])
+            print(
+                f"  {p.num_tokens:>5} tokens, depth {p.depth}: without {without.text!r} ({ok[0]}), with {with_.text!r} ({ok[1]}), "
+                f"{with_.num_cached_tokens} cached",
+                flush=True,
+            )
+            table.append(
+                [
+                    p.num_tokens,
+                    p.depth,
+                    p.key,
+                    repr(without.text),
+                    repr(with_.text),
+                    "yes" if ok[0] else "no",
+                    "yes" if ok[1] else "no",
+                    "yes" if row["same_tokens"] else "no",
+                ]
+            )
     finally:
         store.close()
     acc = {k: sum(r[f"correct_{k}"] for r in rows) / len(rows) for k in ("without", "with")}
-    md = "\n".join(["Pass-key prompts answered without any cache (a cold request) and again with their cached prefix "
-                    "(float16 blocks); 8 greedy tokens.", "",
-                    md_table(["tokens", "depth", "key", "answer without", "answer with", "right without", "right with", "same tokens"], table),
-                    "", f"Accuracy: {acc['without']:.2f} without, {acc['with']:.2f} with the cached prefix."])
-    summary = [f"pass-key accuracy without / with the cached prefix: {acc['without']:.2f} / {acc['with']:.2f} "
-               f"({sum(r['same_tokens'] for r in rows)} of {len(rows)} answers token-identical)"]
+    md = "\n".join(
+        [
+            "Pass-key prompts answered without any cache (a cold request) and again with their cached prefix "
+            "(float16 blocks); 8 greedy tokens.",
+            "",
+            md_table(["tokens", "depth", "key", "answer without", "answer with", "right without", "right with", "same tokens"], table),
+            "",
+            f"Accuracy: {acc['without']:.2f} without, {acc['with']:.2f} with the cached prefix.",
+        ]
+    )
+    summary = [
+        f"pass-key accuracy without / with the cached prefix: {acc['without']:.2f} / {acc['with']:.2f} "
+        f"({sum(r['same_tokens'] for r in rows)} of {len(rows)} answers token-identical)"
+    ]
     return Part({"accuracy": acc, "prompts": rows}, md, None, summary)
 
 
@@ -295,8 +382,11 @@ def plot(parts: dict[str, Part], path: Path) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--quick", action="store_true", help="smoke run: a ~1K-token document, 2 warm requests, 8 new tokens, 2 "
-                                                         "pass-key prompts of 768; writes bench/results/e2e_quick.*")
+    ap.add_argument(
+        "--quick",
+        action="store_true",
+        help="smoke run: a ~1K-token document, 2 warm requests, 8 new tokens, 2 pass-key prompts of 768; writes bench/results/e2e_quick.*",
+    )
     ap.add_argument("--out", help="also write the figures as JSON to this file")
     ap.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
     ap.add_argument("--parts", nargs="+", choices=list(PARTS), help="run only these parts (default: all)")
@@ -316,10 +406,19 @@ def main() -> None:
         ctx.close()
         shutil.rmtree(tmp, ignore_errors=True)
     name = "e2e_quick" if args.quick else "e2e"
-    figures = {"quick": args.quick, "threads": args.threads, "model": rm.MODEL_ID, "seconds": time.time() - t0,
-               **{k: p.figures for k, p in parts.items()}}
-    md = [f"## bench/e2e.py{' --quick' if args.quick else ''}", "",
-          f"Reference model {rm.MODEL_ID} (float32, CPU, {args.threads} torch thread(s)); {figures['seconds']:.0f} s in all.", ""]
+    figures = {
+        "quick": args.quick,
+        "threads": args.threads,
+        "model": rm.MODEL_ID,
+        "seconds": time.time() - t0,
+        **{k: p.figures for k, p in parts.items()},
+    }
+    md = [
+        f"## bench/e2e.py{' --quick' if args.quick else ''}",
+        "",
+        f"Reference model {rm.MODEL_ID} (float32, CPU, {args.threads} torch thread(s)); {figures['seconds']:.0f} s in all.",
+        "",
+    ]
     for k, p in parts.items():
         md += [f"### {k}", "", p.markdown, ""]
     save_results(name, figures, "\n".join(md), args.out)

@@ -143,8 +143,13 @@ def decode(model, cache, logits, position: int, num_tokens: int, hook=None) -> l
             out.append(nxt)
             if i + 1 == num_tokens:
                 break
-            lg = model(input_ids=torch.tensor([[nxt]]), past_key_values=cache, use_cache=True,
-                       cache_position=torch.tensor([position]), logits_to_keep=1).logits
+            lg = model(
+                input_ids=torch.tensor([[nxt]]),
+                past_key_values=cache,
+                use_cache=True,
+                cache_position=torch.tensor([position]),
+                logits_to_keep=1,
+            ).logits
             position += 1
             nxt = int(lg[0, -1].argmax())
     return out
@@ -191,14 +196,27 @@ def time_decode(model, make_cache, logits, position: int, *, steps: int, repeats
 
 
 def _speed_line(label: str, s: dict) -> str:
-    return (f"{label} at {s['context_tokens']}: full {s['full_tokens_per_s_cpu']:.1f} tok/s, sparse {s['sparse_tokens_per_s_cpu']:.1f} tok/s "
-            f"(x{s['speedup_cpu']:.2f} CPU time, x{s['speedup_wall']:.2f} wall); attention {s['full_attention_ms_per_step']:.1f} vs "
-            f"{s['sparse_attention_ms_per_step']:.1f} ms/step (x{s['attention_speedup']:.2f}); sparse reads {s['sparse_read_fraction']:.3f}")
+    return (
+        f"{label} at {s['context_tokens']}: full {s['full_tokens_per_s_cpu']:.1f} tok/s, sparse {s['sparse_tokens_per_s_cpu']:.1f} tok/s "
+        f"(x{s['speedup_cpu']:.2f} CPU time, x{s['speedup_wall']:.2f} wall); attention {s['full_attention_ms_per_step']:.1f} vs "
+        f"{s['sparse_attention_ms_per_step']:.1f} ms/step (x{s['attention_speedup']:.2f}); sparse reads {s['sparse_read_fraction']:.3f}"
+    )
 
 
-def sparse_decode_figures(model, tok, prompts, *, budget: int = BUDGET, selector: str = SELECTOR, decode_tokens: int = 32,
-                          repeats: int = 3, answer_tokens: int = 8, synthetic_contexts=(), progress=print,
-                          keep_cache_of: int | None = None):
+def sparse_decode_figures(
+    model,
+    tok,
+    prompts,
+    *,
+    budget: int = BUDGET,
+    selector: str = SELECTOR,
+    decode_tokens: int = 32,
+    repeats: int = 3,
+    answer_tokens: int = 8,
+    synthetic_contexts=(),
+    progress=print,
+    keep_cache_of: int | None = None,
+):
     """Pass-key accuracy of full vs sparse decode on every prompt; decode speed on the longest prompt
     (transformers' ``DynamicCache``, which copies the whole cache at every step, and a preallocated
     ``StaticCache``); and decode speed over random caches of ``synthetic_contexts`` tokens (speed only:
@@ -217,18 +235,37 @@ def sparse_decode_figures(model, tok, prompts, *, budget: int = BUDGET, selector
         answers = {}
         for name in ("full", "sparse"):
             hook = SparseDecode(selector=selector, budget=budget, dense_below=0) if name == "sparse" else None
-            answers[name] = tok.decode(decode(model, dynamic_cache([(lay.keys, lay.values) for lay in cache.layers]), logits, T,
-                                              answer_tokens, hook))
-            rows.append({"tokens": T, "depth": p.depth, "key": p.key, "family": p.family, "attention": name, "answer": answers[name],
-                         "correct": correct(answers[name], p.key)})
+            answers[name] = tok.decode(
+                decode(model, dynamic_cache([(lay.keys, lay.values) for lay in cache.layers]), logits, T, answer_tokens, hook)
+            )
+            rows.append(
+                {
+                    "tokens": T,
+                    "depth": p.depth,
+                    "key": p.key,
+                    "family": p.family,
+                    "attention": name,
+                    "answer": answers[name],
+                    "correct": correct(answers[name], p.key),
+                }
+            )
         progress(f"  (a) {T} tokens, depth {p.depth}: full {answers['full']!r}, sparse {answers['sparse']!r} (prefill {c.wall:.1f} s)")
         if i == longest:
             layers_kv = [(lay.keys, lay.values) for lay in cache.layers]
-            speed["dynamic"] = time_decode(model, lambda: dynamic_cache(layers_kv), logits, T, steps=decode_tokens, repeats=repeats,
-                                           budget=budget, selector=selector)
+            speed["dynamic"] = time_decode(
+                model, lambda: dynamic_cache(layers_kv), logits, T, steps=decode_tokens, repeats=repeats, budget=budget, selector=selector
+            )
             progress("  (a) " + _speed_line("DynamicCache", speed["dynamic"]))
-            speed["static"] = time_decode(model, lambda: static_cache(model, layers_kv, decode_tokens + 1), logits, T,
-                                          steps=decode_tokens, repeats=repeats, budget=budget, selector=selector)
+            speed["static"] = time_decode(
+                model,
+                lambda: static_cache(model, layers_kv, decode_tokens + 1),
+                logits,
+                T,
+                steps=decode_tokens,
+                repeats=repeats,
+                budget=budget,
+                selector=selector,
+            )
             progress("  (a) " + _speed_line("StaticCache", speed["static"]))
             del layers_kv
         if keep_cache_of == i:
@@ -239,10 +276,23 @@ def sparse_decode_figures(model, tok, prompts, *, budget: int = BUDGET, selector
     synthetic = []
     for T in synthetic_contexts:
         g = torch.Generator().manual_seed(T)
-        layers_kv = [(torch.randn(1, d.num_key_value_heads, T, head_dim, generator=g),
-                      torch.randn(1, d.num_key_value_heads, T, head_dim, generator=g)) for _ in range(d.num_hidden_layers)]
-        s = time_decode(model, lambda: dynamic_cache(layers_kv), torch.zeros(d.vocab_size), T,
-                        steps=decode_tokens, repeats=max(1, repeats - 1), budget=budget, selector=selector)
+        layers_kv = [
+            (
+                torch.randn(1, d.num_key_value_heads, T, head_dim, generator=g),
+                torch.randn(1, d.num_key_value_heads, T, head_dim, generator=g),
+            )
+            for _ in range(d.num_hidden_layers)
+        ]
+        s = time_decode(
+            model,
+            lambda: dynamic_cache(layers_kv),
+            torch.zeros(d.vocab_size),
+            T,
+            steps=decode_tokens,
+            repeats=max(1, repeats - 1),
+            budget=budget,
+            selector=selector,
+        )
         synthetic.append(s)
         progress("  (a) " + _speed_line("DynamicCache, random KV", s))
         del layers_kv
@@ -253,25 +303,49 @@ def sparse_decode_figures(model, tok, prompts, *, budget: int = BUDGET, selector
         for f in sorted({r["family"] for r in sel}):
             fs = [r for r in sel if r["family"] == f]
             fam_acc.setdefault(f, {})[name] = {"correct": sum(r["correct"] for r in fs), "total": len(fs)}
-    figures = {"selector": selector, "budget": budget, "accuracy": acc, "accuracy_per_family": fam_acc, "runs": rows, "speed": speed,
-               "synthetic": synthetic}
+    figures = {
+        "selector": selector,
+        "budget": budget,
+        "accuracy": acc,
+        "accuracy_per_family": fam_acc,
+        "runs": rows,
+        "speed": speed,
+        "synthetic": synthetic,
+    }
     lens = sorted({r["tokens"] for r in rows})
 
     def row(label, s):
-        return [label, s["context_tokens"], f"{s['full_tokens_per_s_cpu']:.1f}", f"{s['sparse_tokens_per_s_cpu']:.1f} (x{s['speedup_cpu']:.2f})",
-                f"x{s['speedup_wall']:.2f}", f"{s['full_attention_ms_per_step']:.1f}",
-                f"{s['sparse_attention_ms_per_step']:.1f} (x{s['attention_speedup']:.2f})"]
+        return [
+            label,
+            s["context_tokens"],
+            f"{s['full_tokens_per_s_cpu']:.1f}",
+            f"{s['sparse_tokens_per_s_cpu']:.1f} (x{s['speedup_cpu']:.2f})",
+            f"x{s['speedup_wall']:.2f}",
+            f"{s['full_attention_ms_per_step']:.1f}",
+            f"{s['sparse_attention_ms_per_step']:.1f} (x{s['attention_speedup']:.2f})",
+        ]
 
     table = [row("DynamicCache (pass-key prompt)", speed["dynamic"]), row("StaticCache (pass-key prompt)", speed["static"])]
     table += [row("DynamicCache, random KV", s) for s in synthetic]
-    md = [f"**(a) Sparse decode**: `SparseDecode(selector={selector!r}, budget={budget})` vs full attention (SDPA); prefill dense.", "",
-          f"Pass-key accuracy ({len(prompts)} prompts of {', '.join(map(str, lens))} tokens, {answer_tokens} tokens decoded): "
-          f"full {acc['full']['correct']}/{acc['full']['total']}, sparse {acc['sparse']['correct']}/{acc['sparse']['total']} (in total; "
-          "per family: " + ", ".join(f"{f} {v['full']['correct']}/{v['full']['total']} vs {v['sparse']['correct']}/{v['sparse']['total']}"
-                                     for f, v in fam_acc.items()) + "). Sparse at every length here (`dense_below=0`).", "",
-          f"Decode speed ({decode_tokens} steps per run, median of alternated runs; tokens/s from process CPU time, 1 thread; "
-          "attention = wall time in the attention function, all 30 layers):", "",
-          md_table(["cache", "context", "full tok/s", "sparse tok/s", "sparse (wall)", "full attention ms/step", "sparse attention ms/step"], table)]
+    md = [
+        f"**(a) Sparse decode**: `SparseDecode(selector={selector!r}, budget={budget})` vs full attention (SDPA); prefill dense.",
+        "",
+        f"Pass-key accuracy ({len(prompts)} prompts of {', '.join(map(str, lens))} tokens, {answer_tokens} tokens decoded): "
+        f"full {acc['full']['correct']}/{acc['full']['total']}, sparse {acc['sparse']['correct']}/{acc['sparse']['total']} (in total; "
+        "per family: "
+        + ", ".join(
+            f"{f} {v['full']['correct']}/{v['full']['total']} vs {v['sparse']['correct']}/{v['sparse']['total']}"
+            for f, v in fam_acc.items()
+        )
+        + "). Sparse at every length here (`dense_below=0`).",
+        "",
+        f"Decode speed ({decode_tokens} steps per run, median of alternated runs; tokens/s from process CPU time, 1 thread; "
+        "attention = wall time in the attention function, all 30 layers):",
+        "",
+        md_table(
+            ["cache", "context", "full tok/s", "sparse tok/s", "sparse (wall)", "full attention ms/step", "sparse attention ms/step"], table
+        ),
+    ]
     return figures, "\n".join(md), kept
 
 
@@ -285,12 +359,21 @@ def random_layers_kv(model, T: int):
     d = model.config
     head_dim = getattr(d, "head_dim", None) or d.hidden_size // d.num_attention_heads
     g = torch.Generator().manual_seed(T)
-    return [(torch.randn(1, d.num_key_value_heads, T, head_dim, generator=g),
-             torch.randn(1, d.num_key_value_heads, T, head_dim, generator=g)) for _ in range(d.num_hidden_layers)]
+    return [
+        (torch.randn(1, d.num_key_value_heads, T, head_dim, generator=g), torch.randn(1, d.num_key_value_heads, T, head_dim, generator=g))
+        for _ in range(d.num_hidden_layers)
+    ]
 
 
-def layer_costs(model, *, lengths=CROSSOVER_LENGTHS, selectors=("quest", "ann", "topk_exact"), budget: int = BUDGET,
-                max_index_tokens: int = 16384, repeats: int = 10) -> tuple[dict, str]:
+def layer_costs(
+    model,
+    *,
+    lengths=CROSSOVER_LENGTHS,
+    selectors=("quest", "ann", "topk_exact"),
+    budget: int = BUDGET,
+    max_index_tokens: int = 16384,
+    repeats: int = 10,
+) -> tuple[dict, str]:
     """Per layer, process CPU time: dense SDPA of one decode query vs a selector's ``prepare`` (its
     set-up) and ``select`` + ``sparse_decode`` (its step), on random keys of the model's shape."""
     import torch.nn.functional as F
@@ -304,8 +387,7 @@ def layer_costs(model, *, lengths=CROSSOVER_LENGTHS, selectors=("quest", "ann", 
     rows = []
     for T in lengths:
         g = torch.Generator().manual_seed(T)
-        k, v, q = (torch.randn(1, H_kv, T, D, generator=g), torch.randn(1, H_kv, T, D, generator=g),
-                   torch.randn(1, H_q, D, generator=g))
+        k, v, q = (torch.randn(1, H_kv, T, D, generator=g), torch.randn(1, H_kv, T, D, generator=g), torch.randn(1, H_q, D, generator=g))
         c0 = time.process_time()
         for _ in range(repeats):
             F.scaled_dot_product_attention(q.view(1, H_q, 1, D), k, v, enable_gqa=True)
@@ -322,16 +404,34 @@ def layer_costs(model, *, lengths=CROSSOVER_LENGTHS, selectors=("quest", "ann", 
                 sparse_decode(q, k, v, sel.select(q, k, budget, st), check_indices=False)
             row[name] = {"prepare_ms": 1e3 * prep, "step_ms": 1e3 * (time.process_time() - c0) / repeats}
         rows.append(row)
-    table = [[r["context_tokens"], f"{r['dense_ms']:.2f}",
-              *[(f"{r[n]['prepare_ms']:.1f} / {r[n]['step_ms']:.2f}" if n in r else "not run") for n in selectors]] for r in rows]
-    md = [f"Per layer ({H_q} query heads, {H_kv} KV heads, head dim {D}, budget {budget}; process CPU ms): dense SDPA step vs "
-          "each selector's set-up / step (`prepare` / `select` + `sparse_decode`):", "",
-          md_table(["context", "dense step", *[f"{n} set-up / step" for n in selectors]], table)]
+    table = [
+        [
+            r["context_tokens"],
+            f"{r['dense_ms']:.2f}",
+            *[(f"{r[n]['prepare_ms']:.1f} / {r[n]['step_ms']:.2f}" if n in r else "not run") for n in selectors],
+        ]
+        for r in rows
+    ]
+    md = [
+        f"Per layer ({H_q} query heads, {H_kv} KV heads, head dim {D}, budget {budget}; process CPU ms): dense SDPA step vs "
+        "each selector's set-up / step (`prepare` / `select` + `sparse_decode`):",
+        "",
+        md_table(["context", "dense step", *[f"{n} set-up / step" for n in selectors]], table),
+    ]
     return {"rows": rows}, "\n".join(md)
 
 
-def crossover_figures(model, *, lengths=CROSSOVER_LENGTHS, selectors=CROSSOVER_SELECTORS, answer_tokens: int = 32,
-                      budget: int = BUDGET, max_inline_index_tokens: int = 2048, repeats: int = 3, progress=print):
+def crossover_figures(
+    model,
+    *,
+    lengths=CROSSOVER_LENGTHS,
+    selectors=CROSSOVER_SELECTORS,
+    answer_tokens: int = 32,
+    budget: int = BUDGET,
+    max_inline_index_tokens: int = 2048,
+    repeats: int = 3,
+    progress=print,
+):
     """Tokens/s of a ``answer_tokens``-token answer (``answer_tokens`` decode steps from a prefilled
     ``DynamicCache`` of random KV), set-up included (the selector's state is built in the first
     step): full attention vs each selector forced sparse (``dense_below=0``, state built inline)
@@ -366,28 +466,53 @@ def crossover_figures(model, *, lengths=CROSSOVER_LENGTHS, selectors=CROSSOVER_S
                 runs[name].append(run)
         row = {"context_tokens": T, "answer_tokens": answer_tokens, "budget": budget, "repeats": repeats}
         for name, rs in runs.items():
-            row[name] = {"tokens_per_s_cpu": _median([answer_tokens / r["cpu"] for r in rs]),
-                         "tokens_per_s_wall": _median([answer_tokens / r["wall"] for r in rs]),
-                         "sparse_calls": rs[-1].get("sparse_calls"), "dense_calls": rs[-1].get("dense_calls")}
+            row[name] = {
+                "tokens_per_s_cpu": _median([answer_tokens / r["cpu"] for r in rs]),
+                "tokens_per_s_wall": _median([answer_tokens / r["wall"] for r in rs]),
+                "sparse_calls": rs[-1].get("sparse_calls"),
+                "dense_calls": rs[-1].get("dense_calls"),
+            }
             full = row["full"]["tokens_per_s_cpu"]
-            progress(f"  (a2) {T} tokens, {name}: {row[name]['tokens_per_s_cpu']:.2f} tok/s CPU (x{row[name]['tokens_per_s_cpu'] / full:.2f} "
-                     f"of full), {row[name]['tokens_per_s_wall']:.2f} tok/s wall")
+            progress(
+                f"  (a2) {T} tokens, {name}: {row[name]['tokens_per_s_cpu']:.2f} tok/s CPU (x{row[name]['tokens_per_s_cpu'] / full:.2f} "
+                f"of full), {row[name]['tokens_per_s_wall']:.2f} tok/s wall"
+            )
         rows.append(row)
         del layers_kv
     names = list(dict.fromkeys(n for r in rows for n in r if isinstance(r[n], dict)))
     table = []
     for r in rows:
         full = r["full"]["tokens_per_s_cpu"]
-        table.append([r["context_tokens"], *[(f"{r[n]['tokens_per_s_cpu']:.1f}" + ("" if n == "full" else f" (x{r[n]['tokens_per_s_cpu'] / full:.2f})"))
-                                           if n in r else "not run" for n in names]])
-    worst = min((r[n]["tokens_per_s_cpu"] / r["full"]["tokens_per_s_cpu"] for r in rows for n in r
-                 if isinstance(r.get(n), dict) and n.endswith("default")), default=None)
-    md = [f"**(a2) Crossover**: tokens/s of a {answer_tokens}-token answer over a cache of random KV (set-up included; median of "
-          f"{repeats} alternated rounds, process CPU time, which counts background index builds too), budget {budget}; `forced`: "
-          "`dense_below=0` (sparse at every length, state built inline), `default`: `dense_below=\"auto\"` and index states built in "
-          "the background; x = / full:", "",
-          md_table(["context", *names], table), "",
-          f"Slowest default configuration relative to full attention: x{worst:.2f}." if worst is not None else ""]
+        table.append(
+            [
+                r["context_tokens"],
+                *[
+                    (f"{r[n]['tokens_per_s_cpu']:.1f}" + ("" if n == "full" else f" (x{r[n]['tokens_per_s_cpu'] / full:.2f})"))
+                    if n in r
+                    else "not run"
+                    for n in names
+                ],
+            ]
+        )
+    worst = min(
+        (
+            r[n]["tokens_per_s_cpu"] / r["full"]["tokens_per_s_cpu"]
+            for r in rows
+            for n in r
+            if isinstance(r.get(n), dict) and n.endswith("default")
+        ),
+        default=None,
+    )
+    md = [
+        f"**(a2) Crossover**: tokens/s of a {answer_tokens}-token answer over a cache of random KV (set-up included; median of "
+        f"{repeats} alternated rounds, process CPU time, which counts background index builds too), budget {budget}; `forced`: "
+        '`dense_below=0` (sparse at every length, state built inline), `default`: `dense_below="auto"` and index states built in '
+        "the background; x = / full:",
+        "",
+        md_table(["context", *names], table),
+        "",
+        f"Slowest default configuration relative to full attention: x{worst:.2f}." if worst is not None else "",
+    ]
     return {"lengths": list(lengths), "rows": rows, "worst_default_vs_full": worst}, "\n".join(md)
 
 
@@ -411,12 +536,20 @@ def shared_prefix_figures(model, tok, prefix_cache, prefix_tokens: int, *, batch
     for name in ("shared", "per_sequence"):
         st = SharedPrefixStats()
         with Clock() as clk:
-            out = shared_prefix_generate(model, prefix_ids, suffixes, max_new_tokens=new_tokens, prefix_kv=prefix_kv, attention=name, stats=st)
-        results[name] = {"tokens": out, "decode_step_s": st.decode_seconds / st.decode_steps,
-                         "attention_per_step_s": st.decode_attention_seconds / st.decode_steps, "suffix_prefill_s": st.suffix_seconds,
-                         "total_s": clk.wall}
-        progress(f"  (b) {name}: {1e3 * results[name]['decode_step_s']:.1f} ms per decode step, "
-                 f"{1e3 * results[name]['attention_per_step_s']:.1f} ms in attention")
+            out = shared_prefix_generate(
+                model, prefix_ids, suffixes, max_new_tokens=new_tokens, prefix_kv=prefix_kv, attention=name, stats=st
+            )
+        results[name] = {
+            "tokens": out,
+            "decode_step_s": st.decode_seconds / st.decode_steps,
+            "attention_per_step_s": st.decode_attention_seconds / st.decode_steps,
+            "suffix_prefill_s": st.suffix_seconds,
+            "total_s": clk.wall,
+        }
+        progress(
+            f"  (b) {name}: {1e3 * results[name]['decode_step_s']:.1f} ms per decode step, "
+            f"{1e3 * results[name]['attention_per_step_s']:.1f} ms in attention"
+        )
     # transformers' own batch decode over a batch cache that holds the prefix once per sequence
     n = len(suffixes[0])
     cache = copy_cache(prefix_cache, prefix_tokens, batch)
@@ -424,8 +557,13 @@ def shared_prefix_figures(model, tok, prefix_cache, prefix_tokens: int, *, batch
 
     toks = [[] for _ in range(batch)]
     with torch.inference_mode(), timed.attach(model):
-        lg = model(input_ids=torch.tensor(suffixes), past_key_values=cache, use_cache=True,
-                   cache_position=torch.arange(prefix_tokens, prefix_tokens + n), logits_to_keep=1).logits[:, -1]
+        lg = model(
+            input_ids=torch.tensor(suffixes),
+            past_key_values=cache,
+            use_cache=True,
+            cache_position=torch.arange(prefix_tokens, prefix_tokens + n),
+            logits_to_keep=1,
+        ).logits[:, -1]
         pos = prefix_tokens + n
         timed.seconds = 0.0
         t0 = time.perf_counter()
@@ -435,37 +573,60 @@ def shared_prefix_figures(model, tok, prefix_cache, prefix_tokens: int, *, batch
                 toks[b].append(t)
             if step + 1 == new_tokens:
                 break
-            lg = model(input_ids=nxt.view(batch, 1), past_key_values=cache, use_cache=True,
-                       cache_position=torch.tensor([pos]), logits_to_keep=1).logits[:, -1]
+            lg = model(
+                input_ids=nxt.view(batch, 1), past_key_values=cache, use_cache=True, cache_position=torch.tensor([pos]), logits_to_keep=1
+            ).logits[:, -1]
             pos += 1
         steps = new_tokens - 1
-        results["transformers_sdpa"] = {"tokens": toks, "decode_step_s": (time.perf_counter() - t0) / steps,
-                                        "attention_per_step_s": timed.seconds / steps}
+        results["transformers_sdpa"] = {
+            "tokens": toks,
+            "decode_step_s": (time.perf_counter() - t0) / steps,
+            "attention_per_step_s": timed.seconds / steps,
+        }
     del cache
-    progress(f"  (b) transformers batch SDPA: {1e3 * results['transformers_sdpa']['decode_step_s']:.1f} ms per decode step, "
-             f"{1e3 * results['transformers_sdpa']['attention_per_step_s']:.1f} ms in attention")
+    progress(
+        f"  (b) transformers batch SDPA: {1e3 * results['transformers_sdpa']['decode_step_s']:.1f} ms per decode step, "
+        f"{1e3 * results['transformers_sdpa']['attention_per_step_s']:.1f} ms in attention"
+    )
     ref = results["transformers_sdpa"]["tokens"]
     for name in ("shared", "per_sequence"):
         results[name]["sequences_matching_transformers"] = sum(a == b for a, b in zip(results[name]["tokens"], ref))
     hyd = results["shared"]
-    figures = {"batch": batch, "prefix_tokens": prefix_tokens, "suffix_tokens": n, "new_tokens": new_tokens,
-               "attention_speedup_vs_per_sequence": results["per_sequence"]["attention_per_step_s"] / hyd["attention_per_step_s"],
-               "attention_speedup_vs_transformers": results["transformers_sdpa"]["attention_per_step_s"] / hyd["attention_per_step_s"],
-               "step_speedup_vs_per_sequence": results["per_sequence"]["decode_step_s"] / hyd["decode_step_s"],
-               "step_speedup_vs_transformers": results["transformers_sdpa"]["decode_step_s"] / hyd["decode_step_s"],
-               "outputs_match": all(results[k]["sequences_matching_transformers"] == batch for k in ("shared", "per_sequence")),
-               "results": results}
-    label = {"shared": "Hydragen (`shared_prefix_decode`)", "per_sequence": "per-sequence copies (`sparse_decode`, all tokens)",
-             "transformers_sdpa": "transformers batch cache (SDPA)"}
+    figures = {
+        "batch": batch,
+        "prefix_tokens": prefix_tokens,
+        "suffix_tokens": n,
+        "new_tokens": new_tokens,
+        "attention_speedup_vs_per_sequence": results["per_sequence"]["attention_per_step_s"] / hyd["attention_per_step_s"],
+        "attention_speedup_vs_transformers": results["transformers_sdpa"]["attention_per_step_s"] / hyd["attention_per_step_s"],
+        "step_speedup_vs_per_sequence": results["per_sequence"]["decode_step_s"] / hyd["decode_step_s"],
+        "step_speedup_vs_transformers": results["transformers_sdpa"]["decode_step_s"] / hyd["decode_step_s"],
+        "outputs_match": all(results[k]["sequences_matching_transformers"] == batch for k in ("shared", "per_sequence")),
+        "results": results,
+    }
+    label = {
+        "shared": "Hydragen (`shared_prefix_decode`)",
+        "per_sequence": "per-sequence copies (`sparse_decode`, all tokens)",
+        "transformers_sdpa": "transformers batch cache (SDPA)",
+    }
     rows = []
     for k in ("shared", "per_sequence", "transformers_sdpa"):
         r = results[k]
         match = "reference" if k == "transformers_sdpa" else f"{r['sequences_matching_transformers']}/{batch}"
-        rows.append([label[k], f"{1e3 * r['attention_per_step_s']:.1f} (x{r['attention_per_step_s'] / hyd['attention_per_step_s']:.2f})",
-                     f"{1e3 * r['decode_step_s']:.1f} (x{r['decode_step_s'] / hyd['decode_step_s']:.2f})", match])
-    md = [f"**(b) Shared prefix**: batch of {batch}, shared prefix {prefix_tokens} tokens, own suffix {n} tokens each, "
-          f"{new_tokens} tokens generated (per decode step of the whole batch, all 30 layers; x = time / Hydragen's):", "",
-          md_table(["decode attention", "attention ms/step", "whole step ms", "outputs equal to transformers'"], rows)]
+        rows.append(
+            [
+                label[k],
+                f"{1e3 * r['attention_per_step_s']:.1f} (x{r['attention_per_step_s'] / hyd['attention_per_step_s']:.2f})",
+                f"{1e3 * r['decode_step_s']:.1f} (x{r['decode_step_s'] / hyd['decode_step_s']:.2f})",
+                match,
+            ]
+        )
+    md = [
+        f"**(b) Shared prefix**: batch of {batch}, shared prefix {prefix_tokens} tokens, own suffix {n} tokens each, "
+        f"{new_tokens} tokens generated (per decode step of the whole batch, all 30 layers; x = time / Hydragen's):",
+        "",
+        md_table(["decode attention", "attention ms/step", "whole step ms", "outputs equal to transformers'"], rows),
+    ]
     return figures, "\n".join(md)
 
 
@@ -480,30 +641,64 @@ def token_policy_figures(model, tok, prompts, *, ratio: float = 0.5, scorer: str
     rows = []
     for p in prompts:
         ctx, question = rm.split_context(tok, p)
-        for name, policy in (("none", TokenPolicy(scorer=scorer, ratio=0.0)),
-                             ("drop", TokenPolicy(scorer=scorer, ratio=ratio, mode="drop")),
-                             ("demote", TokenPolicy(scorer=scorer, ratio=ratio, mode="demote"))):
+        for name, policy in (
+            ("none", TokenPolicy(scorer=scorer, ratio=0.0)),
+            ("drop", TokenPolicy(scorer=scorer, ratio=ratio, mode="drop")),
+            ("demote", TokenPolicy(scorer=scorer, ratio=ratio, mode="demote")),
+        ):
             r = generate(model, ctx + question, tokenizer=tok, policy=policy, context_tokens=len(ctx), max_new_tokens=answer_tokens)
             kv = policy.last_kv
-            rows.append({"tokens": len(ctx) + len(question), "depth": p.depth, "key": p.key, "family": p.family, "mode": name,
-                         "answer": r.text, "correct": correct(r.text, p.key), "ttft_s": r.ttft_s, "decode_s": r.decode_s,
-                         "finish_reason": r.finish_reason, "evicted": kv.stats.evicted_tokens, "recalled": kv.stats.recalled_tokens,
-                         "max_fast_tokens": max(max(kv.fast_tokens(i)) for i in range(kv.num_layers))})
-            progress(f"  (c) {p.family} {rows[-1]['tokens']} tokens, depth {p.depth}, {name}: {r.text!r} "
-                     f"(ttft {r.ttft_s:.1f} s, {r.finish_reason})")
-    acc = {m: {"correct": sum(r["correct"] for r in rows if r["mode"] == m), "total": sum(r["mode"] == m for r in rows)}
-           for m in ("none", "drop", "demote")}
-    table = [[m if m == "none" else f"{m}, ratio {ratio}", f"{acc[m]['correct']}/{acc[m]['total']}",
-              max(r["max_fast_tokens"] for r in rows if r["mode"] == m)] for m in ("none", "drop", "demote")]
+            rows.append(
+                {
+                    "tokens": len(ctx) + len(question),
+                    "depth": p.depth,
+                    "key": p.key,
+                    "family": p.family,
+                    "mode": name,
+                    "answer": r.text,
+                    "correct": correct(r.text, p.key),
+                    "ttft_s": r.ttft_s,
+                    "decode_s": r.decode_s,
+                    "finish_reason": r.finish_reason,
+                    "evicted": kv.stats.evicted_tokens,
+                    "recalled": kv.stats.recalled_tokens,
+                    "max_fast_tokens": max(max(kv.fast_tokens(i)) for i in range(kv.num_layers)),
+                }
+            )
+            progress(
+                f"  (c) {p.family} {rows[-1]['tokens']} tokens, depth {p.depth}, {name}: {r.text!r} "
+                f"(ttft {r.ttft_s:.1f} s, {r.finish_reason})"
+            )
+    acc = {
+        m: {"correct": sum(r["correct"] for r in rows if r["mode"] == m), "total": sum(r["mode"] == m for r in rows)}
+        for m in ("none", "drop", "demote")
+    }
+    table = [
+        [
+            m if m == "none" else f"{m}, ratio {ratio}",
+            f"{acc[m]['correct']}/{acc[m]['total']}",
+            max(r["max_fast_tokens"] for r in rows if r["mode"] == m),
+        ]
+        for m in ("none", "drop", "demote")
+    ]
     lens = sorted({r["tokens"] for r in rows})
     fams = sorted({r["family"] for r in rows})
     demote = TokenPolicy(scorer=scorer, ratio=ratio, mode="demote")
-    md = [f"**(c) Token policy** (`generate(..., policy=TokenPolicy({scorer!r}, ratio={ratio}), context_tokens=len(context))`: the "
-          f"context compressed once, the question and answer uncompressed; demote recall {demote.recall_budget} tokens per KV head and "
-          f"query through `{demote.recall_selector}`), prompts of {', '.join(map(str, lens))} tokens, families {', '.join(fams)}:", "",
-          md_table(["eviction", "pass-key correct", "max fast-tier tokens per head"], table)]
-    return {"scorer": scorer, "ratio": ratio, "recall_selector": demote.recall_selector, "recall_budget": demote.recall_budget,
-            "accuracy": acc, "runs": rows}, "\n".join(md)
+    md = [
+        f"**(c) Token policy** (`generate(..., policy=TokenPolicy({scorer!r}, ratio={ratio}), context_tokens=len(context))`: the "
+        f"context compressed once, the question and answer uncompressed; demote recall {demote.recall_budget} tokens per KV head and "
+        f"query through `{demote.recall_selector}`), prompts of {', '.join(map(str, lens))} tokens, families {', '.join(fams)}:",
+        "",
+        md_table(["eviction", "pass-key correct", "max fast-tier tokens per head"], table),
+    ]
+    return {
+        "scorer": scorer,
+        "ratio": ratio,
+        "recall_selector": demote.recall_selector,
+        "recall_budget": demote.recall_budget,
+        "accuracy": acc,
+        "runs": rows,
+    }, "\n".join(md)
 
 
 # -- everything -----------------------------------------------------------------------------------------
@@ -529,8 +724,16 @@ def run_all(model, tok, *, quick: bool = False, progress=print):
         xo = {}
     longest = max(range(len(prompts)), key=lambda i: len(prompts[i].input_ids))
     t0 = time.time()
-    fa, ma, kept = sparse_decode_figures(model, tok, prompts, decode_tokens=decode_tokens, repeats=repeats, progress=progress,
-                                         synthetic_contexts=synthetic, keep_cache_of=longest)
+    fa, ma, kept = sparse_decode_figures(
+        model,
+        tok,
+        prompts,
+        decode_tokens=decode_tokens,
+        repeats=repeats,
+        progress=progress,
+        synthetic_contexts=synthetic,
+        keep_cache_of=longest,
+    )
     prefix_tokens = min(prefix_tokens, len(kept[1].input_ids))
     fb, mb = shared_prefix_figures(model, tok, kept[0], prefix_tokens, new_tokens=new_tokens, progress=progress)
     del kept
@@ -543,20 +746,27 @@ def run_all(model, tok, *, quick: bool = False, progress=print):
 def summary_lines(figures: dict) -> list[str]:
     """The ratios of ``run_all``'s figures, one line each (printed at the end of a run)."""
     a, b = figures["sparse_decode"], figures["shared_prefix"]
-    lines = [f"sparse decode vs full, {label} at {sp['context_tokens']}: x{sp['speedup_cpu']:.2f} tokens/s (CPU time), "
-             f"x{sp['speedup_wall']:.2f} (wall), attention x{sp['attention_speedup']:.2f}"
-             for label, sp in [("DynamicCache", a["speed"]["dynamic"]), ("StaticCache", a["speed"]["static"])]
-             + [("random KV", x) for x in a["synthetic"]]]
-    lines.append(f"Hydragen attention x{b['attention_speedup_vs_per_sequence']:.2f} vs per-sequence, "
-                 f"x{b['attention_speedup_vs_transformers']:.2f} vs transformers SDPA; whole step "
-                 f"x{b['step_speedup_vs_transformers']:.2f} vs transformers; outputs match: {b['outputs_match']}")
+    lines = [
+        f"sparse decode vs full, {label} at {sp['context_tokens']}: x{sp['speedup_cpu']:.2f} tokens/s (CPU time), "
+        f"x{sp['speedup_wall']:.2f} (wall), attention x{sp['attention_speedup']:.2f}"
+        for label, sp in [("DynamicCache", a["speed"]["dynamic"]), ("StaticCache", a["speed"]["static"])]
+        + [("random KV", x) for x in a["synthetic"]]
+    ]
+    lines.append(
+        f"Hydragen attention x{b['attention_speedup_vs_per_sequence']:.2f} vs per-sequence, "
+        f"x{b['attention_speedup_vs_transformers']:.2f} vs transformers SDPA; whole step "
+        f"x{b['step_speedup_vs_transformers']:.2f} vs transformers; outputs match: {b['outputs_match']}"
+    )
     return lines
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--quick", action="store_true", help="smoke run (768-token prompt and prefix, one 320-token policy prompt); "
-                    "writes bench/results/e2e_attn_quick.*")
+    ap.add_argument(
+        "--quick",
+        action="store_true",
+        help="smoke run (768-token prompt and prefix, one 320-token policy prompt); writes bench/results/e2e_attn_quick.*",
+    )
     ap.add_argument("--out", help="also write the figures as JSON to this file")
     ap.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
     ap.add_argument("--crossover", action="store_true", help="only the crossover table (a2); writes bench/results/e2e_attn_crossover.*")
@@ -570,12 +780,17 @@ def main() -> None:
         lengths = tuple(args.lengths or CROSSOVER_LENGTHS)
         fl, ml = layer_costs(model, lengths=lengths)
         print(ml, flush=True)
-        fx, md = crossover_figures(model, lengths=lengths, selectors=tuple(args.selectors or CROSSOVER_SELECTORS),
-                                   progress=lambda s: print(s, flush=True))
+        fx, md = crossover_figures(
+            model, lengths=lengths, selectors=tuple(args.selectors or CROSSOVER_SELECTORS), progress=lambda s: print(s, flush=True)
+        )
         md = ml + "\n\n" + md
         fx.update({"threads": args.threads, "seconds": time.time() - t0, "layer_costs": fl})
-        save_results("e2e_attn_crossover", fx, f"## bench/e2e_attn.py --crossover\n\nSmolLM2-135M-Instruct, CPU, {args.threads} torch "
-                     f"thread(s).\n\n{md}", args.out)
+        save_results(
+            "e2e_attn_crossover",
+            fx,
+            f"## bench/e2e_attn.py --crossover\n\nSmolLM2-135M-Instruct, CPU, {args.threads} torch thread(s).\n\n{md}",
+            args.out,
+        )
         print(md)
         return
     figures, md = run_all(model, tok, quick=args.quick, progress=lambda s: print(s, flush=True))

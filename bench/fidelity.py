@@ -84,8 +84,9 @@ class Captured:
 
         def hook(module, args, kwargs, output):
             cos, sin = kwargs["position_embeddings"]
-            self.layers.append({"hidden_states": kwargs["hidden_states"].detach().clone(), "cos": cos.detach().clone(),
-                                "sin": sin.detach().clone()})
+            self.layers.append(
+                {"hidden_states": kwargs["hidden_states"].detach().clone(), "cos": cos.detach().clone(), "sin": sin.detach().clone()}
+            )
 
         handles = [m.register_forward_hook(hook, with_kwargs=True) for m in mods]
         try:
@@ -168,8 +169,9 @@ VARIANTS = {"adakv": ("snapkv", {"head_budgets": "adaptive"}), "duo": ("snapkv",
 
 
 @torch.inference_mode()
-def make_kv(model, cap: Captured, *, scorer: str | None, ratio: float, mode: str, recall_budget: int, profile=None,
-            recall_selector: str = "ann"):
+def make_kv(
+    model, cap: Captured, *, scorer: str | None, ratio: float, mode: str, recall_budget: int, profile=None, recall_selector: str = "ann"
+):
     from kvtier.eviction.tokens import Compressor
     from kvtier.retrieval import get_selector
     from kvtier.connectors.hf_tokens import make_evicting_kv
@@ -179,8 +181,14 @@ def make_kv(model, cap: Captured, *, scorer: str | None, ratio: float, mode: str
         options = dict(VARIANTS[scorer][1], **({"head_profile": profile} if scorer == "duo" else {}))
         scorer = VARIANTS[scorer][0]
     comp = Compressor(scorer or "streaming_llm", ratio=ratio if scorer else 0.0, sink_tokens=SINKS, window_tokens=WINDOW, **options)
-    kv = make_evicting_kv(model, comp, mode=mode, observation_window=WINDOW, recall_budget=recall_budget,
-                          recall=get_selector(recall_selector, num_sink=0, num_recent=0) if mode == "demote" else None)
+    kv = make_evicting_kv(
+        model,
+        comp,
+        mode=mode,
+        observation_window=WINDOW,
+        recall_budget=recall_budget,
+        recall=get_selector(recall_selector, num_sink=0, num_recent=0) if mode == "demote" else None,
+    )
     for i, lay in enumerate(cap.layers):
         kv.append(i, lay["keys"][0], lay["values"][0], cap.window_queries(model, i, WINDOW))
     if scorer:
@@ -200,8 +208,13 @@ def kvpress_cache(model, cap: Captured, press_name: str, ratio: float):
         attn = layer.self_attn
         attn.rotary_emb = model.model.rotary_emb
         lay = cap.layers[i]
-        kwargs = {"hidden_states": lay["hidden_states"], "past_key_values": cache, "cache_position": torch.arange(T),
-                  "position_embeddings": (lay["cos"], lay["sin"]), "attention_mask": None}
+        kwargs = {
+            "hidden_states": lay["hidden_states"],
+            "past_key_values": cache,
+            "cache_position": torch.arange(T),
+            "position_embeddings": (lay["cos"], lay["sin"]),
+            "attention_mask": None,
+        }
         press.forward_hook(attn, [], kwargs, (None, None))
     return cache
 
@@ -226,8 +239,9 @@ def measure_head_profile(model, tok, retrieval_fraction: float, num_tokens: int 
     return prof.profile(retrieval_fraction)
 
 
-def run_passkey(model, tok, prompts, ratios, methods, recall_budget, progress, profile=None, checkpoint=None,
-                recall_selector: str = "ann") -> list[dict]:
+def run_passkey(
+    model, tok, prompts, ratios, methods, recall_budget, progress, profile=None, checkpoint=None, recall_selector: str = "ann"
+) -> list[dict]:
     rows = []
     for num_done, p in enumerate(prompts):
         if checkpoint is not None and num_done:
@@ -235,10 +249,21 @@ def run_passkey(model, tok, prompts, ratios, methods, recall_budget, progress, p
         ctx, question = split_prompt(tok, p)
         cap = Captured(model, torch.tensor(ctx))
         T = cap.num_tokens
-        full = answer_with_kv(model, tok, make_kv(model, cap, scorer=None, ratio=0.0, mode="drop", recall_budget=recall_budget),
-                              question, T)
-        rows.append({"method": "full", "ratio": 0.0, "tokens": T, "depth": p.depth, "key": p.key, "family": p.family, "answer": full,
-                     "correct": correct(full, p.key)})
+        full = answer_with_kv(
+            model, tok, make_kv(model, cap, scorer=None, ratio=0.0, mode="drop", recall_budget=recall_budget), question, T
+        )
+        rows.append(
+            {
+                "method": "full",
+                "ratio": 0.0,
+                "tokens": T,
+                "depth": p.depth,
+                "key": p.key,
+                "family": p.family,
+                "answer": full,
+                "correct": correct(full, p.key),
+            }
+        )
         progress(rows[-1])
         for ratio in ratios:
             for method in methods:
@@ -246,19 +271,38 @@ def run_passkey(model, tok, prompts, ratios, methods, recall_budget, progress, p
                 if family == "kvpress":
                     ans = answer_with_cache(model, tok, kvpress_cache(model, cap, SCORERS[name], ratio), question, T)
                 else:
-                    kv = make_kv(model, cap, scorer=name, ratio=ratio, mode=family.split("-")[1], recall_budget=recall_budget, profile=profile,
-                                 recall_selector=recall_selector)
+                    kv = make_kv(
+                        model,
+                        cap,
+                        scorer=name,
+                        ratio=ratio,
+                        mode=family.split("-")[1],
+                        recall_budget=recall_budget,
+                        profile=profile,
+                        recall_selector=recall_selector,
+                    )
                     ans = answer_with_kv(model, tok, kv, question, T)
-                rows.append({"method": method, "ratio": ratio, "tokens": T, "depth": p.depth, "key": p.key, "family": p.family,
-                             "answer": ans, "correct": correct(ans, p.key)})
+                rows.append(
+                    {
+                        "method": method,
+                        "ratio": ratio,
+                        "tokens": T,
+                        "depth": p.depth,
+                        "key": p.key,
+                        "family": p.family,
+                        "answer": ans,
+                        "correct": correct(ans, p.key),
+                    }
+                )
                 progress(rows[-1])
         del cap
     return rows
 
 
 @torch.inference_mode()
-def run_perplexity(model, tok, num_tokens: int, ratios, scorer: str, recall_budget: int, progress,
-                   recall_selector: str = "ann") -> list[dict]:
+def run_perplexity(
+    model, tok, num_tokens: int, ratios, scorer: str, recall_budget: int, progress, recall_selector: str = "ann"
+) -> list[dict]:
     """Held-out text in chunks of 256, kvtier evicting between chunks; NLL of every token."""
     from kvtier.eviction.tokens import Compressor
     from kvtier.retrieval import get_selector
@@ -270,9 +314,15 @@ def run_perplexity(model, tok, num_tokens: int, ratios, scorer: str, recall_budg
     for ratio, mode in [(0.0, "full")] + [(r, m) for r in ratios for m in ("drop", "demote")]:
         budget = num_tokens - math.floor(num_tokens * ratio)
         comp = Compressor(scorer, budget=budget, sink_tokens=SINKS, window_tokens=WINDOW)
-        kv = make_evicting_kv(model, comp, mode="demote" if mode == "demote" else "drop", observation_window=WINDOW,
-                              trigger_tokens=None if mode == "full" else budget, recall_budget=recall_budget,
-                              recall=get_selector(recall_selector, num_sink=0, num_recent=0) if mode == "demote" else None)
+        kv = make_evicting_kv(
+            model,
+            comp,
+            mode="demote" if mode == "demote" else "drop",
+            observation_window=WINDOW,
+            trigger_tokens=None if mode == "full" else budget,
+            recall_budget=recall_budget,
+            recall=get_selector(recall_selector, num_sink=0, num_recent=0) if mode == "demote" else None,
+        )
         nll = []
         with evicting_attention(model, kv):
             for a in range(0, num_tokens, 256):
@@ -282,8 +332,16 @@ def run_perplexity(model, tok, num_tokens: int, ratios, scorer: str, recall_budg
                 logp = torch.log_softmax(logits[: targets.numel()].double(), -1)
                 nll.append(-logp.gather(1, targets.view(-1, 1)).view(-1))
         ppl = float(torch.exp(torch.cat(nll).mean()))
-        rows.append({"mode": mode, "ratio": ratio, "scorer": scorer, "tokens": num_tokens, "perplexity": ppl,
-                     "max_fast_tokens": max(max(kv.fast_tokens(i)) for i in range(cfg.num_hidden_layers))})
+        rows.append(
+            {
+                "mode": mode,
+                "ratio": ratio,
+                "scorer": scorer,
+                "tokens": num_tokens,
+                "perplexity": ppl,
+                "max_fast_tokens": max(max(kv.fast_tokens(i)) for i in range(cfg.num_hidden_layers)),
+            }
+        )
         progress(rows[-1])
     return rows
 
@@ -327,8 +385,16 @@ def plot(acc: dict, ratios, path: str) -> None:
     colors = plt.cm.tab20.colors
     for i, (m, per) in enumerate(acc.items()):
         style = "-" if m.startswith("kvtier") else ("--" if m.startswith("kvpress") else ":")
-        ax.plot(ratios, [per[str(r)] for r in ratios], style, marker="osD^v<>"[i % 7], markersize=5, label=m,
-                color="black" if m == "full" else colors[i % len(colors)], linewidth=2.5 if "demote" in m else 1.2)
+        ax.plot(
+            ratios,
+            [per[str(r)] for r in ratios],
+            style,
+            marker="osD^v<>"[i % 7],
+            markersize=5,
+            label=m,
+            color="black" if m == "full" else colors[i % len(colors)],
+            linewidth=2.5 if "demote" in m else 1.2,
+        )
     ax.set_xlabel("compression ratio (share of context KV off the fast tier)")
     ax.set_ylabel("pass-key accuracy")
     ax.set_ylim(-0.05, 1.05)
@@ -344,15 +410,26 @@ def paired(rows, names, ratios) -> dict:
     out = {}
     for n in names:
         for r in ratios:
-            ours = {(x.get("family"), x["tokens"], x["depth"], x["key"]): x["correct"] for x in rows if x["method"] == f"kvtier-drop:{n}" and x["ratio"] == r}
-            theirs = {(x.get("family"), x["tokens"], x["depth"], x["key"]): x["correct"] for x in rows if x["method"] == f"kvpress:{n}" and x["ratio"] == r}
+            ours = {
+                (x.get("family"), x["tokens"], x["depth"], x["key"]): x["correct"]
+                for x in rows
+                if x["method"] == f"kvtier-drop:{n}" and x["ratio"] == r
+            }
+            theirs = {
+                (x.get("family"), x["tokens"], x["depth"], x["key"]): x["correct"]
+                for x in rows
+                if x["method"] == f"kvpress:{n}" and x["ratio"] == r
+            }
             common = ours.keys() & theirs.keys()
             if not common:
                 continue
-            out[f"{n}@{r}"] = {"kvtier_drop": sum(ours[k] for k in common) / len(common),
-                               "kvpress": sum(theirs[k] for k in common) / len(common),
-                               "only_kvtier": sum(ours[k] and not theirs[k] for k in common),
-                               "only_kvpress": sum(theirs[k] and not ours[k] for k in common), "prompts": len(common)}
+            out[f"{n}@{r}"] = {
+                "kvtier_drop": sum(ours[k] for k in common) / len(common),
+                "kvpress": sum(theirs[k] for k in common) / len(common),
+                "only_kvtier": sum(ours[k] and not theirs[k] for k in common),
+                "only_kvpress": sum(theirs[k] and not ours[k] for k in common),
+                "prompts": len(common),
+            }
     return out
 
 
@@ -375,13 +452,18 @@ def render(figures: dict) -> str:
     name = "fidelity_quick" if quick else "fidelity"
     duo = figures["head_profile"]["retrieval"]
     n_ret, n_heads = sum(map(sum, duo)), sum(map(len, duo))
-    parts = [f"## bench/fidelity.py{' --quick' if quick else ''}" + (" (partial: stopped early)" if partial else ""), "",
-             f"Pass-key accuracy, SmolLM2-135M-Instruct, {len(prompts)} prompts ({', '.join(map(str, lens))} tokens; depths {depths};"
-             f" {keys_per} key(s) per length and depth; families {', '.join(figures.get('families') or ['repeat/passkey'])}), total over"
-             f" the families; query-agnostic compression of the context (sinks {figures['sinks']},"
-             f" window {figures['window']} kept by kvtier); demote recall {figures['recall_budget']} tokens per KV head and query"
-             f" through `{figures['recall_selector']}`; duo: {n_ret}/{n_heads} retrieval heads.", "",
-             md_table(["method", *[f"ratio {r}" for r in ratios]], table), ""]
+    parts = [
+        f"## bench/fidelity.py{' --quick' if quick else ''}" + (" (partial: stopped early)" if partial else ""),
+        "",
+        f"Pass-key accuracy, SmolLM2-135M-Instruct, {len(prompts)} prompts ({', '.join(map(str, lens))} tokens; depths {depths};"
+        f" {keys_per} key(s) per length and depth; families {', '.join(figures.get('families') or ['repeat/passkey'])}), total over"
+        f" the families; query-agnostic compression of the context (sinks {figures['sinks']},"
+        f" window {figures['window']} kept by kvtier); demote recall {figures['recall_budget']} tokens per KV head and query"
+        f" through `{figures['recall_selector']}`; duo: {n_ret}/{n_heads} retrieval heads.",
+        "",
+        md_table(["method", *[f"ratio {r}" for r in ratios]], table),
+        "",
+    ]
     fams = sorted({x.get("family", "repeat/passkey") for x in rows})
     if len(fams) > 1:
         for r in ratios:
@@ -390,17 +472,35 @@ def render(figures: dict) -> str:
     comp = figures.get("drop_vs_kvpress") or {}
     if comp and "only_kvtier" in next(iter(comp.values())):
         prs = sorted({k.split("@")[0] for k in comp}, key=list(SCORERS).index)
-        cells = [[n, *[(f"{comp[f'{n}@{r}']['only_kvtier']} / {comp[f'{n}@{r}']['only_kvpress']}" if f"{n}@{r}" in comp else "")
-                       for r in ratios]] for n in prs]
-        parts += ["Prompt by prompt, kvtier `drop` vs kvpress's same-named press: prompts only kvtier answers / only kvpress answers:", "",
-                  md_table(["press", *[f"ratio {r}" for r in ratios]], cells), ""]
+        cells = [
+            [
+                n,
+                *[
+                    (f"{comp[f'{n}@{r}']['only_kvtier']} / {comp[f'{n}@{r}']['only_kvpress']}" if f"{n}@{r}" in comp else "")
+                    for r in ratios
+                ],
+            ]
+            for n in prs
+        ]
+        parts += [
+            "Prompt by prompt, kvtier `drop` vs kvpress's same-named press: prompts only kvtier answers / only kvpress answers:",
+            "",
+            md_table(["press", *[f"ratio {r}" for r in ratios]], cells),
+            "",
+        ]
     if ppl_rows:
         base = ppl_rows[0]["perplexity"]
-        ppl_table = [[r["mode"], r["ratio"], f"{r['perplexity']:.3f}", f"{100 * (r['perplexity'] / base - 1):+.2f}%", r["max_fast_tokens"]]
-                     for r in ppl_rows]
-        parts += [f"Perplexity of {ppl_rows[0]['tokens']} tokens of held-out text, chunks of 256, kvtier `{ppl_rows[0]['scorer']}`"
-                  " evicting between chunks (fast tier bounded by (1 - ratio) of the text):", "",
-                  md_table(["mode", "ratio", "perplexity", "vs full", "max fast-tier tokens/head"], ppl_table), ""]
+        ppl_table = [
+            [r["mode"], r["ratio"], f"{r['perplexity']:.3f}", f"{100 * (r['perplexity'] / base - 1):+.2f}%", r["max_fast_tokens"]]
+            for r in ppl_rows
+        ]
+        parts += [
+            f"Perplexity of {ppl_rows[0]['tokens']} tokens of held-out text, chunks of 256, kvtier `{ppl_rows[0]['scorer']}`"
+            " evicting between chunks (fast tier bounded by (1 - ratio) of the text):",
+            "",
+            md_table(["mode", "ratio", "perplexity", "vs full", "max fast-tier tokens/head"], ppl_table),
+            "",
+        ]
     parts.append(f"![accuracy vs ratio]({name}.png)")
     return "\n".join(parts)
 
@@ -417,19 +517,31 @@ def save_figures(figures: dict, out: str | None) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--quick", action="store_true", help="smoke run: 1K-token prompts, 3 depths, ratio 0.5, SnapKV (kvpress, drop, adakv, duo, demote); 512-token perplexity; writes bench/results/fidelity_quick.*")
+    ap.add_argument(
+        "--quick",
+        action="store_true",
+        help="smoke run: 1K-token prompts, 3 depths, ratio 0.5, SnapKV (kvpress, drop, adakv, duo, demote); 512-token perplexity; writes bench/results/fidelity_quick.*",
+    )
     ap.add_argument("--out", help="also write the figures as JSON to this file")
     ap.add_argument("--threads", type=int, default=1, help="torch threads (1: on a shared 2-core box a second thread mostly waits)")
     ap.add_argument("--lengths", type=int, nargs="+", help="prompt lengths in tokens (default: 2048 6144; quick: 1024)")
     ap.add_argument("--depths", type=float, nargs="+", help="needle depths in [0, 1] (default: 0.1 0.3 0.5 0.7 0.9; quick: 0.1 0.5 0.9)")
     ap.add_argument("--keys", type=int, help="pass keys per length and depth, each its own prompt (default: 2; quick: 1)")
-    ap.add_argument("--families", choices=("all", "diagonal"), help="prompt families: all 3 fillers x 3 wordings (default), or "
-                    "the diagonal (each filler and each wording once; --quick's default)")
+    ap.add_argument(
+        "--families",
+        choices=("all", "diagonal"),
+        help="prompt families: all 3 fillers x 3 wordings (default), or "
+        "the diagonal (each filler and each wording once; --quick's default)",
+    )
     ap.add_argument("--ratios", type=float, nargs="+", help="compression ratios (default: 0.5 0.75 0.9; quick: 0.5)")
     ap.add_argument("--scorers", nargs="+", help=f"only these scorers (kvpress, drop, demote): among {list(SCORERS)}")
     ap.add_argument("--retrieval-fraction", type=float, default=0.5, help="share of KV heads the 'duo' profile marks as retrieval heads")
     ap.add_argument("--recall-budget", type=int, default=256, help="demoted tokens recalled per KV head and query (demote mode)")
-    ap.add_argument("--recall-selector", default="ann", help="retrieval selector that recalls demoted tokens (demote mode): ann (default), quest, tokenselect, topk_exact, centroids")
+    ap.add_argument(
+        "--recall-selector",
+        default="ann",
+        help="retrieval selector that recalls demoted tokens (demote mode): ann (default), quest, tokenselect, topk_exact, centroids",
+    )
     ap.add_argument("--render", metavar="JSON", help="measure nothing: redraw the Markdown table and plot from a saved run (its JSON)")
     args = ap.parse_args()
     if args.render:
@@ -463,11 +575,17 @@ def main() -> None:
         if unknown:
             ap.error(f"--scorers must be among {list(SCORERS)}, got {unknown}")
         names, demoted = list(args.scorers), [n for n in demoted if n in args.scorers]
-    methods = ([f"kvpress:{n}" for n in names] + [f"kvtier-drop:{n}" for n in names] + [f"kvtier-drop:{v}" for v in VARIANTS]
-               + [f"kvtier-demote:{n}" for n in demoted])
+    methods = (
+        [f"kvpress:{n}" for n in names]
+        + [f"kvtier-drop:{n}" for n in names]
+        + [f"kvtier-drop:{v}" for v in VARIANTS]
+        + [f"kvtier-demote:{n}" for n in demoted]
+    )
     profile = measure_head_profile(model, tok, args.retrieval_fraction, num_tokens=512 if args.quick else 1024)
-    print(f"head profile: {int(profile.retrieval.sum())} of {profile.retrieval.numel()} KV heads are retrieval heads "
-          f"(outside-mass range {float(profile.mass.min()):.3f}..{float(profile.mass.max()):.3f})")
+    print(
+        f"head profile: {int(profile.retrieval.sum())} of {profile.retrieval.numel()} KV heads are retrieval heads "
+        f"(outside-mass range {float(profile.mass.min()):.3f}..{float(profile.mass.max()):.3f})"
+    )
     lengths = tuple(args.lengths) if args.lengths else lengths
     ratios = list(args.ratios) if args.ratios else ratios
     if any(not 0.0 < r < 1.0 for r in ratios):
@@ -483,8 +601,9 @@ def main() -> None:
     families = [(f, w) for f in rm.FILLERS for w in rm.WORDINGS]
     if args.families == "diagonal":  # each filler once and each wording once
         families = [(f, w) for i, f in enumerate(rm.FILLERS) for j, w in enumerate(rm.WORDINGS) if i == j]
-    prompts = [p for f, w in families for p in rm.family_suite(tok, lengths=lengths, depths=depths, num_keys=keys_per,
-                                                                fillers=(f,), wordings=(w,))]
+    prompts = [
+        p for f, w in families for p in rm.family_suite(tok, lengths=lengths, depths=depths, num_keys=keys_per, fillers=(f,), wordings=(w,))
+    ]
     total = len(prompts) * (1 + len(ratios) * len(methods))
     from tqdm import tqdm
 
@@ -498,22 +617,56 @@ def main() -> None:
         done = prompts[:prompts_done]
         acc, _ = summarise(rows, ratios, methods)
         comparisons = paired(rows, names, ratios)
-        figures = {"quick": args.quick, "partial": partial, "threads": args.threads, "recall_budget": args.recall_budget,
-                   "recall_selector": args.recall_selector, "lengths": list(lengths), "depths": list(depths),
-                   "keys_per_depth": keys_per, "ratios": ratios, "methods": methods,
-                   "sinks": SINKS, "window": WINDOW, "head_profile": profile.to_dict(),
-                   "prompts": [{"tokens": len(p.input_ids), "depth": p.depth, "key": p.key, "family": p.family} for p in done],
-                   "families": [f"{f}/{w}" for f, w in families],
-                   "accuracy": acc, "drop_vs_kvpress": comparisons, "runs": rows, "perplexity": ppl_rows or [],
-                   "seconds": time.time() - t0}
+        figures = {
+            "quick": args.quick,
+            "partial": partial,
+            "threads": args.threads,
+            "recall_budget": args.recall_budget,
+            "recall_selector": args.recall_selector,
+            "lengths": list(lengths),
+            "depths": list(depths),
+            "keys_per_depth": keys_per,
+            "ratios": ratios,
+            "methods": methods,
+            "sinks": SINKS,
+            "window": WINDOW,
+            "head_profile": profile.to_dict(),
+            "prompts": [{"tokens": len(p.input_ids), "depth": p.depth, "key": p.key, "family": p.family} for p in done],
+            "families": [f"{f}/{w}" for f, w in families],
+            "accuracy": acc,
+            "drop_vs_kvpress": comparisons,
+            "runs": rows,
+            "perplexity": ppl_rows or [],
+            "seconds": time.time() - t0,
+        }
         save_figures(figures, args.out)
 
-    rows = run_passkey(model, tok, prompts, ratios, methods, args.recall_budget, progress, profile,
-                       checkpoint=lambda rows, n: report(rows, n, partial=True), recall_selector=args.recall_selector)
+    rows = run_passkey(
+        model,
+        tok,
+        prompts,
+        ratios,
+        methods,
+        args.recall_budget,
+        progress,
+        profile,
+        checkpoint=lambda rows, n: report(rows, n, partial=True),
+        recall_selector=args.recall_selector,
+    )
     bar.close()
     report(rows, len(prompts))  # the pass-key table is saved before the perplexity part starts
-    ppl_rows = run_perplexity(model, tok, ppl_tokens, ratios, "snapkv", args.recall_budget,
-                              recall_selector=args.recall_selector, progress=lambda r: print(f"perplexity {r['mode']}@{r['ratio']}: {r['perplexity']:.3f} (fast tier <= {r['max_fast_tokens']} tokens)"))
+    ppl_rows = run_perplexity(
+        model,
+        tok,
+        ppl_tokens,
+        ratios,
+        "snapkv",
+        args.recall_budget,
+        recall_selector=args.recall_selector,
+        progress=lambda r: print(
+            f"perplexity {r['mode']}@{r['ratio']}: {r['perplexity']:.3f} (fast tier <= {r['max_fast_tokens']} tokens)"
+        ),
+    )
     report(rows, len(prompts), ppl_rows)
     print(md_table(["method", *[f"ratio {r}" for r in ratios]], summarise(rows, ratios, methods)[1]))
     print(f"done in {time.time() - t0:.0f} s")

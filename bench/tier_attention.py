@@ -61,13 +61,15 @@ def fill(store: TieredStore, spec: KVSpec, num_tokens: int, seed: int, keep_resi
         m = min(step, n - i)
         blocks = torch.randn(m, *spec.block_shape, generator=g).to(torch.float16)
         # a few pages per block with larger keys, so that page scores differ as in real models
-        blocks[:, :, 0] *= 1 + 2 * (torch.rand(m, spec.num_layers, H_KV, BT // 16, 1, 1, generator=g) > 0.9).float().repeat_interleave(16, 3).view(m, spec.num_layers, H_KV, BT, 1)
-        ok = store.put(spec, keys[i:i + m], blocks, parent=parent)
+        blocks[:, :, 0] *= 1 + 2 * (torch.rand(m, spec.num_layers, H_KV, BT // 16, 1, 1, generator=g) > 0.9).float().repeat_interleave(
+            16, 3
+        ).view(m, spec.num_layers, H_KV, BT, 1)
+        ok = store.put(spec, keys[i : i + m], blocks, parent=parent)
         if not all(ok):
             raise SystemExit(f"the store refused blocks at {i}: not enough room (disk or Redis memory)")
         parent = keys[i + m - 1]
         if resident is not None:
-            resident[:, :, :, i * BT:(i + m) * BT] = blocks.permute(1, 2, 3, 0, 4, 5).reshape(spec.num_layers, 2, H_KV, m * BT, D)
+            resident[:, :, :, i * BT : (i + m) * BT] = blocks.permute(1, 2, 3, 0, 4, 5).reshape(spec.num_layers, 2, H_KV, m * BT, D)
     return keys, resident
 
 
@@ -95,6 +97,7 @@ def dense_4k(layers: int):
         for _ in range(layers):
             sparse_decode(q, k, v)
         return (time.perf_counter() - t0) * 1e3
+
     return run
 
 
@@ -110,15 +113,17 @@ def run_steps(att: TierAttention, ctx, qs, tail_k, tail_v, yardstick=None) -> li
             att.decode_layer(ctx, layer, q[layer], tail_k, tail_v)
         ms = (time.perf_counter() - t0) * 1e3
         after = att.stats()
-        rows.append({
-            "ms": ms,
-            "page_bytes": sum(after.page_bytes_read.values()) - sum(before.page_bytes_read.values()),
-            "summary_bytes": sum(after.summary_bytes_read.values()) - sum(before.summary_bytes_read.values()),
-            "selected_bytes": after.selected_bytes - before.selected_bytes,
-            "hits": after.page_hits - before.page_hits,
-            "misses": after.page_misses - before.page_misses,
-            "prefetched": after.prefetched - before.prefetched,
-        })
+        rows.append(
+            {
+                "ms": ms,
+                "page_bytes": sum(after.page_bytes_read.values()) - sum(before.page_bytes_read.values()),
+                "summary_bytes": sum(after.summary_bytes_read.values()) - sum(before.summary_bytes_read.values()),
+                "selected_bytes": after.selected_bytes - before.selected_bytes,
+                "hits": after.page_hits - before.page_hits,
+                "misses": after.page_misses - before.page_misses,
+                "prefetched": after.prefetched - before.prefetched,
+            }
+        )
         if yardstick is not None:
             rows[-1]["dense_4k_ms"] = yardstick()
     return rows
@@ -155,7 +160,7 @@ def dense_from_tier_step(store: TieredStore, spec: KVSpec, layouts, q, tail_k, t
         qf = q[layer][None]
         o, lse = sparse_decode(qf, tail_k.float()[None], tail_v.float()[None])
         for g in range(0, len(layouts), 64):
-            group = layouts[g:g + 64]
+            group = layouts[g : g + 64]
             res = store.read_pieces(spec, [(lay, [Pages(lay.range_id(layer, 0, 0), H_KV * Np)]) for lay in group])
             nbytes += sum(res.bytes_by_tier.values())
             pages = torch.stack([lay.decode_pages(p[0], H_KV * Np, torch.float32) for lay, p in zip(group, res.pieces)])
@@ -172,8 +177,14 @@ def bench_one(store: TieredStore, tier: str, spec: KVSpec, num_tokens: int, args
     g = torch.Generator().manual_seed(3)
     tail_k = torch.randn(H_KV, 64, D, generator=g).half()  # the resident recent window
     tail_v = torch.randn(H_KV, 64, D, generator=g).half()
-    att = TierAttention(store, spec, budget=args.budget, candidate_blocks=args.candidate_blocks,
-                        page_cache_bytes=args.page_cache_mib * MiB, summary_bytes=args.summary_mib * MiB)
+    att = TierAttention(
+        store,
+        spec,
+        budget=args.budget,
+        candidate_blocks=args.candidate_blocks,
+        page_cache_bytes=args.page_cache_mib * MiB,
+        summary_bytes=args.summary_mib * MiB,
+    )
     t0 = time.perf_counter()
     ctx = att.open(keys)
     open_ms = (time.perf_counter() - t0) * 1e3
@@ -186,8 +197,14 @@ def bench_one(store: TieredStore, tier: str, spec: KVSpec, num_tokens: int, args
     att_stats = att.stats()
     att.close()
     row = {
-        "tier": tier, "tokens": num_tokens, "layers": spec.num_layers, "fill_s": fill_s, "open_ms": open_ms,
-        "cold": cold, "warm": avg, "hit_rate": hit_rate,
+        "tier": tier,
+        "tokens": num_tokens,
+        "layers": spec.num_layers,
+        "fill_s": fill_s,
+        "open_ms": open_ms,
+        "cold": cold,
+        "warm": avg,
+        "hit_rate": hit_rate,
         "cold_bytes_over_min": cold_ratio,
         "warm_bytes_over_min": (avg["page_bytes"]) / avg["selected_bytes"],
         "ms_per_step": sorted(s["ms"] for s in warm)[len(warm) // 2],
@@ -195,8 +212,9 @@ def bench_one(store: TieredStore, tier: str, spec: KVSpec, num_tokens: int, args
         "blocks_scored_per_layer": att_stats.blocks_scored / max(1, att_stats.steps),
     }
     if resident is not None:
-        ra = TierAttention(store, spec, budget=args.budget, candidate_blocks=args.candidate_blocks, prefetch=False,
-                           summary_bytes=args.summary_mib * MiB)
+        ra = TierAttention(
+            store, spec, budget=args.budget, candidate_blocks=args.candidate_blocks, prefetch=False, summary_bytes=args.summary_mib * MiB
+        )
         rctx = ra.open(keys)
         row["resident_ms_per_step"] = resident_step(ra, rctx, qs, resident, tail_k, tail_v)
         ra.close()
@@ -208,12 +226,15 @@ def bench_one(store: TieredStore, tier: str, spec: KVSpec, num_tokens: int, args
     # the ratio of each step to the dense yardstick run right after it (same machine load), median
     ratios = sorted(s["ms"] / s["dense_4k_ms"] for s in warm)
     row["step_over_dense_4k"] = ratios[len(ratios) // 2]
-    print(f"  {tier:5s} {num_tokens:>8,} tokens x {spec.num_layers} layer(s): {row['ms_per_step']:.1f} ms/step warm, "
-          f"{avg['page_bytes'] / MiB:.2f} MiB pages + {avg['summary_bytes'] / MiB:.2f} MiB summaries read/step "
-          f"(selected {avg['selected_bytes'] / MiB:.2f} MiB), hit rate {hit_rate:.2f}, cold read {cold_ratio:.2f}x the minimum"
-          + (f"; resident {row['resident_ms_per_step']:.1f} ms" if "resident_ms_per_step" in row else "")
-          + (f"; dense from tier {row['dense_tier_ms_per_step']:.0f} ms" if "dense_tier_ms_per_step" in row else "")
-          + f"; dense 4K resident {row['dense_4k_resident_ms_per_step']:.1f} ms", flush=True)
+    print(
+        f"  {tier:5s} {num_tokens:>8,} tokens x {spec.num_layers} layer(s): {row['ms_per_step']:.1f} ms/step warm, "
+        f"{avg['page_bytes'] / MiB:.2f} MiB pages + {avg['summary_bytes'] / MiB:.2f} MiB summaries read/step "
+        f"(selected {avg['selected_bytes'] / MiB:.2f} MiB), hit rate {hit_rate:.2f}, cold read {cold_ratio:.2f}x the minimum"
+        + (f"; resident {row['resident_ms_per_step']:.1f} ms" if "resident_ms_per_step" in row else "")
+        + (f"; dense from tier {row['dense_tier_ms_per_step']:.0f} ms" if "dense_tier_ms_per_step" in row else "")
+        + f"; dense 4K resident {row['dense_4k_resident_ms_per_step']:.1f} ms",
+        flush=True,
+    )
     return row
 
 
@@ -301,8 +322,9 @@ def main() -> None:
             shutil.rmtree(root, ignore_errors=True)
     name = "tier_attention_quick" if args.quick else "tier_attention"
     RESULTS.mkdir(parents=True, exist_ok=True)
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                            cwd=Path(__file__).parent).stdout.strip()
+    commit = subprocess.run(
+        ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=Path(__file__).parent
+    ).stdout.strip()
     for r in rows:
         r["commit"], r["date"] = commit, time.strftime("%Y-%m-%d %H:%M")
     if args.contexts and (RESULTS / f"{name}.json").exists():  # a partial run replaces its rows only
@@ -312,31 +334,70 @@ def main() -> None:
     plot(rows, RESULTS / f"{name}.png")
     table = []
     for r in rows:
-        table.append([
-            r["tier"], f"{r['tokens']:,}", r["layers"], f"{r['ms_per_step']:.1f}",
-            f"{r.get('resident_ms_per_step', float('nan')):.1f}",
-            f"{r['dense_tier_ms_per_step']:.0f}" if "dense_tier_ms_per_step" in r else "-",
-            f"{r['dense_4k_resident_ms_per_step']:.1f}",
-            f"{r['step_over_dense_4k']:.2f}x",
-            f"{r['cold']['page_bytes'] / MiB:.2f} / {r['cold']['selected_bytes'] / MiB:.2f}",
-            f"{r['warm']['page_bytes'] / MiB:.2f}", f"{r['warm']['summary_bytes'] / MiB:.2f}",
-            f"{r['dense_tier_bytes_per_step'] / MiB:.0f}" if "dense_tier_bytes_per_step" in r else "-",
-            f"{r['hit_rate']:.2f}", f"{r['blocks_scored_per_layer']:.0f} / {r['pages_scored_per_layer']:.0f}",
-            r.get("commit", "?"),
-        ])
-    md = [f"## bench/tier_attention.py{' --quick' if args.quick else ''}", "",
-          f"Synthetic KV shaped like Llama-3-8B (8 KV heads, 32 query heads, D=128, float16, 256-token blocks, `paged` codec); "
-          f"**{', '.join(sorted({str(r['layers']) for r in rows}))} layer(s) stored instead of 32** (per-layer work is what is measured; "
-          f"1M x 32 layers would be 128 GiB). Budget {args.budget} tokens per KV head, {args.candidate_blocks} candidate blocks, "
-          f"page cache {args.page_cache_mib} MiB, hot summaries {args.summary_mib} MiB, {args.steps} steps (first cold), "
-          f"{args.threads} torch threads, shared CPU box.", "",
-          md_table(["tier", "tokens", "layers", "ms/step", "(a) resident, same selection", "(b) dense from tier",
-                    "dense 4K resident", "step / dense 4K", "cold MiB read / selected", "warm MiB pages", "warm MiB summaries",
-                    "(b) MiB/step", "hit rate", "scored blocks / pages per layer", "commit"], table), "",
-          "Goals: bytes read <= 1.5x the selected pages' bytes (+ summaries); at 1M on disk a step <= 2x dense attention over "
-          "4K resident tokens.", "", f"![bytes and ms per step]({name}.png)"]
-    figures = {"quick": args.quick, "budget": args.budget, "candidate_blocks": args.candidate_blocks, "steps": args.steps,
-               "page_cache_mib": args.page_cache_mib, "summary_mib": args.summary_mib, "threads": args.threads, "rows": rows}
+        table.append(
+            [
+                r["tier"],
+                f"{r['tokens']:,}",
+                r["layers"],
+                f"{r['ms_per_step']:.1f}",
+                f"{r.get('resident_ms_per_step', float('nan')):.1f}",
+                f"{r['dense_tier_ms_per_step']:.0f}" if "dense_tier_ms_per_step" in r else "-",
+                f"{r['dense_4k_resident_ms_per_step']:.1f}",
+                f"{r['step_over_dense_4k']:.2f}x",
+                f"{r['cold']['page_bytes'] / MiB:.2f} / {r['cold']['selected_bytes'] / MiB:.2f}",
+                f"{r['warm']['page_bytes'] / MiB:.2f}",
+                f"{r['warm']['summary_bytes'] / MiB:.2f}",
+                f"{r['dense_tier_bytes_per_step'] / MiB:.0f}" if "dense_tier_bytes_per_step" in r else "-",
+                f"{r['hit_rate']:.2f}",
+                f"{r['blocks_scored_per_layer']:.0f} / {r['pages_scored_per_layer']:.0f}",
+                r.get("commit", "?"),
+            ]
+        )
+    md = [
+        f"## bench/tier_attention.py{' --quick' if args.quick else ''}",
+        "",
+        f"Synthetic KV shaped like Llama-3-8B (8 KV heads, 32 query heads, D=128, float16, 256-token blocks, `paged` codec); "
+        f"**{', '.join(sorted({str(r['layers']) for r in rows}))} layer(s) stored instead of 32** (per-layer work is what is measured; "
+        f"1M x 32 layers would be 128 GiB). Budget {args.budget} tokens per KV head, {args.candidate_blocks} candidate blocks, "
+        f"page cache {args.page_cache_mib} MiB, hot summaries {args.summary_mib} MiB, {args.steps} steps (first cold), "
+        f"{args.threads} torch threads, shared CPU box.",
+        "",
+        md_table(
+            [
+                "tier",
+                "tokens",
+                "layers",
+                "ms/step",
+                "(a) resident, same selection",
+                "(b) dense from tier",
+                "dense 4K resident",
+                "step / dense 4K",
+                "cold MiB read / selected",
+                "warm MiB pages",
+                "warm MiB summaries",
+                "(b) MiB/step",
+                "hit rate",
+                "scored blocks / pages per layer",
+                "commit",
+            ],
+            table,
+        ),
+        "",
+        "Goals: bytes read <= 1.5x the selected pages' bytes (+ summaries); at 1M on disk a step <= 2x dense attention over "
+        "4K resident tokens.",
+        "",
+        f"![bytes and ms per step]({name}.png)",
+    ]
+    figures = {
+        "quick": args.quick,
+        "budget": args.budget,
+        "candidate_blocks": args.candidate_blocks,
+        "steps": args.steps,
+        "page_cache_mib": args.page_cache_mib,
+        "summary_mib": args.summary_mib,
+        "threads": args.threads,
+        "rows": rows,
+    }
     save_results(name, figures, "\n".join(md), args.out)
     print(f"done in {time.time() - t_all:.0f} s")
 

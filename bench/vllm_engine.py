@@ -46,10 +46,17 @@ def build_engine(opts: dict):
     from vllm import LLM
     from vllm.config import KVEventsConfig, KVTransferConfig
 
-    kwargs = dict(model=opts["model"], dtype=opts.get("dtype", "float32"), enforce_eager=True, seed=0,
-                  max_model_len=opts.get("max_model_len", 4096), enable_prefix_caching=opts.get("prefix_caching", False),
-                  max_num_batched_tokens=opts.get("max_num_batched_tokens", 4096), max_num_seqs=opts.get("max_num_seqs", 16),
-                  disable_log_stats=False)
+    kwargs = dict(
+        model=opts["model"],
+        dtype=opts.get("dtype", "float32"),
+        enforce_eager=True,
+        seed=0,
+        max_model_len=opts.get("max_model_len", 4096),
+        enable_prefix_caching=opts.get("prefix_caching", False),
+        max_num_batched_tokens=opts.get("max_num_batched_tokens", 4096),
+        max_num_seqs=opts.get("max_num_seqs", 16),
+        disable_log_stats=False,
+    )
     if opts.get("executor"):
         kwargs["distributed_executor_backend"] = opts["executor"]
     if opts.get("kv_cache_memory_bytes"):
@@ -58,12 +65,14 @@ def build_engine(opts: dict):
         kwargs["block_size"] = opts["block_size"]
     if opts.get("kvtier") is not None:
         kwargs["kv_transfer_config"] = KVTransferConfig(
-            kv_connector="KVTierConnector", kv_connector_module_path=opts.get("module", "kvtier.connectors.vllm"),
-            kv_role=opts.get("kv_role", "kv_both"), kv_connector_extra_config=opts["kvtier"],
-            kv_load_failure_policy=opts.get("kv_load_failure_policy", "recompute"))
+            kv_connector="KVTierConnector",
+            kv_connector_module_path=opts.get("module", "kvtier.connectors.vllm"),
+            kv_role=opts.get("kv_role", "kv_both"),
+            kv_connector_extra_config=opts["kvtier"],
+            kv_load_failure_policy=opts.get("kv_load_failure_policy", "recompute"),
+        )
     if opts.get("kv_events_endpoint"):
-        kwargs["kv_events_config"] = KVEventsConfig(enable_kv_cache_events=True, publisher="zmq",
-                                                    endpoint=opts["kv_events_endpoint"])
+        kwargs["kv_events_config"] = KVEventsConfig(enable_kv_cache_events=True, publisher="zmq", endpoint=opts["kv_events_endpoint"])
     return LLM(**kwargs)
 
 
@@ -124,12 +133,26 @@ class Engine:
     (``{"ready": true}`` or ``{"error": ...}``), ``log`` its recent output lines."""
 
     def __init__(self, opts: dict, *, ready_timeout_s: float = 600.0, python: Path | None = None) -> None:
-        env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_CPU_OMP_THREADS_BIND": "nobind", "HF_HUB_OFFLINE": "1",
-               "VLLM_NO_USAGE_STATS": "1", "TOKENIZERS_PARALLELISM": "false", "PYTHONUNBUFFERED": "1"}
+        env = {
+            **os.environ,
+            "VLLM_CPU_KVCACHE_SPACE": "1",
+            "VLLM_CPU_OMP_THREADS_BIND": "nobind",
+            "HF_HUB_OFFLINE": "1",
+            "VLLM_NO_USAGE_STATS": "1",
+            "TOKENIZERS_PARALLELISM": "false",
+            "PYTHONUNBUFFERED": "1",
+        }
         env.pop("PYTHONPATH", None)  # kvtier is installed in vLLM's environment (editable): nothing of this one leaks in
-        self.proc = subprocess.Popen([str(python or VLLM_PYTHON), str(Path(__file__).resolve()), json.dumps(opts)],
-                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                                     env=env, cwd="/", preexec_fn=_die_with_parent)
+        self.proc = subprocess.Popen(
+            [str(python or VLLM_PYTHON), str(Path(__file__).resolve()), json.dumps(opts)],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            env=env,
+            cwd="/",
+            preexec_fn=_die_with_parent,
+        )
         self.log: list[str] = []
         self.replies: queue.Queue = queue.Queue()
         threading.Thread(target=self._read, daemon=True).start()
@@ -138,7 +161,7 @@ class Engine:
     def _read(self) -> None:
         for line in self.proc.stdout:
             if line.startswith(MARK):
-                self.replies.put(json.loads(line[len(MARK):]))
+                self.replies.put(json.loads(line[len(MARK) :]))
             else:
                 self.log.append(line)
                 del self.log[:-400]

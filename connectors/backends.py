@@ -106,8 +106,18 @@ class ServiceBackend:
     client passed in is the caller's.
     """
 
-    def __init__(self, client, spec: KVSpec, *, salt: str = "", extra_keys: Sequence[str] = (), max_blocks_per_request: int = 32,
-                 max_request_bytes: int = 32 << 20, register: bool = True, owns_client: bool = False) -> None:
+    def __init__(
+        self,
+        client,
+        spec: KVSpec,
+        *,
+        salt: str = "",
+        extra_keys: Sequence[str] = (),
+        max_blocks_per_request: int = 32,
+        max_request_bytes: int = 32 << 20,
+        register: bool = True,
+        owns_client: bool = False,
+    ) -> None:
         from kvtier.service.client import KVTierClient
 
         if not isinstance(client, KVTierClient):
@@ -128,8 +138,9 @@ class ServiceBackend:
             self._model = client.register_spec(spec)
 
     @classmethod
-    def connect(cls, url: str, spec: KVSpec, *, api_key: str | None = None, timeout_s: float = 30.0, retries: int = 2,
-                **options) -> "ServiceBackend":
+    def connect(
+        cls, url: str, spec: KVSpec, *, api_key: str | None = None, timeout_s: float = 30.0, retries: int = 2, **options
+    ) -> "ServiceBackend":
         """A backend with its own ``KVTierClient`` to ``url`` (closed by ``close()``)."""
         from kvtier.service.client import KVTierClient
 
@@ -160,8 +171,9 @@ class ServiceBackend:
     def match(self, token_ids: Sequence[int]) -> PrefixMatch:
         if len(token_ids) < self.spec.block_tokens:
             return PrefixMatch([], 0, {})
-        found = self._with_model(lambda m: self.client.lookup(m, token_ids=list(token_ids), salt=self.salt,
-                                                              extra_keys=self.extra_keys, return_keys=True))
+        found = self._with_model(
+            lambda m: self.client.lookup(m, token_ids=list(token_ids), salt=self.salt, extra_keys=self.extra_keys, return_keys=True)
+        )
         return PrefixMatch(list(found.keys), found.num_blocks, dict(found.tier_hits))
 
     def lookup(self, keys: Sequence[bytes]) -> int:
@@ -184,8 +196,9 @@ class ServiceBackend:
         out: list[bool] = []
         for i in range(0, len(keys), self.max_blocks):
             chunk_parent = keys[i - 1] if i else parent
-            out += self._with_model(lambda m: self.client.put(m, keys[i : i + self.max_blocks], blocks[i : i + self.max_blocks],
-                                                              parent=chunk_parent))
+            out += self._with_model(
+                lambda m: self.client.put(m, keys[i : i + self.max_blocks], blocks[i : i + self.max_blocks], parent=chunk_parent)
+            )
         return out
 
     def close(self) -> None:
@@ -193,8 +206,9 @@ class ServiceBackend:
             self.client.close()
 
 
-def make_backend(spec: KVSpec, *, store=None, client=None, backend=None, tenant: str = "", salt: str = "",
-                 extra_keys: Sequence[str] = ()) -> KVBackend:
+def make_backend(
+    spec: KVSpec, *, store=None, client=None, backend=None, tenant: str = "", salt: str = "", extra_keys: Sequence[str] = ()
+) -> KVBackend:
     """The backend for exactly one of ``store`` (in process), ``client`` (the service) or ``backend`` (given as is)."""
     given = [name for name, v in (("store", store), ("client", client), ("backend", backend)) if v is not None]
     if len(given) != 1:

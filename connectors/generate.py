@@ -104,8 +104,9 @@ def _stop_tokens(model, tokenizer, stop_tokens) -> set[int]:
 def _forward(model, cache, ids: Sequence[int]) -> torch.Tensor:
     """Feed ``ids`` after what the cache holds; the logits ``[V]`` after the last one."""
     device = next(model.parameters()).device
-    out = model(input_ids=torch.tensor([list(ids)], dtype=torch.long, device=device), past_key_values=cache,
-                use_cache=True, logits_to_keep=1)
+    out = model(
+        input_ids=torch.tensor([list(ids)], dtype=torch.long, device=device), past_key_values=cache, use_cache=True, logits_to_keep=1
+    )
     return out.logits[0, -1].float()
 
 
@@ -174,8 +175,9 @@ def generate(
         raise ValueError(f"attention must have attach(model) returning a context manager, got {type(attention).__name__}")
     if policy is not None and not callable(getattr(policy, "stream", None)):
         raise ValueError(f"policy must have stream(model, input_ids, ...) (a TokenPolicyRuntime), got {type(policy).__name__}")
-    if context_tokens is not None and (not isinstance(context_tokens, int) or isinstance(context_tokens, bool)
-                                       or not 1 <= context_tokens <= len(ids)):
+    if context_tokens is not None and (
+        not isinstance(context_tokens, int) or isinstance(context_tokens, bool) or not 1 <= context_tokens <= len(ids)
+    ):
         raise ValueError(f"context_tokens must be None or an int in [1, {len(ids)}] (the prompt's length), got {context_tokens!r}")
     stops = _stop_tokens(model, tokenizer, stop_tokens)
     use_kvtier = any(x is not None for x in (store, client, backend))
@@ -184,8 +186,9 @@ def generate(
     if use_kvtier:
         if spec is None and backend is None:
             spec = model_spec(model)
-        cache = KVTierCache(model, store=store, client=client, backend=backend, spec=spec, tenant=tenant, salt=salt,
-                            extra_keys=extra_keys, save=save)
+        cache = KVTierCache(
+            model, store=store, client=client, backend=backend, spec=spec, tenant=tenant, salt=salt, extra_keys=extra_keys, save=save
+        )
         # under a policy a prefix never reaches past the context: the question runs on the compressed context
         limit = len(ids) if policy is None or context_tokens is None or context_tokens == len(ids) else context_tokens + 1
         num_cached = cache.load_prefix(ids[:limit])
@@ -197,8 +200,9 @@ def generate(
 
     with context:
         if policy is not None:
-            return _run_policy(model, policy, cache, ids, num_cached, max_new_tokens, chunk_tokens, tokenizer, t0, use_kvtier,
-                               context_tokens, stops)
+            return _run_policy(
+                model, policy, cache, ids, num_cached, max_new_tokens, chunk_tokens, tokenizer, t0, use_kvtier, context_tokens, stops
+            )
         logits = _prefill(model, cache, ids[num_cached:], chunk_tokens)
         tokens = [_pick(logits, temperature, generator)]
         ttft = time.perf_counter() - t0
@@ -220,8 +224,9 @@ def generate(
     return GenerateResult(tokens, text, ttft, t2 - t0, t2 - t1, len(ids), num_cached, cache.stats if use_kvtier else None, finish)
 
 
-def _run_policy(model, policy, cache, ids, num_cached, max_new_tokens, chunk_tokens, tokenizer, t0, use_kvtier,
-                context_tokens, stops) -> GenerateResult:
+def _run_policy(
+    model, policy, cache, ids, num_cached, max_new_tokens, chunk_tokens, tokenizer, t0, use_kvtier, context_tokens, stops
+) -> GenerateResult:
     """Prefill (and save) the prompt's uncached full blocks (all but the last token's, none past the
     context) with full attention, then pull the policy's tokens until a stop token or ``max_new_tokens``."""
     num_prefix = num_cached
@@ -232,8 +237,9 @@ def _run_policy(model, policy, cache, ids, num_cached, max_new_tokens, chunk_tok
             _prefill(model, cache, ids[num_cached:num_prefix], chunk_tokens)
             cache.save()  # a no-op with save=False
     prefix_kv = cache.prefix_kv() if use_kvtier and num_prefix else None
-    stream = policy.stream(model, list(ids), prefix_kv=prefix_kv, num_prefix_tokens=num_prefix if prefix_kv is not None else 0,
-                           context_tokens=context_tokens)
+    stream = policy.stream(
+        model, list(ids), prefix_kv=prefix_kv, num_prefix_tokens=num_prefix if prefix_kv is not None else 0, context_tokens=context_tokens
+    )
     tokens: list[int] = []
     finish, t1 = "length", None
     try:
@@ -309,8 +315,9 @@ def generate_shared_prefix(
     if use_kvtier:
         if spec is None and backend is None:
             spec = model_spec(model)
-        cache = KVTierCache(model, store=store, client=client, backend=backend, spec=spec, tenant=tenant, salt=salt,
-                            extra_keys=extra_keys, save=save)
+        cache = KVTierCache(
+            model, store=store, client=client, backend=backend, spec=spec, tenant=tenant, salt=salt, extra_keys=extra_keys, save=save
+        )
         # the whole prefix is context here (the suffixes follow it): its last token may be loaded too
         num_cached = cache.load_prefix(prefix_ids + suffix_ids[0][:1])
         if num_cached < len(prefix_ids):
@@ -319,8 +326,7 @@ def generate_shared_prefix(
             cache.save()
         prefix_kv, stats = cache.prefix_kv(), cache.stats
     t1 = time.perf_counter()
-    out = shared_prefix_generate(model, prefix_ids, suffix_ids, max_new_tokens=max_new_tokens, prefix_kv=prefix_kv,
-                                 attention=attention)
+    out = shared_prefix_generate(model, prefix_ids, suffix_ids, max_new_tokens=max_new_tokens, prefix_kv=prefix_kv, attention=attention)
     t2 = time.perf_counter()
     texts = [tokenizer.decode(t, skip_special_tokens=True) for t in out] if tokenizer is not None else None
     return SharedPrefixResult(out, texts, len(prefix_ids), num_cached, t1 - t0, t2 - t1, stats)

@@ -180,13 +180,16 @@ class SparseDecode:
             self._selector = get_selector(self.selector, **opts)
         elif isinstance(self.selector, SelectorBase):
             if self.num_sink is not None or self.num_recent is not None or self.selector_options:
-                raise ValueError("num_sink, num_recent and selector_options go with a selector name; "
-                                 f"configure the {self.selector.name!r} instance itself instead")
+                raise ValueError(
+                    "num_sink, num_recent and selector_options go with a selector name; "
+                    f"configure the {self.selector.name!r} instance itself instead"
+                )
             self._selector = self.selector
         else:
             raise ValueError(f"selector must be a selector name or a retrieval selector instance, got {type(self.selector).__name__}")
-        if self.dense_below != "auto" and (not isinstance(self.dense_below, int) or isinstance(self.dense_below, bool)
-                                           or self.dense_below < 0):
+        if self.dense_below != "auto" and (
+            not isinstance(self.dense_below, int) or isinstance(self.dense_below, bool) or self.dense_below < 0
+        ):
             raise ValueError(f"dense_below must be 'auto' or a non-negative int (tokens), got {self.dense_below!r}")
         if self.build not in ("auto", "inline", "background"):
             raise ValueError(f"build must be 'auto', 'inline' or 'background', got {self.build!r}")
@@ -202,8 +205,9 @@ class SparseDecode:
             if not isinstance(self.store, TieredStore):
                 raise ValueError(f"store must be a kvstore.TieredStore, got {type(self.store).__name__}")
             if self.dense_layers or self._selector.name != "quest":
-                raise ValueError("with a store, decode selects pages hierarchically by Quest bounds: "
-                                 "selector must be 'quest' and dense_layers 0")
+                raise ValueError(
+                    "with a store, decode selects pages hierarchically by Quest bounds: selector must be 'quest' and dense_layers 0"
+                )
             if not isinstance(self.block_tokens, int) or self.block_tokens <= 0 or self.block_tokens % 16:
                 raise ValueError(f"block_tokens must be a positive multiple of 16, got {self.block_tokens!r}")
             if isinstance(self.resident_tokens, bool) or not isinstance(self.resident_tokens, int) or self.resident_tokens < 0:
@@ -360,8 +364,9 @@ class SparseDecode:
         off = self._offload_of(cache)
         if n > 1:
             if off is not None and off.num_tokens:
-                raise ValueError("SparseDecode(store=...) cannot prefill more tokens once the context is offloaded; "
-                                 "start a new request (a new cache)")
+                raise ValueError(
+                    "SparseDecode(store=...) cannot prefill more tokens once the context is offloaded; start a new request (a new cache)"
+                )
             return sdpa(module, query, key, value, attention_mask, scaling=scaling, **kwargs)
         if B != 1:
             raise ValueError(f"SparseDecode(store=...) decodes one sequence at a time, got a batch of {B}")
@@ -401,8 +406,9 @@ class SparseDecode:
         layers = cache.layers
         k0 = layers[0].keys
         BT = self.block_tokens
-        spec = KVSpec("kvtier/sparse-decode", num_layers=len(layers), num_kv_heads=k0.shape[1], head_dim=k0.shape[3],
-                      dtype=k0.dtype, block_tokens=BT)
+        spec = KVSpec(
+            "kvtier/sparse-decode", num_layers=len(layers), num_kv_heads=k0.shape[1], head_dim=k0.shape[3], dtype=k0.dtype, block_tokens=BT
+        )
         if self.tier_attention is None or self.tier_attention.spec != spec:
             self.tier_attention = TierAttention(self.store, spec, budget=self.budget, **self.tier_options)
         if off is None:
@@ -451,8 +457,10 @@ class SparseDecode:
         m = attention_mask[..., :T]
         ok = bool(m.all()) if m.dtype == torch.bool else bool((m == 0).all())
         if not ok:
-            raise ValueError("SparseDecode decodes batches of equal-length sequences without padding; the attention mask "
-                             "hides some cached tokens (a padded batch): decode such sequences separately")
+            raise ValueError(
+                "SparseDecode decodes batches of equal-length sequences without padding; the attention mask "
+                "hides some cached tokens (a padded batch): decode such sequences separately"
+            )
 
 
 def _cancel(states: dict[int, _LayerState]) -> None:

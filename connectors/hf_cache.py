@@ -63,8 +63,9 @@ def model_spec(model, *, model_id: str | None = None, block_tokens: int = 256, d
     """
     model_id = model_id or getattr(_text_config(model), "name_or_path", "") or getattr(getattr(model, "config", None), "name_or_path", "")
     if not model_id:
-        raise ValueError("the model has no name (config.name_or_path is empty): give model_id= or a spec, so that two "
-                         "models never share blocks")
+        raise ValueError(
+            "the model has no name (config.name_or_path is empty): give model_id= or a spec, so that two models never share blocks"
+        )
     num_layers, kv_heads, head_dim = _cache_shape(model)
     return KVSpec(model_id, num_layers, kv_heads, head_dim, dtype, block_tokens)
 
@@ -138,8 +139,19 @@ class KVTierCache(DynamicCache):
         save: write completed blocks on ``save()`` (False: only read from kvtier).
     """
 
-    def __init__(self, model, *, store=None, client=None, backend: KVBackend | None = None, spec: KVSpec | None = None,
-                 tenant: str = "", salt: str = "", extra_keys: Sequence[str] = (), save: bool = True) -> None:
+    def __init__(
+        self,
+        model,
+        *,
+        store=None,
+        client=None,
+        backend: KVBackend | None = None,
+        spec: KVSpec | None = None,
+        tenant: str = "",
+        salt: str = "",
+        extra_keys: Sequence[str] = (),
+        save: bool = True,
+    ) -> None:
         super().__init__(config=model.config)
         if any(type(layer) is not DynamicLayer for layer in self.layers):
             raise ValueError("KVTierCache caches full-attention layers only; this model has sliding-window or chunked layers")
@@ -149,8 +161,10 @@ class KVTierCache(DynamicCache):
             raise ValueError(f"spec must be a kvstore.KVSpec, got {type(spec).__name__}")
         shape = _cache_shape(model)
         if (spec.num_layers, spec.num_kv_heads, spec.head_dim) != shape:
-            raise ValueError(f"spec {spec.model_id!r} has (num_layers, num_kv_heads, head_dim) = "
-                             f"{(spec.num_layers, spec.num_kv_heads, spec.head_dim)}, the model has {shape}")
+            raise ValueError(
+                f"spec {spec.model_id!r} has (num_layers, num_kv_heads, head_dim) = "
+                f"{(spec.num_layers, spec.num_kv_heads, spec.head_dim)}, the model has {shape}"
+            )
         self.backend = make_backend(spec, store=store, client=client, backend=backend, tenant=tenant, salt=salt, extra_keys=extra_keys)
         if self.backend.spec != spec:
             raise ValueError(f"the backend's spec {self.backend.spec} is not the cache's {spec}")
@@ -237,8 +251,10 @@ class KVTierCache(DynamicCache):
             raise ValueError("call load_prefix(prompt_ids) first: the cache must know the prompt")
         held = self.get_seq_length()
         if held > len(self._token_ids):
-            raise ValueError(f"the cache holds {held} tokens but knows the ids of {len(self._token_ids)}: "
-                             "call append_tokens() with each token before the forward call that feeds it")
+            raise ValueError(
+                f"the cache holds {held} tokens but knows the ids of {len(self._token_ids)}: "
+                "call append_tokens() with each token before the forward call that feeds it"
+            )
         bt = self.spec.block_tokens
         end = held // bt
         if not self.save_enabled or end <= self._num_saved:

@@ -59,20 +59,23 @@ def attention_modules(model) -> list[torch.nn.Module]:
     """The model's attention modules, one per layer, in layer order (modules with an int ``layer_idx``
     and ``num_key_value_groups``: the transformers convention for decoder attention)."""
     dims = model_dims(model)
-    mods = [m for m in model.modules()
-            if isinstance(getattr(m, "layer_idx", None), int) and hasattr(m, "num_key_value_groups")]
+    mods = [m for m in model.modules() if isinstance(getattr(m, "layer_idx", None), int) and hasattr(m, "num_key_value_groups")]
     mods.sort(key=lambda m: m.layer_idx)
     if [m.layer_idx for m in mods] != list(range(dims.num_layers)):
-        raise ValueError(f"expected one attention module per layer (layer_idx 0..{dims.num_layers - 1}) in a transformers "
-                         f"causal LM, found layer_idx {[m.layer_idx for m in mods]}")
+        raise ValueError(
+            f"expected one attention module per layer (layer_idx 0..{dims.num_layers - 1}) in a transformers "
+            f"causal LM, found layer_idx {[m.layer_idx for m in mods]}"
+        )
     return mods
 
 
 def _dispatch(module, query, key, value, attention_mask, *args, **kwargs):
     handler = _HANDLERS.get(module)
     if handler is None:
-        raise RuntimeError(f"a kvtier attention function ran outside its attach() block (module {type(module).__name__}); "
-                           "use the hook's context manager around the forward calls")
+        raise RuntimeError(
+            f"a kvtier attention function ran outside its attach() block (module {type(module).__name__}); "
+            "use the hook's context manager around the forward calls"
+        )
     if args:  # some wrappers (kvpress) pass dropout, then scaling, positionally
         kwargs.setdefault("dropout", args[0])
         if len(args) > 1:

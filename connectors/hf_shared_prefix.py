@@ -59,8 +59,12 @@ class _Batch:
             self.v = [k0.new_zeros(batch, H, capacity, D) for _ in self.prefix]
             self.offset = 0
         else:  # every sequence holds a copy of the prefix, then its suffix
-            self.k = [torch.cat([pk.unsqueeze(0).expand(batch, -1, -1, -1), k0.new_zeros(batch, H, capacity, D)], 2) for pk, _ in self.prefix]
-            self.v = [torch.cat([pv.unsqueeze(0).expand(batch, -1, -1, -1), k0.new_zeros(batch, H, capacity, D)], 2) for _, pv in self.prefix]
+            self.k = [
+                torch.cat([pk.unsqueeze(0).expand(batch, -1, -1, -1), k0.new_zeros(batch, H, capacity, D)], 2) for pk, _ in self.prefix
+            ]
+            self.v = [
+                torch.cat([pv.unsqueeze(0).expand(batch, -1, -1, -1), k0.new_zeros(batch, H, capacity, D)], 2) for _, pv in self.prefix
+            ]
             self.offset = Tp
         self.lengths = torch.zeros(batch, dtype=torch.int64, device=k0.device)  # suffix tokens per sequence
         self.row: int | None = None  # the sequence being prefilled, or None: decode the whole batch
@@ -123,9 +127,16 @@ def prefix_kv_of(model, prefix_ids: Sequence[int]) -> list[tuple[torch.Tensor, t
 
 
 @torch.inference_mode()
-def shared_prefix_generate(model, prefix_ids: Sequence[int], suffix_ids_list: Sequence[Sequence[int]], *, max_new_tokens: int,
-                           prefix_kv: list[tuple[torch.Tensor, torch.Tensor]] | None = None, attention: str = "shared",
-                           stats: SharedPrefixStats | None = None) -> list[list[int]]:
+def shared_prefix_generate(
+    model,
+    prefix_ids: Sequence[int],
+    suffix_ids_list: Sequence[Sequence[int]],
+    *,
+    max_new_tokens: int,
+    prefix_kv: list[tuple[torch.Tensor, torch.Tensor]] | None = None,
+    attention: str = "shared",
+    stats: SharedPrefixStats | None = None,
+) -> list[list[int]]:
     """Greedy ``max_new_tokens`` for each sequence ``prefix_ids + suffix_ids_list[b]``, decoded as one batch.
 
     Args:
@@ -143,7 +154,9 @@ def shared_prefix_generate(model, prefix_ids: Sequence[int], suffix_ids_list: Se
     """
     prefix = _check_ids("prefix_ids", prefix_ids)
     if not isinstance(suffix_ids_list, (list, tuple)) or not suffix_ids_list:
-        raise ValueError(f"suffix_ids_list must be a non-empty list of token-id lists, got {type(suffix_ids_list).__name__} {str(suffix_ids_list)[:60]}")
+        raise ValueError(
+            f"suffix_ids_list must be a non-empty list of token-id lists, got {type(suffix_ids_list).__name__} {str(suffix_ids_list)[:60]}"
+        )
     suffixes = [_check_ids(f"suffix_ids_list[{b}]", s) for b, s in enumerate(suffix_ids_list)]
     if not isinstance(max_new_tokens, int) or isinstance(max_new_tokens, bool) or max_new_tokens < 0:
         raise ValueError(f"max_new_tokens must be a non-negative int, got {max_new_tokens!r}")
@@ -171,9 +184,12 @@ def shared_prefix_generate(model, prefix_ids: Sequence[int], suffix_ids_list: Se
         for b, s in enumerate(suffixes):
             batch.row = b
             n = len(s)
-            logits = model(input_ids=torch.tensor([s], device=model.device),
-                           position_ids=torch.arange(Tp, Tp + n, device=model.device).view(1, n),
-                           use_cache=False, logits_to_keep=1).logits
+            logits = model(
+                input_ids=torch.tensor([s], device=model.device),
+                position_ids=torch.arange(Tp, Tp + n, device=model.device).view(1, n),
+                use_cache=False,
+                logits_to_keep=1,
+            ).logits
             batch.lengths[b] = n
             out[b].append(int(logits[0, -1].argmax()))
         st.suffix_seconds = time.perf_counter() - t0

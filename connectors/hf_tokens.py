@@ -35,17 +35,37 @@ EVICTING_ATTENTION = "kvtier_evicting"
 
 
 # -- the glue: a model's attention through an EvictingKV ------------------------------------------------
-def make_evicting_kv(model, compressor, *, mode: str = "drop", observation_window: int = 64, trigger_tokens: int | None = None,
-                     recall=None, recall_budget: int = 256, max_demoted_tokens: int = 1 << 20):
+def make_evicting_kv(
+    model,
+    compressor,
+    *,
+    mode: str = "drop",
+    observation_window: int = 64,
+    trigger_tokens: int | None = None,
+    recall=None,
+    recall_budget: int = 256,
+    max_demoted_tokens: int = 1 << 20,
+):
     """An ``EvictingKV`` shaped for ``model`` (layers, heads, head dim, dtype and device from it)."""
     from kvtier.eviction.tokens import EvictingKV
 
     d = model_dims(model)
     p = next(model.parameters())
-    return EvictingKV(compressor, num_layers=d.num_layers, num_q_heads=d.num_q_heads, num_kv_heads=d.num_kv_heads,
-                      head_dim=d.head_dim, mode=mode, observation_window=observation_window, trigger_tokens=trigger_tokens,
-                      recall=recall, recall_budget=recall_budget, max_demoted_tokens=max_demoted_tokens,
-                      dtype=p.dtype, device=p.device)
+    return EvictingKV(
+        compressor,
+        num_layers=d.num_layers,
+        num_q_heads=d.num_q_heads,
+        num_kv_heads=d.num_kv_heads,
+        head_dim=d.head_dim,
+        mode=mode,
+        observation_window=observation_window,
+        trigger_tokens=trigger_tokens,
+        recall=recall,
+        recall_budget=recall_budget,
+        max_demoted_tokens=max_demoted_tokens,
+        dtype=p.dtype,
+        device=p.device,
+    )
 
 
 def evicting_attention(model, kv) -> contextlib.AbstractContextManager:
@@ -66,8 +86,12 @@ def forward_evicting(model, ids: torch.Tensor | Sequence[int], start: int, *, al
     inside ``evicting_attention``: logits ``[n, V]`` (``all_logits``) or ``[1, V]``, float32."""
     ids = torch.as_tensor(ids, dtype=torch.long).view(1, -1)
     n = ids.shape[1]
-    out = model(input_ids=ids.to(model.device), position_ids=torch.arange(start, start + n, device=model.device).view(1, n),
-                use_cache=False, logits_to_keep=0 if all_logits else 1)
+    out = model(
+        input_ids=ids.to(model.device),
+        position_ids=torch.arange(start, start + n, device=model.device).view(1, n),
+        use_cache=False,
+        logits_to_keep=0 if all_logits else 1,
+    )
     return out.logits[0].float()
 
 
@@ -138,18 +162,26 @@ class TokenPolicy:
             raise ValueError(f"give one of ratio and budget, got ratio={self.ratio!r} and budget={self.budget!r}")
         if self.ratio is None and self.budget is None:
             self.ratio = 0.5
-        if self.ratio is not None and (not isinstance(self.ratio, (int, float)) or isinstance(self.ratio, bool)
-                                       or not 0.0 <= self.ratio < 1.0):
+        if self.ratio is not None and (
+            not isinstance(self.ratio, (int, float)) or isinstance(self.ratio, bool) or not 0.0 <= self.ratio < 1.0
+        ):
             raise ValueError(f"ratio must be a share of tokens evicted in [0, 1), got {self.ratio!r}")
-        for name in ("window", "chunk_tokens", "compress_every", "recall_budget", "max_demoted_tokens") + (("budget",) if self.budget is not None else ()):
+        for name in ("window", "chunk_tokens", "compress_every", "recall_budget", "max_demoted_tokens") + (
+            ("budget",) if self.budget is not None else ()
+        ):
             v = getattr(self, name)
             if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
                 raise ValueError(f"{name} must be a positive int, got {v!r}")
         if self.mode not in ("drop", "demote"):
             raise ValueError(f"mode must be 'drop' or 'demote', got {self.mode!r}")
         get_scorer(self.scorer, **self.scorer_options)  # validates the name and options now
-        Compressor(get_scorer(self.scorer, **self.scorer_options), budget=1, sink_tokens=self.sink_tokens,
-                   window_tokens=self.window_tokens, head_budgets=self.head_budgets)
+        Compressor(
+            get_scorer(self.scorer, **self.scorer_options),
+            budget=1,
+            sink_tokens=self.sink_tokens,
+            window_tokens=self.window_tokens,
+            head_budgets=self.head_budgets,
+        )
         if self.mode == "demote":
             get_selector(self.recall_selector, **self._recall_options())
         self.last_kv = None
@@ -168,20 +200,40 @@ class TokenPolicy:
         from kvtier.eviction.tokens import Compressor, get_scorer
         from kvtier.retrieval import get_selector
 
-        comp = Compressor(get_scorer(self.scorer, **self.scorer_options), budget=self.target(1), sink_tokens=self.sink_tokens,
-                          window_tokens=self.window_tokens, head_budgets=self.head_budgets)
+        comp = Compressor(
+            get_scorer(self.scorer, **self.scorer_options),
+            budget=self.target(1),
+            sink_tokens=self.sink_tokens,
+            window_tokens=self.window_tokens,
+            head_budgets=self.head_budgets,
+        )
         recall = get_selector(self.recall_selector, **self._recall_options()) if self.mode == "demote" else None
-        return make_evicting_kv(model, comp, mode=self.mode, observation_window=self.window, recall=recall,
-                                recall_budget=self.recall_budget, max_demoted_tokens=self.max_demoted_tokens)
+        return make_evicting_kv(
+            model,
+            comp,
+            mode=self.mode,
+            observation_window=self.window,
+            recall=recall,
+            recall_budget=self.recall_budget,
+            max_demoted_tokens=self.max_demoted_tokens,
+        )
 
     def _set_budget(self, kv, total: int, slack: int) -> None:
         b = self.target(total)
         kv.compressor.budget = b
         kv.trigger_tokens = b + slack
 
-    def generate(self, model, input_ids: Sequence[int], *, max_new_tokens: int,
-                 prefix_kv: list[tuple[torch.Tensor, torch.Tensor]] | None = None, num_prefix_tokens: int = 0,
-                 context_tokens: int | None = None, stop_tokens: Sequence[int] = ()) -> list[int]:
+    def generate(
+        self,
+        model,
+        input_ids: Sequence[int],
+        *,
+        max_new_tokens: int,
+        prefix_kv: list[tuple[torch.Tensor, torch.Tensor]] | None = None,
+        num_prefix_tokens: int = 0,
+        context_tokens: int | None = None,
+        stop_tokens: Sequence[int] = (),
+    ) -> list[int]:
         """Greedy tokens after ``input_ids``: ``max_new_tokens`` of them, or fewer when one of
         ``stop_tokens`` comes (it is included). The arguments are ``stream``'s."""
         if not isinstance(max_new_tokens, int) or isinstance(max_new_tokens, bool) or max_new_tokens < 0:
@@ -198,8 +250,15 @@ class TokenPolicy:
             it.close()
         return out
 
-    def stream(self, model, input_ids: Sequence[int], *, prefix_kv: list[tuple[torch.Tensor, torch.Tensor]] | None = None,
-               num_prefix_tokens: int = 0, context_tokens: int | None = None) -> Iterator[int]:
+    def stream(
+        self,
+        model,
+        input_ids: Sequence[int],
+        *,
+        prefix_kv: list[tuple[torch.Tensor, torch.Tensor]] | None = None,
+        num_prefix_tokens: int = 0,
+        context_tokens: int | None = None,
+    ) -> Iterator[int]:
         """Greedy token ids after ``input_ids``, one per ``next()``, without end (a ``TokenPolicyRuntime``).
 
         The arguments are validated here, before the iterator is returned. The first
@@ -287,8 +346,13 @@ def prefix_queries(model, prefix_kv, ids: Sequence[int], start: int, end: int) -
 
     n = end - start
     with bind(model, PREFIX_QUERIES, attention, sdpa_mask=True):
-        model(input_ids=torch.tensor([list(ids[start:end])], device=model.device), past_key_values=cache,
-              position_ids=torch.arange(start, end, device=model.device).view(1, n), use_cache=True, logits_to_keep=1)
+        model(
+            input_ids=torch.tensor([list(ids[start:end])], device=model.device),
+            past_key_values=cache,
+            position_ids=torch.arange(start, end, device=model.device).view(1, n),
+            use_cache=True,
+            logits_to_keep=1,
+        )
     return [out[i] for i in range(len(out))]
 
 
@@ -310,17 +374,28 @@ def check_prefix_kv(prefix_kv, num_prefix_tokens: int, num_tokens: int, dims) ->
     if num_prefix_tokens == 0:
         return 0
     if not isinstance(prefix_kv, (list, tuple)) or len(prefix_kv) != dims.num_layers:
-        raise ValueError(f"prefix_kv must be a list of {dims.num_layers} (k, v) pairs (one per layer) for {num_prefix_tokens} "
-                         f"prefix tokens, got {type(prefix_kv).__name__}{'' if prefix_kv is None else f' of {len(prefix_kv)}'}")
+        raise ValueError(
+            f"prefix_kv must be a list of {dims.num_layers} (k, v) pairs (one per layer) for {num_prefix_tokens} "
+            f"prefix tokens, got {type(prefix_kv).__name__}{'' if prefix_kv is None else f' of {len(prefix_kv)}'}"
+        )
     for i, pair in enumerate(prefix_kv):
         if not isinstance(pair, (list, tuple)) or len(pair) != 2:
             raise ValueError(f"prefix_kv[{i}] must be a (k, v) pair, got {type(pair).__name__}")
         for name, t in zip("kv", pair):
-            ok = (isinstance(t, torch.Tensor) and t.dim() == 4 and t.shape[0] == 1 and t.shape[1] == dims.num_kv_heads
-                  and t.shape[2] >= num_prefix_tokens and t.shape[3] == dims.head_dim and t.is_floating_point())
+            ok = (
+                isinstance(t, torch.Tensor)
+                and t.dim() == 4
+                and t.shape[0] == 1
+                and t.shape[1] == dims.num_kv_heads
+                and t.shape[2] >= num_prefix_tokens
+                and t.shape[3] == dims.head_dim
+                and t.is_floating_point()
+            )
             if not ok:
-                raise ValueError(f"prefix_kv[{i}].{name} must be a float tensor [1, {dims.num_kv_heads}, >= {num_prefix_tokens}, "
-                                 f"{dims.head_dim}], got {list(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__}")
+                raise ValueError(
+                    f"prefix_kv[{i}].{name} must be a float tensor [1, {dims.num_kv_heads}, >= {num_prefix_tokens}, "
+                    f"{dims.head_dim}], got {list(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__}"
+                )
     return num_prefix_tokens
 
 

@@ -259,8 +259,10 @@ def spec_from_vllm_config(vllm_config: Any, config: KVTierConnectorConfig) -> tu
     par = vllm_config.parallel_config
     tp, pp = getattr(par, "tensor_parallel_size", 1), getattr(par, "pipeline_parallel_size", 1)
     if tp != 1 or pp != 1:
-        raise ValueError(f"the kvtier connector needs tensor_parallel_size=1 and pipeline_parallel_size=1 (a kvtier "
-                         f"block holds every KV head of every layer), got {tp} and {pp}")
+        raise ValueError(
+            f"the kvtier connector needs tensor_parallel_size=1 and pipeline_parallel_size=1 (a kvtier "
+            f"block holds every KV head of every layer), got {tp} and {pp}"
+        )
     cache_dtype = getattr(cache, "cache_dtype", "auto")
     if cache_dtype != "auto":
         raise ValueError(f"the kvtier connector needs kv_cache_dtype 'auto' (the model's dtype), got {cache_dtype!r}")
@@ -309,13 +311,16 @@ def detect_layout(kv_layer: torch.Tensor, backend_name: str | None = None) -> st
     if kv_layer.dim() == 4:
         layout = BACKEND_LAYOUTS.get(backend_name or "")
         if layout is None:
-            raise ValueError(f"the kvtier connector does not know how attention backend {backend_name!r} splits its paged KV "
-                             f"{shape} into K and V (known: {sorted(BACKEND_LAYOUTS)}); set kv_connector_extra_config "
-                             f"paged_layout to one of {list(LAYOUTS_4D)} only if the backend matches it")
+            raise ValueError(
+                f"the kvtier connector does not know how attention backend {backend_name!r} splits its paged KV "
+                f"{shape} into K and V (known: {sorted(BACKEND_LAYOUTS)}); set kv_connector_extra_config "
+                f"paged_layout to one of {list(LAYOUTS_4D)} only if the backend matches it"
+            )
         return layout
     if kv_layer.dim() != 5:
-        raise ValueError(f"a paged KV layer must be 4-d [N, H_kv, P, 2*D] or 5-d ([2, N, P, H_kv, D] or [N, 2, P, H_kv, D]), "
-                         f"got shape {shape}")
+        raise ValueError(
+            f"a paged KV layer must be 4-d [N, H_kv, P, 2*D] or 5-d ([2, N, P, H_kv, D] or [N, 2, P, H_kv, D]), got shape {shape}"
+        )
     first, second = kv_layer.shape[0] == 2, kv_layer.shape[1] == 2
     if first != second:
         return "kv_first" if first else "blocks_first"
@@ -335,8 +340,10 @@ def paged_view(kv_layer: torch.Tensor, layout: str) -> torch.Tensor:
         if layout == "kv_in_content":
             return kv_layer.unflatten(-1, (2, D)).permute(3, 0, 2, 1, 4)  # [N, H, P, 2, D] -> [2, N, P, H, D]
         if kv_layer.stride(2) != C:
-            raise ValueError(f"a kv_in_rows paged layer needs each (block, head) slab [P, 2*D] contiguous, got strides "
-                             f"{list(kv_layer.stride())} for shape {shape}")
+            raise ValueError(
+                f"a kv_in_rows paged layer needs each (block, head) slab [P, 2*D] contiguous, got strides "
+                f"{list(kv_layer.stride())} for shape {shape}"
+            )
         s0, s1 = kv_layer.stride(0), kv_layer.stride(1)
         rows = kv_layer.as_strided((N, H, 2, P, D), (s0, s1, P * D, D, 1), kv_layer.storage_offset())  # [N, H, 2, P, D]
         return rows.permute(2, 0, 3, 1, 4)
@@ -454,9 +461,16 @@ def open_backend(config: KVTierConnectorConfig, spec: KVSpec) -> KVTierBackend:
     before the first lookup (the spec is registered then, and again after a service restart), so an
     unreachable kvtier makes misses, never a failed engine start; 64 blocks and 64 MiB per request."""
     if config.url.startswith(("http://", "https://", "unix://")):  # unix://: the same-host shared-memory transport
-        return ServiceBackend.connect(config.url, spec, api_key=config.api_key, timeout_s=config.timeout_s, register=False,
-                                      max_blocks_per_request=64, max_request_bytes=64 << 20)
-    name = config.url[len("inprocess://"):] if config.url.startswith("inprocess://") else "default"
+        return ServiceBackend.connect(
+            config.url,
+            spec,
+            api_key=config.api_key,
+            timeout_s=config.timeout_s,
+            register=False,
+            max_blocks_per_request=64,
+            max_request_bytes=64 << 20,
+        )
+    name = config.url[len("inprocess://") :] if config.url.startswith("inprocess://") else "default"
     return StoreBackend(inprocess_store(name or "default"), spec)
 
 
@@ -605,6 +619,7 @@ else:
 EVENT_MEDIUM = "kvtier"  # the ``medium`` of the connector's events (the service's own events name the tier: "kvtier/host", ...)
 
 if KVConnectorKVEvents is not None:
+
     class KVTierKVEvents(KVConnectorKVEvents):  # type: ignore[misc,valid-type]
         """The events one worker step produced (what ``get_kv_connector_kv_cache_events`` hands vLLM)."""
 
@@ -665,7 +680,8 @@ class KVTierConnector(_Base):  # type: ignore[misc,valid-type]
                 f"{vllm_config.parallel_config.distributed_executor_backend!r} runs the worker in another process than the "
                 "scheduler (each would get its own store, and nothing would ever hit). Run a kvtier service ('kvtier serve') "
                 "and set url to 'http://HOST:PORT', or run vLLM in one process: distributed_executor_backend='uni' (on a CPU "
-                "also VLLM_ENABLE_V1_MULTIPROCESSING=0, without which vLLM's CPU platform turns 'uni' into 'mp')")
+                "also VLLM_ENABLE_V1_MULTIPROCESSING=0, without which vLLM's CPU platform turns 'uni' into 'mp')"
+            )
         self.blocks_per_kvtier_block = self.spec.block_tokens // self.block_size  # r
         kv_role = getattr(self._kv_transfer_config, "kv_role", None) or "kv_both"
         self.load_enabled = kv_role != "kv_producer"
@@ -675,8 +691,15 @@ class KVTierConnector(_Base):  # type: ignore[misc,valid-type]
         self._backend_lock = threading.Lock()
         self._errors = _backend_errors()
         self._stats_lock = threading.Lock()
-        self.stats = {"lookups": 0, "hit_blocks": 0, "loaded_blocks": 0, "saved_blocks": 0, "load_errors": 0,
-                      "backend_errors": 0, "dropped_saves": 0}
+        self.stats = {
+            "lookups": 0,
+            "hit_blocks": 0,
+            "loaded_blocks": 0,
+            "saved_blocks": 0,
+            "load_errors": 0,
+            "backend_errors": 0,
+            "dropped_saves": 0,
+        }
         # scheduler side
         self._states: dict[str, _RequestState] = {}
         self._known = _BoundedLRU(self.KNOWN_KEYS)
@@ -751,7 +774,7 @@ class KVTierConnector(_Base):  # type: ignore[misc,valid-type]
         bt = self.spec.block_tokens
         have = len(state.keys)
         if have < num_blocks:
-            new_tokens = list(tokens[have * bt: num_blocks * bt])
+            new_tokens = list(tokens[have * bt : num_blocks * bt])
             state.keys += chain_hashes(self.spec, new_tokens, state.namespace, parent=state.keys[-1] if have else None)
         return state.keys[:num_blocks]
 
@@ -831,9 +854,11 @@ class KVTierConnector(_Base):  # type: ignore[misc,valid-type]
         start = state.num_local_tokens
         end = start + num_external_tokens
         if end > state.num_hit_blocks * self.spec.block_tokens or start % self.block_size or end % self.block_size:
-            raise RuntimeError(f"request {request.request_id}: vLLM allocated {num_external_tokens} external tokens after "
-                               f"{start} local ones, but kvtier matched {state.num_hit_blocks * self.spec.block_tokens} "
-                               f"tokens in blocks of {self.block_size}")
+            raise RuntimeError(
+                f"request {request.request_id}: vLLM allocated {num_external_tokens} external tokens after "
+                f"{start} local ones, but kvtier matched {state.num_hit_blocks * self.spec.block_tokens} "
+                f"tokens in blocks of {self.block_size}"
+            )
         state.pending_load = (start, end)
         state.load_async = self.config.async_loads
         get_ids = getattr(blocks, "get_block_ids", None)
@@ -897,10 +922,10 @@ class KVTierConnector(_Base):  # type: ignore[misc,valid-type]
             if num_full > state.num_cached_blocks:
                 keys = self._keys(state, tokens, num_full)
                 first = state.num_cached_blocks
-                rt.saves = [BlockTransfer(keys[b], tuple(state.block_ids[b * r: (b + 1) * r])) for b in range(first, num_full)]
+                rt.saves = [BlockTransfer(keys[b], tuple(state.block_ids[b * r : (b + 1) * r])) for b in range(first, num_full)]
                 rt.save_parent = keys[first - 1] if first else None
                 if self.events_enabled:
-                    rt.save_token_ids = list(tokens[first * bt: num_full * bt])
+                    rt.save_token_ids = list(tokens[first * bt : num_full * bt])
                 self._known.add(keys[first:num_full])
                 state.num_cached_blocks = num_full
         if rt.loads or rt.saves:
@@ -943,21 +968,32 @@ class KVTierConnector(_Base):  # type: ignore[misc,valid-type]
             view = paged_view(kv, layout)
             _, _, Pk, H, D = view.shape
             if (H, D) != (self.spec.num_kv_heads, self.spec.head_dim) or kv.dtype != self.spec.torch_dtype:
-                raise ValueError(f"layer {name!r} ({layout}, backend {backends.get(name)}): paged KV [2, N, P, H_kv, D] must have "
-                                 f"H_kv={self.spec.num_kv_heads}, D={self.spec.head_dim} and dtype {self.spec.dtype}, got "
-                                 f"{list(view.shape)} {kv.dtype}")
+                raise ValueError(
+                    f"layer {name!r} ({layout}, backend {backends.get(name)}): paged KV [2, N, P, H_kv, D] must have "
+                    f"H_kv={self.spec.num_kv_heads}, D={self.spec.head_dim} and dtype {self.spec.dtype}, got "
+                    f"{list(view.shape)} {kv.dtype}"
+                )
             if Pk <= 0 or self.block_size % Pk:
-                raise ValueError(f"layer {name!r}: its paged KV has blocks of {Pk} tokens, which do not divide vLLM's block "
-                                 f"size {self.block_size}")
+                raise ValueError(
+                    f"layer {name!r}: its paged KV has blocks of {Pk} tokens, which do not divide vLLM's block size {self.block_size}"
+                )
             kernel.add(self.block_size // Pk)
             views[name], index[name] = view, i
         if len(layouts) != 1 or len(kernel) != 1:
-            raise ValueError(f"the kvtier connector needs one paged layout for every layer, got {sorted(layouts)} with "
-                             f"{sorted(kernel)} kernel blocks per block")
+            raise ValueError(
+                f"the kvtier connector needs one paged layout for every layer, got {sorted(layouts)} with "
+                f"{sorted(kernel)} kernel blocks per block"
+            )
         self._layout, self._views, self._layer_index = layouts.pop(), views, index
         self._kernel_blocks = kernel.pop()
-        log.info("kvtier connector: %d layers, layout %s (backend %s), %d kernel block(s) per vLLM block of %d tokens",
-                 len(views), self._layout, next(iter(backends.values()), None), self._kernel_blocks, self.block_size)
+        log.info(
+            "kvtier connector: %d layers, layout %s (backend %s), %d kernel block(s) per vLLM block of %d tokens",
+            len(views),
+            self._layout,
+            next(iter(backends.values()), None),
+            self._kernel_blocks,
+            self.block_size,
+        )
 
     def _reset_step(self) -> None:
         self._load_src: torch.Tensor | None = None  # [m, L, 2, H_kv, T, D] (synchronous loads)
@@ -1111,8 +1147,11 @@ class KVTierConnector(_Base):  # type: ignore[misc,valid-type]
             self._pending_saves = [f for f in self._pending_saves if not f.done()]
             if self._pending_save_bytes + nbytes > self.config.max_pending_save_bytes:
                 self._count("dropped_saves", len(buf))
-                log.warning("kvtier is behind: %d bytes of saves pending, dropping %d new block(s) (they are misses later)",
-                            self._pending_save_bytes, len(buf))
+                log.warning(
+                    "kvtier is behind: %d bytes of saves pending, dropping %d new block(s) (they are misses later)",
+                    self._pending_save_bytes,
+                    len(buf),
+                )
                 return
             self._pending_save_bytes += nbytes
             if self._saver is None:
@@ -1123,12 +1162,18 @@ class KVTierConnector(_Base):  # type: ignore[misc,valid-type]
         try:
             for rt, row, n in plan:
                 keys = [t.key for t in rt.saves]
-                stored = self._call("put", functools.partial(self.backend.put, parent=rt.save_parent), keys, buf[row: row + n],
-                                    default=[])
+                stored = self._call("put", functools.partial(self.backend.put, parent=rt.save_parent), keys, buf[row : row + n], default=[])
                 self._count("saved_blocks", sum(bool(s) for s in stored))
                 if self.events_enabled and rt.save_token_ids is not None and stored and all(stored):
-                    event = BlockStored(block_hashes=keys, parent_block_hash=rt.save_parent, token_ids=rt.save_token_ids,
-                                        block_size=self.spec.block_tokens, lora_id=None, medium=EVENT_MEDIUM, lora_name=None)
+                    event = BlockStored(
+                        block_hashes=keys,
+                        parent_block_hash=rt.save_parent,
+                        token_ids=rt.save_token_ids,
+                        block_size=self.spec.block_tokens,
+                        lora_id=None,
+                        medium=EVENT_MEDIUM,
+                        lora_name=None,
+                    )
                     with self._lock:
                         self._worker_events.append(event)
         except Exception as e:  # a bug must not kill the saver thread silently

@@ -14,6 +14,14 @@ from .blocks import (
 )
 
 __all__ = [
-    "BlockPolicy", "CostAwarePolicy", "FIFOPolicy", "LFUPolicy", "LRUPolicy", "S3FIFOPolicy",
-    "TenantFairPolicy", "available_policies", "get_policy", "register_policy",
+    "BlockPolicy",
+    "CostAwarePolicy",
+    "FIFOPolicy",
+    "LFUPolicy",
+    "LRUPolicy",
+    "S3FIFOPolicy",
+    "TenantFairPolicy",
+    "available_policies",
+    "get_policy",
+    "register_policy",
 ]

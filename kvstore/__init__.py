@@ -12,10 +12,34 @@ from .tiers.disk import DiskTier
 from .tiers.memory import DeviceTier, HostTier
 
 __all__ = [
-    "BlockHash", "BlockPolicy", "Codec", "DTYPES", "DeviceTier", "DiskTier", "Event", "Frame", "FrameError", "HostTier",
-    "KVSpec", "Lease", "LookupResult", "Namespace", "PrefixIndex", "StorageTier", "TierCapabilities",
-    "TierConfig", "TierStats", "TieredStore", "available_codecs", "chain_hashes", "decode_frame",
-    "encode_frame", "get_codec", "parse_hash", "register_codec", "root_hash",
+    "BlockHash",
+    "BlockPolicy",
+    "Codec",
+    "DTYPES",
+    "DeviceTier",
+    "DiskTier",
+    "Event",
+    "Frame",
+    "FrameError",
+    "HostTier",
+    "KVSpec",
+    "Lease",
+    "LookupResult",
+    "Namespace",
+    "PrefixIndex",
+    "StorageTier",
+    "TierCapabilities",
+    "TierConfig",
+    "TierStats",
+    "TieredStore",
+    "available_codecs",
+    "chain_hashes",
+    "decode_frame",
+    "encode_frame",
+    "get_codec",
+    "parse_hash",
+    "register_codec",
+    "root_hash",
 ]
 
 

@@ -30,7 +30,9 @@ class FrameCipher:
 
     def __init__(self, key: bytes) -> None:
         if not isinstance(key, (bytes, bytearray)) or len(key) != 32:
-            raise ValueError(f"the encryption key must be 32 bytes (AES-256), got {len(key) if isinstance(key, (bytes, bytearray)) else type(key).__name__}")
+            raise ValueError(
+                f"the encryption key must be 32 bytes (AES-256), got {len(key) if isinstance(key, (bytes, bytearray)) else type(key).__name__}"
+            )
         from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
         self._aead = AESGCM(bytes(key))
@@ -46,8 +48,8 @@ class FrameCipher:
         view = memoryview(sealed).cast("B")
         if view.nbytes < OVERHEAD or view[: len(MAGIC)] != MAGIC:
             raise FrameError("not an encrypted frame (encryption at rest is on: plaintext frames are refused)")
-        nonce = bytes(view[len(MAGIC): len(MAGIC) + _NONCE])
+        nonce = bytes(view[len(MAGIC) : len(MAGIC) + _NONCE])
         try:
-            return self._aead.decrypt(nonce, view[len(MAGIC) + _NONCE:], MAGIC + bytes(key))
+            return self._aead.decrypt(nonce, view[len(MAGIC) + _NONCE :], MAGIC + bytes(key))
         except InvalidTag:
             raise FrameError("the encrypted frame does not authenticate (tampered, truncated, or another block's)") from None

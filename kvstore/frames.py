@@ -137,7 +137,7 @@ def _parse(view: memoryview, *, whole: bool) -> tuple[dict[str, Any], int, int]:
     ``whole``: ``view`` is the whole frame (its length must end exactly at the payload's end);
     otherwise a prefix, and ``FrameIncomplete`` says how many bytes the header needs."""
     unpacker = msgpack.Unpacker(raw=False, strict_map_key=True, max_buffer_size=_MAX_HEADER + 64)
-    unpacker.feed(view[: _MAX_HEADER])
+    unpacker.feed(view[:_MAX_HEADER])
     fields: dict[str, Any] = {}
     try:
         n = unpacker.read_map_header()
@@ -173,8 +173,15 @@ def _check_fields(fields: dict[str, Any], expect_key, expect_spec) -> tuple[byte
             raise FrameError(f"unsupported frame version {fields.get('v')!r}")
         key = bytes(fields["key"])
         spec = KVSpec.from_dict(fields["spec"])
-        parts = (key, spec, str(fields["codec"]), dict(fields["codec_meta"]),
-                 tuple(int(s) for s in fields["shape"]), str(fields["dtype"]), int(fields["checksum"]))
+        parts = (
+            key,
+            spec,
+            str(fields["codec"]),
+            dict(fields["codec_meta"]),
+            tuple(int(s) for s in fields["shape"]),
+            str(fields["dtype"]),
+            int(fields["checksum"]),
+        )
         alg = fields.get("checksum_alg", CHECKSUM_ALG)
     except FrameError:
         raise

@@ -227,12 +227,7 @@ class PrefixIndex:
     def tenant_leaves_oldest_first(self, tenant_id: int) -> list[int]:
         """Resident, unpinned blocks of a tenant with no resident child, least recent first."""
         n = len(self._keys)
-        mask = (
-            (self._tenant[:n] == tenant_id)
-            & (self._resident[:n] != 0)
-            & (self._pins[:n] == 0)
-            & (self._child_any[:n] == 0)
-        )
+        mask = (self._tenant[:n] == tenant_id) & (self._resident[:n] != 0) & (self._pins[:n] == 0) & (self._child_any[:n] == 0)
         idx = np.flatnonzero(mask)
         return idx[np.argsort(self._tick[idx], kind="stable")].tolist()
 

@@ -104,7 +104,9 @@ def parse_hash(value: bytes | str) -> BlockHash:
         except ValueError:
             raise ValueError("a block hash must be 64 hex characters") from None
     if not isinstance(value, (bytes, bytearray)) or len(value) != HASH_BYTES:
-        raise ValueError(f"a block hash must be {HASH_BYTES} bytes, got {len(value) if hasattr(value, '__len__') else type(value).__name__}")
+        raise ValueError(
+            f"a block hash must be {HASH_BYTES} bytes, got {len(value) if hasattr(value, '__len__') else type(value).__name__}"
+        )
     return BlockHash(bytes(value))
 
 

@@ -63,8 +63,9 @@ class PageLayout:
         if not isinstance(codec, PagedCodec):
             return None
         codec.check_meta(meta, spec)
-        return cls(bytes(key), spec, codec, meta, np.frombuffer(meta["crc"], dtype=np.uint64),
-                   np.frombuffer(meta["sum_crc"], dtype=np.uint64))
+        return cls(
+            bytes(key), spec, codec, meta, np.frombuffer(meta["crc"], dtype=np.uint64), np.frombuffer(meta["sum_crc"], dtype=np.uint64)
+        )
 
     # -- geometry --------------------------------------------------------------------------
     @property

@@ -82,10 +82,7 @@ class KVSpec:
     @property
     def fingerprint(self) -> bytes:
         """32-byte SHA-256 of the canonical form of the spec (stable across processes)."""
-        canon = (
-            f"kvspec/v1|{self.model_id}|{self.num_layers}|{self.num_kv_heads}|"
-            f"{self.head_dim}|{self.dtype}|{self.block_tokens}"
-        )
+        canon = f"kvspec/v1|{self.model_id}|{self.num_layers}|{self.num_kv_heads}|{self.head_dim}|{self.dtype}|{self.block_tokens}"
         return hashlib.sha256(canon.encode()).digest()
 
     @property
@@ -122,4 +119,6 @@ class KVSpec:
         if tuple(block.shape) != self.block_shape:
             raise ValueError(f"block shape must be {list(self.block_shape)} for this spec, got {list(block.shape)}")
         if block.dtype != self.torch_dtype:
-            raise ValueError(f"block dtype must be {self.dtype}, got {dtype_name(block.dtype) if block.dtype in DTYPE_NAMES else block.dtype}")
+            raise ValueError(
+                f"block dtype must be {self.dtype}, got {dtype_name(block.dtype) if block.dtype in DTYPE_NAMES else block.dtype}"
+            )

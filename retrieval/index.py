@@ -46,6 +46,7 @@ _INDEXES: Registry[Callable[..., "KeyIndex"]] = Registry("index backend")
 
 def register_index(name: str):
     """Class decorator: make the class available as ``make_index(name, dim, **options)``."""
+
     def deco(cls):
         cls.name = name
         return _INDEXES.register(cls, name=name)
@@ -248,7 +249,9 @@ class IVFIndex(_FaissIndex):
         return max(1, min(self.nlist or int(round(4 * math.sqrt(n))), n))
 
     def _kmeans(self, x: np.ndarray, nlist: int) -> np.ndarray:
-        km = faiss.Kmeans(self.dim, nlist, niter=self.niter, seed=self.seed, verbose=False, min_points_per_centroid=1, max_points_per_centroid=256)
+        km = faiss.Kmeans(
+            self.dim, nlist, niter=self.niter, seed=self.seed, verbose=False, min_points_per_centroid=1, max_points_per_centroid=256
+        )
         km.train(x)
         return km.centroids
 
@@ -323,8 +326,16 @@ class HNSWIndex(_FaissIndex):
     keys and queries (``bench/retrieval.py``: 0.58 vs 0.93 top-100 recall at ef=100, 8K keys).
     """
 
-    def __init__(self, dim: int, m: int = 32, ef_construction: int = 64, ef_search: int = 64, mips_to_l2: bool = True,
-                 norm_margin: float = 1.2, use_gpu: bool | None = None) -> None:
+    def __init__(
+        self,
+        dim: int,
+        m: int = 32,
+        ef_construction: int = 64,
+        ef_search: int = 64,
+        mips_to_l2: bool = True,
+        norm_margin: float = 1.2,
+        use_gpu: bool | None = None,
+    ) -> None:
         super().__init__(dim, False)
         for name, v in (("m", m), ("ef_construction", ef_construction), ("ef_search", ef_search)):
             if not isinstance(v, int) or v <= 0:
@@ -351,7 +362,7 @@ class HNSWIndex(_FaissIndex):
             sq = (x.astype(np.float64) ** 2).sum(1)
             if self._max_norm is None:
                 self._max_norm = self.norm_margin * float(np.sqrt(sq.max())) or 1.0
-            extra = np.sqrt(np.clip(self._max_norm ** 2 - sq, 0.0, None)).astype(np.float32)
+            extra = np.sqrt(np.clip(self._max_norm**2 - sq, 0.0, None)).astype(np.float32)
             x = np.ascontiguousarray(np.concatenate([x, extra[:, None]], 1))
         self._index.add(x)
 

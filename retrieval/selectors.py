@@ -58,6 +58,7 @@ _SELECTORS: Registry[Callable[..., "SelectorBase"]] = Registry("selector")
 
 def register_selector(name: str):
     """Class decorator: make the class selectable as ``get_selector(name, **options)``."""
+
     def deco(cls):
         cls.name = name
         return _SELECTORS.register(cls, name=name)
@@ -176,8 +177,7 @@ class SelectorBase:
             raise ValueError(f"budget must be a positive int, got {budget!r}")
         if T > budget and budget < self.num_sink + self.num_recent:
             raise ValueError(
-                f"budget must be at least num_sink + num_recent = {self.num_sink + self.num_recent} "
-                f"(the tokens always kept), got {budget}"
+                f"budget must be at least num_sink + num_recent = {self.num_sink + self.num_recent} (the tokens always kept), got {budget}"
             )
 
     def reserved_mask(self, T: int, budget: int, device=None) -> torch.Tensor:

@@ -195,6 +195,11 @@ class SummaryStore:
 
     def stats(self) -> dict:
         return {
-            "summaries": len(self._items), "used_bytes": self._bytes, "max_bytes": self.max_bytes,
-            "hits": self.hits, "misses": self.misses, "computed": self.computed, "dropped": self.dropped,
+            "summaries": len(self._items),
+            "used_bytes": self._bytes,
+            "max_bytes": self.max_bytes,
+            "hits": self.hits,
+            "misses": self.misses,
+            "computed": self.computed,
+            "dropped": self.dropped,
         }

@@ -152,14 +152,25 @@ class TierAttention:
         prefetch: read layer l+1's previous pages on a thread while layer l runs.
     """
 
-    def __init__(self, store: TieredStore, spec: KVSpec, *, budget: int = 512, candidate_blocks: int | None = 32,
-                 page_cache_bytes: int = 256 << 20, summary_bytes: int = 256 << 20, prefetch: bool = True) -> None:
+    def __init__(
+        self,
+        store: TieredStore,
+        spec: KVSpec,
+        *,
+        budget: int = 512,
+        candidate_blocks: int | None = 32,
+        page_cache_bytes: int = 256 << 20,
+        summary_bytes: int = 256 << 20,
+        prefetch: bool = True,
+    ) -> None:
         if not isinstance(store, TieredStore):
             raise ValueError(f"store must be a kvstore.TieredStore, got {type(store).__name__}")
         for name, v, low in (("budget", budget, 1), ("page_cache_bytes", page_cache_bytes, 0), ("summary_bytes", summary_bytes, 0)):
             if isinstance(v, bool) or not isinstance(v, int) or v < low:
                 raise ValueError(f"{name} must be an int >= {low}, got {v!r}")
-        if candidate_blocks is not None and (isinstance(candidate_blocks, bool) or not isinstance(candidate_blocks, int) or candidate_blocks < 1):
+        if candidate_blocks is not None and (
+            isinstance(candidate_blocks, bool) or not isinstance(candidate_blocks, int) or candidate_blocks < 1
+        ):
             raise ValueError(f"candidate_blocks must be a positive int or None, got {candidate_blocks!r}")
         self.store, self.spec = store, spec
         self.budget = budget
@@ -182,8 +193,14 @@ class TierAttention:
     def stats(self) -> TierAttentionStats:
         with self._stats_lock:
             s = self._stats
-            return TierAttentionStats(**{**asdict(s), "page_bytes_read": dict(s.page_bytes_read),
-                                         "summary_bytes_read": dict(s.summary_bytes_read), "reads": dict(s.reads)})
+            return TierAttentionStats(
+                **{
+                    **asdict(s),
+                    "page_bytes_read": dict(s.page_bytes_read),
+                    "summary_bytes_read": dict(s.summary_bytes_read),
+                    "reads": dict(s.reads),
+                }
+            )
 
     def reset_stats(self) -> None:
         with self._stats_lock:
@@ -208,8 +225,10 @@ class TierAttention:
         layouts = self.store.page_layouts(spec, keys) if keys else []
         missing = [i for i, lay in enumerate(layouts) if lay is None]
         if missing:
-            raise ValueError(f"{len(missing)} of {len(keys)} blocks (first: position {missing[0]}) are not stored with a "
-                             "page-addressable codec ('paged', 'paged_int8') in a tier that serves ranges")
+            raise ValueError(
+                f"{len(missing)} of {len(keys)} blocks (first: position {missing[0]}) are not stored with a "
+                "page-addressable codec ('paged', 'paged_int8') in a tier that serves ranges"
+            )
         L, H, D = spec.num_layers, spec.num_kv_heads, spec.head_dim
         # laid out for level 1's one matrix product per layer: [q+, q-] [H, G, 2D] @ [H, 2D, N]
         bounds = torch.empty(L, H, 2 * D, len(keys))
@@ -362,9 +381,17 @@ class TierAttention:
         ctx.pending[layer] = self._pool.submit(work)
 
     # -- attention -------------------------------------------------------------------------
-    def decode_layer(self, ctx: TierContext, layer: int, q: torch.Tensor, k_local: torch.Tensor | None = None,
-                     v_local: torch.Tensor | None = None, *, scale: float | None = None,
-                     budget: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    def decode_layer(
+        self,
+        ctx: TierContext,
+        layer: int,
+        q: torch.Tensor,
+        k_local: torch.Tensor | None = None,
+        v_local: torch.Tensor | None = None,
+        *,
+        scale: float | None = None,
+        budget: int | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """Decode attention of ``q [H_q, D]`` for ``layer`` over the stored context plus the
         resident tokens ``k_local, v_local [H_kv, W, D]`` (those after the stored blocks; ``None``:
         none); ``budget``: this call's (default the instance's). Returns ``(o [H_q, D] float32,
@@ -376,10 +403,16 @@ class TierAttention:
         if not 0 <= layer < spec.num_layers:
             raise ValueError(f"layer must be in [0, {spec.num_layers}), got {layer}")
         if not isinstance(q, torch.Tensor) or q.dim() != 2 or q.shape[1] != D or q.shape[0] % H:
-            raise ValueError(f"q must be [H_q, {D}] with H_q a multiple of {H}, got {list(q.shape) if isinstance(q, torch.Tensor) else type(q).__name__}")
+            raise ValueError(
+                f"q must be [H_q, {D}] with H_q a multiple of {H}, got {list(q.shape) if isinstance(q, torch.Tensor) else type(q).__name__}"
+            )
         if (k_local is None) != (v_local is None):
             raise ValueError("give both k_local and v_local, or neither")
-        if k_local is not None and v_local is not None and (k_local.dim() != 3 or k_local.shape[0] != H or k_local.shape[2] != D or k_local.shape != v_local.shape):
+        if (
+            k_local is not None
+            and v_local is not None
+            and (k_local.dim() != 3 or k_local.shape[0] != H or k_local.shape[2] != D or k_local.shape != v_local.shape)
+        ):
             raise ValueError(f"k_local and v_local must be [{H}, W, {D}], got {list(k_local.shape)} and {list(v_local.shape)}")
         t0 = time.perf_counter()
         qf = q.float()[None]  # [1, H_q, D]

@@ -22,10 +22,19 @@ log = logging.getLogger("kvtier")
 def _settings(args):
     from .settings import Settings
 
-    overrides = {k: v for k, v in dict(config=args.config, host=getattr(args, "host", None), port=getattr(args, "port", None),
-                                       grpc_port=getattr(args, "grpc_port", None), data_dir=getattr(args, "data_dir", None),
-                                       local_socket=getattr(args, "local_socket", None),
-                                       log_level=getattr(args, "log_level", None)).items() if v is not None}
+    overrides = {
+        k: v
+        for k, v in dict(
+            config=args.config,
+            host=getattr(args, "host", None),
+            port=getattr(args, "port", None),
+            grpc_port=getattr(args, "grpc_port", None),
+            data_dir=getattr(args, "data_dir", None),
+            local_socket=getattr(args, "local_socket", None),
+            log_level=getattr(args, "log_level", None),
+        ).items()
+        if v is not None
+    }
     if getattr(args, "insecure", False):
         overrides["insecure"] = True
     try:
@@ -47,27 +56,50 @@ def serve(args) -> int:
     if problem:
         print(f"kvtier: {problem}", file=sys.stderr)
         return 2
-    tiers = [name for name, cap in (("device", settings.device_capacity_bytes), ("host", settings.host_capacity_bytes),
-                                    ("disk", settings.disk_capacity_bytes)) if cap]
+    tiers = [
+        name
+        for name, cap in (
+            ("device", settings.device_capacity_bytes),
+            ("host", settings.host_capacity_bytes),
+            ("disk", settings.disk_capacity_bytes),
+        )
+        if cap
+    ]
     if settings.redis_url:
         tiers.append("redis")
-    log.info("kvtier serving REST on %s://%s:%d (OpenAPI at /docs)%s; tiers: %s; data_dir: %s",
-             "http" if settings.tls_cert is None else "https", settings.host, settings.port,
-             (f", gRPC on {settings.host}:{settings.grpc_port}" if settings.grpc_port is not None else "")
-             + (f", local transport on unix://{settings.local_socket}" if settings.local_socket is not None else ""),
-             ", ".join(tiers), settings.data_dir)
+    log.info(
+        "kvtier serving REST on %s://%s:%d (OpenAPI at /docs)%s; tiers: %s; data_dir: %s",
+        "http" if settings.tls_cert is None else "https",
+        settings.host,
+        settings.port,
+        (f", gRPC on {settings.host}:{settings.grpc_port}" if settings.grpc_port is not None else "")
+        + (f", local transport on unix://{settings.local_socket}" if settings.local_socket is not None else ""),
+        ", ".join(tiers),
+        settings.data_dir,
+    )
     if settings.open_mode:
-        log.warning("OPEN MODE: no API keys configured (KVTIER_API_KEYS / KVTIER_ADMIN_KEY): every caller is admin of the "
-                    "default tenant; serving on %s only", settings.host)
+        log.warning(
+            "OPEN MODE: no API keys configured (KVTIER_API_KEYS / KVTIER_ADMIN_KEY): every caller is admin of the "
+            "default tenant; serving on %s only",
+            settings.host,
+        )
     app = create_app(settings)
     http_protocol, guard = guarded_http_protocol(settings, app.state.transport_stats)
     tls = {} if settings.tls_cert is None else dict(ssl_certfile=str(settings.tls_cert), ssl_keyfile=str(settings.tls_key))
     config = uvicorn.Config(
-        app, host=settings.host, port=settings.port, log_level=settings.log_level, access_log=False,
-        http=http_protocol, timeout_keep_alive=settings.idle_timeout_s,
+        app,
+        host=settings.host,
+        port=settings.port,
+        log_level=settings.log_level,
+        access_log=False,
+        http=http_protocol,
+        timeout_keep_alive=settings.idle_timeout_s,
         # requests in progress are capped by RequestGuard (health exempt), connections by the guard
-        limit_concurrency=None, timeout_graceful_shutdown=settings.graceful_shutdown_s,
-        lifespan="on", server_header=False, **tls,
+        limit_concurrency=None,
+        timeout_graceful_shutdown=settings.graceful_shutdown_s,
+        lifespan="on",
+        server_header=False,
+        **tls,
     )
     server = uvicorn.Server(config)
     server.run()
@@ -97,17 +129,22 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--host", help="bind address (default 127.0.0.1; KVTIER_HOST)")
     p.add_argument("--port", type=int, help="REST port (default 8080; KVTIER_PORT)")
     p.add_argument("--grpc-port", type=lambda v: "" if v == "" else int(v), help="gRPC port (default 50051; '' disables; KVTIER_GRPC_PORT)")
-    p.add_argument("--local-socket", help="Unix socket of the same-host shared-memory transport; clients use unix://PATH "
-                                          "(default off; KVTIER_LOCAL_SOCKET)")
+    p.add_argument(
+        "--local-socket",
+        help="Unix socket of the same-host shared-memory transport; clients use unix://PATH (default off; KVTIER_LOCAL_SOCKET)",
+    )
     p.add_argument("--config", help="YAML settings file (KVTIER_CONFIG)")
     p.add_argument("--data-dir", help="directory of the disk tier and the spec registry (KVTIER_DATA_DIR)")
     p.add_argument("--log-level", help="debug, info, warning, error")
     p.add_argument("--insecure", action="store_true", help="allow a non-loopback host with no API keys")
     p.set_defaults(func=serve)
-    d = sub.add_parser("demo", help="a multi-turn session over one long document on the reference model, through kvtier",
-                       description="Runs SmolLM2-135M-Instruct (from its installed package; nothing is downloaded) over one "
-                                   "long document, one question per turn, and prints time to first token with and without "
-                                   "the cached prefix, cache hits and bytes per tier, and the answers.")
+    d = sub.add_parser(
+        "demo",
+        help="a multi-turn session over one long document on the reference model, through kvtier",
+        description="Runs SmolLM2-135M-Instruct (from its installed package; nothing is downloaded) over one "
+        "long document, one question per turn, and prints time to first token with and without "
+        "the cached prefix, cache hits and bytes per tier, and the answers.",
+    )
     d.add_argument("--tokens", type=int, default=4096, help="tokens of the document (default 4096)")
     d.add_argument("--turns", type=int, default=4, help="questions asked in turn, 1-8 (default 4)")
     d.add_argument("--max-new-tokens", type=int, default=16, help="tokens generated per answer (default 16)")

@@ -140,13 +140,32 @@ def _answer_tensor(d: dict, name: str) -> torch.Tensor:
 
 
 def _parse_retrieval(d: dict) -> Retrieval:
-    return Retrieval(d["model"], d["layers"], d["budget"], d["num_tokens"], d["num_blocks"], d["num_requested_blocks"],
-                     _answer_tensor(d, "token_ids"), d["fetched"], d["summarized"])
+    return Retrieval(
+        d["model"],
+        d["layers"],
+        d["budget"],
+        d["num_tokens"],
+        d["num_blocks"],
+        d["num_requested_blocks"],
+        _answer_tensor(d, "token_ids"),
+        d["fetched"],
+        d["summarized"],
+    )
 
 
 def _parse_attention(d: dict) -> AttentionState:
-    return AttentionState(d["model"], d["layers"], d["budget"], d["num_tokens"], d["num_blocks"], d["num_requested_blocks"],
-                          d["attended"], d["fetched"], _answer_tensor(d, "o"), _answer_tensor(d, "lse"))
+    return AttentionState(
+        d["model"],
+        d["layers"],
+        d["budget"],
+        d["num_tokens"],
+        d["num_blocks"],
+        d["num_requested_blocks"],
+        d["attended"],
+        d["fetched"],
+        _answer_tensor(d, "o"),
+        _answer_tensor(d, "lse"),
+    )
 
 
 _MSGPACK_HEADERS = {"content-type": wire.MSGPACK_MEDIA_TYPE, "accept": wire.MSGPACK_MEDIA_TYPE}
@@ -172,8 +191,9 @@ def encode_frame_list(spec: KVSpec, keys: Sequence[bytes], blocks) -> list[tuple
     for k, b in zip(keys, blocks):
         spec.check_block(b)
         k = bytes.fromhex(k) if isinstance(k, str) else bytes(k)
-        frames.append(encode_frame_parts(k, spec, "identity", {}, spec.block_shape, spec.dtype,
-                                         tensor_bytes(b.detach().cpu().contiguous())))
+        frames.append(
+            encode_frame_parts(k, spec, "identity", {}, spec.block_shape, spec.dtype, tensor_bytes(b.detach().cpu().contiguous()))
+        )
     return frames
 
 
@@ -192,7 +212,9 @@ def _body(pieces: list) -> tuple[dict, object]:
     return {"content-type": wire.FRAMES_MEDIA_TYPE, "content-length": str(size)}, pieces
 
 
-def decode_items(spec: KVSpec, keys: Sequence[bytes], items: Sequence, out: Sequence[torch.Tensor] | None = None) -> list[torch.Tensor | None]:
+def decode_items(
+    spec: KVSpec, keys: Sequence[bytes], items: Sequence, out: Sequence[torch.Tensor] | None = None
+) -> list[torch.Tensor | None]:
     """Blocks from frames (``None``: a miss), in the order asked, each verified against its key and the spec.
 
     With ``out`` (one block-shaped tensor per key, on any device) each hit is copied into its buffer.
@@ -292,7 +314,7 @@ class _Base:
             self._rbuf_lock.release()
 
     def _delay(self, attempt: int) -> float:
-        return self.backoff_s * (2 ** attempt) * (0.5 + random.random() / 2)
+        return self.backoff_s * (2**attempt) * (0.5 + random.random() / 2)
 
 
 class KVTierClient(_Base):
@@ -309,8 +331,16 @@ class KVTierClient(_Base):
             return super().__new__(LocalKVTierClient)
         return super().__new__(cls)
 
-    def __init__(self, base_url: str = "http://127.0.0.1:8080", api_key: str | None = None, *, timeout: float = 30.0,
-                 retries: int = 3, backoff_s: float = 0.05, verify: bool | str = True) -> None:
+    def __init__(
+        self,
+        base_url: str = "http://127.0.0.1:8080",
+        api_key: str | None = None,
+        *,
+        timeout: float = 30.0,
+        retries: int = 3,
+        backoff_s: float = 0.05,
+        verify: bool | str = True,
+    ) -> None:
         """``verify``: for an ``https://`` url, the CA file (PEM) to trust, True for the system's, False for none."""
         super().__init__(base_url, api_key, timeout, retries, backoff_s)
         self._http = httpx.Client(**self._kw, verify=_ssl_context(verify))
@@ -364,8 +394,9 @@ class KVTierClient(_Base):
             self._specs[model] = KVSpec.from_dict(specs[model])
         return self._specs[model]
 
-    def lookup(self, model: str, *, token_ids=None, hashes=None, salt: str = "", extra_keys: Sequence[str] = (),
-               return_keys: bool = False) -> Lookup:
+    def lookup(
+        self, model: str, *, token_ids=None, hashes=None, salt: str = "", extra_keys: Sequence[str] = (), return_keys: bool = False
+    ) -> Lookup:
         body = _lookup_body(model, token_ids, hashes, salt, extra_keys, return_keys)
         return _parse_lookup(self._request("POST", "/v1/lookup", json=body).json())
 
@@ -401,7 +432,7 @@ class KVTierClient(_Base):
                                 for chunk in resp.iter_raw():
                                     if pos + len(chunk) > n:
                                         raise FrameError(f"the answer is longer than its Content-Length ({n})")
-                                    buf[pos: pos + len(chunk)] = chunk
+                                    buf[pos : pos + len(chunk)] = chunk
                                     pos += len(chunk)
                                 data = memoryview(buf)[:pos]
                             return decode_blocks(spec, keys, data, out)
@@ -413,14 +444,34 @@ class KVTierClient(_Base):
             time.sleep(self._delay(attempt))
         raise AssertionError("unreachable")
 
-    def retrieve(self, model: str, q: torch.Tensor, budget: int, *, token_ids=None, hashes=None, salt: str = "",
-                 extra_keys: Sequence[str] = (), layers: Sequence[int] | None = None) -> Retrieval:
+    def retrieve(
+        self,
+        model: str,
+        q: torch.Tensor,
+        budget: int,
+        *,
+        token_ids=None,
+        hashes=None,
+        salt: str = "",
+        extra_keys: Sequence[str] = (),
+        layers: Sequence[int] | None = None,
+    ) -> Retrieval:
         """Top ``budget`` tokens per (layer, KV head) of the chain's cached prefix for ``q [L_q, H_q, D]``."""
         body = msgpack.packb(_query_body(model, q, budget, token_ids, hashes, salt, extra_keys, layers), use_bin_type=True)
         return _parse_retrieval(_msgpack_answer(self._request("POST", "/v1/retrieve", content=body, headers=_MSGPACK_HEADERS)))
 
-    def attention(self, model: str, q: torch.Tensor, *, budget: int | None = None, token_ids=None, hashes=None, salt: str = "",
-                  extra_keys: Sequence[str] = (), layers: Sequence[int] | None = None) -> AttentionState:
+    def attention(
+        self,
+        model: str,
+        q: torch.Tensor,
+        *,
+        budget: int | None = None,
+        token_ids=None,
+        hashes=None,
+        salt: str = "",
+        extra_keys: Sequence[str] = (),
+        layers: Sequence[int] | None = None,
+    ) -> AttentionState:
         """``(o, lse)`` of ``q [L_q, H_q, D]`` over the chain's cached tokens (all, or ``budget`` selected per KV head)."""
         body = msgpack.packb(_query_body(model, q, budget, token_ids, hashes, salt, extra_keys, layers), use_bin_type=True)
         return _parse_attention(_msgpack_answer(self._request("POST", "/v1/attention", content=body, headers=_MSGPACK_HEADERS)))
@@ -444,11 +495,23 @@ class KVTierClient(_Base):
 class AsyncKVTierClient(_Base):
     """asyncio REST client (``httpx.AsyncClient``); the same methods as ``KVTierClient``, awaited."""
 
-    def __init__(self, base_url: str = "http://127.0.0.1:8080", api_key: str | None = None, *, timeout: float = 30.0,
-                 retries: int = 3, backoff_s: float = 0.05, max_connections: int = 100, verify: bool | str = True) -> None:
+    def __init__(
+        self,
+        base_url: str = "http://127.0.0.1:8080",
+        api_key: str | None = None,
+        *,
+        timeout: float = 30.0,
+        retries: int = 3,
+        backoff_s: float = 0.05,
+        max_connections: int = 100,
+        verify: bool | str = True,
+    ) -> None:
         super().__init__(base_url, api_key, timeout, retries, backoff_s)
-        self._http = httpx.AsyncClient(**self._kw, verify=_ssl_context(verify), limits=httpx.Limits(max_connections=max_connections,
-                                                                       max_keepalive_connections=max_connections))
+        self._http = httpx.AsyncClient(
+            **self._kw,
+            verify=_ssl_context(verify),
+            limits=httpx.Limits(max_connections=max_connections, max_keepalive_connections=max_connections),
+        )
 
     async def _request(self, method: str, path: str, **kw) -> httpx.Response:
         for attempt in range(self.retries + 1):
@@ -493,8 +556,9 @@ class AsyncKVTierClient(_Base):
             self._specs[model] = KVSpec.from_dict(specs[model])
         return self._specs[model]
 
-    async def lookup(self, model: str, *, token_ids=None, hashes=None, salt: str = "", extra_keys: Sequence[str] = (),
-                     return_keys: bool = False) -> Lookup:
+    async def lookup(
+        self, model: str, *, token_ids=None, hashes=None, salt: str = "", extra_keys: Sequence[str] = (), return_keys: bool = False
+    ) -> Lookup:
         body = _lookup_body(model, token_ids, hashes, salt, extra_keys, return_keys)
         return _parse_lookup((await self._request("POST", "/v1/lookup", json=body)).json())
 
@@ -528,7 +592,7 @@ class AsyncKVTierClient(_Base):
                                 async for chunk in resp.aiter_raw():
                                     if pos + len(chunk) > n:
                                         raise FrameError(f"the answer is longer than its Content-Length ({n})")
-                                    buf[pos: pos + len(chunk)] = chunk
+                                    buf[pos : pos + len(chunk)] = chunk
                                     pos += len(chunk)
                                 data = memoryview(buf)[:pos]
                             return decode_blocks(spec, keys, data, out)
@@ -540,14 +604,34 @@ class AsyncKVTierClient(_Base):
             await asyncio.sleep(self._delay(attempt))
         raise AssertionError("unreachable")
 
-    async def retrieve(self, model: str, q: torch.Tensor, budget: int, *, token_ids=None, hashes=None, salt: str = "",
-                       extra_keys: Sequence[str] = (), layers: Sequence[int] | None = None) -> Retrieval:
+    async def retrieve(
+        self,
+        model: str,
+        q: torch.Tensor,
+        budget: int,
+        *,
+        token_ids=None,
+        hashes=None,
+        salt: str = "",
+        extra_keys: Sequence[str] = (),
+        layers: Sequence[int] | None = None,
+    ) -> Retrieval:
         body = msgpack.packb(_query_body(model, q, budget, token_ids, hashes, salt, extra_keys, layers), use_bin_type=True)
         resp = await self._request("POST", "/v1/retrieve", content=body, headers=_MSGPACK_HEADERS)
         return _parse_retrieval(_msgpack_answer(resp))
 
-    async def attention(self, model: str, q: torch.Tensor, *, budget: int | None = None, token_ids=None, hashes=None,
-                        salt: str = "", extra_keys: Sequence[str] = (), layers: Sequence[int] | None = None) -> AttentionState:
+    async def attention(
+        self,
+        model: str,
+        q: torch.Tensor,
+        *,
+        budget: int | None = None,
+        token_ids=None,
+        hashes=None,
+        salt: str = "",
+        extra_keys: Sequence[str] = (),
+        layers: Sequence[int] | None = None,
+    ) -> AttentionState:
         body = msgpack.packb(_query_body(model, q, budget, token_ids, hashes, salt, extra_keys, layers), use_bin_type=True)
         resp = await self._request("POST", "/v1/attention", content=body, headers=_MSGPACK_HEADERS)
         return _parse_attention(_msgpack_answer(resp))

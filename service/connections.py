@@ -28,8 +28,10 @@ from .settings import Settings
 log = logging.getLogger("kvtier.connections")
 
 HEALTH_PATHS = frozenset({"/healthz", "/readyz"})
-_REFUSED = (b"HTTP/1.1 503 Service Unavailable\r\ncontent-type: application/json\r\nconnection: close\r\n"
-            b"retry-after: 1\r\ncontent-length: %d\r\n\r\n%s")
+_REFUSED = (
+    b"HTTP/1.1 503 Service Unavailable\r\ncontent-type: application/json\r\nconnection: close\r\n"
+    b"retry-after: 1\r\ncontent-length: %d\r\n\r\n%s"
+)
 
 
 @dataclass
@@ -92,8 +94,11 @@ class _GuardMixin:
         return self.cycle is None or self.cycle.response_complete
 
     def _close_idlest(self) -> bool:
-        idle = [c for c in self.connections if c is not self and getattr(c, "_guard_ip", None) is not None
-                and c._waiting_for_headers() and not c.transport.is_closing()]
+        idle = [
+            c
+            for c in self.connections
+            if c is not self and getattr(c, "_guard_ip", None) is not None and c._waiting_for_headers() and not c.transport.is_closing()
+        ]
         if not idle:
             return False
         victim = min(idle, key=lambda c: c._guard_since)
@@ -163,9 +168,18 @@ class RequestGuard:
             return await self.app(scope, receive, send)
         if self.limit is not None and self.in_progress >= self.limit and scope["path"] not in HEALTH_PATHS:
             self.stats.overloaded += 1
-            return await _send_json(send, 503, {"error": {"code": "overloaded", "message": f"{self.limit} requests are in "
-                                    "progress (limit_concurrency); retry shortly", "field": None}},
-                                    [(b"retry-after", b"1")])
+            return await _send_json(
+                send,
+                503,
+                {
+                    "error": {
+                        "code": "overloaded",
+                        "message": f"{self.limit} requests are in progress (limit_concurrency); retry shortly",
+                        "field": None,
+                    }
+                },
+                [(b"retry-after", b"1")],
+            )
         self.in_progress += 1
         body_done = scope["method"] in ("GET", "HEAD", "DELETE", "OPTIONS")
         timed_out = started = False
@@ -204,13 +218,27 @@ class RequestGuard:
 
     async def _send_timeout(self, send) -> None:
         self.stats.body_timeouts += 1
-        await _send_json(send, 408, {"error": {"code": "timeout", "message": f"the request body stalled for more than "
-                                     f"{self.body_timeout_s:g}s (body_timeout_s)", "field": "body"}},
-                         [(b"connection", b"close")])
+        await _send_json(
+            send,
+            408,
+            {
+                "error": {
+                    "code": "timeout",
+                    "message": f"the request body stalled for more than {self.body_timeout_s:g}s (body_timeout_s)",
+                    "field": "body",
+                }
+            },
+            [(b"connection", b"close")],
+        )
 
 
 async def _send_json(send, status: int, doc: dict, headers: Sequence[tuple[bytes, bytes]] = ()) -> None:
     body = json.dumps(doc).encode()
-    await send({"type": "http.response.start", "status": status,
-                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()), *headers]})
+    await send(
+        {
+            "type": "http.response.start",
+            "status": status,
+            "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()), *headers],
+        }
+    )
     await send({"type": "http.response.body", "body": body})

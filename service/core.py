@@ -75,8 +75,12 @@ class KVService:
         self.store_is_local = not store.has_shared_tier
         # page summaries of every block put through the service (bounded LRU in host memory), for retrieval
         self.summarize_on_put = settings.summary_capacity_bytes > 0
-        self.retriever = StoreRetriever(store, SummaryStore(max_bytes=max(1, int(settings.summary_capacity_bytes))),
-                                        num_sink=settings.retrieve_sink_tokens, num_recent=settings.retrieve_recent_tokens)
+        self.retriever = StoreRetriever(
+            store,
+            SummaryStore(max_bytes=max(1, int(settings.summary_capacity_bytes))),
+            num_sink=settings.retrieve_sink_tokens,
+            num_recent=settings.retrieve_recent_tokens,
+        )
         self._tier_attention: dict[KVSpec, Any] = {}  # spec -> retrieval.TierAttention (blocks stored paged)
         for spec in registry.all_specs():  # re-adopt what the disk tier kept across a restart
             store.register_spec(spec)
@@ -90,9 +94,14 @@ class KVService:
         if settings.kv_events_endpoint:
             from .kv_events import KVEventPublisher
 
-            self.kv_events = KVEventPublisher(settings.kv_events_endpoint, self._wire_events, topic=settings.kv_events_topic,
-                                              interval_s=settings.kv_events_interval_s,
-                                              max_batch=settings.max_events_per_request, start_after=store.last_event_id)
+            self.kv_events = KVEventPublisher(
+                settings.kv_events_endpoint,
+                self._wire_events,
+                topic=settings.kv_events_topic,
+                interval_s=settings.kv_events_interval_s,
+                max_batch=settings.max_events_per_request,
+                start_after=store.last_event_id,
+            )
 
     def _wire_events(self, after: int, limit: int) -> tuple[list[tuple[str, bytes, str, int | None]], int]:
         """Store events after ``after`` as (kind, key engines use, tier, block_tokens) for the KV-event publisher."""
@@ -144,8 +153,9 @@ class KVService:
         if not values:
             raise BadRequest(f"{field} must name at least one block hash", field=field)
         if len(values) > limit:
-            raise PayloadTooLarge(f"{field} names {len(values)} blocks, at most {limit} are allowed per request "
-                                  f"(max_blocks_per_request)", field=field)
+            raise PayloadTooLarge(
+                f"{field} names {len(values)} blocks, at most {limit} are allowed per request (max_blocks_per_request)", field=field
+            )
         return [parse_client_key(v, f"{field}[{i}]") for i, v in enumerate(values)]
 
     def _track(self, tenant: str, pairs: list[tuple[bytes, bytes]]) -> None:
@@ -174,8 +184,10 @@ class KVService:
         except ValueError as e:
             raise BadRequest(f"invalid spec: {e}", field=_spec_error_field(str(e))) from None
         if spec.block_nbytes > self.settings.max_block_bytes:
-            raise PayloadTooLarge(f"a block of this spec is {spec.block_nbytes} bytes, more than max_block_bytes "
-                                  f"({self.settings.max_block_bytes})", field="spec")
+            raise PayloadTooLarge(
+                f"a block of this spec is {spec.block_nbytes} bytes, more than max_block_bytes ({self.settings.max_block_bytes})",
+                field="spec",
+            )
         model, new = self.registry.register(p.tenant, spec)
         if new:
             self.store.register_spec(spec)
@@ -189,8 +201,18 @@ class KVService:
         return self.registry.unregister(p.tenant, model)
 
     # -- lookup ----------------------------------------------------------------------------
-    def lookup(self, p: Principal, model: str, *, token_ids=None, hashes=None, salt: str = "",
-               extra_keys: Sequence[str] = (), return_keys: bool = False, wait: bool = True) -> dict:
+    def lookup(
+        self,
+        p: Principal,
+        model: str,
+        *,
+        token_ids=None,
+        hashes=None,
+        salt: str = "",
+        extra_keys: Sequence[str] = (),
+        return_keys: bool = False,
+        wait: bool = True,
+    ) -> dict:
         """``wait=False`` (a caller on an event loop): raise ``WouldBlock`` rather than wait for the
         store's lock (held for bookkeeping only, so this is rare); the caller retries on a thread."""
         spec = self.spec_of(p, model)
@@ -224,8 +246,9 @@ class KVService:
             arr = token_ids
         elif isinstance(token_ids, (list, tuple)):
             if len(token_ids) > limit:
-                raise PayloadTooLarge(f"token_ids holds {len(token_ids)} ids, at most {limit} are allowed (max_tokens_per_request)",
-                                      field="token_ids")
+                raise PayloadTooLarge(
+                    f"token_ids holds {len(token_ids)} ids, at most {limit} are allowed (max_tokens_per_request)", field="token_ids"
+                )
             if any(isinstance(t, bool) or not isinstance(t, int) for t in token_ids):
                 bad = next(i for i, t in enumerate(token_ids) if isinstance(t, bool) or not isinstance(t, int))
                 raise BadRequest(f"token_ids[{bad}] must be an integer, got {type(token_ids[bad]).__name__}", field=f"token_ids[{bad}]")
@@ -238,7 +261,9 @@ class KVService:
         if arr.ndim != 1:
             raise BadRequest(f"token_ids must be one-dimensional, got shape {list(arr.shape)}", field="token_ids")
         if arr.size > limit:
-            raise PayloadTooLarge(f"token_ids holds {arr.size} ids, at most {limit} are allowed (max_tokens_per_request)", field="token_ids")
+            raise PayloadTooLarge(
+                f"token_ids holds {arr.size} ids, at most {limit} are allowed (max_tokens_per_request)", field="token_ids"
+            )
         if arr.size and arr.dtype.kind not in "iu":
             raise BadRequest(f"token_ids must be integers, got {arr.dtype}", field="token_ids")
         if arr.size and (arr.min() < 0 or arr.max() > MAX_TOKEN_ID):
@@ -249,14 +274,17 @@ class KVService:
     @staticmethod
     def _namespace(p: Principal, salt: str, extra_keys: Sequence[str]) -> Namespace:
         if not isinstance(salt, str) or len(salt) > MAX_NAMESPACE_CHARS or not _is_utf8(salt):
-            raise BadRequest(f"salt must be a string of at most {MAX_NAMESPACE_CHARS} characters (valid Unicode: no lone surrogates)",
-                             field="salt")
+            raise BadRequest(
+                f"salt must be a string of at most {MAX_NAMESPACE_CHARS} characters (valid Unicode: no lone surrogates)", field="salt"
+            )
         if not isinstance(extra_keys, (list, tuple)) or len(extra_keys) > MAX_EXTRA_KEYS:
             raise BadRequest(f"extra_keys must be a list of at most {MAX_EXTRA_KEYS} strings", field="extra_keys")
         for i, k in enumerate(extra_keys):
             if not isinstance(k, str) or len(k) > MAX_NAMESPACE_CHARS or not _is_utf8(k):
-                raise BadRequest(f"extra_keys[{i}] must be a string of at most {MAX_NAMESPACE_CHARS} characters (valid Unicode: "
-                                 "no lone surrogates)", field=f"extra_keys[{i}]")
+                raise BadRequest(
+                    f"extra_keys[{i}] must be a string of at most {MAX_NAMESPACE_CHARS} characters (valid Unicode: no lone surrogates)",
+                    field=f"extra_keys[{i}]",
+                )
         return Namespace(tenant=p.tenant, salt=salt, extra_keys=tuple(extra_keys))
 
     # -- blocks ----------------------------------------------------------------------------
@@ -265,8 +293,10 @@ class KVService:
         if not items:
             raise BadRequest("the body holds no frames", field="frames")
         if len(items) > self.settings.max_blocks_per_request:
-            raise PayloadTooLarge(f"{len(items)} frames, at most {self.settings.max_blocks_per_request} are allowed per "
-                                  "request (max_blocks_per_request)", field="frames")
+            raise PayloadTooLarge(
+                f"{len(items)} frames, at most {self.settings.max_blocks_per_request} are allowed per request (max_blocks_per_request)",
+                field="frames",
+            )
         keys, blocks, seen = [], [], {}
         for i, item in enumerate(items):
             field = f"frames[{i}]"
@@ -279,7 +309,9 @@ class KVService:
                 raise BadRequest(f"{field}: {e}", field=field) from None
             if frame.shape != spec.block_shape:
                 self._rejected("shape")
-                raise BadRequest(f"{field}.shape must be {list(spec.block_shape)} for this spec, got {list(frame.shape)}", field=f"{field}.shape")
+                raise BadRequest(
+                    f"{field}.shape must be {list(spec.block_shape)} for this spec, got {list(frame.shape)}", field=f"{field}.shape"
+                )
             if frame.dtype != spec.dtype:
                 self._rejected("dtype")
                 raise BadRequest(f"{field}.dtype must be {spec.dtype!r} for this spec, got {frame.dtype!r}", field=f"{field}.dtype")
@@ -325,7 +357,9 @@ class KVService:
         ckeys = self._client_keys(keys, "keys")
         return spec, ckeys, self.get_checked(p, spec, ckeys)
 
-    def get_checked(self, p: Principal, spec: KVSpec, ckeys: list[bytes], out: list[torch.Tensor] | None = None) -> list[torch.Tensor | None]:
+    def get_checked(
+        self, p: Principal, spec: KVSpec, ckeys: list[bytes], out: list[torch.Tensor] | None = None
+    ) -> list[torch.Tensor | None]:
         """``get`` of keys already parsed (streaming transports fetch a request in groups), into ``out`` when given."""
         blocks = self.store.get(spec, self.keyspace(p.tenant).storage_keys(ckeys), out=out)
         if self.metrics is not None:
@@ -391,8 +425,11 @@ class KVService:
             raise BadRequest(f"q.dtype must be float16, bfloat16 or float32, got {q.dtype}", field="q.dtype")
         L_q, H_q, Dq = q.shape
         if L_q != len(layers) or Dq != D or H_q == 0 or H_q % H_kv or H_q > s.max_query_heads:
-            raise BadRequest(f"q.shape must be [{len(layers)} (one query per layer asked), a multiple of num_kv_heads={H_kv} "
-                             f"up to {s.max_query_heads}, head_dim={D}], got {list(q.shape)}", field="q.shape")
+            raise BadRequest(
+                f"q.shape must be [{len(layers)} (one query per layer asked), a multiple of num_kv_heads={H_kv} "
+                f"up to {s.max_query_heads}, head_dim={D}], got {list(q.shape)}",
+                field="q.shape",
+            )
         q = q.float()
         if not bool(torch.isfinite(q).all()):
             raise BadRequest("q holds NaN or infinite values", field="q.data")
@@ -402,13 +439,19 @@ class KVService:
             return q, layers, None
         low = self.retriever.num_sink + self.retriever.num_recent
         if isinstance(budget, bool) or not isinstance(budget, (int, np.integer)) or not max(1, low) <= int(budget) <= s.max_retrieve_budget:
-            raise BadRequest(f"budget must be an integer in [{max(1, low)}, {s.max_retrieve_budget}] (at least the sink and "
-                             f"recent tokens every selection keeps, at most max_retrieve_budget), got {budget!r}"[:300], field="budget")
+            raise BadRequest(
+                f"budget must be an integer in [{max(1, low)}, {s.max_retrieve_budget}] (at least the sink and "
+                f"recent tokens every selection keeps, at most max_retrieve_budget), got {budget!r}"[:300],
+                field="budget",
+            )
         budget = int(budget)
         held = L_q * H_kv * budget * (2 * D * spec.torch_dtype.itemsize + 8)
         if held > s.max_request_bytes:
-            raise PayloadTooLarge(f"the selection of {L_q} layers x {H_kv} KV heads x {budget} tokens would hold {held} bytes, "
-                                  f"more than max_request_bytes ({s.max_request_bytes}): lower budget or ask fewer layers", field="budget")
+            raise PayloadTooLarge(
+                f"the selection of {L_q} layers x {H_kv} KV heads x {budget} tokens would hold {held} bytes, "
+                f"more than max_request_bytes ({s.max_request_bytes}): lower budget or ask fewer layers",
+                field="budget",
+            )
         return q, layers, budget
 
     def _retrieve(self, spec: KVSpec, skeys: list[bytes], q: torch.Tensor, budget: int, layers: list[int]):
@@ -420,8 +463,19 @@ class KVService:
                     raise
         raise Conflict("the chain's blocks kept being evicted during the retrieval; retry", field="hashes")
 
-    def retrieve(self, p: Principal, model: str, *, q, budget, token_ids=None, hashes=None, salt: str = "",
-                 extra_keys: Sequence[str] = (), layers=None) -> dict:
+    def retrieve(
+        self,
+        p: Principal,
+        model: str,
+        *,
+        q,
+        budget,
+        token_ids=None,
+        hashes=None,
+        salt: str = "",
+        extra_keys: Sequence[str] = (),
+        layers=None,
+    ) -> dict:
         """Top tokens of the cached prefix of a chain for one decode query per layer (``StoreRetriever``).
 
         Answers ``token_ids [L_q, H_kv, budget]`` int64 (positions in the sequence, ascending, -1
@@ -434,12 +488,31 @@ class KVService:
         skeys = self.keyspace(p.tenant).storage_keys(ckeys)
         res = self._retrieve(spec, skeys, q, budget, layers)
         pos = {k: i for i, k in enumerate(skeys)}
-        return {"model": model, "layers": layers, "budget": budget, "num_tokens": res.num_tokens, "num_blocks": res.num_blocks,
-                "num_requested_blocks": len(ckeys), "token_ids": res.token_ids,
-                "fetched": [pos[k] for k in res.fetched], "summarized": res.summarized}
+        return {
+            "model": model,
+            "layers": layers,
+            "budget": budget,
+            "num_tokens": res.num_tokens,
+            "num_blocks": res.num_blocks,
+            "num_requested_blocks": len(ckeys),
+            "token_ids": res.token_ids,
+            "fetched": [pos[k] for k in res.fetched],
+            "summarized": res.summarized,
+        }
 
-    def attention(self, p: Principal, model: str, *, q, budget=None, token_ids=None, hashes=None, salt: str = "",
-                  extra_keys: Sequence[str] = (), layers=None) -> dict:
+    def attention(
+        self,
+        p: Principal,
+        model: str,
+        *,
+        q,
+        budget=None,
+        token_ids=None,
+        hashes=None,
+        salt: str = "",
+        extra_keys: Sequence[str] = (),
+        layers=None,
+    ) -> dict:
         """Decode attention of ``q [L_q, H_q, D]`` over the cached prefix of a chain, next to the data.
 
         ``budget`` set: over the tokens ``StoreRetriever`` selects (only the blocks holding them are
@@ -462,22 +535,40 @@ class KVService:
             tiered = self._attention_from_pages(spec, skeys, q, budget, layers)
             if tiered is not None:
                 o, lse, n_blocks, attended, fetched = tiered
-                return {"model": model, "layers": layers, "budget": budget, "num_tokens": n_blocks * spec.block_tokens,
-                        "num_blocks": n_blocks, "num_requested_blocks": len(ckeys), "attended": attended,
-                        "fetched": fetched, "o": o, "lse": lse}
+                return {
+                    "model": model,
+                    "layers": layers,
+                    "budget": budget,
+                    "num_tokens": n_blocks * spec.block_tokens,
+                    "num_blocks": n_blocks,
+                    "num_requested_blocks": len(ckeys),
+                    "attended": attended,
+                    "fetched": fetched,
+                    "o": o,
+                    "lse": lse,
+                }
             res = self._retrieve(spec, skeys, q, budget, layers)
             if res.num_tokens:
                 local = torch.where(res.valid, torch.arange(budget).expand_as(res.token_ids), -1)  # ids into res.k / res.v
                 o, lse = sparse_decode(q, res.k.float(), res.v.float(), local)
-            return {"model": model, "layers": layers, "budget": budget, "num_tokens": res.num_tokens, "num_blocks": res.num_blocks,
-                    "num_requested_blocks": len(ckeys), "attended": int(res.valid.sum(-1).max()) if res.num_tokens else 0,
-                    "fetched": [pos[k] for k in res.fetched], "o": o.float(), "lse": lse.float()}
+            return {
+                "model": model,
+                "layers": layers,
+                "budget": budget,
+                "num_tokens": res.num_tokens,
+                "num_blocks": res.num_blocks,
+                "num_requested_blocks": len(ckeys),
+                "attended": int(res.valid.sum(-1).max()) if res.num_tokens else 0,
+                "fetched": [pos[k] for k in res.fetched],
+                "o": o.float(),
+                "lse": lse.float(),
+            }
         n_blocks = self.store.lookup(spec, skeys).num_blocks
         group = max(1, (32 << 20) // spec.block_nbytes)
         li = torch.tensor(layers)
         done = 0
         while done < n_blocks:
-            keys = skeys[done: min(n_blocks, done + group)]
+            keys = skeys[done : min(n_blocks, done + group)]
             blocks = self.store.get(spec, keys)
             if None in blocks:  # evicted since the lookup: attend the prefix before it
                 blocks = blocks[: blocks.index(None)]
@@ -492,9 +583,18 @@ class KVService:
             o_g, lse_g = sparse_decode(q.to(dev), k, v)
             o, lse = merge_states(o, lse, o_g.float().cpu(), lse_g.float().cpu())
             done += g
-        return {"model": model, "layers": layers, "budget": None, "num_tokens": n_blocks * spec.block_tokens,
-                "num_blocks": n_blocks, "num_requested_blocks": len(ckeys), "attended": n_blocks * spec.block_tokens,
-                "fetched": list(range(n_blocks)), "o": o.float(), "lse": lse.float()}
+        return {
+            "model": model,
+            "layers": layers,
+            "budget": None,
+            "num_tokens": n_blocks * spec.block_tokens,
+            "num_blocks": n_blocks,
+            "num_requested_blocks": len(ckeys),
+            "attended": n_blocks * spec.block_tokens,
+            "fetched": list(range(n_blocks)),
+            "o": o.float(),
+            "lse": lse.float(),
+        }
 
     def _attention_from_pages(self, spec: KVSpec, skeys: list[bytes], q: torch.Tensor, budget: int, layers: list[int]):
         """Attention through ``retrieval.TierAttention`` when every cached block of the chain is stored
@@ -512,8 +612,12 @@ class KVService:
             att = self._tier_attention.get(spec)
             if att is None:
                 att = self._tier_attention[spec] = TierAttention(
-                    self.store, spec, budget=budget, page_cache_bytes=int(self.settings.tier_page_cache_bytes),
-                    summary_bytes=max(1, int(self.settings.summary_capacity_bytes)))
+                    self.store,
+                    spec,
+                    budget=budget,
+                    page_cache_bytes=int(self.settings.tier_page_cache_bytes),
+                    summary_bytes=max(1, int(self.settings.summary_capacity_bytes)),
+                )
         try:
             ctx = att.open(skeys[:n_blocks])
             o = torch.zeros(q.shape, dtype=torch.float32)
@@ -542,8 +646,10 @@ class KVService:
                 self._tenant_leases[info.tenant] -= 1
             # per tenant first: one tenant's leases never make another's pins fail (while tenants x per-tenant <= max_leases)
             if self._tenant_leases.get(p.tenant, 0) >= s.max_leases_per_tenant:
-                raise TooManyRequests(f"this tenant holds {s.max_leases_per_tenant} live leases (max_leases_per_tenant); "
-                                      "unpin or wait for expiry", field="keys")
+                raise TooManyRequests(
+                    f"this tenant holds {s.max_leases_per_tenant} live leases (max_leases_per_tenant); unpin or wait for expiry",
+                    field="keys",
+                )
             if len(self._leases) >= s.max_leases:
                 raise TooManyRequests(f"{s.max_leases} leases are live (max_leases); unpin or wait for expiry", field="keys")
             lease = self.store.pin(spec, self.keyspace(p.tenant).storage_keys(ckeys), float(ttl_s))
@@ -573,8 +679,12 @@ class KVService:
     # -- stats and events ------------------------------------------------------------------
     def stats(self, p: Principal) -> dict:
         quota = self.settings.quotas.get(p.tenant)
-        mine = {"tenant": p.tenant, "bytes": self.store.tenant_bytes(p.tenant), "quota_bytes": quota,
-                "models": len(self.registry.models_of(p.tenant))}
+        mine = {
+            "tenant": p.tenant,
+            "bytes": self.store.tenant_bytes(p.tenant),
+            "quota_bytes": quota,
+            "models": len(self.registry.models_of(p.tenant)),
+        }
         if not p.is_admin:
             return mine
         s = self.store.stats()
@@ -599,8 +709,16 @@ class KVService:
                 out = []
                 for i in range(max(0, after - first + 1), len(mine)):  # sequence numbers are consecutive
                     seq, ev, ckey = mine[i]
-                    out.append({"id": seq, "kind": ev.kind, "key": ckey.hex(), "tier": ev.tier,
-                                "model": self.registry.model_of_short_fingerprint(ev.model), "time": ev.time})
+                    out.append(
+                        {
+                            "id": seq,
+                            "kind": ev.kind,
+                            "key": ckey.hex(),
+                            "tier": ev.tier,
+                            "model": self.registry.model_of_short_fingerprint(ev.model),
+                            "time": ev.time,
+                        }
+                    )
                     if len(out) >= limit:
                         break
             return {"events": out, "next_after": out[-1]["id"] if out else after}
@@ -609,8 +727,17 @@ class KVService:
         for ev in self.store.events(after=after, limit=limit):
             cursor = ev.id
             owner = self._owners.get(ev.key)
-            out.append({"id": ev.id, "kind": ev.kind, "key": ev.key.hex(), "tier": ev.tier,
-                        "model": self.registry.model_of_short_fingerprint(ev.model), "time": ev.time, "tenant": owner[0] if owner else None})
+            out.append(
+                {
+                    "id": ev.id,
+                    "kind": ev.kind,
+                    "key": ev.key.hex(),
+                    "tier": ev.tier,
+                    "model": self.registry.model_of_short_fingerprint(ev.model),
+                    "time": ev.time,
+                    "tenant": owner[0] if owner else None,
+                }
+            )
         return {"events": out, "next_after": cursor}
 
     def _ingest_events(self) -> None:
@@ -649,7 +776,10 @@ class KVService:
             if done["flushed"] or done["failed"]:
                 (log.warning if done["failed"] else log.info)(
                     "flushed %d block(s) from memory to disk in %.1fs; %d could not be written (disk full or failing)",
-                    done["flushed"], time.monotonic() - t0, done["failed"])
+                    done["flushed"],
+                    time.monotonic() - t0,
+                    done["failed"],
+                )
         self.store.close()
 
 
@@ -689,8 +819,9 @@ def open_service(settings: Settings, metrics_factory=None) -> KVService:
     from .storebuild import build_store
 
     blocks_dir(settings).mkdir(parents=True, exist_ok=True)
-    registry = SpecRegistry(settings.data_dir / "specs.json" if settings.disk_capacity_bytes else None, settings.max_specs,
-                            settings.max_specs_per_tenant)
+    registry = SpecRegistry(
+        settings.data_dir / "specs.json" if settings.disk_capacity_bytes else None, settings.max_specs, settings.max_specs_per_tenant
+    )
     late: list = []  # the service's own reaction to other instances' deletes and rewrites, once it exists
     store = build_store(settings, on_invalidate=lambda keys, deleted: [f(keys, deleted) for f in late])
     svc = KVService(settings, store, registry)

@@ -26,8 +26,16 @@ from .proto import kvtier_pb2 as pb
 from .proto import kvtier_pb2_grpc as pb_grpc
 
 RETRY_CODES = (grpc.StatusCode.UNAVAILABLE,)
-_STATUS = {"ABORTED": 409, "INVALID_ARGUMENT": 400, "UNAUTHENTICATED": 401, "PERMISSION_DENIED": 403, "NOT_FOUND": 404,
-           "RESOURCE_EXHAUSTED": 413, "UNAVAILABLE": 503, "DEADLINE_EXCEEDED": 504}
+_STATUS = {
+    "ABORTED": 409,
+    "INVALID_ARGUMENT": 400,
+    "UNAUTHENTICATED": 401,
+    "PERMISSION_DENIED": 403,
+    "NOT_FOUND": 404,
+    "RESOURCE_EXHAUSTED": 413,
+    "UNAVAILABLE": 503,
+    "DEADLINE_EXCEEDED": 504,
+}
 
 
 def _options(max_message_bytes: int) -> list:
@@ -49,8 +57,14 @@ def _b(k) -> bytes:
 
 
 def _spec_msg(spec: KVSpec) -> pb.Spec:
-    return pb.Spec(model_id=spec.model_id, num_layers=spec.num_layers, num_kv_heads=spec.num_kv_heads,
-                   head_dim=spec.head_dim, dtype=spec.dtype, block_tokens=spec.block_tokens)
+    return pb.Spec(
+        model_id=spec.model_id,
+        num_layers=spec.num_layers,
+        num_kv_heads=spec.num_kv_heads,
+        head_dim=spec.head_dim,
+        dtype=spec.dtype,
+        block_tokens=spec.block_tokens,
+    )
 
 
 def _lookup_msg(model, token_ids, hashes, salt, extra_keys, return_keys) -> pb.LookupRequest:
@@ -65,8 +79,15 @@ def _lookup_msg(model, token_ids, hashes, salt, extra_keys, return_keys) -> pb.L
 
 
 def _lookup(r: pb.LookupReply) -> Lookup:
-    return Lookup(r.model, r.num_blocks, r.num_tokens, r.num_requested_blocks, dict(r.tier_hits), dict(r.tier_prefix),
-                  list(r.keys) if r.keys else None)
+    return Lookup(
+        r.model,
+        r.num_blocks,
+        r.num_tokens,
+        r.num_requested_blocks,
+        dict(r.tier_hits),
+        dict(r.tier_prefix),
+        list(r.keys) if r.keys else None,
+    )
 
 
 def _put_msgs(model: str, frames: list[bytes], parent) -> list[pb.PutRequest]:
@@ -84,9 +105,14 @@ def _query_msg(model, q, budget, token_ids, hashes, salt, extra_keys, layers) ->
     if not isinstance(q, torch.Tensor):
         raise ValueError(f"q must be a tensor [L_q, H_q, D], got {type(q).__name__}")
     w = wire.tensor_to_wire(q)
-    msg = pb.QueryRequest(model=model, salt=salt, extra_keys=list(extra_keys), budget=0 if budget is None else int(budget),
-                          q=pb.Tensor(dtype=w["dtype"], shape=w["shape"], data=w["data"]),
-                          layers=[] if layers is None else [int(x) for x in layers])
+    msg = pb.QueryRequest(
+        model=model,
+        salt=salt,
+        extra_keys=list(extra_keys),
+        budget=0 if budget is None else int(budget),
+        q=pb.Tensor(dtype=w["dtype"], shape=w["shape"], data=w["data"]),
+        layers=[] if layers is None else [int(x) for x in layers],
+    )
     if hashes is not None:
         msg.hashes.extend(_b(h) for h in hashes)
     else:
@@ -96,20 +122,40 @@ def _query_msg(model, q, budget, token_ids, hashes, salt, extra_keys, layers) ->
 
 def _tensor(m: pb.Tensor, name: str) -> torch.Tensor:
     try:
-        return wire.tensor_from_wire({"dtype": m.dtype, "shape": [int(n) for n in m.shape], "data": m.data}, name,
-                                     dtypes=("float32", "int64"), max_elements=1 << 40)
+        return wire.tensor_from_wire(
+            {"dtype": m.dtype, "shape": [int(n) for n in m.shape], "data": m.data}, name, dtypes=("float32", "int64"), max_elements=1 << 40
+        )
     except ServiceError as e:
         raise FrameError(f"the answer's {name} is not a tensor: {e}") from None
 
 
 def _retrieval(r: pb.RetrieveReply) -> Retrieval:
-    return Retrieval(r.model, list(r.layers), r.budget, r.num_tokens, r.num_blocks, r.num_requested_blocks,
-                     _tensor(r.token_ids, "token_ids"), list(r.fetched), r.summarized)
+    return Retrieval(
+        r.model,
+        list(r.layers),
+        r.budget,
+        r.num_tokens,
+        r.num_blocks,
+        r.num_requested_blocks,
+        _tensor(r.token_ids, "token_ids"),
+        list(r.fetched),
+        r.summarized,
+    )
 
 
 def _attention(r: pb.AttentionReply) -> AttentionState:
-    return AttentionState(r.model, list(r.layers), r.budget or None, r.num_tokens, r.num_blocks, r.num_requested_blocks,
-                          r.attended, list(r.fetched), _tensor(r.o, "o"), _tensor(r.lse, "lse"))
+    return AttentionState(
+        r.model,
+        list(r.layers),
+        r.budget or None,
+        r.num_tokens,
+        r.num_blocks,
+        r.num_requested_blocks,
+        r.attended,
+        list(r.fetched),
+        _tensor(r.o, "o"),
+        _tensor(r.lse, "lse"),
+    )
 
 
 class _Base:
@@ -122,13 +168,22 @@ class _Base:
         self._specs: dict[str, KVSpec] = {}
 
     def _delay(self, attempt: int) -> float:
-        return self.backoff_s * (2 ** attempt) * (0.5 + random.random() / 2)
+        return self.backoff_s * (2**attempt) * (0.5 + random.random() / 2)
 
 
 class KVTierGrpcClient(_Base):
-    def __init__(self, target: str = "127.0.0.1:50051", api_key: str | None = None, *, timeout: float = 30.0, retries: int = 3,
-                 backoff_s: float = 0.05, max_message_bytes: int = 80 << 20, root_certificates: bytes | None = None,
-                 tls: bool = False) -> None:
+    def __init__(
+        self,
+        target: str = "127.0.0.1:50051",
+        api_key: str | None = None,
+        *,
+        timeout: float = 30.0,
+        retries: int = 3,
+        backoff_s: float = 0.05,
+        max_message_bytes: int = 80 << 20,
+        root_certificates: bytes | None = None,
+        tls: bool = False,
+    ) -> None:
         """``tls`` (or ``root_certificates``, the PEM of the CA to trust; default: the system's): a TLS channel."""
         super().__init__(target, api_key, timeout, retries, backoff_s, max_message_bytes)
         if tls or root_certificates is not None:
@@ -174,8 +229,9 @@ class KVTierGrpcClient(_Base):
             raise KVTierError(404, "NOT_FOUND", f"register the spec of {model!r} with this client first", "model")
         return self._specs[model]
 
-    def lookup(self, model: str, *, token_ids=None, hashes=None, salt: str = "", extra_keys: Sequence[str] = (),
-               return_keys: bool = False) -> Lookup:
+    def lookup(
+        self, model: str, *, token_ids=None, hashes=None, salt: str = "", extra_keys: Sequence[str] = (), return_keys: bool = False
+    ) -> Lookup:
         return _lookup(self._unary("Lookup", _lookup_msg(model, token_ids, hashes, salt, extra_keys, return_keys)))
 
     def hashes(self, model: str, token_ids, *, salt: str = "", extra_keys: Sequence[str] = ()) -> list[bytes]:
@@ -197,12 +253,32 @@ class KVTierGrpcClient(_Base):
         replies = self._call(lambda: list(self._stub.GetBlocks(msg, timeout=self.timeout, metadata=self.metadata)))
         return decode_items(self.spec(model), keys, [r.frame if r.found else None for r in replies], out)
 
-    def retrieve(self, model: str, q: torch.Tensor, budget: int, *, token_ids=None, hashes=None, salt: str = "",
-                 extra_keys: Sequence[str] = (), layers: Sequence[int] | None = None) -> Retrieval:
+    def retrieve(
+        self,
+        model: str,
+        q: torch.Tensor,
+        budget: int,
+        *,
+        token_ids=None,
+        hashes=None,
+        salt: str = "",
+        extra_keys: Sequence[str] = (),
+        layers: Sequence[int] | None = None,
+    ) -> Retrieval:
         return _retrieval(self._unary("Retrieve", _query_msg(model, q, budget, token_ids, hashes, salt, extra_keys, layers)))
 
-    def attention(self, model: str, q: torch.Tensor, *, budget: int | None = None, token_ids=None, hashes=None, salt: str = "",
-                  extra_keys: Sequence[str] = (), layers: Sequence[int] | None = None) -> AttentionState:
+    def attention(
+        self,
+        model: str,
+        q: torch.Tensor,
+        *,
+        budget: int | None = None,
+        token_ids=None,
+        hashes=None,
+        salt: str = "",
+        extra_keys: Sequence[str] = (),
+        layers: Sequence[int] | None = None,
+    ) -> AttentionState:
         return _attention(self._unary("Attention", _query_msg(model, q, budget, token_ids, hashes, salt, extra_keys, layers)))
 
     def delete(self, model: str, keys: Sequence[bytes]) -> int:
@@ -225,9 +301,18 @@ class KVTierGrpcClient(_Base):
 class AsyncKVTierGrpcClient(_Base):
     """grpc.aio client; create and use it inside one running event loop."""
 
-    def __init__(self, target: str = "127.0.0.1:50051", api_key: str | None = None, *, timeout: float = 30.0, retries: int = 3,
-                 backoff_s: float = 0.05, max_message_bytes: int = 80 << 20, root_certificates: bytes | None = None,
-                 tls: bool = False) -> None:
+    def __init__(
+        self,
+        target: str = "127.0.0.1:50051",
+        api_key: str | None = None,
+        *,
+        timeout: float = 30.0,
+        retries: int = 3,
+        backoff_s: float = 0.05,
+        max_message_bytes: int = 80 << 20,
+        root_certificates: bytes | None = None,
+        tls: bool = False,
+    ) -> None:
         """``tls`` (or ``root_certificates``, the PEM of the CA to trust; default: the system's): a TLS channel."""
         super().__init__(target, api_key, timeout, retries, backoff_s, max_message_bytes)
         if tls or root_certificates is not None:
@@ -269,8 +354,9 @@ class AsyncKVTierGrpcClient(_Base):
             raise KVTierError(404, "NOT_FOUND", f"register the spec of {model!r} with this client first", "model")
         return self._specs[model]
 
-    async def lookup(self, model: str, *, token_ids=None, hashes=None, salt: str = "", extra_keys: Sequence[str] = (),
-                     return_keys: bool = False) -> Lookup:
+    async def lookup(
+        self, model: str, *, token_ids=None, hashes=None, salt: str = "", extra_keys: Sequence[str] = (), return_keys: bool = False
+    ) -> Lookup:
         return _lookup(await self._unary("Lookup", _lookup_msg(model, token_ids, hashes, salt, extra_keys, return_keys)))
 
     async def hashes(self, model: str, token_ids, *, salt: str = "", extra_keys: Sequence[str] = ()) -> list[bytes]:
@@ -293,13 +379,33 @@ class AsyncKVTierGrpcClient(_Base):
         replies = await self._call(fetch)
         return decode_items(self.spec(model), keys, [r.frame if r.found else None for r in replies], out)
 
-    async def retrieve(self, model: str, q: torch.Tensor, budget: int, *, token_ids=None, hashes=None, salt: str = "",
-                       extra_keys: Sequence[str] = (), layers: Sequence[int] | None = None) -> Retrieval:
+    async def retrieve(
+        self,
+        model: str,
+        q: torch.Tensor,
+        budget: int,
+        *,
+        token_ids=None,
+        hashes=None,
+        salt: str = "",
+        extra_keys: Sequence[str] = (),
+        layers: Sequence[int] | None = None,
+    ) -> Retrieval:
         msg = _query_msg(model, q, budget, token_ids, hashes, salt, extra_keys, layers)
         return _retrieval(await self._unary("Retrieve", msg))
 
-    async def attention(self, model: str, q: torch.Tensor, *, budget: int | None = None, token_ids=None, hashes=None,
-                        salt: str = "", extra_keys: Sequence[str] = (), layers: Sequence[int] | None = None) -> AttentionState:
+    async def attention(
+        self,
+        model: str,
+        q: torch.Tensor,
+        *,
+        budget: int | None = None,
+        token_ids=None,
+        hashes=None,
+        salt: str = "",
+        extra_keys: Sequence[str] = (),
+        layers: Sequence[int] | None = None,
+    ) -> AttentionState:
         msg = _query_msg(model, q, budget, token_ids, hashes, salt, extra_keys, layers)
         return _attention(await self._unary("Attention", msg))
 

@@ -112,8 +112,14 @@ class KVTierServicer(pb_grpc.KVTierServicer):
 
     @_rpc("RegisterSpec")
     def RegisterSpec(self, p, request, context):
-        fields = {"model_id": request.model_id, "num_layers": request.num_layers, "num_kv_heads": request.num_kv_heads,
-                  "head_dim": request.head_dim, "dtype": request.dtype or "float16", "block_tokens": request.block_tokens or 256}
+        fields = {
+            "model_id": request.model_id,
+            "num_layers": request.num_layers,
+            "num_kv_heads": request.num_kv_heads,
+            "head_dim": request.head_dim,
+            "dtype": request.dtype or "float16",
+            "block_tokens": request.block_tokens or 256,
+        }
         model, spec = self.svc.register_spec(p, fields)
         return pb.SpecReply(model=model, block_nbytes=spec.block_nbytes)
 
@@ -129,9 +135,15 @@ class KVTierServicer(pb_grpc.KVTierServicer):
             out = self.svc.lookup(p, request.model, hashes=list(request.hashes), **kwargs)
         else:
             out = self.svc.lookup(p, request.model, token_ids=np.asarray(request.token_ids, dtype=np.int64), **kwargs)
-        return pb.LookupReply(model=out["model"], num_blocks=out["num_blocks"], num_tokens=out["num_tokens"],
-                              num_requested_blocks=out["num_requested_blocks"], tier_hits=out["tier_hits"],
-                              tier_prefix=out["tier_prefix"], keys=[bytes.fromhex(k) for k in out.get("keys", ())])
+        return pb.LookupReply(
+            model=out["model"],
+            num_blocks=out["num_blocks"],
+            num_tokens=out["num_tokens"],
+            num_requested_blocks=out["num_requested_blocks"],
+            tier_hits=out["tier_hits"],
+            tier_prefix=out["tier_prefix"],
+            keys=[bytes.fromhex(k) for k in out.get("keys", ())],
+        )
 
     def PutBlocks(self, request_iterator, context):
         t0 = time.perf_counter()
@@ -162,13 +174,13 @@ class KVTierServicer(pb_grpc.KVTierServicer):
             elif msg.model and msg.model != model:
                 raise BadRequest(f"frames[{i}]: every message of a put names the same model", field="model")
             if len(frames) >= self.settings.max_blocks_per_request:
-                raise PayloadTooLarge(f"more than {self.settings.max_blocks_per_request} frames (max_blocks_per_request)",
-                                      field=f"frames[{i}]")
+                raise PayloadTooLarge(
+                    f"more than {self.settings.max_blocks_per_request} frames (max_blocks_per_request)", field=f"frames[{i}]"
+                )
             frame = msg.frame  # one access: each access of a bytes field may copy it
             total += len(frame)
             if total > self.settings.max_request_bytes:
-                raise PayloadTooLarge(f"the put stream exceeds max_request_bytes ({self.settings.max_request_bytes})",
-                                      field=f"frames[{i}]")
+                raise PayloadTooLarge(f"the put stream exceeds max_request_bytes ({self.settings.max_request_bytes})", field=f"frames[{i}]")
             frames.append(memoryview(frame) if frame else None)
         if model is None:
             raise BadRequest("the put stream holds no frames", field="frames")
@@ -184,7 +196,7 @@ class KVTierServicer(pb_grpc.KVTierServicer):
         group = max(1, GET_GROUP_BYTES // spec.block_nbytes)
         with self.transfer(context):
             for i in range(0, len(ckeys), group):
-                keys = ckeys[i: i + group]
+                keys = ckeys[i : i + group]
                 for k, block in zip(keys, self.svc.get_checked(p, spec, keys)):
                     if block is None:
                         yield pb.BlockReply(key=k, found=False)
@@ -231,18 +243,35 @@ class KVTierServicer(pb_grpc.KVTierServicer):
         kw = self._query_kwargs(request)
         with self.transfer(context):
             out = self.svc.retrieve(p, request.model, budget=request.budget or None, **kw)
-        return pb.RetrieveReply(model=out["model"], layers=out["layers"], budget=out["budget"], num_tokens=out["num_tokens"],
-                                num_blocks=out["num_blocks"], num_requested_blocks=out["num_requested_blocks"],
-                                token_ids=_tensor_msg(out["token_ids"]), fetched=out["fetched"], summarized=out["summarized"])
+        return pb.RetrieveReply(
+            model=out["model"],
+            layers=out["layers"],
+            budget=out["budget"],
+            num_tokens=out["num_tokens"],
+            num_blocks=out["num_blocks"],
+            num_requested_blocks=out["num_requested_blocks"],
+            token_ids=_tensor_msg(out["token_ids"]),
+            fetched=out["fetched"],
+            summarized=out["summarized"],
+        )
 
     @_rpc("Attention")
     def Attention(self, p, request, context):
         kw = self._query_kwargs(request)
         with self.transfer(context):
             out = self.svc.attention(p, request.model, budget=request.budget or None, **kw)
-        return pb.AttentionReply(model=out["model"], layers=out["layers"], budget=out["budget"] or 0, num_tokens=out["num_tokens"],
-                                 num_blocks=out["num_blocks"], num_requested_blocks=out["num_requested_blocks"],
-                                 attended=out["attended"], fetched=out["fetched"], o=_tensor_msg(out["o"]), lse=_tensor_msg(out["lse"]))
+        return pb.AttentionReply(
+            model=out["model"],
+            layers=out["layers"],
+            budget=out["budget"] or 0,
+            num_tokens=out["num_tokens"],
+            num_blocks=out["num_blocks"],
+            num_requested_blocks=out["num_requested_blocks"],
+            attended=out["attended"],
+            fetched=out["fetched"],
+            o=_tensor_msg(out["o"]),
+            lse=_tensor_msg(out["lse"]),
+        )
 
     def Health(self, request, context):
         ready, tiers = self.svc.readiness()
@@ -263,8 +292,7 @@ def start_grpc_server(svc: KVService, settings: Settings, auth: Authenticator, *
     limit = message_limit(settings)
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="kvtier-grpc"),
-        options=[("grpc.max_receive_message_length", limit), ("grpc.max_send_message_length", limit),
-                 ("grpc.so_reuseport", 0)],
+        options=[("grpc.max_receive_message_length", limit), ("grpc.max_send_message_length", limit), ("grpc.so_reuseport", 0)],
         maximum_concurrent_rpcs=settings.limit_concurrency,
     )
     pb_grpc.add_KVTierServicer_to_server(KVTierServicer(svc, settings, auth), server)

@@ -39,8 +39,16 @@ def event_to_wire(kind: str, key: bytes, tier: str, block_size: int | None) -> d
     """One store event as vLLM's tagged ``BlockStored`` / ``BlockRemoved`` map."""
     medium = MEDIUM_PREFIX + tier
     if kind == "stored":
-        return {"type": "BlockStored", "block_hashes": [key], "parent_block_hash": None, "token_ids": [],
-                "block_size": int(block_size or 0), "lora_id": None, "medium": medium, "lora_name": None}
+        return {
+            "type": "BlockStored",
+            "block_hashes": [key],
+            "parent_block_hash": None,
+            "token_ids": [],
+            "block_size": int(block_size or 0),
+            "lora_id": None,
+            "medium": medium,
+            "lora_name": None,
+        }
     if kind == "removed":
         return {"type": "BlockRemoved", "block_hashes": [key], "medium": medium}
     raise ValueError(f"event kind must be 'stored' or 'removed', got {kind!r}")
@@ -57,8 +65,17 @@ class KVEventPublisher:
     ``read(after, limit)`` returns ``(events, next_after)`` with events as ``(kind, key, tier, block_size)``.
     """
 
-    def __init__(self, endpoint: str, read: Callable[[int, int], tuple[list[tuple[str, bytes, str, int | None]], int]], *,
-                 topic: str = "", interval_s: float = 0.05, max_batch: int = 1000, start_after: int = 0, hwm: int = 100_000) -> None:
+    def __init__(
+        self,
+        endpoint: str,
+        read: Callable[[int, int], tuple[list[tuple[str, bytes, str, int | None]], int]],
+        *,
+        topic: str = "",
+        interval_s: float = 0.05,
+        max_batch: int = 1000,
+        start_after: int = 0,
+        hwm: int = 100_000,
+    ) -> None:
         import zmq
 
         if not isinstance(endpoint, str) or "://" not in endpoint:

@@ -60,8 +60,11 @@ class TenantRateLimiter:
             if tokens < 1.0:
                 self._buckets[tenant] = (tokens, now)
                 wait = (1.0 - tokens) / self.rate
-                raise RateLimited(f"this tenant is over its request rate ({self.rate:g}/s, bursts of {self.burst}; "
-                                  f"tenant_requests_per_s); retry in {wait:.2f}s", retry_after_s=wait)
+                raise RateLimited(
+                    f"this tenant is over its request rate ({self.rate:g}/s, bursts of {self.burst}; "
+                    f"tenant_requests_per_s); retry in {wait:.2f}s",
+                    retry_after_s=wait,
+                )
             self._buckets[tenant] = (tokens - 1.0, now)
 
     @staticmethod

@@ -191,8 +191,17 @@ class LocalServer:
                     self._conns[cid] = conn
             if full:
                 try:
-                    send_msg(conn, {"error": {"status": 503, "code": "busy", "field": None,
-                                              "message": f"{self.max_clients} local clients are connected (max_local_clients)"}})
+                    send_msg(
+                        conn,
+                        {
+                            "error": {
+                                "status": 503,
+                                "code": "busy",
+                                "field": None,
+                                "message": f"{self.max_clients} local clients are connected (max_local_clients)",
+                            }
+                        },
+                    )
                 finally:
                     conn.close()
                 continue
@@ -254,8 +263,10 @@ class LocalServer:
         principal = self.auth.authenticate(f"Bearer {key}" if key else None, None)
         nbytes = hello.get("segment_bytes")
         if isinstance(nbytes, bool) or not isinstance(nbytes, int) or not 4096 <= nbytes <= self.max_segment:
-            raise BadRequest(f"segment_bytes must be an integer in [4096, {self.max_segment}] (max_local_segment_bytes), "
-                             f"got {nbytes!r}"[:200], field="segment_bytes")
+            raise BadRequest(
+                f"segment_bytes must be an integer in [4096, {self.max_segment}] (max_local_segment_bytes), got {nbytes!r}"[:200],
+                field="segment_bytes",
+            )
         return principal, nbytes
 
     def _dispatch(self, p, seg: mmap.mmap, req: dict):
@@ -267,9 +278,15 @@ class LocalServer:
         if isinstance(n, bool) or not isinstance(n, int) or not 0 <= n <= len(seg):
             raise BadRequest(f"len must be an integer in [0, {len(seg)}] (the segment)", field="len")
         if op == "lookup":
-            return svc.lookup(p, _str(args, "model"), token_ids=args.get("token_ids"), hashes=args.get("hashes"),
-                              salt=args.get("salt", ""), extra_keys=args.get("extra_keys", []),
-                              return_keys=bool(args.get("return_keys", False)))
+            return svc.lookup(
+                p,
+                _str(args, "model"),
+                token_ids=args.get("token_ids"),
+                hashes=args.get("hashes"),
+                salt=args.get("salt", ""),
+                extra_keys=args.get("extra_keys", []),
+                return_keys=bool(args.get("return_keys", False)),
+            )
         if op == "put":
             with self._transfers:
                 items = wire.split_items(memoryview(seg)[:n], max_items=self.settings.max_blocks_per_request)
@@ -317,11 +334,12 @@ class LocalServer:
         ckeys = svc._client_keys(args.get("keys"), "keys")
         room, slot = header_room(spec), frame_slot_bytes(spec)
         if slot * len(ckeys) > len(seg):
-            raise PayloadTooLarge(f"{len(ckeys)} blocks need {slot * len(ckeys)} bytes of the segment, it has {len(seg)}",
-                                  field="keys")
+            raise PayloadTooLarge(f"{len(ckeys)} blocks need {slot * len(ckeys)} bytes of the segment, it has {len(seg)}", field="keys")
         base = torch.frombuffer(seg, dtype=torch.uint8)  # shares the mapping
-        out = [base[i * slot + room: i * slot + room + spec.block_nbytes].view(spec.torch_dtype).view(spec.block_shape)
-               for i in range(len(ckeys))]
+        out = [
+            base[i * slot + room : i * slot + room + spec.block_nbytes].view(spec.torch_dtype).view(spec.block_shape)
+            for i in range(len(ckeys))
+        ]
         with self._transfers:
             blocks = svc.get_checked(p, spec, ckeys, out=out)
         del base

@@ -25,8 +25,20 @@ import torch
 from kvtier.kvstore import KVSpec
 
 from . import wire
-from .client import (KVTierClient, KVTierError, Lookup, _Base, _key_hex, _parse_attention, _parse_lookup,
-                     _parse_retrieval, _query_body, _spec_body, decode_items, encode_frame_list)
+from .client import (
+    KVTierClient,
+    KVTierError,
+    Lookup,
+    _Base,
+    _key_hex,
+    _parse_attention,
+    _parse_lookup,
+    _parse_retrieval,
+    _query_body,
+    _spec_body,
+    decode_items,
+    encode_frame_list,
+)
 from .local import frame_slot_bytes, recv_msg, send_msg
 
 DEFAULT_SEGMENT_BYTES = 64 << 20
@@ -47,12 +59,20 @@ class _Conn:
 class LocalKVTierClient(KVTierClient):
     """Synchronous client of the local transport (``unix://PATH``). See the module docstring."""
 
-    def __init__(self, base_url: str, api_key: str | None = None, *, timeout: float = 30.0, retries: int = 3,
-                 backoff_s: float = 0.05, segment_bytes: int = DEFAULT_SEGMENT_BYTES) -> None:
+    def __init__(
+        self,
+        base_url: str,
+        api_key: str | None = None,
+        *,
+        timeout: float = 30.0,
+        retries: int = 3,
+        backoff_s: float = 0.05,
+        segment_bytes: int = DEFAULT_SEGMENT_BYTES,
+    ) -> None:
         _Base.__init__(self, base_url, api_key, timeout, retries, backoff_s)
         if not base_url.startswith("unix://") or len(base_url) <= len("unix://"):
             raise ValueError(f"a local URL is unix://PATH, got {base_url!r}")
-        self.path = base_url[len("unix://"):]
+        self.path = base_url[len("unix://") :]
         self.timeout = timeout
         self.segment_bytes = int(segment_bytes)
         self._api_key = api_key
@@ -165,8 +185,9 @@ class LocalKVTierClient(KVTierClient):
             self._specs[model] = KVSpec.from_dict(specs[model])
         return self._specs[model]
 
-    def lookup(self, model: str, *, token_ids=None, hashes=None, salt: str = "", extra_keys: Sequence[str] = (),
-               return_keys: bool = False) -> Lookup:
+    def lookup(
+        self, model: str, *, token_ids=None, hashes=None, salt: str = "", extra_keys: Sequence[str] = (), return_keys: bool = False
+    ) -> Lookup:
         args = {"model": model, "salt": salt, "extra_keys": list(extra_keys), "return_keys": return_keys}
         if token_ids is not None:
             args["token_ids"] = [int(t) for t in (token_ids.tolist() if hasattr(token_ids, "tolist") else token_ids)]
@@ -186,15 +207,17 @@ class LocalKVTierClient(KVTierClient):
                 size += _item_bytes(frames[end])
                 end += 1
             if end == start:
-                raise ValueError(f"a block's frame ({_item_bytes(frames[start])} bytes) is larger than the segment "
-                                 f"({self.segment_bytes} bytes): use a larger segment_bytes")
+                raise ValueError(
+                    f"a block's frame ({_item_bytes(frames[start])} bytes) is larger than the segment "
+                    f"({self.segment_bytes} bytes): use a larger segment_bytes"
+                )
             group = frames[start:end]
 
             def fill(seg, group=group):
                 pos = 0
                 for piece in wire.encode_parts(group):
                     n = len(piece) if isinstance(piece, bytes) else piece.nbytes
-                    seg[pos: pos + n] = piece
+                    seg[pos : pos + n] = piece
                     pos += n
                 return pos
 
@@ -211,13 +234,13 @@ class LocalKVTierClient(KVTierClient):
         per_call = max(1, self.segment_bytes // frame_slot_bytes(spec))
         result: list[torch.Tensor | None] = []
         for start in range(0, len(keys), per_call):
-            part = list(keys[start: start + per_call])
-            part_out = out[start: start + per_call] if out is not None else None
+            part = list(keys[start : start + per_call])
+            part_out = out[start : start + per_call] if out is not None else None
 
             def read(seg, answer, part=part, part_out=part_out):
                 view = memoryview(seg)
                 try:
-                    items = [None if it is None else view[it[0]: it[0] + it[1]] for it in answer["items"]]
+                    items = [None if it is None else view[it[0] : it[0] + it[1]] for it in answer["items"]]
                     return decode_items(spec, part, items, part_out)
                 finally:
                     del items
@@ -226,12 +249,32 @@ class LocalKVTierClient(KVTierClient):
             result += self._call("get", {"model": model, "keys": [_key_hex(k) for k in part]}, read=read)
         return result
 
-    def retrieve(self, model: str, q: torch.Tensor, budget: int, *, token_ids=None, hashes=None, salt: str = "",
-                 extra_keys: Sequence[str] = (), layers: Sequence[int] | None = None):
+    def retrieve(
+        self,
+        model: str,
+        q: torch.Tensor,
+        budget: int,
+        *,
+        token_ids=None,
+        hashes=None,
+        salt: str = "",
+        extra_keys: Sequence[str] = (),
+        layers: Sequence[int] | None = None,
+    ):
         return _parse_retrieval(self._call("retrieve", _query_body(model, q, budget, token_ids, hashes, salt, extra_keys, layers)))
 
-    def attention(self, model: str, q: torch.Tensor, *, budget: int | None = None, token_ids=None, hashes=None, salt: str = "",
-                  extra_keys: Sequence[str] = (), layers: Sequence[int] | None = None):
+    def attention(
+        self,
+        model: str,
+        q: torch.Tensor,
+        *,
+        budget: int | None = None,
+        token_ids=None,
+        hashes=None,
+        salt: str = "",
+        extra_keys: Sequence[str] = (),
+        layers: Sequence[int] | None = None,
+    ):
         return _parse_attention(self._call("attention", _query_body(model, q, budget, token_ids, hashes, salt, extra_keys, layers)))
 
     def delete(self, model: str, keys: Sequence[bytes]) -> int:

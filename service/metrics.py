@@ -21,15 +21,23 @@ class Metrics:
     def __init__(self, service) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
         r = self.registry
-        self.requests = Counter("kvtier_requests", "Requests answered, by transport, operation and status.",
-                                ["transport", "op", "status"], registry=r)
-        self.latency = Histogram("kvtier_request_duration_seconds", "Request latency, by transport and operation.",
-                                 ["transport", "op"], buckets=LATENCY_BUCKETS, registry=r)
-        self.lookup_blocks = Counter("kvtier_lookup_blocks", "Blocks asked for by lookups: hit (in the cached prefix) or miss.",
-                                     ["result"], registry=r)
+        self.requests = Counter(
+            "kvtier_requests", "Requests answered, by transport, operation and status.", ["transport", "op", "status"], registry=r
+        )
+        self.latency = Histogram(
+            "kvtier_request_duration_seconds",
+            "Request latency, by transport and operation.",
+            ["transport", "op"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.lookup_blocks = Counter(
+            "kvtier_lookup_blocks", "Blocks asked for by lookups: hit (in the cached prefix) or miss.", ["result"], registry=r
+        )
         self.get_blocks = Counter("kvtier_get_blocks", "Blocks asked for by gets: hit or miss.", ["result"], registry=r)
-        self.frames_rejected = Counter("kvtier_frames_rejected", "Uploaded frames rejected (invalid, shape, dtype, payload).",
-                                       ["reason"], registry=r)
+        self.frames_rejected = Counter(
+            "kvtier_frames_rejected", "Uploaded frames rejected (invalid, shape, dtype, payload).", ["reason"], registry=r
+        )
         r.register(_StoreCollector(service))
 
     def observe(self, transport: str, op: str, status: int | str, seconds: float) -> None:
@@ -54,19 +62,35 @@ class _StoreCollector:
             "misses": CounterMetricFamily("kvtier_tier_misses", "Blocks asked of each tier and not found there.", labels=["tier"]),
             "evictions": CounterMetricFamily("kvtier_tier_evictions", "Blocks evicted from each tier.", labels=["tier"]),
             "demotions": CounterMetricFamily("kvtier_tier_demotions", "Evicted blocks written to the next tier.", labels=["tier"]),
-            "promotions": CounterMetricFamily("kvtier_tier_promotions", "Blocks copied from this tier into the fastest tier on a hit.", labels=["tier"]),
+            "promotions": CounterMetricFamily(
+                "kvtier_tier_promotions", "Blocks copied from this tier into the fastest tier on a hit.", labels=["tier"]
+            ),
             "corrupt": CounterMetricFamily("kvtier_corrupt_frames", "Frames found corrupt on read (a miss, deleted).", labels=["tier"]),
-            "errors": CounterMetricFamily("kvtier_backend_errors", "Backend errors per tier (I/O; connection errors for Redis).", labels=["tier"]),
+            "errors": CounterMetricFamily(
+                "kvtier_backend_errors", "Backend errors per tier (I/O; connection errors for Redis).", labels=["tier"]
+            ),
             "refused": CounterMetricFamily("kvtier_tier_refused", "Blocks a tier refused for lack of room.", labels=["tier"]),
-            "write_through_retried": CounterMetricFamily("kvtier_write_through_retried", "Blocks a write-through tier refused and took on a later try.", labels=["tier"]),
-            "demotion_failures": CounterMetricFamily("kvtier_demotion_failures", "Evicted blocks no lower tier took (disk full, Redis down): kept in the tier instead of dropped.", labels=["tier"]),
-            "write_through_dropped": CounterMetricFamily("kvtier_write_through_dropped", "Refused write-throughs forgotten because the pending list was full.", labels=["tier"]),
+            "write_through_retried": CounterMetricFamily(
+                "kvtier_write_through_retried", "Blocks a write-through tier refused and took on a later try.", labels=["tier"]
+            ),
+            "demotion_failures": CounterMetricFamily(
+                "kvtier_demotion_failures",
+                "Evicted blocks no lower tier took (disk full, Redis down): kept in the tier instead of dropped.",
+                labels=["tier"],
+            ),
+            "write_through_dropped": CounterMetricFamily(
+                "kvtier_write_through_dropped", "Refused write-throughs forgotten because the pending list was full.", labels=["tier"]
+            ),
         }
         gauges = {
             "bytes": GaugeMetricFamily("kvtier_tier_bytes", "Bytes held by each tier.", labels=["tier"]),
             "blocks": GaugeMetricFamily("kvtier_tier_blocks", "Blocks held by each tier.", labels=["tier"]),
-            "capacity_bytes": GaugeMetricFamily("kvtier_tier_capacity_bytes", "Capacity of each tier (absent: unbounded here).", labels=["tier"]),
-            "write_through_pending": GaugeMetricFamily("kvtier_write_through_pending", "Blocks a write-through tier refused, to be written again.", labels=["tier"]),
+            "capacity_bytes": GaugeMetricFamily(
+                "kvtier_tier_capacity_bytes", "Capacity of each tier (absent: unbounded here).", labels=["tier"]
+            ),
+            "write_through_pending": GaugeMetricFamily(
+                "kvtier_write_through_pending", "Blocks a write-through tier refused, to be written again.", labels=["tier"]
+            ),
         }
         redis_errors = 0
         for t in s["tiers"]:
@@ -89,10 +113,14 @@ class _StoreCollector:
         yield CounterMetricFamily("kvtier_quota_evictions", "Blocks evicted to keep a tenant under its quota.", value=s["quota_evictions"])
         ts = getattr(self.service, "transport_stats", None)
         if ts is not None:
-            for name, doc in (("connections_refused", "REST connections refused (per-address cap, or max_connections with none idle)."),
-                              ("header_timeouts", "REST connections closed for not sending a request's headers within header_timeout_s."),
-                              ("idle_evicted", "Idle REST connections closed to make room at max_connections."),
-                              ("overloaded", "REST requests answered 503 at limit_concurrency."),
-                              ("body_timeouts", "REST requests answered 408: the body stalled longer than body_timeout_s.")):
+            for name, doc in (
+                ("connections_refused", "REST connections refused (per-address cap, or max_connections with none idle)."),
+                ("header_timeouts", "REST connections closed for not sending a request's headers within header_timeout_s."),
+                ("idle_evicted", "Idle REST connections closed to make room at max_connections."),
+                ("overloaded", "REST requests answered 503 at limit_concurrency."),
+                ("body_timeouts", "REST requests answered 408: the body stalled longer than body_timeout_s."),
+            ):
                 yield CounterMetricFamily(f"kvtier_{name}", doc, value=getattr(ts, name))
-        yield CounterMetricFamily("kvtier_quota_refusals", "Blocks refused because a tenant's quota could not make room.", value=s["quota_refusals"])
+        yield CounterMetricFamily(
+            "kvtier_quota_refusals", "Blocks refused because a tenant's quota could not make room.", value=s["quota_refusals"]
+        )

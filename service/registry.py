@@ -72,10 +72,16 @@ class SpecRegistry:
         with self._lock:
             new = model not in self._specs
             mine = not new and tenant in self._tenants[model]
-            if not mine and self.max_specs_per_tenant is not None \
-                    and sum(tenant in ts for ts in self._tenants.values()) >= self.max_specs_per_tenant:
-                raise TooManyRequests(f"this tenant registered {self.max_specs_per_tenant} specs already (max_specs_per_tenant); "
-                                      "unregister one with DELETE /v1/specs/{model}", field="spec")
+            if (
+                not mine
+                and self.max_specs_per_tenant is not None
+                and sum(tenant in ts for ts in self._tenants.values()) >= self.max_specs_per_tenant
+            ):
+                raise TooManyRequests(
+                    f"this tenant registered {self.max_specs_per_tenant} specs already (max_specs_per_tenant); "
+                    "unregister one with DELETE /v1/specs/{model}",
+                    field="spec",
+                )
             if new and len(self._specs) >= self.max_specs:
                 raise TooManyRequests(f"{self.max_specs} specs are registered already (max_specs)", field="spec")
             if new or tenant not in self._tenants[model]:
@@ -100,8 +106,9 @@ class SpecRegistry:
     def get(self, tenant: str, model: str) -> KVSpec:
         spec = self._specs.get(model) if isinstance(model, str) else None
         if spec is None or tenant not in self._tenants.get(model, ()):
-            raise NotFound(f"model {str(model)[:80]!r} is not registered for this tenant: register its spec with POST /v1/specs first",
-                           field="model")
+            raise NotFound(
+                f"model {str(model)[:80]!r} is not registered for this tenant: register its spec with POST /v1/specs first", field="model"
+            )
         return spec
 
     def models_of(self, tenant: str) -> dict[str, KVSpec]:

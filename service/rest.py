@@ -7,7 +7,6 @@ the path of the offending value). Bodies are bounded before they are read (``Bod
 Blocking work (disk, Redis, copying megabytes) runs in worker threads.
 """
 
-
 import asyncio
 import json
 import logging
@@ -30,13 +29,29 @@ from . import wire
 from .connections import RequestGuard, TransportStats
 from .core import KVService, WouldBlock, open_service, parse_client_key
 from .errors import BadRequest, Forbidden, ServiceError, UnsupportedMediaType
-from .limits import (MAX_MODEL_CHARS, RateLimited, TenantRateLimiter)
+from .limits import MAX_MODEL_CHARS, RateLimited, TenantRateLimiter
 from .metrics import CONTENT_TYPE, Metrics
 from .settings import Settings
 from .tenancy import Authenticator, Principal
 from .rest_middleware import BodyLimit, CatchAll, FastLookup, Observe
-from .rest_models import (ERRORS, HEX64, AttentionIn, AttentionOut, DeleteOut, ErrorOut, KeysIn, LookupIn, LookupOut, PinIn, PinOut,
-                          PutOut, RetrieveIn, RetrieveOut, SpecIn, SpecOut)
+from .rest_models import (
+    ERRORS,
+    HEX64,
+    AttentionIn,
+    AttentionOut,
+    DeleteOut,
+    ErrorOut,
+    KeysIn,
+    LookupIn,
+    LookupOut,
+    PinIn,
+    PinOut,
+    PutOut,
+    RetrieveIn,
+    RetrieveOut,
+    SpecIn,
+    SpecOut,
+)
 
 log = logging.getLogger("kvtier.rest")
 
@@ -62,8 +77,9 @@ async def _query_body(request: Request, model_cls):
             raise BadRequest("the body nests deeper than the JSON parser allows", field="body") from None
         binary = False
     else:
-        raise UnsupportedMediaType(f"the body must be application/json or {wire.MSGPACK_MEDIA_TYPE}, got {ctype!r}"[:300],
-                                   field="content-type")
+        raise UnsupportedMediaType(
+            f"the body must be application/json or {wire.MSGPACK_MEDIA_TYPE}, got {ctype!r}"[:300], field="content-type"
+        )
     try:
         return model_cls.model_validate(obj), binary
     except ValidationError as e:
@@ -130,9 +146,11 @@ def create_app(settings: Settings | None = None, service: KVService | None = Non
             log.info("kvtier stopped: store closed")
 
     app = FastAPI(
-        title="kvtier", version="1", lifespan=lifespan,
+        title="kvtier",
+        version="1",
+        lifespan=lifespan,
         description="KV-cache tier: longest-prefix lookup, block put/get/delete as msgpack frames, pins, stats, events. "
-                    "Block bodies are msgpack streams of `bin` items (one frame each) or `nil` (a miss).",
+        "Block bodies are msgpack streams of `bin` items (one frame each) or `nil` (a miss).",
     )
     app.add_middleware(BodyLimit, settings=settings)
 
@@ -163,7 +181,6 @@ def create_app(settings: Settings | None = None, service: KVService | None = Non
         log.debug("client went away during %s %s", request.method, request.url.path)
         return _error(499, "client_closed", "the client closed the connection before the request was read", None)
 
-
     # -- metrics of every request (pure ASGI: no extra task per request) ---------------------
     app.add_middleware(FastLookup, settings=settings, auth=auth)
     app.state.transport_stats = transport_stats
@@ -171,8 +188,9 @@ def create_app(settings: Settings | None = None, service: KVService | None = Non
     app.add_middleware(CatchAll)  # a bug is a 500 logged at most every few seconds, never a re-raised traceback
     app.add_middleware(Observe)
 
-    async def principal(request: Request, _bearer: HTTPAuthorizationCredentials | None = Depends(bearer),
-                  _key: str | None = Depends(api_key_header)) -> Principal:
+    async def principal(
+        request: Request, _bearer: HTTPAuthorizationCredentials | None = Depends(bearer), _key: str | None = Depends(api_key_header)
+    ) -> Principal:
         # the security dependencies only document the two headers in OpenAPI; the raw headers decide
         return svc_of(request).admit(auth.authenticate(request.headers.get("authorization"), request.headers.get("x-api-key")))
 
@@ -204,8 +222,12 @@ def create_app(settings: Settings | None = None, service: KVService | None = Non
         return Response(body, media_type=CONTENT_TYPE)
 
     # -- specs -----------------------------------------------------------------------------
-    @routes["specs"].post("/v1/specs", response_model=SpecOut, responses=ERRORS,
-              summary="Register a model's KV spec; returns the model id to use in every other call")
+    @routes["specs"].post(
+        "/v1/specs",
+        response_model=SpecOut,
+        responses=ERRORS,
+        summary="Register a model's KV spec; returns the model id to use in every other call",
+    )
     async def register_spec(body: SpecIn, request: Request, p: P):
         model, spec = await run_in_threadpool(svc_of(request).register_spec, p, body.model_dump())
         return SpecOut(model=model, spec=spec.to_dict(), block_nbytes=spec.block_nbytes, block_shape=list(spec.block_shape))
@@ -214,19 +236,28 @@ def create_app(settings: Settings | None = None, service: KVService | None = Non
     async def list_specs(request: Request, p: P) -> dict[str, dict]:
         return {m: s.to_dict() for m, s in svc_of(request).registry.models_of(p.tenant).items()}
 
-    @routes["specs"].delete("/v1/specs/{model}", responses=ERRORS,
-                summary="Unregister one of the caller's specs (its blocks become unreachable for the caller and age out)")
+    @routes["specs"].delete(
+        "/v1/specs/{model}",
+        responses=ERRORS,
+        summary="Unregister one of the caller's specs (its blocks become unreachable for the caller and age out)",
+    )
     async def unregister_spec(request: Request, p: P, model: str = Path(max_length=MAX_MODEL_CHARS)) -> dict[str, bool]:
         await run_in_threadpool(svc_of(request).unregister_spec, p, model)
         return {"unregistered": True}
 
     # -- lookup ----------------------------------------------------------------------------
-    @routes["blocks"].post("/v1/lookup", response_model=LookupOut, response_model_exclude_none=True, responses=ERRORS,
-              summary="Longest cached prefix of a chain, by token ids or by block hashes, with per-tier counts")
+    @routes["blocks"].post(
+        "/v1/lookup",
+        response_model=LookupOut,
+        response_model_exclude_none=True,
+        responses=ERRORS,
+        summary="Longest cached prefix of a chain, by token ids or by block hashes, with per-tier counts",
+    )
     async def lookup(body: LookupIn, request: Request, p: P):
         svc = svc_of(request)
-        kwargs = dict(token_ids=body.token_ids, hashes=body.hashes, salt=body.salt, extra_keys=body.extra_keys,
-                      return_keys=body.return_keys)
+        kwargs = dict(
+            token_ids=body.token_ids, hashes=body.hashes, salt=body.salt, extra_keys=body.extra_keys, return_keys=body.return_keys
+        )
         if svc.store_is_local and (body.token_ids is None or len(body.token_ids) <= 65536):
             try:  # in memory, microseconds: no thread hop, unless the store's lock is taken right now
                 return svc.lookup(p, body.model, wait=False, **kwargs)
@@ -235,12 +266,21 @@ def create_app(settings: Settings | None = None, service: KVService | None = Non
         return await run_in_threadpool(lambda: svc.lookup(p, body.model, **kwargs))
 
     # -- blocks ----------------------------------------------------------------------------
-    @routes["blocks"].put("/v1/blocks", response_model=PutOut, responses=ERRORS,
-             summary="Store a chain of blocks: the body is a msgpack stream of frames (application/x-kvtier-frames)",
-             openapi_extra={"requestBody": {"required": True, "content": {wire.FRAMES_MEDIA_TYPE: {"schema": {"type": "string", "format": "binary"}}}}})
-    async def put_blocks(request: Request, p: P,
-                         model: str = Query(max_length=MAX_MODEL_CHARS, description="model id from POST /v1/specs"),
-                         parent: str | None = Query(None, pattern=HEX64, description="hash of the block before the first frame's")):
+    @routes["blocks"].put(
+        "/v1/blocks",
+        response_model=PutOut,
+        responses=ERRORS,
+        summary="Store a chain of blocks: the body is a msgpack stream of frames (application/x-kvtier-frames)",
+        openapi_extra={
+            "requestBody": {"required": True, "content": {wire.FRAMES_MEDIA_TYPE: {"schema": {"type": "string", "format": "binary"}}}}
+        },
+    )
+    async def put_blocks(
+        request: Request,
+        p: P,
+        model: str = Query(max_length=MAX_MODEL_CHARS, description="model id from POST /v1/specs"),
+        parent: str | None = Query(None, pattern=HEX64, description="hash of the block before the first frame's"),
+    ):
         svc = svc_of(request)
         svc.spec_of(p, model)  # 404 before the body is read
         if parent is not None:
@@ -256,7 +296,7 @@ def create_app(settings: Settings | None = None, service: KVService | None = Non
                     async for chunk in request.stream():
                         if pos + len(chunk) > n:
                             raise BadRequest(f"the body is longer than its Content-Length ({n})", field="body")
-                        view[pos: pos + len(chunk)] = np.frombuffer(chunk, dtype=np.uint8)
+                        view[pos : pos + len(chunk)] = np.frombuffer(chunk, dtype=np.uint8)
                         pos += len(chunk)
                     items = wire.split_items(memoryview(view)[:pos], max_items=settings.max_blocks_per_request)
                     stored = await run_in_threadpool(svc.put_frames, p, model, items, parent)
@@ -268,9 +308,18 @@ def create_app(settings: Settings | None = None, service: KVService | None = Non
                 stored = await run_in_threadpool(svc.put_frames, p, model, items, parent)
         return PutOut(stored=stored, num_stored=sum(stored))
 
-    @routes["blocks"].post("/v1/blocks/get", responses={**ERRORS, 200: {"content": {wire.FRAMES_MEDIA_TYPE: {}},
-              "description": "a msgpack stream, one item per key in order: a frame (bin) or nil (a miss)"}},
-              response_class=StreamingResponse, summary="Fetch blocks by hash: a streamed msgpack stream of frames, nil for a miss")
+    @routes["blocks"].post(
+        "/v1/blocks/get",
+        responses={
+            **ERRORS,
+            200: {
+                "content": {wire.FRAMES_MEDIA_TYPE: {}},
+                "description": "a msgpack stream, one item per key in order: a frame (bin) or nil (a miss)",
+            },
+        },
+        response_class=StreamingResponse,
+        summary="Fetch blocks by hash: a streamed msgpack stream of frames, nil for a miss",
+    )
     async def get_blocks(body: KeysIn, request: Request, p: P):
         svc = svc_of(request)
         spec = svc.spec_of(p, body.model)
@@ -294,28 +343,42 @@ def create_app(settings: Settings | None = None, service: KVService | None = Non
         async def stream():
             async with transfers:
                 for i in range(0, len(ckeys), group):
-                    for piece in wire.encode_parts(await run_in_threadpool(fetch, ckeys[i: i + group])):
+                    for piece in wire.encode_parts(await run_in_threadpool(fetch, ckeys[i : i + group])):
                         yield piece
 
         return StreamingResponse(stream(), media_type=wire.FRAMES_MEDIA_TYPE)
 
-    @routes["blocks"].post("/v1/blocks/delete", response_model=DeleteOut, responses=ERRORS,
-              summary="Remove blocks from every tier")
+    @routes["blocks"].post("/v1/blocks/delete", response_model=DeleteOut, responses=ERRORS, summary="Remove blocks from every tier")
     async def delete_blocks(body: KeysIn, request: Request, p: P):
         n = await run_in_threadpool(svc_of(request).delete, p, body.model, body.keys)
         return DeleteOut(removed=n)
 
     # -- retrieval and attention next to the data ------------------------------------------
     def query_route(path: str, model_in, model_out, summary: str, run):
-        body_doc = {"required": True, "content": {
-            "application/json": {"schema": {"$ref": f"#/components/schemas/{model_in.__name__}"}},
-            wire.MSGPACK_MEDIA_TYPE: {"schema": {"$ref": f"#/components/schemas/{model_in.__name__}"}}}}
-        answer_doc = {200: {"description": "JSON, or msgpack (tensor data as bin) when the request is msgpack or accepts it",
-                            "content": {"application/json": {"schema": {"$ref": f"#/components/schemas/{model_out.__name__}"}},
-                                        wire.MSGPACK_MEDIA_TYPE: {}}}}
+        body_doc = {
+            "required": True,
+            "content": {
+                "application/json": {"schema": {"$ref": f"#/components/schemas/{model_in.__name__}"}},
+                wire.MSGPACK_MEDIA_TYPE: {"schema": {"$ref": f"#/components/schemas/{model_in.__name__}"}},
+            },
+        }
+        answer_doc = {
+            200: {
+                "description": "JSON, or msgpack (tensor data as bin) when the request is msgpack or accepts it",
+                "content": {
+                    "application/json": {"schema": {"$ref": f"#/components/schemas/{model_out.__name__}"}},
+                    wire.MSGPACK_MEDIA_TYPE: {},
+                },
+            }
+        }
 
-        @routes["retrieval"].post(path, responses={**ERRORS, 409: {"model": ErrorOut}, **answer_doc}, summary=summary,
-                  openapi_extra={"requestBody": body_doc}, name=path.rsplit("/", 1)[-1])
+        @routes["retrieval"].post(
+            path,
+            responses={**ERRORS, 409: {"model": ErrorOut}, **answer_doc},
+            summary=summary,
+            openapi_extra={"requestBody": body_doc},
+            name=path.rsplit("/", 1)[-1],
+        )
         async def route(request: Request, p: P):
             body, binary = await _query_body(request, model_in)
             svc = svc_of(request)
@@ -326,12 +389,20 @@ def create_app(settings: Settings | None = None, service: KVService | None = Non
 
         return route
 
-    query_route("/v1/retrieve", RetrieveIn, RetrieveOut,
-                "Top tokens of a cached chain for one decode query per layer; only the blocks holding them are read",
-                lambda svc, p, f, q: svc.retrieve(p, f.pop("model"), q=q, **f))
-    query_route("/v1/attention", AttentionIn, AttentionOut,
-                "Decode attention next to the data: (o, lse) over the chain's cached tokens (all, or the budget's selection)",
-                lambda svc, p, f, q: svc.attention(p, f.pop("model"), q=q, **f))
+    query_route(
+        "/v1/retrieve",
+        RetrieveIn,
+        RetrieveOut,
+        "Top tokens of a cached chain for one decode query per layer; only the blocks holding them are read",
+        lambda svc, p, f, q: svc.retrieve(p, f.pop("model"), q=q, **f),
+    )
+    query_route(
+        "/v1/attention",
+        AttentionIn,
+        AttentionOut,
+        "Decode attention next to the data: (o, lse) over the chain's cached tokens (all, or the budget's selection)",
+        lambda svc, p, f, q: svc.attention(p, f.pop("model"), q=q, **f),
+    )
 
     def openapi_with_query_models():
         if app.openapi_schema is None:
@@ -346,8 +417,12 @@ def create_app(settings: Settings | None = None, service: KVService | None = Non
     app.openapi = openapi_with_query_models
 
     # -- pins ------------------------------------------------------------------------------
-    @routes["pins"].post("/v1/pins", response_model=PinOut, responses=ERRORS,
-              summary="Pin cached blocks for ttl_s seconds (a lease): they are not evicted meanwhile")
+    @routes["pins"].post(
+        "/v1/pins",
+        response_model=PinOut,
+        responses=ERRORS,
+        summary="Pin cached blocks for ttl_s seconds (a lease): they are not evicted meanwhile",
+    )
     async def pin(body: PinIn, request: Request, p: P):
         info = await run_in_threadpool(svc_of(request).pin, p, body.model, body.keys, body.ttl_s)
         return PinOut(lease_id=info.id, ttl_s=body.ttl_s, num_pinned=info.num_pinned)
@@ -358,15 +433,16 @@ def create_app(settings: Settings | None = None, service: KVService | None = Non
         return {"unpinned": True}
 
     # -- stats and events ------------------------------------------------------------------
-    @routes["stats"].get("/v1/stats", responses=ERRORS,
-             summary="The caller's bytes and quota; with the admin key, every tier and tenant")
+    @routes["stats"].get("/v1/stats", responses=ERRORS, summary="The caller's bytes and quota; with the admin key, every tier and tenant")
     async def stats(request: Request, p: P) -> dict[str, Any]:
         return await run_in_threadpool(svc_of(request).stats, p)
 
-    @routes["stats"].get("/v1/events", responses=ERRORS,
-             summary="Stored/removed events with id > after (a tenant sees its own blocks, the admin all)")
-    async def events(request: Request, p: P, after: int = Query(0, ge=0, le=2**62),
-                     limit: int = Query(1000, ge=1, le=1_000_000)) -> dict[str, Any]:
+    @routes["stats"].get(
+        "/v1/events", responses=ERRORS, summary="Stored/removed events with id > after (a tenant sees its own blocks, the admin all)"
+    )
+    async def events(
+        request: Request, p: P, after: int = Query(0, ge=0, le=2**62), limit: int = Query(1000, ge=1, le=1_000_000)
+    ) -> dict[str, Any]:
         return await run_in_threadpool(svc_of(request).events, p, after, limit)
 
     for router in routes.values():

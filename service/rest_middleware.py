@@ -13,8 +13,7 @@ from starlette.concurrency import run_in_threadpool
 
 from .core import WouldBlock
 from .errors import ServiceError
-from .limits import (MAX_EXTRA_KEYS, MAX_MODEL_CHARS, MAX_NAMESPACE_CHARS, MAX_TOKEN_ID,
-                     RateLimited, TenantRateLimiter)
+from .limits import MAX_EXTRA_KEYS, MAX_MODEL_CHARS, MAX_NAMESPACE_CHARS, MAX_TOKEN_ID, RateLimited, TenantRateLimiter
 from .rest_models import HEX64
 from .settings import Settings
 from .tenancy import Authenticator
@@ -87,8 +86,13 @@ async def _send_error(send, status: int, code: str, message: str, field: str | N
     import json
 
     body = json.dumps({"error": {"code": code, "message": message, "field": field}}).encode()
-    await send({"type": "http.response.start", "status": status,
-                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
+    await send(
+        {
+            "type": "http.response.start",
+            "status": status,
+            "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())],
+        }
+    )
     await send({"type": "http.response.body", "body": body})
 
 
@@ -138,8 +142,11 @@ class RateLimitedLog:
             return
         self._last[name] = now
         n = self._suppressed.pop(name, 0)
-        self.logger.error(msg + (f" ({n} more {name} not logged in the last {self.every_s:g}s)" if n else ""), *args,
-                          exc_info=(type(e), e, e.__traceback__))
+        self.logger.error(
+            msg + (f" ({n} more {name} not logged in the last {self.every_s:g}s)" if n else ""),
+            *args,
+            exc_info=(type(e), e, e.__traceback__),
+        )
 
 
 bug_log = RateLimitedLog(log)
@@ -170,6 +177,8 @@ class CatchAll:
             bug_log.report(e, "internal error on %s %s", scope.get("method"), scope.get("path"))
             if not started:
                 await _send_error(send, 500, "internal", f"internal error: {type(e).__name__}", None)
+
+
 _HEX64 = re.compile(HEX64[1:-1])
 _LOOKUP_FIELDS = {"model", "token_ids", "hashes", "salt", "extra_keys", "return_keys"}
 _JSON_HEADERS = [(b"content-type", b"application/json")]
@@ -221,10 +230,18 @@ class FastLookup:
         headers = {k: v for k, v in scope.get("headers", ()) if k in (b"authorization", b"x-api-key")}
         extra = []
         try:
-            p = svc.admit(self.auth.authenticate(headers.get(b"authorization", b"").decode("latin-1") or None,
-                                                 headers.get(b"x-api-key", b"").decode("latin-1") or None))
-            kwargs = dict(token_ids=req.get("token_ids"), hashes=req.get("hashes"), salt=req.get("salt", ""),
-                          extra_keys=req.get("extra_keys", []), return_keys=req.get("return_keys", False))
+            p = svc.admit(
+                self.auth.authenticate(
+                    headers.get(b"authorization", b"").decode("latin-1") or None, headers.get(b"x-api-key", b"").decode("latin-1") or None
+                )
+            )
+            kwargs = dict(
+                token_ids=req.get("token_ids"),
+                hashes=req.get("hashes"),
+                salt=req.get("salt", ""),
+                extra_keys=req.get("extra_keys", []),
+                return_keys=req.get("return_keys", False),
+            )
             try:  # in memory, microseconds: no thread hop, unless the store's lock is taken right now
                 out = svc.lookup(p, req["model"], wait=False, **kwargs)
             except WouldBlock:
@@ -235,8 +252,13 @@ class FastLookup:
             if isinstance(e, RateLimited):
                 extra = [(b"retry-after", TenantRateLimiter.retry_after_header(e).encode())]
         data = json.dumps(payload, separators=(",", ":")).encode()
-        await send({"type": "http.response.start", "status": status,
-                    "headers": _JSON_HEADERS + extra + [(b"content-length", str(len(data)).encode())]})
+        await send(
+            {
+                "type": "http.response.start",
+                "status": status,
+                "headers": _JSON_HEADERS + extra + [(b"content-length", str(len(data)).encode())],
+            }
+        )
         await send({"type": "http.response.body", "body": data})
 
 
@@ -246,7 +268,12 @@ def _well_formed_lookup(body: bytes) -> dict | None:
         req = json.loads(body)
     except (ValueError, UnicodeDecodeError, RecursionError):  # RecursionError: nesting deeper than the parser's stack
         return None
-    if not isinstance(req, dict) or not req.keys() <= _LOOKUP_FIELDS or not isinstance(req.get("model"), str) or len(req["model"]) > MAX_MODEL_CHARS:
+    if (
+        not isinstance(req, dict)
+        or not req.keys() <= _LOOKUP_FIELDS
+        or not isinstance(req.get("model"), str)
+        or len(req["model"]) > MAX_MODEL_CHARS
+    ):
         return None
     tokens, hashes = req.get("token_ids"), req.get("hashes")
     if (tokens is None) == (hashes is None):
@@ -258,7 +285,11 @@ def _well_formed_lookup(body: bytes) -> dict | None:
     if not isinstance(req.get("salt", ""), str) or len(req.get("salt", "")) > MAX_NAMESPACE_CHARS or not _utf8(req.get("salt", "")):
         return None
     extra = req.get("extra_keys", [])
-    if not (isinstance(extra, list) and len(extra) <= MAX_EXTRA_KEYS and all(isinstance(k, str) and len(k) <= MAX_NAMESPACE_CHARS and _utf8(k) for k in extra)):
+    if not (
+        isinstance(extra, list)
+        and len(extra) <= MAX_EXTRA_KEYS
+        and all(isinstance(k, str) and len(k) <= MAX_NAMESPACE_CHARS and _utf8(k) for k in extra)
+    ):
         return None
     if not isinstance(req.get("return_keys", False), bool):
         return None
@@ -272,5 +303,3 @@ def _utf8(text: str) -> bool:
         return True
     except UnicodeEncodeError:
         return False
-
-

@@ -36,11 +36,13 @@ class SpecOut(BaseModel):
 class LookupIn(_Strict):
     model: str = Field(max_length=MAX_MODEL_CHARS)
     token_ids: list[Annotated[int, Field(ge=0, le=MAX_TOKEN_ID)]] | None = Field(
-        None, description="the sequence's token ids; the server hashes its full blocks under the caller's tenant")
+        None, description="the sequence's token ids; the server hashes its full blocks under the caller's tenant"
+    )
     hashes: list[Hash] | None = Field(None, description="the chain's block hashes (instead of token_ids)")
     salt: str = Field("", max_length=MAX_NAMESPACE_CHARS, description="cache salt (part of the namespace; with token_ids)")
-    extra_keys: list[Annotated[str, Field(max_length=MAX_NAMESPACE_CHARS)]] = Field(default_factory=list, max_length=MAX_EXTRA_KEYS,
-                                                                    description="LoRA ids, multimodal hashes, ... (with token_ids)")
+    extra_keys: list[Annotated[str, Field(max_length=MAX_NAMESPACE_CHARS)]] = Field(
+        default_factory=list, max_length=MAX_EXTRA_KEYS, description="LoRA ids, multimodal hashes, ... (with token_ids)"
+    )
     return_keys: bool = Field(False, description="also return the chain's block hashes (to put blocks under)")
 
 
@@ -78,8 +80,16 @@ class PinOut(BaseModel):
     num_pinned: int
 
 
-TensorData = Annotated[bytes | str, WithJsonSchema({"type": "string", "contentEncoding": "base64", "description":
-                      "the raw little-endian elements in C order: base64 text in JSON, bytes (bin) in msgpack"})]
+TensorData = Annotated[
+    bytes | str,
+    WithJsonSchema(
+        {
+            "type": "string",
+            "contentEncoding": "base64",
+            "description": "the raw little-endian elements in C order: base64 text in JSON, bytes (bin) in msgpack",
+        }
+    ),
+]
 
 
 class TensorIn(_Strict):
@@ -97,15 +107,19 @@ class TensorOut(BaseModel):
 class _QueryIn(_Strict):
     model: str = Field(max_length=MAX_MODEL_CHARS)
     token_ids: list[Annotated[int, Field(ge=0, le=MAX_TOKEN_ID)]] | None = Field(
-        None, description="the sequence's token ids; the server hashes its full blocks under the caller's tenant")
+        None, description="the sequence's token ids; the server hashes its full blocks under the caller's tenant"
+    )
     hashes: list[Hash] | None = Field(None, description="the chain's block hashes (instead of token_ids)")
     salt: str = Field("", max_length=MAX_NAMESPACE_CHARS, description="cache salt (with token_ids)")
-    extra_keys: list[Annotated[str, Field(max_length=MAX_NAMESPACE_CHARS)]] = Field(default_factory=list, max_length=MAX_EXTRA_KEYS,
-                                                                    description="LoRA ids, multimodal hashes, ... (with token_ids)")
-    q: TensorIn = Field(description="one decode query per layer asked: [L_q, H_q, head_dim], float16/bfloat16/float32, "
-                                    "H_q a multiple of num_kv_heads (GQA)")
+    extra_keys: list[Annotated[str, Field(max_length=MAX_NAMESPACE_CHARS)]] = Field(
+        default_factory=list, max_length=MAX_EXTRA_KEYS, description="LoRA ids, multimodal hashes, ... (with token_ids)"
+    )
+    q: TensorIn = Field(
+        description="one decode query per layer asked: [L_q, H_q, head_dim], float16/bfloat16/float32, H_q a multiple of num_kv_heads (GQA)"
+    )
     layers: list[Annotated[int, Field(ge=0, le=1 << 16)]] | None = Field(
-        None, max_length=1 << 16, description="the layers of q's rows, distinct (default: every layer, in order)")
+        None, max_length=1 << 16, description="the layers of q's rows, distinct (default: every layer, in order)"
+    )
 
 
 class RetrieveIn(_QueryIn):
@@ -113,8 +127,12 @@ class RetrieveIn(_QueryIn):
 
 
 class AttentionIn(_QueryIn):
-    budget: int | None = Field(None, ge=1, le=1 << 31, description="sparse: the tokens StoreRetriever selects per (layer, KV head); "
-                                                                   "absent: every cached token of the chain")
+    budget: int | None = Field(
+        None,
+        ge=1,
+        le=1 << 31,
+        description="sparse: the tokens StoreRetriever selects per (layer, KV head); absent: every cached token of the chain",
+    )
 
 
 class RetrieveOut(BaseModel):

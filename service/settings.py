@@ -27,9 +27,24 @@ from pydantic_settings import BaseSettings, SettingsConfigDict, YamlConfigSettin
 
 ENV_PREFIX = "KVTIER_"
 _UNITS = {
-    "": 1, "b": 1,
-    "k": 1000, "kb": 1000, "m": 1000**2, "mb": 1000**2, "g": 1000**3, "gb": 1000**3, "t": 1000**4, "tb": 1000**4,
-    "ki": 1 << 10, "kib": 1 << 10, "mi": 1 << 20, "mib": 1 << 20, "gi": 1 << 30, "gib": 1 << 30, "ti": 1 << 40, "tib": 1 << 40,
+    "": 1,
+    "b": 1,
+    "k": 1000,
+    "kb": 1000,
+    "m": 1000**2,
+    "mb": 1000**2,
+    "g": 1000**3,
+    "gb": 1000**3,
+    "t": 1000**4,
+    "tb": 1000**4,
+    "ki": 1 << 10,
+    "kib": 1 << 10,
+    "mi": 1 << 20,
+    "mib": 1 << 20,
+    "gi": 1 << 30,
+    "gib": 1 << 30,
+    "ti": 1 << 40,
+    "tib": 1 << 40,
 }
 _SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([a-zA-Z]*)\s*$")
 TENANT_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
@@ -62,25 +77,59 @@ class Settings(BaseSettings):
     config: Path | None = Field(None, description="YAML file with settings (keys are the names in this table); `--config` sets it.")
     host: str = Field("127.0.0.1", description="Address the REST server binds. A non-loopback address needs API keys or `insecure`.")
     port: int = Field(8080, ge=0, le=65535, description="REST port (0: pick a free one).")
-    grpc_port: int | None = Field(50051, ge=0, le=65535, description="gRPC port on the same host; an empty value disables gRPC (0: pick a free one).")
-    local_socket: Path | None = Field(None, description="Unix socket of the same-host transport (control on the socket, block bytes through shared memory); clients use it with a `unix://PATH` URL. Empty: off.")
-    max_local_clients: int = Field(64, ge=1, description="Most connections to the local transport at once (each maps one shared-memory segment).")
-    max_local_segment_bytes: ByteSize = Field(256 << 20, description="Largest shared-memory segment a local-transport client may ask for (its memory is touched only as used).")
-    insecure: bool = Field(False, description="Allow binding a non-loopback host with no API keys configured (anyone who can connect is admin).")
+    grpc_port: int | None = Field(
+        50051, ge=0, le=65535, description="gRPC port on the same host; an empty value disables gRPC (0: pick a free one)."
+    )
+    local_socket: Path | None = Field(
+        None,
+        description="Unix socket of the same-host transport (control on the socket, block bytes through shared memory); clients use it with a `unix://PATH` URL. Empty: off.",
+    )
+    max_local_clients: int = Field(
+        64, ge=1, description="Most connections to the local transport at once (each maps one shared-memory segment)."
+    )
+    max_local_segment_bytes: ByteSize = Field(
+        256 << 20, description="Largest shared-memory segment a local-transport client may ask for (its memory is touched only as used)."
+    )
+    insecure: bool = Field(
+        False, description="Allow binding a non-loopback host with no API keys configured (anyone who can connect is admin)."
+    )
     log_level: str = Field("info", description="Log level: debug, info, warning, error.")
-    graceful_shutdown_s: float = Field(10.0, gt=0, description="On SIGTERM/SIGINT, seconds to let in-flight requests finish before the store is closed.")
-    tls_cert: Path | None = Field(None, description="PEM certificate (chain) of the server: REST becomes HTTPS and gRPC uses TLS on the same ports. Needs `tls_key`.")
+    graceful_shutdown_s: float = Field(
+        10.0, gt=0, description="On SIGTERM/SIGINT, seconds to let in-flight requests finish before the store is closed."
+    )
+    tls_cert: Path | None = Field(
+        None, description="PEM certificate (chain) of the server: REST becomes HTTPS and gRPC uses TLS on the same ports. Needs `tls_key`."
+    )
     tls_key: Path | None = Field(None, description="PEM private key of `tls_cert`.")
-    header_timeout_s: float = Field(10.0, gt=0, description="A REST connection must send a request's complete headers within this many seconds of opening (or of its previous answer); otherwise it is closed.")
+    header_timeout_s: float = Field(
+        10.0,
+        gt=0,
+        description="A REST connection must send a request's complete headers within this many seconds of opening (or of its previous answer); otherwise it is closed.",
+    )
     idle_timeout_s: float = Field(5.0, gt=0, description="A REST keep-alive connection idle this long after an answer is closed.")
-    body_timeout_s: float = Field(30.0, gt=0, description="Longest wait for the next chunk of a request body; beyond it the request gets 408 and the connection is closed.")
-    max_connections: int = Field(4096, ge=1, description="Most open REST connections; at the cap a new connection closes the longest-idle one (no request in progress), or is refused when none is idle.")
+    body_timeout_s: float = Field(
+        30.0,
+        gt=0,
+        description="Longest wait for the next chunk of a request body; beyond it the request gets 408 and the connection is closed.",
+    )
+    max_connections: int = Field(
+        4096,
+        ge=1,
+        description="Most open REST connections; at the cap a new connection closes the longest-idle one (no request in progress), or is refused when none is idle.",
+    )
     max_connections_per_client: int = Field(256, ge=1, description="Most open REST connections from one client address; beyond: refused.")
-    data_dir: Path = Field(default_factory=default_data_dir, description="Directory of the disk tier (`blocks/`) and the registered specs (`specs.json`). Default `$XDG_DATA_HOME/kvtier` or `~/.local/share/kvtier`.")
+    data_dir: Path = Field(
+        default_factory=default_data_dir,
+        description="Directory of the disk tier (`blocks/`) and the registered specs (`specs.json`). Default `$XDG_DATA_HOME/kvtier` or `~/.local/share/kvtier`.",
+    )
 
     # -- tiers (fastest first; a capacity of 0 leaves a tier out) ---------------------------
-    device_capacity_bytes: ByteSize = Field(256 << 20, description="Bytes of the device tier (a preallocated pool on CUDA, or CPU memory without a GPU); 0 disables it.")
-    device_slot_bytes: ByteSize = Field(8 << 20, description="Slot size of the device pool; blocks larger than a slot skip the device tier.")
+    device_capacity_bytes: ByteSize = Field(
+        256 << 20, description="Bytes of the device tier (a preallocated pool on CUDA, or CPU memory without a GPU); 0 disables it."
+    )
+    device_slot_bytes: ByteSize = Field(
+        8 << 20, description="Slot size of the device pool; blocks larger than a slot skip the device tier."
+    )
     device_policy: str = Field("lru", description="Block eviction policy of the device tier (lru, fifo, lfu, s3fifo, cost, tenant_fair).")
     host_capacity_bytes: ByteSize = Field(1 << 30, description="Bytes of the host-memory tier; 0 disables it.")
     host_policy: str = Field("lru", description="Block eviction policy of the host tier.")
@@ -89,63 +138,148 @@ class Settings(BaseSettings):
     disk_policy: str = Field("lru", description="Block eviction policy of the disk tier.")
     disk_codec: str = Field("identity", description="Codec of the disk tier.")
     disk_fsync: bool = Field(False, description="fsync every block file before it becomes visible (durable across power loss, slower).")
-    disk_write_through: bool = Field(False, description="Write every new block to the disk tier at once, so an acknowledged block survives even `kill -9` (slower puts); false: memory tiers reach the disk on demotion and at a graceful stop (`flush_on_close`).")
-    disk_min_free_bytes: ByteSize = Field(64 << 20, description="The disk tier writes nothing while its filesystem has less free space (the blocks stay in the tiers above, or the put is refused); `/readyz` then reports the disk as degraded.")
-    flush_on_close: bool = Field(True, description="At a graceful stop (SIGTERM/SIGINT), write every block held only in memory tiers to the disk tier, so it is found again at the next start.")
-    encryption_key: SecretStr | None = Field(None, description="AES-256-GCM key (64 hex characters) that encrypts every block written to the disk tier and to Redis: a reader of those bytes learns nothing, a tampered block is a miss. Unset: no encryption.")
-    redis_url: str | None = Field(None, description="Redis as the lowest, shared tier: `redis://`, `rediss://` (TLS), `redis+cluster://`, `rediss+cluster://`. Unset: no Redis.")
-    redis_capacity_bytes: ByteSize | None = Field(None, description="Bytes this instance may write to Redis; unset: bounded by Redis' own `maxmemory`.")
+    disk_write_through: bool = Field(
+        False,
+        description="Write every new block to the disk tier at once, so an acknowledged block survives even `kill -9` (slower puts); false: memory tiers reach the disk on demotion and at a graceful stop (`flush_on_close`).",
+    )
+    disk_min_free_bytes: ByteSize = Field(
+        64 << 20,
+        description="The disk tier writes nothing while its filesystem has less free space (the blocks stay in the tiers above, or the put is refused); `/readyz` then reports the disk as degraded.",
+    )
+    flush_on_close: bool = Field(
+        True,
+        description="At a graceful stop (SIGTERM/SIGINT), write every block held only in memory tiers to the disk tier, so it is found again at the next start.",
+    )
+    encryption_key: SecretStr | None = Field(
+        None,
+        description="AES-256-GCM key (64 hex characters) that encrypts every block written to the disk tier and to Redis: a reader of those bytes learns nothing, a tampered block is a miss. Unset: no encryption.",
+    )
+    redis_url: str | None = Field(
+        None,
+        description="Redis as the lowest, shared tier: `redis://`, `rediss://` (TLS), `redis+cluster://`, `rediss+cluster://`. Unset: no Redis.",
+    )
+    redis_capacity_bytes: ByteSize | None = Field(
+        None, description="Bytes this instance may write to Redis; unset: bounded by Redis' own `maxmemory`."
+    )
     redis_policy: str = Field("lru", description="Block eviction policy of the Redis tier (used when `redis_capacity_bytes` is set).")
     redis_codec: str = Field("identity", description="Codec of blocks written to Redis.")
     redis_ttl_s: float | None = Field(None, gt=0, description="Expiry of every block written to Redis, in seconds; unset: no expiry.")
-    redis_invalidation: bool = Field(True, description="Announce every write and delete in the Redis stream `kvtier-invalidations` (outside the `kvtier:*` block keys), and drop this instance's own copies of blocks other instances delete or rewrite (coherence across instances sharing Redis).")
-    redis_write_through: bool = Field(True, description="Write every new block to Redis at once (other instances see it immediately); false: only demoted blocks reach Redis.")
-    write_through_retry_interval_s: float = Field(2.0, ge=0, description="Every this many seconds, blocks a write-through tier (Redis) refused while it was down are written to it again, up to 64 per round (puts also write up to 8 each); 0: only puts do it.")
+    redis_invalidation: bool = Field(
+        True,
+        description="Announce every write and delete in the Redis stream `kvtier-invalidations` (outside the `kvtier:*` block keys), and drop this instance's own copies of blocks other instances delete or rewrite (coherence across instances sharing Redis).",
+    )
+    redis_write_through: bool = Field(
+        True,
+        description="Write every new block to Redis at once (other instances see it immediately); false: only demoted blocks reach Redis.",
+    )
+    write_through_retry_interval_s: float = Field(
+        2.0,
+        ge=0,
+        description="Every this many seconds, blocks a write-through tier (Redis) refused while it was down are written to it again, up to 64 per round (puts also write up to 8 each); 0: only puts do it.",
+    )
     redis_ssl_ca_certs: Path | None = Field(None, description="CA file to verify a `rediss://` server with (default: system CAs).")
     redis_socket_timeout_s: float = Field(2.0, gt=0, description="Bound of one Redis socket read or write, in seconds.")
-    redis_retry_interval_s: float = Field(1.0, ge=0, description="After a Redis failure, seconds during which Redis is skipped (calls degrade to misses) before it is tried again.")
+    redis_retry_interval_s: float = Field(
+        1.0,
+        ge=0,
+        description="After a Redis failure, seconds during which Redis is skipped (calls degrade to misses) before it is tried again.",
+    )
     redis_max_connections: int = Field(64, ge=1, description="Redis connection pool size (per node on a cluster).")
-    high_watermark: float = Field(0.95, gt=0, le=1, description="A tier filled above this fraction of its capacity is brought down to `low_watermark` (every tier).")
+    high_watermark: float = Field(
+        0.95, gt=0, le=1, description="A tier filled above this fraction of its capacity is brought down to `low_watermark` (every tier)."
+    )
     low_watermark: float = Field(0.85, gt=0, le=1, description="Fill fraction a tier is evicted down to when it passes `high_watermark`.")
     promote_on_hit: bool = Field(True, description="Copy a block read from a lower tier into the fastest tier.")
     max_events: int = Field(100_000, ge=1, description="Length of the store's event stream (older events are dropped).")
-    kv_events_endpoint: str | None = Field(None, description="Publish the store's events on this ZMQ endpoint in vLLM's KV-event wire format (`BlockStored`/`BlockRemoved`, medium `kvtier/<tier>`), for KV-aware routers. As in vLLM, `tcp://*:5557` (or `::`, `ipc://`, `inproc://`) is bound, any other endpoint is connected to. Unset: no publisher.")
+    kv_events_endpoint: str | None = Field(
+        None,
+        description="Publish the store's events on this ZMQ endpoint in vLLM's KV-event wire format (`BlockStored`/`BlockRemoved`, medium `kvtier/<tier>`), for KV-aware routers. As in vLLM, `tcp://*:5557` (or `::`, `ipc://`, `inproc://`) is bound, any other endpoint is connected to. Unset: no publisher.",
+    )
     kv_events_topic: str = Field("", description="ZMQ topic of the published KV events.")
     kv_events_interval_s: float = Field(0.05, gt=0, description="How often new store events are published.")
 
     # -- tenants and keys ------------------------------------------------------------------
-    api_keys: dict[str, str] = Field(default_factory=dict, description="API key -> tenant name (`Authorization: Bearer <key>` or `X-API-Key`). Env: JSON object. Empty (and no `admin_key`): open mode, loopback only.")
-    admin_key: SecretStr | None = Field(None, description="Key with admin rights: stats and events of every tenant, `/metrics` when `metrics_auth`. Its own blocks live in the default tenant `\"\"`.")
-    quotas: dict[str, ByteSize] = Field(default_factory=dict, description="Tenant -> byte quota (logical bytes, each block counted once); a tenant over quota evicts its own oldest blocks first. Env: JSON object.")
-    default_quota_bytes: ByteSize | None = Field(None, description="Byte quota of every tenant not named in `quotas` (the admin's default tenant included); unset: such tenants are bounded only by the tiers.")
-    tenant_requests_per_s: float | None = Field(None, gt=0, description="Requests per second each tenant may make (REST and gRPC together; a token bucket of `tenant_burst`); beyond: 429 with Retry-After. Unset: no rate limit.")
+    api_keys: dict[str, str] = Field(
+        default_factory=dict,
+        description="API key -> tenant name (`Authorization: Bearer <key>` or `X-API-Key`). Env: JSON object. Empty (and no `admin_key`): open mode, loopback only.",
+    )
+    admin_key: SecretStr | None = Field(
+        None,
+        description='Key with admin rights: stats and events of every tenant, `/metrics` when `metrics_auth`. Its own blocks live in the default tenant `""`.',
+    )
+    quotas: dict[str, ByteSize] = Field(
+        default_factory=dict,
+        description="Tenant -> byte quota (logical bytes, each block counted once); a tenant over quota evicts its own oldest blocks first. Env: JSON object.",
+    )
+    default_quota_bytes: ByteSize | None = Field(
+        None,
+        description="Byte quota of every tenant not named in `quotas` (the admin's default tenant included); unset: such tenants are bounded only by the tiers.",
+    )
+    tenant_requests_per_s: float | None = Field(
+        None,
+        gt=0,
+        description="Requests per second each tenant may make (REST and gRPC together; a token bucket of `tenant_burst`); beyond: 429 with Retry-After. Unset: no rate limit.",
+    )
     tenant_burst: int = Field(100, ge=1, description="Requests a tenant may make at once before `tenant_requests_per_s` applies.")
-    metrics_auth: bool = Field(True, description="When keys are configured, `/metrics` needs the admin key (it names tenants); false: `/metrics` is public.")
+    metrics_auth: bool = Field(
+        True, description="When keys are configured, `/metrics` needs the admin key (it names tenants); false: `/metrics` is public."
+    )
 
     # -- request bounds --------------------------------------------------------------------
-    max_request_bytes: ByteSize = Field(128 << 20, description="Largest body of a block upload (`PUT /v1/blocks`), and largest gRPC put stream; larger: 413. Also bounds the keys and values one `/v1/retrieve` or `/v1/attention` selection gathers.")
+    max_request_bytes: ByteSize = Field(
+        128 << 20,
+        description="Largest body of a block upload (`PUT /v1/blocks`), and largest gRPC put stream; larger: 413. Also bounds the keys and values one `/v1/retrieve` or `/v1/attention` selection gathers.",
+    )
     max_json_bytes: ByteSize = Field(16 << 20, description="Largest JSON request body; larger: 413.")
     max_blocks_per_request: int = Field(64, ge=1, description="Most blocks (frames or hashes) one put/get/delete/pin names.")
-    max_tokens_per_request: int = Field(1 << 20, ge=1, description="Most token ids in one lookup (and most hashes in a lookup by hashes: this / 16).")
+    max_tokens_per_request: int = Field(
+        1 << 20, ge=1, description="Most token ids in one lookup (and most hashes in a lookup by hashes: this / 16)."
+    )
     max_block_bytes: ByteSize = Field(64 << 20, description="Largest block (`spec.block_nbytes`) a spec may register.")
     max_specs: int = Field(256, ge=1, description="Most distinct specs registered at once.")
-    max_specs_per_tenant: int = Field(32, ge=1, description="Most specs one tenant registers (`DELETE /v1/specs/{model}` unregisters one); beyond: 429.")
+    max_specs_per_tenant: int = Field(
+        32, ge=1, description="Most specs one tenant registers (`DELETE /v1/specs/{model}` unregisters one); beyond: 429."
+    )
     max_pin_ttl_s: float = Field(3600.0, gt=0, description="Longest pin (lease) TTL, in seconds.")
-    max_leases: int = Field(10_000, ge=1, description="Most live leases (pins) over all tenants; beyond: 429. A pin that pins nothing holds no lease.")
+    max_leases: int = Field(
+        10_000, ge=1, description="Most live leases (pins) over all tenants; beyond: 429. A pin that pins nothing holds no lease."
+    )
     max_leases_per_tenant: int = Field(1000, ge=1, description="Most live leases one tenant holds; beyond: 429 (for that tenant only).")
     max_events_per_request: int = Field(10_000, ge=1, description="Most events one `/v1/events` call returns.")
-    max_tracked_keys: int = Field(100_000, ge=0, description="Blocks whose owner the service remembers to show tenants their own events (oldest forgotten first).")
-    max_concurrent_transfers: int = Field(8, ge=1, description="Block uploads/downloads processed at once (the others wait): bounds memory held by request bodies.")
-    max_retrieve_budget: int = Field(65536, ge=1, description="Largest `budget` (tokens per layer and KV head) of `/v1/retrieve` and `/v1/attention`.")
-    max_query_heads: int = Field(1024, ge=1, description="Most query heads of the decode query `q [L_q, H_q, D]` of `/v1/retrieve` and `/v1/attention`.")
+    max_tracked_keys: int = Field(
+        100_000, ge=0, description="Blocks whose owner the service remembers to show tenants their own events (oldest forgotten first)."
+    )
+    max_concurrent_transfers: int = Field(
+        8, ge=1, description="Block uploads/downloads processed at once (the others wait): bounds memory held by request bodies."
+    )
+    max_retrieve_budget: int = Field(
+        65536, ge=1, description="Largest `budget` (tokens per layer and KV head) of `/v1/retrieve` and `/v1/attention`."
+    )
+    max_query_heads: int = Field(
+        1024, ge=1, description="Most query heads of the decode query `q [L_q, H_q, D]` of `/v1/retrieve` and `/v1/attention`."
+    )
 
-    limit_concurrency: int | None = Field(1024, ge=1, description="Most REST requests in progress at once (and gRPC calls); beyond: 503. `/healthz` and `/readyz` answer even then. Open connections are bounded by `max_connections`.")
+    limit_concurrency: int | None = Field(
+        1024,
+        ge=1,
+        description="Most REST requests in progress at once (and gRPC calls); beyond: 503. `/healthz` and `/readyz` answer even then. Open connections are bounded by `max_connections`.",
+    )
 
     # -- retrieval ---------------------------------------------------------------------------
-    summary_capacity_bytes: ByteSize = Field(64 << 20, description="Host memory for the page summaries (Quest bounds, mean key per 16 tokens) computed when blocks are put, LRU-bounded; 0: none computed at put (retrieval then reads and summarizes each block it searches).")
-    retrieve_sink_tokens: int = Field(4, ge=0, le=4096, description="First tokens of a chain every retrieval keeps (attention sinks); part of the budget.")
-    tier_page_cache_bytes: ByteSize = Field(64 << 20, description="Host memory for the pages `/v1/attention` reads from blocks stored with a page-addressable codec (`paged`, `paged_int8`), LRU-bounded, shared by every request.")
-    retrieve_recent_tokens: int = Field(32, ge=0, le=65536, description="Last tokens of the cached prefix every retrieval keeps (recent window); part of the budget.")
+    summary_capacity_bytes: ByteSize = Field(
+        64 << 20,
+        description="Host memory for the page summaries (Quest bounds, mean key per 16 tokens) computed when blocks are put, LRU-bounded; 0: none computed at put (retrieval then reads and summarizes each block it searches).",
+    )
+    retrieve_sink_tokens: int = Field(
+        4, ge=0, le=4096, description="First tokens of a chain every retrieval keeps (attention sinks); part of the budget."
+    )
+    tier_page_cache_bytes: ByteSize = Field(
+        64 << 20,
+        description="Host memory for the pages `/v1/attention` reads from blocks stored with a page-addressable codec (`paged`, `paged_int8`), LRU-bounded, shared by every request.",
+    )
+    retrieve_recent_tokens: int = Field(
+        32, ge=0, le=65536, description="Last tokens of the cached prefix every retrieval keeps (recent window); part of the budget."
+    )
 
     # -- validation ------------------------------------------------------------------------
     @classmethod
@@ -158,9 +292,22 @@ class Settings(BaseSettings):
             sources.append(YamlConfigSettingsSource(settings_cls, yaml_file=Path(path)))
         return tuple(sources)
 
-    @field_validator("grpc_port", "local_socket", "redis_url", "redis_capacity_bytes", "redis_ttl_s", "redis_ssl_ca_certs", "admin_key",
-                     "limit_concurrency", "tls_cert", "tls_key", "encryption_key", "default_quota_bytes", "tenant_requests_per_s",
-                     mode="before")
+    @field_validator(
+        "grpc_port",
+        "local_socket",
+        "redis_url",
+        "redis_capacity_bytes",
+        "redis_ttl_s",
+        "redis_ssl_ca_certs",
+        "admin_key",
+        "limit_concurrency",
+        "tls_cert",
+        "tls_key",
+        "encryption_key",
+        "default_quota_bytes",
+        "tenant_requests_per_s",
+        mode="before",
+    )
     @classmethod
     def _empty_is_none(cls, v):
         return None if isinstance(v, str) and v.strip() == "" else v
@@ -220,7 +367,7 @@ class Settings(BaseSettings):
         known = set(self.api_keys.values()) | {""}
         unknown = sorted(set(self.quotas) - known)
         if unknown:
-            raise ValueError(f"quotas name tenants that no API key maps to: {unknown} (the default tenant is \"\")")
+            raise ValueError(f'quotas name tenants that no API key maps to: {unknown} (the default tenant is "")')
         if (self.tls_cert is None) != (self.tls_key is None):
             raise ValueError("tls_cert and tls_key go together: give both (TLS) or neither")
         for name in ("tls_cert", "tls_key"):
@@ -258,8 +405,10 @@ class Settings(BaseSettings):
         """Why this configuration must not serve on ``host`` (None: fine)."""
         if not self.open_mode or self.insecure or is_loopback(self.host):
             return None
-        return (f"refusing to bind {self.host!r} with no API keys configured: anyone who can connect would be admin. "
-                "Set KVTIER_API_KEYS / KVTIER_ADMIN_KEY, bind 127.0.0.1, or pass --insecure")
+        return (
+            f"refusing to bind {self.host!r} with no API keys configured: anyone who can connect would be admin. "
+            "Set KVTIER_API_KEYS / KVTIER_ADMIN_KEY, bind 127.0.0.1, or pass --insecure"
+        )
 
     def redacted(self) -> dict:
         """The settings as a dict with every secret masked (for logs and `kvtier settings`)."""

@@ -36,26 +36,38 @@ def build_store(settings: Settings, on_invalidate=None) -> TieredStore:
     if s.host_capacity_bytes:
         tiers.append(TierConfig(HostTier(s.host_capacity_bytes, codec=s.host_codec), policy=s.host_policy, **marks))
     if s.disk_capacity_bytes:
-        disk = DiskTier(blocks_dir(s), s.disk_capacity_bytes, codec=s.disk_codec, fsync=s.disk_fsync,
-                        min_free_bytes=s.disk_min_free_bytes, cipher=cipher)
+        disk = DiskTier(
+            blocks_dir(s),
+            s.disk_capacity_bytes,
+            codec=s.disk_codec,
+            fsync=s.disk_fsync,
+            min_free_bytes=s.disk_min_free_bytes,
+            cipher=cipher,
+        )
         tiers.append(TierConfig(disk, policy=s.disk_policy, write_through=s.disk_write_through and bool(tiers), **marks))
     if s.redis_url:
         from kvtier.kvstore.tiers.redis import RedisTier
 
         redis_tier = RedisTier(
-            s.redis_url, codec=s.redis_codec, capacity_bytes=s.redis_capacity_bytes, ttl_s=s.redis_ttl_s,
-            socket_timeout_s=s.redis_socket_timeout_s, retry_interval_s=s.redis_retry_interval_s,
-            ssl_ca_certs=s.redis_ssl_ca_certs, max_connections=s.redis_max_connections,
-            publish_invalidations=s.redis_invalidation, cipher=cipher,
+            s.redis_url,
+            codec=s.redis_codec,
+            capacity_bytes=s.redis_capacity_bytes,
+            ttl_s=s.redis_ttl_s,
+            socket_timeout_s=s.redis_socket_timeout_s,
+            retry_interval_s=s.redis_retry_interval_s,
+            ssl_ca_certs=s.redis_ssl_ca_certs,
+            max_connections=s.redis_max_connections,
+            publish_invalidations=s.redis_invalidation,
+            cipher=cipher,
         )
         # the first tier is written by every put anyway; write-through is for tiers below it
         tiers.append(TierConfig(redis_tier, policy=s.redis_policy, write_through=s.redis_write_through and bool(tiers), **marks))
     # every known tenant gets its quota (its own, or default_quota_bytes); tenants are the API keys' and the default ""
     quotas = {t: s.quota_of(t) for t in {*s.api_keys.values(), ""}} | dict(s.quotas)
     quotas = {t: q for t, q in quotas.items() if q is not None}
-    store = TieredStore(tiers, quotas=quotas, promote_on_hit=s.promote_on_hit, max_events=s.max_events,
-                        max_pin_ttl_s=s.max_pin_ttl_s)
+    store = TieredStore(tiers, quotas=quotas, promote_on_hit=s.promote_on_hit, max_events=s.max_events, max_pin_ttl_s=s.max_pin_ttl_s)
     if s.redis_url and s.redis_invalidation:  # drop our copies of blocks other instances delete or rewrite
+
         def invalidated(keys, deleted):
             store.drop_local_copies(keys, deleted)
             if on_invalidate is not None:

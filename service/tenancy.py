@@ -50,9 +50,7 @@ class Principal:
 class Authenticator:
     def __init__(self, settings: Settings) -> None:
         self.open = settings.open_mode
-        self._by_digest: dict[bytes, Principal] = {
-            _digest(key): Principal(tenant) for key, tenant in settings.api_keys.items()
-        }
+        self._by_digest: dict[bytes, Principal] = {_digest(key): Principal(tenant) for key, tenant in settings.api_keys.items()}
         if settings.admin_key is not None:
             self._by_digest[_digest(settings.admin_key.get_secret_value())] = Principal(DEFAULT_TENANT, is_admin=True)
 

@@ -64,15 +64,18 @@ def split_items(buf, *, max_items: int) -> list[memoryview | None]:
             continue
         width = _BIN_SIZES.get(tag)
         if width is None:
-            raise BadRequest(f"item {i} at byte {pos} is not a msgpack bin (tag 0x{tag:02x}); the body must be a "
-                             f"msgpack stream of bin items, one frame each", field=f"frames[{i}]")
+            raise BadRequest(
+                f"item {i} at byte {pos} is not a msgpack bin (tag 0x{tag:02x}); the body must be a "
+                f"msgpack stream of bin items, one frame each",
+                field=f"frames[{i}]",
+            )
         if pos + 1 + width > end:
             raise BadRequest(f"item {i} is truncated: its length header runs past the end of the body", field=f"frames[{i}]")
-        size = int.from_bytes(view[pos + 1: pos + 1 + width], "big")
+        size = int.from_bytes(view[pos + 1 : pos + 1 + width], "big")
         start = pos + 1 + width
         if start + size > end:
             raise BadRequest(f"item {i} is truncated: it declares {size} bytes, {end - start} remain", field=f"frames[{i}]")
-        items.append(view[start: start + size])
+        items.append(view[start : start + size])
         pos = start + size
     return items
 
@@ -98,8 +101,7 @@ def tensor_to_wire(t, *, binary: bool = True) -> dict:
     return {"dtype": name, "shape": list(t.shape), "data": data if binary else base64.b64encode(data).decode("ascii")}
 
 
-def tensor_from_wire(obj, field: str, *, dtypes=("float16", "bfloat16", "float32"), ndim: int | None = None,
-                     max_elements: int = 1 << 26):
+def tensor_from_wire(obj, field: str, *, dtypes=("float16", "bfloat16", "float32"), ndim: int | None = None, max_elements: int = 1 << 26):
     """The tensor of a wire map (a fresh, writable CPU tensor); BadRequest names the bad part of ``field``."""
     import base64
     import binascii
@@ -130,12 +132,15 @@ def tensor_from_wire(obj, field: str, *, dtypes=("float16", "bfloat16", "float32
         except (binascii.Error, ValueError):
             raise BadRequest(f"{field}.data must be base64 text (JSON) or bytes (msgpack)", field=f"{field}.data") from None
     if not isinstance(data, (bytes, bytearray, memoryview)):
-        raise BadRequest(f"{field}.data must be bytes (msgpack bin) or base64 text (JSON), got {type(data).__name__}", field=f"{field}.data")
+        raise BadRequest(
+            f"{field}.data must be bytes (msgpack bin) or base64 text (JSON), got {type(data).__name__}", field=f"{field}.data"
+        )
     tdtype = getattr(torch, dtype)
     itemsize = torch.empty((), dtype=tdtype).element_size()
     if len(data) != n * itemsize:
-        raise BadRequest(f"{field}.data holds {len(data)} bytes, shape {list(shape)} of {dtype} needs {n * itemsize}",
-                         field=f"{field}.data")
+        raise BadRequest(
+            f"{field}.data holds {len(data)} bytes, shape {list(shape)} of {dtype} needs {n * itemsize}", field=f"{field}.data"
+        )
     if n == 0:
         return torch.zeros(shape, dtype=tdtype)
     return tensor_from_bytes(bytearray(data), tdtype, tuple(shape))

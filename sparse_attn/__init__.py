@@ -21,8 +21,22 @@ from .prefill import block_sparse_prefill, dense_prefill_torch
 from .registry import KERNELS, available_kernels, get_kernel
 
 __all__ = [
-    "AShape", "BlockMask", "KERNELS", "KVLevel", "VerticalSlash", "attention_mass_covered",
-    "available_kernels", "block_sparse_pattern", "block_sparse_prefill", "cascade_decode",
-    "dense_prefill_torch", "get_kernel", "merge_states", "merge_states_n", "shared_prefix_decode",
-    "sparse_decode", "sparse_decode_paged", "vertical_slash_pattern",
+    "AShape",
+    "BlockMask",
+    "KERNELS",
+    "KVLevel",
+    "VerticalSlash",
+    "attention_mass_covered",
+    "available_kernels",
+    "block_sparse_pattern",
+    "block_sparse_prefill",
+    "cascade_decode",
+    "dense_prefill_torch",
+    "get_kernel",
+    "merge_states",
+    "merge_states_n",
+    "shared_prefix_decode",
+    "sparse_decode",
+    "sparse_decode_paged",
+    "vertical_slash_pattern",
 ]

@@ -53,7 +53,9 @@ def check_size(name: str, t: torch.Tensor, axis: int, axis_name: str, expected: 
 
 def check_same_dtype(name: str, t: torch.Tensor, expected: torch.dtype, like: str) -> None:
     if t.dtype != expected:
-        raise ValueError(f"{name} dtype must be {str(expected).removeprefix('torch.')} like {like}, got {str(t.dtype).removeprefix('torch.')}")
+        raise ValueError(
+            f"{name} dtype must be {str(expected).removeprefix('torch.')} like {like}, got {str(t.dtype).removeprefix('torch.')}"
+        )
 
 
 def check_gqa(num_q_heads: int, num_kv_heads: int) -> int:

@@ -149,9 +149,17 @@ def cascade_decode_triton(q, levels, scale=None, split_tokens=None):
         lengths = lvl.lengths
         if lengths is None:
             lengths = torch.full((N,), T, dtype=torch.int32, device=q.device)
-        o, lse = attend_partials(q, lvl.k, lvl.v, scale=scale, node_start=node_start, seq_order=order,
-                                 lengths=lengths.to(torch.int32), split_tokens=split_tokens,
-                                 rows_per_program=rows)
+        o, lse = attend_partials(
+            q,
+            lvl.k,
+            lvl.v,
+            scale=scale,
+            node_start=node_start,
+            seq_order=order,
+            lengths=lengths.to(torch.int32),
+            split_tokens=split_tokens,
+            rows_per_program=rows,
+        )
         os_.append(o)
         lses.append(lse)
     return merge_partials(torch.cat(os_), torch.cat(lses), q.dtype)
@@ -186,8 +194,10 @@ def _check_levels(q, levels):
             V.check_tensor(f"levels[{i}].seq_to_node", lvl.seq_to_node, ["B"], V.INDEX_DTYPES, q.device)
             V.check_size(f"levels[{i}].seq_to_node", lvl.seq_to_node, 0, "B", B)
             if B and (int(lvl.seq_to_node.min()) < -1 or int(lvl.seq_to_node.max()) >= N):
-                raise ValueError(f"levels[{i}].seq_to_node must lie in [-1, {N}), got values in "
-                                 f"[{int(lvl.seq_to_node.min())}, {int(lvl.seq_to_node.max())}]")
+                raise ValueError(
+                    f"levels[{i}].seq_to_node must lie in [-1, {N}), got values in "
+                    f"[{int(lvl.seq_to_node.min())}, {int(lvl.seq_to_node.max())}]"
+                )
 
 
 def cascade_decode(
@@ -274,4 +284,12 @@ def shared_prefix_decode(
     return cascade_decode(q, levels, scale=scale, split_tokens=split_tokens, backend=backend)
 
 
-register(KernelEntry("cascade_decode", cascade_decode_reference, cascade_decode_torch, cascade_decode_triton if V.HAS_TRITON else None, ATTENTION_TOLERANCES))
+register(
+    KernelEntry(
+        "cascade_decode",
+        cascade_decode_reference,
+        cascade_decode_torch,
+        cascade_decode_triton if V.HAS_TRITON else None,
+        ATTENTION_TOLERANCES,
+    )
+)

@@ -143,8 +143,10 @@ def sparse_decode_paged_torch(q, kv_blocks, block_table, indices=None, lengths=N
         # row of (block, layer, K/V, head, offset) in the pool seen as [N*L*2*H_kv*P, D]
         row_k = (((phys * L + layer) * 2) * H_kv + heads) * P + off
         shape = (*tok.shape, D)
-        return (flat.index_select(0, row_k.flatten()).view(shape).float(),
-                flat.index_select(0, (row_k + H_kv * P).flatten()).view(shape).float())
+        return (
+            flat.index_select(0, row_k.flatten()).view(shape).float(),
+            flat.index_select(0, (row_k + H_kv * P).flatten()).view(shape).float(),
+        )
 
     if indices is None:
         lens = torch.full((B,), table.shape[1] * P, device=q.device) if lengths is None else lengths.to(q.device)
@@ -180,9 +182,17 @@ def sparse_decode_triton(q, k, v, indices=None, lengths=None, scale=None, split_
     if indices is None and lengths is None:
         lengths = torch.full((B,), T, dtype=torch.int32, device=q.device)
     node_start, seq_order = _nodes_per_sequence(B, q.device)
-    o, lse = attend_partials(q, k, v, scale=scale, node_start=node_start, seq_order=seq_order,
-                             lengths=None if lengths is None else lengths.to(torch.int32),
-                             indices=indices, split_tokens=split_tokens)
+    o, lse = attend_partials(
+        q,
+        k,
+        v,
+        scale=scale,
+        node_start=node_start,
+        seq_order=seq_order,
+        lengths=None if lengths is None else lengths.to(torch.int32),
+        indices=indices,
+        split_tokens=split_tokens,
+    )
     return merge_partials(o, lse, q.dtype)
 
 
@@ -193,11 +203,19 @@ def sparse_decode_paged_triton(q, kv_blocks, block_table, indices=None, lengths=
     if indices is None and lengths is None:
         lengths = torch.full((B,), block_table.shape[1] * P, dtype=torch.int32, device=q.device)
     node_start, seq_order = _nodes_per_sequence(B, q.device)
-    o, lse = attend_partials(q, kv_blocks[:, layer, 0], kv_blocks[:, layer, 1], scale=scale,
-                             node_start=node_start, seq_order=seq_order,
-                             lengths=None if lengths is None else lengths.to(torch.int32),
-                             indices=indices, block_table=block_table, block_tokens=P,
-                             split_tokens=split_tokens)
+    o, lse = attend_partials(
+        q,
+        kv_blocks[:, layer, 0],
+        kv_blocks[:, layer, 1],
+        scale=scale,
+        node_start=node_start,
+        seq_order=seq_order,
+        lengths=None if lengths is None else lengths.to(torch.int32),
+        indices=indices,
+        block_table=block_table,
+        block_tokens=P,
+        split_tokens=split_tokens,
+    )
     return merge_partials(o, lse, q.dtype)
 
 
@@ -328,12 +346,26 @@ def sparse_decode_paged(
         bad = used & ((block_table < 0) | (block_table >= N))
         if bool(bad.any()):
             b, j = (int(x) for x in bad.nonzero()[0])
-            raise ValueError(f"block_table entries of used blocks must lie in [0, {N}) (rows of kv_blocks), "
-                             f"got {int(block_table[b, j])} at [{b}, {j}] (lengths[{b}] = {int(lens[b])}, P = {P})")
+            raise ValueError(
+                f"block_table entries of used blocks must lie in [0, {N}) (rows of kv_blocks), "
+                f"got {int(block_table[b, j])} at [{b}, {j}] (lengths[{b}] = {int(lens[b])}, P = {P})"
+            )
     _check_indices_arg(indices, B, H_kv, lens, q.device, check_indices)
     impl = get_kernel("sparse_decode_paged").impl(V.pick_backend(backend, q.device))
     return impl(q, kv_blocks, block_table, indices, lengths, layer, scale, split_tokens)
 
 
-register(KernelEntry("sparse_decode", sparse_decode_reference, sparse_decode_torch, sparse_decode_triton if V.HAS_TRITON else None, ATTENTION_TOLERANCES))
-register(KernelEntry("sparse_decode_paged", sparse_decode_paged_reference, sparse_decode_paged_torch, sparse_decode_paged_triton if V.HAS_TRITON else None, ATTENTION_TOLERANCES))
+register(
+    KernelEntry(
+        "sparse_decode", sparse_decode_reference, sparse_decode_torch, sparse_decode_triton if V.HAS_TRITON else None, ATTENTION_TOLERANCES
+    )
+)
+register(
+    KernelEntry(
+        "sparse_decode_paged",
+        sparse_decode_paged_reference,
+        sparse_decode_paged_torch,
+        sparse_decode_paged_triton if V.HAS_TRITON else None,
+        ATTENTION_TOLERANCES,
+    )
+)

@@ -69,14 +69,18 @@ def check_pattern(pattern: object, num_q_heads: int, num_tokens: int, device: to
             V.check_tensor(f"pattern.{name}", t, ["H_q", "N" + name[0].upper()], V.INDEX_DTYPES, device)
             V.check_size(f"pattern.{name}", t, 0, "H_q", num_q_heads)
             if t.numel() and (int(t.min()) < -1 or int(t.max()) >= num_tokens):
-                raise ValueError(f"pattern.{name} must hold -1 (padding) or values in [0, {num_tokens}) (T), "
-                                 f"got values in [{int(t.min())}, {int(t.max())}]")
+                raise ValueError(
+                    f"pattern.{name} must hold -1 (padding) or values in [0, {num_tokens}) (T), "
+                    f"got values in [{int(t.min())}, {int(t.max())}]"
+                )
         return
     if isinstance(pattern, BlockMask):
         nb = -(-num_tokens // BLOCK)
         V.check_tensor("pattern.mask", pattern.mask, ["H_q", "T/64", "T/64"], (torch.bool,), device)
         if tuple(pattern.mask.shape) != (num_q_heads, nb, nb):
-            raise ValueError(f"pattern.mask must have shape [H_q, ceil(T/64), ceil(T/64)] = {[num_q_heads, nb, nb]}, got {list(pattern.mask.shape)}")
+            raise ValueError(
+                f"pattern.mask must have shape [H_q, ceil(T/64), ceil(T/64)] = {[num_q_heads, nb, nb]}, got {list(pattern.mask.shape)}"
+            )
         return
     raise ValueError(f"pattern must be an AShape, VerticalSlash or BlockMask, got {type(pattern).__name__}")
 
@@ -147,15 +151,16 @@ def build_plan(pattern: Pattern, num_q_heads: int, num_tokens: int, device: torc
             dst[rows[valid], ids[valid]] = True
     vertical = _sorted_members(col, T)  # [H, NV]
     last_row = (torch.arange(nqb, device=device) * BLOCK + BLOCK - 1).clamp_max(T - 1)
-    vertical_count = torch.searchsorted(vertical.contiguous(), last_row.to(torch.int32).expand(H, -1).contiguous(), right=True).to(torch.int32)
+    vertical_count = torch.searchsorted(vertical.contiguous(), last_row.to(torch.int32).expand(H, -1).contiguous(), right=True).to(
+        torch.int32
+    )
     # A slash at offset d crosses key blocks qb - floor(d/64) and qb - ceil(d/64) of query block qb.
     reach = torch.zeros(H, nqb + 1, dtype=torch.bool, device=device)  # a distance of nqb reaches no block
     head, offset = diag.nonzero(as_tuple=True)
     reach[head, offset // BLOCK] = True
     reach[head, (offset + BLOCK - 1) // BLOCK] = True
     deltas = _sorted_members(reach[:, :nqb], -1)
-    return PrefillPlan(T, False, col_mask=col, diag_mask=diag, vertical=vertical,
-                       vertical_count=vertical_count, deltas=deltas)
+    return PrefillPlan(T, False, col_mask=col, diag_mask=diag, vertical=vertical, vertical_count=vertical_count, deltas=deltas)
 
 
 def dense_mask(pattern: Pattern, num_q_heads: int, num_tokens: int, device: torch.device) -> torch.Tensor:
@@ -231,7 +236,12 @@ def vertical_slash_pattern(
         :class:`VerticalSlash` with ``vertical [H_q, min(num_vertical, T)]`` and ``slash [H_q, min(num_slash, T)]``.
     """
     G = _check_qk(q, k)
-    for name, value in (("num_vertical", num_vertical), ("num_slash", num_slash), ("sink_tokens", sink_tokens), ("window_tokens", window_tokens)):
+    for name, value in (
+        ("num_vertical", num_vertical),
+        ("num_slash", num_slash),
+        ("sink_tokens", sink_tokens),
+        ("window_tokens", window_tokens),
+    ):
         _check_count(name, value)
     if not isinstance(last_q, int) or isinstance(last_q, bool) or last_q <= 0:
         raise ValueError(f"last_q must be a positive int, got {last_q!r}")
@@ -240,7 +250,7 @@ def vertical_slash_pattern(
     scale = V.resolve_scale(scale, D)
     n = min(last_q, T)
     rows = torch.arange(T - n, T, device=q.device)
-    qr = q[:, T - n:].float().reshape(H_kv, G * n, D)  # [H_kv, G*n, D]
+    qr = q[:, T - n :].float().reshape(H_kv, G * n, D)  # [H_kv, G*n, D]
     chunk = chunk_tokens or max(BLOCK, (1 << 22) // max(H_q * n, 1))
 
     def scores(lo, hi):
@@ -256,7 +266,7 @@ def vertical_slash_pattern(
     for lo in range(0, T, chunk):
         s, cols = scores(lo, min(lo + chunk, T))
         p = torch.exp(s - lse.unsqueeze(-1))  # [H_q, n, C]
-        col_mass[:, lo: lo + cols.numel()] = p.sum(1)
+        col_mass[:, lo : lo + cols.numel()] = p.sum(1)
         off = (rows.view(-1, 1) - cols.view(1, -1)).clamp_min(0).expand(H_q, -1, -1)
         diag_mass.scatter_add_(1, off.reshape(H_q, -1), p.reshape(H_q, -1))
     col_mass[:, :sink_tokens] = float("inf")

@@ -62,7 +62,7 @@ def _rows_keys(plan: PrefillPlan, h: int, r0: int, r1: int, device):
     qb0, qb1 = r0 // BLOCK, (r1 - 1) // BLOCK
     tile = torch.arange(BLOCK, device=device)
     if plan.is_block_mask:
-        ids = plan.block_ids[h, qb0: qb1 + 1].flatten()
+        ids = plan.block_ids[h, qb0 : qb1 + 1].flatten()
         kbs = torch.unique(ids[ids >= 0].long())
         cols = (kbs.view(-1, 1) * BLOCK + tile).flatten()
         cols = cols[cols < r1]
@@ -87,11 +87,11 @@ def _rows_keys(plan: PrefillPlan, h: int, r0: int, r1: int, device):
     def vs_mask(lo, hi):
         parts = []
         if lo < n_band:  # slash blocks: the offset is a slash and the key is no vertical column
-            c = band[lo: min(hi, n_band)].view(1, -1)
+            c = band[lo : min(hi, n_band)].view(1, -1)
             off = rows - c
             parts.append((off >= 0) & diag[off.clamp_min(0)] & ~col[c])
         if hi > n_band:  # gathered vertical columns
-            parts.append(rows >= vcols[max(lo, n_band) - n_band: hi - n_band].view(1, -1))
+            parts.append(rows >= vcols[max(lo, n_band) - n_band : hi - n_band].view(1, -1))
         return parts[0] if len(parts) == 1 else torch.cat(parts, 1)
 
     return cols, vs_mask
@@ -132,8 +132,9 @@ def block_sparse_prefill_triton(q, k, v, pattern, scale=None):
     return block_sparse_prefill_plan_triton(q, k, v, plan, V.resolve_scale(scale, q.shape[2]))[0]
 
 
-def dense_prefill_torch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None = None,
-                        query_chunk: int = QUERY_CHUNK) -> torch.Tensor:
+def dense_prefill_torch(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None = None, query_chunk: int = QUERY_CHUNK
+) -> torch.Tensor:
     """Dense causal prefill in the same chunked torch style (the benchmarks' dense baseline).
 
     ``q [H_q, T, D]``, ``k, v [H_kv, T, D]`` -> ``o [H_q, T, D]``; keys are read up to each query
@@ -212,5 +213,12 @@ def block_sparse_prefill(
     return get_kernel("block_sparse_prefill").impl(V.pick_backend(backend, q.device))(q, k, v, pattern, scale)
 
 
-register(KernelEntry("block_sparse_prefill", block_sparse_prefill_reference, block_sparse_prefill_torch,
-                     block_sparse_prefill_triton if V.HAS_TRITON else None, ATTENTION_TOLERANCES))
+register(
+    KernelEntry(
+        "block_sparse_prefill",
+        block_sparse_prefill_reference,
+        block_sparse_prefill_torch,
+        block_sparse_prefill_triton if V.HAS_TRITON else None,
+        ATTENTION_TOLERANCES,
+    )
+)

@@ -69,7 +69,10 @@ class KernelEntry:
             if tuple(g.shape) != tuple(r.shape):
                 raise AssertionError(f"{self.name}: output {i} has shape {list(g.shape)}, the reference {list(r.shape)}")
             torch.testing.assert_close(
-                g.float().cpu(), r.float().cpu(), atol=tol.atol, rtol=tol.rtol,
+                g.float().cpu(),
+                r.float().cpu(),
+                atol=tol.atol,
+                rtol=tol.rtol,
                 msg=lambda m, i=i: f"{self.name} output {i} ({dtype}): {m}",
             )
 

@@ -102,8 +102,9 @@ class RedisServer:
     ``extra_args`` are more ``--option value`` arguments (e.g. cluster mode).
     """
 
-    def __init__(self, *, port: int | None = None, tls: "TlsFiles | None" = None, extra_args: tuple[str, ...] = (),
-                 start: bool = True) -> None:
+    def __init__(
+        self, *, port: int | None = None, tls: "TlsFiles | None" = None, extra_args: tuple[str, ...] = (), start: bool = True
+    ) -> None:
         self.host = HOST
         self._fixed_port = port is not None
         self.port = port if port is not None else free_port()
@@ -143,22 +144,35 @@ class RedisServer:
     def _argv(self) -> list[str]:
         argv = [
             "redis-server",
-            "--bind", self.host,
-            "--protected-mode", "no",
-            "--save", "",
-            "--appendonly", "no",
-            "--dir", str(self.dir),
-            "--logfile", str(self.logfile),
-            "--daemonize", "no",
+            "--bind",
+            self.host,
+            "--protected-mode",
+            "no",
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+            "--dir",
+            str(self.dir),
+            "--logfile",
+            str(self.logfile),
+            "--daemonize",
+            "no",
         ]
         if self.tls:
             argv += [
-                "--port", "0",
-                "--tls-port", str(self.port),
-                "--tls-cert-file", str(self.tls.server_cert),
-                "--tls-key-file", str(self.tls.server_key),
-                "--tls-ca-cert-file", str(self.tls.ca_cert),
-                "--tls-auth-clients", "no",
+                "--port",
+                "0",
+                "--tls-port",
+                str(self.port),
+                "--tls-cert-file",
+                str(self.tls.server_cert),
+                "--tls-key-file",
+                str(self.tls.server_key),
+                "--tls-ca-cert-file",
+                str(self.tls.ca_cert),
+                "--tls-auth-clients",
+                "no",
             ]
         else:
             argv += ["--port", str(self.port)]
@@ -170,8 +184,12 @@ class RedisServer:
             return self
         for attempt in range(5):
             self.proc = subprocess.Popen(
-                self._argv(), cwd=self.dir, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                stderr=subprocess.DEVNULL, preexec_fn=_die_with_parent if _prctl is not None else None,
+                self._argv(),
+                cwd=self.dir,
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+                preexec_fn=_die_with_parent if _prctl is not None else None,
             )
             if self._wait_ready():
                 return self
@@ -182,7 +200,8 @@ class RedisServer:
                 self.port = free_port(avoid={self.port})  # lost a race for the port: draw another
                 continue
             raise (PortInUse if in_use else RuntimeError)(
-                f"redis-server on {self.host}:{self.port} did not start; its log ends with:\n{log}")
+                f"redis-server on {self.host}:{self.port} did not start; its log ends with:\n{log}"
+            )
         raise AssertionError("unreachable")
 
     def _wait_ready(self) -> bool:
@@ -255,10 +274,23 @@ class TlsFiles:
         self.ca_key, self.ca_cert = self.dir / "ca.key", self.dir / "ca.crt"
         self.server_key, self.server_cert = self.dir / "server.key", self.dir / "server.crt"
         ec = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes"]
-        self._openssl("req", "-x509", *ec, "-keyout", self.ca_key, "-out", self.ca_cert, "-days", "7",
-                      "-subj", "/CN=kvtier test CA",
-                      "-addext", "basicConstraints=critical,CA:TRUE",
-                      "-addext", "keyUsage=critical,keyCertSign,cRLSign")
+        self._openssl(
+            "req",
+            "-x509",
+            *ec,
+            "-keyout",
+            self.ca_key,
+            "-out",
+            self.ca_cert,
+            "-days",
+            "7",
+            "-subj",
+            "/CN=kvtier test CA",
+            "-addext",
+            "basicConstraints=critical,CA:TRUE",
+            "-addext",
+            "keyUsage=critical,keyCertSign,cRLSign",
+        )
         csr, ext = self.dir / "server.csr", self.dir / "server.ext"
         ext.write_text(
             "basicConstraints=critical,CA:FALSE\n"
@@ -269,8 +301,23 @@ class TlsFiles:
             "subjectKeyIdentifier=hash\n"
         )
         self._openssl("req", "-new", *ec, "-keyout", self.server_key, "-out", csr, "-subj", "/CN=127.0.0.1")
-        self._openssl("x509", "-req", "-in", csr, "-CA", self.ca_cert, "-CAkey", self.ca_key, "-CAcreateserial",
-                      "-out", self.server_cert, "-days", "7", "-extfile", ext)
+        self._openssl(
+            "x509",
+            "-req",
+            "-in",
+            csr,
+            "-CA",
+            self.ca_cert,
+            "-CAkey",
+            self.ca_key,
+            "-CAcreateserial",
+            "-out",
+            self.server_cert,
+            "-days",
+            "7",
+            "-extfile",
+            ext,
+        )
 
     def _openssl(self, *args) -> None:
         res = subprocess.run(["openssl", *map(str, args)], cwd=self.dir, capture_output=True, text=True, timeout=60)
@@ -292,12 +339,21 @@ class RedisCluster:
                     bus = free_port(avoid=used | {port})
                     used |= {port, bus}
                     try:
-                        self.servers.append(RedisServer(port=port, extra_args=(
-                            "--cluster-enabled", "yes",
-                            "--cluster-config-file", "nodes.conf",
-                            "--cluster-port", str(bus),  # the bus port, chosen too (default port+10000)
-                            "--cluster-node-timeout", "5000",
-                        )))
+                        self.servers.append(
+                            RedisServer(
+                                port=port,
+                                extra_args=(
+                                    "--cluster-enabled",
+                                    "yes",
+                                    "--cluster-config-file",
+                                    "nodes.conf",
+                                    "--cluster-port",
+                                    str(bus),  # the bus port, chosen too (default port+10000)
+                                    "--cluster-node-timeout",
+                                    "5000",
+                                ),
+                            )
+                        )
                         break
                     except PortInUse:  # another process took a port between probe and bind
                         if attempt == 4:
@@ -319,15 +375,22 @@ class RedisCluster:
         addrs = [f"{h}:{p}" for h, p in self.nodes]
         res = subprocess.run(
             ["redis-cli", "--cluster", "create", *addrs, "--cluster-replicas", "0", "--cluster-yes"],
-            capture_output=True, text=True, timeout=60, stdin=subprocess.DEVNULL,
+            capture_output=True,
+            text=True,
+            timeout=60,
+            stdin=subprocess.DEVNULL,
         )
         if res.returncode:
             raise RuntimeError(f"redis-cli --cluster create failed:\n{res.stdout}\n{res.stderr}")
         deadline = time.monotonic() + 30
         while True:
             states = [self._cluster_info(s) for s in self.servers]
-            if all(st.get("cluster_state") == "ok" and st.get("cluster_known_nodes") == str(len(self.servers))
-                   and st.get("cluster_slots_ok") == "16384" for st in states):
+            if all(
+                st.get("cluster_state") == "ok"
+                and st.get("cluster_known_nodes") == str(len(self.servers))
+                and st.get("cluster_slots_ok") == "16384"
+                for st in states
+            ):
                 return
             if time.monotonic() > deadline:
                 raise RuntimeError(f"the cluster did not reach cluster_state:ok: {states}")

@@ -85,7 +85,8 @@ def test_settings_table_is_the_generated_one():
     settings = pytest.importorskip("kvtier.service.settings")
     table = settings.settings_table().strip()
     assert table in (ROOT / "docs/service.md").read_text(), (
-        "docs/service.md's settings table differs from `kvtier settings --markdown`: paste the command's output there")
+        "docs/service.md's settings table differs from `kvtier settings --markdown`: paste the command's output there"
+    )
 
 
 def _benchmarks() -> list[str]:
@@ -102,8 +103,9 @@ def test_every_benchmark_takes_quick_and_is_documented():
 @pytest.mark.skipif(shutil.which("make") is None, reason="needs make")
 def test_make_bench_quick_runs_every_benchmark():
     # a dry run (-n) prints the recipes without running them, nor the setup they depend on
-    out = subprocess.run(["make", "-n", "bench-quick", "PYTHON=python", "VENV=/nonexistent-venv"], cwd=ROOT,
-                         capture_output=True, text=True, timeout=60)
+    out = subprocess.run(
+        ["make", "-n", "bench-quick", "PYTHON=python", "VENV=/nonexistent-venv"], cwd=ROOT, capture_output=True, text=True, timeout=60
+    )
     assert out.returncode == 0, out.stderr
     quick = [line for line in out.stdout.splitlines() if "--quick" in line]
     ran = {name for line in quick for name in re.findall(r"bench/(\w+)\.py", line)}

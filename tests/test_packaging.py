@@ -48,8 +48,9 @@ def test_lock_pins_every_pyproject_requirement_within_its_range():
         for req in reqs:
             key = canonicalize_name(req.name)
             assert key in pins, f"pyproject's {list_name} names {req.name} but requirements.lock lacks it: run make lock"
-            assert req.specifier.contains(pins[key], prereleases=True), \
+            assert req.specifier.contains(pins[key], prereleases=True), (
                 f"requirements.lock pins {req.name}=={pins[key]}, outside pyproject's {list_name} range {req.specifier}: run make lock"
+            )
 
 
 def test_lock_pins_the_locked_grpcio_tools_that_generated_the_grpc_code():
@@ -75,8 +76,10 @@ def test_setuptools_packages_cover_every_room_and_nothing_else():
 
 
 def test_bare_room_names_are_not_importable_from_outside_the_checkout(tmp_path):
-    code = ("import importlib.util, kvtier.kvstore, kvtier.service.cli\n"
-            f"print([n for n in {ROOMS!r} if importlib.util.find_spec(n) is not None])\n")
+    code = (
+        "import importlib.util, kvtier.kvstore, kvtier.service.cli\n"
+        f"print([n for n in {ROOMS!r} if importlib.util.find_spec(n) is not None])\n"
+    )
     out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "[]"
@@ -86,8 +89,11 @@ def test_no_code_imports_the_bare_room_names():
     spec = importlib.util.spec_from_file_location("namespace_imports", ROOT / "tools" / "namespace_imports.py")
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
-    stale = [str(p.relative_to(ROOT)) for p in mod.python_files([ROOT]) if mod.rewrite(p.read_text()) != p.read_text()
-             and p.resolve() != (ROOT / "tools" / "namespace_imports.py").resolve()]
+    stale = [
+        str(p.relative_to(ROOT))
+        for p in mod.python_files([ROOT])
+        if mod.rewrite(p.read_text()) != p.read_text() and p.resolve() != (ROOT / "tools" / "namespace_imports.py").resolve()
+    ]
     assert stale == [], f"bare imports of kvtier's rooms (run python tools/namespace_imports.py): {stale}"
 
 
@@ -116,14 +122,17 @@ def _kvtier_imports(room: str) -> dict[str, set[str]]:
     return found
 
 
-@pytest.mark.parametrize("room,allowed", [
-    ("kvstore", set()),
-    ("sparse_attn", set()),
-    ("eviction", {"kvstore", "sparse_attn", "retrieval"}),
-    ("retrieval", {"kvstore", "sparse_attn"}),
-    ("connectors", {"kvstore", "eviction", "retrieval", "sparse_attn", "service"}),
-    ("service", {"kvstore", "eviction", "retrieval", "sparse_attn"}),
-])
+@pytest.mark.parametrize(
+    "room,allowed",
+    [
+        ("kvstore", set()),
+        ("sparse_attn", set()),
+        ("eviction", {"kvstore", "sparse_attn", "retrieval"}),
+        ("retrieval", {"kvstore", "sparse_attn"}),
+        ("connectors", {"kvstore", "eviction", "retrieval", "sparse_attn", "service"}),
+        ("service", {"kvstore", "eviction", "retrieval", "sparse_attn"}),
+    ],
+)
 def test_imports_go_one_way(room, allowed):
     bad = {f: sorted(r - allowed) for f, r in _kvtier_imports(room).items() if r - allowed}
     assert bad == {}, f"{room} may import only {sorted(allowed)}: {bad}"
@@ -132,12 +141,16 @@ def test_imports_go_one_way(room, allowed):
 def test_connectors_reach_the_service_only_through_its_client():
     # ... and, for an in-process store built exactly as `kvtier serve` builds its own (the vLLM
     # connector's `url: inprocess`), through the settings class and the store builder.
-    allowed = {"kvtier.service.client", "kvtier.service.grpc_client", "kvtier.service.wire",
-               "kvtier.service.settings", "kvtier.service.storebuild"}
+    allowed = {
+        "kvtier.service.client",
+        "kvtier.service.grpc_client",
+        "kvtier.service.wire",
+        "kvtier.service.settings",
+        "kvtier.service.storebuild",
+    }
     bad = []
     for path in (ROOT / "connectors").rglob("*.py"):
         for node in ast.walk(ast.parse(path.read_text())):
-            if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("kvtier.service") \
-                    and node.module not in allowed:
+            if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("kvtier.service") and node.module not in allowed:
                 bad.append(f"{path.name}: {node.module}")
     assert bad == []

@@ -11,9 +11,17 @@ from kvtier import refmodel
 
 def test_fix_tokenizer_config_replaces_the_gguf_readers_settings_and_keeps_the_chat_template(tmp_path):
     # what transformers' GGUF reader writes for SmolLM2 (transformers >= 5.1x obeys the class: spaces become token 0)
-    (tmp_path / "tokenizer_config.json").write_text(json.dumps({
-        "tokenizer_class": "CodeLlamaTokenizer", "eos_token": "<|im_start|>", "bos_token": "<|im_start|>",
-        "fill_token": "<FILL_ME>", "chat_template": "{{ messages }}"}))
+    (tmp_path / "tokenizer_config.json").write_text(
+        json.dumps(
+            {
+                "tokenizer_class": "CodeLlamaTokenizer",
+                "eos_token": "<|im_start|>",
+                "bos_token": "<|im_start|>",
+                "fill_token": "<FILL_ME>",
+                "chat_template": "{{ messages }}",
+            }
+        )
+    )
     refmodel.fix_tokenizer_config(tmp_path)
     cfg = json.loads((tmp_path / "tokenizer_config.json").read_text())
     assert cfg == {**refmodel.TOKENIZER_CONFIG, "chat_template": "{{ messages }}"}

@@ -40,14 +40,17 @@ def test_decorator_forms():
     assert reg.names() == ["a", "b"] and reg.get("b") is B and reg.get("a") is A
 
 
-@pytest.mark.parametrize("call, match", [
-    (lambda r: r.get("nope"), r"unknown widget 'nope'; known: alpha"),
-    (lambda r: r.get(3), "widget name must be a str, got int"),
-    (lambda r: r.make("alpha", sise=2), r"unknown option\(s\) sise for widget 'alpha'; expected: size, ratio"),
-    (lambda r: r.register(Alpha, name="Alpha"), "lower-case name"),
-    (lambda r: r.register(object(), name=""), "lower-case name"),
-    (lambda r: r.register(lambda: None, name="alpha"), "widget 'alpha' is already registered"),
-])
+@pytest.mark.parametrize(
+    "call, match",
+    [
+        (lambda r: r.get("nope"), r"unknown widget 'nope'; known: alpha"),
+        (lambda r: r.get(3), "widget name must be a str, got int"),
+        (lambda r: r.make("alpha", sise=2), r"unknown option\(s\) sise for widget 'alpha'; expected: size, ratio"),
+        (lambda r: r.register(Alpha, name="Alpha"), "lower-case name"),
+        (lambda r: r.register(object(), name=""), "lower-case name"),
+        (lambda r: r.register(lambda: None, name="alpha"), "widget 'alpha' is already registered"),
+    ],
+)
 def test_caller_mistakes_are_value_errors_that_change_nothing(call, match):
     reg: Registry[type] = Registry("widget")
     reg.register(Alpha)

@@ -28,8 +28,12 @@ def generate(out_dir: Path) -> dict[str, str]:
     rel = Path("kvtier/service/proto/kvtier.proto")
     (out_dir / rel.parent).mkdir(parents=True, exist_ok=True)
     shutil.copy(PROTO_DIR / "kvtier.proto", out_dir / rel)
-    out = subprocess.run([sys.executable, "-m", "grpc_tools.protoc", "-I.", "--python_out=.", "--grpc_python_out=.", str(rel)],
-                         cwd=out_dir, capture_output=True, text=True)
+    out = subprocess.run(
+        [sys.executable, "-m", "grpc_tools.protoc", "-I.", "--python_out=.", "--grpc_python_out=.", str(rel)],
+        cwd=out_dir,
+        capture_output=True,
+        text=True,
+    )
     if out.returncode != 0:
         raise RuntimeError(f"protoc failed: {out.stderr.strip()}")
     return {name: (out_dir / rel.parent / name).read_text() for name in NAMES}

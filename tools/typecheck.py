@@ -35,8 +35,18 @@ def build_tree() -> Path:
 
 def main(argv: list[str]) -> int:
     base = build_tree()
-    cmd = [sys.executable, "-m", "mypy", "--config-file", str(ROOT / "pyproject.toml"), "--cache-dir", str(ROOT / "build" / "mypy-cache"),
-           "-p", "kvtier", *argv]
+    cmd = [
+        sys.executable,
+        "-m",
+        "mypy",
+        "--config-file",
+        str(ROOT / "pyproject.toml"),
+        "--cache-dir",
+        str(ROOT / "build" / "mypy-cache"),
+        "-p",
+        "kvtier",
+        *argv,
+    ]
     return subprocess.run(cmd, cwd=base).returncode
 
 

@@ -13,6 +13,15 @@ from .s3fifo import S3FIFOPolicy
 from .tenant_fair import TenantFairPolicy
 
 __all__ = [
-    "BlockPolicy", "CostAwarePolicy", "FIFOPolicy", "LFUPolicy", "LRUPolicy", "PolicyBase",
-    "S3FIFOPolicy", "TenantFairPolicy", "available_policies", "get_policy", "register_policy",
+    "BlockPolicy",
+    "CostAwarePolicy",
+    "FIFOPolicy",
+    "LFUPolicy",
+    "LRUPolicy",
+    "PolicyBase",
+    "S3FIFOPolicy",
+    "TenantFairPolicy",
+    "available_policies",
+    "get_policy",
+    "register_policy",
 ]

@@ -66,8 +66,20 @@ class _Entry:
 class _Simulation:
     """The eviction loop run over a read-only view of the policy. Invalid after any mutation."""
 
-    __slots__ = ("_policy", "_small_it", "_small_left", "_small_bytes", "_total_bytes",
-                 "_main_it", "_main_left", "_main_tail", "victims", "moves", "moves_before", "done")
+    __slots__ = (
+        "_policy",
+        "_small_it",
+        "_small_left",
+        "_small_bytes",
+        "_total_bytes",
+        "_main_it",
+        "_main_left",
+        "_main_tail",
+        "victims",
+        "moves",
+        "moves_before",
+        "done",
+    )
 
     def __init__(self, policy: "S3FIFOPolicy") -> None:
         self._policy = policy
@@ -133,12 +145,21 @@ class S3FIFOPolicy(PolicyBase):
       ``promote_threshold`` (1..max_freq, default 1): hits needed in small to move to main.
     """
 
-    __slots__ = ("small_ratio", "ghost_ratio", "max_freq", "promote_threshold",
-                 "_small", "_main", "_ghost", "_small_bytes", "_total_bytes", "_sim")
+    __slots__ = (
+        "small_ratio",
+        "ghost_ratio",
+        "max_freq",
+        "promote_threshold",
+        "_small",
+        "_main",
+        "_ghost",
+        "_small_bytes",
+        "_total_bytes",
+        "_sim",
+    )
     name = "s3fifo"
 
-    def __init__(self, *, small_ratio: float = 0.1, ghost_ratio: float = 0.9, max_freq: int = 3,
-                 promote_threshold: int = 1) -> None:
+    def __init__(self, *, small_ratio: float = 0.1, ghost_ratio: float = 0.9, max_freq: int = 3, promote_threshold: int = 1) -> None:
         self.small_ratio = check_real("small_ratio", small_ratio, low=0.0, high=1.0, low_open=True, high_open=True)
         self.ghost_ratio = check_real("ghost_ratio", ghost_ratio, low=0.0)
         self.max_freq = check_int("max_freq", max_freq, low=1, high=15)

@@ -74,8 +74,14 @@ class TenantFairPolicy(PolicyBase):
     __slots__ = ("inner", "inner_options", "weights", "default_weight", "_tenants", "_heap", "_entry_of")
     name = "tenant_fair"
 
-    def __init__(self, *, inner: str = "lru", inner_options: Mapping[str, object] | None = None,
-                 weights: Mapping[str, float] | None = None, default_weight: float = 1.0) -> None:
+    def __init__(
+        self,
+        *,
+        inner: str = "lru",
+        inner_options: Mapping[str, object] | None = None,
+        weights: Mapping[str, float] | None = None,
+        default_weight: float = 1.0,
+    ) -> None:
         if not isinstance(inner, str):
             raise ValueError(f"inner must be a policy name, got {type(inner).__name__}")
         if inner.strip().lower() == self.name:

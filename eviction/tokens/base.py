@@ -74,10 +74,16 @@ class ScoreInputs:
             if ln.numel() and (int(ln.min()) < 0 or int(ln.max()) > T):
                 raise ValueError(f"lengths must lie in [0, {T}], got [{int(ln.min())}, {int(ln.max())}]")
             if q is not None and ln.numel() and int(ln.min()) < q.shape[2]:
-                raise ValueError(f"every head must hold the {q.shape[2]} tokens of the observation window, "
-                                 f"got lengths down to {int(ln.min())}")
-        if isinstance(self.layer, bool) or not isinstance(self.layer, int) or isinstance(self.num_layers, bool) \
-                or not isinstance(self.num_layers, int) or not 0 <= self.layer < self.num_layers:
+                raise ValueError(
+                    f"every head must hold the {q.shape[2]} tokens of the observation window, got lengths down to {int(ln.min())}"
+                )
+        if (
+            isinstance(self.layer, bool)
+            or not isinstance(self.layer, int)
+            or isinstance(self.num_layers, bool)
+            or not isinstance(self.num_layers, int)
+            or not 0 <= self.layer < self.num_layers
+        ):
             raise ValueError(f"layer must be an int in [0, num_layers), got layer={self.layer!r}, num_layers={self.num_layers!r}")
 
     @property
@@ -143,8 +149,9 @@ class ScorerBase:
 
 
 # -- shared maths -------------------------------------------------------------------------------
-def window_attention(queries: torch.Tensor, keys: torch.Tensor, lengths: torch.Tensor | None = None,
-                     scale: float | None = None) -> torch.Tensor:
+def window_attention(
+    queries: torch.Tensor, keys: torch.Tensor, lengths: torch.Tensor | None = None, scale: float | None = None
+) -> torch.Tensor:
     """Softmax attention of the window queries over the cache, causal: ``[B, H_q, W, T]`` float32.
 
     Query ``w`` of the window is the token in slot ``n - W + w`` of its KV head, ``n`` the head's
@@ -159,7 +166,7 @@ def window_attention(queries: torch.Tensor, keys: torch.Tensor, lengths: torch.T
     logits = torch.matmul(q, keys.float().transpose(-1, -2)).mul_(scale)  # [B, H_kv, group*W, T]
     logits = logits.view(B, H_kv, group, W, T)
     n = torch.full((B, H_kv), T, device=keys.device) if lengths is None else lengths.to(keys.device)
-    last = (n.view(B, H_kv, 1, 1) - W + torch.arange(W, device=keys.device).view(1, 1, W, 1))  # [B, H_kv, W, 1]
+    last = n.view(B, H_kv, 1, 1) - W + torch.arange(W, device=keys.device).view(1, 1, W, 1)  # [B, H_kv, W, 1]
     pos_k = torch.arange(T, device=keys.device).view(1, 1, 1, T)
     logits.masked_fill_((pos_k > last).unsqueeze(2), float("-inf"))
     return torch.softmax(logits, dim=-1).view(B, H_q, W, T)

@@ -81,8 +81,11 @@ class Compressor:
         """Kept token ids ``[B, H_kv, K]`` (int64, ascending, -1 padding); see the module docstring."""
         B, H_kv, T = inputs.batch, inputs.num_kv_heads, inputs.num_tokens
         device = inputs.keys.device
-        lengths = (torch.full((B, H_kv), T, dtype=torch.int64, device=device) if inputs.lengths is None
-                   else inputs.lengths.to(device=device, dtype=torch.int64))
+        lengths = (
+            torch.full((B, H_kv), T, dtype=torch.int64, device=device)
+            if inputs.lengths is None
+            else inputs.lengths.to(device=device, dtype=torch.int64)
+        )
         budget = self.layer_budget(int(lengths.max()) if T else 0, inputs.layer, inputs.num_layers)
         if self.head_profile is not None:
             prof = self.head_profile.retrieval
@@ -127,7 +130,7 @@ class Compressor:
         n_ret = int(retrieval.sum())
         per_head = num_forced.clone()  # streaming heads: sinks + window
         if n_ret:
-            spare = (H_kv * budget - num_forced.masked_fill(retrieval, 0).sum(-1))  # [B]
+            spare = H_kv * budget - num_forced.masked_fill(retrieval, 0).sum(-1)  # [B]
             share = torch.div(spare, n_ret, rounding_mode="floor").view(B, 1).expand(B, H_kv)
             per_head = torch.where(retrieval.view(1, H_kv), torch.maximum(share, num_forced), num_forced)
         return _top_per_head(scores, valid, per_head)

@@ -77,8 +77,10 @@ class HeadProfile:
     def __post_init__(self) -> None:
         r = self.retrieval
         if not isinstance(r, torch.Tensor) or r.dim() != 2 or r.dtype != torch.bool:
-            raise ValueError(f"retrieval must be a [num_layers, num_kv_heads] bool tensor, got "
-                             f"{list(r.shape) if isinstance(r, torch.Tensor) else type(r).__name__}")
+            raise ValueError(
+                f"retrieval must be a [num_layers, num_kv_heads] bool tensor, got "
+                f"{list(r.shape) if isinstance(r, torch.Tensor) else type(r).__name__}"
+            )
         if self.mass is not None and tuple(self.mass.shape) != tuple(r.shape):
             raise ValueError(f"mass must have the shape of retrieval {list(r.shape)}, got {list(self.mass.shape)}")
 
@@ -99,16 +101,23 @@ class HeadProfile:
         return float(self.retrieval.float().mean())
 
     def to_dict(self) -> dict:
-        return {"retrieval": self.retrieval.int().tolist(), "mass": None if self.mass is None else self.mass.tolist(),
-                "sink_tokens": self.sink_tokens, "window_tokens": self.window_tokens}
+        return {
+            "retrieval": self.retrieval.int().tolist(),
+            "mass": None if self.mass is None else self.mass.tolist(),
+            "sink_tokens": self.sink_tokens,
+            "window_tokens": self.window_tokens,
+        }
 
     @classmethod
     def from_dict(cls, d: dict) -> "HeadProfile":
         try:
             mass = d.get("mass")
-            return cls(torch.tensor(d["retrieval"], dtype=torch.int64).bool(),
-                       None if mass is None else torch.tensor(mass, dtype=torch.float32),
-                       int(d.get("sink_tokens", 4)), int(d.get("window_tokens", 64)))
+            return cls(
+                torch.tensor(d["retrieval"], dtype=torch.int64).bool(),
+                None if mass is None else torch.tensor(mass, dtype=torch.float32),
+                int(d.get("sink_tokens", 4)),
+                int(d.get("window_tokens", 64)),
+            )
         except (KeyError, TypeError) as e:
             raise ValueError(f"not a head profile: {e}") from None
 

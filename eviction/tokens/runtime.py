@@ -130,8 +130,9 @@ class EvictingKV:
         z = lambda *s, dev=self.device, dt=self.dtype: torch.zeros(*s, dtype=dt, device=dev)  # noqa: E731
         zl = lambda *s, dev=self.device: torch.zeros(*s, dtype=torch.int64, device=dev)  # noqa: E731
         dd = self.demote_device
-        return _Layer(z(H, 0, D), z(H, 0, D), zl(H, 0), zl(H), z(Hq, 0, D),
-                      z(H, 0, D, dev=dd), z(H, 0, D, dev=dd), zl(H, 0, dev=dd), zl(H, dev=dd))
+        return _Layer(
+            z(H, 0, D), z(H, 0, D), zl(H, 0), zl(H), z(Hq, 0, D), z(H, 0, D, dev=dd), z(H, 0, D, dev=dd), zl(H, 0, dev=dd), zl(H, dev=dd)
+        )
 
     def fast_tokens(self, layer: int) -> list[int]:
         """Tokens per KV head on the fast tier."""
@@ -177,7 +178,7 @@ class EvictingKV:
         if qq.dim() != 3 or qq.shape[1] > max(n, 0):
             raise ValueError(f"q must be [{self.num_q_heads}, m <= n, {self.head_dim}] for n = {n} tokens, got {list(qq.shape)}")
         self._check_step(layer, torch.zeros(self.num_q_heads, max(n, 0), self.head_dim), k, v)
-        self._check_step(layer, qq, k[:, k.shape[1] - qq.shape[1]:], v[:, v.shape[1] - qq.shape[1]:])
+        self._check_step(layer, qq, k[:, k.shape[1] - qq.shape[1] :], v[:, v.shape[1] - qq.shape[1] :])
         with torch.inference_mode():
             self._append(layer, qq, k, v)
 
@@ -196,7 +197,9 @@ class EvictingKV:
         n = q.shape[1]
         for name, t in (("k", k), ("v", v)):
             if not isinstance(t, torch.Tensor) or tuple(t.shape) != (H, n, D):
-                raise ValueError(f"{name} must be [{H}, {n}, {D}], got {list(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__}")
+                raise ValueError(
+                    f"{name} must be [{H}, {n}, {D}], got {list(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__}"
+                )
 
     def _append(self, layer: int, q, k, v) -> None:
         """Append k/v ``[H, n, D]``; ``q`` ``[H_q, m, D]`` are the queries of the last ``m`` of them."""
@@ -215,7 +218,7 @@ class EvictingKV:
         lay.pos[heads, slots] = torch.arange(self._seen[layer], self._seen[layer] + n, device=self.device).view(1, n)
         lay.n += n
         self._seen[layer] += n
-        lay.q_win = torch.cat((lay.q_win, q.to(self.dtype)), dim=1)[:, -self.observation_window:]
+        lay.q_win = torch.cat((lay.q_win, q.to(self.dtype)), dim=1)[:, -self.observation_window :]
 
     def _attend_fast(self, layer: int, q: torch.Tensor, query_chunk: int = 256):
         """Causal attention of the ``n`` newest tokens' queries over the fast tier: (o, lse)."""
@@ -275,9 +278,14 @@ class EvictingKV:
         if S == 0:
             return
         W = min(lay.q_win.shape[1], int(lay.n.min()))
-        inputs = ScoreInputs(lay.k[:, :S].unsqueeze(0), lay.v[:, :S].unsqueeze(0),
-                             lay.q_win[:, lay.q_win.shape[1] - W:].unsqueeze(0) if W else None,
-                             layer=i, num_layers=self.num_layers, lengths=lay.n.view(1, -1))
+        inputs = ScoreInputs(
+            lay.k[:, :S].unsqueeze(0),
+            lay.v[:, :S].unsqueeze(0),
+            lay.q_win[:, lay.q_win.shape[1] - W :].unsqueeze(0) if W else None,
+            layer=i,
+            num_layers=self.num_layers,
+            lengths=lay.n.view(1, -1),
+        )
         kept = self.compressor.keep(inputs)[0]  # [H, K], -1 padding
         H, K = kept.shape
         if bool(((kept >= 0).sum(-1) == lay.n).all()):

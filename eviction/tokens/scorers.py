@@ -135,8 +135,10 @@ class H2OScorer(ScorerBase):
         acc = self._acc.get(inputs.layer)
         if acc is not None:
             if acc.shape[:2] != new.shape[:2] or acc.shape[2] > new.shape[2]:
-                raise ValueError(f"h2o state of layer {inputs.layer} has shape {list(acc.shape)}, which does not "
-                                 f"prefix the cache {list(new.shape)}: call reset() between sequences")
+                raise ValueError(
+                    f"h2o state of layer {inputs.layer} has shape {list(acc.shape)}, which does not "
+                    f"prefix the cache {list(new.shape)}: call reset() between sequences"
+                )
             new[..., : acc.shape[2]] += acc
         self._acc[inputs.layer] = new
         return new.clone()

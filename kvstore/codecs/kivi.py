@@ -163,7 +163,16 @@ def quantize_torch(x: torch.Tensor, bits: int, group: int, axis: str, codes: tor
         zero[l0:l1] = z16.squeeze(sd)
 
 
-def dequantize_torch(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int, group: int, axis: str, out: torch.Tensor, rotation: torch.Tensor | None = None) -> None:
+def dequantize_torch(
+    codes: torch.Tensor,
+    scale: torch.Tensor,
+    zero: torch.Tensor,
+    bits: int,
+    group: int,
+    axis: str,
+    out: torch.Tensor,
+    rotation: torch.Tensor | None = None,
+) -> None:
     """Inverse of ``quantize_torch``: ``out`` ``[L, H, T, D]`` (any float dtype, any strides)
     gets ``zero + code·scale`` computed in float32 (then ``@ rotation`` when one is given)."""
     L, H, T, D = out.shape
@@ -262,8 +271,14 @@ class KiviCodec:
         """A copy with some options changed (``sink_tokens=4`` for the first block of a sequence,
         ``residual_tokens=R`` for its tail block); the name stays, so frames still say ``kivi4``."""
         options = dict(
-            bits=self.bits, residual_tokens=self.residual_tokens, rotate=self.rotate, sink_tokens=self.sink_tokens,
-            first_block_sinks=self.first_block_sinks, key_group_size=self.key_group_size, value_group_size=self.value_group_size, name=self.name,
+            bits=self.bits,
+            residual_tokens=self.residual_tokens,
+            rotate=self.rotate,
+            sink_tokens=self.sink_tokens,
+            first_block_sinks=self.first_block_sinks,
+            key_group_size=self.key_group_size,
+            value_group_size=self.value_group_size,
+            name=self.name,
         )
         unknown = set(changes) - set(options)
         if unknown:
@@ -300,24 +315,30 @@ class KiviCodec:
 
     def _options(self) -> dict:
         return {
-            "bits": self.bits, "k_group": self.key_group_size, "v_group": self.value_group_size,
-            "sink": self.sink_tokens, "residual": self.residual_tokens, "rotate": self.rotate,
+            "bits": self.bits,
+            "k_group": self.key_group_size,
+            "v_group": self.value_group_size,
+            "sink": self.sink_tokens,
+            "residual": self.residual_tokens,
+            "rotate": self.rotate,
         }
 
     @staticmethod
     def layout(spec: KVSpec, bits: int, k_group: int, v_group: int, residual: int, sink: int = 0) -> Layout:
         L, _, H, T, D = spec.block_shape
         tq = T - sink - residual
-        return Layout([
-            ("sink", spec.torch_dtype, (L, 2, H, sink, D)),
-            ("residual", spec.torch_dtype, (L, 2, H, residual, D)),
-            ("k_scale", torch.float16, stats_shape((L, H, tq, D), k_group, "tokens")),
-            ("k_zero", torch.float16, stats_shape((L, H, tq, D), k_group, "tokens")),
-            ("v_scale", torch.float16, stats_shape((L, H, tq, D), v_group, "channels")),
-            ("v_zero", torch.float16, stats_shape((L, H, tq, D), v_group, "channels")),
-            ("k_codes", torch.uint8, (L, H, tq, packed_len(D, bits))),
-            ("v_codes", torch.uint8, (L, H, tq, packed_len(D, bits))),
-        ])
+        return Layout(
+            [
+                ("sink", spec.torch_dtype, (L, 2, H, sink, D)),
+                ("residual", spec.torch_dtype, (L, 2, H, residual, D)),
+                ("k_scale", torch.float16, stats_shape((L, H, tq, D), k_group, "tokens")),
+                ("k_zero", torch.float16, stats_shape((L, H, tq, D), k_group, "tokens")),
+                ("v_scale", torch.float16, stats_shape((L, H, tq, D), v_group, "channels")),
+                ("v_zero", torch.float16, stats_shape((L, H, tq, D), v_group, "channels")),
+                ("k_codes", torch.uint8, (L, H, tq, packed_len(D, bits))),
+                ("v_codes", torch.uint8, (L, H, tq, packed_len(D, bits))),
+            ]
+        )
 
     def _layout(self, spec: KVSpec) -> Layout:
         return self.layout(spec, self.bits, self.key_group_size, self.value_group_size, self.residual_tokens, self.sink_tokens)
@@ -365,7 +386,18 @@ class KiviCodec:
         """Any kivi payload (whatever its bits, groups, sink, residual and rotation: they travel
         in ``meta``), into ``out`` when given (written in place, no full-size temporary unless the
         payload is rotated)."""
-        check_meta(meta, "kivi", {"bits": (int, (2, 4)), "k_group": (int, None), "v_group": (int, None), "sink": (int, None), "residual": (int, None), "rotate": (bool, None)})
+        check_meta(
+            meta,
+            "kivi",
+            {
+                "bits": (int, (2, 4)),
+                "k_group": (int, None),
+                "v_group": (int, None),
+                "sink": (int, None),
+                "residual": (int, None),
+                "rotate": (bool, None),
+            },
+        )
         bits, k_group, v_group, sink, residual, rotate = (meta[k] for k in self._META)
         for what, g in (("k_group", k_group), ("v_group", v_group)):
             if g < 4 or g % 4 or g > MAX_GROUP:

@@ -127,19 +127,26 @@ class PagedCodec:
         kmean = keys.mean(3).to(sdt)
         per_layer = torch.stack([kmin, kmax, kmean], 1)  # [L, 3, H, Np, D]
         bmin, bmax = kmin.amin(2), kmax.amax(2)  # [L, H, D] (already rounded outward)
-        summary = torch.cat([per_layer.reshape(L, -1).view(torch.uint8).reshape(-1),
-                             torch.stack([bmin, bmax]).reshape(-1).view(torch.uint8)])
+        summary = torch.cat(
+            [per_layer.reshape(L, -1).view(torch.uint8).reshape(-1), torch.stack([bmin, bmax]).reshape(-1).view(torch.uint8)]
+        )
         payload = torch.cat([ranges.reshape(-1), summary]).numpy()
         layer_bytes = 3 * H * Np * D * sdt.itemsize
         sum_offset = R * rb
-        sum_crc = [xxhash.xxh3_64_intdigest(memoryview(payload[sum_offset + l * layer_bytes: sum_offset + (l + 1) * layer_bytes]))
-                   for l in range(L)]
-        sum_crc.append(xxhash.xxh3_64_intdigest(memoryview(payload[sum_offset + L * layer_bytes:])))
+        sum_crc = [
+            xxhash.xxh3_64_intdigest(memoryview(payload[sum_offset + l * layer_bytes : sum_offset + (l + 1) * layer_bytes]))
+            for l in range(L)
+        ]
+        sum_crc.append(xxhash.xxh3_64_intdigest(memoryview(payload[sum_offset + L * layer_bytes :])))
         meta = {
-            "P": P, "page": self.page, "range_bytes": rb, "ranges": R,
+            "P": P,
+            "page": self.page,
+            "range_bytes": rb,
+            "ranges": R,
             "crc": checksums(payload[:sum_offset], rb).tobytes(),
             "sum_dtype": "float16" if sdt == torch.float16 else "float32",
-            "sum_offset": sum_offset, "sum_layer_bytes": layer_bytes,
+            "sum_offset": sum_offset,
+            "sum_layer_bytes": layer_bytes,
             "sum_crc": np.array(sum_crc, dtype=np.uint64).tobytes(),
         }
         return memoryview(payload), meta
@@ -148,15 +155,23 @@ class PagedCodec:
     def check_meta(self, meta, spec: KVSpec) -> dict:
         """``meta`` validated against this codec and ``spec`` (ValueError otherwise)."""
         if not isinstance(meta, dict) or set(meta) != _META_KEYS:
-            raise ValueError(f"{self.name} meta must have keys {sorted(_META_KEYS)}, got {sorted(map(str, meta)) if isinstance(meta, dict) else type(meta).__name__}")
+            raise ValueError(
+                f"{self.name} meta must have keys {sorted(_META_KEYS)}, got {sorted(map(str, meta)) if isinstance(meta, dict) else type(meta).__name__}"
+            )
         self._check_spec(spec)
         L, _, H, T, D = spec.block_shape
         Np = T // self.page_tokens
         R = L * H * Np
         sdt = self.summary_dtype(spec)
-        want = {"P": self.page_tokens, "page": self.page, "range_bytes": self.range_bytes(spec), "ranges": R,
-                "sum_dtype": "float16" if sdt == torch.float16 else "float32",
-                "sum_offset": R * self.range_bytes(spec), "sum_layer_bytes": 3 * H * Np * D * sdt.itemsize}
+        want = {
+            "P": self.page_tokens,
+            "page": self.page,
+            "range_bytes": self.range_bytes(spec),
+            "ranges": R,
+            "sum_dtype": "float16" if sdt == torch.float16 else "float32",
+            "sum_offset": R * self.range_bytes(spec),
+            "sum_layer_bytes": 3 * H * Np * D * sdt.itemsize,
+        }
         for k, v in want.items():
             if meta[k] != v:
                 raise ValueError(f"{self.name} meta {k!r} must be {v!r} for this spec, got {meta[k]!r}")

@@ -160,10 +160,7 @@ class Layout:
         """Typed views of ``buf`` (a flat uint8 tensor of exactly ``nbytes``), one per section."""
         if buf.dtype != torch.uint8 or buf.dim() != 1 or buf.numel() != self.nbytes:
             raise ValueError(f"payload has {buf.numel()} bytes, expected {self.nbytes}")
-        return {
-            s.name: buf[s.offset : s.offset + s.nbytes].view(s.dtype).view(s.shape)
-            for s in self.sections.values()
-        }
+        return {s.name: buf[s.offset : s.offset + s.nbytes].view(s.dtype).view(s.shape) for s in self.sections.values()}
 
 
 def payload_tensor(payload, nbytes: int, codec_name: str) -> torch.Tensor:

@@ -35,10 +35,16 @@ def _pow2(n: int) -> int:
 # -- int8: symmetric, per token ---------------------------------------------------------------------
 @triton.jit
 def _int8_quantize_kernel(
-    x_ptr, codes_ptr, scale_ptr,
-    T, D,
-    sxn, sxt, sxd,
-    BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr,
+    x_ptr,
+    codes_ptr,
+    scale_ptr,
+    T,
+    D,
+    sxn,
+    sxt,
+    sxd,
+    BLOCK_T: tl.constexpr,
+    BLOCK_D: tl.constexpr,
 ):
     n = tl.program_id(0)
     t = tl.program_id(1) * BLOCK_T + tl.arange(0, BLOCK_T)  # [BLOCK_T]
@@ -57,10 +63,16 @@ def _int8_quantize_kernel(
 
 @triton.jit
 def _int8_dequantize_kernel(
-    codes_ptr, scale_ptr, out_ptr,
-    T, D,
-    son, sot, sod,
-    BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr,
+    codes_ptr,
+    scale_ptr,
+    out_ptr,
+    T,
+    D,
+    son,
+    sot,
+    sod,
+    BLOCK_T: tl.constexpr,
+    BLOCK_D: tl.constexpr,
 ):
     n = tl.program_id(0)
     t = tl.program_id(1) * BLOCK_T + tl.arange(0, BLOCK_T)
@@ -104,11 +116,24 @@ def int8_dequantize(codes: torch.Tensor, scale: torch.Tensor, out: torch.Tensor)
 # -- KIVI: asymmetric, grouped along tokens (keys) or channels (values), packed ----------------------
 @triton.jit
 def _kivi_quantize_kernel(
-    x_ptr, codes_ptr, scale_ptr, zero_ptr,
-    H, T, D, NUM_BYTES, NUM_GROUPS,
-    sxl, sxh, sxt, sxd,
-    GROUP: tl.constexpr, BITS: tl.constexpr, TOKENS: tl.constexpr,
-    BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr,
+    x_ptr,
+    codes_ptr,
+    scale_ptr,
+    zero_ptr,
+    H,
+    T,
+    D,
+    NUM_BYTES,
+    NUM_GROUPS,
+    sxl,
+    sxh,
+    sxt,
+    sxd,
+    GROUP: tl.constexpr,
+    BITS: tl.constexpr,
+    TOKENS: tl.constexpr,
+    BLOCK_T: tl.constexpr,
+    BLOCK_C: tl.constexpr,
 ):
     PER_BYTE: tl.constexpr = 8 // BITS
     QMAX: tl.constexpr = (1 << BITS) - 1
@@ -167,11 +192,24 @@ def _kivi_quantize_kernel(
 
 @triton.jit
 def _kivi_dequantize_kernel(
-    codes_ptr, scale_ptr, zero_ptr, out_ptr,
-    H, T, D, NUM_BYTES, NUM_GROUPS,
-    sol, soh, sot, sod,
-    GROUP: tl.constexpr, BITS: tl.constexpr, TOKENS: tl.constexpr,
-    BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr,
+    codes_ptr,
+    scale_ptr,
+    zero_ptr,
+    out_ptr,
+    H,
+    T,
+    D,
+    NUM_BYTES,
+    NUM_GROUPS,
+    sol,
+    soh,
+    sot,
+    sod,
+    GROUP: tl.constexpr,
+    BITS: tl.constexpr,
+    TOKENS: tl.constexpr,
+    BLOCK_T: tl.constexpr,
+    BLOCK_C: tl.constexpr,
 ):
     PER_BYTE: tl.constexpr = 8 // BITS
     lh = tl.program_id(0)
@@ -237,12 +275,28 @@ def kivi_quantize(x: torch.Tensor, bits: int, group: int, axis: str, codes: torc
     (g1, g2), block_t, block_c = _kivi_tiles(T, D, group, axis)
     num_groups = scale.shape[2] if axis == "tokens" else scale.shape[3]
     _kivi_quantize_kernel[(L * H, g1, g2)](
-        x, codes, scale, zero, H, T, D, nbytes, num_groups, *x.stride(),
-        GROUP=group, BITS=bits, TOKENS=axis == "tokens", BLOCK_T=block_t, BLOCK_C=block_c, **_LAUNCH,
+        x,
+        codes,
+        scale,
+        zero,
+        H,
+        T,
+        D,
+        nbytes,
+        num_groups,
+        *x.stride(),
+        GROUP=group,
+        BITS=bits,
+        TOKENS=axis == "tokens",
+        BLOCK_T=block_t,
+        BLOCK_C=block_c,
+        **_LAUNCH,
     )
 
 
-def kivi_dequantize(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int, group: int, axis: str, out: torch.Tensor) -> None:
+def kivi_dequantize(
+    codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int, group: int, axis: str, out: torch.Tensor
+) -> None:
     """Same contract as ``kivi.dequantize_torch`` (without the rotation): ``out`` ``[L, H, T, D]``
     gets ``code·scale + zero`` computed in float32."""
     from .kivi import stats_shape
@@ -257,8 +311,22 @@ def kivi_dequantize(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor
     (g1, g2), block_t, block_c = _kivi_tiles(T, D, group, axis)
     num_groups = scale.shape[2] if axis == "tokens" else scale.shape[3]
     _kivi_dequantize_kernel[(L * H, g1, g2)](
-        codes, scale, zero, out, H, T, D, nbytes, num_groups, *out.stride(),
-        GROUP=group, BITS=bits, TOKENS=axis == "tokens", BLOCK_T=block_t, BLOCK_C=block_c, **_LAUNCH,
+        codes,
+        scale,
+        zero,
+        out,
+        H,
+        T,
+        D,
+        nbytes,
+        num_groups,
+        *out.stride(),
+        GROUP=group,
+        BITS=bits,
+        TOKENS=axis == "tokens",
+        BLOCK_T=block_t,
+        BLOCK_C=block_c,
+        **_LAUNCH,
     )
 
 
@@ -269,4 +337,6 @@ _LAUNCH: dict = {"enable_fp_fusion": False}
 
 def _check(t: torch.Tensor, shape, dtype: torch.dtype, device, name: str) -> None:
     if tuple(t.shape) != tuple(shape) or t.dtype != dtype or not t.is_contiguous() or t.device != device:
-        raise ValueError(f"{name} must be a contiguous {dtype} tensor of shape {list(shape)} on {device}, got {t.dtype} {list(t.shape)} on {t.device}")
+        raise ValueError(
+            f"{name} must be a contiguous {dtype} tensor of shape {list(shape)} on {device}, got {t.dtype} {list(t.shape)} on {t.device}"
+        )

@@ -80,8 +80,9 @@ class StorageTier(Protocol):
 
     def get(self, keys: Sequence[bytes], *, spec: KVSpec, out: Sequence[torch.Tensor] | None = None) -> list[torch.Tensor | None]: ...
 
-    def put(self, keys: Sequence[bytes], blocks: Sequence[torch.Tensor], *, spec: KVSpec,
-            first: Sequence[bool] | None = None) -> list[int]: ...
+    def put(
+        self, keys: Sequence[bytes], blocks: Sequence[torch.Tensor], *, spec: KVSpec, first: Sequence[bool] | None = None
+    ) -> list[int]: ...
 
     def remove(self, keys: Sequence[bytes], *, spec: KVSpec) -> int:
         """Remove the keys present; returns how many were removed."""
@@ -101,8 +102,7 @@ class RangeReadable(Protocol):
     def page_layouts(self, keys: Sequence[bytes], *, spec: KVSpec) -> list["PageLayout | None"]:
         """Per key, the layout of the block held (``None``: absent, or not page-addressable)."""
 
-    def read_spans(self, requests: Sequence[tuple[bytes, Sequence[tuple[int, int]]]], *,
-                   spec: KVSpec) -> list[list[memoryview] | None]:
+    def read_spans(self, requests: Sequence[tuple[bytes, Sequence[tuple[int, int]]]], *, spec: KVSpec) -> list[list[memoryview] | None]:
         """Per (key, spans), the bytes of every span (``None``: the block is absent or shorter)."""
 
 

@@ -30,8 +30,17 @@ _TMP_PREFIX = ".tmp-"
 class DiskTier(TierBase):
     capabilities = TierCapabilities(device="disk", persistent=True, shared=False, framed=True, iterable=True, range_reads=True)
 
-    def __init__(self, root: str | os.PathLike, capacity_bytes: int, *, codec: str | Codec = "identity", name: str = "disk",
-                 fsync: bool = False, min_free_bytes: int = 0, cipher=None) -> None:
+    def __init__(
+        self,
+        root: str | os.PathLike,
+        capacity_bytes: int,
+        *,
+        codec: str | Codec = "identity",
+        name: str = "disk",
+        fsync: bool = False,
+        min_free_bytes: int = 0,
+        cipher=None,
+    ) -> None:
         """``min_free_bytes``: while the filesystem has less free space, ``put`` stores nothing
         (every block refused, ``low_space`` set): a full disk refuses cleanly instead of failing
         writes half-way. ``cipher``: a ``kvstore.crypto.FrameCipher`` that encrypts every file
@@ -47,7 +56,7 @@ class DiskTier(TierBase):
         self.min_free_bytes = min_free_bytes
         self.cipher = cipher
         self.low_space = False  # the last put found less than min_free_bytes free
-                # key -> (spec short_fp, file size). Rebuilt from the directory listing on open.
+        # key -> (spec short_fp, file size). Rebuilt from the directory listing on open.
         self._files: dict[bytes, tuple[str, int]] = {}
         self._data_offset: dict[bytes, int] = {}  # key -> where the payload starts in its file (range reads)
         self._scan()
@@ -96,8 +105,7 @@ class DiskTier(TierBase):
             out.append(entry is not None and entry[0] == short_fp)
         return out
 
-    def put(self, keys: Sequence[bytes], blocks: Sequence[torch.Tensor], *, spec: KVSpec,
-            first: Sequence[bool] | None = None) -> list[int]:
+    def put(self, keys: Sequence[bytes], blocks: Sequence[torch.Tensor], *, spec: KVSpec, first: Sequence[bool] | None = None) -> list[int]:
         self._check_put(keys, blocks, spec, first)
         if self.min_free_bytes:
             self.low_space = self.free_bytes() < self.min_free_bytes

@@ -41,8 +41,7 @@ class HostTier(TierBase):
         entries = self._entries
         return [bytes(k) in entries for k in keys]
 
-    def put(self, keys: Sequence[bytes], blocks: Sequence[torch.Tensor], *, spec: KVSpec,
-            first: Sequence[bool] | None = None) -> list[int]:
+    def put(self, keys: Sequence[bytes], blocks: Sequence[torch.Tensor], *, spec: KVSpec, first: Sequence[bool] | None = None) -> list[int]:
         """The tier's lock covers its bookkeeping; encoding and copying run outside it, on bytes
         reserved first (so concurrent puts never overshoot the capacity, and gets never wait on a copy)."""
         self._check_put(keys, blocks, spec, first)
@@ -226,8 +225,7 @@ class DeviceTier(TierBase):
         slots = self._slot_of
         return [bytes(k) in slots for k in keys]
 
-    def put(self, keys: Sequence[bytes], blocks: Sequence[torch.Tensor], *, spec: KVSpec,
-            first: Sequence[bool] | None = None) -> list[int]:
+    def put(self, keys: Sequence[bytes], blocks: Sequence[torch.Tensor], *, spec: KVSpec, first: Sequence[bool] | None = None) -> list[int]:
         self._check_put(keys, blocks, spec, first)
         sizes = []
         with self._lock:

@@ -286,8 +286,7 @@ class RedisTier(TierBase):
         pending = self._pending_deletes
         return [r == 1 and k not in pending for k, r in zip(rkeys, replies)]  # an error in place of a reply is a False
 
-    def put(self, keys: Sequence[bytes], blocks: Sequence[torch.Tensor], *, spec: KVSpec,
-            first: Sequence[bool] | None = None) -> list[int]:
+    def put(self, keys: Sequence[bytes], blocks: Sequence[torch.Tensor], *, spec: KVSpec, first: Sequence[bool] | None = None) -> list[int]:
         self._check_put(keys, blocks, spec, first)
         rkeys = self._redis_keys(keys, spec)
         sizes = [0] * len(rkeys)
@@ -335,9 +334,7 @@ class RedisTier(TierBase):
                     self._stats.bytes -= delta
         return sizes
 
-    def get(
-        self, keys: Sequence[bytes], *, spec: KVSpec, out: Sequence[torch.Tensor] | None = None
-    ) -> list[torch.Tensor | None]:
+    def get(self, keys: Sequence[bytes], *, spec: KVSpec, out: Sequence[torch.Tensor] | None = None) -> list[torch.Tensor | None]:
         """Blocks ``[L, 2, H_kv, T, D]`` of ``spec`` or ``None`` per key (decoded into ``out[i]`` when given)."""
         rkeys = self._redis_keys(keys, spec)
         self._check_out(rkeys, out, spec)
@@ -401,8 +398,9 @@ class RedisTier(TierBase):
         if fault is not None:
             self._failed(fault)
         if corrupt:
-            log.warning("redis tier %s: %d corrupt frame(s) deleted (first: %s: %s)",
-                        self.name, len(corrupt), corrupt[0].decode(), reasons[0])
+            log.warning(
+                "redis tier %s: %d corrupt frame(s) deleted (first: %s: %s)", self.name, len(corrupt), corrupt[0].decode(), reasons[0]
+            )
             self._delete(corrupt)
         return result
 
@@ -540,6 +538,7 @@ class RedisTier(TierBase):
             while self._pending_deletes:
                 with self._lock:
                     part = list(itertools.islice(self._pending_deletes, batch))
+
                 def send(client, part=part):
                     pipe = client.pipeline(transaction=False)
                     for rkey in part:
@@ -568,7 +567,7 @@ class RedisTier(TierBase):
         try:
             for rkey in client.scan_iter(match=prefix + b"*", count=count):
                 try:
-                    yield bytes.fromhex(rkey[len(prefix):].decode())
+                    yield bytes.fromhex(rkey[len(prefix) :].decode())
                 except ValueError:
                     continue  # a foreign key that happens to share the prefix
         except _BACKEND_ERRORS as e:
@@ -615,8 +614,7 @@ class RedisTier(TierBase):
         missed. Own announcements are skipped."""
         if self._listener is not None:
             raise RuntimeError("listen_invalidations was called already")
-        self._listener = threading.Thread(target=self._listen, args=(handler,), name=f"kvtier-{self.name}-invalidations",
-                                          daemon=True)
+        self._listener = threading.Thread(target=self._listen, args=(handler,), name=f"kvtier-{self.name}-invalidations", daemon=True)
         self._listener.start()
 
     def _listen(self, handler) -> None:
@@ -635,8 +633,11 @@ class RedisTier(TierBase):
                         last = info["last-generated-id"] if info else b"0-0"
                     else:  # back after a break: were announcements trimmed before we read them?
                         first = client.xrange(INVALIDATION_STREAM, count=1)
-                        if first and _stream_id(first[0][0]) > _stream_id(last) and \
-                                client.xlen(INVALIDATION_STREAM) >= INVALIDATION_STREAM_LEN:
+                        if (
+                            first
+                            and _stream_id(first[0][0]) > _stream_id(last)
+                            and client.xlen(INVALIDATION_STREAM) >= INVALIDATION_STREAM_LEN
+                        ):
                             handler(None, False)
                             self._reconcile_quietly()
                 reply = client.xread({INVALIDATION_STREAM: last}, count=1000, block=1000)
@@ -816,9 +817,16 @@ class RedisTier(TierBase):
                 return
             degraded, self._degraded_since_warn = self._degraded_since_warn, 0
             self._last_warn, self._announced = now, True
-        log.warning("redis tier %s: Redis at %s is unreachable or failing (%s: %s); calls degrade to misses and "
-                    "retry every %.1fs (%d call(s) degraded before this message)", self.name, self._where,
-                    type(error).__name__, error, self.retry_interval_s, degraded)
+        log.warning(
+            "redis tier %s: Redis at %s is unreachable or failing (%s: %s); calls degrade to misses and "
+            "retry every %.1fs (%d call(s) degraded before this message)",
+            self.name,
+            self._where,
+            type(error).__name__,
+            error,
+            self.retry_interval_s,
+            degraded,
+        )
 
     def reconcile(self, batch: int = 1000) -> int:
         """Forget the blocks this instance counts but Redis no longer holds (restarted empty,
@@ -827,7 +835,7 @@ class RedisTier(TierBase):
             tracked = list(self._sizes.items())
         gone = 0
         for i in range(0, len(tracked), batch):
-            part = tracked[i: i + batch]
+            part = tracked[i : i + batch]
             replies = self._call(lambda c: self._pipelined(c, "EXISTS", [k for k, _ in part]))
             if replies is _DOWN:
                 return gone
@@ -837,8 +845,7 @@ class RedisTier(TierBase):
                         self._forget(rkey)
                         gone += 1
         if gone:
-            log.warning("redis tier %s: %d block(s) this instance wrote are no longer in Redis (restarted or flushed)",
-                        self.name, gone)
+            log.warning("redis tier %s: %d block(s) this instance wrote are no longer in Redis (restarted or flushed)", self.name, gone)
         return gone
 
     def _recovered(self) -> None:
@@ -852,9 +859,7 @@ class RedisTier(TierBase):
                 return
             self._announced = False
             degraded, self._degraded_since_warn = self._degraded_since_warn, 0
-        log.warning("redis tier %s: Redis at %s is reachable again (%d call(s) degraded meanwhile)",
-                    self.name, self._where, degraded)
-
+        log.warning("redis tier %s: Redis at %s is reachable again (%d call(s) degraded meanwhile)", self.name, self._where, degraded)
 
     def _reconcile_quietly(self) -> None:
         try:
@@ -906,7 +911,6 @@ def _parse_url(url: str) -> tuple[bool, bool, str]:
 
 
 def _check_number(name: str, value, *, positive: bool) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
-            or value < 0 or (positive and value == 0):
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0 or (positive and value == 0):
         want = "a positive" if positive else "a non-negative"
         raise ValueError(f"{name} must be {want} finite number, got {value!r}")

@@ -29,18 +29,46 @@ BLOCK_N = 32  # keys per tile
 
 @triton.jit
 def _attend_kernel(
-    Q, K, V, IDX, BT, LEN, SEQ_ORDER, NODE_START, O, L,
-    scale, num_kv_heads, group_size, per_split, block_tokens, num_indices,
-    s_qb, s_qh,
-    s_kn, s_kh, s_kt,
-    s_vn, s_vh, s_vt,
-    s_in, s_ih,
+    Q,
+    K,
+    V,
+    IDX,
+    BT,
+    LEN,
+    SEQ_ORDER,
+    NODE_START,
+    O,
+    L,
+    scale,
+    num_kv_heads,
+    group_size,
+    per_split,
+    block_tokens,
+    num_indices,
+    s_qb,
+    s_qh,
+    s_kn,
+    s_kh,
+    s_kt,
+    s_vn,
+    s_vh,
+    s_vt,
+    s_in,
+    s_ih,
     s_bt,
-    s_os, s_ob, s_oh,
-    s_ls, s_lb,
-    HEAD_DIM: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-    HAS_INDICES: tl.constexpr, PAGED: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    s_os,
+    s_ob,
+    s_oh,
+    s_ls,
+    s_lb,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_S: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    HAS_INDICES: tl.constexpr,
+    PAGED: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
 ):
     pid = tl.program_id(0)
     row_block = tl.program_id(1)
@@ -58,8 +86,9 @@ def _attend_kernel(
         qh = h * group_size + rows % group_size
         d = tl.arange(0, BLOCK_D)
         dmask = d < HEAD_DIM
-        q = tl.load(Q + seq[:, None] * s_qb + qh[:, None] * s_qh + d[None, :],
-                    mask=row_ok[:, None] & dmask[None, :], other=0.0).to(tl.float32)  # [M, D]
+        q = tl.load(Q + seq[:, None] * s_qb + qh[:, None] * s_qh + d[None, :], mask=row_ok[:, None] & dmask[None, :], other=0.0).to(
+            tl.float32
+        )  # [M, D]
 
         if HAS_INDICES:
             num_keys = num_indices
@@ -97,8 +126,7 @@ def _attend_kernel(
             m_i, l_i, acc = online_softmax_step(s, v, m_i, l_i, acc, DOT_PRECISION)
 
         o, lse = finalize_softmax(m_i, l_i, acc)
-        tl.store(O + split * s_os + seq[:, None] * s_ob + qh[:, None] * s_oh + d[None, :], o,
-                 mask=row_ok[:, None] & dmask[None, :])
+        tl.store(O + split * s_os + seq[:, None] * s_ob + qh[:, None] * s_oh + d[None, :], o, mask=row_ok[:, None] & dmask[None, :])
         tl.store(L + split * s_ls + seq * s_lb + qh, lse, mask=row_ok)
 
 
@@ -152,18 +180,45 @@ def attend_partials(
     length = lengths if lengths is not None else dummy
     grid = (num_nodes * num_kv_heads, num_row_blocks, num_splits)
     _attend_kernel[grid](
-        q, k, v, idx, bt, length, seq_order, node_start, o, lse,
-        float(scale), num_kv_heads, group_size, per_split, block_tokens, max_keys,
-        q.stride(0), q.stride(1),
-        k.stride(0), k.stride(1), k.stride(2),
-        v.stride(0), v.stride(1), v.stride(2),
-        idx.stride(0) if indices is not None else 0, idx.stride(1) if indices is not None else 0,
+        q,
+        k,
+        v,
+        idx,
+        bt,
+        length,
+        seq_order,
+        node_start,
+        o,
+        lse,
+        float(scale),
+        num_kv_heads,
+        group_size,
+        per_split,
+        block_tokens,
+        max_keys,
+        q.stride(0),
+        q.stride(1),
+        k.stride(0),
+        k.stride(1),
+        k.stride(2),
+        v.stride(0),
+        v.stride(1),
+        v.stride(2),
+        idx.stride(0) if indices is not None else 0,
+        idx.stride(1) if indices is not None else 0,
         bt.stride(0) if block_table is not None else 0,
-        o.stride(0), o.stride(1), o.stride(2),
-        lse.stride(0), lse.stride(1),
-        HEAD_DIM=head_dim, BLOCK_S=rows_per_program, BLOCK_M=block_dim(rows_per_program * group_size),
-        BLOCK_N=BLOCK_N, BLOCK_D=triton.next_power_of_2(head_dim),
-        HAS_INDICES=indices is not None, PAGED=block_table is not None,
+        o.stride(0),
+        o.stride(1),
+        o.stride(2),
+        lse.stride(0),
+        lse.stride(1),
+        HEAD_DIM=head_dim,
+        BLOCK_S=rows_per_program,
+        BLOCK_M=block_dim(rows_per_program * group_size),
+        BLOCK_N=BLOCK_N,
+        BLOCK_D=triton.next_power_of_2(head_dim),
+        HAS_INDICES=indices is not None,
+        PAGED=block_table is not None,
         DOT_PRECISION=dot_precision(q.dtype),
     )
     return o, lse

@@ -16,8 +16,7 @@ BLOCK_R = 16
 
 
 @triton.jit
-def _merge_states_kernel(OA, LA, OB, LB, O, L, num_rows, head_dim,
-                         BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
+def _merge_states_kernel(OA, LA, OB, LB, O, L, num_rows, head_dim, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
     rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
     cols = tl.arange(0, BLOCK_D)
     rmask = rows < num_rows
@@ -41,8 +40,7 @@ def _merge_states_kernel(OA, LA, OB, LB, O, L, num_rows, head_dim,
 
 
 @triton.jit
-def _merge_states_n_kernel(OS, LS, O, L, num_states, num_rows, head_dim,
-                           BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
+def _merge_states_n_kernel(OS, LS, O, L, num_states, num_rows, head_dim, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
     rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
     cols = tl.arange(0, BLOCK_D)
     rmask = rows < num_rows
@@ -84,8 +82,7 @@ def merge_states_triton(o_a: torch.Tensor, lse_a: torch.Tensor, o_b: torch.Tenso
     lse = torch.empty_like(la)
     if num_rows:
         grid = (triton.cdiv(num_rows, BLOCK_R),)
-        _merge_states_kernel[grid](oa, la, ob, lb, o, lse, num_rows, head_dim,
-                                   BLOCK_R=BLOCK_R, BLOCK_D=triton.next_power_of_2(head_dim))
+        _merge_states_kernel[grid](oa, la, ob, lb, o, lse, num_rows, head_dim, BLOCK_R=BLOCK_R, BLOCK_D=triton.next_power_of_2(head_dim))
     return o.view(o_a.shape), lse.view(lse_a.shape)
 
 
@@ -99,6 +96,7 @@ def merge_states_n_triton(o: torch.Tensor, lse: torch.Tensor, out_dtype: torch.d
     out_lse = torch.empty((num_rows,), dtype=torch.float32, device=o.device)
     if num_rows:
         grid = (triton.cdiv(num_rows, BLOCK_R),)
-        _merge_states_n_kernel[grid](os_, ls, out, out_lse, num_states, num_rows, head_dim,
-                                     BLOCK_R=BLOCK_R, BLOCK_D=triton.next_power_of_2(head_dim))
+        _merge_states_n_kernel[grid](
+            os_, ls, out, out_lse, num_states, num_rows, head_dim, BLOCK_R=BLOCK_R, BLOCK_D=triton.next_power_of_2(head_dim)
+        )
     return out.view(o.shape[1:]), out_lse.view(lse.shape[1:])

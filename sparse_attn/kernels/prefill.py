@@ -20,11 +20,37 @@ BLOCK = 64
 
 @triton.jit
 def _block_sparse_prefill_kernel(
-    Q, K, V, O, L, COLM, DIAGM, VIDX, VCNT, DELTAS, BIDS,
-    num_tokens, num_qblocks, group_size, num_vidx, num_deltas, num_bids, scale,
-    s_qh, s_qt, s_kh, s_kt, s_vh, s_vt, s_oh, s_ot,
-    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
-    IS_BLOCK_MASK: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    Q,
+    K,
+    V,
+    O,
+    L,
+    COLM,
+    DIAGM,
+    VIDX,
+    VCNT,
+    DELTAS,
+    BIDS,
+    num_tokens,
+    num_qblocks,
+    group_size,
+    num_vidx,
+    num_deltas,
+    num_bids,
+    scale,
+    s_qh,
+    s_qt,
+    s_kh,
+    s_kt,
+    s_vh,
+    s_vt,
+    s_oh,
+    s_ot,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    IS_BLOCK_MASK: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
 ):
     qb = tl.program_id(0)  # query blocks on axis 0: CUDA allows 2^31 - 1 there, 65535 on axes 1-2
     h = tl.program_id(1)
@@ -33,8 +59,9 @@ def _block_sparse_prefill_kernel(
     rmask = rows < num_tokens
     d = tl.arange(0, BLOCK_D)
     dmask = d < HEAD_DIM
-    q = tl.load(Q + h * s_qh + rows.to(tl.int64)[:, None] * s_qt + d[None, :],
-                mask=rmask[:, None] & dmask[None, :], other=0.0).to(tl.float32)  # [M, D]
+    q = tl.load(Q + h * s_qh + rows.to(tl.int64)[:, None] * s_qt + d[None, :], mask=rmask[:, None] & dmask[None, :], other=0.0).to(
+        tl.float32
+    )  # [M, D]
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
@@ -82,8 +109,7 @@ def _block_sparse_prefill_kernel(
             m_i, l_i, acc = online_softmax_step(s, v, m_i, l_i, acc, DOT_PRECISION)
 
     o, lse = finalize_softmax(m_i, l_i, acc)
-    tl.store(O + h * s_oh + rows.to(tl.int64)[:, None] * s_ot + d[None, :], o.to(O.dtype.element_ty),
-             mask=rmask[:, None] & dmask[None, :])
+    tl.store(O + h * s_oh + rows.to(tl.int64)[:, None] * s_ot + d[None, :], o.to(O.dtype.element_ty), mask=rmask[:, None] & dmask[None, :])
     tl.store(L + h64 * num_tokens + rows, lse, mask=rmask)
 
 
@@ -110,10 +136,36 @@ def block_sparse_prefill_plan_triton(q: torch.Tensor, k: torch.Tensor, v: torch.
         bids = deltas
         num_vidx, num_deltas, num_bids = vidx.shape[-1], deltas.shape[-1], 0
     _block_sparse_prefill_kernel[(nqb, H_q)](
-        q, k, v, o, lse, colm, diagm, vidx, vcnt, deltas, bids,
-        T, nqb, H_q // k.shape[0], num_vidx, num_deltas, num_bids, float(scale),
-        q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), o.stride(0), o.stride(1),
-        HEAD_DIM=D, BLOCK_M=BLOCK, BLOCK_D=triton.next_power_of_2(D),
-        IS_BLOCK_MASK=plan.is_block_mask, DOT_PRECISION=dot_precision(q.dtype),
+        q,
+        k,
+        v,
+        o,
+        lse,
+        colm,
+        diagm,
+        vidx,
+        vcnt,
+        deltas,
+        bids,
+        T,
+        nqb,
+        H_q // k.shape[0],
+        num_vidx,
+        num_deltas,
+        num_bids,
+        float(scale),
+        q.stride(0),
+        q.stride(1),
+        k.stride(0),
+        k.stride(1),
+        v.stride(0),
+        v.stride(1),
+        o.stride(0),
+        o.stride(1),
+        HEAD_DIM=D,
+        BLOCK_M=BLOCK,
+        BLOCK_D=triton.next_power_of_2(D),
+        IS_BLOCK_MASK=plan.is_block_mask,
+        DOT_PRECISION=dot_precision(q.dtype),
     )
     return o, lse

@@ -74,8 +74,11 @@ def merge_states_n_args(case: Case):
 def _indices(case, B, T, lengths):
     K = 0 if case.variant == "empty" and case.H_kv == 2 else min(T, 7 + case.T // 3)
     g = _g(case, 7)
-    idx = torch.stack([torch.stack([torch.randperm(int(lengths[b]), generator=g)[:K] for _ in range(case.H_kv)])
-                       for b in range(B)]) if K else torch.zeros(B, case.H_kv, 0, dtype=torch.int64)
+    idx = (
+        torch.stack([torch.stack([torch.randperm(int(lengths[b]), generator=g)[:K] for _ in range(case.H_kv)]) for b in range(B)])
+        if K
+        else torch.zeros(B, case.H_kv, 0, dtype=torch.int64)
+    )
     if idx.shape[-1] < K:  # a short sequence: pad
         idx = torch.nn.functional.pad(idx, (0, K - idx.shape[-1]), value=-1)
     if case.variant == "padding" and K:
@@ -102,10 +105,13 @@ def sparse_decode_paged_args(case: Case):
     q = _randn(case, B, case.G * case.H_kv, case.D, seed=6)
     pool = _randn(case, N, L, 2, case.H_kv, P, case.D, seed=7)
     max_blocks = -(-case.T // P)
-    table = torch.randperm(N, generator=_g(case, 8))[: 2 * max_blocks].view(2, max_blocks) if 2 * max_blocks <= N \
+    table = (
+        torch.randperm(N, generator=_g(case, 8))[: 2 * max_blocks].view(2, max_blocks)
+        if 2 * max_blocks <= N
         else torch.randint(0, N, (2, max_blocks), generator=_g(case, 8))
+    )
     lengths = torch.tensor([case.T, max(1, case.T - 17)])
-    table[1, -(-int(lengths[1]) // P):] = -1  # unused table entries
+    table[1, -(-int(lengths[1]) // P) :] = -1  # unused table entries
     indices = None if case.variant == "plain" else _indices(case, B, case.T, lengths)
     return (q, pool, table, indices, lengths, 1, None, _split(case))
 
@@ -130,7 +136,8 @@ def block_sparse_prefill_args(case: Case):
     kinds = {
         "plain": lambda: AShape(sink_tokens=3, window_tokens=20),
         "padding": lambda: VerticalSlash(
-            torch.tensor([[-1, 2, 70, T - 1]]).repeat(H_q, 1), torch.tensor([[0, -1, 5, 64, 90]]).repeat(H_q, 1)),
+            torch.tensor([[-1, 2, 70, T - 1]]).repeat(H_q, 1), torch.tensor([[0, -1, 5, 64, 90]]).repeat(H_q, 1)
+        ),
         "empty": lambda: VerticalSlash(torch.full((H_q, 2), -1), torch.tensor([[3, -1]]).repeat(H_q, 1)),  # rows < 3 empty
         "split": lambda: block_sparse_pattern(q, k, 1),
     }

@@ -21,8 +21,11 @@ CONFIGS = {
     "lfu": [{}],
     "s3fifo": [{}, {"small_ratio": 0.3, "ghost_ratio": 2.0, "max_freq": 2, "promote_threshold": 2}],
     "cost": [{}, {"alpha": 2.0}],
-    "tenant_fair": [{}, {"inner": "s3fifo", "inner_options": {"small_ratio": 0.5}, "weights": {"a": 2.0}},
-                    {"inner": "cost", "default_weight": 0.5}],
+    "tenant_fair": [
+        {},
+        {"inner": "s3fifo", "inner_options": {"small_ratio": 0.5}, "weights": {"a": 2.0}},
+        {"inner": "cost", "default_weight": 0.5},
+    ],
 }
 CASES = [pytest.param(name, opts, id=f"{name}-{i}") for name, optss in CONFIGS.items() for i, opts in enumerate(optss)]
 
@@ -122,7 +125,7 @@ def test_evicting_in_order_keeps_the_order(name, options, seq):
     for i, victim in enumerate(order):
         p.on_remove(victim)
         assert victim not in p
-        assert p.candidates(NUM_KEYS) == order[i + 1:]
+        assert p.candidates(NUM_KEYS) == order[i + 1 :]
 
 
 @pytest.mark.parametrize("name,options", CASES)
@@ -180,10 +183,19 @@ def test_reinsert_is_an_access_and_remove_is_honoured(name, options):
 
 
 @pytest.mark.parametrize("name,options", CASES)
-@pytest.mark.parametrize("bad", [
-    dict(key="not bytes"), dict(key=bytearray(32)), dict(nbytes=-1), dict(nbytes=True), dict(nbytes=1.0),
-    dict(depth=-1), dict(depth=None), dict(tenant=None),
-])
+@pytest.mark.parametrize(
+    "bad",
+    [
+        dict(key="not bytes"),
+        dict(key=bytearray(32)),
+        dict(nbytes=-1),
+        dict(nbytes=True),
+        dict(nbytes=1.0),
+        dict(depth=-1),
+        dict(depth=None),
+        dict(tenant=None),
+    ],
+)
 def test_bad_insert_arguments_are_value_errors(name, options, bad):
     p = get_policy(name, **options)
     args = dict(key=KEYS[0], nbytes=10, depth=0, tenant="") | bad

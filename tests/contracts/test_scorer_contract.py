@@ -40,8 +40,9 @@ def make_inputs(seed: int, B: int, H_kv: int, group: int, T: int, W: int, D: int
     return ScoreInputs(k, v, q, layer=layer, num_layers=num_layers)
 
 
-shapes = st.tuples(st.integers(0, 10_000), st.integers(1, 2), st.integers(1, 3), st.sampled_from([1, 3]),
-                   st.integers(20, 90), st.integers(1, 6))
+shapes = st.tuples(
+    st.integers(0, 10_000), st.integers(1, 2), st.integers(1, 3), st.sampled_from([1, 3]), st.integers(20, 90), st.integers(1, 6)
+)
 
 
 @pytest.mark.parametrize("name,options", CASES)

@@ -20,8 +20,12 @@ CONFIGS = {
     "topk_exact": [{}],
     "tokenselect": [{}, {"scale": 0.5}],
     "quest": [{}, {"page_tokens": 8}, {"refine": 4}],
-    "ann": [{"backend": "exact"}, {"backend": "flat"}, {"backend": "hnsw", "index_options": {"m": 8, "ef_search": 32}},
-            {"backend": "ivf", "index_options": {"nlist": 8, "nprobe": 2, "min_train": 64}}],
+    "ann": [
+        {"backend": "exact"},
+        {"backend": "flat"},
+        {"backend": "hnsw", "index_options": {"m": 8, "ef_search": 32}},
+        {"backend": "ivf", "index_options": {"nlist": 8, "nprobe": 2, "min_train": 64}},
+    ],
     "centroids": [{}, {"tokens_per_cluster": 8, "hierarchical_above": 8, "coarse_keep": 0.5}],
     "sink_window": [{}],
 }

@@ -63,16 +63,31 @@ def test_registry_names_and_errors():
         get_policy("s3fifo", small=0.1)
 
 
-@pytest.mark.parametrize("name,options", [
-    ("s3fifo", {"small_ratio": 0.0}), ("s3fifo", {"small_ratio": 1.0}), ("s3fifo", {"small_ratio": "0.1"}),
-    ("s3fifo", {"ghost_ratio": -0.1}), ("s3fifo", {"max_freq": 0}), ("s3fifo", {"max_freq": 2.0}),
-    ("s3fifo", {"promote_threshold": 4}), ("s3fifo", {"max_freq": 2, "promote_threshold": 3}),
-    ("cost", {"alpha": -1.0}), ("cost", {"alpha": float("nan")}), ("cost", {"alpha": float("inf")}),
-    ("tenant_fair", {"inner": "nope"}), ("tenant_fair", {"inner": "tenant_fair"}), ("tenant_fair", {"inner": 3}),
-    ("tenant_fair", {"inner": "cost", "inner_options": {"alpha": -1}}), ("tenant_fair", {"inner_options": {"x": 1}}),
-    ("tenant_fair", {"weights": {"a": 0}}), ("tenant_fair", {"weights": {1: 1.0}}), ("tenant_fair", {"weights": [1]}),
-    ("tenant_fair", {"default_weight": 0.0}),
-])
+@pytest.mark.parametrize(
+    "name,options",
+    [
+        ("s3fifo", {"small_ratio": 0.0}),
+        ("s3fifo", {"small_ratio": 1.0}),
+        ("s3fifo", {"small_ratio": "0.1"}),
+        ("s3fifo", {"ghost_ratio": -0.1}),
+        ("s3fifo", {"max_freq": 0}),
+        ("s3fifo", {"max_freq": 2.0}),
+        ("s3fifo", {"promote_threshold": 4}),
+        ("s3fifo", {"max_freq": 2, "promote_threshold": 3}),
+        ("cost", {"alpha": -1.0}),
+        ("cost", {"alpha": float("nan")}),
+        ("cost", {"alpha": float("inf")}),
+        ("tenant_fair", {"inner": "nope"}),
+        ("tenant_fair", {"inner": "tenant_fair"}),
+        ("tenant_fair", {"inner": 3}),
+        ("tenant_fair", {"inner": "cost", "inner_options": {"alpha": -1}}),
+        ("tenant_fair", {"inner_options": {"x": 1}}),
+        ("tenant_fair", {"weights": {"a": 0}}),
+        ("tenant_fair", {"weights": {1: 1.0}}),
+        ("tenant_fair", {"weights": [1]}),
+        ("tenant_fair", {"default_weight": 0.0}),
+    ],
+)
 def test_bad_options_are_value_errors(name, options):
     with pytest.raises(ValueError):
         get_policy(name, **options)
@@ -315,12 +330,16 @@ class NaiveS3FIFO:
 
 
 NAIVE_KEYS = [bytes([i]) * 32 for i in range(8)]
-naive_ops = st.lists(st.one_of(
-    st.tuples(st.just("insert"), st.integers(0, 7), st.sampled_from([1, 2, 5])),
-    st.tuples(st.just("access"), st.integers(0, 7)),
-    st.tuples(st.just("remove"), st.integers(0, 7)),
-    st.tuples(st.just("evict"), st.integers(0, 2)),
-), min_size=15, max_size=80)
+naive_ops = st.lists(
+    st.one_of(
+        st.tuples(st.just("insert"), st.integers(0, 7), st.sampled_from([1, 2, 5])),
+        st.tuples(st.just("access"), st.integers(0, 7)),
+        st.tuples(st.just("remove"), st.integers(0, 7)),
+        st.tuples(st.just("evict"), st.integers(0, 2)),
+    ),
+    min_size=15,
+    max_size=80,
+)
 
 
 @pytest.mark.parametrize("options", [{}, {"small_ratio": 0.4, "ghost_ratio": 0.5, "max_freq": 2, "promote_threshold": 2}])
@@ -418,12 +437,18 @@ class NaiveGreedyDual:
 
 
 @settings(max_examples=60, deadline=None)
-@given(seq=st.lists(st.one_of(
-    st.tuples(st.just("insert"), st.integers(0, 7), st.sampled_from([0, 1, 3, 64]), st.integers(0, 9)),
-    st.tuples(st.just("access"), st.integers(0, 7)),
-    st.tuples(st.just("remove"), st.integers(0, 7)),
-    st.tuples(st.just("evict"), st.integers(0, 2)),
-), min_size=10, max_size=60))
+@given(
+    seq=st.lists(
+        st.one_of(
+            st.tuples(st.just("insert"), st.integers(0, 7), st.sampled_from([0, 1, 3, 64]), st.integers(0, 9)),
+            st.tuples(st.just("access"), st.integers(0, 7)),
+            st.tuples(st.just("remove"), st.integers(0, 7)),
+            st.tuples(st.just("evict"), st.integers(0, 2)),
+        ),
+        min_size=10,
+        max_size=60,
+    )
+)
 def test_cost_matches_a_direct_implementation(seq):
     p, ref = CostAwarePolicy(alpha=0.7), NaiveGreedyDual(0.7)
     for op in seq:
@@ -445,8 +470,11 @@ def test_cost_matches_a_direct_implementation(seq):
 
 # -- the indexed heap under the cost and tenant policies ------------------------------------
 @settings(max_examples=60, deadline=None)
-@given(seq=st.lists(st.tuples(st.sampled_from(["push", "update", "remove"]), st.integers(0, 30), st.integers(0, 50)),
-                    min_size=20, max_size=120))
+@given(
+    seq=st.lists(
+        st.tuples(st.sampled_from(["push", "update", "remove"]), st.integers(0, 30), st.integers(0, 50)), min_size=20, max_size=120
+    )
+)
 def test_indexed_heap_keeps_order_and_positions(seq):
     heap, live = IndexedHeap(), {}
     for step, (kind, i, prio) in enumerate(seq):

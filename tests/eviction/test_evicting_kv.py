@@ -35,8 +35,18 @@ def dense(q, k, v, start, allowed=None):
 
 
 def make(mode="drop", budget=24, recall=None, recall_budget=256, **kw):
-    return EvictingKV(Compressor("snapkv", budget=budget, sink_tokens=2, window_tokens=4), num_layers=2, num_q_heads=Hq,
-                      num_kv_heads=H, head_dim=D, mode=mode, observation_window=8, recall=recall, recall_budget=recall_budget, **kw)
+    return EvictingKV(
+        Compressor("snapkv", budget=budget, sink_tokens=2, window_tokens=4),
+        num_layers=2,
+        num_q_heads=Hq,
+        num_kv_heads=H,
+        head_dim=D,
+        mode=mode,
+        observation_window=8,
+        recall=recall,
+        recall_budget=recall_budget,
+        **kw,
+    )
 
 
 def run(kv, q, k, v, chunks):
@@ -96,8 +106,16 @@ def test_demote_with_a_small_recall_budget_recalls_the_best_tokens():
     recall = get_selector("topk_exact", num_sink=0, num_recent=0)
     res = {}
     for mode in ("drop", "demote"):
-        kv = EvictingKV(Compressor("streaming_llm", budget=8, sink_tokens=2, window_tokens=6), num_layers=1, num_q_heads=Hq,
-                        num_kv_heads=H, head_dim=D, mode=mode, recall=recall if mode == "demote" else None, recall_budget=1)
+        kv = EvictingKV(
+            Compressor("streaming_llm", budget=8, sink_tokens=2, window_tokens=6),
+            num_layers=1,
+            num_q_heads=Hq,
+            num_kv_heads=H,
+            head_dim=D,
+            mode=mode,
+            recall=recall if mode == "demote" else None,
+            recall_budget=1,
+        )
         run(kv, q, k, v, [39])
         kv.compress()
         qq = torch.zeros(Hq, 1, D)
@@ -117,8 +135,14 @@ def test_trigger_bounds_the_fast_tier_during_a_chunked_prefill():
 
 def test_lower_tier_is_bounded():
     q, k, v = seq(120, seed=5)
-    kv = make("demote", budget=10, trigger_tokens=20, recall=get_selector("topk_exact", num_sink=0, num_recent=0),
-              recall_budget=8, max_demoted_tokens=30)
+    kv = make(
+        "demote",
+        budget=10,
+        trigger_tokens=20,
+        recall=get_selector("topk_exact", num_sink=0, num_recent=0),
+        recall_budget=8,
+        max_demoted_tokens=30,
+    )
     run(kv, q, k, v, list(range(10, 121, 10)))
     assert max(kv.demoted_tokens(0)) <= 30 and kv.stats.dropped_from_lower_tier > 0
     for h in range(H):
@@ -187,9 +211,18 @@ def test_recall_state_is_extended_not_rebuilt_and_selects_as_a_fresh_one(selecto
 
 def test_ragged_demotion_rebuilds_the_recall_state():
     q, k, v = seq(120, seed=7)
-    kv = EvictingKV(Compressor("snapkv", budget=20, sink_tokens=2, window_tokens=4, head_budgets="adaptive"), num_layers=1,
-                    num_q_heads=Hq, num_kv_heads=H, head_dim=D, mode="demote", observation_window=8, trigger_tokens=28,
-                    recall=get_selector("quest", num_sink=0, num_recent=0), recall_budget=8)
+    kv = EvictingKV(
+        Compressor("snapkv", budget=20, sink_tokens=2, window_tokens=4, head_budgets="adaptive"),
+        num_layers=1,
+        num_q_heads=Hq,
+        num_kv_heads=H,
+        head_dim=D,
+        mode="demote",
+        observation_window=8,
+        trigger_tokens=28,
+        recall=get_selector("quest", num_sink=0, num_recent=0),
+        recall_budget=8,
+    )
     run(kv, q, k, v, list(range(8, 121, 8)))
     if len(set(kv.demoted_tokens(0))) > 1:  # heads demoted different counts at some point
         assert kv.stats.recall_builds > 1

@@ -6,8 +6,7 @@ from bench import fidelity
 
 
 def _run(method, ratio, tokens, depth, key, ok):
-    return {"method": method, "ratio": ratio, "tokens": tokens, "depth": depth, "key": key, "answer": key if ok else "x",
-            "correct": ok}
+    return {"method": method, "ratio": ratio, "tokens": tokens, "depth": depth, "key": key, "answer": key if ok else "x", "correct": ok}
 
 
 def _runs():
@@ -35,12 +34,23 @@ def test_render_from_saved_figures():
     prompts, rows = _runs()
     methods = ["kvpress:knorm", "kvtier-drop:knorm"]
     acc, _ = fidelity.summarise(rows, [0.5, 0.9], methods)
-    figures = {"quick": False, "partial": False, "recall_budget": 256, "recall_selector": "ann", "sinks": 4, "window": 64,
-               "head_profile": {"retrieval": [[1, 0, 1], [0, 0, 1]]},
-               "prompts": [{"tokens": t, "depth": d, "key": k} for t, d, k in prompts],
-               "accuracy": acc, "drop_vs_kvpress": fidelity.paired(rows, ["knorm"], [0.5, 0.9]), "runs": rows,
-               "perplexity": [{"mode": "full", "ratio": 0.0, "scorer": "snapkv", "tokens": 512, "perplexity": 10.0, "max_fast_tokens": 512},
-                              {"mode": "drop", "ratio": 0.5, "scorer": "snapkv", "tokens": 512, "perplexity": 10.5, "max_fast_tokens": 256}]}
+    figures = {
+        "quick": False,
+        "partial": False,
+        "recall_budget": 256,
+        "recall_selector": "ann",
+        "sinks": 4,
+        "window": 64,
+        "head_profile": {"retrieval": [[1, 0, 1], [0, 0, 1]]},
+        "prompts": [{"tokens": t, "depth": d, "key": k} for t, d, k in prompts],
+        "accuracy": acc,
+        "drop_vs_kvpress": fidelity.paired(rows, ["knorm"], [0.5, 0.9]),
+        "runs": rows,
+        "perplexity": [
+            {"mode": "full", "ratio": 0.0, "scorer": "snapkv", "tokens": 512, "perplexity": 10.0, "max_fast_tokens": 512},
+            {"mode": "drop", "ratio": 0.5, "scorer": "snapkv", "tokens": 512, "perplexity": 10.5, "max_fast_tokens": 256},
+        ],
+    }
     md = fidelity.render(figures)
     assert "3 prompts (2000, 6000 tokens" in md
     assert "duo: 3/6 retrieval heads" in md

@@ -15,6 +15,7 @@ pytestmark = pytest.mark.slow
 def harness():
     pytest.importorskip("transformers", reason="the reference model needs transformers (make setup installs it)")
     from bench import fidelity, refmodel
+
     torch.set_num_threads(2)
     model, tok = refmodel.load_model()
     return fidelity, refmodel, model, tok

@@ -181,7 +181,7 @@ def test_gather_and_evicted_ids_split_the_cache():
     for h in range(2):
         ids = kept[0, h][kept[0, h] >= 0]
         assert torch.equal(kk[0, h, : len(ids)], k[0, h, ids]) and torch.equal(vv[0, h, : len(ids)], v[0, h, ids])
-        assert bool((kk[0, h, len(ids):] == 0).all())
+        assert bool((kk[0, h, len(ids) :] == 0).all())
         assert sorted(ids.tolist() + ev[0, h][ev[0, h] >= 0].tolist()) == list(range(30))
     assert lengths.tolist() == [[int((kept[0, h] >= 0).sum()) for h in range(2)]]
 
@@ -209,15 +209,18 @@ def test_window_attention_with_lengths_is_each_heads_own_causal_window():
     assert torch.allclose(got[:, 2:, :, :12], want, atol=1e-6) and bool((got[:, 2:, :, 12:] == 0).all())
 
 
-@pytest.mark.parametrize("kwargs,match", [
-    ({}, "exactly one of ratio and budget"),
-    ({"ratio": 0.5, "budget": 3}, "exactly one"),
-    ({"ratio": 1.0}, "ratio must be < 1"),
-    ({"ratio": -0.1}, "ratio"),
-    ({"budget": 0}, "budget"),
-    ({"budget": 4, "sink_tokens": -1}, "sink_tokens"),
-    ({"budget": 4, "head_budgets": "greedy"}, "head_budgets"),
-])
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        ({}, "exactly one of ratio and budget"),
+        ({"ratio": 0.5, "budget": 3}, "exactly one"),
+        ({"ratio": 1.0}, "ratio must be < 1"),
+        ({"ratio": -0.1}, "ratio"),
+        ({"budget": 0}, "budget"),
+        ({"budget": 4, "sink_tokens": -1}, "sink_tokens"),
+        ({"budget": 4, "head_budgets": "greedy"}, "head_budgets"),
+    ],
+)
 def test_bad_compressor_options_are_value_errors(kwargs, match):
     with pytest.raises(ValueError, match=match):
         Compressor("knorm", **kwargs)

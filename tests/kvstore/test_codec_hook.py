@@ -16,7 +16,9 @@ from kvtier.kvstore.codecs import get_codec
 from kvtier.kvstore.codecs.kivi import KiviCodec
 
 L, H, D, BT = 2, 2, 16, 32
-MODEL = SimpleNamespace(config=SimpleNamespace(num_hidden_layers=L, num_key_value_heads=H, head_dim=D, hidden_size=64, num_attention_heads=4))
+MODEL = SimpleNamespace(
+    config=SimpleNamespace(num_hidden_layers=L, num_key_value_heads=H, head_dim=D, hidden_size=64, num_attention_heads=4)
+)
 SPEC = KVSpec(refmodel.MODEL_ID, L, H, D, "float16", BT)
 
 

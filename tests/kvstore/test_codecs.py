@@ -46,7 +46,9 @@ def test_registry_names_every_codec_and_stage():
     assert get_codec("int8+zstd+lz4").name == "int8+zstd+lz4"
 
 
-@pytest.mark.parametrize("name, match", [("", "non-empty"), ("kivi3", "unknown codec"), ("kivi4+gzip", "unknown lossless stage"), ("zstd", "unknown codec")])
+@pytest.mark.parametrize(
+    "name, match", [("", "non-empty"), ("kivi3", "unknown codec"), ("kivi4+gzip", "unknown lossless stage"), ("zstd", "unknown codec")]
+)
 def test_unknown_names_are_value_errors(name, match):
     with pytest.raises(ValueError, match=match):
         get_codec(name)
@@ -159,7 +161,11 @@ def test_sink_and_residual_tokens_are_bit_exact(sink, residual, bits, rotate):
             for kv, axis in ((0, "tokens"), (1, "channels")):
                 x = block[:, kv, :, sink : T - residual]  # [L, H, middle, D]
                 ss = kivi.stats_shape(tuple(x.shape), 8, axis)
-                parts = [torch.empty(*x.shape[:3], packed_len(x.shape[3], bits), dtype=torch.uint8), torch.empty(ss, dtype=torch.float16), torch.empty(ss, dtype=torch.float16)]
+                parts = [
+                    torch.empty(*x.shape[:3], packed_len(x.shape[3], bits), dtype=torch.uint8),
+                    torch.empty(ss, dtype=torch.float16),
+                    torch.empty(ss, dtype=torch.float16),
+                ]
                 kivi.quantize_torch(x, bits, 8, axis, *parts)
                 want = torch.empty_like(x)
                 kivi.dequantize_torch(*parts, bits, 8, axis, want)
@@ -175,7 +181,12 @@ def test_sink_and_residual_must_fit_the_block():
     with pytest.raises(ValueError, match="sink_tokens \\+ residual_tokens"):
         KiviCodec(4, sink_tokens=33).bits_per_element(SPEC)
     payload, meta = KiviCodec(4, sink_tokens=4).encode(kv_like(SPEC), SPEC)
-    for bad in ({**meta, "sink": 40}, {**meta, "sink": -1}, {**meta, "sink": 30, "residual": 3}, {k: v for k, v in meta.items() if k != "sink"}):
+    for bad in (
+        {**meta, "sink": 40},
+        {**meta, "sink": -1},
+        {**meta, "sink": 30, "residual": 3},
+        {k: v for k, v in meta.items() if k != "sink"},
+    ):
         with pytest.raises(ValueError):
             get_codec("kivi4").decode(payload, bad, SPEC)
 

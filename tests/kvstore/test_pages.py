@@ -169,8 +169,12 @@ def test_blocks_without_a_paged_codec_have_no_layout(make_tier):
 
 # -- the store ----------------------------------------------------------------------------------
 def _store(tmp_path, host_codec="paged", host_bytes=64 << 20):
-    return TieredStore([TierConfig(HostTier(host_bytes, codec=host_codec)),
-                        TierConfig(DiskTier(tmp_path / "d", 256 << 20, codec="paged"), write_through=True)])
+    return TieredStore(
+        [
+            TierConfig(HostTier(host_bytes, codec=host_codec)),
+            TierConfig(DiskTier(tmp_path / "d", 256 << 20, codec="paged"), write_through=True),
+        ]
+    )
 
 
 def test_store_reads_pieces_from_the_fastest_tier_and_falls_back(tmp_path):

@@ -57,7 +57,9 @@ def test_round_trip_single_node(tier, redis_server):
     assert same(tier.get(ks, spec=SPEC), bs)
     s = tier.stats()
     assert (s.puts, s.blocks, s.bytes, s.hits, s.misses, s.errors) == (5, 5, sum(sizes), 5, 0, 0)
-    assert tier.capabilities == redis_tier.TierCapabilities(device="redis", persistent=True, shared=True, framed=True, iterable=True, range_reads=True)
+    assert tier.capabilities == redis_tier.TierCapabilities(
+        device="redis", persistent=True, shared=True, framed=True, iterable=True, range_reads=True
+    )
 
 
 def test_round_trip_tls(redis_tls_server):
@@ -409,25 +411,28 @@ def redis_servers_free_port():
 
 
 # -- API -------------------------------------------------------------------------------------
-@pytest.mark.parametrize("url, kw", [
-    ("http://127.0.0.1:6379", {}),
-    ("127.0.0.1:6379", {}),
-    ("redis://", {}),
-    ("redis://127.0.0.1:99999", {}),
-    ("redis+cluster://127.0.0.1:7000/3", {}),
-    ("redis://127.0.0.1:6379", {"ttl_s": 0}),
-    ("redis://127.0.0.1:6379", {"ttl_s": -1}),
-    ("redis://127.0.0.1:6379", {"socket_timeout_s": 0}),
-    ("redis://127.0.0.1:6379", {"connect_timeout_s": float("nan")}),
-    ("redis://127.0.0.1:6379", {"retry_interval_s": -1}),
-    ("redis://127.0.0.1:6379", {"max_connections": 0}),
-    ("redis://127.0.0.1:6379", {"capacity_bytes": -1}),
-    ("redis://127.0.0.1:6379", {"codec": "no-such-codec"}),
-    ("redis://127.0.0.1:6379", {"codec": 3}),
-    ("redis://127.0.0.1:6379", {"name": ""}),
-    ("redis://127.0.0.1:6379", {"ssl_ca_certs": "/etc/hostname"}),  # not a TLS url
-    ("rediss://127.0.0.1:6379", {"ssl_ca_certs": "/no/such/ca.pem"}),
-])
+@pytest.mark.parametrize(
+    "url, kw",
+    [
+        ("http://127.0.0.1:6379", {}),
+        ("127.0.0.1:6379", {}),
+        ("redis://", {}),
+        ("redis://127.0.0.1:99999", {}),
+        ("redis+cluster://127.0.0.1:7000/3", {}),
+        ("redis://127.0.0.1:6379", {"ttl_s": 0}),
+        ("redis://127.0.0.1:6379", {"ttl_s": -1}),
+        ("redis://127.0.0.1:6379", {"socket_timeout_s": 0}),
+        ("redis://127.0.0.1:6379", {"connect_timeout_s": float("nan")}),
+        ("redis://127.0.0.1:6379", {"retry_interval_s": -1}),
+        ("redis://127.0.0.1:6379", {"max_connections": 0}),
+        ("redis://127.0.0.1:6379", {"capacity_bytes": -1}),
+        ("redis://127.0.0.1:6379", {"codec": "no-such-codec"}),
+        ("redis://127.0.0.1:6379", {"codec": 3}),
+        ("redis://127.0.0.1:6379", {"name": ""}),
+        ("redis://127.0.0.1:6379", {"ssl_ca_certs": "/etc/hostname"}),  # not a TLS url
+        ("rediss://127.0.0.1:6379", {"ssl_ca_certs": "/no/such/ca.pem"}),
+    ],
+)
 def test_bad_options_raise_value_error(url, kw):
     with pytest.raises(ValueError):
         RedisTier(url, **kw)
@@ -450,7 +455,7 @@ def test_bad_calls_raise_and_change_nothing(tier):
 
 
 @settings(max_examples=60, deadline=None)
-@given(st.lists(st.one_of(st.binary(max_size=40_000), st.text(max_size=20), st.integers(-2**63, 2**63 - 1)), min_size=0, max_size=4))
+@given(st.lists(st.one_of(st.binary(max_size=40_000), st.text(max_size=20), st.integers(-(2**63), 2**63 - 1)), min_size=0, max_size=4))
 def test_packer_writes_what_hiredis_writes(args):
     """The zero-copy packer emits exactly the RESP bytes of redis-py's default (hiredis) packer."""
     cmd = (b"SET", *args)
@@ -459,8 +464,10 @@ def test_packer_writes_what_hiredis_writes(args):
 
 
 def test_packer_splits_a_command_name_with_spaces():
-    assert b"".join(redis_tier._ZeroCopyPacker().pack("CLIENT SETINFO", "LIB-NAME", "x")) == \
-        b"*4\r\n$6\r\nCLIENT\r\n$7\r\nSETINFO\r\n$8\r\nLIB-NAME\r\n$1\r\nx\r\n"
+    assert (
+        b"".join(redis_tier._ZeroCopyPacker().pack("CLIENT SETINFO", "LIB-NAME", "x"))
+        == b"*4\r\n$6\r\nCLIENT\r\n$7\r\nSETINFO\r\n$8\r\nLIB-NAME\r\n$1\r\nx\r\n"
+    )
 
 
 # -- the fixtures' marker semantics -----------------------------------------------------------

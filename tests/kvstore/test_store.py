@@ -98,8 +98,12 @@ def test_write_through_writes_every_tier_at_once(tmp_path):
 def test_refused_write_through_is_written_later(tmp_path):
     host = HostTier(10 * B)
     disk = DiskTier(tmp_path, 2 * (B + 1024))
-    store = TieredStore([TierConfig(host, high_watermark=1.0, low_watermark=1.0),
-                         TierConfig(disk, write_through=True, high_watermark=1.0, low_watermark=1.0)])
+    store = TieredStore(
+        [
+            TierConfig(host, high_watermark=1.0, low_watermark=1.0),
+            TierConfig(disk, write_through=True, high_watermark=1.0, low_watermark=1.0),
+        ]
+    )
     a, b = chain(2, seed=1), chain(2, seed=2)
     store.put(SPEC, a, blocks(2, seed=1))
     lease = store.pin(SPEC, a, ttl_s=60)  # disk is full of pinned blocks: b's write-through is refused
@@ -123,8 +127,11 @@ def test_refused_write_through_is_written_later(tmp_path):
 def test_refused_write_through_list_is_bounded(tmp_path):
     host = HostTier(20 * B)
     disk = DiskTier(tmp_path, B // 2)  # takes nothing
-    store = TieredStore([TierConfig(host, high_watermark=1.0, low_watermark=1.0), TierConfig(disk, write_through=True)],
-                        max_write_through_pending=3, write_through_retry_batch=2)
+    store = TieredStore(
+        [TierConfig(host, high_watermark=1.0, low_watermark=1.0), TierConfig(disk, write_through=True)],
+        max_write_through_pending=3,
+        write_through_retry_batch=2,
+    )
     for i in range(5):
         assert store.put(SPEC, chain(1, seed=40 + i), blocks(1, seed=i)) == [True]
     st = store.stats()["tiers"][1]
@@ -280,7 +287,11 @@ def test_capacities_and_index_invariants_hold(tmp_path_factory, policy, ops):
         store.index.check_invariants()
         for t, tier in enumerate([host, disk]):
             keys = set(tier.keys() if hasattr(tier, "keys") else tier.iter_keys())
-            held = {store.index.key(s) for s in range(len(store.index._keys)) if store.index._keys[s] is not None and store.index.residency(s) & (1 << t)}
+            held = {
+                store.index.key(s)
+                for s in range(len(store.index._keys))
+                if store.index._keys[s] is not None and store.index.residency(s) & (1 << t)
+            }
             assert keys == held
             policy = store._tiers[t].policy  # the policy tracks exactly what the tier holds
             assert len(policy) == len(keys) and all(k in policy for k in keys)

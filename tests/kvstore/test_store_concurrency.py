@@ -177,11 +177,16 @@ def test_concurrent_traffic_keeps_capacities_and_the_index_consistent(tmp_path):
     store.index.check_invariants()
     for t, tier in enumerate([host, disk]):
         keys = set(tier.keys() if hasattr(tier, "keys") else tier.iter_keys())
-        held = {store.index.key(s) for s in range(len(store.index._keys)) if store.index._keys[s] is not None and store.index.residency(s) & (1 << t)}
+        held = {
+            store.index.key(s)
+            for s in range(len(store.index._keys))
+            if store.index._keys[s] is not None and store.index.residency(s) & (1 << t)
+        }
         assert keys == held
         assert len(store._tiers[t].policy) == len(keys)
     st = store.stats()
     assert all(t["bytes"] <= t["capacity_bytes"] for t in st["tiers"])
     assert sum(st["tenant_bytes"].values()) == len(store.index) * B - sum(
-        B for s in range(len(store.index._keys)) if store.index._keys[s] is not None and store.index.residency(s) == 0)
+        B for s in range(len(store.index._keys)) if store.index._keys[s] is not None and store.index.residency(s) == 0
+    )
     store.close()

@@ -26,10 +26,12 @@ def chain(n, seed=0):
 
 
 def make_store(url, host_blocks=2, **redis_kw):
-    return TieredStore([
-        TierConfig(HostTier(host_blocks * B), high_watermark=1.0, low_watermark=1.0),
-        TierConfig(RedisTier(url, **redis_kw), write_through=True),
-    ])
+    return TieredStore(
+        [
+            TierConfig(HostTier(host_blocks * B), high_watermark=1.0, low_watermark=1.0),
+            TierConfig(RedisTier(url, **redis_kw), write_through=True),
+        ]
+    )
 
 
 def test_instances_share_blocks_through_redis(redis_url):

@@ -50,7 +50,11 @@ def test_kivi_kernels_match_the_torch_path(dtype, shape, bits, group):
     for kv_idx, axis in ((0, "tokens"), (1, "channels")):
         x = block[:, kv_idx]  # [L, H, T, D], a strided view as the codec passes it
         ss = kivi.stats_shape((L, H, T, D), group, axis)
-        want = [torch.empty(L, H, T, quant.packed_len(D, bits), dtype=torch.uint8), torch.empty(ss, dtype=torch.float16), torch.empty(ss, dtype=torch.float16)]
+        want = [
+            torch.empty(L, H, T, quant.packed_len(D, bits), dtype=torch.uint8),
+            torch.empty(ss, dtype=torch.float16),
+            torch.empty(ss, dtype=torch.float16),
+        ]
         got = [t.to(DEVICE) for t in want]
         kivi.quantize_torch(x, bits, group, axis, *want)
         tq.kivi_quantize(x.to(DEVICE), bits, group, axis, *got)
@@ -99,9 +103,21 @@ def test_codecs_make_the_same_payload_on_either_path(name, monkeypatch):
 def test_launchers_check_their_buffers():
     x = torch.zeros(1, 1, 8, 8, device=DEVICE)
     with pytest.raises(ValueError, match="codes must be a contiguous torch.uint8"):
-        tq.kivi_quantize(x, 4, 8, "tokens", torch.empty(1, 1, 8, 3, dtype=torch.uint8, device=DEVICE), torch.empty(1, 1, 1, 8, dtype=torch.float16, device=DEVICE), torch.empty(1, 1, 1, 8, dtype=torch.float16, device=DEVICE))
+        tq.kivi_quantize(
+            x,
+            4,
+            8,
+            "tokens",
+            torch.empty(1, 1, 8, 3, dtype=torch.uint8, device=DEVICE),
+            torch.empty(1, 1, 1, 8, dtype=torch.float16, device=DEVICE),
+            torch.empty(1, 1, 1, 8, dtype=torch.float16, device=DEVICE),
+        )
     with pytest.raises(ValueError, match="scale must be"):
-        tq.int8_quantize(torch.zeros(2, 4, 8, device=DEVICE), torch.empty(2, 4, 8, dtype=torch.int8, device=DEVICE), torch.empty(2, 4, dtype=torch.float32, device=DEVICE))
+        tq.int8_quantize(
+            torch.zeros(2, 4, 8, device=DEVICE),
+            torch.empty(2, 4, 8, dtype=torch.int8, device=DEVICE),
+            torch.empty(2, 4, dtype=torch.float32, device=DEVICE),
+        )
 
 
 @pytest.mark.gpu

@@ -17,7 +17,7 @@ def context(n_blocks, seed=0, spec=SPEC):
     """Blocks with a few strongly matching 'needle' pages, and the chain's keys."""
     g = torch.Generator().manual_seed(seed)
     kv = torch.randn(spec.num_layers, 2, spec.num_kv_heads, n_blocks * spec.block_tokens, spec.head_dim, generator=g)
-    blocks = [kv[:, :, :, i * spec.block_tokens:(i + 1) * spec.block_tokens].contiguous() for i in range(n_blocks)]
+    blocks = [kv[:, :, :, i * spec.block_tokens : (i + 1) * spec.block_tokens].contiguous() for i in range(n_blocks)]
     keys = chain_hashes(spec, [(seed * 31 + i) % 50000 for i in range(n_blocks * spec.block_tokens)])
     return kv, blocks, keys
 
@@ -76,8 +76,8 @@ def test_hierarchy_finds_the_needle_pages_and_prunes_blocks(tmp_path):
     q = torch.randn(4, SPEC.head_dim)
     # plant, per KV head, one page whose keys align with that head's queries (block 21, page 2)
     for h in range(2):
-        kv[:, 0, h, 21 * 64 + 32: 21 * 64 + 48] = 3 * q[2 * h] / q[2 * h].norm() * SPEC.head_dim ** 0.5
-    blocks = [kv[:, :, :, i * 64:(i + 1) * 64].contiguous() for i in range(32)]
+        kv[:, 0, h, 21 * 64 + 32 : 21 * 64 + 48] = 3 * q[2 * h] / q[2 * h].norm() * SPEC.head_dim**0.5
+    blocks = [kv[:, :, :, i * 64 : (i + 1) * 64].contiguous() for i in range(32)]
     store = store_for(tmp_path)
     store.put(SPEC, keys, blocks)
     att = TierAttention(store, SPEC, budget=64, candidate_blocks=4, prefetch=False)

@@ -24,7 +24,8 @@ def keyed_server():
     """A server with two tenants, an admin key and a quota for globex."""
     import json
 
-    s = ServiceProcess({"KVTIER_API_KEYS": json.dumps(KEYS), "KVTIER_ADMIN_KEY": ADMIN_KEY,
-                        "KVTIER_QUOTAS": json.dumps({"globex": 64 << 10})})
+    s = ServiceProcess(
+        {"KVTIER_API_KEYS": json.dumps(KEYS), "KVTIER_ADMIN_KEY": ADMIN_KEY, "KVTIER_QUOTAS": json.dumps({"globex": 64 << 10})}
+    )
     yield s
     s.stop()

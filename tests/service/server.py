@@ -26,15 +26,29 @@ SMALL = {  # small tiers: tests fill them quickly
 class ServiceProcess:
     """``python -m service.cli serve`` with the given ``KVTIER_*`` settings; ``url``, ``grpc_target``."""
 
-    def __init__(self, env: dict[str, str] | None = None, *, grpc: bool = False, data_dir: str | None = None,
-                 small: bool = True, log_level: str = "warning") -> None:
+    def __init__(
+        self,
+        env: dict[str, str] | None = None,
+        *,
+        grpc: bool = False,
+        data_dir: str | None = None,
+        small: bool = True,
+        log_level: str = "warning",
+    ) -> None:
         """``small``: the tests' small tiers (``SMALL``), else the embedded defaults; ``env`` overrides both."""
         self.port = free_port()
         self.grpc_port = free_port(avoid={self.port}) if grpc else None
         self.data_dir = data_dir or tempfile.mkdtemp(prefix="kvtier-svc-")
-        self.env = {**os.environ, **(SMALL if small else {}), "KVTIER_PORT": str(self.port), "KVTIER_DATA_DIR": self.data_dir,
-                    "KVTIER_GRPC_PORT": "" if self.grpc_port is None else str(self.grpc_port),
-                    "KVTIER_LOG_LEVEL": log_level, "PYTHONPATH": str(ROOT), **(env or {})}
+        self.env = {
+            **os.environ,
+            **(SMALL if small else {}),
+            "KVTIER_PORT": str(self.port),
+            "KVTIER_DATA_DIR": self.data_dir,
+            "KVTIER_GRPC_PORT": "" if self.grpc_port is None else str(self.grpc_port),
+            "KVTIER_LOG_LEVEL": log_level,
+            "PYTHONPATH": str(ROOT),
+            **(env or {}),
+        }
         self.url = f"{'https' if self.env.get('KVTIER_TLS_CERT') else 'http'}://127.0.0.1:{self.port}"
         self.grpc_target = None if self.grpc_port is None else f"127.0.0.1:{self.grpc_port}"
         self.log = Path(self.data_dir) / "serve.log"
@@ -43,8 +57,14 @@ class ServiceProcess:
 
     def start(self, timeout_s: float = 30.0) -> "ServiceProcess":
         self._logf = open(self.log, "ab")
-        self.proc = subprocess.Popen([sys.executable, "-m", "kvtier.service.cli", "serve"], cwd=ROOT, env=self.env,
-                                     stdout=self._logf, stderr=subprocess.STDOUT, preexec_fn=_die_with_parent)
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "kvtier.service.cli", "serve"],
+            cwd=ROOT,
+            env=self.env,
+            stdout=self._logf,
+            stderr=subprocess.STDOUT,
+            preexec_fn=_die_with_parent,
+        )
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:

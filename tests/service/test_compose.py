@@ -18,12 +18,18 @@ def test_compose_config_validates():
     for args in ([], ["--profile", "observability"]):
         out = subprocess.run(["docker-compose", *args, "config"], cwd=ROOT, capture_output=True, text=True, timeout=60)
         assert out.returncode == 0, out.stderr
-    services = yaml.safe_load(subprocess.run(["docker-compose", "--profile", "observability", "config"], cwd=ROOT,
-                                             capture_output=True, text=True, timeout=60).stdout)["services"]
+    services = yaml.safe_load(
+        subprocess.run(
+            ["docker-compose", "--profile", "observability", "config"], cwd=ROOT, capture_output=True, text=True, timeout=60
+        ).stdout
+    )["services"]
     assert set(services) == {"kvtier", "redis", "prometheus", "grafana"}
     assert all("healthcheck" in services[s] for s in services)
     assert services["kvtier"]["environment"]["KVTIER_REDIS_URL"] == "redis://redis:6379/0"
-    assert any(str(v).startswith("kvtier-data:/data") or (isinstance(v, dict) and v.get("target") == "/data") for v in services["kvtier"]["volumes"])
+    assert any(
+        str(v).startswith("kvtier-data:/data") or (isinstance(v, dict) and v.get("target") == "/data")
+        for v in services["kvtier"]["volumes"]
+    )
 
 
 def test_compose_files_are_consistent():

@@ -30,8 +30,15 @@ def tokenizer():
 def tiny(tokenizer):
     """A random 2-layer Llama over the reference tokenizer's vocabulary, and its spec (blocks of 64 tokens)."""
     torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096)
+    cfg = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=4096,
+    )
     return LlamaForCausalLM(cfg).eval(), KVSpec("demo-tiny", 2, 2, 16, "float16", 64)
 
 
@@ -73,17 +80,22 @@ def test_the_demo_session_through_the_service(tokenizer, tiny, open_server):
     model, spec = tiny
     session = demo.build_session(tokenizer, 400, 2, seed=1)
     with KVTierClient(open_server.url) as client:
-        turns = demo.run_session(model, tokenizer, session, client=client, spec=spec, max_new_tokens=2, progress=False,
-                                 baseline=True)
+        turns = demo.run_session(model, tokenizer, session, client=client, spec=spec, max_new_tokens=2, progress=False, baseline=True)
     assert turns[0].result.num_cached_tokens == 0 and turns[1].result.num_cached_tokens == len(session.document_ids) // 64 * 64
     assert all(t.baseline_ttft_s is not None for t in turns)
     assert "no cache s" in demo.render(turns, list(turns[1].result.tier_hits))
 
 
-@pytest.mark.parametrize("argv, message", [
-    (["--tokens", "100"], "--tokens"), (["--turns", "0"], "--turns"), (["--max-new-tokens", "0"], "--max-new-tokens"),
-    (["--threads", "0"], "--threads"), (["--block-tokens", "24"], "--block-tokens"),
-])
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--tokens", "100"], "--tokens"),
+        (["--turns", "0"], "--turns"),
+        (["--max-new-tokens", "0"], "--max-new-tokens"),
+        (["--threads", "0"], "--threads"),
+        (["--block-tokens", "24"], "--block-tokens"),
+    ],
+)
 def test_bad_options_exit_2_before_loading_anything(argv, message, capsys, monkeypatch):
     monkeypatch.setattr(refmodel, "load_model", lambda: pytest.fail("the model must not load for bad options"))
     assert cli.main(["demo", *argv]) == 2

@@ -62,8 +62,15 @@ EDGES = [
     [1, 2],
     "m",
 ]
-RAW = [b'{"model": "m", "token_ids": [1], "salt": "\\ud800"}', b'{"model": "m", "token_ids": [1], "extra_keys": ["\\udfff"]}',
-       b"[" * 5000 + b"]" * 5000, b"", b"\xff\xfe", b'{"model": "m", "token_ids": [1]', b'{"model": "m", "token_ids": [1e3]}']
+RAW = [
+    b'{"model": "m", "token_ids": [1], "salt": "\\ud800"}',
+    b'{"model": "m", "token_ids": [1], "extra_keys": ["\\udfff"]}',
+    b"[" * 5000 + b"]" * 5000,
+    b"",
+    b"\xff\xfe",
+    b'{"model": "m", "token_ids": [1]',
+    b'{"model": "m", "token_ids": [1e3]}',
+]
 
 
 @pytest.mark.parametrize("body", [json.dumps(e).encode() for e in EDGES] + RAW)
@@ -84,16 +91,24 @@ def test_the_fuzz_corpus_reads_the_same():
 
 
 _scalar = st.one_of(st.none(), st.booleans(), st.integers(-2, MAX_TOKEN_ID + 2), st.floats(allow_nan=False), st.text(max_size=8))
-_value = st.recursive(_scalar, lambda kids: st.lists(kids, max_size=4) | st.dictionaries(st.text(max_size=6), kids, max_size=3),
-                      max_leaves=12)
+_value = st.recursive(
+    _scalar, lambda kids: st.lists(kids, max_size=4) | st.dictionaries(st.text(max_size=6), kids, max_size=3), max_leaves=12
+)
 
 
 @settings(max_examples=300, deadline=None)
-@given(st.fixed_dictionaries({"model": st.one_of(st.text(max_size=70), _scalar)},
-                             optional={"token_ids": st.one_of(st.lists(st.integers(-1, MAX_TOKEN_ID + 1), max_size=5), _value),
-                                       "hashes": st.one_of(st.lists(st.sampled_from([H, H[:10], "zz" * 32]), max_size=3), _value),
-                                       "salt": st.one_of(st.text(max_size=300), _value),
-                                       "extra_keys": st.one_of(st.lists(st.text(max_size=4), max_size=18), _value),
-                                       "return_keys": _value, "other": _value}))
+@given(
+    st.fixed_dictionaries(
+        {"model": st.one_of(st.text(max_size=70), _scalar)},
+        optional={
+            "token_ids": st.one_of(st.lists(st.integers(-1, MAX_TOKEN_ID + 1), max_size=5), _value),
+            "hashes": st.one_of(st.lists(st.sampled_from([H, H[:10], "zz" * 32]), max_size=3), _value),
+            "salt": st.one_of(st.text(max_size=300), _value),
+            "extra_keys": st.one_of(st.lists(st.text(max_size=4), max_size=18), _value),
+            "return_keys": _value,
+            "other": _value,
+        },
+    )
+)
 def test_generated_bodies_read_the_same(req):
     _same_reading(json.dumps(req).encode())

@@ -30,8 +30,9 @@ OTHER = KVSpec("tiny", num_layers=2, num_kv_heads=2, head_dim=8, dtype="float32"
 
 @pytest.fixture(scope="module")
 def server():
-    s = ServiceProcess({"KVTIER_API_KEYS": json.dumps({KEY: "fuzz"}), "KVTIER_MAX_REQUEST_BYTES": "1MiB",
-                        "KVTIER_MAX_JSON_BYTES": "256KiB"})
+    s = ServiceProcess(
+        {"KVTIER_API_KEYS": json.dumps({KEY: "fuzz"}), "KVTIER_MAX_REQUEST_BYTES": "1MiB", "KVTIER_MAX_JSON_BYTES": "256KiB"}
+    )
     yield s
     s.stop()
 
@@ -39,8 +40,9 @@ def server():
 def _frame(key: bytes, spec: KVSpec = TINY, shape=None, dtype=None, codec="identity", data=None, meta=None) -> bytes:
     block = torch.zeros(spec.block_shape, dtype=spec.torch_dtype)
     payload = tensor_bytes(block) if data is None else data
-    return encode_frame(key, spec, codec, meta or {}, spec.block_shape if shape is None else shape,
-                        spec.dtype if dtype is None else dtype, payload)
+    return encode_frame(
+        key, spec, codec, meta or {}, spec.block_shape if shape is None else shape, spec.dtype if dtype is None else dtype, payload
+    )
 
 
 def _stream(*frames: bytes) -> bytes:
@@ -56,9 +58,15 @@ def malformed_requests(model: str, rng: random.Random):
     for _ in range(150):  # random bytes, to every route that takes a body
         body = rng.randbytes(rng.randrange(0, 4096))
         yield put(body) if body else put(b"\xc1")
-        yield rng.choice([("POST", "/v1/lookup", {"content": body}), ("POST", "/v1/blocks/get", {"content": body}),
-                          ("POST", "/v1/specs", {"content": body}), ("POST", "/v1/pins", {"content": body}),
-                          ("POST", "/v1/blocks/delete", {"content": body})])
+        yield rng.choice(
+            [
+                ("POST", "/v1/lookup", {"content": body}),
+                ("POST", "/v1/blocks/get", {"content": body}),
+                ("POST", "/v1/specs", {"content": body}),
+                ("POST", "/v1/pins", {"content": body}),
+                ("POST", "/v1/blocks/delete", {"content": body}),
+            ]
+        )
     for _ in range(150):  # truncated frames and streams
         s = _stream(good, _frame(key()))
         yield put(s[: rng.randrange(1, len(s) - 1)])
@@ -71,7 +79,11 @@ def malformed_requests(model: str, rng: random.Random):
     for _ in range(3):
         yield put(_stream(*[_frame(key()) for _ in range(1)]) + rng.randbytes((1 << 20) + 1))  # > max_request_bytes
         yield put(iter([_stream(good)] + [rng.randbytes(256 << 10)] * 5))  # streamed (chunked, no Content-Length) past it
-        yield ("POST", "/v1/lookup", {"content": iter([b'{"model": "' + model.encode() + b'", "token_ids": [' + b"1," * (200 << 10) + b"1]}"])})
+        yield (
+            "POST",
+            "/v1/lookup",
+            {"content": iter([b'{"model": "' + model.encode() + b'", "token_ids": [' + b"1," * (200 << 10) + b"1]}"])},
+        )
         yield ("POST", "/v1/lookup", {"json": {"model": model, "token_ids": [1] * 200_000}})  # > max_json_bytes
     for _ in range(100):  # wrong shapes, dtypes, specs, codecs, checksums, payload sizes
         shape = list(TINY.block_shape)
@@ -94,21 +106,46 @@ def malformed_requests(model: str, rng: random.Random):
         yield ("POST", "/v1/blocks/get", {"json": {"model": model, "keys": [hexkey()] * rng.randrange(65, 200)}})
         yield ("POST", "/v1/blocks/get", {"json": {"model": model, "keys": rng.choice([[], "abc", [1, 2], None])}})
         yield ("POST", "/v1/pins", {"json": {"model": model, "keys": [hexkey()], "ttl_s": rng.choice([0, -1, 1e12, "x", None])}})
-        yield ("POST", "/v1/specs", {"json": {"model_id": "x" * rng.randrange(257, 400), "num_layers": 1, "num_kv_heads": 1, "head_dim": 1}})
-        yield ("POST", "/v1/specs", {"json": {"model_id": "m", "num_layers": rng.choice([0, -3, 1.5, "a", 10**9]), "num_kv_heads": 1, "head_dim": 1}})
-        yield ("POST", "/v1/specs", {"json": {"model_id": "m", "num_layers": 4096, "num_kv_heads": 4096, "head_dim": 4096}})  # > max_block_bytes
+        yield (
+            "POST",
+            "/v1/specs",
+            {"json": {"model_id": "x" * rng.randrange(257, 400), "num_layers": 1, "num_kv_heads": 1, "head_dim": 1}},
+        )
+        yield (
+            "POST",
+            "/v1/specs",
+            {"json": {"model_id": "m", "num_layers": rng.choice([0, -3, 1.5, "a", 10**9]), "num_kv_heads": 1, "head_dim": 1}},
+        )
+        yield (
+            "POST",
+            "/v1/specs",
+            {"json": {"model_id": "m", "num_layers": 4096, "num_kv_heads": 4096, "head_dim": 4096}},
+        )  # > max_block_bytes
         yield ("DELETE", f"/v1/pins/{rng.choice(['x', '0', '-5', str(2**70)])}", {})
         yield ("GET", "/v1/events", {"params": {"after": rng.choice(["-1", "x", "1e99"]), "limit": rng.choice(["0", "x", "-2"])}})
     # /v1/retrieve and /v1/attention: JSON and msgpack bodies, wrong tensors, budgets, layers, chains
     q_ok = {"dtype": "float32", "shape": [TINY.num_layers, 4, TINY.head_dim], "data": bytes(4 * TINY.num_layers * 4 * TINY.head_dim)}
-    mp = lambda path, obj: ("POST", path, {"content": obj if isinstance(obj, bytes) else msgpack.packb(obj, use_bin_type=True),  # noqa: E731
-                                           "headers": {"content-type": "application/msgpack"}})
+    mp = lambda path, obj: (
+        "POST",
+        path,
+        {
+            "content": obj if isinstance(obj, bytes) else msgpack.packb(obj, use_bin_type=True),  # noqa: E731
+            "headers": {"content-type": "application/msgpack"},
+        },
+    )
     for _ in range(40):
         path = rng.choice(["/v1/retrieve", "/v1/attention"])
         body = rng.randbytes(rng.randrange(1, 2048))
         yield mp(path, body if body[0] != 0xC0 else b"\xc1")  # random bytes as msgpack (nil alone is no map: 422)
         yield ("POST", path, {"content": body})  # random bytes as JSON
-        yield ("POST", path, {"content": b'{"model": 1}', "headers": {"content-type": rng.choice(["text/plain", "application/x-www-form-urlencoded", "image/png"])}})
+        yield (
+            "POST",
+            path,
+            {
+                "content": b'{"model": 1}',
+                "headers": {"content-type": rng.choice(["text/plain", "application/x-www-form-urlencoded", "image/png"])},
+            },
+        )
         full = msgpack.packb({"model": model, "hashes": [hexkey()], "q": q_ok, "budget": 64}, use_bin_type=True)
         yield mp(path, full[: rng.randrange(1, len(full) - 1)])  # truncated
         q = dict(q_ok)
@@ -128,11 +165,29 @@ def malformed_requests(model: str, rng: random.Random):
         else:
             q = rng.choice([None, [], "x", {"dtype": "float32"}, {**q_ok, "extra": 1}, {**q_ok, "shape": [2, -4, 8]}])
         yield mp(path, {"model": model, "hashes": [hexkey()], "q": q, "budget": 64})
-        yield ("POST", path, {"json": {"model": model, "token_ids": list(range(32)), "budget": 64,
-                                       "q": {**q_ok, "data": rng.choice(["!!notbase64", 5, "AAAA"])}}})
+        yield (
+            "POST",
+            path,
+            {
+                "json": {
+                    "model": model,
+                    "token_ids": list(range(32)),
+                    "budget": 64,
+                    "q": {**q_ok, "data": rng.choice(["!!notbase64", 5, "AAAA"])},
+                }
+            },
+        )
         yield mp(path, {"model": model, "hashes": [hexkey()], "q": q_ok, "budget": rng.choice([0, -1, 1, 35, 2**31, 10**7, "x", 1.5])})
-        yield mp(path, {"model": model, "hashes": [hexkey()], "q": q_ok, "budget": 64,
-                        "layers": rng.choice([[0], [0, 0], [0, 2], [-1, 0], [], "x", [0.5, 1]])})
+        yield mp(
+            path,
+            {
+                "model": model,
+                "hashes": [hexkey()],
+                "q": q_ok,
+                "budget": 64,
+                "layers": rng.choice([[0], [0, 0], [0, 2], [-1, 0], [], "x", [0.5, 1]]),
+            },
+        )
         yield mp(path, {"model": model, "hashes": rng.choice([[], ["zz" * 32], [hexkey()] * 70_000, None]), "q": q_ok, "budget": 64})
         yield mp(path, {"model": model, "token_ids": [1], "hashes": [hexkey()], "q": q_ok, "budget": 64})
         yield mp(path, {"model": rng.choice([hexkey(), "", "x" * 65]), "hashes": [hexkey()], "q": q_ok, "budget": 64})
@@ -161,14 +216,26 @@ def test_fuzz_malformed_requests(server):
         for method, path, kwargs in malformed_requests(model, rng):
             r = http.request(method, path, **kwargs)
             statuses[r.status_code] = statuses.get(r.status_code, 0) + 1
-            assert 400 <= r.status_code < 500, (method, path, {k: (v if k != "content" else v[:80]) for k, v in kwargs.items()}, r.status_code, r.text[:300])
+            assert 400 <= r.status_code < 500, (
+                method,
+                path,
+                {k: (v if k != "content" else v[:80]) for k, v in kwargs.items()},
+                r.status_code,
+                r.text[:300],
+            )
             if r.headers.get("content-type", "").startswith("application/json"):
                 assert "error" in r.json() and r.json()["error"]["message"]
             n += 1
         # bad and missing keys
         for _ in range(50):
-            hdr = rng.choice([{}, {"Authorization": "Bearer " + rng.randbytes(12).hex()}, {"X-API-Key": rng.randbytes(8).hex()},
-                              {"Authorization": rng.choice(["Bearer", "Bearer x y", "Token x", "bearer"])}])
+            hdr = rng.choice(
+                [
+                    {},
+                    {"Authorization": "Bearer " + rng.randbytes(12).hex()},
+                    {"X-API-Key": rng.randbytes(8).hex()},
+                    {"Authorization": rng.choice(["Bearer", "Bearer x y", "Token x", "bearer"])},
+                ]
+            )
             r = httpx.post(server.url + "/v1/lookup", json={"model": model, "token_ids": [1]}, headers=hdr)
             assert r.status_code == 401, r.text
             r = httpx.put(server.url + "/v1/blocks", params={"model": model}, content=_stream(_frame(rng.randbytes(32))), headers=hdr)

@@ -120,8 +120,9 @@ def test_generated_code_is_current(tmp_path):
     gen_proto = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(gen_proto)
     for name, text in gen_proto.generate(tmp_path).items():
-        assert text == (ROOT / "service/proto" / name).read_text(), \
+        assert text == (ROOT / "service/proto" / name).read_text(), (
             f"service/proto/{name} is stale: regenerate it with python tools/gen_proto.py"
+        )
 
 
 def test_grpc_malformed_requests_are_refused_not_crashed(server):
@@ -145,14 +146,18 @@ def test_grpc_malformed_requests_are_refused_not_crashed(server):
         for _ in range(40):
             calls += [
                 lambda: stub.PutBlocks(iter([pb.PutRequest(model=model, frame=rng.randbytes(rng.randrange(0, 3000)))]), metadata=md),
-                lambda: stub.PutBlocks(iter([pb.PutRequest(model=model, parent=rng.randbytes(rng.choice([1, 31, 33])), frame=b"x")]), metadata=md),
+                lambda: stub.PutBlocks(
+                    iter([pb.PutRequest(model=model, parent=rng.randbytes(rng.choice([1, 31, 33])), frame=b"x")]), metadata=md
+                ),
                 lambda: stub.PutBlocks(iter([]), metadata=md),
                 lambda: stub.PutBlocks(iter([pb.PutRequest(model=rng.randbytes(8).hex(), frame=b"x")]), metadata=md),
                 lambda: stub.Lookup(pb.LookupRequest(model=model, hashes=[rng.randbytes(rng.choice([0, 5, 31, 64]))]), metadata=md),
                 lambda: stub.Lookup(pb.LookupRequest(model=model, token_ids=[1], extra_keys=["k"] * 17), metadata=md),
                 lambda: list(stub.GetBlocks(pb.KeysRequest(model=model, keys=[rng.randbytes(3)]), metadata=md)),
                 lambda: list(stub.GetBlocks(pb.KeysRequest(model=model, keys=[]), metadata=md)),
-                lambda: stub.Pin(pb.PinRequest(model=model, keys=[keys[0]], ttl_s=rng.choice([0.0, -1.0, 1e12, float("nan")])), metadata=md),
+                lambda: stub.Pin(
+                    pb.PinRequest(model=model, keys=[keys[0]], ttl_s=rng.choice([0.0, -1.0, 1e12, float("nan")])), metadata=md
+                ),
                 lambda: stub.Unpin(pb.UnpinRequest(lease_id=rng.randrange(10**6, 2**63)), metadata=md),
                 lambda: stub.Events(pb.EventsRequest(after=2**63, limit=rng.randrange(10**6, 2**32)), metadata=md),
                 lambda: stub.RegisterSpec(pb.Spec(model_id="", num_layers=0), metadata=md),

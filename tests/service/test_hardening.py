@@ -46,8 +46,15 @@ def _client_from(address: str, **kw) -> httpx.Client:
 
 @pytest.fixture(scope="module")
 def tenants_server():
-    s = ServiceProcess({"KVTIER_API_KEYS": json.dumps(KEYS), "KVTIER_MAX_LEASES": "20", "KVTIER_MAX_LEASES_PER_TENANT": "10",
-                        "KVTIER_MAX_SPECS_PER_TENANT": "2"}, grpc=True)
+    s = ServiceProcess(
+        {
+            "KVTIER_API_KEYS": json.dumps(KEYS),
+            "KVTIER_MAX_LEASES": "20",
+            "KVTIER_MAX_LEASES_PER_TENANT": "10",
+            "KVTIER_MAX_SPECS_PER_TENANT": "2",
+        },
+        grpc=True,
+    )
     yield s
     s.stop()
 
@@ -236,8 +243,10 @@ def test_stalled_body_times_out_and_a_client_gone_mid_upload_is_no_500():
     try:
         with KVTierClient(srv.url) as c:
             model = c.register_spec(TINY)
-        head = (f"PUT /v1/blocks?model={model} HTTP/1.1\r\nhost: x\r\ncontent-type: application/x-kvtier-frames\r\n"
-                "content-length: 1000000\r\n\r\n").encode()
+        head = (
+            f"PUT /v1/blocks?model={model} HTTP/1.1\r\nhost: x\r\ncontent-type: application/x-kvtier-frames\r\n"
+            "content-length: 1000000\r\n\r\n"
+        ).encode()
         stalled = [socket.create_connection(("127.0.0.1", srv.port)) for _ in range(2)]
         for s in stalled:
             s.sendall(head + b"\x00" * 1000)
@@ -305,8 +314,14 @@ def test_graceful_stop_keeps_every_acknowledged_block():
 
 
 def test_full_disk_refuses_puts_instead_of_dropping_them():
-    srv = ServiceProcess({"KVTIER_DEVICE_CAPACITY_BYTES": "0", "KVTIER_HOST_CAPACITY_BYTES": "128KiB",
-                          "KVTIER_DISK_MIN_FREE_BYTES": "1000TB", "KVTIER_FLUSH_ON_CLOSE": "false"})
+    srv = ServiceProcess(
+        {
+            "KVTIER_DEVICE_CAPACITY_BYTES": "0",
+            "KVTIER_HOST_CAPACITY_BYTES": "128KiB",
+            "KVTIER_DISK_MIN_FREE_BYTES": "1000TB",
+            "KVTIER_FLUSH_ON_CLOSE": "false",
+        }
+    )
     try:
         with KVTierClient(srv.url, retries=0) as c:
             model = c.register_spec(TINY)
@@ -372,9 +387,15 @@ def test_two_instances_drop_copies_another_deleted_or_rewrote(fresh_redis_server
 @pytest.mark.redis
 def test_redis_restarted_empty_is_not_counted_as_full(fresh_redis_server):
     redis = fresh_redis_server
-    srv = ServiceProcess({"KVTIER_REDIS_URL": redis.url, "KVTIER_REDIS_RETRY_INTERVAL_S": "0.2",
-                          "KVTIER_REDIS_SOCKET_TIMEOUT_S": "0.5", "KVTIER_API_KEYS": json.dumps(KEYS),
-                          "KVTIER_ADMIN_KEY": "admin-key-0123456789"})
+    srv = ServiceProcess(
+        {
+            "KVTIER_REDIS_URL": redis.url,
+            "KVTIER_REDIS_RETRY_INTERVAL_S": "0.2",
+            "KVTIER_REDIS_SOCKET_TIMEOUT_S": "0.5",
+            "KVTIER_API_KEYS": json.dumps(KEYS),
+            "KVTIER_ADMIN_KEY": "admin-key-0123456789",
+        }
+    )
     admin = _h("admin-key-0123456789")
 
     def redis_blocks() -> int:
@@ -411,13 +432,20 @@ def _self_signed(directory) -> tuple[str, str]:
     key = ec.generate_private_key(ec.SECP256R1())
     name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "kvtier-test")])
     now = datetime.datetime.now(datetime.timezone.utc)
-    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
-            .serial_number(x509.random_serial_number()).not_valid_before(now - datetime.timedelta(minutes=5))
-            .not_valid_after(now + datetime.timedelta(days=1))
-            .add_extension(x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1")),
-                                                        x509.DNSName("localhost")]), critical=False)
-            .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-            .sign(key, hashes.SHA256()))
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .add_extension(
+            x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1")), x509.DNSName("localhost")]), critical=False
+        )
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .sign(key, hashes.SHA256())
+    )
     cert_path, key_path = f"{directory}/cert.pem", f"{directory}/key.pem"
     with open(cert_path, "wb") as f:
         f.write(cert.public_bytes(serialization.Encoding.PEM))
@@ -429,8 +457,16 @@ def _self_signed(directory) -> tuple[str, str]:
 def test_tls_for_rest_and_grpc_and_encryption_at_rest(tmp_path):
     cert, key = _self_signed(tmp_path)
     secret = "11" * 32
-    srv = ServiceProcess({"KVTIER_TLS_CERT": cert, "KVTIER_TLS_KEY": key, "KVTIER_ENCRYPTION_KEY": secret,
-                          "KVTIER_DEVICE_CAPACITY_BYTES": "0", "KVTIER_HOST_CAPACITY_BYTES": "0"}, grpc=True)
+    srv = ServiceProcess(
+        {
+            "KVTIER_TLS_CERT": cert,
+            "KVTIER_TLS_KEY": key,
+            "KVTIER_ENCRYPTION_KEY": secret,
+            "KVTIER_DEVICE_CAPACITY_BYTES": "0",
+            "KVTIER_HOST_CAPACITY_BYTES": "0",
+        },
+        grpc=True,
+    )
     try:
         assert srv.url.startswith("https://")
         with pytest.raises(httpx.HTTPError):
@@ -481,8 +517,7 @@ def test_default_quota_bounds_every_tenant_without_its_own(tmp_path):
     from kvtier.service.settings import Settings
     from kvtier.service.storebuild import build_store
 
-    s = Settings(data_dir=tmp_path, api_keys=KEYS, quotas={"acme": 1 << 20}, default_quota_bytes="64KiB",
-                 grpc_port="", redis_url=None)
+    s = Settings(data_dir=tmp_path, api_keys=KEYS, quotas={"acme": 1 << 20}, default_quota_bytes="64KiB", grpc_port="", redis_url=None)
     store = build_store(s)
     try:
         assert store._ledger.quotas == {"acme": 1 << 20, "globex": 64 << 10, "": 64 << 10}

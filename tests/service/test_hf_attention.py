@@ -24,8 +24,17 @@ VOCAB = 128
 
 def tiny_model(seed: int = 0) -> LlamaForCausalLM:
     torch.manual_seed(seed)
-    cfg = LlamaConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                      num_key_value_heads=2, max_position_embeddings=4096, initializer_range=0.1, attn_implementation="sdpa")
+    cfg = LlamaConfig(
+        vocab_size=VOCAB,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=4096,
+        initializer_range=0.1,
+        attn_implementation="sdpa",
+    )
     return LlamaForCausalLM(cfg).eval()
 
 
@@ -48,15 +57,13 @@ def greedy(model, ids, n: int, hook=None, cache=None):
     toks, logits = [], []
     with hook.attach(model) if hook is not None else contextlib.nullcontext():
         pos = ids.shape[1]
-        lg = model(input_ids=ids, past_key_values=cache, use_cache=True,
-                   cache_position=torch.arange(pos)).logits[:, -1]
+        lg = model(input_ids=ids, past_key_values=cache, use_cache=True, cache_position=torch.arange(pos)).logits[:, -1]
         for i in range(n):
             t = lg.argmax(-1)
             toks.append(t)
             logits.append(lg)
             if i + 1 < n:
-                lg = model(input_ids=t.view(-1, 1), past_key_values=cache, use_cache=True,
-                           cache_position=torch.tensor([pos])).logits[:, -1]
+                lg = model(input_ids=t.view(-1, 1), past_key_values=cache, use_cache=True, cache_position=torch.tensor([pos])).logits[:, -1]
                 pos += 1
     return torch.stack(toks, 1).tolist(), torch.stack(logits)
 
@@ -229,8 +236,9 @@ def test_index_states_build_in_the_background_and_decode_waits_for_none(model):
             lg = model(input_ids=torch.tensor([[toks[-1]]]), past_key_values=cache, use_cache=True).logits[:, -1]
     assert hook.stats.sparse_calls == 6 and hook.stats.state_builds == 2
     assert hook.layer_state(cache, 0).num_tokens == 206  # built over 200 tokens, extended to the 6th decoded one
-    inline = SparseDecode(selector=get_selector("ann", num_sink=4, num_recent=16, backend="exact"), budget=64, dense_below=0,
-                          build="inline")
+    inline = SparseDecode(
+        selector=get_selector("ann", num_sink=4, num_recent=16, backend="exact"), budget=64, dense_below=0, build="inline"
+    )
     greedy(model, ids, 4, inline)
     assert inline.stats.sparse_calls == 3 * 2 and inline.stats.background_builds == 0
 
@@ -244,8 +252,12 @@ def test_sparse_decode_rejects_a_padded_batch(model):
     with hook.attach(model), torch.inference_mode():
         model(input_ids=ids, attention_mask=mask, past_key_values=cache, use_cache=True)  # prefill: SDPA handles padding
         with pytest.raises(ValueError, match="equal-length"):
-            model(input_ids=torch.tensor([[1], [2]]), attention_mask=torch.cat([mask, torch.ones(2, 1, dtype=torch.long)], 1),
-                  past_key_values=cache, use_cache=True)
+            model(
+                input_ids=torch.tensor([[1], [2]]),
+                attention_mask=torch.cat([mask, torch.ones(2, 1, dtype=torch.long)], 1),
+                past_key_values=cache,
+                use_cache=True,
+            )
     assert model.config._attn_implementation == "sdpa"
 
 
@@ -328,8 +340,14 @@ def test_token_policy_uses_the_prefix_kv_without_recomputing_it(model):
 
 
 def test_token_policy_bad_arguments(model):
-    for kwargs, match in [({"ratio": 1.0}, "ratio"), ({"ratio": 0.5, "budget": 10}, "one of"), ({"mode": "keep"}, "mode"),
-                          ({"scorer": "nope"}, "scorer"), ({"budget": 0}, "budget"), ({"chunk_tokens": 0}, "chunk_tokens")]:
+    for kwargs, match in [
+        ({"ratio": 1.0}, "ratio"),
+        ({"ratio": 0.5, "budget": 10}, "one of"),
+        ({"mode": "keep"}, "mode"),
+        ({"scorer": "nope"}, "scorer"),
+        ({"budget": 0}, "budget"),
+        ({"chunk_tokens": 0}, "chunk_tokens"),
+    ]:
         with pytest.raises(ValueError, match=match):
             TokenPolicy(**kwargs)
     policy = TokenPolicy(ratio=0.5)
@@ -359,17 +377,23 @@ def test_shared_prefix_generate_equals_greedy_of_each_sequence(model, attention)
     assert stats.decode_steps == 9 and stats.batch == 4 and stats.prefix_tokens == 150
     assert 0 < stats.decode_attention_seconds <= stats.decode_seconds
     # the prefix's KV handed over (as loaded from kvtier) gives the same
-    assert shared_prefix_generate(model, prefix, suffixes, max_new_tokens=10, prefix_kv=prefix_kv_of(model, prefix),
-                                  attention=attention) == out
+    assert (
+        shared_prefix_generate(model, prefix, suffixes, max_new_tokens=10, prefix_kv=prefix_kv_of(model, prefix), attention=attention)
+        == out
+    )
 
 
 def test_shared_prefix_generate_bad_arguments(model):
     p = prompt(20)
-    for args, kwargs, match in [((p, []), {}, "suffix_ids_list"), ((p, [[1], []]), {}, "suffix_ids_list\\[1\\]"),
-                                (([], [[1]]), {}, "prefix_ids"), ((p, [[1]]), {"max_new_tokens": -1}, "max_new_tokens"),
-                                ((p, [[1]]), {"attention": "dense"}, "attention"),
-                                ((p, [[1]]), {"prefix_kv": [(torch.zeros(1, 2, 5, 16),) * 2] * 2}, "prefix_kv\\[0\\]"),
-                                ((p, [["a"]]), {}, "suffix_ids_list\\[0\\]")]:
+    for args, kwargs, match in [
+        ((p, []), {}, "suffix_ids_list"),
+        ((p, [[1], []]), {}, "suffix_ids_list\\[1\\]"),
+        (([], [[1]]), {}, "prefix_ids"),
+        ((p, [[1]]), {"max_new_tokens": -1}, "max_new_tokens"),
+        ((p, [[1]]), {"attention": "dense"}, "attention"),
+        ((p, [[1]]), {"prefix_kv": [(torch.zeros(1, 2, 5, 16),) * 2] * 2}, "prefix_kv\\[0\\]"),
+        ((p, [["a"]]), {}, "suffix_ids_list\\[0\\]"),
+    ]:
         kwargs.setdefault("max_new_tokens", 2)
         with pytest.raises(ValueError, match=match):
             shared_prefix_generate(model, *args, **kwargs)
@@ -394,8 +418,12 @@ def test_sparse_decode_answers_the_pass_key_on_the_reference_model():
 def _paged_store(tmp_path, codec="paged"):
     from kvtier.kvstore import DiskTier, HostTier, TierConfig, TieredStore
 
-    return TieredStore([TierConfig(HostTier(1 << 20, codec=codec)),  # small: most blocks live on disk only
-                        TierConfig(DiskTier(tmp_path / "disk", 1 << 30, codec=codec))])
+    return TieredStore(
+        [
+            TierConfig(HostTier(1 << 20, codec=codec)),  # small: most blocks live on disk only
+            TierConfig(DiskTier(tmp_path / "disk", 1 << 30, codec=codec)),
+        ]
+    )
 
 
 def test_offloaded_decode_with_a_covering_budget_is_full_attention(model, tmp_path):

@@ -26,8 +26,16 @@ SPEC16 = KVSpec("tiny-llama-test", num_layers=2, num_kv_heads=2, head_dim=16, dt
 
 
 def tiny_config(**kw) -> LlamaConfig:
-    return LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                       num_key_value_heads=2, max_position_embeddings=2048, **kw)
+    return LlamaConfig(
+        vocab_size=128,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=2048,
+        **kw,
+    )
 
 
 @pytest.fixture(scope="module")
@@ -132,8 +140,8 @@ def test_only_full_blocks_are_saved_with_the_chain_keys(model, store):
         model(input_ids=torch.tensor([fed[:64]]), past_key_values=cache, use_cache=True)
     for b, block in enumerate(store.get(SPEC32, keys)):
         assert block.shape == SPEC32.block_shape
-        torch.testing.assert_close(block[0, 0], cache.layers[0].keys[0, :, b * BT:(b + 1) * BT], rtol=1e-4, atol=1e-5)
-        torch.testing.assert_close(block[1, 1], cache.layers[1].values[0, :, b * BT:(b + 1) * BT], rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(block[0, 0], cache.layers[0].keys[0, :, b * BT : (b + 1) * BT], rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(block[1, 1], cache.layers[1].values[0, :, b * BT : (b + 1) * BT], rtol=1e-4, atol=1e-5)
 
 
 def test_blocks_completed_during_decode_are_saved_and_reused(model, store):
@@ -169,8 +177,9 @@ def test_transformers_generate_runs_on_the_cache(model, store):
 # -- per-tier counters ------------------------------------------------------------------------
 def test_hits_and_bytes_per_tier(model, tmp_path):
     # a host tier for 3 blocks (above its watermark the oldest go down to the disk)
-    store = TieredStore([TierConfig(HostTier(3 * SPEC32.block_nbytes + 4096), high_watermark=1.0, low_watermark=1.0),
-                         DiskTier(tmp_path, 1 << 24)])
+    store = TieredStore(
+        [TierConfig(HostTier(3 * SPEC32.block_nbytes + 4096), high_watermark=1.0, low_watermark=1.0), DiskTier(tmp_path, 1 << 24)]
+    )
     try:
         ids = prompt(110, seed=10)
         generate(model, ids, store=store, spec=SPEC32, max_new_tokens=1)
@@ -340,8 +349,15 @@ def test_sliding_window_models_are_refused(store):
     torch.manual_seed(0)
     from transformers import MistralConfig, MistralForCausalLM
 
-    cfg = MistralConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
-                        num_key_value_heads=1, sliding_window=32)
+    cfg = MistralConfig(
+        vocab_size=64,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        sliding_window=32,
+    )
     m = MistralForCausalLM(cfg).eval()
     spec = KVSpec("mistral-tiny", 1, 1, 16, "float32", 16)
     with pytest.raises(ValueError, match="sliding-window"):
@@ -464,8 +480,17 @@ def test_compression_is_the_same_with_and_without_a_cache_hit(model, store):
         runs, own = [], TieredStore([HostTier(1 << 24)])
         for save in (False, True, True):  # miss without saving, miss that saves, hit
             policy = TokenPolicy("snapkv", budget=20, window=8, sink_tokens=2, window_tokens=4, chunk_tokens=32, compress_every=4)
-            r = generate(model, ids, store=own, spec=SPEC32, max_new_tokens=6, stop_tokens=(), policy=policy,
-                         context_tokens=context_tokens, save=save)
+            r = generate(
+                model,
+                ids,
+                store=own,
+                spec=SPEC32,
+                max_new_tokens=6,
+                stop_tokens=(),
+                policy=policy,
+                context_tokens=context_tokens,
+                save=save,
+            )
             runs.append((r.num_cached_tokens, r.token_ids, _fast_positions(policy.last_kv)))
         own.close()
         assert [n for n, _, _ in runs] == [0, 0, 64 if context_tokens else 96]
@@ -511,5 +536,7 @@ def test_context_tokens_bad_values(model, store):
             TokenPolicy(ratio=0.5).stream(model, ids, context_tokens=bad)
     assert store.stats()["blocks"] == 0
     # without a policy context_tokens changes nothing
-    assert generate(model, ids, max_new_tokens=3, stop_tokens=(), context_tokens=20).token_ids == \
-        generate(model, ids, max_new_tokens=3, stop_tokens=()).token_ids
+    assert (
+        generate(model, ids, max_new_tokens=3, stop_tokens=(), context_tokens=20).token_ids
+        == generate(model, ids, max_new_tokens=3, stop_tokens=()).token_ids
+    )

@@ -32,10 +32,21 @@ def receive(sub, timeout_ms: int = 10_000) -> tuple[bytes, int, list]:
 
 def test_wire_encoding_matches_vllm_layout():
     e = event_to_wire("stored", b"k" * 32, "host", 16)
-    assert e == {"type": "BlockStored", "block_hashes": [b"k" * 32], "parent_block_hash": None, "token_ids": [],
-                 "block_size": 16, "lora_id": None, "medium": "kvtier/host", "lora_name": None}
-    assert event_to_wire("removed", b"k" * 32, "disk", None) == {"type": "BlockRemoved", "block_hashes": [b"k" * 32],
-                                                               "medium": "kvtier/disk"}
+    assert e == {
+        "type": "BlockStored",
+        "block_hashes": [b"k" * 32],
+        "parent_block_hash": None,
+        "token_ids": [],
+        "block_size": 16,
+        "lora_id": None,
+        "medium": "kvtier/host",
+        "lora_name": None,
+    }
+    assert event_to_wire("removed", b"k" * 32, "disk", None) == {
+        "type": "BlockRemoved",
+        "block_hashes": [b"k" * 32],
+        "medium": "kvtier/disk",
+    }
     assert msgpack.unpackb(encode_batch(1.5, [e])) == [1.5, [e], 0]
     with pytest.raises(ValueError):
         event_to_wire("moved", b"k", "host", 1)

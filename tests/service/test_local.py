@@ -31,9 +31,16 @@ KEY_A, KEY_B = list(KEYS)  # acme, globex (globex has a 64 KiB quota)
 @pytest.fixture(scope="module")
 def server():
     d = tempfile.mkdtemp(prefix="kvtier-local-")
-    s = ServiceProcess({"KVTIER_API_KEYS": json.dumps(KEYS), "KVTIER_ADMIN_KEY": ADMIN_KEY,
-                        "KVTIER_QUOTAS": json.dumps({"globex": 64 << 10}), "KVTIER_LOCAL_SOCKET": f"{d}/kv.sock",
-                        "KVTIER_MAX_BLOCKS_PER_REQUEST": "16"}, data_dir=d)
+    s = ServiceProcess(
+        {
+            "KVTIER_API_KEYS": json.dumps(KEYS),
+            "KVTIER_ADMIN_KEY": ADMIN_KEY,
+            "KVTIER_QUOTAS": json.dumps({"globex": 64 << 10}),
+            "KVTIER_LOCAL_SOCKET": f"{d}/kv.sock",
+            "KVTIER_MAX_BLOCKS_PER_REQUEST": "16",
+        },
+        data_dir=d,
+    )
     s.socket = f"unix://{d}/kv.sock"
     yield s
     s.stop()
@@ -115,8 +122,9 @@ def test_limits_and_checksums_are_enforced(server):
         c.put(model, [bytes([1, i]) + bytes(30) for i in range(17)], blocks(17))
     assert e.value.status == 400 and "max_blocks_per_request" in e.value.message
     key = bytes([9]) * 32
-    head, payload = encode_frame_parts(key, TINY, "identity", {}, TINY.block_shape, TINY.dtype,
-                                       blocks(1, seed=3)[0].contiguous().view(torch.uint8).numpy())
+    head, payload = encode_frame_parts(
+        key, TINY, "identity", {}, TINY.block_shape, TINY.dtype, blocks(1, seed=3)[0].contiguous().view(torch.uint8).numpy()
+    )
     spoiled = bytearray(payload.tobytes())
     spoiled[100] ^= 0xFF  # the checksum no longer matches
 
@@ -170,8 +178,9 @@ def test_a_killed_client_leaves_no_segment(server):
         print("ready", flush=True)
         time.sleep(60)
     """)
-    proc = subprocess.Popen([sys.executable, "-c", script], cwd=ROOT, stdout=subprocess.PIPE, text=True,
-                            env={**os.environ, "PYTHONPATH": str(ROOT)})
+    proc = subprocess.Popen(
+        [sys.executable, "-c", script], cwd=ROOT, stdout=subprocess.PIPE, text=True, env={**os.environ, "PYTHONPATH": str(ROOT)}
+    )
     try:
         assert proc.stdout.readline().strip() == "ready"
         assert wait_for_maps(pid, before + 3) == before + 3
@@ -212,8 +221,7 @@ def test_rest_lookups_never_block_the_event_loop(tmp_path):
     from tests.redis_servers import free_port
 
     port = free_port()
-    settings = Settings(port=port, grpc_port=None, data_dir=tmp_path, device_capacity_bytes=0,
-                        write_through_retry_interval_s=0)
+    settings = Settings(port=port, grpc_port=None, data_dir=tmp_path, device_capacity_bytes=0, write_through_retry_interval_s=0)
     app = create_app(settings)
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
     th = threading.Thread(target=server.run, daemon=True)
@@ -233,8 +241,11 @@ def test_rest_lookups_never_block_the_event_loop(tmp_path):
             body = json.dumps({"model": model, "token_ids": toks}).encode()
             # with a Content-Length: the FastLookup middleware; chunked (no length): the FastAPI route
             for content in (body, iter([body])):
-                th2 = threading.Thread(target=lambda c=content: answers.append(
-                    httpx.post(url + "/v1/lookup", content=c, headers={"content-type": "application/json"}, timeout=30)))
+                th2 = threading.Thread(
+                    target=lambda c=content: answers.append(
+                        httpx.post(url + "/v1/lookup", content=c, headers={"content-type": "application/json"}, timeout=30)
+                    )
+                )
                 th2.start()
             time.sleep(0.3)
             t0 = time.monotonic()

@@ -36,8 +36,7 @@ def _wait(pred, timeout_s: float = 10.0) -> bool:
 @pytest.mark.redis
 def test_redis_stopped_and_restarted(fresh_redis_server):
     redis = fresh_redis_server
-    srv = ServiceProcess({"KVTIER_REDIS_URL": redis.url, "KVTIER_REDIS_RETRY_INTERVAL_S": "0.2",
-                          "KVTIER_REDIS_SOCKET_TIMEOUT_S": "0.5"})
+    srv = ServiceProcess({"KVTIER_REDIS_URL": redis.url, "KVTIER_REDIS_RETRY_INTERVAL_S": "0.2", "KVTIER_REDIS_SOCKET_TIMEOUT_S": "0.5"})
     try:
         with KVTierClient(srv.url, timeout=10, retries=0) as c:
             model = c.register_spec(TINY)
@@ -70,8 +69,11 @@ def test_redis_stopped_and_restarted(fresh_redis_server):
                 keys = chain_hashes(TINY, list(range(32)), Namespace(salt=f"down-{i}"))
                 assert c.lookup(model, hashes=keys).tier_prefix["redis"] == 2
             metrics = httpx.get(srv.url + "/metrics").text
-            retried = [float(line.split()[-1]) for line in metrics.splitlines()
-                       if line.startswith('kvtier_write_through_retried_total{tier="redis"}')]
+            retried = [
+                float(line.split()[-1])
+                for line in metrics.splitlines()
+                if line.startswith('kvtier_write_through_retried_total{tier="redis"}')
+            ]
             assert retried and retried[0] >= 40
             c_keys = chain_hashes(TINY, list(range(48)), Namespace(salt="after"))
             assert c.put(model, c_keys, _blocks(3, seed=9)) == [True] * 3
@@ -84,9 +86,15 @@ def test_redis_stopped_and_restarted(fresh_redis_server):
 def test_memory_bounded_under_10x_capacity_writes():
     spec = KVSpec("mem", num_layers=4, num_kv_heads=4, head_dim=64, dtype="float16", block_tokens=64)  # 128 KiB blocks
     caps = {"device": 1 << 20, "host": 2 << 20, "disk": 4 << 20}
-    srv = ServiceProcess({"KVTIER_DEVICE_CAPACITY_BYTES": str(caps["device"]), "KVTIER_HOST_CAPACITY_BYTES": str(caps["host"]),
-                          "KVTIER_DISK_CAPACITY_BYTES": str(caps["disk"]), "KVTIER_MAX_TRACKED_KEYS": "1000",
-                          "KVTIER_MAX_EVENTS": "2000"})
+    srv = ServiceProcess(
+        {
+            "KVTIER_DEVICE_CAPACITY_BYTES": str(caps["device"]),
+            "KVTIER_HOST_CAPACITY_BYTES": str(caps["host"]),
+            "KVTIER_DISK_CAPACITY_BYTES": str(caps["disk"]),
+            "KVTIER_MAX_TRACKED_KEYS": "1000",
+            "KVTIER_MAX_EVENTS": "2000",
+        }
+    )
     try:
         total = 10 * sum(caps.values())
         num_blocks = total // spec.block_nbytes  # 560 blocks of 128 KiB

@@ -71,7 +71,7 @@ def test_async_client(open_server):
             tokens = _tokens(64, seed=2)
             keys = await c.hashes(model, tokens)
             blocks = _blocks(4, seed=2)
-            results = await asyncio.gather(*(c.put(model, [k], blocks[i:i + 1]) for i, k in enumerate(keys)))
+            results = await asyncio.gather(*(c.put(model, [k], blocks[i : i + 1]) for i, k in enumerate(keys)))
             assert results == [[True]] * 4
             got = await c.get(model, keys)
             assert all(torch.equal(g, b) for g, b in zip(got, blocks))
@@ -160,7 +160,13 @@ def test_errors_name_the_field_and_store_nothing(open_server, client):
         ("POST", "/v1/lookup", {"model": "nope", "token_ids": [1]}, 404, "model"),
         ("POST", "/v1/lookup", {"model": model, "hashes": ["zz"]}, 422, "hashes.0"),
         ("POST", "/v1/lookup", {"model": model, "token_ids": [1], "bogus": 1}, 422, "bogus"),
-        ("POST", "/v1/specs", {"model_id": "m", "num_layers": 2, "num_kv_heads": 2, "head_dim": 8, "block_tokens": 17}, 400, "spec.block_tokens"),
+        (
+            "POST",
+            "/v1/specs",
+            {"model_id": "m", "num_layers": 2, "num_kv_heads": 2, "head_dim": 8, "block_tokens": 17},
+            400,
+            "spec.block_tokens",
+        ),
         ("POST", "/v1/specs", {"model_id": "m", "num_layers": 2, "num_kv_heads": 2, "head_dim": 8, "dtype": "int3"}, 400, "spec.dtype"),
         ("POST", "/v1/specs", {"model_id": "m", "num_layers": 0, "num_kv_heads": 2, "head_dim": 8}, 422, "num_layers"),
         ("POST", "/v1/blocks/get", {"model": model, "keys": []}, 422, "keys"),
@@ -181,9 +187,14 @@ def test_errors_name_the_field_and_store_nothing(open_server, client):
     wrong = encode_blocks(other, keys[2:], _blocks(1, other, seed=8))
     corrupt = bytearray(b"".join(encode_blocks(TINY, keys[2:], _blocks(1, seed=9))))
     corrupt[-5] ^= 0xFF
-    for body, field in [(b"".join(good + wrong), "frames[2]"), (b"".join(good) + bytes(corrupt), "frames[2]"),
-                        (b"".join(good)[:-10], "frames[1]"), (b"".join(good + good[:3]), "frames[2].key"),
-                        (b"\x93\x01\x02\x03", "frames[0]"), (b"", "frames")]:
+    for body, field in [
+        (b"".join(good + wrong), "frames[2]"),
+        (b"".join(good) + bytes(corrupt), "frames[2]"),
+        (b"".join(good)[:-10], "frames[1]"),
+        (b"".join(good + good[:3]), "frames[2].key"),
+        (b"\x93\x01\x02\x03", "frames[0]"),
+        (b"", "frames"),
+    ]:
         r = httpx.put(url + "/v1/blocks", params={"model": model}, content=body)
         assert r.status_code == 400 and r.json()["error"]["field"] == field, (field, r.text)
     assert client.lookup(model, hashes=keys).num_blocks == 0
@@ -210,21 +221,38 @@ def test_health_ready_metrics_docs(open_server, client):
     model = client.register_spec(TINY)
     client.lookup(model, token_ids=_tokens(32, seed=10))
     text = httpx.get(url + "/metrics").text
-    for name in ("kvtier_tier_hits_total", "kvtier_tier_misses_total", "kvtier_tier_bytes", "kvtier_tier_evictions_total",
-                 "kvtier_corrupt_frames_total", "kvtier_redis_errors_total", "kvtier_request_duration_seconds_bucket",
-                 "kvtier_lookup_blocks_total", "kvtier_write_through_pending", "kvtier_write_through_retried_total"):
+    for name in (
+        "kvtier_tier_hits_total",
+        "kvtier_tier_misses_total",
+        "kvtier_tier_bytes",
+        "kvtier_tier_evictions_total",
+        "kvtier_corrupt_frames_total",
+        "kvtier_redis_errors_total",
+        "kvtier_request_duration_seconds_bucket",
+        "kvtier_lookup_blocks_total",
+        "kvtier_write_through_pending",
+        "kvtier_write_through_retried_total",
+    ):
         assert name in text, name
     assert 'op="POST /v1/lookup"' in text
     assert httpx.get(url + "/docs").status_code == 200
     paths = httpx.get(url + "/openapi.json").json()["paths"]
-    assert {"/v1/specs", "/v1/lookup", "/v1/blocks", "/v1/blocks/get", "/v1/blocks/delete", "/v1/pins",
-            "/v1/pins/{lease_id}", "/v1/stats", "/v1/events"} <= set(paths)
+    assert {
+        "/v1/specs",
+        "/v1/lookup",
+        "/v1/blocks",
+        "/v1/blocks/get",
+        "/v1/blocks/delete",
+        "/v1/pins",
+        "/v1/pins/{lease_id}",
+        "/v1/stats",
+        "/v1/events",
+    } <= set(paths)
 
 
 def test_disk_tier_survives_restart_and_shutdown_is_graceful():
     """SIGTERM lets an in-flight upload finish; the disk tier and the specs are found again after a restart."""
-    srv = ServiceProcess({"KVTIER_DEVICE_CAPACITY_BYTES": "0", "KVTIER_HOST_CAPACITY_BYTES": "0",
-                          "KVTIER_DISK_CAPACITY_BYTES": "64MiB"})
+    srv = ServiceProcess({"KVTIER_DEVICE_CAPACITY_BYTES": "0", "KVTIER_HOST_CAPACITY_BYTES": "0", "KVTIER_DISK_CAPACITY_BYTES": "64MiB"})
     try:
         spec = KVSpec("big", num_layers=8, num_kv_heads=4, head_dim=64, dtype="float16", block_tokens=256)  # 2 MiB blocks
         with KVTierClient(srv.url) as c:
@@ -242,8 +270,13 @@ def test_disk_tier_survives_restart_and_shutdown_is_graceful():
                     yield bytes(piece)
 
             def upload():
-                r = httpx.put(srv.url + "/v1/blocks", params={"model": model}, content=slow_body(), timeout=60,
-                              headers={"content-length": str(size), "content-type": wire.FRAMES_MEDIA_TYPE})
+                r = httpx.put(
+                    srv.url + "/v1/blocks",
+                    params={"model": model},
+                    content=slow_body(),
+                    timeout=60,
+                    headers={"content-length": str(size), "content-type": wire.FRAMES_MEDIA_TYPE},
+                )
                 result["status"], result["stored"] = r.status_code, r.json().get("stored")
 
             t = threading.Thread(target=upload)
@@ -269,9 +302,13 @@ def test_lookup_fast_path_answers_as_the_route(open_server, client):
     tokens = _tokens(16 * 3, seed=12)
     keys = client.hashes(model, tokens)
     client.put(model, keys[:2], _blocks(2, seed=12))
-    bodies = [{"model": model, "token_ids": tokens, "return_keys": True}, {"model": model, "hashes": [k.hex() for k in keys]},
-              {"model": model, "token_ids": tokens, "salt": "x", "extra_keys": ["a"]}, {"model": "nope", "token_ids": [1]},
-              {"model": model, "hashes": ["zz" * 32]}]
+    bodies = [
+        {"model": model, "token_ids": tokens, "return_keys": True},
+        {"model": model, "hashes": [k.hex() for k in keys]},
+        {"model": model, "token_ids": tokens, "salt": "x", "extra_keys": ["a"]},
+        {"model": "nope", "token_ids": [1]},
+        {"model": model, "hashes": ["zz" * 32]},
+    ]
     import json as _json
 
     for body in bodies:

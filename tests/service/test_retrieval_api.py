@@ -116,7 +116,7 @@ def test_retrieve_and_sparse_attention_over_the_selection(server, cached):
     assert r.summarized == 0  # the put path computed the summaries
     for row in r.token_ids.reshape(-1, BUDGET).tolist():
         ids = [t for t in row if t >= 0]
-        assert ids == sorted(set(ids)) and row[len(ids):] == [-1] * (BUDGET - len(ids)) and len(ids) <= BUDGET
+        assert ids == sorted(set(ids)) and row[len(ids) :] == [-1] * (BUDGET - len(ids)) and len(ids) <= BUDGET
         assert set(range(4)) <= set(ids) and set(range(T - 32, T)) <= set(ids)  # sinks and recent window
     need = sorted({t // 16 for t in r.token_ids[r.token_ids >= 0].tolist()})
     assert r.fetched == need and len(need) < N_BLOCKS  # only the blocks holding selected tokens were read
@@ -132,10 +132,18 @@ def test_grpc_and_async_clients_agree(server, cached):
     model, tokens, keys, _ = cached
     q = _q(4)
     with KVTierClient(server.url, api_key=A) as c:
-        r0, a0, d0 = c.retrieve(model, q, BUDGET, hashes=keys), c.attention(model, q, budget=BUDGET, hashes=keys), c.attention(model, q, hashes=keys)
+        r0, a0, d0 = (
+            c.retrieve(model, q, BUDGET, hashes=keys),
+            c.attention(model, q, budget=BUDGET, hashes=keys),
+            c.attention(model, q, hashes=keys),
+        )
     with KVTierGrpcClient(server.grpc_target, api_key=A) as g:
         g.register_spec(TINY)
-        r1, a1, d1 = g.retrieve(model, q, BUDGET, hashes=keys), g.attention(model, q, budget=BUDGET, hashes=keys), g.attention(model, q, token_ids=tokens)
+        r1, a1, d1 = (
+            g.retrieve(model, q, BUDGET, hashes=keys),
+            g.attention(model, q, budget=BUDGET, hashes=keys),
+            g.attention(model, q, token_ids=tokens),
+        )
 
     async def run():
         async with AsyncKVTierClient(server.url, api_key=A) as ac:
@@ -157,11 +165,17 @@ def test_tenant_b_neither_reads_nor_detects_a(server, cached):
     q = _q(5)
     with KVTierClient(server.url, api_key=B) as c, KVTierGrpcClient(server.grpc_target, api_key=B) as g:
         assert c.register_spec(TINY) == model and g.register_spec(TINY) == model
-        for res in (c.retrieve(model, q, BUDGET, hashes=keys), c.retrieve(model, q, BUDGET, token_ids=tokens),
-                    g.retrieve(model, q, BUDGET, hashes=keys)):
+        for res in (
+            c.retrieve(model, q, BUDGET, hashes=keys),
+            c.retrieve(model, q, BUDGET, token_ids=tokens),
+            g.retrieve(model, q, BUDGET, hashes=keys),
+        ):
             assert res.num_tokens == res.num_blocks == 0 and res.fetched == [] and bool((res.token_ids == -1).all())
-        for st in (c.attention(model, q, hashes=keys), c.attention(model, q, budget=BUDGET, token_ids=tokens),
-                   g.attention(model, q, hashes=keys)):
+        for st in (
+            c.attention(model, q, hashes=keys),
+            c.attention(model, q, budget=BUDGET, token_ids=tokens),
+            g.attention(model, q, hashes=keys),
+        ):
             assert st.num_tokens == 0 and st.fetched == [] and not st.o.any() and bool(torch.isneginf(st.lse).all())
 
 
@@ -169,8 +183,11 @@ def test_bad_input_is_a_4xx_naming_the_field_and_changes_nothing(server, cached)
     model, tokens, keys, _ = cached
     q = _q(6)
     hk = [k.hex() for k in keys]
-    with KVTierClient(server.url, api_key=A) as c, KVTierGrpcClient(server.grpc_target, api_key=A) as g, \
-            httpx.Client(base_url=server.url, headers={"Authorization": f"Bearer {A}"}) as http:
+    with (
+        KVTierClient(server.url, api_key=A) as c,
+        KVTierGrpcClient(server.grpc_target, api_key=A) as g,
+        httpx.Client(base_url=server.url, headers={"Authorization": f"Bearer {A}"}) as http,
+    ):
         g.register_spec(TINY)
         before, last = c.stats(), c.events(limit=10_000)["next_after"]
         cases = [  # (call, status, field)
@@ -247,8 +264,12 @@ def test_summaries_are_bounded_and_retrieval_recomputes_dropped_ones(tmp_path: P
 
 # -- blocks stored page-addressable: /v1/attention reads only the selected pages ---------------------
 def test_attention_reads_pages_when_blocks_are_stored_paged():
-    paged = {"KVTIER_API_KEYS": json.dumps({A: "a"}), "KVTIER_DEVICE_CAPACITY_BYTES": "0",
-             "KVTIER_HOST_CODEC": "paged", "KVTIER_DISK_CODEC": "paged"}
+    paged = {
+        "KVTIER_API_KEYS": json.dumps({A: "a"}),
+        "KVTIER_DEVICE_CAPACITY_BYTES": "0",
+        "KVTIER_HOST_CODEC": "paged",
+        "KVTIER_DISK_CODEC": "paged",
+    }
     s = ServiceProcess(paged, grpc=True)
     try:
         torch.manual_seed(1)

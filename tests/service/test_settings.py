@@ -24,8 +24,9 @@ def test_defaults_run_embedded_and_open_on_loopback(monkeypatch, tmp_path):
 
 def test_env_yaml_and_keyword_precedence(monkeypatch, tmp_path):
     cfg = tmp_path / "kvtier.yaml"
-    cfg.write_text("port: 9000\nhost_capacity_bytes: 64MiB\nquotas: {acme: 1GB}\napi_keys: {key-acme-0001: acme}\n"
-                   "redis_url: redis://127.0.0.1:1/0\n")
+    cfg.write_text(
+        "port: 9000\nhost_capacity_bytes: 64MiB\nquotas: {acme: 1GB}\napi_keys: {key-acme-0001: acme}\nredis_url: redis://127.0.0.1:1/0\n"
+    )
     monkeypatch.setenv("KVTIER_CONFIG", str(cfg))
     monkeypatch.setenv("KVTIER_PORT", "9100")
     monkeypatch.setenv("KVTIER_DISK_CAPACITY_BYTES", "1.5GiB")
@@ -38,14 +39,21 @@ def test_env_yaml_and_keyword_precedence(monkeypatch, tmp_path):
     assert Settings(port=9200).port == 9200  # keywords (the CLI flags) over env
 
 
-@pytest.mark.parametrize("kwargs, field", [
-    ({"port": 70000}, "port"), ({"host_capacity_bytes": "12 parsecs"}, "host_capacity_bytes"),
-    ({"device_policy": "random"}, "device_policy"), ({"redis_url": "http://x"}, "redis_url"),
-    ({"api_keys": {"short": "a"}}, "api_keys"), ({"api_keys": {"long-enough-key": "bad tenant!"}}, "api_keys"),
-    ({"quotas": {"ghost": 10}}, "quotas"), ({"low_watermark": 0.99, "high_watermark": 0.9}, "low_watermark"),
-    ({"device_capacity_bytes": 0, "host_capacity_bytes": 0, "disk_capacity_bytes": 0}, "every tier"),
-    ({"bogus": 1}, "bogus"),
-])
+@pytest.mark.parametrize(
+    "kwargs, field",
+    [
+        ({"port": 70000}, "port"),
+        ({"host_capacity_bytes": "12 parsecs"}, "host_capacity_bytes"),
+        ({"device_policy": "random"}, "device_policy"),
+        ({"redis_url": "http://x"}, "redis_url"),
+        ({"api_keys": {"short": "a"}}, "api_keys"),
+        ({"api_keys": {"long-enough-key": "bad tenant!"}}, "api_keys"),
+        ({"quotas": {"ghost": 10}}, "quotas"),
+        ({"low_watermark": 0.99, "high_watermark": 0.9}, "low_watermark"),
+        ({"device_capacity_bytes": 0, "host_capacity_bytes": 0, "disk_capacity_bytes": 0}, "every tier"),
+        ({"bogus": 1}, "bogus"),
+    ],
+)
 def test_invalid_settings_name_the_field(kwargs, field):
     with pytest.raises(ValidationError) as e:
         Settings(**kwargs)
@@ -61,7 +69,9 @@ def test_units_and_table():
 
 def _cli(*args, env=None, timeout=60):
     e = {**os.environ, "PYTHONPATH": str(ROOT), **(env or {})}
-    return subprocess.run([sys.executable, "-m", "kvtier.service.cli", *args], cwd=ROOT, env=e, capture_output=True, text=True, timeout=timeout)
+    return subprocess.run(
+        [sys.executable, "-m", "kvtier.service.cli", *args], cwd=ROOT, env=e, capture_output=True, text=True, timeout=timeout
+    )
 
 
 def test_cli_refuses_open_mode_on_a_public_address_and_bad_config(tmp_path):

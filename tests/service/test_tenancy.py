@@ -68,8 +68,12 @@ def test_tenant_b_can_neither_read_nor_detect_a(clients, keyed_server):
 
 def test_keys_are_checked(keyed_server):
     url = keyed_server.url
-    for headers, field in [({}, "authorization"), ({"Authorization": "Bearer wrong-key-123"}, "authorization"),
-                           ({"Authorization": "Basic abc"}, "authorization"), ({"X-API-Key": "nope"}, "authorization")]:
+    for headers, field in [
+        ({}, "authorization"),
+        ({"Authorization": "Bearer wrong-key-123"}, "authorization"),
+        ({"Authorization": "Basic abc"}, "authorization"),
+        ({"X-API-Key": "nope"}, "authorization"),
+    ]:
         r = httpx.get(url + "/v1/stats", headers=headers)
         assert r.status_code == 401 and r.json()["error"]["field"] == field
     assert httpx.get(url + "/v1/stats", headers={"X-API-Key": A_KEY}).status_code == 200

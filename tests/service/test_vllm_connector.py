@@ -58,8 +58,12 @@ class FakeModelConfig:
 
 def fake_vllm_config(extra: dict, *, model: str, block_size: int = P, kv_role: str = "kv_both", tp: int = 1):
     return SimpleNamespace(
-        kv_transfer_config=SimpleNamespace(kv_connector="KVTierConnector", kv_connector_module_path="kvtier.connectors.vllm",
-                                           kv_role=kv_role, kv_connector_extra_config=extra),
+        kv_transfer_config=SimpleNamespace(
+            kv_connector="KVTierConnector",
+            kv_connector_module_path="kvtier.connectors.vllm",
+            kv_role=kv_role,
+            kv_connector_extra_config=extra,
+        ),
         cache_config=SimpleNamespace(block_size=block_size, cache_dtype="auto"),
         model_config=FakeModelConfig(model),
         parallel_config=SimpleNamespace(tensor_parallel_size=tp, pipeline_parallel_size=1),
@@ -129,14 +133,23 @@ def reference_kv(tokens: list[int]) -> torch.Tensor:
 def kvtier_blocks(tokens: list[int], n: int) -> torch.Tensor:
     """The first n kvtier blocks ``[n, L, 2, H, BT, D]`` of the reference KV."""
     ref = reference_kv(tokens)
-    return torch.stack([ref[:, :, :, b * BT: (b + 1) * BT] for b in range(n)])
+    return torch.stack([ref[:, :, :, b * BT : (b + 1) * BT] for b in range(n)])
 
 
 class FakeEngine:
     """One vLLM instance: a scheduler-side and a worker-side connector, and a paged KV buffer."""
 
-    def __init__(self, extra: dict, *, model: str, num_blocks: int = 96, seed: int = 0, layout: str = "kv_first",
-                 kv_role: str = "kv_both", device: str = "cpu") -> None:
+    def __init__(
+        self,
+        extra: dict,
+        *,
+        model: str,
+        num_blocks: int = 96,
+        seed: int = 0,
+        layout: str = "kv_first",
+        kv_role: str = "kv_both",
+        device: str = "cpu",
+    ) -> None:
         # this fake runs vLLM's synchronous path; the asynchronous one is tested in the real engine (test_vllm_engine.py)
         cfg = fake_vllm_config({"async_loads": False, "async_saves": False, **extra}, model=model, kv_role=kv_role)
         self.scheduler = KVTierConnector(cfg, KVConnectorRole.SCHEDULER)
@@ -158,8 +171,7 @@ class FakeEngine:
     def view(self, name: str) -> torch.Tensor:
         return paged_view(self.kv[name], self.layout)  # [2, N, P, H, D]
 
-    def run(self, req: FakeRequest, *, chunk: int = 1 << 30, decode_steps: int = 0,
-            local: tuple[int, list[int]] = (0, [])) -> int:
+    def run(self, req: FakeRequest, *, chunk: int = 1 << 30, decode_steps: int = 0, local: tuple[int, list[int]] = (0, [])) -> int:
         """Schedule ``req`` alone until its prompt (in chunks) and ``decode_steps`` tokens are computed; finish it.
 
         ``local``: tokens and blocks vLLM's own prefix cache already holds. Returns the external
@@ -180,8 +192,12 @@ class FakeEngine:
             table += new_ids
             if first:
                 self.scheduler.update_state_after_alloc(req, FakeBlocks(table), ext)
-                out = SchedulerOutput([NewRequestData(rid, list(req.prompt_token_ids), (list(table),), num_computed)],
-                                      CachedRequestData(), {rid: n}, self.finished)
+                out = SchedulerOutput(
+                    [NewRequestData(rid, list(req.prompt_token_ids), (list(table),), num_computed)],
+                    CachedRequestData(),
+                    {rid: n},
+                    self.finished,
+                )
             else:
                 cached = CachedRequestData([rid], set(), [], [(new_ids,) if new_ids else None], [num_computed])
                 out = SchedulerOutput([], cached, {rid: n}, self.finished)
@@ -212,7 +228,7 @@ class FakeEngine:
         bids, offs = torch.tensor(table)[pos // P].to(dev), (pos % P).to(dev)
         for l, name in enumerate(self.kv):
             w.wait_for_layer_load(name)
-            self.view(name)[:, bids, offs] = ref[l, :, :, start: start + n].permute(0, 2, 1, 3)  # attention writes [2, n, H, D]
+            self.view(name)[:, bids, offs] = ref[l, :, :, start : start + n].permute(0, 2, 1, 3)  # attention writes [2, n, H, D]
             if self.calls_save_kv_layer:
                 w.save_kv_layer(name, self.kv[name], None)
         w.wait_for_save()
@@ -440,7 +456,8 @@ def test_a_block_gone_before_the_load_is_reported_and_recomputed(inprocess):
     table = [eng.free.pop() for _ in range(-(-len(prompt) // P))]
     eng.scheduler.update_state_after_alloc(req, FakeBlocks(table), ext)
     meta = eng.scheduler.build_connector_meta(
-        SchedulerOutput([NewRequestData("b", prompt, (table,), ext)], CachedRequestData(), {"b": 1}, set()))
+        SchedulerOutput([NewRequestData("b", prompt, (table,), ext)], CachedRequestData(), {"b": 1}, set())
+    )
     eng.worker.bind_connector_metadata(meta)
     eng.worker.start_load_kv(None)
     eng.worker.wait_for_save()
@@ -655,9 +672,9 @@ def test_async_load_finishes_through_get_finished_and_reports_a_block_evicted_si
         done = worker.get_finished(set())[1] or set()
         time.sleep(0.01)
     errors |= worker.get_block_ids_with_load_errors()
-    assert done == {"b"} and errors == set(table[2 * BT // P:])  # the evicted block's vLLM blocks: recomputed
+    assert done == {"b"} and errors == set(table[2 * BT // P :])  # the evicted block's vLLM blocks: recomputed
     eng.tables["b"] = table
-    assert torch.equal(eng.paged_kv("b", 2 * BT), reference_kv(toks)[:, :, :, :2 * BT])  # the others loaded exactly
+    assert torch.equal(eng.paged_kv("b", 2 * BT), reference_kv(toks)[:, :, :, : 2 * BT])  # the others loaded exactly
     sched.update_connector_output(SimpleNamespace(finished_recving={"b"}, kv_cache_events=None))
     assert sched.request_finished(req, table) == (False, None)
     worker.shutdown()

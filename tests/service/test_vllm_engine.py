@@ -107,29 +107,40 @@ def subscribers(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def service(subscribers):
-    s = ServiceProcess({"KVTIER_DEVICE_CAPACITY_BYTES": "0", "KVTIER_HOST_CAPACITY_BYTES": "256MiB",
-                        "KVTIER_DISK_CAPACITY_BYTES": "256MiB", "KVTIER_KV_EVENTS_ENDPOINT": subscribers["service"][1]})
+    s = ServiceProcess(
+        {
+            "KVTIER_DEVICE_CAPACITY_BYTES": "0",
+            "KVTIER_HOST_CAPACITY_BYTES": "256MiB",
+            "KVTIER_DISK_CAPACITY_BYTES": "256MiB",
+            "KVTIER_KV_EVENTS_ENDPOINT": subscribers["service"][1],
+        }
+    )
     yield s
     s.stop()
 
 
 def engine_opts(model_dir: str, service: ServiceProcess, **extra) -> dict:
-    return {"model": model_dir, "dtype": "float32", "max_model_len": 2048,
-            "kvtier": {"url": service.url, "block_tokens": BLOCK_TOKENS, "timeout_s": 5.0}, **extra}
+    return {
+        "model": model_dir,
+        "dtype": "float32",
+        "max_model_len": 2048,
+        "kvtier": {"url": service.url, "block_tokens": BLOCK_TOKENS, "timeout_s": 5.0},
+        **extra,
+    }
 
 
 @pytest.fixture(scope="module")
 def cold(model_dir, service, prompts, subscribers):
     """Engine A: vLLM's prefix cache off, prefill in chunks of 256 tokens; prompt x cold, then warm."""
-    eng = Engine(engine_opts(model_dir, service, prefix_caching=False, max_num_batched_tokens=256,
-                             kv_events_endpoint=subscribers["vllm"][1]))
+    eng = Engine(
+        engine_opts(model_dir, service, prefix_caching=False, max_num_batched_tokens=256, kv_events_endpoint=subscribers["vllm"][1])
+    )
     try:
         assert eng.ready.get("ready"), f"{eng.ready}\n{eng.tail()}"
         first = eng.generate([prompts["x"]], MAX_TOKENS)
         wait_for(lambda: stored_blocks(service) >= 2, what="the cold run's two blocks to reach the service")
         second = eng.generate([prompts["x"]], MAX_TOKENS)
-        yield {"first": first, "second": second, "vllm_events": drain(subscribers["vllm"][0]),
-               "service_log": service.log_text()[-2000:]}
+        yield {"first": first, "second": second, "vllm_events": drain(subscribers["vllm"][0]), "service_log": service.log_text()[-2000:]}
     finally:
         eng.close()
 
@@ -153,24 +164,28 @@ def test_cold_then_warm_through_the_service_is_token_identical(cold):
 
 
 def test_vllm_publishes_the_connectors_block_stored_events(cold, prompts):
-    stored = [e for payload in cold["vllm_events"] for e in msgpack.unpackb(payload)[1]
-              if e["type"] == "BlockStored" and e["medium"] == "kvtier"]
+    stored = [
+        e for payload in cold["vllm_events"] for e in msgpack.unpackb(payload)[1] if e["type"] == "BlockStored" and e["medium"] == "kvtier"
+    ]
     assert stored, "vLLM published no BlockStored event from the connector"
     assert sum(len(e["block_hashes"]) for e in stored) == 2
-    assert [t for e in stored for t in e["token_ids"]] == prompts["x"][:2 * BLOCK_TOKENS]
+    assert [t for e in stored for t in e["token_ids"]] == prompts["x"][: 2 * BLOCK_TOKENS]
     assert all(e["block_size"] == BLOCK_TOKENS for e in stored)
 
 
 def test_service_events_decode_with_vllms_own_types(cold, subscribers):
     payloads = drain(subscribers["service"][0])
     assert payloads, f"the service published no KV events (its log: {cold['service_log']})"
-    code = ("import sys, json, msgspec\nfrom vllm.distributed.kv_events import KVEventBatch\n"
-            "out = []\nfor h in json.load(sys.stdin):\n"
-            "    b = msgspec.msgpack.decode(bytes.fromhex(h), type=KVEventBatch)\n"
-            "    out += [[type(e).__name__, e.medium, len(e.block_hashes)] for e in b.events]\n"
-            "print('@@' + json.dumps(out))")
-    res = subprocess.run([str(VLLM_PYTHON), "-c", code], input=json.dumps([p.hex() for p in payloads]), capture_output=True,
-                         text=True, timeout=300, cwd="/")
+    code = (
+        "import sys, json, msgspec\nfrom vllm.distributed.kv_events import KVEventBatch\n"
+        "out = []\nfor h in json.load(sys.stdin):\n"
+        "    b = msgspec.msgpack.decode(bytes.fromhex(h), type=KVEventBatch)\n"
+        "    out += [[type(e).__name__, e.medium, len(e.block_hashes)] for e in b.events]\n"
+        "print('@@' + json.dumps(out))"
+    )
+    res = subprocess.run(
+        [str(VLLM_PYTHON), "-c", code], input=json.dumps([p.hex() for p in payloads]), capture_output=True, text=True, timeout=300, cwd="/"
+    )
     assert res.returncode == 0, res.stderr[-3000:]
     events = json.loads(res.stdout.split("@@")[-1])
     assert ["BlockStored", "kvtier/host", 1] in events

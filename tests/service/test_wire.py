@@ -33,10 +33,15 @@ def _unpack(body: bytes):
     return u
 
 
-@pytest.mark.parametrize("body, field", [
-    (b"\x01", "frames[0]"), (b"\xc6\x00\x00", "frames[0]"), (b"\xc4\x05abc", "frames[0]"),
-    (b"\xc0\xc0\xc0", "frames[2]"),
-])
+@pytest.mark.parametrize(
+    "body, field",
+    [
+        (b"\x01", "frames[0]"),
+        (b"\xc6\x00\x00", "frames[0]"),
+        (b"\xc4\x05abc", "frames[0]"),
+        (b"\xc0\xc0\xc0", "frames[2]"),
+    ],
+)
 def test_split_items_rejects_with_the_item(body, field):
     with pytest.raises(BadRequest) as e:
         wire.split_items(body, max_items=2)

@@ -51,12 +51,21 @@ def test_several_prefixes_and_a_three_level_tree(backend):
         parts.append((suffix.k[b, :, :n], suffix.v[b, :, :n]))
         k = torch.cat([p[0] for p in parts], 1)[None]
         v = torch.cat([p[1] for p in parts], 1)[None]
-        want = sparse_decode(q[b: b + 1], k, v, backend="torch")
-        torch.testing.assert_close(o[b: b + 1], want[0], atol=2e-5, rtol=2e-5)
-        torch.testing.assert_close(lse[b: b + 1], want[1], atol=2e-5, rtol=2e-5)
+        want = sparse_decode(q[b : b + 1], k, v, backend="torch")
+        torch.testing.assert_close(o[b : b + 1], want[0], atol=2e-5, rtol=2e-5)
+        torch.testing.assert_close(lse[b : b + 1], want[1], atol=2e-5, rtol=2e-5)
     # the same through shared_prefix_decode with several prefixes
-    o2, _ = shared_prefix_decode(q, docs.k, docs.v, suffix.k, suffix.v, prefix_lengths=docs.lengths,
-                                 suffix_lengths=suffix.lengths, seq_to_prefix=doc_of, backend=backend)
+    o2, _ = shared_prefix_decode(
+        q,
+        docs.k,
+        docs.v,
+        suffix.k,
+        suffix.v,
+        prefix_lengths=docs.lengths,
+        suffix_lengths=suffix.lengths,
+        seq_to_prefix=doc_of,
+        backend=backend,
+    )
     o3, _ = cascade_decode(q, [docs, suffix], backend="torch")
     torch.testing.assert_close(o2, o3, atol=2e-5, rtol=2e-5)
 

@@ -72,8 +72,8 @@ def _store_pool(spec, k, v, g):
     for b in range(B):
         for i in range(nb):
             t1 = min(T, (i + 1) * P)
-            pool[table[b, i], 1, 0, :, : t1 - i * P] = k[b, :, i * P: t1]
-            pool[table[b, i], 1, 1, :, : t1 - i * P] = v[b, :, i * P: t1]
+            pool[table[b, i], 1, 0, :, : t1 - i * P] = k[b, :, i * P : t1]
+            pool[table[b, i], 1, 1, :, : t1 - i * P] = v[b, :, i * P : t1]
     return pool, table
 
 
@@ -137,8 +137,10 @@ def test_sparse_decode_rejects_bad_input_saying_expected_and_got():
         (dict(k=torch.randn(3, 2, 10, 64), v=torch.randn(3, 2, 10, 64)), r"k.shape\[0\] \(B\) must be 2, got 3"),
         (dict(indices=idx.float()), r"indices dtype must be one of \(int32, int64\), got float32"),
         (dict(indices=torch.zeros(2, 3, 3, dtype=torch.int64)), r"indices.shape\[1\] \(H_kv\) must be 2, got 3"),
-        (dict(indices=torch.tensor([[[0, 9, 10]], [[0, 0, 0]]]).expand(2, 2, 3).contiguous()),
-         r"indices must be -1 \(padding\) or token ids in \[0, lengths\[b\]\); got 10 at \[0, 0, 2\]"),
+        (
+            dict(indices=torch.tensor([[[0, 9, 10]], [[0, 0, 0]]]).expand(2, 2, 3).contiguous()),
+            r"indices must be -1 \(padding\) or token ids in \[0, lengths\[b\]\); got 10 at \[0, 0, 2\]",
+        ),
         (dict(indices=idx - 2), r"got -2 at \[0, 0, 0\]"),
         (dict(indices=idx + 5, lengths=torch.tensor([10, 5])), r"got 5 at \[1, 0, 0\] where lengths\[1\] = 5"),
         (dict(lengths=torch.tensor([10, 11])), r"lengths must lie in \[0, 10\], got values in \[10, 11\]"),

@@ -34,9 +34,11 @@ def random_state(seed, rows=3, D=8, empty=False):
 
 
 @settings(max_examples=40, deadline=None)
-@given(seeds=st.tuples(st.integers(0, 10**6), st.integers(0, 10**6), st.integers(0, 10**6)),
-       empties=st.tuples(st.booleans(), st.booleans(), st.booleans()),
-       backend=st.sampled_from(BACKENDS))
+@given(
+    seeds=st.tuples(st.integers(0, 10**6), st.integers(0, 10**6), st.integers(0, 10**6)),
+    empties=st.tuples(st.booleans(), st.booleans(), st.booleans()),
+    backend=st.sampled_from(BACKENDS),
+)
 def test_merge_is_associative_and_commutative(seeds, empties, backend):
     a, b, c = (random_state(s, empty=e) for s, e in zip(seeds, empties))
     left = merge_states(*merge_states(*a, *b, backend=backend), *c, backend=backend)
@@ -63,8 +65,7 @@ def test_empty_state_is_the_identity(backend):
 
 
 @settings(max_examples=30, deadline=None)
-@given(T=st.integers(1, 60), cuts=st.lists(st.integers(0, 60), max_size=5), seed=st.integers(0, 10**6),
-       backend=st.sampled_from(BACKENDS))
+@given(T=st.integers(1, 60), cuts=st.lists(st.integers(0, 60), max_size=5), seed=st.integers(0, 10**6), backend=st.sampled_from(BACKENDS))
 def test_split_anywhere_then_merge_equals_dense(T, cuts, seed, backend):
     g = torch.Generator().manual_seed(seed)
     q, k, v = torch.randn(4, 16, generator=g), torch.randn(T, 16, generator=g) * 2, torch.randn(T, 16, generator=g)

@@ -111,7 +111,7 @@ def test_mass_covered_is_one_for_everything_and_matches_brute_force():
     q, k = torch.randn(2, 100, 32, generator=g), torch.randn(1, 100, 32, generator=g)
     assert attention_mass_covered(q, k, AShape(100, 100)) == pytest.approx(1.0, abs=1e-5)
     pattern = AShape(sink_tokens=3, window_tokens=10)
-    s = (q @ k.repeat(2, 1, 1).transpose(1, 2)) / 32 ** 0.5
+    s = (q @ k.repeat(2, 1, 1).transpose(1, 2)) / 32**0.5
     s = s.masked_fill(torch.ones(100, 100, dtype=torch.bool).triu(1), float("-inf"))
     p = torch.softmax(s, -1)
     want = (p * dense_mask(pattern, 2, 100, q.device)).sum(-1).mean()
@@ -122,13 +122,22 @@ def test_prefill_rejects_bad_input_saying_expected_and_got():
     q, k, v = torch.randn(2, 100, 64), torch.randn(1, 100, 64), torch.randn(1, 100, 64)
     cases = [
         (dict(pattern="a-shape"), r"pattern must be an AShape, VerticalSlash or BlockMask, got str"),
-        (dict(pattern=BlockMask(torch.ones(2, 1, 1, dtype=torch.bool))), r"pattern.mask must have shape \[H_q, ceil\(T/64\), ceil\(T/64\)\] = \[2, 2, 2\], got \[2, 1, 1\]"),
+        (
+            dict(pattern=BlockMask(torch.ones(2, 1, 1, dtype=torch.bool))),
+            r"pattern.mask must have shape \[H_q, ceil\(T/64\), ceil\(T/64\)\] = \[2, 2, 2\], got \[2, 1, 1\]",
+        ),
         (dict(pattern=BlockMask(torch.ones(2, 2, 2))), r"pattern.mask dtype must be one of \(bool\), got float32"),
-        (dict(pattern=VerticalSlash(torch.tensor([[0], [100]]), torch.tensor([[0], [0]]))), r"pattern.vertical must hold -1 \(padding\) or values in \[0, 100\) \(T\), got values in \[0, 100\]"),
+        (
+            dict(pattern=VerticalSlash(torch.tensor([[0], [100]]), torch.tensor([[0], [0]]))),
+            r"pattern.vertical must hold -1 \(padding\) or values in \[0, 100\) \(T\), got values in \[0, 100\]",
+        ),
         (dict(pattern=VerticalSlash(torch.tensor([[0]]), torch.tensor([[0]]))), r"pattern.vertical.shape\[0\] \(H_q\) must be 2, got 1"),
         (dict(k=torch.randn(1, 99, 64)), r"k.shape\[1\] \(T\) must be 100, got 99"),
         (dict(v=torch.randn(1, 100, 64).half()), r"v dtype must be float32 like q, got float16"),
-        (dict(q=torch.randn(3, 100, 64), k=torch.randn(2, 100, 64), v=torch.randn(2, 100, 64)), r"H_q \(3\) must be a positive multiple of H_kv \(2\)"),
+        (
+            dict(q=torch.randn(3, 100, 64), k=torch.randn(2, 100, 64), v=torch.randn(2, 100, 64)),
+            r"H_q \(3\) must be a positive multiple of H_kv \(2\)",
+        ),
     ]
     for change, message in cases:
         args = dict(q=q, k=k, v=v, pattern=AShape(1, 1)) | change
