@@ -116,9 +116,10 @@ vllm-check:
 	  echo "warning: could not build $(VLLM_VENV); tests/service/test_vllm_engine.py will be skipped"; }
 
 
-# ruff (lint), the namespace rule (no bare imports of the rooms) and mypy over the installed layout
+# ruff (lint and format), the namespace rule (no bare imports of the rooms) and mypy over the installed layout
 lint: setup
 	$(PYTHON) -m ruff check .
+	$(PYTHON) -m ruff format --check .
 	$(PYTHON) tools/namespace_imports.py --check
 	$(PYTHON) tools/typecheck.py
 
