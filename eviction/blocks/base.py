@@ -2,22 +2,9 @@
 
 The ``BlockPolicy`` protocol itself is kvstore's (``kvtier.kvstore.policy``), re-exported here.
 
-A block policy decides which block leaves ONE tier. The store owns one instance per tier and
-tells it what happens (``on_insert`` / ``on_access`` / ``on_remove``); it asks ``candidates(n)``
-for the best victims, filters out the pinned ones and the ones whose children are still resident
-(leaf-first), and calls ``on_remove`` for the blocks it really evicts.
-
-Contract (checked for every registered policy by ``tests/contracts/test_block_policy_contract.py``):
-
-- ``candidates(n)`` is side-effect free: it may be called any number of times with any ``n`` and
-  the policy behaves afterwards exactly as if it had never been called;
-- ``candidates(k) == candidates(m)[:k]`` for ``k <= m``, the keys are distinct and tracked, and
-  ``candidates(n)`` for ``n >= len(policy)`` lists every tracked key;
-- evicting in order is consistent: after ``on_remove(candidates(m)[0])``,
-  ``candidates(m - 1) == old candidates(m)[1:]``;
-- inserting a tracked key counts as an access (a key names one block: the ``nbytes``, ``depth``
-  and ``tenant`` of its first insert stay); accessing or removing an unknown key is ignored;
-- memory is bounded by a constant times the number of tracked keys.
+The contract every policy keeps (side-effect-free ``candidates``, eviction-order consistency, bounded
+memory) is written there, and ``tests/contracts/test_block_policy_contract.py`` checks it for every
+registered policy.
 
 Policies are not thread-safe: the store serialises calls to one instance.
 """
