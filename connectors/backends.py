@@ -25,7 +25,7 @@ from typing import Any, Callable, Protocol, Sequence, runtime_checkable
 
 import torch
 
-from kvtier.kvstore import KVSpec, Namespace, TieredStore, chain_hashes
+from kvtier.kvstore import KVSpec, LookupResult, Namespace, TieredStore, chain_hashes
 
 
 @dataclass(frozen=True)
@@ -67,22 +67,27 @@ class StoreBackend:
         store.register_spec(spec)  # adopts blocks a persistent tier (disk) kept from an earlier run
 
     def keys(self, token_ids: Sequence[int]) -> list[bytes]:
-        return chain_hashes(self.spec, token_ids, self.namespace)
+        return list(chain_hashes(self.spec, token_ids, self.namespace))
 
     def match(self, token_ids: Sequence[int]) -> PrefixMatch:
         keys = self.keys(token_ids)
-        found = self.store.lookup(self.spec, keys)
+        found = self._lookup(keys)
         return PrefixMatch(keys, found.num_blocks, dict(found.tier_hits))
 
     def lookup(self, keys: Sequence[bytes]) -> int:
-        return self.store.lookup(self.spec, keys).num_blocks if keys else 0
+        return self._lookup(keys).num_blocks if keys else 0
 
     def lookup_tiers(self, keys: Sequence[bytes]) -> tuple[int, dict[str, int]]:
         """``lookup`` and, of the blocks found, how many each tier would serve (fastest first)."""
         if not keys:
             return 0, {}
-        found = self.store.lookup(self.spec, keys)
+        found = self._lookup(keys)
         return found.num_blocks, dict(found.tier_hits)
+
+    def _lookup(self, keys: Sequence[bytes]) -> LookupResult:
+        found = self.store.lookup(self.spec, keys)
+        assert found is not None  # lookup waits for the lock unless told not to
+        return found
 
     def get(self, keys: Sequence[bytes]) -> list[torch.Tensor | None]:
         return self.store.get(self.spec, keys)

@@ -39,16 +39,16 @@ class PrefixIndex:
         self._free: list[int] = []
         self._tick_counter = 0
         cap = max(16, int(initial_capacity))
-        self._parent = np.full(cap, NO_PARENT, dtype=np.int32)
-        self._depth = np.zeros(cap, dtype=np.int32)
-        self._resident = np.zeros(cap, dtype=np.uint8)
-        self._child_count = np.zeros((cap, num_tiers), dtype=np.int32)
-        self._child_any = np.zeros(cap, dtype=np.int32)
-        self._child_live = np.zeros(cap, dtype=np.int32)
-        self._pins = np.zeros(cap, dtype=np.int32)
-        self._tenant = np.zeros(cap, dtype=np.int16)
-        self._spec = np.zeros(cap, dtype=np.int16)
-        self._tick = np.zeros(cap, dtype=np.int64)
+        self._parent: np.ndarray = np.full(cap, NO_PARENT, dtype=np.int32)
+        self._depth: np.ndarray = np.zeros(cap, dtype=np.int32)
+        self._resident: np.ndarray = np.zeros(cap, dtype=np.uint8)
+        self._child_count: np.ndarray = np.zeros((cap, num_tiers), dtype=np.int32)
+        self._child_any: np.ndarray = np.zeros(cap, dtype=np.int32)
+        self._child_live: np.ndarray = np.zeros(cap, dtype=np.int32)
+        self._pins: np.ndarray = np.zeros(cap, dtype=np.int32)
+        self._tenant: np.ndarray = np.zeros(cap, dtype=np.int16)
+        self._spec: np.ndarray = np.zeros(cap, dtype=np.int16)
+        self._tick: np.ndarray = np.zeros(cap, dtype=np.int64)
 
     # -- size ------------------------------------------------------------------------------
     def __len__(self) -> int:
@@ -157,7 +157,9 @@ class PrefixIndex:
             and self._pins[slot] == 0
         ):
             parent = int(self._parent[slot])
-            del self._slot_of[self._keys[slot]]
+            key = self._keys[slot]
+            assert key is not None  # the loop condition
+            del self._slot_of[key]
             self._keys[slot] = None
             self._free.append(slot)
             self._parent[slot] = NO_PARENT
@@ -181,7 +183,7 @@ class PrefixIndex:
     def residency_of(self, keys: Sequence[bytes]) -> np.ndarray:
         """Bitmask per key (0 for unknown keys)."""
         s = np.fromiter(self.slots(keys), dtype=np.int64, count=len(keys))
-        out = np.zeros(len(keys), dtype=np.uint8)
+        out: np.ndarray = np.zeros(len(keys), dtype=np.uint8)
         known = s >= 0
         out[known] = self._resident[s[known]]
         return out
@@ -237,9 +239,9 @@ class PrefixIndex:
         live = np.array([k is not None for k in self._keys], dtype=bool)
         if live.sum() != len(self._slot_of):
             raise RuntimeError("live slots and key map disagree")
-        counts = np.zeros((n, self.num_tiers), dtype=np.int64)
-        anyc = np.zeros(n, dtype=np.int64)
-        livec = np.zeros(n, dtype=np.int64)
+        counts: np.ndarray = np.zeros((n, self.num_tiers), dtype=np.int64)
+        anyc: np.ndarray = np.zeros(n, dtype=np.int64)
+        livec: np.ndarray = np.zeros(n, dtype=np.int64)
         for s in np.flatnonzero(live):
             p = self._parent[s]
             if p == NO_PARENT:

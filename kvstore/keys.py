@@ -83,7 +83,7 @@ def chain_hashes(
     """
     tokens = _token_bytes(token_ids)
     n_blocks = tokens.size // spec.block_tokens
-    h = parent if parent is not None else root_hash(spec, namespace)
+    h: bytes = parent if parent is not None else root_hash(spec, namespace)
     if len(h) != HASH_BYTES:
         raise ValueError(f"parent must be a {HASH_BYTES}-byte hash, got {len(h)} bytes")
     buf = tokens[: n_blocks * spec.block_tokens].tobytes()

@@ -33,7 +33,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Callable
+from typing import Any, Callable
 
 import faiss
 import numpy as np
@@ -234,8 +234,8 @@ class IVFIndex(_FaissIndex):
         self.niter = niter
         self.seed = seed
         self._pending = ExactIndex(dim)  # vectors held before training
-        self._index = None
-        self._list_sizes: np.ndarray | None = None
+        self._index: Any = None  # a faiss IndexIVFFlat once trained
+        self._list_sizes: np.ndarray = np.zeros(0, dtype=np.int64)  # vectors per inverted list, once trained
 
     @property
     def ntotal(self) -> int:
@@ -253,6 +253,7 @@ class IVFIndex(_FaissIndex):
             self.dim, nlist, niter=self.niter, seed=self.seed, verbose=False, min_points_per_centroid=1, max_points_per_centroid=256
         )
         km.train(x)
+        assert km.centroids is not None  # train() sets them
         return km.centroids
 
     def _centroids(self, x: np.ndarray) -> np.ndarray:
@@ -370,7 +371,7 @@ class HNSWIndex(_FaissIndex):
         _check_k(k)
         q = _as_f32(q, self.dim, "q")
         self._index.hnsw.efSearch = max(self.ef_search, k)
-        stats = faiss.cvar.hnsw_stats
+        stats = faiss.cvar.hnsw_stats  # type: ignore[attr-defined]  # a SWIG global the stubs do not list
         stats.reset()
         if self.mips_to_l2:
             q2 = np.ascontiguousarray(np.concatenate([q, np.zeros((q.shape[0], 1), np.float32)], 1))

@@ -513,6 +513,7 @@ def kmeans(x: torch.Tensor, num_clusters: int, niter: int = 10, seed: int = 1234
     C = max(1, min(num_clusters, xn.shape[0]))
     km = faiss.Kmeans(xn.shape[1], C, niter=niter, seed=seed, verbose=False, min_points_per_centroid=1, max_points_per_centroid=256)
     km.train(xn)
+    assert km.centroids is not None  # train() sets them
     _, assign = km.index.search(xn, 1)
     return torch.from_numpy(km.centroids.copy()), torch.from_numpy(assign.ravel().astype(np.int64))
 

@@ -145,10 +145,11 @@ class StoreRetriever:
             raise ValueError(f"budget must be a positive int, got {budget!r}")
         if budget < self.num_sink + self.num_recent:
             raise ValueError(f"budget must be at least num_sink + num_recent = {self.num_sink + self.num_recent}, got {budget}")
-        n_blocks = self.store.lookup(spec, keys).num_blocks
-        keys = keys[:n_blocks]
+        cached = self.store.lookup(spec, keys)
+        assert cached is not None  # lookup waits for the lock unless told not to
+        keys = keys[: cached.num_blocks]
         BT, P, H_kv, D = spec.block_tokens, self.summaries.page_tokens, spec.num_kv_heads, spec.head_dim
-        T = n_blocks * BT
+        T = len(keys) * BT
         L_q = len(layers)
         if T == 0:
             empty = torch.full((L_q, H_kv, budget), -1, dtype=torch.int64)
@@ -172,8 +173,10 @@ class StoreRetriever:
         if T == 0:
             return self.retrieve(spec, [], q, budget, layers=layers)
         li = torch.tensor(layers)
-        kmin = torch.cat([s.kmin[li] for s in summaries], 2)  # [L_q, H_kv, Np, D]
-        kmax = torch.cat([s.kmax[li] for s in summaries], 2)
+        found = [s for s in summaries if s is not None]
+        assert len(found) == len(summaries)  # each block kept before the first vanished one has its summary
+        kmin = torch.cat([s.kmin[li] for s in found], 2)  # [L_q, H_kv, Np, D]
+        kmax = torch.cat([s.kmax[li] for s in found], 2)
 
         # 2. page scores and the choice of pages (sinks and window always kept)
         G = q.shape[1] // H_kv

@@ -21,7 +21,7 @@ class BufferPool:
 
     def take(self, nbytes: int, count: int = 1) -> list[torch.Tensor]:
         """``count`` uint8 tensors of ``nbytes`` each (reused when idle ones of that size exist)."""
-        out = []
+        out: list[torch.Tensor] = []
         with self._lock:
             free = self._free.get(nbytes, [])
             while free and len(out) < count:

@@ -207,7 +207,14 @@ def encode_blocks(spec: KVSpec, keys: Sequence[bytes], blocks) -> list[bytes | m
     return list(wire.encode_parts(encode_frame_list(spec, keys, blocks)))
 
 
-def _body(pieces: list) -> tuple[dict, object]:
+def _returned_keys(found: Lookup) -> list[bytes]:
+    """The chain's block hashes a lookup with ``return_keys=True`` answered."""
+    if found.keys is None:
+        raise RuntimeError("the server answered a lookup with return_keys=True without its keys")
+    return found.keys
+
+
+def _body(pieces: list) -> tuple[dict, list]:
     size = sum(len(x) if isinstance(x, bytes) else x.nbytes for x in pieces)
     return {"content-type": wire.FRAMES_MEDIA_TYPE, "content-length": str(size)}, pieces
 
@@ -261,7 +268,7 @@ class _Pieces:
 
 
 class _AsyncPieces(_Pieces):
-    __iter__ = None  # httpx picks the async stream only for objects that are not sync iterables
+    __iter__ = None  # type: ignore[assignment]  # httpx picks the async stream only for objects that are not sync iterables
 
     async def __aiter__(self):
         for p in self.pieces:
@@ -402,7 +409,7 @@ class KVTierClient(_Base):
 
     def hashes(self, model: str, token_ids, *, salt: str = "", extra_keys: Sequence[str] = ()) -> list[bytes]:
         """The block hashes of ``token_ids``'s full blocks under the caller's tenant (the keys to put under)."""
-        return self.lookup(model, token_ids=token_ids, salt=salt, extra_keys=extra_keys, return_keys=True).keys
+        return _returned_keys(self.lookup(model, token_ids=token_ids, salt=salt, extra_keys=extra_keys, return_keys=True))
 
     def put(self, model: str, keys: Sequence[bytes], blocks, *, parent: bytes | None = None) -> list[bool]:
         headers, pieces = _body(encode_blocks(self.spec(model), keys, blocks))
@@ -563,7 +570,7 @@ class AsyncKVTierClient(_Base):
         return _parse_lookup((await self._request("POST", "/v1/lookup", json=body)).json())
 
     async def hashes(self, model: str, token_ids, *, salt: str = "", extra_keys: Sequence[str] = ()) -> list[bytes]:
-        return (await self.lookup(model, token_ids=token_ids, salt=salt, extra_keys=extra_keys, return_keys=True)).keys
+        return _returned_keys(await self.lookup(model, token_ids=token_ids, salt=salt, extra_keys=extra_keys, return_keys=True))
 
     async def put(self, model: str, keys: Sequence[bytes], blocks, *, parent: bytes | None = None) -> list[bool]:
         headers, pieces = _body(encode_blocks(await self.spec(model), keys, blocks))

@@ -218,6 +218,7 @@ class KVService:
         spec = self.spec_of(p, model)
         if (token_ids is None) == (hashes is None):
             raise BadRequest("give exactly one of token_ids and hashes", field="token_ids")
+        ckeys: Sequence[bytes]
         if hashes is not None:  # a chain as long as the longest token lookup (blocks of at least 16 tokens)
             ckeys = self._client_keys(hashes, "hashes", limit=max(1, self.settings.max_tokens_per_request // 16))
         else:
@@ -297,7 +298,8 @@ class KVService:
                 f"{len(items)} frames, at most {self.settings.max_blocks_per_request} are allowed per request (max_blocks_per_request)",
                 field="frames",
             )
-        keys, blocks, seen = [], [], {}
+        keys, blocks = [], []
+        seen: dict[bytes, int] = {}  # key -> the first frame that carried it
         for i, item in enumerate(items):
             field = f"frames[{i}]"
             if item is None:
@@ -391,7 +393,7 @@ class KVService:
         return n
 
     # -- retrieval and attention next to the data --------------------------------------------
-    def _chain(self, p: Principal, spec: KVSpec, token_ids, hashes, salt: str, extra_keys: Sequence[str]) -> list[bytes]:
+    def _chain(self, p: Principal, spec: KVSpec, token_ids, hashes, salt: str, extra_keys: Sequence[str]) -> Sequence[bytes]:
         """The client keys of a chain given by token ids (hashed under the caller's tenant) or by hashes."""
         if (token_ids is None) == (hashes is None):
             raise BadRequest("give exactly one of token_ids and hashes", field="token_ids")
@@ -563,16 +565,20 @@ class KVService:
                 "o": o.float(),
                 "lse": lse.float(),
             }
-        n_blocks = self.store.lookup(spec, skeys).num_blocks
+        cached = self.store.lookup(spec, skeys)
+        assert cached is not None  # lookup waits for the lock unless told not to
+        n_blocks = cached.num_blocks
         group = max(1, (32 << 20) // spec.block_nbytes)
         li = torch.tensor(layers)
         done = 0
         while done < n_blocks:
             keys = skeys[done : min(n_blocks, done + group)]
-            blocks = self.store.get(spec, keys)
-            if None in blocks:  # evicted since the lookup: attend the prefix before it
-                blocks = blocks[: blocks.index(None)]
-                n_blocks = done + len(blocks)
+            blocks: list[torch.Tensor] = []
+            for b in self.store.get(spec, keys):
+                if b is None:  # evicted since the lookup: attend the prefix before it
+                    n_blocks = done + len(blocks)
+                    break
+                blocks.append(b)
             if not blocks:
                 break
             dev = blocks[0].device  # attend where the blocks are (a CUDA device tier: the Triton kernel)
@@ -602,7 +608,9 @@ class KVService:
         ``None`` otherwise (the caller falls back to ``StoreRetriever``, which reads whole blocks)."""
         from kvtier.retrieval.tier_attention import TierAttention
 
-        n_blocks = self.store.lookup(spec, skeys).num_blocks
+        cached = self.store.lookup(spec, skeys)
+        assert cached is not None  # lookup waits for the lock unless told not to
+        n_blocks = cached.num_blocks
         if not n_blocks:
             return None
         layouts = self.store.page_layouts(spec, skeys[:n_blocks])
@@ -706,7 +714,7 @@ class KVService:
                 self._ingest_events()
                 mine = self._tenant_events.get(p.tenant, ())
                 first = mine[0][0] if mine else 0
-                out = []
+                out: list[dict] = []
                 for i in range(max(0, after - first + 1), len(mine)):  # sequence numbers are consecutive
                     seq, ev, ckey = mine[i]
                     out.append(
@@ -722,7 +730,7 @@ class KVService:
                     if len(out) >= limit:
                         break
             return {"events": out, "next_after": out[-1]["id"] if out else after}
-        out: list[dict] = []
+        out = []
         cursor = after
         for ev in self.store.events(after=after, limit=limit):
             cursor = ev.id

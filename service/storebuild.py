@@ -11,6 +11,7 @@ import logging
 import os
 import time
 from pathlib import Path
+from typing import Any
 
 from kvtier.kvstore import DeviceTier, DiskTier, HostTier, TierConfig, TieredStore
 from kvtier.kvstore.crypto import FrameCipher
@@ -27,7 +28,7 @@ def build_store(settings: Settings, on_invalidate=None) -> TieredStore:
     s = settings
     key = s.encryption_key_bytes()
     cipher = None if key is None else FrameCipher(key)  # disk and Redis: the tiers whose bytes leave the process
-    marks = dict(high_watermark=s.high_watermark, low_watermark=s.low_watermark)
+    marks: dict[str, Any] = dict(high_watermark=s.high_watermark, low_watermark=s.low_watermark)
     tiers: list[TierConfig] = []
     if s.device_capacity_bytes:
         # several specs may share the server: a block larger than the device slots goes on to the host tier
@@ -63,8 +64,8 @@ def build_store(settings: Settings, on_invalidate=None) -> TieredStore:
         # the first tier is written by every put anyway; write-through is for tiers below it
         tiers.append(TierConfig(redis_tier, policy=s.redis_policy, write_through=s.redis_write_through and bool(tiers), **marks))
     # every known tenant gets its quota (its own, or default_quota_bytes); tenants are the API keys' and the default ""
-    quotas = {t: s.quota_of(t) for t in {*s.api_keys.values(), ""}} | dict(s.quotas)
-    quotas = {t: q for t, q in quotas.items() if q is not None}
+    quota_or_none = {t: s.quota_of(t) for t in {*s.api_keys.values(), ""}} | dict(s.quotas)
+    quotas = {t: q for t, q in quota_or_none.items() if q is not None}
     store = TieredStore(tiers, quotas=quotas, promote_on_hit=s.promote_on_hit, max_events=s.max_events, max_pin_ttl_s=s.max_pin_ttl_s)
     if s.redis_url and s.redis_invalidation:  # drop our copies of blocks other instances delete or rewrite
 
@@ -87,7 +88,7 @@ class TierProbe:
     def __init__(self, settings: Settings, tier_names: list[str]) -> None:
         self.settings = settings
         self.tier_names = tier_names
-        self._redis = None
+        self._redis: Any = None  # a redis-py client, made at the first readiness check
         self._last_warn = -1e9
 
     def check(self) -> dict[str, str]:
@@ -147,8 +148,10 @@ def _redis_client(settings: Settings):
     from redis.cluster import RedisCluster
 
     url = settings.redis_url
+    if url is None:
+        raise ValueError("redis_url is not set")
     scheme, rest = url.split("://", 1)
-    opts = dict(socket_timeout=1.0, socket_connect_timeout=1.0)
+    opts: dict[str, Any] = dict(socket_timeout=1.0, socket_connect_timeout=1.0)
     if scheme.lower().startswith("rediss") and settings.redis_ssl_ca_certs:
         opts["ssl_ca_certs"] = str(settings.redis_ssl_ca_certs)
     if scheme.lower().endswith("+cluster"):

@@ -135,7 +135,7 @@ def tensor_from_wire(obj, field: str, *, dtypes=("float16", "bfloat16", "float32
         raise BadRequest(
             f"{field}.data must be bytes (msgpack bin) or base64 text (JSON), got {type(data).__name__}", field=f"{field}.data"
         )
-    tdtype = getattr(torch, dtype)
+    tdtype = getattr(torch, str(dtype))  # one of dtypes
     itemsize = torch.empty((), dtype=tdtype).element_size()
     if len(data) != n * itemsize:
         raise BadRequest(

@@ -25,7 +25,7 @@ from .registry import ATTENTION_TOLERANCES, KernelEntry, get_kernel, register
 if V.HAS_TRITON:
     from .kernels.attend import attend_partials, merge_partials
 else:  # pragma: no cover
-    attend_partials = merge_partials = None
+    attend_partials = merge_partials = None  # type: ignore[assignment]  # CUDA tensors need Triton; CPU ones run torch
 
 # Query rows (sequences x query heads of a group) one Triton program multiplies against a node's keys.
 ROWS_PER_PROGRAM = 64

@@ -22,7 +22,7 @@ from .registry import ATTENTION_TOLERANCES, KernelEntry, get_kernel, register
 if V.HAS_TRITON:
     from .kernels.attend import attend_partials, merge_partials
 else:  # pragma: no cover
-    attend_partials = merge_partials = None
+    attend_partials = merge_partials = None  # type: ignore[assignment]  # CUDA tensors need Triton; CPU ones run torch
 
 
 # ----------------------------------------------------------------------------- references

@@ -187,8 +187,10 @@ def allowed(plan: PrefillPlan, h: int, rows: torch.Tensor, cols: torch.Tensor) -
     """``[R, C]`` bool: whether query ``rows[r]`` of head ``h`` attends key ``cols[c]`` under the plan."""
     causal = rows.view(-1, 1) >= cols.view(1, -1)
     if plan.is_block_mask:
+        assert plan.block_mask is not None  # the block-mask kind has one
         return causal & plan.block_mask[h][(rows // BLOCK).view(-1, 1), (cols // BLOCK).view(1, -1)]
     off = (rows.view(-1, 1) - cols.view(1, -1)).clamp_min(0)
+    assert plan.diag_mask is not None and plan.col_mask is not None  # the vertical-slash kind has them
     return causal & (plan.diag_mask[h][off] | plan.col_mask[h][cols].view(1, -1))
 
 

@@ -18,7 +18,7 @@ from .registry import ATTENTION_TOLERANCES, KernelEntry, get_kernel, register
 if V.HAS_TRITON:
     from .kernels.prefill import block_sparse_prefill_plan_triton
 else:  # pragma: no cover
-    block_sparse_prefill_plan_triton = None
+    block_sparse_prefill_plan_triton = None  # type: ignore[assignment]  # the registry entry has no Triton path
 
 # Query rows per step of the torch path (a multiple of the 64-row block).
 QUERY_CHUNK = 128
@@ -62,6 +62,7 @@ def _rows_keys(plan: PrefillPlan, h: int, r0: int, r1: int, device):
     qb0, qb1 = r0 // BLOCK, (r1 - 1) // BLOCK
     tile = torch.arange(BLOCK, device=device)
     if plan.is_block_mask:
+        assert plan.block_ids is not None and plan.block_mask is not None  # the block-mask kind has them
         ids = plan.block_ids[h, qb0 : qb1 + 1].flatten()
         kbs = torch.unique(ids[ids >= 0].long())
         cols = (kbs.view(-1, 1) * BLOCK + tile).flatten()
@@ -73,6 +74,8 @@ def _rows_keys(plan: PrefillPlan, h: int, r0: int, r1: int, device):
             return (rows >= c) & row_blocks[:, c[0] // BLOCK]
 
         return cols, block_mask
+    assert plan.deltas is not None and plan.vertical is not None and plan.vertical_count is not None
+    assert plan.diag_mask is not None and plan.col_mask is not None  # the vertical-slash kind has them
     deltas = plan.deltas[h]
     deltas = deltas[deltas >= 0].long()
     kbs = (torch.arange(qb0, qb1 + 1, device=device).view(-1, 1) - deltas.view(1, -1)).flatten()

@@ -1,9 +1,10 @@
 #!/usr/bin/env python3
-"""Generate service/proto/kvtier_pb2.py and kvtier_pb2_grpc.py from service/proto/kvtier.proto.
+"""Generate service/proto/kvtier_pb2.py, its type stub kvtier_pb2.pyi (what mypy reads) and kvtier_pb2_grpc.py
+from service/proto/kvtier.proto.
 
 The source folder service/ is installed as ``kvtier.service``, so protoc must see the file at
 ``kvtier/service/proto/kvtier.proto`` for the generated code to import ``kvtier.service.proto``:
-the proto is copied into that layout in a temporary folder, compiled there, and the two files
+the proto is copied into that layout in a temporary folder, compiled there, and the three files
 copied back. The output depends on the grpcio-tools version (its ``GRPC_GENERATED_VERSION`` line),
 which requirements.lock pins.
 
@@ -20,7 +21,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 PROTO_DIR = ROOT / "service" / "proto"
-NAMES = ("kvtier_pb2.py", "kvtier_pb2_grpc.py")
+NAMES = ("kvtier_pb2.py", "kvtier_pb2.pyi", "kvtier_pb2_grpc.py")
 
 
 def generate(out_dir: Path) -> dict[str, str]:
@@ -29,7 +30,7 @@ def generate(out_dir: Path) -> dict[str, str]:
     (out_dir / rel.parent).mkdir(parents=True, exist_ok=True)
     shutil.copy(PROTO_DIR / "kvtier.proto", out_dir / rel)
     out = subprocess.run(
-        [sys.executable, "-m", "grpc_tools.protoc", "-I.", "--python_out=.", "--grpc_python_out=.", str(rel)],
+        [sys.executable, "-m", "grpc_tools.protoc", "-I.", "--python_out=.", "--pyi_out=.", "--grpc_python_out=.", str(rel)],
         cwd=out_dir,
         capture_output=True,
         text=True,
@@ -42,7 +43,7 @@ def generate(out_dir: Path) -> dict[str, str]:
 def main(argv: list[str]) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         fresh = generate(Path(tmp))
-    stale = [n for n in NAMES if (PROTO_DIR / n).read_text() != fresh[n]]
+    stale = [n for n in NAMES if not (PROTO_DIR / n).exists() or (PROTO_DIR / n).read_text() != fresh[n]]
     if "--check" in argv:
         for n in stale:
             print(f"service/proto/{n} is stale: run python tools/gen_proto.py")

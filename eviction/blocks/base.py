@@ -12,7 +12,7 @@ Policies are not thread-safe: the store serialises calls to one instance.
 from __future__ import annotations
 
 import operator
-from typing import TypeVar
+from typing import Any, TypeVar
 
 from kvtier.checks import check_int, check_real  # noqa: F401  (re-exported for the policies)
 from kvtier.kvstore.policy import BlockPolicy  # noqa: F401  (re-exported)
@@ -62,7 +62,7 @@ def check_insert(key: object, nbytes: object, depth: object, tenant: object) -> 
 
 
 # -- registry --------------------------------------------------------------------------------
-_POLICIES = Registry("block policy")
+_POLICIES: Registry[Any] = Registry("block policy")  # policy classes, each with its own options
 P = TypeVar("P", bound=type)
 
 

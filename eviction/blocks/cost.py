@@ -57,7 +57,7 @@ class CostAwarePolicy(PolicyBase):
 
     def __init__(self, *, alpha: float = 0.05) -> None:
         self.alpha = check_real("alpha", alpha, low=0.0)
-        self._heap = IndexedHeap()
+        self._heap: IndexedHeap[_CostItem] = IndexedHeap()
         self._item_of: dict[bytes, _CostItem] = {}
         self._inflation = 0.0
         self._tick = 0
@@ -97,7 +97,9 @@ class CostAwarePolicy(PolicyBase):
         item = self._item_of.pop(key, None) if isinstance(key, bytes) else None
         if item is None:
             return
-        self._inflation = self._heap.peek().prio[0]  # the lowest H, before the removal
+        lowest = self._heap.peek()
+        assert lowest is not None  # it holds item
+        self._inflation = lowest.prio[0]  # the lowest H, before the removal
         self._heap.remove(item)
 
     def _candidates(self, n: int) -> list[bytes]:  # O(n log n)

@@ -13,7 +13,7 @@ Priorities must be totally ordered and distinct (the policies append a unique ti
 from __future__ import annotations
 
 from heapq import heappop, heappush
-from typing import Any, Iterator
+from typing import Any, Generic, Iterator, TypeVar
 
 
 class HeapItem:
@@ -24,31 +24,36 @@ class HeapItem:
         self.pos = -1  # index in the heap list; -1 when not in a heap
 
 
-class IndexedHeap:
+H = TypeVar("H", bound=HeapItem)
+
+
+class IndexedHeap(Generic[H]):
+    """A heap of one kind of item (``IndexedHeap[_CostItem]``): what goes in is what comes out."""
+
     __slots__ = ("_items",)
 
     def __init__(self) -> None:
-        self._items: list[HeapItem] = []  # _items[i].prio <= _items[2i+1].prio, _items[2i+2].prio
+        self._items: list[H] = []  # _items[i].prio <= _items[2i+1].prio, _items[2i+2].prio
 
     def __len__(self) -> int:
         return len(self._items)
 
-    def peek(self) -> HeapItem | None:
+    def peek(self) -> H | None:
         return self._items[0] if self._items else None
 
-    def push(self, item: HeapItem) -> None:
+    def push(self, item: H) -> None:
         item.pos = len(self._items)
         self._items.append(item)
         self._sift_up(item.pos)
 
-    def update(self, item: HeapItem, prio: Any) -> None:
+    def update(self, item: H, prio: Any) -> None:
         old, item.prio = item.prio, prio
         if prio < old:
             self._sift_up(item.pos)
         else:
             self._sift_down(item.pos)
 
-    def remove(self, item: HeapItem) -> None:
+    def remove(self, item: H) -> None:
         items = self._items
         pos, last = item.pos, items.pop()
         item.pos = -1
@@ -61,7 +66,7 @@ class IndexedHeap:
         else:
             self._sift_down(pos)
 
-    def ordered(self) -> Iterator[HeapItem]:
+    def ordered(self) -> Iterator[H]:
         """Items in increasing priority, lazily; read-only. Do not resume it after a mutation.
 
         Best-first walk of the heap tree: the frontier holds the children of the items

@@ -59,6 +59,7 @@ class LFUPolicy(PolicyBase):
     def _discard(self, key: bytes, b: _Bucket) -> None:
         del b.keys[key]
         if not b.keys:  # unlink: the list holds only non-empty buckets
+            assert b.prev is not None  # only the sentinel has no prev, and it never holds keys
             b.prev.next = b.next
             if b.next is not None:
                 b.next.prev = b.prev

@@ -100,7 +100,7 @@ class TenantFairPolicy(PolicyBase):
             self.weights[tenant] = check_real(f"weights[{tenant!r}]", w, low=0.0, low_open=True)
         self.default_weight = check_real("default_weight", default_weight, low=0.0, low_open=True)
         self._tenants: dict[str, _Tenant] = {}
-        self._heap = IndexedHeap()  # of _Tenant, prio (-bytes / weight, tenant)
+        self._heap: IndexedHeap[_Tenant] = IndexedHeap()  # of _Tenant, prio (-bytes / weight, tenant)
         self._entry_of: dict[bytes, tuple[_Tenant, int]] = {}  # key -> (its tenant, its nbytes)
 
     @property

@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Protocol, TypeVar, runtime_checkable
+from typing import Any, Protocol, TypeVar, runtime_checkable
 
 import torch
 
@@ -179,7 +179,7 @@ def group_mean(per_query_head: torch.Tensor, num_kv_heads: int) -> torch.Tensor:
 
 
 # -- registry -----------------------------------------------------------------------------------
-_SCORERS = Registry("scorer")
+_SCORERS: Registry[Any] = Registry("scorer")  # scorer classes, each with its own options
 S = TypeVar("S", bound=type)
 
 

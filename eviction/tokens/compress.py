@@ -73,8 +73,18 @@ class Compressor:
     # -- budgets ------------------------------------------------------------------------------
     def layer_budget(self, num_tokens: int, layer: int, num_layers: int) -> int:
         """Tokens per KV head this layer keeps from a cache of ``num_tokens`` (before the sink/window floor)."""
-        mean = self.budget if self.budget is not None else num_tokens - math.floor(num_tokens * self.ratio)
-        return self.scorer.layer_budget(mean, layer, num_layers)
+        if self.budget is not None:
+            mean = self.budget
+        else:
+            assert self.ratio is not None  # exactly one of ratio and budget (__post_init__)
+            mean = num_tokens - math.floor(num_tokens * self.ratio)
+        return self._scorer.layer_budget(mean, layer, num_layers)
+
+    @property
+    def _scorer(self) -> Scorer:
+        """The scorer object (``__post_init__`` resolved a name given as ``scorer``)."""
+        assert not isinstance(self.scorer, str)
+        return self.scorer
 
     # -- the compressor -----------------------------------------------------------------------
     def keep(self, inputs: ScoreInputs) -> torch.Tensor:
@@ -91,9 +101,10 @@ class Compressor:
             prof = self.head_profile.retrieval
             if prof.shape != (inputs.num_layers, H_kv):
                 raise ValueError(f"head_profile is for {list(prof.shape)} (layers, KV heads), the cache has [{inputs.num_layers}, {H_kv}]")
-        scores = self.scorer.score(inputs).float()
+        scorer = self._scorer
+        scores = scorer.score(inputs).float()
         if tuple(scores.shape) != (B, H_kv, T):
-            raise RuntimeError(f"scorer {self.scorer.name!r} returned {list(scores.shape)}, expected {[B, H_kv, T]}")
+            raise RuntimeError(f"scorer {scorer.name!r} returned {list(scores.shape)}, expected {[B, H_kv, T]}")
         pos = torch.arange(T, device=device).view(1, 1, T)
         valid = pos < lengths.unsqueeze(-1)
         forced = valid & ((pos < self.sink_tokens) | (pos >= (lengths - self.window_tokens).unsqueeze(-1)))
@@ -107,7 +118,7 @@ class Compressor:
         else:
             per_head = torch.maximum(torch.full_like(num_forced, budget), num_forced)
             kept = _top_per_head(scores, valid, per_head)
-        self.scorer.on_compress(inputs.layer, kept)
+        scorer.on_compress(inputs.layer, kept)
         return kept
 
     def _keep_adaptive(self, scores, valid, num_forced, budget):

@@ -250,16 +250,18 @@ class EvictingKV:
         """Attention of each new query over the demoted tokens its selector recalls: (o, lse) ``[n, H_q, ·]``."""
         from kvtier.sparse_attn import sparse_decode
 
+        recall = self.recall
+        assert recall is not None  # demote mode has a recall selector (checked in __init__)
         lay = self._layers[layer]
         H = self.num_kv_heads
         E = int(lay.dn.max())
         dk = lay.dk[:, :E].unsqueeze(0)  # [1, H, E, D] on the lower tier
         if lay.recall_state is None or (lay.recall_version != lay.version and lay.recall_stale):
-            lay.recall_state = self.recall.prepare(dk.float())
+            lay.recall_state = recall.prepare(dk.float())
             self.stats.recall_builds += 1
         lay.recall_version, lay.recall_stale = lay.version, False  # select() extends the state to the new tokens
         qn = q.transpose(0, 1).to(self.demote_device).float()  # [n, H_q, D]
-        ids = self.recall.select(qn, dk.float(), min(self.recall_budget, E), lay.recall_state)  # [n, H, R]
+        ids = recall.select(qn, dk.float(), min(self.recall_budget, E), lay.recall_state)  # [n, H, R]
         ids = torch.where(ids >= lay.dn.view(1, H, 1), -1, ids)  # padding slots of shorter heads
         R = ids.shape[2]
         # fetch only the recalled tokens to the compute device

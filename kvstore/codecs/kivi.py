@@ -50,6 +50,7 @@ Both produce the same payload.
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 
@@ -270,7 +271,7 @@ class KiviCodec:
     def replace(self, **changes) -> "KiviCodec":
         """A copy with some options changed (``sink_tokens=4`` for the first block of a sequence,
         ``residual_tokens=R`` for its tail block); the name stays, so frames still say ``kivi4``."""
-        options = dict(
+        options: dict[str, Any] = dict(
             bits=self.bits,
             residual_tokens=self.residual_tokens,
             rotate=self.rotate,

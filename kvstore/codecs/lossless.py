@@ -84,6 +84,7 @@ class _Stage:
             data = memoryview(payload).cast("B")
         except TypeError as e:
             raise ValueError(f"{self.name} payload must be a bytes-like buffer: {e}") from None
+        raw: bytes | memoryview
         if meta["packed"]:
             try:
                 raw = self._decompress(data, n)

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import threading
 from dataclasses import asdict, dataclass
-from typing import TYPE_CHECKING, Protocol, Sequence, runtime_checkable
+from typing import TYPE_CHECKING, Callable, Protocol, Sequence, runtime_checkable
 
 import torch
 
@@ -110,6 +110,7 @@ class TierBase:
     """Shared argument checks and counters. Subclasses hold the bytes."""
 
     capabilities: TierCapabilities
+    contains: Callable[..., list[bool]]  # each subclass's own (StorageTier.contains)
 
     def __init__(self, name: str, codec: Codec, capacity_bytes: int | None) -> None:
         if capacity_bytes is not None and (not isinstance(capacity_bytes, int) or capacity_bytes < 0):

@@ -159,6 +159,7 @@ def attend_partials(
     if indices is not None:
         max_keys = indices.shape[-1]
     else:
+        assert lengths is not None, "attend_partials needs indices or lengths"
         max_keys = int(lengths.max()) if num_nodes else 0
     num_splits, per_split = split_length(max_keys, num_nodes * num_kv_heads, q.device, split_tokens, BLOCK_N)
     o = torch.zeros((num_splits, num_seqs, num_q_heads, head_dim), dtype=torch.float32, device=q.device)
