@@ -188,6 +188,10 @@ class Ledger:
         self.deleted: dict[tuple[str, bytes], int] = {}  # (tenant, key) -> seed it held when deleted
         self.history: dict[tuple[str, bytes], set[int]] = {}  # every seed ever written under the key
         self.doubt: set[tuple[str, bytes]] = set()  # a delete or rewrite whose answer never came (kvtier killed): either outcome is right
+        # keys a worker is deleting or rewriting now: another worker of the same tenant leaves them alone,
+        # so the ledger's order of the acknowledgements is the server's order of the operations
+        self.busy: set[tuple[str, bytes]] = set()
+        self.stopping = threading.Event()  # the harness is stopping kvtier on purpose (SIGTERM or SIGKILL)
         self.counts = {
             "puts": 0,
             "gets": 0,
@@ -198,6 +202,7 @@ class Ledger:
             "unavailable": 0,
             "get_misses": 0,
             "get_wrong": 0,
+            "cancelled_during_stop": 0,
         }
 
     def count(self, name: str, n: int = 1) -> None:
@@ -231,6 +236,12 @@ class Worker(threading.Thread):
                 if not (e.code == "UNAVAILABLE" and "failed to connect" in e.message.lower()):  # never sent: no doubt
                     self.in_doubt()
                 down = self.transport == "grpc" and e.code == "UNAVAILABLE"  # connection refused while kvtier restarts
+                if self.transport == "grpc" and e.code == "CANCELLED" and self.ledger.stopping.is_set():
+                    # the server cancelled the call because the harness was stopping it: the server went
+                    # away, as a refused connection (its outcome is in doubt, counted above); any other
+                    # CANCELLED (we never cancel a call) is counted a 5xx below
+                    self.ledger.count("cancelled_during_stop")
+                    down = True
                 if e.status >= 500 and not down:
                     self.ledger.count("5xx")
                     print(f"  5xx from {self.transport}: {e}", flush=True)
@@ -242,7 +253,24 @@ class Worker(threading.Thread):
                     self.in_doubt()
                 self.ledger.count("unavailable")
                 time.sleep(0.05)
+            finally:
+                if self.inflight is not None:
+                    with self.ledger.lock:
+                        self.ledger.busy.discard(self.inflight)
         c.close()
+
+    def claim(self, candidates: list) -> tuple[str, bytes] | None:
+        """One of ``candidates`` no other worker is deleting or rewriting now, marked busy (None: all are)."""
+        free = [k for k in candidates if k not in self.ledger.busy]
+        if not free:
+            return None
+        key = self.rng.choice(free)
+        with self.ledger.lock:
+            if key in self.ledger.busy:
+                return None
+            self.ledger.busy.add(key)
+        self.inflight = key
+        return key
 
     def in_doubt(self) -> None:
         if self.inflight is not None:
@@ -285,17 +313,19 @@ class Worker(threading.Thread):
             c.lookup(self.model, hashes=[self.rng.choice(mine)[1]])
             L.count("lookups")
         elif r < 0.95:  # delete
-            key = self.rng.choice(mine)
-            self.inflight = key
+            key = self.claim(mine)
+            if key is None:
+                return
             c.delete(self.model, [key[1]])
             with L.lock:
                 L.counts["deletes"] += 1
                 if key in L.current:
                     L.deleted[key] = L.current.pop(key)
         elif gone:  # rewrite a deleted key with other bytes
-            key = self.rng.choice(gone)
+            key = self.claim(gone)
+            if key is None:
+                return
             seed = self.rng.randrange(1 << 30)
-            self.inflight = key
             with L.lock:
                 L.history.setdefault(key, set()).add(seed)  # it may land even if the answer is lost
             if c.put(self.model, [key[1]], block_of(seed)[None]) == [True]:
@@ -413,9 +443,13 @@ def main(argv=None) -> int:
                     time.sleep(2.0)
                     redis.start()
                 else:
-                    svc.stop(signal.SIGKILL if fault == "kvtier-kill" else signal.SIGTERM)
-                    time.sleep(0.5)
-                    svc.start()
+                    ledger.stopping.set()
+                    try:
+                        svc.stop(signal.SIGKILL if fault == "kvtier-kill" else signal.SIGTERM)
+                        time.sleep(0.5)
+                        svc.start()
+                    finally:
+                        ledger.stopping.clear()
                 events.append(f"{at:.1f}s {fault} ({time.monotonic() - t0:.1f}s until it answered again)")
                 print("  " + events[-1], flush=True)
                 nxt = time.monotonic() + chaos_every
@@ -452,6 +486,7 @@ def main(argv=None) -> int:
         "stale_deleted_found": result["stale_deleted"],
         "in_doubt": result["in_doubt"],
         "client_5xx": c["5xx"],
+        "grpc_cancelled_during_stop": c["cancelled_during_stop"],
         "server_5xx_last_incarnation": server_5xx,
         "unavailable": c["unavailable"],
         "get_misses_during_run": c["get_misses"],

@@ -52,3 +52,7 @@ class Conflict(ServiceError):
 
 class UnsupportedMediaType(ServiceError):
     status, code, grpc_code = 415, "unsupported_media_type", "INVALID_ARGUMENT"
+
+
+class Unavailable(ServiceError):
+    status, code, grpc_code = 503, "unavailable", "UNAVAILABLE"

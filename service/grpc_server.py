@@ -19,7 +19,7 @@ import numpy as np
 
 from . import wire
 from .core import KVService, parse_client_key
-from .errors import BadRequest, PayloadTooLarge, ServiceError
+from .errors import BadRequest, PayloadTooLarge, ServiceError, Unavailable
 from .proto import kvtier_pb2 as pb
 from .proto import kvtier_pb2_grpc as pb_grpc
 from .settings import Settings
@@ -90,6 +90,25 @@ class KVTierServicer(pb_grpc.KVTierServicer):
         # block transfers (and retrieval/attention, which read blocks) in progress at once, as REST's
         # own bound: each put stream holds up to max_request_bytes of frames while it is read
         self._transfers = threading.BoundedSemaphore(settings.max_concurrent_transfers)
+        # graceful stop: calls in progress (counted from ``principal`` to ``observe``) and the drain flag
+        self._active = 0
+        self._active_cond = threading.Condition()
+        self._draining = False
+
+    def drain(self, timeout_s: float) -> bool:
+        """Answer every new call UNAVAILABLE ("kvtier is stopping", which clients retry elsewhere or
+        later) and wait up to ``timeout_s`` for the calls in progress to finish. True if none is left.
+        Then ``server.stop`` cancels nothing that was accepted: a call the server's shutdown would
+        otherwise have cancelled (CANCELLED, not retryable) is refused before it starts."""
+        deadline = time.monotonic() + timeout_s
+        with self._active_cond:
+            self._draining = True
+            while self._active > 0:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return False
+                self._active_cond.wait(left)
+        return True
 
     @contextmanager
     def transfer(self, context):
@@ -103,10 +122,19 @@ class KVTierServicer(pb_grpc.KVTierServicer):
             self._transfers.release()
 
     def principal(self, context) -> Principal:
+        """The caller of a call that starts now (every handler calls it first; ``observe`` ends it)."""
+        with self._active_cond:
+            self._active += 1
+            if self._draining:
+                raise Unavailable("kvtier is stopping: try again")
         md = {k.lower(): v for k, v in context.invocation_metadata() if isinstance(v, str)}
         return self.svc.admit(self.auth.authenticate(md.get("authorization"), md.get("x-api-key")))
 
     def observe(self, op: str, code: str, t0: float) -> None:
+        with self._active_cond:
+            self._active -= 1
+            if self._active == 0:
+                self._active_cond.notify_all()
         if self.svc.metrics is not None:
             self.svc.metrics.observe("grpc", op, code, time.perf_counter() - t0)
 
@@ -287,15 +315,38 @@ def _tensor_msg(t) -> pb.Tensor:
     return pb.Tensor(dtype=w["dtype"], shape=w["shape"], data=w["data"])
 
 
+def server_options(settings: Settings) -> list[tuple[str, int]]:
+    """gRPC core options: message sizes, and the connection hygiene of REST's guards (docs/hardening.md)."""
+    limit = message_limit(settings)
+    return [
+        ("grpc.max_receive_message_length", limit),
+        ("grpc.max_send_message_length", limit),
+        ("grpc.so_reuseport", 0),
+        # connections: a cap on how many are open, idle ones closed, a handshake that must finish in time
+        ("grpc.max_allowed_incoming_connections", settings.grpc_max_connections),
+        ("grpc.max_connection_idle_ms", int(settings.grpc_idle_timeout_s * 1000)),
+        ("grpc.server_handshake_timeout_ms", int(settings.header_timeout_s * 1000)),
+        ("grpc.max_concurrent_streams", settings.grpc_max_streams_per_connection),
+        # keepalive: the server pings a connection silent for a minute and drops it if the peer is gone;
+        # a client may not ping more often than every 10 s (nor at all without calls): 2 strikes, GOAWAY
+        ("grpc.keepalive_time_ms", 60_000),
+        ("grpc.keepalive_timeout_ms", 20_000),
+        ("grpc.keepalive_permit_without_calls", 0),
+        ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
+        ("grpc.http2.max_ping_strikes", 2),
+    ]
+
+
 def start_grpc_server(svc: KVService, settings: Settings, auth: Authenticator, *, max_workers: int = 32) -> grpc.Server:
     """Start the gRPC server on ``settings.host:settings.grpc_port``; ``server.kvtier_port`` is the bound port."""
-    limit = message_limit(settings)
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="kvtier-grpc"),
-        options=[("grpc.max_receive_message_length", limit), ("grpc.max_send_message_length", limit), ("grpc.so_reuseport", 0)],
+        options=server_options(settings),
         maximum_concurrent_rpcs=settings.limit_concurrency,
     )
-    pb_grpc.add_KVTierServicer_to_server(KVTierServicer(svc, settings, auth), server)
+    servicer = KVTierServicer(svc, settings, auth)
+    pb_grpc.add_KVTierServicer_to_server(servicer, server)
+    server.kvtier_servicer = servicer
     host = settings.host if ":" not in settings.host else f"[{settings.host}]"
     if settings.tls_cert is not None:  # the same certificate as REST's HTTPS
         creds = grpc.ssl_server_credentials([(settings.tls_key.read_bytes(), settings.tls_cert.read_bytes())])
@@ -308,3 +359,11 @@ def start_grpc_server(svc: KVService, settings: Settings, auth: Authenticator, *
     server.kvtier_port = port
     log.info("gRPC serving on %s:%d", host, port)
     return server
+
+
+def stop_grpc_server(server: grpc.Server, grace_s: float) -> None:
+    """Graceful stop: drain (new calls UNAVAILABLE, calls in progress finish within ``grace_s``), then stop."""
+    t0 = time.monotonic()
+    if not server.kvtier_servicer.drain(grace_s):
+        log.warning("gRPC: calls still in progress after %.1fs: they are cancelled", grace_s)
+    server.stop(max(0.0, grace_s - (time.monotonic() - t0))).wait()

@@ -77,7 +77,9 @@ def create_app(settings: Settings | None = None, service: KVService | None = Non
 
                 close_server(local_server)
             if grpc_server is not None:
-                await run_in_threadpool(lambda: grpc_server.stop(settings.graceful_shutdown_s).wait())
+                from .grpc_server import stop_grpc_server
+
+                await run_in_threadpool(stop_grpc_server, grpc_server, settings.graceful_shutdown_s)
             if service is None:
                 await run_in_threadpool(svc.close)
             log.info("kvtier stopped: store closed")

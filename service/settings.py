@@ -118,6 +118,17 @@ class Settings(BaseSettings):
         description="Most open REST connections; at the cap a new connection closes the longest-idle one (no request in progress), or is refused when none is idle.",
     )
     max_connections_per_client: int = Field(256, ge=1, description="Most open REST connections from one client address; beyond: refused.")
+    grpc_max_connections: int = Field(
+        4096, ge=1, description="Most open gRPC connections (idle ones included); beyond: a new connection is closed at once."
+    )
+    grpc_idle_timeout_s: float = Field(
+        300.0,
+        gt=0,
+        description="A gRPC connection with no call in progress for this long is closed (GOAWAY; clients reconnect by themselves).",
+    )
+    grpc_max_streams_per_connection: int = Field(
+        100, ge=1, description="Most gRPC calls in progress on one connection (HTTP/2 MAX_CONCURRENT_STREAMS); more wait in the client."
+    )
     data_dir: Path = Field(
         default_factory=default_data_dir,
         description="Directory of the disk tier (`blocks/`) and the registered specs (`specs.json`). Default `$XDG_DATA_HOME/kvtier` or `~/.local/share/kvtier`.",

@@ -7,11 +7,13 @@ CPU memory without a GPU), host memory, disk under ``data_dir/blocks``, and Redi
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import time
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 from kvtier.kvstore import DeviceTier, DiskTier, HostTier, TierConfig, TieredStore
 from kvtier.kvstore.crypto import FrameCipher
@@ -60,6 +62,7 @@ def build_store(settings: Settings, on_invalidate=None) -> TieredStore:
             max_connections=s.redis_max_connections,
             publish_invalidations=s.redis_invalidation,
             cipher=cipher,
+            pending_deletes_path=pending_deletes_path(s),
         )
         # the first tier is written by every put anyway; write-through is for tiers below it
         tiers.append(TierConfig(redis_tier, policy=s.redis_policy, write_through=s.redis_write_through and bool(tiers), **marks))
@@ -76,6 +79,15 @@ def build_store(settings: Settings, on_invalidate=None) -> TieredStore:
 
         redis_tier.listen_invalidations(invalidated)
     return store
+
+
+def pending_deletes_path(settings: Settings) -> Path:
+    """Where the Redis tier records deletes Redis has not confirmed yet (read back at the next start):
+    one file per Redis address under ``data_dir``, so pointing kvtier at another Redis ignores it."""
+    split = urlsplit(str(settings.redis_url))
+    where = f"{split.scheme}://{split.hostname}:{split.port}{split.path}".encode()
+    Path(settings.data_dir).mkdir(parents=True, exist_ok=True)
+    return Path(settings.data_dir) / f"redis-pending-deletes-{hashlib.sha256(where).hexdigest()[:16]}"
 
 
 def blocks_dir(settings: Settings) -> Path:

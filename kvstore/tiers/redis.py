@@ -34,8 +34,13 @@ Coherence: instances sharing a Redis keep their own copies of blocks in faster t
 ``kvtier-invalidations`` (in the same pipeline), and ``listen_invalidations`` hands other instances'
 announcements to a callback (``TieredStore.drop_local_copies``), so an instance drops a block
 that another deleted or rewrote within one blocking ``XREAD`` (about a millisecond on a LAN).
-A delete that Redis did not confirm (down, or the circuit open) is remembered and sent again
-once Redis answers; meanwhile reads of that key are misses, so a deleted block never comes back.
+A delete that Redis did not confirm (down, the circuit open, or an error in its place in the
+pipeline) is remembered and sent again once Redis answers; meanwhile reads of that key are misses,
+so a deleted block never comes back. With ``pending_deletes_path`` the remembered deletes are also
+appended (and fsynced) to that file before the delete returns, and read back at the next start:
+a ``kill -9`` between the acknowledgement and Redis' confirmation cannot bring the old copy back.
+A put of a key whose delete is pending keeps the delete pending until Redis confirmed the new
+value (a refused put leaves the old copy unreadable, never current).
 """
 
 from __future__ import annotations
@@ -194,6 +199,7 @@ class RedisTier(TierBase):
         max_connections: int = 64,
         publish_invalidations: bool = False,
         cipher=None,
+        pending_deletes_path: str | os.PathLike | None = None,
     ) -> None:
         self._tls, self._cluster, self._url = _parse_url(url)
         if not isinstance(name, str) or not name:
@@ -252,7 +258,12 @@ class RedisTier(TierBase):
         # deletes Redis did not confirm: sent again once it answers; reads of these keys are misses meanwhile
         self._pending_deletes: OrderedDict[bytes, None] = OrderedDict()
         self._pending_lock = threading.Lock()  # orders a retried DEL before a later SET of the same key
+        self._journal_lock = threading.Lock()  # one writer of pending_deletes_path at a time
         self.pending_deletes_dropped = 0
+        # the same, durable: appended before a delete returns, rewritten when deletes are confirmed
+        self.pending_deletes_path = None if pending_deletes_path is None else os.fspath(pending_deletes_path)
+        if self.pending_deletes_path is not None:
+            self._load_pending_deletes()
         self.instance_id = os.urandom(8)
         self._listener: threading.Thread | None = None
 
@@ -289,17 +300,27 @@ class RedisTier(TierBase):
     def put(self, keys: Sequence[bytes], blocks: Sequence[torch.Tensor], *, spec: KVSpec, first: Sequence[bool] | None = None) -> list[int]:
         self._check_put(keys, blocks, spec, first)
         rkeys = self._redis_keys(keys, spec)
-        sizes = [0] * len(rkeys)
         if not rkeys:
-            return sizes
-        codec = self.codec
-        reserved: dict[int, tuple[bytes, int, int]] = {}  # index -> (redis key, frame bytes, bytes reserved)
+            return []
         if self._pending_deletes:
             self.retry_deletes()
             if any(k in self._pending_deletes for k in rkeys):
-                with self._pending_lock:  # a retried DEL of these keys has been sent, or never will be
-                    for k in rkeys:
-                        self._pending_deletes.pop(k, None)
+                # A delete of some of these keys is still pending: Redis may hold their old values.
+                # Holding the lock orders our SETs after any retried DEL; the deletes stay pending
+                # (old values unreadable) until Redis confirmed the new ones.
+                with self._pending_lock:
+                    sizes = self._put_unlocked(keys, blocks, rkeys, spec, first)
+                    with self._lock:
+                        confirmed = [k for k, n in zip(rkeys, sizes) if n > 0 and self._pending_deletes.pop(k, False) is None]
+                    if confirmed:
+                        self._save_pending_deletes()
+                    return sizes
+        return self._put_unlocked(keys, blocks, rkeys, spec, first)
+
+    def _put_unlocked(self, keys, blocks, rkeys: list[bytes], spec: KVSpec, first) -> list[int]:
+        sizes = [0] * len(rkeys)
+        codec = self.codec
+        reserved: dict[int, tuple[bytes, int, int]] = {}  # index -> (redis key, frame bytes, bytes reserved)
 
         def send(client) -> None:
             pipe = client.pipeline(transaction=False)
@@ -524,6 +545,70 @@ class RedisTier(TierBase):
             while len(self._pending_deletes) > MAX_PENDING_DELETES:
                 self._pending_deletes.popitem(last=False)
                 self.pending_deletes_dropped += 1
+        self._append_pending_deletes(rkeys)
+
+    # -- the durable record of unconfirmed deletes (``pending_deletes_path``) -----------------
+    # One Redis key per line, appended and fsynced before a delete returns; rewritten (atomically)
+    # when confirmed deletes leave it. A line may name a key whose delete was confirmed after the
+    # last rewrite (a kill -9 in between): sending that DEL again is harmless, because a key leaves
+    # the record only after Redis confirmed it, and a put of a pending key rewrites the record
+    # before it returns.
+    def _load_pending_deletes(self) -> None:
+        path = self.pending_deletes_path
+        try:
+            with open(path, "rb") as f:
+                lines = [line.strip() for line in f]
+        except FileNotFoundError:
+            return
+        except OSError as e:
+            raise ValueError(f"pending_deletes_path {path!r} cannot be read: {e}") from None
+        prefix = KEY_PREFIX.encode() + b":"
+        for rkey in lines:
+            if rkey.startswith(prefix):  # a torn last line (kill -9 mid-append) is skipped
+                self._pending_deletes[rkey] = None
+        while len(self._pending_deletes) > MAX_PENDING_DELETES:
+            self._pending_deletes.popitem(last=False)
+            self.pending_deletes_dropped += 1
+        if self._pending_deletes:
+            log.warning(
+                "redis tier %s: %d delete(s) Redis had not confirmed before the last stop are pending (reads of them miss)",
+                self.name,
+                len(self._pending_deletes),
+            )
+
+    def _append_pending_deletes(self, rkeys: list[bytes]) -> None:
+        if self.pending_deletes_path is None or not rkeys:
+            return
+        with self._journal_lock:
+            fd = os.open(self.pending_deletes_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+            try:
+                os.write(fd, b"\n" + b"\n".join(rkeys) + b"\n")  # the leading newline ends a torn line
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+
+    def _save_pending_deletes(self) -> None:
+        """Rewrite the record as what is pending now (removed when nothing is)."""
+        path = self.pending_deletes_path
+        if path is None:
+            return
+        with self._journal_lock:
+            with self._lock:
+                pending = list(self._pending_deletes)
+            if not pending:
+                try:
+                    os.unlink(path)
+                except FileNotFoundError:
+                    pass
+                return
+            tmp = f"{path}.tmp"
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            try:
+                os.write(fd, b"\n".join(pending) + b"\n")
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            os.replace(tmp, path)
 
     @property
     def num_pending_deletes(self) -> int:
@@ -556,6 +641,8 @@ class RedisTier(TierBase):
                             done += 1
                 if done < len(part):
                     break  # some failed: try later
+            if done:
+                self._save_pending_deletes()
         return done
 
     def iter_keys(self, spec: KVSpec, *, count: int = 1000):
@@ -732,12 +819,17 @@ class RedisTier(TierBase):
             self._remember_deletes(rkeys)
             return 0
         n = 0
+        unconfirmed = []
         with self._lock:
             for rkey, r in zip(rkeys, replies):
                 if isinstance(r, int):
                     self._forget(rkey)
                     n += r == 1
+                else:  # an error in its place (e.g. CLUSTERDOWN on that node): not deleted
+                    unconfirmed.append(rkey)
             self._stats.removed += n
+        if unconfirmed:
+            self._remember_deletes(unconfirmed)
         self._check_replies(replies)
         return n
 
