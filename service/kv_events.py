@@ -76,8 +76,8 @@ class KVEventPublisher:
     established asynchronously, and a plain ``PUB`` drops whatever it sends before both arrive. The
     last ``buffer_batches`` batches are kept for replay: with ``replay_endpoint`` set, a ``ROUTER``
     socket bound there answers a request ``(b"", start_seq)`` (8 bytes, big-endian; from a ``DEALER``)
-    with every kept batch ``(b"", seq, payload)`` from ``start_seq`` on, then ``(b"", -1, b"")`` (vLLM's
-    replay protocol), so a subscriber that sees a gap in ``seq`` can fetch what it missed.
+    with every kept batch ``(b"", topic, seq, payload)`` from ``start_seq`` on, then ``(b"", b"", -1, b"")``
+    (vLLM 0.32's replay protocol), so a subscriber that sees a gap in ``seq`` can fetch what it missed.
     """
 
     END_SEQ = (-1).to_bytes(8, "big", signed=True)
@@ -177,8 +177,8 @@ class KVEventPublisher:
             start_seq = int.from_bytes(start, "big")
             for seq, payload in self._buffer:
                 if seq >= start_seq:
-                    self._replay.send_multipart((client, b"", seq.to_bytes(8, "big"), payload))
-            self._replay.send_multipart((client, b"", self.END_SEQ, b""))
+                    self._replay.send_multipart((client, b"", self._topic, seq.to_bytes(8, "big"), payload))
+            self._replay.send_multipart((client, b"", b"", self.END_SEQ, b""))
 
     def _publish_pending(self) -> int:
         total = 0

@@ -138,7 +138,7 @@ def test_a_publisher_that_connects_loses_no_batch_and_replays_on_request():
         while time.monotonic() < deadline:
             pub.publish_pending()  # the publisher's thread ticks hourly here: serve the request by hand
             if dealer.poll(100):
-                _, seq, payload = dealer.recv_multipart()
+                _, _, seq, payload = dealer.recv_multipart()
                 if int.from_bytes(seq, "big", signed=True) == -1:
                     break
                 replayed.append((int.from_bytes(seq, "big"), msgpack.unpackb(payload)[1]))
