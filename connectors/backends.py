@@ -20,8 +20,11 @@ service hashes the chain under it. The transformers cache (``hf_cache``) and the
 
 from __future__ import annotations
 
+import os
+import stat
 from dataclasses import dataclass
 from typing import Any, Callable, Protocol, Sequence, runtime_checkable
+from urllib.parse import urlsplit
 
 import torch
 
@@ -144,12 +147,22 @@ class ServiceBackend:
 
     @classmethod
     def connect(
-        cls, url: str, spec: KVSpec, *, api_key: str | None = None, timeout_s: float = 30.0, retries: int = 2, **options
+        cls,
+        url: str,
+        spec: KVSpec,
+        *,
+        api_key: str | None = None,
+        timeout_s: float = 30.0,
+        retries: int = 2,
+        local_socket: str | None = None,
+        **options,
     ) -> "ServiceBackend":
-        """A backend with its own ``KVTierClient`` to ``url`` (closed by ``close()``)."""
+        """A backend with its own ``KVTierClient`` to ``url`` (closed by ``close()``): over the same-host
+        transport when the service is local (``local_service_url(url, local_socket)``), REST otherwise."""
         from kvtier.service.client import KVTierClient
 
-        return cls(KVTierClient(url, api_key, timeout=timeout_s, retries=retries), spec, owns_client=True, **options)
+        client = KVTierClient(local_service_url(url, local_socket), api_key, timeout=timeout_s, retries=retries)
+        return cls(client, spec, owns_client=True, **options)
 
     @property
     def model(self) -> str:
@@ -209,6 +222,45 @@ class ServiceBackend:
     def close(self) -> None:
         if self.owns_client:
             self.client.close()
+
+
+LOOPBACK_HOSTS = frozenset({"127.0.0.1", "localhost", "::1"})
+
+
+def local_service_url(url: str, local_socket: str | None = None) -> str:
+    """The URL a connector uses for the kvtier service at ``url``: the same-host transport when the service is local.
+
+    ``unix://PATH`` stays as it is. An ``http(s)://`` URL whose host is a loopback address
+    (``127.0.0.1``, ``localhost``, ``::1``) becomes ``unix://`` + ``local_socket`` when that socket
+    exists (the service runs with ``kvtier serve --local-socket PATH``); ``local_socket`` None reads
+    ``$KVTIER_LOCAL_SOCKET`` (the service's own setting), ``""`` keeps HTTP. Any other URL is kept.
+    """
+    if not isinstance(url, str):
+        raise ValueError(f"url must be a string, got {type(url).__name__}")
+    if url.startswith("unix://") or not url.startswith(("http://", "https://")):
+        return url
+    if local_socket is None:
+        local_socket = os.environ.get("KVTIER_LOCAL_SOCKET", "")
+    if not local_socket:
+        return url
+    host = urlsplit(url).hostname or ""
+    if host not in LOOPBACK_HOSTS:
+        return url
+    try:
+        if not stat.S_ISSOCK(os.stat(local_socket).st_mode):
+            return url
+    except OSError:  # not there (yet): HTTP, which says clearly when the service is down
+        return url
+    return "unix://" + local_socket
+
+
+def service_client(url: str, api_key: str | None = None, *, local_socket: str | None = None, **options):
+    """A ``KVTierClient`` of the service at ``url``, over the same-host shared-memory transport when the
+    service is local (``local_service_url``), REST otherwise; ``options`` go to the client (``timeout``,
+    ``retries``, ...). Make one per process and pass it as ``client=`` to ``KVTierCache`` and ``generate``."""
+    from kvtier.service.client import KVTierClient
+
+    return KVTierClient(local_service_url(url, local_socket), api_key, **options)
 
 
 def make_backend(

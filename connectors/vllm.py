@@ -29,18 +29,17 @@ namespace), ``model_id`` (default: vLLM's model name), ``timeout_s``, ``async_lo
 true: a hit is loaded off the forward pass and the request waits for it; false: loaded in
 ``start_load_kv``), ``async_saves`` (default true: ``wait_for_save`` copies the new blocks out of
 vLLM's buffer and a thread writes them; ``max_pending_save_bytes`` bounds what waits, beyond it
-saves are dropped and counted), ``layerwise`` (synchronous loads copied in layer by layer in
+saves are dropped and counted), ``local_socket`` (the service's same-host socket: a loopback ``http://`` url is used through it
+when it exists; default ``$KVTIER_LOCAL_SOCKET``, ``""`` never), ``layerwise`` (synchronous loads copied in layer by layer in
 ``wait_for_layer_load``), ``paged_layout`` (``auto``: from each layer's attention backend, see
 ``BACKEND_LAYOUTS``). ``kv_role``: ``kv_consumer`` only loads, ``kv_producer`` only saves,
 ``kv_both`` does both.
 
-Paged layout: vLLM 0.32 allocates a layer as a logical ``[N, H_kv, P, 2 * D]`` tensor whose K/V
-split depends on the attention backend (``BACKEND_LAYOUTS``: the CPU backend reads each (block,
-head) slab as ``[2P, D]`` rows, K rows then V rows; FlashAttention, FlashInfer and Triton put K and
-V side by side in the last dim). ``paged_view`` turns either into a ``[2, N, P, H_kv, D]`` view of
-vLLM's buffer; an unknown backend stops the engine at start with its name. A vLLM block may be
-split into k kernel blocks (``P`` in the tensor = ``block_size / k``); block b is then kernel blocks
-``b*k .. b*k+k-1`` (``kernel_block_ids``).
+Paged layout (``connectors/vllm_layout.py``, its names re-exported here): vLLM 0.32 allocates a
+layer as a logical ``[N, H_kv, P, 2 * D]`` tensor whose K/V split depends on the attention backend
+(``BACKEND_LAYOUTS``); ``paged_view`` turns it into a ``[2, N, P, H_kv, D]`` view of vLLM's buffer; an
+unknown backend stops the engine at start with its name; kernel-block splitting is handled by
+``kernel_block_ids``.
 
 Block mapping: one kvtier block (``block_tokens`` tokens, all layers, ``[L, 2, H_kv, T, D]``)
 covers ``r = block_tokens / P`` consecutive vLLM blocks of ``P`` tokens (``P`` = vLLM's block size);
@@ -98,6 +97,19 @@ from kvtier.kvstore import FrameError, KVSpec, Namespace, TieredStore, chain_has
 from kvtier.kvstore.spec import dtype_name
 
 from .backends import ServiceBackend, StoreBackend
+from .vllm_layout import (  # noqa: F401  (re-exported: the layout code's public names stay importable from here)
+    BACKEND_LAYOUTS,
+    LAYOUTS_4D,
+    LAYOUTS_5D,
+    blocks_to_paged,
+    detect_layout,
+    gather_layer,
+    kernel_block_ids,
+    paged_to_blocks,
+    paged_view,
+    scatter_layer,
+)
+
 
 log = logging.getLogger(__name__)
 
@@ -204,6 +216,9 @@ class KVTierConnectorConfig:
     async_loads: bool = True  # loads run off the forward pass and finish through get_finished (False: in start_load_kv)
     async_saves: bool = True  # wait_for_save copies the blocks out and a thread writes them (False: written in wait_for_save)
     max_pending_save_bytes: int = 1 << 30  # saves copied out but not yet written; beyond it new saves are dropped (counted)
+    local_socket: str | None = (
+        None  # the service's same-host socket, used for a loopback url when it exists (None: $KVTIER_LOCAL_SOCKET; "": never)
+    )
 
     def __post_init__(self) -> None:
         if not isinstance(self.url, str) or not (
@@ -229,6 +244,8 @@ class KVTierConnectorConfig:
                 raise ValueError(f"{name} must be true or false, got {getattr(self, name)!r}")
         if self.layerwise and self.async_loads:
             object.__setattr__(self, "async_loads", False)  # layer-wise loading is synchronous by definition
+        if self.local_socket is not None and not isinstance(self.local_socket, str):
+            raise ValueError(f"local_socket must be a path (a string), got {self.local_socket!r}")
         v = self.max_pending_save_bytes
         if isinstance(v, bool) or not isinstance(v, int) or v < 0:
             raise ValueError(f"max_pending_save_bytes must be a non-negative int, got {v!r}")
@@ -280,142 +297,7 @@ def spec_from_vllm_config(vllm_config: Any, config: KVTierConnectorConfig) -> tu
     return spec, block_size
 
 
-# -- paged layout <-> kvtier blocks -------------------------------------------------------------
-# How vLLM lays out one attention layer's paged KV, by attention backend (``AttentionBackend.get_name()``).
-# vLLM >= 0.2x allocates a layer as a logical 4-d ``[N, H_kv, P, 2 * D]`` view (its physical stride
-# order is the resolved ``KVCacheLayout``; torch indexing follows the strides). The backends split it
-# into K and V in two different ways, which the shape cannot tell apart:
-#
-# - ``kv_in_content``: K and V side by side in the last dim, ``kv[..., :D]`` and ``kv[..., D:]``
-#   (FlashAttention, FlashInfer, Triton: ``kv.transpose(1, 2).split(head_size, -1)``);
-# - ``kv_in_rows``: each (block, head) slab of ``P * 2D`` values read as ``[2P, D]`` rows, all K rows
-#   then all V rows (the CPU backend: ``kv.view(N, H, 2P, D).chunk(2, dim=2)``), which needs the slab
-#   to be contiguous.
-#
-# Older vLLM allocated 5-d tensors: ``kv_first`` ``[2, N, P, H_kv, D]`` and ``blocks_first``
-# ``[N, 2, P, H_kv, D]``. Any other backend stops the engine at start (``paged_layout`` names one
-# of these explicitly for a backend known to match it).
-BACKEND_LAYOUTS = {
-    "CPU_ATTN": "kv_in_rows",
-    "FLASH_ATTN": "kv_in_content",
-    "FLASHINFER": "kv_in_content",
-    "TRITON_ATTN": "kv_in_content",
-}
-LAYOUTS_5D = ("kv_first", "blocks_first")
-LAYOUTS_4D = ("kv_in_content", "kv_in_rows")
-
-
-def detect_layout(kv_layer: torch.Tensor, backend_name: str | None = None) -> str:
-    """The paged layout of one layer: from its attention backend (4-d) or its shape (5-d); ValueError otherwise."""
-    shape = list(kv_layer.shape)
-    if kv_layer.dim() == 4:
-        layout = BACKEND_LAYOUTS.get(backend_name or "")
-        if layout is None:
-            raise ValueError(
-                f"the kvtier connector does not know how attention backend {backend_name!r} splits its paged KV "
-                f"{shape} into K and V (known: {sorted(BACKEND_LAYOUTS)}); set kv_connector_extra_config "
-                f"paged_layout to one of {list(LAYOUTS_4D)} only if the backend matches it"
-            )
-        return layout
-    if kv_layer.dim() != 5:
-        raise ValueError(
-            f"a paged KV layer must be 4-d [N, H_kv, P, 2*D] or 5-d ([2, N, P, H_kv, D] or [N, 2, P, H_kv, D]), got shape {shape}"
-        )
-    first, second = kv_layer.shape[0] == 2, kv_layer.shape[1] == 2
-    if first != second:
-        return "kv_first" if first else "blocks_first"
-    raise ValueError(f"cannot tell the paged layout of shape {shape}: set paged_layout to 'kv_first' or 'blocks_first'")
-
-
-def paged_view(kv_layer: torch.Tensor, layout: str) -> torch.Tensor:
-    """One layer of vLLM's paged KV as ``[2, N, P, H_kv, D]``: a view, so writes reach vLLM's buffer."""
-    shape = list(kv_layer.shape)
-    if layout in LAYOUTS_4D:
-        if kv_layer.dim() != 4 or kv_layer.shape[-1] % 2:
-            raise ValueError(f"a {layout} paged layer is [N, H_kv, P, 2*D], got shape {shape}")
-        N, H, P, C = kv_layer.shape
-        D = C // 2
-        if kv_layer.stride(-1) != 1:
-            raise ValueError(f"a {layout} paged layer needs a contiguous last dim, got strides {list(kv_layer.stride())}")
-        if layout == "kv_in_content":
-            return kv_layer.unflatten(-1, (2, D)).permute(3, 0, 2, 1, 4)  # [N, H, P, 2, D] -> [2, N, P, H, D]
-        if kv_layer.stride(2) != C:
-            raise ValueError(
-                f"a kv_in_rows paged layer needs each (block, head) slab [P, 2*D] contiguous, got strides "
-                f"{list(kv_layer.stride())} for shape {shape}"
-            )
-        s0, s1 = kv_layer.stride(0), kv_layer.stride(1)
-        rows = kv_layer.as_strided((N, H, 2, P, D), (s0, s1, P * D, D, 1), kv_layer.storage_offset())  # [N, H, 2, P, D]
-        return rows.permute(2, 0, 3, 1, 4)
-    if layout in LAYOUTS_5D:
-        if kv_layer.dim() != 5:
-            raise ValueError(f"a {layout} paged layer is 5-d, got shape {shape}")
-        if layout == "kv_first":
-            if kv_layer.shape[0] != 2:
-                raise ValueError(f"a kv_first paged layer is [2, N, P, H_kv, D], got shape {shape}")
-            return kv_layer
-        if kv_layer.shape[1] != 2:
-            raise ValueError(f"a blocks_first paged layer is [N, 2, P, H_kv, D], got shape {shape}")
-        return kv_layer.transpose(0, 1)
-    raise ValueError(f"layout must be one of {list(LAYOUTS_4D + LAYOUTS_5D)}, got {layout!r}")
-
-
-def kernel_block_ids(block_ids: torch.Tensor, k: int) -> torch.Tensor:
-    """vLLM blocks ``[n, r]`` as the ``[n, r * k]`` kernel blocks that hold them (block b is kernel blocks
-    ``b * k .. b * k + k - 1``: vLLM splits a block into k when the backend needs smaller ones); -1 stays -1."""
-    if k == 1:
-        return block_ids
-    n, r = block_ids.shape
-    ids = block_ids.unsqueeze(-1) * k + torch.arange(k, dtype=block_ids.dtype)  # [n, r, k]
-    return torch.where(block_ids.unsqueeze(-1) >= 0, ids, torch.full_like(ids, -1)).reshape(n, r * k)
-
-
-def gather_layer(view: torch.Tensor, block_ids: torch.Tensor) -> torch.Tensor:
-    """One layer of n kvtier blocks from the paged KV.
-
-    view: ``[2, N, P, H_kv, D]`` (``paged_view``); block_ids: int64 ``[n, r]``, the r vLLM blocks
-    of each kvtier block in token order. Returns ``[n, 2, H_kv, r * P, D]`` (a new tensor on view's device).
-    """
-    n, r = block_ids.shape
-    _, _, P, H, D = view.shape
-    x = view[:, block_ids.reshape(-1).to(view.device)]  # [2, n*r, P, H, D]
-    return x.view(2, n, r, P, H, D).permute(1, 0, 4, 2, 3, 5).reshape(n, 2, H, r * P, D)
-
-
-def scatter_layer(view: torch.Tensor, src: torch.Tensor, block_ids: torch.Tensor) -> None:
-    """Write one layer of n kvtier blocks into the paged KV (the inverse of ``gather_layer``).
-
-    view: ``[2, N, P, H_kv, D]``; src: ``[n, 2, H_kv, r * P, D]`` (any device, view's dtype);
-    block_ids: int64 ``[n, r]``, ``-1`` for a vLLM block to leave as it is.
-    """
-    n, r = block_ids.shape
-    _, _, P, H, D = view.shape
-    if tuple(src.shape) != (n, 2, H, r * P, D):
-        raise ValueError(f"src must be [{n}, 2, {H}, {r * P}, {D}] for these block ids, got {list(src.shape)}")
-    if src.dtype != view.dtype:
-        raise ValueError(f"src dtype {src.dtype} differs from the paged KV's {view.dtype}")
-    y = src.to(view.device, non_blocking=True).reshape(n, 2, H, r, P, D).permute(1, 0, 3, 4, 2, 5).reshape(2, n * r, P, H, D)
-    flat = block_ids.reshape(-1)
-    keep = flat >= 0
-    if bool(keep.all()):
-        view[:, flat.to(view.device)] = y
-    else:
-        view[:, flat[keep].to(view.device)] = y[:, keep.to(view.device)]
-
-
-def paged_to_blocks(kv_layers: Sequence[torch.Tensor], block_ids: torch.Tensor, layout: str = "kv_first") -> torch.Tensor:
-    """kvtier blocks ``[n, L, 2, H_kv, r * P, D]`` gathered from L paged layers at ``block_ids [n, r]``."""
-    return torch.stack([gather_layer(paged_view(kv, layout), block_ids) for kv in kv_layers], dim=1)
-
-
-def blocks_to_paged(blocks: torch.Tensor, kv_layers: Sequence[torch.Tensor], block_ids: torch.Tensor, layout: str = "kv_first") -> None:
-    """Scatter kvtier blocks ``[n, L, 2, H_kv, r * P, D]`` into L paged layers at ``block_ids [n, r]`` (-1: skip)."""
-    if blocks.dim() != 6 or blocks.shape[1] != len(kv_layers):
-        raise ValueError(f"blocks must be [n, {len(kv_layers)}, 2, H_kv, T, D] for {len(kv_layers)} layers, got {list(blocks.shape)}")
-    for l, kv in enumerate(kv_layers):
-        scatter_layer(paged_view(kv, layout), blocks[:, l], block_ids)
-
-
+# -- paged layout <-> kvtier blocks: connectors/vllm_layout.py ---------------------------------------
 # -- where the blocks live -----------------------------------------------------------------------
 class KVTierBackend(Protocol):
     """The four calls the connector makes; a service client or a store of this process behind them."""
@@ -457,7 +339,8 @@ def inprocess_store(name: str = "default") -> TieredStore:
 
 
 def open_backend(config: KVTierConnectorConfig, spec: KVSpec) -> KVTierBackend:
-    """The connector's backend (``connectors.backends``). A service is not asked anything
+    """The connector's backend (``connectors.backends``): a service at a loopback ``http://`` URL is reached over
+    its same-host transport when its socket exists (``local_service_url``). A service is not asked anything
     before the first lookup (the spec is registered then, and again after a service restart), so an
     unreachable kvtier makes misses, never a failed engine start; 64 blocks and 64 MiB per request."""
     if config.url.startswith(("http://", "https://", "unix://")):  # unix://: the same-host shared-memory transport
@@ -467,6 +350,7 @@ def open_backend(config: KVTierConnectorConfig, spec: KVSpec) -> KVTierBackend:
             api_key=config.api_key,
             timeout_s=config.timeout_s,
             register=False,
+            local_socket=config.local_socket,
             max_blocks_per_request=64,
             max_request_bytes=64 << 20,
         )

@@ -101,6 +101,8 @@ class KVService:
                 interval_s=settings.kv_events_interval_s,
                 max_batch=settings.max_events_per_request,
                 start_after=store.last_event_id,
+                replay_endpoint=settings.kv_events_replay_endpoint,
+                buffer_batches=settings.kv_events_buffer_batches,
             )
 
     def _wire_events(self, after: int, limit: int) -> tuple[list[tuple[str, bytes, str, int | None]], int]:

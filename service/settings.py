@@ -208,6 +208,15 @@ class Settings(BaseSettings):
     )
     kv_events_topic: str = Field("", description="ZMQ topic of the published KV events.")
     kv_events_interval_s: float = Field(0.05, gt=0, description="How often new store events are published.")
+    kv_events_replay_endpoint: str | None = Field(
+        None,
+        description="Bind a ZMQ ROUTER socket here that replays recent KV-event batches from a given sequence number (vLLM's replay protocol: a DEALER sends `(b'', seq as 8 bytes big-endian)`, gets `(b'', topic, seq, payload)` per kept batch then `(b'', b'', -1, b'')`), for a subscriber that saw a gap. Unset: no replay.",
+    )
+    kv_events_buffer_batches: int = Field(
+        10_000,
+        ge=1,
+        description="KV-event batches kept for replay, and held until the first subscription reaches the publisher (nothing is sent before it).",
+    )
 
     # -- tenants and keys ------------------------------------------------------------------
     api_keys: dict[str, str] = Field(

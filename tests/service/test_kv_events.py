@@ -7,6 +7,8 @@ real-engine module (``test_vllm_engine.py``) decodes the same bytes with vLLM's 
 
 from __future__ import annotations
 
+import time
+
 import msgpack
 import numpy as np
 import pytest
@@ -88,3 +90,61 @@ def test_serve_publishes_stored_and_removed_events(tmp_path):
     finally:
         svc.stop()
         sub.close(linger=0)
+
+
+def test_a_publisher_that_connects_loses_no_batch_and_replays_on_request():
+    """ZMQ's slow joiner: a publisher connecting to a subscriber that binds sends before the connection and
+    the subscription exist. Nothing may be lost: batches wait for the first subscription, in order, and the
+    replay socket hands back every kept batch from a sequence number (vLLM's replay protocol)."""
+    from kvtier.service.kv_events import KVEventPublisher
+
+    from tests.redis_servers import free_port
+
+    log: list[tuple[str, bytes, str, int | None]] = []
+
+    def read(after: int, limit: int):
+        got = log[after : after + limit]
+        return got, after + len(got)
+
+    ctx = zmq.Context.instance()
+    sub = ctx.socket(zmq.SUB)
+    port = sub.bind_to_random_port("tcp://127.0.0.1")
+    sub.setsockopt(zmq.SUBSCRIBE, b"")
+    replay_port = free_port(avoid={port})
+    pub = KVEventPublisher(
+        f"tcp://127.0.0.1:{port}", read, interval_s=3600, max_batch=2, replay_endpoint=f"tcp://127.0.0.1:{replay_port}", buffer_batches=4
+    )
+    dealer = ctx.socket(zmq.DEALER)
+    try:
+        log += [("stored", bytes([i]) * 32, "host", 16) for i in range(5)]
+        assert pub.publish_pending() == 5  # at once, before the connection: batched and held, not dropped
+        for _ in range(100):
+            # a SUB socket that binds sends its subscription to a new peer only once its own thread touches the
+            # socket (here: poll): until then a plain PUB would drop every batch
+            if sub.poll(50) or pub.subscribed:
+                break
+            pub.publish_pending()
+        pub.publish_pending()  # the held batches go out once the subscription has arrived
+        got = [receive(sub, 5000) for _ in range(3)]  # 5 events, 2 a batch
+        assert [seq for _, seq, _ in got] == [0, 1, 2]
+        assert [e["block_hashes"][0][0] for _, _, evs in got for e in evs] == [0, 1, 2, 3, 4]
+        log.append(("removed", b"\x09" * 32, "host", None))
+        pub.publish_pending()
+        assert receive(sub)[1] == 3  # live batches follow once subscribed
+        dealer.connect(f"tcp://127.0.0.1:{replay_port}")
+        dealer.send_multipart((b"", (1).to_bytes(8, "big")))
+        replayed = []
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            pub.publish_pending()  # the publisher's thread ticks hourly here: serve the request by hand
+            if dealer.poll(100):
+                _, _, seq, payload = dealer.recv_multipart()
+                if int.from_bytes(seq, "big", signed=True) == -1:
+                    break
+                replayed.append((int.from_bytes(seq, "big"), msgpack.unpackb(payload)[1]))
+        assert [s for s, _ in replayed] == [1, 2, 3]
+        assert replayed[-1][1][0]["type"] == "BlockRemoved"
+    finally:
+        pub.close()
+        sub.close(linger=0)
+        dealer.close(linger=0)
