@@ -27,7 +27,7 @@ import numpy as np
 import torch
 import xxhash
 
-from .codecs import get_codec
+from .codecs import Codec, get_codec
 from .codecs.paged import PagedCodec
 from .spec import KVSpec
 
@@ -56,8 +56,8 @@ class PageLayout:
     sum_crc: np.ndarray  # [L + 1] uint64, one per summary layer, then the block level
 
     @classmethod
-    def from_meta(cls, key: bytes, spec: KVSpec, codec_name: str, meta: dict) -> "PageLayout | None":
-        """The layout of a block stored with ``codec_name`` and ``meta``; ``None`` if that codec is
+    def from_meta(cls, key: bytes, spec: KVSpec, codec_name: str | Codec, meta: dict) -> "PageLayout | None":
+        """The layout of a block stored with ``codec_name`` (or the codec itself) and ``meta``; ``None`` if that codec is
         not page-addressable. ValueError if the meta is not valid for the codec and spec."""
         codec = get_codec(codec_name) if isinstance(codec_name, str) else codec_name
         if not isinstance(codec, PagedCodec):

@@ -39,6 +39,7 @@ import faiss
 import numpy as np
 import torch
 
+from kvtier.checks import check_int
 from kvtier.registry import Registry, check_options
 
 _INDEXES: Registry[Callable[..., "KeyIndex"]] = Registry("index backend")
@@ -81,8 +82,7 @@ def _as_f32(x, dim: int, what: str) -> np.ndarray:
 
 
 def _check_k(k: int) -> None:
-    if not isinstance(k, int) or isinstance(k, bool) or k <= 0:
-        raise ValueError(f"k must be a positive int, got {k!r}")
+    check_int("k", k, low=1)
 
 
 def _pad_result(scores: np.ndarray, ids: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
@@ -104,8 +104,7 @@ class KeyIndex:
     name = "base"
 
     def __init__(self, dim: int) -> None:
-        if not isinstance(dim, int) or dim <= 0:
-            raise ValueError(f"dim must be a positive int, got {dim!r}")
+        check_int("dim", dim, low=1)
         self.dim = dim
         self.last_scanned = 0.0
         self.stats = IndexStats()
@@ -224,10 +223,9 @@ class IVFIndex(_FaissIndex):
     ) -> None:
         super().__init__(dim, use_gpu)
         for name, v in (("nprobe", nprobe), ("min_train", min_train), ("niter", niter)):
-            if not isinstance(v, int) or v <= 0:
-                raise ValueError(f"{name} must be a positive int, got {v!r}")
-        if nlist is not None and (not isinstance(nlist, int) or nlist <= 0):
-            raise ValueError(f"nlist must be a positive int or None (auto), got {nlist!r}")
+            check_int(name, v, low=1)
+        if nlist is not None:
+            check_int("nlist (None: auto)", nlist, low=1)
         self.nlist = nlist
         self.nprobe = nprobe
         self.min_train = min_train
@@ -339,8 +337,7 @@ class HNSWIndex(_FaissIndex):
     ) -> None:
         super().__init__(dim, False)
         for name, v in (("m", m), ("ef_construction", ef_construction), ("ef_search", ef_search)):
-            if not isinstance(v, int) or v <= 0:
-                raise ValueError(f"{name} must be a positive int, got {v!r}")
+            check_int(name, v, low=1)
         if not norm_margin >= 1.0:
             raise ValueError(f"norm_margin must be >= 1, got {norm_margin}")
         self.ef_search = ef_search

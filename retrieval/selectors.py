@@ -48,6 +48,7 @@ import faiss
 import numpy as np
 import torch
 
+from kvtier.checks import check_int, check_real
 from kvtier.registry import Registry
 
 from .index import make_index
@@ -150,10 +151,8 @@ class SelectorBase:
     state_is_index = False  # True: prepare() builds an index (seconds per long context), built off the decode path
 
     def __post_init__(self) -> None:
-        for f in ("num_sink", "num_recent"):
-            v = getattr(self, f)
-            if not isinstance(v, int) or isinstance(v, bool) or v < 0:
-                raise ValueError(f"{f} must be a non-negative int, got {v!r}")
+        check_int("num_sink", self.num_sink, low=0)
+        check_int("num_recent", self.num_recent, low=0)
         self.last_scanned = 0.0  # fraction of the T keys (or key-sized summaries) read by the last select
 
     # -- the protocol ----------------------------------------------------------------------
@@ -173,8 +172,7 @@ class SelectorBase:
 
     # -- pieces (used by CachedSelector) ---------------------------------------------------
     def _check_budget(self, budget: int, T: int) -> None:
-        if not isinstance(budget, int) or isinstance(budget, bool) or budget <= 0:
-            raise ValueError(f"budget must be a positive int, got {budget!r}")
+        check_int("budget", budget, low=1)
         if T > budget and budget < self.num_sink + self.num_recent:
             raise ValueError(
                 f"budget must be at least num_sink + num_recent = {self.num_sink + self.num_recent} (the tokens always kept), got {budget}"
@@ -271,10 +269,8 @@ class Quest(SelectorBase):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if not isinstance(self.page_tokens, int) or self.page_tokens <= 0:
-            raise ValueError(f"page_tokens must be a positive int, got {self.page_tokens!r}")
-        if not isinstance(self.refine, int) or isinstance(self.refine, bool) or self.refine < 1:
-            raise ValueError(f"refine must be an int >= 1, got {self.refine!r}")
+        check_int("page_tokens", self.page_tokens, low=1)
+        check_int("refine", self.refine, low=1)
 
     def prepare(self, k) -> QuestState:
         P = self.page_tokens
@@ -531,10 +527,8 @@ class Centroids(SelectorBase):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if not isinstance(self.tokens_per_cluster, int) or self.tokens_per_cluster <= 0:
-            raise ValueError(f"tokens_per_cluster must be a positive int, got {self.tokens_per_cluster!r}")
-        if not 0 < self.coarse_keep <= 1:
-            raise ValueError(f"coarse_keep must be in (0, 1], got {self.coarse_keep}")
+        check_int("tokens_per_cluster", self.tokens_per_cluster, low=1)
+        check_real("coarse_keep", self.coarse_keep, low=0.0, high=1.0, low_open=True)
 
     def _cluster(self, keys: torch.Tensor) -> _Clusters:
         T = keys.shape[0]
@@ -629,10 +623,8 @@ class CachedSelector:
     def __init__(self, selector: SelectorBase, threshold: float = 0.95, max_entries: int = 1024) -> None:
         if not isinstance(selector, SelectorBase):
             raise ValueError(f"selector must be a registered selector instance, got {type(selector).__name__}")
-        if not -1.0 <= threshold <= 1.0:
-            raise ValueError(f"threshold must be a cosine in [-1, 1], got {threshold}")
-        if not isinstance(max_entries, int) or max_entries <= 0:
-            raise ValueError(f"max_entries must be a positive int, got {max_entries!r}")
+        check_real("threshold (a cosine)", threshold, low=-1.0, high=1.0)
+        check_int("max_entries", max_entries, low=1)
         self.selector = selector
         self.threshold = threshold
         self.max_entries = max_entries

@@ -30,6 +30,7 @@ from typing import Sequence
 
 import torch
 
+from kvtier.checks import check_int
 from kvtier.kvstore.keys import BlockHash, check_keys
 from kvtier.kvstore.spec import KVSpec
 from kvtier.kvstore.store import TieredStore
@@ -67,9 +68,8 @@ class StoreRetriever:
     def __init__(self, store: TieredStore, summaries: SummaryStore | None = None, num_sink: int = 4, num_recent: int = 32) -> None:
         if not isinstance(store, TieredStore):
             raise ValueError(f"store must be a kvstore.TieredStore, got {type(store).__name__}")
-        for name, v in (("num_sink", num_sink), ("num_recent", num_recent)):
-            if not isinstance(v, int) or isinstance(v, bool) or v < 0:
-                raise ValueError(f"{name} must be a non-negative int, got {v!r}")
+        check_int("num_sink", num_sink, low=0)
+        check_int("num_recent", num_recent, low=0)
         self.store = store
         self.summaries = summaries if summaries is not None else SummaryStore()
         self.num_sink = num_sink
@@ -141,8 +141,7 @@ class StoreRetriever:
         """
         layers = self._check_query(spec, q, layers)
         keys = check_keys(keys)
-        if not isinstance(budget, int) or budget <= 0:
-            raise ValueError(f"budget must be a positive int, got {budget!r}")
+        check_int("budget", budget, low=1)
         if budget < self.num_sink + self.num_recent:
             raise ValueError(f"budget must be at least num_sink + num_recent = {self.num_sink + self.num_recent}, got {budget}")
         cached = self.store.lookup(spec, keys)

@@ -21,6 +21,8 @@ from typing import Iterable, Sequence
 
 import torch
 
+from kvtier.checks import check_int
+
 PAGE_TOKENS = 16
 
 
@@ -43,8 +45,7 @@ class BlockSummary:
 
 
 def _check_page_tokens(page_tokens: int, num_tokens: int) -> None:
-    if not isinstance(page_tokens, int) or page_tokens <= 0:
-        raise ValueError(f"page_tokens must be a positive int, got {page_tokens!r}")
+    check_int("page_tokens", page_tokens, low=1)
     if num_tokens % page_tokens:
         raise ValueError(f"the token count must be a multiple of page_tokens={page_tokens}, got {num_tokens}")
 
@@ -116,8 +117,7 @@ class SummaryStore:
     """
 
     def __init__(self, max_bytes: int = 256 << 20, page_tokens: int = PAGE_TOKENS, dtype: torch.dtype = torch.float16) -> None:
-        if not isinstance(max_bytes, int) or max_bytes <= 0:
-            raise ValueError(f"max_bytes must be a positive int, got {max_bytes!r}")
+        check_int("max_bytes", max_bytes, low=1)
         _check_page_tokens(page_tokens, page_tokens)
         if dtype not in (torch.float16, torch.bfloat16, torch.float32):
             raise ValueError(f"dtype must be float16, bfloat16 or float32, got {dtype}")

@@ -1,7 +1,7 @@
 """Python SDK for the REST API: ``KVTierClient`` (sync) and ``AsyncKVTierClient`` (asyncio).
 
 Both speak the same protocol (the request building and answer parsing below are shared; only the
-I/O differs), retry transient failures (connection errors, 502/503/504) with exponential
+I/O differs; what the gRPC clients share with them is in ``client_base``), retry transient failures (connection errors, 502/503/504) with exponential
 backoff, bound every call with a timeout, and return blocks as tensors in the spec's layout
 ``[num_layers, 2, num_kv_heads, block_tokens, head_dim]``. Every frame received is verified
 (checksum, the key asked for, the spec); a bad one raises ``FrameError`` rather than hand back
@@ -20,7 +20,6 @@ wrong KV. A 4xx raises ``KVTierError`` with the server's code, message and field
 from __future__ import annotations
 
 import asyncio
-import random
 import threading
 import time
 import warnings
@@ -36,6 +35,7 @@ from kvtier.kvstore.codecs.base import tensor_bytes, tensor_from_bytes
 from kvtier.kvstore.frames import encode_frame_parts
 
 from . import wire
+from .client_base import ClientBase, answer_tensor, query_tensor, token_list
 from .errors import ServiceError
 
 RETRY_STATUS = (502, 503, 504)
@@ -101,9 +101,10 @@ def _spec_body(spec: KVSpec) -> dict:
 
 
 def _lookup_body(model, token_ids, hashes, salt, extra_keys, return_keys) -> dict:
+    # not check_chain: the server answers neither or both with a 400 naming the field
     body: dict[str, Any] = {"model": model, "salt": salt, "extra_keys": list(extra_keys), "return_keys": return_keys}
     if token_ids is not None:
-        body["token_ids"] = token_ids.tolist() if hasattr(token_ids, "tolist") else list(token_ids)
+        body["token_ids"] = token_list(token_ids)
     if hashes is not None:
         body["hashes"] = [_key_hex(h) for h in hashes]
     return body
@@ -116,17 +117,13 @@ def _parse_lookup(d: dict) -> Lookup:
 
 def _query_body(model, q, budget, token_ids, hashes, salt, extra_keys, layers) -> dict:
     """The msgpack body of /v1/retrieve and /v1/attention (q's elements as bin)."""
-    if (token_ids is None) == (hashes is None):
-        raise ValueError("give exactly one of token_ids and hashes")
-    if not isinstance(q, torch.Tensor):
-        raise ValueError(f"q must be a tensor [L_q, H_q, D], got {type(q).__name__}")
-    body: dict[str, Any] = {"model": model, "q": wire.tensor_to_wire(q), "salt": salt, "extra_keys": list(extra_keys)}
+    body: dict[str, Any] = {"model": model, "q": query_tensor(q, token_ids, hashes), "salt": salt, "extra_keys": list(extra_keys)}
     if budget is not None:
         body["budget"] = int(budget)
     if layers is not None:
         body["layers"] = [int(x) for x in layers]
     if token_ids is not None:
-        body["token_ids"] = token_ids.tolist() if hasattr(token_ids, "tolist") else list(token_ids)
+        body["token_ids"] = token_list(token_ids)
     else:
         body["hashes"] = [_key_hex(h) for h in hashes]
     return body
@@ -134,9 +131,10 @@ def _query_body(model, q, budget, token_ids, hashes, salt, extra_keys, layers) -
 
 def _answer_tensor(d: dict, name: str) -> torch.Tensor:
     try:
-        return wire.tensor_from_wire(d[name], name, dtypes=("float32", "int64"), max_elements=1 << 40)
-    except (KeyError, ServiceError) as e:
+        obj = d[name]
+    except KeyError as e:
         raise FrameError(f"the answer's {name} is not a tensor: {e}") from None
+    return answer_tensor(obj, name)
 
 
 def _parse_retrieval(d: dict) -> Retrieval:
@@ -297,14 +295,10 @@ def _headers(api_key: str | None) -> dict[str, str]:
     return {"Authorization": f"Bearer {api_key}"} if api_key else {}
 
 
-class _Base:
+class _Base(ClientBase):
     def __init__(self, base_url: str, api_key: str | None, timeout: float, retries: int, backoff_s: float) -> None:
-        if retries < 0 or timeout <= 0 or backoff_s < 0:
-            raise ValueError(f"retries >= 0, timeout > 0, backoff_s >= 0 expected, got {retries}, {timeout}, {backoff_s}")
+        super().__init__(timeout, retries, backoff_s)
         self.base_url = base_url.rstrip("/")
-        self.retries = retries
-        self.backoff_s = backoff_s
-        self._specs: dict[str, KVSpec] = {}
         self._kw = dict(base_url=self.base_url, headers=_headers(api_key), timeout=timeout)
         self._rbuf = bytearray()  # reused receive buffer of block answers (fresh pages cost more than the copy)
         self._rbuf_lock = threading.Lock()
@@ -319,9 +313,6 @@ class _Base:
     def _give_rbuf(self, owned: bool) -> None:
         if owned:
             self._rbuf_lock.release()
-
-    def _delay(self, attempt: int) -> float:
-        return self.backoff_s * (2**attempt) * (0.5 + random.random() / 2)
 
 
 class KVTierClient(_Base):

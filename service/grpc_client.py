@@ -1,6 +1,7 @@
 """Python SDK for the gRPC API: ``KVTierGrpcClient`` (sync) and ``AsyncKVTierGrpcClient`` (grpc.aio).
 
-The same methods and return values as the REST clients (``service.client``): blocks come back as
+The same methods and return values as the REST clients (``service.client``), and the same argument
+checks and answer decoding (``service.client_base``): blocks come back as
 tensors in the spec's layout, every frame verified; transient failures (UNAVAILABLE) are retried
 with exponential backoff; every call has a deadline; a refused call raises ``KVTierError`` with
 the gRPC status name as its code and the field from the trailing metadata.
@@ -10,18 +11,16 @@ from __future__ import annotations
 
 import asyncio
 import json
-import random
 import time
 from typing import Sequence
 
 import grpc
 import torch
 
-from kvtier.kvstore import FrameError, KVSpec
+from kvtier.kvstore import KVSpec
 
-from . import wire
 from .client import AttentionState, KVTierError, Lookup, Retrieval, decode_items, encode_frames
-from .errors import ServiceError
+from .client_base import ClientBase, answer_tensor, check_chain, query_tensor, token_list
 from .proto import kvtier_pb2 as pb
 from .proto import kvtier_pb2_grpc as pb_grpc
 
@@ -68,13 +67,12 @@ def _spec_msg(spec: KVSpec) -> pb.Spec:
 
 
 def _lookup_msg(model, token_ids, hashes, salt, extra_keys, return_keys) -> pb.LookupRequest:
-    if (token_ids is None) == (hashes is None):
-        raise ValueError("give exactly one of token_ids and hashes")
+    check_chain(token_ids, hashes)
     msg = pb.LookupRequest(model=model, salt=salt, extra_keys=list(extra_keys), return_keys=return_keys)
     if hashes is not None:
         msg.hashes.extend(_b(h) for h in hashes)
     else:
-        msg.token_ids.extend(token_ids.tolist() if hasattr(token_ids, "tolist") else token_ids)
+        msg.token_ids.extend(token_list(token_ids))
     return msg
 
 
@@ -100,11 +98,7 @@ def _put_msgs(model: str, frames: list[bytes], parent) -> list[pb.PutRequest]:
 
 
 def _query_msg(model, q, budget, token_ids, hashes, salt, extra_keys, layers) -> pb.QueryRequest:
-    if (token_ids is None) == (hashes is None):
-        raise ValueError("give exactly one of token_ids and hashes")
-    if not isinstance(q, torch.Tensor):
-        raise ValueError(f"q must be a tensor [L_q, H_q, D], got {type(q).__name__}")
-    w = wire.tensor_to_wire(q)
+    w = query_tensor(q, token_ids, hashes)
     msg = pb.QueryRequest(
         model=model,
         salt=salt,
@@ -116,17 +110,12 @@ def _query_msg(model, q, budget, token_ids, hashes, salt, extra_keys, layers) ->
     if hashes is not None:
         msg.hashes.extend(_b(h) for h in hashes)
     else:
-        msg.token_ids.extend(token_ids.tolist() if hasattr(token_ids, "tolist") else token_ids)
+        msg.token_ids.extend(token_list(token_ids))
     return msg
 
 
 def _tensor(m: pb.Tensor, name: str) -> torch.Tensor:
-    try:
-        return wire.tensor_from_wire(
-            {"dtype": m.dtype, "shape": [int(n) for n in m.shape], "data": m.data}, name, dtypes=("float32", "int64"), max_elements=1 << 40
-        )
-    except ServiceError as e:
-        raise FrameError(f"the answer's {name} is not a tensor: {e}") from None
+    return answer_tensor({"dtype": m.dtype, "shape": [int(n) for n in m.shape], "data": m.data}, name)
 
 
 def _retrieval(r: pb.RetrieveReply) -> Retrieval:
@@ -158,17 +147,12 @@ def _attention(r: pb.AttentionReply) -> AttentionState:
     )
 
 
-class _Base:
+class _Base(ClientBase):
     def __init__(self, target: str, api_key: str | None, timeout: float, retries: int, backoff_s: float, max_message_bytes: int) -> None:
-        if retries < 0 or timeout <= 0 or backoff_s < 0:
-            raise ValueError(f"retries >= 0, timeout > 0, backoff_s >= 0 expected, got {retries}, {timeout}, {backoff_s}")
-        self.target, self.timeout, self.retries, self.backoff_s = target, timeout, retries, backoff_s
+        super().__init__(timeout, retries, backoff_s)
+        self.target = target
         self.metadata = (("authorization", f"Bearer {api_key}"),) if api_key else ()
         self.options = _options(max_message_bytes)
-        self._specs: dict[str, KVSpec] = {}
-
-    def _delay(self, attempt: int) -> float:
-        return self.backoff_s * (2**attempt) * (0.5 + random.random() / 2)
 
 
 class KVTierGrpcClient(_Base):

@@ -10,6 +10,8 @@ from typing import Literal, Sequence
 
 import torch
 
+from kvtier.checks import check_int
+
 try:
     import triton  # noqa: F401
 
@@ -68,14 +70,15 @@ def check_gqa(num_q_heads: int, num_kv_heads: int) -> int:
 def resolve_scale(scale: float | None, head_dim: int) -> float:
     if scale is None:
         return 1.0 / math.sqrt(head_dim)
+    # not check_real: this message also says what None means
     if not isinstance(scale, (int, float)) or isinstance(scale, bool) or not math.isfinite(scale) or scale <= 0:
         raise ValueError(f"scale must be a positive finite float or None (1/sqrt(D)), got {scale!r}")
     return float(scale)
 
 
 def check_split_tokens(split_tokens: int | None) -> None:
-    if split_tokens is not None and (not isinstance(split_tokens, int) or isinstance(split_tokens, bool) or split_tokens <= 0):
-        raise ValueError(f"split_tokens must be a positive int or None, got {split_tokens!r}")
+    if split_tokens is not None:
+        check_int("split_tokens (or None)", split_tokens, low=1)
 
 
 def check_lengths(name: str, lengths: torch.Tensor | None, n: int, max_tokens: int, device: torch.device) -> torch.Tensor:

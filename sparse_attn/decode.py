@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import torch
 
+from kvtier.checks import check_int
+
 from . import _validate as V
 from ._torch import chunk_tokens, chunked_states
 from .registry import ATTENTION_TOLERANCES, KernelEntry, get_kernel, register
@@ -333,8 +335,7 @@ def sparse_decode_paged(
     V.check_size("kv_blocks", kv_blocks, 5, "D", D)
     N, L, _, H_kv, P, _ = kv_blocks.shape
     V.check_gqa(H_q, H_kv)
-    if not isinstance(layer, int) or isinstance(layer, bool) or not 0 <= layer < L:
-        raise ValueError(f"layer must be an int in [0, {L}), got {layer!r}")
+    check_int("layer", layer, low=0, high=L - 1)
     V.check_tensor("block_table", block_table, ["B", "max_blocks"], V.INDEX_DTYPES, q.device)
     V.check_size("block_table", block_table, 0, "B", B)
     V.resolve_scale(scale, D)

@@ -21,6 +21,8 @@ from typing import Union
 
 import torch
 
+from kvtier.checks import check_int
+
 from . import _validate as V
 
 BLOCK = 64  # the prefill tile: 64 queries x 64 keys
@@ -35,9 +37,7 @@ class AShape:
 
     def __post_init__(self) -> None:
         for name in ("sink_tokens", "window_tokens"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
-                raise ValueError(f"AShape.{name} must be an int >= 0, got {value!r}")
+            check_int(f"AShape.{name}", getattr(self, name), low=0)
 
 
 @dataclass(frozen=True)
@@ -206,8 +206,7 @@ def _check_qk(q, k):
 
 
 def _check_count(name, value):
-    if not isinstance(value, int) or isinstance(value, bool) or value < 0:
-        raise ValueError(f"{name} must be an int >= 0, got {value!r}")
+    check_int(name, value, low=0)
 
 
 def vertical_slash_pattern(
@@ -245,8 +244,7 @@ def vertical_slash_pattern(
         ("window_tokens", window_tokens),
     ):
         _check_count(name, value)
-    if not isinstance(last_q, int) or isinstance(last_q, bool) or last_q <= 0:
-        raise ValueError(f"last_q must be a positive int, got {last_q!r}")
+    check_int("last_q", last_q, low=1)
     H_q, T, D = q.shape
     H_kv = k.shape[0]
     scale = V.resolve_scale(scale, D)

@@ -53,10 +53,8 @@ def check_insert(key: object, nbytes: object, depth: object, tenant: object) -> 
     """ValueError unless the arguments of ``on_insert`` have the documented types and ranges."""
     if not isinstance(key, bytes):
         raise ValueError(f"key must be bytes (a BlockHash), got {type(key).__name__}")
-    if isinstance(nbytes, bool) or not isinstance(nbytes, int) or nbytes < 0:
-        raise ValueError(f"nbytes must be an int >= 0, got {nbytes!r}")
-    if isinstance(depth, bool) or not isinstance(depth, int) or depth < 0:
-        raise ValueError(f"depth must be an int >= 0, got {depth!r}")
+    check_int("nbytes", nbytes, low=0)
+    check_int("depth", depth, low=0)
     if not isinstance(tenant, str):
         raise ValueError(f"tenant must be a str, got {type(tenant).__name__}")
 

@@ -77,14 +77,8 @@ class ScoreInputs:
                 raise ValueError(
                     f"every head must hold the {q.shape[2]} tokens of the observation window, got lengths down to {int(ln.min())}"
                 )
-        if (
-            isinstance(self.layer, bool)
-            or not isinstance(self.layer, int)
-            or isinstance(self.num_layers, bool)
-            or not isinstance(self.num_layers, int)
-            or not 0 <= self.layer < self.num_layers
-        ):
-            raise ValueError(f"layer must be an int in [0, num_layers), got layer={self.layer!r}, num_layers={self.num_layers!r}")
+        check_int("num_layers", self.num_layers, low=1)
+        check_int("layer", self.layer, low=0, high=self.num_layers - 1)
 
     @property
     def batch(self) -> int:

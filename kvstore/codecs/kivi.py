@@ -54,6 +54,8 @@ from typing import Any
 
 import torch
 
+from kvtier.checks import check_int
+
 from ..spec import KVSpec
 from . import quant
 from .base import register_codec
@@ -254,8 +256,7 @@ class KiviCodec:
         _check_group("key_group_size", key_group_size)
         _check_group("value_group_size", value_group_size)
         for what, n in (("residual_tokens", residual_tokens), ("sink_tokens", sink_tokens), ("first_block_sinks", first_block_sinks)):
-            if not isinstance(n, int) or isinstance(n, bool) or n < 0:
-                raise ValueError(f"{what} must be a non-negative int, got {n!r}")
+            check_int(what, n, low=0)
         if not isinstance(rotate, bool):
             raise ValueError(f"rotate must be a bool, got {rotate!r}")
         self.bits = bits
@@ -472,6 +473,7 @@ MAX_GROUP = 4096
 
 
 def _check_group(what: str, g) -> None:
+    # not check_int: the message names the whole constraint (a multiple of 4 in range)
     if not isinstance(g, int) or isinstance(g, bool) or g < 4 or g % 4 or g > MAX_GROUP:
         raise ValueError(f"{what} must be a multiple of 4 within [4, {MAX_GROUP}], got {g!r}")
 

@@ -17,6 +17,8 @@ import threading
 
 import torch
 
+from kvtier.checks import check_int
+
 from ..spec import KVSpec
 from .base import Codec, codec_for_block, register_stage
 from .quant import check_meta, codec_bits_per_element, codec_error_bound, codec_max_error
@@ -105,8 +107,7 @@ class ZstdStage(_Stage):
     kind = "zstd"
 
     def __init__(self, inner: Codec, level: int = ZSTD_LEVEL) -> None:
-        if not isinstance(level, int) or isinstance(level, bool) or not -7 <= level <= 22:
-            raise ValueError(f"zstd level must be an int within [-7, 22], got {level!r}")
+        check_int("zstd level", level, low=-7, high=22)
         super().__init__(inner)
         self.level = level
 

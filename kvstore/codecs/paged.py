@@ -30,6 +30,8 @@ import math
 
 import numpy as np
 import torch
+
+from kvtier.checks import check_int
 import xxhash
 
 from ..spec import KVSpec
@@ -68,8 +70,7 @@ class PagedCodec:
     def __init__(self, page: str = "identity", page_tokens: int = PAGE_TOKENS) -> None:
         if page not in ("identity", "int8"):
             raise ValueError(f"page codec must be 'identity' or 'int8', got {page!r}")
-        if not isinstance(page_tokens, int) or page_tokens <= 0:
-            raise ValueError(f"page_tokens must be a positive int, got {page_tokens!r}")
+        check_int("page_tokens", page_tokens, low=1)
         self.page = page
         self.page_tokens = page_tokens
         self.name = "paged" if page == "identity" else "paged_int8"

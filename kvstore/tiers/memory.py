@@ -208,10 +208,16 @@ class DeviceTier(TierBase):
             self._allocate(slot_bytes)
 
     def _allocate(self, slot_bytes: int) -> None:
+        assert self._capacity is not None  # __init__ refuses None
         num_slots = self._capacity // slot_bytes
         self._slot_bytes = slot_bytes
         self._pool = torch.empty((num_slots, slot_bytes), dtype=torch.uint8, device=self.device)  # [N, slot_bytes]
         self._free = list(range(num_slots - 1, -1, -1))  # pop() hands out slot 0 first
+
+    def _allocated(self) -> tuple[torch.Tensor, int]:
+        """The pool and its slot size, once allocated (at the first put, or given ``slot_bytes``)."""
+        assert self._pool is not None and self._slot_bytes is not None, "the pool is allocated at the first put"
+        return self._pool, self._slot_bytes
 
     @property
     def num_slots(self) -> int:
@@ -237,23 +243,24 @@ class DeviceTier(TierBase):
                 nbytes = spec.block_nbytes
                 if self._pool is None:
                     self._allocate(nbytes)
-                if nbytes > self._slot_bytes:
+                pool, slot_bytes = self._allocated()
+                if nbytes > slot_bytes:
                     if self.refuse_oversize:
                         self._stats.refused += 1
                         sizes.append(0)
                         continue
-                    raise ValueError(f"block of {nbytes} bytes does not fit a {self._slot_bytes}-byte slot of tier {self.name!r}")
+                    raise ValueError(f"block of {nbytes} bytes does not fit a {slot_bytes}-byte slot of tier {self.name!r}")
                 if not self._free:
                     self._stats.refused += 1
                     sizes.append(0)
                     continue
                 slot = self._free.pop()
-                self._pool[slot, :nbytes].copy_(block.detach().reshape(-1).view(torch.uint8), non_blocking=True)
+                pool[slot, :nbytes].copy_(block.detach().reshape(-1).view(torch.uint8), non_blocking=True)
                 self._slot_of[key] = (slot, nbytes)
-                self._stats.bytes += self._slot_bytes  # a slot is what the block occupies
+                self._stats.bytes += slot_bytes  # a slot is what the block occupies
                 self._stats.blocks += 1
                 self._stats.puts += 1
-                sizes.append(self._slot_bytes)
+                sizes.append(slot_bytes)
         return sizes
 
     def get(self, keys: Sequence[bytes], *, spec: KVSpec, out: Sequence[torch.Tensor] | None = None) -> list[torch.Tensor | None]:
@@ -267,7 +274,7 @@ class DeviceTier(TierBase):
                     result.append(None)
                     continue
                 slot, nbytes = entry
-                src = self._pool[slot, :nbytes].view(spec.torch_dtype).view(spec.block_shape)
+                src = self._allocated()[0][slot, :nbytes].view(spec.torch_dtype).view(spec.block_shape)
                 result.append(out[i].copy_(src) if out is not None else src.clone())
                 self._stats.hits += 1
         return result
@@ -278,7 +285,7 @@ class DeviceTier(TierBase):
         if entry is None or entry[1] != spec.block_nbytes:
             return None
         slot, nbytes = entry
-        return self._pool[slot, :nbytes].view(spec.torch_dtype).view(spec.block_shape)
+        return self._allocated()[0][slot, :nbytes].view(spec.torch_dtype).view(spec.block_shape)
 
     def remove(self, keys: Sequence[bytes], *, spec: KVSpec) -> int:
         n = 0
@@ -287,7 +294,7 @@ class DeviceTier(TierBase):
                 entry = self._slot_of.pop(bytes(key), None)
                 if entry is not None:
                     self._free.append(entry[0])
-                    self._stats.bytes -= self._slot_bytes
+                    self._stats.bytes -= self._allocated()[1]
                     self._stats.blocks -= 1
                     self._stats.removed += 1
                     n += 1

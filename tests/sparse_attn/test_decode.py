@@ -146,7 +146,7 @@ def test_sparse_decode_rejects_bad_input_saying_expected_and_got():
         (dict(lengths=torch.tensor([10, 11])), r"lengths must lie in \[0, 10\], got values in \[10, 11\]"),
         (dict(lengths=torch.tensor([10])), r"lengths.shape\[0\] \(one per sequence\) must be 2, got 1"),
         (dict(scale=-1.0), r"scale must be a positive finite float or None"),
-        (dict(split_tokens=0), r"split_tokens must be a positive int or None, got 0"),
+        (dict(split_tokens=0), r"split_tokens \(or None\) must be an int in \[1, inf\], got 0"),
         (dict(backend="gpu"), r"backend must be one of"),
     ]
     for change, message in cases:
@@ -161,7 +161,7 @@ def test_sparse_decode_paged_rejects_bad_input():
     table = torch.tensor([[0, 1], [2, -1]])
     with pytest.raises(ValueError, match=r"kv_blocks must have shape \[N, L, 2, H_kv, P, D\] \(6 dims\), got \[5, 2, 2, 16, 64\]"):
         sparse_decode_paged(q, pool[:, 0], table)
-    with pytest.raises(ValueError, match=r"layer must be an int in \[0, 2\), got 2"):
+    with pytest.raises(ValueError, match=r"layer must be an int in \[0, 1\], got 2"):
         sparse_decode_paged(q, pool, table, layer=2)
     with pytest.raises(ValueError, match=r"block_table entries of used blocks must lie in \[0, 5\).*got -1 at \[1, 1\]"):
         sparse_decode_paged(q, pool, table, lengths=torch.tensor([32, 17]))
