@@ -49,6 +49,9 @@ class PrefixIndex:
         self._tenant: np.ndarray = np.zeros(cap, dtype=np.int16)
         self._spec: np.ndarray = np.zeros(cap, dtype=np.int16)
         self._tick: np.ndarray = np.zeros(cap, dtype=np.int64)
+        # generation of a slot's entry: a new entry, or one removed from every tier, gets a new number,
+        # so a copy planned before a delete (and a rewrite of the key) can tell it is outdated
+        self._gen: np.ndarray = np.zeros(cap, dtype=np.int64)
 
     # -- size ------------------------------------------------------------------------------
     def __len__(self) -> int:
@@ -80,6 +83,7 @@ class PrefixIndex:
         self._tenant = grow(self._tenant)
         self._spec = grow(self._spec)
         self._tick = grow(self._tick)
+        self._gen = grow(self._gen)
 
     # -- entries ---------------------------------------------------------------------------
     def slot(self, key: bytes) -> int | None:
@@ -109,6 +113,7 @@ class PrefixIndex:
                 self._grow()
             self._keys.append(key)
         self._slot_of[key] = slot
+        self._gen[slot] += 1
         self._parent[slot] = parent_slot
         self._depth[slot] = depth
         self._resident[slot] = 0
@@ -124,6 +129,14 @@ class PrefixIndex:
         self._spec[slot] = spec_id
         self.touch(slot)
         return slot
+
+    def generation(self, slot: int) -> int:
+        """Changes whenever the entry at ``slot`` is created or removed from every tier."""
+        return int(self._gen[slot])
+
+    def new_generation(self, slot: int) -> None:
+        """The entry's bytes changed elsewhere (another instance rewrote it): copies planned before are outdated."""
+        self._gen[slot] += 1
 
     def touch(self, slot: int) -> None:
         self._tick_counter += 1
@@ -145,6 +158,7 @@ class PrefixIndex:
             elif was != 0 and now == 0:
                 self._child_any[parent] -= 1
         if now == 0:
+            self._gen[slot] += 1  # removed everywhere: what comes under this key next is another block
             self._collect(slot)
 
     def _collect(self, slot: int) -> None:

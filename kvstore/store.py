@@ -121,6 +121,7 @@ class _Item:
     key: bytes
     block: torch.Tensor
     spec: KVSpec
+    gen: int = -1  # a copy (moving): the entry's generation when its bytes were read (-1: a put's own block)
 
 
 @dataclass
@@ -178,6 +179,9 @@ class TieredStore:
         self.max_pin_ttl_s = max_pin_ttl_s
         self.io_workers = io_workers
         self._lock = threading.RLock()  # bookkeeping only: never held across a tier call
+        # keys with a copy in flight (demotion, promotion, write-through retry, flush): a put of such a
+        # key after it was deleted waits for none, it is refused, so old bytes never land under the new block
+        self._copying: dict[bytes, int] = {}
         self._specs: list[KVSpec] = []
         self._spec_ids: dict[KVSpec, int] = {}
         self._tenants: list[str] = []
@@ -303,6 +307,18 @@ class TieredStore:
             if idx.slot(key) == slot:
                 idx.unpin(slot)
 
+    def _copy_begin(self, keys) -> None:  # under the lock
+        for key in keys:
+            self._copying[key] = self._copying.get(key, 0) + 1
+
+    def _copy_end(self, keys) -> None:  # under the lock
+        for key in keys:
+            n = self._copying.get(key, 0) - 1
+            if n > 0:
+                self._copying[key] = n
+            else:
+                self._copying.pop(key, None)
+
     def _expire_leases(self) -> None:
         for slots in self._leases.expired():
             for slot in slots:
@@ -371,6 +387,13 @@ class TieredStore:
                         for it, size in reversed(stored) if chain_order else stored:
                             if idx.slot(it.key) != it.slot or (moving and idx.residency(it.slot) == 0):
                                 orphans.append(it.key)  # removed everywhere while it was copied
+                                continue
+                            if moving and it.gen >= 0 and idx.generation(it.slot) != it.gen:
+                                # removed and written again while the old bytes were copied: what tier t holds
+                                # under this key may be the old bytes, so it holds nothing of the new block
+                                if idx.residency(it.slot) & (1 << t):
+                                    self._mark_removed(t, it.slot, it.key, spec)
+                                orphans.append(it.key)
                                 continue
                             if not idx.residency(it.slot) & (1 << t):
                                 self._mark_stored(
@@ -459,12 +482,18 @@ class TieredStore:
                     idx = self._index
                     live = [v for v in group if idx.slot(v.key) == v.slot and idx.residency(v.slot) & (1 << t)]
                     demote = [v for v in live if nxt is not None and not idx.residency(v.slot) & (1 << nxt)]
+                    gens = {v.slot: idx.generation(v.slot) for v in demote}
+                    self._copy_begin(v.key for v in demote)
                 if demote:
                     items = []
-                    for spec, vs in _by_spec(demote).items():
-                        got = tier.get([v.key for v in vs], spec=spec)
-                        items += [_Item(v.slot, v.key, b, spec) for v, b in zip(vs, got) if b is not None]
-                    self._store_into(nxt, items, chain_order=False, moving=True)
+                    try:
+                        for spec, vs in _by_spec(demote).items():
+                            got = tier.get([v.key for v in vs], spec=spec)
+                            items += [_Item(v.slot, v.key, b, spec, gens[v.slot]) for v, b in zip(vs, got) if b is not None]
+                        self._store_into(nxt, items, chain_order=False, moving=True)
+                    finally:
+                        with self._lock:
+                            self._copy_end(v.key for v in demote)
                     with self._lock:
                         idx = self._index
                         st.demotions += sum(1 for it in items if idx.slot(it.key) == it.slot and idx.residency(it.slot) & (1 << nxt))
@@ -519,14 +548,17 @@ class TieredStore:
                 spec = self._specs[idx.spec_id(slot)]
                 src = (res & -res).bit_length() - 1  # the fastest tier holding it
                 idx.pin(slot)
+                gen = idx.generation(slot)
+                self._copy_begin([key])
             try:
                 block = self._tiers[src].tier.get([key], spec=spec)[0]
                 tried += 1
                 if block is not None:  # None: that tier lost it (e.g. a corrupt frame): nothing to copy from
-                    self._store_into(t, [_Item(slot, key, block, spec)], cascade=False, moving=True)
+                    self._store_into(t, [_Item(slot, key, block, spec, gen)], cascade=False, moving=True)
             finally:
                 with self._lock:
                     self._unpin_live([(slot, key)])
+                    self._copy_end([key])
             if block is None:
                 continue
             with self._lock:
@@ -635,6 +667,9 @@ class TieredStore:
                     result[i] = True
                     parent_slot, depth = slot, idx.depth(slot) + 1
                     continue
+                if key in self._copying:  # deleted while a copy of its old bytes is in flight: not now
+                    self._ledger.refusals += len(keys) - i
+                    break
                 if not self._quota_room(tenant, tid, nbytes, removals):
                     self._ledger.refusals += len(keys) - i
                     break
@@ -706,7 +741,8 @@ class TieredStore:
             sid = self._spec_id(spec)
         result: list[torch.Tensor | None] = [None] * len(keys)
         remaining = list(range(len(keys)))
-        found_in: dict[int, int] = {}
+        found_in: dict[int, int] = {}  # i -> the tier that served it (-1: removed while it was read)
+        gens: dict[int, int] = {}  # i -> its entry's generation when it was read
         for t, st in enumerate(self._tiers):
             if not remaining:
                 break
@@ -744,30 +780,36 @@ class TieredStore:
                             self._mark_removed(t, slot, keys[i], spec)
                         continue
                     result[i] = block
-                    found_in[i] = t
-                    hit.add(i)
                     if slot is None or not idx.residency(slot) & (1 << t):
+                        if not shared:  # removed while it was read: the answer stands, the copy is not indexed again
+                            found_in[i] = -1
+                            continue
                         parent = idx.slot(keys[i - 1]) if i > 0 else None
                         slot = idx.add(keys[i], parent if parent is not None else NO_PARENT, spec_id=sid, tenant_id=self._tenant_id(""))
                         self._mark_stored(t, slot, keys[i], spec, nbytes=spec.block_nbytes, depth=0, tenant="")
+                    found_in[i] = t
+                    gens[i] = idx.generation(slot)
+                    hit.add(i)
                 for i in reversed(ask):
                     if i in hit:
                         st.policy.on_access(keys[i])
                         idx.touch(idx.slot(keys[i]))
                 self._unpin_live(pinned)
-            remaining = [i for i in remaining if i not in hit]
+            remaining = [i for i in remaining if i not in hit and found_in.get(i) != -1]
         if self.promote_on_hit and any(t > 0 for t in found_in.values()):
             with self._lock:
                 items = []
                 for i in sorted(i for i, t in found_in.items() if t > 0):
                     slot = idx.slot(keys[i])
-                    if slot is not None:
-                        items.append((found_in[i], _Item(slot, keys[i], result[i], spec)))
+                    if slot is not None and idx.generation(slot) == gens[i]:  # not deleted (and rewritten) since the read
+                        items.append((found_in[i], _Item(slot, keys[i], result[i], spec, gens[i])))
                         idx.pin(slot)
+                self._copy_begin(it.key for _, it in items)
             try:
                 self._store_into(0, [it for _, it in items], cascade=False, moving=True)
             finally:
                 with self._lock:
+                    self._copy_end(it.key for _, it in items)
                     self._unpin_live([(it.slot, it.key) for _, it in items])
                     for t, it in items:
                         if idx.slot(it.key) == it.slot and idx.residency(it.slot) & 1:
@@ -1022,6 +1064,7 @@ class TieredStore:
                 if slot is None:
                     continue
                 spec = self._specs[idx.spec_id(slot)]
+                idx.new_generation(slot)  # a copy of the old bytes in flight (a promotion) is not kept
                 dropped = False
                 for t in range(len(self._tiers)):
                     if idx.slot(key) != slot or not idx.residency(slot) & (1 << t):
@@ -1059,15 +1102,16 @@ class TieredStore:
                     res = idx.residency(slot) if idx.slot(key) == slot else 0
                     if res and not res & durable:
                         idx.pin(slot)
-                        part.append((slot, key, self._specs[idx.spec_id(slot)], (res & -res).bit_length() - 1))
+                        part.append((slot, key, self._specs[idx.spec_id(slot)], (res & -res).bit_length() - 1, idx.generation(slot)))
+                self._copy_begin(p[1] for p in part)
             try:
                 items = []
-                for slot, key, spec, src in part:
+                for slot, key, spec, src, gen in part:
                     block = self._tiers[src].tier.get([key], spec=spec)[0]
                     if block is None:
                         failed += 1
                     else:
-                        items.append(_Item(slot, key, block, spec))
+                        items.append(_Item(slot, key, block, spec, gen))
                 self._store_into(disk, items, cascade=False, moving=True)
                 with self._lock:
                     for it in items:
@@ -1076,7 +1120,8 @@ class TieredStore:
                         failed += not ok
             finally:
                 with self._lock:
-                    self._unpin_live([(slot, key) for slot, key, _, _ in part])
+                    self._copy_end(p[1] for p in part)
+                    self._unpin_live([(p[0], p[1]) for p in part])
         return {"flushed": flushed, "failed": failed}
 
     def stats(self) -> dict:

@@ -152,8 +152,13 @@ class LocalServer:
         if self.path.is_socket() or self.path.exists():
             self._unlink_stale()
         self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        self._sock.bind(str(self.path))
+        umask = os.umask(0o177)  # the socket file is created 0600: no moment where another user may connect
+        try:
+            self._sock.bind(str(self.path))
+        finally:
+            os.umask(umask)
         os.chmod(self.path, 0o600)  # the API key is the authority; the file mode keeps other users out too
+        self._uid = os.geteuid()
         self._sock.listen(128)
         self._thread = threading.Thread(target=self._accept_loop, name="kvtier-local-accept", daemon=True)
         self._thread.start()
@@ -207,9 +212,22 @@ class LocalServer:
                 continue
             threading.Thread(target=self._serve, args=(cid, conn), name=f"kvtier-local-{cid}", daemon=True).start()
 
+    def _peer_allowed(self, conn: socket.socket) -> bool:
+        """SO_PEERCRED: the connecting process runs as this server's user or as root. (The file mode
+        already keeps other users out; this also holds if the mode or a directory above is loosened.)"""
+        try:
+            _, uid, _ = struct.unpack("3i", conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i")))
+        except OSError:
+            return False
+        return uid in (self._uid, 0)
+
     def _serve(self, cid: int, conn: socket.socket) -> None:
         seg = fd = None
         try:
+            if not self._peer_allowed(conn):
+                log.warning("local transport: refused a connection from another user (SO_PEERCRED)")
+                send_msg(conn, {"error": {"status": 403, "code": "forbidden", "field": None, "message": "another user's process"}})
+                return
             hello = recv_msg(conn, 1 << 16)
             if not isinstance(hello, dict) or hello.get("op") != "hello":
                 return
@@ -271,6 +289,7 @@ class LocalServer:
 
     def _dispatch(self, p, seg: mmap.mmap, req: dict):
         svc = self.svc
+        svc.admit(p)  # the tenant's request rate (tenant_requests_per_s), as on REST and gRPC: 429 beyond it
         op, args = req.get("op"), req.get("args")
         if not isinstance(args, dict):
             raise BadRequest("args must be a map", field="args")
