@@ -94,6 +94,11 @@ class Settings(BaseSettings):
         False, description="Allow binding a non-loopback host with no API keys configured (anyone who can connect is admin)."
     )
     log_level: str = Field("info", description="Log level: debug, info, warning, error.")
+    torch_threads: int = Field(
+        1,
+        ge=0,
+        description="Intra-op threads torch uses in `kvtier serve` (block copies, summaries, attention); 0: torch's default, one per core. Requests already run on threads of their own; intra-op threads on top of them wait for each other on a busy machine (docs/data-path.md).",
+    )
     graceful_shutdown_s: float = Field(
         10.0, gt=0, description="On SIGTERM/SIGINT, seconds to let in-flight requests finish before the store is closed."
     )
