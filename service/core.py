@@ -226,8 +226,8 @@ class KVService:
         if result is None:
             raise WouldBlock()
         if self.metrics is not None:
-            self.metrics.lookup_blocks.labels("hit").inc(result.num_blocks)
-            self.metrics.lookup_blocks.labels("miss").inc(len(ckeys) - result.num_blocks)
+            self.metrics.lookup_hit.inc(result.num_blocks)
+            self.metrics.lookup_miss.inc(len(ckeys) - result.num_blocks)
         out = {
             "model": model,
             "num_blocks": result.num_blocks,

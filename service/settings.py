@@ -90,6 +90,12 @@ class Settings(BaseSettings):
     max_local_segment_bytes: ByteSize = Field(
         256 << 20, description="Largest shared-memory segment a local-transport client may ask for (its memory is touched only as used)."
     )
+    local_bulk_nice: int = Field(
+        10,
+        ge=0,
+        le=19,
+        description="How much lower the CPU priority (nice) of the local transport's put threads is than the rest of the server, so that a client filling the store does not slow down other clients' gets and lookups on a busy machine; 0: the same.",
+    )
     insecure: bool = Field(
         False, description="Allow binding a non-loopback host with no API keys configured (anyone who can connect is admin)."
     )
