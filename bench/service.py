@@ -628,6 +628,24 @@ def main() -> None:
         "These are the transports' own costs: a ratio goal above raw time / transport time cannot be met with that transport.",
         "",
     ]
+    host = blocks["host only"]
+    frows = [
+        [
+            tr.upper(),
+            op,
+            f"{host[f'{tr}_{op}_s'] * 1e3:.1f} ms",
+            f"{floor[f'{op}_s'] * 1e3:.1f} ms",
+            f"**{host[f'{tr}_{op}_s'] / floor[f'{op}_s']:.2f}x**",
+        ]
+        for tr, floor in (("rest", rest_floor), ("grpc", grpc_floor))
+        for op in ("put", "get")
+    ]
+    md += [
+        "kvtier (host tier only) against a no-op app on the same server stack, the same 6 MiB (goal <= 1.25x):",
+        "",
+        md_table(["transport", "op", "kvtier", "no-op app", "kvtier / no-op"], frows),
+        "",
+    ]
     lrows = [
         [
             label,
@@ -668,9 +686,13 @@ def main() -> None:
         for op in ("get", "lookup")
     ]
     md += [
+        f"CPU per lookup over the local transport (64 clients): server {r['server_cpu_us_per_request']:.0f} us, clients "
+        f"{r['client_cpu_us_per_request']:.0f} us; load average {r['load_average']:.1f} on {os.cpu_count()} cores.",
+        "",
         "Host-tier calls over the local transport (4 small blocks) while another client puts 6 MiB blocks, each demoting "
         "one to an fsync'ing disk tier; the control runs the same writer with a host tier large enough that nothing "
-        "reaches the disk (what is left is the writer's CPU on this machine):",
+        "reaches the disk (what is left is the writer's CPU on this machine). Idle and busy windows alternate "
+        f"({busy['rounds']} rounds of {busy['window_s']:.0f} s each):",
         "",
         md_table(["writer", "op", "idle p50 ms", "idle p99 ms", "busy p50 ms", "busy p99 ms", "p99 busy / idle", "goal"], brows),
     ]

@@ -30,6 +30,7 @@ connection thread sees EOF and closes its mapping and descriptor. Wire format of
 from __future__ import annotations
 
 import fcntl
+import select
 import selectors
 import logging
 import mmap
@@ -48,7 +49,7 @@ import torch
 
 from . import wire
 from .errors import BadRequest, PayloadTooLarge, ServiceError, Unauthorized
-from .core import WouldBlock
+from .core import WouldBlock, parse_client_key
 from .limits import MAX_NAMESPACE_CHARS
 
 log = logging.getLogger("kvtier.local")
@@ -58,6 +59,9 @@ MAX_CONTROL_BYTES = 16 << 20  # a control message larger than this is not ours
 # a get answer puts each frame's payload at a 64-byte aligned offset (typed views need aligned data),
 # with room before it for the frame's header and its msgpack bin32 item header
 _ALIGN = 64
+# a worker that answered a request waits this long for the same client's next one before handing the
+# connection back to the loop thread (back-to-back transfers then cost no thread hop)
+_LINGER_S = 0.005
 
 
 # -- framing of control messages (both sides) -----------------------------------------------
@@ -397,6 +401,16 @@ class LocalServer:
         try:
             peer.sock.setblocking(True)
             keep = fn(peer, arg)
+            # the client's next request usually follows at once: served here, it costs no hop through the loop
+            while keep and not peer.inbuf and not self._stopping.is_set():
+                ready, _, _ = select.select([peer.sock], [], [], _LINGER_S)
+                if not ready:
+                    break
+                req = recv_msg(peer.sock, self._control_limit)
+                if req is None:
+                    keep = False  # the client closed (or died)
+                    break
+                keep = self._do_request(peer, req)
             if keep:
                 peer.sock.setblocking(False)
         except (OSError, ValueError, msgpack.UnpackException) as e:
@@ -435,7 +449,8 @@ class LocalServer:
         try:
             if not isinstance(req, dict):
                 raise BadRequest("a request must be a map", field="op")
-            answer = {"ok": self._dispatch(peer.principal, peer.seg, req)}
+            later: list = []  # work that may follow the answer (a put's page summaries)
+            answer = {"ok": self._dispatch(peer.principal, peer.seg, req, later=later)}
             status = 200
         except ServiceError as e:
             answer = {"error": e.to_dict()["error"] | {"status": e.status}}
@@ -447,6 +462,8 @@ class LocalServer:
         send_msg(peer.sock, answer)
         if self.svc.metrics is not None:
             self.svc.metrics.observe("local", str(op)[:32], status, time.perf_counter() - t0)
+        for fn in later:  # before this connection's next request is read: the client leaves those bytes alone until then
+            fn()
         return True
 
     def _do_send(self, peer: _Peer, data: bytes) -> bool:
@@ -466,14 +483,16 @@ class LocalServer:
             )
         return principal, nbytes
 
-    def _dispatch(self, p, seg: mmap.mmap, req: dict, *, wait: bool = True):
+    def _dispatch(self, p, seg: mmap.mmap, req: dict, *, wait: bool = True, later: list | None = None):
         svc = self.svc
         op, args = req.get("op"), req.get("args")
         if not isinstance(args, dict):
             raise BadRequest("args must be a map", field="args")
-        n = req.get("len", 0)
+        n, off = req.get("len", 0), req.get("off", 0)
         if isinstance(n, bool) or not isinstance(n, int) or not 0 <= n <= len(seg):
             raise BadRequest(f"len must be an integer in [0, {len(seg)}] (the segment)", field="len")
+        if isinstance(off, bool) or not isinstance(off, int) or not 0 <= off <= len(seg) - n:
+            raise BadRequest(f"off must be an integer in [0, {len(seg) - n}] (the segment less len)", field="off")
         if op == "lookup":
             return svc.lookup(
                 p,
@@ -486,9 +505,20 @@ class LocalServer:
                 wait=wait,
             )
         if op == "put":
+            model = _str(args, "model")
+            # "alt": the client writes its next put elsewhere in the segment (the other half), so these bytes
+            # stay as they are until this connection's next request: the page summaries can follow the answer
+            defer = later is not None and args.get("alt") is True and svc.summarize_on_put
             with self._transfers:
-                items = wire.split_items(memoryview(seg)[:n], max_items=self.settings.max_blocks_per_request)
-                stored = svc.put_frames(p, _str(args, "model"), items, args.get("parent"))
+                items = wire.split_items(memoryview(seg)[off : off + n], max_items=self.settings.max_blocks_per_request)
+                if not defer:
+                    stored = svc.put_frames(p, model, items, args.get("parent"))
+                    return {"stored": stored, "num_stored": sum(stored)}
+                if args.get("parent") not in (None, "", b""):
+                    parse_client_key(args.get("parent"), "parent")  # before the frames, as put_frames does
+                keys, blocks = svc.decode_frames(svc.spec_of(p, model), items)
+                stored = svc.put(p, model, keys, blocks, args.get("parent"), summarize=False)
+            later.append(lambda: svc.summarize(p, keys, blocks, stored))
             return {"stored": stored, "num_stored": sum(stored)}
         if op == "get":
             return self._get(p, seg, args)
