@@ -11,8 +11,11 @@ Connection, in order:
    then acts as that tenant), creates an anonymous ``memfd`` of ``segment_bytes`` (at most
    ``max_local_segment_bytes``), seals its size (``F_SEAL_SHRINK | F_SEAL_GROW``: a client cannot
    truncate it under the server), and passes the descriptor back (``SCM_RIGHTS``); both map it;
-3. requests follow, one at a time per connection: ``{op, args, len}`` where ``len`` bytes at the
-   start of the segment are the request's frames (a put) or where the answer's frames go (a get).
+3. requests follow, one at a time per connection: ``{op, args, len, off}`` where ``len`` bytes at
+   ``off`` in the segment are the request's frames (a put) or where the answer's frames go (a get,
+   ``off`` 0). A put with ``args.alt`` promises that the client writes its next put to the other
+   half of the segment, so the server may still read these bytes (for the page summaries) after it
+   has answered, until the connection's next request.
 
 Every request goes through ``KVService`` exactly as a REST request does: the same validation,
 tenancy, quotas, limits (``max_blocks_per_request``, ...) and frame checksums (a put's frames are
@@ -21,8 +24,8 @@ frames the client verifies). A client that writes the segment while the server r
 only spoil its own tenant's blocks, which it could do with any transport.
 
 No segment outlives its connection: a memfd has no name (nothing in ``/dev/shm`` to leak), and its
-memory goes when both sides have closed it. When a client dies, its socket closes, the server's
-connection thread sees EOF and closes its mapping and descriptor. Wire format of a message: a
+memory goes when both sides have closed it. When a client dies, its socket closes, the server
+sees EOF and closes its mapping and descriptor. Wire format of a message: a
 4-byte little-endian length, then one msgpack map; an answer is ``{ok: result}`` or ``{error:
 {status, code, message, field}}``.
 """
