@@ -388,9 +388,11 @@ def _local_client_proc(sock: str, args: dict, n_threads: int, duration_s: float,
     threads = [threading.Thread(target=loop, args=(i,)) for i in range(n_threads)]
     for th in threads:
         th.start()
+    time.sleep(max(0.0, measure_from - time.perf_counter()))
+    cpu0 = time.process_time()
     for th in threads:
         th.join()
-    q.put(([x for ls in lat for x in ls], sum(errors)))
+    q.put(([x for ls in lat for x in ls], sum(errors), time.process_time() - cpu0))
 
 
 def bench_local_lookups(quick: bool) -> dict:
@@ -424,11 +426,15 @@ def bench_local_lookups(quick: bool) -> dict:
         ]
         for p in procs:
             p.start()
-        lat, errors = [], 0
+        time.sleep(1.0)  # the clients' warm-up
+        server_cpu0 = _process_cpu_s(srv.proc.pid)
+        lat, errors, client_cpu = [], 0, 0.0
         for _ in procs:
-            l_, e_ = q.get(timeout=duration + 120)
+            l_, e_, cpu_ = q.get(timeout=duration + 120)
             lat += l_
             errors += e_
+            client_cpu += cpu_
+        server_cpu = _process_cpu_s(srv.proc.pid) - server_cpu0
         for p in procs:
             p.join()
         lat_ms = np.array(lat) * 1e3
@@ -440,6 +446,10 @@ def bench_local_lookups(quick: bool) -> dict:
             "rps": len(lat) / duration,
             "clients": NUM_CLIENTS,
             "duration_s": duration,
+            # CPU time per request, server and clients (load-independent: what a request costs, whoever waits)
+            "server_cpu_us_per_request": server_cpu / max(1, len(lat)) * 1e6,
+            "client_cpu_us_per_request": client_cpu / max(1, len(lat)) * 1e6,
+            "load_average": os.getloadavg()[0],
         }
         with KVTierClient(f"unix://{sock}") as c:
             single = []
@@ -450,22 +460,33 @@ def bench_local_lookups(quick: bool) -> dict:
         r["single_client_p50_ms"] = float(np.median(single) * 1e3)
         print(
             f"lookup by hashes (8 blocks), local transport: {NUM_CLIENTS} clients p50 {r['p50_ms']:.2f} ms "
-            f"p99 {r['p99_ms']:.2f} ms, {r['rps']:.0f} req/s, {errors} errors; one client p50 {r['single_client_p50_ms']:.2f} ms"
+            f"p99 {r['p99_ms']:.2f} ms, {r['rps']:.0f} req/s, {errors} errors; one client p50 {r['single_client_p50_ms']:.2f} ms; "
+            f"CPU per request: server {r['server_cpu_us_per_request']:.0f} us, clients {r['client_cpu_us_per_request']:.0f} us "
+            f"(load average {r['load_average']:.1f})"
         )
         return r
     finally:
         srv.close()
 
 
-def _busy_writer(sock: str, model: str, seconds: float, q) -> None:
-    """Puts 6 MiB blocks as fast as it can: each spills an older block from the small host tier to the
-    disk tier, whose writes are fsync'ed (a real slow device)."""
+def _process_cpu_s(pid: int) -> float:
+    """User + system CPU seconds of process ``pid`` so far (Linux /proc)."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def _busy_writer(sock: str, model: str, go, stop, q) -> None:
+    """Puts 6 MiB blocks as fast as it can while ``go`` is set (until ``stop``): with a small host tier each
+    spills an older block to the disk tier, whose writes are fsync'ed (a real slow device)."""
     from kvtier.service.client import KVTierClient
 
     c = KVTierClient(f"unix://{sock}", segment_bytes=16 << 20)
     block = torch.randn(SPEC_6M.block_shape, generator=torch.Generator().manual_seed(1)).to(SPEC_6M.torch_dtype)
-    n, i, stop = 0, 0, time.perf_counter() + seconds
-    while time.perf_counter() < stop:
+    n = i = 0
+    while not stop.is_set():
+        if not go.wait(0.05):
+            continue
         key = chain_hashes(SPEC_6M, np.full(SPEC_6M.block_tokens, 7 + i), Namespace(salt="busy"))[0]
         c.put(model, [key], block.unsqueeze(0))
         n, i = n + 1, i + 1
@@ -476,11 +497,12 @@ def _busy_writer(sock: str, model: str, seconds: float, q) -> None:
 def bench_busy_tier(quick: bool, slow_tier: bool = True) -> dict:
     """Host-tier gets and lookups over the local transport, idle and while a writer keeps the disk
     tier busy (every put demotes a 6 MiB block to a disk tier that fsyncs each file): p99 busy / idle.
+    Idle and busy windows alternate (the writer is paused and resumed), so both see the same machine.
     ``slow_tier=False`` is the control: the same writer, its blocks all fit the host tier (no disk
     I/O), so what remains is the CPU the writer takes on this machine."""
     from kvtier.service.client import KVTierClient
 
-    seconds = 4.0 if quick else 15.0
+    rounds, window = (4, 1.0) if quick else (10, 2.0)
     sock = os.path.join(tempfile.mkdtemp(prefix="kvtier-bench-sock-"), "kv.sock")
     srv = KVTierServe(
         {
@@ -501,54 +523,65 @@ def bench_busy_tier(quick: bool, slow_tier: bool = True) -> dict:
         blocks = torch.randn(4, *SPEC_SMALL.block_shape, generator=torch.Generator().manual_seed(2)).to(SPEC_SMALL.torch_dtype)
         assert c.put(small, keys, blocks) == [True] * 4
         out = [torch.empty(SPEC_SMALL.block_shape, dtype=SPEC_SMALL.torch_dtype) for _ in keys]
+        lat: dict[str, dict[str, list[float]]] = {"idle": {"get": [], "lookup": []}, "busy": {"get": [], "lookup": []}}
 
-        def measure(dur: float) -> dict:
-            gets, lookups = [], []
-            stop = time.perf_counter() + dur
-            while time.perf_counter() < stop:
+        def measure(state: str, dur: float) -> None:
+            stop_at = time.perf_counter() + dur
+            while time.perf_counter() < stop_at:
                 t0 = time.perf_counter()
                 got = c.get(small, keys, out=out)
                 t1 = time.perf_counter()
                 assert got[0] is not None, "a hot host-tier block was evicted"
                 c.lookup(small, hashes=keys)
                 t2 = time.perf_counter()
-                gets.append(t1 - t0)
-                lookups.append(t2 - t1)
-            return {
-                name: {
-                    "n": len(v),
-                    "p50_ms": float(np.percentile(np.array(v) * 1e3, 50)),
-                    "p99_ms": float(np.percentile(np.array(v) * 1e3, 99)),
-                }
-                for name, v in (("get", gets), ("lookup", lookups))
-            }
+                lat[state]["get"].append(t1 - t0)
+                lat[state]["lookup"].append(t2 - t1)
 
-        idle = measure(seconds)
         ctx = mp.get_context("fork")
-        q = ctx.Queue()
-        writer = ctx.Process(target=_busy_writer, args=(sock, big, seconds + 1.5, q))
+        q, go, stop = ctx.Queue(), ctx.Event(), ctx.Event()
+        writer = ctx.Process(target=_busy_writer, args=(sock, big, go, stop, q))
         writer.start()
-        time.sleep(1.0)  # the host tier is full and every put now demotes to the disk
-        busy = measure(seconds)
-        puts = q.get(timeout=seconds + 120)
+        go.set()
+        time.sleep(1.5)  # the host tier fills up: from here on every put demotes to the disk
+        disk_before = next(t for t in c.stats()["tiers"] if t["name"] == "disk")["puts"]
+        for _ in range(rounds):
+            go.clear()
+            time.sleep(0.2)  # the put in flight ends
+            measure("idle", window)
+            go.set()
+            time.sleep(0.2)
+            measure("busy", window)
+        stop.set()
+        go.set()
+        puts = q.get(timeout=120)
         writer.join()
-        st = c.stats()
-        disk = next(t for t in st["tiers"] if t["name"] == "disk")
+        disk_puts = next(t for t in c.stats()["tiers"] if t["name"] == "disk")["puts"] - disk_before
         c.close()
     finally:
         srv.close()
+
+    def summary(v: list[float]) -> dict:
+        ms = np.array(v) * 1e3
+        return {"n": len(v), "p50_ms": float(np.percentile(ms, 50)), "p99_ms": float(np.percentile(ms, 99))}
+
+    idle = {op: summary(v) for op, v in lat["idle"].items()}
+    busy = {op: summary(v) for op, v in lat["busy"].items()}
     r = {
         "idle": idle,
         "busy": busy,
         "busy_puts": puts,
-        "disk_blocks_written": disk["puts"],
+        "disk_blocks_written": disk_puts,
+        "rounds": rounds,
+        "window_s": window,
+        "load_average": os.getloadavg()[0],
         "get_p99_ratio": busy["get"]["p99_ms"] / idle["get"]["p99_ms"],
         "lookup_p99_ratio": busy["lookup"]["p99_ms"] / idle["lookup"]["p99_ms"],
     }
     print(
-        f"{'busy disk tier' if slow_tier else 'control, no disk I/O'} ({puts} puts of 6 MiB, {disk['puts']} blocks fsync'ed to disk): host-tier get p99 "
-        f"{idle['get']['p99_ms']:.2f} -> {busy['get']['p99_ms']:.2f} ms ({r['get_p99_ratio']:.2f}x), lookup p99 "
-        f"{idle['lookup']['p99_ms']:.2f} -> {busy['lookup']['p99_ms']:.2f} ms ({r['lookup_p99_ratio']:.2f}x)"
+        f"{'busy disk tier' if slow_tier else 'control, no disk I/O'} ({puts} puts of 6 MiB, {disk_puts} blocks fsync'ed to disk "
+        f"in the measured windows): host-tier get p99 {idle['get']['p99_ms']:.2f} -> {busy['get']['p99_ms']:.2f} ms "
+        f"({r['get_p99_ratio']:.2f}x), lookup p99 {idle['lookup']['p99_ms']:.2f} -> {busy['lookup']['p99_ms']:.2f} ms "
+        f"({r['lookup_p99_ratio']:.2f}x)"
     )
     return r
 
@@ -595,6 +628,24 @@ def main() -> None:
         "These are the transports' own costs: a ratio goal above raw time / transport time cannot be met with that transport.",
         "",
     ]
+    host = blocks["host only"]
+    frows = [
+        [
+            tr.upper(),
+            op,
+            f"{host[f'{tr}_{op}_s'] * 1e3:.1f} ms",
+            f"{floor[f'{op}_s'] * 1e3:.1f} ms",
+            f"**{host[f'{tr}_{op}_s'] / floor[f'{op}_s']:.2f}x**",
+        ]
+        for tr, floor in (("rest", rest_floor), ("grpc", grpc_floor))
+        for op in ("put", "get")
+    ]
+    md += [
+        "kvtier (host tier only) against a no-op app on the same server stack, the same 6 MiB (goal <= 1.25x):",
+        "",
+        md_table(["transport", "op", "kvtier", "no-op app", "kvtier / no-op"], frows),
+        "",
+    ]
     lrows = [
         [
             label,
@@ -635,9 +686,13 @@ def main() -> None:
         for op in ("get", "lookup")
     ]
     md += [
+        f"CPU per lookup over the local transport (64 clients): server {r['server_cpu_us_per_request']:.0f} us, clients "
+        f"{r['client_cpu_us_per_request']:.0f} us; load average {r['load_average']:.1f} on {os.cpu_count()} cores.",
+        "",
         "Host-tier calls over the local transport (4 small blocks) while another client puts 6 MiB blocks, each demoting "
         "one to an fsync'ing disk tier; the control runs the same writer with a host tier large enough that nothing "
-        "reaches the disk (what is left is the writer's CPU on this machine):",
+        "reaches the disk (what is left is the writer's CPU on this machine). Idle and busy windows alternate "
+        f"({busy['rounds']} rounds of {busy['window_s']:.0f} s each):",
         "",
         md_table(["writer", "op", "idle p50 ms", "idle p99 ms", "busy p50 ms", "busy p99 ms", "p99 busy / idle", "goal"], brows),
     ]

@@ -837,16 +837,17 @@ class TieredStore:
         names = self.tier_names
         shared = [t for t, st in enumerate(self._tiers) if st.tier.capabilities.shared]
         local_bits = sum(1 << t for t in range(len(names)) if t not in shared)
+        masks_l = masks.tolist()  # plain ints: a chain is short, and numpy calls cost more than they save here
         tier_prefix: dict[str, int] = {}
         for t, name in enumerate(names):
             if t in shared:
                 tier_prefix[name] = self._tiers[t].tier.contains_prefix(keys, spec=spec) if n else 0
             else:
-                m = ((masks & (1 << t)) == 0).nonzero()[0]
-                tier_prefix[name] = int(m[0]) if m.size else n
-        local = masks & local_bits
+                bit = 1 << t
+                tier_prefix[name] = next((i for i, m in enumerate(masks_l) if not m & bit), n)
         holder = [-1] * n  # the fastest tier that would serve each block
-        for i, mask in enumerate(local.tolist()):
+        for i, mask in enumerate(masks_l):
+            mask &= local_bits
             if mask:
                 holder[i] = (mask & -mask).bit_length() - 1
         for t in shared:

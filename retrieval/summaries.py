@@ -72,6 +72,21 @@ def summarize_block(block: torch.Tensor, page_tokens: int = PAGE_TOKENS, dtype: 
     if not isinstance(block, torch.Tensor) or block.dim() != 5 or block.shape[1] != 2:
         got = list(block.shape) if isinstance(block, torch.Tensor) else type(block).__name__
         raise ValueError(f"a block must be [L, 2, H_kv, T, D], got {got}")
+    if block.dtype == dtype and dtype != torch.float32 and block.device.type == "cpu":
+        # the keys are already in the summary's precision, so their minimum and maximum are exact
+        # without rounding; one layer at a time in float32, so the temporaries stay small (a float32
+        # copy of a 6 MiB block's keys is 6 MiB of fresh memory, whose page faults dominated a put)
+        L, _, H, T, D = block.shape
+        _check_page_tokens(page_tokens, T)
+        N = T // page_tokens
+        out = torch.empty(3, L, H, N, D, dtype=torch.float32)  # kmin, kmax, kmean
+        for layer in range(L):
+            pages = block[layer, 0].float().view(H, N, page_tokens, D)  # [H_kv, N_pages, P, D]
+            torch.amin(pages, -2, out=out[0, layer])
+            torch.amax(pages, -2, out=out[1, layer])
+            torch.mean(pages, -2, out=out[2, layer])
+        kmin, kmax, kmean = out.to(dtype)
+        return BlockSummary(kmin, kmax, kmean, page_tokens)
     kmin, kmax, kmean = page_bounds(block[:, 0], page_tokens)  # [L, H_kv, N_pages, D]
     if dtype != torch.float32:
         kmin = _round_down(kmin, dtype)

@@ -83,6 +83,10 @@ def serve(args) -> int:
             "default tenant; serving on %s only",
             settings.host,
         )
+    if settings.torch_threads:
+        import torch
+
+        torch.set_num_threads(settings.torch_threads)
     app = create_app(settings)
     http_protocol, guard = guarded_http_protocol(settings, app.state.transport_stats)
     tls = {} if settings.tls_cert is None else dict(ssl_certfile=str(settings.tls_cert), ssl_keyfile=str(settings.tls_key))

@@ -229,8 +229,8 @@ class KVService:
         if result is None:
             raise WouldBlock()
         if self.metrics is not None:
-            self.metrics.lookup_blocks.labels("hit").inc(result.num_blocks)
-            self.metrics.lookup_blocks.labels("miss").inc(len(ckeys) - result.num_blocks)
+            self.metrics.lookup_hit.inc(result.num_blocks)
+            self.metrics.lookup_miss.inc(len(ckeys) - result.num_blocks)
         out = {
             "model": model,
             "num_blocks": result.num_blocks,
@@ -338,16 +338,29 @@ class KVService:
         if self.metrics is not None:
             self.metrics.frames_rejected.labels(reason).inc()
 
-    def put(self, p: Principal, model: str, keys: list[bytes], blocks: list[torch.Tensor], parent=None) -> list[bool]:
-        """Store a chain of blocks (already decoded by ``decode_frames``) under the caller's key space."""
+    def put(
+        self, p: Principal, model: str, keys: list[bytes], blocks: list[torch.Tensor], parent=None, *, summarize: bool = True
+    ) -> list[bool]:
+        """Store a chain of blocks (already decoded by ``decode_frames``) under the caller's key space.
+        ``summarize=False``: the caller computes the page summaries later (``summarize``)."""
         spec = self.spec_of(p, model)
         parent_key = None if parent in (None, "", b"") else parse_client_key(parent, "parent")
         ks = self.keyspace(p.tenant)
         skeys = ks.storage_keys(keys)
-        put = self.retriever.put if self.summarize_on_put else self.store.put  # the retriever's put also summarizes
+        # the retriever's put also summarizes
+        put = self.retriever.put if self.summarize_on_put and summarize else self.store.put
         self._track(p.tenant, list(zip(skeys, keys)))  # before the store emits their events
         stored = put(spec, skeys, blocks, tenant=p.tenant, parent=None if parent_key is None else ks.storage_key(parent_key))
         return stored
+
+    def summarize(self, p: Principal, keys: list[bytes], blocks: list[torch.Tensor], stored: list[bool]) -> None:
+        """The page summaries of blocks ``put(..., summarize=False)`` stored (those still unsummarized)."""
+        if not self.summarize_on_put:
+            return
+        summaries = self.retriever.summaries
+        for skey, block, ok in zip(self.keyspace(p.tenant).storage_keys(keys), blocks, stored):
+            if ok and skey not in summaries:
+                summaries.add(skey, block)
 
     def put_frames(self, p: Principal, model: str, items: Sequence[memoryview | None], parent=None) -> list[bool]:
         spec = self.spec_of(p, model)

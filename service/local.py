@@ -11,8 +11,11 @@ Connection, in order:
    then acts as that tenant), creates an anonymous ``memfd`` of ``segment_bytes`` (at most
    ``max_local_segment_bytes``), seals its size (``F_SEAL_SHRINK | F_SEAL_GROW``: a client cannot
    truncate it under the server), and passes the descriptor back (``SCM_RIGHTS``); both map it;
-3. requests follow, one at a time per connection: ``{op, args, len}`` where ``len`` bytes at the
-   start of the segment are the request's frames (a put) or where the answer's frames go (a get).
+3. requests follow, one at a time per connection: ``{op, args, len, off}`` where ``len`` bytes at
+   ``off`` in the segment are the request's frames (a put) or where the answer's frames go (a get,
+   ``off`` 0). A put with ``args.alt`` promises that the client writes its next put to the other
+   half of the segment, so the server may still read these bytes (for the page summaries) after it
+   has answered, until the connection's next request.
 
 Every request goes through ``KVService`` exactly as a REST request does: the same validation,
 tenancy, quotas, limits (``max_blocks_per_request``, ...) and frame checksums (a put's frames are
@@ -21,8 +24,8 @@ frames the client verifies). A client that writes the segment while the server r
 only spoil its own tenant's blocks, which it could do with any transport.
 
 No segment outlives its connection: a memfd has no name (nothing in ``/dev/shm`` to leak), and its
-memory goes when both sides have closed it. When a client dies, its socket closes, the server's
-connection thread sees EOF and closes its mapping and descriptor. Wire format of a message: a
+memory goes when both sides have closed it. When a client dies, its socket closes, the server
+sees EOF and closes its mapping and descriptor. Wire format of a message: a
 4-byte little-endian length, then one msgpack map; an answer is ``{ok: result}`` or ``{error:
 {status, code, message, field}}``.
 """
@@ -30,6 +33,8 @@ connection thread sees EOF and closes its mapping and descriptor. Wire format of
 from __future__ import annotations
 
 import fcntl
+import select
+import selectors
 import logging
 import mmap
 import os
@@ -37,6 +42,8 @@ import socket
 import struct
 import threading
 import time
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -45,7 +52,10 @@ import torch
 
 from . import wire
 from .errors import BadRequest, PayloadTooLarge, ServiceError, Unauthorized
+from .core import WouldBlock, parse_client_key
 from .limits import MAX_NAMESPACE_CHARS
+
+_ADMITTED = object()  # marks a request already counted against its tenant's rate
 
 log = logging.getLogger("kvtier.local")
 
@@ -54,6 +64,9 @@ MAX_CONTROL_BYTES = 16 << 20  # a control message larger than this is not ours
 # a get answer puts each frame's payload at a 64-byte aligned offset (typed views need aligned data),
 # with room before it for the frame's header and its msgpack bin32 item header
 _ALIGN = 64
+# a worker that answered a request waits this long for the same client's next one before handing the
+# connection back to the loop thread (back-to-back transfers then cost no thread hop)
+_LINGER_S = 0.005
 
 
 # -- framing of control messages (both sides) -----------------------------------------------
@@ -130,22 +143,54 @@ def _max_header(spec):
     return encode_frame_parts(b"\xff" * 32, spec, "identity", {}, spec.block_shape, spec.dtype, b"")
 
 
+def _lower_priority(nice: int) -> None:
+    """Raise the calling thread's nice value by ``nice`` (Linux: a thread is a task of its own)."""
+    if nice > 0:
+        try:
+            tid = threading.get_native_id()
+            os.setpriority(os.PRIO_PROCESS, tid, min(19, os.getpriority(os.PRIO_PROCESS, tid) + nice))
+        except OSError as e:  # not permitted here: the thread runs at the usual priority
+            log.debug("local transport: bulk threads keep their priority: %s", e)
+
+
 def _align(n: int) -> int:
     return (n + _ALIGN - 1) // _ALIGN * _ALIGN
 
 
 # -- the server -----------------------------------------------------------------------------
+class _Peer:
+    """One client connection: its socket, segment and tenant, and bytes read but not yet handled.
+    Owned by the server's loop thread, or by one worker while a request of it is handed off."""
+
+    __slots__ = ("cid", "sock", "seg", "principal", "inbuf")
+
+    def __init__(self, cid: int, sock: socket.socket) -> None:
+        self.cid, self.sock = cid, sock
+        self.seg: mmap.mmap | None = None
+        self.principal = None
+        self.inbuf = bytearray()
+
+
 class LocalServer:
-    """Serves ``KVService`` on a Unix socket, one thread per connection (at most ``max_local_clients``)."""
+    """Serves ``KVService`` on a Unix socket (at most ``max_local_clients`` connections).
+
+    One loop thread waits on every connection at once (``selectors``) and reads their requests.
+    It answers lookups itself when the store has no shared tier (an index read: no I/O, and the
+    store's lock only tried, never waited for); everything else (put, get, and a lookup that
+    would wait) runs on a worker thread, one request per connection at a time, and the connection
+    comes back to the loop when it is answered. With a thread per connection instead, 64 clients
+    meant 64 threads contending for the GIL for every small request (docs/data-path.md).
+    """
 
     def __init__(self, svc, settings, auth) -> None:
         self.svc, self.settings, self.auth = svc, settings, auth
         self.path = Path(settings.local_socket)
         self.max_clients = settings.max_local_clients
         self.max_segment = int(settings.max_local_segment_bytes)
+        self._control_limit = min(MAX_CONTROL_BYTES, int(settings.max_json_bytes))
         self._transfers = threading.BoundedSemaphore(settings.max_concurrent_transfers)
         self._lock = threading.Lock()
-        self._conns: dict[int, socket.socket] = {}
+        self._conns: dict[int, _Peer] = {}
         self._ids = 0
         self._stopping = threading.Event()
         self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -160,7 +205,24 @@ class LocalServer:
         os.chmod(self.path, 0o600)  # the API key is the authority; the file mode keeps other users out too
         self._uid = os.geteuid()
         self._sock.listen(128)
-        self._thread = threading.Thread(target=self._accept_loop, name="kvtier-local-accept", daemon=True)
+        self._sock.setblocking(False)
+        self._sel = selectors.DefaultSelector()
+        self._wake_r, self._wake_w = socket.socketpair()
+        self._wake_r.setblocking(False)
+        self._wake_w.setblocking(False)
+        self._returned: deque[tuple[_Peer, bool]] = deque()  # (peer, keep it) handed back by workers
+        self._workers = ThreadPoolExecutor(self.max_clients, thread_name_prefix="kvtier-local")
+        # puts (block bytes in, demotions to slower tiers) run on threads of their own at a lower CPU
+        # priority: on a busy machine, gets and lookups are not slowed down by a client filling the store
+        self._bulk = ThreadPoolExecutor(
+            max(1, settings.max_concurrent_transfers),
+            thread_name_prefix="kvtier-local-bulk",
+            initializer=_lower_priority,
+            initargs=(settings.local_bulk_nice,),
+        )
+        self._sel.register(self._sock, selectors.EVENT_READ, None)
+        self._sel.register(self._wake_r, selectors.EVENT_READ, "wake")
+        self._thread = threading.Thread(target=self._loop, name="kvtier-local-loop", daemon=True)
         self._thread.start()
         log.info("local transport on unix://%s", self.path)
 
@@ -180,22 +242,58 @@ class LocalServer:
         with self._lock:
             return len(self._conns)
 
-    def _accept_loop(self) -> None:
-        while not self._stopping.is_set():
+    # -- the loop thread -----------------------------------------------------------------------
+    def _loop(self) -> None:
+        try:
+            while not self._stopping.is_set():
+                for key, _ in self._sel.select(timeout=1.0):
+                    if key.data is None:
+                        self._accept()
+                    elif key.data == "wake":
+                        try:
+                            while self._wake_r.recv(4096):
+                                pass
+                        except BlockingIOError:
+                            pass
+                    else:
+                        self._readable(key.data)
+                while self._returned:
+                    peer, keep = self._returned.popleft()
+                    if keep and not self._stopping.is_set():
+                        self._sel.register(peer.sock, selectors.EVENT_READ, peer)
+                        self._handle_buffered(peer)
+                    else:
+                        self._drop(peer, registered=False)
+        except Exception:  # a bug: the transport stops, logged
+            log.exception("local transport loop failed")
+        finally:
+            self._sel.close()
+            self._sock.close()
+            with self._lock:
+                peers = list(self._conns.values())
+            for peer in peers:
+                try:
+                    peer.sock.shutdown(socket.SHUT_RDWR)  # ends a worker's wait on it too
+                except OSError:
+                    pass
+
+    def _accept(self) -> None:
+        while True:
             try:
                 conn, _ = self._sock.accept()
+            except BlockingIOError:
+                return
             except OSError:
                 return  # closed
             with self._lock:
-                if len(self._conns) >= self.max_clients:
-                    full = True
-                else:
-                    full = False
+                full = len(self._conns) >= self.max_clients
+                if not full:
                     self._ids += 1
-                    cid = self._ids
-                    self._conns[cid] = conn
+                    peer = _Peer(self._ids, conn)
+                    self._conns[peer.cid] = peer
             if full:
                 try:
+                    conn.settimeout(1.0)
                     send_msg(
                         conn,
                         {
@@ -207,10 +305,25 @@ class LocalServer:
                             }
                         },
                     )
+                except OSError:
+                    pass
                 finally:
                     conn.close()
                 continue
-            threading.Thread(target=self._serve, args=(cid, conn), name=f"kvtier-local-{cid}", daemon=True).start()
+            if not self._peer_allowed(conn):
+                log.warning("local transport: refused a connection from another user (SO_PEERCRED)")
+                with self._lock:
+                    self._conns.pop(peer.cid, None)
+                try:
+                    conn.settimeout(1.0)
+                    send_msg(conn, {"error": {"status": 403, "code": "forbidden", "field": None, "message": "another user's process"}})
+                except OSError:
+                    pass
+                finally:
+                    conn.close()
+                continue
+            conn.setblocking(False)
+            self._sel.register(conn, selectors.EVENT_READ, peer)
 
     def _peer_allowed(self, conn: socket.socket) -> bool:
         """SO_PEERCRED: the connecting process runs as this server's user or as root. (The file mode
@@ -221,58 +334,172 @@ class LocalServer:
             return False
         return uid in (self._uid, 0)
 
-    def _serve(self, cid: int, conn: socket.socket) -> None:
-        seg = fd = None
+    def _readable(self, peer: _Peer) -> None:
         try:
-            if not self._peer_allowed(conn):
-                log.warning("local transport: refused a connection from another user (SO_PEERCRED)")
-                send_msg(conn, {"error": {"status": 403, "code": "forbidden", "field": None, "message": "another user's process"}})
+            data = peer.sock.recv(1 << 16)
+        except BlockingIOError:
+            return
+        except OSError:
+            data = b""
+        if not data:
+            self._drop(peer)  # the client closed (or died)
+            return
+        peer.inbuf += data
+        self._handle_buffered(peer)
+
+    def _handle_buffered(self, peer: _Peer) -> None:
+        """Handle the complete messages ``peer`` sent, until one goes to a worker."""
+        buf = peer.inbuf
+        while len(buf) >= _LEN.size:
+            (n,) = _LEN.unpack_from(buf)
+            if n > (1 << 16 if peer.principal is None else self._control_limit):
+                log.debug("local connection %d ends: a control message of %d bytes", peer.cid, n)
+                self._drop(peer)
                 return
-            hello = recv_msg(conn, 1 << 16)
-            if not isinstance(hello, dict) or hello.get("op") != "hello":
+            if len(buf) < _LEN.size + n:
                 return
             try:
-                principal, nbytes = self._hello(hello)
-            except ServiceError as e:
-                send_msg(conn, {"error": e.to_dict()["error"] | {"status": e.status}})
+                msg = msgpack.unpackb(bytes(buf[_LEN.size : _LEN.size + n]), raw=False, strict_map_key=False)
+            except (ValueError, msgpack.UnpackException) as e:
+                log.debug("local connection %d ends: %s", peer.cid, e)
+                self._drop(peer)
                 return
-            fd = make_segment(nbytes)
-            seg = mmap.mmap(fd, nbytes)
-            send_msg(conn, {"ok": {"segment_bytes": nbytes, "tenant": principal.tenant}}, fds=[fd])
-            os.close(fd)  # the mapping keeps the memory; the client holds its own descriptor
-            fd = None
-            while not self._stopping.is_set():
-                req = recv_msg(conn, min(MAX_CONTROL_BYTES, int(self.settings.max_json_bytes)))
+            del buf[: _LEN.size + n]
+            if peer.principal is None:
+                self._to_worker(peer, self._do_hello, msg)
+                return
+            if not self._answer_here(peer, msg):
+                self._to_worker(peer, self._do_request, msg)
+                return
+
+    def _answer_here(self, peer: _Peer, req) -> bool:
+        """Answer a lookup on the loop thread when it needs no I/O and no wait (False: hand it to a worker)."""
+        if not (isinstance(req, dict) and req.get("op") == "lookup" and self.svc.store_is_local):
+            return False
+        t0 = time.perf_counter()
+        try:
+            answer = {"ok": self._dispatch(peer.principal, peer.seg, req, wait=False)}
+            status = 200
+        except WouldBlock:
+            return False  # the store's lock is taken: a worker waits for it
+        except ServiceError as e:
+            answer, status = {"error": e.to_dict()["error"] | {"status": e.status}}, e.status
+        except Exception:  # a bug: logged, answered as 500, the connection goes on
+            log.exception("local transport: lookup failed")
+            answer, status = {"error": {"status": 500, "code": "internal", "message": "internal error", "field": None}}, 500
+        data = msgpack.packb(answer, use_bin_type=True)
+        msg = _LEN.pack(len(data)) + data
+        try:
+            sent = peer.sock.send(msg)
+        except BlockingIOError:
+            sent = 0
+        except OSError:
+            self._drop(peer)
+            return True
+        if self.svc.metrics is not None:
+            self.svc.metrics.observe("local", "lookup", status, time.perf_counter() - t0)
+        if sent < len(msg):  # the client does not read its answers: a worker waits for it to
+            self._to_worker(peer, self._do_send, msg[sent:])
+        return True
+
+    def _to_worker(self, peer: _Peer, fn, arg) -> None:
+        self._sel.unregister(peer.sock)
+        bulk = isinstance(arg, dict) and arg.get("op") == "put"
+        try:
+            (self._bulk if bulk else self._workers).submit(self._work, peer, fn, arg)
+        except RuntimeError:  # shutting down
+            self._drop(peer, registered=False)
+
+    def _drop(self, peer: _Peer, *, registered: bool = True) -> None:
+        if registered:
+            try:
+                self._sel.unregister(peer.sock)
+            except (KeyError, ValueError):
+                pass
+        if peer.seg is not None:
+            try:
+                peer.seg.close()
+            except BufferError:  # a view of it still alive somewhere: the mapping goes with it
+                pass
+            peer.seg = None
+        peer.sock.close()
+        with self._lock:
+            self._conns.pop(peer.cid, None)
+
+    # -- worker threads --------------------------------------------------------------------------
+    def _work(self, peer: _Peer, fn, arg) -> None:
+        keep = False
+        try:
+            peer.sock.setblocking(True)
+            keep = fn(peer, arg)
+            # the client's next request usually follows at once: served here, it costs no hop through the loop
+            while keep and not peer.inbuf and not self._stopping.is_set():
+                ready, _, _ = select.select([peer.sock], [], [], _LINGER_S)
+                if not ready:
+                    break
+                req = recv_msg(peer.sock, self._control_limit)
                 if req is None:
-                    return  # the client closed (or died)
-                t0 = time.perf_counter()
-                op = req.get("op") if isinstance(req, dict) else None
-                try:
-                    answer = {"ok": self._dispatch(principal, seg, req)}
-                    status = 200
-                except ServiceError as e:
-                    answer = {"error": e.to_dict()["error"] | {"status": e.status}}
-                    status = e.status
-                except Exception:  # a bug: logged, answered as 500, the connection goes on
-                    log.exception("local transport: %s failed", op)
-                    answer = {"error": {"status": 500, "code": "internal", "message": "internal error", "field": None}}
-                    status = 500
-                send_msg(conn, answer)
-                if self.svc.metrics is not None:
-                    self.svc.metrics.observe("local", str(op)[:32], status, time.perf_counter() - t0)
+                    keep = False  # the client closed (or died)
+                    break
+                keep = self._do_request(peer, req)
+            if keep:
+                peer.sock.setblocking(False)
         except (OSError, ValueError, msgpack.UnpackException) as e:
-            log.debug("local connection %d ends: %s", cid, e)
+            log.debug("local connection %d ends: %s", peer.cid, e)
+            keep = False
+        except Exception:  # a bug: logged, the connection ends
+            log.exception("local transport: a request failed")
+            keep = False
         finally:
-            if seg is not None:
-                try:
-                    seg.close()
-                except BufferError:  # a view of it still alive somewhere: the mapping goes with it
-                    pass
-            if fd is not None:
-                os.close(fd)
-            conn.close()
-            with self._lock:
-                self._conns.pop(cid, None)
+            self._returned.append((peer, keep))
+            try:
+                self._wake_w.send(b"x")
+            except (BlockingIOError, OSError):
+                pass  # the loop is awake already (or stopped)
+
+    def _do_hello(self, peer: _Peer, hello) -> bool:
+        if not isinstance(hello, dict) or hello.get("op") != "hello":
+            return False
+        try:
+            principal, nbytes = self._hello(hello)
+        except ServiceError as e:
+            send_msg(peer.sock, {"error": e.to_dict()["error"] | {"status": e.status}})
+            return False
+        fd = make_segment(nbytes)
+        try:
+            peer.seg = mmap.mmap(fd, nbytes)
+            send_msg(peer.sock, {"ok": {"segment_bytes": nbytes, "tenant": principal.tenant}}, fds=[fd])
+        finally:
+            os.close(fd)  # the mapping keeps the memory; the client holds its own descriptor
+        peer.principal = principal
+        return True
+
+    def _do_request(self, peer: _Peer, req) -> bool:
+        t0 = time.perf_counter()
+        op = req.get("op") if isinstance(req, dict) else None
+        try:
+            if not isinstance(req, dict):
+                raise BadRequest("a request must be a map", field="op")
+            later: list = []  # work that may follow the answer (a put's page summaries)
+            answer = {"ok": self._dispatch(peer.principal, peer.seg, req, later=later)}
+            status = 200
+        except ServiceError as e:
+            answer = {"error": e.to_dict()["error"] | {"status": e.status}}
+            status = e.status
+        except Exception:  # a bug: logged, answered as 500, the connection goes on
+            log.exception("local transport: %s failed", op)
+            answer = {"error": {"status": 500, "code": "internal", "message": "internal error", "field": None}}
+            status = 500
+        send_msg(peer.sock, answer)
+        if self.svc.metrics is not None:
+            self.svc.metrics.observe("local", str(op)[:32], status, time.perf_counter() - t0)
+        for fn in later:  # before this connection's next request is read: the client leaves those bytes alone until then
+            fn()
+        return True
+
+    def _do_send(self, peer: _Peer, data: bytes) -> bool:
+        peer.sock.sendall(data)
+        return True
 
     def _hello(self, hello: dict):
         key = hello.get("api_key")
@@ -287,15 +514,19 @@ class LocalServer:
             )
         return principal, nbytes
 
-    def _dispatch(self, p, seg: mmap.mmap, req: dict):
+    def _dispatch(self, p, seg: mmap.mmap, req: dict, *, wait: bool = True, later: list | None = None):
         svc = self.svc
-        svc.admit(p)  # the tenant's request rate (tenant_requests_per_s), as on REST and gRPC: 429 beyond it
+        if not req.get(_ADMITTED):  # msgpack gives str keys only: a client cannot set this marker
+            svc.admit(p)  # the tenant's request rate (tenant_requests_per_s), as on REST and gRPC: 429 beyond it
+            req[_ADMITTED] = True  # a lookup handed from the loop to a worker (WouldBlock) is not counted twice
         op, args = req.get("op"), req.get("args")
         if not isinstance(args, dict):
             raise BadRequest("args must be a map", field="args")
-        n = req.get("len", 0)
+        n, off = req.get("len", 0), req.get("off", 0)
         if isinstance(n, bool) or not isinstance(n, int) or not 0 <= n <= len(seg):
             raise BadRequest(f"len must be an integer in [0, {len(seg)}] (the segment)", field="len")
+        if isinstance(off, bool) or not isinstance(off, int) or not 0 <= off <= len(seg) - n:
+            raise BadRequest(f"off must be an integer in [0, {len(seg) - n}] (the segment less len)", field="off")
         if op == "lookup":
             return svc.lookup(
                 p,
@@ -305,11 +536,23 @@ class LocalServer:
                 salt=args.get("salt", ""),
                 extra_keys=args.get("extra_keys", []),
                 return_keys=bool(args.get("return_keys", False)),
+                wait=wait,
             )
         if op == "put":
+            model = _str(args, "model")
+            # "alt": the client writes its next put elsewhere in the segment (the other half), so these bytes
+            # stay as they are until this connection's next request: the page summaries can follow the answer
+            defer = later is not None and args.get("alt") is True and svc.summarize_on_put
             with self._transfers:
-                items = wire.split_items(memoryview(seg)[:n], max_items=self.settings.max_blocks_per_request)
-                stored = svc.put_frames(p, _str(args, "model"), items, args.get("parent"))
+                items = wire.split_items(memoryview(seg)[off : off + n], max_items=self.settings.max_blocks_per_request)
+                if not defer:
+                    stored = svc.put_frames(p, model, items, args.get("parent"))
+                    return {"stored": stored, "num_stored": sum(stored)}
+                if args.get("parent") not in (None, "", b""):
+                    parse_client_key(args.get("parent"), "parent")  # before the frames, as put_frames does
+                keys, blocks = svc.decode_frames(svc.spec_of(p, model), items)
+                stored = svc.put(p, model, keys, blocks, args.get("parent"), summarize=False)
+            later.append(lambda: svc.summarize(p, keys, blocks, stored))
             return {"stored": stored, "num_stored": sum(stored)}
         if op == "get":
             return self._get(p, seg, args)
@@ -390,13 +633,10 @@ def _str(args: dict, name: str) -> str:
 def close_server(server: LocalServer) -> None:
     server._stopping.set()
     try:
-        server._sock.close()
-    finally:
-        server.path.unlink(missing_ok=True)
-    with server._lock:
-        conns = list(server._conns.values())
-    for c in conns:
-        try:
-            c.shutdown(socket.SHUT_RDWR)
-        except OSError:
-            pass
+        server._wake_w.send(b"x")
+    except OSError:
+        pass
+    server._thread.join(timeout=10)
+    server.path.unlink(missing_ok=True)
+    server._workers.shutdown(wait=False)
+    server._bulk.shutdown(wait=False)

@@ -47,6 +47,7 @@ DEFAULT_SEGMENT_BYTES = 64 << 20
 class _Conn:
     def __init__(self, sock: socket.socket, seg: mmap.mmap) -> None:
         self.sock, self.seg = sock, seg
+        self.half = 1  # the half of the segment the last put used
 
     def close(self) -> None:
         try:
@@ -124,7 +125,7 @@ class LocalKVTierClient(KVTierClient):
                 return
         conn.close()
 
-    def _call(self, op: str, args: dict, fill=None, read=None):
+    def _call(self, op: str, args: dict, fill=None, read=None, fill_conn: bool = False):
         """One request. ``fill(seg) -> n`` writes the request's bytes into the segment; ``read(seg, result)``
         reads the answer's out of it (while the connection is still this call's)."""
         for attempt in range(self.retries + 1):
@@ -137,8 +138,9 @@ class LocalKVTierClient(KVTierClient):
                 continue
             ok = False
             try:
-                n = fill(conn.seg) if fill is not None else 0
-                send_msg(conn.sock, {"op": op, "args": args, "len": n})
+                n = 0 if fill is None else fill(conn) if fill_conn else fill(conn.seg)
+                off = args.pop("off", 0)
+                send_msg(conn.sock, {"op": op, "args": args, "len": n, "off": off})
                 msg = recv_msg(conn.sock)
                 if msg is None:
                     raise ConnectionError("the local transport closed the connection")
@@ -212,17 +214,25 @@ class LocalKVTierClient(KVTierClient):
                     f"({self.segment_bytes} bytes): use a larger segment_bytes"
                 )
             group = frames[start:end]
+            args = {"model": model, "parent": _key_hex(parent) if parent is not None else None}
 
-            def fill(seg, group=group):
+            def fill(conn, group=group, size=size, args=args):
+                # a put that fits half the segment goes to the half the previous one did not use ("alt"):
+                # the server may read the previous put's bytes (its page summaries) until this request arrives
+                half = len(conn.seg) // 2
                 pos = 0
+                if size <= half:
+                    conn.half ^= 1
+                    pos = conn.half * half
+                    args["alt"], args["off"] = True, pos
+                start_pos = pos
                 for piece in wire.encode_parts(group):
                     n = len(piece) if isinstance(piece, bytes) else piece.nbytes
-                    seg[pos : pos + n] = piece
+                    conn.seg[pos : pos + n] = piece
                     pos += n
-                return pos
+                return pos - start_pos
 
-            args = {"model": model, "parent": _key_hex(parent) if parent is not None else None}
-            stored += self._call("put", args, fill=fill)["stored"]
+            stored += self._call("put", args, fill=fill, fill_conn=True)["stored"]
             parent, start = keys[end - 1], end
         return stored
 

@@ -39,10 +39,20 @@ class Metrics:
             "kvtier_frames_rejected", "Uploaded frames rejected (invalid, shape, dtype, payload).", ["reason"], registry=r
         )
         r.register(_StoreCollector(service))
+        self.lookup_hit, self.lookup_miss = self.lookup_blocks.labels("hit"), self.lookup_blocks.labels("miss")
+        # (transport, op, status) -> (request counter, latency histogram): a labels() call costs as much
+        # as the rest of a lookup's bookkeeping; bounded, beyond it the children are looked up each time
+        self._children: dict[tuple[str, str, str], tuple] = {}
 
     def observe(self, transport: str, op: str, status: int | str, seconds: float) -> None:
-        self.requests.labels(transport, op, str(status)).inc()
-        self.latency.labels(transport, op).observe(seconds)
+        key = (transport, op, str(status))
+        pair = self._children.get(key)
+        if pair is None:
+            pair = (self.requests.labels(*key), self.latency.labels(transport, op))
+            if len(self._children) < 1024:
+                self._children[key] = pair
+        pair[0].inc()
+        pair[1].observe(seconds)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -90,10 +90,21 @@ class Settings(BaseSettings):
     max_local_segment_bytes: ByteSize = Field(
         256 << 20, description="Largest shared-memory segment a local-transport client may ask for (its memory is touched only as used)."
     )
+    local_bulk_nice: int = Field(
+        10,
+        ge=0,
+        le=19,
+        description="How much lower the CPU priority (nice) of the local transport's put threads is than the rest of the server, so that a client filling the store does not slow down other clients' gets and lookups on a busy machine; 0: the same.",
+    )
     insecure: bool = Field(
         False, description="Allow binding a non-loopback host with no API keys configured (anyone who can connect is admin)."
     )
     log_level: str = Field("info", description="Log level: debug, info, warning, error.")
+    torch_threads: int = Field(
+        1,
+        ge=0,
+        description="Intra-op threads torch uses in `kvtier serve` (block copies, summaries, attention); 0: torch's default, one per core. Requests already run on threads of their own; intra-op threads on top of them wait for each other on a busy machine (docs/data-path.md).",
+    )
     graceful_shutdown_s: float = Field(
         10.0, gt=0, description="On SIGTERM/SIGINT, seconds to let in-flight requests finish before the store is closed."
     )

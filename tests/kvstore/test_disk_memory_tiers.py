@@ -131,3 +131,37 @@ def test_device_slots_are_conserved(ops):
         assert t.used_bytes == len(used) * SPEC.block_nbytes
         for k in t.keys():
             assert torch.equal(t.view(k, SPEC), bs[keys.index(k)])
+
+
+def test_host_tier_reuses_removed_buffers_within_its_capacity():
+    n = SPEC.block_nbytes
+    t = HostTier(8 * n)  # spares: at most a quarter of the capacity (2 blocks)
+    bs = blocks(4)
+    t.put(KEYS, bs, spec=SPEC)
+    old = {bytes(k): t._entries[bytes(k)][0].data_ptr() for k in KEYS}
+    assert t.remove(KEYS[:3], spec=SPEC) == 3
+    assert t.spare_bytes == 2 * n and t.used_bytes == n  # the third buffer is freed
+    new = blocks(2, seed=1)
+    keys = chain_hashes(SPEC, list(range(1000, 1000 + 32)))
+    t.put(keys, new, spec=SPEC)
+    assert t.spare_bytes == 0
+    assert {t._entries[bytes(k)][0].data_ptr() for k in keys} <= {old[bytes(k)] for k in KEYS[:3]}  # reused memory
+    assert all(torch.equal(a, b) for a, b in zip(t.get(keys, spec=SPEC), new))  # holding the new blocks
+    assert torch.equal(t.get(KEYS[3:], spec=SPEC)[0], bs[3])
+    # room for new blocks comes before spares: used + spare never passes the capacity
+    t.remove(keys, spec=SPEC)
+    assert t.spare_bytes == 2 * n
+    more = chain_hashes(SPEC, list(range(2000, 2000 + 16 * 7)))
+    assert all(t.put(more, blocks(7, seed=2), spec=SPEC))
+    assert t.used_bytes + t.spare_bytes <= 8 * n and t.used_bytes == 8 * n
+
+
+def test_host_tier_never_recycles_a_buffer_being_read():
+    t = HostTier(8 * SPEC.block_nbytes)
+    bs = blocks(1)
+    t.put(KEYS[:1], bs, spec=SPEC)
+    entry = t._entries[bytes(KEYS[0])]
+    t._reading[id(entry[0])] = 1  # as a get copying out of it holds it
+    t.remove(KEYS[:1], spec=SPEC)
+    assert t.spare_bytes == 0  # left to the reader; freed when it lets go
+    t._reading.clear()
