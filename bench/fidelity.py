@@ -1,13 +1,15 @@
 """Token-eviction fidelity on the reference model: kvtier (drop, demote) vs kvpress, same prompts.
 
     python bench/fidelity.py [--quick] [--out FILE] [--threads N] [--lengths N ...] [--depths D ...] [--keys K]
-                             [--families all|diagonal] [--scorers NAME ...]
+                             [--families all|diagonal] [--scorers NAME ...] [--ratios R ...] [--perplexity-tokens N]
 
 Reference model SmolLM2-135M-Instruct (bench/refmodel.py). Pass-key prompts in nine generated
 families (``refmodel.family_suite``: three fillers -- the original repeated sentences, sentences
 from a seeded grammar, held-out prose at a seeded offset -- times three needle/question wordings --
-"pass key", "secret code that opens the vault", "special number"); by default lengths 2K and 6K,
-needle depths 0.3 and 0.7, one key each: 36 prompts. Completion style, split into a context
+"pass key", "secret code that opens the vault", "special number"); by default ~2K tokens, needle
+at depth 0.5, one key each: 9 prompts, compression ratios 0.5 and 0.9 (sized to finish within an
+hour on a loaded shared 2-core box: ~300 answers; ``--lengths 2048 6144 --depths 0.3 0.7 --ratios
+0.5 0.75 0.9`` is the 36-prompt set, about eight times longer). Completion style, split into a context
 (intro, filler, needle, filler) and a question. The context is compressed, the question is not
 (query-agnostic compression, as kvpress's pipeline does it), then 8 tokens are decoded greedily.
 Accuracy is reported per family and in total; the totals are the headline figures.
@@ -464,6 +466,14 @@ def render(figures: dict) -> str:
         md_table(["method", *[f"ratio {r}" for r in ratios]], table),
         "",
     ]
+    if figures.get("command"):
+        la = figures.get("load_average") or []
+        parts += [
+            f"Command: `{figures['command']}` ({figures.get('threads', 1)} torch thread(s), {figures.get('seconds', 0):.0f} s"
+            + (f"; 1-min load average {la[0][0]:.1f} at the start, {la[-1][0]:.1f} at the end" if la else "")
+            + ").",
+            "",
+        ]
     fams = sorted({x.get("family", "repeat/passkey") for x in rows})
     if len(fams) > 1:
         for r in ratios:
@@ -524,16 +534,21 @@ def main() -> None:
     )
     ap.add_argument("--out", help="also write the figures as JSON to this file")
     ap.add_argument("--threads", type=int, default=1, help="torch threads (1: on a shared 2-core box a second thread mostly waits)")
-    ap.add_argument("--lengths", type=int, nargs="+", help="prompt lengths in tokens (default: 2048 6144; quick: 1024)")
-    ap.add_argument("--depths", type=float, nargs="+", help="needle depths in [0, 1] (default: 0.1 0.3 0.5 0.7 0.9; quick: 0.1 0.5 0.9)")
-    ap.add_argument("--keys", type=int, help="pass keys per length and depth, each its own prompt (default: 2; quick: 1)")
+    ap.add_argument("--lengths", type=int, nargs="+", help="prompt lengths in tokens (default: 2048; quick: 1024)")
+    ap.add_argument("--depths", type=float, nargs="+", help="needle depths in [0, 1] (default and quick: 0.5)")
+    ap.add_argument("--keys", type=int, help="pass keys per length and depth, each its own prompt (default: 1)")
     ap.add_argument(
         "--families",
         choices=("all", "diagonal"),
         help="prompt families: all 3 fillers x 3 wordings (default), or "
         "the diagonal (each filler and each wording once; --quick's default)",
     )
-    ap.add_argument("--ratios", type=float, nargs="+", help="compression ratios (default: 0.5 0.75 0.9; quick: 0.5)")
+    ap.add_argument("--ratios", type=float, nargs="+", help="compression ratios (default: 0.5 0.9; quick: 0.5)")
+    ap.add_argument(
+        "--perplexity-tokens",
+        type=int,
+        help="tokens of held-out text for the perplexity part (default 4096; quick 512; 0 skips it)",
+    )
     ap.add_argument("--scorers", nargs="+", help=f"only these scorers (kvpress, drop, demote): among {list(SCORERS)}")
     ap.add_argument("--retrieval-fraction", type=float, default=0.5, help="share of KV heads the 'duo' profile marks as retrieval heads")
     ap.add_argument("--recall-budget", type=int, default=256, help="demoted tokens recalled per KV head and query (demote mode)")
@@ -557,6 +572,8 @@ def main() -> None:
         save_figures(saved, args.out)
         return
     torch.set_num_threads(args.threads)
+    command = "python " + " ".join(["bench/fidelity.py", *sys.argv[1:]])
+    load0 = os.getloadavg()
     args.families = args.families or ("diagonal" if args.quick else "all")
     t0 = time.time()
     model, tok = rm.load_model()
@@ -566,7 +583,7 @@ def main() -> None:
         demoted = ["snapkv"]
         ppl_tokens = 512
     else:
-        lengths, depths, keys_per, ratios = (2048, 6144), (0.3, 0.7), 1, [0.5, 0.75, 0.9]
+        lengths, depths, keys_per, ratios = (2048,), (0.5,), 1, [0.5, 0.9]
         names = list(SCORERS)
         demoted = ["snapkv", "expected_attention"]
         ppl_tokens = 4096
@@ -618,6 +635,8 @@ def main() -> None:
         acc, _ = summarise(rows, ratios, methods)
         comparisons = paired(rows, names, ratios)
         figures = {
+            "command": command,
+            "load_average": [load0, os.getloadavg()],
             "quick": args.quick,
             "partial": partial,
             "threads": args.threads,
@@ -655,17 +674,22 @@ def main() -> None:
     )
     bar.close()
     report(rows, len(prompts))  # the pass-key table is saved before the perplexity part starts
-    ppl_rows = run_perplexity(
-        model,
-        tok,
-        ppl_tokens,
-        ratios,
-        "snapkv",
-        args.recall_budget,
-        recall_selector=args.recall_selector,
-        progress=lambda r: print(
-            f"perplexity {r['mode']}@{r['ratio']}: {r['perplexity']:.3f} (fast tier <= {r['max_fast_tokens']} tokens)"
-        ),
+    ppl_tokens = args.perplexity_tokens if args.perplexity_tokens is not None else ppl_tokens
+    ppl_rows = (
+        []
+        if ppl_tokens <= 0
+        else run_perplexity(
+            model,
+            tok,
+            ppl_tokens,
+            ratios,
+            "snapkv",
+            args.recall_budget,
+            recall_selector=args.recall_selector,
+            progress=lambda r: print(
+                f"perplexity {r['mode']}@{r['ratio']}: {r['perplexity']:.3f} (fast tier <= {r['max_fast_tokens']} tokens)"
+            ),
+        )
     )
     report(rows, len(prompts), ppl_rows)
     print(md_table(["method", *[f"ratio {r}" for r in ratios]], summarise(rows, ratios, methods)[1]))
