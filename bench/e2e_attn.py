@@ -368,15 +368,16 @@ def family_table(rows, key: str, names) -> tuple[list[str], list[list]]:
 
 
 def selector_accuracy_figures(
-    model, tok, prompts, *, selectors=ACCURACY_SELECTORS, budget: int = BUDGET, answer_tokens: int = 8, progress=print
+    model, tok, prompts, *, selectors=ACCURACY_SELECTORS, budget: int = BUDGET, answer_tokens: int = 8, progress=print, on_prompt=None
 ):
     """Pass-key accuracy of full attention vs ``SparseDecode(selector, budget)`` for every selector, its
     other options at their defaults but forced sparse (``dense_below=0``, state built inline: the
     default would decode these lengths densely), on every prompt: one SDPA prefill per prompt, then
-    ``answer_tokens`` greedy tokens from a copy of its cache per configuration."""
+    ``answer_tokens`` greedy tokens from a copy of its cache per configuration. ``on_prompt(figures,
+    markdown)`` gets the report so far after each prompt (a checkpoint)."""
     from kvtier.connectors.hf_attention import SparseDecode
 
-    rows = []
+    rows: list[dict] = []
     for p in prompts:
         T = len(p.input_ids)
         with Clock() as c:
@@ -403,6 +404,13 @@ def selector_accuracy_figures(
             + ", ".join(f"{k} {v!r}" for k, v in answers.items())
             + f" (prefill {c.wall:.1f} s)"
         )
+        if on_prompt is not None:
+            on_prompt(*selector_accuracy_report(rows, selectors, budget, answer_tokens))
+    return selector_accuracy_report(rows, selectors, budget, answer_tokens)
+
+
+def selector_accuracy_report(rows, selectors, budget: int, answer_tokens: int) -> tuple[dict, str]:
+    """``selector_accuracy_figures``' figures and Markdown from its rows."""
     names = ["full", *selectors]
     acc = {
         n: {"correct": sum(r["correct"] for r in rows if r["attention"] == n), "total": sum(r["attention"] == n for r in rows)}
@@ -412,8 +420,8 @@ def selector_accuracy_figures(
     lens = sorted({r["tokens"] for r in rows})
     md = [
         f"**(a) Sparse decode, pass-key accuracy**: full attention (SDPA) vs `SparseDecode(selector, budget={budget})` per selector "
-        f"(its defaults, forced sparse: `dense_below=0`, state built inline), {len(prompts)} prompts of {lens[0]}-{lens[-1]} tokens, "
-        f"{answer_tokens} tokens decoded greedily; per family (filler/wording) and in total:",
+        f"(its defaults, forced sparse: `dense_below=0`, state built inline), {len(rows) // len(names)} prompts of "
+        f"{lens[0]}-{lens[-1]} tokens, {answer_tokens} tokens decoded greedily; per family (filler/wording) and in total:",
         "",
         md_table(header, table),
     ]
@@ -446,9 +454,11 @@ def layer_costs(
     repeats: int = 10,
 ) -> tuple[dict, str]:
     """Per layer, process CPU time: dense SDPA of one decode query vs a selector's ``prepare`` (its
-    set-up) and ``select`` + ``sparse_decode`` (its step), on random keys of the model's shape."""
+    set-up) and ``select`` + ``sparse_decode`` (its step), on random keys of the model's shape; each
+    selector with the options ``SparseDecode`` gives it (``DECODE_SELECTOR_DEFAULTS``)."""
     import torch.nn.functional as F
 
+    from kvtier.connectors.hf_attention import DECODE_SELECTOR_DEFAULTS
     from kvtier.retrieval import get_selector
     from kvtier.sparse_attn import sparse_decode
 
@@ -466,7 +476,7 @@ def layer_costs(
         for name in selectors:
             if name in ("ann", "centroids") and T > max_index_tokens:
                 continue
-            sel = get_selector(name)
+            sel = get_selector(name, **DECODE_SELECTOR_DEFAULTS.get(name, {}))  # as SparseDecode builds it (Quest: 8-token pages)
             c0 = time.process_time()
             st = sel.prepare(k)
             prep = time.process_time() - c0
@@ -723,10 +733,13 @@ def shared_prefix_figures(model, tok, prefix_cache, prefix_tokens: int, *, batch
 
 
 # -- (c) token policy -----------------------------------------------------------------------------------
-def token_policy_figures(model, tok, prompts, *, ratio: float = 0.5, scorer: str = "snapkv", answer_tokens: int = 8, progress=print):
+def token_policy_figures(
+    model, tok, prompts, *, ratio: float = 0.5, scorer: str = "snapkv", answer_tokens: int = 8, progress=print, on_prompt=None
+):
     """Pass-key accuracy with TokenPolicy drop / demote at ``ratio`` vs no eviction, as a user calls it:
     ``generate(model, context + question, policy=..., context_tokens=len(context))`` (the context
-    compressed once, the question and the answer uncompressed), stopping at EOS."""
+    compressed once, the question and the answer uncompressed), stopping at EOS. ``on_prompt(figures,
+    markdown)`` gets the report so far after each prompt (a checkpoint)."""
     from kvtier.connectors.generate import generate
     from kvtier.connectors.hf_tokens import TokenPolicy
 
@@ -761,6 +774,15 @@ def token_policy_figures(model, tok, prompts, *, ratio: float = 0.5, scorer: str
                 f"  (c) {p.family} {rows[-1]['tokens']} tokens, depth {p.depth}, {name}: {r.text!r} "
                 f"(ttft {r.ttft_s:.1f} s, {r.finish_reason})"
             )
+        if on_prompt is not None:
+            on_prompt(*token_policy_report(rows, scorer, ratio))
+    return token_policy_report(rows, scorer, ratio)
+
+
+def token_policy_report(rows, scorer: str, ratio: float) -> tuple[dict, str]:
+    """``token_policy_figures``' figures and Markdown from its rows."""
+    from kvtier.connectors.hf_tokens import TokenPolicy
+
     acc = {
         m: {"correct": sum(r["correct"] for r in rows if r["mode"] == m), "total": sum(r["mode"] == m for r in rows)}
         for m in ("none", "drop", "demote")
@@ -894,24 +916,33 @@ def main() -> None:
         prompts = [p for f, w in every for p in rm.family_suite(tok, lengths=lengths, depths=depths, fillers=(f,), wordings=(w,))]
         policy_prompts = [p for f, w in every for p in rm.family_suite(tok, lengths=(1024,), depths=(0.5,), fillers=(f,), wordings=(w,))]
         log = lambda s: print(s, flush=True)  # noqa: E731
-        fa, ma = selector_accuracy_figures(model, tok, prompts, selectors=tuple(args.selectors or ACCURACY_SELECTORS), progress=log)
-        fc, mc = token_policy_figures(model, tok, policy_prompts, progress=log)
-        seconds = time.time() - t0
-        la = os.getloadavg()
-        figures = {
-            "command": command,
-            "threads": args.threads,
-            "seconds": seconds,
-            "load_average": [load0, la],
-            "sparse_decode": fa,
-            "token_policy": fc,
-        }
-        md = (
-            f"## bench/e2e_attn.py --accuracy\n\nSmolLM2-135M-Instruct, CPU. Command: `{command}` ({args.threads} torch thread(s), "
-            f"{seconds:.0f} s; 1-min load average {load0[0]:.1f} at the start, {la[0]:.1f} at the end).\n\n{ma}\n\n{mc}"
+        parts: dict[str, tuple[dict, str]] = {}
+
+        def save(partial: bool) -> str:
+            seconds, la = time.time() - t0, os.getloadavg()
+            figures = {"command": command, "partial": partial, "threads": args.threads, "seconds": seconds, "load_average": [load0, la]}
+            figures.update({k: f for k, (f, _) in parts.items()})
+            md = (
+                f"## bench/e2e_attn.py --accuracy{' (partial: stopped early)' if partial else ''}\n\nSmolLM2-135M-Instruct, CPU. "
+                f"Command: `{command}` ({args.threads} torch thread(s), {seconds:.0f} s; 1-min load average {load0[0]:.1f} at the "
+                f"start, {la[0]:.1f} at the end).\n\n" + "\n\n".join(m for _, m in parts.values())
+            )
+            save_results("e2e_attn_accuracy", figures, md, args.out)
+            return md
+
+        def checkpoint(part: str):
+            def on_prompt(f: dict, m: str) -> None:
+                parts[part] = (f, m)
+                save(partial=True)
+
+            return on_prompt
+
+        selectors = tuple(args.selectors or ACCURACY_SELECTORS)
+        parts["sparse_decode"] = selector_accuracy_figures(
+            model, tok, prompts, selectors=selectors, progress=log, on_prompt=checkpoint("sparse_decode")
         )
-        save_results("e2e_attn_accuracy", figures, md, args.out)
-        print(md)
+        parts["token_policy"] = token_policy_figures(model, tok, policy_prompts, progress=log, on_prompt=checkpoint("token_policy"))
+        print(save(partial=False))
         return
     if args.crossover:
         lengths = tuple(args.lengths or CROSSOVER_LENGTHS)
