@@ -377,6 +377,70 @@ def per_family(rows, ratio, methods) -> tuple[list[str], list[list]]:
     return fams, table
 
 
+# -- where a scorer ranks the needle ------------------------------------------------------------------
+RANK_SCORERS = (("expected_attention", {}), ("expected_attention", {"cov": False}), ("tova", {}), ("knorm", {}), ("snapkv", {}))
+
+
+@torch.inference_mode()
+def needle_ranks(model, tok, prompts, ratio: float, progress=print) -> tuple[dict, str]:
+    """Per prompt and scorer (``RANK_SCORERS``), over every (layer, KV head): the share of heads that
+    keep every token of the pass key at ``ratio`` (sinks and window always kept, as ``drop`` does),
+    the share that keep at least one, and the median rank of the key's tokens as a share of the
+    context (0 = the scorer's best token). Diagnoses a scorer that drops the needle: is it scored
+    like the filler, or just below the cut?"""
+    from kvtier.eviction.tokens import ScoreInputs, get_scorer
+
+    rows = []
+    for p in prompts:
+        enc = tok(p.context_text, add_special_tokens=False, return_offsets_mapping=True)
+        a = p.context_text.index(p.key)
+        pos = [i for i, (s, e) in enumerate(enc["offset_mapping"]) if s < a + len(p.key) and e > a]
+        cap = Captured(model, torch.tensor(enc["input_ids"]))
+        T = cap.num_tokens
+        keep = T - math.floor(T * ratio)
+        for name, opts in RANK_SCORERS:
+            scorer = get_scorer(name, **opts)
+            every = anyone = 0
+            ranks = []
+            for i, lay in enumerate(cap.layers):
+                q = cap.window_queries(model, i, WINDOW).unsqueeze(0)
+                sc = scorer.score(ScoreInputs(keys=lay["keys"], values=lay["values"], queries=q, layer=i, num_layers=len(cap.layers)))[0]
+                sc = sc.clone()  # [H_kv, T]
+                sc[:, :SINKS] = float("inf")
+                sc[:, T - WINDOW :] = float("inf")
+                rank = torch.empty_like(sc, dtype=torch.long)
+                rank.scatter_(1, sc.argsort(dim=-1, descending=True), torch.arange(T).expand(sc.shape[0], T).contiguous())
+                r = rank[:, pos]  # [H_kv, key tokens]
+                every += int((r < keep).all(dim=1).sum())
+                anyone += int((r < keep).any(dim=1).sum())
+                ranks += (r.float().mean(dim=1) / T).tolist()
+            heads = len(ranks)
+            label = name + "".join(f" {k}={v}" for k, v in opts.items())
+            rows.append(
+                {
+                    "family": p.family,
+                    "tokens": T,
+                    "key": p.key,
+                    "scorer": label,
+                    "keep_every_key_token": every / heads,
+                    "keep_any_key_token": anyone / heads,
+                    "median_rank_share": sorted(ranks)[heads // 2],
+                }
+            )
+            progress(rows[-1])
+        del cap
+    table = [
+        [r["family"], r["scorer"], f"{r['keep_every_key_token']:.2f}", f"{r['keep_any_key_token']:.2f}", f"{r['median_rank_share']:.2f}"]
+        for r in rows
+    ]
+    md = (
+        f"Where each scorer ranks the pass key's tokens at ratio {ratio} (over every layer and KV head; sinks {SINKS} and window "
+        f"{WINDOW} kept; rank as a share of the context, 0 = best):\n\n"
+        + md_table(["family", "scorer", "heads keeping every key token", "heads keeping one", "median rank of the key"], table)
+    )
+    return {"ratio": ratio, "rows": rows}, md
+
+
 def plot(acc: dict, ratios, path: str) -> None:
     import matplotlib
 
@@ -557,6 +621,12 @@ def main() -> None:
         default="ann",
         help="retrieval selector that recalls demoted tokens (demote mode): ann (default), quest, tokenselect, topk_exact, centroids",
     )
+    ap.add_argument(
+        "--needle-ranks",
+        action="store_true",
+        help="only the diagnosis: where each scorer ranks the pass key's tokens (one 1K-token prompt per filler, the diagonal "
+        "families, --ratios' first ratio, default 0.5); writes bench/results/fidelity_needle_ranks.*",
+    )
     ap.add_argument("--render", metavar="JSON", help="measure nothing: redraw the Markdown table and plot from a saved run (its JSON)")
     args = ap.parse_args()
     if args.render:
@@ -574,6 +644,20 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     command = "python " + " ".join(["bench/fidelity.py", *sys.argv[1:]])
     load0 = os.getloadavg()
+    t0 = time.time()
+    if args.needle_ranks:
+        model, tok = rm.load_model()
+        diag = [(f, w) for i, f in enumerate(rm.FILLERS) for j, w in enumerate(rm.WORDINGS) if i == j]
+        lengths = tuple(args.lengths or (1024,))
+        depths = tuple(args.depths or (0.5,))
+        prompts = [p for f, w in diag for p in rm.family_suite(tok, lengths=lengths, depths=depths, fillers=(f,), wordings=(w,))]
+        fig, md = needle_ranks(model, tok, prompts, (args.ratios or [0.5])[0], progress=print)
+        seconds, la = time.time() - t0, os.getloadavg()
+        fig.update({"command": command, "threads": args.threads, "seconds": seconds, "load_average": [load0, la]})
+        head = f"## bench/fidelity.py --needle-ranks\n\nSmolLM2-135M-Instruct. Command: `{command}` ({seconds:.0f} s).\n\n"
+        save_results("fidelity_needle_ranks", fig, head + md, args.out)
+        print(md)
+        return
     args.families = args.families or ("diagonal" if args.quick else "all")
     t0 = time.time()
     model, tok = rm.load_model()
