@@ -1,13 +1,15 @@
 """Token-eviction fidelity on the reference model: kvtier (drop, demote) vs kvpress, same prompts.
 
     python bench/fidelity.py [--quick] [--out FILE] [--threads N] [--lengths N ...] [--depths D ...] [--keys K]
-                             [--families all|diagonal] [--scorers NAME ...]
+                             [--families all|diagonal] [--scorers NAME ...] [--ratios R ...] [--perplexity-tokens N]
 
 Reference model SmolLM2-135M-Instruct (bench/refmodel.py). Pass-key prompts in nine generated
 families (``refmodel.family_suite``: three fillers -- the original repeated sentences, sentences
 from a seeded grammar, held-out prose at a seeded offset -- times three needle/question wordings --
-"pass key", "secret code that opens the vault", "special number"); by default lengths 2K and 6K,
-needle depths 0.3 and 0.7, one key each: 36 prompts. Completion style, split into a context
+"pass key", "secret code that opens the vault", "special number"); by default ~2K tokens, needle
+at depth 0.5, one key each: 9 prompts, compression ratios 0.5 and 0.9 (sized to finish within an
+hour on a loaded shared 2-core box: ~300 answers; ``--lengths 2048 6144 --depths 0.3 0.7 --ratios
+0.5 0.75 0.9`` is the 36-prompt set, about eight times longer). Completion style, split into a context
 (intro, filler, needle, filler) and a question. The context is compressed, the question is not
 (query-agnostic compression, as kvpress's pipeline does it), then 8 tokens are decoded greedily.
 Accuracy is reported per family and in total; the totals are the headline figures.
@@ -375,6 +377,70 @@ def per_family(rows, ratio, methods) -> tuple[list[str], list[list]]:
     return fams, table
 
 
+# -- where a scorer ranks the needle ------------------------------------------------------------------
+RANK_SCORERS = (("expected_attention", {}), ("expected_attention", {"cov": False}), ("tova", {}), ("knorm", {}), ("snapkv", {}))
+
+
+@torch.inference_mode()
+def needle_ranks(model, tok, prompts, ratio: float, progress=print) -> tuple[dict, str]:
+    """Per prompt and scorer (``RANK_SCORERS``), over every (layer, KV head): the share of heads that
+    keep every token of the pass key at ``ratio`` (sinks and window always kept, as ``drop`` does),
+    the share that keep at least one, and the median rank of the key's tokens as a share of the
+    context (0 = the scorer's best token). Diagnoses a scorer that drops the needle: is it scored
+    like the filler, or just below the cut?"""
+    from kvtier.eviction.tokens import ScoreInputs, get_scorer
+
+    rows = []
+    for p in prompts:
+        enc = tok(p.context_text, add_special_tokens=False, return_offsets_mapping=True)
+        a = p.context_text.index(p.key)
+        pos = [i for i, (s, e) in enumerate(enc["offset_mapping"]) if s < a + len(p.key) and e > a]
+        cap = Captured(model, torch.tensor(enc["input_ids"]))
+        T = cap.num_tokens
+        keep = T - math.floor(T * ratio)
+        for name, opts in RANK_SCORERS:
+            scorer = get_scorer(name, **opts)
+            every = anyone = 0
+            ranks = []
+            for i, lay in enumerate(cap.layers):
+                q = cap.window_queries(model, i, WINDOW).unsqueeze(0)
+                sc = scorer.score(ScoreInputs(keys=lay["keys"], values=lay["values"], queries=q, layer=i, num_layers=len(cap.layers)))[0]
+                sc = sc.clone()  # [H_kv, T]
+                sc[:, :SINKS] = float("inf")
+                sc[:, T - WINDOW :] = float("inf")
+                rank = torch.empty_like(sc, dtype=torch.long)
+                rank.scatter_(1, sc.argsort(dim=-1, descending=True), torch.arange(T).expand(sc.shape[0], T).contiguous())
+                r = rank[:, pos]  # [H_kv, key tokens]
+                every += int((r < keep).all(dim=1).sum())
+                anyone += int((r < keep).any(dim=1).sum())
+                ranks += (r.float().mean(dim=1) / T).tolist()
+            heads = len(ranks)
+            label = name + "".join(f" {k}={v}" for k, v in opts.items())
+            rows.append(
+                {
+                    "family": p.family,
+                    "tokens": T,
+                    "key": p.key,
+                    "scorer": label,
+                    "keep_every_key_token": every / heads,
+                    "keep_any_key_token": anyone / heads,
+                    "median_rank_share": sorted(ranks)[heads // 2],
+                }
+            )
+            progress(rows[-1])
+        del cap
+    table = [
+        [r["family"], r["scorer"], f"{r['keep_every_key_token']:.2f}", f"{r['keep_any_key_token']:.2f}", f"{r['median_rank_share']:.2f}"]
+        for r in rows
+    ]
+    md = (
+        f"Where each scorer ranks the pass key's tokens at ratio {ratio} (over every layer and KV head; sinks {SINKS} and window "
+        f"{WINDOW} kept; rank as a share of the context, 0 = best):\n\n"
+        + md_table(["family", "scorer", "heads keeping every key token", "heads keeping one", "median rank of the key"], table)
+    )
+    return {"ratio": ratio, "rows": rows}, md
+
+
 def plot(acc: dict, ratios, path: str) -> None:
     import matplotlib
 
@@ -464,6 +530,14 @@ def render(figures: dict) -> str:
         md_table(["method", *[f"ratio {r}" for r in ratios]], table),
         "",
     ]
+    if figures.get("command"):
+        la = figures.get("load_average") or []
+        parts += [
+            f"Command: `{figures['command']}` ({figures.get('threads', 1)} torch thread(s), {figures.get('seconds', 0):.0f} s"
+            + (f"; 1-min load average {la[0][0]:.1f} at the start, {la[-1][0]:.1f} at the end" if la else "")
+            + ").",
+            "",
+        ]
     fams = sorted({x.get("family", "repeat/passkey") for x in rows})
     if len(fams) > 1:
         for r in ratios:
@@ -524,16 +598,21 @@ def main() -> None:
     )
     ap.add_argument("--out", help="also write the figures as JSON to this file")
     ap.add_argument("--threads", type=int, default=1, help="torch threads (1: on a shared 2-core box a second thread mostly waits)")
-    ap.add_argument("--lengths", type=int, nargs="+", help="prompt lengths in tokens (default: 2048 6144; quick: 1024)")
-    ap.add_argument("--depths", type=float, nargs="+", help="needle depths in [0, 1] (default: 0.1 0.3 0.5 0.7 0.9; quick: 0.1 0.5 0.9)")
-    ap.add_argument("--keys", type=int, help="pass keys per length and depth, each its own prompt (default: 2; quick: 1)")
+    ap.add_argument("--lengths", type=int, nargs="+", help="prompt lengths in tokens (default: 2048; quick: 1024)")
+    ap.add_argument("--depths", type=float, nargs="+", help="needle depths in [0, 1] (default and quick: 0.5)")
+    ap.add_argument("--keys", type=int, help="pass keys per length and depth, each its own prompt (default: 1)")
     ap.add_argument(
         "--families",
         choices=("all", "diagonal"),
         help="prompt families: all 3 fillers x 3 wordings (default), or "
         "the diagonal (each filler and each wording once; --quick's default)",
     )
-    ap.add_argument("--ratios", type=float, nargs="+", help="compression ratios (default: 0.5 0.75 0.9; quick: 0.5)")
+    ap.add_argument("--ratios", type=float, nargs="+", help="compression ratios (default: 0.5 0.9; quick: 0.5)")
+    ap.add_argument(
+        "--perplexity-tokens",
+        type=int,
+        help="tokens of held-out text for the perplexity part (default 4096; quick 512; 0 skips it)",
+    )
     ap.add_argument("--scorers", nargs="+", help=f"only these scorers (kvpress, drop, demote): among {list(SCORERS)}")
     ap.add_argument("--retrieval-fraction", type=float, default=0.5, help="share of KV heads the 'duo' profile marks as retrieval heads")
     ap.add_argument("--recall-budget", type=int, default=256, help="demoted tokens recalled per KV head and query (demote mode)")
@@ -541,6 +620,12 @@ def main() -> None:
         "--recall-selector",
         default="ann",
         help="retrieval selector that recalls demoted tokens (demote mode): ann (default), quest, tokenselect, topk_exact, centroids",
+    )
+    ap.add_argument(
+        "--needle-ranks",
+        action="store_true",
+        help="only the diagnosis: where each scorer ranks the pass key's tokens (one 1K-token prompt per filler, the diagonal "
+        "families, --ratios' first ratio, default 0.5); writes bench/results/fidelity_needle_ranks.*",
     )
     ap.add_argument("--render", metavar="JSON", help="measure nothing: redraw the Markdown table and plot from a saved run (its JSON)")
     args = ap.parse_args()
@@ -557,6 +642,22 @@ def main() -> None:
         save_figures(saved, args.out)
         return
     torch.set_num_threads(args.threads)
+    command = "python " + " ".join(["bench/fidelity.py", *sys.argv[1:]])
+    load0 = os.getloadavg()
+    t0 = time.time()
+    if args.needle_ranks:
+        model, tok = rm.load_model()
+        diag = [(f, w) for i, f in enumerate(rm.FILLERS) for j, w in enumerate(rm.WORDINGS) if i == j]
+        lengths = tuple(args.lengths or (1024,))
+        depths = tuple(args.depths or (0.5,))
+        prompts = [p for f, w in diag for p in rm.family_suite(tok, lengths=lengths, depths=depths, fillers=(f,), wordings=(w,))]
+        fig, md = needle_ranks(model, tok, prompts, (args.ratios or [0.5])[0], progress=print)
+        seconds, la = time.time() - t0, os.getloadavg()
+        fig.update({"command": command, "threads": args.threads, "seconds": seconds, "load_average": [load0, la]})
+        head = f"## bench/fidelity.py --needle-ranks\n\nSmolLM2-135M-Instruct. Command: `{command}` ({seconds:.0f} s).\n\n"
+        save_results("fidelity_needle_ranks", fig, head + md, args.out)
+        print(md)
+        return
     args.families = args.families or ("diagonal" if args.quick else "all")
     t0 = time.time()
     model, tok = rm.load_model()
@@ -566,7 +667,7 @@ def main() -> None:
         demoted = ["snapkv"]
         ppl_tokens = 512
     else:
-        lengths, depths, keys_per, ratios = (2048, 6144), (0.3, 0.7), 1, [0.5, 0.75, 0.9]
+        lengths, depths, keys_per, ratios = (2048,), (0.5,), 1, [0.5, 0.9]
         names = list(SCORERS)
         demoted = ["snapkv", "expected_attention"]
         ppl_tokens = 4096
@@ -618,6 +719,8 @@ def main() -> None:
         acc, _ = summarise(rows, ratios, methods)
         comparisons = paired(rows, names, ratios)
         figures = {
+            "command": command,
+            "load_average": [load0, os.getloadavg()],
             "quick": args.quick,
             "partial": partial,
             "threads": args.threads,
@@ -655,17 +758,22 @@ def main() -> None:
     )
     bar.close()
     report(rows, len(prompts))  # the pass-key table is saved before the perplexity part starts
-    ppl_rows = run_perplexity(
-        model,
-        tok,
-        ppl_tokens,
-        ratios,
-        "snapkv",
-        args.recall_budget,
-        recall_selector=args.recall_selector,
-        progress=lambda r: print(
-            f"perplexity {r['mode']}@{r['ratio']}: {r['perplexity']:.3f} (fast tier <= {r['max_fast_tokens']} tokens)"
-        ),
+    ppl_tokens = args.perplexity_tokens if args.perplexity_tokens is not None else ppl_tokens
+    ppl_rows = (
+        []
+        if ppl_tokens <= 0
+        else run_perplexity(
+            model,
+            tok,
+            ppl_tokens,
+            ratios,
+            "snapkv",
+            args.recall_budget,
+            recall_selector=args.recall_selector,
+            progress=lambda r: print(
+                f"perplexity {r['mode']}@{r['ratio']}: {r['perplexity']:.3f} (fast tier <= {r['max_fast_tokens']} tokens)"
+            ),
+        )
     )
     report(rows, len(prompts), ppl_rows)
     print(md_table(["method", *[f"ratio {r}" for r in ratios]], summarise(rows, ratios, methods)[1]))
