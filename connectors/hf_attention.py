@@ -138,7 +138,14 @@ class SparseDecode:
             so the tail the engine attends holds between ``resident_tokens`` and
             ``resident_tokens + block_tokens`` tokens.
         tier_options: more options for ``retrieval.TierAttention`` (``candidate_blocks``,
-            ``page_cache_bytes``, ``summary_bytes``, ``prefetch``).
+            ``candidate_groups``, ``page_cache_bytes``, ``summary_bytes``, ``prefetch``).
+        prefill_budget: store mode: ``None`` (default) prefills in memory (full attention; the
+            prompt is offloaded at the first decode step); an int streams the prefill into the
+            store: feed the prompt in chunks (several forward calls with the same cache); at each
+            chunk the full blocks that end at least ``resident_tokens`` before it are written to
+            the store and zeroed in the cache, and the chunk attends the stored context through
+            page selection (``TierAttention.prefill_layer``: ``prefill_budget`` tokens per KV
+            head, scored by the chunk's last 64 queries) plus the resident tokens, causally.
 
     Prefill (more than one query token) runs transformers' SDPA. A decode step of layer ``l``
     selects with the selector's state for (cache, ``l``): built from the whole context on the
@@ -162,6 +169,7 @@ class SparseDecode:
     block_tokens: int = 64
     resident_tokens: int = 64
     tier_options: dict = field(default_factory=dict)
+    prefill_budget: int | None = None
 
     def __post_init__(self) -> None:
         from kvtier.retrieval import get_selector
@@ -204,14 +212,17 @@ class SparseDecode:
 
             if not isinstance(self.store, TieredStore):
                 raise ValueError(f"store must be a kvstore.TieredStore, got {type(self.store).__name__}")
-            if self.dense_layers or self._selector.name != "quest":
-                raise ValueError(
-                    "with a store, decode selects pages hierarchically by Quest bounds: selector must be 'quest' and dense_layers 0"
-                )
+            if self._selector.name != "quest":
+                raise ValueError("with a store, decode selects pages hierarchically by Quest bounds: selector must be 'quest'")
             if not isinstance(self.block_tokens, int) or self.block_tokens <= 0 or self.block_tokens % 16:
                 raise ValueError(f"block_tokens must be a positive multiple of 16, got {self.block_tokens!r}")
             if isinstance(self.resident_tokens, bool) or not isinstance(self.resident_tokens, int) or self.resident_tokens < 0:
                 raise ValueError(f"resident_tokens must be a non-negative int, got {self.resident_tokens!r}")
+        if self.prefill_budget is not None:
+            if self.store is None:
+                raise ValueError("prefill_budget streams a prefill into the store: give store= too")
+            if isinstance(self.prefill_budget, bool) or not isinstance(self.prefill_budget, int) or self.prefill_budget < 16:
+                raise ValueError(f"prefill_budget must be None or an int >= 16 (tokens per KV head), got {self.prefill_budget!r}")
         self.tier_attention: Any = None  # a retrieval.TierAttention, made at the first decode step (store mode)
         self._offloads: dict[int, tuple[weakref.ref, _Offload]] = {}
         self._stats = SparseDecodeStats()
@@ -362,12 +373,15 @@ class SparseDecode:
         B, H_q, n, D = query.shape
         layer = module.layer_idx
         off = self._offload_of(cache)
-        if n > 1:
+        if n > 1 and self.prefill_budget is None:
             if off is not None and off.num_tokens:
                 raise ValueError(
-                    "SparseDecode(store=...) cannot prefill more tokens once the context is offloaded; start a new request (a new cache)"
+                    "SparseDecode(store=...) cannot prefill more tokens once the context is offloaded (set prefill_budget to "
+                    "stream a prefill into the store); start a new request (a new cache)"
                 )
             return sdpa(module, query, key, value, attention_mask, scaling=scaling, **kwargs)
+        if n > 1:
+            return self._prefill_tiered(module, query, key, value, cache=cache, T=T, scaling=scaling)
         if B != 1:
             raise ValueError(f"SparseDecode(store=...) decodes one sequence at a time, got a batch of {B}")
         if cache is None:
@@ -382,7 +396,10 @@ class SparseDecode:
         k_tail = key[0, :, stored:T]  # [H_kv, W, D] tokens after the last stored block
         v_tail = value[0, :, stored:T]
         P = 16
-        tier_budget = max(P, (self.budget - k_tail.shape[1]) // P * P)
+        if layer < self.dense_layers:  # every stored page, read from the tiers like the others
+            tier_budget = max(P, stored)
+        else:
+            tier_budget = max(P, (self.budget - k_tail.shape[1]) // P * P)
         o, _ = self.tier_attention.decode_layer(off.ctx, layer, query[0, :, 0], k_tail, v_tail, scale=scaling, budget=tier_budget)
         if stored > tier_budget:
             stats.sparse_calls += 1
@@ -390,6 +407,28 @@ class SparseDecode:
             stats.context_tokens += key.shape[1] * T
         stats.attention_seconds += time.perf_counter() - t0
         return o.to(query.dtype).view(1, 1, H_q, D), None
+
+    def _prefill_tiered(self, module, query, key, value, *, cache, T, scaling):
+        """A prefill chunk streamed into the store (``prefill_budget``)."""
+        B, H_q, n, D = query.shape
+        layer = module.layer_idx
+        if B != 1:
+            raise ValueError(f"SparseDecode(store=...) prefills one sequence at a time, got a batch of {B}")
+        if cache is None:
+            raise ValueError("SparseDecode(store=..., prefill_budget=...) needs the model's cache (call the model with past_key_values)")
+        t0 = time.perf_counter()
+        off = self._offload_of(cache)
+        if layer == 0:
+            off = self._offload(cache, off, max(0, T - n - self.resident_tokens))
+        if off is None:
+            raise RuntimeError("a prefill chunk reached a layer before layer 0")
+        stored = off.num_tokens
+        budget = max(16, stored) if layer < self.dense_layers else self.prefill_budget
+        o, _ = self.tier_attention.prefill_layer(
+            off.ctx, layer, query[0], key[0, :, stored:T], value[0, :, stored:T], scale=scaling, budget=budget
+        )
+        self._stats.attention_seconds += time.perf_counter() - t0
+        return o.transpose(0, 1).unsqueeze(0).to(query.dtype), None  # [1, n, H_q, D]
 
     def _offload_of(self, cache) -> _Offload | None:
         entry = self._offloads.get(id(cache))

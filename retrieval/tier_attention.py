@@ -36,6 +36,7 @@ serves ranges (host, disk, Redis); ``open`` raises ValueError otherwise.
 
 from __future__ import annotations
 
+import math
 import threading
 import time
 from collections import OrderedDict
@@ -54,6 +55,7 @@ from kvtier.kvstore.store import TieredStore
 @dataclass
 class TierAttentionStats:
     steps: int = 0  # decode_layer calls
+    prefill_chunks: int = 0  # prefill_layer calls
     pages_selected: int = 0  # (head, page) pairs attended from the tiers
     page_hits: int = 0  # of which found in the page cache
     page_misses: int = 0  # of which read from a tier (by the step itself or by a prefetch)
@@ -115,6 +117,20 @@ class _LRU:
         v = self.get(key)
         return None if v is None else v[0]
 
+    def get_values(self, keys: list) -> list:
+        """The values of ``keys`` (``None`` where missing), under one acquisition of the lock."""
+        out = []
+        with self._lock:
+            items = self._items
+            for key in keys:
+                v = items.get(key)
+                if v is None:
+                    out.append(None)
+                else:
+                    items.move_to_end(key)
+                    out.append(v[0])
+        return out
+
     @property
     def used_bytes(self) -> int:
         return self._bytes
@@ -129,7 +145,10 @@ class TierContext:
 
     keys: list[bytes]
     layouts: list[PageLayout]
-    bounds: torch.Tensor  # [L, H_kv, 2D, N] float32: block-level key maximum then minimum, per layer
+    bounds: torch.Tensor  # [L, H_kv, N, 2D] float32: block-level key maximum then minimum, per layer
+    groups: torch.Tensor | None = None  # [L, H_kv, M, 2D]: the same bounds per group of ``group_blocks`` blocks (level 0)
+    group_blocks: int = 0  # blocks per group (0: no level 0)
+    _bounds_buffer: torch.Tensor | None = None  # ``bounds`` is a view of it while the context grows (extend)
     last_pages: dict = field(default_factory=dict)  # layer -> [H_kv, n] int64 global page ids of the last step
     last_blocks: dict = field(default_factory=dict)  # layer -> blocks level 1 kept at the last step
     pending: dict = field(default_factory=dict)  # layer -> Future of its prefetch
@@ -137,6 +156,9 @@ class TierContext:
     @property
     def num_blocks(self) -> int:
         return len(self.keys)
+
+
+MIN_GROUP_BLOCKS = 4  # level 0 runs once its groups would hold at least this many blocks
 
 
 class TierAttention:
@@ -147,6 +169,11 @@ class TierAttention:
         budget: tokens per KV head attended from the stored context (whole pages; the sink page
             included). A context of at most ``budget`` tokens is attended in full.
         candidate_blocks: blocks per KV head kept by level 1 (``None``: every block, one level).
+        candidate_groups: groups of blocks per KV head kept by level 0, which runs once the
+            context has at least ``MIN_GROUP_BLOCKS`` blocks per kept group (groups of
+            ``ceil(sqrt(N / candidate_groups))`` blocks, so levels 0 and 1 each score about
+            ``sqrt(N * candidate_groups)`` bounds: selection grows as the square root of the
+            context); ``None``: no level 0.
         page_cache_bytes: the page cache (decoded pages of every open context, LRU).
         summary_bytes: the hot page summaries (kmin, kmax per block and layer, LRU).
         prefetch: read layer l+1's previous pages on a thread while layer l runs.
@@ -159,6 +186,7 @@ class TierAttention:
         *,
         budget: int = 512,
         candidate_blocks: int | None = 32,
+        candidate_groups: int | None = 16,
         page_cache_bytes: int = 256 << 20,
         summary_bytes: int = 256 << 20,
         prefetch: bool = True,
@@ -168,13 +196,13 @@ class TierAttention:
         for name, v, low in (("budget", budget, 1), ("page_cache_bytes", page_cache_bytes, 0), ("summary_bytes", summary_bytes, 0)):
             if isinstance(v, bool) or not isinstance(v, int) or v < low:
                 raise ValueError(f"{name} must be an int >= {low}, got {v!r}")
-        if candidate_blocks is not None and (
-            isinstance(candidate_blocks, bool) or not isinstance(candidate_blocks, int) or candidate_blocks < 1
-        ):
-            raise ValueError(f"candidate_blocks must be a positive int or None, got {candidate_blocks!r}")
+        for name, v in (("candidate_blocks", candidate_blocks), ("candidate_groups", candidate_groups)):
+            if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
+                raise ValueError(f"{name} must be a positive int or None, got {v!r}")
         self.store, self.spec = store, spec
         self.budget = budget
         self.candidate_blocks = candidate_blocks
+        self.candidate_groups = candidate_groups
         self.prefetch = prefetch
         # pages are decoded once into the dtype attention computes in: float32 on CPU (no fast
         # float16 arithmetic there), the spec's dtype on a GPU
@@ -230,21 +258,53 @@ class TierAttention:
                 "page-addressable codec ('paged', 'paged_int8') in a tier that serves ranges"
             )
         L, H, D = spec.num_layers, spec.num_kv_heads, spec.head_dim
-        # laid out for level 1's one matrix product per layer: [q+, q-] [H, G, 2D] @ [H, 2D, N]
-        bounds = torch.empty(L, H, 2 * D, len(keys))
+        # one row per block, for level 1's one matrix product per layer ([q+, q-] [H, G, 2D] @ [H, N, 2D]^T)
+        # and for gathering the rows of the blocks level 0 kept
+        bounds = torch.empty(L, H, len(keys), 2 * D)
         if keys:
             res = self._read(layouts, [[Summary(L)]] * len(keys), summary=True)
             for i, (lay, bufs) in enumerate(zip(layouts, res)):
                 lo, hi = lay.decode_summary(L, bufs[0])  # [L, H, D]
-                bounds[:, :, :D, i], bounds[:, :, D:, i] = hi.float(), lo.float()
-        return TierContext(list(keys), layouts, bounds)
+                bounds[:, :, i, :D], bounds[:, :, i, D:] = hi.float(), lo.float()
+        ctx = TierContext(list(keys), layouts, bounds)
+        self._group(ctx)
+        return ctx
+
+    def _group(self, ctx: TierContext, first_new: int = 0) -> None:
+        """(Re)build level 0's bounds: groups of ``ceil(sqrt(N / candidate_groups))`` blocks; only
+        the groups from block ``first_new`` on when the group size did not change."""
+        N, C0 = ctx.num_blocks, self.candidate_groups
+        S = 0 if C0 is None or not N else math.ceil(math.sqrt(N / C0))
+        if S < MIN_GROUP_BLOCKS:
+            ctx.groups, ctx.group_blocks = None, 0
+            return
+        g0 = first_new // S if S == ctx.group_blocks and ctx.groups is not None else 0
+        M = -(-N // S)
+        b = ctx.bounds[:, :, g0 * S :]
+        D = b.shape[3] // 2
+        pad = M * S - N
+        if pad:  # the last group is short: pad with its last block's bounds (they change no maximum or minimum)
+            b = torch.cat([b, b[:, :, -1:].expand(-1, -1, pad, -1)], 2)
+        g = b.reshape(*b.shape[:2], M - g0, S, 2 * D)
+        tail = torch.cat([g[..., :D].amax(3), g[..., D:].amin(3)], 3)  # [L, H, M - g0, 2D]
+        ctx.groups = tail if g0 == 0 or ctx.groups is None else torch.cat([ctx.groups[:, :, :g0], tail], 2)
+        ctx.group_blocks = S
 
     def extend(self, ctx: TierContext, keys: Sequence[bytes]) -> None:
-        """Append newly stored blocks (the chain's next ones) to an open context."""
+        """Append newly stored blocks (the chain's next ones) to an open context (amortised: the
+        block bounds grow in a buffer of doubling capacity, level 0 regroups only its last groups)."""
         more = self.open(keys)
+        N0, N1 = ctx.num_blocks, ctx.num_blocks + more.num_blocks
         ctx.keys += more.keys
         ctx.layouts += more.layouts
-        ctx.bounds = torch.cat([ctx.bounds, more.bounds], 3)
+        buf = ctx._bounds_buffer
+        if buf is None or buf.shape[2] < N1:
+            buf = torch.empty(*more.bounds.shape[:2], max(N1, 2 * N0, 16), more.bounds.shape[3])
+            buf[:, :, :N0] = ctx.bounds
+            ctx._bounds_buffer = buf
+        buf[:, :, N0:N1] = more.bounds
+        ctx.bounds = buf[:, :, :N1]
+        self._group(ctx, N0)
         ctx.last_pages.clear()
         ctx.last_blocks.clear()  # page ids of the last step stay valid, but the prefetch may skip new blocks: start over
 
@@ -269,8 +329,9 @@ class TierAttention:
         return res.pieces
 
     # -- selection -------------------------------------------------------------------------
-    def _page_bounds(self, ctx: TierContext, layer: int, blocks: list[int]) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
-        """``{block: (kmin, kmax) [H_kv, Np, D]}`` of ``layer``, from the hot LRU or one read."""
+    def _page_bounds(self, ctx: TierContext, layer: int, blocks: list[int]) -> dict[int, torch.Tensor]:
+        """``{block: [H_kv, Np, 2D]}`` of ``layer`` (each page's key maximum then minimum, as stored:
+        float16 for float16 blocks), from the hot LRU or one read."""
         out, miss = {}, []
         for b in blocks:
             v = self.summaries.get_value((ctx.keys[b], layer))
@@ -282,8 +343,8 @@ class TierAttention:
             bufs = self._read([ctx.layouts[b] for b in miss], [[Summary(layer)]] * len(miss), summary=True)
             for b, piece in zip(miss, bufs):
                 kmin, kmax, _ = ctx.layouts[b].decode_summary(layer, piece[0])
-                out[b] = (kmin, kmax)  # as stored (float16 for float16 blocks)
-                self.summaries.put((ctx.keys[b], layer), out[b], 2 * kmin.numel() * kmin.element_size())
+                out[b] = torch.cat([kmax, kmin], 2)  # [H, Np, 2D]: one matrix product scores a page
+                self.summaries.put((ctx.keys[b], layer), out[b], out[b].numel() * out[b].element_size())
         return out
 
     def select(self, ctx: TierContext, layer: int, q: torch.Tensor, budget: int | None = None, *, _before_level2=None) -> torch.Tensor:
@@ -299,12 +360,30 @@ class TierAttention:
             return torch.arange(total).expand(H, total)
         qf = q.float().view(H, -1, D)  # [H, G, D]
         pos, neg = qf.clamp_min(0), qf.clamp_max(0)
+        qq = torch.cat([pos, neg], 2)  # [H, G, 2D]
         # level 1: blocks by their block-level bound
         C = N if self.candidate_blocks is None else min(N, max(self.candidate_blocks, -(-want // Np)))
-        if C < N:
-            s1 = torch.bmm(torch.cat([pos, neg], 2), ctx.bounds[layer]).amax(1)  # [H, N]
+        scored = 0
+        if C < N and ctx.groups is not None:
+            # level 0: groups of S blocks by their bound, then the blocks of the kept groups only
+            S, M = ctx.group_blocks, ctx.groups.shape[2]
+            C0 = min(M, max(self.candidate_groups or M, -(-2 * C // S) + 1))  # the kept groups hold > 2C blocks
+            s0 = torch.bmm(qq, ctx.groups[layer].transpose(1, 2)).amax(1)  # [H, M]
+            s0[:, 0] = float("inf")  # the sink's group
+            gk = s0.topk(C0, dim=1).indices  # [H, C0]
+            bid = (gk.unsqueeze(-1) * S + torch.arange(S)).flatten(1)  # [H, C0*S]
+            valid = bid < N
+            bid = bid.clamp_max(N - 1)
+            bb = ctx.bounds[layer][torch.arange(H)[:, None], bid]  # [H, C0*S, 2D]
+            s1 = torch.bmm(qq, bb.transpose(1, 2)).amax(1).masked_fill_(~valid, float("-inf"))
+            s1 = torch.where(bid == 0, float("inf"), s1)
+            cand = torch.gather(bid, 1, s1.topk(C, dim=1).indices)  # [H, C]
+            scored = M + bid.shape[1]
+        elif C < N:
+            s1 = torch.bmm(qq, ctx.bounds[layer].transpose(1, 2)).amax(1)  # [H, N]
             s1[:, 0] = float("inf")  # the sink's block
             cand = s1.topk(C, dim=1).indices  # [H, C]
+            scored = N
         else:
             cand = torch.arange(N).expand(H, N)
         union = sorted(set(cand.flatten().tolist()))
@@ -312,15 +391,13 @@ class TierAttention:
             _before_level2()  # a prefetch of this layer's summaries and pages ends here
         bounds = self._page_bounds(ctx, layer, union)
         ctx.last_blocks[layer] = union
-        pairs = [(b, h) for h, row in enumerate(cand.tolist()) for b in row]
-        kmin_c = torch.stack([bounds[b][0][h] for b, h in pairs]).view(H, C * Np, D).float()  # [H, C*Np, D]
-        kmax_c = torch.stack([bounds[b][1][h] for b, h in pairs]).view(H, C * Np, D).float()
-        s2 = torch.baddbmm(neg @ kmin_c.transpose(1, 2), pos, kmax_c.transpose(1, 2)).amax(1)  # [H, C*Np]
+        pb = torch.stack([bounds[b][h] for h, row in enumerate(cand.tolist()) for b in row])  # [H*C, Np, 2D]
+        s2 = torch.bmm(qq, pb.view(H, C * Np, 2 * D).float().transpose(1, 2)).amax(1)  # [H, C*Np]
         gid = (cand.unsqueeze(-1) * Np + torch.arange(Np)).reshape(H, C * Np)  # global page ids
         s2 = torch.where(gid == 0, float("inf"), s2)  # the sink page
         top = s2.topk(min(want, C * Np), dim=1).indices
         with self._stats_lock:
-            self._stats.blocks_scored += N if C < N else 0
+            self._stats.blocks_scored += scored
             self._stats.pages_scored += C * Np
         return torch.gather(gid, 1, top).sort(1).values
 
@@ -332,16 +409,15 @@ class TierAttention:
         got: list[list] = [[None] * len(r) for r in rows]
         need: dict[int, dict[int, list[tuple[int, int]]]] = {}  # block -> range id -> [(head, slot)]
         hits = 0
-        for h, row in enumerate(rows):
-            for j, g in enumerate(row):
-                b, p = divmod(g, Np)
-                rid = ctx.layouts[b].range_id(layer, h, p)
-                t = self.pages.get_value((ctx.keys[b], rid))
-                if t is None:
-                    need.setdefault(b, {}).setdefault(rid, []).append((h, j))
-                else:
-                    got[h][j] = t
-                    hits += 1
+        H = len(rows)
+        where = [(h, j, g // Np, (layer * H + h) * Np + g % Np) for h, row in enumerate(rows) for j, g in enumerate(row)]
+        keys = ctx.keys
+        for (h, j, b, rid), t in zip(where, self.pages.get_values([(keys[b], rid) for _, _, b, rid in where])):
+            if t is None:
+                need.setdefault(b, {}).setdefault(rid, []).append((h, j))
+            else:
+                got[h][j] = t
+                hits += 1
         misses = sum(len(v) for d in need.values() for v in d.values())
         if need:
             blocks = sorted(need)
@@ -430,15 +506,9 @@ class TierAttention:
 
             ids = self.select(ctx, layer, q, budget, _before_level2=wait)
             wait()
-            pages = self._fetch(ctx, layer, ids)
-            kv = torch.stack([t for row in pages for t in row])  # [H*n, 2, P, D]
-            n, P = len(pages[0]), kv.shape[2]
-            kv = kv.view(H, n, 2, P, D).transpose(1, 2).reshape(H, 2, n * P, D)
+            kv = self._gather(ctx, layer, ids)
             o, lse = sparse_decode(qf.to(kv.dtype), kv[None, :, 0], kv[None, :, 1], scale=scale)
             ctx.last_pages[layer] = ids
-            with self._stats_lock:
-                self._stats.pages_selected += ids.numel()
-                self._stats.selected_bytes += ids.numel() * ctx.layouts[0].range_bytes
         if k_local is not None and v_local is not None and k_local.shape[1]:
             dt = self.compute_dtype
             o2, lse2 = sparse_decode(qf.to(dt), k_local.to(dt)[None], v_local.to(dt)[None], scale=scale)
@@ -448,8 +518,209 @@ class TierAttention:
             self._stats.seconds += time.perf_counter() - t0
         return o[0].float(), lse[0].float()
 
+    def _gather(self, ctx: TierContext, layer: int, ids: torch.Tensor) -> torch.Tensor:
+        """``[H_kv, 2, n * P, D]``: the K and V of the pages ``ids [H_kv, n]`` (page cache, then tiers)."""
+        H, D = self.spec.num_kv_heads, self.spec.head_dim
+        pages = self._fetch(ctx, layer, ids)
+        n, P = len(pages[0]), pages[0][0].shape[1]
+        kv = torch.empty(H, 2, n, P, D, dtype=pages[0][0].dtype)
+        for h, row in enumerate(pages):
+            torch.stack(row, 1, out=kv[h])  # [2, n, P, D]: one copy of the pages, no reshape after it
+        with self._stats_lock:
+            self._stats.pages_selected += ids.numel()
+            self._stats.selected_bytes += ids.numel() * ctx.layouts[0].range_bytes
+        return kv.view(H, 2, n * P, D)
+
+    def prefill_layer(
+        self,
+        ctx: TierContext,
+        layer: int,
+        q: torch.Tensor,
+        k_local: torch.Tensor,
+        v_local: torch.Tensor,
+        *,
+        scale: float | None = None,
+        budget: int | None = None,
+        select_queries: int = 64,
+        query_chunk: int = 256,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Attention of a prefill chunk over the stored context plus the resident tokens (streamed
+        prefill: see ``stream_prefill``).
+
+        ``q [H_q, n, D]``: the chunk's queries; ``k_local, v_local [H_kv, W, D]``: the tokens after
+        the stored blocks, the chunk's own ``n`` last (``W >= n``; query ``i`` sees the resident
+        tokens up to its own position, causally). The stored context is attended through the same
+        page selection as decode, once for the whole chunk: pages are scored (Quest bounds,
+        hierarchically) by the chunk's last ``select_queries`` queries, as MInference estimates its
+        vertical pattern from the last 64 queries, and every query of the chunk attends the
+        ``budget`` selected tokens per KV head (block-sparse over the selected pages). Queries run
+        ``query_chunk`` at a time, so memory is bounded by the chunk, the budget and the page cache.
+        Returns ``(o [H_q, n, D] float32, lse [H_q, n] float32)``."""
+        from kvtier.sparse_attn import merge_states
+
+        spec = self.spec
+        H, D = spec.num_kv_heads, spec.head_dim
+        if not 0 <= layer < spec.num_layers:
+            raise ValueError(f"layer must be in [0, {spec.num_layers}), got {layer}")
+        if not isinstance(q, torch.Tensor) or q.dim() != 3 or q.shape[2] != D or q.shape[0] % H or not q.shape[1]:
+            raise ValueError(f"q must be [H_q, n, {D}] with H_q a multiple of {H} and n >= 1, got {list(getattr(q, 'shape', []))}")
+        n = q.shape[1]
+        if (
+            not isinstance(k_local, torch.Tensor)
+            or not isinstance(v_local, torch.Tensor)
+            or k_local.dim() != 3
+            or k_local.shape[0] != H
+            or k_local.shape[2] != D
+            or k_local.shape != v_local.shape
+            or k_local.shape[1] < n
+        ):
+            raise ValueError(
+                f"k_local and v_local must be [{H}, W, {D}] with W >= n = {n} (the chunk's own tokens last), "
+                f"got {list(getattr(k_local, 'shape', []))} and {list(getattr(v_local, 'shape', []))}"
+            )
+        for name, v in (("select_queries", select_queries), ("query_chunk", query_chunk)):
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise ValueError(f"{name} must be a positive int, got {v!r}")
+        t0 = time.perf_counter()
+        scale = D**-0.5 if scale is None else scale
+        G, W = q.shape[0] // H, k_local.shape[1]
+        dt = self.compute_dtype
+        qf = q.to(dt).view(H, G, n, D)
+        kv = None
+        if ctx.num_blocks:
+            sel = qf[:, :, -select_queries:].reshape(H * G * min(n, select_queries), D)  # [H, G*m, D] once viewed by select
+            kv = self._gather(ctx, layer, self.select(ctx, layer, sel, budget))  # [H, 2, K, D]
+        kl, vl = k_local.to(dt), v_local.to(dt)
+        o = torch.empty(H, G, n, D)
+        lse = torch.empty(H, G, n)
+        for a in range(0, n, query_chunk):
+            b = min(n, a + query_chunk)
+            qb = qf[:, :, a:b]  # [H, G, m, D]
+            # resident tokens, causal: query i of the chunk is resident token W - n + i
+            s = torch.matmul(qb, kl.transpose(1, 2).unsqueeze(1)).float().mul_(scale)  # [H, G, m, W]
+            pos = torch.arange(W - n + a, W - n + b).unsqueeze(1)
+            s.masked_fill_(torch.arange(W) > pos, float("-inf"))
+            l2 = torch.logsumexp(s, -1)
+            o2 = torch.matmul(torch.exp_(s.sub_(l2.unsqueeze(-1))).to(dt), vl.unsqueeze(1)).float()
+            if kv is not None:
+                s1 = torch.matmul(qb, kv[:, 0].transpose(1, 2).unsqueeze(1)).float().mul_(scale)  # [H, G, m, K]
+                l1 = torch.logsumexp(s1, -1)
+                o1 = torch.matmul(torch.exp_(s1.sub_(l1.unsqueeze(-1))).to(kv.dtype), kv[:, 1].unsqueeze(1)).float()
+                o2, l2 = merge_states(o1, l1, o2, l2)
+            o[:, :, a:b], lse[:, :, a:b] = o2, l2
+        with self._stats_lock:
+            self._stats.prefill_chunks += 1
+            self._stats.seconds += time.perf_counter() - t0
+        return o.view(H * G, n, D), lse.view(H * G, n)
+
     def token_ids(self, ctx: TierContext, page_ids: torch.Tensor) -> torch.Tensor:
         """Token positions ``[H_kv, n * P]`` of the pages ``page_ids [H_kv, n]`` (for a resident
         comparison: the same selection over KV held in memory)."""
         P = ctx.layouts[0].page_tokens if ctx.layouts else 16
         return (page_ids.unsqueeze(-1) * P + torch.arange(P)).flatten(1)
+
+
+class StreamedPrefill:
+    """Prefill of one sequence whose KV streams into the store: a prompt longer than memory.
+
+    Feed the prompt chunk by chunk. For each chunk, call ``attend`` once per layer with the
+    chunk's queries and its new keys and values (what the model's projections give), then
+    ``commit``: every block that is complete and ends at least ``resident_tokens`` before the
+    chunk's end is written to the store (``TieredStore.put``, ``parent`` chained) and released
+    from memory. A chunk attends the stored context through ``TierAttention.prefill_layer``
+    (page selection), so memory holds the resident tokens (at most ``resident_tokens`` plus a
+    block plus a chunk per layer), the page cache and the hot summaries, whatever the prompt's
+    length. Afterwards ``ctx`` is the open context for decoding (``TierAttention.decode_layer``)
+    and ``k_local(layer)`` / ``v_local(layer)`` the resident tokens to pass it.
+
+    Example::
+
+        sp = StreamedPrefill(att)
+        for chunk in chunks:                                    # e.g. 4,096 tokens each
+            for layer in range(L):
+                o, lse = sp.attend(layer, q[layer], k[layer], v[layer])   # [H_q, n, D]; [H_kv, n, D]
+            sp.commit()
+
+    ``block_keys(i)`` names block ``i`` of the sequence (default: random per sequence, as a
+    private context; pass ``kvstore.chain_hashes`` of the token ids to share prefixes).
+    """
+
+    def __init__(self, att: TierAttention, *, resident_tokens: int = 0, block_keys=None, budget: int | None = None) -> None:
+        if isinstance(resident_tokens, bool) or not isinstance(resident_tokens, int) or resident_tokens < 0:
+            raise ValueError(f"resident_tokens must be a non-negative int, got {resident_tokens!r}")
+        import hashlib
+        import os
+
+        self.att = att
+        self.resident_tokens = resident_tokens
+        self.budget = budget
+        nonce = os.urandom(16)
+        self.block_keys = block_keys or (lambda i: hashlib.sha256(nonce + i.to_bytes(8, "little")).digest())
+        self.ctx = att.open([])
+        spec = att.spec
+        empty = torch.empty(spec.num_kv_heads, 0, spec.head_dim, dtype=spec.torch_dtype)
+        self._k = [empty] * spec.num_layers
+        self._v = [empty] * spec.num_layers
+        self.stored_tokens = 0
+        self.num_tokens = 0  # tokens attended (committed chunks)
+        self._chunk: int | None = None
+
+    def k_local(self, layer: int) -> torch.Tensor:
+        return self._k[layer]
+
+    def v_local(self, layer: int) -> torch.Tensor:
+        return self._v[layer]
+
+    def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: float | None = None):
+        """The chunk's attention at ``layer``: ``q [H_q, n, D]``, its new ``k, v [H_kv, n, D]``.
+        Returns ``(o [H_q, n, D], lse [H_q, n])`` (float32)."""
+        spec = self.att.spec
+        H, D = spec.num_kv_heads, spec.head_dim
+        if (
+            not isinstance(k, torch.Tensor)
+            or not isinstance(v, torch.Tensor)
+            or k.dim() != 3
+            or k.shape != v.shape
+            or k.shape[0] != H
+            or k.shape[2] != D
+        ):
+            raise ValueError(f"k and v must be [{H}, n, {D}], got {list(getattr(k, 'shape', []))} and {list(getattr(v, 'shape', []))}")
+        if not isinstance(q, torch.Tensor) or q.dim() != 3 or q.shape[1] != k.shape[1]:
+            raise ValueError(f"q must be [H_q, n, {D}] with n = {k.shape[1]} (the chunk's tokens), got {list(getattr(q, 'shape', []))}")
+        if self._chunk is not None and self._chunk != k.shape[1]:
+            raise ValueError(f"every layer of a chunk has its {self._chunk} tokens; got {k.shape[1]} (commit() ends a chunk)")
+        if self._k[layer].shape[1] != self.num_tokens - self.stored_tokens:
+            raise ValueError(f"layer {layer} already attended this chunk; call commit() first")
+        self._chunk = k.shape[1]
+        self._k[layer] = torch.cat([self._k[layer], k.to(spec.torch_dtype)], 1)
+        self._v[layer] = torch.cat([self._v[layer], v.to(spec.torch_dtype)], 1)
+        return self.att.prefill_layer(self.ctx, layer, q, self._k[layer], self._v[layer], scale=scale, budget=self.budget)
+
+    def commit(self) -> int:
+        """End the chunk: write the finished blocks to the store and release them; returns how
+        many blocks were written. RuntimeError if the store refuses one (no room)."""
+        spec = self.att.spec
+        if self._chunk is None:
+            return 0
+        if any(k.shape[1] != self.num_tokens - self.stored_tokens + self._chunk for k in self._k):
+            raise ValueError("commit() before every layer attended the chunk")
+        self.num_tokens += self._chunk
+        self._chunk = None
+        BT = spec.block_tokens
+        end = max(0, self.num_tokens - self.resident_tokens) // BT * BT
+        n = (end - self.stored_tokens) // BT
+        if n <= 0:
+            return 0
+        first = self.stored_tokens // BT
+        m = n * BT
+        kv = torch.stack([torch.stack([k[:, :m], v[:, :m]]) for k, v in zip(self._k, self._v)])  # [L, 2, H, m, D]
+        blocks = kv.view(*kv.shape[:3], n, BT, kv.shape[-1]).permute(3, 0, 1, 2, 4, 5).contiguous()  # [n, L, 2, H, BT, D]
+        keys = [self.block_keys(first + i) for i in range(n)]
+        ok = self.att.store.put(spec, keys, blocks, parent=self.ctx.keys[-1] if self.ctx.keys else None)
+        if not all(ok):
+            raise RuntimeError(f"the store refused {ok.count(False)} of {n} blocks: no room in any tier")
+        self.att.extend(self.ctx, keys)
+        self._k = [k[:, m:].clone() for k in self._k]  # released: only the resident tail stays
+        self._v = [v[:, m:].clone() for v in self._v]
+        self.stored_tokens = end
+        return n

@@ -52,6 +52,7 @@ class DiskTier(TierBase):
         super().__init__(name, get_codec(codec) if isinstance(codec, str) else codec, capacity_bytes)
         self.root = Path(root)
         self.root.mkdir(parents=True, exist_ok=True)
+        self._root_str = str(self.root)
         self.fsync = bool(fsync)
         self.min_free_bytes = min_free_bytes
         self.cipher = cipher
@@ -63,8 +64,12 @@ class DiskTier(TierBase):
 
     # -- layout ----------------------------------------------------------------------------
     def _path(self, key: bytes, short_fp: str) -> Path:
+        return Path(self._path_str(key, short_fp))
+
+    def _path_str(self, key: bytes, short_fp: str) -> str:
+        """The frame file's path as a string (range reads open a file per block: no Path objects there)."""
         h = key.hex()
-        return self.root / short_fp / h[:2] / (h + _SUFFIX)
+        return f"{self._root_str}/{short_fp}/{h[:2]}/{h}{_SUFFIX}"
 
     def _scan(self) -> None:
         for fp_dir in self.root.iterdir() if self.root.exists() else ():
@@ -251,7 +256,7 @@ class DiskTier(TierBase):
             layout = None
             if entry is not None and entry[0] == spec.short_fingerprint:
                 try:
-                    fd = os.open(self._path(key, spec.short_fingerprint), os.O_RDONLY)
+                    fd = os.open(self._path_str(key, spec.short_fingerprint), os.O_RDONLY)
                 except OSError:
                     out.append(None)
                     continue
@@ -275,7 +280,7 @@ class DiskTier(TierBase):
                 out.append(None)
                 continue
             try:
-                fd = os.open(self._path(key, spec.short_fingerprint), os.O_RDONLY)
+                fd = os.open(self._path_str(key, spec.short_fingerprint), os.O_RDONLY)
             except OSError:
                 out.append(None)
                 continue

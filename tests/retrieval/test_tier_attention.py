@@ -169,3 +169,116 @@ def test_an_empty_context_attends_the_resident_tokens_only(tmp_path):
     o, lse = att.decode_layer(ctx, 0, q, k, v)
     o_ref, lse_ref = dense(q, k, v)
     assert torch.allclose(o, o_ref, atol=1e-5)
+
+
+def test_level_0_groups_blocks_and_still_finds_the_needle(tmp_path):
+    kv, blocks, keys = context(48, seed=5)
+    q = torch.randn(4, SPEC.head_dim)
+    for h in range(2):  # a needle page per KV head in block 37, page 1
+        kv[:, 0, h, 37 * 64 + 16 : 37 * 64 + 32] = 3 * q[2 * h] / q[2 * h].norm() * SPEC.head_dim**0.5
+    blocks = [kv[:, :, :, i * 64 : (i + 1) * 64].contiguous() for i in range(48)]
+    store = store_for(tmp_path)
+    store.put(SPEC, keys, blocks)
+    att = TierAttention(store, SPEC, budget=64, candidate_blocks=4, candidate_groups=3, prefetch=False)
+    ctx = att.open(keys)
+    assert ctx.group_blocks == 4 and ctx.groups is not None and ctx.groups.shape[2] == 12  # ceil(sqrt(48 / 3)) blocks a group
+    # a group's bound bounds its blocks'
+    D = SPEC.head_dim
+    g = ctx.groups[:, :, 9:10]  # [L, H, 1, 2D]: maximum then minimum
+    b = ctx.bounds[:, :, 36:40]
+    assert bool((g[..., :D] >= b[..., :D]).all()) and bool((g[..., D:] <= b[..., D:]).all())
+    assert torch.equal(g[..., :D], b[..., :D].amax(2, keepdim=True)) and torch.equal(g[..., D:], b[..., D:].amin(2, keepdim=True))
+    ids = att.select(ctx, 0, q)
+    assert all(37 * 4 + 1 in row for row in ids.tolist()) and bool((ids[:, 0] == 0).all())
+    s = att.stats()
+    assert s.blocks_scored < 48  # level 0 scored 12 groups, level 1 the blocks of the kept ones only
+    # extending the context regroups it (and a short last group is padded without changing its bound)
+    _, more, more_keys = context(3, seed=6)
+    store.put(SPEC, more_keys, more)
+    att.extend(ctx, more_keys)
+    assert ctx.num_blocks == 51 and ctx.group_blocks == 5 and ctx.groups.shape[2] == 11
+    assert torch.equal(ctx.groups[:, :, 10:], ctx.bounds[:, :, 50:51])
+    assert torch.equal(ctx.groups, att.open(keys + more_keys).groups)
+    _, more2, more2_keys = context(4, seed=7)  # the same group size: only the last groups are rebuilt
+    store.put(SPEC, more2_keys, more2)
+    att.extend(ctx, more2_keys)
+    assert ctx.group_blocks == 5 and torch.equal(ctx.groups, att.open(keys + more_keys + more2_keys).groups)
+    assert torch.equal(ctx.bounds, att.open(keys + more_keys + more2_keys).bounds)
+    o, lse = att.decode_layer(ctx, 1, q)
+    assert torch.isfinite(o).all() and torch.isfinite(lse).all()
+
+
+# -- streamed prefill -----------------------------------------------------------------------------
+def causal_reference(q, k, v, scale, allowed=None):
+    """q [H_q, T, D] over k, v [H_kv, T, D], causal (and ``allowed [H_kv, T, T]`` if given), float32."""
+    H_q, T, D = q.shape
+    G = H_q // k.shape[0]
+    s = torch.einsum("hgtd,hsd->hgts", q.view(-1, G, T, D), k) * scale
+    mask = torch.ones(T, T, dtype=torch.bool).tril()
+    mask = mask if allowed is None else mask & allowed
+    s = s.masked_fill(~(mask if mask.dim() == 2 else mask.unsqueeze(1)), float("-inf"))
+    return torch.einsum("hgts,hsd->hgtd", s.softmax(-1), v).reshape(H_q, T, D)
+
+
+def test_streamed_prefill_with_a_covering_budget_is_full_causal_attention(tmp_path):
+    from kvtier.retrieval.tier_attention import StreamedPrefill
+
+    T, n = 640, 96  # chunks that do not align with blocks
+    g = torch.Generator().manual_seed(7)
+    q = torch.randn(2, 4, T, SPEC.head_dim, generator=g)  # [L, H_q, T, D]
+    k = torch.randn(2, 2, T, SPEC.head_dim, generator=g)
+    v = torch.randn(2, 2, T, SPEC.head_dim, generator=g)
+    store = store_for(tmp_path)
+    att = TierAttention(store, SPEC, budget=T, prefetch=False)
+    sp = StreamedPrefill(att, resident_tokens=16)
+    out = torch.empty(2, 4, T, SPEC.head_dim)
+    most_resident = 0
+    for a in range(0, T, n):
+        b = min(T, a + n)
+        for layer in range(2):
+            o, lse = sp.attend(layer, q[layer, :, a:b], k[layer, :, a:b], v[layer, :, a:b])
+            out[layer, :, a:b] = o
+            most_resident = max(most_resident, sp.k_local(layer).shape[1])
+        sp.commit()
+    scale = SPEC.head_dim**-0.5
+    for layer in range(2):
+        assert torch.allclose(out[layer], causal_reference(q[layer], k[layer], v[layer], scale), atol=1e-5)
+    assert sp.stored_tokens == 576 and sp.ctx.num_blocks == 9  # blocks ending >= 16 tokens before the end are stored
+    assert most_resident <= 16 + 64 + n  # memory: the resident tail, a block, a chunk
+    # what was written is the KV itself: decode over it equals full attention too
+    qd = torch.randn(4, SPEC.head_dim, generator=g)
+    o, _ = att.decode_layer(sp.ctx, 1, qd, sp.k_local(1), sp.v_local(1))
+    o_ref, _ = dense(qd, k[1], v[1])
+    assert torch.allclose(o, o_ref, atol=1e-5)
+
+
+def test_streamed_prefill_attends_the_selected_pages_and_the_causal_resident_tokens(tmp_path):
+    from kvtier.retrieval.tier_attention import StreamedPrefill
+
+    T, n = 768, 128
+    g = torch.Generator().manual_seed(8)
+    q = torch.randn(1, 4, T, SPEC.head_dim, generator=g).expand(2, -1, -1, -1)
+    k = torch.randn(1, 2, T, SPEC.head_dim, generator=g).expand(2, -1, -1, -1)
+    v = torch.randn(1, 2, T, SPEC.head_dim, generator=g).expand(2, -1, -1, -1)
+    store = store_for(tmp_path)
+    att = TierAttention(store, SPEC, budget=64, candidate_blocks=2, prefetch=False)
+    sp = StreamedPrefill(att)
+    for a in range(0, T - n, n):
+        for layer in range(2):
+            sp.attend(layer, q[layer, :, a : a + n], k[layer, :, a : a + n], v[layer, :, a : a + n])
+        sp.commit()
+    a = T - n
+    assert sp.stored_tokens == a
+    ids = att.select(sp.ctx, 0, q[0, :, -64:].reshape(-1, SPEC.head_dim))  # what the last chunk will select
+    assert ids.shape == (2, 4)
+    o, _ = sp.attend(0, q[0, :, a:], k[0, :, a:], v[0, :, a:])
+    allowed = torch.zeros(2, T, T, dtype=torch.bool)
+    for h in range(2):
+        allowed[h, :, att.token_ids(sp.ctx, ids)[h]] = True
+    allowed[:, :, a:] = True  # the chunk's own tokens (causal within)
+    ref = causal_reference(q[0], k[0], v[0], SPEC.head_dim**-0.5, allowed)[:, a:]
+    assert torch.allclose(o, ref, atol=1e-5)
+    with pytest.raises(ValueError, match="already attended"):
+        sp.attend(0, q[0, :, a:], k[0, :, a:], v[0, :, a:])
+    with pytest.raises(ValueError, match="commit"):
+        sp.commit()

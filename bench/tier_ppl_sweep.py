@@ -1,0 +1,203 @@
+"""Where the perplexity of decoding over the tiers goes: a sweep of TierAttention's selection
+options on the reference model, simulated in one forward.
+
+``bench/tier_fidelity.py`` measures perplexity the way a user decodes: one teacher-forced step at a
+time through ``SparseDecode(store=...)``. That takes minutes per configuration. This script
+computes the same thing in one forward pass over the last ``N`` tokens: each query row attends
+exactly what ``TierAttention`` would select at its step (the blocks stored at that step, level 1
+over block bounds, level 2 over page bounds, the sink page, the resident tail, ``dense_layers``),
+and since the K/V of each token is computed from the same sparse attention in the layers below,
+the logits equal those of the step-by-step decode (checked: the ``default`` row reproduces
+``tier_fidelity.py``'s figure). Used to find which option costs the perplexity; the chosen
+defaults are then measured through ``SparseDecode`` by ``tier_fidelity.py``.
+
+Options per row: ``budget`` (tokens per KV head, tail included), ``resident`` (resident_tokens),
+``C`` (candidate_blocks; 0 = one level), ``dense`` (dense_layers), ``agg`` (how a GQA group's
+query heads score a page: ``max`` of their Quest bounds, or ``sum``), ``oracle`` (pages by their
+true attention mass instead of Quest bounds: the ceiling of page selection).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import torch  # noqa: E402
+
+from bench import refmodel  # noqa: E402
+from bench.common import md_table, save_results  # noqa: E402
+from kvtier.connectors.hf_dispatch import bind, sdpa  # noqa: E402
+
+P = 16
+
+
+def select_pages(q, k, stored: int, want: int, cfg: dict, BT: int, layer: int, scale: float):
+    """Page ids ``[H, n]`` (over the first ``stored`` tokens) for one query ``q [H, G, D]``."""
+    H, G, D = q.shape
+    Np = BT // P
+    N = stored // BT
+    total = N * Np
+    if want >= total or layer < cfg["dense"]:
+        return torch.arange(total).expand(H, total)
+    ks = k[:, :stored].view(H, total, P, D)
+    if cfg["oracle"]:
+        logits = torch.einsum("hgd,htd->hgt", q, k[:, :stored]) * scale
+        mass = logits.softmax(-1).view(H, G, total, P).sum(-1)  # [H, G, pages]
+        s2 = mass.amax(1) if cfg["agg"] == "max" else mass.sum(1)
+        s2[:, 0] = float("inf")
+        return s2.topk(want, 1).indices.sort(1).values
+    pos, neg = q.clamp_min(0), q.clamp_max(0)
+    kmax, kmin = ks.amax(2), ks.amin(2)  # [H, pages, D]
+
+    def score(hi, lo):  # [H, X, D] -> [H, X]
+        s = pos @ hi.transpose(1, 2) + neg @ lo.transpose(1, 2)  # [H, G, X]
+        return s.amax(1) if cfg["agg"] == "max" else s.sum(1)
+
+    C = cfg["C"]
+    if C and C < N:
+        C = max(C, -(-want // Np))
+        bmax, bmin = kmax.view(H, N, Np, D).amax(2), kmin.view(H, N, Np, D).amin(2)
+        s1 = score(bmax, bmin)
+        s1[:, 0] = float("inf")
+        cand = s1.topk(C, 1).indices  # [H, C]
+    else:
+        C, cand = N, torch.arange(N).expand(H, N)
+    gid = (cand.unsqueeze(-1) * Np + torch.arange(Np)).reshape(H, C * Np)
+    hi = torch.gather(kmax, 1, gid[..., None].expand(-1, -1, D))
+    lo = torch.gather(kmin, 1, gid[..., None].expand(-1, -1, D))
+    s2 = score(hi, lo)
+    s2 = torch.where(gid == 0, float("inf"), s2)
+    top = s2.topk(min(want, C * Np), 1).indices
+    return torch.gather(gid, 1, top).sort(1).values
+
+
+def make_handler(cfg: dict, start: int, BT: int):
+    def handler(module, query, key, value, attention_mask, *, cache=None, cache_position=None, scaling=None, **kw):
+        B, Hq, n, D = query.shape
+        if n != cfg["n"]:  # the prefill
+            return sdpa(module, query, key, value, attention_mask, scaling=scaling, **kw)
+        H = key.shape[1]
+        G = Hq // H
+        layer = module.layer_idx
+        out = torch.empty(1, n, Hq, D)
+        for i in range(n):
+            Tc = start + i + 1  # the cache's length at this step
+            stored = max(0, Tc - 1 - cfg["resident"]) // BT * BT
+            q = query[0, :, i].view(H, G, D)
+            k, v = key[0, :, :Tc], value[0, :, :Tc]
+            tail = Tc - stored
+            want = max(P, (cfg["budget"] - tail) // P * P) // P
+            pages = select_pages(q, k, stored, want, cfg, BT, layer, scaling)
+            tok = torch.cat([(pages.unsqueeze(-1) * P + torch.arange(P)).flatten(1), torch.arange(stored, Tc).expand(H, tail)], 1)
+            ksel = torch.gather(k, 1, tok[..., None].expand(-1, -1, D))  # [H, K, D]
+            vsel = torch.gather(v, 1, tok[..., None].expand(-1, -1, D))
+            att = (torch.einsum("hgd,hkd->hgk", q, ksel) * scaling).softmax(-1)
+            out[0, i] = torch.einsum("hgk,hkd->hgd", att, vsel).reshape(Hq, D)
+        return out, None
+
+    return handler
+
+
+ROWS = {
+    "default": dict(budget=512, resident=64, C=32, dense=0, agg="max", oracle=False),
+    "one_level": dict(budget=512, resident=64, C=0, dense=0, agg="max", oracle=False),
+    "dense2": dict(budget=512, resident=64, C=32, dense=2, agg="max", oracle=False),
+    "sum": dict(budget=512, resident=64, C=32, dense=0, agg="sum", oracle=False),
+    "oracle": dict(budget=512, resident=64, C=0, dense=0, agg="max", oracle=True),
+    "b1024": dict(budget=1024, resident=64, C=32, dense=0, agg="max", oracle=False),
+    "resident256": dict(budget=512, resident=256, C=32, dense=0, agg="max", oracle=False),
+}
+
+
+@torch.inference_mode()
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="1K tokens, 32 steps, three rows")
+    ap.add_argument("--out")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--tokens", type=int, default=4096)
+    ap.add_argument("--steps", type=int, default=96)
+    ap.add_argument("--block-tokens", type=int, default=64)
+    ap.add_argument("--rows", nargs="+", default=None, help=f"rows to run (default all: {' '.join(ROWS)}); extra: name:key=val,...")
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    t_all = time.time()
+    model, tok = refmodel.load_model()
+    tokens, steps = (1024, 32) if args.quick else (args.tokens, args.steps)
+    rows = args.rows or (["default", "one_level", "dense2"] if args.quick else list(ROWS))
+    ids = torch.tensor(refmodel.heldout_ids(tok, tokens)[:tokens])
+    start = ids.numel() - steps
+    state = refmodel.prefill(model, ids[:start], chunk_tokens=512)
+    first = -torch.log_softmax(state.last_logits.double(), -1)[ids[start]]
+    chunk = ids[start:-1]
+
+    def nll_of(cfg):
+        import copy
+
+        cache = copy.deepcopy(state.cache)
+        if cfg is None:
+            logits = refmodel._forward(model, cache, chunk, start, all_logits=True)
+        else:
+            with bind(model, "kvtier_sparse", make_handler({**cfg, "n": chunk.numel()}, start, args.block_tokens), sdpa_mask=True):
+                logits = refmodel._forward(model, cache, chunk, start, all_logits=True)
+        nll = -torch.log_softmax(logits.double(), -1).gather(1, ids[start + 1 :].view(-1, 1)).view(-1)
+        return torch.cat([first.view(1), nll])
+
+    full = float(torch.exp(nll_of(None).mean()))
+    print(f"full attention: ppl {full:.4f} over the last {steps} of {tokens} tokens", flush=True)
+    results = {"full": {"ppl": full}}
+    for name in rows:
+        if ":" in name:
+            name, opts = name.split(":", 1)
+            cfg = dict(ROWS["default"])
+            for kv in opts.split(","):
+                k, v = kv.split("=")
+                cfg[k] = v if k == "agg" else (v == "1") if k == "oracle" else int(v)
+            ROWS[name] = cfg
+        cfg = ROWS[name]
+        t0 = time.time()
+        ppl = float(torch.exp(nll_of(cfg).mean()))
+        results[name] = {**cfg, "ppl": ppl, "ratio": ppl / full}
+        print(f"{name:>14}: ppl {ppl:.4f} ({ppl / full:.4f}x)  {cfg}  {time.time() - t0:.0f} s", flush=True)
+    md = [
+        f"## bench/tier_ppl_sweep.py {' '.join(sys.argv[1:])}",
+        "",
+        f"SmolLM2-135M, perplexity of the last {steps} of {tokens} held-out tokens with each step attending what "
+        f"TierAttention selects ({args.block_tokens}-token blocks, 16-token pages), simulated in one forward. "
+        f"{args.threads} torch threads.",
+        "",
+        md_table(
+            ["row", "budget", "resident", "candidate_blocks", "dense_layers", "group score", "pages by", "ppl", "vs full"],
+            [["full", "-", "-", "-", "-", "-", "-", f"{full:.4f}", "-"]]
+            + [
+                [
+                    n,
+                    r["budget"],
+                    r["resident"],
+                    r["C"] or "all",
+                    r["dense"],
+                    r["agg"],
+                    "attention mass" if r["oracle"] else "Quest bounds",
+                    f"{r['ppl']:.4f}",
+                    f"{r['ratio']:.4f}x",
+                ]
+                for n, r in results.items()
+                if n != "full"
+            ],
+        ),
+    ]
+    save_results(
+        "tier_ppl_sweep_quick" if args.quick else "tier_ppl_sweep",
+        {"tokens": tokens, "steps": steps, "rows": results},
+        "\n".join(md),
+        args.out,
+    )
+    print(f"done in {time.time() - t_all:.0f} s")
+
+
+if __name__ == "__main__":
+    main()
