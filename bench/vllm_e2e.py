@@ -192,7 +192,7 @@ class Bench:
     # -- 3 ----------------------------------------------------------------------------------------
     def roundrobin(self) -> dict:
         kv_bytes = (24 if self.quick else 96) << 20
-        capacity = kv_bytes // BYTES_PER_TOKEN_BF16
+        capacity = kv_bytes // (128 * BYTES_PER_TOKEN_BF16) * 128  # whole vLLM blocks (128 tokens on a CPU)
         doc_tokens = 700 if self.quick else 2700
         num_docs = -(-3 * capacity // doc_tokens)  # the documents' KV: 3x vLLM's own KV space
         docs = [self.doc(40 + i, doc_tokens) for i in range(num_docs)]
@@ -204,23 +204,32 @@ class Bench:
         opts = self.opts(
             prefix_caching=True,
             kv_cache_memory_bytes=kv_bytes,
-            max_model_len=min(4096, capacity // 128 * 128),
-            max_num_batched_tokens=min(4096, capacity // 128 * 128),
+            max_model_len=min(4096, capacity - 128),  # vLLM keeps one block back
+            max_num_batched_tokens=min(4096, capacity - 128),
         )
         res: dict[str, list[list[float]]] = {}
+        cached: dict[str, list[list[int]]] = {}
+        kv_space: dict[str, list[str]] = {}
         svc = self.start_service()
         for name, extra in (("vllm_alone", {}), ("vllm_with_kvtier", {"kvtier": self.kvtier(svc.url)})):
             per_round: list[list[float]] = []
+            hits: list[list[int]] = []
             with Engine({**opts, **extra}) as eng:
                 self.check(eng)
                 for r in range(rounds):
-                    times = []
+                    times, got = [], []
                     for d in docs:
-                        times += ttft(eng.generate([d], 2))
+                        out = eng.generate([d], 2)
+                        times += ttft(out)
+                        got += out["num_cached_tokens"]
                         if name == "vllm_with_kvtier" and r == 0:
                             self.settle(0.3)
                     per_round.append(times)
-            res[name] = per_round
+                    hits.append(got)
+                # what vLLM says it allocated (VLLM_CPU_KVCACHE_SPACE once overrode kv_cache_memory_bytes silently)
+                kv_space[name] = [line.split("] ", 1)[-1].strip() for line in eng.log if "for KV cache" in line][-1:]
+            res[name], cached[name] = per_round, hits
+            print(f"  {name}: cached tokens per round {hits}; {kv_space[name]}")
         later = {k: mean([t for r in v[1:] for t in r]) for k, v in res.items()}
         ratio = later["vllm_alone"] / later["vllm_with_kvtier"]
         for k, v in later.items():
@@ -234,6 +243,8 @@ class Bench:
             "rounds": rounds,
             "mean_ttft_later_rounds_s": later,
             "ttft_s": res,
+            "cached_tokens": cached,
+            "vllm_kv_space_log": kv_space,
             "ratios": {"vllm_alone_over_vllm_with_kvtier": ratio},
         }
 
