@@ -18,7 +18,8 @@ Reads one JSON command per line on stdin and answers one line ``@@kvtier@@ {json
 Options (the JSON argument): ``model``, ``dtype``, ``kvtier`` (``kv_connector_extra_config``; absent:
 no connector), ``kv_role``, ``prefix_caching`` (default false), ``max_num_batched_tokens``,
 ``max_model_len``, ``executor`` (``distributed_executor_backend``), ``kv_events_endpoint`` (vLLM's
-own ZMQ event publisher), ``kv_load_failure_policy``, ``kv_cache_memory_bytes`` (vLLM's KV space),
+own ZMQ event publisher), ``kv_load_failure_policy``, ``kv_cache_memory_bytes`` (vLLM's KV space;
+``VLLM_CPU_KVCACHE_SPACE``, 1 GiB otherwise, is then unset: vLLM's CPU platform lets it win),
 ``env`` (environment variables set before vLLM is imported).
 """
 
@@ -102,7 +103,12 @@ def generate(llm, cmd: dict) -> dict:
 def main() -> int:
     opts = json.loads(sys.argv[1])
     os.environ.update(opts.get("env") or {})  # before vLLM is imported
-    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+    if opts.get("kv_cache_memory_bytes"):
+        # vLLM's CPU platform lets this legacy variable (GiB) override kv_cache_memory_bytes: without this, an
+        # engine asked for a small KV space silently got 1 GiB
+        os.environ.pop("VLLM_CPU_KVCACHE_SPACE", None)
+    else:
+        os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
     os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", "nobind")
     try:
         llm = build_engine(opts)

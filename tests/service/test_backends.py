@@ -66,3 +66,35 @@ def test_store_backend_lookup_by_keys():
     assert backend.lookup(keys) == 2 and backend.lookup(keys[:1]) == 1
     backend.close()  # the store is the caller's: still usable
     assert store.lookup(SPEC, keys).num_blocks == 2
+
+
+def test_a_local_service_is_reached_over_the_same_host_transport(tmp_path):
+    """A loopback URL goes through the service's Unix socket when it exists (the connectors' default), REST otherwise."""
+    from kvtier.connectors.backends import local_service_url, service_client
+    from kvtier.service.local_client import LocalKVTierClient
+
+    from .server import ServiceProcess
+
+    sock = str(tmp_path / "kvtier.sock")
+    assert local_service_url("http://127.0.0.1:1", sock) == "http://127.0.0.1:1"  # no socket there yet
+    assert local_service_url("http://10.0.0.7:8080", sock) == "http://10.0.0.7:8080"
+    assert local_service_url("unix:///x.sock", "") == "unix:///x.sock"
+    with pytest.raises(ValueError):
+        local_service_url(None, sock)  # type: ignore[arg-type]
+    srv = ServiceProcess({"KVTIER_DISK_CAPACITY_BYTES": "0", "KVTIER_LOCAL_SOCKET": sock})
+    try:
+        assert local_service_url(srv.url, sock) == "unix://" + sock
+        assert local_service_url(srv.url.replace("127.0.0.1", "localhost"), sock) == "unix://" + sock
+        assert local_service_url(srv.url, "") == srv.url  # "" keeps REST
+        backend = ServiceBackend.connect(srv.url, SPEC, local_socket=sock)
+        assert isinstance(backend.client, LocalKVTierClient)
+        keys = backend.keys(list(range(40)))
+        bs = blocks(2, seed=3)
+        assert backend.put(keys, bs, parent=None) == [True, True]
+        with service_client(srv.url, local_socket="") as rest:  # the same blocks over REST
+            assert not isinstance(rest, LocalKVTierClient)
+            got = ServiceBackend(rest, SPEC).get(keys)
+        assert all(torch.equal(g, b) for g, b in zip(got, bs))
+        backend.close()
+    finally:
+        srv.stop()

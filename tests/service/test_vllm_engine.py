@@ -43,10 +43,20 @@ if not VLLM_PYTHON.exists():
 zmq = pytest.importorskip("zmq")
 
 
-def put_requests(service: ServiceProcess) -> int:
-    """Block uploads the service answered (from its Prometheus counters)."""
+def requests_answered(service: ServiceProcess, transport: str, ops: tuple[str, ...]) -> int:
+    """Requests of ``ops`` over ``transport`` the service answered with 200 (from its Prometheus counters)."""
     text = httpx.get(service.url + "/metrics", timeout=10).text
-    return int(sum(float(m) for m in re.findall(r'^kvtier_requests_total\{op="PUT /v1/blocks",status="200"[^}]*\} (\S+)', text, re.M)))
+    total = 0.0
+    for labels, value in re.findall(r"^kvtier_requests_total\{([^}]*)\} (\S+)", text, re.M):
+        got = dict(re.findall(r'(\w+)="([^"]*)"', labels))
+        if got.get("transport") == transport and got.get("op") in ops and got.get("status") == "200":
+            total += float(value)
+    return int(total)
+
+
+def put_requests(service: ServiceProcess) -> int:
+    """Block uploads the service answered, over REST and the local transport."""
+    return requests_answered(service, "rest", ("PUT /v1/blocks",)) + requests_answered(service, "local", ("put",))
 
 
 def stored_blocks(service: ServiceProcess) -> int:
@@ -106,25 +116,28 @@ def subscribers(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def service(subscribers):
+def service(subscribers, tmp_path_factory):
     s = ServiceProcess(
         {
             "KVTIER_DEVICE_CAPACITY_BYTES": "0",
             "KVTIER_HOST_CAPACITY_BYTES": "256MiB",
             "KVTIER_DISK_CAPACITY_BYTES": "256MiB",
             "KVTIER_KV_EVENTS_ENDPOINT": subscribers["service"][1],
+            "KVTIER_LOCAL_SOCKET": str(tmp_path_factory.mktemp("local") / "kvtier.sock"),
         }
     )
     yield s
     s.stop()
 
 
-def engine_opts(model_dir: str, service: ServiceProcess, **extra) -> dict:
+def engine_opts(model_dir: str, service: ServiceProcess, *, local: bool = False, **extra) -> dict:
+    """``local``: the connector reaches the service's loopback URL through its same-host socket; else REST."""
+    local_socket = service.env["KVTIER_LOCAL_SOCKET"] if local else ""
     return {
         "model": model_dir,
         "dtype": "float32",
         "max_model_len": 2048,
-        "kvtier": {"url": service.url, "block_tokens": BLOCK_TOKENS, "timeout_s": 5.0},
+        "kvtier": {"url": service.url, "block_tokens": BLOCK_TOKENS, "timeout_s": 5.0, "local_socket": local_socket},
         **extra,
     }
 
@@ -193,17 +206,20 @@ def test_service_events_decode_with_vllms_own_types(cold, subscribers):
 
 @pytest.fixture(scope="module")
 def fresh(model_dir, service, cold):
-    """Engine B: a fresh process, vLLM's prefix cache on."""
-    eng = Engine(engine_opts(model_dir, service, prefix_caching=True))
+    """Engine B: a fresh process, vLLM's prefix cache on, the service reached through its same-host transport."""
+    eng = Engine(engine_opts(model_dir, service, local=True, prefix_caching=True))
     assert eng.ready.get("ready"), f"{eng.ready}\n{eng.tail()}"
     yield eng
     eng.close()
 
 
-def test_fresh_process_is_warm_from_the_service(fresh, cold, prompts):
+def test_fresh_process_is_warm_from_the_service_over_the_local_transport(fresh, cold, prompts, service):
+    rest_gets = requests_answered(service, "rest", ("POST /v1/blocks/get",))
     out = fresh.generate([prompts["x"]], MAX_TOKENS)
     assert out["num_cached_tokens"] == [2 * BLOCK_TOKENS]
     assert out["tokens"] == cold["first"]["tokens"]
+    assert requests_answered(service, "local", ("get",)) > 0  # the loopback URL went through the shared-memory transport
+    assert requests_answered(service, "rest", ("POST /v1/blocks/get",)) == rest_gets
 
 
 def test_vllm_prefix_cache_hits_are_not_saved_again(fresh, cold, prompts, service):
