@@ -13,8 +13,9 @@ gracefully (SIGTERM) and restarted. At the end every block that was acknowledged
   acknowledged block durable, so the goal is 0);
 - corrupt: bytes that are no version ever written under the key;
 - stale: an older version of the key's bytes (deleted and rewritten), or a deleted block found;
-- 5xx: REST answers >= 500 and gRPC INTERNAL/UNKNOWN (connection failures while kvtier is down
-  are counted apart as ``unavailable``);
+- 5xx: REST answers >= 500 and gRPC INTERNAL/UNKNOWN/CANCELLED (connection failures while kvtier is
+  down are counted apart as ``unavailable``; a gRPC CANCELLED while the harness itself stops or kills
+  kvtier is the server going away, counted apart as ``grpc_cancelled_during_stop``: we never cancel);
 - peak RSS of the kvtier process (every incarnation).
 
 Goals: 0 corrupt, 0 stale, 0 lost, 0 5xx. ``--quick`` (15 s of traffic, a Redis kill and a kvtier
