@@ -13,8 +13,9 @@ gracefully (SIGTERM) and restarted. At the end every block that was acknowledged
   acknowledged block durable, so the goal is 0);
 - corrupt: bytes that are no version ever written under the key;
 - stale: an older version of the key's bytes (deleted and rewritten), or a deleted block found;
-- 5xx: REST answers >= 500 and gRPC INTERNAL/UNKNOWN (connection failures while kvtier is down
-  are counted apart as ``unavailable``);
+- 5xx: REST answers >= 500 and gRPC INTERNAL/UNKNOWN/CANCELLED (connection failures while kvtier is
+  down are counted apart as ``unavailable``; a gRPC CANCELLED while the harness itself stops or kills
+  kvtier is the server going away, counted apart as ``grpc_cancelled_during_stop``: we never cancel);
 - peak RSS of the kvtier process (every incarnation).
 
 Goals: 0 corrupt, 0 stale, 0 lost, 0 5xx. ``--quick`` (15 s of traffic, a Redis kill and a kvtier
@@ -192,6 +193,8 @@ class Ledger:
         # so the ledger's order of the acknowledgements is the server's order of the operations
         self.busy: set[tuple[str, bytes]] = set()
         self.stopping = threading.Event()  # the harness is stopping kvtier on purpose (SIGTERM or SIGKILL)
+        self.stopping_fault = ""  # which: kvtier-term or kvtier-kill
+        self.cancelled_in: dict[str, int] = {}  # fault -> CANCELLED calls while it happened
         self.counts = {
             "puts": 0,
             "gets": 0,
@@ -241,6 +244,9 @@ class Worker(threading.Thread):
                     # away, as a refused connection (its outcome is in doubt, counted above); any other
                     # CANCELLED (we never cancel a call) is counted a 5xx below
                     self.ledger.count("cancelled_during_stop")
+                    with self.ledger.lock:
+                        f = self.ledger.stopping_fault
+                        self.ledger.cancelled_in[f] = self.ledger.cancelled_in.get(f, 0) + 1
                     down = True
                 if e.status >= 500 and not down:
                     self.ledger.count("5xx")
@@ -443,6 +449,7 @@ def main(argv=None) -> int:
                     time.sleep(2.0)
                     redis.start()
                 else:
+                    ledger.stopping_fault = fault
                     ledger.stopping.set()
                     try:
                         svc.stop(signal.SIGKILL if fault == "kvtier-kill" else signal.SIGTERM)
@@ -487,6 +494,7 @@ def main(argv=None) -> int:
         "in_doubt": result["in_doubt"],
         "client_5xx": c["5xx"],
         "grpc_cancelled_during_stop": c["cancelled_during_stop"],
+        "grpc_cancelled_during": dict(ledger.cancelled_in),
         "server_5xx_last_incarnation": server_5xx,
         "unavailable": c["unavailable"],
         "get_misses_during_run": c["get_misses"],
