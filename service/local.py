@@ -350,7 +350,7 @@ class LocalServer:
             return False
         t0 = time.perf_counter()
         try:
-            answer = {"ok": self._dispatch(peer.principal, peer.seg, req, wait=False)}
+            answer = {"ok": self._dispatch(peer.principal, _seg(peer), req, wait=False)}
             status = 200
         except WouldBlock:
             return False  # the store's lock is taken: a worker waits for it
@@ -453,7 +453,7 @@ class LocalServer:
             if not isinstance(req, dict):
                 raise BadRequest("a request must be a map", field="op")
             later: list = []  # work that may follow the answer (a put's page summaries)
-            answer = {"ok": self._dispatch(peer.principal, peer.seg, req, later=later)}
+            answer = {"ok": self._dispatch(peer.principal, _seg(peer), req, later=later)}
             status = 200
         except ServiceError as e:
             answer = {"error": e.to_dict()["error"] | {"status": e.status}}
@@ -466,7 +466,10 @@ class LocalServer:
         if self.svc.metrics is not None:
             self.svc.metrics.observe("local", str(op)[:32], status, time.perf_counter() - t0)
         for fn in later:  # before this connection's next request is read: the client leaves those bytes alone until then
-            fn()
+            try:
+                fn()
+            except Exception:  # summaries are a cache (recomputed when missing): the stored blocks stand
+                log.exception("local transport: work after a %s failed", op)
         return True
 
     def _do_send(self, peer: _Peer, data: bytes) -> bool:
@@ -511,10 +514,10 @@ class LocalServer:
             model = _str(args, "model")
             # "alt": the client writes its next put elsewhere in the segment (the other half), so these bytes
             # stay as they are until this connection's next request: the page summaries can follow the answer
-            defer = later is not None and args.get("alt") is True and svc.summarize_on_put
+            defer = args.get("alt") is True and svc.summarize_on_put
             with self._transfers:
                 items = wire.split_items(memoryview(seg)[off : off + n], max_items=self.settings.max_blocks_per_request)
-                if not defer:
+                if later is None or not defer:
                     stored = svc.put_frames(p, model, items, args.get("parent"))
                     return {"stored": stored, "num_stored": sum(stored)}
                 if args.get("parent") not in (None, "", b""):
@@ -590,6 +593,12 @@ class LocalServer:
 
 
 _QUERY_FIELDS = {"model", "q", "budget", "token_ids", "hashes", "salt", "extra_keys", "layers"}
+
+
+def _seg(peer: _Peer) -> mmap.mmap:
+    if peer.seg is None:
+        raise RuntimeError("a request on a connection without a segment")  # requests follow the hello
+    return peer.seg
 
 
 def _str(args: dict, name: str) -> str:
