@@ -449,10 +449,10 @@ class LocalServer:
     def _do_request(self, peer: _Peer, req) -> bool:
         t0 = time.perf_counter()
         op = req.get("op") if isinstance(req, dict) else None
+        later: list = []  # work that may follow the answer (a put's page summaries)
         try:
             if not isinstance(req, dict):
                 raise BadRequest("a request must be a map", field="op")
-            later: list = []  # work that may follow the answer (a put's page summaries)
             answer = {"ok": self._dispatch(peer.principal, _seg(peer), req, later=later)}
             status = 200
         except ServiceError as e:
