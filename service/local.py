@@ -340,20 +340,25 @@ class LocalServer:
             if peer.principal is None:
                 self._to_worker(peer, self._do_hello, msg)
                 return
-            if not self._answer_here(peer, msg):
+            answered = self._answer_here(peer, msg)
+            if answered is None:
                 self._to_worker(peer, self._do_request, msg)
                 return
+            if not answered:
+                return  # the connection went to a worker (or was dropped)
 
-    def _answer_here(self, peer: _Peer, req) -> bool:
-        """Answer a lookup on the loop thread when it needs no I/O and no wait (False: hand it to a worker)."""
+    def _answer_here(self, peer: _Peer, req) -> bool | None:
+        """Answer a lookup on the loop thread when it needs no I/O and no wait. None: not answered (for a
+        worker); True: answered; False: answered, and the connection went to a worker to finish sending
+        (a client that does not read its answers) or was dropped."""
         if not (isinstance(req, dict) and req.get("op") == "lookup" and self.svc.store_is_local):
-            return False
+            return None
         t0 = time.perf_counter()
         try:
             answer = {"ok": self._dispatch(peer.principal, _seg(peer), req, wait=False)}
             status = 200
         except WouldBlock:
-            return False  # the store's lock is taken: a worker waits for it
+            return None  # the store's lock is taken: a worker waits for it
         except ServiceError as e:
             answer, status = {"error": e.to_dict()["error"] | {"status": e.status}}, e.status
         except Exception:  # a bug: logged, answered as 500, the connection goes on
@@ -367,11 +372,12 @@ class LocalServer:
             sent = 0
         except OSError:
             self._drop(peer)
-            return True
+            return False
         if self.svc.metrics is not None:
             self.svc.metrics.observe("local", "lookup", status, time.perf_counter() - t0)
         if sent < len(msg):  # the client does not read its answers: a worker waits for it to
             self._to_worker(peer, self._do_send, msg[sent:])
+            return False
         return True
 
     def _to_worker(self, peer: _Peer, fn, arg) -> None:

@@ -10,6 +10,7 @@ import subprocess
 import sys
 import tempfile
 import textwrap
+import threading
 import time
 from pathlib import Path
 
@@ -170,6 +171,31 @@ def test_puts_alternate_halves_and_are_summarized_after_the_answer(server):
     assert recv_msg(conn.sock)["error"]["status"] == 400
     c._release(conn)
     assert c.lookup(model, hashes=keys).num_blocks == 4
+    c.close()
+
+
+def test_a_client_that_does_not_read_its_answers_stalls_no_one_else(server):
+    import msgpack
+
+    from kvtier.service.local import _LEN
+
+    c = LocalKVTierClient(server.socket, api_key=KEY_A)
+    model = c.register_spec(TINY)
+    keys = c.hashes(model, tokens(2, seed=12))
+    greedy = c._take()  # its own connection, used raw below
+    one = msgpack.packb({"op": "lookup", "args": {"model": model, "hashes": keys}, "len": 0}, use_bin_type=True)
+    n = 4000  # about 1 MB of answers: more than a Unix socket buffers, so the server cannot send them all at once
+    sender = threading.Thread(target=greedy.sock.sendall, args=((_LEN.pack(len(one)) + one) * n,))
+    sender.start()  # it blocks once the server, which cannot send its answers, stops reading
+    time.sleep(1.0)
+    other = LocalKVTierClient(server.socket, api_key=KEY_A)
+    assert other.lookup(model, hashes=keys).num_requested_blocks == 2  # others are answered meanwhile
+    answers = [recv_msg(greedy.sock) for _ in range(n)]  # then every answer arrives, in order
+    sender.join()
+    assert all(a is not None and a["ok"]["num_requested_blocks"] == 2 for a in answers)
+    c._release(greedy)
+    assert c.lookup(model, hashes=keys).num_requested_blocks == 2  # and the connection still serves
+    other.close()
     c.close()
 
 
