@@ -368,20 +368,25 @@ class LocalServer:
             if peer.principal is None:
                 self._to_worker(peer, self._do_hello, msg)
                 return
-            if not self._answer_here(peer, msg):
+            answered = self._answer_here(peer, msg)
+            if answered is None:
                 self._to_worker(peer, self._do_request, msg)
                 return
+            if not answered:
+                return  # the connection went to a worker (or was dropped)
 
-    def _answer_here(self, peer: _Peer, req) -> bool:
-        """Answer a lookup on the loop thread when it needs no I/O and no wait (False: hand it to a worker)."""
+    def _answer_here(self, peer: _Peer, req) -> bool | None:
+        """Answer a lookup on the loop thread when it needs no I/O and no wait. None: not answered (for a
+        worker); True: answered; False: answered, and the connection went to a worker to finish sending
+        (a client that does not read its answers) or was dropped."""
         if not (isinstance(req, dict) and req.get("op") == "lookup" and self.svc.store_is_local):
-            return False
+            return None
         t0 = time.perf_counter()
         try:
-            answer = {"ok": self._dispatch(peer.principal, peer.seg, req, wait=False)}
+            answer = {"ok": self._dispatch(peer.principal, _seg(peer), req, wait=False)}
             status = 200
         except WouldBlock:
-            return False  # the store's lock is taken: a worker waits for it
+            return None  # the store's lock is taken: a worker waits for it
         except ServiceError as e:
             answer, status = {"error": e.to_dict()["error"] | {"status": e.status}}, e.status
         except Exception:  # a bug: logged, answered as 500, the connection goes on
@@ -395,11 +400,12 @@ class LocalServer:
             sent = 0
         except OSError:
             self._drop(peer)
-            return True
+            return False
         if self.svc.metrics is not None:
             self.svc.metrics.observe("local", "lookup", status, time.perf_counter() - t0)
         if sent < len(msg):  # the client does not read its answers: a worker waits for it to
             self._to_worker(peer, self._do_send, msg[sent:])
+            return False
         return True
 
     def _to_worker(self, peer: _Peer, fn, arg) -> None:
@@ -477,11 +483,11 @@ class LocalServer:
     def _do_request(self, peer: _Peer, req) -> bool:
         t0 = time.perf_counter()
         op = req.get("op") if isinstance(req, dict) else None
+        later: list = []  # work that may follow the answer (a put's page summaries)
         try:
             if not isinstance(req, dict):
                 raise BadRequest("a request must be a map", field="op")
-            later: list = []  # work that may follow the answer (a put's page summaries)
-            answer = {"ok": self._dispatch(peer.principal, peer.seg, req, later=later)}
+            answer = {"ok": self._dispatch(peer.principal, _seg(peer), req, later=later)}
             status = 200
         except ServiceError as e:
             answer = {"error": e.to_dict()["error"] | {"status": e.status}}
@@ -494,7 +500,10 @@ class LocalServer:
         if self.svc.metrics is not None:
             self.svc.metrics.observe("local", str(op)[:32], status, time.perf_counter() - t0)
         for fn in later:  # before this connection's next request is read: the client leaves those bytes alone until then
-            fn()
+            try:
+                fn()
+            except Exception:  # summaries are a cache (recomputed when missing): the stored blocks stand
+                log.exception("local transport: work after a %s failed", op)
         return True
 
     def _do_send(self, peer: _Peer, data: bytes) -> bool:
@@ -542,10 +551,10 @@ class LocalServer:
             model = _str(args, "model")
             # "alt": the client writes its next put elsewhere in the segment (the other half), so these bytes
             # stay as they are until this connection's next request: the page summaries can follow the answer
-            defer = later is not None and args.get("alt") is True and svc.summarize_on_put
+            defer = args.get("alt") is True and svc.summarize_on_put
             with self._transfers:
                 items = wire.split_items(memoryview(seg)[off : off + n], max_items=self.settings.max_blocks_per_request)
-                if not defer:
+                if later is None or not defer:
                     stored = svc.put_frames(p, model, items, args.get("parent"))
                     return {"stored": stored, "num_stored": sum(stored)}
                 if args.get("parent") not in (None, "", b""):
@@ -621,6 +630,12 @@ class LocalServer:
 
 
 _QUERY_FIELDS = {"model", "q", "budget", "token_ids", "hashes", "salt", "extra_keys", "layers"}
+
+
+def _seg(peer: _Peer) -> mmap.mmap:
+    if peer.seg is None:
+        raise RuntimeError("a request on a connection without a segment")  # requests follow the hello
+    return peer.seg
 
 
 def _str(args: dict, name: str) -> str:

@@ -20,6 +20,7 @@ import threading
 import time
 from typing import Sequence
 
+import msgpack
 import torch
 
 from kvtier.kvstore import KVSpec
@@ -39,7 +40,7 @@ from .client import (
     decode_items,
     encode_frame_list,
 )
-from .local import frame_slot_bytes, recv_msg, send_msg
+from .local import _LEN, MAX_CONTROL_BYTES, frame_slot_bytes, recv_msg, send_msg
 
 DEFAULT_SEGMENT_BYTES = 64 << 20
 
@@ -141,7 +142,7 @@ class LocalKVTierClient(KVTierClient):
                 n = 0 if fill is None else fill(conn) if fill_conn else fill(conn.seg)
                 off = args.pop("off", 0)
                 send_msg(conn.sock, {"op": op, "args": args, "len": n, "off": off})
-                msg = recv_msg(conn.sock)
+                msg = _recv_answer(conn.sock)
                 if msg is None:
                     raise ConnectionError("the local transport closed the connection")
                 ok = True
@@ -194,7 +195,7 @@ class LocalKVTierClient(KVTierClient):
         if token_ids is not None:
             args["token_ids"] = [int(t) for t in (token_ids.tolist() if hasattr(token_ids, "tolist") else token_ids)]
         if hashes is not None:
-            args["hashes"] = [_key_hex(h) for h in hashes]
+            args["hashes"] = [h if isinstance(h, str) else bytes(h) for h in hashes]  # raw bytes: no hex either side
         return _parse_lookup(self._call("lookup", args))
 
     def put(self, model: str, keys: Sequence[bytes], blocks, *, parent: bytes | None = None) -> list[bool]:
@@ -301,6 +302,33 @@ class LocalKVTierClient(KVTierClient):
 
     def events(self, after: int = 0, limit: int = 1000) -> dict:
         return self._call("events", {"after": after, "limit": limit})
+
+
+def _recv_answer(sock: socket.socket):
+    """The answer to this connection's one request in flight (None: the server closed): usually one
+    ``recv``. Nothing can follow it, so reading more than one message's bytes is never needed."""
+    data = sock.recv(1 << 16)
+    if not data:
+        return None
+    buf = bytearray(data) if len(data) < _LEN.size or len(data) != _LEN.size + _LEN.unpack_from(data)[0] else None
+    if buf is None:
+        return msgpack.unpackb(memoryview(data)[_LEN.size :], raw=False, strict_map_key=False)
+    while len(buf) < _LEN.size:
+        more = sock.recv(_LEN.size - len(buf))
+        if not more:
+            return None
+        buf += more
+    (n,) = _LEN.unpack_from(buf)
+    if n > MAX_CONTROL_BYTES:
+        raise ConnectionError(f"the local transport sent a message of {n} bytes, at most {MAX_CONTROL_BYTES} are allowed")
+    while len(buf) < _LEN.size + n:
+        more = sock.recv(min(1 << 20, _LEN.size + n - len(buf)))
+        if not more:
+            return None
+        buf += more
+    if len(buf) != _LEN.size + n:
+        raise ConnectionError("the local transport sent bytes after its answer")
+    return msgpack.unpackb(memoryview(buf)[_LEN.size :], raw=False, strict_map_key=False)
 
 
 def _item_bytes(frame) -> int:

@@ -10,6 +10,7 @@ import subprocess
 import sys
 import tempfile
 import textwrap
+import threading
 import time
 from pathlib import Path
 
@@ -20,6 +21,7 @@ from kvtier.kvstore import KVSpec
 from kvtier.kvstore.frames import encode_frame_parts
 from kvtier.service import wire
 from kvtier.service.client import KVTierClient, KVTierError
+from kvtier.service.local import recv_msg, send_msg
 from kvtier.service.local_client import LocalKVTierClient
 
 from .conftest import ADMIN_KEY, KEYS, TINY
@@ -146,6 +148,54 @@ def test_limits_and_checksums_are_enforced(server):
     with pytest.raises(KVTierError) as e:
         LocalKVTierClient(server.socket, api_key=KEY_A, segment_bytes=1 << 40).stats()
     assert e.value.field == "segment_bytes"
+    c.close()
+
+
+def test_puts_alternate_halves_and_are_summarized_after_the_answer(server):
+    c = LocalKVTierClient(server.socket, api_key=KEY_A, segment_bytes=1 << 20)
+    model = c.register_spec(TINY)
+    toks = tokens(4, seed=11)
+    keys = c.hashes(model, toks)
+    bs = blocks(4, seed=11)
+    for i in range(4):  # one block per put: the halves alternate, each put's summaries follow its answer
+        assert c.put(model, keys[i : i + 1], bs[i : i + 1], parent=keys[i - 1] if i else None) == [True]
+    assert all(torch.equal(g, b) for g, b in zip(c.get(model, keys), bs))  # the other half never spoiled a block
+    q = torch.randn(TINY.num_layers, 2 * TINY.num_kv_heads, TINY.head_dim).to(TINY.torch_dtype)
+    r = c.retrieve(model, q, budget=40, hashes=keys)
+    assert r.num_blocks == 4 and r.summarized == 0  # every summary was there: none read again to be made
+    with pytest.raises(KVTierError) as e:  # the offset is checked like the length
+        c._call("put", {"model": model, "off": 1 << 20}, fill=lambda seg: 16)
+    assert e.value.status == 400 and e.value.field == "off"
+    conn = c._take()  # a request that is not a map: a 400, and the connection goes on
+    send_msg(conn.sock, [1, 2])
+    assert recv_msg(conn.sock)["error"]["status"] == 400
+    c._release(conn)
+    assert c.lookup(model, hashes=keys).num_blocks == 4
+    c.close()
+
+
+def test_a_client_that_does_not_read_its_answers_stalls_no_one_else(server):
+    import msgpack
+
+    from kvtier.service.local import _LEN
+
+    c = LocalKVTierClient(server.socket, api_key=KEY_A)
+    model = c.register_spec(TINY)
+    keys = c.hashes(model, tokens(2, seed=12))
+    greedy = c._take()  # its own connection, used raw below
+    one = msgpack.packb({"op": "lookup", "args": {"model": model, "hashes": keys}, "len": 0}, use_bin_type=True)
+    n = 4000  # about 1 MB of answers: more than a Unix socket buffers, so the server cannot send them all at once
+    sender = threading.Thread(target=greedy.sock.sendall, args=((_LEN.pack(len(one)) + one) * n,))
+    sender.start()  # it blocks once the server, which cannot send its answers, stops reading
+    time.sleep(1.0)
+    other = LocalKVTierClient(server.socket, api_key=KEY_A)
+    assert other.lookup(model, hashes=keys).num_requested_blocks == 2  # others are answered meanwhile
+    answers = [recv_msg(greedy.sock) for _ in range(n)]  # then every answer arrives, in order
+    sender.join()
+    assert all(a is not None and a["ok"]["num_requested_blocks"] == 2 for a in answers)
+    c._release(greedy)
+    assert c.lookup(model, hashes=keys).num_requested_blocks == 2  # and the connection still serves
+    other.close()
     c.close()
 
 
