@@ -522,7 +522,7 @@ def render(figures: dict) -> str:
         f"## bench/fidelity.py{' --quick' if quick else ''}" + (" (partial: stopped early)" if partial else ""),
         "",
         f"Pass-key accuracy, SmolLM2-135M-Instruct, {len(prompts)} prompts ({', '.join(map(str, lens))} tokens; depths {depths};"
-        f" {keys_per} key(s) per length and depth; families {', '.join(figures.get('families') or ['repeat/passkey'])}), total over"
+        f" {keys_per} key(s) per length and depth; families {', '.join(sorted({p.get('family', 'repeat/passkey') for p in prompts}))}), total over"
         f" the families; query-agnostic compression of the context (sinks {figures['sinks']},"
         f" window {figures['window']} kept by kvtier); demote recall {figures['recall_budget']} tokens per KV head and query"
         f" through `{figures['recall_selector']}`; duo: {n_ret}/{n_heads} retrieval heads.",
