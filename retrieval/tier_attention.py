@@ -174,6 +174,10 @@ class TierAttention:
             ``ceil(sqrt(N / candidate_groups))`` blocks, so levels 0 and 1 each score about
             ``sqrt(N * candidate_groups)`` bounds: selection grows as the square root of the
             context); ``None``: no level 0.
+        full_score_pages: a context of at most this many pages per KV head is scored page by page
+            (level 2 alone): level 1's block bounds prune only longer contexts. Measured on the
+            reference model at 4K tokens (``bench/tier_ppl_sweep.py``): pruning 62 blocks to 32 by
+            their bounds cost +0.9% perplexity, and 1,024 pages cost about what level 2 scores at 1M.
         page_cache_bytes: the page cache (decoded pages of every open context, LRU).
         summary_bytes: the hot page summaries (kmin, kmax per block and layer, LRU).
         prefetch: read layer l+1's previous pages on a thread while layer l runs.
@@ -187,13 +191,19 @@ class TierAttention:
         budget: int = 512,
         candidate_blocks: int | None = 32,
         candidate_groups: int | None = 16,
+        full_score_pages: int = 1024,
         page_cache_bytes: int = 256 << 20,
         summary_bytes: int = 256 << 20,
         prefetch: bool = True,
     ) -> None:
         if not isinstance(store, TieredStore):
             raise ValueError(f"store must be a kvstore.TieredStore, got {type(store).__name__}")
-        for name, v, low in (("budget", budget, 1), ("page_cache_bytes", page_cache_bytes, 0), ("summary_bytes", summary_bytes, 0)):
+        for name, v, low in (
+            ("budget", budget, 1),
+            ("full_score_pages", full_score_pages, 0),
+            ("page_cache_bytes", page_cache_bytes, 0),
+            ("summary_bytes", summary_bytes, 0),
+        ):
             if isinstance(v, bool) or not isinstance(v, int) or v < low:
                 raise ValueError(f"{name} must be an int >= {low}, got {v!r}")
         for name, v in (("candidate_blocks", candidate_blocks), ("candidate_groups", candidate_groups)):
@@ -203,6 +213,7 @@ class TierAttention:
         self.budget = budget
         self.candidate_blocks = candidate_blocks
         self.candidate_groups = candidate_groups
+        self.full_score_pages = full_score_pages
         self.prefetch = prefetch
         # pages are decoded once into the dtype attention computes in: float32 on CPU (no fast
         # float16 arithmetic there), the spec's dtype on a GPU
@@ -362,7 +373,7 @@ class TierAttention:
         pos, neg = qf.clamp_min(0), qf.clamp_max(0)
         qq = torch.cat([pos, neg], 2)  # [H, G, 2D]
         # level 1: blocks by their block-level bound
-        C = N if self.candidate_blocks is None else min(N, max(self.candidate_blocks, -(-want // Np)))
+        C = N if self.candidate_blocks is None or total <= self.full_score_pages else min(N, max(self.candidate_blocks, -(-want // Np)))
         scored = 0
         if C < N and ctx.groups is not None:
             # level 0: groups of S blocks by their bound, then the blocks of the kept groups only
