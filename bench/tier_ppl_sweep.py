@@ -13,7 +13,8 @@ defaults are then measured through ``SparseDecode`` by ``tier_fidelity.py``.
 
 Options per row: ``budget`` (tokens per KV head, tail included), ``resident`` (resident_tokens),
 ``C`` (candidate_blocks; 0 = one level), ``dense`` (dense_layers), ``agg`` (how a GQA group's
-query heads score a page: ``max`` of their Quest bounds, or ``sum``), ``oracle`` (pages by their
+query heads score a page: ``max`` of their Quest bounds, or ``sum``; ``mean``: the mean key's score instead of the bound; ``mix``/``mix25``: the bound and
+the mean key's score weighted 1:1 / 3:1), ``oracle`` (pages by their
 true attention mass instead of Quest bounds: the ceiling of page selection).
 """
 
@@ -65,12 +66,15 @@ def allowed_tokens(q, k, start: int, cfg: dict, BT: int, layer: int, scale: floa
     else:
         pos_q, neg_q = q.clamp_min(0), q.clamp_max(0)
 
-        def score(hi, lo):  # [H, X, D] -> [H, n, X]
+        def score(hi, lo, mean=None, w=0.0):  # [H, X, D] -> [H, n, X]
             s = torch.einsum("hgnd,hxd->hgnx", pos_q, hi) + torch.einsum("hgnd,hxd->hgnx", neg_q, lo)
-            return s.amax(1) if cfg["agg"] == "max" else s.sum(1)
+            if mean is not None:
+                s = (1 - w) * s + w * torch.einsum("hgnd,hxd->hgnx", q, mean)
+            return s.amax(1) if cfg["agg"] != "sum" else s.sum(1)
 
         kmax, kmin = ks.amax(2), ks.amin(2)  # [H, total, D]
-        s2 = score(kmax, kmin)  # [H, n, total]
+        w = {"mean": 1.0, "mix": 0.5, "mix25": 0.25}.get(cfg["agg"], 0.0)  # weight of the page's mean key in its score
+        s2 = score(kmax, kmin, ks.mean(2) if w else None, w)  # [H, n, total]
         C = cfg["C"]
         if C:
             block_ok = (torch.arange(N) * BT)[None, :] < stored[:, None]  # [n, N]

@@ -296,3 +296,20 @@ def test_a_short_context_is_scored_page_by_page(tmp_path):
     assert torch.equal(ids, ref.select(ref.open(keys), 0, q))
     with pytest.raises(ValueError):
         TierAttention(store, SPEC, full_score_pages=-1)
+
+
+def test_mean_weight_scores_pages_by_bound_and_mean_key(tmp_path):
+    kv, blocks, keys = context(8, seed=10)
+    store = store_for(tmp_path)
+    store.put(SPEC, keys, blocks)
+    q = torch.randn(4, SPEC.head_dim)
+    att = TierAttention(store, SPEC, budget=64, mean_weight=0.5, prefetch=False)
+    ids = att.select(att.open(keys), 1, q)
+    k = kv[1, 0].view(2, 32, 16, SPEC.head_dim)  # [H, pages, P, D]
+    qg = q.view(2, 2, SPEC.head_dim)
+    bound = (qg.clamp_min(0) @ k.amax(2).transpose(1, 2)) + (qg.clamp_max(0) @ k.amin(2).transpose(1, 2))
+    s = (0.5 * bound + 0.5 * (qg @ k.mean(2).transpose(1, 2))).amax(1)  # [H, pages]
+    s[:, 0] = float("inf")
+    assert torch.equal(ids, s.topk(4, 1).indices.sort(1).values)
+    with pytest.raises(ValueError):
+        TierAttention(store, SPEC, mean_weight=2.0)
