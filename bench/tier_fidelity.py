@@ -83,6 +83,8 @@ def main() -> None:
     ap.add_argument("--lengths", type=int, nargs="+", default=[6144, 8192], help="pass-key prompt lengths (full run)")
     ap.add_argument("--depths", type=float, nargs="+", default=[0.25, 0.5, 0.75], help="pass-key depths (full run)")
     ap.add_argument("--ppl-only", action="store_true", help="only the perplexity part (results: tier_fidelity_ppl.*)")
+    ap.add_argument("--tiers", nargs="+", choices=["disk", "redis"], help="stores to decode from (default: disk and redis; quick: disk)")
+    ap.add_argument("--hook-options", default="", help="more SparseDecode options, key=int,... (default: SparseDecode's defaults)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     t_all = time.time()
@@ -95,6 +97,9 @@ def main() -> None:
         kinds, ppl_tokens, ppl_steps = ("disk", "redis"), 4096, args.ppl_steps or 256
     if args.ppl_only:
         prompts = []
+    if args.tiers:
+        kinds = tuple(args.tiers)
+    opts = {k: int(v) for k, v in (kv.split("=") for kv in args.hook_options.split(",") if kv)}
     root = Path(tempfile.mkdtemp(prefix="kvtier-tier-fid-"))
     redis = LocalRedis() if "redis" in kinds else None
     rows, tier_stats = [], {}
@@ -107,7 +112,7 @@ def main() -> None:
                 hook = None
                 if kind != "full":
                     store = make_store(kind, root, redis.url if redis else None)
-                    hook = SparseDecode(budget=args.budget, store=store)
+                    hook = SparseDecode(budget=args.budget, store=store, **opts)
                 t0 = time.perf_counter()
                 if hook is None:
                     answer = tok.decode(refmodel.greedy(model, s, 8))
@@ -148,7 +153,7 @@ def main() -> None:
             hook = None
             if kind != "full":
                 store = make_store(kind, root, redis.url if redis else None)
-                hook = SparseDecode(budget=args.budget, store=store)
+                hook = SparseDecode(budget=args.budget, store=store, **opts)
             t0 = time.perf_counter()
             nll = teacher_forced_nll(model, s, ids, start, hook)
             ppl[kind] = {"ppl": float(torch.exp(nll.mean())), "seconds": time.perf_counter() - t0}
@@ -174,7 +179,8 @@ def main() -> None:
     md = [
         f"## bench/tier_fidelity.py{' --quick' if args.quick else ''}",
         "",
-        f"SmolLM2-135M (30 layers, 3 KV heads), `SparseDecode(budget={args.budget}, store=...)`: the prompt's KV written to the "
+        f"SmolLM2-135M (30 layers, 3 KV heads), `SparseDecode(budget={args.budget}, store=...{''.join(f', {k}={v}' for k, v in opts.items())})` "
+        f"(its other options at their defaults; run `{' '.join(sys.argv)}`): the prompt's KV written to the "
         "store in 64-token blocks (`paged` codec) and zeroed in the transformers cache; each decode step reads the selected "
         f"pages from the tier. {args.threads} torch threads, shared CPU box.",
         "",
@@ -192,7 +198,7 @@ def main() -> None:
     ]
     save_results(
         name,
-        {"quick": args.quick, "budget": args.budget, "passkey": rows, "perplexity": ppl, "tier_stats": tier_stats},
+        {"quick": args.quick, "budget": args.budget, "hook_options": opts, "command": " ".join(sys.argv), "passkey": rows, "perplexity": ppl, "tier_stats": tier_stats},
         "\n".join(md),
         args.out,
     )

@@ -13,7 +13,8 @@ defaults are then measured through ``SparseDecode`` by ``tier_fidelity.py``.
 
 Options per row: ``budget`` (tokens per KV head, tail included), ``resident`` (resident_tokens),
 ``C`` (candidate_blocks; 0 = one level), ``dense`` (dense_layers), ``agg`` (how a GQA group's
-query heads score a page: ``max`` of their Quest bounds, or ``sum``), ``oracle`` (pages by their
+query heads score a page: ``max`` of their Quest bounds, or ``sum``; ``mean``: the mean key's score instead of the bound; ``mix``/``mix25``: the bound and
+the mean key's score weighted 1:1 / 3:1), ``oracle`` (pages by their
 true attention mass instead of Quest bounds: the ceiling of page selection).
 """
 
@@ -35,44 +36,69 @@ from kvtier.connectors.hf_dispatch import bind, sdpa  # noqa: E402
 P = 16
 
 
-def select_pages(q, k, stored: int, want: int, cfg: dict, BT: int, layer: int, scale: float):
-    """Page ids ``[H, n]`` (over the first ``stored`` tokens) for one query ``q [H, G, D]``."""
-    H, G, D = q.shape
+def allowed_tokens(q, k, start: int, cfg: dict, BT: int, layer: int, scale: float) -> torch.Tensor:
+    """``[H, n, T]`` bool: the tokens each KV head attends at each of the ``n`` steps (vectorised
+    over the steps): the pages TierAttention selects among the blocks stored at that step, plus
+    the resident tail up to the step's own token."""
+    H, G, n, D = q.shape
+    T = k.shape[1]
     Np = BT // P
-    N = stored // BT
+    pos = torch.arange(start, start + n)  # the token each step decodes (the cache holds 0..pos)
+    stored = (pos - cfg["resident"]).clamp_min(0) // BT * BT  # [n]: tokens in the store at that step
+    want = ((cfg["budget"] - (pos + 1 - stored)) // P).clamp_min(1)  # [n] pages from the tiers
+    tok = torch.arange(T)
+    allowed = (tok >= stored[:, None]) & (tok <= pos[:, None])  # the resident tail, causal
+    allowed = allowed.expand(H, n, T).clone()
+    N = int(stored.max()) // BT  # blocks stored at the last step
+    if N == 0:
+        return allowed
     total = N * Np
-    if want >= total or layer < cfg["dense"]:
-        return torch.arange(total).expand(H, total)
-    ks = k[:, :stored].view(H, total, P, D)
-    if cfg["oracle"]:
-        logits = torch.einsum("hgd,htd->hgt", q, k[:, :stored]) * scale
-        mass = logits.softmax(-1).view(H, G, total, P).sum(-1)  # [H, G, pages]
-        s2 = mass.amax(1) if cfg["agg"] == "max" else mass.sum(1)
-        s2[:, 0] = float("inf")
-        return s2.topk(want, 1).indices.sort(1).values
-    pos, neg = q.clamp_min(0), q.clamp_max(0)
-    kmax, kmin = ks.amax(2), ks.amin(2)  # [H, pages, D]
-
-    def score(hi, lo):  # [H, X, D] -> [H, X]
-        s = pos @ hi.transpose(1, 2) + neg @ lo.transpose(1, 2)  # [H, G, X]
-        return s.amax(1) if cfg["agg"] == "max" else s.sum(1)
-
-    C = cfg["C"]
-    if C and C < N:
-        C = max(C, -(-want // Np))
-        bmax, bmin = kmax.view(H, N, Np, D).amax(2), kmin.view(H, N, Np, D).amin(2)
-        s1 = score(bmax, bmin)
-        s1[:, 0] = float("inf")
-        cand = s1.topk(C, 1).indices  # [H, C]
+    ks = k[:, : N * BT].view(H, total, P, D)
+    page_ok = (torch.arange(total) * P)[None, :] < stored[:, None]  # [n, total]: the page was stored at that step
+    if layer < cfg["dense"]:
+        sel = page_ok.expand(H, n, total)
+    elif cfg["oracle"]:
+        logits = torch.einsum("hgnd,htd->hgnt", q, k[:, : N * BT]) * scale
+        logits = logits.masked_fill(~page_ok.repeat_interleave(P, 1)[None, None], float("-inf"))
+        mass = logits.softmax(-1).view(H, G, n, total, P).sum(-1)
+        s2 = mass.amax(1) if cfg["agg"] == "max" else mass.sum(1)  # [H, n, total]
+        sel = _top(s2, page_ok, want)
     else:
-        C, cand = N, torch.arange(N).expand(H, N)
-    gid = (cand.unsqueeze(-1) * Np + torch.arange(Np)).reshape(H, C * Np)
-    hi = torch.gather(kmax, 1, gid[..., None].expand(-1, -1, D))
-    lo = torch.gather(kmin, 1, gid[..., None].expand(-1, -1, D))
-    s2 = score(hi, lo)
-    s2 = torch.where(gid == 0, float("inf"), s2)
-    top = s2.topk(min(want, C * Np), 1).indices
-    return torch.gather(gid, 1, top).sort(1).values
+        pos_q, neg_q = q.clamp_min(0), q.clamp_max(0)
+
+        def score(hi, lo, mean=None, w=0.0):  # [H, X, D] -> [H, n, X]
+            s = torch.einsum("hgnd,hxd->hgnx", pos_q, hi) + torch.einsum("hgnd,hxd->hgnx", neg_q, lo)
+            if mean is not None:
+                s = (1 - w) * s + w * torch.einsum("hgnd,hxd->hgnx", q, mean)
+            return s.amax(1) if cfg["agg"] != "sum" else s.sum(1)
+
+        kmax, kmin = ks.amax(2), ks.amin(2)  # [H, total, D]
+        w = {"mean": 1.0, "mix": 0.5, "mix25": 0.25}.get(cfg["agg"], 0.0)  # weight of the page's mean key in its score
+        s2 = score(kmax, kmin, ks.mean(2) if w else None, w)  # [H, n, total]
+        C = cfg["C"]
+        if C:
+            block_ok = (torch.arange(N) * BT)[None, :] < stored[:, None]  # [n, N]
+            s1 = score(kmax.view(H, N, Np, D).amax(2), kmin.view(H, N, Np, D).amin(2))
+            s1[..., 0] = float("inf")
+            s1 = s1.masked_fill(~block_ok, float("-inf"))
+            Cn = torch.clamp(-(-want // Np), min=C)  # [n]
+            rank = s1.argsort(-1, descending=True).argsort(-1)  # [H, n, N]
+            cand = (rank < Cn[None, :, None]) & block_ok  # kept blocks (all when fewer than C are stored)
+            s2 = s2.masked_fill(~cand.repeat_interleave(Np, -1), float("-inf"))
+        sel = _top(s2, page_ok, want)
+    return allowed | _pad(sel.repeat_interleave(P, -1), T)
+
+
+def _top(s2, page_ok, want):
+    """The ``want[i]`` best stored pages of each step (the sink page always)."""
+    s2 = s2.masked_fill(~page_ok, float("-inf")).clone()
+    s2[..., 0] = float("inf")
+    rank = s2.argsort(-1, descending=True).argsort(-1)
+    return (rank < want[None, :, None]) & page_ok
+
+
+def _pad(x, T):
+    return torch.nn.functional.pad(x, (0, T - x.shape[-1]))
 
 
 def make_handler(cfg: dict, start: int, BT: int):
@@ -82,22 +108,13 @@ def make_handler(cfg: dict, start: int, BT: int):
             return sdpa(module, query, key, value, attention_mask, scaling=scaling, **kw)
         H = key.shape[1]
         G = Hq // H
-        layer = module.layer_idx
-        out = torch.empty(1, n, Hq, D)
-        for i in range(n):
-            Tc = start + i + 1  # the cache's length at this step
-            stored = max(0, Tc - 1 - cfg["resident"]) // BT * BT
-            q = query[0, :, i].view(H, G, D)
-            k, v = key[0, :, :Tc], value[0, :, :Tc]
-            tail = Tc - stored
-            want = max(P, (cfg["budget"] - tail) // P * P) // P
-            pages = select_pages(q, k, stored, want, cfg, BT, layer, scaling)
-            tok = torch.cat([(pages.unsqueeze(-1) * P + torch.arange(P)).flatten(1), torch.arange(stored, Tc).expand(H, tail)], 1)
-            ksel = torch.gather(k, 1, tok[..., None].expand(-1, -1, D))  # [H, K, D]
-            vsel = torch.gather(v, 1, tok[..., None].expand(-1, -1, D))
-            att = (torch.einsum("hgd,hkd->hgk", q, ksel) * scaling).softmax(-1)
-            out[0, i] = torch.einsum("hgk,hkd->hgd", att, vsel).reshape(Hq, D)
-        return out, None
+        q = query[0].view(H, G, n, D)
+        k, v = key[0], value[0]
+        allowed = allowed_tokens(q, k, start, cfg, BT, module.layer_idx, scaling)  # [H, n, T]
+        s = torch.einsum("hgnd,htd->hgnt", q, k) * scaling
+        att = s.masked_fill(~allowed[:, None], float("-inf")).softmax(-1)
+        out = torch.einsum("hgnt,htd->hgnd", att, v).reshape(Hq, n, D).transpose(0, 1)
+        return out[None], None
 
     return handler
 

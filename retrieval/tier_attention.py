@@ -174,6 +174,12 @@ class TierAttention:
             ``ceil(sqrt(N / candidate_groups))`` blocks, so levels 0 and 1 each score about
             ``sqrt(N * candidate_groups)`` bounds: selection grows as the square root of the
             context); ``None``: no level 0.
+        full_score_pages: a context of at most this many pages per KV head is scored page by page
+            (level 2 alone): level 1's block bounds prune only longer contexts. Measured on the
+            reference model at 4K tokens (``bench/tier_ppl_sweep.py``): pruning 62 blocks to 32 by
+            their bounds cost +0.9% perplexity, and 1,024 pages cost about what level 2 scores at 1M.
+        mean_weight: how level 2 scores a page: ``(1 - w)`` x its Quest bound plus ``w`` x the
+            query's product with the page's mean key (``0``: the bound alone, Quest).
         page_cache_bytes: the page cache (decoded pages of every open context, LRU).
         summary_bytes: the hot page summaries (kmin, kmax per block and layer, LRU).
         prefetch: read layer l+1's previous pages on a thread while layer l runs.
@@ -187,13 +193,20 @@ class TierAttention:
         budget: int = 512,
         candidate_blocks: int | None = 32,
         candidate_groups: int | None = 16,
+        full_score_pages: int = 1024,
+        mean_weight: float = 0.0,
         page_cache_bytes: int = 256 << 20,
         summary_bytes: int = 256 << 20,
         prefetch: bool = True,
     ) -> None:
         if not isinstance(store, TieredStore):
             raise ValueError(f"store must be a kvstore.TieredStore, got {type(store).__name__}")
-        for name, v, low in (("budget", budget, 1), ("page_cache_bytes", page_cache_bytes, 0), ("summary_bytes", summary_bytes, 0)):
+        for name, v, low in (
+            ("budget", budget, 1),
+            ("full_score_pages", full_score_pages, 0),
+            ("page_cache_bytes", page_cache_bytes, 0),
+            ("summary_bytes", summary_bytes, 0),
+        ):
             if isinstance(v, bool) or not isinstance(v, int) or v < low:
                 raise ValueError(f"{name} must be an int >= {low}, got {v!r}")
         for name, v in (("candidate_blocks", candidate_blocks), ("candidate_groups", candidate_groups)):
@@ -203,6 +216,10 @@ class TierAttention:
         self.budget = budget
         self.candidate_blocks = candidate_blocks
         self.candidate_groups = candidate_groups
+        self.full_score_pages = full_score_pages
+        if isinstance(mean_weight, bool) or not isinstance(mean_weight, (int, float)) or not 0.0 <= mean_weight <= 1.0:
+            raise ValueError(f"mean_weight must be a number in [0, 1], got {mean_weight!r}")
+        self.mean_weight = float(mean_weight)
         self.prefetch = prefetch
         # pages are decoded once into the dtype attention computes in: float32 on CPU (no fast
         # float16 arithmetic there), the spec's dtype on a GPU
@@ -330,8 +347,9 @@ class TierAttention:
 
     # -- selection -------------------------------------------------------------------------
     def _page_bounds(self, ctx: TierContext, layer: int, blocks: list[int]) -> dict[int, torch.Tensor]:
-        """``{block: [H_kv, Np, 2D]}`` of ``layer`` (each page's key maximum then minimum, as stored:
-        float16 for float16 blocks), from the hot LRU or one read."""
+        """``{block: [H_kv, Np, 2D]}`` of ``layer`` (each page's key maximum then minimum, then its
+        mean key when ``mean_weight``: ``3D``; as stored, float16 for float16 blocks), from the hot
+        LRU or one read."""
         out, miss = {}, []
         for b in blocks:
             v = self.summaries.get_value((ctx.keys[b], layer))
@@ -342,8 +360,9 @@ class TierAttention:
         if miss:
             bufs = self._read([ctx.layouts[b] for b in miss], [[Summary(layer)]] * len(miss), summary=True)
             for b, piece in zip(miss, bufs):
-                kmin, kmax, _ = ctx.layouts[b].decode_summary(layer, piece[0])
-                out[b] = torch.cat([kmax, kmin], 2)  # [H, Np, 2D]: one matrix product scores a page
+                kmin, kmax, kmean = ctx.layouts[b].decode_summary(layer, piece[0])
+                parts = [kmax, kmin, kmean] if self.mean_weight else [kmax, kmin]
+                out[b] = torch.cat(parts, 2)  # [H, Np, 2D or 3D]: one matrix product scores a page
                 self.summaries.put((ctx.keys[b], layer), out[b], out[b].numel() * out[b].element_size())
         return out
 
@@ -362,7 +381,7 @@ class TierAttention:
         pos, neg = qf.clamp_min(0), qf.clamp_max(0)
         qq = torch.cat([pos, neg], 2)  # [H, G, 2D]
         # level 1: blocks by their block-level bound
-        C = N if self.candidate_blocks is None else min(N, max(self.candidate_blocks, -(-want // Np)))
+        C = N if self.candidate_blocks is None or total <= self.full_score_pages else min(N, max(self.candidate_blocks, -(-want // Np)))
         scored = 0
         if C < N and ctx.groups is not None:
             # level 0: groups of S blocks by their bound, then the blocks of the kept groups only
@@ -391,8 +410,10 @@ class TierAttention:
             _before_level2()  # a prefetch of this layer's summaries and pages ends here
         bounds = self._page_bounds(ctx, layer, union)
         ctx.last_blocks[layer] = union
-        pb = torch.stack([bounds[b][h] for h, row in enumerate(cand.tolist()) for b in row])  # [H*C, Np, 2D]
-        s2 = torch.bmm(qq, pb.view(H, C * Np, 2 * D).float().transpose(1, 2)).amax(1)  # [H, C*Np]
+        pb = torch.stack([bounds[b][h] for h, row in enumerate(cand.tolist()) for b in row])  # [H*C, Np, 2D or 3D]
+        w = self.mean_weight
+        q2 = torch.cat([(1 - w) * pos, (1 - w) * neg, w * qf], 2) if w else qq  # the bound and the mean key's score, weighted
+        s2 = torch.bmm(q2, pb.view(H, C * Np, q2.shape[2]).float().transpose(1, 2)).amax(1)  # [H, C*Np]
         gid = (cand.unsqueeze(-1) * Np + torch.arange(Np)).reshape(H, C * Np)  # global page ids
         s2 = torch.where(gid == 0, float("inf"), s2)  # the sink page
         top = s2.topk(min(want, C * Np), dim=1).indices

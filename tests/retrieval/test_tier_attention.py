@@ -60,7 +60,7 @@ def test_selection_equals_the_same_selection_over_resident_kv(tmp_path):
     kv, blocks, keys = context(16, seed=1)
     store = store_for(tmp_path)
     store.put(SPEC, keys, blocks)
-    att = TierAttention(store, SPEC, budget=128, candidate_blocks=4, prefetch=False)
+    att = TierAttention(store, SPEC, budget=128, candidate_blocks=4, full_score_pages=0, prefetch=False)
     ctx = att.open(keys)
     q = torch.randn(4, SPEC.head_dim)
     ids = att.select(ctx, 1, q)
@@ -80,7 +80,7 @@ def test_hierarchy_finds_the_needle_pages_and_prunes_blocks(tmp_path):
     blocks = [kv[:, :, :, i * 64 : (i + 1) * 64].contiguous() for i in range(32)]
     store = store_for(tmp_path)
     store.put(SPEC, keys, blocks)
-    att = TierAttention(store, SPEC, budget=64, candidate_blocks=4, prefetch=False)
+    att = TierAttention(store, SPEC, budget=64, candidate_blocks=4, full_score_pages=0, prefetch=False)
     ctx = att.open(keys)
     ids = att.select(ctx, 0, q)
     assert all(21 * 4 + 2 in row for row in ids.tolist())
@@ -179,7 +179,7 @@ def test_level_0_groups_blocks_and_still_finds_the_needle(tmp_path):
     blocks = [kv[:, :, :, i * 64 : (i + 1) * 64].contiguous() for i in range(48)]
     store = store_for(tmp_path)
     store.put(SPEC, keys, blocks)
-    att = TierAttention(store, SPEC, budget=64, candidate_blocks=4, candidate_groups=3, prefetch=False)
+    att = TierAttention(store, SPEC, budget=64, candidate_blocks=4, candidate_groups=3, full_score_pages=0, prefetch=False)
     ctx = att.open(keys)
     assert ctx.group_blocks == 4 and ctx.groups is not None and ctx.groups.shape[2] == 12  # ceil(sqrt(48 / 3)) blocks a group
     # a group's bound bounds its blocks'
@@ -261,7 +261,7 @@ def test_streamed_prefill_attends_the_selected_pages_and_the_causal_resident_tok
     k = torch.randn(1, 2, T, SPEC.head_dim, generator=g).expand(2, -1, -1, -1)
     v = torch.randn(1, 2, T, SPEC.head_dim, generator=g).expand(2, -1, -1, -1)
     store = store_for(tmp_path)
-    att = TierAttention(store, SPEC, budget=64, candidate_blocks=2, prefetch=False)
+    att = TierAttention(store, SPEC, budget=64, candidate_blocks=2, full_score_pages=0, prefetch=False)
     sp = StreamedPrefill(att)
     for a in range(0, T - n, n):
         for layer in range(2):
@@ -282,3 +282,34 @@ def test_streamed_prefill_attends_the_selected_pages_and_the_causal_resident_tok
         sp.attend(0, q[0, :, a:], k[0, :, a:], v[0, :, a:])
     with pytest.raises(ValueError, match="commit"):
         sp.commit()
+
+
+def test_a_short_context_is_scored_page_by_page(tmp_path):
+    kv, blocks, keys = context(16, seed=9)
+    store = store_for(tmp_path)
+    store.put(SPEC, keys, blocks)
+    q = torch.randn(4, SPEC.head_dim)
+    one = TierAttention(store, SPEC, budget=64, candidate_blocks=2, prefetch=False)  # 64 pages <= full_score_pages
+    ids = one.select(one.open(keys), 0, q)
+    assert one.stats().pages_scored == 64 and one.stats().blocks_scored == 0
+    ref = TierAttention(store, SPEC, budget=64, candidate_blocks=None, prefetch=False)
+    assert torch.equal(ids, ref.select(ref.open(keys), 0, q))
+    with pytest.raises(ValueError):
+        TierAttention(store, SPEC, full_score_pages=-1)
+
+
+def test_mean_weight_scores_pages_by_bound_and_mean_key(tmp_path):
+    kv, blocks, keys = context(8, seed=10)
+    store = store_for(tmp_path)
+    store.put(SPEC, keys, blocks)
+    q = torch.randn(4, SPEC.head_dim)
+    att = TierAttention(store, SPEC, budget=64, mean_weight=0.5, prefetch=False)
+    ids = att.select(att.open(keys), 1, q)
+    k = kv[1, 0].view(2, 32, 16, SPEC.head_dim)  # [H, pages, P, D]
+    qg = q.view(2, 2, SPEC.head_dim)
+    bound = (qg.clamp_min(0) @ k.amax(2).transpose(1, 2)) + (qg.clamp_max(0) @ k.amin(2).transpose(1, 2))
+    s = (0.5 * bound + 0.5 * (qg @ k.mean(2).transpose(1, 2))).amax(1)  # [H, pages]
+    s[:, 0] = float("inf")
+    assert torch.equal(ids, s.topk(4, 1).indices.sort(1).values)
+    with pytest.raises(ValueError):
+        TierAttention(store, SPEC, mean_weight=2.0)
