@@ -79,16 +79,12 @@ class Bench:
         extra = {"local_socket": self.local_socket if local else ""} if url.startswith("http") else {}
         return {"url": url, "block_tokens": self.block_tokens, "timeout_s": 30.0, **extra}
 
+    # the service's tiers, and the in-process store's (the same, so that only the transport differs)
+    SERVICE_TIERS = {"KVTIER_DEVICE_CAPACITY_BYTES": "0", "KVTIER_HOST_CAPACITY_BYTES": "2GiB", "KVTIER_DISK_CAPACITY_BYTES": "4GiB"}
+
     def start_service(self) -> KVTierServe:
         if self.service is None:
-            self.service = KVTierServe(
-                {
-                    "KVTIER_DEVICE_CAPACITY_BYTES": "0",
-                    "KVTIER_HOST_CAPACITY_BYTES": "2GiB",
-                    "KVTIER_DISK_CAPACITY_BYTES": "4GiB",
-                    "KVTIER_LOCAL_SOCKET": self.local_socket,
-                }
-            )
+            self.service = KVTierServe({**self.SERVICE_TIERS, "KVTIER_LOCAL_SOCKET": self.local_socket})
         return self.service
 
     def settle(self, s: float = 1.0) -> None:
@@ -133,7 +129,12 @@ class Bench:
         # c) one process: the scheduler and the worker share the store (on a CPU vLLM turns 'uni' into 'mp'
         # unless VLLM_ENABLE_V1_MULTIPROCESSING=0)
         with Engine(
-            self.opts(prefix_caching=False, executor="uni", kvtier=self.kvtier("inprocess"), env={"VLLM_ENABLE_V1_MULTIPROCESSING": "0"})
+            self.opts(
+                prefix_caching=False,
+                executor="uni",
+                kvtier=self.kvtier("inprocess"),
+                env={"VLLM_ENABLE_V1_MULTIPROCESSING": "0", **self.SERVICE_TIERS, "KVTIER_DATA_DIR": self.socket_dir},
+            )
         ) as eng:
             self.check(eng)
             eng.generate([self.doc(99, 64)], 2)

@@ -33,6 +33,9 @@ pytestmark = [pytest.mark.vllm, pytest.mark.slow]
 
 MAX_TOKENS = 12
 BLOCK_TOKENS = 256
+# one OpenMP thread per engine: on a shared, oversubscribed machine vLLM's CPU kernels otherwise spend most of
+# their time spinning in libgomp for a descheduled thread (docs/vllm.md, "vLLM on a CPU")
+ENGINE_ENV = {"OMP_NUM_THREADS": "1"}
 
 if not VLLM_PYTHON.exists():
     msg = f"vLLM's environment is missing ({VLLM_PYTHON}): build it with 'make vllm-env'"
@@ -138,6 +141,7 @@ def engine_opts(model_dir: str, service: ServiceProcess, *, local: bool = False,
         "dtype": "float32",
         "max_model_len": 2048,
         "kvtier": {"url": service.url, "block_tokens": BLOCK_TOKENS, "timeout_s": 5.0, "local_socket": local_socket},
+        "env": ENGINE_ENV,
         **extra,
     }
 
@@ -159,7 +163,7 @@ def cold(model_dir, service, prompts, subscribers):
 
 
 def test_inprocess_store_under_a_multiprocess_executor_is_refused_at_start(model_dir):
-    eng = Engine({"model": model_dir, "dtype": "float32", "max_model_len": 1024, "kvtier": {"url": "inprocess"}})
+    eng = Engine({"model": model_dir, "dtype": "float32", "max_model_len": 1024, "kvtier": {"url": "inprocess"}, "env": ENGINE_ENV})
     try:
         assert "error" in eng.ready, "the engine started with an in-process store it cannot share"
         eng.proc.wait(60)
