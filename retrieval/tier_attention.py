@@ -450,7 +450,9 @@ class TierAttention:
                     pages = lay.decode_pages(buf, run.num, self.compute_dtype)  # [num, 2, P, D]
                     for i in range(run.num):
                         rid = run.first + i
-                        t = pages[i]
+                        # a page of a longer run is copied out: a view would keep the whole run's
+                        # storage alive for as long as any of its pages stays cached (the LRU counts pages)
+                        t = pages[i].clone() if run.num > 1 else pages[i]
                         self.pages.put((ctx.keys[b], rid), t, t.numel() * t.element_size())
                         for h, j in need[b][rid]:
                             got[h][j] = t
