@@ -198,7 +198,15 @@ def main() -> None:
     ]
     save_results(
         name,
-        {"quick": args.quick, "budget": args.budget, "hook_options": opts, "command": " ".join(sys.argv), "passkey": rows, "perplexity": ppl, "tier_stats": tier_stats},
+        {
+            "quick": args.quick,
+            "budget": args.budget,
+            "hook_options": opts,
+            "command": " ".join(sys.argv),
+            "passkey": rows,
+            "perplexity": ppl,
+            "tier_stats": tier_stats,
+        },
         "\n".join(md),
         args.out,
     )

@@ -119,7 +119,7 @@ class _LRU:
 
     def get_values(self, keys: list) -> list:
         """The values of ``keys`` (``None`` where missing), under one acquisition of the lock."""
-        out = []
+        out: list = []
         with self._lock:
             items = self._items
             for key in keys:
@@ -209,9 +209,9 @@ class TierAttention:
         ):
             if isinstance(v, bool) or not isinstance(v, int) or v < low:
                 raise ValueError(f"{name} must be an int >= {low}, got {v!r}")
-        for name, v in (("candidate_blocks", candidate_blocks), ("candidate_groups", candidate_groups)):
-            if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
-                raise ValueError(f"{name} must be a positive int or None, got {v!r}")
+        for name, c in (("candidate_blocks", candidate_blocks), ("candidate_groups", candidate_groups)):
+            if c is not None and (isinstance(c, bool) or not isinstance(c, int) or c < 1):
+                raise ValueError(f"{name} must be a positive int or None, got {c!r}")
         self.store, self.spec = store, spec
         self.budget = budget
         self.candidate_blocks = candidate_blocks
@@ -450,7 +450,9 @@ class TierAttention:
                     pages = lay.decode_pages(buf, run.num, self.compute_dtype)  # [num, 2, P, D]
                     for i in range(run.num):
                         rid = run.first + i
-                        t = pages[i]
+                        # a page of a longer run is copied out: a view would keep the whole run's
+                        # storage alive for as long as any of its pages stays cached (the LRU counts pages)
+                        t = pages[i].clone() if run.num > 1 else pages[i]
                         self.pages.put((ctx.keys[b], rid), t, t.numel() * t.element_size())
                         for h, j in need[b][rid]:
                             got[h][j] = t
