@@ -42,13 +42,20 @@ class PrefixMatch:
 class KVBackend(Protocol):
     spec: KVSpec
 
+    """Where a connector's blocks live: a store of this process or a kvtier service. The one protocol of
+    both connectors (the transformers cache uses ``match``/``keys``, vLLM's ``lookup``; both ``get``/``put``)."""
+
     def match(self, token_ids: Sequence[int]) -> PrefixMatch: ...
 
     def keys(self, token_ids: Sequence[int]) -> list[bytes]: ...
 
-    def get(self, keys: Sequence[bytes]) -> list[torch.Tensor | None]: ...
+    def lookup(self, keys: Sequence[bytes]) -> int: ...  # longest cached prefix of the chain, in blocks
+
+    def get(self, keys: Sequence[bytes]) -> list[torch.Tensor | None]: ...  # [L, 2, H_kv, T, D] each, None: a miss
 
     def put(self, keys: Sequence[bytes], blocks: torch.Tensor, *, parent: bytes | None) -> list[bool]: ...
+
+    def close(self) -> None: ...
 
 
 def _check_spec(spec) -> KVSpec:
@@ -272,7 +279,7 @@ def make_backend(
         raise ValueError(f"give exactly one of store=, client= and backend=, got {given or 'none'}")
     if backend is not None:
         if not isinstance(backend, KVBackend):
-            raise ValueError(f"backend must have spec, match, keys, get and put, got {type(backend).__name__}")
+            raise ValueError(f"backend must have spec, match, keys, lookup, get, put and close (KVBackend), got {type(backend).__name__}")
         return backend
     if store is not None:
         return StoreBackend(store, spec, tenant=tenant, salt=salt, extra_keys=extra_keys)

@@ -89,14 +89,14 @@ from collections import OrderedDict
 from concurrent.futures import Future, ThreadPoolExecutor
 from concurrent.futures import wait as futures_wait
 from dataclasses import dataclass, field, fields
-from typing import Any, Callable, Protocol, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 
 from kvtier.kvstore import FrameError, KVSpec, Namespace, TieredStore, chain_hashes
 from kvtier.kvstore.spec import dtype_name
 
-from .backends import ServiceBackend, StoreBackend
+from .backends import KVBackend, ServiceBackend, StoreBackend
 from .vllm_layout import (  # noqa: F401  (re-exported: the layout code's public names stay importable from here)
     BACKEND_LAYOUTS,
     LAYOUTS_4D,
@@ -299,18 +299,7 @@ def spec_from_vllm_config(vllm_config: Any, config: KVTierConnectorConfig) -> tu
 
 # -- paged layout <-> kvtier blocks: connectors/vllm_layout.py ---------------------------------------
 # -- where the blocks live -----------------------------------------------------------------------
-class KVTierBackend(Protocol):
-    """The four calls the connector makes; a service client or a store of this process behind them."""
-
-    spec: KVSpec
-
-    def lookup(self, keys: Sequence[bytes]) -> int: ...  # longest cached prefix of the chain, in blocks
-
-    def get(self, keys: Sequence[bytes]) -> list[torch.Tensor | None]: ...  # [L, 2, H_kv, T, D] each, None: a miss
-
-    def put(self, keys: Sequence[bytes], blocks: torch.Tensor, *, parent: bytes | None) -> list[bool]: ...
-
-    def close(self) -> None: ...
+KVTierBackend = KVBackend  # the former name of the one backend protocol (connectors.backends.KVBackend)
 
 
 _STORES: dict[str, TieredStore] = {}
@@ -338,7 +327,7 @@ def inprocess_store(name: str = "default") -> TieredStore:
         return store
 
 
-def open_backend(config: KVTierConnectorConfig, spec: KVSpec) -> KVTierBackend:
+def open_backend(config: KVTierConnectorConfig, spec: KVSpec) -> KVBackend:
     """The connector's backend (``connectors.backends``): a service at a loopback ``http://`` URL is reached over
     its same-host transport when its socket exists (``local_service_url``). A service is not asked anything
     before the first lookup (the spec is registered then, and again after a service restart), so an
@@ -571,7 +560,7 @@ class KVTierConnector(_Base):  # type: ignore[misc,valid-type]
         self.load_enabled = kv_role != "kv_producer"
         self.save_enabled = kv_role != "kv_consumer"
         self.events_enabled = _kv_events_enabled(vllm_config) and KVTierKVEvents is not None
-        self._backend: KVTierBackend | None = None
+        self._backend: KVBackend | None = None
         self._backend_lock = threading.Lock()
         self._errors = _backend_errors()
         self._stats_lock = threading.Lock()
@@ -614,7 +603,7 @@ class KVTierConnector(_Base):  # type: ignore[misc,valid-type]
         return bool((extra_config or {}).get("layerwise", False))  # wait_for_layer_load must run between layers
 
     @property
-    def backend(self) -> KVTierBackend:
+    def backend(self) -> KVBackend:
         with self._backend_lock:
             if self._backend is None:
                 self._backend = open_backend(self.config, self.spec)
