@@ -160,14 +160,14 @@ def part_prefix_reuse(ctx: Context) -> Part:
     print(f"prefix reuse: document of {len(doc)} tokens, blocks of {spec16.block_tokens} tokens", flush=True)
     # in process, the default tiers, float16 blocks
     s16 = ctx.default_store("s16")
-    cold = _run(ctx, prompts[0], "in-process cold (doc + q1)", store=s16, spec=spec16)
-    warm = [_run(ctx, prompts[i], f"in-process warm (doc + q{i + 1})", store=s16, spec=spec16) for i in range(1, 1 + num_warm)]
+    cold = _run(ctx, prompts[0], "in-process cold (doc + q1)", kv=s16, spec=spec16)
+    warm = [_run(ctx, prompts[i], f"in-process warm (doc + q{i + 1})", kv=s16, spec=spec16) for i in range(1, 1 + num_warm)]
     runs["in-process cold"], runs["in-process warm"] = _run_figures(cold), [_run_figures(r) for r in warm]
     tokens["float16, identity (in process)"] = warm[0].token_ids
     # without any cache: a cold run loads nothing (float32 blocks, so that the warm runs below are exact)
     s32 = TieredStore([HostTier(4 << 30)])
-    ref = _run(ctx, prompts[1], "no cache (doc + q2), float32", store=s32, spec=spec32)
-    warm32 = _run(ctx, prompts[1], "float32 blocks (doc + q2)", store=s32, spec=spec32)
+    ref = _run(ctx, prompts[1], "no cache (doc + q2), float32", kv=s32, spec=spec32)
+    warm32 = _run(ctx, prompts[1], "float32 blocks (doc + q2)", kv=s32, spec=spec32)
     runs["no cache"], runs["float32 warm"] = _run_figures(ref), _run_figures(warm32)
     tokens["float32, identity"] = warm32.token_ids
     # the same blocks through a lossless zstd stage on the host tier
@@ -176,15 +176,15 @@ def part_prefix_reuse(ctx: Context) -> Part:
         z = TieredStore([HostTier(4 << 30, codec="identity+zstd")])
         n = _copy_prefix(src, z, spec, prompts[1])
         z_ratio[label] = {"blocks": n, "stored_bytes": z.stats()["tiers"][0]["bytes"], "block_bytes": n * spec.block_nbytes}
-        r = _run(ctx, prompts[1], label, store=z, spec=spec)
+        r = _run(ctx, prompts[1], label, kv=z, spec=spec)
         tokens[label] = r.token_ids
         z.close()
     s16.close()
     s32.close()
     # through a real kvtier serve process
     client = ctx.client()
-    svc_cold = _run(ctx, prompts[0], "service cold (doc + q1)", client=client, spec=spec16)
-    svc_warm = [_run(ctx, prompts[i], f"service warm (doc + q{i + 1})", client=client, spec=spec16) for i in range(1, 1 + num_warm)]
+    svc_cold = _run(ctx, prompts[0], "service cold (doc + q1)", kv=client, spec=spec16)
+    svc_warm = [_run(ctx, prompts[i], f"service warm (doc + q{i + 1})", kv=client, spec=spec16) for i in range(1, 1 + num_warm)]
     runs["service cold"], runs["service warm"] = _run_figures(svc_cold), [_run_figures(r) for r in svc_warm]
     tokens["float16, identity (service)"] = svc_warm[0].token_ids
 
@@ -290,7 +290,7 @@ def part_passkey(ctx: Context) -> Part:
     try:
         for i, p in enumerate(prompts):
             salt = f"passkey-{i}"  # prompts share their intro and filler: keep each its own chain
-            kw = dict(store=store, spec=spec, salt=salt, max_new_tokens=8, stop_tokens=())
+            kw = dict(kv=store, spec=spec, salt=salt, max_new_tokens=8, stop_tokens=())
             without = generate(ctx.model, list(p.input_ids), tokenizer=ctx.tokenizer, **kw)
             with_ = generate(ctx.model, list(p.input_ids), tokenizer=ctx.tokenizer, **kw)
             ok = [re.search(r"\d+", r.text or "") for r in (without, with_)]

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import os
 import stat
+import warnings
 from dataclasses import dataclass
 from typing import Any, Callable, Protocol, Sequence, runtime_checkable
 from urllib.parse import urlsplit
@@ -264,25 +265,47 @@ def local_service_url(url: str, local_socket: str | None = None) -> str:
 def service_client(url: str, api_key: str | None = None, *, local_socket: str | None = None, **options):
     """A ``KVTierClient`` of the service at ``url``, over the same-host shared-memory transport when the
     service is local (``local_service_url``), REST otherwise; ``options`` go to the client (``timeout``,
-    ``retries``, ...). Make one per process and pass it as ``client=`` to ``KVTierCache`` and ``generate``."""
+    ``retries``, ...). Make one per process and pass it as ``kv=`` to ``KVTierCache`` and ``generate``."""
     from kvtier.service.client import KVTierClient
 
     return KVTierClient(local_service_url(url, local_socket), api_key, **options)
 
 
 def make_backend(
-    spec: KVSpec, *, store=None, client=None, backend=None, tenant: str = "", salt: str = "", extra_keys: Sequence[str] = ()
+    spec: KVSpec,
+    *,
+    kv=None,
+    store=None,
+    client=None,
+    backend=None,
+    tenant: str = "",
+    salt: str = "",
+    extra_keys: Sequence[str] = (),
 ) -> KVBackend:
-    """The backend for exactly one of ``store`` (in process), ``client`` (the service) or ``backend`` (given as is)."""
-    given = [name for name, v in (("store", store), ("client", client), ("backend", backend)) if v is not None]
+    """The backend for ``kv``: a ``kvstore.TieredStore`` of this process, a ``KVTierClient`` of a running
+    service (REST or the same-host transport), or any ``KVBackend`` (returned as is).
+
+    ``store=``, ``client=`` and ``backend=`` are the older spellings of ``kv=`` (one each kind); they still
+    work, with a ``DeprecationWarning``, and at most one of the four may be given."""
+    given = [name for name, v in (("kv", kv), ("store", store), ("client", client), ("backend", backend)) if v is not None]
     if len(given) != 1:
-        raise ValueError(f"give exactly one of store=, client= and backend=, got {given or 'none'}")
-    if backend is not None:
-        if not isinstance(backend, KVBackend):
+        raise ValueError(f"give kv= (a TieredStore, a KVTierClient or a KVBackend) once, got {given or 'none'}")
+    if kv is None:
+        warnings.warn(f"{given[0]}= is deprecated: pass kv= (it takes a store, a client or a backend)", DeprecationWarning, stacklevel=3)
+        if backend is not None and not isinstance(backend, KVBackend):
             raise ValueError(f"backend must have spec, match, keys, lookup, get, put and close (KVBackend), got {type(backend).__name__}")
-        return backend
-    if store is not None:
-        return StoreBackend(store, spec, tenant=tenant, salt=salt, extra_keys=extra_keys)
+        kv = store if store is not None else client if client is not None else backend
+    if isinstance(kv, TieredStore):
+        return StoreBackend(kv, spec, tenant=tenant, salt=salt, extra_keys=extra_keys)
+    if isinstance(kv, KVBackend):
+        return kv
+    from kvtier.service.client import KVTierClient
+
+    if not isinstance(kv, KVTierClient):
+        raise ValueError(
+            "kv must be a kvstore.TieredStore, a service.client.KVTierClient or a KVBackend "
+            f"(spec, match, keys, lookup, get, put, close), got {type(kv).__name__}"
+        )
     if tenant:
         raise ValueError("tenant= is for an in-process store; the service takes the tenant from the client's API key")
-    return ServiceBackend(client, spec, salt=salt, extra_keys=extra_keys)
+    return ServiceBackend(kv, spec, salt=salt, extra_keys=extra_keys)

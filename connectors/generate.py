@@ -43,6 +43,7 @@ import torch
 
 from kvtier.kvstore import KVSpec
 
+from .backends import KVBackend
 from .hf_cache import CacheStats, KVTierCache, _token_list, model_spec
 from .protocols import AttentionHook, TokenPolicyRuntime
 
@@ -130,6 +131,7 @@ def generate(
     input_ids_or_text,
     *,
     tokenizer=None,
+    kv=None,
     store=None,
     client=None,
     backend=None,
@@ -153,8 +155,9 @@ def generate(
         model: any transformers causal LM with full-attention layers (batch 1 here).
         input_ids_or_text: token ids ``[T]`` / ``[1, T]`` (list, tensor) or a text (needs ``tokenizer``).
         tokenizer: turns a text prompt into ids and the answer into ``text``.
-        store / client / backend: at most one: a ``kvstore.TieredStore`` in this process, a
-            ``service.client.KVTierClient`` of a running service, or any ``KVBackend``; none: no kvtier.
+        kv: where the blocks live: a ``kvstore.TieredStore`` in this process, a
+            ``service.client.KVTierClient`` of a running service, or any ``KVBackend``; None: no kvtier.
+        store / client / backend: deprecated spellings of ``kv`` (at most one of the four).
         spec: the blocks' ``KVSpec`` (default ``model_spec(model)``: float16 blocks of 256 tokens).
         tenant, salt, extra_keys: the keys' namespace (``tenant`` in process only).
         chunk_tokens: prefill the uncached part this many tokens at a time (default: at once).
@@ -180,14 +183,14 @@ def generate(
     ):
         raise ValueError(f"context_tokens must be None or an int in [1, {len(ids)}] (the prompt's length), got {context_tokens!r}")
     stops = _stop_tokens(model, tokenizer, stop_tokens)
-    use_kvtier = any(x is not None for x in (store, client, backend))
+    use_kvtier = any(x is not None for x in (kv, store, client, backend))
 
     t0 = time.perf_counter()
     if use_kvtier:
-        if spec is None and backend is None:
+        if spec is None and not isinstance(kv if kv is not None else backend, KVBackend):
             spec = model_spec(model)
         cache = KVTierCache(
-            model, store=store, client=client, backend=backend, spec=spec, tenant=tenant, salt=salt, extra_keys=extra_keys, save=save
+            model, kv=kv, store=store, client=client, backend=backend, spec=spec, tenant=tenant, salt=salt, extra_keys=extra_keys, save=save
         )
         # under a policy a prefix never reaches past the context: the question runs on the compressed context
         limit = len(ids) if policy is None or context_tokens is None or context_tokens == len(ids) else context_tokens + 1
@@ -282,6 +285,7 @@ def generate_shared_prefix(
     suffixes,
     *,
     tokenizer=None,
+    kv=None,
     store=None,
     client=None,
     backend=None,
@@ -296,7 +300,7 @@ def generate_shared_prefix(
 ) -> SharedPrefixResult:
     """A batch of requests that share ``prefix`` (ids or text), one per entry of ``suffixes``, greedy.
 
-    The prefix's longest cached part is loaded from kvtier (``store`` / ``client`` / ``backend`` as in
+    The prefix's longest cached part is loaded from kvtier (``kv`` as in
     ``generate``; none: computed), the rest of it prefilled once and its new full blocks saved; then
     ``hf_shared_prefix.shared_prefix_generate`` decodes the batch with the prefix held once
     (``attention="shared"``: Hydragen's ``shared_prefix_decode``; ``"per_sequence"``: the prefix
@@ -309,14 +313,14 @@ def generate_shared_prefix(
     if not isinstance(suffixes, (list, tuple)) or not suffixes:
         raise ValueError(f"suffixes must be a non-empty list of token-id lists or texts, got {type(suffixes).__name__}")
     suffix_ids = [_prompt_ids(s, tokenizer) for s in suffixes]
-    use_kvtier = any(x is not None for x in (store, client, backend))
+    use_kvtier = any(x is not None for x in (kv, store, client, backend))
     t0 = time.perf_counter()
     prefix_kv, num_cached, stats = None, 0, None
     if use_kvtier:
-        if spec is None and backend is None:
+        if spec is None and not isinstance(kv if kv is not None else backend, KVBackend):
             spec = model_spec(model)
         cache = KVTierCache(
-            model, store=store, client=client, backend=backend, spec=spec, tenant=tenant, salt=salt, extra_keys=extra_keys, save=save
+            model, kv=kv, store=store, client=client, backend=backend, spec=spec, tenant=tenant, salt=salt, extra_keys=extra_keys, save=save
         )
         # the whole prefix is context here (the suffixes follow it): its last token may be loaded too
         num_cached = cache.load_prefix(prefix_ids + suffix_ids[0][:1])

@@ -130,8 +130,9 @@ class KVTierCache(DynamicCache):
     Args:
         model: the transformers causal LM this cache serves (its config gives the layers, its
             first parameter the dtype and device the blocks are loaded in).
-        store / client / backend: exactly one: a ``kvstore.TieredStore`` in this process, a
+        kv: where the blocks live: a ``kvstore.TieredStore`` in this process, a
             ``service.client.KVTierClient`` of a running service, or any ``KVBackend``.
+        store / client / backend: deprecated spellings of ``kv`` (at most one of the four).
         spec: the ``KVSpec`` of the blocks (default ``model_spec(model)``); its layers, KV heads
             and head dim must be the model's.
         tenant, salt, extra_keys: the namespace of the keys (``tenant`` in process only: the
@@ -143,6 +144,7 @@ class KVTierCache(DynamicCache):
         self,
         model,
         *,
+        kv=None,
         store=None,
         client=None,
         backend: KVBackend | None = None,
@@ -156,7 +158,8 @@ class KVTierCache(DynamicCache):
         if any(type(layer) is not DynamicLayer for layer in self.layers):
             raise ValueError("KVTierCache caches full-attention layers only; this model has sliding-window or chunked layers")
         if spec is None:
-            spec = backend.spec if backend is not None else model_spec(model)
+            given = next((x for x in (kv, backend) if isinstance(x, KVBackend)), None)
+            spec = given.spec if given is not None else model_spec(model)
         if not isinstance(spec, KVSpec):
             raise ValueError(f"spec must be a kvstore.KVSpec, got {type(spec).__name__}")
         shape = _cache_shape(model)
@@ -165,7 +168,9 @@ class KVTierCache(DynamicCache):
                 f"spec {spec.model_id!r} has (num_layers, num_kv_heads, head_dim) = "
                 f"{(spec.num_layers, spec.num_kv_heads, spec.head_dim)}, the model has {shape}"
             )
-        self.backend = make_backend(spec, store=store, client=client, backend=backend, tenant=tenant, salt=salt, extra_keys=extra_keys)
+        self.backend = make_backend(
+            spec, kv=kv, store=store, client=client, backend=backend, tenant=tenant, salt=salt, extra_keys=extra_keys
+        )
         if self.backend.spec != spec:
             raise ValueError(f"the backend's spec {self.backend.spec} is not the cache's {spec}")
         self.spec = spec

@@ -106,7 +106,9 @@ def run_session(
         for i, question in enumerate(session.questions):
             ids = session.prompt_ids(tokenizer, i)
             bar.set_description(f"turn {i + 1}: lookup, load, prefill {len(ids)} tokens")
-            r = generate(model, ids, tokenizer=tokenizer, store=store, client=client, spec=spec, max_new_tokens=max_new_tokens)
+            r = generate(
+                model, ids, tokenizer=tokenizer, kv=store if store is not None else client, spec=spec, max_new_tokens=max_new_tokens
+            )
             turn = Turn(i + 1, question, session.answers[i], r)
             if baseline:
                 bar.set_description(f"turn {i + 1}: the same without kvtier")

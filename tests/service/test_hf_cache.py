@@ -6,6 +6,7 @@ blocks hold 16 tokens, so every test runs in well under a second of model time.
 
 from __future__ import annotations
 
+import warnings
 from contextlib import contextmanager
 
 import pytest
@@ -76,12 +77,12 @@ class CountingInputs:
 def test_cached_prefix_gives_the_logits_and_greedy_tokens_of_a_plain_cache(model, store):
     ids = prompt(100)
     base = generate(model, ids, max_new_tokens=24, stop_tokens=())
-    cold = generate(model, ids, store=store, spec=SPEC32, max_new_tokens=24, stop_tokens=())
-    warm = generate(model, ids, store=store, spec=SPEC32, max_new_tokens=24, stop_tokens=())
+    cold = generate(model, ids, kv=store, spec=SPEC32, max_new_tokens=24, stop_tokens=())
+    warm = generate(model, ids, kv=store, spec=SPEC32, max_new_tokens=24, stop_tokens=())
     assert cold.num_cached_tokens == 0 and warm.num_cached_tokens == 96
     assert warm.token_ids == cold.token_ids == base.token_ids
 
-    cache = KVTierCache(model, store=store, spec=SPEC32)
+    cache = KVTierCache(model, kv=store, spec=SPEC32)
     assert cache.load_prefix(ids) == 96
     with torch.inference_mode():
         got = model(input_ids=torch.tensor([ids[96:]]), past_key_values=cache, use_cache=True).logits[0, -1]
@@ -90,8 +91,8 @@ def test_cached_prefix_gives_the_logits_and_greedy_tokens_of_a_plain_cache(model
 
 def test_float16_blocks_load_in_the_model_dtype(model, store):
     ids = prompt(80, seed=1)
-    generate(model, ids, store=store, spec=SPEC16, max_new_tokens=1)
-    cache = KVTierCache(model, store=store, spec=SPEC16)
+    generate(model, ids, kv=store, spec=SPEC16, max_new_tokens=1)
+    cache = KVTierCache(model, kv=store, spec=SPEC16)
     assert cache.load_prefix(ids) == 64
     assert cache.layers[0].keys.dtype == torch.float32 and cache.layers[0].keys.shape == (1, 2, 64, 16)
     with torch.inference_mode():
@@ -103,15 +104,15 @@ def test_second_request_loads_the_blocks_and_prefills_only_the_rest(model, store
     ids = prompt(100, seed=2)
     counter = CountingInputs(model)
     try:
-        generate(model, ids, store=store, spec=SPEC32, max_new_tokens=3, stop_tokens=(), chunk_tokens=40)
+        generate(model, ids, kv=store, spec=SPEC32, max_new_tokens=3, stop_tokens=(), chunk_tokens=40)
         assert counter.calls == [40, 40, 20, 1, 1]  # chunked prefill, then two decode steps
         counter.calls.clear()
-        r = generate(model, ids, store=store, spec=SPEC32, max_new_tokens=3, stop_tokens=())
+        r = generate(model, ids, kv=store, spec=SPEC32, max_new_tokens=3, stop_tokens=())
         assert counter.calls == [4, 1, 1] and r.num_prefilled_tokens == 4
         counter.calls.clear()
         # a request sharing only the first 70 tokens reuses the 4 blocks they fill
         other = ids[:70] + prompt(30, seed=3)
-        r = generate(model, other, store=store, spec=SPEC32, max_new_tokens=1)
+        r = generate(model, other, kv=store, spec=SPEC32, max_new_tokens=1)
         assert r.num_cached_tokens == 64 and counter.calls == [36]
     finally:
         counter.close()
@@ -120,15 +121,15 @@ def test_second_request_loads_the_blocks_and_prefills_only_the_rest(model, store
 
 def test_the_last_prompt_token_is_never_loaded(model, store):
     ids = prompt(64, seed=4)  # exactly 4 blocks
-    generate(model, ids, store=store, spec=SPEC32, max_new_tokens=2, stop_tokens=())
-    r = generate(model, ids, store=store, spec=SPEC32, max_new_tokens=1)
+    generate(model, ids, kv=store, spec=SPEC32, max_new_tokens=2, stop_tokens=())
+    r = generate(model, ids, kv=store, spec=SPEC32, max_new_tokens=1)
     assert r.num_cached_tokens == 48 and r.num_prefilled_tokens == 16
     assert r.cache.num_lookup_blocks == 3 and r.cache.num_hit_blocks == 3
 
 
 def test_only_full_blocks_are_saved_with_the_chain_keys(model, store):
     ids = prompt(40, seed=5)
-    r = generate(model, ids, store=store, spec=SPEC32, max_new_tokens=30, stop_tokens=())
+    r = generate(model, ids, kv=store, spec=SPEC32, max_new_tokens=30, stop_tokens=())
     fed = ids + r.token_ids[:-1]  # the last token is never fed: its KV does not exist
     assert len(fed) == 69 and r.cache.num_saved_blocks == 4  # 69 tokens: 4 full blocks, 5 tokens stay out
     keys = chain_hashes(SPEC32, fed)
@@ -146,18 +147,18 @@ def test_only_full_blocks_are_saved_with_the_chain_keys(model, store):
 
 def test_blocks_completed_during_decode_are_saved_and_reused(model, store):
     ids = prompt(20, seed=6)
-    first = generate(model, ids, store=store, spec=SPEC32, max_new_tokens=40, stop_tokens=())
+    first = generate(model, ids, kv=store, spec=SPEC32, max_new_tokens=40, stop_tokens=())
     follow_up = ids + first.token_ids + prompt(5, seed=7)  # the next turn of a chat: history + new message
-    r = generate(model, follow_up, store=store, spec=SPEC32, max_new_tokens=1)
+    r = generate(model, follow_up, kv=store, spec=SPEC32, max_new_tokens=1)
     assert r.num_cached_tokens == 48  # 20 + 39 fed = 59 tokens: 3 blocks saved while decoding and after prefill
 
 
 def test_namespace_separates_chains(model, store):
     ids = prompt(50, seed=8)
-    generate(model, ids, store=store, spec=SPEC32, max_new_tokens=1, salt="a")
-    assert generate(model, ids, store=store, spec=SPEC32, max_new_tokens=1, salt="b").num_cached_tokens == 0
-    assert generate(model, ids, store=store, spec=SPEC32, max_new_tokens=1, tenant="t").num_cached_tokens == 0
-    assert generate(model, ids, store=store, spec=SPEC32, max_new_tokens=1, salt="a").num_cached_tokens == 48
+    generate(model, ids, kv=store, spec=SPEC32, max_new_tokens=1, salt="a")
+    assert generate(model, ids, kv=store, spec=SPEC32, max_new_tokens=1, salt="b").num_cached_tokens == 0
+    assert generate(model, ids, kv=store, spec=SPEC32, max_new_tokens=1, tenant="t").num_cached_tokens == 0
+    assert generate(model, ids, kv=store, spec=SPEC32, max_new_tokens=1, salt="a").num_cached_tokens == 48
     assert store.lookup(SPEC32, chain_hashes(SPEC32, ids, Namespace(salt="a"))).num_blocks == 3
 
 
@@ -165,7 +166,7 @@ def test_transformers_generate_runs_on_the_cache(model, store):
     ids = torch.tensor([prompt(50, seed=9)])
     plain = model.generate(ids, max_new_tokens=6, do_sample=False, pad_token_id=0)
     for expect_cached in (0, 48):
-        cache = KVTierCache(model, store=store, spec=SPEC32)
+        cache = KVTierCache(model, kv=store, spec=SPEC32)
         assert cache.load_prefix(ids) == expect_cached
         out = model.generate(ids, past_key_values=cache, max_new_tokens=6, do_sample=False, pad_token_id=0)
         assert torch.equal(out, plain)
@@ -182,11 +183,11 @@ def test_hits_and_bytes_per_tier(model, tmp_path):
     )
     try:
         ids = prompt(110, seed=10)
-        generate(model, ids, store=store, spec=SPEC32, max_new_tokens=1)
+        generate(model, ids, kv=store, spec=SPEC32, max_new_tokens=1)
         keys = chain_hashes(SPEC32, ids)[:6]
         where = store.lookup(SPEC32, keys).tier_hits
         assert where["host"] >= 1 and where["disk"] >= 1 and sum(where.values()) == 6
-        r = generate(model, ids, store=store, spec=SPEC32, max_new_tokens=1)
+        r = generate(model, ids, kv=store, spec=SPEC32, max_new_tokens=1)
         assert r.num_cached_tokens == 96
         assert r.tier_hits == where
         assert r.tier_bytes == {k: v * SPEC32.block_nbytes for k, v in where.items()}
@@ -201,8 +202,8 @@ def test_service_backend_against_a_real_service(model, open_server):
     ids = prompt(90, seed=11)
     with KVTierClient(open_server.url) as client:
         base = generate(model, ids, max_new_tokens=12, stop_tokens=())
-        cold = generate(model, ids, client=client, spec=SPEC32, salt="hf-cache-test", max_new_tokens=12, stop_tokens=())
-        warm = generate(model, ids, client=client, spec=SPEC32, salt="hf-cache-test", max_new_tokens=12, stop_tokens=())
+        cold = generate(model, ids, kv=client, spec=SPEC32, salt="hf-cache-test", max_new_tokens=12, stop_tokens=())
+        warm = generate(model, ids, kv=client, spec=SPEC32, salt="hf-cache-test", max_new_tokens=12, stop_tokens=())
         assert cold.num_cached_tokens == 0 and warm.num_cached_tokens == 80
         assert warm.token_ids == cold.token_ids == base.token_ids
         assert sum(warm.tier_hits.values()) == 5 and sum(warm.tier_bytes.values()) == 5 * SPEC32.block_nbytes
@@ -212,7 +213,7 @@ def test_service_backend_against_a_real_service(model, open_server):
         fed = ids + cold.token_ids[:-1]
         assert client.lookup(model_id, token_ids=fed, salt="hf-cache-test").num_blocks == len(fed) // BT
         # another salt: nothing
-        assert generate(model, ids, client=client, spec=SPEC32, salt="other", max_new_tokens=1).num_cached_tokens == 0
+        assert generate(model, ids, kv=client, spec=SPEC32, salt="other", max_new_tokens=1).num_cached_tokens == 0
 
 
 # -- the hooks for sparse decode and token eviction -----------------------------------------------
@@ -266,7 +267,7 @@ def test_attention_hook_wraps_every_forward_call(model, store):
     hook = RecordingAttention()
     assert isinstance(hook, AttentionHook)
     ids = prompt(50, seed=12)
-    r = generate(model, ids, store=store, spec=SPEC32, max_new_tokens=5, stop_tokens=(), attention=hook)
+    r = generate(model, ids, kv=store, spec=SPEC32, max_new_tokens=5, stop_tokens=(), attention=hook)
     assert hook.entries == 1 and hook.calls_inside == 5 and not hook.inside
     assert r.token_ids == generate(model, ids, max_new_tokens=5, stop_tokens=()).token_ids
 
@@ -276,8 +277,8 @@ def test_policy_gets_the_cached_prefix_and_the_blocks_get_saved(model, store):
     assert isinstance(policy, TokenPolicyRuntime)
     ids = prompt(75, seed=13)
     base = generate(model, ids, max_new_tokens=6, stop_tokens=())
-    r1 = generate(model, ids, store=store, spec=SPEC32, max_new_tokens=6, policy=policy)
-    r2 = generate(model, ids, store=store, spec=SPEC32, max_new_tokens=6, policy=policy)
+    r1 = generate(model, ids, kv=store, spec=SPEC32, max_new_tokens=6, policy=policy)
+    r2 = generate(model, ids, kv=store, spec=SPEC32, max_new_tokens=6, policy=policy)
     # cold: generate prefilled and saved the 4 full blocks before handing over; warm: loaded them
     assert policy.seen == [(64, [(1, 2, 64, 16)] * 2)] * 2
     assert r1.num_cached_tokens == 0 and r2.num_cached_tokens == 64 and 0 < r1.ttft_s <= r1.total_s
@@ -292,7 +293,7 @@ def test_policy_gets_the_cached_prefix_and_the_blocks_get_saved(model, store):
 def test_stop_tokens_and_sampling(model, store):
     ids = prompt(30, seed=14)
     greedy = generate(model, ids, max_new_tokens=8, stop_tokens=())
-    r = generate(model, ids, store=store, spec=SPEC32, max_new_tokens=8, stop_tokens=[greedy.token_ids[2]])
+    r = generate(model, ids, kv=store, spec=SPEC32, max_new_tokens=8, stop_tokens=[greedy.token_ids[2]])
     assert r.token_ids == greedy.token_ids[: greedy.token_ids.index(greedy.token_ids[2]) + 1] and r.finish_reason == "stop"
     a = generate(model, ids, max_new_tokens=8, temperature=1.0, generator=torch.Generator().manual_seed(1), stop_tokens=())
     b = generate(model, ids, max_new_tokens=8, temperature=1.0, generator=torch.Generator().manual_seed(1), stop_tokens=())
@@ -304,31 +305,31 @@ def test_bad_input_raises_value_error_and_stores_nothing(model, store):
     ids = prompt(40)
     wrong = KVSpec("tiny-llama-test", num_layers=3, num_kv_heads=2, head_dim=16, dtype="float32", block_tokens=BT)
     with pytest.raises(ValueError, match="num_layers, num_kv_heads, head_dim"):
-        KVTierCache(model, store=store, spec=wrong)
-    with pytest.raises(ValueError, match="exactly one of store=, client= and backend="):
+        KVTierCache(model, kv=store, spec=wrong)
+    with pytest.raises(ValueError, match=r"give kv= \(a TieredStore, a KVTierClient or a KVBackend\) once, got none"):
         KVTierCache(model, spec=SPEC32)
-    with pytest.raises(ValueError, match="exactly one"):
-        generate(model, ids, store=store, client=object(), spec=SPEC32)
+    with pytest.raises(ValueError, match=r"once, got \['kv', 'client'\]"):
+        generate(model, ids, kv=store, client=object(), spec=SPEC32)
     with pytest.raises(ValueError, match="TieredStore"):
-        KVTierCache(model, store={}, spec=SPEC32)
+        KVTierCache(model, kv={}, spec=SPEC32)
     with pytest.raises(ValueError, match="KVTierClient"):
-        KVTierCache(model, client="http://x", spec=SPEC32)
+        KVTierCache(model, kv="http://x", spec=SPEC32)
     with pytest.raises(ValueError, match="tenant="):
-        KVTierCache(model, client=KVTierClient("http://127.0.0.1:9"), spec=SPEC32, tenant="t")
+        KVTierCache(model, kv=KVTierClient("http://127.0.0.1:9"), spec=SPEC32, tenant="t")
     with pytest.raises(ValueError, match="spec must be"):
-        KVTierCache(model, store=store, spec={"model_id": "x"})
+        KVTierCache(model, kv=store, spec={"model_id": "x"})
     with pytest.raises(ValueError, match="name_or_path"):
         model_spec(model)
     assert model_spec(model, model_id="tiny-llama-test", block_tokens=BT, dtype="float32") == SPEC32
     with pytest.raises(ValueError, match="tokenizer"):
-        generate(model, "a text", store=store, spec=SPEC32)
+        generate(model, "a text", kv=store, spec=SPEC32)
     for bad in ([], [1, 2.5], [1, -1], [True], torch.zeros(2, 3, dtype=torch.long), "", torch.tensor([1.0])):
         with pytest.raises(ValueError):
-            generate(model, bad, store=store, spec=SPEC32, tokenizer=None)
+            generate(model, bad, kv=store, spec=SPEC32, tokenizer=None)
     for kw in (dict(max_new_tokens=0), dict(chunk_tokens=0), dict(attention=object()), dict(policy=object())):
         with pytest.raises(ValueError):
-            generate(model, ids, store=store, spec=SPEC32, **kw)
-    cache = KVTierCache(model, store=store, spec=SPEC32)
+            generate(model, ids, kv=store, spec=SPEC32, **kw)
+    cache = KVTierCache(model, kv=store, spec=SPEC32)
     with pytest.raises(ValueError, match="load_prefix"):
         cache.save()
     with pytest.raises(ValueError, match="load_prefix"):
@@ -361,7 +362,7 @@ def test_sliding_window_models_are_refused(store):
     m = MistralForCausalLM(cfg).eval()
     spec = KVSpec("mistral-tiny", 1, 1, 16, "float32", 16)
     with pytest.raises(ValueError, match="sliding-window"):
-        KVTierCache(m, store=store, spec=spec)
+        KVTierCache(m, kv=store, spec=spec)
 
 
 def test_store_backend_checks_and_stats_dict(store):
@@ -378,16 +379,16 @@ def test_generate_with_sparse_decode_covering_the_context_equals_plain(model, st
     base = generate(model, ids, max_new_tokens=12, stop_tokens=())
     sparse = SparseDecode("quest", budget=4096)  # every token: the same attention
     assert isinstance(sparse, AttentionHook)
-    cold = generate(model, ids, store=store, spec=SPEC32, max_new_tokens=12, stop_tokens=(), attention=sparse)
-    warm = generate(model, ids, store=store, spec=SPEC32, max_new_tokens=12, stop_tokens=(), attention=sparse)
+    cold = generate(model, ids, kv=store, spec=SPEC32, max_new_tokens=12, stop_tokens=(), attention=sparse)
+    warm = generate(model, ids, kv=store, spec=SPEC32, max_new_tokens=12, stop_tokens=(), attention=sparse)
     assert warm.num_cached_tokens == 64 and sparse.stats.decode_calls > 0
     assert cold.token_ids == warm.token_ids == base.token_ids
     small = SparseDecode("quest", budget=32, num_sink=0, num_recent=16, dense_below=0)  # a third of the context: really sparse
-    r = generate(model, ids, store=store, spec=SPEC32, max_new_tokens=12, stop_tokens=(), attention=small)
+    r = generate(model, ids, kv=store, spec=SPEC32, max_new_tokens=12, stop_tokens=(), attention=small)
     assert r.num_cached_tokens == 64 and len(r.token_ids) == 12
     assert small.stats.sparse_calls > 0 and small.stats.selected_tokens < small.stats.context_tokens
     auto = SparseDecode("quest", budget=32, num_sink=0, num_recent=16)  # 80 tokens: far below the crossover, dense
-    r = generate(model, ids, store=store, spec=SPEC32, max_new_tokens=12, stop_tokens=(), attention=auto)
+    r = generate(model, ids, kv=store, spec=SPEC32, max_new_tokens=12, stop_tokens=(), attention=auto)
     assert r.token_ids == base.token_ids and auto.stats.sparse_calls == 0 and auto.stats.dense_calls == auto.stats.decode_calls > 0
 
 
@@ -399,11 +400,11 @@ def test_generate_with_a_real_token_policy_uses_the_cached_prefix(model, store):
     for mode in ("drop", "demote"):
         policy = TokenPolicy("snapkv", ratio=0.0, mode=mode, chunk_tokens=32)  # nothing evicted: plain greedy
         assert isinstance(policy, TokenPolicyRuntime)
-        r = generate(model, ids, store=store, spec=SPEC32, max_new_tokens=10, stop_tokens=(), policy=policy)
+        r = generate(model, ids, kv=store, spec=SPEC32, max_new_tokens=10, stop_tokens=(), policy=policy)
         assert r.token_ids == base.token_ids
     assert r.num_cached_tokens == 80  # the first call saved the prompt's full blocks, the second loaded them
     squeezed = TokenPolicy("snapkv", ratio=0.5, mode="demote", chunk_tokens=32)
-    r = generate(model, ids, store=store, spec=SPEC32, max_new_tokens=10, stop_tokens=(), policy=squeezed)
+    r = generate(model, ids, kv=store, spec=SPEC32, max_new_tokens=10, stop_tokens=(), policy=squeezed)
     assert len(r.token_ids) == 10 and squeezed.last_kv.stats.demoted_tokens > 0
 
 
@@ -413,14 +414,14 @@ def test_generate_shared_prefix_loads_the_prefix_from_kvtier_and_matches_each_se
     prefix = prompt(70, seed=13)
     suffixes = [prompt(5, seed=20 + b) for b in range(3)]
     alone = [generate(model, prefix + s, max_new_tokens=6, stop_tokens=()).token_ids for s in suffixes]
-    cold = generate_shared_prefix(model, prefix, suffixes, store=store, spec=SPEC32, max_new_tokens=6)
-    warm = generate_shared_prefix(model, prefix, suffixes, store=store, spec=SPEC32, max_new_tokens=6)
+    cold = generate_shared_prefix(model, prefix, suffixes, kv=store, spec=SPEC32, max_new_tokens=6)
+    warm = generate_shared_prefix(model, prefix, suffixes, kv=store, spec=SPEC32, max_new_tokens=6)
     assert cold.num_cached_tokens == 0 and warm.num_cached_tokens == 64 and warm.cache.num_loaded_blocks == 4
     assert cold.token_ids == warm.token_ids == alone
     base = generate_shared_prefix(model, prefix, suffixes, max_new_tokens=6, attention="per_sequence")  # no kvtier
     assert base.token_ids == alone and base.cache is None
     with pytest.raises(ValueError):
-        generate_shared_prefix(model, prefix, [], store=store, spec=SPEC32)
+        generate_shared_prefix(model, prefix, [], kv=store, spec=SPEC32)
 
 
 # -- generate() under a token policy: stop tokens, timings, context-only compression, cache hits -------
@@ -434,7 +435,7 @@ def test_policy_stops_at_a_stop_token_and_times_the_first_token(model, store):
     ids = prompt(60, seed=21)
     base = generate(model, ids, max_new_tokens=8, stop_tokens=()).token_ids
     stop = base[3]
-    for kw in ({}, dict(store=store, spec=SPEC32), dict(context_tokens=50)):
+    for kw in ({}, dict(kv=store, spec=SPEC32), dict(context_tokens=50)):
         policy = TokenPolicy("snapkv", ratio=0.0, chunk_tokens=32)  # nothing evicted: plain greedy
         r = generate(model, ids, max_new_tokens=8, stop_tokens=[stop], policy=policy, **kw)
         assert r.token_ids == base[: base.index(stop) + 1] and r.finish_reason == "stop"
@@ -483,7 +484,7 @@ def test_compression_is_the_same_with_and_without_a_cache_hit(model, store):
             r = generate(
                 model,
                 ids,
-                store=own,
+                kv=own,
                 spec=SPEC32,
                 max_new_tokens=6,
                 stop_tokens=(),
@@ -500,7 +501,7 @@ def test_compression_is_the_same_with_and_without_a_cache_hit(model, store):
     r = generate(model, ids, max_new_tokens=6, stop_tokens=(), policy=policy, context_tokens=70)
     policy2 = TokenPolicy("snapkv", budget=20, window=8, sink_tokens=2, window_tokens=4, chunk_tokens=32)
     for _ in range(2):  # the second call hits
-        r2 = generate(model, ids, store=store, spec=SPEC32, max_new_tokens=6, stop_tokens=(), policy=policy2, context_tokens=70)
+        r2 = generate(model, ids, kv=store, spec=SPEC32, max_new_tokens=6, stop_tokens=(), policy=policy2, context_tokens=70)
     assert r2.num_cached_tokens == 64 and r.token_ids == r2.token_ids
     assert _fast_positions(policy.last_kv) == _fast_positions(policy2.last_kv)
 
@@ -531,7 +532,7 @@ def test_context_tokens_bad_values(model, store):
     ids = prompt(30, seed=25)
     for bad in (0, 31, -1, 2.0, True):
         with pytest.raises(ValueError, match="context_tokens"):
-            generate(model, ids, store=store, spec=SPEC32, policy=TokenPolicy(ratio=0.5), context_tokens=bad)
+            generate(model, ids, kv=store, spec=SPEC32, policy=TokenPolicy(ratio=0.5), context_tokens=bad)
         with pytest.raises(ValueError, match="context_tokens"):
             TokenPolicy(ratio=0.5).stream(model, ids, context_tokens=bad)
     assert store.stats()["blocks"] == 0
@@ -540,3 +541,17 @@ def test_context_tokens_bad_values(model, store):
         generate(model, ids, max_new_tokens=3, stop_tokens=(), context_tokens=20).token_ids
         == generate(model, ids, max_new_tokens=3, stop_tokens=()).token_ids
     )
+
+
+def test_kv_is_the_one_way_to_pass_the_blocks_the_older_names_warn(model, store):
+    """``kv=`` takes a store, a client or a backend; ``store=``/``client=``/``backend=`` still work, with a warning."""
+    ids = prompt(40)
+    backend = StoreBackend(store, SPEC32)
+    cache = KVTierCache(model, kv=backend)  # the spec comes from the backend
+    assert cache.backend is backend and cache.spec == SPEC32
+    with pytest.warns(DeprecationWarning, match="store= is deprecated: pass kv="):
+        old = generate(model, ids, store=store, spec=SPEC32, max_new_tokens=4, stop_tokens=())
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", DeprecationWarning)
+        new = generate(model, ids, kv=backend, max_new_tokens=4, stop_tokens=())
+    assert new.token_ids == old.token_ids and new.num_cached_tokens > 0
