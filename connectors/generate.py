@@ -1,7 +1,7 @@
 """``generate()``: generate with any transformers causal LM through kvtier, in one call.
 
     from kvtier.connectors.generate import generate
-    r = generate(model, "... a long document ... Question?", tokenizer=tok, store=store, max_new_tokens=32)
+    r = generate(model, "... a long document ... Question?", tokenizer=tok, kv=store, max_new_tokens=32)
     r.text, r.ttft_s, r.num_cached_tokens, r.tier_hits      # second call over the same document: cached prefix
 
 One request, batch 1: look up the prompt's longest cached prefix in kvtier and load it

@@ -7,7 +7,7 @@ completed since (prompt or generated tokens alike). Only full blocks are ever sa
 partial block stays in the cache only. At least the last prompt token is always left uncached, so
 that the prefill yields the logits of the first new token.
 
-    cache = KVTierCache(model, store=store, spec=kv_spec(model))      # or client=KVTierClient(...)
+    cache = KVTierCache(model, kv=store, spec=kv_spec(model))         # or kv=KVTierClient(...)
     n = cache.load_prefix(prompt_ids)                 # tokens loaded from kvtier (a multiple of block_tokens)
     out = model(input_ids=ids[:, n:], past_key_values=cache, use_cache=True)
     cache.save()                                      # the prompt's new full blocks
