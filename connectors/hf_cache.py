@@ -35,7 +35,7 @@ import torch
 from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
 
-from kvtier.kvstore import KVSpec, chain_hashes
+from kvtier.kvstore import BlockHash, KVSpec, chain_hashes
 
 from .backends import KVBackend, PrefixMatch, ServiceBackend, StoreBackend, make_backend
 from .hf_dispatch import model_dims
@@ -280,7 +280,7 @@ class KVTierCache(DynamicCache):
         bt = self.spec.block_tokens
         if len(self._keys) < end:
             if self._keys:  # continue the chain from the last known key
-                self._keys += chain_hashes(self.spec, self._token_ids[len(self._keys) * bt : end * bt], parent=self._keys[-1])
+                self._keys += chain_hashes(self.spec, self._token_ids[len(self._keys) * bt : end * bt], parent=BlockHash(self._keys[-1]))
             else:
                 self._keys = list(self.backend.keys(self._token_ids[: end * bt]))
         return self._keys[:end]

@@ -193,6 +193,7 @@ class TokenPolicy:
         """Tokens per KV head the fast tier keeps after a compression, ``total`` tokens seen."""
         if self.budget is not None:
             return self.budget
+        assert self.ratio is not None  # the constructor takes a budget or a ratio
         return max(1, total - math.floor(total * self.ratio))
 
     def new_kv(self, model):
@@ -247,7 +248,9 @@ class TokenPolicy:
                 if out[-1] in stops:
                     break
         finally:
-            it.close()
+            close = getattr(it, "close", None)  # a generator's close() ends its evicting attention
+            if close is not None:
+                close()
         return out
 
     def stream(
@@ -308,6 +311,7 @@ class TokenPolicy:
                 if N < len(ids):
                     logits = forward_evicting(model, ids[N:], pos)
                     pos = len(ids)
+            assert logits is not None  # at least one token was forwarded (a prompt is never empty)
             while True:
                 nxt = int(logits[-1].argmax())
                 yield nxt

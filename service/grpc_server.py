@@ -349,6 +349,7 @@ def start_grpc_server(svc: KVService, settings: Settings, auth: Authenticator, *
     server.kvtier_servicer = servicer
     host = settings.host if ":" not in settings.host else f"[{settings.host}]"
     if settings.tls_cert is not None:  # the same certificate as REST's HTTPS
+        assert settings.tls_key is not None  # the settings refuse a certificate without its key
         creds = grpc.ssl_server_credentials([(settings.tls_key.read_bytes(), settings.tls_cert.read_bytes())])
         port = server.add_secure_port(f"{host}:{settings.grpc_port}", creds)
     else:
