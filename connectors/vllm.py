@@ -93,7 +93,7 @@ from typing import Any, Callable, Sequence
 
 import torch
 
-from kvtier.kvstore import FrameError, KVSpec, Namespace, TieredStore, chain_hashes
+from kvtier.kvstore import BlockHash, FrameError, KVSpec, Namespace, TieredStore, chain_hashes
 from kvtier.kvstore.spec import dtype_name
 
 from .backends import KVBackend, ServiceBackend, StoreBackend
@@ -185,7 +185,7 @@ class _StandInBase:
 
 
 try:  # only here, when this module is imported (by vLLM, or by a test): never at kvtier import time
-    from vllm.distributed.kv_transfer.kv_connector.v1.base import (  # type: ignore[import-not-found]
+    from vllm.distributed.kv_transfer.kv_connector.v1.base import (  # type: ignore[import-not-found, unused-ignore]
         KVConnectorBase_V1 as _Base,
         KVConnectorMetadata as _Metadata,
         KVConnectorRole,
@@ -193,7 +193,7 @@ try:  # only here, when this module is imported (by vLLM, or by a test): never a
 
     HAS_VLLM = True
 except ImportError:
-    _Base, _Metadata, KVConnectorRole = _StandInBase, _StandInMetadata, _StandInRole  # type: ignore[misc,assignment]
+    _Base, _Metadata, KVConnectorRole = _StandInBase, _StandInMetadata, _StandInRole  # type: ignore[misc,assignment, unused-ignore]
     HAS_VLLM = False
 
 
@@ -483,17 +483,17 @@ def _kv_events_enabled(vllm_config: Any) -> bool:
 
 if HAS_VLLM:
     try:
-        from vllm.distributed.kv_events import BlockRemoved, BlockStored, KVConnectorKVEvents  # type: ignore[import-not-found]
+        from vllm.distributed.kv_events import BlockRemoved, BlockStored, KVConnectorKVEvents  # type: ignore[import-not-found, unused-ignore]
     except ImportError:  # a vLLM without connector KV events
-        BlockRemoved = BlockStored = KVConnectorKVEvents = None  # type: ignore[assignment,misc]
+        BlockRemoved = BlockStored = KVConnectorKVEvents = None  # type: ignore[assignment,misc, unused-ignore]
 else:
-    BlockRemoved = BlockStored = KVConnectorKVEvents = None  # type: ignore[assignment,misc]
+    BlockRemoved = BlockStored = KVConnectorKVEvents = None  # type: ignore[assignment,misc, unused-ignore]
 
 EVENT_MEDIUM = "kvtier"  # the ``medium`` of the connector's events (the service's own events name the tier: "kvtier/host", ...)
 
 if KVConnectorKVEvents is not None:
 
-    class KVTierKVEvents(KVConnectorKVEvents):  # type: ignore[misc,valid-type]
+    class KVTierKVEvents(KVConnectorKVEvents):  # type: ignore[misc,valid-type, unused-ignore]
         """The events one worker step produced (what ``get_kv_connector_kv_cache_events`` hands vLLM)."""
 
         def __init__(self, events: list | None = None) -> None:
@@ -523,7 +523,7 @@ else:
 
 def _hit_source(tier: str, in_process: bool):
     """vLLM's ``CacheHitSource`` for a kvtier tier name."""
-    from vllm.v1.metrics.cache_hit_source import CacheHitSource  # type: ignore[import-not-found]
+    from vllm.v1.metrics.cache_hit_source import CacheHitSource  # type: ignore[import-not-found, unused-ignore]
 
     if tier == "disk":
         return CacheHitSource.DISK
@@ -533,7 +533,7 @@ def _hit_source(tier: str, in_process: bool):
 
 
 # -- the connector --------------------------------------------------------------------------------
-class KVTierConnector(_Base):  # type: ignore[misc,valid-type]
+class KVTierConnector(_Base):  # type: ignore[misc,valid-type, unused-ignore]
     """vLLM v1 KV connector backed by kvtier (see the module docstring for configuration and call order)."""
 
     KNOWN_KEYS = 1 << 16  # scheduler side: keys known to be in kvtier, so a vLLM prefix-cache hit is not saved again
@@ -648,7 +648,7 @@ class KVTierConnector(_Base):  # type: ignore[misc,valid-type]
         have = len(state.keys)
         if have < num_blocks:
             new_tokens = list(tokens[have * bt : num_blocks * bt])
-            state.keys += chain_hashes(self.spec, new_tokens, state.namespace, parent=state.keys[-1] if have else None)
+            state.keys += chain_hashes(self.spec, new_tokens, state.namespace, parent=BlockHash(state.keys[-1]) if have else None)
         return state.keys[:num_blocks]
 
     def _lookup(self, keys: list[bytes]) -> tuple[int, dict[str, int]]:
@@ -776,6 +776,7 @@ class KVTierConnector(_Base):  # type: ignore[misc,valid-type]
 
     def _add_load(self, rt: RequestTransfers, state: _RequestState, block_ids: list[int]) -> None:
         P, r, bt = self.block_size, self.blocks_per_kvtier_block, self.spec.block_tokens
+        assert state.pending_load is not None  # _add_load runs for a request with a planned load
         start, end = state.pending_load
         state.pending_load = None
         for b in range(start // bt, -(-end // bt)):
@@ -906,7 +907,8 @@ class KVTierConnector(_Base):  # type: ignore[misc,valid-type]
         self._plan_saves()
         if not self.has_connector_metadata():
             return
-        sync, asyn = [], []
+        sync: list[RequestTransfers] = []
+        asyn: list[RequestTransfers] = []
         for rt in self._get_connector_metadata().requests:
             if rt.loads:
                 (asyn if rt.load_async else sync).append(rt)
@@ -922,7 +924,8 @@ class KVTierConnector(_Base):  # type: ignore[misc,valid-type]
         wanted = list(dict.fromkeys(t.key for rt in requests for t in rt.loads))
         got = self._call("get", self.backend.get, wanted, default=[None] * len(wanted))
         by_key = dict(zip(wanted, got))
-        srcs, ids, failed_ids, missing = [], [], set(), []
+        failed_ids: set[int] = set()
+        srcs, ids, missing = [], [], []
         for rt in requests:
             failed = False
             for t in rt.loads:
@@ -978,6 +981,7 @@ class KVTierConnector(_Base):  # type: ignore[misc,valid-type]
             self._finished_loads.add(rt.req_id)
 
     def _scatter(self, layer_name: str) -> None:
+        assert self._load_src is not None and self._load_ids is not None  # a load is in progress
         scatter_layer(self._views[layer_name], self._load_src[:, self._layer_index[layer_name]], self._load_ids)
         self._loaded_layers.add(layer_name)
 
@@ -996,6 +1000,7 @@ class KVTierConnector(_Base):  # type: ignore[misc,valid-type]
         self._gather(layer_name)
 
     def _gather(self, layer_name: str) -> None:
+        assert self._save_ids is not None  # a save is planned
         if self._save_buf is None:
             self._save_buf = torch.empty(len(self._save_ids), *self.spec.block_shape, dtype=self.spec.torch_dtype)
         self._save_buf[:, self._layer_index[layer_name]].copy_(gather_layer(self._views[layer_name], self._save_ids))
@@ -1011,6 +1016,7 @@ class KVTierConnector(_Base):  # type: ignore[misc,valid-type]
             if name not in self._gathered_layers:
                 self._gather(name)
         buf, plan = self._save_buf, self._save_plan
+        assert buf is not None  # every layer was gathered just above
         self._save_ids, self._save_buf, self._save_plan = None, None, []
         if not self.config.async_saves:
             self._write(buf, plan)
