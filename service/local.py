@@ -52,7 +52,9 @@ import torch
 
 from . import wire
 from .errors import BadRequest, PayloadTooLarge, ServiceError, Unauthorized
-from .core import WouldBlock, parse_client_key
+
+# .core (the server side: retrieval, faiss) is imported where the server needs it: a client process, such
+# as a vLLM engine that reaches kvtier through local_client, imports this module for the framing only
 from .limits import MAX_NAMESPACE_CHARS
 
 _ADMITTED = object()  # marks a request already counted against its tenant's rate
@@ -381,6 +383,8 @@ class LocalServer:
         (a client that does not read its answers) or was dropped."""
         if not (isinstance(req, dict) and req.get("op") == "lookup" and self.svc.store_is_local):
             return None
+        from .core import WouldBlock
+
         t0 = time.perf_counter()
         try:
             answer = {"ok": self._dispatch(peer.principal, _seg(peer), req, wait=False)}
@@ -558,6 +562,8 @@ class LocalServer:
                     stored = svc.put_frames(p, model, items, args.get("parent"))
                     return {"stored": stored, "num_stored": sum(stored)}
                 if args.get("parent") not in (None, "", b""):
+                    from .core import parse_client_key
+
                     parse_client_key(args.get("parent"), "parent")  # before the frames, as put_frames does
                 keys, blocks = svc.decode_frames(svc.spec_of(p, model), items)
                 stored = svc.put(p, model, keys, blocks, args.get("parent"), summarize=False)

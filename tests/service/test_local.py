@@ -332,3 +332,14 @@ def test_a_forked_child_opens_its_own_connections(server):
     assert c.lookup(model, hashes=keys).num_blocks == 1  # the parent's connection was not disturbed
     assert torch.equal(c.get(model, keys)[0], blocks(1, seed=5)[0])
     c.close()
+
+
+def test_the_client_side_imports_no_server_code():
+    """A vLLM engine reaches kvtier through local_client in an environment without the server's extras
+    (no faiss there): the client side must not import the service core, retrieval or FastAPI."""
+    code = (
+        "import sys, kvtier.service.local_client, kvtier.service.client, kvtier.connectors.backends\n"
+        "bad = [m for m in ('kvtier.service.core', 'kvtier.retrieval', 'faiss', 'fastapi') if m in sys.modules]\n"
+        "assert not bad, bad\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
