@@ -43,8 +43,7 @@ import torch
 
 from kvtier.kvstore import KVSpec
 
-from .backends import KVBackend
-from .hf_cache import CacheStats, KVTierCache, _token_list, model_spec
+from .hf_cache import CacheStats, KVTierCache, _token_list
 from .protocols import AttentionHook, TokenPolicyRuntime
 
 
@@ -187,8 +186,6 @@ def generate(
 
     t0 = time.perf_counter()
     if use_kvtier:
-        if spec is None and not isinstance(kv if kv is not None else backend, KVBackend):
-            spec = model_spec(model)
         cache = KVTierCache(
             model, kv=kv, store=store, client=client, backend=backend, spec=spec, tenant=tenant, salt=salt, extra_keys=extra_keys, save=save
         )
@@ -317,8 +314,6 @@ def generate_shared_prefix(
     t0 = time.perf_counter()
     prefix_kv, num_cached, stats = None, 0, None
     if use_kvtier:
-        if spec is None and not isinstance(kv if kv is not None else backend, KVBackend):
-            spec = model_spec(model)
         cache = KVTierCache(
             model, kv=kv, store=store, client=client, backend=backend, spec=spec, tenant=tenant, salt=salt, extra_keys=extra_keys, save=save
         )
