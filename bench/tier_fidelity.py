@@ -80,6 +80,13 @@ def main() -> None:
     ap.add_argument(
         "--ppl-steps", type=int, default=None, help="teacher-forced offloaded steps of the perplexity run (default 256; quick 32)"
     )
+    ap.add_argument(
+        "--ppl-budgets",
+        type=int,
+        nargs="+",
+        default=None,
+        help="budgets of the perplexity run, each decoded in every tier (default: --budget)",
+    )
     ap.add_argument("--lengths", type=int, nargs="+", default=[6144, 8192], help="pass-key prompt lengths (full run)")
     ap.add_argument("--depths", type=float, nargs="+", default=[0.25, 0.5, 0.75], help="pass-key depths (full run)")
     ap.add_argument("--ppl-only", action="store_true", help="only the perplexity part (results: tier_fidelity_ppl.*)")
@@ -148,22 +155,28 @@ def main() -> None:
         start = ids.numel() - ppl_steps
         state = refmodel.prefill(model, ids[:start], chunk_tokens=512)
         ppl = {}
-        for kind in ("full", *kinds):
+        budgets = args.ppl_budgets or [args.budget]
+        runs = [("full", "full", None)] + [(kind if len(budgets) == 1 else f"{kind}@{b}", kind, b) for b in budgets for kind in kinds]
+        for name_, kind, budget in runs:
             s = copy.deepcopy(state)
             hook = None
             if kind != "full":
                 store = make_store(kind, root, redis.url if redis else None)
-                hook = SparseDecode(budget=args.budget, store=store, **opts)
+                hook = SparseDecode(budget=budget, store=store, **opts)
             t0 = time.perf_counter()
             nll = teacher_forced_nll(model, s, ids, start, hook)
-            ppl[kind] = {"ppl": float(torch.exp(nll.mean())), "seconds": time.perf_counter() - t0}
+            ppl[name_] = {"ppl": float(torch.exp(nll.mean())), "seconds": time.perf_counter() - t0, "budget": budget, "tier": kind}
             if hook is not None:
-                ppl[kind]["offloaded_tokens"] = hook.stats.offloaded_tokens
+                ppl[name_]["offloaded_tokens"] = hook.stats.offloaded_tokens
+                ppl[name_]["ratio"] = ppl[name_]["ppl"] / ppl["full"]["ppl"]
                 hook.tier_attention.close()
                 store.close()
-            print(f"  perplexity ({kind}) over the last {ppl_steps} of {ids.numel()} tokens: {ppl[kind]['ppl']:.4f}", flush=True)
-        for kind in kinds:
-            ppl[kind]["ratio"] = ppl[kind]["ppl"] / ppl["full"]["ppl"]
+            print(
+                f"  perplexity ({name_}) over the last {ppl_steps} of {ids.numel()} tokens: {ppl[name_]['ppl']:.4f}"
+                + (f" ({ppl[name_]['ratio']:.4f}x)" if hook is not None else "")
+                + f"  {ppl[name_]['seconds']:.0f} s",
+                flush=True,
+            )
     finally:
         if redis is not None:
             redis.close()
@@ -187,10 +200,15 @@ def main() -> None:
         md_table(["tokens", "depth", "key", "full attention", *[f"KV in {k}" for k in kinds], "read fraction"], table),
         "",
         md_table(
-            ["perplexity", "ppl", "vs full"],
+            ["perplexity", "budget", "ppl", "vs full"],
             [
-                [f"{k}: last {ppl_steps} of {ppl_tokens} tokens", f"{ppl[k]['ppl']:.4f}", "-" if k == "full" else f"{ppl[k]['ratio']:.4f}x"]
-                for k in ("full", *kinds)
+                [
+                    f"{k}: last {ppl_steps} of {ppl_tokens} tokens",
+                    "-" if v["budget"] is None else v["budget"],
+                    f"{v['ppl']:.4f}",
+                    "-" if k == "full" else f"{v['ratio']:.4f}x",
+                ]
+                for k, v in ppl.items()
             ],
         ),
         "",

@@ -15,12 +15,18 @@ Options per row: ``budget`` (tokens per KV head, tail included), ``resident`` (r
 ``C`` (candidate_blocks; 0 = one level), ``dense`` (dense_layers), ``agg`` (how a GQA group's
 query heads score a page: ``max`` of their Quest bounds, or ``sum``; ``mean``: the mean key's score instead of the bound; ``mix``/``mix25``: the bound and
 the mean key's score weighted 1:1 / 3:1), ``oracle`` (pages by their
-true attention mass instead of Quest bounds: the ceiling of page selection).
+true attention mass instead of Quest bounds: the ceiling of page selection), ``agg=smax``/``ssum``
+(each query head's bounds turned into a softmax over the pages before the group's max / sum),
+``comp`` (1: every page not selected still attends through its mean key and mean value, weighted
+by its ``P`` tokens; 2: the same, with blocks outside the candidates by their block means: an
+estimate of the mass selection leaves out, measured to make perplexity worse, not better).
+``SWEEP_PAGE_TOKENS`` in the environment sets the page size (default 16).
 """
 
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 import time
 from pathlib import Path
@@ -33,7 +39,7 @@ from bench import refmodel  # noqa: E402
 from bench.common import md_table, save_results  # noqa: E402
 from kvtier.connectors.hf_dispatch import bind, sdpa  # noqa: E402
 
-P = 16
+P = int(__import__("os").environ.get("SWEEP_PAGE_TOKENS", "16"))
 
 
 def allowed_tokens(q, k, start: int, cfg: dict, BT: int, layer: int, scale: float) -> torch.Tensor:
@@ -51,10 +57,11 @@ def allowed_tokens(q, k, start: int, cfg: dict, BT: int, layer: int, scale: floa
     allowed = allowed.expand(H, n, T).clone()
     N = int(stored.max()) // BT  # blocks stored at the last step
     if N == 0:
-        return allowed
+        return allowed, None
     total = N * Np
     ks = k[:, : N * BT].view(H, total, P, D)
     page_ok = (torch.arange(total) * P)[None, :] < stored[:, None]  # [n, total]: the page was stored at that step
+    cand_blocks = None
     if layer < cfg["dense"]:
         sel = page_ok.expand(H, n, total)
     elif cfg["oracle"]:
@@ -70,6 +77,10 @@ def allowed_tokens(q, k, start: int, cfg: dict, BT: int, layer: int, scale: floa
             s = torch.einsum("hgnd,hxd->hgnx", pos_q, hi) + torch.einsum("hgnd,hxd->hgnx", neg_q, lo)
             if mean is not None:
                 s = (1 - w) * s + w * torch.einsum("hgnd,hxd->hgnx", q, mean)
+            if cfg["agg"] in ("smax", "ssum"):  # each query head's bounds as a softmax over the pages, then the group's max / sum
+                ok = page_ok if s.shape[-1] == total else (torch.arange(s.shape[-1]) * BT)[None, :] < stored[:, None]
+                s = (s * scale).masked_fill(~ok[None, None], float("-inf")).softmax(-1)
+                return s.amax(1) if cfg["agg"] == "smax" else s.sum(1)
             return s.amax(1) if cfg["agg"] != "sum" else s.sum(1)
 
         kmax, kmin = ks.amax(2), ks.amin(2)  # [H, total, D]
@@ -85,8 +96,9 @@ def allowed_tokens(q, k, start: int, cfg: dict, BT: int, layer: int, scale: floa
             rank = s1.argsort(-1, descending=True).argsort(-1)  # [H, n, N]
             cand = (rank < Cn[None, :, None]) & block_ok  # kept blocks (all when fewer than C are stored)
             s2 = s2.masked_fill(~cand.repeat_interleave(Np, -1), float("-inf"))
+            cand_blocks = cand
         sel = _top(s2, page_ok, want)
-    return allowed | _pad(sel.repeat_interleave(P, -1), T)
+    return allowed | _pad(sel.repeat_interleave(P, -1), T), (sel, page_ok, N, cand_blocks)
 
 
 def _top(s2, page_ok, want):
@@ -110,9 +122,42 @@ def make_handler(cfg: dict, start: int, BT: int):
         G = Hq // H
         q = query[0].view(H, G, n, D)
         k, v = key[0], value[0]
-        allowed = allowed_tokens(q, k, start, cfg, BT, module.layer_idx, scaling)  # [H, n, T]
+        allowed, info = allowed_tokens(q, k, start, cfg, BT, module.layer_idx, scaling)  # [H, n, T]
         s = torch.einsum("hgnd,htd->hgnt", q, k) * scaling
-        att = s.masked_fill(~allowed[:, None], float("-inf")).softmax(-1)
+        s = s.masked_fill(~allowed[:, None], float("-inf"))
+        if cfg.get("comp") and info is not None:
+            # the pages not selected, each stood for by its mean key and mean value with the weight
+            # of its P tokens (log P added to the logit); blocks outside the candidates by their
+            # block means when comp=2
+            sel, page_ok, N, cand = info
+            total = N * (BT // P)
+            kp = k[:, : N * BT].reshape(H, total, P, D).mean(2)
+            vp = v[:, : N * BT].reshape(H, total, P, D).mean(2)
+            cs = torch.einsum("hgnd,hxd->hgnx", q, kp) * scaling + math.log(P)
+            rest = page_ok[None] & ~sel  # [H, n, total]
+            if cfg["comp"] == 2 and cand is not None:
+                Np = BT // P
+                kb = k[:, : N * BT].reshape(H, N, BT, D).mean(2)
+                vb = v[:, : N * BT].reshape(H, N, BT, D).mean(2)
+                bs = torch.einsum("hgnd,hxd->hgnx", q, kb) * scaling + math.log(BT)
+                block_ok = (torch.arange(N) * BT)[None, :] < ((torch.arange(start, start + n) - cfg["resident"]).clamp_min(0) // BT * BT)[
+                    :, None
+                ]
+                nonc = block_ok[None] & ~cand  # [H, n, N]
+                rest = rest & cand.repeat_interleave(Np, -1)
+                bs = bs.masked_fill(~nonc[:, None], float("-inf"))
+            else:
+                bs = None
+            cs = cs.masked_fill(~rest[:, None], float("-inf"))
+            parts = [s, cs] + ([bs] if bs is not None else [])
+            att = torch.cat(parts, -1).softmax(-1)
+            T = s.shape[-1]
+            out = torch.einsum("hgnt,htd->hgnd", att[..., :T], v) + torch.einsum("hgnx,hxd->hgnd", att[..., T : T + total], vp)
+            if bs is not None:
+                out = out + torch.einsum("hgnx,hxd->hgnd", att[..., T + total :], vb)
+            out = out.reshape(Hq, n, D).transpose(0, 1)
+            return out[None], None
+        att = s.softmax(-1)
         out = torch.einsum("hgnt,htd->hgnd", att, v).reshape(Hq, n, D).transpose(0, 1)
         return out[None], None
 
