@@ -156,6 +156,14 @@ class Settings(BaseSettings):
     host_capacity_bytes: ByteSize = Field(1 << 30, description="Bytes of the host-memory tier; 0 disables it.")
     host_policy: str = Field("lru", description="Block eviction policy of the host tier.")
     host_codec: str = Field("identity", description="Codec of the host tier (a registered codec name, optionally `+stage`).")
+    host_warm_reserve_bytes: ByteSize | None = Field(
+        None,
+        description=(
+            "Pre-faulted spare buffers the host tier keeps for the next puts while it has room (a background thread at a "
+            "lower priority touches them), counted against its capacity; unset: an eighth of the capacity, at most 64 MiB; "
+            "0: off. See docs/data-path.md."
+        ),
+    )
     disk_capacity_bytes: ByteSize = Field(8 << 30, description="Bytes of the disk tier under `data_dir/blocks`; 0 disables it.")
     disk_policy: str = Field("lru", description="Block eviction policy of the disk tier.")
     disk_codec: str = Field("identity", description="Codec of the disk tier.")
