@@ -158,6 +158,8 @@ class KVService:
             raise PayloadTooLarge(
                 f"{field} names {len(values)} blocks, at most {limit} are allowed per request (max_blocks_per_request)", field=field
             )
+        if all(type(v) is bytes and len(v) == 32 for v in values):  # raw keys (the local transport, gRPC): nothing to parse
+            return list(values)
         return [parse_client_key(v, f"{field}[{i}]") for i, v in enumerate(values)]
 
     def _track(self, tenant: str, pairs: list[tuple[bytes, bytes]]) -> None:
