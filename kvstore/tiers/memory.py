@@ -27,7 +27,7 @@ log = logging.getLogger("kvtier.tiers")
 # most one chunk, for as long as the chunk takes
 _FILL_CHUNK = 1 << 20
 # the reserve's thread runs this much lower in CPU priority (nice) than the process
-_FILL_NICE = 10
+_FILL_NICE = 19
 
 
 def _as_codec(codec: str | Codec) -> Codec:
