@@ -364,7 +364,9 @@ def bench_lookups(quick: bool) -> dict:
         srv.close()
 
 
-def _local_client_proc(sock: str, args: dict, n_threads: int, duration_s: float, warmup_s: float, q, rate_per_client: float | None = None) -> None:
+def _local_client_proc(
+    sock: str, args: dict, n_threads: int, duration_s: float, warmup_s: float, q, rate_per_client: float | None = None
+) -> None:
     """``n_threads`` lookup clients over the local transport (one connection each). ``rate_per_client``
     None: closed loop (each sends its next lookup as soon as the last is answered). A rate: open loop,
     each client sends at fixed times (``1 / rate`` apart, random phase) and a lookup's latency counts
@@ -776,7 +778,9 @@ def main() -> None:
             ]
         )
     md += [
-        md_table(["lookup", "loop", "concurrent clients", "p50 ms", "p99 ms", "goal p99", "requests/s", "errors", "one client p50 ms"], lrows),
+        md_table(
+            ["lookup", "loop", "concurrent clients", "p50 ms", "p99 ms", "goal p99", "requests/s", "errors", "one client p50 ms"], lrows
+        ),
         "",
         "Closed loop: every client sends its next lookup as soon as the last is answered, so the box is always "
         "saturated and the latency is queueing: by Little's law the mean is at least 64 x (CPU per lookup) / cores, "

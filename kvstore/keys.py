@@ -115,7 +115,7 @@ def check_keys(keys: Sequence[bytes]) -> list[BlockHash]:
     out = []
     for i, k in enumerate(keys):
         if type(k) is bytes and len(k) == HASH_BYTES:  # the usual case, kept short: a lookup checks every key
-            out.append(k)
+            out.append(BlockHash(k))  # NewType: k itself
             continue
         if not isinstance(k, (bytes, bytearray)) or len(k) != HASH_BYTES:
             raise ValueError(f"keys[{i}] must be a {HASH_BYTES}-byte BlockHash")

@@ -76,7 +76,9 @@ class HostTier(TierBase):
     ) -> None:
         if capacity_bytes is None:
             raise ValueError("HostTier needs a capacity_bytes (memory must stay bounded)")
-        if warm_reserve_bytes is not None and (isinstance(warm_reserve_bytes, bool) or not isinstance(warm_reserve_bytes, int) or warm_reserve_bytes < 0):
+        if warm_reserve_bytes is not None and (
+            isinstance(warm_reserve_bytes, bool) or not isinstance(warm_reserve_bytes, int) or warm_reserve_bytes < 0
+        ):
             raise ValueError(f"warm_reserve_bytes must be a non-negative int or None, got {warm_reserve_bytes!r}")
         super().__init__(name, _as_codec(codec), capacity_bytes)
         reserve = default_warm_reserve_bytes(capacity_bytes) if warm_reserve_bytes is None else warm_reserve_bytes
@@ -130,7 +132,12 @@ class HostTier(TierBase):
             with self._lock:
                 n = self._reserve_size
                 held = len(self._spares.get(n, ())) * n
-                if not n or held + n > self.warm_reserve_bytes or self._spare_bytes + n > capacity // 4 or self._bound_bytes() + n > capacity:
+                if (
+                    not n
+                    or held + n > self.warm_reserve_bytes
+                    or self._spare_bytes + n > capacity // 4
+                    or self._bound_bytes() + n > capacity
+                ):
                     return
                 self._filling, self._fill_cancel = n, False
             buf = None
