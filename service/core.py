@@ -364,6 +364,11 @@ class KVService:
             if ok and skey not in summaries:
                 summaries.add(skey, block)
 
+    def discard_summaries(self, p: Principal, keys: list[bytes]) -> None:
+        """Forget the page summaries of ``keys`` (client keys of ``p``'s tenant): recomputed when next needed."""
+        if self.summarize_on_put:
+            self.retriever.summaries.discard(self.keyspace(p.tenant).storage_keys(keys))
+
     def put_frames(self, p: Principal, model: str, items: Sequence[memoryview | None], parent=None) -> list[bool]:
         spec = self.spec_of(p, model)
         if parent not in (None, "", b""):

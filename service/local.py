@@ -173,7 +173,7 @@ class _Peer:
         self.inbuf = bytearray()
         # work after this connection's last answer that still reads its segment (a put's page summaries),
         # running on the server's "after" threads; settled before the segment is read or written again
-        self.after: Future | None = None
+        self.after: tuple[Future, list] | None = None  # (the work, what undoes it if the segment was spoiled under it)
 
 
 class LocalServer:
@@ -497,13 +497,15 @@ class LocalServer:
     def _do_request(self, peer: _Peer, req) -> bool:
         t0 = time.perf_counter()
         op = req.get("op") if isinstance(req, dict) else None
-        later: list = []  # work that may follow the answer (a put's page summaries)
+        later: list = []  # (work, its undo) that may follow the answer (a put's page summaries)
         # the previous put's summaries may still read its half of the segment: a put to the other half
         # ("alt") runs alongside them and waits for them only before its answer (after which the client
-        # may write that half again); any other request waits for them first
+        # may write that half again); any other request waits for them first. A put that is not "alt" may
+        # have been written over the half they read (a put larger than half the segment): their summaries
+        # are dropped then (a cache: recomputed when a query needs them)
         alt_put = op == "put" and isinstance(req.get("args"), dict) and req["args"].get("alt") is True
         if not alt_put:
-            _settle(peer)
+            _settle(peer, spoiled=op == "put")
         try:
             if not isinstance(req, dict):
                 raise BadRequest("a request must be a map", field="op")
@@ -522,7 +524,7 @@ class LocalServer:
             self.svc.metrics.observe("local", str(op)[:32], status, time.perf_counter() - t0)
         if later:  # the client leaves those bytes alone until its next put's answer (see above)
             try:
-                peer.after = self._after.submit(_run_later, later, op)
+                peer.after = (self._after.submit(_run_later, later, op), [undo for _, undo in later])
             except RuntimeError:  # shutting down: done here
                 _run_later(later, op)
         return True
@@ -584,7 +586,7 @@ class LocalServer:
                     parse_client_key(args.get("parent"), "parent")  # before the frames, as put_frames does
                 keys, blocks = svc.decode_frames(svc.spec_of(p, model), items)
                 stored = svc.put(p, model, keys, blocks, args.get("parent"), summarize=False)
-            later.append(lambda: svc.summarize(p, keys, blocks, stored))
+            later.append((lambda: svc.summarize(p, keys, blocks, stored), lambda: svc.discard_summaries(p, keys)))
             return {"stored": stored, "num_stored": sum(stored)}
         if op == "get":
             return self._get(p, seg, args)
@@ -655,19 +657,23 @@ class LocalServer:
 _QUERY_FIELDS = {"model", "q", "budget", "token_ids", "hashes", "salt", "extra_keys", "layers"}
 
 
-def _run_later(fns: list, op) -> None:
-    for fn in fns:
+def _run_later(work: list, op) -> None:
+    for fn, _ in work:
         try:
             fn()
         except Exception:  # summaries are a cache (recomputed when missing): the stored blocks stand
             log.exception("local transport: work after a %s failed", op)
 
 
-def _settle(peer: _Peer) -> None:
-    """Wait for the work after the connection's previous answer (it reads the segment)."""
+def _settle(peer: _Peer, *, spoiled: bool = False) -> None:
+    """Wait for the work after the connection's previous answer (it reads the segment); ``spoiled``: the
+    client may have written over those bytes meanwhile, so what the work made from them is undone."""
     after, peer.after = peer.after, None
     if after is not None:
-        after.result()
+        future, undos = after
+        future.result()
+        if spoiled:
+            _run_later([(undo, None) for undo in undos], "an overwritten put")
 
 
 def _seg(peer: _Peer) -> mmap.mmap:
