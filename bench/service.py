@@ -787,9 +787,9 @@ def main() -> None:
         "and p99 sits above it. Open loop: each client sends at fixed times and latency counts from the time a lookup "
         "was due (no coordinated omission).",
         "",
-        f"- local, closed loop: {loc['bound']}; CPU per lookup: server {loc['server_cpu_us_per_request']:.0f} us, clients "
+        f"- local transport, {loc['bound']}; CPU per lookup: server {loc['server_cpu_us_per_request']:.0f} us, clients "
         f"{loc['client_cpu_us_per_request']:.0f} us.",
-        f"- local, {opn['bound']}; CPU per lookup: server {opn['server_cpu_us_per_request']:.0f} us, clients "
+        f"- local transport, {opn['bound']}; CPU per lookup: server {opn['server_cpu_us_per_request']:.0f} us, clients "
         f"{opn['client_cpu_us_per_request']:.0f} us.",
         f"- load average {max(loc['load_average'], opn['load_average']):.1f} on {os.cpu_count()} cores.",
         "",
@@ -808,7 +808,7 @@ def main() -> None:
         for label, r in (
             (f"disk tier busy ({busy['disk_blocks_written']} fsync'ed writes)", busy),
             (f"Redis 200 ms late, written through ({slow_redis['disk_blocks_written']} blocks)", slow_redis),
-            ("writer without disk I/O", control),
+            (f"writer, host tier of 4 GiB ({control['disk_blocks_written']} blocks reached the disk)", control),
         )
         for op in ("get", "lookup")
     ]
