@@ -693,6 +693,7 @@ def main() -> None:
         help="lookups/s in all (spread over the 64 clients) for the open-loop lookup case over the local transport",
     )
     args = ap.parse_args()
+    load_start = os.getloadavg()[0]
     torch.set_num_threads(args.threads)
     blocks = {label: bench_blocks(args.quick, label, env) for label, env in CONFIGS.items()}
     grpc_floor = bench_grpc_floor(args.quick)
@@ -720,7 +721,8 @@ def main() -> None:
                 )
     md = [
         f"Service benchmark ({mode} mode): `python bench/service.py{' --quick' if args.quick else ''}`, 6 MiB blocks "
-        "(SDK clients, best of 3 interleaved rounds; ratio = raw redis-py time / kvtier time, higher is better)",
+        "(SDK clients, best of 3 interleaved rounds; ratio = raw redis-py time / kvtier time, higher is better). "
+        f"Load average {load_start:.1f} at the start, {os.getloadavg()[0]:.1f} at the end, on {os.cpu_count()} cores.",
         "",
         md_table(["kvtier tiers", "transport", "op", "kvtier", "raw redis-py SET/GET", "ratio", "goal"], rows),
         "",
