@@ -94,7 +94,7 @@ class Settings(BaseSettings):
         10,
         ge=0,
         le=19,
-        description="How much lower the CPU priority (nice) of the local transport's put threads is than the rest of the server, so that a client filling the store does not slow down other clients' gets and lookups on a busy machine; 0: the same.",
+        description="How much lower the CPU priority (nice) of the local transport's put threads (and of the threads making a put's page summaries after its answer) is than the rest of the server, so that a client filling the store does not slow down other clients' gets and lookups on a busy machine; 0: the same.",
     )
     insecure: bool = Field(
         False, description="Allow binding a non-loopback host with no API keys configured (anyone who can connect is admin)."
