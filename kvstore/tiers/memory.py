@@ -24,7 +24,7 @@ log = logging.getLogger("kvtier.tiers")
 
 # the reserve's thread touches a buffer this many bytes at a time, and gives up between two chunks
 # when a put needs the room: a put never waits for it, and the tier's memory exceeds its bound by at
-# most one chunk, for as long as the chunk takes
+# most the part of that one buffer already touched, for at most the time one chunk takes
 _FILL_CHUNK = 1 << 20
 # the reserve's thread runs this much lower in CPU priority (nice) than the process
 _FILL_NICE = 19
@@ -57,8 +57,9 @@ class HostTier(TierBase):
     capacity_bytes``), a background thread at a lower CPU priority keeps up to
     ``warm_reserve_bytes`` of spares of the size of the last identity put, their pages already
     touched, so a put copies into memory that costs no page faults. The reserve is spares: it
-    counts against the capacity, a put that needs its room drops it (and stops a buffer being
-    touched, between two 1 MiB chunks), and it is never more than a quarter of the capacity.
+    counts against the capacity, a put that needs its room drops it (and has the thread give up the
+    buffer it is touching, at the next 1 MiB chunk: until then the tier holds up to that buffer's
+    touched part beyond its bound), and it is never more than a quarter of the capacity.
     ``warm_reserve_bytes``: None is ``default_warm_reserve_bytes(capacity_bytes)`` (an eighth of
     the capacity, at most 64 MiB); 0 turns it off. The thread starts at the first put.
     """
