@@ -1,7 +1,7 @@
 """Service benchmark: 6 MiB blocks over REST, gRPC and the local transport vs raw redis-py, lookup latency under
 64 clients, host-tier latency while a slow tier is busy.
 
-    python bench/service.py [--quick] [--out FILE]
+    python bench/service.py [--quick] [--out FILE] [--open-rate LOOKUPS_PER_S]
 
 In one run on loopback (ratios are what to read; absolute times move with the machine):
   1. put/get of one 6 MiB block through `kvtier serve` (its only tier: a private redis-server), with the
@@ -10,7 +10,10 @@ In one run on loopback (ratios are what to read; absolute times move with the ma
   2. lookup latency p50/p99 with 64 concurrent clients (keep-alive HTTP/1.1 connections, closed loop)
      on the embedded default tiers (goal p99 < 5 ms, 0 errors), and the requests/s they reach.
 The clients of 2 run in 2 processes of 32 connections each, on the same 2-core box as the server.
-  3. the same-host transport (`unix://`, shared memory) in 1 (goal >= 1.5x raw) and 2 (goal p99 <= 5 ms);
+  3. the same-host transport (`unix://`, shared memory) in 1 (goal >= 1.5x raw) and 2 (goal p99 <= 5 ms), the
+     lookups both closed loop (64 clients back to back: the box saturated, p99 bounded below by queueing,
+     mean >= 64 x CPU per lookup / cores) and open loop (64 clients at fixed times, --open-rate lookups/s in
+     all, 2,000 by default; latency from the time each lookup was due);
   4. host-tier gets and lookups over the local transport, idle and while another client keeps an
      fsync'ing disk tier busy with demotions, or while Redis (written through) answers 200 ms late
      (goal: p99 busy / idle <= 2x); idle and busy windows alternate. The CPU per lookup (server and
@@ -361,8 +364,14 @@ def bench_lookups(quick: bool) -> dict:
         srv.close()
 
 
-def _local_client_proc(sock: str, args: dict, n_threads: int, duration_s: float, warmup_s: float, q) -> None:
-    """``n_threads`` closed-loop lookup clients over the local transport (one connection each)."""
+def _local_client_proc(
+    sock: str, args: dict, n_threads: int, duration_s: float, warmup_s: float, q, rate_per_client: float | None = None
+) -> None:
+    """``n_threads`` lookup clients over the local transport (one connection each). ``rate_per_client``
+    None: closed loop (each sends its next lookup as soon as the last is answered). A rate: open loop,
+    each client sends at fixed times (``1 / rate`` apart, random phase) and a lookup's latency counts
+    from the time it was due, so a client that falls behind sees the queueing too (no coordinated omission)."""
+    import random
     import threading
 
     from kvtier.service.client import KVTierClient
@@ -374,8 +383,17 @@ def _local_client_proc(sock: str, args: dict, n_threads: int, duration_s: float,
 
     def loop(i: int) -> None:
         c = KVTierClient(f"unix://{sock}", segment_bytes=1 << 16)
+        period = None if rate_per_client is None else 1.0 / rate_per_client
+        due = time.perf_counter() + (random.random() * period if period else 0.0)
         while True:
-            t0 = time.perf_counter()
+            if period is not None:
+                wait = due - time.perf_counter()
+                if wait > 0:
+                    time.sleep(wait)
+                t0 = due
+                due += period
+            else:
+                t0 = time.perf_counter()
             if t0 >= stop_at:
                 break
             try:
@@ -397,8 +415,9 @@ def _local_client_proc(sock: str, args: dict, n_threads: int, duration_s: float,
     q.put(([x for ls in lat for x in ls], sum(errors), time.process_time() - cpu0))
 
 
-def bench_local_lookups(quick: bool) -> dict:
-    """Lookup latency with 64 concurrent clients over the local transport (2 processes x 32 threads)."""
+def bench_local_lookups(quick: bool, open_rate: float = 2000.0) -> dict:
+    """Lookup latency with 64 concurrent clients over the local transport (2 processes x 32 threads): closed
+    loop (every client back to back) and open loop (``open_rate`` lookups/s in all, spread over the 64)."""
     from kvtier.service.client import KVTierClient
 
     duration = 3.0 if quick else 15.0
@@ -411,6 +430,7 @@ def bench_local_lookups(quick: bool) -> dict:
             "KVTIER_LOCAL_SOCKET": sock,
         }
     )
+    cores = os.cpu_count() or 1
     try:
         spec = SPEC_SMALL
         with KVTierClient(f"unix://{sock}") as c:
@@ -420,39 +440,71 @@ def bench_local_lookups(quick: bool) -> dict:
             c.put(model, keys[:6], torch.zeros(6, *spec.block_shape, dtype=spec.torch_dtype))
             assert c.lookup(model, hashes=keys).num_blocks == 6
         args = {"model": model, "hashes": keys}
-        ctx = mp.get_context("fork")
-        q = ctx.Queue()
-        procs = [
-            ctx.Process(target=_local_client_proc, args=(sock, args, NUM_CLIENTS // CLIENT_PROCS, duration, 1.0, q))
-            for _ in range(CLIENT_PROCS)
-        ]
-        for p in procs:
-            p.start()
-        time.sleep(1.0)  # the clients' warm-up
-        server_cpu0 = _process_cpu_s(srv.proc.pid)
-        lat, errors, client_cpu = [], 0, 0.0
-        for _ in procs:
-            l_, e_, cpu_ = q.get(timeout=duration + 120)
-            lat += l_
-            errors += e_
-            client_cpu += cpu_
-        server_cpu = _process_cpu_s(srv.proc.pid) - server_cpu0
-        for p in procs:
-            p.join()
-        lat_ms = np.array(lat) * 1e3
-        r = {
-            "requests": len(lat),
-            "errors": errors,
-            "p50_ms": float(np.percentile(lat_ms, 50)),
-            "p99_ms": float(np.percentile(lat_ms, 99)),
-            "rps": len(lat) / duration,
-            "clients": NUM_CLIENTS,
-            "duration_s": duration,
-            # CPU time per request, server and clients (load-independent: what a request costs, whoever waits)
-            "server_cpu_us_per_request": server_cpu / max(1, len(lat)) * 1e6,
-            "client_cpu_us_per_request": client_cpu / max(1, len(lat)) * 1e6,
-            "load_average": os.getloadavg()[0],
-        }
+
+        def run(rate: float | None) -> dict:
+            ctx = mp.get_context("fork")
+            q = ctx.Queue()
+            per_client = None if rate is None else rate / NUM_CLIENTS
+            procs = [
+                ctx.Process(target=_local_client_proc, args=(sock, args, NUM_CLIENTS // CLIENT_PROCS, duration, 1.0, q, per_client))
+                for _ in range(CLIENT_PROCS)
+            ]
+            load0 = os.getloadavg()[0]
+            for p in procs:
+                p.start()
+            time.sleep(1.0)  # the clients' warm-up
+            server_cpu0 = _process_cpu_s(srv.proc.pid)
+            lat, errors, client_cpu = [], 0, 0.0
+            for _ in procs:
+                l_, e_, cpu_ = q.get(timeout=duration + 120)
+                lat += l_
+                errors += e_
+                client_cpu += cpu_
+            server_cpu = _process_cpu_s(srv.proc.pid) - server_cpu0
+            for p in procs:
+                p.join()
+            lat_ms = np.array(lat) * 1e3
+            r = {
+                "loop": "closed" if rate is None else "open",
+                "target_rps": rate,
+                "requests": len(lat),
+                "errors": errors,
+                "p50_ms": float(np.percentile(lat_ms, 50)),
+                "p99_ms": float(np.percentile(lat_ms, 99)),
+                "rps": len(lat) / duration,
+                "clients": NUM_CLIENTS,
+                "duration_s": duration,
+                # CPU time per request, server and clients (load-independent: what a request costs, whoever waits)
+                "server_cpu_us_per_request": server_cpu / max(1, len(lat)) * 1e6,
+                "client_cpu_us_per_request": client_cpu / max(1, len(lat)) * 1e6,
+                "load_average": max(load0, os.getloadavg()[0]),
+            }
+            cpu_s = (r["server_cpu_us_per_request"] + r["client_cpu_us_per_request"]) * 1e-6
+            if rate is None:
+                # Little's law with every core busy on lookups: 64 clients always waiting see a mean latency of at
+                # least 64 x (CPU per lookup) / cores, whatever the server does; p99 sits above the mean
+                r["bound_mean_ms"] = NUM_CLIENTS * cpu_s / cores * 1e3
+                r["bound"] = (
+                    f"closed loop: mean >= {NUM_CLIENTS} x {cpu_s * 1e6:.0f} us CPU per lookup / {cores} cores = "
+                    f"{r['bound_mean_ms']:.2f} ms (queueing; p99 is above the mean)"
+                )
+            else:
+                r["cpu_utilization"] = rate * cpu_s / cores  # the share of the box's cores the offered load needs
+                r["bound"] = (
+                    f"open loop: {rate:.0f}/s x {cpu_s * 1e6:.0f} us CPU per lookup = {r['cpu_utilization']:.0%} of {cores} cores "
+                    f"(queueing only in bursts; the floor is one lookup's own time)"
+                )
+            name = "closed loop" if rate is None else f"open loop at {rate:.0f}/s"
+            print(
+                f"lookup by hashes (8 blocks), local transport, {name}: {NUM_CLIENTS} clients p50 {r['p50_ms']:.2f} ms "
+                f"p99 {r['p99_ms']:.2f} ms (goal <= 5 ms), {r['rps']:.0f} req/s, {errors} errors; CPU per request: server "
+                f"{r['server_cpu_us_per_request']:.0f} us, clients {r['client_cpu_us_per_request']:.0f} us "
+                f"(load average {r['load_average']:.1f}); {r['bound']}"
+            )
+            return r
+
+        r = run(None)
+        r["open_loop"] = run(open_rate)
         with KVTierClient(f"unix://{sock}") as c:
             single = []
             for _ in range(200 if quick else 1000):
@@ -460,12 +512,8 @@ def bench_local_lookups(quick: bool) -> dict:
                 c.lookup(**args)
                 single.append(time.perf_counter() - t0)
         r["single_client_p50_ms"] = float(np.median(single) * 1e3)
-        print(
-            f"lookup by hashes (8 blocks), local transport: {NUM_CLIENTS} clients p50 {r['p50_ms']:.2f} ms "
-            f"p99 {r['p99_ms']:.2f} ms, {r['rps']:.0f} req/s, {errors} errors; one client p50 {r['single_client_p50_ms']:.2f} ms; "
-            f"CPU per request: server {r['server_cpu_us_per_request']:.0f} us, clients {r['client_cpu_us_per_request']:.0f} us "
-            f"(load average {r['load_average']:.1f})"
-        )
+        r["open_loop"]["single_client_p50_ms"] = r["single_client_p50_ms"]
+        print(f"lookup by hashes (8 blocks), local transport, one client alone: p50 {r['single_client_p50_ms']:.2f} ms")
         return r
     finally:
         srv.close()
@@ -638,13 +686,20 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="fewer repetitions and shorter load (under a minute)")
     ap.add_argument("--out", help="also write the figures as JSON here")
     ap.add_argument("--threads", type=int, default=1, help="torch threads in this process")
+    ap.add_argument(
+        "--open-rate",
+        type=float,
+        default=2000.0,
+        help="lookups/s in all (spread over the 64 clients) for the open-loop lookup case over the local transport",
+    )
     args = ap.parse_args()
+    load_start = os.getloadavg()[0]
     torch.set_num_threads(args.threads)
     blocks = {label: bench_blocks(args.quick, label, env) for label, env in CONFIGS.items()}
     grpc_floor = bench_grpc_floor(args.quick)
     rest_floor = bench_rest_floor(args.quick)
     lookups = bench_lookups(args.quick)
-    local_lookups = bench_local_lookups(args.quick)
+    local_lookups = bench_local_lookups(args.quick, args.open_rate)
     busy = bench_busy_tier(args.quick)
     control = bench_busy_tier(args.quick, slow_tier=False)
     slow_redis = bench_slow_redis(args.quick)
@@ -666,7 +721,8 @@ def main() -> None:
                 )
     md = [
         f"Service benchmark ({mode} mode): `python bench/service.py{' --quick' if args.quick else ''}`, 6 MiB blocks "
-        "(SDK clients, best of 3 interleaved rounds; ratio = raw redis-py time / kvtier time, higher is better)",
+        "(SDK clients, best of 3 interleaved rounds; ratio = raw redis-py time / kvtier time, higher is better). "
+        f"Load average {load_start:.1f} at the start, {os.getloadavg()[0]:.1f} at the end, on {os.cpu_count()} cores.",
         "",
         md_table(["kvtier tiers", "transport", "op", "kvtier", "raw redis-py SET/GET", "ratio", "goal"], rows),
         "",
@@ -697,28 +753,49 @@ def main() -> None:
     lrows = [
         [
             label,
+            "closed",
             r["clients"],
             f"{r['p50_ms']:.2f}",
             f"{r['p99_ms']:.2f}",
+            "<= 5 ms",
             f"{r['rps']:.0f}",
             r["errors"],
             f"{r['single_client_p50_ms']:.2f}",
         ]
         for label, r in lookups.items()
     ]
-    r = local_lookups
-    lrows.append(
-        [
-            "by hashes (8 blocks), local transport",
-            r["clients"],
-            f"{r['p50_ms']:.2f}",
-            f"{r['p99_ms']:.2f}",
-            f"{r['rps']:.0f}",
-            r["errors"],
-            f"{r['single_client_p50_ms']:.2f}",
-        ]
-    )
-    md += [md_table(["lookup", "concurrent clients", "p50 ms", "p99 ms", "requests/s", "errors", "one client p50 ms"], lrows), ""]
+    loc, opn = local_lookups, local_lookups["open_loop"]
+    for name, r in (("closed", loc), (f"open, {opn['target_rps']:.0f}/s in all", opn)):
+        lrows.append(
+            [
+                "by hashes (8 blocks), local transport",
+                name,
+                r["clients"],
+                f"{r['p50_ms']:.2f}",
+                f"{r['p99_ms']:.2f}",
+                "<= 5 ms",
+                f"{r['rps']:.0f}",
+                r["errors"],
+                f"{loc['single_client_p50_ms']:.2f}",
+            ]
+        )
+    md += [
+        md_table(
+            ["lookup", "loop", "concurrent clients", "p50 ms", "p99 ms", "goal p99", "requests/s", "errors", "one client p50 ms"], lrows
+        ),
+        "",
+        "Closed loop: every client sends its next lookup as soon as the last is answered, so the box is always "
+        "saturated and the latency is queueing: by Little's law the mean is at least 64 x (CPU per lookup) / cores, "
+        "and p99 sits above it. Open loop: each client sends at fixed times and latency counts from the time a lookup "
+        "was due (no coordinated omission).",
+        "",
+        f"- local transport, {loc['bound']}; CPU per lookup: server {loc['server_cpu_us_per_request']:.0f} us, clients "
+        f"{loc['client_cpu_us_per_request']:.0f} us.",
+        f"- local transport, {opn['bound']}; CPU per lookup: server {opn['server_cpu_us_per_request']:.0f} us, clients "
+        f"{opn['client_cpu_us_per_request']:.0f} us.",
+        f"- load average {max(loc['load_average'], opn['load_average']):.1f} on {os.cpu_count()} cores.",
+        "",
+    ]
     brows = [
         [
             label,
@@ -733,14 +810,11 @@ def main() -> None:
         for label, r in (
             (f"disk tier busy ({busy['disk_blocks_written']} fsync'ed writes)", busy),
             (f"Redis 200 ms late, written through ({slow_redis['disk_blocks_written']} blocks)", slow_redis),
-            ("writer without disk I/O", control),
+            (f"writer, host tier of 4 GiB ({control['disk_blocks_written']} blocks reached the disk)", control),
         )
         for op in ("get", "lookup")
     ]
     md += [
-        f"CPU per lookup over the local transport (64 clients): server {r['server_cpu_us_per_request']:.0f} us, clients "
-        f"{r['client_cpu_us_per_request']:.0f} us; load average {r['load_average']:.1f} on {os.cpu_count()} cores.",
-        "",
         "Host-tier calls over the local transport (4 small blocks) while another client puts 6 MiB blocks, each demoting "
         "one to an fsync'ing disk tier; the control runs the same writer with a host tier large enough that nothing "
         "reaches the disk (what is left is the writer's CPU on this machine). Idle and busy windows alternate "

@@ -114,6 +114,9 @@ def check_keys(keys: Sequence[bytes]) -> list[BlockHash]:
     """Validate a batch of keys (ValueError on the first bad one)."""
     out = []
     for i, k in enumerate(keys):
+        if type(k) is bytes and len(k) == HASH_BYTES:  # the usual case, kept short: a lookup checks every key
+            out.append(BlockHash(k))  # NewType: k itself
+            continue
         if not isinstance(k, (bytes, bytearray)) or len(k) != HASH_BYTES:
             raise ValueError(f"keys[{i}] must be a {HASH_BYTES}-byte BlockHash")
         out.append(BlockHash(bytes(k)))

@@ -173,6 +173,10 @@ class TieredStore:
             _Tier(c, _resolve_policy(c.policy), WriteThroughQueue(max_write_through_pending) if c.write_through else None) for c in cfgs
         ]
         self._index = PrefixIndex(len(cfgs))
+        # fixed with the tiers; a lookup reads them on every call
+        self._names = tuple(t.tier.name for t in self._tiers)
+        self._shared = tuple(t for t, st in enumerate(self._tiers) if st.tier.capabilities.shared)
+        self._local_bits = sum(1 << t for t in range(len(self._tiers)) if t not in self._shared)
         self.max_write_through_pending = max_write_through_pending
         self.write_through_retry_batch = write_through_retry_batch
         self.promote_on_hit = promote_on_hit
@@ -829,15 +833,13 @@ class TieredStore:
         if not self._lock.acquire(blocking=wait):
             return None
         try:
-            self._expire_leases()
-            masks = self._index.residency_of(keys)
+            if self._leases:
+                self._expire_leases()
+            masks_l = self._index.residency_list(keys)  # plain ints: a chain is short, numpy calls cost more than they save
         finally:
             self._lock.release()
         n = len(keys)
-        names = self.tier_names
-        shared = [t for t, st in enumerate(self._tiers) if st.tier.capabilities.shared]
-        local_bits = sum(1 << t for t in range(len(names)) if t not in shared)
-        masks_l = masks.tolist()  # plain ints: a chain is short, and numpy calls cost more than they save here
+        names, shared, local_bits = self._names, self._shared, self._local_bits
         tier_prefix: dict[str, int] = {}
         for t, name in enumerate(names):
             if t in shared:

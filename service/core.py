@@ -158,6 +158,8 @@ class KVService:
             raise PayloadTooLarge(
                 f"{field} names {len(values)} blocks, at most {limit} are allowed per request (max_blocks_per_request)", field=field
             )
+        if all(type(v) is bytes and len(v) == 32 for v in values):  # raw keys (the local transport, gRPC): nothing to parse
+            return list(values)
         return [parse_client_key(v, f"{field}[{i}]") for i, v in enumerate(values)]
 
     def _track(self, tenant: str, pairs: list[tuple[bytes, bytes]]) -> None:
@@ -361,6 +363,11 @@ class KVService:
         for skey, block, ok in zip(self.keyspace(p.tenant).storage_keys(keys), blocks, stored):
             if ok and skey not in summaries:
                 summaries.add(skey, block)
+
+    def discard_summaries(self, p: Principal, keys: list[bytes]) -> None:
+        """Forget the page summaries of ``keys`` (client keys of ``p``'s tenant): recomputed when next needed."""
+        if self.summarize_on_put:
+            self.retriever.summaries.discard(self.keyspace(p.tenant).storage_keys(keys))
 
     def put_frames(self, p: Principal, model: str, items: Sequence[memoryview | None], parent=None) -> list[bool]:
         spec = self.spec_of(p, model)

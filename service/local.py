@@ -43,7 +43,7 @@ import struct
 import threading
 import time
 from collections import deque
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -164,13 +164,16 @@ class _Peer:
     """One client connection: its socket, segment and tenant, and bytes read but not yet handled.
     Owned by the server's loop thread, or by one worker while a request of it is handed off."""
 
-    __slots__ = ("cid", "sock", "seg", "principal", "inbuf")
+    __slots__ = ("cid", "sock", "seg", "principal", "inbuf", "after")
 
     def __init__(self, cid: int, sock: socket.socket) -> None:
         self.cid, self.sock = cid, sock
         self.seg: mmap.mmap | None = None
         self.principal = None
         self.inbuf = bytearray()
+        # work after this connection's last answer that still reads its segment (a put's page summaries),
+        # running on the server's "after" threads; settled before the segment is read or written again
+        self.after: tuple[Future, list] | None = None  # (the work, what undoes it if the segment was spoiled under it)
 
 
 class LocalServer:
@@ -219,6 +222,13 @@ class LocalServer:
         self._bulk = ThreadPoolExecutor(
             max(1, settings.max_concurrent_transfers),
             thread_name_prefix="kvtier-local-bulk",
+            initializer=_lower_priority,
+            initargs=(settings.local_bulk_nice,),
+        )
+        # work after an answer (a put's page summaries) runs here, overlapping the same client's next put
+        self._after = ThreadPoolExecutor(
+            max(1, settings.max_concurrent_transfers),
+            thread_name_prefix="kvtier-local-after",
             initializer=_lower_priority,
             initargs=(settings.local_bulk_nice,),
         )
@@ -487,7 +497,15 @@ class LocalServer:
     def _do_request(self, peer: _Peer, req) -> bool:
         t0 = time.perf_counter()
         op = req.get("op") if isinstance(req, dict) else None
-        later: list = []  # work that may follow the answer (a put's page summaries)
+        later: list = []  # (work, its undo) that may follow the answer (a put's page summaries)
+        # the previous put's summaries may still read its half of the segment: a put to the other half
+        # ("alt") runs alongside them and waits for them only before its answer (after which the client
+        # may write that half again); any other request waits for them first. A put that is not "alt" may
+        # have been written over the half they read (a put larger than half the segment): their summaries
+        # are dropped then (a cache: recomputed when a query needs them)
+        alt_put = op == "put" and isinstance(req.get("args"), dict) and req["args"].get("alt") is True
+        if not alt_put:
+            _settle(peer, spoiled=op == "put")
         try:
             if not isinstance(req, dict):
                 raise BadRequest("a request must be a map", field="op")
@@ -500,14 +518,15 @@ class LocalServer:
             log.exception("local transport: %s failed", op)
             answer = {"error": {"status": 500, "code": "internal", "message": "internal error", "field": None}}
             status = 500
+        _settle(peer)
         send_msg(peer.sock, answer)
         if self.svc.metrics is not None:
             self.svc.metrics.observe("local", str(op)[:32], status, time.perf_counter() - t0)
-        for fn in later:  # before this connection's next request is read: the client leaves those bytes alone until then
+        if later:  # the client leaves those bytes alone until its next put's answer (see above)
             try:
-                fn()
-            except Exception:  # summaries are a cache (recomputed when missing): the stored blocks stand
-                log.exception("local transport: work after a %s failed", op)
+                peer.after = (self._after.submit(_run_later, later, op), [undo for _, undo in later])
+            except RuntimeError:  # shutting down: done here
+                _run_later(later, op)
         return True
 
     def _do_send(self, peer: _Peer, data: bytes) -> bool:
@@ -567,7 +586,7 @@ class LocalServer:
                     parse_client_key(args.get("parent"), "parent")  # before the frames, as put_frames does
                 keys, blocks = svc.decode_frames(svc.spec_of(p, model), items)
                 stored = svc.put(p, model, keys, blocks, args.get("parent"), summarize=False)
-            later.append(lambda: svc.summarize(p, keys, blocks, stored))
+            later.append((lambda: svc.summarize(p, keys, blocks, stored), lambda: svc.discard_summaries(p, keys)))
             return {"stored": stored, "num_stored": sum(stored)}
         if op == "get":
             return self._get(p, seg, args)
@@ -638,6 +657,25 @@ class LocalServer:
 _QUERY_FIELDS = {"model", "q", "budget", "token_ids", "hashes", "salt", "extra_keys", "layers"}
 
 
+def _run_later(work: list, op) -> None:
+    for fn, _ in work:
+        try:
+            fn()
+        except Exception:  # summaries are a cache (recomputed when missing): the stored blocks stand
+            log.exception("local transport: work after a %s failed", op)
+
+
+def _settle(peer: _Peer, *, spoiled: bool = False) -> None:
+    """Wait for the work after the connection's previous answer (it reads the segment); ``spoiled``: the
+    client may have written over those bytes meanwhile, so what the work made from them is undone."""
+    after, peer.after = peer.after, None
+    if after is not None:
+        future, undos = after
+        future.result()
+        if spoiled:
+            _run_later([(undo, None) for undo in undos], "an overwritten put")
+
+
 def _seg(peer: _Peer) -> mmap.mmap:
     if peer.seg is None:
         raise RuntimeError("a request on a connection without a segment")  # requests follow the hello
@@ -661,3 +699,4 @@ def close_server(server: LocalServer) -> None:
     server.path.unlink(missing_ok=True)
     server._workers.shutdown(wait=False)
     server._bulk.shutdown(wait=False)
+    server._after.shutdown(wait=False)

@@ -94,7 +94,7 @@ class Settings(BaseSettings):
         10,
         ge=0,
         le=19,
-        description="How much lower the CPU priority (nice) of the local transport's put threads is than the rest of the server, so that a client filling the store does not slow down other clients' gets and lookups on a busy machine; 0: the same.",
+        description="How much lower the CPU priority (nice) of the local transport's put threads (and of the threads making a put's page summaries after its answer) is than the rest of the server, so that a client filling the store does not slow down other clients' gets and lookups on a busy machine; 0: the same.",
     )
     insecure: bool = Field(
         False, description="Allow binding a non-loopback host with no API keys configured (anyone who can connect is admin)."
@@ -156,6 +156,14 @@ class Settings(BaseSettings):
     host_capacity_bytes: ByteSize = Field(1 << 30, description="Bytes of the host-memory tier; 0 disables it.")
     host_policy: str = Field("lru", description="Block eviction policy of the host tier.")
     host_codec: str = Field("identity", description="Codec of the host tier (a registered codec name, optionally `+stage`).")
+    host_warm_reserve_bytes: ByteSize | None = Field(
+        None,
+        description=(
+            "Pre-faulted spare buffers the host tier keeps for the next puts while it has room (a background thread at a "
+            "lower priority touches them), counted against its capacity; unset: an eighth of the capacity, at most 64 MiB; "
+            "0: off. See docs/data-path.md."
+        ),
+    )
     disk_capacity_bytes: ByteSize = Field(8 << 30, description="Bytes of the disk tier under `data_dir/blocks`; 0 disables it.")
     disk_policy: str = Field("lru", description="Block eviction policy of the disk tier.")
     disk_codec: str = Field("identity", description="Codec of the disk tier.")

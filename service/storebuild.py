@@ -37,7 +37,13 @@ def build_store(settings: Settings, on_invalidate=None) -> TieredStore:
         tier = DeviceTier(s.device_capacity_bytes, slot_bytes=s.device_slot_bytes or None, refuse_oversize=True)
         tiers.append(TierConfig(tier, policy=s.device_policy, **marks))
     if s.host_capacity_bytes:
-        tiers.append(TierConfig(HostTier(s.host_capacity_bytes, codec=s.host_codec), policy=s.host_policy, **marks))
+        tiers.append(
+            TierConfig(
+                HostTier(s.host_capacity_bytes, codec=s.host_codec, warm_reserve_bytes=s.host_warm_reserve_bytes),
+                policy=s.host_policy,
+                **marks,
+            )
+        )
     if s.disk_capacity_bytes:
         disk = DiskTier(
             blocks_dir(s),

@@ -39,6 +39,7 @@ from .settings import Settings
 
 DEFAULT_TENANT = ""
 _KEYSPACE_DOMAIN = b"kvtier/tenant-keyspace/v1"
+_MEMO_KEYS = 1 << 14  # storage keys a KeySpace remembers (about 3 MiB at most)
 
 
 @dataclass(frozen=True)
@@ -84,10 +85,23 @@ class KeySpace:
     def __init__(self, tenant: str) -> None:
         self.tenant = tenant
         self.root = hashlib.sha256(_KEYSPACE_DOMAIN + Namespace(tenant=tenant).to_bytes()).digest()
+        # client key -> storage key for the keys seen lately: lookups ask for the same chains again and
+        # again, and a dict hit costs a fraction of a SHA-256. Bounded (emptied when full); a dict's get
+        # and set are atomic, so threads share it without a lock.
+        self._memo: dict[bytes, bytes] = {}
 
     def storage_key(self, client_key: bytes) -> bytes:
         return hashlib.sha256(self.root + client_key).digest()
 
     def storage_keys(self, client_keys: Iterable[bytes]) -> list[bytes]:
-        root, sha = self.root, hashlib.sha256
-        return [sha(root + c).digest() for c in client_keys]
+        root, sha, memo = self.root, hashlib.sha256, self._memo
+        out = []
+        for c in client_keys:
+            s = memo.get(c) if type(c) is bytes else None
+            if s is None:
+                s = sha(root + c).digest()
+                if len(memo) >= _MEMO_KEYS:
+                    memo.clear()
+                memo[bytes(c)] = s
+            out.append(s)
+        return out

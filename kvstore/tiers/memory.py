@@ -7,6 +7,10 @@ process boundary); the bytes are the codec's payload.
 
 from __future__ import annotations
 
+import logging
+import os
+import threading
+import weakref
 from typing import Sequence
 
 import torch
@@ -16,8 +20,23 @@ from ..spec import KVSpec
 from .base import TierBase, TierCapabilities
 
 
+log = logging.getLogger("kvtier.tiers")
+
+# the reserve's thread touches a buffer this many bytes at a time, and gives up between two chunks
+# when a put needs the room: a put never waits for it, and the tier's memory exceeds its bound by at
+# most the part of that one buffer already touched, for at most the time one chunk takes
+_FILL_CHUNK = 1 << 20
+# the reserve's thread runs this much lower in CPU priority (nice) than the process
+_FILL_NICE = 19
+
+
 def _as_codec(codec: str | Codec) -> Codec:
     return get_codec(codec) if isinstance(codec, str) else codec
+
+
+def default_warm_reserve_bytes(capacity_bytes: int) -> int:
+    """The warm reserve a HostTier keeps when not told: an eighth of its capacity, at most 64 MiB."""
+    return min(capacity_bytes // 8, 64 << 20)
 
 
 class HostTier(TierBase):
@@ -32,24 +51,114 @@ class HostTier(TierBase):
     count against the capacity (``used_bytes + spare bytes <= capacity_bytes``; a put that needs
     room drops spares first) and are at most a quarter of it, so the tier's memory stays bounded. A buffer a ``get`` is still
     copying out of is never recycled.
+
+    A tier that is still growing removes nothing, so it has no spares of its own: a **warm reserve**
+    fills the gap. While the tier has room (``used_bytes + spare bytes + the next buffer <=
+    capacity_bytes``), a background thread at a lower CPU priority keeps up to
+    ``warm_reserve_bytes`` of spares of the size of the last identity put, their pages already
+    touched, so a put copies into memory that costs no page faults. The reserve is spares: it
+    counts against the capacity, a put that needs its room drops it (and has the thread give up the
+    buffer it is touching, at the next 1 MiB chunk: until then the tier holds up to that buffer's
+    touched part beyond its bound), and it is never more than a quarter of the capacity.
+    ``warm_reserve_bytes``: None is ``default_warm_reserve_bytes(capacity_bytes)`` (an eighth of
+    the capacity, at most 64 MiB); 0 turns it off. The thread starts at the first put.
     """
 
     capabilities = TierCapabilities(device="cpu", persistent=False, shared=False, framed=False, range_reads=True)
 
-    def __init__(self, capacity_bytes: int, *, codec: str | Codec = "identity", name: str = "host", pin_memory: bool | None = None) -> None:
+    def __init__(
+        self,
+        capacity_bytes: int,
+        *,
+        codec: str | Codec = "identity",
+        name: str = "host",
+        pin_memory: bool | None = None,
+        warm_reserve_bytes: int | None = None,
+    ) -> None:
         if capacity_bytes is None:
             raise ValueError("HostTier needs a capacity_bytes (memory must stay bounded)")
+        if warm_reserve_bytes is not None and (
+            isinstance(warm_reserve_bytes, bool) or not isinstance(warm_reserve_bytes, int) or warm_reserve_bytes < 0
+        ):
+            raise ValueError(f"warm_reserve_bytes must be a non-negative int or None, got {warm_reserve_bytes!r}")
         super().__init__(name, _as_codec(codec), capacity_bytes)
+        reserve = default_warm_reserve_bytes(capacity_bytes) if warm_reserve_bytes is None else warm_reserve_bytes
+        self.warm_reserve_bytes = min(reserve, capacity_bytes // 4)  # spares are at most a quarter of the capacity
         self._pin = torch.cuda.is_available() if pin_memory is None else bool(pin_memory)
         # key -> (payload tensor (uint8) , meta, nbytes)
         self._entries: dict[bytes, tuple[torch.Tensor, dict, int]] = {}
         self._spares: dict[int, list[torch.Tensor]] = {}  # nbytes -> flat uint8 buffers of removed identity blocks
         self._spare_bytes = 0
         self._reading: dict[int, int] = {}  # id(stored buffer) -> gets copying out of it now
+        # the warm reserve (see the class docstring): the size it keeps buffers of, the bytes of the
+        # buffer being touched now (counted against the capacity from the start), a put's request
+        # that the thread give that buffer up, and the thread's wake-up
+        self._reserve_size = 0
+        self._filling = 0
+        self._fill_cancel = False
+        self._fill_wake = threading.Event()
+        self._fill_thread: threading.Thread | None = None
+        self.num_reserve_fills = 0  # buffers the reserve's thread touched and kept
+        self.num_reserve_hits = 0  # puts that took a spare (recycled or from the reserve) instead of fresh pages
 
     @property
     def spare_bytes(self) -> int:
         return self._spare_bytes
+
+    def _bound_bytes(self) -> int:
+        """What counts against the capacity: stored (and reserved) bytes, spares, a buffer being touched."""
+        return self._stats.bytes + self._spare_bytes + self._filling
+
+    def _wake_reserve(self, nbytes: int) -> None:
+        """After an identity put of ``nbytes`` (under the lock): the reserve keeps that size, and its thread is
+        woken if it is short."""
+        if not self.warm_reserve_bytes or nbytes > self.warm_reserve_bytes:
+            return
+        self._reserve_size = nbytes
+        if len(self._spares.get(nbytes, ())) * nbytes + self._filling + nbytes > self.warm_reserve_bytes:
+            return
+        if self._fill_thread is None:
+            self._fill_thread = threading.Thread(
+                target=_fill_loop, args=(weakref.ref(self), self._fill_wake), name=f"kvtier-{self.name}-reserve", daemon=True
+            )
+            self._fill_thread.start()
+        self._fill_wake.set()
+
+    def _fill_reserve(self) -> None:
+        """Touch spares of the reserve's size until it holds ``warm_reserve_bytes`` or the tier has no room
+        (on the reserve's thread)."""
+        capacity = self._capacity
+        assert capacity is not None  # __init__ refuses None
+        while True:
+            with self._lock:
+                n = self._reserve_size
+                held = len(self._spares.get(n, ())) * n
+                if (
+                    not n
+                    or held + n > self.warm_reserve_bytes
+                    or self._spare_bytes + n > capacity // 4
+                    or self._bound_bytes() + n > capacity
+                ):
+                    return
+                self._filling, self._fill_cancel = n, False
+            buf = None
+            try:
+                buf = torch.empty(n, dtype=torch.uint8, pin_memory=self._pin)
+                for off in range(0, n, _FILL_CHUNK):
+                    if self._fill_cancel:  # a put needs the room
+                        buf = None
+                        break
+                    buf[off : off + _FILL_CHUNK].zero_()  # the pages are faulted in here, not in a put
+            finally:
+                with self._lock:
+                    self._filling = 0
+                    kept = buf is not None and not self._fill_cancel and self._bound_bytes() + n <= capacity
+                    if kept:
+                        self._spares.setdefault(n, []).append(buf)
+                        self._spare_bytes += n
+                        self.num_reserve_fills += 1
+            if not kept:
+                return
 
     def _take_buffer(self, nbytes: int) -> torch.Tensor | None:
         """A spare of ``nbytes`` (None: none); drops other spares while they would push the tier over
@@ -60,14 +169,17 @@ class HostTier(TierBase):
             buf = spares.pop()
             if not spares:
                 del self._spares[nbytes]
+            self.num_reserve_hits += 1
             return buf
         if self._capacity is not None:
-            while self._spares and self._stats.bytes + self._spare_bytes > self._capacity:
+            while self._spares and self._bound_bytes() > self._capacity:
                 size, bufs = next(iter(self._spares.items()))
                 bufs.pop()
                 self._spare_bytes -= size
                 if not bufs:
                     del self._spares[size]
+            if self._filling and self._bound_bytes() > self._capacity:
+                self._fill_cancel = True  # the buffer being touched gives its room to this put
         return None
 
     def _recycle(self, entry: tuple[torch.Tensor, dict, int]) -> None:
@@ -76,7 +188,7 @@ class HostTier(TierBase):
         if meta or self.codec.name != "identity" or id(buf) in self._reading or not buf.is_contiguous():
             return  # a paged payload may have views handed out (read_spans); a buffer being read is left alone
         if self._capacity is not None and (
-            self._spare_bytes + nbytes > self._capacity // 4 or self._stats.bytes + self._spare_bytes + nbytes > self._capacity
+            self._spare_bytes + self._filling + nbytes > self._capacity // 4 or self._bound_bytes() + nbytes > self._capacity
         ):
             return  # at most a quarter of the capacity is held as spares
         self._spares.setdefault(nbytes, []).append(buf.reshape(-1).view(torch.uint8))
@@ -108,6 +220,8 @@ class HostTier(TierBase):
                     continue
                 self._stats.bytes += nbytes  # reserved before the copy
                 buf = self._take_buffer(nbytes) if identity else None
+                if identity:
+                    self._wake_reserve(nbytes)
             if buf is None:
                 buf = torch.empty(nbytes, dtype=torch.uint8, pin_memory=self._pin)
             if identity:
@@ -229,6 +343,29 @@ class HostTier(TierBase):
                 out.append([view[off : off + n] for off, n in spans])
                 self._stats.hits += 1
         return out
+
+
+def _fill_loop(ref, wake: threading.Event) -> None:
+    """The warm reserve's thread: it holds its tier only while filling, so a tier nobody uses any more
+    is collected and the thread ends."""
+    if _FILL_NICE > 0:
+        try:
+            tid = threading.get_native_id()
+            os.setpriority(os.PRIO_PROCESS, tid, min(19, os.getpriority(os.PRIO_PROCESS, tid) + _FILL_NICE))
+        except OSError as e:  # not permitted here: the thread runs at the usual priority
+            log.debug("host tier reserve keeps its priority: %s", e)
+    while True:
+        woken = wake.wait(5.0)
+        tier = ref()
+        if tier is None:
+            return
+        if woken:
+            wake.clear()
+            try:
+                tier._fill_reserve()
+            except Exception:  # a reserve is an optimisation: a failure to fill it costs page faults, nothing else
+                log.exception("host tier %s: filling the warm reserve failed", tier.name)
+        del tier
 
 
 class DeviceTier(TierBase):

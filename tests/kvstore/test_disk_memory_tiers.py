@@ -1,4 +1,5 @@
 import os
+import time
 
 import pytest
 import torch
@@ -135,7 +136,7 @@ def test_device_slots_are_conserved(ops):
 
 def test_host_tier_reuses_removed_buffers_within_its_capacity():
     n = SPEC.block_nbytes
-    t = HostTier(8 * n)  # spares: at most a quarter of the capacity (2 blocks)
+    t = HostTier(8 * n, warm_reserve_bytes=0)  # spares: at most a quarter of the capacity (2 blocks); no reserve thread
     bs = blocks(4)
     t.put(KEYS, bs, spec=SPEC)
     old = {bytes(k): t._entries[bytes(k)][0].data_ptr() for k in KEYS}
@@ -157,7 +158,7 @@ def test_host_tier_reuses_removed_buffers_within_its_capacity():
 
 
 def test_host_tier_never_recycles_a_buffer_being_read():
-    t = HostTier(8 * SPEC.block_nbytes)
+    t = HostTier(8 * SPEC.block_nbytes, warm_reserve_bytes=0)
     bs = blocks(1)
     t.put(KEYS[:1], bs, spec=SPEC)
     entry = t._entries[bytes(KEYS[0])]
@@ -165,3 +166,56 @@ def test_host_tier_never_recycles_a_buffer_being_read():
     t.remove(KEYS[:1], spec=SPEC)
     assert t.spare_bytes == 0  # left to the reader; freed when it lets go
     t._reading.clear()
+
+
+def _wait_for(cond, what: str, timeout_s: float = 60.0) -> None:
+    """Polls ``cond`` (the reserve fills on a thread of its own); no timing is asserted, only the end state."""
+    deadline = time.monotonic() + timeout_s
+    while not cond():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.005)
+
+
+def test_host_tier_warm_reserve_is_used_and_stays_within_its_capacity():
+    n = SPEC.block_nbytes
+    t = HostTier(12 * n, warm_reserve_bytes=2 * n)
+    bs = blocks(12, seed=3)
+    keys = chain_hashes(SPEC, list(range(16 * 12)))
+    assert t.put(keys[:1], bs[:1], spec=SPEC) == [n]
+    _wait_for(lambda: t.spare_bytes == 2 * n, "the reserve")  # touched in the background, no block removed
+    assert t.num_reserve_fills == 2 and t.used_bytes == n
+    reserved = {b.data_ptr() for b in t._spares[n]}
+    assert t.put(keys[1:2], bs[1:2], spec=SPEC) == [n]
+    assert t._entries[bytes(keys[1])][0].data_ptr() in reserved  # the put landed in a pre-faulted buffer
+    assert t.num_reserve_hits == 1
+    # the tier grows to its capacity: the reserve refills to what room is left, never beyond
+    for i in range(2, 12):
+        assert t.put(keys[i : i + 1], bs[i : i + 1], spec=SPEC) == [n]
+        room = 12 * n - t.used_bytes
+        _wait_for(lambda: t.spare_bytes == min(2 * n, room) and not t._filling, "the reserve to settle")
+        assert t.used_bytes + t.spare_bytes + t._filling <= 12 * n
+    assert t.used_bytes == 12 * n and t.spare_bytes == 0
+    assert t.num_reserve_hits >= 10  # every put after the first found a buffer waiting (the thread had settled)
+    assert t.put(chain_hashes(SPEC, list(range(5000, 5016))), blocks(1), spec=SPEC) == [0]  # full: refused
+    got = t.get(keys, spec=SPEC)
+    assert all(g is not None and torch.equal(g, b) for g, b in zip(got, bs))  # byte-exact
+
+
+def test_host_tier_put_takes_the_room_of_a_reserve_buffer_being_touched():
+    n = SPEC.block_nbytes
+    t = HostTier(4 * n, warm_reserve_bytes=0)  # no thread: the fill in progress is staged by hand
+    bs = blocks(4)
+    assert all(t.put(KEYS[:3], bs[:3], spec=SPEC))
+    t._filling = n  # as the reserve's thread does while it touches a buffer of n bytes
+    assert t.put(KEYS[3:], bs[3:], spec=SPEC) == [n]
+    assert t._fill_cancel  # the thread is told to give the buffer up: its room is this put's
+    t._filling = 0
+    assert all(torch.equal(g, b) for g, b in zip(t.get(KEYS, spec=SPEC), bs))
+
+
+def test_host_tier_warm_reserve_is_validated_and_bounded():
+    with pytest.raises(ValueError, match="warm_reserve_bytes"):
+        HostTier(1 << 20, warm_reserve_bytes=-1)
+    assert HostTier(1 << 30).warm_reserve_bytes == 64 << 20  # the default: an eighth, at most 64 MiB
+    assert HostTier(8 << 20).warm_reserve_bytes == 1 << 20
+    assert HostTier(8 << 20, warm_reserve_bytes=1 << 30).warm_reserve_bytes == 2 << 20  # at most a quarter

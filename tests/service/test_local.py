@@ -151,6 +151,22 @@ def test_limits_and_checksums_are_enforced(server):
     c.close()
 
 
+def test_a_put_over_both_halves_drops_the_summaries_it_may_have_spoiled(server):
+    # 2 KiB blocks in an 8 KiB segment: one block fits a half ("alt"), three do not (written from offset 0,
+    # over the half the previous put's summaries read): those summaries are dropped, and made again when needed
+    c = LocalKVTierClient(server.socket, api_key=KEY_A, segment_bytes=8 << 10)
+    model = c.register_spec(TINY)
+    keys = c.hashes(model, tokens(4, seed=13))
+    bs = blocks(4, seed=13)
+    assert c.put(model, keys[:1], bs[:1]) == [True]
+    assert c.put(model, keys[1:], bs[1:], parent=keys[0]) == [True] * 3
+    assert all(torch.equal(g, b) for g, b in zip(c.get(model, keys), bs))
+    q = torch.randn(TINY.num_layers, 2 * TINY.num_kv_heads, TINY.head_dim).to(TINY.torch_dtype)
+    r = c.retrieve(model, q, budget=40, hashes=keys)
+    assert r.num_blocks == 4 and r.summarized == 1  # the first block's summaries were made again, from the stored block
+    c.close()
+
+
 def test_puts_alternate_halves_and_are_summarized_after_the_answer(server):
     c = LocalKVTierClient(server.socket, api_key=KEY_A, segment_bytes=1 << 20)
     model = c.register_spec(TINY)
