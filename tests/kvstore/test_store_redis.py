@@ -214,4 +214,3 @@ def test_the_view_learns_other_instances_writes_from_their_announcements(redis_u
     assert _until(lambda: mine.contains_cached(ks, spec=SPEC) == [True, False])
     mine.close()
     other.close()
-

@@ -38,8 +38,8 @@ def test_unknown_fields_are_skipped_and_the_last_occurrence_wins():
     raw = (
         pb.PutRequest(frame=b"old").SerializeToString()
         + b"\x48\x96\x01"  # field 9, varint 150
-        + b"\x51" + b"\x00" * 8  # field 10, fixed64
-        + b"\x5d" + b"\x00" * 4  # field 11, fixed32
+        + b"\x51\x00\x00\x00\x00\x00\x00\x00\x00"  # field 10, fixed64
+        + b"\x5d\x00\x00\x00\x00"  # field 11, fixed32
         + b"\x62\x03abc"  # field 12, length-delimited
         + pb.PutRequest(model="m", frame=b"new").SerializeToString()
     )
