@@ -148,3 +148,26 @@ def test_two_instances_share_a_redis_cluster(redis_cluster_url):
     finally:
         one.stop()
         two.stop()
+
+
+@pytest.mark.redis
+def test_lookups_that_never_wait_for_redis_find_another_instances_blocks(redis_url, tmp_path):
+    """``redis_lookup_wait_s=0``: lookups are bookkeeping only (REST and the local transport answer
+    them on their event loop); another instance's blocks are found once announced or checked, and
+    read back with the right content."""
+    sock = str(tmp_path / "kv.sock")
+    one = ServiceProcess({"KVTIER_REDIS_URL": redis_url})
+    two = ServiceProcess({"KVTIER_REDIS_URL": redis_url, "KVTIER_REDIS_LOOKUP_WAIT_S": "0", "KVTIER_LOCAL_SOCKET": sock})
+    try:
+        with KVTierClient(one.url) as a, KVTierClient(two.url) as b, KVTierClient(f"unix://{sock}") as local:
+            model = a.register_spec(TINY)
+            assert b.register_spec(TINY) == model == local.register_spec(TINY)
+            keys = chain_hashes(TINY, list(range(48)), Namespace(salt="no-wait"))
+            blocks = _blocks(3, seed=5)
+            assert a.put(model, keys, blocks) == [True] * 3
+            assert _wait(lambda: b.lookup(model, hashes=keys).tier_prefix["redis"] == 3)
+            assert _wait(lambda: local.lookup(model, hashes=keys).num_blocks == 3)
+            assert all(torch.equal(g, x) for g, x in zip(local.get(model, keys), blocks))
+    finally:
+        one.stop()
+        two.stop()
