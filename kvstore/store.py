@@ -904,6 +904,8 @@ class TieredStore:
                 got = None
             if got is not None:
                 return next((i for i, present in enumerate(got) if not present), len(keys))
+        if getattr(tier, "failing", False):
+            return 0  # its last call failed and no answer came since: it would most likely serve nothing
         cached = getattr(tier, "contains_cached", None)
         known = cached(keys, spec=spec) if cached is not None else [None] * len(keys)
         bit = 1 << t

@@ -912,6 +912,11 @@ class RedisTier(TierBase):
         the store waits for this before writing refused write-throughs again."""
         return not self._closed and time.monotonic() >= self._down_until
 
+    @property
+    def failing(self) -> bool:
+        """True from a failed call until a call succeeds (Redis is down or failing as far as known)."""
+        return self._failing
+
     def _circuit_open(self) -> bool:
         """True (and the call counted as degraded) while the circuit is open after a failure."""
         if time.monotonic() >= self._down_until:
