@@ -39,6 +39,7 @@ import logging
 import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator, Sequence
 
@@ -47,6 +48,7 @@ import torch
 from .bookkeeping import Event, EventLog, Lease, LeaseTable, TenantLedger, WriteThroughQueue
 from .index import NO_PARENT, PrefixIndex
 from .keys import BlockHash, Namespace, chain_hashes, check_keys
+from .membership import MembershipRefresher
 from .policy import BlockPolicy
 from .spec import KVSpec
 from .tiers.base import StorageTier
@@ -151,12 +153,15 @@ class TieredStore:
         max_write_through_pending: int = 4096,
         write_through_retry_batch: int = 8,
         io_workers: int = 4,
+        shared_lookup_wait_s: float = 0.005,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         """``max_write_through_pending``: refused write-throughs remembered per tier (the oldest are
         forgotten beyond it; they still reach the tier when evicted from above); at most
         ``write_through_retry_batch`` of them are tried again per ``put``. ``io_workers``: threads
-        per write-through tier, and for ``put_async`` / ``get_async``."""
+        per write-through tier, and for ``put_async`` / ``get_async``. ``shared_lookup_wait_s``: the
+        longest a lookup waits for a shared tier (Redis) to say which blocks it holds; past it the
+        lookup answers from what this process last saw there (see ``lookup``); 0: never wait."""
         if not tiers:
             raise ValueError("a TieredStore needs at least one tier")
         cfgs = [t if isinstance(t, TierConfig) else TierConfig(t) for t in tiers]
@@ -168,6 +173,13 @@ class TieredStore:
                 raise ValueError(f"{name} must be a non-negative int, got {v!r}")
         if isinstance(io_workers, bool) or not isinstance(io_workers, int) or io_workers < 1:
             raise ValueError(f"io_workers must be a positive int, got {io_workers!r}")
+        if (
+            isinstance(shared_lookup_wait_s, bool)
+            or not isinstance(shared_lookup_wait_s, (int, float))
+            or not 0 <= shared_lookup_wait_s < float("inf")
+        ):
+            raise ValueError(f"shared_lookup_wait_s must be a non-negative number of seconds, got {shared_lookup_wait_s!r}")
+        self.shared_lookup_wait_s = float(shared_lookup_wait_s)
         self._ledger = TenantLedger(quotas)
         self._tiers = [
             _Tier(c, _resolve_policy(c.policy), WriteThroughQueue(max_write_through_pending) if c.write_through else None) for c in cfgs
@@ -193,6 +205,8 @@ class TieredStore:
         self._events = EventLog(max_events)
         self._leases = LeaseTable(clock)
         self._async: ThreadPoolExecutor | None = None
+        # shared tiers: their membership asked on a thread of their own, so a lookup bounds its wait
+        self._membership = {t: MembershipRefresher(c.tier) for t, c in enumerate(cfgs) if c.tier.capabilities.shared}
         self._closed = False
         self._adopt_persistent()
 
@@ -222,6 +236,12 @@ class TieredStore:
         """Whether a tier is shared with other processes (Redis): then the in-memory index alone
         cannot answer a lookup."""
         return any(t.tier.capabilities.shared for t in self._tiers)
+
+    @property
+    def lookup_waits_on_io(self) -> bool:
+        """Whether a lookup may wait (at most ``shared_lookup_wait_s``) for a shared tier's answer;
+        False: a lookup is bookkeeping only (no shared tier, or ``shared_lookup_wait_s`` = 0)."""
+        return bool(self._membership) and self.shared_lookup_wait_s > 0
 
     @property
     def index(self) -> PrefixIndex:
@@ -824,10 +844,19 @@ class TieredStore:
         """Longest cached prefix of a chain, overall and per tier, in one call.
 
         Tiers private to this process answer from the index (under the lock, which covers
-        bookkeeping only: a lookup never waits for a tier's I/O). A shared tier (Redis) is asked
-        (one pipelined round trip, outside the lock): other instances add and remove blocks there,
-        so what this process remembers of it may be stale in both directions. ``wait=False``:
-        None instead of waiting for the lock (a caller on an event loop then hops to a thread).
+        bookkeeping only: a lookup never waits for a tier's I/O). A shared tier (Redis) is written
+        and emptied by other instances too: it is asked (one pipelined round trip, on a thread of
+        its own that coalesces concurrent lookups), and the lookup waits for its answer at most
+        ``shared_lookup_wait_s``. Past that, or while the tier is down, the lookup answers from
+        what this process last saw there (its own writes, reads and deletes, earlier answers, and
+        other instances' announcements: ``RedisTier.contains_cached``), which may be stale in both
+        directions: a block only another instance wrote may be missing from the answer until the
+        pending check (or its announcement) arrives, and a block another instance deleted may be
+        reported until then. A ``get`` asks the shared tier itself and verifies every frame, so a
+        stale lookup costs a miss or a smaller prefix, never wrong KV.
+
+        ``wait=False``: None instead of waiting for the lock, and no wait for a shared tier (a
+        caller on an event loop then hops to a thread).
         """
         keys = check_keys(keys)
         if not self._lock.acquire(blocking=wait):
@@ -843,7 +872,7 @@ class TieredStore:
         tier_prefix: dict[str, int] = {}
         for t, name in enumerate(names):
             if t in shared:
-                tier_prefix[name] = self._tiers[t].tier.contains_prefix(keys, spec=spec) if n else 0
+                tier_prefix[name] = self._shared_prefix(t, spec, keys, masks_l, self.shared_lookup_wait_s if wait else 0.0) if n else 0
             else:
                 bit = 1 << t
                 tier_prefix[name] = next((i for i, m in enumerate(masks_l) if not m & bit), n)
@@ -861,6 +890,31 @@ class TieredStore:
         for t in holder[:num]:
             hits[names[t]] += 1
         return LookupResult(num, tier_prefix, hits)
+
+    def _shared_prefix(self, t: int, spec: KVSpec, keys: list[bytes], masks: list[int], bound: float) -> int:
+        """How many leading keys shared tier t holds: its answer if it comes within ``bound`` seconds,
+        else what this process last saw there (the index for keys it has seen nothing of)."""
+        tier = self._tiers[t].tier
+        if not getattr(tier, "available", True):
+            return 0  # down (its circuit is open): it would serve nothing now
+        refresher = self._membership[t]
+        fut = refresher.ask(spec, keys)  # answered or not in time, the answer refreshes what is known
+        if fut is not None and bound > 0 and refresher.stalled_for() < bound:  # a stalled round: no answer in time
+            try:
+                got = fut.result(timeout=bound)
+            except FutureTimeout:
+                got = None
+            if got is not None:
+                return next((i for i, present in enumerate(got) if not present), len(keys))
+        if getattr(tier, "failing", False):
+            return 0  # its last call failed and no answer came since: it would most likely serve nothing
+        cached = getattr(tier, "contains_cached", None)
+        known = cached(keys, spec=spec) if cached is not None else [None] * len(keys)
+        bit = 1 << t
+        for i, (seen, mask) in enumerate(zip(known, masks)):
+            if not (seen if seen is not None else mask & bit):
+                return i
+        return len(keys)
 
     def lookup_tokens(self, spec: KVSpec, token_ids, namespace: Namespace | None = None) -> tuple[list[BlockHash], LookupResult]:
         """Hash the full blocks of ``token_ids`` and look the chain up."""
@@ -1175,6 +1229,8 @@ class TieredStore:
         with self._lock:
             self._closed = True
             pools = [self._async] + [st.executor for st in self._tiers]
+        for refresher in self._membership.values():
+            refresher.close()
         for pool in pools:
             if pool is not None:
                 pool.shutdown(wait=True)

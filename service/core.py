@@ -71,8 +71,8 @@ class KVService:
         self._events_ingested = store.last_event_id  # store events up to this id were routed (or predate the service)
         # storage key -> (tenant, client key): lets a tenant see its own blocks' events
         self._owners: OrderedDict[bytes, tuple[str, bytes]] = OrderedDict()
-        # no shared tier (Redis): a lookup is answered from the in-memory index alone
-        self.store_is_local = not store.has_shared_tier
+        # a lookup is bookkeeping only (no shared tier, or redis_lookup_wait_s = 0): answered without I/O
+        self.store_is_local = not store.lookup_waits_on_io
         # page summaries of every block put through the service (bounded LRU in host memory), for retrieval
         self.summarize_on_put = settings.summary_capacity_bytes > 0
         self.retriever = StoreRetriever(

@@ -19,7 +19,8 @@ import torch
 
 from kvtier.kvstore import KVSpec
 
-from .client import AttentionState, KVTierError, Lookup, Retrieval, decode_items, encode_frames
+from . import grpc_wire
+from .client import AttentionState, KVTierError, Lookup, Retrieval, decode_items, encode_frame_list
 from .client_base import ClientBase, answer_tensor, check_chain, query_tensor, token_list
 from .proto import kvtier_pb2 as pb
 from .proto import kvtier_pb2_grpc as pb_grpc
@@ -88,13 +89,25 @@ def _lookup(r: pb.LookupReply) -> Lookup:
     )
 
 
-def _put_msgs(model: str, frames: list[bytes], parent) -> list[pb.PutRequest]:
-    msgs = [pb.PutRequest(frame=f) for f in frames]
-    if msgs:
-        msgs[0].model = model
-        if parent is not None:
-            msgs[0].parent = _b(parent)
-    return msgs
+_SERVICE = pb.DESCRIPTOR.services_by_name["KVTier"].full_name
+
+
+def _put_msgs(spec: KVSpec, model: str, keys: Sequence[bytes], blocks, parent) -> list[bytes]:
+    """The ``PutRequest``s of a put as bytes (``grpc_wire``): each frame's header and block joined once."""
+    return [
+        grpc_wire.put_request(parts, model if i == 0 else "", _b(parent) if i == 0 and parent is not None else b"")
+        for i, parts in enumerate(encode_frame_list(spec, keys, blocks))
+    ]
+
+
+def _block_methods(channel):
+    """``PutBlocks`` and ``GetBlocks`` with ``grpc_wire``'s (de)serializers: requests sent as the bytes
+    ``_put_msgs`` made, replies read as views of the received bytes (every other method: the stub's)."""
+    put = channel.stream_unary(f"/{_SERVICE}/PutBlocks", request_serializer=None, response_deserializer=pb.PutReply.FromString)
+    get = channel.unary_stream(
+        f"/{_SERVICE}/GetBlocks", request_serializer=pb.KeysRequest.SerializeToString, response_deserializer=grpc_wire.parse_block_reply
+    )
+    return put, get
 
 
 def _query_msg(model, q, budget, token_ids, hashes, salt, extra_keys, layers) -> pb.QueryRequest:
@@ -176,6 +189,7 @@ class KVTierGrpcClient(_Base):
         else:
             self._channel = grpc.insecure_channel(target, options=self.options)
         self._stub = pb_grpc.KVTierStub(self._channel)
+        self._put_blocks, self._get_blocks = _block_methods(self._channel)
 
     def _call(self, fn):
         for attempt in range(self.retries + 1):
@@ -227,14 +241,14 @@ class KVTierGrpcClient(_Base):
         return self._unary("UnregisterSpec", pb.UnregisterRequest(model=model)).unregistered
 
     def put(self, model: str, keys: Sequence[bytes], blocks, *, parent: bytes | None = None) -> list[bool]:
-        msgs = _put_msgs(model, encode_frames(self.spec(model), keys, blocks), parent)
-        reply = self._call(lambda: self._stub.PutBlocks(iter(msgs), timeout=self.timeout, metadata=self.metadata))
+        msgs = _put_msgs(self.spec(model), model, keys, blocks, parent)
+        reply = self._call(lambda: self._put_blocks(iter(msgs), timeout=self.timeout, metadata=self.metadata))
         return list(reply.stored)
 
     def get(self, model: str, keys: Sequence[bytes], out: Sequence[torch.Tensor] | None = None) -> list[torch.Tensor | None]:
         """Blocks ``[L, 2, H_kv, T, D]`` per key (None: a miss); with ``out``, copied into those buffers."""
         msg = pb.KeysRequest(model=model, keys=[_b(k) for k in keys])
-        replies = self._call(lambda: list(self._stub.GetBlocks(msg, timeout=self.timeout, metadata=self.metadata)))
+        replies = self._call(lambda: list(self._get_blocks(msg, timeout=self.timeout, metadata=self.metadata)))
         return decode_items(self.spec(model), keys, [r.frame if r.found else None for r in replies], out)
 
     def retrieve(
@@ -305,6 +319,7 @@ class AsyncKVTierGrpcClient(_Base):
         else:
             self._channel = grpc.aio.insecure_channel(target, options=self.options)
         self._stub = pb_grpc.KVTierStub(self._channel)
+        self._put_blocks, self._get_blocks = _block_methods(self._channel)
 
     async def _call(self, fn):
         for attempt in range(self.retries + 1):
@@ -347,10 +362,10 @@ class AsyncKVTierGrpcClient(_Base):
         return (await self.lookup(model, token_ids=token_ids, salt=salt, extra_keys=extra_keys, return_keys=True)).keys or []
 
     async def put(self, model: str, keys: Sequence[bytes], blocks, *, parent: bytes | None = None) -> list[bool]:
-        msgs = _put_msgs(model, encode_frames(self.spec(model), keys, blocks), parent)
+        msgs = _put_msgs(self.spec(model), model, keys, blocks, parent)
 
         async def send():
-            return await self._stub.PutBlocks(iter(msgs), timeout=self.timeout, metadata=self.metadata)
+            return await self._put_blocks(iter(msgs), timeout=self.timeout, metadata=self.metadata)
 
         return list((await self._call(send)).stored)
 
@@ -358,7 +373,7 @@ class AsyncKVTierGrpcClient(_Base):
         msg = pb.KeysRequest(model=model, keys=[_b(k) for k in keys])
 
         async def fetch():
-            return [r async for r in self._stub.GetBlocks(msg, timeout=self.timeout, metadata=self.metadata)]
+            return [r async for r in self._get_blocks(msg, timeout=self.timeout, metadata=self.metadata)]
 
         replies = await self._call(fetch)
         return decode_items(self.spec(model), keys, [r.frame if r.found else None for r in replies], out)

@@ -3,6 +3,12 @@
 It runs in the process of ``kvtier serve`` next to the REST app (started and stopped by the app's
 lifespan), over the same ``KVService``: the same validation, tenants, quotas and metrics. Calls
 run in a thread pool; block transfers stream one frame per message.
+
+The two messages that carry blocks are read and written by ``grpc_wire`` rather than protobuf's
+classes: a put's frame is a view of the received message (no copy before the host tier's own), and
+a get's reply is the frame's header and the block joined once. A put is answered as soon as the
+blocks are stored; their page summaries (retrieval) are computed after the answer, as on the local
+transport.
 """
 
 from __future__ import annotations
@@ -17,7 +23,7 @@ from contextlib import contextmanager
 import grpc
 import numpy as np
 
-from . import wire
+from . import grpc_wire, wire
 from .core import KVService, parse_client_key
 from .errors import BadRequest, PayloadTooLarge, ServiceError, Unavailable
 from .proto import kvtier_pb2 as pb
@@ -27,6 +33,32 @@ from .tenancy import Authenticator, Principal
 
 log = logging.getLogger("kvtier.grpc")
 GET_GROUP_BYTES = 32 << 20
+_SUMMARY_BACKLOG = 4  # puts whose summaries may wait for the summary thread (each holds its blocks)
+
+
+def add_servicer(servicer: "KVTierServicer", server: grpc.Server) -> None:
+    """``kvtier_pb2_grpc.add_KVTierServicer_to_server`` with ``grpc_wire``'s (de)serializers for the
+    messages that carry blocks: ``PutBlocks`` requests are parsed into views, ``GetBlocks`` replies
+    are yielded as bytes already."""
+    service = pb.DESCRIPTOR.services_by_name["KVTier"]
+    kinds = {
+        (False, False): grpc.unary_unary_rpc_method_handler,
+        (True, False): grpc.stream_unary_rpc_method_handler,
+        (False, True): grpc.unary_stream_rpc_method_handler,
+        (True, True): grpc.stream_stream_rpc_method_handler,
+    }
+    handlers = {}
+    for m in service.methods:
+        deserialize = getattr(pb, m.input_type.name).FromString
+        serialize = getattr(pb, m.output_type.name).SerializeToString
+        if m.name == "PutBlocks":
+            deserialize = grpc_wire.parse_put_request
+        elif m.name == "GetBlocks":
+            serialize = None  # the handler yields each reply's bytes
+        make = kinds[(m.client_streaming, m.server_streaming)]
+        handlers[m.name] = make(getattr(servicer, m.name), request_deserializer=deserialize, response_serializer=serialize)
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(service.full_name, handlers),))
+    server.add_registered_method_handlers(service.full_name, handlers)
 
 
 def message_limit(settings: Settings) -> int:
@@ -94,6 +126,9 @@ class KVTierServicer(pb_grpc.KVTierServicer):
         self._active = 0
         self._active_cond = threading.Condition()
         self._draining = False
+        # page summaries of put blocks, computed after the answer (at most _SUMMARY_BACKLOG waiting, then inline)
+        self._summaries = futures.ThreadPoolExecutor(1, thread_name_prefix="kvtier-grpc-summaries")
+        self._summary_slots = threading.BoundedSemaphore(_SUMMARY_BACKLOG)
 
     def drain(self, timeout_s: float) -> bool:
         """Answer every new call UNAVAILABLE ("kvtier is stopping", which clients retry elsewhere or
@@ -214,8 +249,34 @@ class KVTierServicer(pb_grpc.KVTierServicer):
             raise BadRequest("the put stream holds no frames", field="frames")
         if not context.is_active():
             raise _Cancelled()  # the stream ended because the client cancelled it: store nothing
-        stored = self.svc.put_frames(p, model, frames, parent)
+        keys, blocks = self.svc.decode_frames(self.svc.spec_of(p, model), frames)
+        stored = self.svc.put(p, model, keys, blocks, parent, summarize=False)
+        self._summarize_later(p, keys, blocks, stored)
         return pb.PutReply(stored=stored, num_stored=sum(stored))
+
+    def _summarize_later(self, p, keys, blocks, stored) -> None:
+        """The page summaries of a put's blocks, on the summary thread (inline when it lags behind)."""
+        if not self.svc.summarize_on_put or not any(stored):
+            return
+        if not self._summary_slots.acquire(blocking=False):
+            self.svc.summarize(p, keys, blocks, stored)
+            return
+
+        def run() -> None:
+            try:
+                self.svc.summarize(p, keys, blocks, stored)
+            except Exception:
+                log.exception("gRPC: page summaries of a put failed")
+            finally:
+                self._summary_slots.release()
+
+        try:
+            self._summaries.submit(run)
+        except RuntimeError:  # shut down (the server is stopping)
+            self._summary_slots.release()
+
+    def close(self) -> None:
+        self._summaries.shutdown(wait=True)
 
     @_rpc("GetBlocks")
     def GetBlocks(self, p, request, context):
@@ -225,11 +286,17 @@ class KVTierServicer(pb_grpc.KVTierServicer):
         with self.transfer(context):
             for i in range(0, len(ckeys), group):
                 keys = ckeys[i : i + group]
-                for k, block in zip(keys, self.svc.get_checked(p, spec, keys)):
-                    if block is None:
-                        yield pb.BlockReply(key=k, found=False)
-                    else:
-                        yield pb.BlockReply(key=k, found=True, frame=self.svc.encode_block(spec, k, block))
+                # the tiers copy into pooled buffers (memory already mapped), each reply copies out of them once
+                bufs = self.svc.buffers.take(spec.block_nbytes, len(keys))
+                try:
+                    outs = [b.view(spec.torch_dtype).view(spec.block_shape) for b in bufs]
+                    for k, block in zip(keys, self.svc.get_checked(p, spec, keys, out=outs)):
+                        if block is None:
+                            yield grpc_wire.block_reply(k)
+                        else:  # the BlockReply's bytes (GetBlocks has no serializer): header and block joined once
+                            yield grpc_wire.block_reply(k, self.svc.encode_block_parts(spec, k, block))
+                finally:
+                    self.svc.buffers.give(bufs)
 
     @_rpc("DeleteBlocks")
     def DeleteBlocks(self, p, request, context):
@@ -345,7 +412,7 @@ def start_grpc_server(svc: KVService, settings: Settings, auth: Authenticator, *
         maximum_concurrent_rpcs=settings.limit_concurrency,
     )
     servicer = KVTierServicer(svc, settings, auth)
-    pb_grpc.add_KVTierServicer_to_server(servicer, server)
+    add_servicer(servicer, server)
     server.kvtier_servicer = servicer
     host = settings.host if ":" not in settings.host else f"[{settings.host}]"
     if settings.tls_cert is not None:  # the same certificate as REST's HTTPS
@@ -368,3 +435,4 @@ def stop_grpc_server(server: grpc.Server, grace_s: float) -> None:
     if not server.kvtier_servicer.drain(grace_s):
         log.warning("gRPC: calls still in progress after %.1fs: they are cancelled", grace_s)
     server.stop(max(0.0, grace_s - (time.monotonic() - t0))).wait()
+    server.kvtier_servicer.close()

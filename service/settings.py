@@ -215,6 +215,11 @@ class Settings(BaseSettings):
         description="After a Redis failure, seconds during which Redis is skipped (calls degrade to misses) before it is tried again.",
     )
     redis_max_connections: int = Field(64, ge=1, description="Redis connection pool size (per node on a cluster).")
+    redis_lookup_wait_s: float = Field(
+        0.005,
+        ge=0,
+        description="Longest a lookup waits for Redis to say which blocks it holds; past it the lookup answers from what this instance last saw in Redis (its own writes and reads, earlier answers, other instances' announcements), so a block only another instance wrote may be missed until then (never wrong KV: a get reads Redis itself). 0: never wait.",
+    )
     high_watermark: float = Field(
         0.95, gt=0, le=1, description="A tier filled above this fraction of its capacity is brought down to `low_watermark` (every tier)."
     )

@@ -75,7 +75,14 @@ def build_store(settings: Settings, on_invalidate=None) -> TieredStore:
     # every known tenant gets its quota (its own, or default_quota_bytes); tenants are the API keys' and the default ""
     quota_or_none = {t: s.quota_of(t) for t in {*s.api_keys.values(), ""}} | dict(s.quotas)
     quotas = {t: q for t, q in quota_or_none.items() if q is not None}
-    store = TieredStore(tiers, quotas=quotas, promote_on_hit=s.promote_on_hit, max_events=s.max_events, max_pin_ttl_s=s.max_pin_ttl_s)
+    store = TieredStore(
+        tiers,
+        quotas=quotas,
+        promote_on_hit=s.promote_on_hit,
+        max_events=s.max_events,
+        max_pin_ttl_s=s.max_pin_ttl_s,
+        shared_lookup_wait_s=s.redis_lookup_wait_s,
+    )
     if s.redis_url and s.redis_invalidation:  # drop our copies of blocks other instances delete or rewrite
 
         def invalidated(keys, deleted):

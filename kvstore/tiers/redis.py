@@ -41,6 +41,11 @@ appended (and fsynced) to that file before the delete returns, and read back at 
 a ``kill -9`` between the acknowledgement and Redis' confirmation cannot bring the old copy back.
 A put of a key whose delete is pending keeps the delete pending until Redis confirmed the new
 value (a refused put leaves the old copy unreadable, never current).
+
+Membership without a round trip: ``view`` (``kvstore.membership.MembershipView``) remembers, per
+key, what this instance last saw of it in Redis: its own writes, reads, deletes and ``contains``
+answers, and other instances' announced writes and deletes. ``contains_cached`` answers from it
+with no I/O; ``TieredStore.lookup`` uses it when Redis does not answer within its bound.
 """
 
 from __future__ import annotations
@@ -63,6 +68,7 @@ from redis.exceptions import DataError, OutOfMemoryError, RedisClusterException,
 from ..codecs import Codec, codec_for_block, get_codec
 from ..frames import FrameError, FrameIncomplete, decode_frame, decode_frame_header, encode_frame, header_read_size
 from ..keys import check_keys
+from ..membership import MembershipView
 from ..spec import KVSpec
 from .base import TierBase, TierCapabilities
 
@@ -180,6 +186,8 @@ class RedisTier(TierBase):
         ssl_ca_certs: CA file to verify the server with (TLS urls only; default: system CAs).
         max_connections: connection pool size (per node on a cluster); callers beyond it wait up
             to ``socket_timeout_s`` for a connection.
+        view_max_keys: keys remembered in ``view``, the membership this instance last saw (least
+            recently updated forgotten first); lookups read it when Redis is slow (``contains_cached``).
     """
 
     capabilities = TierCapabilities(device="redis", persistent=True, shared=True, framed=True, iterable=True, range_reads=True)
@@ -200,6 +208,7 @@ class RedisTier(TierBase):
         publish_invalidations: bool = False,
         cipher=None,
         pending_deletes_path: str | os.PathLike | None = None,
+        view_max_keys: int = 1 << 18,
     ) -> None:
         self._tls, self._cluster, self._url = _parse_url(url)
         if not isinstance(name, str) or not name:
@@ -266,6 +275,9 @@ class RedisTier(TierBase):
             self._load_pending_deletes()
         self.instance_id = os.urandom(8)
         self._listener: threading.Thread | None = None
+        # what this instance last saw of each key (its writes, reads, deletes, checks, other instances'
+        # announcements): lookups answer from it when Redis is slow (``contains_cached``)
+        self.view = MembershipView(view_max_keys)
 
     def __repr__(self) -> str:
         kind = "cluster" if self._cluster else "node"
@@ -290,12 +302,32 @@ class RedisTier(TierBase):
         rkeys = self._redis_keys(keys, spec)
         if not rkeys:
             return []
+        since = self.view.mark()
         replies = self._call(lambda c: self._pipelined(c, "EXISTS", rkeys))
         if replies is _DOWN:
             return [False] * len(rkeys)
         self._check_replies(replies)
         pending = self._pending_deletes
-        return [r == 1 and k not in pending for k, r in zip(rkeys, replies)]  # an error in place of a reply is a False
+        out = [r == 1 and k not in pending for k, r in zip(rkeys, replies)]  # an error in place of a reply is a False
+        answered = [i for i, r in enumerate(replies) if not isinstance(r, Exception)]
+        self.view.note([rkeys[i] for i in answered], [out[i] for i in answered], until=self._seen_until(), since=since)
+        return out
+
+    def contains_cached(self, keys: Sequence[bytes], *, spec: KVSpec) -> list[bool | None]:
+        """Per key, what this instance last saw of it in Redis, without asking Redis: True (present),
+        False (absent, deleted, or expired by ``ttl_s``), None (never seen). Learnt from this
+        instance's writes, reads, deletes and ``contains`` calls, and from other instances'
+        announcements once ``listen_invalidations`` runs. May be stale in both directions."""
+        rkeys = self._redis_keys(keys, spec)
+        known = self.view.known(rkeys)
+        pending = self._pending_deletes
+        if pending:
+            known = [False if k in pending else v for k, v in zip(rkeys, known)]
+        return known
+
+    def _seen_until(self) -> float:
+        """How long a block seen present now stays so (``ttl_s``), on ``time.monotonic()``."""
+        return math.inf if self.ttl_s is None else time.monotonic() + self.ttl_s
 
     def put(self, keys: Sequence[bytes], blocks: Sequence[torch.Tensor], *, spec: KVSpec, first: Sequence[bool] | None = None) -> list[int]:
         self._check_put(keys, blocks, spec, first)
@@ -373,6 +405,7 @@ class RedisTier(TierBase):
                 for i, block in zip(ask, got):
                     result[i] = block
                 return result
+        since = self.view.mark()
         if self._cluster:  # redis-py sends a cluster pipeline to each node in one go
             replies = self._call(lambda c: self._pipelined(c, "GET", rkeys))
         else:
@@ -409,6 +442,7 @@ class RedisTier(TierBase):
                 reasons.append(str(e))
             del buf
         del replies
+        self.view.note([rkeys[i] for i, b in enumerate(result) if b is not None], True, until=self._seen_until(), since=since)
         hits = len(rkeys) - len(gone) - len(corrupt) - failed
         with self._lock:
             self._stats.hits += hits
@@ -725,6 +759,7 @@ class RedisTier(TierBase):
                             and _stream_id(first[0][0]) > _stream_id(last)
                             and client.xlen(INVALIDATION_STREAM) >= INVALIDATION_STREAM_LEN
                         ):
+                            self.view.clear()  # what it says of other instances' blocks may be stale
                             handler(None, False)
                             self._reconcile_quietly()
                 reply = client.xread({INVALIDATION_STREAM: last}, count=1000, block=1000)
@@ -734,8 +769,10 @@ class RedisTier(TierBase):
                         data = fields.get(b"m", b"")
                         if len(data) < 9 or data[1:9] == self.instance_id or data[:1] not in (b"S", b"D"):
                             continue
+                        rkeys = data[9:].split(b"\n")
+                        self.view.note(rkeys, data[:1] == b"S", until=self._seen_until())
                         keys = []
-                        for rkey in data[9:].split(b"\n"):
+                        for rkey in rkeys:
                             try:
                                 keys.append(bytes.fromhex(rkey.rsplit(b":", 1)[-1].decode()))
                             except ValueError:
@@ -789,11 +826,13 @@ class RedisTier(TierBase):
                 if rkey not in self._sizes:
                     self._stats.blocks += 1
                 self._sizes[rkey] = (nbytes, expiry)
+                self.view.note([rkey], True, until=math.inf if expiry is None else expiry)
                 self._stats.puts += 1
                 sizes[i] = nbytes
         self._check_replies(replies, ignore=OutOfMemoryError)
 
-    def _forget(self, rkey: bytes) -> None:  # under self._lock
+    def _forget(self, rkey: bytes) -> None:  # under self._lock: gone from Redis (deleted, expired, missing)
+        self.view.note([rkey], False)
         self._data_offset.pop(rkey, None)
         entry = self._sizes.pop(rkey, None)
         if entry is not None:
@@ -872,6 +911,11 @@ class RedisTier(TierBase):
         """False while the circuit is open after a failure (calls would degrade without trying);
         the store waits for this before writing refused write-throughs again."""
         return not self._closed and time.monotonic() >= self._down_until
+
+    @property
+    def failing(self) -> bool:
+        """True from a failed call until a call succeeds (Redis is down or failing as far as known)."""
+        return self._failing
 
     def _circuit_open(self) -> bool:
         """True (and the call counted as degraded) while the circuit is open after a failure."""

@@ -92,7 +92,6 @@ def test_graceful_stop_drains_grpc_calls():
     import torch
 
     from kvtier.kvstore import Namespace, chain_hashes
-    from kvtier.service.client import encode_frames
     from kvtier.service.grpc_client import _put_msgs
 
     from .conftest import TINY
@@ -105,7 +104,7 @@ def test_graceful_stop_drains_grpc_calls():
             model = g.register_spec(TINY)
             keys = chain_hashes(TINY, list(range(32)), Namespace(salt="drain"))
             data = torch.randn(2, *TINY.block_shape, generator=torch.Generator().manual_seed(0)).to(TINY.torch_dtype)
-            msgs = _put_msgs(model, encode_frames(TINY, keys, data), None)
+            msgs = _put_msgs(TINY, model, keys, data, None)
             started = threading.Event()
 
             def slow_stream():
@@ -115,7 +114,7 @@ def test_graceful_stop_drains_grpc_calls():
                 yield from msgs[1:]
 
             holder: dict = {}
-            upload = threading.Thread(target=lambda: holder.setdefault("reply", g._stub.PutBlocks(slow_stream(), timeout=60)))
+            upload = threading.Thread(target=lambda: holder.setdefault("reply", g._put_blocks(slow_stream(), timeout=60)))
 
             def hammer():
                 with KVTierGrpcClient(srv.grpc_target, retries=0, timeout=10) as h:

@@ -19,7 +19,6 @@ import torch
 from kvtier.kvstore import KVSpec, Namespace, chain_hashes
 from kvtier.service.client import KVTierClient, KVTierError
 from kvtier.service.grpc_client import KVTierGrpcClient, _put_msgs
-from kvtier.service.client import encode_frames
 
 from .conftest import KEYS, TINY
 from .server import ServiceProcess
@@ -173,7 +172,7 @@ def test_grpc_puts_respect_max_concurrent_transfers():
         with KVTierGrpcClient(srv.grpc_target, retries=0) as g:
             model = g.register_spec(TINY)
             first, second = _keys(2, "slot-a"), _keys(1, "slot-b")
-            msgs = _put_msgs(model, encode_frames(TINY, first, _blocks(2)), None)
+            msgs = _put_msgs(TINY, model, first, _blocks(2), None)
             release = threading.Event()
 
             def slow_stream():
@@ -182,11 +181,11 @@ def test_grpc_puts_respect_max_concurrent_transfers():
                 yield from msgs[1:]
 
             holder: dict = {}
-            t = threading.Thread(target=lambda: holder.setdefault("reply", g._stub.PutBlocks(slow_stream(), timeout=60)))
+            t = threading.Thread(target=lambda: holder.setdefault("reply", g._put_blocks(slow_stream(), timeout=60)))
             t.start()
             time.sleep(0.5)
             with pytest.raises(grpc.RpcError) as e:  # the second upload waits for the slot
-                g._stub.PutBlocks(iter(_put_msgs(model, encode_frames(TINY, second, _blocks(1, seed=3)), None)), timeout=1.5)
+                g._put_blocks(iter(_put_msgs(TINY, model, second, _blocks(1, seed=3), None)), timeout=1.5)
             assert e.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
             release.set()
             t.join(30)

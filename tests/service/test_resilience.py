@@ -47,6 +47,9 @@ def test_redis_stopped_and_restarted(fresh_redis_server):
 
             redis.stop()
             t0 = time.monotonic()
+            # a lookup waits for Redis at most redis_lookup_wait_s: until a check has failed (and opened
+            # the circuit), it may still report the blocks this instance wrote there
+            assert _wait(lambda: c.lookup(model, hashes=a_keys).tier_prefix["redis"] == 0)
             for i in range(20):  # the service keeps answering from its other tiers
                 hit = c.lookup(model, hashes=a_keys)
                 assert hit.num_blocks == 4 and hit.tier_prefix["redis"] == 0
@@ -145,6 +148,29 @@ def test_two_instances_share_a_redis_cluster(redis_cluster_url):
             assert hit.num_blocks == 5 and hit.tier_hits["redis"] == 5
             assert all(torch.equal(g, x) for g, x in zip(b.get(model, keys), blocks))
             assert httpx.get(two.url + "/readyz").json()["tiers"]["redis"] == "ok"
+    finally:
+        one.stop()
+        two.stop()
+
+
+@pytest.mark.redis
+def test_lookups_that_never_wait_for_redis_find_another_instances_blocks(redis_url, tmp_path):
+    """``redis_lookup_wait_s=0``: lookups are bookkeeping only (REST and the local transport answer
+    them on their event loop); another instance's blocks are found once announced or checked, and
+    read back with the right content."""
+    sock = str(tmp_path / "kv.sock")
+    one = ServiceProcess({"KVTIER_REDIS_URL": redis_url})
+    two = ServiceProcess({"KVTIER_REDIS_URL": redis_url, "KVTIER_REDIS_LOOKUP_WAIT_S": "0", "KVTIER_LOCAL_SOCKET": sock})
+    try:
+        with KVTierClient(one.url) as a, KVTierClient(two.url) as b, KVTierClient(f"unix://{sock}") as local:
+            model = a.register_spec(TINY)
+            assert b.register_spec(TINY) == model == local.register_spec(TINY)
+            keys = chain_hashes(TINY, list(range(48)), Namespace(salt="no-wait"))
+            blocks = _blocks(3, seed=5)
+            assert a.put(model, keys, blocks) == [True] * 3
+            assert _wait(lambda: b.lookup(model, hashes=keys).tier_prefix["redis"] == 3)
+            assert _wait(lambda: local.lookup(model, hashes=keys).num_blocks == 3)
+            assert all(torch.equal(g, x) for g, x in zip(local.get(model, keys), blocks))
     finally:
         one.stop()
         two.stop()
