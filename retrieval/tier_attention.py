@@ -150,7 +150,7 @@ class TierContext:
     group_blocks: int = 0  # blocks per group (0: no level 0)
     _bounds_buffer: torch.Tensor | None = None  # ``bounds`` is a view of it while the context grows (extend)
     last_pages: dict = field(default_factory=dict)  # layer -> [H_kv, n] int64 global page ids of the last step
-    last_blocks: dict = field(default_factory=dict)  # layer -> blocks level 1 kept at the last step
+    last_blocks: dict = field(default_factory=dict)  # layer -> per KV head, the blocks level 1 kept at the last step
     pending: dict = field(default_factory=dict)  # layer -> Future of its prefetch
 
     @property
@@ -346,24 +346,43 @@ class TierAttention:
         return res.pieces
 
     # -- selection -------------------------------------------------------------------------
-    def _page_bounds(self, ctx: TierContext, layer: int, blocks: list[int]) -> dict[int, torch.Tensor]:
-        """``{block: [H_kv, Np, 2D]}`` of ``layer`` (each page's key maximum then minimum, then its
-        mean key when ``mean_weight``: ``3D``; as stored, float16 for float16 blocks), from the hot
-        LRU or one read."""
-        out, miss = {}, []
-        for b in blocks:
-            v = self.summaries.get_value((ctx.keys[b], layer))
+    def _page_bounds(self, ctx: TierContext, layer: int, cand: list[list[int]]) -> list[torch.Tensor]:
+        """The page bounds of each candidate ``cand[h] = [block, ...]`` of each KV head ``h`` of
+        ``layer``, flat in that order: ``[Np, 2D]`` each (the page's key maximum then minimum, then
+        its mean key when ``mean_weight``: ``3D``; as stored, float16 for float16 blocks), from the
+        hot LRU (one entry per block, layer and KV head) or read: only the missing heads' sections
+        of a block (one verified range each, summary layout 2), or the whole layer from a block
+        written before per-head summaries (layout 1)."""
+        keys = ctx.keys
+        flat = [(keys[b], layer, h) for h, row in enumerate(cand) for b in row]
+        out = self.summaries.get_values(flat)
+        miss: dict[int, set[int]] = {}
+        for i, v in enumerate(out):
             if v is None:
-                miss.append(b)
-            else:
-                out[b] = v
+                h, j = divmod(i, len(cand[0])) if cand else (0, 0)
+                miss.setdefault(cand[h][j], set()).add(h)
         if miss:
-            bufs = self._read([ctx.layouts[b] for b in miss], [[Summary(layer)]] * len(miss), summary=True)
-            for b, piece in zip(miss, bufs):
-                kmin, kmax, kmean = ctx.layouts[b].decode_summary(layer, piece[0])
-                parts = [kmax, kmin, kmean] if self.mean_weight else [kmax, kmin]
-                out[b] = torch.cat(parts, 2)  # [H, Np, 2D or 3D]: one matrix product scores a page
-                self.summaries.put((ctx.keys[b], layer), out[b], out[b].numel() * out[b].element_size())
+            blocks = sorted(miss)
+            lays = [ctx.layouts[b] for b in blocks]
+            heads = [sorted(miss[b]) if lay.head_summaries else None for b, lay in zip(blocks, lays)]
+            pieces = [[Summary(layer)] if hs is None else [Summary(layer, h) for h in hs] for hs in heads]
+            bufs = self._read(lays, pieces, summary=True)
+            got: dict[tuple, torch.Tensor] = {}
+            for b, lay, hs, b_bufs in zip(blocks, lays, heads, bufs):
+                if hs is None:  # layout 1: the whole layer, every head cached
+                    kmin, kmax, kmean = lay.decode_summary(layer, b_bufs[0])
+                    parts = [kmax, kmin, kmean] if self.mean_weight else [kmax, kmin]
+                    t = torch.cat(parts, 2)  # [H, Np, 2D or 3D]
+                    per_head = {h: t[h].clone() for h in range(t.shape[0])}
+                else:
+                    per_head = {}
+                    for h, buf in zip(hs, b_bufs):
+                        kmin, kmax, kmean = lay.decode_summary(layer, buf, h)
+                        per_head[h] = torch.cat([kmax, kmin, kmean] if self.mean_weight else [kmax, kmin], 1)  # [Np, 2D or 3D]
+                for h, t in per_head.items():
+                    got[(keys[b], layer, h)] = t
+                    self.summaries.put((keys[b], layer, h), t, t.numel() * t.element_size())
+            out = [got[k] if v is None else v for k, v in zip(flat, out)]
         return out
 
     def select(self, ctx: TierContext, layer: int, q: torch.Tensor, budget: int | None = None, *, _before_level2=None) -> torch.Tensor:
@@ -405,12 +424,11 @@ class TierAttention:
             scored = N
         else:
             cand = torch.arange(N).expand(H, N)
-        union = sorted(set(cand.flatten().tolist()))
+        rows = cand.tolist()
         if _before_level2 is not None:
             _before_level2()  # a prefetch of this layer's summaries and pages ends here
-        bounds = self._page_bounds(ctx, layer, union)
-        ctx.last_blocks[layer] = union
-        pb = torch.stack([bounds[b][h] for h, row in enumerate(cand.tolist()) for b in row])  # [H*C, Np, 2D or 3D]
+        pb = torch.stack(self._page_bounds(ctx, layer, rows))  # [H*C, Np, 2D or 3D]
+        ctx.last_blocks[layer] = rows
         w = self.mean_weight
         q2 = torch.cat([(1 - w) * pos, (1 - w) * neg, w * qf], 2) if w else qq  # the bound and the mean key's score, weighted
         s2 = torch.bmm(q2, pb.view(H, C * Np, q2.shape[2]).float().transpose(1, 2)).amax(1)  # [H, C*Np]
