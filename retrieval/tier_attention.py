@@ -150,7 +150,7 @@ class TierContext:
     group_blocks: int = 0  # blocks per group (0: no level 0)
     _bounds_buffer: torch.Tensor | None = None  # ``bounds`` is a view of it while the context grows (extend)
     last_pages: dict = field(default_factory=dict)  # layer -> [H_kv, n] int64 global page ids of the last step
-    last_blocks: dict = field(default_factory=dict)  # layer -> per KV head, the blocks level 1 kept at the last step
+    candidates: dict = field(default_factory=dict)  # layer -> (blocks per KV head and slot, their page bounds [H_kv, C, Np, F] float32, slots [H_kv, C]) of the last step
     pending: dict = field(default_factory=dict)  # layer -> Future of its prefetch
 
     @property
@@ -322,8 +322,8 @@ class TierAttention:
         buf[:, :, N0:N1] = more.bounds
         ctx.bounds = buf[:, :, :N1]
         self._group(ctx, N0)
-        ctx.last_pages.clear()
-        ctx.last_blocks.clear()  # page ids of the last step stay valid, but the prefetch may skip new blocks: start over
+        ctx.last_pages.clear()  # page ids of the last step stay valid, but the prefetch may skip new blocks: start over
+        ctx.candidates.clear()
 
     def _read(self, layouts: list[PageLayout], pieces: list[list], *, summary: bool) -> list[list[memoryview]]:
         """Verified pieces, or RuntimeError if a block cannot be read from any tier (a layout read
@@ -346,21 +346,20 @@ class TierAttention:
         return res.pieces
 
     # -- selection -------------------------------------------------------------------------
-    def _page_bounds(self, ctx: TierContext, layer: int, cand: list[list[int]]) -> list[torch.Tensor]:
-        """The page bounds of each candidate ``cand[h] = [block, ...]`` of each KV head ``h`` of
-        ``layer``, flat in that order: ``[Np, 2D]`` each (the page's key maximum then minimum, then
-        its mean key when ``mean_weight``: ``3D``; as stored, float16 for float16 blocks), from the
-        hot LRU (one entry per block, layer and KV head) or read: only the missing heads' sections
-        of a block (one verified range each, summary layout 2), or the whole layer from a block
-        written before per-head summaries (layout 1)."""
+    def _page_bounds(self, ctx: TierContext, layer: int, pairs: list[tuple[int, int]]) -> list[torch.Tensor]:
+        """The page bounds of each ``(block, KV head)`` of ``layer`` in ``pairs``: ``[Np, 2D]`` each
+        (the page's key maximum then minimum, then its mean key when ``mean_weight``: ``3D``; as
+        stored, float16 for float16 blocks), from the hot LRU (one entry per block, layer and KV
+        head) or read: only the missing heads' sections of a block (one verified range each,
+        summary layout 2), or the whole layer from a block written before per-head summaries
+        (layout 1)."""
         keys = ctx.keys
-        flat = [(keys[b], layer, h) for h, row in enumerate(cand) for b in row]
+        flat = [(keys[b], layer, h) for b, h in pairs]
         out = self.summaries.get_values(flat)
         miss: dict[int, set[int]] = {}
-        for i, v in enumerate(out):
+        for (b, h), v in zip(pairs, out):
             if v is None:
-                h, j = divmod(i, len(cand[0])) if cand else (0, 0)
-                miss.setdefault(cand[h][j], set()).add(h)
+                miss.setdefault(b, set()).add(h)
         if miss:
             blocks = sorted(miss)
             lays = [ctx.layouts[b] for b in blocks]
@@ -426,13 +425,16 @@ class TierAttention:
             cand = torch.arange(N).expand(H, N)
         rows = cand.tolist()
         if _before_level2 is not None:
-            _before_level2()  # a prefetch of this layer's summaries and pages ends here
-        pb = torch.stack(self._page_bounds(ctx, layer, rows))  # [H*C, Np, 2D or 3D]
-        ctx.last_blocks[layer] = rows
+            _before_level2()  # a prefetch of this layer's pages ends here
         w = self.mean_weight
         q2 = torch.cat([(1 - w) * pos, (1 - w) * neg, w * qf], 2) if w else qq  # the bound and the mean key's score, weighted
-        s2 = torch.bmm(q2, pb.view(H, C * Np, q2.shape[2]).float().transpose(1, 2)).amax(1)  # [H, C*Np]
-        gid = (cand.unsqueeze(-1) * Np + torch.arange(Np)).reshape(H, C * Np)  # global page ids
+        if C < N:
+            slots, pb = self._candidate_bounds(ctx, layer, rows)  # [H, C] block per slot; [H, C * Np, 2D or 3D] float32
+        else:  # every block is a candidate: scored once per step, nothing kept
+            slots = cand
+            pb = torch.stack(self._page_bounds(ctx, layer, [(b, h) for h, row in enumerate(rows) for b in row])).float().view(H, C * Np, -1)
+        s2 = torch.bmm(q2, pb.transpose(1, 2)).amax(1)  # [H, C*Np]
+        gid = (slots.unsqueeze(-1) * Np + torch.arange(Np)).reshape(H, C * Np)  # global page ids
         s2 = torch.where(gid == 0, float("inf"), s2)  # the sink page
         top = s2.topk(min(want, C * Np), dim=1).indices
         with self._stats_lock:
@@ -483,16 +485,44 @@ class TierAttention:
                 s.page_misses += misses
         return got
 
+    def _candidate_bounds(self, ctx: TierContext, layer: int, rows: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Level 2's input for the candidate blocks ``rows[h]`` of each KV head: ``(slots [H, C],
+        bounds [H, C * Np, F] float32)``, the page bounds of block ``slots[h, c]`` at rows ``c * Np``
+        on. The context keeps the last step's per layer, so a step converts and copies only the
+        bounds of the blocks that became candidates (the others keep their slots)."""
+        H, C = len(rows), len(rows[0])
+        kept = ctx.candidates.get(layer)
+        if kept is None or kept[1].shape[1] != C:
+            pb = torch.stack(self._page_bounds(ctx, layer, [(b, h) for h, row in enumerate(rows) for b in row]))
+            slots, buf = torch.tensor(rows), pb.float().view(H, C, *pb.shape[1:])
+            ctx.candidates[layer] = ([list(r) for r in rows], buf, slots)
+            return slots, buf.view(H, -1, buf.shape[-1])
+        old_rows, buf, slots = kept
+        pairs, where = [], []
+        for h, (row, old) in enumerate(zip(rows, old_rows)):
+            new = set(row)
+            free = [c for c, b in enumerate(old) if b not in new]
+            if not free:
+                continue
+            have = set(old)
+            for c, b in zip(free, (b for b in row if b not in have)):
+                old[c] = b
+                pairs.append((b, h))
+                where.append((h, c))
+        if pairs:
+            for (h, c), t in zip(where, self._page_bounds(ctx, layer, pairs)):
+                buf[h, c] = t
+            hs, cs = zip(*where)
+            slots[list(hs), list(cs)] = torch.tensor([b for b, _ in pairs])
+        return slots, buf.view(H, -1, buf.shape[-1])
+
     def _prefetch(self, ctx: TierContext, layer: int) -> None:
-        """Read ahead, on the thread, the page summaries and pages ``layer`` used at the last step."""
+        """Read ahead, on the thread, the pages ``layer`` used at the last step."""
         ids = ctx.last_pages.get(layer)
         if self._pool is None or ids is None or layer in ctx.pending:
             return
-        blocks = ctx.last_blocks.get(layer)
 
         def work() -> None:
-            if blocks:
-                self._page_bounds(ctx, layer, blocks)
             self._fetch(ctx, layer, ids, prefetch=True)
 
         ctx.pending[layer] = self._pool.submit(work)

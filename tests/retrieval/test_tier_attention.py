@@ -329,7 +329,7 @@ def test_a_step_reads_only_its_candidate_heads_summaries_and_reuses_them(tmp_pat
     lay = ctx.layouts[0]
     head_bytes = lay.span(Summary(1, 0))[1]
     s = att.stats()
-    pairs = {(b, h) for h, row in enumerate(ctx.last_blocks[1]) for b in row}
+    pairs = {(b, h) for h, row in enumerate(ctx.candidates[1][0]) for b in row}
     assert len(pairs) <= 2 * 3
     assert s.summary_bytes_read["disk"] == len(pairs) * head_bytes < len({b for b, _ in pairs}) * lay.span(Summary(1))[1]
     assert len(att.summaries) == len(pairs)  # one hot entry per (block, layer, KV head)
