@@ -152,6 +152,7 @@ class TierContext:
     last_pages: dict = field(default_factory=dict)  # layer -> [H_kv, n] int64 global page ids of the last step
     candidates: dict = field(default_factory=dict)  # layer -> (blocks per KV head and slot, their page bounds [H_kv, C, Np, F] float32, slots [H_kv, C]) of the last step
     pending: dict = field(default_factory=dict)  # layer -> Future of its prefetch
+    page_slots: dict = field(default_factory=dict)  # layer -> (page ids per KV head and slot, their K and V [H_kv, 2, n, P, D]) of the last step
 
     @property
     def num_blocks(self) -> int:
@@ -324,6 +325,7 @@ class TierAttention:
         self._group(ctx, N0)
         ctx.last_pages.clear()  # page ids of the last step stay valid, but the prefetch may skip new blocks: start over
         ctx.candidates.clear()
+        ctx.page_slots.clear()
 
     def _read(self, layouts: list[PageLayout], pieces: list[list], *, summary: bool) -> list[list[memoryview]]:
         """Verified pieces, or RuntimeError if a block cannot be read from any tier (a layout read
@@ -443,10 +445,11 @@ class TierAttention:
         return torch.gather(gid, 1, top).sort(1).values
 
     # -- reading ---------------------------------------------------------------------------
-    def _fetch(self, ctx: TierContext, layer: int, page_ids: torch.Tensor, *, prefetch: bool = False) -> list[list[torch.Tensor]]:
-        """Per KV head, the ``[2, P, D]`` page tensors of ``page_ids [H_kv, n]`` (cache, then tiers)."""
+    def _fetch(self, ctx: TierContext, layer: int, page_ids, *, prefetch: bool = False) -> list[list[torch.Tensor]]:
+        """Per KV head, the ``[2, P, D]`` page tensors of ``page_ids [H_kv, n]`` (or a list per KV
+        head, of any lengths) (cache, then tiers)."""
         Np = self.spec.block_tokens // ctx.layouts[0].page_tokens
-        rows = page_ids.tolist()
+        rows = page_ids if isinstance(page_ids, list) else page_ids.tolist()
         got: list[list] = [[None] * len(r) for r in rows]
         need: dict[int, dict[int, list[tuple[int, int]]]] = {}  # block -> range id -> [(head, slot)]
         hits = 0
@@ -590,13 +593,49 @@ class TierAttention:
         return o[0].float(), lse[0].float()
 
     def _gather(self, ctx: TierContext, layer: int, ids: torch.Tensor) -> torch.Tensor:
-        """``[H_kv, 2, n * P, D]``: the K and V of the pages ``ids [H_kv, n]`` (page cache, then tiers)."""
+        """``[H_kv, 2, n * P, D]``: the K and V of the pages ``ids [H_kv, n]`` (page cache, then tiers).
+
+        The context keeps the last step's gathered pages per layer (when every layer's fit in half
+        the page cache's budget, in addition to it): a step copies in only the pages that joined
+        the selection, into the slots of those that left it; kept pages count as page-cache hits."""
         H, D = self.spec.num_kv_heads, self.spec.head_dim
-        pages = self._fetch(ctx, layer, ids)
-        n, P = len(pages[0]), pages[0][0].shape[1]
-        kv = torch.empty(H, 2, n, P, D, dtype=pages[0][0].dtype)
-        for h, row in enumerate(pages):
-            torch.stack(row, 1, out=kv[h])  # [2, n, P, D]: one copy of the pages, no reshape after it
+        rows = ids.tolist()
+        n = len(rows[0])
+        kept = ctx.page_slots.get(layer)
+        reuse = None
+        if kept is not None and kept[1].shape[2] == n:
+            old_rows, kv = kept
+            reuse = []
+            for row, old in zip(rows, old_rows):
+                new, have = set(row), set(old)
+                free = [c for c, g in enumerate(old) if g not in new]
+                add = [g for g in row if g not in have]
+                if len(free) != len(add) or len(new) != n:  # not a one-to-one swap: gather afresh
+                    reuse = None
+                    break
+                reuse.append((free, add))
+        if reuse is not None:
+            pages = self._fetch(ctx, layer, [add for _, add in reuse])
+            P = kv.shape[3]
+            kept_pages = 0
+            for h, ((free, add), row_pages) in enumerate(zip(reuse, pages)):
+                old = old_rows[h]
+                kept_pages += n - len(free)
+                for c, g, t in zip(free, add, row_pages):
+                    kv[h, :, c] = t
+                    old[c] = g
+            with self._stats_lock:
+                self._stats.page_hits += kept_pages
+        else:
+            pages = self._fetch(ctx, layer, rows)
+            P = pages[0][0].shape[1]
+            kv = torch.empty(H, 2, n, P, D, dtype=pages[0][0].dtype)
+            for h, row in enumerate(pages):
+                torch.stack(row, 1, out=kv[h])  # [2, n, P, D]: one copy of the pages, no reshape after it
+            if kv.numel() * kv.element_size() * self.spec.num_layers <= self.pages.max_bytes // 2:
+                ctx.page_slots[layer] = ([list(r) for r in rows], kv)
+            else:
+                ctx.page_slots.pop(layer, None)
         with self._stats_lock:
             self._stats.pages_selected += ids.numel()
             self._stats.selected_bytes += ids.numel() * ctx.layouts[0].range_bytes

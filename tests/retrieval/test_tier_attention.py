@@ -382,3 +382,38 @@ def test_blocks_written_before_per_head_summaries_decode_alike(tmp_path):
     for a, b in zip(*outs):
         assert torch.equal(a, b)
     new_store.close(), old_store.close()
+
+
+@pytest.mark.parametrize("prefetch", [False, True])
+def test_steps_that_reuse_the_last_steps_candidates_and_pages_equal_fresh_ones(tmp_path, prefetch):
+    """Drifting queries over many steps: the candidates' bounds and the pages kept in the context's
+    slots give the selection and the attention a fresh instance computes from nothing."""
+    kv, blocks, keys = context(32, seed=10)
+    store = store_for(tmp_path)
+    store.put(SPEC, keys, blocks)
+    att = TierAttention(store, SPEC, budget=96, candidate_blocks=5, candidate_groups=None, full_score_pages=0, prefetch=prefetch)
+    ctx = att.open(keys)
+    g = torch.Generator().manual_seed(1)
+    q = torch.randn(2, 4, SPEC.head_dim, generator=g)
+    reused = 0
+    for step in range(8):
+        q = q + 0.5 * torch.randn(q.shape, generator=g)
+        for layer in range(2):
+            fresh = TierAttention(store, SPEC, budget=96, candidate_blocks=5, candidate_groups=None, full_score_pages=0, prefetch=False)
+            want = fresh.select(fresh.open(keys), layer, q[layer])
+            before = att.stats()
+            o, lse = att.decode_layer(ctx, layer, q[layer])
+            assert torch.equal(ctx.last_pages[layer], want)
+            assert sorted(sum(ctx.page_slots[layer][0], [])) == sorted(want.flatten().tolist()) or step == 0
+            tok = att.token_ids(ctx, want)
+            o_ref, lse_ref = sparse_decode(q[layer][None], kv[layer, 0][None], kv[layer, 1][None], tok[None])
+            assert torch.allclose(o, o_ref[0], atol=1e-5) and torch.allclose(lse, lse_ref[0], atol=1e-5)
+            reused += att.stats().page_hits - before.page_hits
+            fresh.close()
+    assert reused > 0 and len(ctx.candidates) == 2 and len(ctx.page_slots) == 2
+    # without room in the page cache, no pages are kept in the context either
+    small = TierAttention(store, SPEC, budget=96, candidate_blocks=5, page_cache_bytes=0, prefetch=False)
+    sctx = small.open(keys)
+    small.decode_layer(sctx, 0, q[0])
+    assert sctx.page_slots == {}
+    att.close(), small.close()
