@@ -8,17 +8,19 @@ and layer (``decode_layer``):
 1. **Select, hierarchically, from summaries only.** Level 1 scores every block of the context by
    its block-level Quest bound (``bmin, bmax [H_kv, D]`` per block and layer, kept in memory for
    the open context) and keeps the ``candidate_blocks`` best blocks per KV head; level 2 scores the
-   pages of those blocks only (page bounds ``kmin, kmax [H_kv, Np, D]``, from a hot LRU of
-   ``summary_bytes``, else one verified range read of the layer's summary section) and keeps the
-   best ``budget / P`` pages per KV head (the first page of the context, the attention sink,
-   always). Level 2's work is bounded by ``candidate_blocks`` whatever the context length; level 1
+   pages of those blocks only (page bounds ``kmin, kmax [Np, D]`` per block, layer and KV head,
+   from a hot LRU of ``summary_bytes``, else one verified range read of that head's summary
+   section; the last step's candidates' bounds stay in the context, so a step reads and converts
+   only those of new candidates) and keeps the best ``budget / P`` pages per KV head (the first
+   page of the context, the attention sink, always). Level 2's work is bounded by ``candidate_blocks`` whatever the context length; level 1
    is one small matrix product per 256 tokens.
 2. **Read exactly those pages** through a bounded page cache (hits counted across steps): the
    misses, grouped per block and coalesced into runs, in one ``TieredStore.read_pieces`` call
    (host: views; disk: ``pread``; Redis: pipelined ``GETRANGE``), each range verified.
-3. **Prefetch** layer ``l+1``'s page summaries and pages of the previous step on a thread while
-   layer ``l`` selects, reads and attends (after the last layer: layer 0 of the next step); the
-   selections of consecutive steps overlap heavily.
+3. **Prefetch** layer ``l+1``'s pages of the previous step on a thread while layer ``l`` selects,
+   reads and attends (after the last layer: layer 0 of the next step); the selections of
+   consecutive steps overlap heavily, and the context keeps the last step's gathered pages per
+   layer, so a step copies in only the pages that joined its selection.
 4. **Attend**: ``sparse_decode`` over the gathered pages, ``sparse_decode`` over the tokens the
    caller keeps resident (the recent window, the tokens after the last stored block), merged by
    LSE (``merge_states``).
@@ -150,9 +152,11 @@ class TierContext:
     group_blocks: int = 0  # blocks per group (0: no level 0)
     _bounds_buffer: torch.Tensor | None = None  # ``bounds`` is a view of it while the context grows (extend)
     last_pages: dict = field(default_factory=dict)  # layer -> [H_kv, n] int64 global page ids of the last step
-    candidates: dict = field(default_factory=dict)  # layer -> (blocks per KV head and slot, their page bounds [H_kv, C, Np, F] float32, slots [H_kv, C]) of the last step
+    # layer -> (blocks per KV head and slot, their page bounds [H_kv, C, Np, F] float32, slots [H_kv, C]) of the last step
+    candidates: dict = field(default_factory=dict)
     pending: dict = field(default_factory=dict)  # layer -> Future of its prefetch
-    page_slots: dict = field(default_factory=dict)  # layer -> (page ids per KV head and slot, their K and V [H_kv, 2, n, P, D]) of the last step
+    # layer -> (page ids per KV head and slot, their K and V [H_kv, 2, n, P, D]) of the last step
+    page_slots: dict = field(default_factory=dict)
 
     @property
     def num_blocks(self) -> int:

@@ -337,7 +337,7 @@ def test_a_step_reads_only_its_candidate_heads_summaries_and_reuses_them(tmp_pat
     assert torch.equal(att.select(ctx, 1, q), ids)  # the same candidates: nothing read again
     assert att.stats().summary_bytes_read == {}
     # the page bounds read per head are those of the whole layer
-    for (b, h) in pairs:
+    for b, h in pairs:
         kmin, kmax, _ = lay.decode_summary(1, store.read_pieces(SPEC, [(ctx.layouts[b], [Summary(1)])]).pieces[0][0])
         got = att.summaries.get_value((keys[b], 1, h))
         assert torch.equal(got, torch.cat([kmax[h], kmin[h]], 1))
