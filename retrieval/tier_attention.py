@@ -606,7 +606,7 @@ class TierAttention:
         rows = ids.tolist()
         n = len(rows[0])
         kept = ctx.page_slots.get(layer)
-        reuse = None
+        reuse: list[tuple[list[int], list[int]]] | None = None
         if kept is not None and kept[1].shape[2] == n:
             old_rows, kv = kept
             reuse = []
