@@ -315,6 +315,7 @@ def bench_prefill(args) -> None:
         "summary_bytes_read": sum(st.summary_bytes_read.values()),
         "page_hit_rate": st.hit_rate,
         "checksum": checksum,
+        "malloc_mmap_threshold": os.environ.get("MALLOC_MMAP_THRESHOLD_"),  # glibc: a fixed threshold returns freed buffers
     }
     print(
         f"  streamed prefill of {num_tokens:,} tokens x {layers} layer: {secs:.0f} s ({row['tokens_per_s']:.0f} tokens/s), "
@@ -328,7 +329,8 @@ def bench_prefill(args) -> None:
         f"256-token blocks, `paged` codec, disk tier): **{layers} layer instead of 32 and {g_heads} query heads instead of 32** "
         f"(the CPU computes every chunk's attention: 32 layers x 32 heads would take hours here). Chunks of {chunk} tokens; each "
         f"attends {args.budget} selected tokens per KV head of the stored context plus the resident tokens (causal); finished "
-        f"blocks are written and released. {args.threads} torch threads, shared CPU box.",
+        f"blocks are written and released. {args.threads} torch threads, shared CPU box"
+        + (f"; glibc `MALLOC_MMAP_THRESHOLD_={row['malloc_mmap_threshold']}`." if row["malloc_mmap_threshold"] else "."),
         "",
         md_table(
             [

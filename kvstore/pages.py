@@ -12,7 +12,10 @@ A reader asks for *pieces*:
 - ``Pages(first, num)``: ``num`` consecutive ranges from range id ``first`` (the pages of one
   (layer, head) are consecutive ids, so a head's selected pages in one block coalesce);
 - ``Summary(layer)``: one layer's page summaries (``kmin, kmax, kmean [H_kv, Np, D]``), or, with
-  ``layer == num_layers``, the block-level bounds (``bmin, bmax [L, H_kv, D]``).
+  ``layer == num_layers``, the block-level bounds (``bmin, bmax [L, H_kv, D]``);
+- ``Summary(layer, head)``: one KV head's page summaries of one layer (``kmin, kmax, kmean
+  [Np, D]``), one contiguous range with its own checksum: only in blocks written with summary
+  layout 2 (``PageLayout.head_summaries``; older frames serve whole layers, ValueError otherwise).
 
 Every piece is verified against its checksums before it is handed back: a piece that does not
 match is a miss (``None``), never wrong KV.
@@ -39,6 +42,7 @@ class Pages(NamedTuple):
 
 class Summary(NamedTuple):
     layer: int  # a layer id, or num_layers for the block-level bounds
+    head: int | None = None  # one KV head's section of the layer (summary layout 2), or the whole layer
 
 
 Piece = Pages | Summary
@@ -53,7 +57,7 @@ class PageLayout:
     codec: PagedCodec
     meta: dict
     crc: np.ndarray  # [R] uint64, one per range
-    sum_crc: np.ndarray  # [L + 1] uint64, one per summary layer, then the block level
+    sum_crc: np.ndarray  # uint64: per (layer, head) [L * H_kv] (layout 2) or per layer [L] (layout 1), then the block level
 
     @classmethod
     def from_meta(cls, key: bytes, spec: KVSpec, codec_name: str | Codec, meta: dict) -> "PageLayout | None":
@@ -88,6 +92,11 @@ class PageLayout:
     def summary_dtype(self) -> torch.dtype:
         return torch.float16 if self.meta["sum_dtype"] == "float16" else torch.float32
 
+    @property
+    def head_summaries(self) -> bool:
+        """Whether one (layer, KV head)'s page summaries are one separately verified range (layout 2)."""
+        return self.meta.get("sum_v", 1) >= 2
+
     def range_id(self, layer: int, head: int, page: int) -> int:
         return (layer * self.spec.num_kv_heads + head) * self.pages_per_block + page
 
@@ -103,6 +112,15 @@ class PageLayout:
         if not 0 <= layer <= L:
             raise ValueError(f"summary layer must be in [0, {L}], got {layer}")
         lb = self.meta["sum_layer_bytes"]
+        head = piece.head
+        if head is not None:
+            H = self.spec.num_kv_heads
+            if not self.head_summaries:
+                raise ValueError("this block's summaries are per layer (layout 1): read Summary(layer), not one head's")
+            if layer == L or not 0 <= head < H:
+                raise ValueError(f"a head's summary needs a layer in [0, {L}) and a head in [0, {H}), got ({layer}, {head})")
+            hb = lb // H
+            return self.meta["sum_offset"] + layer * lb + head * hb, hb
         if layer < L:
             return self.meta["sum_offset"] + layer * lb, lb
         bl = 2 * L * self.spec.num_kv_heads * self.spec.head_dim * self.summary_dtype.itemsize
@@ -115,7 +133,16 @@ class PageLayout:
             return False
         h = xxhash.xxh3_64_intdigest
         if isinstance(piece, Summary):
-            return h(view) == int(self.sum_crc[piece.layer])
+            L = self.spec.num_layers
+            if piece.layer == L:
+                return h(view) == int(self.sum_crc[-1])
+            if not self.head_summaries:
+                return h(view) == int(self.sum_crc[piece.layer])
+            H = self.spec.num_kv_heads
+            if piece.head is not None:
+                return h(view) == int(self.sum_crc[piece.layer * H + piece.head])
+            hb = view.nbytes // H
+            return all(h(view[i * hb : (i + 1) * hb]) == int(self.sum_crc[piece.layer * H + i]) for i in range(H))
         rb = self.range_bytes
         crc = self.crc
         for i in range(piece.num):
@@ -128,13 +155,19 @@ class PageLayout:
         """``num`` ranges' bytes as ``[num, 2, P, D]`` (K and V of each page)."""
         return self.codec.decode_ranges(buf, num, self.spec, dtype)
 
-    def decode_summary(self, layer: int, buf) -> tuple[torch.Tensor, ...]:
-        """A layer's ``(kmin, kmax, kmean)`` ``[H_kv, Np, D]``, or the block level's ``(bmin, bmax)``
-        ``[L, H_kv, D]`` for ``layer == num_layers``; in ``summary_dtype`` (float16 for float16 blocks)."""
+    def decode_summary(self, layer: int, buf, head: int | None = None) -> tuple[torch.Tensor, ...]:
+        """A layer's ``(kmin, kmax, kmean)`` ``[H_kv, Np, D]`` (with ``head``: that head's, ``[Np, D]``,
+        from a ``Summary(layer, head)`` piece), or the block level's ``(bmin, bmax)`` ``[L, H_kv, D]``
+        for ``layer == num_layers``; in ``summary_dtype`` (float16 for float16 blocks)."""
         H, D, L = self.spec.num_kv_heads, self.spec.head_dim, self.spec.num_layers
         t = torch.frombuffer(bytearray(memoryview(buf).cast("B")), dtype=self.summary_dtype)
+        Np = self.pages_per_block
+        if head is not None:
+            return tuple(t.view(3, Np, D).unbind(0))
         if layer < L:
-            return tuple(t.view(3, H, self.pages_per_block, D).unbind(0))
+            if self.head_summaries:
+                return tuple(t.view(H, 3, Np, D).transpose(0, 1).unbind(0))
+            return tuple(t.view(3, H, Np, D).unbind(0))
         return tuple(t.view(2, L, H, D).unbind(0))
 
 

@@ -8,17 +8,19 @@ and layer (``decode_layer``):
 1. **Select, hierarchically, from summaries only.** Level 1 scores every block of the context by
    its block-level Quest bound (``bmin, bmax [H_kv, D]`` per block and layer, kept in memory for
    the open context) and keeps the ``candidate_blocks`` best blocks per KV head; level 2 scores the
-   pages of those blocks only (page bounds ``kmin, kmax [H_kv, Np, D]``, from a hot LRU of
-   ``summary_bytes``, else one verified range read of the layer's summary section) and keeps the
-   best ``budget / P`` pages per KV head (the first page of the context, the attention sink,
-   always). Level 2's work is bounded by ``candidate_blocks`` whatever the context length; level 1
+   pages of those blocks only (page bounds ``kmin, kmax [Np, D]`` per block, layer and KV head,
+   from a hot LRU of ``summary_bytes``, else one verified range read of that head's summary
+   section; the last step's candidates' bounds stay in the context, so a step reads and converts
+   only those of new candidates) and keeps the best ``budget / P`` pages per KV head (the first
+   page of the context, the attention sink, always). Level 2's work is bounded by ``candidate_blocks`` whatever the context length; level 1
    is one small matrix product per 256 tokens.
 2. **Read exactly those pages** through a bounded page cache (hits counted across steps): the
    misses, grouped per block and coalesced into runs, in one ``TieredStore.read_pieces`` call
    (host: views; disk: ``pread``; Redis: pipelined ``GETRANGE``), each range verified.
-3. **Prefetch** layer ``l+1``'s page summaries and pages of the previous step on a thread while
-   layer ``l`` selects, reads and attends (after the last layer: layer 0 of the next step); the
-   selections of consecutive steps overlap heavily.
+3. **Prefetch** layer ``l+1``'s pages of the previous step on a thread while layer ``l`` selects,
+   reads and attends (after the last layer: layer 0 of the next step); the selections of
+   consecutive steps overlap heavily, and the context keeps the last step's gathered pages per
+   layer, so a step copies in only the pages that joined its selection.
 4. **Attend**: ``sparse_decode`` over the gathered pages, ``sparse_decode`` over the tokens the
    caller keeps resident (the recent window, the tokens after the last stored block), merged by
    LSE (``merge_states``).
@@ -150,8 +152,11 @@ class TierContext:
     group_blocks: int = 0  # blocks per group (0: no level 0)
     _bounds_buffer: torch.Tensor | None = None  # ``bounds`` is a view of it while the context grows (extend)
     last_pages: dict = field(default_factory=dict)  # layer -> [H_kv, n] int64 global page ids of the last step
-    last_blocks: dict = field(default_factory=dict)  # layer -> blocks level 1 kept at the last step
+    # layer -> (blocks per KV head and slot, their page bounds [H_kv, C, Np, F] float32, slots [H_kv, C]) of the last step
+    candidates: dict = field(default_factory=dict)
     pending: dict = field(default_factory=dict)  # layer -> Future of its prefetch
+    # layer -> (page ids per KV head and slot, their K and V [H_kv, 2, n, P, D]) of the last step
+    page_slots: dict = field(default_factory=dict)
 
     @property
     def num_blocks(self) -> int:
@@ -322,8 +327,9 @@ class TierAttention:
         buf[:, :, N0:N1] = more.bounds
         ctx.bounds = buf[:, :, :N1]
         self._group(ctx, N0)
-        ctx.last_pages.clear()
-        ctx.last_blocks.clear()  # page ids of the last step stay valid, but the prefetch may skip new blocks: start over
+        ctx.last_pages.clear()  # page ids of the last step stay valid, but the prefetch may skip new blocks: start over
+        ctx.candidates.clear()
+        ctx.page_slots.clear()
 
     def _read(self, layouts: list[PageLayout], pieces: list[list], *, summary: bool) -> list[list[memoryview]]:
         """Verified pieces, or RuntimeError if a block cannot be read from any tier (a layout read
@@ -346,24 +352,42 @@ class TierAttention:
         return res.pieces
 
     # -- selection -------------------------------------------------------------------------
-    def _page_bounds(self, ctx: TierContext, layer: int, blocks: list[int]) -> dict[int, torch.Tensor]:
-        """``{block: [H_kv, Np, 2D]}`` of ``layer`` (each page's key maximum then minimum, then its
-        mean key when ``mean_weight``: ``3D``; as stored, float16 for float16 blocks), from the hot
-        LRU or one read."""
-        out, miss = {}, []
-        for b in blocks:
-            v = self.summaries.get_value((ctx.keys[b], layer))
+    def _page_bounds(self, ctx: TierContext, layer: int, pairs: list[tuple[int, int]]) -> list[torch.Tensor]:
+        """The page bounds of each ``(block, KV head)`` of ``layer`` in ``pairs``: ``[Np, 2D]`` each
+        (the page's key maximum then minimum, then its mean key when ``mean_weight``: ``3D``; as
+        stored, float16 for float16 blocks), from the hot LRU (one entry per block, layer and KV
+        head) or read: only the missing heads' sections of a block (one verified range each,
+        summary layout 2), or the whole layer from a block written before per-head summaries
+        (layout 1)."""
+        keys = ctx.keys
+        flat = [(keys[b], layer, h) for b, h in pairs]
+        out = self.summaries.get_values(flat)
+        miss: dict[int, set[int]] = {}
+        for (b, h), v in zip(pairs, out):
             if v is None:
-                miss.append(b)
-            else:
-                out[b] = v
+                miss.setdefault(b, set()).add(h)
         if miss:
-            bufs = self._read([ctx.layouts[b] for b in miss], [[Summary(layer)]] * len(miss), summary=True)
-            for b, piece in zip(miss, bufs):
-                kmin, kmax, kmean = ctx.layouts[b].decode_summary(layer, piece[0])
-                parts = [kmax, kmin, kmean] if self.mean_weight else [kmax, kmin]
-                out[b] = torch.cat(parts, 2)  # [H, Np, 2D or 3D]: one matrix product scores a page
-                self.summaries.put((ctx.keys[b], layer), out[b], out[b].numel() * out[b].element_size())
+            blocks = sorted(miss)
+            lays = [ctx.layouts[b] for b in blocks]
+            heads = [sorted(miss[b]) if lay.head_summaries else None for b, lay in zip(blocks, lays)]
+            pieces = [[Summary(layer)] if hs is None else [Summary(layer, h) for h in hs] for hs in heads]
+            bufs = self._read(lays, pieces, summary=True)
+            got: dict[tuple, torch.Tensor] = {}
+            for b, lay, hs, b_bufs in zip(blocks, lays, heads, bufs):
+                if hs is None:  # layout 1: the whole layer, every head cached
+                    kmin, kmax, kmean = lay.decode_summary(layer, b_bufs[0])
+                    parts = [kmax, kmin, kmean] if self.mean_weight else [kmax, kmin]
+                    t = torch.cat(parts, 2)  # [H, Np, 2D or 3D]
+                    per_head = {h: t[h].clone() for h in range(t.shape[0])}
+                else:
+                    per_head = {}
+                    for h, buf in zip(hs, b_bufs):
+                        kmin, kmax, kmean = lay.decode_summary(layer, buf, h)
+                        per_head[h] = torch.cat([kmax, kmin, kmean] if self.mean_weight else [kmax, kmin], 1)  # [Np, 2D or 3D]
+                for h, t in per_head.items():
+                    got[(keys[b], layer, h)] = t
+                    self.summaries.put((keys[b], layer, h), t, t.numel() * t.element_size())
+            out = [got[k] if v is None else v for k, v in zip(flat, out)]
         return out
 
     def select(self, ctx: TierContext, layer: int, q: torch.Tensor, budget: int | None = None, *, _before_level2=None) -> torch.Tensor:
@@ -405,16 +429,18 @@ class TierAttention:
             scored = N
         else:
             cand = torch.arange(N).expand(H, N)
-        union = sorted(set(cand.flatten().tolist()))
+        rows = cand.tolist()
         if _before_level2 is not None:
-            _before_level2()  # a prefetch of this layer's summaries and pages ends here
-        bounds = self._page_bounds(ctx, layer, union)
-        ctx.last_blocks[layer] = union
-        pb = torch.stack([bounds[b][h] for h, row in enumerate(cand.tolist()) for b in row])  # [H*C, Np, 2D or 3D]
+            _before_level2()  # a prefetch of this layer's pages ends here
         w = self.mean_weight
         q2 = torch.cat([(1 - w) * pos, (1 - w) * neg, w * qf], 2) if w else qq  # the bound and the mean key's score, weighted
-        s2 = torch.bmm(q2, pb.view(H, C * Np, q2.shape[2]).float().transpose(1, 2)).amax(1)  # [H, C*Np]
-        gid = (cand.unsqueeze(-1) * Np + torch.arange(Np)).reshape(H, C * Np)  # global page ids
+        if C < N:
+            slots, pb = self._candidate_bounds(ctx, layer, rows)  # [H, C] block per slot; [H, C * Np, 2D or 3D] float32
+        else:  # every block is a candidate: scored once per step, nothing kept
+            slots = cand
+            pb = torch.stack(self._page_bounds(ctx, layer, [(b, h) for h, row in enumerate(rows) for b in row])).float().view(H, C * Np, -1)
+        s2 = torch.bmm(q2, pb.transpose(1, 2)).amax(1)  # [H, C*Np]
+        gid = (slots.unsqueeze(-1) * Np + torch.arange(Np)).reshape(H, C * Np)  # global page ids
         s2 = torch.where(gid == 0, float("inf"), s2)  # the sink page
         top = s2.topk(min(want, C * Np), dim=1).indices
         with self._stats_lock:
@@ -423,10 +449,11 @@ class TierAttention:
         return torch.gather(gid, 1, top).sort(1).values
 
     # -- reading ---------------------------------------------------------------------------
-    def _fetch(self, ctx: TierContext, layer: int, page_ids: torch.Tensor, *, prefetch: bool = False) -> list[list[torch.Tensor]]:
-        """Per KV head, the ``[2, P, D]`` page tensors of ``page_ids [H_kv, n]`` (cache, then tiers)."""
+    def _fetch(self, ctx: TierContext, layer: int, page_ids, *, prefetch: bool = False) -> list[list[torch.Tensor]]:
+        """Per KV head, the ``[2, P, D]`` page tensors of ``page_ids [H_kv, n]`` (or a list per KV
+        head, of any lengths) (cache, then tiers)."""
         Np = self.spec.block_tokens // ctx.layouts[0].page_tokens
-        rows = page_ids.tolist()
+        rows = page_ids if isinstance(page_ids, list) else page_ids.tolist()
         got: list[list] = [[None] * len(r) for r in rows]
         need: dict[int, dict[int, list[tuple[int, int]]]] = {}  # block -> range id -> [(head, slot)]
         hits = 0
@@ -465,16 +492,44 @@ class TierAttention:
                 s.page_misses += misses
         return got
 
+    def _candidate_bounds(self, ctx: TierContext, layer: int, rows: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Level 2's input for the candidate blocks ``rows[h]`` of each KV head: ``(slots [H, C],
+        bounds [H, C * Np, F] float32)``, the page bounds of block ``slots[h, c]`` at rows ``c * Np``
+        on. The context keeps the last step's per layer, so a step converts and copies only the
+        bounds of the blocks that became candidates (the others keep their slots)."""
+        H, C = len(rows), len(rows[0])
+        kept = ctx.candidates.get(layer)
+        if kept is None or kept[1].shape[1] != C:
+            pb = torch.stack(self._page_bounds(ctx, layer, [(b, h) for h, row in enumerate(rows) for b in row]))
+            slots, buf = torch.tensor(rows), pb.float().view(H, C, *pb.shape[1:])
+            ctx.candidates[layer] = ([list(r) for r in rows], buf, slots)
+            return slots, buf.view(H, -1, buf.shape[-1])
+        old_rows, buf, slots = kept
+        pairs, where = [], []
+        for h, (row, old) in enumerate(zip(rows, old_rows)):
+            new = set(row)
+            free = [c for c, b in enumerate(old) if b not in new]
+            if not free:
+                continue
+            have = set(old)
+            for c, b in zip(free, (b for b in row if b not in have)):
+                old[c] = b
+                pairs.append((b, h))
+                where.append((h, c))
+        if pairs:
+            for (h, c), t in zip(where, self._page_bounds(ctx, layer, pairs)):
+                buf[h, c] = t
+            hs, cs = zip(*where)
+            slots[list(hs), list(cs)] = torch.tensor([b for b, _ in pairs])
+        return slots, buf.view(H, -1, buf.shape[-1])
+
     def _prefetch(self, ctx: TierContext, layer: int) -> None:
-        """Read ahead, on the thread, the page summaries and pages ``layer`` used at the last step."""
+        """Read ahead, on the thread, the pages ``layer`` used at the last step."""
         ids = ctx.last_pages.get(layer)
         if self._pool is None or ids is None or layer in ctx.pending:
             return
-        blocks = ctx.last_blocks.get(layer)
 
         def work() -> None:
-            if blocks:
-                self._page_bounds(ctx, layer, blocks)
             self._fetch(ctx, layer, ids, prefetch=True)
 
         ctx.pending[layer] = self._pool.submit(work)
@@ -542,13 +597,49 @@ class TierAttention:
         return o[0].float(), lse[0].float()
 
     def _gather(self, ctx: TierContext, layer: int, ids: torch.Tensor) -> torch.Tensor:
-        """``[H_kv, 2, n * P, D]``: the K and V of the pages ``ids [H_kv, n]`` (page cache, then tiers)."""
+        """``[H_kv, 2, n * P, D]``: the K and V of the pages ``ids [H_kv, n]`` (page cache, then tiers).
+
+        The context keeps the last step's gathered pages per layer (when every layer's fit in half
+        the page cache's budget, in addition to it): a step copies in only the pages that joined
+        the selection, into the slots of those that left it; kept pages count as page-cache hits."""
         H, D = self.spec.num_kv_heads, self.spec.head_dim
-        pages = self._fetch(ctx, layer, ids)
-        n, P = len(pages[0]), pages[0][0].shape[1]
-        kv = torch.empty(H, 2, n, P, D, dtype=pages[0][0].dtype)
-        for h, row in enumerate(pages):
-            torch.stack(row, 1, out=kv[h])  # [2, n, P, D]: one copy of the pages, no reshape after it
+        rows = ids.tolist()
+        n = len(rows[0])
+        kept = ctx.page_slots.get(layer)
+        reuse: list[tuple[list[int], list[int]]] | None = None
+        if kept is not None and kept[1].shape[2] == n:
+            old_rows, kv = kept
+            reuse = []
+            for row, old in zip(rows, old_rows):
+                new, have = set(row), set(old)
+                free = [c for c, g in enumerate(old) if g not in new]
+                add = [g for g in row if g not in have]
+                if len(free) != len(add) or len(new) != n:  # not a one-to-one swap: gather afresh
+                    reuse = None
+                    break
+                reuse.append((free, add))
+        if reuse is not None:
+            pages = self._fetch(ctx, layer, [add for _, add in reuse])
+            P = kv.shape[3]
+            kept_pages = 0
+            for h, ((free, add), row_pages) in enumerate(zip(reuse, pages)):
+                old = old_rows[h]
+                kept_pages += n - len(free)
+                for c, g, t in zip(free, add, row_pages):
+                    kv[h, :, c] = t
+                    old[c] = g
+            with self._stats_lock:
+                self._stats.page_hits += kept_pages
+        else:
+            pages = self._fetch(ctx, layer, rows)
+            P = pages[0][0].shape[1]
+            kv = torch.empty(H, 2, n, P, D, dtype=pages[0][0].dtype)
+            for h, row in enumerate(pages):
+                torch.stack(row, 1, out=kv[h])  # [2, n, P, D]: one copy of the pages, no reshape after it
+            if kv.numel() * kv.element_size() * self.spec.num_layers <= self.pages.max_bytes // 2:
+                ctx.page_slots[layer] = ([list(r) for r in rows], kv)
+            else:
+                ctx.page_slots.pop(layer, None)
         with self._stats_lock:
             self._stats.pages_selected += ids.numel()
             self._stats.selected_bytes += ids.numel() * ctx.layouts[0].range_bytes

@@ -5,14 +5,22 @@ summaries.
 Payload (``P`` = ``page_tokens``, 16; ``Np = T / P``; ``R = L * H_kv * Np`` ranges)::
 
     ranges   R x range_bytes    range (l, h, p) at (l * H_kv + h) * Np + p: K page then V page
-    summary  per layer l:  kmin, kmax, kmean  [H_kv, Np, D]   (page Quest bounds, mean key)
-             then bmin, bmax  [L, H_kv, D]                     (the same bounds per block)
+    summary  per layer l, per KV head h:  kmin, kmax, kmean  [Np, D]   (page Quest bounds, mean key)
+             then bmin, bmax  [L, H_kv, D]                               (the same bounds per block)
 
 Every range has the same size (the page codecs below have a fixed output size), so the offset
 table is ``offset(r) = r * range_bytes`` and the ranges of one (layer, head) are adjacent: the
 selected pages of a head read as few spans. The meta holds an XXH3-64 checksum per range and
-one per summary layer (plus one for the block level), so a reader of any range verifies the
-bytes it got without reading the rest of the block.
+one per (layer, KV head) summary section (plus one for the block level), so a reader of any range,
+or of one head's page summaries of one layer (``sum_v`` 2: a decode step reads only the summaries
+of the heads whose candidate blocks it scores), verifies the bytes it got without reading the rest
+of the block.
+
+Summary layout versions (``meta["sum_v"]``; frames written before it have no such key):
+
+- 1: per layer ``kmin, kmax, kmean [H_kv, Np, D]``, one checksum per layer (readable, never written now);
+- 2 (written): per layer ``[H_kv, 3, Np, D]`` (one contiguous section per head), one checksum per
+  (layer, head). A version this code does not know is a ValueError naming it.
 
 Page codecs (the quantization groups never cross a page, so a page decodes alone):
 
@@ -40,7 +48,9 @@ from .int8 import Int8Codec, dequantize_torch, quantize_torch
 from .quant import check_finite, check_quantizable
 
 PAGE_TOKENS = 16
-_META_KEYS = {"P", "page", "range_bytes", "ranges", "crc", "sum_dtype", "sum_offset", "sum_layer_bytes", "sum_crc"}
+_META_KEYS_V1 = {"P", "page", "range_bytes", "ranges", "crc", "sum_dtype", "sum_offset", "sum_layer_bytes", "sum_crc"}
+_META_KEYS = _META_KEYS_V1 | {"sum_v"}
+SUMMARY_VERSION = 2  # the summary layout written (see the module docstring)
 
 
 def checksums(buf: np.ndarray, size: int) -> np.ndarray:
@@ -126,7 +136,7 @@ class PagedCodec:
         kmin = _round(keys.amin(3), sdt, -1.0)  # [L, H, Np, D]
         kmax = _round(keys.amax(3), sdt, +1.0)
         kmean = keys.mean(3).to(sdt)
-        per_layer = torch.stack([kmin, kmax, kmean], 1)  # [L, 3, H, Np, D]
+        per_layer = torch.stack([kmin, kmax, kmean], 2)  # [L, H, 3, Np, D]: one section per (layer, head)
         bmin, bmax = kmin.amin(2), kmax.amax(2)  # [L, H, D] (already rounded outward)
         summary = torch.cat(
             [per_layer.reshape(L, -1).view(torch.uint8).reshape(-1), torch.stack([bmin, bmax]).reshape(-1).view(torch.uint8)]
@@ -134,10 +144,7 @@ class PagedCodec:
         payload = torch.cat([ranges.reshape(-1), summary]).numpy()
         layer_bytes = 3 * H * Np * D * sdt.itemsize
         sum_offset = R * rb
-        sum_crc = [
-            xxhash.xxh3_64_intdigest(memoryview(payload[sum_offset + l * layer_bytes : sum_offset + (l + 1) * layer_bytes]))
-            for l in range(L)
-        ]
+        sum_crc = list(checksums(payload[sum_offset : sum_offset + L * layer_bytes], layer_bytes // H))  # per (layer, head)
         sum_crc.append(xxhash.xxh3_64_intdigest(memoryview(payload[sum_offset + L * layer_bytes :])))
         meta = {
             "P": P,
@@ -149,13 +156,19 @@ class PagedCodec:
             "sum_offset": sum_offset,
             "sum_layer_bytes": layer_bytes,
             "sum_crc": np.array(sum_crc, dtype=np.uint64).tobytes(),
+            "sum_v": SUMMARY_VERSION,
         }
         return memoryview(payload), meta
 
     # -- decode ----------------------------------------------------------------------------
     def check_meta(self, meta, spec: KVSpec) -> dict:
         """``meta`` validated against this codec and ``spec`` (ValueError otherwise)."""
-        if not isinstance(meta, dict) or set(meta) != _META_KEYS:
+        if isinstance(meta, dict) and "sum_v" in meta and meta["sum_v"] not in (1, 2):
+            raise ValueError(
+                f"{self.name}: summary layout version {meta['sum_v']!r} is not known to this kvtier (it reads 1 and 2): "
+                "the block was written by a newer version"
+            )
+        if not isinstance(meta, dict) or set(meta) not in (_META_KEYS, _META_KEYS_V1):
             raise ValueError(
                 f"{self.name} meta must have keys {sorted(_META_KEYS)}, got {sorted(map(str, meta)) if isinstance(meta, dict) else type(meta).__name__}"
             )
@@ -178,8 +191,9 @@ class PagedCodec:
                 raise ValueError(f"{self.name} meta {k!r} must be {v!r} for this spec, got {meta[k]!r}")
         if not isinstance(meta["crc"], bytes) or len(meta["crc"]) != 8 * R:
             raise ValueError(f"{self.name} meta 'crc' must hold {R} checksums")
-        if not isinstance(meta["sum_crc"], bytes) or len(meta["sum_crc"]) != 8 * (L + 1):
-            raise ValueError(f"{self.name} meta 'sum_crc' must hold {L + 1} checksums")
+        n_sum = L + 1 if meta.get("sum_v", 1) == 1 else L * H + 1
+        if not isinstance(meta["sum_crc"], bytes) or len(meta["sum_crc"]) != 8 * n_sum:
+            raise ValueError(f"{self.name} meta 'sum_crc' must hold {n_sum} checksums")
         return meta
 
     def payload_bytes(self, spec: KVSpec) -> int:

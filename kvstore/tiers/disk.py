@@ -12,6 +12,8 @@ from __future__ import annotations
 import logging
 import os
 import tempfile
+import threading
+from collections import OrderedDict
 from pathlib import Path
 from typing import Iterator, Sequence
 
@@ -27,6 +29,67 @@ _SUFFIX = ".kvf"
 _TMP_PREFIX = ".tmp-"
 
 
+class _OpenFiles:
+    """Frame files kept open for range reads, at most ``max_open`` (LRU), so that a decode step's
+    reads are ``pread`` calls, not ``open`` + ``pread`` + ``close`` per block. An entry in use by a
+    reader is closed only once that reader releases it (an evicted or dropped file descriptor is
+    never closed under a reader, whose number could then name another file)."""
+
+    def __init__(self, max_open: int) -> None:
+        self.max_open = max_open
+        self._fds: OrderedDict[bytes, list] = OrderedDict()  # key -> [fd, readers, dropped]
+        self._lock = threading.Lock()
+
+    def acquire(self, key: bytes, path: str) -> list:
+        with self._lock:
+            e = self._fds.get(key)
+            if e is not None:
+                e[1] += 1
+                self._fds.move_to_end(key)
+                return e
+        fd = os.open(path, os.O_RDONLY)  # OSError to the caller
+        with self._lock:
+            e = self._fds.get(key)
+            if e is not None:  # another reader opened it meanwhile
+                e[1] += 1
+                os.close(fd)
+                return e
+            e = [fd, 1, False]
+            if self.max_open:
+                self._fds[key] = e
+                while len(self._fds) > self.max_open:
+                    self._drop(self._fds.popitem(last=False)[1])
+            else:
+                e[2] = True  # not kept: closed at release
+            return e
+
+    def release(self, e: list) -> None:
+        with self._lock:
+            e[1] -= 1
+            if e[2] and not e[1]:
+                os.close(e[0])
+
+    def _drop(self, e: list) -> None:  # under the lock
+        e[2] = True
+        if not e[1]:
+            os.close(e[0])
+
+    def drop(self, key: bytes) -> None:
+        """Close ``key``'s file (once its readers are done): it was removed or may have changed."""
+        with self._lock:
+            e = self._fds.pop(key, None)
+            if e is not None:
+                self._drop(e)
+
+    def close(self) -> None:
+        with self._lock:
+            while self._fds:
+                self._drop(self._fds.popitem()[1])
+
+    def __len__(self) -> int:
+        return len(self._fds)
+
+
 class DiskTier(TierBase):
     capabilities = TierCapabilities(device="disk", persistent=True, shared=False, framed=True, iterable=True, range_reads=True)
 
@@ -40,15 +103,20 @@ class DiskTier(TierBase):
         fsync: bool = False,
         min_free_bytes: int = 0,
         cipher=None,
+        open_files: int = 256,
     ) -> None:
         """``min_free_bytes``: while the filesystem has less free space, ``put`` stores nothing
         (every block refused, ``low_space`` set): a full disk refuses cleanly instead of failing
         writes half-way. ``cipher``: a ``kvstore.crypto.FrameCipher`` that encrypts every file
-        (files it cannot open are misses, deleted and counted as corrupt)."""
+        (files it cannot open are misses, deleted and counted as corrupt). ``open_files``: frame
+        files kept open for range reads (page reads of ``TierAttention``), least recently used
+        closed first; 0 opens and closes a file per read."""
         if capacity_bytes is None:
             raise ValueError("DiskTier needs a capacity_bytes")
         if isinstance(min_free_bytes, bool) or not isinstance(min_free_bytes, int) or min_free_bytes < 0:
             raise ValueError(f"min_free_bytes must be a non-negative int, got {min_free_bytes!r}")
+        if isinstance(open_files, bool) or not isinstance(open_files, int) or open_files < 0:
+            raise ValueError(f"open_files must be a non-negative int, got {open_files!r}")
         super().__init__(name, get_codec(codec) if isinstance(codec, str) else codec, capacity_bytes)
         self.root = Path(root)
         self.root.mkdir(parents=True, exist_ok=True)
@@ -60,6 +128,7 @@ class DiskTier(TierBase):
         # key -> (spec short_fp, file size). Rebuilt from the directory listing on open.
         self._files: dict[bytes, tuple[str, int]] = {}
         self._data_offset: dict[bytes, int] = {}  # key -> where the payload starts in its file (range reads)
+        self._open = _OpenFiles(open_files)
         self._scan()
 
     # -- layout ----------------------------------------------------------------------------
@@ -250,50 +319,64 @@ class DiskTier(TierBase):
         from ..pages import PageLayout
 
         out: list = []
+        sfp = spec.short_fingerprint
         for key in keys:
             key = bytes(key)
             entry = self._files.get(key)
             layout = None
-            if entry is not None and entry[0] == spec.short_fingerprint:
+            if entry is not None and entry[0] == sfp:
                 try:
-                    fd = os.open(self._path_str(key, spec.short_fingerprint), os.O_RDONLY)
+                    f = self._open.acquire(key, self._path_str(key, sfp))
                 except OSError:
                     out.append(None)
                     continue
                 try:
-                    header = self._read_header(fd, key, spec)
+                    header = self._read_header(f[0], key, spec)
                     layout = PageLayout.from_meta(key, spec, header.codec, header.codec_meta)
                 except (FrameError, ValueError, OSError) as e:
                     log.warning("disk tier %s: unreadable frame header %s: %s", self.name, key.hex()[:16], e)
                     layout = None
                 finally:
-                    os.close(fd)
+                    self._open.release(f)
             out.append(layout)
         return out
 
     def read_spans(self, requests, *, spec: KVSpec) -> list[list[memoryview] | None]:
+        """The spans ``(offset, nbytes)`` of each ``(key, spans)`` request (payload offsets), by
+        ``pread`` on a kept-open file; spans that touch are read as one ``pread`` and split."""
         out: list[list[memoryview] | None] = []
+        sfp = spec.short_fingerprint
         for key, spans in requests:
             key = bytes(key)
             entry = self._files.get(key)
-            if entry is None or entry[0] != spec.short_fingerprint:
+            if entry is None or entry[0] != sfp:
                 out.append(None)
                 continue
             try:
-                fd = os.open(self._path_str(key, spec.short_fingerprint), os.O_RDONLY)
+                f = self._open.acquire(key, self._path_str(key, sfp))
             except OSError:
                 out.append(None)
                 continue
             try:
+                fd = f[0]
                 base = self._data_offset.get(key)
                 if base is None:
                     base = self._read_header(fd, key, spec).data_offset
-                got = []
-                for off, n in spans:
-                    buf = os.pread(fd, n, base + off)
-                    if len(buf) != n:
+                got: list[memoryview] = []
+                i = 0
+                while i < len(spans):
+                    off, n = spans[i]
+                    j, end = i + 1, off + n
+                    while j < len(spans) and spans[j][0] == end:  # adjacent: one pread
+                        end += spans[j][1]
+                        j += 1
+                    buf = os.pread(fd, end - off, base + off)
+                    if len(buf) != end - off:
                         raise FrameError("frame file is shorter than the span asked")
-                    got.append(memoryview(buf))
+                    view = memoryview(buf)
+                    for o, m in spans[i:j]:
+                        got.append(view[o - off : o - off + m])
+                    i = j
                 out.append(got)
                 with self._lock:
                     self._stats.hits += 1
@@ -301,12 +384,26 @@ class DiskTier(TierBase):
                 log.warning("disk tier %s: range read failed %s: %s", self.name, key.hex()[:16], e)
                 with self._lock:
                     self._stats.errors += 1
+                self.forget_layouts([key], spec=spec)
                 out.append(None)
             finally:
-                os.close(fd)
+                self._open.release(f)
         return out
 
+    def forget_layouts(self, keys: Sequence[bytes], *, spec: KVSpec) -> None:
+        """Forget what range reads remembered of these blocks (where the payload starts, the open
+        file): called when a piece read from them did not verify."""
+        for key in keys:
+            key = bytes(key)
+            with self._lock:
+                self._data_offset.pop(key, None)
+            self._open.drop(key)
+
+    def close(self) -> None:
+        self._open.close()
+
     def _forget(self, key: bytes) -> int:
+        self._open.drop(key)
         with self._lock:
             self._data_offset.pop(key, None)
             entry = self._files.pop(key, None)

@@ -247,3 +247,117 @@ def test_headers_longer_than_the_first_read_are_read_again(make_tier, monkeypatc
     (bufs,) = tier.read_spans([(k[0], [lay.span(Pages(r, 1))])], spec=big)
     assert lay.verify(Pages(r, 1), bufs[0])
     assert torch.equal(lay.decode_pages(bufs[0], 1)[0], page_of(b, 63, 7, 15))
+
+
+# -- per-head summaries (summary layout 2) and frames written before them (layout 1) ------------
+def layer_summary_frame(payload, meta, spec=SPEC):
+    """The same block as a frame written before per-head summaries: per layer ``[3, H, Np, D]``,
+    one checksum per layer, no ``sum_v`` in the meta."""
+    import numpy as np
+    import xxhash
+
+    L, H = spec.num_layers, spec.num_kv_heads
+    data = bytearray(memoryview(payload).cast("B"))
+    off, lb = meta["sum_offset"], meta["sum_layer_bytes"]
+    itemsize = 2 if meta["sum_dtype"] == "float16" else 4
+    crc = []
+    for layer in range(L):
+        a = off + layer * lb
+        t = np.frombuffer(bytes(data[a : a + lb]), dtype=np.uint8).reshape(H, 3, lb // (3 * H * itemsize), itemsize)
+        data[a : a + lb] = t.transpose(1, 0, 2, 3).tobytes()
+        crc.append(xxhash.xxh3_64_intdigest(bytes(data[a : a + lb])))
+    crc.append(xxhash.xxh3_64_intdigest(bytes(data[off + L * lb :])))
+    old = {k: v for k, v in meta.items() if k != "sum_v"}
+    old["sum_crc"] = np.array(crc, dtype=np.uint64).tobytes()
+    return memoryview(bytes(data)), old
+
+
+@pytest.mark.parametrize("name", CODECS)
+def test_each_heads_summaries_are_one_verified_range(name):
+    codec = get_codec(name)
+    block = blocks(1, seed=6)[0]
+    payload, meta = codec.encode(block, SPEC)
+    lay = PageLayout.from_meta(b"k" * 32, SPEC, name, meta)
+    assert lay.head_summaries and meta["sum_v"] == 2
+    for layer in range(SPEC.num_layers):
+        whole = lay.decode_summary(layer, memoryview(payload)[slice(*_range(lay.span(Summary(layer))))])
+        assert lay.verify(Summary(layer), memoryview(payload)[slice(*_range(lay.span(Summary(layer))))])
+        spans = [lay.span(Summary(layer, h)) for h in range(SPEC.num_kv_heads)]
+        assert spans[0][0] == lay.span(Summary(layer))[0] and spans[1][0] == spans[0][0] + spans[0][1]
+        assert spans[0][1] * SPEC.num_kv_heads == lay.span(Summary(layer))[1]
+        for h, span in enumerate(spans):
+            buf = memoryview(payload)[slice(*_range(span))]
+            assert lay.verify(Summary(layer, h), buf)
+            for a, b in zip(lay.decode_summary(layer, buf, h), whole):
+                assert torch.equal(a, b[h])
+            keys = block[layer, 0, h].float().view(-1, 16, SPEC.head_dim)
+            kmin, kmax, _ = lay.decode_summary(layer, buf, h)
+            assert bool((kmin <= keys.amin(1)).all()) and bool((kmax >= keys.amax(1)).all())
+    # a flipped byte fails its own head's piece and the whole layer's, not the other head's
+    data = bytearray(payload)
+    off1, n1 = lay.span(Summary(1, 1))
+    data[off1 + 5] ^= 0x10
+    assert not lay.verify(Summary(1, 1), memoryview(data)[off1 : off1 + n1])
+    assert not lay.verify(Summary(1), memoryview(data)[slice(*_range(lay.span(Summary(1))))])
+    assert lay.verify(Summary(1, 0), memoryview(data)[slice(*_range(lay.span(Summary(1, 0))))])
+    with pytest.raises(ValueError):
+        lay.span(Summary(0, SPEC.num_kv_heads))
+    with pytest.raises(ValueError):
+        lay.span(Summary(SPEC.num_layers, 0))
+
+
+def test_frames_with_per_layer_summaries_still_read():
+    payload, meta = get_codec("paged").encode(blocks(1, seed=7)[0], SPEC)
+    new = PageLayout.from_meta(b"k" * 32, SPEC, "paged", meta)
+    old_payload, old_meta = layer_summary_frame(payload, meta)
+    old = PageLayout.from_meta(b"k" * 32, SPEC, "paged", old_meta)
+    assert not old.head_summaries
+    for layer in range(SPEC.num_layers + 1):
+        buf = memoryview(old_payload)[slice(*_range(old.span(Summary(layer))))]
+        assert old.verify(Summary(layer), buf)
+        want = new.decode_summary(layer, memoryview(payload)[slice(*_range(new.span(Summary(layer))))])
+        for a, b in zip(old.decode_summary(layer, buf), want):
+            assert torch.equal(a, b)
+    with pytest.raises(ValueError, match="layout 1"):
+        old.span(Summary(0, 0))
+    assert torch.equal(get_codec("paged").decode(old_payload, old_meta, SPEC), get_codec("paged").decode(payload, meta, SPEC))
+    with pytest.raises(ValueError, match="summary layout version 3"):
+        PageLayout.from_meta(b"k" * 32, SPEC, "paged", {**meta, "sum_v": 3})
+    with pytest.raises(ValueError, match="sum_crc"):
+        PageLayout.from_meta(b"k" * 32, SPEC, "paged", {**old_meta, "sum_v": 2})
+
+
+def test_disk_keeps_a_bounded_number_of_files_open_and_coalesces_adjacent_spans(tmp_path, monkeypatch):
+    import os
+
+    import kvtier.kvstore.tiers.disk as disk_mod
+
+    with pytest.raises(ValueError):
+        DiskTier(tmp_path / "bad", 1 << 20, codec="paged", open_files=-1)
+    tier = DiskTier(tmp_path / "d", 64 << 20, codec="paged", open_files=2)
+    bs, ks = blocks(4, seed=8), keys_for(4, seed=8)
+    tier.put(ks, bs, spec=SPEC)
+    layouts = tier.page_layouts(ks, spec=SPEC)
+    opens, preads = [], []
+    real_open, real_pread = os.open, os.pread
+    monkeypatch.setattr(disk_mod.os, "open", lambda *a, **k: opens.append(a[0]) or real_open(*a, **k))
+    monkeypatch.setattr(disk_mod.os, "pread", lambda fd, n, off: preads.append(n) or real_pread(fd, n, off))
+    pieces = [Summary(1, 0), Summary(1, 1), Pages(3, 2), Summary(2, 1)]
+    for _ in range(2):
+        for i in (2, 3):  # the last two blocks stay open: no open after the first pass
+            (bufs,) = tier.read_spans([(ks[i], [layouts[i].span(p) for p in pieces])], spec=SPEC)
+            assert all(layouts[i].verify(p, b) for p, b in zip(pieces, bufs))
+    assert len(opens) == 0 and len(tier._open) == 2  # page_layouts opened them (and kept the last two)
+    assert preads == [2 * layouts[0].span(Summary(1, 0))[1], 2 * layouts[0].range_bytes, layouts[0].span(Summary(2, 1))[1]] * 4
+    (bufs,) = tier.read_spans([(ks[0], [layouts[0].span(Pages(0, 1))])], spec=SPEC)
+    assert layouts[0].verify(Pages(0, 1), bufs[0]) and len(opens) == 1 and len(tier._open) == 2
+    # a removed block's file is closed, and a read of it is a miss
+    assert tier.remove([ks[0]], spec=SPEC) == 1 and ks[0] not in tier._open._fds
+    assert tier.read_spans([(ks[0], [(0, 16)])], spec=SPEC) == [None]
+    # open_files=0: a file per read, closed after it
+    t0 = DiskTier(tmp_path / "d", 64 << 20, codec="paged", open_files=0)
+    (bufs,) = t0.read_spans([(ks[1], [layouts[1].span(Summary(0, 1))])], spec=SPEC)
+    assert layouts[1].verify(Summary(0, 1), bufs[0]) and len(t0._open) == 0
+    tier.close()
+    assert len(tier._open) == 0
+    t0.close()

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from kvtier.kvstore import DiskTier, HostTier, KVSpec, TierConfig, TieredStore, chain_hashes
+from kvtier.kvstore.pages import Summary
 from kvtier.retrieval.tier_attention import TierAttention
 from kvtier.sparse_attn import sparse_decode
 
@@ -313,3 +314,106 @@ def test_mean_weight_scores_pages_by_bound_and_mean_key(tmp_path):
     assert torch.equal(ids, s.topk(4, 1).indices.sort(1).values)
     with pytest.raises(ValueError):
         TierAttention(store, SPEC, mean_weight=2.0)
+
+
+# -- per-head summary reads ------------------------------------------------------------------------
+def test_a_step_reads_only_its_candidate_heads_summaries_and_reuses_them(tmp_path):
+    kv, blocks, keys = context(24, seed=8)
+    store = store_for(tmp_path)
+    store.put(SPEC, keys, blocks)
+    att = TierAttention(store, SPEC, budget=32, candidate_blocks=3, candidate_groups=None, full_score_pages=0, prefetch=False)
+    ctx = att.open(keys)
+    att.reset_stats()
+    q = torch.randn(4, SPEC.head_dim)
+    ids = att.select(ctx, 1, q)
+    lay = ctx.layouts[0]
+    head_bytes = lay.span(Summary(1, 0))[1]
+    s = att.stats()
+    pairs = {(b, h) for h, row in enumerate(ctx.candidates[1][0]) for b in row}
+    assert len(pairs) <= 2 * 3
+    assert s.summary_bytes_read["disk"] == len(pairs) * head_bytes < len({b for b, _ in pairs}) * lay.span(Summary(1))[1]
+    assert len(att.summaries) == len(pairs)  # one hot entry per (block, layer, KV head)
+    att.reset_stats()
+    assert torch.equal(att.select(ctx, 1, q), ids)  # the same candidates: nothing read again
+    assert att.stats().summary_bytes_read == {}
+    # the page bounds read per head are those of the whole layer
+    for b, h in pairs:
+        kmin, kmax, _ = lay.decode_summary(1, store.read_pieces(SPEC, [(ctx.layouts[b], [Summary(1)])]).pieces[0][0])
+        got = att.summaries.get_value((keys[b], 1, h))
+        assert torch.equal(got, torch.cat([kmax[h], kmin[h]], 1))
+    att.close()
+
+
+def test_blocks_written_before_per_head_summaries_decode_alike(tmp_path):
+    """Frames with per-layer summaries (layout 1, as written before) are read whole per layer and
+    give the same selection and attention as the same blocks written now."""
+    import os
+
+    from kvtier.kvstore.frames import decode_frame, encode_frame
+
+    sys_path = os.path.join(os.path.dirname(__file__), "..", "kvstore")
+    import importlib.util
+
+    spec_ = importlib.util.spec_from_file_location("kvtier_test_pages", os.path.join(sys_path, "test_pages.py"))
+    tp = importlib.util.module_from_spec(spec_)
+    spec_.loader.exec_module(tp)
+    kv, blocks, keys = context(12, seed=9)
+    new_store = store_for(tmp_path / "new")
+    new_store.put(SPEC, keys, blocks)
+    tier = new_store._tiers[0].tier
+    old_root = tmp_path / "old"
+    for key in keys:  # the same frames, rewritten with layout 1 summaries
+        path = tier._path(key, SPEC.short_fingerprint)
+        f = decode_frame(path.read_bytes(), expect_key=key, expect_spec=SPEC)
+        payload, meta = tp.layer_summary_frame(f.data, f.codec_meta, SPEC)
+        dst = old_root / path.relative_to(tier.root)
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        dst.write_bytes(encode_frame(key, SPEC, "paged", meta, SPEC.block_shape, SPEC.dtype, payload))
+    old_store = TieredStore([TierConfig(DiskTier(old_root, 1 << 30, codec="paged"))])
+    old_store.register_spec(SPEC)  # adopts the blocks found on disk
+    q = torch.randn(4, SPEC.head_dim)
+    outs = []
+    for store in (new_store, old_store):
+        att = TierAttention(store, SPEC, budget=48, candidate_blocks=3, candidate_groups=None, full_score_pages=0, prefetch=False)
+        ctx = att.open(keys)
+        assert all(lay.head_summaries == (store is new_store) for lay in ctx.layouts)
+        outs.append([att.select(ctx, layer, q) for layer in range(2)] + list(att.decode_layer(ctx, 1, q)))
+        att.close()
+    for a, b in zip(*outs):
+        assert torch.equal(a, b)
+    new_store.close(), old_store.close()
+
+
+@pytest.mark.parametrize("prefetch", [False, True])
+def test_steps_that_reuse_the_last_steps_candidates_and_pages_equal_fresh_ones(tmp_path, prefetch):
+    """Drifting queries over many steps: the candidates' bounds and the pages kept in the context's
+    slots give the selection and the attention a fresh instance computes from nothing."""
+    kv, blocks, keys = context(32, seed=10)
+    store = store_for(tmp_path)
+    store.put(SPEC, keys, blocks)
+    att = TierAttention(store, SPEC, budget=96, candidate_blocks=5, candidate_groups=None, full_score_pages=0, prefetch=prefetch)
+    ctx = att.open(keys)
+    g = torch.Generator().manual_seed(1)
+    q = torch.randn(2, 4, SPEC.head_dim, generator=g)
+    reused = 0
+    for step in range(8):
+        q = q + 0.5 * torch.randn(q.shape, generator=g)
+        for layer in range(2):
+            fresh = TierAttention(store, SPEC, budget=96, candidate_blocks=5, candidate_groups=None, full_score_pages=0, prefetch=False)
+            want = fresh.select(fresh.open(keys), layer, q[layer])
+            before = att.stats()
+            o, lse = att.decode_layer(ctx, layer, q[layer])
+            assert torch.equal(ctx.last_pages[layer], want)
+            assert sorted(sum(ctx.page_slots[layer][0], [])) == sorted(want.flatten().tolist()) or step == 0
+            tok = att.token_ids(ctx, want)
+            o_ref, lse_ref = sparse_decode(q[layer][None], kv[layer, 0][None], kv[layer, 1][None], tok[None])
+            assert torch.allclose(o, o_ref[0], atol=1e-5) and torch.allclose(lse, lse_ref[0], atol=1e-5)
+            reused += att.stats().page_hits - before.page_hits
+            fresh.close()
+    assert reused > 0 and len(ctx.candidates) == 2 and len(ctx.page_slots) == 2
+    # without room in the page cache, no pages are kept in the context either
+    small = TierAttention(store, SPEC, budget=96, candidate_blocks=5, page_cache_bytes=0, prefetch=False)
+    sctx = small.open(keys)
+    small.decode_layer(sctx, 0, q[0])
+    assert sctx.page_slots == {}
+    att.close(), small.close()
