@@ -192,7 +192,8 @@ def main() -> None:
     md = [
         f"## bench/tier_fidelity.py{' --quick' if args.quick else ''}",
         "",
-        f"SmolLM2-135M (30 layers, 3 KV heads), `SparseDecode(budget={args.budget}, store=...{''.join(f', {k}={v}' for k, v in opts.items())})` "
+        f"SmolLM2-135M (30 layers, 3 KV heads), `SparseDecode(budget=B, store=...{''.join(f', {k}={v}' for k, v in opts.items())})` "
+        f"with B = {args.budget} for the pass keys and the budgets in the perplexity table "
         f"(its other options at their defaults; run `{' '.join(sys.argv)}`): the prompt's KV written to the "
         "store in 64-token blocks (`paged` codec) and zeroed in the transformers cache; each decode step reads the selected "
         f"pages from the tier. {args.threads} torch threads, shared CPU box.",

@@ -233,8 +233,19 @@ def main() -> None:
         f"{args.threads} torch threads.",
         "",
         md_table(
-            ["row", "budget", "resident", "candidate_blocks", "dense_layers", "group score", "pages by", "ppl", "vs full"],
-            [["full", "-", "-", "-", "-", "-", "-", f"{full:.4f}", "-"]]
+            [
+                "row",
+                "budget",
+                "resident",
+                "candidate_blocks",
+                "dense_layers",
+                "group score",
+                "pages by",
+                "pages not selected",
+                "ppl",
+                "vs full",
+            ],
+            [["full", "-", "-", "-", "-", "-", "-", "-", f"{full:.4f}", "-"]]
             + [
                 [
                     n,
@@ -244,6 +255,7 @@ def main() -> None:
                     r["dense"],
                     r["agg"],
                     "attention mass" if r["oracle"] else "Quest bounds",
+                    {0: "left out", 1: "mean K/V per page", 2: "mean K/V per page / block"}[int(r.get("comp", 0))],
                     f"{r['ppl']:.4f}",
                     f"{r['ratio']:.4f}x",
                 ]
