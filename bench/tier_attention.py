@@ -349,7 +349,7 @@ def _prefill_run(args) -> dict:
         "tokens_per_s": num_tokens / secs,
         "rss_before_mib": rss0,
         "rss_after_mib": cur,
-        "peak_rss_mib": peak,
+        "peak_rss_mib": max(peak, *(s_["rss_max_mib"] for s_ in samples)),  # getrusage's, and the samples'
         "kv_mib": num_tokens * layers * 2 * H_KV * D * 2 / MiB,
         "stored_tokens": sp.stored_tokens,
         "page_bytes_read": sum(st.page_bytes_read.values()),
@@ -379,7 +379,14 @@ def plot_prefill(rows: list[dict], path: Path) -> None:
         ax.plot(x, [s["rss_max_mib"] for s in r["samples"]], style, ms=3, label=f"RSS (most per interval): {r['label']}")
         if r is rows[0]:
             ax.plot(x, [s["accounted_mib"] for s in r["samples"]], ":", color="gray", label="before + caches + metadata + resident (first)")
-            ax.plot(x, [r["rss_before_mib"] + s["metadata_mib"] for s in r["samples"]], "-.", color="black", lw=0.8, label="before + metadata (first)")
+            ax.plot(
+                x,
+                [r["rss_before_mib"] + s["metadata_mib"] for s in r["samples"]],
+                "-.",
+                color="black",
+                lw=0.8,
+                label="before + metadata (first)",
+            )
     ax.set_xlabel("prompt tokens prefilled (K)")
     ax.set_ylabel("MiB")
     ax.set_ylim(bottom=0)
@@ -397,10 +404,8 @@ def bench_prefill(args) -> None:
     if args.prefill_child:  # a configuration run for the parent: its row only
         Path(args.out).write_text(json.dumps(_prefill_run(args), default=float))
         return
-    row = _prefill_run(args)
-    row["label"] = f"default (trim {args.prefill_trim_mib:g} MiB, {args.prefill_bounds} bounds)"
-    rows = [row]
-    if args.prefill_baseline:
+    base = None
+    if args.prefill_baseline:  # first: a child forked from a small parent (getrusage's peak survives exec)
         with tempfile.TemporaryDirectory() as td:
             out = Path(td) / "baseline.json"
             cmd = [sys.executable, __file__, "--prefill", "--prefill-child", "--out", str(out), "--prefill-trim-mib", "-1"]
@@ -411,6 +416,10 @@ def bench_prefill(args) -> None:
             subprocess.run(cmd, check=True)
             base = json.loads(out.read_text())
         base["label"] = "no trim, float32 bounds (before)"
+    row = _prefill_run(args)
+    row["label"] = f"default (trim {args.prefill_trim_mib:g} MiB, {args.prefill_bounds} bounds)"
+    rows = [row]
+    if base is not None:
         rows.append(base)
     num_tokens, layers, chunk, g_heads = row["tokens"], row["layers"], row["chunk_tokens"], row["query_heads"]
     load = os.getloadavg()
@@ -425,9 +434,17 @@ def bench_prefill(args) -> None:
             f"MiB/M tokens; {r['trims']} trims, {r['ms_per_trim']:.1f} ms each"
         )
     if len(rows) > 1:
-        print(f"  peak RSS ratio before/default: {rows[1]['peak_rss_mib'] / row['peak_rss_mib']:.2f}x; time ratio default/before: {row['seconds'] / rows[1]['seconds']:.2f}x")
+        print(
+            f"  peak RSS ratio before/default: {rows[1]['peak_rss_mib'] / row['peak_rss_mib']:.2f}x; time ratio default/before: {row['seconds'] / rows[1]['seconds']:.2f}x"
+        )
     s_last = row["samples"][-1]
-    bound = row["rss_before_mib"] + row["page_cache_budget_mib"] + row["summary_budget_mib"] + s_last["resident_mib"] + max(0.0, row["max_unaccounted_mib"])
+    bound = (
+        row["rss_before_mib"]
+        + row["page_cache_budget_mib"]
+        + row["summary_budget_mib"]
+        + s_last["resident_mib"]
+        + max(0.0, row["max_unaccounted_mib"])
+    )
     md = [
         f"## bench/tier_attention.py --prefill{' --quick' if args.quick else ''}{' --prefill-baseline' if args.prefill_baseline else ''}",
         "",
@@ -440,13 +457,33 @@ def bench_prefill(args) -> None:
         + (f"; glibc `MALLOC_MMAP_THRESHOLD_={row['malloc_mmap_threshold']}`." if row["malloc_mmap_threshold"] else "."),
         "",
         md_table(
-            ["configuration", "tokens", "seconds", "tokens/s", "RSS before (MiB)", "peak RSS (MiB)", "metadata at the end (MiB)",
-             "metadata B/block", "RSS slope, 2nd half (MiB/M tokens)", "trims (ms each)", "KV written (MiB)", "pages + summaries read (MiB)"],
+            [
+                "configuration",
+                "tokens",
+                "seconds",
+                "tokens/s",
+                "RSS before (MiB)",
+                "peak RSS (MiB)",
+                "metadata at the end (MiB)",
+                "metadata B/block",
+                "RSS slope, 2nd half (MiB/M tokens)",
+                "trims (ms each)",
+                "KV written (MiB)",
+                "pages + summaries read (MiB)",
+            ],
             [
                 [
-                    r["label"], f"{r['tokens']:,}", f"{r['seconds']:.0f}", f"{r['tokens_per_s']:.0f}", f"{r['rss_before_mib']:.0f}",
-                    f"{r['peak_rss_mib']:.0f}", f"{r['samples'][-1]['metadata_mib']:.1f}", f"{r['metadata_bytes_per_block']:,.0f}",
-                    f"{r['rss_slope_mib_per_mtoken_second_half']:.0f}", f"{r['trims']} ({r['ms_per_trim']:.1f})", f"{r['kv_mib']:,.0f}",
+                    r["label"],
+                    f"{r['tokens']:,}",
+                    f"{r['seconds']:.0f}",
+                    f"{r['tokens_per_s']:.0f}",
+                    f"{r['rss_before_mib']:.0f}",
+                    f"{r['peak_rss_mib']:.0f}",
+                    f"{r['samples'][-1]['metadata_mib']:.1f}",
+                    f"{r['metadata_bytes_per_block']:,.0f}",
+                    f"{r['rss_slope_mib_per_mtoken_second_half']:.0f}",
+                    f"{r['trims']} ({r['ms_per_trim']:.1f})",
+                    f"{r['kv_mib']:,.0f}",
                     f"{r['page_bytes_read'] / MiB:,.0f} + {r['summary_bytes_read'] / MiB:,.0f}",
                 ]
                 for r in rows
@@ -457,10 +494,31 @@ def bench_prefill(args) -> None:
         "`TierContext.metadata_bytes`; the rest is the allocator's free lists, the store's index and Python objects):",
         "",
         md_table(
-            ["tokens", "RSS (most in the interval)", "RSS after the commit", "page cache", "summaries", "resident", "metadata", "of which bounds", "accounted", "rest"],
             [
-                [f"{s['tokens']:,}", f"{s['rss_max_mib']:.0f}", f"{s['rss_mib']:.0f}", f"{s['page_cache_mib']:.0f}", f"{s['summaries_mib']:.0f}", f"{s['resident_mib']:.1f}",
-                 f"{s['metadata_mib']:.1f}", f"{s['metadata']['bounds'] / MiB:.1f}", f"{s['accounted_mib']:.0f}", f"{s['unaccounted_mib']:.0f}"]
+                "tokens",
+                "RSS (most in the interval)",
+                "RSS after the commit",
+                "page cache",
+                "summaries",
+                "resident",
+                "metadata",
+                "of which bounds",
+                "accounted",
+                "rest",
+            ],
+            [
+                [
+                    f"{s['tokens']:,}",
+                    f"{s['rss_max_mib']:.0f}",
+                    f"{s['rss_mib']:.0f}",
+                    f"{s['page_cache_mib']:.0f}",
+                    f"{s['summaries_mib']:.0f}",
+                    f"{s['resident_mib']:.1f}",
+                    f"{s['metadata_mib']:.1f}",
+                    f"{s['metadata']['bounds'] / MiB:.1f}",
+                    f"{s['accounted_mib']:.0f}",
+                    f"{s['unaccounted_mib']:.0f}",
+                ]
                 for s in row["samples"]
             ],
         ),
@@ -473,7 +531,9 @@ def bench_prefill(args) -> None:
         "",
         "Goal: a 1M-token streamed prefill completes with bounded memory (peak RSS reported).",
     ]
-    save_results(name, {"quick": args.quick, "threads": args.threads, "load_average": load, "row": row, "rows": rows}, "\n".join(md), args.out)
+    save_results(
+        name, {"quick": args.quick, "threads": args.threads, "load_average": load, "row": row, "rows": rows}, "\n".join(md), args.out
+    )
 
 
 def plot(rows: list[dict], path: Path) -> None:

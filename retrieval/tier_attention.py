@@ -44,7 +44,7 @@ import time
 from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
-from typing import Sequence
+from typing import Any, Sequence
 
 import torch
 
@@ -53,7 +53,7 @@ from kvtier.kvstore.pages import PageLayout, Summary, coalesce
 from kvtier.kvstore.spec import KVSpec
 from kvtier.kvstore.store import TieredStore
 
-_MALLOC_TRIM = None  # glibc's malloc_trim, False where there is none (musl, macOS, Windows)
+_MALLOC_TRIM: Any = None  # glibc's malloc_trim, False where there is none (musl, macOS, Windows)
 
 
 def malloc_trim() -> bool:
@@ -336,7 +336,7 @@ class TierAttention:
     def memory(self, ctx: TierContext | None = None) -> dict:
         """Bytes held: the page cache and the hot summaries (used, and their budgets), and the
         open context ``ctx``'s structures (``TierContext.metadata_bytes``, under ``metadata``)."""
-        d = {
+        d: dict[str, Any] = {
             "page_cache": self.pages.used_bytes,
             "page_cache_budget": self.pages.max_bytes,
             "summaries": self.summaries.used_bytes,
@@ -424,7 +424,7 @@ class TierAttention:
         if buf is None or buf.shape[2] < N1 or buf.dtype != more.bounds.dtype:
             new = torch.empty(*more.bounds.shape[:2], max(N1, N0 + N0 // 4, 64), more.bounds.shape[3], dtype=more.bounds.dtype)
             new[:, :, :N0] = ctx.bounds
-            ctx.bounds = buf = None  # type: ignore[assignment]  # the old buffer goes now, before the next allocation
+            ctx.bounds = buf = None  # the old buffer goes now, before the next allocation
             ctx._bounds_buffer = buf = new
         buf[:, :, N0:N1] = more.bounds
         ctx.bounds = buf[:, :, :N1]

@@ -188,7 +188,9 @@ def test_level_0_groups_blocks_and_still_finds_the_needle(tmp_path):
     g = ctx.groups[:, :, 9:10]  # [L, H, 1, 2D]: maximum then minimum
     b = ctx.bounds[:, :, 36:40]
     assert bool((g[..., :D] >= b[..., :D]).all()) and bool((g[..., D:] <= b[..., D:]).all())
-    assert torch.equal(g[..., :D], b[..., :D].amax(2, keepdim=True).float()) and torch.equal(g[..., D:], b[..., D:].amin(2, keepdim=True).float())
+    assert torch.equal(g[..., :D], b[..., :D].amax(2, keepdim=True).float()) and torch.equal(
+        g[..., D:], b[..., D:].amin(2, keepdim=True).float()
+    )
     ids = att.select(ctx, 0, q)
     assert all(37 * 4 + 1 in row for row in ids.tolist()) and bool((ids[:, 0] == 0).all())
     s = att.stats()
@@ -428,7 +430,9 @@ def test_block_bounds_are_float16_rounded_outward_and_select_alike(tmp_path):
     assert up.dtype == down.dtype == torch.float16
     assert bool((up.float() >= x).all()) and bool((down.float() <= x).all())
     fin = x.abs() <= 65504
-    assert bool(((up.float() - x)[fin] <= 1e-3 * x.abs().clamp_min(1e-2)[fin]).all()) and bool(((x - down.float())[fin] <= 1e-3 * x.abs().clamp_min(1e-2)[fin]).all())
+    assert bool(((up.float() - x)[fin] <= 1e-3 * x.abs().clamp_min(1e-2)[fin]).all()) and bool(
+        ((x - down.float())[fin] <= 1e-3 * x.abs().clamp_min(1e-2)[fin]).all()
+    )
     assert up[3] == float("inf") and down[4] == float("-inf") and up[5] == 0 and down[5] == 0
     kv, blocks, keys = context(48, seed=5)
     store = store_for(tmp_path)
@@ -440,7 +444,9 @@ def test_block_bounds_are_float16_rounded_outward_and_select_alike(tmp_path):
     assert c16.bounds.dtype == torch.float16 and c32.bounds.dtype == torch.float32
     D = SPEC.head_dim
     # outward: the float16 maximum is >= the float32 one, the minimum <=, and within float16's rounding
-    assert bool((c16.bounds[..., :D].float() >= c32.bounds[..., :D]).all()) and bool((c16.bounds[..., D:].float() <= c32.bounds[..., D:]).all())
+    assert bool((c16.bounds[..., :D].float() >= c32.bounds[..., :D]).all()) and bool(
+        (c16.bounds[..., D:].float() <= c32.bounds[..., D:]).all()
+    )
     assert torch.allclose(c16.bounds.float(), c32.bounds, rtol=1e-3, atol=1e-4)
     assert c16.metadata_bytes()["bounds"] * 2 == c32.metadata_bytes()["bounds"]
     with pytest.raises(ValueError, match="block_bounds_dtype"):
@@ -451,7 +457,9 @@ def test_block_bounds_are_float16_rounded_outward_and_select_alike(tmp_path):
         q = torch.randn(4, D, generator=g)
         qq = torch.cat([q.clamp_min(0), q.clamp_max(0)], 1).view(2, 2, 2 * D)
         blk = torch.bmm(qq, c16.bounds[0].float().transpose(1, 2)).amax(1)  # [H, N]
-        pages = torch.stack([torch.stack(a16._page_bounds(c16, 0, [(b, h) for b in range(48)])).float() for h in range(2)])  # [H, N, Np, 2D]
+        pages = torch.stack(
+            [torch.stack(a16._page_bounds(c16, 0, [(b, h) for b in range(48)])).float() for h in range(2)]
+        )  # [H, N, Np, 2D]
         ps = torch.einsum("hgf,hnpf->hgnp", qq, pages).amax(1).amax(-1)  # [H, N]
         assert bool((blk >= ps - 1e-4).all())
         # the same selection as with float32 bounds (the needle-free context: the top pages agree)
