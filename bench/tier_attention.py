@@ -278,6 +278,9 @@ def _prefill_run(args) -> dict:
     every = max(chunk, num_tokens // args.prefill_samples // chunk * chunk)
     samples = []
     hi = 0.0
+    import resource
+
+    faults0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
     t0 = time.perf_counter()
     last = t0
     checksum = 0.0
@@ -318,6 +321,7 @@ def _prefill_run(args) -> dict:
                 cur, peak = rss_mib()
                 print(f"    {done:>9,} tokens, {last - t0:.0f} s, RSS {cur:.0f} MiB (peak {peak:.0f})", flush=True)
         secs = time.perf_counter() - t0
+        faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults0
         cur, peak = rss_mib()
         st = att.stats()
     finally:
@@ -355,6 +359,7 @@ def _prefill_run(args) -> dict:
         "page_bytes_read": sum(st.page_bytes_read.values()),
         "summary_bytes_read": sum(st.summary_bytes_read.values()),
         "page_hit_rate": st.hit_rate,
+        "minor_page_faults": faults,
         "trims": sp.trims,
         "trim_seconds": sp.trim_seconds,
         "ms_per_trim": 1e3 * sp.trim_seconds / sp.trims if sp.trims else 0.0,
@@ -431,7 +436,7 @@ def bench_prefill(args) -> None:
             f"  [{r['label']}] {num_tokens:,} tokens x {layers} layer: {r['seconds']:.0f} s, peak RSS {r['peak_rss_mib']:.0f} MiB "
             f"(before {r['rss_before_mib']:.0f}), final {r['rss_after_mib']:.0f}; metadata {r['samples'][-1]['metadata_mib']:.1f} MiB "
             f"({r['metadata_bytes_per_block']:.0f} B/block); RSS slope over the second half {r['rss_slope_mib_per_mtoken_second_half']:.0f} "
-            f"MiB/M tokens; {r['trims']} trims, {r['ms_per_trim']:.1f} ms each"
+            f"MiB/M tokens; {r['trims']} trims, {r['ms_per_trim']:.1f} ms each; {r['minor_page_faults']:,} minor page faults"
         )
     if len(rows) > 1:
         print(
