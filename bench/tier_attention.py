@@ -249,9 +249,9 @@ def rss_mib() -> tuple[float, float]:
     return cur, peak
 
 
-def bench_prefill(args) -> None:
-    """``--prefill``: a streamed prefill of ``--prefill-tokens`` synthetic tokens into the disk tier
-    (``retrieval.StreamedPrefill``), chunk by chunk; peak RSS against the KV's size."""
+def _prefill_run(args) -> dict:
+    """One streamed prefill (in this process: RSS is the process's); returns its row, with RSS and
+    the memory breakdown sampled every ``num_tokens / --prefill-samples`` tokens."""
     from kvtier.retrieval.tier_attention import StreamedPrefill
 
     num_tokens = (64 << 10) if args.quick else args.prefill_tokens
@@ -259,6 +259,7 @@ def bench_prefill(args) -> None:
     spec = make_spec(layers)
     root = Path(args.dir or tempfile.mkdtemp(prefix="kvtier-tier-prefill-"))
     store = TieredStore([TierConfig(DiskTier(root / "disk", 64 << 30, codec="paged"))])
+    bounds_dtype = {"float16": torch.float16, "float32": torch.float32}[args.prefill_bounds]
     att = TierAttention(
         store,
         spec,
@@ -267,11 +268,19 @@ def bench_prefill(args) -> None:
         page_cache_bytes=args.page_cache_mib * MiB,
         summary_bytes=args.summary_mib * MiB,
         prefetch=False,
+        block_bounds_dtype=bounds_dtype,
     )
-    sp = StreamedPrefill(att)
+    trim = None if args.prefill_trim_mib < 0 else int(args.prefill_trim_mib * MiB)
+    sp = StreamedPrefill(att, trim_bytes=trim)
     g = torch.Generator().manual_seed(11)
     base = torch.randn(g_heads, D, generator=g)
     rss0, _ = rss_mib()
+    every = max(chunk, num_tokens // args.prefill_samples // chunk * chunk)
+    samples = []
+    hi = 0.0
+    import resource
+
+    faults0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
     t0 = time.perf_counter()
     last = t0
     checksum = 0.0
@@ -284,12 +293,35 @@ def bench_prefill(args) -> None:
                 q = base[:, None] + 0.5 * torch.randn(g_heads, n, D, generator=g)
                 o, _ = sp.attend(layer, q, k, v)
                 checksum += float(o[:, -1].sum())
+            hi = max(hi, rss_mib()[0])  # before the commit: what was freed since the last trim still counts
             sp.commit()
+            done = a + n
+            if done % every == 0 or done == num_tokens:
+                cur, peak = rss_mib()
+                m = sp.memory()
+                md_ = m["metadata"]
+                samples.append(
+                    {
+                        "tokens": done,
+                        "seconds": time.perf_counter() - t0,
+                        "rss_mib": cur,  # after the commit (and its trim, when one was due)
+                        "rss_max_mib": max(hi, cur),  # the most over the interval, read before each commit
+                        "peak_rss_mib": peak,
+                        "page_cache_mib": m["page_cache"] / MiB,
+                        "summaries_mib": m["summaries"] / MiB,
+                        "resident_mib": m["resident"] / MiB,
+                        "metadata_mib": md_["total"] / MiB,
+                        "metadata": {k_: v_ for k_, v_ in md_.items()},
+                        "blocks": sp.ctx.num_blocks,
+                    }
+                )
+                hi = 0.0
             if time.perf_counter() - last > 30:
                 last = time.perf_counter()
                 cur, peak = rss_mib()
-                print(f"    {a + n:>9,} tokens, {last - t0:.0f} s, RSS {cur:.0f} MiB (peak {peak:.0f})", flush=True)
+                print(f"    {done:>9,} tokens, {last - t0:.0f} s, RSS {cur:.0f} MiB (peak {peak:.0f})", flush=True)
         secs = time.perf_counter() - t0
+        faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults0
         cur, peak = rss_mib()
         st = att.stats()
     finally:
@@ -297,69 +329,216 @@ def bench_prefill(args) -> None:
         store.close()
         if not args.dir:
             shutil.rmtree(root, ignore_errors=True)
-    kv_mib = num_tokens * layers * 2 * H_KV * D * 2 / MiB
-    row = {
+    for s in samples:  # what the accounted structures explain, and the rest (allocator, store index, Python)
+        s["accounted_mib"] = rss0 + s["page_cache_mib"] + s["summaries_mib"] + s["resident_mib"] + s["metadata_mib"]
+        s["unaccounted_mib"] = s["rss_max_mib"] - s["accounted_mib"]
+    last_s = samples[-1]
+    half = [s for s in samples if s["tokens"] >= num_tokens // 2]
+    slope = 0.0  # least squares over the second half, MiB per 1M tokens
+    if len(half) > 1:
+        xs, ys = [s_["tokens"] / (1 << 20) for s_ in half], [s_["rss_max_mib"] for s_ in half]
+        mx, my = sum(xs) / len(xs), sum(ys) / len(ys)
+        slope = sum((x_ - mx) * (y_ - my) for x_, y_ in zip(xs, ys)) / max(1e-12, sum((x_ - mx) ** 2 for x_ in xs))
+    return {
         "tokens": num_tokens,
         "layers": layers,
         "query_heads": g_heads,
         "chunk_tokens": chunk,
         "budget": args.budget,
+        "trim_bytes": trim,
+        "block_bounds_dtype": args.prefill_bounds,
+        "page_cache_budget_mib": args.page_cache_mib,
+        "summary_budget_mib": args.summary_mib,
         "seconds": secs,
         "tokens_per_s": num_tokens / secs,
         "rss_before_mib": rss0,
         "rss_after_mib": cur,
-        "peak_rss_mib": peak,
-        "kv_mib": kv_mib,
+        "peak_rss_mib": max(peak, *(s_["rss_max_mib"] for s_ in samples)),  # getrusage's, and the samples'
+        "kv_mib": num_tokens * layers * 2 * H_KV * D * 2 / MiB,
         "stored_tokens": sp.stored_tokens,
         "page_bytes_read": sum(st.page_bytes_read.values()),
         "summary_bytes_read": sum(st.summary_bytes_read.values()),
         "page_hit_rate": st.hit_rate,
+        "minor_page_faults": faults,
+        "trims": sp.trims,
+        "trim_seconds": sp.trim_seconds,
+        "ms_per_trim": 1e3 * sp.trim_seconds / sp.trims if sp.trims else 0.0,
+        "metadata_bytes_per_block": last_s["metadata"]["total"] / max(1, last_s["blocks"]),
+        "rss_slope_mib_per_mtoken_second_half": slope,
+        "max_unaccounted_mib": max(s["unaccounted_mib"] for s in samples),
+        "samples": samples,
         "checksum": checksum,
         "malloc_mmap_threshold": os.environ.get("MALLOC_MMAP_THRESHOLD_"),  # glibc: a fixed threshold returns freed buffers
     }
-    print(
-        f"  streamed prefill of {num_tokens:,} tokens x {layers} layer: {secs:.0f} s ({row['tokens_per_s']:.0f} tokens/s), "
-        f"peak RSS {peak:.0f} MiB (before {rss0:.0f} MiB) for {kv_mib:,.0f} MiB of KV written to disk"
-    )
+
+
+def plot_prefill(rows: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    for r, style in zip(rows, ("o-", "s--", "^:")):
+        x = [s["tokens"] / 1024 for s in r["samples"]]
+        ax.plot(x, [s["rss_max_mib"] for s in r["samples"]], style, ms=3, label=f"RSS (most per interval): {r['label']}")
+        if r is rows[0]:
+            ax.plot(x, [s["accounted_mib"] for s in r["samples"]], ":", color="gray", label="before + caches + metadata + resident (first)")
+            ax.plot(
+                x,
+                [r["rss_before_mib"] + s["metadata_mib"] for s in r["samples"]],
+                "-.",
+                color="black",
+                lw=0.8,
+                label="before + metadata (first)",
+            )
+    ax.set_xlabel("prompt tokens prefilled (K)")
+    ax.set_ylabel("MiB")
+    ax.set_ylim(bottom=0)
+    ax.set_title("Streamed prefill into the disk tier: resident memory against tokens")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def bench_prefill(args) -> None:
+    """``--prefill``: a streamed prefill of ``--prefill-tokens`` synthetic tokens into the disk tier
+    (``retrieval.StreamedPrefill``), chunk by chunk; RSS against tokens and the memory breakdown.
+    ``--prefill-baseline``: also, in a child process, the same prefill with freed memory kept by
+    the allocator and float32 block bounds (the configuration before ``trim_bytes``)."""
+    if args.prefill_child:  # a configuration run for the parent: its row only
+        Path(args.out).write_text(json.dumps(_prefill_run(args), default=float))
+        return
+    base = None
+    if args.prefill_baseline:  # first: a child forked from a small parent (getrusage's peak survives exec)
+        with tempfile.TemporaryDirectory() as td:
+            out = Path(td) / "baseline.json"
+            cmd = [sys.executable, __file__, "--prefill", "--prefill-child", "--out", str(out), "--prefill-trim-mib", "-1"]
+            cmd += ["--prefill-bounds", "float32", "--prefill-tokens", str(args.prefill_tokens), "--prefill-chunk", str(args.prefill_chunk)]
+            cmd += ["--prefill-query-heads", str(args.prefill_query_heads), "--threads", str(args.threads)]
+            cmd += ["--page-cache-mib", str(args.page_cache_mib), "--summary-mib", str(args.summary_mib), "--budget", str(args.budget)]
+            cmd += ["--candidate-blocks", str(args.candidate_blocks)] + (["--quick"] if args.quick else [])
+            subprocess.run(cmd, check=True)
+            base = json.loads(out.read_text())
+        base["label"] = "no trim, float32 bounds (before)"
+    row = _prefill_run(args)
+    row["label"] = f"default (trim {args.prefill_trim_mib:g} MiB, {args.prefill_bounds} bounds)"
+    rows = [row]
+    if base is not None:
+        rows.append(base)
+    num_tokens, layers, chunk, g_heads = row["tokens"], row["layers"], row["chunk_tokens"], row["query_heads"]
+    load = os.getloadavg()
     name = "tier_prefill_quick" if args.quick else "tier_prefill"
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    plot_prefill(rows, RESULTS / f"{name}.png")
+    for r in rows:
+        print(
+            f"  [{r['label']}] {num_tokens:,} tokens x {layers} layer: {r['seconds']:.0f} s, peak RSS {r['peak_rss_mib']:.0f} MiB "
+            f"(before {r['rss_before_mib']:.0f}), final {r['rss_after_mib']:.0f}; metadata {r['samples'][-1]['metadata_mib']:.1f} MiB "
+            f"({r['metadata_bytes_per_block']:.0f} B/block); RSS slope over the second half {r['rss_slope_mib_per_mtoken_second_half']:.0f} "
+            f"MiB/M tokens; {r['trims']} trims, {r['ms_per_trim']:.1f} ms each; {r['minor_page_faults']:,} minor page faults"
+        )
+    if len(rows) > 1:
+        print(
+            f"  peak RSS ratio before/default: {rows[1]['peak_rss_mib'] / row['peak_rss_mib']:.2f}x; time ratio default/before: {row['seconds'] / rows[1]['seconds']:.2f}x"
+        )
+    s_last = row["samples"][-1]
+    bound = (
+        row["rss_before_mib"]
+        + row["page_cache_budget_mib"]
+        + row["summary_budget_mib"]
+        + s_last["resident_mib"]
+        + max(0.0, row["max_unaccounted_mib"])
+    )
     md = [
-        f"## bench/tier_attention.py --prefill{' --quick' if args.quick else ''}",
+        f"## bench/tier_attention.py --prefill{' --quick' if args.quick else ''}{' --prefill-baseline' if args.prefill_baseline else ''}",
         "",
         f"Streamed prefill (`retrieval.StreamedPrefill`) of synthetic KV shaped like Llama-3-8B (8 KV heads, D=128, float16, "
         f"256-token blocks, `paged` codec, disk tier): **{layers} layer instead of 32 and {g_heads} query heads instead of 32** "
         f"(the CPU computes every chunk's attention: 32 layers x 32 heads would take hours here). Chunks of {chunk} tokens; each "
         f"attends {args.budget} selected tokens per KV head of the stored context plus the resident tokens (causal); finished "
-        f"blocks are written and released. {args.threads} torch threads, shared CPU box"
+        f"blocks are written and released. Page cache {args.page_cache_mib} MiB, hot summaries {args.summary_mib} MiB. "
+        f"{args.threads} torch threads, shared CPU box, load average at the end {load[0]:.1f} / {load[1]:.1f} / {load[2]:.1f}"
         + (f"; glibc `MALLOC_MMAP_THRESHOLD_={row['malloc_mmap_threshold']}`." if row["malloc_mmap_threshold"] else "."),
         "",
         md_table(
             [
+                "configuration",
                 "tokens",
-                "chunk",
                 "seconds",
                 "tokens/s",
                 "RSS before (MiB)",
                 "peak RSS (MiB)",
+                "metadata at the end (MiB)",
+                "metadata B/block",
+                "RSS slope, 2nd half (MiB/M tokens)",
+                "trims (ms each)",
                 "KV written (MiB)",
                 "pages + summaries read (MiB)",
             ],
             [
                 [
-                    f"{num_tokens:,}",
-                    chunk,
-                    f"{secs:.0f}",
-                    f"{row['tokens_per_s']:.0f}",
-                    f"{rss0:.0f}",
-                    f"{peak:.0f}",
-                    f"{kv_mib:,.0f}",
-                    f"{row['page_bytes_read'] / MiB:,.0f} + {row['summary_bytes_read'] / MiB:,.0f}",
+                    r["label"],
+                    f"{r['tokens']:,}",
+                    f"{r['seconds']:.0f}",
+                    f"{r['tokens_per_s']:.0f}",
+                    f"{r['rss_before_mib']:.0f}",
+                    f"{r['peak_rss_mib']:.0f}",
+                    f"{r['samples'][-1]['metadata_mib']:.1f}",
+                    f"{r['metadata_bytes_per_block']:,.0f}",
+                    f"{r['rss_slope_mib_per_mtoken_second_half']:.0f}",
+                    f"{r['trims']} ({r['ms_per_trim']:.1f})",
+                    f"{r['kv_mib']:,.0f}",
+                    f"{r['page_bytes_read'] / MiB:,.0f} + {r['summary_bytes_read'] / MiB:,.0f}",
                 ]
+                for r in rows
             ],
         ),
         "",
+        f"RSS against tokens ({row['label']}; MiB; accounted = before + page cache + hot summaries + resident tokens + "
+        "`TierContext.metadata_bytes`; the rest is the allocator's free lists, the store's index and Python objects):",
+        "",
+        md_table(
+            [
+                "tokens",
+                "RSS (most in the interval)",
+                "RSS after the commit",
+                "page cache",
+                "summaries",
+                "resident",
+                "metadata",
+                "of which bounds",
+                "accounted",
+                "rest",
+            ],
+            [
+                [
+                    f"{s['tokens']:,}",
+                    f"{s['rss_max_mib']:.0f}",
+                    f"{s['rss_mib']:.0f}",
+                    f"{s['page_cache_mib']:.0f}",
+                    f"{s['summaries_mib']:.0f}",
+                    f"{s['resident_mib']:.1f}",
+                    f"{s['metadata_mib']:.1f}",
+                    f"{s['metadata']['bounds'] / MiB:.1f}",
+                    f"{s['accounted_mib']:.0f}",
+                    f"{s['unaccounted_mib']:.0f}",
+                ]
+                for s in row["samples"]
+            ],
+        ),
+        "",
+        f"Bound (default configuration): RSS <= before ({row['rss_before_mib']:.0f}) + page-cache budget ({args.page_cache_mib}) + "
+        f"summary budget ({args.summary_mib}) + resident ({s_last['resident_mib']:.1f}) + metadata(N) + rest (at most "
+        f"{row['max_unaccounted_mib']:.0f} measured) = {bound:.0f} MiB + metadata(N), metadata(N) = "
+        f"{row['metadata_bytes_per_block']:,.0f} B per 256-token block and layer stored ({s_last['metadata_mib']:.1f} MiB at "
+        f"{num_tokens:,} tokens). Plot: [{name}.png]({name}.png).",
+        "",
         "Goal: a 1M-token streamed prefill completes with bounded memory (peak RSS reported).",
     ]
-    save_results(name, {"quick": args.quick, "threads": args.threads, "row": row}, "\n".join(md), args.out)
+    save_results(
+        name, {"quick": args.quick, "threads": args.threads, "load_average": load, "row": row, "rows": rows}, "\n".join(md), args.out
+    )
 
 
 def plot(rows: list[dict], path: Path) -> None:
@@ -408,6 +587,11 @@ def main() -> None:
     ap.add_argument("--prefill-tokens", type=int, default=1 << 20)
     ap.add_argument("--prefill-chunk", type=int, default=512)
     ap.add_argument("--prefill-query-heads", type=int, default=8)
+    ap.add_argument("--prefill-trim-mib", type=float, default=16, help="StreamedPrefill(trim_bytes=...) in MiB; negative: never")
+    ap.add_argument("--prefill-bounds", choices=["float16", "float32"], default="float16", help="TierAttention(block_bounds_dtype=...)")
+    ap.add_argument("--prefill-samples", type=int, default=32, help="RSS samples over the prefill")
+    ap.add_argument("--prefill-baseline", action="store_true", help="also run, in a child process, no trim and float32 bounds")
+    ap.add_argument("--prefill-child", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     if args.prefill:

@@ -188,7 +188,9 @@ def test_level_0_groups_blocks_and_still_finds_the_needle(tmp_path):
     g = ctx.groups[:, :, 9:10]  # [L, H, 1, 2D]: maximum then minimum
     b = ctx.bounds[:, :, 36:40]
     assert bool((g[..., :D] >= b[..., :D]).all()) and bool((g[..., D:] <= b[..., D:]).all())
-    assert torch.equal(g[..., :D], b[..., :D].amax(2, keepdim=True)) and torch.equal(g[..., D:], b[..., D:].amin(2, keepdim=True))
+    assert torch.equal(g[..., :D], b[..., :D].amax(2, keepdim=True).float()) and torch.equal(
+        g[..., D:], b[..., D:].amin(2, keepdim=True).float()
+    )
     ids = att.select(ctx, 0, q)
     assert all(37 * 4 + 1 in row for row in ids.tolist()) and bool((ids[:, 0] == 0).all())
     s = att.stats()
@@ -198,7 +200,7 @@ def test_level_0_groups_blocks_and_still_finds_the_needle(tmp_path):
     store.put(SPEC, more_keys, more)
     att.extend(ctx, more_keys)
     assert ctx.num_blocks == 51 and ctx.group_blocks == 5 and ctx.groups.shape[2] == 11
-    assert torch.equal(ctx.groups[:, :, 10:], ctx.bounds[:, :, 50:51])
+    assert torch.equal(ctx.groups[:, :, 10:], ctx.bounds[:, :, 50:51].float())
     assert torch.equal(ctx.groups, att.open(keys + more_keys).groups)
     _, more2, more2_keys = context(4, seed=7)  # the same group size: only the last groups are rebuilt
     store.put(SPEC, more2_keys, more2)
@@ -417,3 +419,117 @@ def test_steps_that_reuse_the_last_steps_candidates_and_pages_equal_fresh_ones(t
     small.decode_layer(sctx, 0, q[0])
     assert sctx.page_slots == {}
     att.close(), small.close()
+
+
+# -- memory: compact block bounds, metadata accounting, returning freed memory ----------------------
+def test_block_bounds_are_float16_rounded_outward_and_select_alike(tmp_path):
+    from kvtier.retrieval.tier_attention import _half_outward
+
+    x = torch.tensor([0.1, -0.1, 1 / 3, 70000.0, -70000.0, 0.0])
+    up, down = _half_outward(x, up=True), _half_outward(x, up=False)
+    assert up.dtype == down.dtype == torch.float16
+    assert bool((up.float() >= x).all()) and bool((down.float() <= x).all())
+    fin = x.abs() <= 65504
+    assert bool(((up.float() - x)[fin] <= 1e-3 * x.abs().clamp_min(1e-2)[fin]).all()) and bool(
+        ((x - down.float())[fin] <= 1e-3 * x.abs().clamp_min(1e-2)[fin]).all()
+    )
+    assert up[3] == float("inf") and down[4] == float("-inf") and up[5] == 0 and down[5] == 0
+    kv, blocks, keys = context(48, seed=5)
+    store = store_for(tmp_path)
+    store.put(SPEC, keys, blocks)
+    kw = dict(budget=64, candidate_blocks=4, candidate_groups=3, full_score_pages=0, prefetch=False)
+    a16 = TierAttention(store, SPEC, **kw)
+    a32 = TierAttention(store, SPEC, block_bounds_dtype=torch.float32, **kw)
+    c16, c32 = a16.open(keys), a32.open(keys)
+    assert c16.bounds.dtype == torch.float16 and c32.bounds.dtype == torch.float32
+    D = SPEC.head_dim
+    # outward: the float16 maximum is >= the float32 one, the minimum <=, and within float16's rounding
+    assert bool((c16.bounds[..., :D].float() >= c32.bounds[..., :D]).all()) and bool(
+        (c16.bounds[..., D:].float() <= c32.bounds[..., D:]).all()
+    )
+    assert torch.allclose(c16.bounds.float(), c32.bounds, rtol=1e-3, atol=1e-4)
+    assert c16.metadata_bytes()["bounds"] * 2 == c32.metadata_bytes()["bounds"]
+    with pytest.raises(ValueError, match="block_bounds_dtype"):
+        TierAttention(store, SPEC, block_bounds_dtype=torch.bfloat16)
+    # a block's bound still bounds every page's: score it and its pages for random queries
+    g = torch.Generator().manual_seed(3)
+    for _ in range(4):
+        q = torch.randn(4, D, generator=g)
+        qq = torch.cat([q.clamp_min(0), q.clamp_max(0)], 1).view(2, 2, 2 * D)
+        blk = torch.bmm(qq, c16.bounds[0].float().transpose(1, 2)).amax(1)  # [H, N]
+        pages = torch.stack(
+            [torch.stack(a16._page_bounds(c16, 0, [(b, h) for b in range(48)])).float() for h in range(2)]
+        )  # [H, N, Np, 2D]
+        ps = torch.einsum("hgf,hnpf->hgnp", qq, pages).amax(1).amax(-1)  # [H, N]
+        assert bool((blk >= ps - 1e-4).all())
+        # the same selection as with float32 bounds (the needle-free context: the top pages agree)
+        assert torch.equal(a16.select(c16, 0, q), a32.select(c32, 0, q))
+
+
+def test_metadata_bytes_account_the_context_and_the_bounds_buffer_grows_by_a_quarter(tmp_path):
+    kv, blocks, keys = context(40, seed=4)
+    store = store_for(tmp_path)
+    store.put(SPEC, keys, blocks)
+    att = TierAttention(store, SPEC, budget=64, candidate_blocks=4, full_score_pages=0, prefetch=False)
+    ctx = att.open([])
+    sizes, caps = [], []
+    for i in range(0, 40, 2):
+        att.extend(ctx, keys[i : i + 2])
+        m = ctx.metadata_bytes()
+        assert m["total"] == sum(v for k, v in m.items() if k != "total")
+        cap = ctx._bounds_buffer.shape[2]
+        assert cap >= ctx.num_blocks and m["bounds"] == SPEC.num_layers * SPEC.num_kv_heads * cap * 2 * SPEC.head_dim * 2
+        sizes.append(m["keys"] + m["layouts"])
+        caps.append(cap)
+    assert caps[0] == 64 and caps[-1] == 64  # 40 blocks fit the first buffer
+    assert all(b > a for a, b in zip(sizes, sizes[1:]))  # keys and layouts grow with the blocks
+    per_block = (sizes[-1] - sizes[0]) / 38
+    assert 100 < per_block < 64 << 10
+    assert torch.equal(ctx.bounds, att.open(keys).bounds)
+    more = context(60, seed=5)
+    store.put(SPEC, more[2], more[1])
+    att.extend(ctx, more[2])
+    assert ctx.num_blocks == 100 and ctx._bounds_buffer.shape[2] == 100  # grown to what was needed (> 64 + 16)
+    q = torch.randn(4, SPEC.head_dim)
+    att.decode_layer(ctx, 0, q)
+    m = att.memory(ctx)
+    assert m["page_cache"] > 0 and m["page_cache_budget"] == 256 << 20 and m["summaries"] > 0
+    assert m["metadata"]["candidates"] > 0 and m["metadata"]["page_slots"] > 0 and m["metadata"]["last_pages"] > 0
+
+
+def test_streamed_prefill_trims_freed_memory_and_reuses_its_buffers(tmp_path):
+    from kvtier.retrieval import tier_attention as ta
+    from kvtier.retrieval.tier_attention import StreamedPrefill
+
+    T, n = 640, 96
+    g = torch.Generator().manual_seed(7)
+    q = torch.randn(2, 4, T, SPEC.head_dim, generator=g)
+    k = torch.randn(2, 2, T, SPEC.head_dim, generator=g)
+    v = torch.randn(2, 2, T, SPEC.head_dim, generator=g)
+    outs = {}
+    for trim in (0, None, 1 << 30):
+        store = store_for(tmp_path / str(trim))
+        att = TierAttention(store, SPEC, budget=64, candidate_blocks=2, full_score_pages=0, prefetch=False)
+        sp = StreamedPrefill(att, resident_tokens=16, trim_bytes=trim)
+        out, bufs = [], set()
+        for a in range(0, T, n):
+            for layer in range(2):
+                o, _ = sp.attend(layer, q[layer, :, a : a + n], k[layer, :, a : a + n], v[layer, :, a : a + n])
+                out.append(o)
+            bufs.add(sp._kbuf[0].data_ptr())
+            sp.commit()
+            # the resident tokens are what was not stored, in order
+            assert torch.equal(sp.k_local(1), k[1, :, sp.stored_tokens : min(T, a + n)])
+            assert torch.equal(sp.v_local(0), v[0, :, sp.stored_tokens : min(T, a + n)])
+        outs[trim] = torch.cat(out, 1)
+        assert len(bufs) <= 2  # the first buffer, and one grown for the chunk that did not fit it
+        mem = sp.memory()
+        assert mem["resident"] == 2 * 2 * sp._kbuf[0].numel() * 4 and mem["metadata"]["total"] > 0
+        expect = (sp.ctx.num_blocks > 0) if trim == 0 else 0
+        if ta.malloc_trim():  # glibc
+            assert (sp.trims > 0) == bool(expect) and (sp.trims == 0 or sp.trim_seconds > 0)
+        att.close()
+        store.close()
+    assert torch.equal(outs[0], outs[None]) and torch.equal(outs[0], outs[1 << 30])  # trimming changes no result
+    with pytest.raises(ValueError, match="trim_bytes"):
+        StreamedPrefill(att, trim_bytes=-1)
