@@ -526,9 +526,11 @@ def _process_cpu_s(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def _busy_writer(sock: str, model: str, go, stop, q) -> None:
+def _busy_writer(sock: str, model: str, go, stop, q, recycle: bool = False) -> None:
     """Puts 6 MiB blocks as fast as it can while ``go`` is set (until ``stop``): with a small host tier each
-    spills an older block to the disk tier, whose writes are fsync'ed (a real slow device)."""
+    spills an older block to the disk tier, whose writes are fsync'ed (a real slow device). ``recycle``
+    (the control): each block is deleted right after its put, so the host tier never fills and nothing
+    reaches the slow tier however many puts the writer makes; the put's own work is the same."""
     from kvtier.service.client import KVTierClient
 
     c = KVTierClient(f"unix://{sock}", segment_bytes=16 << 20)
@@ -539,6 +541,8 @@ def _busy_writer(sock: str, model: str, go, stop, q) -> None:
             continue
         key = chain_hashes(SPEC_6M, np.full(SPEC_6M.block_tokens, 7 + i), Namespace(salt="busy"))[0]
         c.put(model, [key], block.unsqueeze(0))
+        if recycle:
+            c.delete(model, [key])
         n, i = n + 1, i + 1
     c.close()
     q.put(n)
@@ -574,8 +578,8 @@ def bench_busy_tier(quick: bool, slow_tier: bool = True, redis_url: str | None =
     """Host-tier gets and lookups over the local transport, idle and while a writer keeps the disk
     tier busy (every put demotes a 6 MiB block to a disk tier that fsyncs each file): p99 busy / idle.
     Idle and busy windows alternate (the writer is paused and resumed), so both see the same machine.
-    ``slow_tier=False`` is the control: the same writer, its blocks all fit the host tier (no disk
-    I/O), so what remains is the CPU the writer takes on this machine."""
+    ``slow_tier=False`` is the control: the same writer, each of its blocks deleted after its put so
+    the host tier never fills (no disk I/O), so what remains is the CPU the writer takes on this machine."""
     from kvtier.service.client import KVTierClient
 
     rounds, window = (4, 1.0) if quick else (10, 2.0)
@@ -627,7 +631,7 @@ def bench_busy_tier(quick: bool, slow_tier: bool = True, redis_url: str | None =
 
         ctx = mp.get_context("fork")
         q, go, stop = ctx.Queue(), ctx.Event(), ctx.Event()
-        writer = ctx.Process(target=_busy_writer, args=(sock, big, go, stop, q))
+        writer = ctx.Process(target=_busy_writer, args=(sock, big, go, stop, q, not slow_tier and redis_url is None))
         writer.start()
         go.set()
         time.sleep(1.5)  # the host tier fills up: from here on every put demotes to the disk
