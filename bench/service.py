@@ -822,8 +822,9 @@ def main() -> None:
     ]
     md += [
         "Host-tier calls over the local transport (4 small blocks) while another client puts 6 MiB blocks, each demoting "
-        "one to an fsync'ing disk tier; the control runs the same writer with a host tier large enough that nothing "
-        "reaches the disk (what is left is the writer's CPU on this machine). Idle and busy windows alternate "
+        "one to an fsync'ing disk tier; the control runs the same writer, unpaced, with a 4 GiB host tier and each "
+        "block deleted after its put, so nothing reaches the disk (what is left is the writer's CPU on this machine). "
+        "Idle and busy windows alternate "
         f"({busy['rounds']} rounds of {busy['window_s']:.0f} s each):",
         "",
         md_table(["writer", "op", "idle p50 ms", "idle p99 ms", "busy p50 ms", "busy p99 ms", "p99 busy / idle", "goal"], brows),
