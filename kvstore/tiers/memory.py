@@ -7,6 +7,7 @@ process boundary); the bytes are the codec's payload.
 
 from __future__ import annotations
 
+import atexit
 import logging
 import os
 import threading
@@ -121,6 +122,8 @@ class HostTier(TierBase):
             self._fill_thread = threading.Thread(
                 target=_fill_loop, args=(weakref.ref(self), self._fill_wake), name=f"kvtier-{self.name}-reserve", daemon=True
             )
+            _FILL_THREADS.add(self._fill_thread)
+            _FILL_WAKES.add(self._fill_wake)
             self._fill_thread.start()
         self._fill_wake.set()
 
@@ -145,7 +148,7 @@ class HostTier(TierBase):
             try:
                 buf = torch.empty(n, dtype=torch.uint8, pin_memory=self._pin)
                 for off in range(0, n, _FILL_CHUNK):
-                    if self._fill_cancel:  # a put needs the room
+                    if self._fill_cancel or _EXITING.is_set():  # a put needs the room, or the process exits
                         buf = None
                         break
                     buf[off : off + _FILL_CHUNK].zero_()  # the pages are faulted in here, not in a put
@@ -345,6 +348,26 @@ class HostTier(TierBase):
         return out
 
 
+# Set at interpreter exit: the reserve threads stop before torch's and the interpreter's own teardown.
+# A daemon thread still inside a torch op (zeroing a buffer) while the process finalises aborts it
+# ("terminate called without an active exception", exit status 134), so exit waits for them.
+_EXITING = threading.Event()
+_FILL_THREADS: "weakref.WeakSet[threading.Thread]" = weakref.WeakSet()
+_FILL_WAKES: "weakref.WeakSet[threading.Event]" = weakref.WeakSet()
+
+
+def _stop_fill_threads(timeout_s: float = 5.0) -> None:
+    """atexit: tell every reserve thread to give up its buffer and end, and wait for them."""
+    _EXITING.set()
+    for wake in list(_FILL_WAKES):
+        wake.set()
+    for th in list(_FILL_THREADS):
+        th.join(timeout_s)
+
+
+atexit.register(_stop_fill_threads)
+
+
 def _fill_loop(ref, wake: threading.Event) -> None:
     """The warm reserve's thread: it holds its tier only while filling, so a tier nobody uses any more
     is collected and the thread ends."""
@@ -357,7 +380,7 @@ def _fill_loop(ref, wake: threading.Event) -> None:
     while True:
         woken = wake.wait(5.0)
         tier = ref()
-        if tier is None:
+        if tier is None or _EXITING.is_set():
             return
         if woken:
             wake.clear()

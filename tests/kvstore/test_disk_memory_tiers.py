@@ -219,3 +219,22 @@ def test_host_tier_warm_reserve_is_validated_and_bounded():
     assert HostTier(1 << 30).warm_reserve_bytes == 64 << 20  # the default: an eighth, at most 64 MiB
     assert HostTier(8 << 20).warm_reserve_bytes == 1 << 20
     assert HostTier(8 << 20, warm_reserve_bytes=1 << 30).warm_reserve_bytes == 2 << 20  # at most a quarter
+
+
+def test_a_process_exits_cleanly_while_its_warm_reserve_is_filling():
+    """The reserve's thread zeroes buffers inside torch; a process that ends meanwhile must not abort
+    ("terminate called without an active exception", status 134): exit stops and waits for it."""
+    import subprocess
+    import sys
+
+    code = (
+        "import torch\n"
+        "from kvtier.kvstore import HostTier, KVSpec, chain_hashes\n"
+        "spec = KVSpec(model_id='m', num_layers=4, num_kv_heads=8, head_dim=128, block_tokens=256, dtype='float16')\n"
+        "t = HostTier(64 * spec.block_nbytes, warm_reserve_bytes=16 * spec.block_nbytes)\n"
+        "keys = chain_hashes(spec, list(range(spec.block_tokens * 3)))\n"
+        "t.put(keys, [torch.zeros(spec.block_shape, dtype=torch.float16)] * 3, spec=spec)\n"
+    )
+    for _ in range(5):  # the race is at the very end of the process: try it a few times
+        r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+        assert r.returncode == 0, r.stderr[-2000:]
