@@ -315,6 +315,20 @@ def _client_proc(port, body, headers, n_conns, duration_s, warmup_s, q):
     asyncio.run(_client_loop(port, body, headers, n_conns, duration_s, warmup_s, q))
 
 
+def _latency_stats(lat: list[float], errors: int, duration: float) -> dict:
+    """Requests, errors, p50/p99 (ms) and rate of one concurrent-clients run (latencies in seconds)."""
+    lat_ms = np.array(lat) * 1e3
+    return {
+        "requests": len(lat),
+        "errors": errors,
+        "p50_ms": float(np.percentile(lat_ms, 50)),
+        "p99_ms": float(np.percentile(lat_ms, 99)),
+        "rps": len(lat) / duration,
+        "clients": NUM_CLIENTS,
+        "duration_s": duration,
+    }
+
+
 def bench_lookups(quick: bool) -> dict:
     from kvtier.service.client import KVTierClient
 
@@ -352,16 +366,7 @@ def bench_lookups(quick: bool) -> dict:
                 errors += e_
             for p in procs:
                 p.join()
-            lat_ms = np.array(lat) * 1e3
-            r = {
-                "requests": len(lat),
-                "errors": errors,
-                "p50_ms": float(np.percentile(lat_ms, 50)),
-                "p99_ms": float(np.percentile(lat_ms, 99)),
-                "rps": len(lat) / duration,
-                "clients": NUM_CLIENTS,
-                "duration_s": duration,
-            }
+            r = _latency_stats(lat, errors, duration)
             # one client alone: the latency without queueing behind 63 others
             with httpx.Client(base_url=srv.url) as h:
                 single = []
@@ -479,17 +484,10 @@ def bench_local_lookups(quick: bool, open_rate: float = 2000.0) -> dict:
             server_cpu = _process_cpu_s(srv.proc.pid) - server_cpu0
             for p in procs:
                 p.join()
-            lat_ms = np.array(lat) * 1e3
             r = {
                 "loop": "closed" if rate is None else "open",
                 "target_rps": rate,
-                "requests": len(lat),
-                "errors": errors,
-                "p50_ms": float(np.percentile(lat_ms, 50)),
-                "p99_ms": float(np.percentile(lat_ms, 99)),
-                "rps": len(lat) / duration,
-                "clients": NUM_CLIENTS,
-                "duration_s": duration,
+                **_latency_stats(lat, errors, duration),
                 # CPU time per request, server and clients (load-independent: what a request costs, whoever waits)
                 "server_cpu_us_per_request": server_cpu / max(1, len(lat)) * 1e6,
                 "client_cpu_us_per_request": client_cpu / max(1, len(lat)) * 1e6,

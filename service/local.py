@@ -56,6 +56,7 @@ from .errors import BadRequest, PayloadTooLarge, ServiceError, Unauthorized
 # .core (the server side: retrieval, faiss) is imported where the server needs it: a client process, such
 # as a vLLM engine that reaches kvtier through local_client, imports this module for the framing only
 from .limits import MAX_NAMESPACE_CHARS
+from kvtier.threads import lower_thread_priority
 
 _ADMITTED = object()  # marks a request already counted against its tenant's rate
 
@@ -146,13 +147,8 @@ def _max_header(spec):
 
 
 def _lower_priority(nice: int) -> None:
-    """Raise the calling thread's nice value by ``nice`` (Linux: a thread is a task of its own)."""
-    if nice > 0:
-        try:
-            tid = threading.get_native_id()
-            os.setpriority(os.PRIO_PROCESS, tid, min(19, os.getpriority(os.PRIO_PROCESS, tid) + nice))
-        except OSError as e:  # not permitted here: the thread runs at the usual priority
-            log.debug("local transport: bulk threads keep their priority: %s", e)
+    """The bulk and "after" pools' initializer: their threads run ``nice`` lower in priority."""
+    lower_thread_priority(nice, "local transport: bulk threads")
 
 
 def _align(n: int) -> int:

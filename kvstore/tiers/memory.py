@@ -9,12 +9,13 @@ from __future__ import annotations
 
 import atexit
 import logging
-import os
 import threading
 import weakref
 from typing import Sequence
 
 import torch
+
+from kvtier.threads import lower_thread_priority
 
 from ..codecs import Codec, codec_for_block, get_codec
 from ..spec import KVSpec
@@ -371,12 +372,7 @@ atexit.register(_stop_fill_threads)
 def _fill_loop(ref, wake: threading.Event) -> None:
     """The warm reserve's thread: it holds its tier only while filling, so a tier nobody uses any more
     is collected and the thread ends."""
-    if _FILL_NICE > 0:
-        try:
-            tid = threading.get_native_id()
-            os.setpriority(os.PRIO_PROCESS, tid, min(19, os.getpriority(os.PRIO_PROCESS, tid) + _FILL_NICE))
-        except OSError as e:  # not permitted here: the thread runs at the usual priority
-            log.debug("host tier reserve keeps its priority: %s", e)
+    lower_thread_priority(_FILL_NICE, "host tier reserve threads")
     while True:
         woken = wake.wait(5.0)
         tier = ref()
