@@ -20,7 +20,11 @@ and layer (``decode_layer``):
 3. **Prefetch** layer ``l+1``'s pages of the previous step on a thread while layer ``l`` selects,
    reads and attends (after the last layer: layer 0 of the next step); the selections of
    consecutive steps overlap heavily, and the context keeps the last step's gathered pages per
-   layer, so a step copies in only the pages that joined its selection.
+   layer, so a step copies in only the pages that joined its selection. When the query is on a
+   CUDA device, the gathered pages go to the device from pinned host memory on a copy stream of
+   their own (``TierAttention.copy_stream``), so the copy runs beside the compute stream's work,
+   which waits for it by an event; pages a layer selected at the last step stay on the device and
+   are not copied again.
 4. **Attend**: ``sparse_decode`` over the gathered pages, ``sparse_decode`` over the tokens the
    caller keeps resident (the recent window, the tokens after the last stored block), merged by
    LSE (``merge_states``).
@@ -107,6 +111,8 @@ class TierAttentionStats:
     page_hits: int = 0  # of which found in the page cache
     page_misses: int = 0  # of which read from a tier (by the step itself or by a prefetch)
     prefetched: int = 0  # pages read ahead by the prefetch thread
+    device_copies: int = 0  # copies of a layer's gathered pages to a CUDA device (a query on a GPU)
+    device_bytes_copied: int = 0  # their bytes
     selected_bytes: int = 0  # the physical minimum: stored bytes of the selected pages
     page_bytes_read: dict = field(default_factory=dict)  # tier -> payload bytes of pages read
     summary_bytes_read: dict = field(default_factory=dict)  # tier -> bytes of page summaries read
@@ -187,6 +193,19 @@ class _LRU:
 
 
 @dataclass
+class _DeviceSlot:
+    """One layer's gathered pages on a CUDA device: ``dev`` holds the K and V of the pages ``rows``
+    (per KV head, in slot order), copied from ``staging`` (pinned host memory) on the copy stream;
+    ``done`` is recorded after the copy (the compute stream waits for it; the staging buffer is
+    written again only after it)."""
+
+    staging: torch.Tensor
+    dev: torch.Tensor
+    done: Any  # torch.cuda.Event
+    rows: list | None = None
+
+
+@dataclass
 class TierContext:
     """One open sequence: its stored blocks, their layouts and block-level bounds."""
 
@@ -205,6 +224,8 @@ class TierContext:
     pending: dict = field(default_factory=dict)  # layer -> Future of its prefetch
     # layer -> (page ids per KV head and slot, their K and V [H_kv, 2, n, P, D]) of the last step
     page_slots: dict = field(default_factory=dict)
+    # layer -> _DeviceSlot: the gathered pages on the query's CUDA device (a query on a GPU only)
+    device_slots: dict = field(default_factory=dict)
 
     @property
     def num_blocks(self) -> int:
@@ -230,6 +251,8 @@ class TierContext:
             "candidates": sum(nb(c[1]) + nb(c[2]) + 8 * c[2].numel() for c in self.candidates.values()),
             "page_slots": sum(nb(kv) + 8 * sum(len(r) for r in rows) for rows, kv in self.page_slots.values()),
             "last_pages": sum(nb(t) for t in self.last_pages.values()),
+            # pinned host staging and device buffers of the gathered pages (a query on a GPU)
+            "device_slots": sum(nb(d.staging) + nb(d.dev) for d in self.device_slots.values()),
         }
         d["total"] = sum(d.values())
         return d
@@ -315,6 +338,7 @@ class TierAttention:
         self._stats = TierAttentionStats()
         self._stats_lock = threading.Lock()
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="kvtier-prefetch") if prefetch else None
+        self._copy_streams: dict = {}  # CUDA device -> the stream that copies gathered pages to it
 
     def close(self) -> None:
         if self._pool is not None:
@@ -670,10 +694,14 @@ class TierAttention:
             and (k_local.dim() != 3 or k_local.shape[0] != H or k_local.shape[2] != D or k_local.shape != v_local.shape)
         ):
             raise ValueError(f"k_local and v_local must be [{H}, W, {D}], got {list(k_local.shape)} and {list(v_local.shape)}")
+        dev = q.device
+        if k_local is not None and v_local is not None and (k_local.device != dev or v_local.device != dev):
+            raise ValueError(f"k_local and v_local must be on q's device ({dev}), got {k_local.device} and {v_local.device}")
+        on_gpu = dev.type == "cuda"
         t0 = time.perf_counter()
         qf = q.float()[None]  # [1, H_q, D]
-        o = torch.zeros(1, q.shape[0], D)
-        lse = torch.full((1, q.shape[0]), float("-inf"))
+        o = torch.zeros(1, q.shape[0], D, device=dev)
+        lse = torch.full((1, q.shape[0]), float("-inf"), device=dev)
         if ctx.num_blocks:
             nxt = (layer + 1) % spec.num_layers  # after the last layer: layer 0 of the next step
             if nxt != layer:
@@ -684,19 +712,67 @@ class TierAttention:
                 if fut is not None:
                     fut.result()
 
-            ids = self.select(ctx, layer, q, budget, _before_level2=wait)
+            # selection runs on the CPU, where the summaries are (one small copy of q from a GPU)
+            ids = self.select(ctx, layer, q.detach().cpu() if on_gpu else q, budget, _before_level2=wait)
             wait()
             kv = self._gather(ctx, layer, ids)
+            if on_gpu:
+                kv = self._to_device(ctx, layer, ids, kv, dev)
             o, lse = sparse_decode(qf.to(kv.dtype), kv[None, :, 0], kv[None, :, 1], scale=scale)
             ctx.last_pages[layer] = ids
         if k_local is not None and v_local is not None and k_local.shape[1]:
-            dt = self.compute_dtype
+            dt = self.compute_dtype if not on_gpu else self.spec.torch_dtype
             o2, lse2 = sparse_decode(qf.to(dt), k_local.to(dt)[None], v_local.to(dt)[None], scale=scale)
             o, lse = merge_states(o.float(), lse, o2.float(), lse2)
         with self._stats_lock:
             self._stats.steps += 1
             self._stats.seconds += time.perf_counter() - t0
         return o[0].float(), lse[0].float()
+
+    def copy_stream(self, device: torch.device):
+        """The CUDA stream that copies gathered pages to ``device`` (one per device, made on first use)."""
+        device = torch.device(device)
+        if device.index is None:
+            device = torch.device("cuda", torch.cuda.current_device())
+        stream = self._copy_streams.get(device)
+        if stream is None:
+            stream = self._copy_streams[device] = torch.cuda.Stream(device=device)
+        return stream
+
+    def _to_device(self, ctx: TierContext, layer: int, ids: torch.Tensor, kv: torch.Tensor, device: torch.device) -> torch.Tensor:
+        """``kv`` (``_gather``'s host tensor of the pages ``ids``) on ``device``: copied from pinned
+        host memory on the copy stream, which first waits for the compute stream's earlier work (the
+        last step's attention may still read the device buffer); the compute stream then waits for
+        the copy by an event, and the host thread goes on at once. When the layer's pages are those
+        the device buffer already holds (the same pages in the same slots), nothing is copied."""
+        kept = ctx.page_slots.get(layer)
+        # the slot order of kv's pages: the kept slots' when _gather kept them, else the selection's
+        rows = [list(r) for r in kept[0]] if kept is not None and kept[1].shape[2] * kept[1].shape[3] == kv.shape[2] else ids.tolist()
+        slot = ctx.device_slots.get(layer)
+        if slot is None or slot.dev.shape != kv.shape or slot.dev.dtype != kv.dtype or slot.dev.device != torch.device(device):
+            if slot is not None:
+                slot.done.synchronize()
+            slot = _DeviceSlot(
+                staging=torch.empty(kv.shape, dtype=kv.dtype, pin_memory=True),
+                dev=torch.empty(kv.shape, dtype=kv.dtype, device=device),
+                done=torch.cuda.Event(),
+            )
+            ctx.device_slots[layer] = slot
+        compute = torch.cuda.current_stream(device)
+        if slot.rows != rows:
+            slot.done.synchronize()  # the last copy out of the staging buffer has ended
+            slot.staging.copy_(kv)
+            stream = self.copy_stream(device)
+            stream.wait_stream(compute)
+            with torch.cuda.stream(stream):
+                slot.dev.copy_(slot.staging, non_blocking=True)
+                slot.done.record(stream)
+            slot.rows = rows
+            with self._stats_lock:
+                self._stats.device_copies += 1
+                self._stats.device_bytes_copied += kv.numel() * kv.element_size()
+        compute.wait_event(slot.done)
+        return slot.dev
 
     def _gather(self, ctx: TierContext, layer: int, ids: torch.Tensor) -> torch.Tensor:
         """``[H_kv, 2, n * P, D]``: the K and V of the pages ``ids [H_kv, n]`` (page cache, then tiers).
@@ -797,6 +873,13 @@ class TierAttention:
         for name, v in (("select_queries", select_queries), ("query_chunk", query_chunk)):
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise ValueError(f"{name} must be a positive int, got {v!r}")
+        if q.device.type != "cpu" or k_local.device.type != "cpu" or v_local.device.type != "cpu":
+            # a chunk on a GPU is attended on the CPU (the prefill has no device path), its result moved back
+            o, lse = self.prefill_layer(
+                ctx, layer, q.cpu(), k_local.cpu(), v_local.cpu(),
+                scale=scale, budget=budget, select_queries=select_queries, query_chunk=query_chunk,
+            )  # fmt: skip
+            return o.to(q.device), lse.to(q.device)
         t0 = time.perf_counter()
         scale = D**-0.5 if scale is None else scale
         G, W = q.shape[0] // H, k_local.shape[1]
