@@ -17,6 +17,9 @@ Connection, in order:
    half of the segment, so the server may still read these bytes (for the page summaries) after it
    has answered, until the connection's next request.
 
+Blocks that are CUDA tensors may travel as CUDA IPC handles instead (``put_cuda``, ``get_cuda``;
+``service.cuda_ipc``), when the hello answer says ``cuda_ipc: true``.
+
 Every request goes through ``KVService`` exactly as a REST request does: the same validation,
 tenancy, quotas, limits (``max_blocks_per_request``, ...) and frame checksums (a put's frames are
 msgpack ``bin`` items in the REST body layout and are verified one by one; a get's answer is
@@ -50,7 +53,7 @@ from typing import Any
 import msgpack
 import torch
 
-from . import wire
+from . import cuda_ipc, wire
 from .errors import BadRequest, PayloadTooLarge, ServiceError, Unauthorized
 
 # .core (the server side: retrieval, faiss) is imported where the server needs it: a client process, such
@@ -484,7 +487,8 @@ class LocalServer:
         fd = make_segment(nbytes)
         try:
             peer.seg = mmap.mmap(fd, nbytes)
-            send_msg(peer.sock, {"ok": {"segment_bytes": nbytes, "tenant": principal.tenant}}, fds=[fd])
+            # cuda_ipc: this server maps CUDA IPC handles (service.cuda_ipc: put_cuda / get_cuda)
+            send_msg(peer.sock, {"ok": {"segment_bytes": nbytes, "tenant": principal.tenant, "cuda_ipc": cuda_ipc.available()}}, fds=[fd])
         finally:
             os.close(fd)  # the mapping keeps the memory; the client holds its own descriptor
         peer.principal = principal
@@ -586,6 +590,8 @@ class LocalServer:
             return {"stored": stored, "num_stored": sum(stored)}
         if op == "get":
             return self._get(p, seg, args)
+        if op in ("put_cuda", "get_cuda"):
+            return self._cuda(p, op, args)
         if op == "delete":
             return {"removed": svc.delete(p, _str(args, "model"), args.get("keys"))}
         if op == "pin":
@@ -648,6 +654,46 @@ class LocalServer:
             seg[at:start] = head
             items.append([at, len(head) + spec.block_nbytes])
         return {"items": items}
+
+    def _cuda(self, p, op: str, args: dict) -> dict:
+        """``put_cuda`` / ``get_cuda``: blocks named by CUDA IPC handles of the client's tensors
+        (``service.cuda_ipc``), one per key. Every handle is checked before any is opened, so a bad
+        request changes nothing. A put copies each block from the client's GPU memory to host memory
+        and stores it as any put (the frame's checksum computed from those bytes); a get copies each
+        verified block into the client's tensor and synchronizes the device before answering."""
+        svc = self.svc
+        model = _str(args, "model")
+        spec = svc.spec_of(p, model)
+        ckeys = svc._client_keys(args.get("keys"), "keys")
+        handles = args.get("handles")
+        if not isinstance(handles, list) or len(handles) != len(ckeys):
+            raise BadRequest(f"handles must be a list of one CUDA IPC handle per key ({len(ckeys)})", field="handles")
+        for i, h in enumerate(handles):
+            cuda_ipc.check_handle(h, spec.block_shape, spec.torch_dtype, f"handles[{i}]")
+        if not cuda_ipc.available():
+            raise BadRequest("this server has no CUDA device: send the blocks through the segment", field="op")
+        if op == "put_cuda":
+            parent = args.get("parent")
+            if parent not in (None, "", b""):
+                from .core import parse_client_key
+
+                parse_client_key(parent, "parent")
+            with self._transfers:
+                blocks = [cuda_ipc.open_block(h, spec.block_shape, spec.torch_dtype, f"handles[{i}]") for i, h in enumerate(handles)]
+                host = [b.to("cpu") for b in blocks]  # synchronous: the client may reuse its tensors once answered
+                del blocks
+                stored = svc.put(p, model, ckeys, host, parent)
+            return {"stored": stored, "num_stored": sum(stored)}
+        with self._transfers:
+            outs = [cuda_ipc.open_block(h, spec.block_shape, spec.torch_dtype, f"handles[{i}]") for i, h in enumerate(handles)]
+            found = svc.get_checked(p, spec, ckeys)
+            for o, b in zip(outs, found):
+                if b is not None:
+                    o.copy_(b)
+            for d in {o.device for o in outs}:
+                torch.cuda.synchronize(d)  # the copies have landed before the client reads them
+            del outs
+        return {"found": [b is not None for b in found]}
 
 
 _QUERY_FIELDS = {"model", "q", "budget", "token_ids", "hashes", "salt", "extra_keys", "layers"}

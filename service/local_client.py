@@ -6,6 +6,9 @@ of a socket. A put copies each block once into the segment (the server verifies 
 its tier copies them once more); a get has the server's tier copy each block into the segment
 and the client copy it out once (into ``out`` when given), after verifying its frame.
 
+CUDA tensors (a put's blocks, a get's ``out`` buffers) travel as CUDA IPC handles instead, when the
+server has CUDA (``service.cuda_ipc``; ``cuda_ipc=False`` turns this off).
+
 Each connection owns one segment and carries one request at a time; a client keeps a small pool
 (one per thread using it at once). A request larger than the segment is split (a put's later
 parts name the previous part's last key as their parent, so the chain stays one chain).
@@ -18,13 +21,14 @@ import os
 import socket
 import threading
 import time
-from typing import Sequence
+from typing import Any, Sequence
 
 import msgpack
 import torch
 
 from kvtier.kvstore import KVSpec
 
+from . import cuda_ipc as ipc
 from . import wire
 from .client import (
     KVTierClient,
@@ -43,6 +47,7 @@ from .client import (
 from .local import _LEN, MAX_CONTROL_BYTES, frame_slot_bytes, recv_msg, send_msg
 
 DEFAULT_SEGMENT_BYTES = 64 << 20
+_CUDA_PER_REQUEST = 32  # blocks per put_cuda / get_cuda request (the server's max_blocks_per_request is 64 by default)
 
 
 class _Conn:
@@ -70,6 +75,7 @@ class LocalKVTierClient(KVTierClient):
         retries: int = 3,
         backoff_s: float = 0.05,
         segment_bytes: int = DEFAULT_SEGMENT_BYTES,
+        cuda_ipc: bool = True,
     ) -> None:
         _Base.__init__(self, base_url, api_key, timeout, retries, backoff_s)
         if not base_url.startswith("unix://") or len(base_url) <= len("unix://"):
@@ -82,6 +88,8 @@ class LocalKVTierClient(KVTierClient):
         self._pool_lock = threading.Lock()
         self._pid = os.getpid()
         self._closed = False  # connections open at the first call (as over REST: a client never fails to be made)
+        self._server_cuda_ipc: bool | None = None  # the server maps CUDA IPC handles (its hello answer says)
+        self.cuda_ipc = cuda_ipc
 
     # -- connections -----------------------------------------------------------------------
     def _connect(self) -> _Conn:
@@ -99,6 +107,7 @@ class LocalKVTierClient(KVTierClient):
             if len(fds) != 1:
                 raise ConnectionError("the local transport sent no shared-memory segment")
             seg = mmap.mmap(fds[0], msg["ok"]["segment_bytes"])
+            self._server_cuda_ipc = bool(msg["ok"].get("cuda_ipc", False))
             return _Conn(sock, seg)
         except BaseException:
             sock.close()
@@ -198,8 +207,41 @@ class LocalKVTierClient(KVTierClient):
             args["hashes"] = [h if isinstance(h, str) else bytes(h) for h in hashes]  # raw bytes: no hex either side
         return _parse_lookup(self._call("lookup", args))
 
+    def _use_cuda_ipc(self, tensors) -> bool:
+        """True when ``tensors`` are all CUDA tensors and the server maps CUDA IPC handles (and
+        ``cuda_ipc`` was not turned off): they then travel as handles, not through the segment."""
+        if not self.cuda_ipc or not tensors or not all(isinstance(t, torch.Tensor) and t.is_cuda for t in tensors):
+            return False
+        if self._server_cuda_ipc is None:
+            self._release(self._take())  # the hello answer says
+        return bool(self._server_cuda_ipc)
+
+    def _cuda_call(self, op: str, model: str, keys: list[bytes], tensors: list[torch.Tensor], parent=None) -> list[dict]:
+        """``put_cuda`` / ``get_cuda`` in requests of at most ``_CUDA_PER_REQUEST`` blocks (a put's
+        later requests name the previous one's last key as their parent); the answers."""
+        answers = []
+        for d in {t.device for t in tensors}:
+            torch.cuda.current_stream(d).synchronize()  # the blocks' last writes have landed
+        for start in range(0, len(keys), _CUDA_PER_REQUEST):
+            part, ts = keys[start : start + _CUDA_PER_REQUEST], tensors[start : start + _CUDA_PER_REQUEST]
+            args: dict[str, Any] = {"model": model, "keys": [_key_hex(k) for k in part], "handles": [ipc.export(t) for t in ts]}
+            if op == "put_cuda":
+                args["parent"] = _key_hex(parent) if parent is not None else None
+                parent = part[-1]
+            answers.append(self._call(op, args))  # the tensors stay alive until answered: ``ts`` holds them
+        return answers
+
     def put(self, model: str, keys: Sequence[bytes], blocks, *, parent: bytes | None = None) -> list[bool]:
         spec = self.spec(model)
+        if self._use_cuda_ipc(list(blocks)):
+            if len(blocks) != len(keys):
+                raise ValueError(f"put needs one block per key: got {len(keys)} keys and {len(blocks)} blocks")
+            for i, b in enumerate(blocks):
+                if tuple(b.shape) != tuple(spec.block_shape) or b.dtype != spec.torch_dtype:
+                    raise ValueError(f"blocks[{i}] must be {spec.dtype} of shape {list(spec.block_shape)}, got {b.dtype} {list(b.shape)}")
+            ks = [bytes.fromhex(k) if isinstance(k, str) else bytes(k) for k in keys]
+            ts = [b.contiguous() for b in blocks]
+            return [s for a in self._cuda_call("put_cuda", model, ks, ts, parent) for s in a["stored"]]
         frames = encode_frame_list(spec, keys, blocks)
         keys = [bytes.fromhex(k) if isinstance(k, str) else bytes(k) for k in keys]
         stored: list[bool] = []
@@ -242,6 +284,13 @@ class LocalKVTierClient(KVTierClient):
         spec = self.spec(model)
         if out is not None and len(out) != len(keys):
             raise ValueError(f"get needs one out buffer per key: got {len(keys)} keys and {len(out)} buffers")
+        if out is not None and self._use_cuda_ipc(list(out)):  # the server copies into the CUDA buffers
+            for i, o in enumerate(out):
+                if tuple(o.shape) != tuple(spec.block_shape) or o.dtype != spec.torch_dtype or not o.is_contiguous():
+                    raise ValueError(f"out[{i}] must be a contiguous {spec.dtype} tensor of shape {list(spec.block_shape)}")
+            ks = [bytes.fromhex(k) if isinstance(k, str) else bytes(k) for k in keys]
+            found = [f for a in self._cuda_call("get_cuda", model, ks, list(out)) for f in a["found"]]
+            return [o if f else None for o, f in zip(out, found)]
         per_call = max(1, self.segment_bytes // frame_slot_bytes(spec))
         result: list[torch.Tensor | None] = []
         for start in range(0, len(keys), per_call):
