@@ -424,6 +424,7 @@ def bench_prefill(args) -> None:
     if args.prefill_child:  # a configuration run for the parent: its row only
         Path(args.out).write_text(json.dumps(_prefill_run(args), default=float))
         return
+
     def child(extra: list[str], label: str) -> dict:  # a child forked from a small parent (getrusage's peak survives exec)
         with tempfile.TemporaryDirectory() as td:
             out = Path(td) / "child.json"

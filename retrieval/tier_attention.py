@@ -464,11 +464,15 @@ class TierAttention:
         capacity at a time (``extend``): the least recently used blocks' metadata is evicted."""
         keys = check_keys(keys)
         guess = self._capacity(None)
-        if len(keys) > guess:
-            ctx = self.open(keys[:guess])
-            for a in range(guess, len(keys), guess):
-                self.extend(ctx, keys[a : a + guess])
-            return ctx
+        ctx = self._open_fit(keys[:guess])
+        if ctx.num_blocks > ctx.capacity:  # the guess was short (a codec with other pages): keep the capacity's first
+            self._to_slots(ctx, len(keys) - ctx.num_blocks)
+        for a in range(guess, len(keys), guess):
+            self.extend(ctx, keys[a : a + guess])
+        return ctx
+
+    def _open_fit(self, keys: list[bytes]) -> TierContext:
+        """``open`` of at most about a capacity of blocks: every block in its own slot."""
         spec = self.spec
         layouts = self.store.page_layouts(spec, keys) if keys else []
         missing = [i for i, lay in enumerate(layouts) if lay is None]
@@ -491,8 +495,6 @@ class TierAttention:
         ctx.first_layout = layouts[0] if layouts else None
         ctx.capacity = self._capacity(ctx.first_layout)
         self._group(ctx)
-        if ctx.num_blocks > ctx.capacity:  # the guess was short (a codec with other pages): keep the capacity's first
-            self._to_slots(ctx, 0)
         return ctx
 
     def _to_slots(self, ctx: TierContext, more: int) -> None:
@@ -504,7 +506,7 @@ class TierAttention:
         if old.shape[2] != cap:
             buf = torch.empty(*old.shape[:2], cap, old.shape[3], dtype=old.dtype)
             buf[:, :, :n0] = old[:, :, :n0]
-            ctx.bounds = ctx._bounds_buffer = old = None  # type: ignore[assignment]
+            ctx.bounds = ctx._bounds_buffer = old = None
         else:
             buf = old
         ctx._bounds_buffer = ctx.bounds = buf
@@ -678,11 +680,12 @@ class TierAttention:
         copied; level 0 regroups only its last groups). Past the capacity the new blocks take the
         least recently used blocks' slots."""
         keys = check_keys(keys)
-        if ctx.capacity and len(keys) > ctx.capacity:
-            for a in range(0, len(keys), ctx.capacity):
-                self.extend(ctx, keys[a : a + ctx.capacity])
+        step = min(ctx.capacity or self._capacity(None), self._capacity(None))
+        if len(keys) > step:
+            for a in range(0, len(keys), step):
+                self.extend(ctx, keys[a : a + step])
             return
-        more = self.open(keys)
+        more = self._open_fit(keys)
         N0, N1 = ctx.num_blocks, ctx.num_blocks + more.num_blocks
         if not ctx.capacity or ctx.first_layout is None:
             ctx.capacity, ctx.first_layout = more.capacity, more.first_layout
@@ -697,7 +700,7 @@ class TierAttention:
                 cap = min(ctx.capacity, max(N1, N0 + N0 // 4, 64))
                 new = torch.empty(*more.bounds.shape[:2], cap, more.bounds.shape[3], dtype=more.bounds.dtype)
                 new[:, :, :N0] = ctx.bounds
-                ctx.bounds = buf = None  # type: ignore[assignment]  # the old buffer goes now, before the next allocation
+                ctx.bounds = buf = None  # the old buffer goes now, before the next allocation
                 ctx._bounds_buffer = buf = new
             buf[:, :, N0:N1] = more.bounds
             ctx.bounds = buf[:, :, :N1]

@@ -568,7 +568,7 @@ def test_a_small_metadata_budget_selects_and_attends_exactly_as_the_default(tmp_
         outs = []
         for sp in sps:
             for layer in range(2):
-                outs.append(sp.attend(layer, q[layer, :, a:a + n], k[layer, :, a:a + n], v[layer, :, a:a + n]))
+                outs.append(sp.attend(layer, q[layer, :, a : a + n], k[layer, :, a : a + n], v[layer, :, a : a + n]))
             sp.commit()
         for (o1, l1), (o2, l2) in zip(outs[:2], outs[2:]):
             assert torch.equal(o1, o2) and torch.equal(l1, l2)
@@ -581,7 +581,7 @@ def test_a_small_metadata_budget_selects_and_attends_exactly_as_the_default(tmp_
     # decode from the prefilled contexts, and from contexts opened afresh (opened a capacity at a time)
     fresh = small.open(cs.keys)
     assert fresh.slot_of is not None and torch.equal(fresh.groups, cb.groups)
-    for step in range(3):
+    for _ in range(3):
         qd = torch.randn(4, SPEC.head_dim, generator=g)
         for layer in range(2):
             ids = big.select(cb, layer, qd)
@@ -600,7 +600,7 @@ def test_a_small_metadata_budget_selects_and_attends_exactly_as_the_default(tmp_
     store.close()
 
 
-def test_metadata_budget_validation_and_a_default_context_reads_nothing_again(tmp_path):
+def test_metadata_budget_validation_and_a_default_context_reads_nothing_again(tmp_path, monkeypatch):
     kv, blocks, keys = context(40, seed=6)
     store = store_for(tmp_path)
     store.put(SPEC, keys, blocks)
@@ -626,3 +626,17 @@ def test_metadata_budget_validation_and_a_default_context_reads_nothing_again(tm
     att.decode_layer(ctx, 0, torch.randn(4, SPEC.head_dim))
     assert att.stats().metadata_misses > 0
     att.close()
+    # a capacity guessed before any layout is seen that is too large: the context is cut to the measured one
+    from kvtier.retrieval import tier_attention
+
+    ref = TierAttention(store, SPEC, **kw)
+    rctx = ref.open(keys)
+    monkeypatch.setattr(tier_attention, "_LAYOUT_FIXED_BYTES", 0)
+    att = TierAttention(store, SPEC, metadata_bytes=30000, **kw)
+    assert att._capacity(None) >= 40 > 30 > att._capacity(rctx.first_layout)  # the 40 blocks are read in one go
+    ctx = att.open(keys)
+    assert ctx.slot_of is not None and ctx.resident_blocks == ctx.capacity < 30 and torch.equal(ctx.groups, rctx.groups)
+    q = torch.randn(4, SPEC.head_dim)
+    for layer in range(2):
+        assert torch.equal(att.select(ctx, layer, q), ref.select(rctx, layer, q))
+    att.close(), ref.close()
