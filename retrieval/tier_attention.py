@@ -471,7 +471,7 @@ class TierAttention:
             self.extend(ctx, keys[a : a + guess])
         return ctx
 
-    def _open_fit(self, keys: list[bytes]) -> TierContext:
+    def _open_fit(self, keys: Sequence[bytes]) -> TierContext:
         """``open`` of at most about a capacity of blocks: every block in its own slot."""
         spec = self.spec
         layouts = self.store.page_layouts(spec, keys) if keys else []
