@@ -7,7 +7,7 @@ and layer (``decode_layer``):
 
 1. **Select, hierarchically, from summaries only.** Level 1 scores every block of the context by
    its block-level Quest bound (``bmin, bmax [H_kv, D]`` per block and layer, kept in memory for
-   the open context) and keeps the ``candidate_blocks`` best blocks per KV head; level 2 scores the
+   the open context up to ``metadata_bytes``, past it the least recently used read again) and keeps the ``candidate_blocks`` best blocks per KV head; level 2 scores the
    pages of those blocks only (page bounds ``kmin, kmax [Np, D]`` per block, layer and KV head,
    from a hot LRU of ``summary_bytes``, else one verified range read of that head's summary
    section; the last step's candidates' bounds stay in the context, so a step reads and converts
@@ -307,7 +307,7 @@ class TierAttention:
         summary_bytes: the hot page summaries (kmin, kmax per block and layer, LRU).
         prefetch: read layer l+1's previous pages on a thread while layer l runs.
         block_bounds_dtype: how an open context keeps level 1's block bounds (``L x H_kv x 2D``
-            values per block, the one structure that grows with the context): ``torch.float16``
+            values per block, the one structure that grows with the context, up to ``metadata_bytes``): ``torch.float16``
             (the default; half of float32's bytes; rounded outward, the maximum up and the
             minimum down, so a block's score stays an upper bound of its pages'; exact for blocks
             stored in float16, whose summaries are float16) or ``torch.float32``.
