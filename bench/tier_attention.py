@@ -185,6 +185,7 @@ def bench_one(store: TieredStore, tier: str, spec: KVSpec, num_tokens: int, args
         candidate_blocks=args.candidate_blocks,
         page_cache_bytes=args.page_cache_mib * MiB,
         summary_bytes=args.summary_mib * MiB,
+        metadata_bytes=metadata_bytes(args),
     )
     t0 = time.perf_counter()
     ctx = att.open(keys)
@@ -211,6 +212,9 @@ def bench_one(store: TieredStore, tier: str, spec: KVSpec, num_tokens: int, args
         "ms_per_step": sorted(s["ms"] for s in warm)[len(warm) // 2],
         "pages_scored_per_layer": att_stats.pages_scored / max(1, att_stats.steps),
         "blocks_scored_per_layer": att_stats.blocks_scored / max(1, att_stats.steps),
+        "metadata_budget_mib": args.metadata_mib,
+        "metadata_blocks_resident": ctx.resident_blocks,
+        "metadata_misses": att_stats.metadata_misses,
     }
     if resident is not None:
         ra = TierAttention(
@@ -237,6 +241,11 @@ def bench_one(store: TieredStore, tier: str, spec: KVSpec, num_tokens: int, args
         flush=True,
     )
     return row
+
+
+def metadata_bytes(args) -> int | None:
+    """``TierAttention(metadata_bytes=...)`` from ``--metadata-mib`` (negative: unbounded)."""
+    return None if args.metadata_mib < 0 else int(args.metadata_mib * MiB)
 
 
 def rss_mib() -> tuple[float, float]:
@@ -269,6 +278,7 @@ def _prefill_run(args) -> dict:
         summary_bytes=args.summary_mib * MiB,
         prefetch=False,
         block_bounds_dtype=bounds_dtype,
+        metadata_bytes=metadata_bytes(args),
     )
     trim = None if args.prefill_trim_mib < 0 else int(args.prefill_trim_mib * MiB)
     sp = StreamedPrefill(att, trim_bytes=trim)
@@ -313,6 +323,8 @@ def _prefill_run(args) -> dict:
                         "metadata_mib": md_["total"] / MiB,
                         "metadata": {k_: v_ for k_, v_ in md_.items()},
                         "blocks": sp.ctx.num_blocks,
+                        "metadata_blocks": m["metadata_blocks"],
+                        "metadata_misses": m["metadata_misses"],
                     }
                 )
                 hi = 0.0
@@ -347,6 +359,9 @@ def _prefill_run(args) -> dict:
         "budget": args.budget,
         "trim_bytes": trim,
         "block_bounds_dtype": args.prefill_bounds,
+        "metadata_budget_mib": args.metadata_mib,
+        "metadata_misses": st.metadata_misses,
+        "metadata_bytes_read": sum(st.metadata_bytes_read.values()),
         "page_cache_budget_mib": args.page_cache_mib,
         "summary_budget_mib": args.summary_mib,
         "seconds": secs,
@@ -409,23 +424,39 @@ def bench_prefill(args) -> None:
     if args.prefill_child:  # a configuration run for the parent: its row only
         Path(args.out).write_text(json.dumps(_prefill_run(args), default=float))
         return
-    base = None
-    if args.prefill_baseline:  # first: a child forked from a small parent (getrusage's peak survives exec)
+
+    def child(extra: list[str], label: str) -> dict:  # a child forked from a small parent (getrusage's peak survives exec)
         with tempfile.TemporaryDirectory() as td:
-            out = Path(td) / "baseline.json"
-            cmd = [sys.executable, __file__, "--prefill", "--prefill-child", "--out", str(out), "--prefill-trim-mib", "-1"]
-            cmd += ["--prefill-bounds", "float32", "--prefill-tokens", str(args.prefill_tokens), "--prefill-chunk", str(args.prefill_chunk)]
+            out = Path(td) / "child.json"
+            cmd = [sys.executable, __file__, "--prefill", "--prefill-child", "--out", str(out)]
+            cmd += ["--prefill-tokens", str(args.prefill_tokens), "--prefill-chunk", str(args.prefill_chunk)]
             cmd += ["--prefill-query-heads", str(args.prefill_query_heads), "--threads", str(args.threads)]
             cmd += ["--page-cache-mib", str(args.page_cache_mib), "--summary-mib", str(args.summary_mib), "--budget", str(args.budget)]
-            cmd += ["--candidate-blocks", str(args.candidate_blocks)] + (["--quick"] if args.quick else [])
+            cmd += ["--candidate-blocks", str(args.candidate_blocks)] + (["--quick"] if args.quick else []) + extra
             subprocess.run(cmd, check=True)
-            base = json.loads(out.read_text())
-        base["label"] = "no trim, float32 bounds (before)"
+            r = json.loads(out.read_text())
+        r["label"] = label
+        return r
+
+    others = []
+    if args.prefill_unbounded:
+        others.append(
+            child(
+                ["--prefill-trim-mib", str(args.prefill_trim_mib), "--prefill-bounds", args.prefill_bounds, "--metadata-mib", "-1"],
+                f"unbounded metadata (trim {args.prefill_trim_mib:g} MiB, {args.prefill_bounds} bounds)",
+            )
+        )
+    if args.prefill_baseline:
+        others.append(
+            child(
+                ["--prefill-trim-mib", "-1", "--prefill-bounds", "float32", "--metadata-mib", "-1"],
+                "no trim, float32 bounds, unbounded metadata (before)",
+            )
+        )
     row = _prefill_run(args)
-    row["label"] = f"default (trim {args.prefill_trim_mib:g} MiB, {args.prefill_bounds} bounds)"
-    rows = [row]
-    if base is not None:
-        rows.append(base)
+    mb = "unbounded" if args.metadata_mib < 0 else f"{args.metadata_mib:g} MiB"
+    row["label"] = f"metadata {mb} (trim {args.prefill_trim_mib:g} MiB, {args.prefill_bounds} bounds)"
+    rows = [row] + others
     num_tokens, layers, chunk, g_heads = row["tokens"], row["layers"], row["chunk_tokens"], row["query_heads"]
     load = os.getloadavg()
     name = "tier_prefill_quick" if args.quick else "tier_prefill"
@@ -438,9 +469,10 @@ def bench_prefill(args) -> None:
             f"({r['metadata_bytes_per_block']:.0f} B/block); RSS slope over the second half {r['rss_slope_mib_per_mtoken_second_half']:.0f} "
             f"MiB/M tokens; {r['trims']} trims, {r['ms_per_trim']:.1f} ms each; {r['minor_page_faults']:,} minor page faults"
         )
-    if len(rows) > 1:
+    for r in rows[1:]:
         print(
-            f"  peak RSS ratio before/default: {rows[1]['peak_rss_mib'] / row['peak_rss_mib']:.2f}x; time ratio default/before: {row['seconds'] / rows[1]['seconds']:.2f}x"
+            f"  peak RSS ratio [{r['label']}] / first: {r['peak_rss_mib'] / row['peak_rss_mib']:.2f}x; "
+            f"time ratio first / [{r['label']}]: {row['seconds'] / r['seconds']:.2f}x"
         )
     s_last = row["samples"][-1]
     bound = (
@@ -450,14 +482,19 @@ def bench_prefill(args) -> None:
         + s_last["resident_mib"]
         + max(0.0, row["max_unaccounted_mib"])
     )
+    smd = s_last["metadata"]
+    md_bounded = smd["bounds"] + smd["layouts"]
+    md_per_block = (smd["keys"] + smd.get("slots", 0)) / max(1, s_last["blocks"])
+    md_last = smd["candidates"] + smd["page_slots"] + smd["last_pages"]
     md = [
-        f"## bench/tier_attention.py --prefill{' --quick' if args.quick else ''}{' --prefill-baseline' if args.prefill_baseline else ''}",
+        "## " + " ".join(["bench/tier_attention.py"] + sys.argv[1:]),
         "",
         f"Streamed prefill (`retrieval.StreamedPrefill`) of synthetic KV shaped like Llama-3-8B (8 KV heads, D=128, float16, "
         f"256-token blocks, `paged` codec, disk tier): **{layers} layer instead of 32 and {g_heads} query heads instead of 32** "
         f"(the CPU computes every chunk's attention: 32 layers x 32 heads would take hours here). Chunks of {chunk} tokens; each "
         f"attends {args.budget} selected tokens per KV head of the stored context plus the resident tokens (causal); finished "
-        f"blocks are written and released. Page cache {args.page_cache_mib} MiB, hot summaries {args.summary_mib} MiB. "
+        f"blocks are written and released. Page cache {args.page_cache_mib} MiB, hot summaries {args.summary_mib} MiB, "
+        f"block metadata {mb} per context (`TierAttention(metadata_bytes=...)`). "
         f"{args.threads} torch threads, shared CPU box, load average at the end {load[0]:.1f} / {load[1]:.1f} / {load[2]:.1f}"
         + (f"; glibc `MALLOC_MMAP_THRESHOLD_={row['malloc_mmap_threshold']}`." if row["malloc_mmap_threshold"] else "."),
         "",
@@ -475,6 +512,7 @@ def bench_prefill(args) -> None:
                 "trims (ms each)",
                 "KV written (MiB)",
                 "pages + summaries read (MiB)",
+                "metadata read again: blocks (MiB)",
             ],
             [
                 [
@@ -490,6 +528,7 @@ def bench_prefill(args) -> None:
                     f"{r['trims']} ({r['ms_per_trim']:.1f})",
                     f"{r['kv_mib']:,.0f}",
                     f"{r['page_bytes_read'] / MiB:,.0f} + {r['summary_bytes_read'] / MiB:,.0f}",
+                    f"{r.get('metadata_misses', 0):,} ({r.get('metadata_bytes_read', 0) / MiB:,.1f})",
                 ]
                 for r in rows
             ],
@@ -508,6 +547,8 @@ def bench_prefill(args) -> None:
                 "resident",
                 "metadata",
                 "of which bounds",
+                "blocks resident / stored",
+                "metadata read again (blocks)",
                 "accounted",
                 "rest",
             ],
@@ -521,6 +562,8 @@ def bench_prefill(args) -> None:
                     f"{s['resident_mib']:.1f}",
                     f"{s['metadata_mib']:.1f}",
                     f"{s['metadata']['bounds'] / MiB:.1f}",
+                    f"{s.get('metadata_blocks', s['blocks']):,} / {s['blocks']:,}",
+                    f"{s.get('metadata_misses', 0):,}",
                     f"{s['accounted_mib']:.0f}",
                     f"{s['unaccounted_mib']:.0f}",
                 ]
@@ -528,11 +571,13 @@ def bench_prefill(args) -> None:
             ],
         ),
         "",
-        f"Bound (default configuration): RSS <= before ({row['rss_before_mib']:.0f}) + page-cache budget ({args.page_cache_mib}) + "
-        f"summary budget ({args.summary_mib}) + resident ({s_last['resident_mib']:.1f}) + metadata(N) + rest (at most "
-        f"{row['max_unaccounted_mib']:.0f} measured) = {bound:.0f} MiB + metadata(N), metadata(N) = "
-        f"{row['metadata_bytes_per_block']:,.0f} B per 256-token block and layer stored ({s_last['metadata_mib']:.1f} MiB at "
-        f"{num_tokens:,} tokens). Plot: [{name}.png]({name}.png).",
+        f"Bound (first configuration): RSS <= before ({row['rss_before_mib']:.0f}) + page-cache budget ({args.page_cache_mib}) + "
+        f"summary budget ({args.summary_mib}) + resident ({s_last['resident_mib']:.1f}) + metadata + rest (at most "
+        f"{row['max_unaccounted_mib']:.0f} measured) = {bound:.0f} MiB + metadata; metadata at {num_tokens:,} tokens = "
+        f"{s_last['metadata_mib']:.1f} MiB: block bounds and layouts {md_bounded / MiB:.1f} MiB (bounded by `metadata_bytes`, {mb}), "
+        f"level 0's group bounds {s_last['metadata']['groups'] / MiB:.1f} MiB (O(sqrt(blocks))), block keys and slot tables "
+        f"{md_per_block:.0f} B per block (O(blocks)), the last chunk's candidates and pages {md_last / MiB:.1f} MiB. "
+        f"Plot: [{name}.png]({name}.png).",
         "",
         "Goal: a 1M-token streamed prefill completes with bounded memory (peak RSS reported).",
     ]
@@ -579,6 +624,9 @@ def main() -> None:
     ap.add_argument("--candidate-blocks", type=int, default=32)
     ap.add_argument("--page-cache-mib", type=int, default=64)
     ap.add_argument("--summary-mib", type=int, default=64)
+    ap.add_argument(
+        "--metadata-mib", type=float, default=1024, help="TierAttention(metadata_bytes=...) in MiB, per open context; negative: unbounded"
+    )
     ap.add_argument("--steps", type=int, default=None)
     ap.add_argument("--dir", help="where the disk tier lives (default: a temporary directory)")
     ap.add_argument("--no-1m", action="store_true", help="skip the 1M-token context in the full run")
@@ -591,6 +639,9 @@ def main() -> None:
     ap.add_argument("--prefill-bounds", choices=["float16", "float32"], default="float16", help="TierAttention(block_bounds_dtype=...)")
     ap.add_argument("--prefill-samples", type=int, default=32, help="RSS samples over the prefill")
     ap.add_argument("--prefill-baseline", action="store_true", help="also run, in a child process, no trim and float32 bounds")
+    ap.add_argument(
+        "--prefill-unbounded", action="store_true", help="also run, in a child process, the same prefill with unbounded metadata"
+    )
     ap.add_argument("--prefill-child", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)

@@ -7,7 +7,7 @@ and layer (``decode_layer``):
 
 1. **Select, hierarchically, from summaries only.** Level 1 scores every block of the context by
    its block-level Quest bound (``bmin, bmax [H_kv, D]`` per block and layer, kept in memory for
-   the open context) and keeps the ``candidate_blocks`` best blocks per KV head; level 2 scores the
+   the open context up to ``metadata_bytes``, past it the least recently used read again) and keeps the ``candidate_blocks`` best blocks per KV head; level 2 scores the
    pages of those blocks only (page bounds ``kmin, kmax [Np, D]`` per block, layer and KV head,
    from a hot LRU of ``summary_bytes``, else one verified range read of that head's summary
    section; the last step's candidates' bounds stay in the context, so a step reads and converts
@@ -93,14 +93,29 @@ def _half_outward(x: torch.Tensor, up: bool) -> torch.Tensor:
 
 
 def _layout_bytes(lay: PageLayout) -> int:
-    """About the memory one block's ``PageLayout`` holds (the object, its meta and checksum arrays)."""
+    """About the memory one block's ``PageLayout`` holds: the object, its key, its checksum arrays
+    and their bytes (the meta dict is shared by the blocks of one context: ``_compact_layout``)."""
     import sys
 
-    meta = lay.meta
-    n = sys.getsizeof(lay) + sys.getsizeof(lay.key) + sys.getsizeof(meta)
-    n += sum(sys.getsizeof(k) + sys.getsizeof(v) for k, v in meta.items())
-    n += sys.getsizeof(lay.crc) + sys.getsizeof(lay.sum_crc)  # array objects (their data: the meta's bytes)
+    n = sys.getsizeof(lay) + sys.getsizeof(lay.key) + sys.getsizeof(lay.crc) + sys.getsizeof(lay.sum_crc)
+    n += lay.crc.nbytes + lay.sum_crc.nbytes + 2 * 33  # the checksums' bytes objects (their data and header)
     return n + (sys.getsizeof(lay.__dict__) if hasattr(lay, "__dict__") else 0)
+
+
+_LAYOUT_FIXED_BYTES = 700  # about ``_layout_bytes`` less the checksums' data (sizes a context's capacity before a layout is seen)
+
+
+def _compact_layout(lay: PageLayout, metas: dict) -> PageLayout:
+    """``lay`` with its meta dict shared with the other blocks of the context that have the same
+    geometry (``metas``: the interned dicts, by their items less the per-block checksums, which
+    the layout keeps as its ``crc`` and ``sum_crc`` arrays): a block's layout then holds its key
+    and checksums only, not a dict of ten entries."""
+    meta = lay.meta
+    ident = repr(sorted((k, v) for k, v in meta.items() if k not in ("crc", "sum_crc")))
+    shared = metas.get(ident)
+    if shared is None:
+        shared = metas[ident] = {k: v for k, v in meta.items() if k not in ("crc", "sum_crc")}
+    return PageLayout(lay.key, lay.spec, lay.codec, shared, lay.crc, lay.sum_crc)
 
 
 @dataclass
@@ -120,6 +135,11 @@ class TierAttentionStats:
     blocks_scored: int = 0  # level 1: blocks scored (summed over steps)
     pages_scored: int = 0  # level 2: pages scored (summed over steps, per KV head)
     mismatches: int = 0  # pieces that failed their checksum (re-read from the next tier)
+    # blocks whose metadata (layout and block bounds) an open context read again: evicted from its
+    # ``metadata_bytes`` budget, or read once for a regrouping of level 0 (one layout lookup and one
+    # verified range read of the block-level bounds each; their bytes in ``metadata_bytes_read``)
+    metadata_misses: int = 0
+    metadata_bytes_read: dict = field(default_factory=dict)  # tier -> bytes of block bounds read again
     seconds: float = 0.0
 
     @property
@@ -129,7 +149,7 @@ class TierAttentionStats:
 
     @property
     def bytes_read(self) -> int:
-        return sum(self.page_bytes_read.values()) + sum(self.summary_bytes_read.values())
+        return sum(self.page_bytes_read.values()) + sum(self.summary_bytes_read.values()) + sum(self.metadata_bytes_read.values())
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -207,12 +227,18 @@ class _DeviceSlot:
 
 @dataclass
 class TierContext:
-    """One open sequence: its stored blocks, their layouts and block-level bounds."""
+    """One open sequence: its stored blocks, their layouts and block-level bounds.
+
+    While the context's blocks fit its metadata capacity (``TierAttention(metadata_bytes=...)``),
+    ``layouts[i]`` and ``bounds[:, :, i]`` are block ``i``'s. Past it (``slot_of`` set), they
+    are a fixed number of *slots*, least recently used first evicted: ``slot_of[i]`` is block
+    ``i``'s slot (-1: not resident, read again from the store when a step needs it)."""
 
     keys: list[bytes]
     layouts: list[PageLayout]
     # [L, H_kv, N, 2D]: block-level key maximum then minimum, per layer; float16 rounded outward
     # (``TierAttention(block_bounds_dtype=...)``), so a score computed from them stays an upper bound
+    # (slots past the capacity: [L, H_kv, capacity, 2D])
     bounds: torch.Tensor
     groups: torch.Tensor | None = None  # [L, H_kv, M, 2D] float32: the same bounds per group of ``group_blocks`` blocks (level 0)
     group_blocks: int = 0  # blocks per group (0: no level 0)
@@ -226,17 +252,36 @@ class TierContext:
     page_slots: dict = field(default_factory=dict)
     # layer -> _DeviceSlot: the gathered pages on the query's CUDA device (a query on a GPU only)
     device_slots: dict = field(default_factory=dict)
+    capacity: int = 0  # the most blocks whose layouts and bounds stay resident (``metadata_bytes``)
+    slot_of: torch.Tensor | None = None  # [>= N] int64 slot of each block, -1: not resident; None: block i in slot i
+    slot_block: torch.Tensor | None = None  # [capacity] int64 the block in each slot, -1: free
+    slot_used: torch.Tensor | None = None  # [capacity] int64 when each slot was last used (``tick``), -1: free
+    slot_layout_bytes: list = field(default_factory=list)  # per slot, its layout's ``_layout_bytes``
+    tick: int = 0
+    metadata_misses: int = 0  # blocks whose metadata this context read again (``TierAttentionStats.metadata_misses``)
+    first_layout: PageLayout | None = None  # block 0's (the geometry: page tokens, range bytes)
+    metas: dict = field(default_factory=dict)  # the meta dicts its layouts share (``_compact_layout``)
+    lock: Any = field(default_factory=threading.RLock)  # the slots, against the prefetch thread
 
     @property
     def num_blocks(self) -> int:
         return len(self.keys)
 
+    @property
+    def resident_blocks(self) -> int:
+        """Blocks whose layout and bounds are in memory."""
+        if self.slot_block is None:
+            return self.num_blocks
+        return int((self.slot_block >= 0).sum())
+
     def metadata_bytes(self) -> dict:
         """The memory this open context holds, in bytes, per structure (``total``: their sum): the
-        block bounds' buffer (its whole capacity), level 0's group bounds, the block keys and
-        layouts (O(blocks)), and the last step's candidates' page bounds, page ids and gathered
-        pages (bounded by the budget and ``candidate_blocks``). The page cache and the hot
-        summaries are the ``TierAttention``'s (``TierAttention.memory``)."""
+        block bounds' buffer (its whole capacity) and the resident layouts (together bounded by
+        ``TierAttention(metadata_bytes=...)``), the slot tables once the blocks exceed it
+        (``slots``: 8 bytes per block), level 0's group bounds (O(sqrt(blocks))), the block keys
+        (O(blocks)), and the last step's candidates' page bounds, page ids and gathered pages
+        (bounded by the budget and ``candidate_blocks``). The page cache and the hot summaries are
+        the ``TierAttention``'s (``TierAttention.memory``, which also counts the blocks read again)."""
         import sys
 
         def nb(t) -> int:
@@ -248,6 +293,7 @@ class TierContext:
             "groups": nb(self.groups),
             "keys": sys.getsizeof(self.keys) + sum(sys.getsizeof(k) for k in self.keys),
             "layouts": sys.getsizeof(self.layouts) + self.layout_bytes,
+            "slots": nb(self.slot_of) + nb(self.slot_block) + nb(self.slot_used) + sys.getsizeof(self.slot_layout_bytes),
             "candidates": sum(nb(c[1]) + nb(c[2]) + 8 * c[2].numel() for c in self.candidates.values()),
             "page_slots": sum(nb(kv) + 8 * sum(len(r) for r in rows) for rows, kv in self.page_slots.values()),
             "last_pages": sum(nb(t) for t in self.last_pages.values()),
@@ -284,10 +330,20 @@ class TierAttention:
         summary_bytes: the hot page summaries (kmin, kmax per block and layer, LRU).
         prefetch: read layer l+1's previous pages on a thread while layer l runs.
         block_bounds_dtype: how an open context keeps level 1's block bounds (``L x H_kv x 2D``
-            values per block, the one structure that grows with the context): ``torch.float16``
+            values per block, the one structure that grows with the context, up to ``metadata_bytes``): ``torch.float16``
             (the default; half of float32's bytes; rounded outward, the maximum up and the
             minimum down, so a block's score stays an upper bound of its pages'; exact for blocks
             stored in float16, whose summaries are float16) or ``torch.float32``.
+        metadata_bytes: the most an open context keeps of its blocks' layouts and level-1 block
+            bounds (``L x H_kv x 2D`` bounds and ``8 x L x H_kv x Np`` bytes of checksums per
+            block, plus ~0.7 KiB; ``None``: unbounded). A context whose blocks fit is as before (the
+            default, 1 GiB, holds ~1.6M tokens of Llama-3-8B's 32 layers); past it, the blocks least
+            recently used by a selection are evicted and read again from the store when a step
+            needs them (one layout lookup and one verified read of the block-level bounds each,
+            counted in ``stats().metadata_misses``), and level 0's regrouping (when the group size
+            grows) reads the evicted blocks' bounds once. What stays resident per block is then
+            its key and 8 bytes of slot tables; level 0's group bounds are O(sqrt(blocks)).
+            Selections, and so outputs, are the same whatever the budget.
     """
 
     def __init__(
@@ -304,6 +360,7 @@ class TierAttention:
         summary_bytes: int = 256 << 20,
         prefetch: bool = True,
         block_bounds_dtype: torch.dtype = torch.float16,
+        metadata_bytes: int | None = 1 << 30,
     ) -> None:
         if not isinstance(store, TieredStore):
             raise ValueError(f"store must be a kvstore.TieredStore, got {type(store).__name__}")
@@ -330,6 +387,9 @@ class TierAttention:
         if block_bounds_dtype not in (torch.float16, torch.float32):
             raise ValueError(f"block_bounds_dtype must be torch.float16 or torch.float32, got {block_bounds_dtype!r}")
         self.block_bounds_dtype = block_bounds_dtype
+        if metadata_bytes is not None and (isinstance(metadata_bytes, bool) or not isinstance(metadata_bytes, int) or metadata_bytes < 0):
+            raise ValueError(f"metadata_bytes must be a non-negative int or None, got {metadata_bytes!r}")
+        self.metadata_bytes = metadata_bytes
         # pages are decoded once into the dtype attention computes in: float32 on CPU (no fast
         # float16 arithmetic there), the spec's dtype on a GPU
         self.compute_dtype = torch.float32 if not torch.cuda.is_available() else spec.torch_dtype
@@ -353,31 +413,39 @@ class TierAttention:
                     **asdict(s),
                     "page_bytes_read": dict(s.page_bytes_read),
                     "summary_bytes_read": dict(s.summary_bytes_read),
+                    "metadata_bytes_read": dict(s.metadata_bytes_read),
                     "reads": dict(s.reads),
                 }
             )
 
     def memory(self, ctx: TierContext | None = None) -> dict:
-        """Bytes held: the page cache and the hot summaries (used, and their budgets), and the
-        open context ``ctx``'s structures (``TierContext.metadata_bytes``, under ``metadata``)."""
+        """Bytes held: the page cache and the hot summaries (used, and their budgets), the
+        per-context metadata budget (``metadata_budget``, ``None``: unbounded), and the open
+        context ``ctx``'s structures (``TierContext.metadata_bytes``, under ``metadata``) with its
+        blocks resident and in all (``metadata_blocks``, ``blocks``) and the blocks whose metadata
+        it read again (``metadata_misses``)."""
         d: dict[str, Any] = {
             "page_cache": self.pages.used_bytes,
             "page_cache_budget": self.pages.max_bytes,
             "summaries": self.summaries.used_bytes,
             "summaries_budget": self.summaries.max_bytes,
+            "metadata_budget": self.metadata_bytes,
         }
         if ctx is not None:
             d["metadata"] = ctx.metadata_bytes()
+            d["metadata_blocks"] = ctx.resident_blocks
+            d["blocks"] = ctx.num_blocks
+            d["metadata_misses"] = ctx.metadata_misses
         return d
 
     def reset_stats(self) -> None:
         with self._stats_lock:
             self._stats = TierAttentionStats()
 
-    def _count(self, res, summary: bool) -> None:
+    def _count(self, res, summary: bool | str) -> None:
         with self._stats_lock:
             s = self._stats
-            target = s.summary_bytes_read if summary else s.page_bytes_read
+            target = s.metadata_bytes_read if summary == "metadata" else s.summary_bytes_read if summary else s.page_bytes_read
             for t, n in res.bytes_by_tier.items():
                 target[t] = target.get(t, 0) + n
             for t, n in res.reads_by_tier.items():
@@ -385,10 +453,50 @@ class TierAttention:
             s.mismatches += res.mismatches
 
     # -- contexts --------------------------------------------------------------------------
+    def _capacity(self, lay: PageLayout | None) -> int:
+        """The most blocks an open context keeps the metadata of (``metadata_bytes``); with no
+        layout seen yet, sized for 16-token pages."""
+        if self.metadata_bytes is None:
+            return 1 << 62
+        spec = self.spec
+        L, H = spec.num_layers, spec.num_kv_heads
+        bounds = L * H * 2 * spec.head_dim * (2 if self.block_bounds_dtype == torch.float16 else 4)
+        if lay is None:
+            lay_bytes = 8 * (L * H * max(1, spec.block_tokens // 16) + L * H + 1) + _LAYOUT_FIXED_BYTES
+        else:
+            lay_bytes = _layout_bytes(lay)
+        return max(1, self.metadata_bytes // (bounds + lay_bytes))
+
+    def _decode_bounds(self, layouts: list[PageLayout], bufs: list) -> torch.Tensor:
+        """``[L, H_kv, n, 2D]`` in ``block_bounds_dtype``: the block-level bounds read for ``layouts``."""
+        spec = self.spec
+        L, H, D = spec.num_layers, spec.num_kv_heads, spec.head_dim
+        half = self.block_bounds_dtype == torch.float16
+        bounds = torch.empty(L, H, len(layouts), 2 * D, dtype=self.block_bounds_dtype)
+        for i, (lay, b) in enumerate(zip(layouts, bufs)):
+            lo, hi = lay.decode_summary(L, b[0])  # [L, H, D]
+            if half:
+                bounds[:, :, i, :D], bounds[:, :, i, D:] = _half_outward(hi, up=True), _half_outward(lo, up=False)
+            else:
+                bounds[:, :, i, :D], bounds[:, :, i, D:] = hi.float(), lo.float()
+        return bounds
+
     def open(self, keys: Sequence[bytes]) -> TierContext:
         """The context of a chain of stored blocks: their layouts and block-level bounds (read
-        once: one verified range read per block). ValueError if a block is not stored paged."""
+        once: one verified range read per block). ValueError if a block is not stored paged.
+        A chain longer than the context's metadata capacity (``metadata_bytes``) is opened a
+        capacity at a time (``extend``): the least recently used blocks' metadata is evicted."""
         keys = check_keys(keys)
+        guess = self._capacity(None)
+        ctx = self._open_fit(keys[:guess])
+        if ctx.num_blocks > ctx.capacity:  # the guess was short (a codec with other pages): keep the capacity's first
+            self._to_slots(ctx, len(keys) - ctx.num_blocks)
+        for a in range(guess, len(keys), guess):
+            self.extend(ctx, keys[a : a + guess])
+        return ctx
+
+    def _open_fit(self, keys: Sequence[bytes]) -> TierContext:
+        """``open`` of at most about a capacity of blocks: every block in its own slot."""
         spec = self.spec
         layouts = self.store.page_layouts(spec, keys) if keys else []
         missing = [i for i, lay in enumerate(layouts) if lay is None]
@@ -398,66 +506,247 @@ class TierAttention:
                 "page-addressable codec ('paged', 'paged_int8') in a tier that serves ranges"
             )
         L, H, D = spec.num_layers, spec.num_kv_heads, spec.head_dim
+        metas: dict = {}
+        layouts = [_compact_layout(lay, metas) for lay in layouts]
         # one row per block, for level 1's one matrix product per layer ([q+, q-] [H, G, 2D] @ [H, N, 2D]^T)
         # and for gathering the rows of the blocks level 0 kept
-        half = self.block_bounds_dtype == torch.float16
-        bounds = torch.empty(L, H, len(keys), 2 * D, dtype=self.block_bounds_dtype)
         if keys:
-            res = self._read(layouts, [[Summary(L)]] * len(keys), summary=True)
-            for i, (lay, bufs) in enumerate(zip(layouts, res)):
-                lo, hi = lay.decode_summary(L, bufs[0])  # [L, H, D]
-                if half:
-                    bounds[:, :, i, :D], bounds[:, :, i, D:] = _half_outward(hi, up=True), _half_outward(lo, up=False)
-                else:
-                    bounds[:, :, i, :D], bounds[:, :, i, D:] = hi.float(), lo.float()
-        ctx = TierContext(list(keys), layouts, bounds, layout_bytes=sum(_layout_bytes(lay) for lay in layouts))
+            bounds = self._decode_bounds(layouts, self._read(layouts, [[Summary(L)]] * len(keys), summary=True))
+        else:
+            bounds = torch.empty(L, H, 0, 2 * D, dtype=self.block_bounds_dtype)
+        lb = [_layout_bytes(lay) for lay in layouts]
+        ctx = TierContext(list(keys), layouts, bounds, layout_bytes=sum(lb), metas=metas, slot_layout_bytes=lb)
+        ctx.first_layout = layouts[0] if layouts else None
+        ctx.capacity = self._capacity(ctx.first_layout)
         self._group(ctx)
         return ctx
 
-    def _group(self, ctx: TierContext, first_new: int = 0) -> None:
+    def _to_slots(self, ctx: TierContext, more: int) -> None:
+        """Past the capacity: blocks go into ``capacity`` slots, the first ones where they are
+        (their recency: their order), and ``more`` blocks are coming (``slot_of`` grows)."""
+        N, cap = ctx.num_blocks, ctx.capacity
+        n0 = min(N, cap)
+        old = ctx._bounds_buffer if ctx._bounds_buffer is not None else ctx.bounds
+        if old.shape[2] != cap:
+            buf = torch.empty(*old.shape[:2], cap, old.shape[3], dtype=old.dtype)
+            buf[:, :, :n0] = old[:, :, :n0]
+            ctx.bounds = ctx._bounds_buffer = old = None
+        else:
+            buf = old
+        ctx._bounds_buffer = ctx.bounds = buf
+        ctx.slot_of = torch.full((max(N + more, 64),), -1, dtype=torch.int64)
+        ctx.slot_of[:n0] = torch.arange(n0)
+        ctx.slot_block = torch.full((cap,), -1, dtype=torch.int64)
+        ctx.slot_block[:n0] = torch.arange(n0)
+        ctx.slot_used = torch.full((cap,), -1, dtype=torch.int64)
+        ctx.slot_used[:n0] = torch.arange(n0)
+        ctx.tick = n0
+        ctx.layouts = ctx.layouts[:n0] + [ctx.first_layout] * (cap - n0)  # type: ignore[list-item]
+        ctx.slot_layout_bytes = ctx.slot_layout_bytes[:n0] + [0] * (cap - n0)
+        ctx.layout_bytes = sum(ctx.slot_layout_bytes)
+
+    def _insert(self, ctx: TierContext, blocks: list[int], layouts: list[PageLayout], bounds: torch.Tensor, protect=None) -> None:
+        """Put ``blocks``' metadata into the free or least recently used slots, but those of
+        ``protect`` (slots a selection is using); at most the capacity's last ones."""
+        assert ctx.slot_of is not None and ctx.slot_block is not None and ctx.slot_used is not None
+        cap = ctx.capacity
+        if len(blocks) > cap:
+            blocks, layouts, bounds = blocks[-cap:], layouts[-cap:], bounds[:, :, -cap:]
+        used = ctx.slot_used
+        if protect is not None and len(protect):
+            used = used.clone()
+            used[protect] = 1 << 62
+        victims = used.topk(len(blocks), largest=False).indices
+        gone = ctx.slot_block[victims]
+        ctx.slot_of[gone[gone >= 0]] = -1
+        b = torch.tensor(blocks, dtype=torch.int64)
+        ctx.slot_block[victims] = b
+        ctx.slot_of[b] = victims
+        ctx.slot_used[victims] = ctx.tick
+        ctx.tick += 1
+        ctx.bounds.index_copy_(2, victims, bounds.to(ctx.bounds.dtype))
+        for sl, lay in zip(victims.tolist(), layouts):
+            n = _layout_bytes(lay)
+            ctx.layout_bytes += n - ctx.slot_layout_bytes[sl]
+            ctx.slot_layout_bytes[sl] = n
+            ctx.layouts[sl] = lay
+
+    def _read_blocks(self, ctx: TierContext, blocks: list[int]) -> tuple[list[PageLayout], torch.Tensor]:
+        """Blocks' layouts and bounds ``[L, H_kv, n, 2D]`` read again from the store (metadata
+        misses: counted). RuntimeError if a block vanished from the store."""
+        keys = [ctx.keys[b] for b in blocks]
+        lays = self.store.page_layouts(self.spec, keys)
+        if any(lay is None for lay in lays):
+            raise RuntimeError(f"{sum(lay is None for lay in lays)} block(s) of the context vanished from the store")
+        lays = [_compact_layout(lay, ctx.metas) for lay in lays]
+        bounds = self._decode_bounds(lays, self._read(lays, [[Summary(self.spec.num_layers)]] * len(lays), summary="metadata"))
+        ctx.metadata_misses += len(blocks)
+        with self._stats_lock:
+            self._stats.metadata_misses += len(blocks)
+        return lays, bounds
+
+    def _rows(self, ctx: TierContext, layer: int, bid: torch.Tensor | None) -> torch.Tensor:
+        """Level 1's input: the block bounds ``[H_kv, K, 2D]`` of ``layer`` for the blocks
+        ``bid [H_kv, K]`` of each KV head (``None``: every block, ``[H_kv, N, 2D]``); in slot mode
+        through the slots, the missing blocks read again (kept when they fit the capacity)."""
+        H = self.spec.num_kv_heads
+        if ctx.slot_of is None:
+            return ctx.bounds[layer] if bid is None else ctx.bounds[layer][torch.arange(H)[:, None], bid]
+        assert ctx.slot_block is not None and ctx.slot_used is not None
+        if bid is None:
+            bid = torch.arange(ctx.num_blocks).expand(H, ctx.num_blocks)
+        with ctx.lock:
+            u, inv = torch.unique(bid, return_inverse=True)
+            slots = ctx.slot_of[u]
+            have = slots >= 0
+            if not bool(have.all()):
+                miss = u[~have]
+                if u.numel() <= ctx.capacity:
+                    lays, b = self._read_blocks(ctx, miss.tolist())
+                    self._insert(ctx, miss.tolist(), lays, b, protect=slots[have])
+                    slots = ctx.slot_of[u]
+                else:  # more blocks than the capacity: this call's rows, the missing ones read and not kept
+                    rows = torch.empty(H, u.numel(), ctx.bounds.shape[3], dtype=ctx.bounds.dtype)
+                    rows[:, have] = ctx.bounds[layer][:, slots[have]]
+                    rows[:, ~have] = self._read_blocks(ctx, miss.tolist())[1][layer]
+                    ctx.slot_used[slots[have]] = ctx.tick
+                    ctx.tick += 1
+                    return torch.gather(rows, 1, inv.unsqueeze(-1).expand(-1, -1, rows.shape[2]))
+            ctx.slot_used[slots] = ctx.tick
+            ctx.tick += 1
+            return ctx.bounds[layer][torch.arange(H)[:, None], slots[inv]]
+
+    def _layouts(self, ctx: TierContext, blocks: list[int]) -> list[PageLayout]:
+        """The layouts of ``blocks`` (slot mode: the missing ones read again, kept when they fit)."""
+        if ctx.slot_of is None:
+            return [ctx.layouts[b] for b in blocks]
+        assert ctx.slot_used is not None
+        with ctx.lock:
+            u = sorted(set(blocks))
+            ut = torch.tensor(u, dtype=torch.int64)
+            slots = ctx.slot_of[ut]
+            have = slots >= 0
+            extra: dict[int, PageLayout] = {}
+            if not bool(have.all()):
+                miss = ut[~have].tolist()
+                lays, b = self._read_blocks(ctx, miss)
+                if len(u) <= ctx.capacity:
+                    self._insert(ctx, miss, lays, b, protect=slots[have])
+                    slots = ctx.slot_of[ut]
+                else:
+                    extra = dict(zip(miss, lays))
+            ok = slots[slots >= 0]
+            ctx.slot_used[ok] = ctx.tick
+            ctx.tick += 1
+            where = dict(zip(u, slots.tolist()))
+            return [extra[b] if b in extra else ctx.layouts[where[b]] for b in blocks]
+
+    def _group(self, ctx: TierContext, first_new: int = 0, new_bounds: torch.Tensor | None = None) -> None:
         """(Re)build level 0's bounds: groups of ``ceil(sqrt(N / candidate_groups))`` blocks; only
-        the groups from block ``first_new`` on when the group size did not change."""
+        the groups from block ``first_new`` on when the group size did not change. In slot mode
+        ``new_bounds`` are blocks ``first_new..N``'s (not in the slots yet): the last old group is
+        merged with them (maxima and minima: exact), and a new group size reads the evicted
+        blocks' bounds again, a slice at a time."""
         N, C0 = ctx.num_blocks, self.candidate_groups
         S = 0 if C0 is None or not N else math.ceil(math.sqrt(N / C0))
         if S < MIN_GROUP_BLOCKS:
             ctx.groups, ctx.group_blocks = None, 0
             return
-        g0 = first_new // S if S == ctx.group_blocks and ctx.groups is not None else 0
-        M = -(-N // S)
-        b = ctx.bounds[:, :, g0 * S :]
-        D = b.shape[3] // 2
-        pad = M * S - N
-        if pad:  # the last group is short: pad with its last block's bounds (they change no maximum or minimum)
-            b = torch.cat([b, b[:, :, -1:].expand(-1, -1, pad, -1)], 2)
-        g = b.reshape(*b.shape[:2], M - g0, S, 2 * D)
-        tail = torch.cat([g[..., :D].amax(3), g[..., D:].amin(3)], 3).float()  # [L, H, M - g0, 2D]
-        ctx.groups = tail if g0 == 0 or ctx.groups is None else torch.cat([ctx.groups[:, :, :g0], tail], 2)
+
+        def reduce(b: torch.Tensor) -> torch.Tensor:  # [L, H, n, 2D] -> [L, H, ceil(n / S), 2D] float32
+            D = b.shape[3] // 2
+            pad = -b.shape[2] % S
+            if pad:  # the last group is short: pad with its last block's bounds (they change no maximum or minimum)
+                b = torch.cat([b, b[:, :, -1:].expand(-1, -1, pad, -1)], 2)
+            g = b.reshape(*b.shape[:2], b.shape[2] // S, S, 2 * D)
+            return torch.cat([g[..., :D].amax(3), g[..., D:].amin(3)], 3).float()
+
+        if ctx.slot_of is None:
+            g0 = first_new // S if S == ctx.group_blocks and ctx.groups is not None else 0
+            tail = reduce(ctx.bounds[:, :, g0 * S :])  # [L, H, M - g0, 2D]
+            ctx.groups = tail if g0 == 0 or ctx.groups is None else torch.cat([ctx.groups[:, :, :g0], tail], 2)
+            ctx.group_blocks = S
+            return
+        assert new_bounds is not None and new_bounds.shape[2] == N - first_new
+        if S == ctx.group_blocks and ctx.groups is not None:
+            g0 = first_new // S
+            b = new_bounds
+            k = first_new - g0 * S
+            if k:  # the old part of the last group: its bound stands for its blocks
+                b = torch.cat([ctx.groups[:, :, g0 : g0 + 1].to(b.dtype).expand(-1, -1, k, -1), b], 2)
+            ctx.groups = torch.cat([ctx.groups[:, :, :g0], reduce(b)], 2)
+            return
+        step = S * max(1, min(ctx.capacity, 4096) // S)
+        parts = []
+        for a in range(0, N, step):
+            e = min(N, a + step)
+            if a >= first_new:
+                parts.append(reduce(new_bounds[:, :, a - first_new : e - first_new]))
+                continue
+            old = torch.arange(a, min(e, first_new))
+            with ctx.lock:
+                slots = ctx.slot_of[old]
+                have = slots >= 0
+                b = torch.empty(*ctx.bounds.shape[:2], len(old), ctx.bounds.shape[3], dtype=ctx.bounds.dtype)
+                b[:, :, have] = ctx.bounds[:, :, slots[have]]
+            if not bool(have.all()):
+                b[:, :, ~have] = self._read_blocks(ctx, old[~have].tolist())[1]
+            if e > first_new:
+                b = torch.cat([b, new_bounds[:, :, : e - first_new]], 2)
+            parts.append(reduce(b))
+        ctx.groups = torch.cat(parts, 2)
         ctx.group_blocks = S
 
     def extend(self, ctx: TierContext, keys: Sequence[bytes]) -> None:
         """Append newly stored blocks (the chain's next ones) to an open context (amortised: the
         block bounds grow in a buffer whose capacity grows by a quarter, so at most a quarter of it
-        is unused; the old buffer is freed as soon as it is copied; level 0 regroups only its last
-        groups)."""
-        more = self.open(keys)
+        is unused, up to the context's metadata capacity; the old buffer is freed as soon as it is
+        copied; level 0 regroups only its last groups). Past the capacity the new blocks take the
+        least recently used blocks' slots."""
+        keys = check_keys(keys)
+        step = min(ctx.capacity or self._capacity(None), self._capacity(None))
+        if len(keys) > step:
+            for a in range(0, len(keys), step):
+                self.extend(ctx, keys[a : a + step])
+            return
+        more = self._open_fit(keys)
         N0, N1 = ctx.num_blocks, ctx.num_blocks + more.num_blocks
-        ctx.keys += more.keys
-        ctx.layouts += more.layouts
-        ctx.layout_bytes += more.layout_bytes
-        buf = ctx._bounds_buffer
-        if buf is None or buf.shape[2] < N1 or buf.dtype != more.bounds.dtype:
-            new = torch.empty(*more.bounds.shape[:2], max(N1, N0 + N0 // 4, 64), more.bounds.shape[3], dtype=more.bounds.dtype)
-            new[:, :, :N0] = ctx.bounds
-            ctx.bounds = buf = None  # the old buffer goes now, before the next allocation
-            ctx._bounds_buffer = buf = new
-        buf[:, :, N0:N1] = more.bounds
-        ctx.bounds = buf[:, :, :N1]
-        self._group(ctx, N0)
+        if not ctx.capacity or ctx.first_layout is None:
+            ctx.capacity, ctx.first_layout = more.capacity, more.first_layout
+        more_layouts = [_compact_layout(lay, ctx.metas) for lay in more.layouts]  # the context's shared metas
+        if ctx.slot_of is None and N1 <= ctx.capacity:
+            ctx.keys += more.keys
+            ctx.layouts += more_layouts
+            ctx.layout_bytes += more.layout_bytes
+            ctx.slot_layout_bytes += more.slot_layout_bytes
+            buf = ctx._bounds_buffer
+            if buf is None or buf.shape[2] < N1 or buf.dtype != more.bounds.dtype:
+                cap = min(ctx.capacity, max(N1, N0 + N0 // 4, 64))
+                new = torch.empty(*more.bounds.shape[:2], cap, more.bounds.shape[3], dtype=more.bounds.dtype)
+                new[:, :, :N0] = ctx.bounds
+                ctx.bounds = buf = None  # the old buffer goes now, before the next allocation
+                ctx._bounds_buffer = buf = new
+            buf[:, :, N0:N1] = more.bounds
+            ctx.bounds = buf[:, :, :N1]
+            self._group(ctx, N0)
+        else:
+            with ctx.lock:
+                if ctx.slot_of is None:
+                    self._to_slots(ctx, N1 - N0)
+                assert ctx.slot_of is not None
+                if ctx.slot_of.shape[0] < N1:
+                    grown = torch.full((max(N1, N0 + N0 // 4),), -1, dtype=torch.int64)
+                    grown[:N0] = ctx.slot_of[:N0]
+                    ctx.slot_of = grown
+                ctx.keys += more.keys
+            self._group(ctx, N0, more.bounds)
+            with ctx.lock:
+                self._insert(ctx, list(range(N0, N1)), more_layouts, more.bounds)
         ctx.last_pages.clear()  # page ids of the last step stay valid, but the prefetch may skip new blocks: start over
         ctx.candidates.clear()
         ctx.page_slots.clear()
 
-    def _read(self, layouts: list[PageLayout], pieces: list[list], *, summary: bool) -> list[list[memoryview]]:
+    def _read(self, layouts: list[PageLayout], pieces: list[list], *, summary: bool | str) -> list[list[memoryview]]:
         """Verified pieces, or RuntimeError if a block cannot be read from any tier (a layout read
         before may be stale: it is read again once)."""
         res = self.store.read_pieces(self.spec, list(zip(layouts, pieces)))
@@ -494,7 +783,7 @@ class TierAttention:
                 miss.setdefault(b, set()).add(h)
         if miss:
             blocks = sorted(miss)
-            lays = [ctx.layouts[b] for b in blocks]
+            lays = self._layouts(ctx, blocks)
             heads = [sorted(miss[b]) if lay.head_summaries else None for b, lay in zip(blocks, lays)]
             pieces = [[Summary(layer)] if hs is None else [Summary(layer, h) for h in hs] for hs in heads]
             bufs = self._read(lays, pieces, summary=True)
@@ -521,7 +810,7 @@ class TierAttention:
         the decode query ``q [H_q, D]`` of ``layer`` (``budget``: this call's, default the instance's)."""
         spec = self.spec
         H, D, N = spec.num_kv_heads, spec.head_dim, ctx.num_blocks
-        Np = spec.block_tokens // ctx.layouts[0].page_tokens if N else 1
+        Np = spec.block_tokens // ctx.first_layout.page_tokens if N and ctx.first_layout is not None else 1
         P = spec.block_tokens // Np
         total = N * Np
         want = min(total, max(1, (self.budget if budget is None else budget) // P))
@@ -543,13 +832,13 @@ class TierAttention:
             bid = (gk.unsqueeze(-1) * S + torch.arange(S)).flatten(1)  # [H, C0*S]
             valid = bid < N
             bid = bid.clamp_max(N - 1)
-            bb = ctx.bounds[layer][torch.arange(H)[:, None], bid].float()  # [H, C0*S, 2D]
+            bb = self._rows(ctx, layer, bid).float()  # [H, C0*S, 2D]
             s1 = torch.bmm(qq, bb.transpose(1, 2)).amax(1).masked_fill_(~valid, float("-inf"))
             s1 = torch.where(bid == 0, float("inf"), s1)
             cand = torch.gather(bid, 1, s1.topk(C, dim=1).indices)  # [H, C]
             scored = M + bid.shape[1]
         elif C < N:
-            s1 = torch.bmm(qq, ctx.bounds[layer].float().transpose(1, 2)).amax(1)  # [H, N]
+            s1 = torch.bmm(qq, self._rows(ctx, layer, None).float().transpose(1, 2)).amax(1)  # [H, N]
             s1[:, 0] = float("inf")  # the sink's block
             cand = s1.topk(C, dim=1).indices  # [H, C]
             scored = N
@@ -578,7 +867,8 @@ class TierAttention:
     def _fetch(self, ctx: TierContext, layer: int, page_ids, *, prefetch: bool = False) -> list[list[torch.Tensor]]:
         """Per KV head, the ``[2, P, D]`` page tensors of ``page_ids [H_kv, n]`` (or a list per KV
         head, of any lengths) (cache, then tiers)."""
-        Np = self.spec.block_tokens // ctx.layouts[0].page_tokens
+        assert ctx.first_layout is not None
+        Np = self.spec.block_tokens // ctx.first_layout.page_tokens
         rows = page_ids if isinstance(page_ids, list) else page_ids.tolist()
         got: list[list] = [[None] * len(r) for r in rows]
         need: dict[int, dict[int, list[tuple[int, int]]]] = {}  # block -> range id -> [(head, slot)]
@@ -596,9 +886,9 @@ class TierAttention:
         if need:
             blocks = sorted(need)
             runs = [coalesce(list(need[b])) for b in blocks]
-            bufs = self._read([ctx.layouts[b] for b in blocks], runs, summary=False)
-            for b, b_runs, b_bufs in zip(blocks, runs, bufs):
-                lay = ctx.layouts[b]
+            lays = self._layouts(ctx, blocks)
+            bufs = self._read(lays, runs, summary=False)
+            for b, lay, b_runs, b_bufs in zip(blocks, lays, runs, bufs):
                 for run, buf in zip(b_runs, b_bufs):
                     pages = lay.decode_pages(buf, run.num, self.compute_dtype)  # [num, 2, P, D]
                     for i in range(run.num):
@@ -820,7 +1110,7 @@ class TierAttention:
                 ctx.page_slots.pop(layer, None)
         with self._stats_lock:
             self._stats.pages_selected += ids.numel()
-            self._stats.selected_bytes += ids.numel() * ctx.layouts[0].range_bytes
+            self._stats.selected_bytes += ids.numel() * (ctx.first_layout.range_bytes if ctx.first_layout is not None else 0)
         return kv.view(H, 2, n * P, D)
 
     def prefill_layer(
@@ -915,7 +1205,7 @@ class TierAttention:
     def token_ids(self, ctx: TierContext, page_ids: torch.Tensor) -> torch.Tensor:
         """Token positions ``[H_kv, n * P]`` of the pages ``page_ids [H_kv, n]`` (for a resident
         comparison: the same selection over KV held in memory)."""
-        P = ctx.layouts[0].page_tokens if ctx.layouts else 16
+        P = ctx.first_layout.page_tokens if ctx.first_layout is not None else 16
         return (page_ids.unsqueeze(-1) * P + torch.arange(P)).flatten(1)
 
 

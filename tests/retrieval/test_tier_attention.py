@@ -533,3 +533,110 @@ def test_streamed_prefill_trims_freed_memory_and_reuses_its_buffers(tmp_path):
     assert torch.equal(outs[0], outs[None]) and torch.equal(outs[0], outs[1 << 30])  # trimming changes no result
     with pytest.raises(ValueError, match="trim_bytes"):
         StreamedPrefill(att, trim_bytes=-1)
+
+
+# -- a bounded metadata budget: evicted block metadata is read again, results unchanged --------------
+def _bounded_store(tmp_path, kind, request):
+    if kind == "disk":
+        return store_for(tmp_path)
+    from kvtier.kvstore.tiers.redis import RedisTier
+
+    return TieredStore([TierConfig(RedisTier(request.getfixturevalue("redis_url"), codec="paged"))])
+
+
+@pytest.mark.parametrize("kind", ["disk", pytest.param("redis", marks=pytest.mark.redis)])
+@pytest.mark.parametrize("metadata_bytes", [6000, 40000])
+def test_a_small_metadata_budget_selects_and_attends_exactly_as_the_default(tmp_path, request, kind, metadata_bytes):
+    """Streamed prefill then decode with the context's block metadata bounded (a few blocks, or
+    about 20 of 60: slots, evictions and reads again; with 6,000 bytes a selection needs more blocks
+    than fit, read for the call only) equal the default's, bit for bit, over disk and Redis."""
+    import sys
+
+    from kvtier.retrieval.tier_attention import StreamedPrefill
+
+    T, n = 60 * 64, 320
+    g = torch.Generator().manual_seed(9)
+    q = torch.randn(2, 4, T, SPEC.head_dim, generator=g)
+    k = torch.randn(2, 2, T, SPEC.head_dim, generator=g)
+    v = torch.randn(2, 2, T, SPEC.head_dim, generator=g)
+    store = _bounded_store(tmp_path, kind, request)
+    kw = dict(budget=64, candidate_blocks=4, candidate_groups=3, full_score_pages=0, prefetch=False)
+    big = TierAttention(store, SPEC, **kw)
+    small = TierAttention(store, SPEC, metadata_bytes=metadata_bytes, **kw)
+    sps = [StreamedPrefill(a, resident_tokens=16) for a in (big, small)]
+    for a in range(0, T, n):
+        outs = []
+        for sp in sps:
+            for layer in range(2):
+                outs.append(sp.attend(layer, q[layer, :, a : a + n], k[layer, :, a : a + n], v[layer, :, a : a + n]))
+            sp.commit()
+        for (o1, l1), (o2, l2) in zip(outs[:2], outs[2:]):
+            assert torch.equal(o1, o2) and torch.equal(l1, l2)
+    cb, cs = sps[0].ctx, sps[1].ctx
+    assert cb.num_blocks == cs.num_blocks == 59 and torch.equal(cb.groups, cs.groups)
+    assert cb.slot_of is None and cb.resident_blocks == 59 and big.stats().metadata_misses == 0
+    assert cs.slot_of is not None and cs.resident_blocks == cs.capacity < 59
+    m = cs.metadata_bytes()
+    assert m["bounds"] + m["layouts"] - sys.getsizeof(cs.layouts) <= metadata_bytes  # the budget holds
+    # decode from the prefilled contexts, and from contexts opened afresh (opened a capacity at a time)
+    fresh = small.open(cs.keys)
+    assert fresh.slot_of is not None and torch.equal(fresh.groups, cb.groups)
+    for _ in range(3):
+        qd = torch.randn(4, SPEC.head_dim, generator=g)
+        for layer in range(2):
+            ids = big.select(cb, layer, qd)
+            assert torch.equal(ids, small.select(cs, layer, qd)) and torch.equal(ids, small.select(fresh, layer, qd))
+            ref = big.decode_layer(cb, layer, qd, sps[0].k_local(layer), sps[0].v_local(layer))
+            for ctx in (cs, fresh):
+                got = small.decode_layer(ctx, layer, qd, sps[1].k_local(layer), sps[1].v_local(layer))
+                assert torch.equal(ref[0], got[0]) and torch.equal(ref[1], got[1])
+    s = small.stats()
+    assert s.metadata_misses > 0 and sum(s.metadata_bytes_read.values()) > 0 and set(s.metadata_bytes_read) == {kind}
+    mem = small.memory(cs)
+    assert mem["metadata_budget"] == metadata_bytes and mem["metadata_misses"] > 0 and mem["blocks"] == 59
+    assert mem["metadata_blocks"] == cs.capacity
+    assert big.memory(cb)["metadata_misses"] == 0
+    big.close(), small.close()
+    store.close()
+
+
+def test_metadata_budget_validation_and_a_default_context_reads_nothing_again(tmp_path, monkeypatch):
+    kv, blocks, keys = context(40, seed=6)
+    store = store_for(tmp_path)
+    store.put(SPEC, keys, blocks)
+    for bad in (-1, 1.5, True, "1"):
+        with pytest.raises(ValueError, match="metadata_bytes"):
+            TierAttention(store, SPEC, metadata_bytes=bad)
+    kw = dict(budget=64, candidate_blocks=4, candidate_groups=3, full_score_pages=0, prefetch=True)
+    runs = []
+    for mb in (None, 1 << 30):  # unbounded, and the default budget: the same reads
+        att = TierAttention(store, SPEC, metadata_bytes=mb, **kw)
+        ctx = att.open(keys)
+        g = torch.Generator().manual_seed(1)
+        outs = [att.decode_layer(ctx, layer, torch.randn(4, SPEC.head_dim, generator=g)) for _ in range(3) for layer in range(2)]
+        s = att.stats()
+        assert ctx.slot_of is None and s.metadata_misses == 0 and s.metadata_bytes_read == {}
+        runs.append((outs, s.reads, s.summary_bytes_read, s.page_bytes_read))
+        att.close()
+    assert all(torch.equal(a[0], b[0]) for a, b in zip(runs[0][0], runs[1][0])) and runs[0][1:] == runs[1][1:]
+    # a budget of one block still works (every selection's blocks read for the call)
+    att = TierAttention(store, SPEC, metadata_bytes=0, **kw)
+    ctx = att.open(keys)
+    assert ctx.capacity == 1 and ctx.resident_blocks == 1
+    att.decode_layer(ctx, 0, torch.randn(4, SPEC.head_dim))
+    assert att.stats().metadata_misses > 0
+    att.close()
+    # a capacity guessed before any layout is seen that is too large: the context is cut to the measured one
+    from kvtier.retrieval import tier_attention
+
+    ref = TierAttention(store, SPEC, **kw)
+    rctx = ref.open(keys)
+    monkeypatch.setattr(tier_attention, "_LAYOUT_FIXED_BYTES", 0)
+    att = TierAttention(store, SPEC, metadata_bytes=30000, **kw)
+    assert att._capacity(None) >= 40 > 30 > att._capacity(rctx.first_layout)  # the 40 blocks are read in one go
+    ctx = att.open(keys)
+    assert ctx.slot_of is not None and ctx.resident_blocks == ctx.capacity < 30 and torch.equal(ctx.groups, rctx.groups)
+    q = torch.randn(4, SPEC.head_dim)
+    for layer in range(2):
+        assert torch.equal(att.select(ctx, layer, q), ref.select(rctx, layer, q))
+    att.close(), ref.close()
