@@ -48,7 +48,7 @@ DEFAULT_SEGMENT_BYTES = 64 << 20
 class _Conn:
     def __init__(self, sock: socket.socket, seg: mmap.mmap) -> None:
         self.sock, self.seg = sock, seg
-        self.half = 1  # the half of the segment the last put used
+        self.cursor = 0  # where the next put that fits half the segment is written (puts go one after the other)
 
     def close(self) -> None:
         try:
@@ -218,13 +218,13 @@ class LocalKVTierClient(KVTierClient):
             args = {"model": model, "parent": _key_hex(parent) if parent is not None else None}
 
             def fill(conn, group=group, size=size, args=args):
-                # a put that fits half the segment goes to the half the previous one did not use ("alt"):
-                # the server may read the previous put's bytes (its page summaries) until this request arrives
-                half = len(conn.seg) // 2
+                # a put that fits half the segment goes after the previous one ("alt"), wrapping around at the end:
+                # the server may still read earlier puts' bytes (their page summaries) after their answers, and a
+                # put written over such bytes only costs those summaries (the server drops and later remakes them)
                 pos = 0
-                if size <= half:
-                    conn.half ^= 1
-                    pos = conn.half * half
+                if size <= len(conn.seg) // 2:
+                    pos = conn.cursor if conn.cursor + size <= len(conn.seg) else 0
+                    conn.cursor = _align(pos + size)
                     args["alt"], args["off"] = True, pos
                 start_pos = pos
                 for piece in wire.encode_parts(group):
@@ -329,6 +329,10 @@ def _recv_answer(sock: socket.socket):
     if len(buf) != _LEN.size + n:
         raise ConnectionError("the local transport sent bytes after its answer")
     return msgpack.unpackb(memoryview(buf)[_LEN.size :], raw=False, strict_map_key=False)
+
+
+def _align(n: int) -> int:
+    return (n + 63) // 64 * 64
 
 
 def _item_bytes(frame) -> int:
