@@ -74,7 +74,8 @@ _ALIGN = 64
 # connection back to the loop thread (back-to-back transfers then cost no thread hop)
 _LINGER_S = 0.005
 # at most this many puts of one connection may still have their page summaries read from the segment after
-# their answers; one more waits for the oldest (so summaries never fall behind a client without bound)
+# their answers; one more drops the oldest if it has not started (its summaries are made when a query needs
+# them) or waits for it: summaries never fall behind a client without bound, and never hold a put up for long
 _MAX_AFTER = 4
 
 
@@ -228,7 +229,7 @@ class LocalServer:
             initializer=_lower_priority,
             initargs=(settings.local_bulk_nice,),
         )
-        # work after an answer (a put's page summaries) runs here, overlapping the same client's next put
+        # work after an answer (a put's page summaries) runs here, overlapping the same client's next puts
         self._after = ThreadPoolExecutor(
             max(1, settings.max_concurrent_transfers),
             thread_name_prefix="kvtier-local-after",
@@ -527,9 +528,7 @@ class LocalServer:
         if self.svc.metrics is not None:
             self.svc.metrics.observe("local", str(op)[:32], status, time.perf_counter() - t0)
         if later:  # a put's summaries read [off, off + len) of the segment after the answer (see above)
-            while len(peer.after) >= _MAX_AFTER:  # bounded: the oldest is waited for (it is not spoiled)
-                future, _, _, _ = peer.after.popleft()
-                future.result()
+            _make_room_after(peer)
             lo = req.get("off", 0)
             try:
                 peer.after.append((self._after.submit(_run_later, later, op), [undo for _, undo in later], lo, lo + req.get("len", 0)))
@@ -681,6 +680,15 @@ def _settle(peer: _Peer, *, spoiled: bool = False) -> None:
         future.result()
         if spoiled:
             _run_later([(undo, None) for undo in undos], "an overwritten put")
+
+
+def _make_room_after(peer: _Peer) -> None:
+    """Before one more put's work is queued: while ``_MAX_AFTER`` are pending, the oldest is dropped if it has
+    not started (those summaries are made when a query needs them), else waited for."""
+    while len(peer.after) >= _MAX_AFTER:
+        future, _, _, _ = peer.after.popleft()
+        if not future.cancel():
+            future.result()
 
 
 def _settle_overlapping(peer: _Peer, off, n) -> None:

@@ -219,7 +219,7 @@ def test_summaries_read_after_the_answer_are_dropped_only_where_a_put_was_writte
     import socket as socket_mod
     from concurrent.futures import Future
 
-    from kvtier.service.local import _MAX_AFTER, _Peer, _settle, _settle_overlapping
+    from kvtier.service.local import _MAX_AFTER, _make_room_after, _Peer, _settle, _settle_overlapping
 
     a, b = socket_mod.socketpair()
     peer = _Peer(1, a)
@@ -244,7 +244,20 @@ def test_summaries_read_after_the_answer_are_dropped_only_where_a_put_was_writte
     assert undone == ["p1", "p2", "p0"] and not peer.after
     pending("p4", 0, 10)
     _settle(peer, spoiled=True)  # a put that is not "alt": dropped
-    assert undone[-1] == "p4" and _MAX_AFTER >= 2
+    assert undone[-1] == "p4"
+    # bounded: with _MAX_AFTER pending, the oldest is dropped if it has not started, else waited for
+    waiting: list[Future] = []
+    for i in range(_MAX_AFTER):
+        f = Future()
+        waiting.append(f)
+        peer.after.append((f, [], 100 * i, 100 * i + 10))
+    _make_room_after(peer)
+    assert waiting[0].cancelled() and len(peer.after) == _MAX_AFTER - 1
+    assert waiting[1].set_running_or_notify_cancel()  # started: it is waited for, not dropped
+    threading.Timer(0.05, waiting[1].set_result, (None,)).start()
+    peer.after.append((Future(), [], 900, 910))
+    _make_room_after(peer)
+    assert waiting[1].done() and not waiting[1].cancelled() and len(peer.after) == _MAX_AFTER - 1
     a.close()
     b.close()
 
