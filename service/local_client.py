@@ -43,6 +43,8 @@ from .client import (
 from .local import _LEN, MAX_CONTROL_BYTES, frame_slot_bytes, recv_msg, send_msg
 
 DEFAULT_SEGMENT_BYTES = 64 << 20
+# puts that fit half the segment are written one after the other in a ring with room for this many of them
+_RING_PUTS = 6
 
 
 class _Conn:
@@ -223,7 +225,9 @@ class LocalKVTierClient(KVTierClient):
                 # put written over such bytes only costs those summaries (the server drops and later remakes them)
                 pos = 0
                 if size <= len(conn.seg) // 2:
-                    pos = conn.cursor if conn.cursor + size <= len(conn.seg) else 0
+                    # the ring spans room for _RING_PUTS such puts (at most the segment): more than the server's
+                    # pending summaries (at most 4), and no more segment memory touched than that
+                    pos = conn.cursor if conn.cursor + size <= min(len(conn.seg), _RING_PUTS * _align(size)) else 0
                     conn.cursor = _align(pos + size)
                     args["alt"], args["off"] = True, pos
                 start_pos = pos

@@ -207,6 +207,16 @@ def test_puts_go_one_after_another_in_the_segment_and_wrap_around(server):
     step = offsets[0]
     assert 2048 < step <= 4096 and offsets == [step, 2 * step, 3 * step, step, 2 * step, 3 * step]
     assert all(torch.equal(g, b) for g, b in zip(c.get(model, keys), bs))
+    # in a large segment the ring spans room for six puts, not the whole segment (less memory touched)
+    big = LocalKVTierClient(server.socket, api_key=KEY_A, segment_bytes=1 << 20)
+    ends = []
+    for i in range(8):
+        assert big.put(model, keys[i % 6 : i % 6 + 1], bs[i % 6 : i % 6 + 1]) == [True]
+        conn = big._take()
+        ends.append(conn.cursor)
+        big._release(conn)
+    assert ends == [step * (i + 1) for i in range(6)] + [step, 2 * step]
+    big.close()
     q = torch.randn(TINY.num_layers, 2 * TINY.num_kv_heads, TINY.head_dim).to(TINY.torch_dtype)
     r = c.retrieve(model, q, budget=40, hashes=keys)
     assert r.num_blocks == 6
