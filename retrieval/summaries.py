@@ -76,16 +76,19 @@ def summarize_block(block: torch.Tensor, page_tokens: int = PAGE_TOKENS, dtype: 
         # the keys are already in the summary's precision, so their minimum and maximum are exact
         # without rounding; one layer at a time in float32, so the temporaries stay small (a float32
         # copy of a 6 MiB block's keys is 6 MiB of fresh memory, whose page faults dominated a put)
+        # The minimum and maximum are taken in the keys' own dtype (exact: no arithmetic), over every layer
+        # at once; only the mean needs float32, with the page's tokens as the last dimension (torch's CPU
+        # reductions are fastest there). 1.3-1.4 ms for a 6 MiB float16 block against 1.6-2.5 ms before.
         L, _, H, T, D = block.shape
         _check_page_tokens(page_tokens, T)
         N = T // page_tokens
-        out = torch.empty(3, L, H, N, D, dtype=torch.float32)  # kmin, kmax, kmean
+        pages = block[:, 0].unflatten(2, (N, page_tokens))  # [L, H_kv, N_pages, P, D], a view
+        out = torch.empty(3, L, H, N, D, dtype=dtype)  # kmin, kmax, kmean
+        torch.amin(pages, 3, out=out[0])
+        torch.amax(pages, 3, out=out[1])
         for layer in range(L):
-            pages = block[layer, 0].float().view(H, N, page_tokens, D)  # [H_kv, N_pages, P, D]
-            torch.amin(pages, -2, out=out[0, layer])
-            torch.amax(pages, -2, out=out[1, layer])
-            torch.mean(pages, -2, out=out[2, layer])
-        kmin, kmax, kmean = out.to(dtype)
+            out[2, layer] = pages[layer].float().transpose(-1, -2).mean(-1)  # [H_kv, N_pages, D], rounded once
+        kmin, kmax, kmean = out
         return BlockSummary(kmin, kmax, kmean, page_tokens)
     kmin, kmax, kmean = page_bounds(block[:, 0], page_tokens)  # [L, H_kv, N_pages, D]
     if dtype != torch.float32:

@@ -13,9 +13,12 @@ Connection, in order:
    truncate it under the server), and passes the descriptor back (``SCM_RIGHTS``); both map it;
 3. requests follow, one at a time per connection: ``{op, args, len, off}`` where ``len`` bytes at
    ``off`` in the segment are the request's frames (a put) or where the answer's frames go (a get,
-   ``off`` 0). A put with ``args.alt`` promises that the client writes its next put to the other
-   half of the segment, so the server may still read these bytes (for the page summaries) after it
-   has answered, until the connection's next request.
+   ``off`` 0). A put with ``args.alt`` lets the server read its bytes (for the page summaries)
+   after it has answered. The client writes its next puts elsewhere in the segment (one after the
+   other, wrapping around), so those reads go on alongside them; a later put written over bytes
+   still being read makes the server drop what it made from them (recomputed when needed), and any
+   other request waits for them. At most ``_MAX_AFTER`` puts per connection are read after their
+   answers.
 
 Blocks that are CUDA tensors may travel as CUDA IPC handles instead (``put_cuda``, ``get_cuda``;
 ``service.cuda_ipc``), when the hello answer says ``cuda_ipc: true``.
@@ -73,6 +76,10 @@ _ALIGN = 64
 # a worker that answered a request waits this long for the same client's next one before handing the
 # connection back to the loop thread (back-to-back transfers then cost no thread hop)
 _LINGER_S = 0.005
+# at most this many puts of one connection may still have their page summaries read from the segment after
+# their answers; one more drops the oldest if it has not started (its summaries are made when a query needs
+# them) or waits for it: summaries never fall behind a client without bound, and never hold a put up for long
+_MAX_AFTER = 4
 
 
 # -- framing of control messages (both sides) -----------------------------------------------
@@ -170,9 +177,10 @@ class _Peer:
         self.seg: mmap.mmap | None = None
         self.principal = None
         self.inbuf = bytearray()
-        # work after this connection's last answer that still reads its segment (a put's page summaries),
-        # running on the server's "after" threads; settled before the segment is read or written again
-        self.after: tuple[Future, list] | None = None  # (the work, what undoes it if the segment was spoiled under it)
+        # work after this connection's answers that still reads its segment (puts' page summaries), running
+        # on the server's "after" threads, oldest first, at most _MAX_AFTER: (the work, what undoes it if the
+        # segment was spoiled under it, the first byte it reads, the byte after the last)
+        self.after: deque[tuple[Future, list, int, int]] = deque()
 
 
 class LocalServer:
@@ -224,7 +232,7 @@ class LocalServer:
             initializer=_lower_priority,
             initargs=(settings.local_bulk_nice,),
         )
-        # work after an answer (a put's page summaries) runs here, overlapping the same client's next put
+        # work after an answer (a put's page summaries) runs here, overlapping the same client's next puts
         self._after = ThreadPoolExecutor(
             max(1, settings.max_concurrent_transfers),
             thread_name_prefix="kvtier-local-after",
@@ -498,13 +506,15 @@ class LocalServer:
         t0 = time.perf_counter()
         op = req.get("op") if isinstance(req, dict) else None
         later: list = []  # (work, its undo) that may follow the answer (a put's page summaries)
-        # the previous put's summaries may still read its half of the segment: a put to the other half
-        # ("alt") runs alongside them and waits for them only before its answer (after which the client
-        # may write that half again); any other request waits for them first. A put that is not "alt" may
-        # have been written over the half they read (a put larger than half the segment): their summaries
-        # are dropped then (a cache: recomputed when a query needs them)
+        # earlier puts' summaries may still read their bytes of the segment. A put that lets its own be read
+        # after its answer ("alt") runs alongside them: only those whose bytes it was written over are waited
+        # for, and what they made is dropped (a cache: recomputed when a query needs it). A put that is not
+        # "alt" may have been written anywhere: every pending one is waited for and dropped. Any other request
+        # waits for them all first (a get writes its answer into the segment).
         alt_put = op == "put" and isinstance(req.get("args"), dict) and req["args"].get("alt") is True
-        if not alt_put:
+        if alt_put:
+            _settle_overlapping(peer, req.get("off"), req.get("len"))
+        else:
             _settle(peer, spoiled=op == "put")
         try:
             if not isinstance(req, dict):
@@ -518,13 +528,14 @@ class LocalServer:
             log.exception("local transport: %s failed", op)
             answer = {"error": {"status": 500, "code": "internal", "message": "internal error", "field": None}}
             status = 500
-        _settle(peer)
         send_msg(peer.sock, answer)
         if self.svc.metrics is not None:
             self.svc.metrics.observe("local", str(op)[:32], status, time.perf_counter() - t0)
-        if later:  # the client leaves those bytes alone until its next put's answer (see above)
+        if later:  # a put's summaries read [off, off + len) of the segment after the answer (see above)
+            _make_room_after(peer)
+            lo = req.get("off", 0)
             try:
-                peer.after = (self._after.submit(_run_later, later, op), [undo for _, undo in later])
+                peer.after.append((self._after.submit(_run_later, later, op), [undo for _, undo in later], lo, lo + req.get("len", 0)))
             except RuntimeError:  # shutting down: done here
                 _run_later(later, op)
         return True
@@ -708,14 +719,42 @@ def _run_later(work: list, op) -> None:
 
 
 def _settle(peer: _Peer, *, spoiled: bool = False) -> None:
-    """Wait for the work after the connection's previous answer (it reads the segment); ``spoiled``: the
+    """Wait for all the work after the connection's earlier answers (it reads the segment); ``spoiled``: the
     client may have written over those bytes meanwhile, so what the work made from them is undone."""
-    after, peer.after = peer.after, None
-    if after is not None:
-        future, undos = after
+    while peer.after:
+        future, undos, _, _ = peer.after.popleft()
         future.result()
         if spoiled:
             _run_later([(undo, None) for undo in undos], "an overwritten put")
+
+
+def _make_room_after(peer: _Peer) -> None:
+    """Before one more put's work is queued: while ``_MAX_AFTER`` are pending, the oldest is dropped if it has
+    not started (those summaries are made when a query needs them), else waited for."""
+    while len(peer.after) >= _MAX_AFTER:
+        future, _, _, _ = peer.after.popleft()
+        if not future.cancel():
+            future.result()
+
+
+def _settle_overlapping(peer: _Peer, off, n) -> None:
+    """Before an "alt" put that the client wrote at ``[off, off + n)``: the pending work that read those bytes
+    is waited for and undone (it may have read them half overwritten); the rest goes on."""
+    if not peer.after:
+        return
+    if isinstance(off, bool) or isinstance(n, bool) or not isinstance(off, int) or not isinstance(n, int):
+        _settle(peer, spoiled=True)  # a request the dispatch will refuse: whatever it wrote, nothing stays spoiled
+        return
+    keep: deque = deque()
+    while peer.after:
+        work = peer.after.popleft()
+        future, undos, lo, hi = work
+        if lo < off + n and off < hi:
+            future.result()
+            _run_later([(undo, None) for undo in undos], "an overwritten put")
+        else:
+            keep.append(work)
+    peer.after = keep
 
 
 def _seg(peer: _Peer) -> mmap.mmap:

@@ -48,12 +48,14 @@ from .local import _LEN, MAX_CONTROL_BYTES, frame_slot_bytes, recv_msg, send_msg
 
 DEFAULT_SEGMENT_BYTES = 64 << 20
 _CUDA_PER_REQUEST = 32  # blocks per put_cuda / get_cuda request (the server's max_blocks_per_request is 64 by default)
+# puts that fit half the segment are written one after the other in a ring with room for this many of them
+_RING_PUTS = 6
 
 
 class _Conn:
     def __init__(self, sock: socket.socket, seg: mmap.mmap) -> None:
         self.sock, self.seg = sock, seg
-        self.half = 1  # the half of the segment the last put used
+        self.cursor = 0  # where the next put that fits half the segment is written (puts go one after the other)
 
     def close(self) -> None:
         try:
@@ -260,13 +262,15 @@ class LocalKVTierClient(KVTierClient):
             args = {"model": model, "parent": _key_hex(parent) if parent is not None else None}
 
             def fill(conn, group=group, size=size, args=args):
-                # a put that fits half the segment goes to the half the previous one did not use ("alt"):
-                # the server may read the previous put's bytes (its page summaries) until this request arrives
-                half = len(conn.seg) // 2
+                # a put that fits half the segment goes after the previous one ("alt"), wrapping around at the end:
+                # the server may still read earlier puts' bytes (their page summaries) after their answers, and a
+                # put written over such bytes only costs those summaries (the server drops and later remakes them)
                 pos = 0
-                if size <= half:
-                    conn.half ^= 1
-                    pos = conn.half * half
+                if size <= len(conn.seg) // 2:
+                    # the ring spans room for _RING_PUTS such puts (at most the segment): more than the server's
+                    # pending summaries (at most 4), and no more segment memory touched than that
+                    pos = conn.cursor if conn.cursor + size <= min(len(conn.seg), _RING_PUTS * _align(size)) else 0
+                    conn.cursor = _align(pos + size)
                     args["alt"], args["off"] = True, pos
                 start_pos = pos
                 for piece in wire.encode_parts(group):
@@ -378,6 +382,10 @@ def _recv_answer(sock: socket.socket):
     if len(buf) != _LEN.size + n:
         raise ConnectionError("the local transport sent bytes after its answer")
     return msgpack.unpackb(memoryview(buf)[_LEN.size :], raw=False, strict_map_key=False)
+
+
+def _align(n: int) -> int:
+    return (n + 63) // 64 * 64
 
 
 def _item_bytes(frame) -> int:

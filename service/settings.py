@@ -164,6 +164,18 @@ class Settings(BaseSettings):
             "0: off. See docs/data-path.md."
         ),
     )
+    host_max_spare_bytes: ByteSize | None = Field(
+        None,
+        description=(
+            "Most bytes of freed block buffers the host tier keeps for reuse by later puts (no page faults), counted against "
+            "its capacity; unset: the capacity (used + spares never pass it). See docs/data-path.md."
+        ),
+    )
+    host_spare_idle_s: float | None = Field(
+        10.0,
+        gt=0,
+        description="Seconds after which spare buffers no put took are freed (down to the warm reserve) by the host tier's background thread; null (YAML): kept until a put needs the room.",
+    )
     disk_capacity_bytes: ByteSize = Field(8 << 30, description="Bytes of the disk tier under `data_dir/blocks`; 0 disables it.")
     disk_policy: str = Field("lru", description="Block eviction policy of the disk tier.")
     disk_codec: str = Field("identity", description="Codec of the disk tier.")

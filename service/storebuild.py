@@ -39,7 +39,13 @@ def build_store(settings: Settings, on_invalidate=None) -> TieredStore:
     if s.host_capacity_bytes:
         tiers.append(
             TierConfig(
-                HostTier(s.host_capacity_bytes, codec=s.host_codec, warm_reserve_bytes=s.host_warm_reserve_bytes),
+                HostTier(
+                    s.host_capacity_bytes,
+                    codec=s.host_codec,
+                    warm_reserve_bytes=s.host_warm_reserve_bytes,
+                    max_spare_bytes=s.host_max_spare_bytes,
+                    spare_idle_s=s.host_spare_idle_s,
+                ),
                 policy=s.host_policy,
                 **marks,
             )

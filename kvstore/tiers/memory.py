@@ -10,6 +10,7 @@ from __future__ import annotations
 import atexit
 import logging
 import threading
+import time
 import weakref
 from typing import Sequence
 
@@ -30,6 +31,8 @@ log = logging.getLogger("kvtier.tiers")
 _FILL_CHUNK = 1 << 20
 # the reserve's thread runs this much lower in CPU priority (nice) than the process
 _FILL_NICE = 19
+# the tier's thread looks this often whether its spares have been idle long enough to be freed
+_TRIM_EVERY_S = 1.0
 
 
 def _as_codec(codec: str | Codec) -> Codec:
@@ -49,10 +52,13 @@ class HostTier(TierBase):
 
     The buffers of removed identity blocks are kept as spares and reused by later puts of the same
     size: a copy into memory the process already touched costs a fraction of one into fresh pages
-    (6 MiB: about 0.2 ms against 3-4 ms of page faults on the CPU box of docs/data-path.md). Spares
-    count against the capacity (``used_bytes + spare bytes <= capacity_bytes``; a put that needs
-    room drops spares first) and are at most a quarter of it, so the tier's memory stays bounded. A buffer a ``get`` is still
-    copying out of is never recycled.
+    (6 MiB: about 0.2 ms against 3-4 ms of page faults on the CPU box of docs/data-path.md), as an
+    allocator such as Redis's jemalloc reuses the memory of deleted values. Spares count against the
+    capacity (``used_bytes + spare bytes <= capacity_bytes``; a put that needs room drops spares
+    first), so the tier's memory stays bounded; they are at most ``max_spare_bytes`` (None: the
+    capacity). Spares nobody took for ``spare_idle_s`` seconds (no put took one meanwhile) are
+    freed, down to the warm reserve, by the tier's background thread (None: never; the thread then
+    only fills the reserve). A buffer a ``get`` is still copying out of is never recycled.
 
     A tier that is still growing removes nothing, so it has no spares of its own: a **warm reserve**
     fills the gap. While the tier has room (``used_bytes + spare bytes + the next buffer <=
@@ -76,6 +82,8 @@ class HostTier(TierBase):
         name: str = "host",
         pin_memory: bool | None = None,
         warm_reserve_bytes: int | None = None,
+        max_spare_bytes: int | None = None,
+        spare_idle_s: float | None = 10.0,
     ) -> None:
         if capacity_bytes is None:
             raise ValueError("HostTier needs a capacity_bytes (memory must stay bounded)")
@@ -83,9 +91,19 @@ class HostTier(TierBase):
             isinstance(warm_reserve_bytes, bool) or not isinstance(warm_reserve_bytes, int) or warm_reserve_bytes < 0
         ):
             raise ValueError(f"warm_reserve_bytes must be a non-negative int or None, got {warm_reserve_bytes!r}")
+        if max_spare_bytes is not None and (
+            isinstance(max_spare_bytes, bool) or not isinstance(max_spare_bytes, int) or max_spare_bytes < 0
+        ):
+            raise ValueError(f"max_spare_bytes must be a non-negative int or None, got {max_spare_bytes!r}")
+        if spare_idle_s is not None and (
+            isinstance(spare_idle_s, bool) or not isinstance(spare_idle_s, (int, float)) or not 0 < spare_idle_s < float("inf")
+        ):
+            raise ValueError(f"spare_idle_s must be a positive number of seconds or None, got {spare_idle_s!r}")
         super().__init__(name, _as_codec(codec), capacity_bytes)
         reserve = default_warm_reserve_bytes(capacity_bytes) if warm_reserve_bytes is None else warm_reserve_bytes
-        self.warm_reserve_bytes = min(reserve, capacity_bytes // 4)  # spares are at most a quarter of the capacity
+        self.warm_reserve_bytes = min(reserve, capacity_bytes // 4)  # the reserve is at most a quarter of the capacity
+        self.max_spare_bytes = capacity_bytes if max_spare_bytes is None else min(max_spare_bytes, capacity_bytes)
+        self.spare_idle_s = None if spare_idle_s is None else float(spare_idle_s)
         self._pin = torch.cuda.is_available() if pin_memory is None else bool(pin_memory)
         # key -> (payload tensor (uint8) , meta, nbytes)
         self._entries: dict[bytes, tuple[torch.Tensor, dict, int]] = {}
@@ -102,6 +120,8 @@ class HostTier(TierBase):
         self._fill_thread: threading.Thread | None = None
         self.num_reserve_fills = 0  # buffers the reserve's thread touched and kept
         self.num_reserve_hits = 0  # puts that took a spare (recycled or from the reserve) instead of fresh pages
+        self.num_spares_freed = 0  # spares freed because nobody took them for spare_idle_s
+        self._spare_used_at: dict[int, float] = {}  # spare size -> when a put last took one, or one was last kept
 
     @property
     def spare_bytes(self) -> int:
@@ -119,6 +139,11 @@ class HostTier(TierBase):
         self._reserve_size = nbytes
         if len(self._spares.get(nbytes, ())) * nbytes + self._filling + nbytes > self.warm_reserve_bytes:
             return
+        self._start_thread()
+        self._fill_wake.set()
+
+    def _start_thread(self) -> None:
+        """The tier's background thread (under the lock): it fills the warm reserve and frees idle spares."""
         if self._fill_thread is None:
             self._fill_thread = threading.Thread(
                 target=_fill_loop, args=(weakref.ref(self), self._fill_wake), name=f"kvtier-{self.name}-reserve", daemon=True
@@ -126,7 +151,30 @@ class HostTier(TierBase):
             _FILL_THREADS.add(self._fill_thread)
             _FILL_WAKES.add(self._fill_wake)
             self._fill_thread.start()
-        self._fill_wake.set()
+
+    def _trim_idle_spares(self, now: float | None = None) -> int:
+        """Free the spares of each size no put took (and none was kept) for ``spare_idle_s``, down to the warm
+        reserve (on the tier's background thread). Returns the bytes freed."""
+        if self.spare_idle_s is None:
+            return 0
+        now = time.monotonic() if now is None else now
+        freed = 0
+        with self._lock:
+            for size in list(self._spares):
+                if now - self._spare_used_at.get(size, 0.0) < self.spare_idle_s:
+                    continue
+                bufs = self._spares[size]
+                # the reserve's own size keeps what the reserve would hold
+                allowed = self.warm_reserve_bytes // size if self.warm_reserve_bytes and size == self._reserve_size else 0
+                while len(bufs) > allowed:
+                    bufs.pop()
+                    self._spare_bytes -= size
+                    self.num_spares_freed += 1
+                    freed += size
+                if not bufs:
+                    del self._spares[size]
+                    self._spare_used_at.pop(size, None)
+        return freed
 
     def _fill_reserve(self) -> None:
         """Touch spares of the reserve's size until it holds ``warm_reserve_bytes`` or the tier has no room
@@ -160,6 +208,7 @@ class HostTier(TierBase):
                     if kept:
                         self._spares.setdefault(n, []).append(buf)
                         self._spare_bytes += n
+                        self._spare_used_at[n] = time.monotonic()
                         self.num_reserve_fills += 1
             if not kept:
                 return
@@ -174,6 +223,7 @@ class HostTier(TierBase):
             if not spares:
                 del self._spares[nbytes]
             self.num_reserve_hits += 1
+            self._spare_used_at[nbytes] = time.monotonic()
             return buf
         if self._capacity is not None:
             while self._spares and self._bound_bytes() > self._capacity:
@@ -192,11 +242,14 @@ class HostTier(TierBase):
         if meta or self.codec.name != "identity" or id(buf) in self._reading or not buf.is_contiguous():
             return  # a paged payload may have views handed out (read_spans); a buffer being read is left alone
         if self._capacity is not None and (
-            self._spare_bytes + self._filling + nbytes > self._capacity // 4 or self._bound_bytes() + nbytes > self._capacity
+            self._spare_bytes + self._filling + nbytes > self.max_spare_bytes or self._bound_bytes() + nbytes > self._capacity
         ):
-            return  # at most a quarter of the capacity is held as spares
+            return  # at most max_spare_bytes are held as spares, and used + spares never pass the capacity
         self._spares.setdefault(nbytes, []).append(buf.reshape(-1).view(torch.uint8))
         self._spare_bytes += nbytes
+        self._spare_used_at[nbytes] = time.monotonic()
+        if self.spare_idle_s is not None:
+            self._start_thread()  # frees them if they stay idle
 
     def contains(self, keys: Sequence[bytes], *, spec: KVSpec) -> list[bool]:
         entries = self._entries
@@ -370,20 +423,21 @@ atexit.register(_stop_fill_threads)
 
 
 def _fill_loop(ref, wake: threading.Event) -> None:
-    """The warm reserve's thread: it holds its tier only while filling, so a tier nobody uses any more
-    is collected and the thread ends."""
+    """The tier's background thread (warm reserve, idle spares): it holds its tier only while working, so
+    a tier nobody uses any more is collected and the thread ends."""
     lower_thread_priority(_FILL_NICE, "host tier reserve threads")
     while True:
-        woken = wake.wait(5.0)
+        woken = wake.wait(_TRIM_EVERY_S)
         tier = ref()
         if tier is None or _EXITING.is_set():
             return
-        if woken:
-            wake.clear()
-            try:
+        try:
+            if woken:
+                wake.clear()
                 tier._fill_reserve()
-            except Exception:  # a reserve is an optimisation: a failure to fill it costs page faults, nothing else
-                log.exception("host tier %s: filling the warm reserve failed", tier.name)
+            tier._trim_idle_spares()
+        except Exception:  # spares are an optimisation: a failure costs page faults (or memory held longer), nothing else
+            log.exception("host tier %s: filling the warm reserve or freeing idle spares failed", tier.name)
         del tier
 
 

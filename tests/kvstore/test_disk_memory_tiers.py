@@ -136,7 +136,8 @@ def test_device_slots_are_conserved(ops):
 
 def test_host_tier_reuses_removed_buffers_within_its_capacity():
     n = SPEC.block_nbytes
-    t = HostTier(8 * n, warm_reserve_bytes=0)  # spares: at most a quarter of the capacity (2 blocks); no reserve thread
+    # spares: at most max_spare_bytes (2 blocks); no reserve, no idle spares freed: no background thread
+    t = HostTier(8 * n, warm_reserve_bytes=0, max_spare_bytes=2 * n, spare_idle_s=None)
     bs = blocks(4)
     t.put(KEYS, bs, spec=SPEC)
     old = {bytes(k): t._entries[bytes(k)][0].data_ptr() for k in KEYS}
@@ -155,6 +156,57 @@ def test_host_tier_reuses_removed_buffers_within_its_capacity():
     more = chain_hashes(SPEC, list(range(2000, 2000 + 16 * 7)))
     assert all(t.put(more, blocks(7, seed=2), spec=SPEC))
     assert t.used_bytes + t.spare_bytes <= 8 * n and t.used_bytes == 8 * n
+
+
+def test_host_tier_keeps_every_removed_buffer_within_its_capacity_by_default():
+    """As an allocator reuses the memory of deleted values: a round of puts deleted, then the same number
+    again, lands in the first round's memory (no fresh pages); used + spares never pass the capacity."""
+    n = SPEC.block_nbytes
+    t = HostTier(8 * n, warm_reserve_bytes=0, spare_idle_s=None)
+    assert t.max_spare_bytes == 8 * n  # the default: the capacity
+    keys = chain_hashes(SPEC, list(range(16 * 8)))
+    bs = blocks(8, seed=4)
+    assert all(t.put(keys, bs, spec=SPEC))
+    old = {t._entries[bytes(k)][0].data_ptr() for k in keys}
+    assert t.remove(keys, spec=SPEC) == 8
+    assert t.spare_bytes == 8 * n and t.used_bytes == 0  # every buffer kept (a quarter before: 2)
+    hits = t.num_reserve_hits
+    keys2 = chain_hashes(SPEC, list(range(5000, 5000 + 16 * 6)))
+    bs2 = blocks(6, seed=5)
+    assert all(t.put(keys2, bs2, spec=SPEC))
+    assert t.num_reserve_hits == hits + 6 and {t._entries[bytes(k)][0].data_ptr() for k in keys2} <= old
+    assert t.used_bytes + t.spare_bytes <= 8 * n
+    assert all(torch.equal(g, b) for g, b in zip(t.get(keys2, spec=SPEC), bs2))  # the new bytes, not the old
+    # a larger block needs room: spares are dropped first, the bound holds
+    big = KVSpec("big", num_layers=2, num_kv_heads=2, head_dim=32, dtype="float16", block_tokens=16)
+    assert big.block_nbytes == 2 * n
+    assert t.put(chain_hashes(big, list(range(16))), [torch.ones(big.block_shape, dtype=torch.float16)], spec=big) == [2 * n]
+    assert t.used_bytes == 8 * n and t.spare_bytes == 0
+
+
+def test_host_tier_frees_spares_left_idle_down_to_its_warm_reserve():
+    n = SPEC.block_nbytes
+    t = HostTier(16 * n, warm_reserve_bytes=2 * n, spare_idle_s=30.0)
+    keys = chain_hashes(SPEC, list(range(16 * 8)))
+    assert all(t.put(keys, blocks(8, seed=6), spec=SPEC))
+    _wait_for(lambda: not t._filling and t.num_reserve_fills >= 1, "the reserve")
+    t.remove(keys, spec=SPEC)
+    held = t.spare_bytes
+    assert held >= 8 * n
+    now = time.monotonic()
+    assert t._trim_idle_spares(now) == 0  # used just now: kept
+    assert t._trim_idle_spares(now + 31.0) == held - 2 * n  # idle: freed down to the reserve (2 blocks)
+    assert t.spare_bytes == 2 * n and t.num_spares_freed == held // n - 2
+    assert t.put(keys[:1], blocks(1, seed=7), spec=SPEC) == [n]  # the reserve is still there for the next put
+    off = HostTier(16 * n, warm_reserve_bytes=0, spare_idle_s=None)
+    off.put(keys[:2], blocks(2), spec=SPEC)
+    off.remove(keys[:2], spec=SPEC)
+    assert off._trim_idle_spares(time.monotonic() + 1e6) == 0 and off.spare_bytes == 2 * n  # None: kept
+    with pytest.raises(ValueError, match="max_spare_bytes"):
+        HostTier(n, max_spare_bytes=-1)
+    with pytest.raises(ValueError, match="spare_idle_s"):
+        HostTier(n, spare_idle_s=0)
+    assert HostTier(4 * n, max_spare_bytes=100 * n).max_spare_bytes == 4 * n  # never beyond the capacity
 
 
 def test_host_tier_never_recycles_a_buffer_being_read():

@@ -68,3 +68,16 @@ def test_summary_store_is_lru_bounded():
     assert store.discard([keys[0], keys[4]]) == 1 and keys[0] not in store
     with pytest.raises(ValueError, match="max_bytes"):
         SummaryStore(max_bytes=0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_summary_in_the_blocks_own_dtype_is_exact(dtype):
+    """The fast path (block and summary in the same 16-bit dtype): min and max are the keys' own values,
+    the mean is the float32 mean rounded once, as page_bounds computes them."""
+    g = torch.Generator().manual_seed(5)
+    block = (torch.randn(3, 2, 2, 64, 16, generator=g) * 300).to(dtype)
+    s = summarize_block(block, 16, dtype)
+    kmin, kmax, kmean = page_bounds(block[:, 0], 16)
+    assert torch.equal(s.kmin.float(), kmin) and torch.equal(s.kmax.float(), kmax)
+    assert torch.equal(s.kmean, kmean.to(dtype))
+    assert s.kmin.dtype == dtype and s.kmin.shape == (3, 2, 4, 16) and s.kmean.is_contiguous()

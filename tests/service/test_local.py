@@ -190,6 +190,88 @@ def test_puts_alternate_halves_and_are_summarized_after_the_answer(server):
     c.close()
 
 
+def test_puts_go_one_after_another_in_the_segment_and_wrap_around(server):
+    # 2 KiB blocks in an 8 KiB segment: each single-block put fits half the segment ("alt") and goes after the
+    # previous one, wrapping to the start when it does not fit before the end; every block reads back exact,
+    # and retrieval finds a summary for each (made after the answer, or made again if it was written over)
+    c = LocalKVTierClient(server.socket, api_key=KEY_A, segment_bytes=8 << 10)
+    model = c.register_spec(TINY)
+    keys = c.hashes(model, tokens(6, seed=14))
+    bs = blocks(6, seed=14)
+    offsets = []
+    for i in range(6):
+        assert c.put(model, keys[i : i + 1], bs[i : i + 1], parent=keys[i - 1] if i else None) == [True]
+        conn = c._take()
+        offsets.append(conn.cursor)
+        c._release(conn)
+    step = offsets[0]
+    assert 2048 < step <= 4096 and offsets == [step, 2 * step, 3 * step, step, 2 * step, 3 * step]
+    assert all(torch.equal(g, b) for g, b in zip(c.get(model, keys), bs))
+    # in a large segment the ring spans room for six puts, not the whole segment (less memory touched)
+    big = LocalKVTierClient(server.socket, api_key=KEY_A, segment_bytes=1 << 20)
+    ends = []
+    for i in range(8):
+        assert big.put(model, keys[i % 6 : i % 6 + 1], bs[i % 6 : i % 6 + 1]) == [True]
+        conn = big._take()
+        ends.append(conn.cursor)
+        big._release(conn)
+    assert ends == [step * (i + 1) for i in range(6)] + [step, 2 * step]
+    big.close()
+    q = torch.randn(TINY.num_layers, 2 * TINY.num_kv_heads, TINY.head_dim).to(TINY.torch_dtype)
+    r = c.retrieve(model, q, budget=40, hashes=keys)
+    assert r.num_blocks == 6
+    c.close()
+
+
+def test_summaries_read_after_the_answer_are_dropped_only_where_a_put_was_written_over_them():
+    """The server's bookkeeping of the work that reads the segment after a put's answer (in process: the
+    futures are real, the work is what ``LocalServer`` queues)."""
+    import socket as socket_mod
+    from concurrent.futures import Future
+
+    from kvtier.service.local import _MAX_AFTER, _make_room_after, _Peer, _settle, _settle_overlapping
+
+    a, b = socket_mod.socketpair()
+    peer = _Peer(1, a)
+    undone: list[str] = []
+
+    def pending(name: str, lo: int, hi: int) -> None:
+        f: Future = Future()
+        f.set_result(None)
+        peer.after.append((f, [lambda: undone.append(name)], lo, hi))
+
+    pending("p0", 0, 100)
+    pending("p1", 128, 228)
+    pending("p2", 256, 356)
+    _settle_overlapping(peer, 150, 120)  # written over p1 and p2's bytes: theirs dropped, p0's kept
+    assert undone == ["p1", "p2"] and [w[2] for w in peer.after] == [0]
+    _settle_overlapping(peer, 100, 28)  # between p0 and where p1 was: nothing dropped
+    assert undone == ["p1", "p2"] and len(peer.after) == 1
+    _settle_overlapping(peer, "x", 10)  # a request the dispatch refuses: everything pending is dropped
+    assert undone == ["p1", "p2", "p0"] and not peer.after
+    pending("p3", 0, 10)
+    _settle(peer)  # another request: waited for, kept
+    assert undone == ["p1", "p2", "p0"] and not peer.after
+    pending("p4", 0, 10)
+    _settle(peer, spoiled=True)  # a put that is not "alt": dropped
+    assert undone[-1] == "p4"
+    # bounded: with _MAX_AFTER pending, the oldest is dropped if it has not started, else waited for
+    waiting: list[Future] = []
+    for i in range(_MAX_AFTER):
+        f = Future()
+        waiting.append(f)
+        peer.after.append((f, [], 100 * i, 100 * i + 10))
+    _make_room_after(peer)
+    assert waiting[0].cancelled() and len(peer.after) == _MAX_AFTER - 1
+    assert waiting[1].set_running_or_notify_cancel()  # started: it is waited for, not dropped
+    threading.Timer(0.05, waiting[1].set_result, (None,)).start()
+    peer.after.append((Future(), [], 900, 910))
+    _make_room_after(peer)
+    assert waiting[1].done() and not waiting[1].cancelled() and len(peer.after) == _MAX_AFTER - 1
+    a.close()
+    b.close()
+
+
 def test_a_client_that_does_not_read_its_answers_stalls_no_one_else(server):
     import msgpack
 
