@@ -546,17 +546,19 @@ def bench_lookup_workers(quick: bool) -> dict:
     of them), so: do more server processes serve more lookups on this machine? Three layouts, one after
     the other: one process with its host tier only (the default sidecar, lookups answered on the
     transport's loop thread), one process with the host tier in front of Redis, two such processes on
-    the same Redis (the shared tier makes a lookup ask Redis, at most ``redis_lookup_wait_s``)."""
+    the same Redis (the shared tier makes a lookup ask Redis, at most ``redis_lookup_wait_s``), and those two
+    answering from what they last saw of Redis (``redis_lookup_wait_s=0``: no wait)."""
     from kvtier.service.client import KVTierClient
 
     duration = 3.0 if quick else 10.0
     spec = SPEC_SMALL
     out: dict = {}
     with LocalRedis() as rs:
-        for label, n_servers, redis in (
-            ("1 process, host tier", 1, False),
-            ("1 process, host + Redis", 1, True),
-            ("2 processes, host + one Redis", 2, True),
+        for label, n_servers, redis, wait in (
+            ("1 process, host tier", 1, False, None),
+            ("1 process, host + Redis", 1, True, None),
+            ("2 processes, host + one Redis", 2, True, None),
+            ("2 processes, host + one Redis, redis_lookup_wait_s=0", 2, True, 0.0),
         ):
             rs.client().flushall()
             socks, srvs = [], []
@@ -570,6 +572,8 @@ def bench_lookup_workers(quick: bool) -> dict:
                         "KVTIER_LOCAL_SOCKET": sock,
                         "KVTIER_REDIS_URL": rs.url if redis else "",
                     }
+                    if wait is not None:
+                        env["KVTIER_REDIS_LOOKUP_WAIT_S"] = str(wait)
                     srvs.append(KVTierServe(env))
                     socks.append(sock)
                 tokens = list(range(spec.block_tokens * 8))
