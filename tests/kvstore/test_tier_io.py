@@ -94,6 +94,7 @@ def test_write_all_writes_every_part_in_order(tmp_path):
     assert (tmp_path / "f").read_bytes() == b"".join(bytes(p) for p in parts)
 
 
+@pytest.mark.skipif(not hasattr(os, "posix_fadvise"), reason="no posix_fadvise here")
 @pytest.mark.parametrize("drop", [True, False])
 def test_fsynced_pages_are_dropped_from_the_page_cache_unless_asked_not_to(tmp_path, drop):
     if _fs_type(tmp_path) in ("tmpfs", "ramfs", "overlay"):
