@@ -1,7 +1,9 @@
 """Service benchmark: 6 MiB blocks over REST, gRPC and the local transport vs raw redis-py, lookup latency under
 64 clients, host-tier latency while a slow tier is busy.
 
-    python bench/service.py [--quick] [--out FILE] [--open-rate LOOKUPS_PER_S]
+    python bench/service.py [--quick] [--out FILE] [--open-rate LOOKUPS_PER_S] [--only SECTIONS] [--paced-fraction F]
+
+Sections (``--only blocks,lookups,workers,busy``; a partial run is saved as service_sections_quick.*):
 
 In one run on loopback (ratios are what to read; absolute times move with the machine):
   1. put/get of one 6 MiB block through `kvtier serve` (its only tier: a private redis-server), with the
@@ -14,10 +16,15 @@ The clients of 2 run in 2 processes of 32 connections each, on the same 2-core b
      lookups both closed loop (64 clients back to back: the box saturated, p99 bounded below by queueing,
      mean >= 64 x CPU per lookup / cores) and open loop (64 clients at fixed times, --open-rate lookups/s in
      all, 2,000 by default; latency from the time each lookup was due);
-  4. host-tier gets and lookups over the local transport, idle and while another client keeps an
-     fsync'ing disk tier busy with demotions, or while Redis (written through) answers 200 ms late
-     (goal: p99 busy / idle <= 2x); idle and busy windows alternate. The CPU per lookup (server and
-     clients) is reported too: it bounds what p99 a 2-core box can give 64 clients.
+  4. (busy) host-tier gets and lookups over the local transport, idle and while another client keeps an
+     fsync'ing disk tier busy with demotions (its writer unpaced, and paced at --paced-fraction of the disk's own
+     rate of fsync'ed 6 MiB files measured in the same run), or while Redis (written through) answers 200 ms
+     late (goal: p99 busy / idle <= 2x); idle and busy windows alternate; a control runs the unpaced writer
+     with nothing reaching the disk, and each row's busy p99 is divided by the control's too. The CPU per
+     lookup (server and clients) is reported too: it bounds what p99 a 2-core box can give 64 clients.
+  5. (workers) closed-loop lookups, 64 clients over the local transport, against 1 server process (host tier
+     only; host tier + Redis) and 2 server processes sharing one Redis, the clients split between them.
+Sections 1-2 are ``blocks`` (1 with the transports' no-op floors) and ``lookups`` (2 and 3's lookups).
 """
 
 from __future__ import annotations
@@ -533,6 +540,99 @@ def bench_local_lookups(quick: bool, open_rate: float = 2000.0) -> dict:
         srv.close()
 
 
+def bench_lookup_workers(quick: bool) -> dict:
+    """Closed-loop lookups, 64 clients over the local transport (2 processes x 32 threads), against one
+    server process and against two server processes sharing one Redis (each client process talks to one
+    of them), so: do more server processes serve more lookups on this machine? Three layouts, one after
+    the other: one process with its host tier only (the default sidecar, lookups answered on the
+    transport's loop thread), one process with the host tier in front of Redis, two such processes on
+    the same Redis (the shared tier makes a lookup ask Redis, at most ``redis_lookup_wait_s``), and those two
+    answering from what they last saw of Redis (``redis_lookup_wait_s=0``: no wait)."""
+    from kvtier.service.client import KVTierClient
+
+    duration = 3.0 if quick else 10.0
+    spec = SPEC_SMALL
+    out: dict = {}
+    with LocalRedis() as rs:
+        for label, n_servers, redis, wait in (
+            ("1 process, host tier", 1, False, None),
+            ("1 process, host + Redis", 1, True, None),
+            ("2 processes, host + one Redis", 2, True, None),
+            ("2 processes, host + one Redis, redis_lookup_wait_s=0", 2, True, 0.0),
+        ):
+            rs.client().flushall()
+            socks, srvs = [], []
+            try:
+                for _ in range(n_servers):
+                    sock = os.path.join(tempfile.mkdtemp(prefix="kvtier-bench-sock-"), "kv.sock")
+                    env = {
+                        "KVTIER_DEVICE_CAPACITY_BYTES": "0",
+                        "KVTIER_HOST_CAPACITY_BYTES": "256MiB",
+                        "KVTIER_DISK_CAPACITY_BYTES": "0",
+                        "KVTIER_LOCAL_SOCKET": sock,
+                        "KVTIER_REDIS_URL": rs.url if redis else "",
+                    }
+                    if wait is not None:
+                        env["KVTIER_REDIS_LOOKUP_WAIT_S"] = str(wait)
+                    srvs.append(KVTierServe(env))
+                    socks.append(sock)
+                tokens = list(range(spec.block_tokens * 8))
+                with KVTierClient(f"unix://{socks[0]}") as c:
+                    model = c.register_spec(spec)
+                    keys = c.hashes(model, tokens)
+                    c.put(model, keys[:6], torch.zeros(6, *spec.block_shape, dtype=spec.torch_dtype))
+                for sock in socks:  # every server finds the 6 blocks (the others through Redis)
+                    with KVTierClient(f"unix://{sock}") as c:
+                        assert c.register_spec(spec) == model
+                        deadline = time.monotonic() + 10
+                        while c.lookup(model, hashes=keys).num_blocks != 6:
+                            assert time.monotonic() < deadline, "a server never saw the blocks another one stored"
+                            time.sleep(0.05)
+                args = {"model": model, "hashes": keys}
+                ctx = mp.get_context("fork")
+                q = ctx.Queue()
+                procs = [
+                    ctx.Process(target=_local_client_proc, args=(socks[i % n_servers], args, NUM_CLIENTS // CLIENT_PROCS, duration, 1.0, q))
+                    for i in range(CLIENT_PROCS)
+                ]
+                load0 = os.getloadavg()[0]
+                for p in procs:
+                    p.start()
+                time.sleep(1.0)
+                cpu0 = sum(_process_cpu_s(s_.proc.pid) for s_ in srvs)
+                redis_cpu0 = _process_cpu_s(rs.proc.pid)
+                lat, errors, client_cpu = [], 0, 0.0
+                for _ in procs:
+                    l_, e_, cpu_ = q.get(timeout=duration + 120)
+                    lat += l_
+                    errors += e_
+                    client_cpu += cpu_
+                server_cpu = sum(_process_cpu_s(s_.proc.pid) for s_ in srvs) - cpu0
+                redis_cpu = _process_cpu_s(rs.proc.pid) - redis_cpu0
+                for p in procs:
+                    p.join()
+                r = {
+                    "servers": n_servers,
+                    "redis": redis,
+                    **_latency_stats(lat, errors, duration),
+                    "server_cpu_us_per_request": server_cpu / max(1, len(lat)) * 1e6,
+                    "redis_cpu_us_per_request": redis_cpu / max(1, len(lat)) * 1e6,
+                    "client_cpu_us_per_request": client_cpu / max(1, len(lat)) * 1e6,
+                    "load_average": max(load0, os.getloadavg()[0]),
+                }
+                print(
+                    f"lookups, {label}: {NUM_CLIENTS} clients closed loop p50 {r['p50_ms']:.2f} ms p99 {r['p99_ms']:.2f} ms, "
+                    f"{r['rps']:.0f} req/s, {errors} errors; CPU per lookup: servers {r['server_cpu_us_per_request']:.0f} us, "
+                    f"Redis {r['redis_cpu_us_per_request']:.0f} us, clients {r['client_cpu_us_per_request']:.0f} us "
+                    f"(load average {r['load_average']:.1f})"
+                )
+                out[label] = r
+            finally:
+                for s_ in srvs:
+                    s_.close()
+    return out
+
+
 def _process_cpu_s(pid: int) -> float:
     """User + system CPU seconds of process ``pid`` so far (Linux /proc)."""
     with open(f"/proc/{pid}/stat") as f:
@@ -540,19 +640,28 @@ def _process_cpu_s(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def _busy_writer(sock: str, model: str, go, stop, q, recycle: bool = False) -> None:
-    """Puts 6 MiB blocks as fast as it can while ``go`` is set (until ``stop``): with a small host tier each
-    spills an older block to the disk tier, whose writes are fsync'ed (a real slow device). ``recycle``
-    (the control): each block is deleted right after its put, so the host tier never fills and nothing
-    reaches the slow tier however many puts the writer makes; the put's own work is the same."""
+def _busy_writer(sock: str, model: str, go, stop, q, recycle: bool = False, rate: float | None = None) -> None:
+    """Puts 6 MiB blocks while ``go`` is set (until ``stop``), as fast as it can or, with ``rate``, at most
+    ``rate`` puts/s (each due ``1 / rate`` after the last; a late one is not made up): with a small host
+    tier each spills an older block to the disk tier, whose writes are fsync'ed (a real slow device).
+    ``recycle`` (the control): each block is deleted right after its put, so the host tier never fills
+    and nothing reaches the slow tier however many puts the writer makes; the put's own work is the same."""
     from kvtier.service.client import KVTierClient
 
     c = KVTierClient(f"unix://{sock}", segment_bytes=16 << 20)
     block = torch.randn(SPEC_6M.block_shape, generator=torch.Generator().manual_seed(1)).to(SPEC_6M.torch_dtype)
     n = i = 0
+    due = time.perf_counter()
     while not stop.is_set():
         if not go.wait(0.05):
             continue
+        if rate is not None:
+            now = time.perf_counter()
+            due = max(due + 1.0 / rate, now - 1.0 / rate)  # after a pause, no burst to catch up
+            if due > now:
+                time.sleep(due - now)
+            if not go.is_set():
+                continue
         key = chain_hashes(SPEC_6M, np.full(SPEC_6M.block_tokens, 7 + i), Namespace(salt="busy"))[0]
         c.put(model, [key], block.unsqueeze(0))
         if recycle:
@@ -588,12 +697,44 @@ def bench_slow_redis(quick: bool) -> dict:
             th.join(5)
 
 
-def bench_busy_tier(quick: bool, slow_tier: bool = True, redis_url: str | None = None, redis_slow=None) -> dict:
+def measure_disk_write_rate(quick: bool) -> dict:
+    """The device's sustained rate for what the disk tier does per demoted block: a 6 MiB file written,
+    fsync'ed and renamed, back to back for 2 s (1 s quick), in the temporary directory the server's
+    data directory is made in (the same filesystem), by this process alone."""
+    d = tempfile.mkdtemp(prefix="kvtier-bench-disk-")
+    data = os.urandom(SPEC_6M.block_nbytes)
+    n, t0 = 0, time.perf_counter()
+    try:
+        while time.perf_counter() - t0 < (1.0 if quick else 2.0):
+            tmp = os.path.join(d, f".tmp-{n}")
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            try:
+                os.write(fd, data)
+                os.fsync(fd)
+                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+            finally:
+                os.close(fd)
+            os.replace(tmp, os.path.join(d, f"{n}.kvf"))
+            n += 1
+        dt = time.perf_counter() - t0
+    finally:
+        import shutil
+
+        shutil.rmtree(d, ignore_errors=True)
+    r = {"blocks_per_s": n / dt, "mb_per_s": n * len(data) / dt / 1e6, "load_average": os.getloadavg()[0]}
+    print(f"disk alone: {r['blocks_per_s']:.1f} fsync'ed 6 MiB files/s ({r['mb_per_s']:.0f} MB/s)")
+    return r
+
+
+def bench_busy_tier(
+    quick: bool, slow_tier: bool = True, redis_url: str | None = None, redis_slow=None, writer_rate: float | None = None
+) -> dict:
     """Host-tier gets and lookups over the local transport, idle and while a writer keeps the disk
     tier busy (every put demotes a 6 MiB block to a disk tier that fsyncs each file): p99 busy / idle.
     Idle and busy windows alternate (the writer is paused and resumed), so both see the same machine.
     ``slow_tier=False`` is the control: the same writer, each of its blocks deleted after its put so
-    the host tier never fills (no disk I/O), so what remains is the CPU the writer takes on this machine."""
+    the host tier never fills (no disk I/O), so what remains is the CPU the writer takes on this machine.
+    ``writer_rate``: the writer makes at most that many puts/s (None: unpaced)."""
     from kvtier.service.client import KVTierClient
 
     rounds, window = (4, 1.0) if quick else (10, 2.0)
@@ -645,10 +786,11 @@ def bench_busy_tier(quick: bool, slow_tier: bool = True, redis_url: str | None =
 
         ctx = mp.get_context("fork")
         q, go, stop = ctx.Queue(), ctx.Event(), ctx.Event()
-        writer = ctx.Process(target=_busy_writer, args=(sock, big, go, stop, q, not slow_tier and redis_url is None))
+        writer = ctx.Process(target=_busy_writer, args=(sock, big, go, stop, q, not slow_tier and redis_url is None, writer_rate))
         writer.start()
         go.set()
-        time.sleep(1.5)  # the host tier fills up: from here on every put demotes to the disk
+        # the host tier fills up: from here on every put demotes to the disk
+        time.sleep(1.5 if writer_rate is None else max(1.5, 14 / writer_rate))
         slow = "redis" if redis_url is not None else "disk"
         disk_before = next(t for t in c.stats()["tiers"] if t["name"] == slow)["puts"]
         for _ in range(rounds):
@@ -683,6 +825,7 @@ def bench_busy_tier(quick: bool, slow_tier: bool = True, redis_url: str | None =
         "idle": idle,
         "busy": busy,
         "busy_puts": puts,
+        "writer_rate": writer_rate,
         "lookups_short": short,
         "disk_blocks_written": disk_puts,
         "rounds": rounds,
@@ -692,6 +835,8 @@ def bench_busy_tier(quick: bool, slow_tier: bool = True, redis_url: str | None =
         "lookup_p99_ratio": busy["lookup"]["p99_ms"] / idle["lookup"]["p99_ms"],
     }
     label = "Redis 200 ms late" if redis_url is not None else "busy disk tier" if slow_tier else "control, no disk I/O"
+    if writer_rate is not None:
+        label += f", writer paced at {writer_rate:.1f} puts/s"
     print(
         f"{label} ({puts} puts of 6 MiB, {disk_puts} blocks written to the slow tier "
         f"in the measured windows): host-tier get p99 {idle['get']['p99_ms']:.2f} -> {busy['get']['p99_ms']:.2f} ms "
@@ -699,6 +844,9 @@ def bench_busy_tier(quick: bool, slow_tier: bool = True, redis_url: str | None =
         f"({r['lookup_p99_ratio']:.2f}x); lookups that missed some of the 4 blocks: {short['idle']} idle, {short['busy']} busy"
     )
     return r
+
+
+SECTIONS = ("blocks", "lookups", "workers", "busy")
 
 
 def main() -> None:
@@ -712,18 +860,80 @@ def main() -> None:
         default=2000.0,
         help="lookups/s in all (spread over the 64 clients) for the open-loop lookup case over the local transport",
     )
+    ap.add_argument(
+        "--only",
+        help=f"comma-separated sections to run (of {', '.join(SECTIONS)}; default: all); a partial run is saved "
+        "as service_sections_quick.* (never as the full results)",
+    )
+    ap.add_argument(
+        "--paced-fraction",
+        type=float,
+        default=0.5,
+        help="the paced writer of the busy section puts this fraction of the disk's own sustained rate of "
+        "fsync'ed 6 MiB files, measured in the same run",
+    )
     args = ap.parse_args()
+    only = set(SECTIONS) if not args.only else {x.strip() for x in args.only.split(",") if x.strip()}
+    if only - set(SECTIONS):
+        ap.error(f"unknown sections {sorted(only - set(SECTIONS))}; known: {', '.join(SECTIONS)}")
     load_start = os.getloadavg()[0]
     torch.set_num_threads(args.threads)
-    blocks = {label: bench_blocks(args.quick, label, env) for label, env in CONFIGS.items()}
-    grpc_floor = bench_grpc_floor(args.quick)
-    rest_floor = bench_rest_floor(args.quick)
-    lookups = bench_lookups(args.quick)
-    local_lookups = bench_local_lookups(args.quick, args.open_rate)
-    busy = bench_busy_tier(args.quick)
-    control = bench_busy_tier(args.quick, slow_tier=False)
-    slow_redis = bench_slow_redis(args.quick)
+    blocks = grpc_floor = rest_floor = lookups = local_lookups = busy = control = paced = slow_redis = disk_rate = workers = None
+    if "blocks" in only:
+        blocks = {label: bench_blocks(args.quick, label, env) for label, env in CONFIGS.items()}
+        grpc_floor = bench_grpc_floor(args.quick)
+        rest_floor = bench_rest_floor(args.quick)
+    if "lookups" in only:
+        lookups = bench_lookups(args.quick)
+        local_lookups = bench_local_lookups(args.quick, args.open_rate)
+    if "workers" in only:
+        workers = bench_lookup_workers(args.quick)
+    if "busy" in only:
+        disk_rate = measure_disk_write_rate(args.quick)
+        busy = bench_busy_tier(args.quick)
+        control = bench_busy_tier(args.quick, slow_tier=False)
+        paced = bench_busy_tier(args.quick, writer_rate=args.paced_fraction * disk_rate["blocks_per_s"])
+        paced["disk_alone"] = disk_rate
+        paced["paced_fraction"] = args.paced_fraction
+        slow_redis = bench_slow_redis(args.quick)
     mode = "quick" if args.quick else "full"
+    md = [
+        f"Service benchmark ({mode} mode): `python bench/service.py{' --quick' if args.quick else ''}"
+        f"{' --only ' + ','.join(s_ for s_ in SECTIONS if s_ in only) if args.only else ''}`. "
+        f"Load average {load_start:.1f} at the start, {os.getloadavg()[0]:.1f} at the end, on {os.cpu_count()} cores.",
+        "",
+    ]
+    if blocks is not None:
+        md += _md_blocks(blocks, grpc_floor, rest_floor)
+    if lookups is not None:
+        md += _md_lookups(lookups, local_lookups)
+    if workers is not None:
+        md += _md_workers(workers)
+    if busy is not None:
+        md += _md_busy(busy, control, paced, slow_redis)
+    print("\n" + "\n".join(md))
+    figures = {
+        "mode": mode,
+        "sections": [s_ for s_ in SECTIONS if s_ in only],
+        "load_average_start": load_start,
+        "load_average_end": os.getloadavg()[0],
+        "blocks_6mib": blocks,
+        "grpc_transport_alone": grpc_floor,
+        "rest_transport_alone": rest_floor,
+        "lookups": lookups,
+        "local_lookups": local_lookups,
+        "lookup_workers": workers,
+        "disk_alone": disk_rate,
+        "busy_tier": busy,
+        "busy_control": control,
+        "busy_paced": paced,
+        "slow_redis": slow_redis,
+    }
+    name = "service_sections_quick" if args.only else "service_quick" if args.quick else "service"
+    save_results(name, {k: v for k, v in figures.items() if v is not None}, "\n".join(md), args.out)
+
+
+def _md_blocks(blocks: dict, grpc_floor: dict, rest_floor: dict) -> list[str]:
     rows = []
     for label, b in blocks.items():
         for tr, goal in (("rest", ">= 0.5x"), ("grpc", ">= 0.7x"), ("local", ">= 1.5x")):
@@ -741,12 +951,11 @@ def main() -> None:
                     ]
                 )
     md = [
-        f"Service benchmark ({mode} mode): `python bench/service.py{' --quick' if args.quick else ''}`, 6 MiB blocks "
+        "6 MiB blocks "
         "(SDK clients, best of 3 interleaved rounds; ratio = raw redis-py time / kvtier time, higher is better). "
         "A put stores a new block, so it is compared with a SET of a new key (each round's keys deleted after it, as "
         "kvtier's are); a SET overwriting one key, where Redis reuses the freed value's memory and takes no page faults, "
-        "is shown beside it. "
-        f"Load average {load_start:.1f} at the start, {os.getloadavg()[0]:.1f} at the end, on {os.cpu_count()} cores.",
+        "is shown beside it.",
         "",
         md_table(
             [
@@ -786,6 +995,10 @@ def main() -> None:
         md_table(["transport", "op", "kvtier", "no-op app", "kvtier / no-op"], frows),
         "",
     ]
+    return md
+
+
+def _md_lookups(lookups: dict, local_lookups: dict) -> list[str]:
     lrows = [
         [
             label,
@@ -815,7 +1028,7 @@ def main() -> None:
                 f"{loc['single_client_p50_ms']:.2f}",
             ]
         )
-    md += [
+    md = [
         md_table(
             ["lookup", "loop", "concurrent clients", "p50 ms", "p99 ms", "goal p99", "requests/s", "errors", "one client p50 ms"], lrows
         ),
@@ -832,6 +1045,54 @@ def main() -> None:
         f"- load average {max(loc['load_average'], opn['load_average']):.1f} on {os.cpu_count()} cores.",
         "",
     ]
+    return md
+
+
+def _md_workers(workers: dict) -> list[str]:
+    base = next(iter(workers.values()))
+    rows = [
+        [
+            label,
+            f"{r['p50_ms']:.2f}",
+            f"{r['p99_ms']:.2f}",
+            f"{r['rps']:.0f}",
+            f"**{r['rps'] / base['rps']:.2f}x**",
+            r["errors"],
+            f"{r['server_cpu_us_per_request']:.0f} / {r['redis_cpu_us_per_request']:.0f} / {r['client_cpu_us_per_request']:.0f}",
+            f"{r['load_average']:.1f}",
+        ]
+        for label, r in workers.items()
+    ]
+    return [
+        "Lookups by hashes (8 blocks), 64 clients in a closed loop over the local transport (2 client processes of 32 "
+        "threads), against one server process and against two sharing one Redis (each client process talks to one "
+        f"server), {base['duration_s']:.0f} s each:",
+        "",
+        md_table(
+            [
+                "servers",
+                "p50 ms",
+                "p99 ms",
+                "requests/s",
+                "vs 1 process, host tier",
+                "errors",
+                "CPU us per lookup: servers / Redis / clients",
+                "load average",
+            ],
+            rows,
+        ),
+        "",
+    ]
+
+
+def _md_busy(busy: dict, control: dict, paced: dict, slow_redis: dict) -> list[str]:
+    disk_alone = paced["disk_alone"]
+
+    def vs_control(r: dict, op: str) -> str:
+        if r is control:
+            return "-"
+        return f"{r['busy'][op]['p99_ms'] / control['busy'][op]['p99_ms']:.2f}x"
+
     brows = [
         [
             label,
@@ -841,41 +1102,39 @@ def main() -> None:
             f"{r['busy'][op]['p50_ms']:.2f}",
             f"{r['busy'][op]['p99_ms']:.2f}",
             f"**{r[op + '_p99_ratio']:.2f}x**",
+            vs_control(r, op),
             "(control)" if r is control else "<= 2x",
         ]
         for label, r in (
-            (f"disk tier busy ({busy['disk_blocks_written']} fsync'ed writes)", busy),
+            (f"disk tier busy, writer unpaced ({busy['disk_blocks_written']} fsync'ed writes)", busy),
+            (
+                f"disk tier busy, writer paced at {paced['writer_rate']:.1f} puts/s ({paced['disk_blocks_written']} fsync'ed writes)",
+                paced,
+            ),
             (f"Redis 200 ms late, written through ({slow_redis['disk_blocks_written']} blocks)", slow_redis),
-            (f"writer, host tier of 4 GiB ({control['disk_blocks_written']} blocks reached the disk)", control),
+            (f"writer unpaced, host tier of 4 GiB ({control['disk_blocks_written']} blocks reached the disk)", control),
         )
         for op in ("get", "lookup")
     ]
-    md += [
+    window_s = busy["rounds"] * busy["window_s"]
+    return [
         "Host-tier calls over the local transport (4 small blocks) while another client puts 6 MiB blocks, each demoting "
         "one to an fsync'ing disk tier; the control runs the same writer, unpaced, with a 4 GiB host tier and each "
         "block deleted after its put, so nothing reaches the disk (what is left is the writer's CPU on this machine). "
+        f"The paced writer puts {paced['paced_fraction']:.0%} of the disk's own sustained rate, measured in this run: "
+        f"{disk_alone['blocks_per_s']:.1f} fsync'ed 6 MiB files/s ({disk_alone['mb_per_s']:.0f} MB/s) written by one "
+        "process alone; so the disk is kept about that busy while the writer's CPU is a fraction of the unpaced one's. "
         "Idle and busy windows alternate "
-        f"({busy['rounds']} rounds of {busy['window_s']:.0f} s each):",
+        f"({busy['rounds']} rounds of {busy['window_s']:.0f} s each); blocks written to the disk per busy second: "
+        f"unpaced {busy['disk_blocks_written'] / window_s:.1f}, paced {paced['disk_blocks_written'] / window_s:.1f}. "
+        "The last column divides a row's busy p99 by the control's busy p99 (what the disk adds to the writer's CPU).",
         "",
-        md_table(["writer", "op", "idle p50 ms", "idle p99 ms", "busy p50 ms", "busy p99 ms", "p99 busy / idle", "goal"], brows),
+        md_table(
+            ["writer", "op", "idle p50 ms", "idle p99 ms", "busy p50 ms", "busy p99 ms", "p99 busy / idle", "busy p99 / control's", "goal"],
+            brows,
+        ),
+        "",
     ]
-    print("\n" + "\n".join(md))
-    save_results(
-        "service_quick" if args.quick else "service",
-        {
-            "mode": mode,
-            "blocks_6mib": blocks,
-            "grpc_transport_alone": grpc_floor,
-            "rest_transport_alone": rest_floor,
-            "lookups": lookups,
-            "local_lookups": local_lookups,
-            "busy_tier": busy,
-            "busy_control": control,
-            "slow_redis": slow_redis,
-        },
-        "\n".join(md),
-        args.out,
-    )
 
 
 if __name__ == "__main__":

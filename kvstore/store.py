@@ -52,6 +52,7 @@ from .membership import MembershipRefresher
 from .policy import BlockPolicy
 from .spec import KVSpec
 from .tiers.base import StorageTier
+from kvtier.threads import check_io_priority, lower_thread_priority
 
 log = logging.getLogger(__name__)
 
@@ -154,6 +155,8 @@ class TieredStore:
         write_through_retry_batch: int = 8,
         io_workers: int = 4,
         shared_lookup_wait_s: float = 0.005,
+        io_nice: int = 0,
+        io_priority: str = "low",
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         """``max_write_through_pending``: refused write-throughs remembered per tier (the oldest are
@@ -161,7 +164,10 @@ class TieredStore:
         ``write_through_retry_batch`` of them are tried again per ``put``. ``io_workers``: threads
         per write-through tier, and for ``put_async`` / ``get_async``. ``shared_lookup_wait_s``: the
         longest a lookup waits for a shared tier (Redis) to say which blocks it holds; past it the
-        lookup answers from what this process last saw there (see ``lookup``); 0: never wait."""
+        lookup answers from what this process last saw there (see ``lookup``); 0: never wait.
+        ``io_nice`` / ``io_priority``: the write-through threads run ``io_nice`` lower in CPU priority
+        (0-19; a put waits for its write-throughs, so this slows puts on a busy machine) and at this
+        I/O priority (``"low"``: best-effort level 7, ``"idle"``, ``"normal"``: see ``kvtier.threads``)."""
         if not tiers:
             raise ValueError("a TieredStore needs at least one tier")
         cfgs = [t if isinstance(t, TierConfig) else TierConfig(t) for t in tiers]
@@ -173,6 +179,9 @@ class TieredStore:
                 raise ValueError(f"{name} must be a non-negative int, got {v!r}")
         if isinstance(io_workers, bool) or not isinstance(io_workers, int) or io_workers < 1:
             raise ValueError(f"io_workers must be a positive int, got {io_workers!r}")
+        if isinstance(io_nice, bool) or not isinstance(io_nice, int) or not 0 <= io_nice <= 19:
+            raise ValueError(f"io_nice must be an int from 0 to 19, got {io_nice!r}")
+        self.io_nice, self.io_priority = io_nice, check_io_priority(io_priority)
         if (
             isinstance(shared_lookup_wait_s, bool)
             or not isinstance(shared_lookup_wait_s, (int, float))
@@ -629,7 +638,12 @@ class TieredStore:
         if st.executor is None:
             with self._lock:
                 if st.executor is None:
-                    st.executor = ThreadPoolExecutor(self.io_workers, thread_name_prefix=f"kvtier-{st.tier.name}")
+                    st.executor = ThreadPoolExecutor(
+                        self.io_workers,
+                        thread_name_prefix=f"kvtier-{st.tier.name}",
+                        initializer=lower_thread_priority,
+                        initargs=(self.io_nice, f"{st.tier.name} write-through threads", self.io_priority),
+                    )
         return st.executor
 
     # -- public API ------------------------------------------------------------------------

@@ -156,9 +156,10 @@ def _max_header(spec):
     return encode_frame_parts(b"\xff" * 32, spec, "identity", {}, spec.block_shape, spec.dtype, b"")
 
 
-def _lower_priority(nice: int) -> None:
-    """The bulk and "after" pools' initializer: their threads run ``nice`` lower in priority."""
-    lower_thread_priority(nice, "local transport: bulk threads")
+def _lower_priority(nice: int, io_priority: str = "normal") -> None:
+    """The bulk and "after" pools' initializer: their threads run ``nice`` lower in CPU priority, at
+    I/O priority ``io_priority`` (a put's demotions to the disk tier are written from these threads)."""
+    lower_thread_priority(nice, "local transport: bulk threads", io_priority)
 
 
 def _align(n: int) -> int:
@@ -230,14 +231,14 @@ class LocalServer:
             max(1, settings.max_concurrent_transfers),
             thread_name_prefix="kvtier-local-bulk",
             initializer=_lower_priority,
-            initargs=(settings.local_bulk_nice,),
+            initargs=(settings.local_bulk_nice, settings.local_bulk_io_priority),
         )
         # work after an answer (a put's page summaries) runs here, overlapping the same client's next puts
         self._after = ThreadPoolExecutor(
             max(1, settings.max_concurrent_transfers),
             thread_name_prefix="kvtier-local-after",
             initializer=_lower_priority,
-            initargs=(settings.local_bulk_nice,),
+            initargs=(settings.local_bulk_nice, settings.local_bulk_io_priority),
         )
         self._sel.register(self._sock, selectors.EVENT_READ, None)
         self._sel.register(self._wake_r, selectors.EVENT_READ, "wake")

@@ -96,6 +96,20 @@ class Settings(BaseSettings):
         le=19,
         description="How much lower the CPU priority (nice) of the local transport's put threads (and of the threads making a put's page summaries after its answer) is than the rest of the server, so that a client filling the store does not slow down other clients' gets and lookups on a busy machine; 0: the same.",
     )
+    local_bulk_io_priority: str = Field(
+        "low",
+        description="I/O priority of the same threads (they write a put's demotions to the disk tier): `low` (best-effort, level 7: served after other best-effort I/O where the scheduler orders by level, e.g. BFQ; never starved), `idle` (only when no other I/O is pending: a put may wait for it), `normal` (unchanged). See `kvtier/threads.py`.",
+    )
+    tier_io_nice: int = Field(
+        0,
+        ge=0,
+        le=19,
+        description="How much lower the CPU priority (nice) of the store's write-through threads (one pool per write-through tier: disk with `disk_write_through`, Redis) is than the rest of the server. A put waits for its write-throughs, so a higher value slows puts on a busy machine; 0: the same.",
+    )
+    tier_io_priority: str = Field(
+        "low",
+        description="I/O priority of the store's write-through threads: `low`, `idle` or `normal`, as `local_bulk_io_priority`.",
+    )
     insecure: bool = Field(
         False, description="Allow binding a non-loopback host with no API keys configured (anyone who can connect is admin)."
     )
@@ -180,6 +194,10 @@ class Settings(BaseSettings):
     disk_policy: str = Field("lru", description="Block eviction policy of the disk tier.")
     disk_codec: str = Field("identity", description="Codec of the disk tier.")
     disk_fsync: bool = Field(False, description="fsync every block file before it becomes visible (durable across power loss, slower).")
+    disk_drop_written_pages: bool = Field(
+        True,
+        description="With `disk_fsync`: drop each block file's pages from the kernel's page cache once it is fsync'ed (they are clean then), so that filling the disk tier does not grow the page cache by every byte written and each write reuses pages instead of taking fresh ones (4x less CPU per 6 MiB write on the benchmark VM, docs/data-path.md); a later read of such a block comes from the device. false: leave them cached.",
+    )
     disk_write_through: bool = Field(
         False,
         description="Write every new block to the disk tier at once, so an acknowledged block survives even `kill -9` (slower puts); false: memory tiers reach the disk on demotion and at a graceful stop (`flush_on_close`).",
@@ -375,6 +393,13 @@ class Settings(BaseSettings):
         if v not in ("debug", "info", "warning", "error", "critical"):
             raise ValueError(f"log_level must be debug, info, warning, error or critical, got {v!r}")
         return v
+
+    @field_validator("local_bulk_io_priority", "tier_io_priority")
+    @classmethod
+    def _io_priority(cls, v: str) -> str:
+        from kvtier.threads import check_io_priority
+
+        return check_io_priority(v.strip().lower())
 
     @field_validator("device_policy", "host_policy", "disk_policy", "redis_policy")
     @classmethod

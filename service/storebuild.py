@@ -56,6 +56,7 @@ def build_store(settings: Settings, on_invalidate=None) -> TieredStore:
             s.disk_capacity_bytes,
             codec=s.disk_codec,
             fsync=s.disk_fsync,
+            drop_written_pages=s.disk_drop_written_pages,
             min_free_bytes=s.disk_min_free_bytes,
             cipher=cipher,
         )
@@ -88,6 +89,8 @@ def build_store(settings: Settings, on_invalidate=None) -> TieredStore:
         max_events=s.max_events,
         max_pin_ttl_s=s.max_pin_ttl_s,
         shared_lookup_wait_s=s.redis_lookup_wait_s,
+        io_nice=s.tier_io_nice,
+        io_priority=s.tier_io_priority,
     )
     if s.redis_url and s.redis_invalidation:  # drop our copies of blocks other instances delete or rewrite
 

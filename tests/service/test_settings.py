@@ -52,6 +52,9 @@ def test_env_yaml_and_keyword_precedence(monkeypatch, tmp_path):
         ({"low_watermark": 0.99, "high_watermark": 0.9}, "low_watermark"),
         ({"device_capacity_bytes": 0, "host_capacity_bytes": 0, "disk_capacity_bytes": 0}, "every tier"),
         ({"bogus": 1}, "bogus"),
+        ({"local_bulk_io_priority": "urgent"}, "local_bulk_io_priority"),
+        ({"tier_io_priority": "realtime"}, "tier_io_priority"),
+        ({"tier_io_nice": 20}, "tier_io_nice"),
     ],
 )
 def test_invalid_settings_name_the_field(kwargs, field):
