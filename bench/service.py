@@ -79,6 +79,16 @@ CONFIGS = {
 }
 
 
+def _tmpdir(prefix: str) -> str:
+    """A temporary directory (sockets, data) removed when this process exits."""
+    import atexit
+    import shutil
+
+    d = tempfile.mkdtemp(prefix=prefix)
+    atexit.register(shutil.rmtree, d, True)
+    return d
+
+
 def bench_blocks(quick: bool, label: str, env: dict) -> dict:
     import redis
 
@@ -88,7 +98,7 @@ def bench_blocks(quick: bool, label: str, env: dict) -> dict:
     repeat = 5 if quick else 20
     spec = SPEC_6M
     block = torch.randn(spec.block_shape, generator=torch.Generator().manual_seed(0)).to(spec.torch_dtype)
-    sock = os.path.join(tempfile.mkdtemp(prefix="kvtier-bench-sock-"), "kv.sock")
+    sock = os.path.join(_tmpdir("kvtier-bench-sock-"), "kv.sock")
     with LocalRedis() as lr:
         srv = KVTierServe({"KVTIER_REDIS_URL": lr.url, "KVTIER_LOCAL_SOCKET": sock, **env}, grpc=True)
         try:
@@ -239,7 +249,7 @@ def bench_rest_floor(quick: bool) -> dict:
     """uvicorn + httpx alone: 6 MiB to and from a Starlette app that does nothing (the REST stack's own cost)."""
     nbytes = SPEC_6M.block_nbytes
     data = np.random.default_rng(0).bytes(nbytes)
-    d = tempfile.mkdtemp(prefix="kvtier-bench-floor-")
+    d = _tmpdir("kvtier-bench-floor-")
     with open(os.path.join(d, "floorapp.py"), "w") as f:
         f.write(_FLOOR_APP.format(nbytes=nbytes))
     port = free_port()
@@ -443,13 +453,25 @@ def _local_client_proc(
     q.put(([x for ls in lat for x in ls], sum(errors), time.process_time() - cpu0))
 
 
+def _collect(q, n_procs: int, duration_s: float) -> tuple[list[float], int, float]:
+    """The latencies, errors and CPU seconds the ``n_procs`` client processes of ``_local_client_proc`` put on ``q``."""
+    lat: list[float] = []
+    errors, client_cpu = 0, 0.0
+    for _ in range(n_procs):
+        l_, e_, cpu_ = q.get(timeout=duration_s + 120)
+        lat += l_
+        errors += e_
+        client_cpu += cpu_
+    return lat, errors, client_cpu
+
+
 def bench_local_lookups(quick: bool, open_rate: float = 2000.0) -> dict:
     """Lookup latency with 64 concurrent clients over the local transport (2 processes x 32 threads): closed
     loop (every client back to back) and open loop (``open_rate`` lookups/s in all, spread over the 64)."""
     from kvtier.service.client import KVTierClient
 
     duration = 3.0 if quick else 15.0
-    sock = os.path.join(tempfile.mkdtemp(prefix="kvtier-bench-sock-"), "kv.sock")
+    sock = os.path.join(_tmpdir("kvtier-bench-sock-"), "kv.sock")
     srv = KVTierServe(
         {
             "KVTIER_DEVICE_CAPACITY_BYTES": "64MiB",
@@ -482,12 +504,7 @@ def bench_local_lookups(quick: bool, open_rate: float = 2000.0) -> dict:
                 p.start()
             time.sleep(1.0)  # the clients' warm-up
             server_cpu0 = _process_cpu_s(srv.proc.pid)
-            lat, errors, client_cpu = [], 0, 0.0
-            for _ in procs:
-                l_, e_, cpu_ = q.get(timeout=duration + 120)
-                lat += l_
-                errors += e_
-                client_cpu += cpu_
+            lat, errors, client_cpu = _collect(q, len(procs), duration)
             server_cpu = _process_cpu_s(srv.proc.pid) - server_cpu0
             for p in procs:
                 p.join()
@@ -564,7 +581,7 @@ def bench_lookup_workers(quick: bool) -> dict:
             socks, srvs = [], []
             try:
                 for _ in range(n_servers):
-                    sock = os.path.join(tempfile.mkdtemp(prefix="kvtier-bench-sock-"), "kv.sock")
+                    sock = os.path.join(_tmpdir("kvtier-bench-sock-"), "kv.sock")
                     env = {
                         "KVTIER_DEVICE_CAPACITY_BYTES": "0",
                         "KVTIER_HOST_CAPACITY_BYTES": "256MiB",
@@ -601,12 +618,7 @@ def bench_lookup_workers(quick: bool) -> dict:
                 time.sleep(1.0)
                 cpu0 = sum(_process_cpu_s(s_.proc.pid) for s_ in srvs)
                 redis_cpu0 = _process_cpu_s(rs.proc.pid)
-                lat, errors, client_cpu = [], 0, 0.0
-                for _ in procs:
-                    l_, e_, cpu_ = q.get(timeout=duration + 120)
-                    lat += l_
-                    errors += e_
-                    client_cpu += cpu_
+                lat, errors, client_cpu = _collect(q, len(procs), duration)
                 server_cpu = sum(_process_cpu_s(s_.proc.pid) for s_ in srvs) - cpu0
                 redis_cpu = _process_cpu_s(rs.proc.pid) - redis_cpu0
                 for p in procs:
@@ -701,7 +713,7 @@ def measure_disk_write_rate(quick: bool) -> dict:
     """The device's sustained rate for what the disk tier does per demoted block: a 6 MiB file written,
     fsync'ed and renamed, back to back for 2 s (1 s quick), in the temporary directory the server's
     data directory is made in (the same filesystem), by this process alone."""
-    d = tempfile.mkdtemp(prefix="kvtier-bench-disk-")
+    d = _tmpdir("kvtier-bench-disk-")
     data = os.urandom(SPEC_6M.block_nbytes)
     n, t0 = 0, time.perf_counter()
     try:
@@ -738,7 +750,7 @@ def bench_busy_tier(
     from kvtier.service.client import KVTierClient
 
     rounds, window = (4, 1.0) if quick else (10, 2.0)
-    sock = os.path.join(tempfile.mkdtemp(prefix="kvtier-bench-sock-"), "kv.sock")
+    sock = os.path.join(_tmpdir("kvtier-bench-sock-"), "kv.sock")
     env = {
         "KVTIER_DEVICE_CAPACITY_BYTES": "0",
         "KVTIER_HOST_CAPACITY_BYTES": "64MiB" if slow_tier else "4GiB",
