@@ -630,6 +630,11 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=None)
     ap.add_argument("--dir", help="where the disk tier lives (default: a temporary directory)")
     ap.add_argument("--no-1m", action="store_true", help="skip the 1M-token context in the full run")
+    ap.add_argument(
+        "--no-1m-redis",
+        action="store_true",
+        help="the 1M-token context in the disk tier only (in Redis it needs about 4.5 GiB of memory for redis-server)",
+    )
     ap.add_argument("--contexts", type=int, nargs="+", help="run only these contexts of the full run, in K tokens (32 128 1024)")
     ap.add_argument("--prefill", action="store_true", help="only the streamed prefill (1M tokens; --quick: 64K)")
     ap.add_argument("--prefill-tokens", type=int, default=1 << 20)
@@ -655,7 +660,7 @@ def main() -> None:
     else:
         plan = [(32 << 10, 2, ("disk", "redis"), 2, True), (128 << 10, 2, ("disk", "redis"), 1, True)]
         if not args.no_1m:
-            plan.append((1 << 20, 1, ("disk",), 1, False))
+            plan.append((1 << 20, 1, ("disk",) if args.no_1m_redis else ("disk", "redis"), 1, False))
         if args.contexts:
             plan = [p for p in plan if p[0] >> 10 in args.contexts]
     rows = []
