@@ -111,15 +111,10 @@ def check_handle(h: Any, shape: tuple, dtype: torch.dtype, field: str) -> dict:
         raise BadRequest(
             f"a CUDA IPC handle must name a {want} tensor of shape {list(shape)}, got {h['dtype']} {h['shape']}"[:300], field=field
         )
-    contiguous: list[int] = []
-    acc = 1
-    for n in reversed(list(shape)):
-        contiguous.insert(0, acc)
-        acc *= n
-    if [int(x) for x in h["stride"]] != contiguous:
+    like = torch.empty(tuple(shape), dtype=dtype, device="meta")  # the contiguous block: its strides and size, no memory
+    if [int(x) for x in h["stride"]] != list(like.stride()):
         raise BadRequest("a CUDA IPC handle must name a contiguous tensor", field=field)
-    esize = torch.empty((), dtype=dtype).element_size()
-    if h["offset"] < 0 or h["storage_offset_bytes"] < 0 or (h["offset"] + acc) * esize > h["storage_bytes"]:
+    if h["offset"] < 0 or h["storage_offset_bytes"] < 0 or (h["offset"] + like.numel()) * like.element_size() > h["storage_bytes"]:
         raise BadRequest("a CUDA IPC handle's tensor lies outside its storage", field=field)
     return h
 

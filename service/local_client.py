@@ -212,7 +212,12 @@ class LocalKVTierClient(KVTierClient):
     def _use_cuda_ipc(self, tensors) -> bool:
         """True when ``tensors`` are all CUDA tensors and the server maps CUDA IPC handles (and
         ``cuda_ipc`` was not turned off): they then travel as handles, not through the segment."""
-        if not self.cuda_ipc or not tensors or not all(isinstance(t, torch.Tensor) and t.is_cuda for t in tensors):
+        if not self.cuda_ipc:
+            return False
+        if isinstance(tensors, torch.Tensor):  # blocks stacked in one tensor: no per-block views to make
+            if not tensors.is_cuda or not len(tensors):
+                return False
+        elif not tensors or not all(isinstance(t, torch.Tensor) and t.is_cuda for t in tensors):
             return False
         if self._server_cuda_ipc is None:
             self._release(self._take())  # the hello answer says
@@ -235,7 +240,9 @@ class LocalKVTierClient(KVTierClient):
 
     def put(self, model: str, keys: Sequence[bytes], blocks, *, parent: bytes | None = None) -> list[bool]:
         spec = self.spec(model)
-        if self._use_cuda_ipc(list(blocks)):
+        if not isinstance(blocks, torch.Tensor):
+            blocks = list(blocks)  # read once: an iterator serves the check and the frames alike
+        if self._use_cuda_ipc(blocks):
             if len(blocks) != len(keys):
                 raise ValueError(f"put needs one block per key: got {len(keys)} keys and {len(blocks)} blocks")
             for i, b in enumerate(blocks):
@@ -288,7 +295,7 @@ class LocalKVTierClient(KVTierClient):
         spec = self.spec(model)
         if out is not None and len(out) != len(keys):
             raise ValueError(f"get needs one out buffer per key: got {len(keys)} keys and {len(out)} buffers")
-        if out is not None and self._use_cuda_ipc(list(out)):  # the server copies into the CUDA buffers
+        if out is not None and self._use_cuda_ipc(out):  # the server copies into the CUDA buffers
             for i, o in enumerate(out):
                 if tuple(o.shape) != tuple(spec.block_shape) or o.dtype != spec.torch_dtype or not o.is_contiguous():
                     raise ValueError(f"out[{i}] must be a contiguous {spec.dtype} tensor of shape {list(spec.block_shape)}")
