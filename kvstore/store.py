@@ -118,6 +118,9 @@ class _Tier:
         return self.cfg.tier
 
 
+_UNTRACKED = object()  # first_tier_token when the first tier lends no buffers
+
+
 @dataclass
 class _Item:
     slot: int
@@ -680,6 +683,53 @@ class TieredStore:
         keys, blocks = self._check_put(spec, keys, blocks)
         return self._put(spec, keys, blocks, tenant, parent)
 
+    # -- leased buffers: a block written straight into the memory the first tier keeps ---------------
+    def _lessor(self):
+        """The first tier when it lends its own buffers (a HostTier with the identity codec), else None."""
+        tier = self._tiers[0].tier if self._tiers else None
+        if tier is not None and hasattr(tier, "lease") and tier.codec.name == "identity":
+            return tier
+        return None
+
+    @property
+    def lends_buffers(self) -> bool:
+        """True when the first tier is a host tier that lends its buffers (``lease_buffer``)."""
+        return self._lessor() is not None
+
+    def lease_buffer(self, nbytes: int) -> torch.Tensor:
+        """A flat uint8 CPU buffer of ``nbytes`` to write one block into before putting it. When the first
+        tier is a host tier it lends one of its own buffers (``HostTier.lease``), and a ``put`` of a block
+        viewing it whole stores that buffer instead of a copy; else a new buffer. The caller must not
+        write it once put, and calls ``release_buffer`` afterwards in every case."""
+        tier = self._lessor()
+        return tier.lease(nbytes) if tier is not None else torch.empty(nbytes, dtype=torch.uint8)
+
+    def release_buffer(self, buf: torch.Tensor) -> None:
+        """Hand back a ``lease_buffer`` buffer (one the first tier did not adopt is left to be freed with
+        its last reference: whoever still holds it may read it)."""
+        tier = self._lessor()
+        if tier is not None:
+            tier.unlease(buf, recycle=False)
+
+    def first_tier_entry(self, key: bytes) -> tuple[object, torch.Tensor | None]:
+        """(token, block) of ``key`` in the first tier when it is a host tier lending buffers: the block is
+        the stored tensor itself (never to be written), or None when the tier holds no such key. Work that
+        reads it after a put (page summaries) then asks ``first_tier_holds(key, token)``: False when the
+        entry was removed meanwhile (its buffer possibly reused for another block), and what was read is
+        to be dropped. When the first tier lends no buffers: (an untracked token, None); the caller's
+        own buffer is then the block (``first_tier_holds`` is True)."""
+        tier = self._lessor()
+        if tier is None:
+            return _UNTRACKED, None
+        token = tier.entry_token(key)
+        return token, tier.entry_block(token)
+
+    def first_tier_holds(self, key: bytes, token: object) -> bool:
+        if token is _UNTRACKED:
+            return True  # the block was not adopted by a tier: the caller's buffer is its own
+        tier = self._lessor()
+        return tier is not None and tier.holds(key, token)
+
     def put_async(self, spec: KVSpec, keys: Sequence[bytes], blocks, *, tenant: str = "", parent: bytes | None = None) -> Future:
         """``put`` on the store's I/O threads: a future of its result. Invalid input raises here, at once.
         The blocks must not change until the future is done."""
@@ -1210,6 +1260,8 @@ class TieredStore:
                     write_through_retried=wt.retried if wt is not None else 0,
                     write_through_dropped=wt.dropped if wt is not None else 0,
                     demotion_failures=st.demotion_failures,
+                    # blocks the tier kept as written into a buffer it lent (lease_buffer: no copy at the put)
+                    adopted=getattr(st.tier, "num_adopted", 0),
                     policy=getattr(st.policy, "name", type(st.policy).__name__),
                     device=st.tier.capabilities.device,
                 )

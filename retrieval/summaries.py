@@ -63,6 +63,18 @@ def page_bounds(k: torch.Tensor, page_tokens: int = PAGE_TOKENS) -> tuple[torch.
     return pages.amin(-2), pages.amax(-2), pages.mean(-2)
 
 
+_SCRATCH = threading.local()
+
+
+def _scratch(numel: int) -> torch.Tensor:
+    """A float32 buffer of at least ``numel`` elements kept per thread (reused across blocks; the largest
+    block a thread summarized bounds it)."""
+    buf = getattr(_SCRATCH, "buf", None)
+    if buf is None or buf.numel() < numel:
+        buf = _SCRATCH.buf = torch.empty(numel, dtype=torch.float32)
+    return buf[:numel]
+
+
 def summarize_block(block: torch.Tensor, page_tokens: int = PAGE_TOKENS, dtype: torch.dtype = torch.float16) -> BlockSummary:
     """Summaries of one block in the store's layout ``[L, 2, H_kv, T, D]`` (only the keys are read).
 
@@ -82,12 +94,20 @@ def summarize_block(block: torch.Tensor, page_tokens: int = PAGE_TOKENS, dtype: 
         L, _, H, T, D = block.shape
         _check_page_tokens(page_tokens, T)
         N = T // page_tokens
-        pages = block[:, 0].unflatten(2, (N, page_tokens))  # [L, H_kv, N_pages, P, D], a view
+        # the keys are widened once into a float32 scratch this thread keeps (no fresh pages per block),
+        # then reduced over each page's tokens there: float32 reductions are 4-5x faster than float16 ones
+        # on a CPU without float16 arithmetic. The minimum and maximum of float16 values are float16
+        # values, so narrowing them back is exact; the mean is rounded once. 0.97 ms for a 6 MiB float16
+        # block against 1.38 ms reducing in float16 (docs/data-path.md).
+        scratch = _scratch(L * H * T * D)
+        pages = scratch.view(L, H, T, D)
+        pages.copy_(block[:, 0])
+        pages = scratch.view(L * H * N, page_tokens, D)
         out = torch.empty(3, L, H, N, D, dtype=dtype)  # kmin, kmax, kmean
-        torch.amin(pages, 3, out=out[0])
-        torch.amax(pages, 3, out=out[1])
-        for layer in range(L):
-            out[2, layer] = pages[layer].float().transpose(-1, -2).mean(-1)  # [H_kv, N_pages, D], rounded once
+        flat = out.view(3, L * H * N, D)
+        flat[0].copy_(pages.amin(1))
+        flat[1].copy_(pages.amax(1))
+        flat[2].copy_(pages.mean(1))
         kmin, kmax, kmean = out
         return BlockSummary(kmin, kmax, kmean, page_tokens)
     kmin, kmax, kmean = page_bounds(block[:, 0], page_tokens)  # [L, H_kv, N_pages, D]

@@ -364,6 +364,29 @@ class KVService:
             if ok and skey not in summaries:
                 summaries.add(skey, block)
 
+    def summarize_leased(self, p: Principal, keys: list[bytes], blocks: list[torch.Tensor], stored: list[bool]) -> None:
+        """``summarize`` after a put of buffers from ``store.lease_buffer`` (the local transport's streamed put),
+        run after the answer: each summary is made from the block the first tier holds and kept only if
+        that entry was not removed meanwhile (its buffer may then have been reused for another block);
+        a summary not kept is made again when a query needs it."""
+        if not self.summarize_on_put:
+            return
+        from kvtier.retrieval.summaries import summarize_block
+
+        summaries, store = self.retriever.summaries, self.store
+        for skey, block, ok in zip(self.keyspace(p.tenant).storage_keys(keys), blocks, stored):
+            if not ok or skey in summaries:
+                continue
+            token, held = store.first_tier_entry(skey)
+            if held is None and store.first_tier_holds(skey, token):
+                held = block  # the first tier lends no buffers: ``block`` is the caller's own
+            if held is None:
+                continue  # not in the first tier (refused there, or removed already)
+            summary = summarize_block(held, summaries.page_tokens, summaries.dtype)
+            if store.first_tier_holds(skey, token):
+                summaries.put(skey, summary)
+                summaries.computed += 1
+
     def discard_summaries(self, p: Principal, keys: list[bytes]) -> None:
         """Forget the page summaries of ``keys`` (client keys of ``p``'s tenant): recomputed when next needed."""
         if self.summarize_on_put:

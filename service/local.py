@@ -20,6 +20,11 @@ Connection, in order:
    other request waits for them. At most ``_MAX_AFTER`` puts per connection are read after their
    answers.
 
+A streamed put (``put_stream``, what the SDK sends when the hello answer says ``put_stream: true``)
+sends its request first and then its blocks a part at a time, each part announced by ``{ready: n}``
+and the last message carrying the checksums: the server copies and verifies each part while the
+client writes the next (``LocalServer._put_stream``; docs/data-path.md).
+
 Blocks that are CUDA tensors may travel as CUDA IPC handles instead (``put_cuda``, ``get_cuda``;
 ``service.cuda_ipc``), when the hello answer says ``cuda_ipc: true``.
 
@@ -65,6 +70,7 @@ from .limits import MAX_NAMESPACE_CHARS
 from kvtier.threads import lower_thread_priority
 
 _ADMITTED = object()  # marks a request already counted against its tenant's rate
+_READS_SEGMENT = object()  # marks a streamed put whose work after the answer reads the segment (no host tier first)
 
 log = logging.getLogger("kvtier.local")
 
@@ -238,7 +244,7 @@ class LocalServer:
             max(1, settings.max_concurrent_transfers),
             thread_name_prefix="kvtier-local-after",
             initializer=_lower_priority,
-            initargs=(settings.local_bulk_nice, settings.local_bulk_io_priority),
+            initargs=(max(settings.local_bulk_nice, settings.local_summary_nice), settings.local_bulk_io_priority),
         )
         self._sel.register(self._sock, selectors.EVENT_READ, None)
         self._sel.register(self._wake_r, selectors.EVENT_READ, "wake")
@@ -432,7 +438,7 @@ class LocalServer:
 
     def _to_worker(self, peer: _Peer, fn, arg) -> None:
         self._sel.unregister(peer.sock)
-        bulk = isinstance(arg, dict) and arg.get("op") == "put"
+        bulk = isinstance(arg, dict) and arg.get("op") in ("put", "put_stream")
         try:
             (self._bulk if bulk else self._workers).submit(self._work, peer, fn, arg)
         except RuntimeError:  # shutting down
@@ -497,7 +503,9 @@ class LocalServer:
         try:
             peer.seg = mmap.mmap(fd, nbytes)
             # cuda_ipc: this server maps CUDA IPC handles (service.cuda_ipc: put_cuda / get_cuda)
-            send_msg(peer.sock, {"ok": {"segment_bytes": nbytes, "tenant": principal.tenant, "cuda_ipc": cuda_ipc.available()}}, fds=[fd])
+            # put_stream: this server takes streamed puts (_put_stream)
+            hello_ok = {"segment_bytes": nbytes, "tenant": principal.tenant, "cuda_ipc": cuda_ipc.available(), "put_stream": True}
+            send_msg(peer.sock, {"ok": hello_ok}, fds=[fd])
         finally:
             os.close(fd)  # the mapping keeps the memory; the client holds its own descriptor
         peer.principal = principal
@@ -512,16 +520,26 @@ class LocalServer:
         # for, and what they made is dropped (a cache: recomputed when a query needs it). A put that is not
         # "alt" may have been written anywhere: every pending one is waited for and dropped. Any other request
         # waits for them all first (a get writes its answer into the segment).
-        alt_put = op == "put" and isinstance(req.get("args"), dict) and req["args"].get("alt") is True
+        alt_put = op == "put_stream" or (op == "put" and isinstance(req.get("args"), dict) and req["args"].get("alt") is True)
         if alt_put:
             _settle_overlapping(peer, req.get("off"), req.get("len"))
         else:
             _settle(peer, spoiled=op == "put")
+        keep = True
         try:
             if not isinstance(req, dict):
                 raise BadRequest("a request must be a map", field="op")
-            answer = {"ok": self._dispatch(peer.principal, _seg(peer), req, later=later)}
+            if op == "put_stream":
+                result, keep = self._put_stream(peer, req, later)
+                answer = {"ok": result}
+            else:
+                answer = {"ok": self._dispatch(peer.principal, _seg(peer), req, later=later)}
             status = 200
+        except _StreamLost as e:  # nothing can be answered: the connection ends
+            log.debug("local connection %d: %s", peer.cid, e)
+            return False
+        except _StreamBroken as e:  # a streamed put's client broke the protocol: answered, then the connection ends
+            answer, status, keep = {"error": e.error.to_dict()["error"] | {"status": e.error.status}}, e.error.status, False
         except ServiceError as e:
             answer = {"error": e.to_dict()["error"] | {"status": e.status}}
             status = e.status
@@ -535,11 +553,153 @@ class LocalServer:
         if later:  # a put's summaries read [off, off + len) of the segment after the answer (see above)
             _make_room_after(peer)
             lo = req.get("off", 0)
+            # a streamed put's summaries read the stored blocks, not the segment: they hold no segment bytes up
+            lo, hi = (0, 0) if op == "put_stream" and not req.get(_READS_SEGMENT) else (lo, lo + req.get("len", 0))
             try:
-                peer.after.append((self._after.submit(_run_later, later, op), [undo for _, undo in later], lo, lo + req.get("len", 0)))
+                peer.after.append((self._after.submit(_run_later, later, op), [undo for _, undo in later], lo, hi))
             except RuntimeError:  # shutting down: done here
                 _run_later(later, op)
-        return True
+        return keep
+
+    def _next_msg(self, peer: _Peer):
+        """The connection's next control message (what the loop thread read ahead first), waiting at most
+        ``local_stream_stall_s`` for its bytes (socket.timeout beyond); None: the client closed."""
+        buf = peer.inbuf
+        while True:
+            if len(buf) >= _LEN.size:
+                (n,) = _LEN.unpack_from(buf)
+                if n > self._control_limit:
+                    raise ValueError(f"a control message of {n} bytes")
+                if len(buf) >= _LEN.size + n:
+                    msg = msgpack.unpackb(bytes(buf[_LEN.size : _LEN.size + n]), raw=False, strict_map_key=False)
+                    del buf[: _LEN.size + n]
+                    return msg
+            data = peer.sock.recv(1 << 16)
+            if not data:
+                return None
+            buf += data
+
+    def _put_stream(self, peer: _Peer, req: dict, later: list) -> tuple[dict, bool]:
+        """``put_stream``: the client sends the request first, then writes its blocks (each
+        ``block_nbytes``, one after the other from ``off``) into the segment and says after each part how
+        far it got (``{ready: bytes}``); its last message also carries each block's XXH3-64 checksum
+        (``{ready: len, checksums: [...]}``). Meanwhile the server copies each part into the buffer its
+        host tier will keep (``TieredStore.lease_buffer``) and hashes it there while it is still in cache,
+        so the client's writing and the server's copying overlap; the checksums are compared with what
+        the server holds before anything is stored (a mismatch: 400, nothing stored), and the host tier
+        then keeps those buffers as the blocks (no second copy). The same validation, tenancy, quotas and
+        limits as a put apply; a request refused before its bytes arrive still reads the client's
+        messages to the last, then answers the error. Returns (answer, keep the connection)."""
+        import xxhash
+
+        svc, p, seg = self.svc, peer.principal, _seg(peer)
+        error: ServiceError | None = None
+        raw_n = req.get("len")
+        n: int = raw_n if isinstance(raw_n, int) and not isinstance(raw_n, bool) and raw_n >= 0 else -1  # -1: not a length
+        try:
+            svc.admit(p)
+            req[_ADMITTED] = True
+            args = req.get("args")
+            if not isinstance(args, dict):
+                raise BadRequest("args must be a map", field="args")
+            model = _str(args, "model")
+            spec = svc.spec_of(p, model)
+            raw_keys = args.get("keys")
+            if isinstance(raw_keys, list) and len(raw_keys) > self.settings.max_blocks_per_request:
+                # as a one-shot put's frames (and REST's body) more than the limit: 400
+                raise BadRequest(
+                    f"the request holds more than {self.settings.max_blocks_per_request} blocks (max_blocks_per_request)", field="keys"
+                )
+            ckeys = svc._client_keys(raw_keys, "keys")
+            if not ckeys:
+                raise BadRequest("a put carries at least one block", field="keys")
+            if len(set(ckeys)) != len(ckeys):
+                raise BadRequest("keys repeat a key", field="keys")
+            parent = args.get("parent")
+            if parent not in (None, "", b""):
+                from .core import parse_client_key
+
+                parse_client_key(parent, "parent")
+            nb = spec.block_nbytes
+            off = req.get("off", 0)
+            if n != nb * len(ckeys):
+                raise BadRequest(f"len must be {nb * len(ckeys)} ({len(ckeys)} blocks of {nb} bytes)", field="len")
+            if isinstance(off, bool) or not isinstance(off, int) or not 0 <= off <= len(seg) - n:
+                raise BadRequest(f"off must be an integer in [0, {max(0, len(seg) - n)}] (the segment less len)", field="off")
+        except ServiceError as e:
+            error, off = e, 0
+            n = max(n, 0)  # the client's messages are read to the last (ready == len) before the error is answered
+        bufs: list[torch.Tensor] = []
+        store = svc.store
+        # a first tier that keeps its own buffers (a host tier) lends them, and the parts are copied there; else
+        # (a Redis or disk tier first) the blocks are stored from the segment itself, as a one-shot put's are
+        copy = store.lends_buffers
+        held = self._transfers if error is None else None
+        if held is not None:
+            held.acquire()
+        try:
+            base = None
+            if error is None:
+                base = torch.frombuffer(seg, dtype=torch.uint8)  # n > 0: at least one block
+                bufs = [store.lease_buffer(nb) if copy else base[off + i * nb : off + (i + 1) * nb] for i in range(len(ckeys))]
+                hashers = [xxhash.xxh3_64() for _ in ckeys]
+            done = 0
+            peer.sock.settimeout(self.settings.local_stream_stall_s)
+            try:
+                while True:
+                    try:
+                        msg = self._next_msg(peer)
+                    except (OSError, ValueError, msgpack.UnpackException) as e:  # a stall (timeout), a broken socket
+                        raise _StreamLost(f"a streamed put ends: {e}") from None
+                    if msg is None:
+                        raise _StreamLost("the client closed the connection in a streamed put")
+                    ready = msg.get("ready") if isinstance(msg, dict) else None
+                    if isinstance(ready, bool) or not isinstance(ready, int) or not done <= ready <= n:
+                        raise _StreamBroken(BadRequest(f"ready must be an integer in [{done}, {n}]", field="ready"))
+                    if error is None and ready > done:
+                        while done < ready:  # the part [done, ready), block by block
+                            i, at = divmod(done, nb)
+                            end = min(ready, (i + 1) * nb) - i * nb
+                            dst = bufs[i][at:end]
+                            if copy:
+                                assert base is not None
+                                dst.copy_(base[off + done : off + i * nb + end])
+                            hashers[i].update(dst.numpy())
+                            done = i * nb + end
+                    done = ready
+                    if "checksums" in msg:
+                        if ready != n:
+                            raise _StreamBroken(BadRequest(f"the last message must say ready {n}", field="ready"))
+                        sums = msg["checksums"]
+                        if error is None and (not isinstance(sums, list) or len(sums) != len(bufs)):
+                            error = BadRequest(f"checksums must be a list of {len(bufs)} integers", field="checksums")
+                        break
+            finally:
+                peer.sock.settimeout(None)
+                base = None
+            if error is not None:
+                raise error
+            for i, (h, c) in enumerate(zip(hashers, sums)):
+                if h.intdigest() != c:
+                    svc._rejected("invalid")
+                    raise BadRequest(
+                        f"blocks[{i}]: checksum mismatch (the bytes in the segment are not the block's)", field=f"checksums[{i}]"
+                    )
+            blocks = [b.view(spec.torch_dtype).view(spec.block_shape) for b in bufs]
+            stored = svc.put(p, model, ckeys, blocks, parent, summarize=False)
+        finally:
+            if copy:
+                for b in bufs:
+                    store.release_buffer(b)
+            bufs = []
+            if held is not None:
+                held.release()
+        if copy:
+            later.append((lambda: svc.summarize_leased(p, ckeys, blocks, stored), lambda: None))
+        else:  # the summaries read the segment after the answer: as an "alt" put's, undone if it is written over
+            req[_READS_SEGMENT] = True
+            later.append((lambda: svc.summarize(p, ckeys, blocks, stored), lambda: svc.discard_summaries(p, ckeys)))
+        return {"stored": stored, "num_stored": sum(stored)}, True
 
     def _do_send(self, peer: _Peer, data: bytes) -> bool:
         peer.sock.sendall(data)
@@ -711,6 +871,19 @@ class LocalServer:
 _QUERY_FIELDS = {"model", "q", "budget", "token_ids", "hashes", "salt", "extra_keys", "layers"}
 
 
+class _StreamLost(Exception):
+    """A streamed put's client stalled past ``local_stream_stall_s``, closed, or sent no message."""
+
+
+class _StreamBroken(Exception):
+    """A streamed put's client sent what the protocol does not allow: its later messages cannot be read
+    as requests, so the error is answered and the connection ends."""
+
+    def __init__(self, error: ServiceError) -> None:
+        super().__init__(str(error))
+        self.error = error
+
+
 def _run_later(work: list, op) -> None:
     for fn, _ in work:
         try:
@@ -721,12 +894,19 @@ def _run_later(work: list, op) -> None:
 
 def _settle(peer: _Peer, *, spoiled: bool = False) -> None:
     """Wait for all the work after the connection's earlier answers (it reads the segment); ``spoiled``: the
-    client may have written over those bytes meanwhile, so what the work made from them is undone."""
+    client may have written over those bytes meanwhile, so what the work made from them is undone. Work that
+    reads no segment bytes (a streamed put's summaries) is left to go on."""
+    keep: deque = deque()
     while peer.after:
-        future, undos, _, _ = peer.after.popleft()
+        work = peer.after.popleft()
+        future, undos, lo, hi = work
+        if lo == hi:
+            keep.append(work)
+            continue
         future.result()
         if spoiled:
             _run_later([(undo, None) for undo in undos], "an overwritten put")
+    peer.after = keep
 
 
 def _make_room_after(peer: _Peer) -> None:

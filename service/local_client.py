@@ -2,9 +2,13 @@
 
 ``KVTierClient("unix:///run/kvtier.sock", api_key=...)`` returns one of these: the same methods,
 answers and errors as over REST, with block bytes moved through a shared-memory segment instead
-of a socket. A put copies each block once into the segment (the server verifies the frames and
-its tier copies them once more); a get has the server's tier copy each block into the segment
-and the client copy it out once (into ``out`` when given), after verifying its frame.
+of a socket. A put is streamed (``stream_puts``, the default): the client copies each block into the
+segment a part at a time (``stream_part_bytes``) and says so after each part, while the server
+copies and verifies the parts already written into the buffers its host tier keeps; the blocks'
+checksums go with the last message. ``stream_puts=False`` writes the whole request first, as frames
+(the server then verifies them and its tier copies them). A get has the server's tier copy each
+block into the segment and the client copy it out once (into ``out`` when given), after verifying
+its frame.
 
 CUDA tensors (a put's blocks, a get's ``out`` buffers) travel as CUDA IPC handles instead, when the
 server has CUDA (``service.cuda_ipc``; ``cuda_ipc=False`` turns this off).
@@ -25,8 +29,10 @@ from typing import Any, Sequence
 
 import msgpack
 import torch
+import xxhash
 
 from kvtier.kvstore import KVSpec
+from kvtier.kvstore.codecs.base import tensor_bytes
 
 from . import cuda_ipc as ipc
 from . import wire
@@ -50,6 +56,9 @@ DEFAULT_SEGMENT_BYTES = 64 << 20
 _CUDA_PER_REQUEST = 32  # blocks per put_cuda / get_cuda request (the server's max_blocks_per_request is 64 by default)
 # puts that fit half the segment are written one after the other in a ring with room for this many of them
 _RING_PUTS = 6
+# a streamed put tells the server after each part of this many bytes (docs/data-path.md: 0.5-1 MiB parts
+# overlapped best on the CPU box; smaller ones cost more messages than they save)
+STREAM_PART_BYTES = 1 << 20
 
 
 class _Conn:
@@ -78,6 +87,8 @@ class LocalKVTierClient(KVTierClient):
         backoff_s: float = 0.05,
         segment_bytes: int = DEFAULT_SEGMENT_BYTES,
         cuda_ipc: bool = True,
+        stream_puts: bool = True,
+        stream_part_bytes: int = STREAM_PART_BYTES,
     ) -> None:
         _Base.__init__(self, base_url, api_key, timeout, retries, backoff_s)
         if not base_url.startswith("unix://") or len(base_url) <= len("unix://"):
@@ -91,7 +102,12 @@ class LocalKVTierClient(KVTierClient):
         self._pid = os.getpid()
         self._closed = False  # connections open at the first call (as over REST: a client never fails to be made)
         self._server_cuda_ipc: bool | None = None  # the server maps CUDA IPC handles (its hello answer says)
+        self._server_put_stream = False  # the server takes streamed puts (its hello answer says)
         self.cuda_ipc = cuda_ipc
+        self.stream_puts = stream_puts
+        if isinstance(stream_part_bytes, bool) or not isinstance(stream_part_bytes, int) or stream_part_bytes < 64:
+            raise ValueError(f"stream_part_bytes must be an int >= 64, got {stream_part_bytes!r}")
+        self.stream_part_bytes = stream_part_bytes
 
     # -- connections -----------------------------------------------------------------------
     def _connect(self) -> _Conn:
@@ -110,6 +126,7 @@ class LocalKVTierClient(KVTierClient):
                 raise ConnectionError("the local transport sent no shared-memory segment")
             seg = mmap.mmap(fds[0], msg["ok"]["segment_bytes"])
             self._server_cuda_ipc = bool(msg["ok"].get("cuda_ipc", False))
+            self._server_put_stream = bool(msg["ok"].get("put_stream", False))
             return _Conn(sock, seg)
         except BaseException:
             sock.close()
@@ -137,9 +154,10 @@ class LocalKVTierClient(KVTierClient):
                 return
         conn.close()
 
-    def _call(self, op: str, args: dict, fill=None, read=None, fill_conn: bool = False):
+    def _call(self, op: str, args: dict, fill=None, read=None, fill_conn: bool = False, stream=None):
         """One request. ``fill(seg) -> n`` writes the request's bytes into the segment; ``read(seg, result)``
-        reads the answer's out of it (while the connection is still this call's)."""
+        reads the answer's out of it (while the connection is still this call's). ``stream(conn)`` sends the
+        request itself, then writes its bytes and sends its progress messages (a streamed put)."""
         for attempt in range(self.retries + 1):
             try:
                 conn = self._take()
@@ -150,9 +168,12 @@ class LocalKVTierClient(KVTierClient):
                 continue
             ok = False
             try:
-                n = 0 if fill is None else fill(conn) if fill_conn else fill(conn.seg)
-                off = args.pop("off", 0)
-                send_msg(conn.sock, {"op": op, "args": args, "len": n, "off": off})
+                if stream is not None:
+                    stream(conn)  # sends the request, then its parts
+                else:
+                    n = 0 if fill is None else fill(conn) if fill_conn else fill(conn.seg)
+                    off = args.pop("off", 0)
+                    send_msg(conn.sock, {"op": op, "args": args, "len": n, "off": off})
                 msg = _recv_answer(conn.sock)
                 if msg is None:
                     raise ConnectionError("the local transport closed the connection")
@@ -251,6 +272,11 @@ class LocalKVTierClient(KVTierClient):
             ks = [bytes.fromhex(k) if isinstance(k, str) else bytes(k) for k in keys]
             ts = [b.contiguous() for b in blocks]
             return [s for a in self._cuda_call("put_cuda", model, ks, ts, parent) for s in a["stored"]]
+        if self.stream_puts:
+            if self._server_put_stream is False and not self._idle:
+                self._release(self._take())  # the hello answer says whether the server takes streamed puts
+            if self._server_put_stream:
+                return self._put_stream(spec, model, keys, blocks, parent)
         frames = encode_frame_list(spec, keys, blocks)
         keys = [bytes.fromhex(k) if isinstance(k, str) else bytes(k) for k in keys]
         stored: list[bool] = []
@@ -288,6 +314,57 @@ class LocalKVTierClient(KVTierClient):
 
             stored += self._call("put", args, fill=fill, fill_conn=True)["stored"]
             parent, start = keys[end - 1], end
+        return stored
+
+    def _put_stream(self, spec: KVSpec, model: str, keys: Sequence[bytes], blocks, parent) -> list[bool]:
+        """A put as ``put_stream`` requests (``LocalServer._put_stream``): each block is copied into the
+        segment a part at a time, and the server is told after each part, so it copies and verifies a part
+        while the next one is written. Each block's XXH3-64 is computed here from the block's own bytes,
+        a part at a time while it is in cache, and sent with the last message."""
+        if isinstance(blocks, torch.Tensor):
+            blocks = list(blocks.unbind(0)) if blocks.dim() == len(spec.block_shape) + 1 else [blocks]
+        if len(blocks) != len(keys):
+            raise ValueError(f"put needs one block per key: got {len(keys)} keys and {len(blocks)} blocks")
+        for b in blocks:
+            spec.check_block(b)
+        ks = [bytes.fromhex(k) if isinstance(k, str) else bytes(k) for k in keys]
+        nb, part_bytes = spec.block_nbytes, self.stream_part_bytes
+        if nb > self.segment_bytes:
+            raise ValueError(f"a block ({nb} bytes) is larger than the segment ({self.segment_bytes} bytes): use a larger segment_bytes")
+        per = self.segment_bytes // nb  # as the one-shot put: a larger request is refused as over REST (max_blocks_per_request)
+        stored: list[bool] = []
+        for start in range(0, len(ks), per):
+            part = ks[start : start + per]
+            srcs = [tensor_bytes(b.detach().cpu().contiguous()) for b in blocks[start : start + per]]
+            total = nb * len(part)
+            args = {"model": model, "keys": [_key_hex(k) for k in part], "parent": _key_hex(parent) if parent is not None else None}
+
+            def stream(conn, srcs=srcs, total=total, args=args):
+                seg = conn.seg
+                # as a one-shot put that fits half the segment, the request goes after the previous one (a ring): a
+                # server storing blocks from the segment itself (no host tier first) may still read earlier puts'
+                # bytes for their page summaries, and writing over them would cost those summaries
+                start = 0
+                if total <= len(seg) // 2:
+                    start = conn.cursor if conn.cursor + total <= min(len(seg), _RING_PUTS * _align(total)) else 0
+                    conn.cursor = _align(start + total)
+                send_msg(conn.sock, {"op": "put_stream", "args": args, "len": total, "off": start})
+                sums, pos = [], start
+                for src in srcs:
+                    h = xxhash.xxh3_64()
+                    cuts = list(range(0, nb, part_bytes)) + [nb]
+                    for at, end in zip(cuts, cuts[1:]):
+                        piece = src[at:end]
+                        seg[pos + at : pos + end] = piece
+                        h.update(piece)
+                        if pos + end - start < total:
+                            send_msg(conn.sock, {"ready": pos + end - start})
+                    sums.append(h.intdigest())
+                    pos += nb
+                send_msg(conn.sock, {"ready": total, "checksums": sums})
+
+            stored += self._call("put_stream", args, stream=stream)["stored"]
+            parent = part[-1]
         return stored
 
     def get(self, model: str, keys: Sequence[bytes], out: Sequence[torch.Tensor] | None = None) -> list[torch.Tensor | None]:

@@ -90,11 +90,23 @@ class Settings(BaseSettings):
     max_local_segment_bytes: ByteSize = Field(
         256 << 20, description="Largest shared-memory segment a local-transport client may ask for (its memory is touched only as used)."
     )
+    local_stream_stall_s: float = Field(
+        5.0,
+        gt=0,
+        le=300,
+        description="A streamed local put (the client writes a request's blocks into the segment while the server copies and verifies the parts already written) waits at most this long for the client's next part; a client that stalls longer loses its connection (it held one of `max_concurrent_transfers` meanwhile).",
+    )
     local_bulk_nice: int = Field(
         10,
         ge=0,
         le=19,
-        description="How much lower the CPU priority (nice) of the local transport's put threads (and of the threads making a put's page summaries after its answer) is than the rest of the server, so that a client filling the store does not slow down other clients' gets and lookups on a busy machine; 0: the same.",
+        description="How much lower the CPU priority (nice) of the local transport's put threads is than the rest of the server, so that a client filling the store does not slow down other clients' gets and lookups on a busy machine; 0: the same. The threads making a put's page summaries after its answer run at `local_summary_nice`.",
+    )
+    local_summary_nice: int = Field(
+        19,
+        ge=0,
+        le=19,
+        description="How much lower the CPU priority (nice) of the threads that make a local put's page summaries after its answer is than the rest of the server. The summaries are a cache (made again when a query needs one that is missing), so by default they yield the CPU to requests: a client putting back to back is not slowed down by the summaries of its earlier puts. 0: the same priority.",
     )
     local_bulk_io_priority: str = Field(
         "low",

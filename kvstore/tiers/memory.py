@@ -122,6 +122,10 @@ class HostTier(TierBase):
         self.num_reserve_hits = 0  # puts that took a spare (recycled or from the reserve) instead of fresh pages
         self.num_spares_freed = 0  # spares freed because nobody took them for spare_idle_s
         self._spare_used_at: dict[int, float] = {}  # spare size -> when a put last took one, or one was last kept
+        # buffers handed out by ``lease`` and not yet stored or handed back: data_ptr -> the buffer (held, so the
+        # address cannot be reused by another allocation while it names a lease)
+        self._leased: dict[int, torch.Tensor] = {}
+        self.num_adopted = 0  # blocks stored without a copy: the put's block was a buffer this tier leased
 
     @property
     def spare_bytes(self) -> int:
@@ -225,6 +229,11 @@ class HostTier(TierBase):
             self.num_reserve_hits += 1
             self._spare_used_at[nbytes] = time.monotonic()
             return buf
+        self._trim_spares()
+        return None
+
+    def _trim_spares(self) -> None:
+        """Drop spares while they push the tier over its capacity (under the lock, after a put reserved its bytes)."""
         if self._capacity is not None:
             while self._spares and self._bound_bytes() > self._capacity:
                 size, bufs = next(iter(self._spares.items()))
@@ -234,7 +243,6 @@ class HostTier(TierBase):
                     del self._spares[size]
             if self._filling and self._bound_bytes() > self._capacity:
                 self._fill_cancel = True  # the buffer being touched gives its room to this put
-        return None
 
     def _recycle(self, entry: tuple[torch.Tensor, dict, int]) -> None:
         """Keep a removed entry's buffer as a spare (under the lock; its bytes already released)."""
@@ -250,6 +258,68 @@ class HostTier(TierBase):
         self._spare_used_at[nbytes] = time.monotonic()
         if self.spare_idle_s is not None:
             self._start_thread()  # frees them if they stay idle
+
+    def lease(self, nbytes: int) -> torch.Tensor:
+        """A flat uint8 buffer of ``nbytes`` for a block the caller is about to put (a spare when one of
+        that size is kept, its pages already touched; else a new one, pinned as the tier's buffers are).
+
+        A ``put`` of a block whose bytes are exactly this buffer (any typed view of it) **adopts** it: the
+        tier keeps the buffer as the stored block instead of copying it. The caller must not write the
+        buffer once it was put, and hands it back with ``unlease`` whatever happened (a buffer the tier
+        adopted is then left alone; one it did not take goes back to the spares). A leased buffer is
+        not counted against the capacity until it is stored: the caller bounds how many it holds
+        (the local transport: one request's blocks per transfer slot)."""
+        if isinstance(nbytes, bool) or not isinstance(nbytes, int) or nbytes <= 0:
+            raise ValueError(f"nbytes must be a positive int, got {nbytes!r}")
+        buf = None
+        with self._lock:
+            spares = self._spares.get(nbytes)
+            if spares and self.codec.name == "identity":
+                self._spare_bytes -= nbytes
+                buf = spares.pop()
+                if not spares:
+                    del self._spares[nbytes]
+                self.num_reserve_hits += 1
+                self._spare_used_at[nbytes] = time.monotonic()
+            if self.codec.name == "identity":
+                self._wake_reserve(nbytes)  # the next lease finds a warm buffer too
+        if buf is None:
+            buf = torch.empty(nbytes, dtype=torch.uint8, pin_memory=self._pin)
+        with self._lock:
+            self._leased[buf.data_ptr()] = buf
+        return buf
+
+    def unlease(self, buf: torch.Tensor, *, recycle: bool = True) -> None:
+        """Hand back a buffer of ``lease``. One the tier did not adopt is kept as a spare (when it has room)
+        if ``recycle``; pass False while something may still read it (it is then freed with its last reference)."""
+        with self._lock:
+            held = self._leased.pop(buf.data_ptr(), None)
+            if held is None or not recycle:
+                return  # adopted by a put (the stored block now), not ours, or still read elsewhere
+            self._recycle((held, {}, held.numel()))
+
+    def entry_token(self, key: bytes) -> object | None:
+        """An opaque token of the entry stored under ``key`` now (None: none). ``holds(key, token)`` is True
+        while that very entry stays: one removed meanwhile (its buffer possibly reused) never matches again."""
+        return self._entries.get(bytes(key))
+
+    @staticmethod
+    def entry_block(token: object | None) -> torch.Tensor | None:
+        """The stored block of an ``entry_token`` (identity codec: the tensor itself, never to be written)."""
+        return None if token is None else token[0]  # type: ignore[index]
+
+    def holds(self, key: bytes, token: object | None) -> bool:
+        return token is not None and self._entries.get(bytes(key)) is token
+
+    def _adoptable(self, block: torch.Tensor, nbytes: int) -> torch.Tensor | None:
+        """The leased buffer ``block`` is a view of, whole (under the lock), taken out of the leases; else None."""
+        if not self._leased or block.device.type != "cpu" or not block.is_contiguous():
+            return None
+        held = self._leased.get(block.data_ptr())
+        if held is None or held.numel() != nbytes or block.numel() * block.element_size() != nbytes:
+            return None
+        del self._leased[block.data_ptr()]
+        return held
 
     def contains(self, keys: Sequence[bytes], *, spec: KVSpec) -> list[bool]:
         entries = self._entries
@@ -270,19 +340,26 @@ class HostTier(TierBase):
             codec = codec_for_block(self.codec, bool(first[i])) if first is not None else self.codec
             payload, meta = codec.encode(block, spec)
             nbytes = memoryview(payload).nbytes
+            adopted = None
             with self._lock:
                 if not self._fits(nbytes):
                     self._stats.refused += 1
                     sizes.append(0)
                     continue
                 self._stats.bytes += nbytes  # reserved before the copy
-                buf = self._take_buffer(nbytes) if identity else None
+                adopted = self._adoptable(block, nbytes) if identity else None
+                if adopted is not None:
+                    self._trim_spares()
+                    buf = adopted
+                else:
+                    buf = self._take_buffer(nbytes) if identity else None
                 if identity:
                     self._wake_reserve(nbytes)
             if buf is None:
                 buf = torch.empty(nbytes, dtype=torch.uint8, pin_memory=self._pin)
             if identity:
-                buf.copy_(block.detach().reshape(-1).view(torch.uint8))
+                if adopted is None:
+                    buf.copy_(block.detach().reshape(-1).view(torch.uint8))
                 # kept as a typed view in the block's layout: get is then one copy_
                 buf = buf.view(spec.torch_dtype).view(spec.block_shape)
             else:
@@ -291,11 +368,15 @@ class HostTier(TierBase):
                 entry = self._entries.get(key)
                 if entry is not None:  # a concurrent put of the same block landed first
                     self._stats.bytes -= nbytes
+                    if adopted is not None:
+                        self._leased[adopted.data_ptr()] = adopted  # still the caller's lease: unlease recycles it
                     sizes.append(entry[2])
                     continue
                 self._entries[key] = (buf, meta, nbytes)
                 self._stats.blocks += 1
                 self._stats.puts += 1
+                if adopted is not None:
+                    self.num_adopted += 1
             sizes.append(nbytes)
         return sizes
 

@@ -290,3 +290,96 @@ def test_a_process_exits_cleanly_while_its_warm_reserve_is_filling():
     for _ in range(5):  # the race is at the very end of the process: try it a few times
         r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
         assert r.returncode == 0, r.stderr[-2000:]
+
+
+def _leased_block(t: HostTier, block: torch.Tensor) -> torch.Tensor:
+    buf = t.lease(SPEC.block_nbytes)
+    buf.copy_(block.reshape(-1).view(torch.uint8))
+    return buf.view(SPEC.torch_dtype).view(SPEC.block_shape)
+
+
+def test_host_tier_adopts_a_block_written_into_a_buffer_it_leased():
+    n = SPEC.block_nbytes
+    t = HostTier(4 * n, warm_reserve_bytes=0, spare_idle_s=None)
+    bs = blocks(4, seed=30)
+    leased = _leased_block(t, bs[0])
+    assert t.used_bytes == 0  # a lease is not stored bytes
+    assert t.put(KEYS[:1], [leased], spec=SPEC) == [n]
+    t.unlease(leased)  # adopted: handing it back leaves the stored block alone
+    stored = t._entries[bytes(KEYS[0])][0]
+    assert stored.data_ptr() == leased.data_ptr() and t.num_adopted == 1  # kept, not copied
+    assert torch.equal(t.get(KEYS[:1], spec=SPEC)[0], bs[0]) and t.used_bytes == n
+    # a tensor the tier did not lend is copied, as is a lease viewed only in part
+    plain = bs[1].clone()
+    t.put(KEYS[1:2], [plain], spec=SPEC)
+    assert t._entries[bytes(KEYS[1])][0].data_ptr() != plain.data_ptr()
+    part = t.lease(2 * n)
+    part[:n].copy_(bs[2].reshape(-1).view(torch.uint8))
+    t.put(KEYS[2:3], [part[:n].view(SPEC.torch_dtype).view(SPEC.block_shape)], spec=SPEC)
+    assert t._entries[bytes(KEYS[2])][0].data_ptr() != part.data_ptr() and t.num_adopted == 1
+    t.unlease(part, recycle=False)
+    assert not t._leased
+    # a removed adopted block's buffer becomes a spare, and the next lease takes it
+    t.remove(KEYS[:1], spec=SPEC)
+    assert t.spare_bytes == n
+    again = t.lease(n)
+    assert again.data_ptr() == leased.data_ptr() and t.spare_bytes == 0
+    t.unlease(again)
+    assert t.spare_bytes == n  # not adopted: back to the spares (recycle=True)
+    with pytest.raises(ValueError, match="nbytes"):
+        t.lease(0)
+
+
+def test_host_tier_lease_of_a_block_already_stored_or_refused_is_not_adopted():
+    n = SPEC.block_nbytes
+    t = HostTier(2 * n, warm_reserve_bytes=0, spare_idle_s=None)
+    bs = blocks(3, seed=31)
+    t.put(KEYS[:1], bs[:1], spec=SPEC)
+    dup = _leased_block(t, bs[0])
+    assert t.put(KEYS[:1], [dup], spec=SPEC) == [n]  # already there: the stored entry stays
+    assert t._entries[bytes(KEYS[0])][0].data_ptr() != dup.data_ptr() and t.num_adopted == 0
+    t.unlease(dup, recycle=False)  # something may still read it: not kept as a spare
+    assert t.spare_bytes == 0 and not t._leased
+    t.put(KEYS[1:2], bs[1:2], spec=SPEC)  # full now
+    over = _leased_block(t, bs[2])
+    assert t.put(KEYS[2:3], [over], spec=SPEC) == [0] and t.num_adopted == 0  # refused: no room
+    t.unlease(over)
+    assert t.used_bytes + t.spare_bytes <= 2 * n  # a spare only within the capacity
+
+
+def test_host_tier_entry_tokens_tell_a_removed_entry_from_the_one_stored_again():
+    t = HostTier(4 * SPEC.block_nbytes, warm_reserve_bytes=0)
+    bs = blocks(1, seed=32)
+    t.put(KEYS[:1], bs, spec=SPEC)
+    token = t.entry_token(KEYS[0])
+    assert t.holds(KEYS[0], token) and torch.equal(t.entry_block(token), bs[0])
+    t.remove(KEYS[:1], spec=SPEC)
+    assert not t.holds(KEYS[0], token) and t.entry_token(KEYS[0]) is None and not t.holds(KEYS[0], None)
+    t.put(KEYS[:1], bs, spec=SPEC)  # the same key again: a new entry, not the one the token named
+    assert not t.holds(KEYS[0], token)
+
+
+def test_store_lends_its_host_tiers_buffers_and_plain_ones_otherwise(tmp_path):
+    from kvtier.kvstore import TieredStore
+
+    n = SPEC.block_nbytes
+    host = HostTier(8 * n, warm_reserve_bytes=0)
+    store = TieredStore([host])
+    bs = blocks(2, seed=33)
+    buf = store.lease_buffer(n)
+    buf.copy_(bs[0].reshape(-1).view(torch.uint8))
+    assert store.put(SPEC, KEYS[:1], [buf.view(SPEC.torch_dtype).view(SPEC.block_shape)]) == [True]
+    store.release_buffer(buf)
+    assert host.num_adopted == 1 and torch.equal(store.get(SPEC, KEYS[:1])[0], bs[0])
+    token, held = store.first_tier_entry(KEYS[0])
+    assert held.data_ptr() == buf.data_ptr() and store.first_tier_holds(KEYS[0], token)
+    store.remove(SPEC, KEYS[:1])
+    assert not store.first_tier_holds(KEYS[0], token)
+    disk_only = TieredStore([DiskTier(tmp_path, 8 * n)])
+    plain = disk_only.lease_buffer(n)
+    assert plain.numel() == n and plain.dtype == torch.uint8
+    token, held = disk_only.first_tier_entry(KEYS[0])
+    assert held is None and disk_only.first_tier_holds(KEYS[0], token)  # the caller's buffer is its own
+    disk_only.release_buffer(plain)
+    store.close()
+    disk_only.close()

@@ -154,7 +154,7 @@ def test_limits_and_checksums_are_enforced(server):
 def test_a_put_over_both_halves_drops_the_summaries_it_may_have_spoiled(server):
     # 2 KiB blocks in an 8 KiB segment: one block fits a half ("alt"), three do not (written from offset 0,
     # over the half the previous put's summaries read): those summaries are dropped, and made again when needed
-    c = LocalKVTierClient(server.socket, api_key=KEY_A, segment_bytes=8 << 10)
+    c = LocalKVTierClient(server.socket, api_key=KEY_A, segment_bytes=8 << 10, stream_puts=False)  # the one-shot put
     model = c.register_spec(TINY)
     keys = c.hashes(model, tokens(4, seed=13))
     bs = blocks(4, seed=13)
@@ -167,8 +167,9 @@ def test_a_put_over_both_halves_drops_the_summaries_it_may_have_spoiled(server):
     c.close()
 
 
-def test_puts_alternate_halves_and_are_summarized_after_the_answer(server):
-    c = LocalKVTierClient(server.socket, api_key=KEY_A, segment_bytes=1 << 20)
+@pytest.mark.parametrize("stream_puts", [False, True])
+def test_puts_alternate_halves_and_are_summarized_after_the_answer(server, stream_puts):
+    c = LocalKVTierClient(server.socket, api_key=KEY_A, segment_bytes=1 << 20, stream_puts=stream_puts)
     model = c.register_spec(TINY)
     toks = tokens(4, seed=11)
     keys = c.hashes(model, toks)
@@ -194,7 +195,7 @@ def test_puts_go_one_after_another_in_the_segment_and_wrap_around(server):
     # 2 KiB blocks in an 8 KiB segment: each single-block put fits half the segment ("alt") and goes after the
     # previous one, wrapping to the start when it does not fit before the end; every block reads back exact,
     # and retrieval finds a summary for each (made after the answer, or made again if it was written over)
-    c = LocalKVTierClient(server.socket, api_key=KEY_A, segment_bytes=8 << 10)
+    c = LocalKVTierClient(server.socket, api_key=KEY_A, segment_bytes=8 << 10, stream_puts=False)  # the one-shot put
     model = c.register_spec(TINY)
     keys = c.hashes(model, tokens(6, seed=14))
     bs = blocks(6, seed=14)
@@ -208,7 +209,7 @@ def test_puts_go_one_after_another_in_the_segment_and_wrap_around(server):
     assert 2048 < step <= 4096 and offsets == [step, 2 * step, 3 * step, step, 2 * step, 3 * step]
     assert all(torch.equal(g, b) for g, b in zip(c.get(model, keys), bs))
     # in a large segment the ring spans room for six puts, not the whole segment (less memory touched)
-    big = LocalKVTierClient(server.socket, api_key=KEY_A, segment_bytes=1 << 20)
+    big = LocalKVTierClient(server.socket, api_key=KEY_A, segment_bytes=1 << 20, stream_puts=False)
     ends = []
     for i in range(8):
         assert big.put(model, keys[i % 6 : i % 6 + 1], bs[i % 6 : i % 6 + 1]) == [True]
@@ -441,3 +442,173 @@ def test_the_client_side_imports_no_server_code():
         "assert not bad, bad\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
+
+
+# -- streamed puts (LocalServer._put_stream) -----------------------------------------------------
+@pytest.fixture(scope="module", params=["device tier first", "host tier first"])
+def stream_server(request, server):
+    """The module's server (a device tier first: the parts are hashed in the segment and stored from it), and
+    one with the host tier first (the parts are copied into buffers the host tier lends, and it keeps them)."""
+    if request.param == "device tier first":
+        server.lends = False
+        yield server
+        return
+    d = tempfile.mkdtemp(prefix="kvtier-local-")
+    s = ServiceProcess(
+        {
+            "KVTIER_API_KEYS": json.dumps(KEYS),
+            "KVTIER_LOCAL_SOCKET": f"{d}/kv.sock",
+            "KVTIER_ADMIN_KEY": ADMIN_KEY,
+            "KVTIER_MAX_BLOCKS_PER_REQUEST": "16",
+            "KVTIER_DEVICE_CAPACITY_BYTES": "0",
+        },
+        data_dir=d,
+    )
+    s.socket, s.lends = f"unix://{d}/kv.sock", True
+    yield s
+    s.stop()
+
+
+def _adopted(server) -> int:
+    """Blocks the server's tiers kept as written into buffers they lent (the store's stats: the admin's)."""
+    admin = LocalKVTierClient(server.socket, api_key=ADMIN_KEY)
+    try:
+        return sum(t["adopted"] for t in admin.stats()["tiers"])
+    finally:
+        admin.close()
+
+
+def _stream_request(conn, model, keys, n_bytes, *, off=0, parent=None):
+    send_msg(
+        conn.sock,
+        {"op": "put_stream", "args": {"model": model, "keys": [k.hex() for k in keys], "parent": parent}, "len": n_bytes, "off": off},
+    )
+
+
+def _checksums(bs):
+    import xxhash
+
+    return [xxhash.xxh3_64_intdigest(b.contiguous().view(torch.uint8).numpy()) for b in bs]
+
+
+def test_a_streamed_put_in_parts_stores_exact_blocks_and_summarizes_them(stream_server):
+    # parts smaller than a block (and not dividing it): the server copies and hashes each as it is told
+    server = stream_server
+    c = LocalKVTierClient(server.socket, api_key=KEY_A, stream_part_bytes=700)
+    assert c.stream_puts
+    model = c.register_spec(TINY)
+    keys = c.hashes(model, tokens(5, seed=21))
+    bs = blocks(5, seed=21)
+    adopted = _adopted(server)
+    assert c.put(model, keys, bs) == [True] * 5
+    assert c._server_put_stream
+    assert _adopted(server) - adopted == (5 if server.lends else 0)  # the host tier kept the buffers the parts went into
+    assert all(torch.equal(g, b) for g, b in zip(c.get(model, keys), bs))
+    assert c.lookup(model, hashes=keys).num_blocks == 5  # one chain, as a one-shot put makes
+    q = torch.randn(TINY.num_layers, 2 * TINY.num_kv_heads, TINY.head_dim).to(TINY.torch_dtype)
+    r = c.retrieve(model, q, budget=40, hashes=keys)
+    assert r.num_blocks == 5 and r.summarized == 0  # the summaries were made after the answer, from the stored blocks
+    # a put larger than the segment goes as several streamed requests, the chain kept across them
+    small = LocalKVTierClient(server.socket, api_key=KEY_A, segment_bytes=5 << 10)
+    keys2 = small.hashes(model, tokens(5, seed=22))
+    bs2 = blocks(5, seed=22)
+    assert small.put(model, keys2, bs2) == [True] * 5
+    assert small.lookup(model, hashes=keys2).num_blocks == 5
+    assert all(torch.equal(g, b) for g, b in zip(small.get(model, keys2), bs2))
+    small.close()
+    c.close()
+
+
+def test_a_streamed_put_with_progress_across_blocks_and_a_bad_checksum_changes_nothing(stream_server):
+    server = stream_server
+    c = LocalKVTierClient(server.socket, api_key=KEY_A)
+    model = c.register_spec(TINY)
+    keys = [bytes([31, i]) + bytes(30) for i in range(3)]
+    bs = blocks(3, seed=23)
+    nb = TINY.block_nbytes
+    conn = c._take()
+    data = b"".join(b.contiguous().view(torch.uint8).numpy().tobytes() for b in bs)
+    conn.seg[: 3 * nb] = data
+    _stream_request(conn, model, keys, 3 * nb)
+    for ready in (1000, nb + 5, 2 * nb + 900):  # parts that span block boundaries
+        send_msg(conn.sock, {"ready": ready})
+    sums = _checksums(bs)
+    send_msg(conn.sock, {"ready": 3 * nb, "checksums": sums})
+    assert recv_msg(conn.sock) == {"ok": {"stored": [True] * 3, "num_stored": 3}}
+    # the same again with one byte of the last block changed in the segment: 400, nothing stored
+    keys_bad = [bytes([32, i]) + bytes(30) for i in range(3)]
+    spoiled = bytearray(data)
+    spoiled[2 * nb + 7] ^= 0xFF
+    conn.seg[: 3 * nb] = bytes(spoiled)
+    _stream_request(conn, model, keys_bad, 3 * nb)
+    send_msg(conn.sock, {"ready": 3 * nb, "checksums": sums})
+    err = recv_msg(conn.sock)["error"]
+    assert err["status"] == 400 and "checksum" in err["message"] and err["field"] == "checksums[2]"
+    c._release(conn)  # the connection goes on
+    assert c.get(model, keys_bad) == [None] * 3 and c.lookup(model, hashes=keys_bad).num_blocks == 0
+    assert all(torch.equal(g, b) for g, b in zip(c.get(model, keys), bs))
+    c.close()
+
+
+def test_a_refused_streamed_put_reads_the_clients_parts_then_answers(stream_server):
+    server = stream_server
+    c = LocalKVTierClient(server.socket, api_key=KEY_A)
+    model = c.register_spec(TINY)
+    nb = TINY.block_nbytes
+    conn = c._take()
+    cases = [
+        ({"model": "nope", "keys": [bytes(32).hex()]}, nb, 404),  # an unknown model
+        ({"model": model, "keys": [bytes(32).hex()] * 2}, 2 * nb, 400),  # a key twice
+        ({"model": model, "keys": [bytes(32).hex()]}, nb + 1, 400),  # len not one block per key
+        ({"model": model, "keys": [bytes([i]) * 32 for i in range(17)]}, 17 * nb, 400),  # over max_blocks_per_request
+        ({"model": model, "keys": ["zz"]}, nb, 400),  # not a key
+        ({"model": model, "keys": []}, 0, 400),  # no block
+    ]
+    for args, n, status in cases:
+        send_msg(conn.sock, {"op": "put_stream", "args": args, "len": n, "off": 0})
+        send_msg(conn.sock, {"ready": n // 2})
+        send_msg(conn.sock, {"ready": n, "checksums": [0]})
+        answer = recv_msg(conn.sock)
+        assert answer["error"]["status"] == status, (args, answer)
+    send_msg(conn.sock, {"op": "put_stream", "args": {"model": model, "keys": [bytes(32).hex()]}, "len": nb, "off": len(conn.seg)})
+    send_msg(conn.sock, {"ready": nb, "checksums": [0]})
+    assert recv_msg(conn.sock)["error"]["field"] == "off"
+    c._release(conn)
+    assert c.stats()  # the connection still serves requests
+    c.close()
+
+
+def test_a_streamed_put_that_breaks_the_protocol_or_stalls_loses_its_connection():
+    d = tempfile.mkdtemp(prefix="kvtier-local-")
+    s = ServiceProcess(
+        {"KVTIER_API_KEYS": json.dumps(KEYS), "KVTIER_LOCAL_SOCKET": f"{d}/kv.sock", "KVTIER_LOCAL_STREAM_STALL_S": "0.5"}, data_dir=d
+    )
+    try:
+        c = LocalKVTierClient(f"unix://{d}/kv.sock", api_key=KEY_A)
+        model = c.register_spec(TINY)
+        nb = TINY.block_nbytes
+        key = bytes([41]) * 32
+        for progress in ([{"ready": 100}, {"ready": 50}], [{"ready": 2 * nb}], [{"ready": nb // 2, "checksums": [0]}], [[1, 2]]):
+            conn = c._take()
+            _stream_request(conn, model, [key], nb)
+            for m in progress:
+                send_msg(conn.sock, m)
+            answer = recv_msg(conn.sock)
+            assert answer["error"]["status"] == 400 and answer["error"]["field"] == "ready", progress
+            assert recv_msg(conn.sock) is None  # then the connection ends: its later bytes are no requests
+            conn.close()
+        conn = c._take()
+        _stream_request(conn, model, [key], nb)
+        send_msg(conn.sock, {"ready": 10})
+        t0 = time.monotonic()
+        conn.sock.settimeout(10)
+        assert recv_msg(conn.sock) is None  # no next part within local_stream_stall_s: the connection ends
+        assert 0.4 < time.monotonic() - t0 < 5
+        conn.close()
+        assert c.get(model, [key]) == [None]  # nothing was stored by any of them
+        bs = blocks(1, seed=24)
+        assert c.put(model, [key], bs) == [True]  # and the server serves new connections
+        assert torch.equal(c.get(model, [key])[0], bs[0])
+        c.close()
+    finally:
+        s.stop()
