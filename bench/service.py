@@ -159,7 +159,8 @@ def bench_blocks(quick: bool, label: str, env: dict) -> dict:
                 t["grpc_put"].append(best_of(put_with(grpc_c), repeat))
                 t["local_put"].append(best_of(put_with(local), repeat))
                 t["local_put_one_shot"].append(best_of(put_with(local_one_shot), repeat))
-                rest.delete(model, put_keys[:-1])
+                for i in range(0, len(put_keys) - 1, 64):  # max_blocks_per_request per delete
+                    rest.delete(model, put_keys[i : min(i + 64, len(put_keys) - 1)])
                 del put_keys[:-1]
                 get_key = put_keys[-1]
                 t["raw_get"].append(best_of(lambda: raw.get(raw_key), repeat))
