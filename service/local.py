@@ -71,6 +71,8 @@ from .limits import MAX_NAMESPACE_CHARS
 from kvtier.threads import lower_thread_priority
 
 _ADMITTED = object()  # marks a request already counted against its tenant's rate
+# a streamed put may announce its bytes in parts as small as this on average (plus 64 messages)
+_MIN_PART = 512
 _READS_SEGMENT = object()  # marks a streamed put whose work after the answer reads the segment (no host tier first)
 
 log = logging.getLogger("kvtier.local")
@@ -646,10 +648,19 @@ class LocalServer:
                 base = torch.frombuffer(seg, dtype=torch.uint8)  # n > 0: at least one block
                 bufs = [store.lease_buffer(nb) if copy else base[off + i * nb : off + (i + 1) * nb] for i in range(len(ckeys))]
                 hashers = [xxhash.xxh3_64() for _ in ckeys]
-            done = 0
+            done, messages = 0, 0
+            # parts of at least _MIN_PART bytes on average: a client cannot make the server handle a message per byte
+            max_messages = 64 + max(n, 0) // _MIN_PART
             peer.sock.settimeout(self.settings.local_stream_stall_s)
             try:
                 while True:
+                    messages += 1
+                    if messages > max_messages:
+                        raise _StreamBroken(
+                            BadRequest(
+                                f"more than {max_messages} messages for {n} bytes: parts must average {_MIN_PART} bytes", field="ready"
+                            )
+                        )
                     try:
                         msg = self._next_msg(peer)
                     except (OSError, ValueError, msgpack.UnpackException) as e:  # a stall (timeout), a broken socket

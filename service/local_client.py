@@ -105,8 +105,9 @@ class LocalKVTierClient(KVTierClient):
         self._server_put_stream = False  # the server takes streamed puts (its hello answer says)
         self.cuda_ipc = cuda_ipc
         self.stream_puts = stream_puts
-        if isinstance(stream_part_bytes, bool) or not isinstance(stream_part_bytes, int) or stream_part_bytes < 64:
-            raise ValueError(f"stream_part_bytes must be an int >= 64, got {stream_part_bytes!r}")
+        if isinstance(stream_part_bytes, bool) or not isinstance(stream_part_bytes, int) or stream_part_bytes < 512:
+            # the server takes parts of at least 512 bytes on average (service.local._MIN_PART)
+            raise ValueError(f"stream_part_bytes must be an int >= 512, got {stream_part_bytes!r}")
         self.stream_part_bytes = stream_part_bytes
 
     # -- connections -----------------------------------------------------------------------

@@ -588,7 +588,8 @@ def test_a_streamed_put_that_breaks_the_protocol_or_stalls_loses_its_connection(
         model = c.register_spec(TINY)
         nb = TINY.block_nbytes
         key = bytes([41]) * 32
-        for progress in ([{"ready": 100}, {"ready": 50}], [{"ready": 2 * nb}], [{"ready": nb // 2, "checksums": [0]}], [[1, 2]]):
+        flood = [{"ready": i} for i in range(1, 70)]  # 69 messages for 2 KiB, more than 64 + 2048 / 512: refused
+        for progress in ([{"ready": 100}, {"ready": 50}], [{"ready": 2 * nb}], [{"ready": nb // 2, "checksums": [0]}], [[1, 2]], flood):
             conn = c._take()
             _stream_request(conn, model, [key], nb)
             for m in progress:
@@ -607,6 +608,8 @@ def test_a_streamed_put_that_breaks_the_protocol_or_stalls_loses_its_connection(
         conn.close()
         assert c.get(model, [key]) == [None]  # nothing was stored by any of them
         bs = blocks(1, seed=24)
+        with pytest.raises(ValueError, match="stream_part_bytes"):
+            LocalKVTierClient(f"unix://{d}/kv.sock", api_key=KEY_A, stream_part_bytes=100)
         assert c.put(model, [key], bs) == [True]  # and the server serves new connections
         assert torch.equal(c.get(model, [key])[0], bs[0])
         c.close()
