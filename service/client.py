@@ -491,7 +491,16 @@ class KVTierClient(_Base):
 
 
 class AsyncKVTierClient(_Base):
-    """asyncio REST client (``httpx.AsyncClient``); the same methods as ``KVTierClient``, awaited."""
+    """asyncio REST client (``httpx.AsyncClient``); the same methods as ``KVTierClient``, awaited.
+    A ``unix://PATH`` URL gives the same awaited methods over the same-host transport
+    (``local_client.AsyncLocalKVTierClient``)."""
+
+    def __new__(cls, base_url: str = "http://127.0.0.1:8080", *args, **kwargs):
+        if cls is AsyncKVTierClient and isinstance(base_url, str) and base_url.startswith("unix://"):
+            from .local_client import AsyncLocalKVTierClient
+
+            return AsyncLocalKVTierClient(base_url, *args, **kwargs)
+        return super().__new__(cls)
 
     def __init__(
         self,

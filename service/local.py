@@ -792,6 +792,8 @@ class LocalServer:
         if op == "register_spec":
             model, spec = svc.register_spec(p, args.get("spec"))
             return {"model": model, "spec": spec.to_dict()}
+        if op == "unregister_spec":
+            return {"unregistered": svc.unregister_spec(p, _str(args, "model"))}
         if op == "specs":
             return {m: s.to_dict() for m, s in svc.registry.models_of(p.tenant).items()}
         if op == "stats":

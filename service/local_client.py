@@ -213,6 +213,11 @@ class LocalKVTierClient(KVTierClient):
         self._specs[model] = spec
         return model
 
+    def unregister_spec(self, model: str) -> bool:
+        """Withdraw this tenant's registration of ``model`` (404 unless it has one)."""
+        self._specs.pop(model, None)
+        return self._call("unregister_spec", {"model": model})["unregistered"]
+
     def spec(self, model: str) -> KVSpec:
         if model not in self._specs:
             specs = self._call("specs", {})
@@ -480,3 +485,69 @@ def _item_bytes(frame) -> int:
 
 def _raise(err: dict):
     raise KVTierError(int(err.get("status", 400)), err.get("code", "error"), err.get("message", ""), err.get("field"))
+
+
+class AsyncLocalKVTierClient:
+    """``AsyncKVTierClient("unix://PATH", ...)``: the asyncio SDK over the same-host transport, with the
+    same awaited methods, answers and errors as over REST. Each call runs ``LocalKVTierClient``'s on a
+    worker thread (``asyncio.to_thread``): the event loop never waits on the socket or a copy, and calls
+    awaited at the same time use connections of their own (the client's pool). Keyword arguments of
+    ``LocalKVTierClient`` (``segment_bytes``, ``stream_puts``, ...) are passed on; ``max_connections``
+    and ``verify`` (REST's) are accepted and unused."""
+
+    def __init__(
+        self,
+        base_url: str,
+        api_key: str | None = None,
+        *,
+        timeout: float = 30.0,
+        retries: int = 3,
+        backoff_s: float = 0.05,
+        max_connections: int = 100,
+        verify: bool | str = True,
+        **local: Any,
+    ) -> None:
+        self.sync = LocalKVTierClient(base_url, api_key, timeout=timeout, retries=retries, backoff_s=backoff_s, **local)
+        self.base_url = base_url
+
+    async def aclose(self) -> None:
+        self.sync.close()
+
+    async def __aenter__(self):
+        return self
+
+    async def __aexit__(self, *exc):
+        await self.aclose()
+
+
+def _awaited(name: str):
+    async def call(self, *args, **kwargs):
+        import asyncio
+
+        return await asyncio.to_thread(getattr(self.sync, name), *args, **kwargs)
+
+    call.__name__ = name
+    call.__doc__ = f"``LocalKVTierClient.{name}`` on a worker thread, awaited."
+    return call
+
+
+for _name in (
+    "healthz",
+    "ready",
+    "register_spec",
+    "unregister_spec",
+    "spec",
+    "lookup",
+    "hashes",
+    "put",
+    "get",
+    "retrieve",
+    "attention",
+    "delete",
+    "pin",
+    "unpin",
+    "stats",
+    "events",
+):
+    setattr(AsyncLocalKVTierClient, _name, _awaited(_name))
+del _name

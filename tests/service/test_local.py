@@ -615,3 +615,38 @@ def test_a_streamed_put_that_breaks_the_protocol_or_stalls_loses_its_connection(
         c.close()
     finally:
         s.stop()
+
+
+def test_the_async_sdk_on_a_unix_url_uses_the_local_transport(server):
+    import asyncio
+
+    from kvtier.service.client import AsyncKVTierClient
+    from kvtier.service.local_client import AsyncLocalKVTierClient
+
+    async def run():
+        async with AsyncKVTierClient(server.socket, api_key=KEY_A) as c:
+            assert isinstance(c, AsyncLocalKVTierClient)
+            model = await c.register_spec(TINY)
+            toks = tokens(4, seed=25)
+            keys = await c.hashes(model, toks)
+            bs = blocks(4, seed=25)
+            # awaited at once: each call on a worker thread, on a connection of its own
+            assert await asyncio.gather(*(c.put(model, [k], bs[i : i + 1]) for i, k in enumerate(keys))) == [[True]] * 4
+            got = await c.get(model, keys)
+            assert all(torch.equal(g, b) for g, b in zip(got, bs))
+            lookups = await asyncio.gather(*(c.lookup(model, token_ids=toks) for _ in range(8)))
+            assert {lk.num_blocks for lk in lookups} == {4}
+            with pytest.raises(KVTierError) as e:
+                await c.get("nope", keys)
+            assert e.value.status == 404
+            other = await c.register_spec(KVSpec("tiny-gone", num_layers=1, num_kv_heads=1, head_dim=8, dtype="float16", block_tokens=16))
+            assert await c.unregister_spec(other) is True
+            with pytest.raises(KVTierError) as e:
+                await c.unregister_spec(other)
+            assert e.value.status == 404
+
+    asyncio.run(run())
+    c = KVTierClient(server.socket, api_key=KEY_A)  # the synchronous client unregisters over the local transport too
+    gone = c.register_spec(KVSpec("tiny-gone-2", num_layers=1, num_kv_heads=1, head_dim=8, dtype="float16", block_tokens=16))
+    assert c.unregister_spec(gone) is True
+    c.close()
