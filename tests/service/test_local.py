@@ -650,3 +650,36 @@ def test_the_async_sdk_on_a_unix_url_uses_the_local_transport(server):
     gone = c.register_spec(KVSpec("tiny-gone-2", num_layers=1, num_kv_heads=1, head_dim=8, dtype="float16", block_tokens=16))
     assert c.unregister_spec(gone) is True
     c.close()
+
+
+def test_streamed_puts_from_threads_with_deletes_never_return_wrong_blocks(stream_server):
+    # four threads put, read back, retrieve and delete their own blocks at once: buffers the host tier lends,
+    # adopts and recycles (and the summaries made from them after each answer) never mix two blocks
+    server = stream_server
+    c = LocalKVTierClient(server.socket, api_key=KEY_A, stream_part_bytes=1024)
+    model = c.register_spec(TINY)
+    errors: list[BaseException] = []
+
+    def work(t: int) -> None:
+        try:
+            for r in range(6):
+                seed = 1000 + 10 * t + r
+                bs = blocks(3, seed=seed)
+                keys = [bytes([60 + t, r, i]) + bytes(29) for i in range(3)]
+                assert c.put(model, keys, bs) == [True] * 3
+                got = c.get(model, keys)
+                assert all(g is not None and torch.equal(g, b) for g, b in zip(got, bs)), (t, r)
+                if r % 2:
+                    q = torch.randn(TINY.num_layers, 2 * TINY.num_kv_heads, TINY.head_dim, generator=torch.Generator().manual_seed(seed))
+                    assert c.retrieve(model, q.to(TINY.torch_dtype), budget=40, hashes=keys).num_blocks == 3
+                assert c.delete(model, keys) == 3
+        except BaseException as e:  # noqa: BLE001 - reported below
+            errors.append(e)
+
+    threads = [threading.Thread(target=work, args=(t,)) for t in range(4)]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join(120)
+    assert not errors, errors[0]
+    c.close()
