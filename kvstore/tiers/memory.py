@@ -220,17 +220,23 @@ class HostTier(TierBase):
     def _take_buffer(self, nbytes: int) -> torch.Tensor | None:
         """A spare of ``nbytes`` (None: none); drops other spares while they would push the tier over
         its capacity. Called under the lock, after ``nbytes`` were reserved in ``_stats.bytes``."""
+        buf = self._pop_spare(nbytes)
+        if buf is None:
+            self._trim_spares()
+        return buf
+
+    def _pop_spare(self, nbytes: int) -> torch.Tensor | None:
+        """Take a spare of ``nbytes`` out of the spares (under the lock); None: none kept."""
         spares = self._spares.get(nbytes)
-        if spares:
-            self._spare_bytes -= nbytes
-            buf = spares.pop()
-            if not spares:
-                del self._spares[nbytes]
-            self.num_reserve_hits += 1
-            self._spare_used_at[nbytes] = time.monotonic()
-            return buf
-        self._trim_spares()
-        return None
+        if not spares:
+            return None
+        self._spare_bytes -= nbytes
+        buf = spares.pop()
+        if not spares:
+            del self._spares[nbytes]
+        self.num_reserve_hits += 1
+        self._spare_used_at[nbytes] = time.monotonic()
+        return buf
 
     def _trim_spares(self) -> None:
         """Drop spares while they push the tier over its capacity (under the lock, after a put reserved its bytes)."""
@@ -273,15 +279,8 @@ class HostTier(TierBase):
             raise ValueError(f"nbytes must be a positive int, got {nbytes!r}")
         buf = None
         with self._lock:
-            spares = self._spares.get(nbytes)
-            if spares and self.codec.name == "identity":
-                self._spare_bytes -= nbytes
-                buf = spares.pop()
-                if not spares:
-                    del self._spares[nbytes]
-                self.num_reserve_hits += 1
-                self._spare_used_at[nbytes] = time.monotonic()
             if self.codec.name == "identity":
+                buf = self._pop_spare(nbytes)
                 self._wake_reserve(nbytes)  # the next lease finds a warm buffer too
         if buf is None:
             buf = torch.empty(nbytes, dtype=torch.uint8, pin_memory=self._pin)
