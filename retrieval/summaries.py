@@ -64,6 +64,7 @@ def page_bounds(k: torch.Tensor, page_tokens: int = PAGE_TOKENS) -> tuple[torch.
 
 
 _SCRATCH = threading.local()
+_SCRATCH_BYTES = 8 << 20  # the most float32 scratch a thread keeps for summaries
 
 
 def _scratch(numel: int) -> torch.Tensor:
@@ -99,15 +100,19 @@ def summarize_block(block: torch.Tensor, page_tokens: int = PAGE_TOKENS, dtype: 
         # on a CPU without float16 arithmetic. The minimum and maximum of float16 values are float16
         # values, so narrowing them back is exact; the mean is rounded once. 0.97 ms for a 6 MiB float16
         # block against 1.38 ms reducing in float16 (docs/data-path.md).
-        scratch = _scratch(L * H * T * D)
-        pages = scratch.view(L, H, T, D)
-        pages.copy_(block[:, 0])
-        pages = scratch.view(L * H * N, page_tokens, D)
+        # Layers go through the scratch a group at a time, at most _SCRATCH_BYTES of it: a thread's scratch stays
+        # bounded whatever the block's size (a 6 MiB block's keys fit in one group).
+        per = max(1, _SCRATCH_BYTES // (H * T * D * 4))
         out = torch.empty(3, L, H, N, D, dtype=dtype)  # kmin, kmax, kmean
-        flat = out.view(3, L * H * N, D)
-        flat[0].copy_(pages.amin(1))
-        flat[1].copy_(pages.amax(1))
-        flat[2].copy_(pages.mean(1))
+        for l0 in range(0, L, per):
+            n = min(per, L - l0)
+            scratch = _scratch(n * H * T * D)
+            scratch.view(n, H, T, D).copy_(block[l0 : l0 + n, 0])
+            pages = scratch.view(n * H * N, page_tokens, D)
+            flat = out[:, l0 : l0 + n].reshape(3, n * H * N, D)  # a view: out is contiguous in its layers
+            flat[0].copy_(pages.amin(1))
+            flat[1].copy_(pages.amax(1))
+            flat[2].copy_(pages.mean(1))
         kmin, kmax, kmean = out
         return BlockSummary(kmin, kmax, kmean, page_tokens)
     kmin, kmax, kmean = page_bounds(block[:, 0], page_tokens)  # [L, H_kv, N_pages, D]
