@@ -102,7 +102,7 @@ class LocalKVTierClient(KVTierClient):
         self._pid = os.getpid()
         self._closed = False  # connections open at the first call (as over REST: a client never fails to be made)
         self._server_cuda_ipc: bool | None = None  # the server maps CUDA IPC handles (its hello answer says)
-        self._server_put_stream = False  # the server takes streamed puts (its hello answer says)
+        self._server_put_stream: bool | None = None  # the server takes streamed puts (its hello answer says)
         self.cuda_ipc = cuda_ipc
         self.stream_puts = stream_puts
         if isinstance(stream_part_bytes, bool) or not isinstance(stream_part_bytes, int) or stream_part_bytes < 512:
@@ -279,8 +279,8 @@ class LocalKVTierClient(KVTierClient):
             ts = [b.contiguous() for b in blocks]
             return [s for a in self._cuda_call("put_cuda", model, ks, ts, parent) for s in a["stored"]]
         if self.stream_puts:
-            if self._server_put_stream is False and not self._idle:
-                self._release(self._take())  # the hello answer says whether the server takes streamed puts
+            if self._server_put_stream is None:
+                self._release(self._take())  # the first hello answer says whether the server takes streamed puts
             if self._server_put_stream:
                 return self._put_stream(spec, model, keys, blocks, parent)
         frames = encode_frame_list(spec, keys, blocks)
