@@ -118,7 +118,7 @@ class _Tier:
         return self.cfg.tier
 
 
-_UNTRACKED = object()  # first_tier_token when the first tier lends no buffers
+_UNTRACKED = object()  # first_tier_entry's token when the first tier lends no buffers
 
 
 @dataclass
@@ -711,22 +711,21 @@ class TieredStore:
         if tier is not None:
             tier.unlease(buf, recycle=False)
 
-    def first_tier_entry(self, key: bytes) -> tuple[object, torch.Tensor | None]:
-        """(token, block) of ``key`` in the first tier when it is a host tier lending buffers: the block is
-        the stored tensor itself (never to be written), or None when the tier holds no such key. Work that
-        reads it after a put (page summaries) then asks ``first_tier_holds(key, token)``: False when the
-        entry was removed meanwhile (its buffer possibly reused for another block), and what was read is
-        to be dropped. When the first tier lends no buffers: (an untracked token, None); the caller's
-        own buffer is then the block (``first_tier_holds`` is True)."""
+    def first_tier_entry(self, key: bytes, own: torch.Tensor) -> tuple[object, torch.Tensor | None]:
+        """(token, block to read) for work that reads a put's block after the put (page summaries). When the
+        first tier lends buffers: its stored block itself (never to be written), or None when it holds no
+        such key; ``first_tier_holds(key, token)`` is then False once that entry was removed (its buffer
+        possibly reused for another block), and what was read is to be dropped. Otherwise: ``own`` (the
+        caller's buffer, which no tier reuses) and a token ``first_tier_holds`` always accepts."""
         tier = self._lessor()
         if tier is None:
-            return _UNTRACKED, None
+            return _UNTRACKED, own
         token = tier.entry_token(key)
         return token, tier.entry_block(token)
 
     def first_tier_holds(self, key: bytes, token: object) -> bool:
         if token is _UNTRACKED:
-            return True  # the block was not adopted by a tier: the caller's buffer is its own
+            return True  # no tier lent the buffer: the caller's own
         tier = self._lessor()
         return tier is not None and tier.holds(key, token)
 

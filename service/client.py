@@ -176,18 +176,25 @@ def _msgpack_answer(resp: httpx.Response) -> dict:
         raise FrameError(f"the answer is not msgpack: {type(e).__name__}") from None
 
 
+def block_list(spec: KVSpec, keys: Sequence[bytes], blocks) -> list[torch.Tensor]:
+    """A put's blocks, one per key, each checked against ``spec`` (ValueError otherwise). ``blocks`` is
+    ``[N, L, 2, H_kv, T, D]`` or a list of blocks ``[L, 2, H_kv, T, D]``."""
+    if isinstance(blocks, torch.Tensor):
+        blocks = list(blocks.unbind(0)) if blocks.dim() == len(spec.block_shape) + 1 else [blocks]
+    if len(blocks) != len(keys):
+        raise ValueError(f"put needs one block per key: got {len(keys)} keys and {len(blocks)} blocks")
+    for b in blocks:
+        spec.check_block(b)
+    return list(blocks)
+
+
 def encode_frame_list(spec: KVSpec, keys: Sequence[bytes], blocks) -> list[tuple[bytes, memoryview]]:
     """One frame per block (identity codec) as (header, payload view) pairs: the blocks are not copied.
 
     ``blocks`` is ``[N, L, 2, H_kv, T, D]`` or a list of blocks ``[L, 2, H_kv, T, D]`` (CPU or CUDA).
     """
-    if isinstance(blocks, torch.Tensor):
-        blocks = list(blocks.unbind(0)) if blocks.dim() == len(spec.block_shape) + 1 else [blocks]
-    if len(blocks) != len(keys):
-        raise ValueError(f"put needs one block per key: got {len(keys)} keys and {len(blocks)} blocks")
     frames = []
-    for k, b in zip(keys, blocks):
-        spec.check_block(b)
+    for k, b in zip(keys, block_list(spec, keys, blocks)):
         k = bytes.fromhex(k) if isinstance(k, str) else bytes(k)
         frames.append(
             encode_frame_parts(k, spec, "identity", {}, spec.block_shape, spec.dtype, tensor_bytes(b.detach().cpu().contiguous()))

@@ -377,15 +377,12 @@ class KVService:
         for skey, block, ok in zip(self.keyspace(p.tenant).storage_keys(keys), blocks, stored):
             if not ok or skey in summaries:
                 continue
-            token, held = store.first_tier_entry(skey)
-            if held is None and store.first_tier_holds(skey, token):
-                held = block  # the first tier lends no buffers: ``block`` is the caller's own
+            token, held = store.first_tier_entry(skey, block)
             if held is None:
                 continue  # not in the first tier (refused there, or removed already)
             summary = summarize_block(held, summaries.page_tokens, summaries.dtype)
             if store.first_tier_holds(skey, token):
-                summaries.put(skey, summary)
-                summaries.computed += 1
+                summaries.keep(skey, summary)
 
     def discard_summaries(self, p: Principal, keys: list[bytes]) -> None:
         """Forget the page summaries of ``keys`` (client keys of ``p``'s tenant): recomputed when next needed."""

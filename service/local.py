@@ -584,6 +584,38 @@ class LocalServer:
                 return None
             buf += data
 
+    def _stream_request(self, p, seg: mmap.mmap, req: dict, n: int):
+        """A ``put_stream`` request's (model, spec, client keys, parent, off), checked as a one-shot put's
+        (ServiceError otherwise); counts it against its tenant's rate."""
+        svc = self.svc
+        svc.admit(p)
+        req[_ADMITTED] = True
+        args = req.get("args")
+        if not isinstance(args, dict):
+            raise BadRequest("args must be a map", field="args")
+        model = _str(args, "model")
+        spec = svc.spec_of(p, model)
+        raw_keys = args.get("keys")
+        if isinstance(raw_keys, list) and len(raw_keys) > self.settings.max_blocks_per_request:
+            # as a one-shot put's frames (and REST's body) more than the limit: 400
+            raise BadRequest(
+                f"the request holds more than {self.settings.max_blocks_per_request} blocks (max_blocks_per_request)", field="keys"
+            )
+        ckeys = svc._client_keys(raw_keys, "keys")
+        if not ckeys:
+            raise BadRequest("a put carries at least one block", field="keys")
+        if len(set(ckeys)) != len(ckeys):
+            raise BadRequest("keys repeat a key", field="keys")
+        parent = args.get("parent")
+        _check_parent(parent)
+        nb = spec.block_nbytes
+        off = req.get("off", 0)
+        if n != nb * len(ckeys):
+            raise BadRequest(f"len must be {nb * len(ckeys)} ({len(ckeys)} blocks of {nb} bytes)", field="len")
+        if isinstance(off, bool) or not isinstance(off, int) or not 0 <= off <= len(seg) - n:
+            raise BadRequest(f"off must be an integer in [0, {max(0, len(seg) - n)}] (the segment less len)", field="off")
+        return model, spec, ckeys, parent, off
+
     def _put_stream(self, peer: _Peer, req: dict, later: list) -> tuple[dict, bool]:
         """``put_stream``: the client sends the request first, then writes its blocks (each
         ``block_nbytes``, one after the other from ``off``) into the segment and says after each part how
@@ -598,39 +630,12 @@ class LocalServer:
         import xxhash
 
         svc, p, seg = self.svc, peer.principal, _seg(peer)
-        error: ServiceError | None = None
         raw_n = req.get("len")
         n: int = raw_n if isinstance(raw_n, int) and not isinstance(raw_n, bool) and raw_n >= 0 else -1  # -1: not a length
+        error: ServiceError | None = None
         try:
-            svc.admit(p)
-            req[_ADMITTED] = True
-            args = req.get("args")
-            if not isinstance(args, dict):
-                raise BadRequest("args must be a map", field="args")
-            model = _str(args, "model")
-            spec = svc.spec_of(p, model)
-            raw_keys = args.get("keys")
-            if isinstance(raw_keys, list) and len(raw_keys) > self.settings.max_blocks_per_request:
-                # as a one-shot put's frames (and REST's body) more than the limit: 400
-                raise BadRequest(
-                    f"the request holds more than {self.settings.max_blocks_per_request} blocks (max_blocks_per_request)", field="keys"
-                )
-            ckeys = svc._client_keys(raw_keys, "keys")
-            if not ckeys:
-                raise BadRequest("a put carries at least one block", field="keys")
-            if len(set(ckeys)) != len(ckeys):
-                raise BadRequest("keys repeat a key", field="keys")
-            parent = args.get("parent")
-            if parent not in (None, "", b""):
-                from .core import parse_client_key
-
-                parse_client_key(parent, "parent")
+            model, spec, ckeys, parent, off = self._stream_request(p, seg, req, n)
             nb = spec.block_nbytes
-            off = req.get("off", 0)
-            if n != nb * len(ckeys):
-                raise BadRequest(f"len must be {nb * len(ckeys)} ({len(ckeys)} blocks of {nb} bytes)", field="len")
-            if isinstance(off, bool) or not isinstance(off, int) or not 0 <= off <= len(seg) - n:
-                raise BadRequest(f"off must be an integer in [0, {max(0, len(seg) - n)}] (the segment less len)", field="off")
         except ServiceError as e:
             error, off = e, 0
             n = max(n, 0)  # the client's messages are read to the last (ready == len) before the error is answered
@@ -705,7 +710,6 @@ class LocalServer:
             if copy:
                 for b in bufs:
                     store.release_buffer(b)
-            bufs = []
             if held is not None:
                 held.release()
         if copy:
@@ -766,10 +770,7 @@ class LocalServer:
                 if later is None or not defer:
                     stored = svc.put_frames(p, model, items, args.get("parent"))
                     return {"stored": stored, "num_stored": sum(stored)}
-                if args.get("parent") not in (None, "", b""):
-                    from .core import parse_client_key
-
-                    parse_client_key(args.get("parent"), "parent")  # before the frames, as put_frames does
+                _check_parent(args.get("parent"))  # before the frames, as put_frames does
                 keys, blocks = svc.decode_frames(svc.spec_of(p, model), items)
                 stored = svc.put(p, model, keys, blocks, args.get("parent"), summarize=False)
             later.append((lambda: svc.summarize(p, keys, blocks, stored), lambda: svc.discard_summaries(p, keys)))
@@ -862,10 +863,7 @@ class LocalServer:
             raise BadRequest("this server has no CUDA device: send the blocks through the segment", field="op")
         if op == "put_cuda":
             parent = args.get("parent")
-            if parent not in (None, "", b""):
-                from .core import parse_client_key
-
-                parse_client_key(parent, "parent")
+            _check_parent(parent)
             with self._transfers:
                 blocks = [cuda_ipc.open_block(h, spec.block_shape, spec.torch_dtype, f"handles[{i}]") for i, h in enumerate(handles)]
                 host = [b.to("cpu") for b in blocks]  # synchronous: the client may reuse its tensors once answered
@@ -952,6 +950,14 @@ def _settle_overlapping(peer: _Peer, off, n) -> None:
         else:
             keep.append(work)
     peer.after = keep
+
+
+def _check_parent(parent) -> None:
+    """A put's ``parent`` is nil or a client key (BadRequest otherwise), checked before its blocks are read."""
+    if parent not in (None, "", b""):
+        from .core import parse_client_key
+
+        parse_client_key(parent, "parent")
 
 
 def _seg(peer: _Peer) -> mmap.mmap:

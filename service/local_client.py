@@ -20,6 +20,7 @@ parts name the previous part's last key as their parent, so the chain stays one 
 
 from __future__ import annotations
 
+import asyncio
 import mmap
 import os
 import socket
@@ -47,10 +48,11 @@ from .client import (
     _parse_retrieval,
     _query_body,
     _spec_body,
+    block_list,
     decode_items,
     encode_frame_list,
 )
-from .local import _LEN, MAX_CONTROL_BYTES, frame_slot_bytes, recv_msg, send_msg
+from .local import _LEN, MAX_CONTROL_BYTES, _align, frame_slot_bytes, recv_msg, send_msg
 
 DEFAULT_SEGMENT_BYTES = 64 << 20
 _CUDA_PER_REQUEST = 32  # blocks per put_cuda / get_cuda request (the server's max_blocks_per_request is 64 by default)
@@ -65,6 +67,18 @@ class _Conn:
     def __init__(self, sock: socket.socket, seg: mmap.mmap) -> None:
         self.sock, self.seg = sock, seg
         self.cursor = 0  # where the next put that fits half the segment is written (puts go one after the other)
+
+    def ring_offset(self, size: int) -> int | None:
+        """Where a put of ``size`` bytes goes: right after the previous one, wrapping around, in a ring with
+        room for ``_RING_PUTS`` such puts (at most the segment: more than the server's pending summaries, at
+        most 4, and no more segment memory touched than that); None when it does not fit half the segment.
+        The server may still read earlier puts' bytes (their page summaries) after their answers; a put written
+        over such bytes only costs those summaries (the server drops and later remakes them)."""
+        if size > len(self.seg) // 2:
+            return None
+        pos = self.cursor if self.cursor + size <= min(len(self.seg), _RING_PUTS * _align(size)) else 0
+        self.cursor = _align(pos + size)
+        return pos
 
     def close(self) -> None:
         try:
@@ -147,6 +161,12 @@ class LocalKVTierClient(KVTierClient):
             if self._idle:
                 return self._idle.pop()
         return self._connect()
+
+    def _hello(self) -> None:
+        """Connect once if no connection was made yet: the hello answer says what the server takes
+        (``_server_cuda_ipc``, ``_server_put_stream``)."""
+        if self._server_put_stream is None:
+            self._release(self._take())
 
     def _release(self, conn: _Conn) -> None:
         with self._pool_lock:
@@ -246,8 +266,7 @@ class LocalKVTierClient(KVTierClient):
                 return False
         elif not tensors or not all(isinstance(t, torch.Tensor) and t.is_cuda for t in tensors):
             return False
-        if self._server_cuda_ipc is None:
-            self._release(self._take())  # the hello answer says
+        self._hello()
         return bool(self._server_cuda_ipc)
 
     def _cuda_call(self, op: str, model: str, keys: list[bytes], tensors: list[torch.Tensor], parent=None) -> list[dict]:
@@ -279,8 +298,7 @@ class LocalKVTierClient(KVTierClient):
             ts = [b.contiguous() for b in blocks]
             return [s for a in self._cuda_call("put_cuda", model, ks, ts, parent) for s in a["stored"]]
         if self.stream_puts:
-            if self._server_put_stream is None:
-                self._release(self._take())  # the first hello answer says whether the server takes streamed puts
+            self._hello()
             if self._server_put_stream:
                 return self._put_stream(spec, model, keys, blocks, parent)
         frames = encode_frame_list(spec, keys, blocks)
@@ -301,15 +319,11 @@ class LocalKVTierClient(KVTierClient):
             args = {"model": model, "parent": _key_hex(parent) if parent is not None else None}
 
             def fill(conn, group=group, size=size, args=args):
-                # a put that fits half the segment goes after the previous one ("alt"), wrapping around at the end:
-                # the server may still read earlier puts' bytes (their page summaries) after their answers, and a
-                # put written over such bytes only costs those summaries (the server drops and later remakes them)
-                pos = 0
-                if size <= len(conn.seg) // 2:
-                    # the ring spans room for _RING_PUTS such puts (at most the segment): more than the server's
-                    # pending summaries (at most 4), and no more segment memory touched than that
-                    pos = conn.cursor if conn.cursor + size <= min(len(conn.seg), _RING_PUTS * _align(size)) else 0
-                    conn.cursor = _align(pos + size)
+                # a put that fits half the segment goes after the previous one ("alt", _Conn.ring_offset)
+                pos = conn.ring_offset(size)
+                if pos is None:
+                    pos = 0
+                else:
                     args["alt"], args["off"] = True, pos
                 start_pos = pos
                 for piece in wire.encode_parts(group):
@@ -327,12 +341,7 @@ class LocalKVTierClient(KVTierClient):
         segment a part at a time, and the server is told after each part, so it copies and verifies a part
         while the next one is written. Each block's XXH3-64 is computed here from the block's own bytes,
         a part at a time while it is in cache, and sent with the last message."""
-        if isinstance(blocks, torch.Tensor):
-            blocks = list(blocks.unbind(0)) if blocks.dim() == len(spec.block_shape) + 1 else [blocks]
-        if len(blocks) != len(keys):
-            raise ValueError(f"put needs one block per key: got {len(keys)} keys and {len(blocks)} blocks")
-        for b in blocks:
-            spec.check_block(b)
+        blocks = block_list(spec, keys, blocks)
         ks = [bytes.fromhex(k) if isinstance(k, str) else bytes(k) for k in keys]
         nb, part_bytes = spec.block_nbytes, self.stream_part_bytes
         if nb > self.segment_bytes:
@@ -347,13 +356,9 @@ class LocalKVTierClient(KVTierClient):
 
             def stream(conn, srcs=srcs, total=total, args=args):
                 seg = conn.seg
-                # as a one-shot put that fits half the segment, the request goes after the previous one (a ring): a
-                # server storing blocks from the segment itself (no host tier first) may still read earlier puts'
-                # bytes for their page summaries, and writing over them would cost those summaries
-                start = 0
-                if total <= len(seg) // 2:
-                    start = conn.cursor if conn.cursor + total <= min(len(seg), _RING_PUTS * _align(total)) else 0
-                    conn.cursor = _align(start + total)
+                # as a one-shot put's, in the ring: a server storing blocks from the segment itself (no host tier
+                # first) may still read earlier puts' bytes for their page summaries
+                start = conn.ring_offset(total) or 0
                 send_msg(conn.sock, {"op": "put_stream", "args": args, "len": total, "off": start})
                 sums, pos = [], start
                 for src in srcs:
@@ -474,10 +479,6 @@ def _recv_answer(sock: socket.socket):
     return msgpack.unpackb(memoryview(buf)[_LEN.size :], raw=False, strict_map_key=False)
 
 
-def _align(n: int) -> int:
-    return (n + 63) // 64 * 64
-
-
 def _item_bytes(frame) -> int:
     head, payload = frame
     return 5 + len(head) + payload.nbytes
@@ -522,8 +523,6 @@ class AsyncLocalKVTierClient:
 
 def _awaited(name: str):
     async def call(self, *args, **kwargs):
-        import asyncio
-
         return await asyncio.to_thread(getattr(self.sync, name), *args, **kwargs)
 
     call.__name__ = name

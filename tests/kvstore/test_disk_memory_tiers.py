@@ -371,15 +371,15 @@ def test_store_lends_its_host_tiers_buffers_and_plain_ones_otherwise(tmp_path):
     assert store.put(SPEC, KEYS[:1], [buf.view(SPEC.torch_dtype).view(SPEC.block_shape)]) == [True]
     store.release_buffer(buf)
     assert host.num_adopted == 1 and torch.equal(store.get(SPEC, KEYS[:1])[0], bs[0])
-    token, held = store.first_tier_entry(KEYS[0])
+    token, held = store.first_tier_entry(KEYS[0], buf)
     assert held.data_ptr() == buf.data_ptr() and store.first_tier_holds(KEYS[0], token)
     store.remove(SPEC, KEYS[:1])
     assert not store.first_tier_holds(KEYS[0], token)
     disk_only = TieredStore([DiskTier(tmp_path, 8 * n)])
     plain = disk_only.lease_buffer(n)
     assert plain.numel() == n and plain.dtype == torch.uint8
-    token, held = disk_only.first_tier_entry(KEYS[0])
-    assert held is None and disk_only.first_tier_holds(KEYS[0], token)  # the caller's buffer is its own
+    token, held = disk_only.first_tier_entry(KEYS[0], plain)
+    assert held is plain and disk_only.first_tier_holds(KEYS[0], token)  # the caller's buffer is its own
     disk_only.release_buffer(plain)
     store.close()
     disk_only.close()
